@@ -1,0 +1,1 @@
+//! cachemgr (work in progress)

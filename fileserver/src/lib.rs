@@ -1,0 +1,1 @@
+//! fileserver (work in progress)

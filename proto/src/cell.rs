@@ -1,0 +1,99 @@
+//! The cell file: TOML naming the cell and its VLDB servers, found through `--cell FILE`
+//! or `HOLDFAST_CELL`.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// Environment variable naming the cell file when `--cell` is not given.
+pub const CELL_ENV: &str = "HOLDFAST_CELL";
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CellConfig {
+    /// The cell's name.
+    pub name: String,
+    /// VLDB addresses (`host:port`).
+    pub vlservers: Vec<String>,
+}
+
+#[derive(Debug, Error)]
+pub enum CellError {
+    #[error("no cell file given: pass --cell FILE or set {CELL_ENV}")]
+    NotGiven,
+    #[error("cannot read cell file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cell file {path} is not valid: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+impl CellConfig {
+    /// Reads and checks a cell file.
+    pub fn load(path: &Path) -> Result<CellConfig, CellError> {
+        let text = std::fs::read_to_string(path).map_err(|source| CellError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let invalid = |message: String| CellError::Invalid {
+            path: path.to_owned(),
+            message,
+        };
+        let cell: CellConfig = toml::from_str(&text).map_err(|e| invalid(e.message().to_owned()))?;
+        if cell.name.is_empty() {
+            return Err(invalid("`name` is empty".into()));
+        }
+        if cell.vlservers.is_empty() {
+            return Err(invalid("`vlservers` lists no address".into()));
+        }
+        Ok(cell)
+    }
+
+    /// Finds the cell file from an explicit path or the environment, and loads it.
+    pub fn locate(explicit: Option<&Path>) -> Result<CellConfig, CellError> {
+        match explicit {
+            Some(path) => CellConfig::load(path),
+            None => match std::env::var_os(CELL_ENV) {
+                Some(path) => CellConfig::load(Path::new(&path)),
+                None => Err(CellError::NotGiven),
+            },
+        }
+    }
+
+    /// Renders the cell file as an admin would write it.
+    pub fn to_toml(&self) -> String {
+        let addresses: Vec<String> = self.vlservers.iter().map(|a| format!("{a:?}")).collect();
+        format!(
+            "name = {:?}                 # the cell's name\nvlservers = [{}]        # VLDB addresses\n",
+            self.name,
+            addresses.join(", ")
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roundtrip_and_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cell.toml");
+        let cell = CellConfig {
+            name: "example.test".into(),
+            vlservers: vec!["127.0.0.1:7403".into()],
+        };
+        std::fs::write(&path, cell.to_toml()).unwrap();
+        assert_eq!(CellConfig::load(&path).unwrap(), cell);
+
+        std::fs::write(&path, "name = \"x\"\nvlservers = []\n").unwrap();
+        let err = CellConfig::load(&path).unwrap_err().to_string();
+        assert!(err.contains("lists no address"), "{err}");
+
+        let err = CellConfig::load(&dir.path().join("missing.toml")).unwrap_err().to_string();
+        assert!(err.contains("cannot read cell file"), "{err}");
+    }
+}

@@ -1,0 +1,18 @@
+//! The Holdfast wire protocol: identifiers, validated names, the append-only error codes,
+//! messages, the frame codec, the cell file, a duplex RPC connection and the accept loop
+//! every server runs.
+
+pub mod cell;
+pub mod error;
+pub mod frame;
+pub mod ids;
+pub mod message;
+pub mod name;
+pub mod rpc;
+pub mod server;
+
+pub use cell::{CellConfig, CellError};
+pub use error::{ErrorCode, ProtoError};
+pub use ids::*;
+pub use message::*;
+pub use name::{VolumeName, check_entry_name};

@@ -1,0 +1,399 @@
+//! Messages: the handshake, the frame envelope, and every request and response of the
+//! fileserver, VLDB and callback (server-to-client) services.
+//! Invariant: enum variants are only appended, never reordered or removed: postcard
+//! encodes a variant by its index. `tests/golden.rs` pins the bytes of each message.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ErrorCode;
+use crate::ids::{ClientId, DataVersion, Fid, InstanceNonce, RequestId, ServerId, VolumeId};
+use crate::name::VolumeName;
+
+/// The protocol versions this build speaks.
+pub const PROTOCOL_VERSION_MIN: u16 = 1;
+pub const PROTOCOL_VERSION_MAX: u16 = 1;
+
+/// The first frame on every connection, sent by the connecting side.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub version_min: u16,
+    pub version_max: u16,
+    /// The cell the connecting side believes it talks to.
+    pub cell: String,
+    pub peer: PeerKind,
+}
+
+/// Who is connecting.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PeerKind {
+    /// A cache manager: it holds callbacks, and the server may call it back.
+    CacheManager {
+        client: ClientId,
+        instance: InstanceNonce,
+    },
+    /// An administrative tool (`vos`, `fs`, tests).
+    Admin,
+    /// A fileserver talking to the VLDB or to its partner.
+    FileServer { server: ServerId },
+}
+
+/// The accepting side's answer to `Hello`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HelloReply {
+    /// The version both sides speak from now on.
+    pub version: u16,
+    /// The answering fileserver's identity, if it is one.
+    pub server: Option<ServerId>,
+}
+
+/// The envelope of every frame on a connection. Both sides may send requests: the
+/// direction of a response is implied by the id space of the side that sent the request.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Frame {
+    Hello(Hello),
+    HelloReply(Result<HelloReply, ErrorCode>),
+    Request { id: RequestId, body: Request },
+    Response {
+        id: RequestId,
+        body: Result<Response, ErrorCode>,
+    },
+}
+
+/// Seconds and nanoseconds since the Unix epoch.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Timestamp {
+    pub secs: i64,
+    pub nanos: u32,
+}
+
+impl Timestamp {
+    pub fn now() -> Timestamp {
+        Timestamp::from(std::time::SystemTime::now())
+    }
+}
+
+impl From<std::time::SystemTime> for Timestamp {
+    fn from(time: std::time::SystemTime) -> Timestamp {
+        match time.duration_since(std::time::UNIX_EPOCH) {
+            Ok(d) => Timestamp {
+                secs: d.as_secs() as i64,
+                nanos: d.subsec_nanos(),
+            },
+            Err(e) => {
+                let d = e.duration();
+                Timestamp {
+                    secs: -(d.as_secs() as i64) - i64::from(d.subsec_nanos() > 0),
+                    nanos: if d.subsec_nanos() > 0 {
+                        1_000_000_000 - d.subsec_nanos()
+                    } else {
+                        0
+                    },
+                }
+            }
+        }
+    }
+}
+
+impl From<Timestamp> for std::time::SystemTime {
+    fn from(t: Timestamp) -> std::time::SystemTime {
+        let base = std::time::UNIX_EPOCH;
+        if t.secs >= 0 {
+            base + std::time::Duration::new(t.secs as u64, t.nanos)
+        } else {
+            base - std::time::Duration::from_secs(t.secs.unsigned_abs())
+                + std::time::Duration::from_nanos(u64::from(t.nanos))
+        }
+    }
+}
+
+/// What kind of object a vnode is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum FileKind {
+    File,
+    Directory,
+    Symlink,
+    /// A mount point: its data is the volume name it shows (`#name.` as in AFS).
+    MountPoint,
+}
+
+/// A vnode's status, as returned by every call that fetches or changes one.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VnodeStatus {
+    pub fid: Fid,
+    pub kind: FileKind,
+    /// Permission bits (`0o7777` at most).
+    pub mode: u32,
+    pub link_count: u32,
+    pub size: u64,
+    pub data_version: DataVersion,
+    pub uid: u32,
+    pub gid: u32,
+    pub atime: Timestamp,
+    pub mtime: Timestamp,
+    pub ctime: Timestamp,
+}
+
+/// A callback promise as the server grants it: valid for `lifetime_ms` from when the
+/// client sent the request (the client measures from its own send time, so it errs early).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallbackGrant {
+    pub lifetime_ms: u64,
+}
+
+/// A directory entry as listed by `ReadDir`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirEntry {
+    pub name: String,
+    pub fid: Fid,
+    pub kind: FileKind,
+}
+
+/// Attributes to change in `SetAttr`; `None` leaves one as it is.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetAttrs {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<Timestamp>,
+    pub mtime: Option<Timestamp>,
+}
+
+/// A volume's type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum VolumeType {
+    ReadWrite,
+    ReadOnly,
+    Backup,
+}
+
+/// A volume as its fileserver sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeInfo {
+    pub id: VolumeId,
+    pub name: VolumeName,
+    pub kind: VolumeType,
+    /// Bytes of file data stored in the volume.
+    pub bytes_used: u64,
+    /// Quota in bytes; 0 means no quota.
+    pub quota_bytes: u64,
+    pub file_count: u64,
+    pub created: Timestamp,
+}
+
+/// A fileserver as the VLDB records it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerEntry {
+    pub server: ServerId,
+    pub addresses: Vec<String>,
+    pub registered: Timestamp,
+}
+
+/// Where a volume lives.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeSite {
+    pub server: ServerId,
+    pub kind: VolumeType,
+}
+
+/// A VLDB entry: a RW volume, its replica and backup ids, and its sites.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeEntry {
+    pub name: VolumeName,
+    pub rw_id: VolumeId,
+    pub ro_id: Option<VolumeId>,
+    pub backup_id: Option<VolumeId>,
+    pub sites: Vec<VolumeSite>,
+}
+
+/// Names a volume by name or by id.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VolumeRef {
+    Name(VolumeName),
+    Id(VolumeId),
+}
+
+/// Space figures for `statfs`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeSpace {
+    pub bytes_used: u64,
+    /// The quota, or the partition's size when the volume has none.
+    pub bytes_total: u64,
+    pub bytes_free: u64,
+    pub file_count: u64,
+}
+
+/// Every request of every Holdfast service. A server answers `Unsupported` to the
+/// requests that are not its own.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Request {
+    /// Liveness check; any server answers `Pong`.
+    Ping,
+
+    // ---- fileserver, called by cache managers ----
+    /// Status of a vnode; grants a callback.
+    FetchStatus { fid: Fid },
+    /// A byte range of a file, symlink or mount point; grants a callback.
+    FetchData { fid: Fid, offset: u64, length: u32 },
+    /// Writes a byte range; `truncate_to` first sets the length (for a store after a
+    /// truncate). Increases the data version once. Breaks other holders' callbacks.
+    StoreData {
+        fid: Fid,
+        offset: u64,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+        truncate_to: Option<u64>,
+    },
+    SetAttr { fid: Fid, attrs: SetAttrs },
+    Lookup { dir: Fid, name: String },
+    /// Lists a directory in name order, starting after `after`.
+    ReadDir {
+        dir: Fid,
+        after: Option<String>,
+        count_max: u32,
+    },
+    Create {
+        dir: Fid,
+        name: String,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        exclusive: bool,
+    },
+    MakeDir {
+        dir: Fid,
+        name: String,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    },
+    Remove { dir: Fid, name: String },
+    RemoveDir { dir: Fid, name: String },
+    Rename {
+        from_dir: Fid,
+        from_name: String,
+        to_dir: Fid,
+        to_name: String,
+    },
+    Symlink {
+        dir: Fid,
+        name: String,
+        target: String,
+        uid: u32,
+        gid: u32,
+    },
+    Link { dir: Fid, name: String, target: Fid },
+    /// Creates a mount point for `volume` named `name` in `dir`.
+    MakeMountPoint {
+        dir: Fid,
+        name: String,
+        volume: VolumeName,
+    },
+    /// The client drops these callbacks (cache eviction).
+    GiveUpCallbacks { fids: Vec<Fid> },
+    VolumeSpace { volume: VolumeId },
+
+    // ---- callback service, called by a fileserver on a cache manager ----
+    /// Break these callbacks; the client answers `Ok` once it has dropped them.
+    BreakCallbacks { fids: Vec<Fid> },
+    /// Drop every callback from this server and revalidate by data version.
+    ResetCallbacks,
+
+    // ---- fileserver administration (vos) ----
+    CreateVolume {
+        id: VolumeId,
+        name: VolumeName,
+        quota_bytes: u64,
+    },
+    RemoveVolume { id: VolumeId },
+    ListVolumes,
+    ExamineVolume { id: VolumeId },
+
+    // ---- VLDB ----
+    /// A fileserver announces itself; re-registering updates its addresses.
+    VlRegisterServer {
+        server: ServerId,
+        addresses: Vec<String>,
+    },
+    VlListServers,
+    /// Creates an entry for a new RW volume on `server`, allocating its id.
+    VlCreateEntry { name: VolumeName, server: ServerId },
+    VlRemoveEntry { volume: VolumeRef },
+    VlGetEntry { volume: VolumeRef },
+    VlListEntries,
+}
+
+/// Every response. `Err(ErrorCode)` travels beside it in `Frame::Response`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Response {
+    Ok,
+    Pong,
+    Status {
+        status: VnodeStatus,
+        callback: Option<CallbackGrant>,
+    },
+    Data {
+        status: VnodeStatus,
+        callback: Option<CallbackGrant>,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+    /// The result of a lookup or of a call that made an entry: the entry's status and
+    /// the directory's status after the call.
+    Entry {
+        status: VnodeStatus,
+        callback: Option<CallbackGrant>,
+        dir: VnodeStatus,
+    },
+    /// The result of remove/rmdir: the directory's new status and, when the removed
+    /// vnode still has links, its new status.
+    Removed {
+        dir: VnodeStatus,
+        target: Option<VnodeStatus>,
+    },
+    Renamed {
+        from_dir: VnodeStatus,
+        to_dir: VnodeStatus,
+        /// The moved vnode's status.
+        moved: VnodeStatus,
+        /// The replaced target's status if it still has links.
+        replaced: Option<VnodeStatus>,
+    },
+    DirPage {
+        dir: VnodeStatus,
+        callback: Option<CallbackGrant>,
+        entries: Vec<DirEntry>,
+        /// True when the listing continues after the last entry.
+        more: bool,
+    },
+    VolumeSpace(VolumeSpace),
+    Volume(VolumeInfo),
+    Volumes(Vec<VolumeInfo>),
+    Server(ServerEntry),
+    Servers(Vec<ServerEntry>),
+    VolumeEntry(VolumeEntry),
+    VolumeEntries(Vec<VolumeEntry>),
+}
+
+impl Response {
+    /// A short name for logs and "unexpected response" errors.
+    pub fn kind_name(&self) -> &'static str {
+        match self {
+            Response::Ok => "Ok",
+            Response::Pong => "Pong",
+            Response::Status { .. } => "Status",
+            Response::Data { .. } => "Data",
+            Response::Entry { .. } => "Entry",
+            Response::Removed { .. } => "Removed",
+            Response::Renamed { .. } => "Renamed",
+            Response::DirPage { .. } => "DirPage",
+            Response::VolumeSpace(_) => "VolumeSpace",
+            Response::Volume(_) => "Volume",
+            Response::Volumes(_) => "Volumes",
+            Response::Server(_) => "Server",
+            Response::Servers(_) => "Servers",
+            Response::VolumeEntry(_) => "VolumeEntry",
+            Response::VolumeEntries(_) => "VolumeEntries",
+        }
+    }
+}

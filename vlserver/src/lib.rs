@@ -1,0 +1,1 @@
+//! vlserver (work in progress)
