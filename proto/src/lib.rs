@@ -10,9 +10,11 @@ pub mod message;
 pub mod name;
 pub mod rpc;
 pub mod server;
+pub mod vldb_client;
 
 pub use cell::{CellConfig, CellError};
 pub use error::{ErrorCode, ProtoError};
 pub use ids::*;
 pub use message::*;
 pub use name::{VolumeName, check_entry_name};
+pub use vldb_client::VldbClient;
