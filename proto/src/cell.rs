@@ -42,7 +42,8 @@ impl CellConfig {
             path: path.to_owned(),
             message,
         };
-        let cell: CellConfig = toml::from_str(&text).map_err(|e| invalid(e.message().to_owned()))?;
+        let cell: CellConfig =
+            toml::from_str(&text).map_err(|e| invalid(e.message().to_owned()))?;
         if cell.name.is_empty() {
             return Err(invalid("`name` is empty".into()));
         }
@@ -93,7 +94,9 @@ mod tests {
         let err = CellConfig::load(&path).unwrap_err().to_string();
         assert!(err.contains("lists no address"), "{err}");
 
-        let err = CellConfig::load(&dir.path().join("missing.toml")).unwrap_err().to_string();
+        let err = CellConfig::load(&dir.path().join("missing.toml"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("cannot read cell file"), "{err}");
     }
 }

@@ -85,9 +85,7 @@ impl ErrorCode {
             ErrorCode::NotEmpty => libc_errno::ENOTEMPTY,
             ErrorCode::NameTooLong => libc_errno::ENAMETOOLONG,
             ErrorCode::Stale => libc_errno::ESTALE,
-            ErrorCode::Busy | ErrorCode::Grace { .. } | ErrorCode::VolumeBusy => {
-                libc_errno::EAGAIN
-            }
+            ErrorCode::Busy | ErrorCode::Grace { .. } | ErrorCode::VolumeBusy => libc_errno::EAGAIN,
             ErrorCode::PermissionDenied => libc_errno::EACCES,
             ErrorCode::QuotaExceeded => libc_errno::EDQUOT,
             ErrorCode::NoSpace => libc_errno::ENOSPC,

@@ -153,7 +153,9 @@ mod tests {
         buf.put_u32_le(1 << 30);
         buf.put_u32_le(0);
         let err = FrameCodec::new(1024).decode(&mut buf).unwrap_err();
-        assert!(matches!(err, ProtoError::FrameTooLarge { length, limit: 1024 } if length == 1 << 30));
+        assert!(
+            matches!(err, ProtoError::FrameTooLarge { length, limit: 1024 } if length == 1 << 30)
+        );
     }
 
     #[test]

@@ -52,7 +52,10 @@ pub struct HelloReply {
 pub enum Frame {
     Hello(Hello),
     HelloReply(Result<HelloReply, ErrorCode>),
-    Request { id: RequestId, body: Request },
+    Request {
+        id: RequestId,
+        body: Request,
+    },
     Response {
         id: RequestId,
         body: Result<Response, ErrorCode>,
@@ -232,9 +235,15 @@ pub enum Request {
 
     // ---- fileserver, called by cache managers ----
     /// Status of a vnode; grants a callback.
-    FetchStatus { fid: Fid },
+    FetchStatus {
+        fid: Fid,
+    },
     /// A byte range of a file, symlink or mount point; grants a callback.
-    FetchData { fid: Fid, offset: u64, length: u32 },
+    FetchData {
+        fid: Fid,
+        offset: u64,
+        length: u32,
+    },
     /// Writes a byte range; `truncate_to` first sets the length (for a store after a
     /// truncate). Increases the data version once. Breaks other holders' callbacks.
     StoreData {
@@ -244,8 +253,14 @@ pub enum Request {
         data: Vec<u8>,
         truncate_to: Option<u64>,
     },
-    SetAttr { fid: Fid, attrs: SetAttrs },
-    Lookup { dir: Fid, name: String },
+    SetAttr {
+        fid: Fid,
+        attrs: SetAttrs,
+    },
+    Lookup {
+        dir: Fid,
+        name: String,
+    },
     /// Lists a directory in name order, starting after `after`.
     ReadDir {
         dir: Fid,
@@ -267,8 +282,14 @@ pub enum Request {
         uid: u32,
         gid: u32,
     },
-    Remove { dir: Fid, name: String },
-    RemoveDir { dir: Fid, name: String },
+    Remove {
+        dir: Fid,
+        name: String,
+    },
+    RemoveDir {
+        dir: Fid,
+        name: String,
+    },
     Rename {
         from_dir: Fid,
         from_name: String,
@@ -282,7 +303,11 @@ pub enum Request {
         uid: u32,
         gid: u32,
     },
-    Link { dir: Fid, name: String, target: Fid },
+    Link {
+        dir: Fid,
+        name: String,
+        target: Fid,
+    },
     /// Creates a mount point for `volume` named `name` in `dir`.
     MakeMountPoint {
         dir: Fid,
@@ -290,12 +315,18 @@ pub enum Request {
         volume: VolumeName,
     },
     /// The client drops these callbacks (cache eviction).
-    GiveUpCallbacks { fids: Vec<Fid> },
-    VolumeSpace { volume: VolumeId },
+    GiveUpCallbacks {
+        fids: Vec<Fid>,
+    },
+    VolumeSpace {
+        volume: VolumeId,
+    },
 
     // ---- callback service, called by a fileserver on a cache manager ----
     /// Break these callbacks; the client answers `Ok` once it has dropped them.
-    BreakCallbacks { fids: Vec<Fid> },
+    BreakCallbacks {
+        fids: Vec<Fid>,
+    },
     /// Drop every callback from this server and revalidate by data version.
     ResetCallbacks,
 
@@ -305,9 +336,13 @@ pub enum Request {
         name: VolumeName,
         quota_bytes: u64,
     },
-    RemoveVolume { id: VolumeId },
+    RemoveVolume {
+        id: VolumeId,
+    },
     ListVolumes,
-    ExamineVolume { id: VolumeId },
+    ExamineVolume {
+        id: VolumeId,
+    },
 
     // ---- VLDB ----
     /// A fileserver announces itself; re-registering updates its addresses.
@@ -317,9 +352,16 @@ pub enum Request {
     },
     VlListServers,
     /// Creates an entry for a new RW volume on `server`, allocating its id.
-    VlCreateEntry { name: VolumeName, server: ServerId },
-    VlRemoveEntry { volume: VolumeRef },
-    VlGetEntry { volume: VolumeRef },
+    VlCreateEntry {
+        name: VolumeName,
+        server: ServerId,
+    },
+    VlRemoveEntry {
+        volume: VolumeRef,
+    },
+    VlGetEntry {
+        volume: VolumeRef,
+    },
     VlListEntries,
 }
 

@@ -74,14 +74,20 @@ mod tests {
         assert!(VolumeName::parse("user_a-1").is_ok());
         assert_eq!(VolumeName::parse(""), Err(ErrorCode::BadVolumeName));
         assert_eq!(VolumeName::parse("a b"), Err(ErrorCode::BadVolumeName));
-        assert_eq!(VolumeName::parse(&"x".repeat(65)), Err(ErrorCode::BadVolumeName));
+        assert_eq!(
+            VolumeName::parse(&"x".repeat(65)),
+            Err(ErrorCode::BadVolumeName)
+        );
         assert!(VolumeName::parse(&"x".repeat(64)).is_ok());
     }
 
     #[test]
     fn entry_names() {
         assert!(check_entry_name("file.txt").is_ok());
-        assert_eq!(check_entry_name(&"n".repeat(256)), Err(ErrorCode::NameTooLong));
+        assert_eq!(
+            check_entry_name(&"n".repeat(256)),
+            Err(ErrorCode::NameTooLong)
+        );
         assert!(check_entry_name(&"n".repeat(255)).is_ok());
         assert_eq!(check_entry_name("a/b"), Err(ErrorCode::InvalidArgument));
         assert_eq!(check_entry_name(".."), Err(ErrorCode::InvalidArgument));

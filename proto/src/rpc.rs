@@ -21,11 +21,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::error::{ErrorCode, ProtoError};
-use crate::frame::{FRAME_BYTES_MAX_DEFAULT, FRAME_HEADER_BYTES, FrameCodec, decode_frame, encode_frame};
+use crate::frame::{
+    FRAME_BYTES_MAX_DEFAULT, FRAME_HEADER_BYTES, FrameCodec, decode_frame, encode_frame,
+};
+use crate::ids::RequestId;
 use crate::message::{
     Frame, Hello, HelloReply, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN, Request, Response,
 };
-use crate::ids::RequestId;
 
 /// Limits one connection imposes on its peer.
 #[derive(Clone, Debug)]
@@ -177,7 +179,11 @@ pub async fn accept(
         }
     };
     let verdict = check(&hello);
-    write_frame(&mut writer, &encode_frame(&Frame::HelloReply(verdict.clone()))?).await?;
+    write_frame(
+        &mut writer,
+        &encode_frame(&Frame::HelloReply(verdict.clone()))?,
+    )
+    .await?;
     writer.flush().await?;
     if let Err(code) = verdict {
         return Err(ProtoError::Handshake(code.to_string()));
@@ -228,7 +234,12 @@ fn start(
         frame_bytes_max: limits.frame_bytes_max,
     });
     let frame_bytes_max = limits.frame_bytes_max;
-    tokio::spawn(write_loop(writer, outgoing_rx, inner.cancel.clone(), frame_bytes_max));
+    tokio::spawn(write_loop(
+        writer,
+        outgoing_rx,
+        inner.cancel.clone(),
+        frame_bytes_max,
+    ));
     tokio::spawn(read_loop(
         reader,
         Arc::downgrade(&inner),

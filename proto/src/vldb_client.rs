@@ -10,8 +10,8 @@ use crate::cell::CellConfig;
 use crate::error::{ErrorCode, ProtoError};
 use crate::ids::ServerId;
 use crate::message::{
-    Hello, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN, PeerKind, Request, Response,
-    ServerEntry, VolumeEntry, VolumeRef,
+    Hello, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN, PeerKind, Request, Response, ServerEntry,
+    VolumeEntry, VolumeRef,
 };
 use crate::name::VolumeName;
 use crate::rpc::{self, Connection, Limits};

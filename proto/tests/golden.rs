@@ -1,0 +1,162 @@
+//! Golden bytes: pins the postcard encoding of every message shape, so a reordered enum
+//! variant or a changed field type fails here before it breaks a peer in the field.
+
+use proto::message::*;
+use proto::*;
+use uuid::Uuid;
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn fid() -> Fid {
+    Fid {
+        volume: VolumeId(536870912),
+        vnode: VnodeId(5),
+        unique: Uniquifier(1),
+    }
+}
+
+fn status() -> VnodeStatus {
+    VnodeStatus {
+        fid: fid(),
+        kind: FileKind::File,
+        mode: 0o644,
+        link_count: 1,
+        size: 12,
+        data_version: DataVersion(3),
+        uid: 0,
+        gid: 0,
+        atime: Timestamp { secs: 1, nanos: 2 },
+        mtime: Timestamp { secs: 3, nanos: 4 },
+        ctime: Timestamp { secs: 5, nanos: 6 },
+    }
+}
+
+/// Each case: a frame and the exact bytes of its body.
+fn cases() -> Vec<(&'static str, Frame, &'static str)> {
+    let client = ClientId(Uuid::from_u128(0x0011_2233_4455_6677_8899_aabb_ccdd_eeff));
+    vec![
+        (
+            "hello",
+            Frame::Hello(Hello {
+                version_min: 1,
+                version_max: 1,
+                cell: "example.test".into(),
+                peer: PeerKind::CacheManager {
+                    client,
+                    instance: InstanceNonce(42),
+                },
+            }),
+            "0001010c6578616d706c652e7465737400100011223344556677\
+             8899aabbccddeeff2a",
+        ),
+        (
+            "hello_reply_wrong_cell",
+            Frame::HelloReply(Err(ErrorCode::WrongCell {
+                expected: "a".into(),
+            })),
+            "0101120161",
+        ),
+        (
+            "ping",
+            Frame::Request {
+                id: RequestId(1),
+                body: Request::Ping,
+            },
+            "020100",
+        ),
+        (
+            "fetch_data",
+            Frame::Request {
+                id: RequestId(300),
+                body: Request::FetchData {
+                    fid: fid(),
+                    offset: 4096,
+                    length: 65536,
+                },
+            },
+            "02ac0202808080800205018020808004",
+        ),
+        (
+            "store_data",
+            Frame::Request {
+                id: RequestId(2),
+                body: Request::StoreData {
+                    fid: fid(),
+                    offset: 0,
+                    data: b"hi".to_vec(),
+                    truncate_to: Some(2),
+                },
+            },
+            "020203808080800205010002686901 02",
+        ),
+        (
+            "break_callbacks",
+            Frame::Request {
+                id: RequestId(9),
+                body: Request::BreakCallbacks { fids: vec![fid()] },
+            },
+            "02091101808080800205 01",
+        ),
+        (
+            "status_response",
+            Frame::Response {
+                id: RequestId(1),
+                body: Ok(Response::Status {
+                    status: status(),
+                    callback: Some(CallbackGrant {
+                        lifetime_ms: 3_600_000,
+                    }),
+                }),
+            },
+            "030100028080808002050100a403010c03000002 02060 40a06 0180dddb01",
+        ),
+        (
+            "not_active",
+            Frame::Response {
+                id: RequestId(4),
+                body: Err(ErrorCode::NotActive {
+                    epoch: Epoch(7),
+                    hint: Some("x".into()),
+                }),
+            },
+            "03040116070101 78",
+        ),
+        (
+            "grace",
+            Frame::Response {
+                id: RequestId(5),
+                body: Err(ErrorCode::Grace { retry_ms: 250 }),
+            },
+            "03050117fa01",
+        ),
+    ]
+}
+
+#[test]
+fn golden_bytes() {
+    let mut failures = Vec::new();
+    for (name, frame, expected) in cases() {
+        let expected: String = expected
+            .chars()
+            .filter(|c| !c.is_whitespace())
+            .collect::<String>()
+            .to_lowercase();
+        let actual = hex(&proto::frame::encode_frame(&frame).unwrap());
+        if actual != expected {
+            failures.push(format!(
+                "{name}: expected {expected}\n{name}:   actual {actual}"
+            ));
+        }
+        // And every golden body decodes back to the same frame.
+        let decoded =
+            proto::frame::decode_frame(&proto::frame::encode_frame(&frame).unwrap()).unwrap();
+        assert_eq!(decoded, frame, "{name}");
+    }
+    assert!(
+        failures.is_empty(),
+        "encoding changed:\n{}",
+        failures.join("\n")
+    );
+}
