@@ -1,1 +1,12 @@
-//! vos (work in progress)
+//! Volume administration for a Holdfast cell: the logic behind `holdfast vos`. The
+//! binary parses flags, calls a `Vos` method and prints what a `format_*` function makes
+//! of the result.
+
+mod admin;
+mod error;
+mod fileserver;
+mod format;
+
+pub use admin::Vos;
+pub use error::VosError;
+pub use format::{format_entry, format_examine, format_listvldb, format_listvol};

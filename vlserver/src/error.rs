@@ -1,0 +1,74 @@
+//! `VldbError`: everything that can go wrong inside the VLDB, and its mapping to the
+//! wire's `ErrorCode` at the handler boundary.
+//! Invariant: only `Refused` carries a code a peer may act on; storage trouble crosses
+//! the wire as `Internal` with no detail, and is logged where it is handled.
+
+use std::path::PathBuf;
+
+use proto::ErrorCode;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum VldbError {
+    #[error("cannot create the VLDB data directory {path}: {source}")]
+    CreateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot open the VLDB database {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: redb::DatabaseError,
+    },
+    #[error("VLDB database {path} has format version {found}; this build reads version {expected}")]
+    FormatVersion {
+        path: PathBuf,
+        found: u64,
+        expected: u64,
+    },
+    #[error("VLDB storage error: {0}")]
+    Storage(#[from] redb::Error),
+    #[error("corrupt VLDB record in table {table} at key {key}: {reason}")]
+    Corrupt {
+        table: &'static str,
+        key: String,
+        reason: String,
+    },
+    #[error("cannot encode a VLDB record: {0}")]
+    Encode(postcard::Error),
+    #[error("volume ids are exhausted: the id counter stands at {next}")]
+    IdsExhausted { next: u64 },
+    #[error("a VLDB storage task failed: {0}")]
+    Task(String),
+    /// A request the VLDB refuses for a reason the peer is told.
+    #[error("{0}")]
+    Refused(ErrorCode),
+}
+
+impl VldbError {
+    /// The code a peer receives for this error.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            VldbError::Refused(code) => code.clone(),
+            _ => ErrorCode::Internal("VLDB storage error; see the vlserver log".into()),
+        }
+    }
+}
+
+/// redb splits its errors by operation; they all mean "storage failed" here.
+macro_rules! storage_error_from {
+    ($($source:ty),*) => {
+        $(impl From<$source> for VldbError {
+            fn from(e: $source) -> VldbError {
+                VldbError::Storage(redb::Error::from(e))
+            }
+        })*
+    };
+}
+
+storage_error_from!(
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);

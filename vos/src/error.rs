@@ -1,0 +1,40 @@
+//! `VosError`: every way a `vos` command can fail, each one line that says what was wrong
+//! and, where there is one, what to do.
+
+use proto::{ErrorCode, ProtoError, ServerId};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum VosError {
+    #[error("bad volume name '{name}': use 1 to 64 characters of A-Z a-z 0-9 . _ -")]
+    BadName { name: String },
+    #[error("bad volume name '{name}': a name of digits only would be read as a volume id")]
+    NumericName { name: String },
+    #[error("a quota of {quota_mib} MiB is too large")]
+    QuotaTooLarge { quota_mib: u64 },
+    #[error("volume '{name}' already exists")]
+    Exists { name: String },
+    #[error("no volume named '{volume}' in the VLDB")]
+    NoSuchVolume { volume: String },
+    #[error("cannot reach the VLDB at {addresses}: {source}; is `holdfast vlserver` running?")]
+    VldbUnreachable {
+        addresses: String,
+        source: ProtoError,
+    },
+    #[error("the VLDB refused the request: {0}")]
+    Vldb(ErrorCode),
+    #[error("no fileserver is registered in the VLDB; start one with `holdfast fileserver`")]
+    NoFileserver,
+    #[error("no fileserver registered at {address}; registered: {registered}")]
+    UnknownServer { address: String, registered: String },
+    #[error("the cell has {count} fileservers; pass --server ADDR")]
+    ServerRequired { count: usize },
+    #[error("volume '{volume}' lives on fileserver {server}, for which the VLDB has no address")]
+    SiteUnknown { volume: String, server: ServerId },
+    #[error(
+        "cannot reach the fileserver at {address}: {source}; is `holdfast fileserver` running?"
+    )]
+    FileserverUnreachable { address: String, source: ProtoError },
+    #[error("the fileserver at {address} refused the request: {code}")]
+    Fileserver { address: String, code: ErrorCode },
+}

@@ -1,0 +1,106 @@
+//! `Fileserver`: one administrative connection to a fileserver, tried at each of its
+//! registered addresses in turn.
+//! Invariant: the connection is closed when the value is dropped; every call has the
+//! deadline `Vos` was built with and is not retried (volume operations are not idempotent).
+
+use std::time::Duration;
+
+use proto::rpc::{self, Connection, Limits};
+use proto::{
+    CellConfig, ErrorCode, Hello, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN, PeerKind, ProtoError,
+    Request, Response, ServerEntry,
+};
+use tracing::debug;
+
+use crate::error::VosError;
+
+pub(crate) struct Fileserver {
+    address: String,
+    connection: Connection,
+    timeout: Duration,
+}
+
+impl Fileserver {
+    /// Connects to the first of `server`'s addresses that answers.
+    pub(crate) async fn connect(
+        cell: &CellConfig,
+        server: &ServerEntry,
+        timeout: Duration,
+    ) -> Result<Fileserver, VosError> {
+        let limits = Limits {
+            handshake_timeout: timeout,
+            ..Limits::default()
+        };
+        let mut failure = None;
+        for address in &server.addresses {
+            let hello = Hello {
+                version_min: PROTOCOL_VERSION_MIN,
+                version_max: PROTOCOL_VERSION_MAX,
+                cell: cell.name.clone(),
+                peer: PeerKind::Admin,
+            };
+            // A fileserver never calls an admin tool: dropping the incoming queue answers
+            // anything it sends with `Unsupported`.
+            match rpc::connect(address, hello, &limits).await {
+                Ok((connection, _reply, _incoming)) => {
+                    return Ok(Fileserver {
+                        address: address.clone(),
+                        connection,
+                        timeout,
+                    });
+                }
+                Err(ProtoError::Remote(code)) => {
+                    return Err(VosError::Fileserver {
+                        address: address.clone(),
+                        code,
+                    });
+                }
+                Err(source) => {
+                    debug!(%address, error = %source, "fileserver address did not answer");
+                    failure = Some(VosError::FileserverUnreachable {
+                        address: address.clone(),
+                        source,
+                    });
+                }
+            }
+        }
+        Err(failure.unwrap_or_else(|| VosError::FileserverUnreachable {
+            address: format!("server {} (no address registered)", server.server),
+            source: ProtoError::Closed,
+        }))
+    }
+
+    pub(crate) fn address(&self) -> &str {
+        &self.address
+    }
+
+    pub(crate) async fn call(&self, request: Request) -> Result<Response, VosError> {
+        self.connection
+            .call(request, self.timeout)
+            .await
+            .map_err(|e| match e {
+                ProtoError::Remote(code) => VosError::Fileserver {
+                    address: self.address.clone(),
+                    code,
+                },
+                source => VosError::FileserverUnreachable {
+                    address: self.address.clone(),
+                    source,
+                },
+            })
+    }
+
+    /// The error for an answer of the wrong kind: a fileserver bug.
+    pub(crate) fn unexpected(&self, response: &Response) -> VosError {
+        VosError::Fileserver {
+            address: self.address.clone(),
+            code: ErrorCode::Internal(format!("unexpected response {}", response.kind_name())),
+        }
+    }
+}
+
+impl Drop for Fileserver {
+    fn drop(&mut self) {
+        self.connection.close();
+    }
+}
