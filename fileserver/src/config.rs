@@ -1,0 +1,48 @@
+//! The fileserver's configuration, as the binary or a test builds it.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use proto::CellConfig;
+
+use crate::stats::Stats;
+
+/// Everything `run` needs besides the listener.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The partition directory: `server.id` and one directory per volume.
+    pub partition: PathBuf,
+    pub cell: CellConfig,
+    /// Addresses registered in the VLDB, where clients reach this server.
+    pub advertise: Vec<String>,
+    /// Most callback promises held at once.
+    pub callback_count_max: usize,
+    /// Most clients known at once.
+    pub client_count_max: usize,
+    /// How long a client may take to acknowledge a break before it counts as unreachable.
+    pub break_timeout: Duration,
+    /// Most breaks queued for one unreachable client before it is told to reset instead.
+    pub delayed_breaks_per_client_max: usize,
+    /// Deadline of each VLDB call.
+    pub vldb_timeout: Duration,
+    /// Counters the caller can read while the server runs.
+    pub stats: Arc<Stats>,
+}
+
+impl Config {
+    /// A configuration with the default limits.
+    pub fn new(partition: PathBuf, cell: CellConfig, advertise: Vec<String>) -> Config {
+        Config {
+            partition,
+            cell,
+            advertise,
+            callback_count_max: 1_000_000,
+            client_count_max: 100_000,
+            break_timeout: Duration::from_secs(2),
+            delayed_breaks_per_client_max: state::delayed_breaks::FIDS_PER_CLIENT_MAX_DEFAULT,
+            vldb_timeout: Duration::from_secs(5),
+            stats: Arc::new(Stats::default()),
+        }
+    }
+}

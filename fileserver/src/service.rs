@@ -1,0 +1,366 @@
+//! The fileserver's RPC service: maps each request onto the partition's volumes and
+//! the callback machinery.
+//! Invariant: a changing request replies only after the change is durable and every
+//! other holder of a callback on a changed vnode acknowledged its break or was marked
+//! unreachable; the caller keeps (or gets) its own promise and the new status.
+//! Boundary: storage errors become wire `ErrorCode`s here; internal errors are logged
+//! here, once.
+
+use std::sync::Arc;
+
+use proto::rpc::Connection;
+use proto::server::Service;
+use proto::{
+    CallbackGrant, ErrorCode, Fid, Hello, HelloReply, PeerKind, Request, Response, VolumeId,
+};
+use state::ClientKey;
+use tracing::{Instrument, debug, debug_span, error};
+
+use crate::callbacks::Callbacks;
+use crate::stats::Stats;
+use crate::storage::{Partition, StorageError, Volume};
+
+/// Most entries one `ReadDir` returns.
+pub const READDIR_COUNT_MAX: usize = 2048;
+/// Most bytes of names one `ReadDir` returns, well under the frame limit.
+const READDIR_BYTES_MAX: usize = 1 << 20;
+
+/// The service `proto::server::serve` runs.
+pub struct FileService {
+    pub(crate) partition: Arc<Partition>,
+    pub(crate) callbacks: Arc<Callbacks>,
+    pub(crate) cell: String,
+    pub(crate) stats: Arc<Stats>,
+}
+
+impl Service for FileService {
+    fn hello(&self, hello: &Hello) -> Result<HelloReply, ErrorCode> {
+        let version = proto::rpc::negotiate(hello, &self.cell)?;
+        Ok(HelloReply {
+            version,
+            server: Some(self.partition.server_id()),
+        })
+    }
+
+    fn connected(&self, connection: &Connection, hello: &Hello) {
+        if let PeerKind::CacheManager { client, instance } = &hello.peer {
+            self.callbacks.connected(connection, *client, *instance);
+        }
+    }
+
+    async fn handle(
+        self: Arc<Self>,
+        connection: Connection,
+        hello: Arc<Hello>,
+        request: Request,
+    ) -> Result<Response, ErrorCode> {
+        let caller = match &hello.peer {
+            PeerKind::CacheManager { client, .. } => {
+                self.callbacks.wait_ready(&connection, *client).await;
+                self.callbacks.key(*client)
+            }
+            PeerKind::Admin | PeerKind::FileServer { .. } => None,
+        };
+        let span = debug_span!("request", peer = %connection.peer_addr());
+        async move {
+            debug!(?request, "request");
+            let answer = self.dispatch(caller, request).await;
+            if let Err(code) = &answer {
+                debug!(%code, "refused");
+            }
+            answer
+        }
+        .instrument(span)
+        .await
+    }
+
+    fn disconnected(&self, connection: &Connection, hello: &Hello) {
+        if let PeerKind::CacheManager { client, .. } = &hello.peer {
+            self.callbacks.disconnected(connection, *client);
+        }
+    }
+}
+
+impl FileService {
+    async fn dispatch(
+        self: &Arc<Self>,
+        caller: Option<ClientKey>,
+        request: Request,
+    ) -> Result<Response, ErrorCode> {
+        match request {
+            Request::Ping => Ok(Response::Pong),
+            Request::FetchStatus { fid } => {
+                // Promise first, then read: a change after the read breaks this promise.
+                let callback = self.grant(caller, fid);
+                let volume = self.volume(fid.volume)?;
+                let status = blocking(move || volume.fetch_status(fid)).await?;
+                Ok(Response::Status { status, callback })
+            }
+            Request::FetchData {
+                fid,
+                offset,
+                length,
+            } => {
+                let callback = self.grant(caller, fid);
+                let volume = self.volume(fid.volume)?;
+                let (status, data) =
+                    blocking(move || volume.fetch_data(fid, offset, length)).await?;
+                self.stats.record_fetch_data(data.len());
+                Ok(Response::Data {
+                    status,
+                    callback,
+                    data,
+                })
+            }
+            Request::StoreData {
+                fid,
+                offset,
+                data,
+                truncate_to,
+            } => {
+                let volume = self.volume(fid.volume)?;
+                let status =
+                    blocking(move || volume.store_data(fid, offset, &data, truncate_to)).await?;
+                self.callbacks.break_callbacks(&[fid], caller).await;
+                let callback = self.grant(caller, fid);
+                Ok(Response::Status { status, callback })
+            }
+            Request::SetAttr { fid, attrs } => {
+                let volume = self.volume(fid.volume)?;
+                let status = blocking(move || volume.set_attr(fid, &attrs)).await?;
+                self.callbacks.break_callbacks(&[fid], caller).await;
+                let callback = self.grant(caller, fid);
+                Ok(Response::Status { status, callback })
+            }
+            Request::Lookup { dir, name } => {
+                let volume = self.volume(dir.volume)?;
+                let (status, dir) = blocking(move || volume.lookup(dir, &name)).await?;
+                let callback = self.grant(caller, status.fid);
+                Ok(Response::Entry {
+                    status,
+                    callback,
+                    dir,
+                })
+            }
+            Request::ReadDir {
+                dir,
+                after,
+                count_max,
+            } => {
+                let callback = self.grant(caller, dir);
+                let volume = self.volume(dir.volume)?;
+                let count = (count_max as usize).clamp(1, READDIR_COUNT_MAX);
+                let (dir, entries, more) = blocking(move || {
+                    volume.read_dir(dir, after.as_deref(), count, READDIR_BYTES_MAX)
+                })
+                .await?;
+                Ok(Response::DirPage {
+                    dir,
+                    callback,
+                    entries,
+                    more,
+                })
+            }
+            Request::Create {
+                dir,
+                name,
+                mode,
+                uid,
+                gid,
+                exclusive,
+            } => {
+                let volume = self.volume(dir.volume)?;
+                let created =
+                    blocking(move || volume.create(dir, &name, mode, uid, gid, exclusive)).await?;
+                if created.created {
+                    self.callbacks.break_callbacks(&[dir], caller).await;
+                }
+                Ok(self.entry(caller, created.status, created.dir))
+            }
+            Request::MakeDir {
+                dir,
+                name,
+                mode,
+                uid,
+                gid,
+            } => {
+                let volume = self.volume(dir.volume)?;
+                let (status, dir_status) =
+                    blocking(move || volume.make_dir(dir, &name, mode, uid, gid)).await?;
+                self.callbacks.break_callbacks(&[dir], caller).await;
+                Ok(self.entry(caller, status, dir_status))
+            }
+            Request::Symlink {
+                dir,
+                name,
+                target,
+                uid,
+                gid,
+            } => {
+                let volume = self.volume(dir.volume)?;
+                let (status, dir_status) =
+                    blocking(move || volume.symlink(dir, &name, &target, uid, gid)).await?;
+                self.callbacks.break_callbacks(&[dir], caller).await;
+                Ok(self.entry(caller, status, dir_status))
+            }
+            Request::MakeMountPoint { dir, name, volume } => {
+                let store = self.volume(dir.volume)?;
+                let (status, dir_status) =
+                    blocking(move || store.make_mount_point(dir, &name, &volume)).await?;
+                self.callbacks.break_callbacks(&[dir], caller).await;
+                Ok(self.entry(caller, status, dir_status))
+            }
+            Request::Link { dir, name, target } => {
+                if dir.volume != target.volume {
+                    return Err(ErrorCode::CrossVolume);
+                }
+                let volume = self.volume(dir.volume)?;
+                let (status, dir_status) =
+                    blocking(move || volume.link(dir, &name, target)).await?;
+                self.callbacks.break_callbacks(&[dir, target], caller).await;
+                Ok(self.entry(caller, status, dir_status))
+            }
+            Request::Remove { dir, name } => self.remove(caller, dir, name, false).await,
+            Request::RemoveDir { dir, name } => self.remove(caller, dir, name, true).await,
+            Request::Rename {
+                from_dir,
+                from_name,
+                to_dir,
+                to_name,
+            } => {
+                if from_dir.volume != to_dir.volume {
+                    return Err(ErrorCode::CrossVolume);
+                }
+                let volume = self.volume(from_dir.volume)?;
+                let renamed =
+                    blocking(move || volume.rename(from_dir, &from_name, to_dir, &to_name)).await?;
+                let mut changed = vec![from_dir];
+                if to_dir != from_dir {
+                    changed.push(to_dir);
+                }
+                if let Some(replaced) = &renamed.replaced {
+                    changed.push(replaced.fid);
+                }
+                self.callbacks.break_callbacks(&changed, caller).await;
+                Ok(Response::Renamed {
+                    from_dir: renamed.from_dir,
+                    to_dir: renamed.to_dir,
+                    moved: renamed.moved,
+                    replaced: renamed.replaced.filter(|s| s.link_count > 0),
+                })
+            }
+            Request::GiveUpCallbacks { fids } => {
+                if let Some(client) = caller {
+                    self.callbacks.give_up(client, &fids);
+                }
+                Ok(Response::Ok)
+            }
+            Request::VolumeSpace { volume } => {
+                let partition = self.partition.clone();
+                let space = blocking(move || partition.space(volume)).await?;
+                Ok(Response::VolumeSpace(space))
+            }
+            Request::CreateVolume {
+                id,
+                name,
+                quota_bytes,
+            } => {
+                let partition = self.partition.clone();
+                let info = blocking(move || partition.create_volume(id, name, quota_bytes)).await?;
+                Ok(Response::Volume(info))
+            }
+            Request::RemoveVolume { id } => {
+                let partition = self.partition.clone();
+                blocking(move || partition.remove_volume(id)).await?;
+                Ok(Response::Ok)
+            }
+            Request::ListVolumes => {
+                let partition = self.partition.clone();
+                let infos = blocking(move || {
+                    partition
+                        .volumes()
+                        .iter()
+                        .map(|v| v.info())
+                        .collect::<Result<Vec<_>, _>>()
+                })
+                .await?;
+                Ok(Response::Volumes(infos))
+            }
+            Request::ExamineVolume { id } => {
+                let volume = self.volume(id)?;
+                let info = blocking(move || volume.info()).await?;
+                Ok(Response::Volume(info))
+            }
+            Request::BreakCallbacks { .. }
+            | Request::ResetCallbacks
+            | Request::VlRegisterServer { .. }
+            | Request::VlListServers
+            | Request::VlCreateEntry { .. }
+            | Request::VlRemoveEntry { .. }
+            | Request::VlGetEntry { .. }
+            | Request::VlListEntries => Err(ErrorCode::Unsupported),
+        }
+    }
+
+    async fn remove(
+        self: &Arc<Self>,
+        caller: Option<ClientKey>,
+        dir: Fid,
+        name: String,
+        directory: bool,
+    ) -> Result<Response, ErrorCode> {
+        let volume = self.volume(dir.volume)?;
+        let removed = blocking(move || volume.remove(dir, &name, directory)).await?;
+        // The removed vnode's link count changed: its holders are broken too.
+        self.callbacks
+            .break_callbacks(&[dir, removed.target.fid], caller)
+            .await;
+        Ok(Response::Removed {
+            dir: removed.dir,
+            target: Some(removed.target).filter(|s| s.link_count > 0),
+        })
+    }
+
+    fn volume(&self, id: VolumeId) -> Result<Arc<Volume>, ErrorCode> {
+        self.partition.volume(id).map_err(|e| e.code())
+    }
+
+    fn grant(self: &Arc<Self>, caller: Option<ClientKey>, fid: Fid) -> Option<CallbackGrant> {
+        caller.map(|client| self.callbacks.grant(client, fid))
+    }
+
+    /// The reply to a call that made or found an entry; the caller gets a promise on it.
+    fn entry(
+        self: &Arc<Self>,
+        caller: Option<ClientKey>,
+        status: proto::VnodeStatus,
+        dir: proto::VnodeStatus,
+    ) -> Response {
+        let callback = self.grant(caller, status.fid);
+        Response::Entry {
+            status,
+            callback,
+            dir,
+        }
+    }
+}
+
+/// Runs a storage operation on a blocking thread and maps its error for the wire.
+/// Refusals are normal answers; anything else is server trouble and logged here.
+async fn blocking<T: Send + 'static>(
+    op: impl FnOnce() -> Result<T, StorageError> + Send + 'static,
+) -> Result<T, ErrorCode> {
+    match tokio::task::spawn_blocking(op).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => {
+            if !e.is_refusal() {
+                error!(error = %e, "storage operation failed");
+            }
+            Err(e.code())
+        }
+        Err(e) => {
+            error!(error = %e, "storage task failed");
+            Err(ErrorCode::Internal("storage task failed".into()))
+        }
+    }
+}

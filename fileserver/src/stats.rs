@@ -1,0 +1,30 @@
+//! Counters a running fileserver exposes to tests and benchmarks.
+//! Invariant: counters only grow; relaxed ordering is enough for figures read after
+//! the fact.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Per-server counters, shared between the caller of `run` and the service.
+#[derive(Debug, Default)]
+pub struct Stats {
+    fetch_data_calls: AtomicU64,
+    fetch_data_bytes: AtomicU64,
+}
+
+impl Stats {
+    /// `FetchData` requests answered with data.
+    pub fn fetch_data_calls(&self) -> u64 {
+        self.fetch_data_calls.load(Ordering::Relaxed)
+    }
+
+    /// Bytes returned by `FetchData`.
+    pub fn fetch_data_bytes(&self) -> u64 {
+        self.fetch_data_bytes.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn record_fetch_data(&self, bytes: usize) {
+        self.fetch_data_calls.fetch_add(1, Ordering::Relaxed);
+        self.fetch_data_bytes
+            .fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,1082 @@
+//! One volume: its metadata database and its data files, and every operation on them.
+//! Invariant: see the storage module: DV bump durable before file data changes, one
+//! durable transaction per metadata request, directory DV +1 per changing request.
+//! Data of one vnode is guarded by a striped lock so that a fetch never pairs a new DV
+//! with data not yet written, and two stores to one file apply in DV order.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::ErrorKind;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use proto::{
+    DirEntry, ErrorCode, Fid, FileKind, SetAttrs, Timestamp, Uniquifier, VnodeId, VnodeStatus,
+    VolumeId, VolumeInfo, VolumeName, VolumeType,
+};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+
+use super::records::{RECORD_FORMAT, VnodeRecord, VolumeHeader, kind_code, kind_from_code};
+use super::{StorageError, io_error};
+
+const HEADER: TableDefinition<&str, &[u8]> = TableDefinition::new("volume");
+const VNODES: TableDefinition<u64, &[u8]> = TableDefinition::new("vnodes");
+const ENTRIES: TableDefinition<(u64, &str), (u64, u32, u8)> = TableDefinition::new("entries");
+const HEADER_KEY: &str = "header";
+
+/// A directory entry's value: (vnode, uniquifier, kind code).
+type EntryValue = (u64, u32, u8);
+
+/// Largest data a single `FetchData` returns.
+pub const FETCH_BYTES_MAX: u32 = 1 << 20;
+/// Largest file size accepted (1 TiB).
+pub const FILE_BYTES_MAX: u64 = 1 << 40;
+/// Longest symlink target, as `PATH_MAX`.
+pub const SYMLINK_TARGET_BYTES_MAX: usize = 4096;
+/// Most links one file may have.
+pub const LINK_COUNT_MAX: u32 = 65_000;
+const DATA_STRIPES: usize = 64;
+
+/// The outcome of `create`.
+#[derive(Clone, Debug)]
+pub struct Created {
+    pub status: VnodeStatus,
+    pub dir: VnodeStatus,
+    /// False when a non-exclusive create found the file already there.
+    pub created: bool,
+}
+
+/// The outcome of `remove`: the directory's and the removed vnode's new status.
+#[derive(Clone, Debug)]
+pub struct Removed {
+    pub dir: VnodeStatus,
+    /// The vnode that lost a link; `link_count` 0 means it is gone.
+    pub target: VnodeStatus,
+}
+
+/// The outcome of `rename`.
+#[derive(Clone, Debug)]
+pub struct Renamed {
+    pub from_dir: VnodeStatus,
+    pub to_dir: VnodeStatus,
+    pub moved: VnodeStatus,
+    /// The vnode the rename replaced; `link_count` 0 means it is gone.
+    pub replaced: Option<VnodeStatus>,
+}
+
+/// An open volume.
+pub struct Volume {
+    id: VolumeId,
+    db_path: PathBuf,
+    data_dir: PathBuf,
+    db: Database,
+    stripes: Vec<RwLock<()>>,
+}
+
+impl std::fmt::Debug for Volume {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Volume").field("id", &self.id).finish()
+    }
+}
+
+impl Volume {
+    /// Makes a new volume in the empty directory `dir`, with its root directory.
+    pub fn initialize(
+        dir: &Path,
+        id: VolumeId,
+        name: VolumeName,
+        quota_bytes: u64,
+    ) -> Result<Volume, StorageError> {
+        let data_dir = dir.join("data");
+        std::fs::create_dir_all(&data_dir).map_err(io_error(&data_dir))?;
+        let db_path = dir.join("meta.redb");
+        let db = Database::create(&db_path).map_err(db_error(&db_path))?;
+        // Every table exists from the start, so readers never meet a missing one.
+        let txn = db.begin_write().map_err(db_error(&db_path))?;
+        txn.open_table(HEADER).map_err(db_error(&db_path))?;
+        txn.open_table(VNODES).map_err(db_error(&db_path))?;
+        txn.open_table(ENTRIES).map_err(db_error(&db_path))?;
+        txn.commit().map_err(db_error(&db_path))?;
+        let volume = Volume::with_db(id, db_path, data_dir, db);
+        let header = VolumeHeader {
+            format: RECORD_FORMAT,
+            id,
+            name,
+            kind: VolumeType::ReadWrite,
+            quota_bytes,
+            created: Timestamp::now(),
+            bytes_used: 0,
+            vnode_count: 1,
+            next_vnode: VnodeId::ROOT.0 + 1,
+        };
+        let root = VnodeRecord::new(FileKind::Directory, 0o755, 0, 0, VnodeId::ROOT);
+        volume.write(|tx| {
+            tx.header = Some(header);
+            tx.header_dirty = true;
+            tx.cache.insert(VnodeId::ROOT.0, (None, Some(root)));
+            Ok(())
+        })?;
+        Ok(volume)
+    }
+
+    /// Opens an existing volume directory, checking that it is the volume `id`.
+    pub fn open(dir: &Path, id: VolumeId) -> Result<Volume, StorageError> {
+        let data_dir = dir.join("data");
+        let db_path = dir.join("meta.redb");
+        let db = Database::open(&db_path).map_err(db_error(&db_path))?;
+        let volume = Volume::with_db(id, db_path, data_dir, db);
+        let header = volume.header()?;
+        if header.id != id {
+            return Err(StorageError::Corrupt {
+                path: volume.db_path.clone(),
+                detail: format!("header names volume {} in the directory of {id}", header.id),
+            });
+        }
+        Ok(volume)
+    }
+
+    fn with_db(id: VolumeId, db_path: PathBuf, data_dir: PathBuf, db: Database) -> Volume {
+        Volume {
+            id,
+            db_path,
+            data_dir,
+            db,
+            stripes: (0..DATA_STRIPES).map(|_| RwLock::new(())).collect(),
+        }
+    }
+
+    pub fn id(&self) -> VolumeId {
+        self.id
+    }
+
+    pub fn header(&self) -> Result<VolumeHeader, StorageError> {
+        self.read(|r| r.header())
+    }
+
+    pub fn info(&self) -> Result<VolumeInfo, StorageError> {
+        let header = self.header()?;
+        Ok(VolumeInfo {
+            id: header.id,
+            name: header.name,
+            kind: header.kind,
+            bytes_used: header.bytes_used,
+            quota_bytes: header.quota_bytes,
+            file_count: header.vnode_count,
+            created: header.created,
+        })
+    }
+
+    // ---- reads ----
+
+    pub fn fetch_status(&self, fid: Fid) -> Result<VnodeStatus, StorageError> {
+        self.read(|r| Ok(r.checked(fid)?.status(self.id, fid.vnode)))
+    }
+
+    /// Reads up to `length` bytes (capped at `FETCH_BYTES_MAX`) at `offset`.
+    pub fn fetch_data(
+        &self,
+        fid: Fid,
+        offset: u64,
+        length: u32,
+    ) -> Result<(VnodeStatus, Vec<u8>), StorageError> {
+        let _guard = self.data_read_lock(fid.vnode);
+        let record = self.read(|r| r.checked(fid))?;
+        let status = record.status(self.id, fid.vnode);
+        let length = u64::from(length.min(FETCH_BYTES_MAX));
+        let wanted = record.size.saturating_sub(offset).min(length) as usize;
+        let data = match record.kind {
+            FileKind::Directory => return Err(ErrorCode::IsDirectory.into()),
+            FileKind::Symlink | FileKind::MountPoint => {
+                let content = record.content.as_deref().unwrap_or_default().as_bytes();
+                let start = (offset.min(content.len() as u64)) as usize;
+                content[start..start + wanted.min(content.len() - start)].to_vec()
+            }
+            FileKind::File => self.read_file(fid.vnode, offset, wanted)?,
+        };
+        Ok((status, data))
+    }
+
+    pub fn lookup(&self, dir: Fid, name: &str) -> Result<(VnodeStatus, VnodeStatus), StorageError> {
+        proto::check_entry_name(name)?;
+        self.read(|r| {
+            let dir_record = r.directory(dir)?;
+            let (vnode, _, _) = r.entry(dir.vnode, name)?.ok_or(ErrorCode::NoSuchEntry)?;
+            let record = r.vnode(VnodeId(vnode))?;
+            Ok((
+                record.status(self.id, VnodeId(vnode)),
+                dir_record.status(self.id, dir.vnode),
+            ))
+        })
+    }
+
+    /// Lists `dir` in name order after `after`: at most `count_max` entries and about
+    /// `bytes_max` bytes of names; `more` says whether entries follow.
+    pub fn read_dir(
+        &self,
+        dir: Fid,
+        after: Option<&str>,
+        count_max: usize,
+        bytes_max: usize,
+    ) -> Result<(VnodeStatus, Vec<DirEntry>, bool), StorageError> {
+        let txn = self.db.begin_read().map_err(db_error(&self.db_path))?;
+        let r = Reader {
+            txn: &txn,
+            path: &self.db_path,
+            volume: self.id,
+        };
+        {
+            let dir_record = r.directory(dir)?;
+            let table = txn.open_table(ENTRIES).map_err(db_error(&self.db_path))?;
+            let lower = match after {
+                Some(name) => std::ops::Bound::Excluded((dir.vnode.0, name)),
+                None => std::ops::Bound::Included((dir.vnode.0, "")),
+            };
+            let upper = std::ops::Bound::Excluded((dir.vnode.0 + 1, ""));
+            let range = table
+                .range::<(u64, &str)>((lower, upper))
+                .map_err(db_error(&self.db_path))?;
+            let mut entries = Vec::new();
+            let mut bytes = 0;
+            let mut more = false;
+            for item in range {
+                let (key, value) = item.map_err(db_error(&self.db_path))?;
+                let (_, name) = key.value();
+                let (vnode, unique, kind) = value.value();
+                if entries.len() >= count_max || bytes + name.len() + 32 > bytes_max {
+                    more = true;
+                    break;
+                }
+                bytes += name.len() + 32;
+                entries.push(DirEntry {
+                    name: name.to_owned(),
+                    fid: Fid {
+                        volume: self.id,
+                        vnode: VnodeId(vnode),
+                        unique: Uniquifier(unique),
+                    },
+                    kind: kind_from_code(kind).ok_or_else(|| StorageError::Corrupt {
+                        path: self.db_path.clone(),
+                        detail: format!("entry {name:?} has kind code {kind}"),
+                    })?,
+                });
+            }
+            Ok((dir_record.status(self.id, dir.vnode), entries, more))
+        }
+    }
+
+    // ---- data changes ----
+
+    /// Writes `data` at `offset`, after setting the length to `truncate_to` if given.
+    /// DV +1, committed before the file changes.
+    pub fn store_data(
+        &self,
+        fid: Fid,
+        offset: u64,
+        data: &[u8],
+        truncate_to: Option<u64>,
+    ) -> Result<VnodeStatus, StorageError> {
+        let _guard = self.data_write_lock(fid.vnode);
+        let end = offset
+            .checked_add(data.len() as u64)
+            .ok_or(ErrorCode::FileTooLarge)?;
+        let status = self.write(|tx| {
+            let mut record = tx.checked(fid)?;
+            require_file(record.kind)?;
+            let base = truncate_to.unwrap_or(record.size);
+            let size = if data.is_empty() { base } else { base.max(end) };
+            tx.resize(&mut record, size)?;
+            record.touch_data(Timestamp::now());
+            tx.put(fid.vnode, record.clone());
+            Ok(record.status(self.id, fid.vnode))
+        })?;
+        let (file, path) = self.open_data_file(fid.vnode)?;
+        if let Some(length) = truncate_to {
+            file.set_len(length).map_err(io_error(&path))?;
+        }
+        file.write_all_at(data, offset).map_err(io_error(&path))?;
+        file.sync_data().map_err(io_error(&path))?;
+        Ok(status)
+    }
+
+    /// Changes attributes; a size change truncates or extends the file (DV +1).
+    pub fn set_attr(&self, fid: Fid, attrs: &SetAttrs) -> Result<VnodeStatus, StorageError> {
+        let _guard = self.data_write_lock(fid.vnode);
+        let status = self.write(|tx| {
+            let mut record = tx.checked(fid)?;
+            let now = Timestamp::now();
+            if let Some(size) = attrs.size {
+                require_file(record.kind)?;
+                if size != record.size {
+                    tx.resize(&mut record, size)?;
+                    record.touch_data(now);
+                }
+            }
+            if let Some(mode) = attrs.mode {
+                record.mode = mode & 0o7777;
+            }
+            if let Some(uid) = attrs.uid {
+                record.uid = uid;
+            }
+            if let Some(gid) = attrs.gid {
+                record.gid = gid;
+            }
+            if let Some(atime) = attrs.atime {
+                record.atime = atime;
+            }
+            if let Some(mtime) = attrs.mtime {
+                record.mtime = mtime;
+            }
+            record.ctime = now;
+            tx.put(fid.vnode, record.clone());
+            Ok(record.status(self.id, fid.vnode))
+        })?;
+        if let Some(size) = attrs.size {
+            let (file, path) = self.open_data_file(fid.vnode)?;
+            if file.metadata().map_err(io_error(&path))?.len() != size {
+                file.set_len(size).map_err(io_error(&path))?;
+                file.sync_data().map_err(io_error(&path))?;
+            }
+        }
+        Ok(status)
+    }
+
+    // ---- directory changes ----
+
+    /// Creates a file; a non-exclusive create of an existing file returns it unchanged.
+    pub fn create(
+        &self,
+        dir: Fid,
+        name: &str,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        exclusive: bool,
+    ) -> Result<Created, StorageError> {
+        proto::check_entry_name(name)?;
+        self.write(|tx| {
+            let dir_record = tx.directory(dir)?;
+            if let Some((vnode, _, _)) = tx.entry(dir.vnode, name)? {
+                if exclusive {
+                    return Err(ErrorCode::Exists.into());
+                }
+                let record = tx.vnode(VnodeId(vnode))?;
+                if record.kind == FileKind::Directory {
+                    return Err(ErrorCode::IsDirectory.into());
+                }
+                return Ok(Created {
+                    status: record.status(self.id, VnodeId(vnode)),
+                    dir: dir_record.status(self.id, dir.vnode),
+                    created: false,
+                });
+            }
+            let record = VnodeRecord::new(FileKind::File, mode, uid, gid, dir.vnode);
+            let (status, dir) = tx.add_entry(dir, name, record)?;
+            Ok(Created {
+                status,
+                dir,
+                created: true,
+            })
+        })
+    }
+
+    pub fn make_dir(
+        &self,
+        dir: Fid,
+        name: &str,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    ) -> Result<(VnodeStatus, VnodeStatus), StorageError> {
+        proto::check_entry_name(name)?;
+        let record = VnodeRecord::new(FileKind::Directory, mode, uid, gid, dir.vnode);
+        self.write(|tx| tx.add_entry(dir, name, record))
+    }
+
+    pub fn symlink(
+        &self,
+        dir: Fid,
+        name: &str,
+        target: &str,
+        uid: u32,
+        gid: u32,
+    ) -> Result<(VnodeStatus, VnodeStatus), StorageError> {
+        proto::check_entry_name(name)?;
+        if target.is_empty() || target.contains('\0') {
+            return Err(ErrorCode::InvalidArgument.into());
+        }
+        if target.len() > SYMLINK_TARGET_BYTES_MAX {
+            return Err(ErrorCode::NameTooLong.into());
+        }
+        let mut record = VnodeRecord::new(FileKind::Symlink, 0o777, uid, gid, dir.vnode);
+        record.size = target.len() as u64;
+        record.content = Some(target.to_owned());
+        self.write(|tx| tx.add_entry(dir, name, record))
+    }
+
+    /// Makes a mount point showing `volume`: content `#volume.` as in AFS.
+    pub fn make_mount_point(
+        &self,
+        dir: Fid,
+        name: &str,
+        volume: &VolumeName,
+    ) -> Result<(VnodeStatus, VnodeStatus), StorageError> {
+        proto::check_entry_name(name)?;
+        let content = format!("#{volume}.");
+        let mut record = VnodeRecord::new(FileKind::MountPoint, 0o644, 0, 0, dir.vnode);
+        record.size = content.len() as u64;
+        record.content = Some(content);
+        self.write(|tx| tx.add_entry(dir, name, record))
+    }
+
+    /// A new hard link `name` in `dir` to the file `target`.
+    pub fn link(
+        &self,
+        dir: Fid,
+        name: &str,
+        target: Fid,
+    ) -> Result<(VnodeStatus, VnodeStatus), StorageError> {
+        proto::check_entry_name(name)?;
+        self.write(|tx| {
+            let mut dir_record = tx.directory(dir)?;
+            let mut record = tx.checked(target)?;
+            if record.kind == FileKind::Directory {
+                return Err(ErrorCode::PermissionDenied.into());
+            }
+            if tx.entry(dir.vnode, name)?.is_some() {
+                return Err(ErrorCode::Exists.into());
+            }
+            if record.link_count >= LINK_COUNT_MAX {
+                return Err(ErrorCode::TooManyLinks.into());
+            }
+            let now = Timestamp::now();
+            record.link_count += 1;
+            record.ctime = now;
+            tx.put_entry(dir.vnode, name, target.vnode, &record)?;
+            dir_record.size += 1;
+            dir_record.touch_data(now);
+            tx.put(target.vnode, record.clone());
+            tx.put(dir.vnode, dir_record.clone());
+            Ok((
+                record.status(self.id, target.vnode),
+                dir_record.status(self.id, dir.vnode),
+            ))
+        })
+    }
+
+    /// Removes the entry `name`: a directory only if `directory` (and then it must be
+    /// empty), anything else only if not.
+    pub fn remove(&self, dir: Fid, name: &str, directory: bool) -> Result<Removed, StorageError> {
+        proto::check_entry_name(name)?;
+        self.write(|tx| {
+            let mut dir_record = tx.directory(dir)?;
+            let (vnode, _, _) = tx.entry(dir.vnode, name)?.ok_or(ErrorCode::NoSuchEntry)?;
+            let vnode = VnodeId(vnode);
+            let mut record = tx.vnode(vnode)?;
+            let now = Timestamp::now();
+            match (directory, record.kind == FileKind::Directory) {
+                (true, false) => return Err(ErrorCode::NotDirectory.into()),
+                (false, true) => return Err(ErrorCode::IsDirectory.into()),
+                (true, true) => {
+                    if record.size != 0 {
+                        return Err(ErrorCode::NotEmpty.into());
+                    }
+                    dir_record.link_count -= 1;
+                    record.link_count = 0;
+                }
+                (false, false) => record.link_count = record.link_count.saturating_sub(1),
+            }
+            tx.remove_entry(dir.vnode, name)?;
+            dir_record.size = dir_record.size.saturating_sub(1);
+            dir_record.touch_data(now);
+            record.ctime = now;
+            let target = record.status(self.id, vnode);
+            tx.put_or_free(vnode, record)?;
+            tx.put(dir.vnode, dir_record.clone());
+            Ok(Removed {
+                dir: dir_record.status(self.id, dir.vnode),
+                target,
+            })
+        })
+    }
+
+    /// Renames within the volume, replacing a compatible target as POSIX `rename` does.
+    pub fn rename(
+        &self,
+        from_dir: Fid,
+        from_name: &str,
+        to_dir: Fid,
+        to_name: &str,
+    ) -> Result<Renamed, StorageError> {
+        proto::check_entry_name(from_name)?;
+        proto::check_entry_name(to_name)?;
+        self.write(|tx| {
+            tx.directory(from_dir)?;
+            tx.directory(to_dir)?;
+            let (moved, _, _) = tx
+                .entry(from_dir.vnode, from_name)?
+                .ok_or(ErrorCode::NoSuchEntry)?;
+            let moved = VnodeId(moved);
+            let mut moved_record = tx.vnode(moved)?;
+            let moved_is_dir = moved_record.kind == FileKind::Directory;
+            let existing = tx.entry(to_dir.vnode, to_name)?;
+            if existing.map(|e| e.0) == Some(moved.0) {
+                // Both names are links to one vnode (or the very same entry): POSIX
+                // says do nothing.
+                let from = tx.vnode(from_dir.vnode)?.status(self.id, from_dir.vnode);
+                let to = tx.vnode(to_dir.vnode)?.status(self.id, to_dir.vnode);
+                return Ok(Renamed {
+                    from_dir: from,
+                    to_dir: to,
+                    moved: moved_record.status(self.id, moved),
+                    replaced: None,
+                });
+            }
+            if moved_is_dir && from_dir.vnode != to_dir.vnode {
+                tx.refuse_move_into_own_subtree(moved, to_dir.vnode)?;
+            }
+            let now = Timestamp::now();
+            let mut replaced = None;
+            if let Some((target, _, _)) = existing {
+                let target = VnodeId(target);
+                let mut target_record = tx.vnode(target)?;
+                let target_is_dir = target_record.kind == FileKind::Directory;
+                match (moved_is_dir, target_is_dir) {
+                    (true, false) => return Err(ErrorCode::NotDirectory.into()),
+                    (false, true) => return Err(ErrorCode::IsDirectory.into()),
+                    (true, true) => {
+                        if target_record.size != 0 {
+                            return Err(ErrorCode::NotEmpty.into());
+                        }
+                        target_record.link_count = 0;
+                        let mut to = tx.vnode(to_dir.vnode)?;
+                        to.link_count -= 1;
+                        tx.put(to_dir.vnode, to);
+                    }
+                    (false, false) => {
+                        target_record.link_count = target_record.link_count.saturating_sub(1)
+                    }
+                }
+                target_record.ctime = now;
+                replaced = Some(target_record.status(self.id, target));
+                tx.put_or_free(target, target_record)?;
+                tx.remove_entry(to_dir.vnode, to_name)?;
+                let mut to = tx.vnode(to_dir.vnode)?;
+                to.size -= 1;
+                tx.put(to_dir.vnode, to);
+            }
+            tx.remove_entry(from_dir.vnode, from_name)?;
+            tx.put_entry(to_dir.vnode, to_name, moved, &moved_record)?;
+            let mut from = tx.vnode(from_dir.vnode)?;
+            from.size = from.size.saturating_sub(1);
+            from.touch_data(now);
+            if moved_is_dir && from_dir.vnode != to_dir.vnode {
+                from.link_count -= 1;
+                moved_record.parent = to_dir.vnode;
+            }
+            tx.put(from_dir.vnode, from);
+            let mut to = tx.vnode(to_dir.vnode)?;
+            to.size += 1;
+            if from_dir.vnode != to_dir.vnode {
+                to.touch_data(now);
+                if moved_is_dir {
+                    to.link_count += 1;
+                }
+            }
+            tx.put(to_dir.vnode, to);
+            moved_record.ctime = now;
+            tx.put(moved, moved_record.clone());
+            Ok(Renamed {
+                from_dir: tx.vnode(from_dir.vnode)?.status(self.id, from_dir.vnode),
+                to_dir: tx.vnode(to_dir.vnode)?.status(self.id, to_dir.vnode),
+                moved: moved_record.status(self.id, moved),
+                replaced,
+            })
+        })
+    }
+
+    // ---- plumbing ----
+
+    fn data_read_lock(&self, vnode: VnodeId) -> RwLockReadGuard<'_, ()> {
+        self.stripes[(vnode.0 as usize) % DATA_STRIPES].read()
+    }
+
+    fn data_write_lock(&self, vnode: VnodeId) -> RwLockWriteGuard<'_, ()> {
+        self.stripes[(vnode.0 as usize) % DATA_STRIPES].write()
+    }
+
+    fn data_path(&self, vnode: VnodeId) -> PathBuf {
+        self.data_dir.join(vnode.0.to_string())
+    }
+
+    /// Opens a vnode's data file for writing. A newly created file's directory entry is
+    /// made durable too, or a crash could lose data already acknowledged under its DV.
+    fn open_data_file(&self, vnode: VnodeId) -> Result<(File, PathBuf), StorageError> {
+        let path = self.data_path(vnode);
+        match OpenOptions::new().write(true).open(&path) {
+            Ok(file) => return Ok((file, path)),
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => return Err(io_error(&path)(e)),
+        }
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io_error(&path))?;
+        file.sync_all().map_err(io_error(&path))?;
+        File::open(&self.data_dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_error(&self.data_dir))?;
+        Ok((file, path))
+    }
+
+    /// Reads `wanted` bytes at `offset`; bytes past the file's end read as zeros (a file
+    /// never written has no data file).
+    fn read_file(
+        &self,
+        vnode: VnodeId,
+        offset: u64,
+        wanted: usize,
+    ) -> Result<Vec<u8>, StorageError> {
+        let mut buffer = vec![0u8; wanted];
+        let path = self.data_path(vnode);
+        let file = match File::open(&path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(buffer),
+            Err(e) => return Err(io_error(&path)(e)),
+        };
+        let mut done = 0;
+        while done < wanted {
+            match file.read_at(&mut buffer[done..], offset + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(io_error(&path)(e)),
+            }
+        }
+        Ok(buffer)
+    }
+
+    fn read<T>(
+        &self,
+        op: impl FnOnce(&Reader<'_>) -> Result<T, StorageError>,
+    ) -> Result<T, StorageError> {
+        let txn = self.db.begin_read().map_err(db_error(&self.db_path))?;
+        op(&Reader {
+            txn: &txn,
+            path: &self.db_path,
+            volume: self.id,
+        })
+    }
+
+    /// Runs `op` in one durable write transaction; freed vnodes lose their data file
+    /// after the commit (a crash before that leaves an orphan file, never lost data).
+    fn write<T>(
+        &self,
+        op: impl FnOnce(&mut Tx<'_>) -> Result<T, StorageError>,
+    ) -> Result<T, StorageError> {
+        let mut txn = self.db.begin_write().map_err(db_error(&self.db_path))?;
+        txn.set_durability(Durability::Immediate)
+            .map_err(db_error(&self.db_path))?;
+        let freed = {
+            let mut tx = Tx {
+                txn: &txn,
+                reader: Reader {
+                    txn: &txn,
+                    path: &self.db_path,
+                    volume: self.id,
+                },
+                header: None,
+                header_dirty: false,
+                cache: BTreeMap::new(),
+                entries: Vec::new(),
+                freed: Vec::new(),
+            };
+            let value = op(&mut tx)?;
+            let freed = std::mem::take(&mut tx.freed);
+            tx.flush()?;
+            (value, freed)
+        };
+        txn.commit().map_err(db_error(&self.db_path))?;
+        let (value, freed) = freed;
+        for vnode in freed {
+            let path = self.data_path(vnode);
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "could not remove a freed data file")
+                }
+            }
+        }
+        Ok(value)
+    }
+}
+
+fn require_file(kind: FileKind) -> Result<(), StorageError> {
+    match kind {
+        FileKind::File => Ok(()),
+        FileKind::Directory => Err(ErrorCode::IsDirectory.into()),
+        FileKind::Symlink | FileKind::MountPoint => Err(ErrorCode::InvalidArgument.into()),
+    }
+}
+
+fn db_error<E: Into<redb::Error>>(path: &Path) -> impl FnOnce(E) -> StorageError + '_ {
+    move |e| StorageError::Database {
+        path: path.to_owned(),
+        source: e.into(),
+    }
+}
+
+/// Read access through either kind of transaction.
+struct Reader<'a> {
+    txn: &'a dyn TxnTables,
+    path: &'a Path,
+    volume: VolumeId,
+}
+
+/// The tables a reader needs, from a read or a write transaction.
+trait TxnTables {
+    fn get_header(&self) -> Result<Option<Vec<u8>>, redb::Error>;
+    fn get_vnode(&self, vnode: u64) -> Result<Option<Vec<u8>>, redb::Error>;
+    fn get_entry(&self, dir: u64, name: &str) -> Result<Option<(u64, u32, u8)>, redb::Error>;
+}
+
+impl TxnTables for redb::ReadTransaction {
+    fn get_header(&self) -> Result<Option<Vec<u8>>, redb::Error> {
+        let table = self.open_table(HEADER)?;
+        Ok(table.get(HEADER_KEY)?.map(|v| v.value().to_vec()))
+    }
+    fn get_vnode(&self, vnode: u64) -> Result<Option<Vec<u8>>, redb::Error> {
+        let table = self.open_table(VNODES)?;
+        Ok(table.get(vnode)?.map(|v| v.value().to_vec()))
+    }
+    fn get_entry(&self, dir: u64, name: &str) -> Result<Option<(u64, u32, u8)>, redb::Error> {
+        let table = self.open_table(ENTRIES)?;
+        Ok(table.get((dir, name))?.map(|v| v.value()))
+    }
+}
+
+impl TxnTables for redb::WriteTransaction {
+    fn get_header(&self) -> Result<Option<Vec<u8>>, redb::Error> {
+        let table = self.open_table(HEADER)?;
+        Ok(table.get(HEADER_KEY)?.map(|v| v.value().to_vec()))
+    }
+    fn get_vnode(&self, vnode: u64) -> Result<Option<Vec<u8>>, redb::Error> {
+        let table = self.open_table(VNODES)?;
+        Ok(table.get(vnode)?.map(|v| v.value().to_vec()))
+    }
+    fn get_entry(&self, dir: u64, name: &str) -> Result<Option<(u64, u32, u8)>, redb::Error> {
+        let table = self.open_table(ENTRIES)?;
+        Ok(table.get((dir, name))?.map(|v| v.value()))
+    }
+}
+
+impl Reader<'_> {
+    fn corrupt(&self, detail: String) -> StorageError {
+        StorageError::Corrupt {
+            path: self.path.to_owned(),
+            detail,
+        }
+    }
+
+    fn db(&self, e: redb::Error) -> StorageError {
+        StorageError::Database {
+            path: self.path.to_owned(),
+            source: e,
+        }
+    }
+
+    fn header(&self) -> Result<VolumeHeader, StorageError> {
+        let bytes = self
+            .txn
+            .get_header()
+            .map_err(|e| self.db(e))?
+            .ok_or_else(|| self.corrupt("no volume header".into()))?;
+        let header: VolumeHeader = postcard::from_bytes(&bytes)
+            .map_err(|e| self.corrupt(format!("volume header: {e}")))?;
+        if header.format != RECORD_FORMAT {
+            return Err(self.corrupt(format!("volume header format {}", header.format)));
+        }
+        Ok(header)
+    }
+
+    /// The vnode, or `Stale` if it does not exist (it was removed).
+    fn vnode(&self, vnode: VnodeId) -> Result<VnodeRecord, StorageError> {
+        let bytes = self
+            .txn
+            .get_vnode(vnode.0)
+            .map_err(|e| self.db(e))?
+            .ok_or(ErrorCode::Stale)?;
+        let record: VnodeRecord = postcard::from_bytes(&bytes)
+            .map_err(|e| self.corrupt(format!("vnode {vnode}: {e}")))?;
+        if record.format != RECORD_FORMAT {
+            return Err(self.corrupt(format!("vnode {vnode} format {}", record.format)));
+        }
+        Ok(record)
+    }
+
+    /// The vnode a fid names, `Stale` unless the uniquifier matches.
+    fn checked(&self, fid: Fid) -> Result<VnodeRecord, StorageError> {
+        if fid.volume != self.volume {
+            return Err(ErrorCode::NoSuchVolume.into());
+        }
+        let record = self.vnode(fid.vnode)?;
+        if record.unique != fid.unique {
+            return Err(ErrorCode::Stale.into());
+        }
+        Ok(record)
+    }
+
+    fn directory(&self, fid: Fid) -> Result<VnodeRecord, StorageError> {
+        let record = self.checked(fid)?;
+        if record.kind != FileKind::Directory {
+            return Err(ErrorCode::NotDirectory.into());
+        }
+        Ok(record)
+    }
+
+    fn entry(&self, dir: VnodeId, name: &str) -> Result<Option<(u64, u32, u8)>, StorageError> {
+        self.txn.get_entry(dir.0, name).map_err(|e| self.db(e))
+    }
+}
+
+/// A write transaction in progress: records read and changed are kept here and written
+/// once at the end, so one request touching a vnode twice writes it once.
+struct Tx<'a> {
+    txn: &'a redb::WriteTransaction,
+    reader: Reader<'a>,
+    header: Option<VolumeHeader>,
+    header_dirty: bool,
+    /// vnode -> (as read, as it should be written; `None` = delete).
+    cache: BTreeMap<u64, (Option<VnodeRecord>, Option<VnodeRecord>)>,
+    /// Directory entry changes in order: `Some` = insert, `None` = remove.
+    entries: Vec<((u64, String), Option<EntryValue>)>,
+    freed: Vec<VnodeId>,
+}
+
+impl Tx<'_> {
+    fn header_mut(&mut self) -> Result<&mut VolumeHeader, StorageError> {
+        if self.header.is_none() {
+            self.header = Some(self.reader.header()?);
+        }
+        self.header_dirty = true;
+        self.header
+            .as_mut()
+            .ok_or_else(|| self.reader.corrupt("volume header vanished".into()))
+    }
+
+    fn vnode(&mut self, vnode: VnodeId) -> Result<VnodeRecord, StorageError> {
+        if let Some((_, current)) = self.cache.get(&vnode.0) {
+            return current.clone().ok_or_else(|| ErrorCode::Stale.into());
+        }
+        let record = self.reader.vnode(vnode)?;
+        self.cache
+            .insert(vnode.0, (Some(record.clone()), Some(record.clone())));
+        Ok(record)
+    }
+
+    fn checked(&mut self, fid: Fid) -> Result<VnodeRecord, StorageError> {
+        if fid.volume != self.reader.volume {
+            return Err(ErrorCode::NoSuchVolume.into());
+        }
+        let record = self.vnode(fid.vnode)?;
+        if record.unique != fid.unique {
+            return Err(ErrorCode::Stale.into());
+        }
+        Ok(record)
+    }
+
+    fn directory(&mut self, fid: Fid) -> Result<VnodeRecord, StorageError> {
+        let record = self.checked(fid)?;
+        if record.kind != FileKind::Directory {
+            return Err(ErrorCode::NotDirectory.into());
+        }
+        Ok(record)
+    }
+
+    fn put(&mut self, vnode: VnodeId, record: VnodeRecord) {
+        self.cache.entry(vnode.0).or_insert((None, None)).1 = Some(record);
+    }
+
+    /// Writes `record`, or frees the vnode when its last link is gone.
+    fn put_or_free(&mut self, vnode: VnodeId, record: VnodeRecord) -> Result<(), StorageError> {
+        if record.link_count > 0 {
+            self.put(vnode, record);
+            return Ok(());
+        }
+        let header = self.header_mut()?;
+        header.vnode_count = header.vnode_count.saturating_sub(1);
+        if record.kind == FileKind::File {
+            header.bytes_used = header.bytes_used.saturating_sub(record.size);
+            self.freed.push(vnode);
+        }
+        self.cache.entry(vnode.0).or_insert((None, None)).1 = None;
+        Ok(())
+    }
+
+    fn entry(&mut self, dir: VnodeId, name: &str) -> Result<Option<(u64, u32, u8)>, StorageError> {
+        if let Some((_, value)) = self
+            .entries
+            .iter()
+            .rev()
+            .find(|((d, n), _)| *d == dir.0 && n == name)
+        {
+            return Ok(*value);
+        }
+        self.reader.entry(dir, name)
+    }
+
+    fn put_entry(
+        &mut self,
+        dir: VnodeId,
+        name: &str,
+        vnode: VnodeId,
+        record: &VnodeRecord,
+    ) -> Result<(), StorageError> {
+        self.entries.push((
+            (dir.0, name.to_owned()),
+            Some((vnode.0, record.unique.0, kind_code(record.kind))),
+        ));
+        Ok(())
+    }
+
+    fn remove_entry(&mut self, dir: VnodeId, name: &str) -> Result<(), StorageError> {
+        self.entries.push(((dir.0, name.to_owned()), None));
+        Ok(())
+    }
+
+    /// Sets a file's size, keeping the volume's byte count and quota.
+    fn resize(&mut self, record: &mut VnodeRecord, size: u64) -> Result<(), StorageError> {
+        if size > FILE_BYTES_MAX {
+            return Err(ErrorCode::FileTooLarge.into());
+        }
+        let header = self.header_mut()?;
+        let used = header
+            .bytes_used
+            .saturating_sub(record.size)
+            .saturating_add(size);
+        if size > record.size && header.quota_bytes != 0 && used > header.quota_bytes {
+            return Err(ErrorCode::QuotaExceeded.into());
+        }
+        header.bytes_used = used;
+        record.size = size;
+        Ok(())
+    }
+
+    /// Adds a new vnode under `name` in `dir`; the directory's DV goes up by one.
+    fn add_entry(
+        &mut self,
+        dir: Fid,
+        name: &str,
+        mut record: VnodeRecord,
+    ) -> Result<(VnodeStatus, VnodeStatus), StorageError> {
+        let mut dir_record = self.directory(dir)?;
+        if self.entry(dir.vnode, name)?.is_some() {
+            return Err(ErrorCode::Exists.into());
+        }
+        let header = self.header_mut()?;
+        let vnode = VnodeId(header.next_vnode);
+        header.next_vnode += 1;
+        header.vnode_count += 1;
+        record.parent = dir.vnode;
+        let now = Timestamp::now();
+        dir_record.size += 1;
+        dir_record.touch_data(now);
+        if record.kind == FileKind::Directory {
+            dir_record.link_count += 1;
+        }
+        self.put_entry(dir.vnode, name, vnode, &record)?;
+        let volume = self.reader.volume;
+        let status = record.status(volume, vnode);
+        self.put(vnode, record);
+        self.put(dir.vnode, dir_record.clone());
+        Ok((status, dir_record.status(volume, dir.vnode)))
+    }
+
+    /// Refuses to move directory `moved` into `to_dir` if `to_dir` is `moved` or lies
+    /// beneath it.
+    fn refuse_move_into_own_subtree(
+        &mut self,
+        moved: VnodeId,
+        to_dir: VnodeId,
+    ) -> Result<(), StorageError> {
+        let mut current = to_dir;
+        // Bounded walk: a corrupt parent chain must not loop forever.
+        for _ in 0..100_000 {
+            if current == moved {
+                return Err(ErrorCode::InvalidArgument.into());
+            }
+            if current == VnodeId::ROOT {
+                return Ok(());
+            }
+            current = self.vnode(current)?.parent;
+        }
+        Err(self.reader.corrupt(format!(
+            "parent chain of vnode {to_dir} does not reach the root"
+        )))
+    }
+
+    fn flush(self) -> Result<(), StorageError> {
+        let Tx {
+            txn,
+            reader,
+            header,
+            header_dirty,
+            cache,
+            entries,
+            ..
+        } = self;
+        let path = reader.path;
+        if header_dirty && let Some(header) = header {
+            let bytes = postcard::to_allocvec(&header).map_err(|e| StorageError::Corrupt {
+                path: path.to_owned(),
+                detail: format!("encode header: {e}"),
+            })?;
+            let mut table = txn.open_table(HEADER).map_err(db_error(path))?;
+            table
+                .insert(HEADER_KEY, bytes.as_slice())
+                .map_err(db_error(path))?;
+        }
+        {
+            let mut table = txn.open_table(VNODES).map_err(db_error(path))?;
+            for (vnode, (before, after)) in cache {
+                if before == after {
+                    continue;
+                }
+                match after {
+                    Some(record) => {
+                        let bytes =
+                            postcard::to_allocvec(&record).map_err(|e| StorageError::Corrupt {
+                                path: path.to_owned(),
+                                detail: format!("encode vnode {vnode}: {e}"),
+                            })?;
+                        table
+                            .insert(vnode, bytes.as_slice())
+                            .map_err(db_error(path))?;
+                    }
+                    None => {
+                        table.remove(vnode).map_err(db_error(path))?;
+                    }
+                }
+            }
+        }
+        if !entries.is_empty() {
+            let mut table = txn.open_table(ENTRIES).map_err(db_error(path))?;
+            for ((dir, name), value) in entries {
+                match value {
+                    Some(value) => {
+                        table
+                            .insert((dir, name.as_str()), value)
+                            .map_err(db_error(path))?;
+                    }
+                    None => {
+                        table.remove((dir, name.as_str())).map_err(db_error(path))?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
