@@ -1,1 +1,349 @@
-fn main() {}
+//! `holdfast`: the one binary. Each subcommand parses its flags, sets up logging, binds
+//! what it serves on, and hands over to a library crate; `up` and `bench` orchestrate
+//! the others as separate processes.
+
+mod bench;
+mod cell;
+mod process;
+mod up;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use proto::CellConfig;
+use tokio::net::TcpListener;
+
+#[derive(Parser)]
+#[command(
+    name = "holdfast",
+    version,
+    about = "Holdfast: a callback-coherent distributed filesystem in the AFS style",
+    long_about = None
+)]
+struct Cli {
+    /// The cell file (TOML: name, vlservers). Defaults to $HOLDFAST_CELL.
+    #[arg(long, global = true, value_name = "FILE")]
+    cell: Option<PathBuf>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a whole local cell: a VLDB, a fileserver, the root volume and a mount at DIR/mnt.
+    ///
+    /// Writes DIR/cell.toml, prints how to add a second mount, and runs until SIGINT or
+    /// SIGTERM, then unmounts and stops everything it started. Running it again on the
+    /// same DIR keeps the data.
+    Up {
+        /// Where the cell keeps its data, cache, cell file and mount point.
+        #[arg(long, default_value = "holdfast-cell")]
+        dir: PathBuf,
+        /// The cell's name (used when DIR has no cell file yet).
+        #[arg(long, default_value = "local.holdfast")]
+        cell_name: String,
+    },
+    /// Run the volume location server (VLDB).
+    Vlserver {
+        /// Directory of the VLDB's database.
+        #[arg(long, value_name = "DIR")]
+        data: PathBuf,
+        /// Address to listen on (use 127.0.0.1:0 for an ephemeral port).
+        #[arg(long, value_name = "ADDR")]
+        listen: String,
+        /// The cell's name; defaults to the name in the cell file.
+        #[arg(long)]
+        cell_name: Option<String>,
+        /// Write the bound address to this file once listening.
+        #[arg(long, value_name = "FILE")]
+        ready_file: Option<PathBuf>,
+    },
+    /// Run a fileserver on a partition directory; it registers with the cell's VLDB.
+    Fileserver {
+        /// Directory holding the server's volumes.
+        #[arg(long, value_name = "DIR")]
+        partition: PathBuf,
+        /// Address to listen on (use 127.0.0.1:0 for an ephemeral port).
+        #[arg(long, value_name = "ADDR")]
+        listen: String,
+        /// Address clients should use, registered in the VLDB (default: the bound address).
+        #[arg(long, value_name = "ADDR")]
+        advertise: Option<String>,
+        /// Most callback promises held at once.
+        #[arg(long, default_value_t = 1_000_000)]
+        callback_count_max: usize,
+        /// Write the bound address to this file once listening.
+        #[arg(long, value_name = "FILE")]
+        ready_file: Option<PathBuf>,
+    },
+    /// Mount the cell at MOUNTPOINT (foreground; unmounts cleanly on SIGINT/SIGTERM).
+    Mount {
+        /// The cache directory (status and chunk cache, client identity, control socket).
+        #[arg(long, value_name = "DIR")]
+        cache: PathBuf,
+        /// Existing empty directory to mount on.
+        mountpoint: PathBuf,
+        /// The volume shown at the mount's root.
+        #[arg(long, default_value = "root.cell")]
+        root_volume: String,
+        /// Cache size limit in MiB.
+        #[arg(long, default_value_t = 1024)]
+        cache_mib: u64,
+        /// Seconds a fileserver may take to answer before a call fails.
+        #[arg(long, default_value_t = 10.0)]
+        timeout: f64,
+        /// Write this file once the mount is live.
+        #[arg(long, value_name = "FILE")]
+        ready_file: Option<PathBuf>,
+    },
+    /// Talk to the cache manager of a mount: mount points, cache state, servers.
+    Fs {
+        #[command(subcommand)]
+        command: FsCommand,
+    },
+    /// Administer volumes.
+    Vos {
+        #[command(subcommand)]
+        command: VosCommand,
+        /// Seconds to wait for a server before giving up.
+        #[arg(long, global = true, default_value_t = 10.0)]
+        timeout: f64,
+    },
+    /// Measure throughput through a real local cell and print figures as ratios.
+    Bench(bench::BenchArgs),
+}
+
+#[derive(Subcommand)]
+enum FsCommand {
+    /// Make DIR a mount point for VOLUME (DIR must not exist yet).
+    Mkmount { dir: PathBuf, volume: String },
+    /// Say which volume the mount point DIR shows.
+    Lsmount { dir: PathBuf },
+    /// Say which volume and fileserver hold PATH.
+    Whereis { path: PathBuf },
+    /// Drop PATH's cached data and status so the next access fetches it again.
+    Flush { path: PathBuf },
+    /// Check whether the fileservers this mount uses answer.
+    Checkservers {
+        /// A path inside the mount to ask (default: the current directory or the only mount).
+        path: Option<PathBuf>,
+    },
+    /// Print PATH's fid, data version and callback state.
+    Examine { path: PathBuf },
+}
+
+#[derive(Subcommand)]
+enum VosCommand {
+    /// Create a read-write volume.
+    Create {
+        name: String,
+        /// The fileserver to place it on (required when the cell has several).
+        #[arg(long, value_name = "ADDR")]
+        server: Option<String>,
+        /// Quota in MiB (0: none).
+        #[arg(long, default_value_t = 0)]
+        quota: u64,
+    },
+    /// Remove a volume and its VLDB entry.
+    Remove { volume: String },
+    /// Show a volume's VLDB entry and its status on its fileserver.
+    Examine { volume: String },
+    /// List the VLDB's entries.
+    Listvldb,
+    /// List the volumes on one fileserver (or on every one).
+    Listvol {
+        #[arg(long, value_name = "ADDR")]
+        server: Option<String>,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(error) = run(cli) {
+        // One line: what went wrong, with its causes, and no backtrace.
+        let mut line = error.to_string();
+        for cause in error.chain().skip(1) {
+            line.push_str(": ");
+            line.push_str(&cause.to_string());
+        }
+        eprintln!("holdfast: {line}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let cell_path = cli.cell;
+    match cli.command {
+        Command::Up { dir, cell_name } => {
+            process::init_tracing("info");
+            up::run(&dir, &cell_name)
+        }
+        Command::Vlserver {
+            data,
+            listen,
+            cell_name,
+            ready_file,
+        } => {
+            process::init_tracing("info");
+            let cell_name = match cell_name {
+                Some(name) => name,
+                None => {
+                    CellConfig::locate(cell_path.as_deref())
+                        .context("find the cell's name (or pass --cell-name)")?
+                        .name
+                }
+            };
+            runtime()?.block_on(async {
+                let listener = bind(&listen).await?;
+                let address = listener.local_addr()?.to_string();
+                tracing::info!(%address, cell = %cell_name, "vlserver listening");
+                process::write_ready_file(ready_file.as_deref(), &address)?;
+                let shutdown = process::shutdown_on_signals()?;
+                let config = vlserver::Config {
+                    data_dir: data,
+                    cell_name,
+                };
+                vlserver::run(config, listener, shutdown)
+                    .await
+                    .context("run the vlserver")
+            })
+        }
+        Command::Fileserver {
+            partition,
+            listen,
+            advertise,
+            callback_count_max,
+            ready_file,
+        } => {
+            process::init_tracing("info");
+            let cell = CellConfig::locate(cell_path.as_deref()).context("find the cell")?;
+            runtime()?.block_on(async {
+                let listener = bind(&listen).await?;
+                let address = listener.local_addr()?.to_string();
+                let advertise = advertise.unwrap_or_else(|| address.clone());
+                tracing::info!(%address, partition = %partition.display(), "fileserver listening");
+                let mut config = fileserver::Config::new(partition, cell, vec![advertise]);
+                config.callback_count_max = callback_count_max;
+                process::write_ready_file(ready_file.as_deref(), &address)?;
+                let shutdown = process::shutdown_on_signals()?;
+                fileserver::run(config, listener, shutdown)
+                    .await
+                    .context("run the fileserver")
+            })
+        }
+        Command::Mount {
+            cache,
+            mountpoint,
+            root_volume,
+            cache_mib,
+            timeout,
+            ready_file,
+        } => {
+            process::init_tracing("info");
+            let cell = CellConfig::locate(cell_path.as_deref()).context("find the cell")?;
+            let root_volume = proto::VolumeName::parse(&root_volume)
+                .map_err(|e| anyhow::anyhow!("--root-volume {root_volume:?}: {e}"))?;
+            let rpc_timeout = seconds(timeout, "--timeout")?;
+            let config = cachemgr::Config {
+                cell,
+                cache_dir: cache,
+                mountpoint,
+                root_volume,
+                cache_bytes_max: cache_mib.saturating_mul(1 << 20),
+                rpc_timeout,
+            };
+            let shutdown = process::shutdown_on_signals_blocking()?;
+            let mountpoint = config.mountpoint.clone();
+            cachemgr::run(config, shutdown, move || {
+                tracing::info!(mountpoint = %mountpoint.display(), "mounted");
+                if let Err(e) =
+                    process::write_ready_file(ready_file.as_deref(), &mountpoint.to_string_lossy())
+                {
+                    tracing::warn!(error = %e, "cannot write the ready file");
+                }
+            })
+            .context("run the cache manager")
+        }
+        Command::Fs { command } => {
+            process::init_tracing("warn");
+            let text = match command {
+                FsCommand::Mkmount { dir, volume } => cachemgr::fs_mkmount(&dir, &volume),
+                FsCommand::Lsmount { dir } => cachemgr::fs_lsmount(&dir),
+                FsCommand::Whereis { path } => cachemgr::fs_whereis(&path),
+                FsCommand::Flush { path } => cachemgr::fs_flush(&path),
+                FsCommand::Checkservers { path } => cachemgr::fs_checkservers(path.as_deref()),
+                FsCommand::Examine { path } => cachemgr::fs_examine(&path),
+            }?;
+            print_text(&text);
+            Ok(())
+        }
+        Command::Vos { command, timeout } => {
+            process::init_tracing("warn");
+            let cell = CellConfig::locate(cell_path.as_deref()).context("find the cell")?;
+            let vos = vos::Vos::new(cell, seconds(timeout, "--timeout")?);
+            let text = runtime()?.block_on(async {
+                Ok::<_, vos::VosError>(match command {
+                    VosCommand::Create {
+                        name,
+                        server,
+                        quota,
+                    } => {
+                        let entry = vos.create(&name, server.as_deref(), quota).await?;
+                        format!("Volume {} created as {}\n", entry.rw_id, entry.name)
+                    }
+                    VosCommand::Remove { volume } => {
+                        vos.remove(&volume).await?;
+                        format!("Volume {volume} removed\n")
+                    }
+                    VosCommand::Examine { volume } => {
+                        let (entry, info) = vos.examine(&volume).await?;
+                        vos::format_examine(&entry, info.as_ref(), &vos.servers().await?)
+                    }
+                    VosCommand::Listvldb => {
+                        vos::format_listvldb(&vos.listvldb().await?, &vos.servers().await?)
+                    }
+                    VosCommand::Listvol { server } => {
+                        vos::format_listvol(&vos.listvol(server.as_deref()).await?)
+                    }
+                })
+            })?;
+            print_text(&text);
+            Ok(())
+        }
+        Command::Bench(args) => {
+            process::init_tracing("warn");
+            bench::run(args)
+        }
+    }
+}
+
+fn print_text(text: &str) {
+    if text.ends_with('\n') || text.is_empty() {
+        print!("{text}");
+    } else {
+        println!("{text}");
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start the async runtime")
+}
+
+async fn bind(address: &str) -> Result<TcpListener> {
+    TcpListener::bind(address)
+        .await
+        .with_context(|| format!("listen on {address}"))
+}
+
+fn seconds(value: f64, flag: &str) -> Result<Duration> {
+    Duration::try_from_secs_f64(value)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .with_context(|| format!("{flag} must be a positive number of seconds, got {value}"))
+}

@@ -1,1 +1,72 @@
-//! cachemgr (work in progress)
+//! The Holdfast cache manager: the AFS-style caching client, mounted with FUSE.
+//!
+//! It keeps file status (under callback promises) in memory and file data in 1 MiB
+//! chunks on local disk, answers the kernel from them without an RPC while promises hold,
+//! and stores writes back when a file is closed. `run` mounts and serves; the `fs_*`
+//! functions are the client side of the control socket behind `holdfast fs`.
+
+pub mod chunk_index;
+pub mod chunk_store;
+pub mod control;
+mod control_server;
+pub mod error;
+mod fuse_fs;
+pub mod identity;
+pub mod inode;
+pub mod invalidate;
+pub mod listing;
+mod manager;
+pub mod mount;
+pub mod mountinfo;
+pub mod server_pool;
+pub mod status;
+pub mod volume;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use proto::{CellConfig, VolumeName};
+
+pub use control::{fs_checkservers, fs_examine, fs_flush, fs_lsmount, fs_mkmount, fs_whereis};
+pub use error::CacheError;
+pub use mount::run;
+
+/// Default size of the chunk cache.
+pub const CACHE_BYTES_MAX_DEFAULT: u64 = 1 << 30;
+/// Default deadline of every RPC to a fileserver or the VLDB.
+pub const RPC_TIMEOUT_DEFAULT: Duration = Duration::from_secs(10);
+/// The volume a mount shows at its root unless told otherwise.
+pub const ROOT_VOLUME_DEFAULT: &str = "root.cell";
+
+/// What a mount needs.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub cell: CellConfig,
+    /// Holds `client.id`, `chunks/` and `control.sock`.
+    pub cache_dir: PathBuf,
+    pub mountpoint: PathBuf,
+    pub root_volume: VolumeName,
+    pub cache_bytes_max: u64,
+    pub rpc_timeout: Duration,
+}
+
+impl Config {
+    /// A config with the defaults: `root.cell`, 1 GiB of cache, 10 s RPC timeout.
+    pub fn new(cell: CellConfig, cache_dir: PathBuf, mountpoint: PathBuf) -> Config {
+        Config {
+            cell,
+            cache_dir,
+            mountpoint,
+            root_volume: default_root_volume(),
+            cache_bytes_max: CACHE_BYTES_MAX_DEFAULT,
+            rpc_timeout: RPC_TIMEOUT_DEFAULT,
+        }
+    }
+}
+
+fn default_root_volume() -> VolumeName {
+    match VolumeName::parse(ROOT_VOLUME_DEFAULT) {
+        Ok(name) => name,
+        Err(_) => unreachable!("the default root volume name is valid"),
+    }
+}

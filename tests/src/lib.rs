@@ -1,1 +1,342 @@
-//! End-to-end test support.
+//! End-to-end test support: a cell of real `holdfast` processes on 127.0.0.1 with
+//! ephemeral ports, real FUSE mounts, and cleanup that runs even when a test fails.
+//! Invariant: every process a `TestCell` starts is stopped by its PID and every mount it
+//! made is unmounted when it drops (panics included).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+/// How long a component may take to become ready.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One process started by a test.
+struct Proc {
+    name: String,
+    child: Child,
+}
+
+impl Proc {
+    fn stop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_some() {
+            return;
+        }
+        let pid = self.child.id() as libc::pid_t;
+        // SAFETY: signalling our own child by PID. SIGCONT first: it may be stopped.
+        unsafe {
+            libc::kill(pid, libc::SIGCONT);
+            libc::kill(pid, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if self.child.try_wait().ok().flatten().is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A cell for one test: VLDB, one fileserver, `root.cell`, and any number of mounts.
+pub struct TestCell {
+    bin: PathBuf,
+    pub dir: tempfile::TempDir,
+    pub cell_file: PathBuf,
+    pub vl_address: String,
+    pub fs_address: String,
+    procs: Vec<Proc>,
+    mounts: Vec<PathBuf>,
+}
+
+impl TestCell {
+    /// Starts a VLDB and a fileserver, and creates `root.cell`. `bin` is the `holdfast`
+    /// executable (`env!("CARGO_BIN_EXE_holdfast")`).
+    pub fn start(bin: &str) -> Result<TestCell> {
+        require_fuse()?;
+        let dir = tempfile::Builder::new().prefix("holdfast-e2e").tempdir()?;
+        let mut cell = TestCell {
+            bin: PathBuf::from(bin),
+            cell_file: dir.path().join("cell.toml"),
+            dir,
+            vl_address: String::new(),
+            fs_address: String::new(),
+            procs: Vec::new(),
+            mounts: Vec::new(),
+        };
+        let vldb = cell.path("vldb");
+        cell.vl_address = cell.spawn_ready(
+            "vlserver",
+            &[
+                "vlserver",
+                "--data",
+                &vldb,
+                "--listen",
+                "127.0.0.1:0",
+                "--cell-name",
+                "e2e.test",
+            ],
+        )?;
+        std::fs::write(
+            &cell.cell_file,
+            format!(
+                "name = \"e2e.test\"\nvlservers = [\"{}\"]\n",
+                cell.vl_address
+            ),
+        )?;
+        cell.start_fileserver()?;
+        // The fileserver registers in the background; vos create needs it registered.
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            let out = cell.holdfast(&["vos", "create", "root.cell"])?;
+            if out.status.success() {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "vos create root.cell kept failing: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(cell)
+    }
+
+    /// Starts (or restarts) the fileserver on the cell's partition.
+    pub fn start_fileserver(&mut self) -> Result<()> {
+        let partition = self.path("partition");
+        let cell_file = self.cell_file.to_string_lossy().into_owned();
+        let listen = if self.fs_address.is_empty() {
+            "127.0.0.1:0".to_owned()
+        } else {
+            self.fs_address.clone()
+        };
+        self.fs_address = self.spawn_ready(
+            "fileserver",
+            &[
+                "fileserver",
+                "--cell",
+                &cell_file,
+                "--partition",
+                &partition,
+                "--listen",
+                &listen,
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Mounts the cell with its own cache; `extra` adds mount flags.
+    pub fn mount(&mut self, name: &str, extra: &[&str]) -> Result<PathBuf> {
+        let mountpoint = self.dir.path().join(name);
+        std::fs::create_dir_all(&mountpoint)?;
+        let cache = self.path(&format!("{name}.cache"));
+        let cell_file = self.cell_file.to_string_lossy().into_owned();
+        let target = mountpoint.to_string_lossy().into_owned();
+        let mut args = vec![
+            "mount",
+            "--cell",
+            &cell_file,
+            "--cache",
+            &cache,
+            "--timeout",
+            "2",
+        ];
+        args.extend_from_slice(extra);
+        args.push(&target);
+        self.mounts.push(mountpoint.clone());
+        self.spawn_ready(name, &args)?;
+        Ok(mountpoint)
+    }
+
+    /// Runs `holdfast ARGS` with this cell's cell file, to completion.
+    pub fn holdfast(&self, args: &[&str]) -> Result<Output> {
+        let mut command = Command::new(&self.bin);
+        command.args(args).env("HOLDFAST_CELL", &self.cell_file);
+        run_bounded(command, Duration::from_secs(60))
+    }
+
+    /// The PID of a process started under `name`.
+    pub fn pid(&self, name: &str) -> Result<libc::pid_t> {
+        self.procs
+            .iter()
+            .rev()
+            .find(|p| p.name == name && p.child.id() != 0)
+            .map(|p| p.child.id() as libc::pid_t)
+            .with_context(|| format!("no process named {name}"))
+    }
+
+    /// Sends `signal` to the process started under `name`.
+    pub fn signal(&self, name: &str, signal: libc::c_int) -> Result<()> {
+        let pid = self.pid(name)?;
+        // SAFETY: signalling our own child by PID.
+        if unsafe { libc::kill(pid, signal) } != 0 {
+            bail!("kill {pid}: {}", std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Stops the process started under `name` (SIGTERM, then SIGKILL) and forgets it.
+    pub fn stop(&mut self, name: &str) {
+        if let Some(index) = self.procs.iter().rposition(|p| p.name == name) {
+            let mut proc = self.procs.remove(index);
+            proc.stop();
+        }
+    }
+
+    /// A log file of a process started under `name`.
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_default()
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.path().join(name).to_string_lossy().into_owned()
+    }
+
+    fn spawn_ready(&mut self, name: &str, args: &[&str]) -> Result<String> {
+        let ready = self.dir.path().join(format!("{name}.ready"));
+        let _ = std::fs::remove_file(&ready);
+        let log_path = self.dir.path().join(format!("{name}.log"));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)?;
+        let child = Command::new(&self.bin)
+            .args(args)
+            .arg("--ready-file")
+            .arg(&ready)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("start {name}"))?;
+        self.procs.push(Proc {
+            name: name.to_owned(),
+            child,
+        });
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Ok(contents) = std::fs::read_to_string(&ready) {
+                return Ok(contents.trim().to_owned());
+            }
+            let proc = self.procs.last_mut().context("just pushed")?;
+            if let Some(status) = proc.child.try_wait()? {
+                bail!(
+                    "{name} exited ({status}) before it was ready:\n{}",
+                    self.log(name)
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{name} not ready within {READY_TIMEOUT:?}:\n{}",
+                    self.log(name)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for TestCell {
+    fn drop(&mut self) {
+        // Mounts first (they flush to the servers), newest first.
+        while let Some(mut proc) = self.procs.pop() {
+            proc.stop();
+        }
+        for mountpoint in &self.mounts {
+            if is_mounted(mountpoint) {
+                detach(mountpoint);
+            }
+        }
+    }
+}
+
+/// Fails with a clear message when this machine cannot run FUSE mounts.
+pub fn require_fuse() -> Result<()> {
+    if !Path::new("/dev/fuse").exists() {
+        bail!("/dev/fuse is missing: end-to-end tests need FUSE (run .ci/setup as root)");
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("end-to-end tests mount filesystems and must run as root");
+    }
+    Ok(())
+}
+
+/// Runs a command to completion, killing it if it outlives `limit`.
+pub fn run_bounded(mut command: Command, limit: Duration) -> Result<Output> {
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("spawn command")?;
+    let deadline = Instant::now() + limit;
+    loop {
+        if child.try_wait()?.is_some() {
+            return Ok(child.wait_with_output()?);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let output = child.wait_with_output()?;
+            bail!(
+                "command did not finish within {limit:?}: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Runs a shell command line in `dir`; returns stdout, or fails with stderr.
+pub fn sh(dir: &Path, script: &str) -> Result<String> {
+    let mut command = Command::new("sh");
+    command.arg("-c").arg(script).current_dir(dir);
+    let output = run_bounded(command, Duration::from_secs(120))?;
+    if !output.status.success() {
+        bail!(
+            "`{script}` failed ({}):\n{}{}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// True when `path` is a mount point.
+pub fn is_mounted(path: &Path) -> bool {
+    let wanted = path.to_string_lossy();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .any(|point| point == wanted)
+}
+
+fn detach(path: &Path) {
+    if let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) {
+        // SAFETY: a valid NUL-terminated path.
+        unsafe { libc::umount2(c_path.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
+/// Waits until `condition` holds, checking every 10 ms, for at most `limit`.
+pub fn wait_until(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if condition() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    condition()
+}

@@ -6,32 +6,54 @@
 //! PARTITION/
 //!   server.id              the server's UUID as text; written once (temp, fsync, rename)
 //!   vol.<id>/              one directory per volume, <id> in decimal
-//!     meta.redb            redb database, the volume's metadata (tables below)
-//!     data/<vnode>         one plain file per file vnode that ever got data, <vnode> decimal
+//!     meta.redb            redb database, the volume's metadata and small files (below)
+//!     data/<vnode>         the data of a file larger than INLINE_BYTES_MAX, <vnode> decimal
 //!   vol.<id>.creating/     a volume being built; removed at start (creation is a rename)
 //!   vol.<id>.removing/     a volume being deleted; removed at start
 //! ```
 //!
 //! `meta.redb` tables (values are postcard, each record starts with a format version):
-//! - `volume`:  `"header"` -> `VolumeHeader` (id, name, type, quota, created, bytes used,
-//!   vnode count, next vnode number).
-//! - `vnodes`:  vnode number (u64) -> `VnodeRecord` (kind, mode, uid, gid, size, data
-//!   version, link count, uniquifier, atime/mtime/ctime, parent directory, and the content
-//!   of a symlink or mount point).
+//! - `volume`:  `"header"` -> `VolumeHeader` (format 1: id, name, type, quota, created,
+//!   bytes used, vnode count, next vnode number).
+//! - `vnodes`:  vnode number (u64) -> `VnodeRecord` (format 2: kind, mode, uid, gid, size,
+//!   data version, link count, uniquifier, atime/mtime/ctime, parent directory, the
+//!   content of a symlink or mount point, and where a file's data lives, `Inline` or
+//!   `File`). Format 1 records, which lack the last field, read as `File`.
 //! - `entries`: (directory vnode, name) -> (vnode, uniquifier, kind code): ordered, so a
 //!   listing is a range scan that resumes after any name.
+//! - `file_data`: vnode -> the bytes of an `Inline` file, exactly `size` of them; no row
+//!   while the file is empty. Kept apart from `vnodes` so vnode records stay small.
+//!
+//! Where file data lives: a new file is `Inline`. A store or size change that takes it
+//! past `INLINE_BYTES_MAX` (64 KiB) moves it to `data/<vnode>`. A file in a data file
+//! stays there when truncated, except truncated to zero (by `SetAttr` or a store with
+//! `truncate_to: Some(0)`, as an `O_TRUNC` rewrite does), which brings it back inline
+//! and removes the data file. A data file may exist beside an `Inline` record only as
+//! the leftover of a crash; it is never read, the next move to a data file truncates it
+//! and removing the vnode deletes it.
+//!
+//! Durability: every request's change is committed with `Durability::Immediate` before
+//! its answer. Concurrent writes to one volume share commits (`group_commit`): the
+//! requests queued while a commit is in flight run next, in one transaction, and each is
+//! answered once that transaction is durable (refusals too, since they may rest on a
+//! change of the batch). A failed batch fails every request in it and changes nothing.
 //!
 //! Invariants:
 //! - Vnode numbers are never reused (`next_vnode` only grows), so a fid of a removed
 //!   vnode is always `Stale`; uniquifiers are therefore always 1 today.
-//! - A crash never leaves file data changed under an unchanged data version: a store
-//!   commits the DV bump durably first, then writes and fdatasyncs the data file, and only
-//!   then replies. A crash in between leaves new DV over old (or partly new) data, which a
-//!   client treats as changed and refetches.
-//! - Every metadata change is one durable redb transaction; every request that changes a
+//! - A crash never leaves file data changed under an unchanged data version:
+//!   - inline data, its size and the DV bump are one transaction (atomic);
+//!   - moving to a data file writes the whole file and fsyncs it and `data/` first, then
+//!     commits the record that points to it with the bumped DV;
+//!   - changing a data file commits the DV bump durably first, then writes and
+//!     fdatasyncs the file, and only then replies. A crash in between leaves new DV over
+//!     old (or partly new) data, which a client treats as changed and refetches.
+//! - Every metadata change is one durable redb transaction (shared with the other
+//!   requests of its batch); Create is exactly one; every request that changes a
 //!   directory bumps its DV by exactly 1.
 //! - A directory's `size` is its entry count; its link count is 2 + its subdirectories.
 
+mod group_commit;
 mod partition;
 mod records;
 mod volume;
@@ -68,6 +90,10 @@ pub enum StorageError {
     },
     #[error("corrupt record in {path}: {detail}")]
     Corrupt { path: PathBuf, detail: String },
+    /// The group commit holding this request failed (the cause is in `detail`; every
+    /// request of the batch gets it), so the request changed nothing.
+    #[error("write batch on {path} failed: {detail}")]
+    BatchFailed { path: PathBuf, detail: String },
 }
 
 impl From<ErrorCode> for StorageError {

@@ -1,6 +1,7 @@
 //! The records kept in a volume's `meta.redb`, and their encoding.
-//! Invariant: every record starts with its format version; decoding checks it and
-//! reports anything else as corruption rather than guessing.
+//! Invariant: every record starts with its format version; decoding checks it, upgrades
+//! the older versions it knows, and reports anything else as corruption rather than
+//! guessing.
 
 use proto::{
     DataVersion, Fid, FileKind, Timestamp, Uniquifier, VnodeId, VnodeStatus, VolumeId, VolumeName,
@@ -8,8 +9,21 @@ use proto::{
 };
 use serde::{Deserialize, Serialize};
 
-/// Format version of `VolumeHeader` and `VnodeRecord`.
-pub const RECORD_FORMAT: u16 = 1;
+/// Format version of `VolumeHeader`.
+pub const HEADER_FORMAT: u16 = 1;
+/// Format version of `VnodeRecord`. Version 1 had no `data` field: every file's data
+/// lived in a data file.
+pub const VNODE_FORMAT: u16 = 2;
+const VNODE_FORMAT_V1: u16 = 1;
+
+/// Where a file's bytes live.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DataLocation {
+    /// In the `file_data` table, one value of exactly `size` bytes (no row while empty).
+    Inline,
+    /// In `data/<vnode>`; a missing file reads as zeros.
+    File,
+}
 
 /// A volume's header: identity, accounting and the vnode number allocator.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -49,13 +63,57 @@ pub struct VnodeRecord {
     pub parent: VnodeId,
     /// A symlink's target or a mount point's `#volume.`.
     pub content: Option<String>,
+    /// Where a file's data lives; `Inline` (and unused) for other kinds.
+    pub data: DataLocation,
+}
+
+/// `VnodeRecord` as format 1 wrote it.
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
+struct VnodeRecordV1 {
+    format: u16,
+    kind: FileKind,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    size: u64,
+    data_version: DataVersion,
+    link_count: u32,
+    unique: Uniquifier,
+    atime: Timestamp,
+    mtime: Timestamp,
+    ctime: Timestamp,
+    parent: VnodeId,
+    content: Option<String>,
+}
+
+impl VnodeRecordV1 {
+    fn upgrade(self) -> VnodeRecord {
+        VnodeRecord {
+            format: VNODE_FORMAT,
+            kind: self.kind,
+            mode: self.mode,
+            uid: self.uid,
+            gid: self.gid,
+            size: self.size,
+            data_version: self.data_version,
+            link_count: self.link_count,
+            unique: self.unique,
+            atime: self.atime,
+            mtime: self.mtime,
+            ctime: self.ctime,
+            parent: self.parent,
+            content: self.content,
+            data: DataLocation::File,
+        }
+    }
 }
 
 impl VnodeRecord {
     pub fn new(kind: FileKind, mode: u32, uid: u32, gid: u32, parent: VnodeId) -> VnodeRecord {
         let now = Timestamp::now();
         VnodeRecord {
-            format: RECORD_FORMAT,
+            format: VNODE_FORMAT,
             kind,
             mode: mode & 0o7777,
             uid,
@@ -69,6 +127,22 @@ impl VnodeRecord {
             ctime: now,
             parent,
             content: None,
+            data: DataLocation::Inline,
+        }
+    }
+
+    /// Decodes a stored record of any known format; `Err` names what is wrong.
+    pub fn decode(bytes: &[u8]) -> Result<VnodeRecord, String> {
+        let (format, _) = postcard::take_from_bytes::<u16>(bytes).map_err(|e| e.to_string())?;
+        match format {
+            VNODE_FORMAT => postcard::from_bytes(bytes).map_err(|e| e.to_string()),
+            VNODE_FORMAT_V1 => postcard::from_bytes::<VnodeRecordV1>(bytes)
+                .map(|old| {
+                    debug_assert_eq!(old.format, VNODE_FORMAT_V1);
+                    old.upgrade()
+                })
+                .map_err(|e| e.to_string()),
+            other => Err(format!("unknown format {other}")),
         }
     }
 
@@ -117,5 +191,47 @@ pub fn kind_from_code(code: u8) -> Option<FileKind> {
         2 => Some(FileKind::Symlink),
         3 => Some(FileKind::MountPoint),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn format_1_records_decode_as_file_data_and_unknown_formats_are_refused() {
+        let mut current = VnodeRecord::new(FileKind::File, 0o644, 1, 2, VnodeId::ROOT);
+        current.size = 5;
+        let old = VnodeRecordV1 {
+            format: VNODE_FORMAT_V1,
+            kind: current.kind,
+            mode: current.mode,
+            uid: current.uid,
+            gid: current.gid,
+            size: current.size,
+            data_version: current.data_version,
+            link_count: current.link_count,
+            unique: current.unique,
+            atime: current.atime,
+            mtime: current.mtime,
+            ctime: current.ctime,
+            parent: current.parent,
+            content: None,
+        };
+        let decoded = VnodeRecord::decode(&postcard::to_allocvec(&old).unwrap()).unwrap();
+        assert_eq!(decoded.data, DataLocation::File);
+        assert_eq!(
+            VnodeRecord {
+                data: DataLocation::Inline,
+                ..decoded
+            },
+            current
+        );
+        let bytes = postcard::to_allocvec(&current).unwrap();
+        assert_eq!(VnodeRecord::decode(&bytes).unwrap(), current);
+        let mut future = bytes.clone();
+        future[0] = 3;
+        assert!(VnodeRecord::decode(&future).is_err());
+        assert!(VnodeRecord::decode(&[]).is_err());
     }
 }

@@ -1,9 +1,10 @@
 //! Volume store tests on a temporary directory.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use proto::{ErrorCode, Fid, FileKind, SetAttrs, VolumeId, VolumeName};
 
+use super::volume::INLINE_BYTES_MAX;
 use super::{Partition, StorageError};
 
 fn refused(result: Result<impl std::fmt::Debug, StorageError>) -> ErrorCode {
@@ -361,26 +362,322 @@ fn reopen_keeps_data_and_identity() {
     assert!(Partition::open(dir.path()).unwrap().volumes().is_empty());
 }
 
-/// Per-operation latency of the create + 4 KiB store pair a FUSE `cp` makes, printed
+fn data_file(dir: &tempfile::TempDir, fid: Fid) -> std::path::PathBuf {
+    dir.path()
+        .join(format!("vol.{}", fid.volume))
+        .join("data")
+        .join(fid.vnode.0.to_string())
+}
+
+fn pattern(length: usize, seed: u8) -> Vec<u8> {
+    (0..length)
+        .map(|n| (n % 251) as u8 ^ seed)
+        .collect::<Vec<u8>>()
+}
+
+fn truncate_to(size: u64) -> SetAttrs {
+    SetAttrs {
+        size: Some(size),
+        ..SetAttrs::default()
+    }
+}
+
+#[test]
+fn inline_data_moves_to_a_data_file_when_it_grows_past_the_threshold() {
+    let (dir, partition, id) = setup();
+    let volume = partition.volume(id).unwrap();
+    let fid = volume
+        .create(Fid::root(id), "f", 0o644, 0, 0, true)
+        .unwrap()
+        .status
+        .fid;
+    let max = INLINE_BYTES_MAX as usize;
+    let mut expected = pattern(max - 4096, 1);
+    let small = volume.store_data(fid, 0, &expected, None).unwrap();
+    assert!(!data_file(&dir, fid).exists());
+    // Exactly at the threshold stays inline.
+    let tail = pattern(4096, 2);
+    let full = volume
+        .store_data(fid, (max - 4096) as u64, &tail, None)
+        .unwrap();
+    expected.extend_from_slice(&tail);
+    assert_eq!(full.size, INLINE_BYTES_MAX);
+    assert!(!data_file(&dir, fid).exists());
+    // One byte past it: the whole content moves, with one DV bump.
+    let grown = volume
+        .store_data(fid, INLINE_BYTES_MAX - 100, &pattern(200, 3), None)
+        .unwrap();
+    expected.truncate(max - 100);
+    expected.extend_from_slice(&pattern(200, 3));
+    assert_eq!(grown.data_version.0, full.data_version.0 + 1);
+    assert_eq!(full.data_version.0, small.data_version.0 + 1);
+    assert_eq!(grown.size, expected.len() as u64);
+    assert!(data_file(&dir, fid).exists());
+    let (status, data) = volume
+        .fetch_data(fid, INLINE_BYTES_MAX - 1000, 2000)
+        .unwrap();
+    assert_eq!(status.data_version, grown.data_version);
+    assert_eq!(data, expected[max - 1000..].to_vec());
+    assert_eq!(volume.fetch_data(fid, 0, 1 << 20).unwrap().1, expected);
+    assert_eq!(volume.header().unwrap().bytes_used, expected.len() as u64);
+}
+
+#[test]
+fn truncation_keeps_a_data_file_except_to_zero() {
+    let (dir, partition, id) = setup();
+    let volume = partition.volume(id).unwrap();
+    let fid = volume
+        .create(Fid::root(id), "f", 0o644, 0, 0, true)
+        .unwrap()
+        .status
+        .fid;
+    let big = pattern(100_000, 4);
+    volume.store_data(fid, 0, &big, None).unwrap();
+    assert!(data_file(&dir, fid).exists());
+
+    // Below the threshold, the data stays in its file (documented choice).
+    let cut = volume.set_attr(fid, &truncate_to(1000)).unwrap();
+    assert_eq!(cut.size, 1000);
+    assert!(data_file(&dir, fid).exists());
+    assert_eq!(
+        volume.fetch_data(fid, 0, 4096).unwrap().1,
+        big[..1000].to_vec()
+    );
+
+    // To zero: back inline, the data file goes.
+    let emptied = volume.set_attr(fid, &truncate_to(0)).unwrap();
+    assert_eq!(emptied.data_version.0, cut.data_version.0 + 1);
+    assert!(!data_file(&dir, fid).exists());
+    volume.store_data(fid, 0, b"small again", None).unwrap();
+    assert!(!data_file(&dir, fid).exists());
+    assert_eq!(volume.fetch_data(fid, 0, 100).unwrap().1, b"small again");
+
+    // Extending an inline file past the threshold moves it; the new bytes are zeros.
+    let extended = volume.set_attr(fid, &truncate_to(70_000)).unwrap();
+    assert_eq!(extended.size, 70_000);
+    assert!(data_file(&dir, fid).exists());
+    let (_, data) = volume.fetch_data(fid, 0, 100_000).unwrap();
+    assert_eq!(&data[..11], b"small again");
+    assert!(data[11..].iter().all(|&b| b == 0));
+    assert_eq!(data.len(), 70_000);
+
+    // A store that truncates to zero first (an O_TRUNC rewrite) also comes back inline.
+    let rewritten = volume.store_data(fid, 0, b"rewritten", Some(0)).unwrap();
+    assert_eq!(rewritten.size, 9);
+    assert!(!data_file(&dir, fid).exists());
+    assert_eq!(volume.fetch_data(fid, 0, 100).unwrap().1, b"rewritten");
+    assert_eq!(volume.header().unwrap().bytes_used, 9);
+
+    // An inline file cut short and extended again reads zeros in between.
+    volume.set_attr(fid, &truncate_to(3)).unwrap();
+    volume.store_data(fid, 6, b"xy", None).unwrap();
+    assert_eq!(volume.fetch_data(fid, 0, 100).unwrap().1, b"rew\0\0\0xy");
+}
+
+#[test]
+fn reopen_keeps_inline_and_file_data_and_unlink_frees_both() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = VolumeId(43);
+    let small = pattern(4096, 5);
+    let large = pattern(300_000, 6);
+    let (small_fid, large_fid) = {
+        let partition = Partition::open(dir.path()).unwrap();
+        partition
+            .create_volume(id, VolumeName::parse("forms").unwrap(), 0)
+            .unwrap();
+        let volume = partition.volume(id).unwrap();
+        let root = Fid::root(id);
+        let small_fid = volume
+            .create(root, "s", 0o644, 0, 0, true)
+            .unwrap()
+            .status
+            .fid;
+        let large_fid = volume
+            .create(root, "l", 0o644, 0, 0, true)
+            .unwrap()
+            .status
+            .fid;
+        volume.store_data(small_fid, 0, &small, None).unwrap();
+        volume
+            .store_data(large_fid, 0, &large[..1000], None)
+            .unwrap();
+        volume
+            .store_data(large_fid, 1000, &large[1000..], None)
+            .unwrap();
+        (small_fid, large_fid)
+    };
+    let partition = Partition::open(dir.path()).unwrap();
+    let volume = partition.volume(id).unwrap();
+    assert_eq!(volume.fetch_data(small_fid, 0, 1 << 20).unwrap().1, small);
+    assert_eq!(
+        volume.fetch_data(large_fid, 60_000, 10_000).unwrap().1,
+        large[60_000..70_000].to_vec()
+    );
+    assert_eq!(volume.fetch_data(large_fid, 0, 1 << 20).unwrap().1, large);
+    // Reads past the end are short, at the end empty.
+    assert_eq!(
+        volume.fetch_data(small_fid, 4000, 1000).unwrap().1,
+        small[4000..].to_vec()
+    );
+    assert!(volume.fetch_data(small_fid, 5000, 10).unwrap().1.is_empty());
+    assert_eq!(volume.header().unwrap().bytes_used, 304_096);
+
+    let root = Fid::root(id);
+    volume.remove(root, "s", false).unwrap();
+    volume.remove(root, "l", false).unwrap();
+    assert_eq!(volume.header().unwrap().bytes_used, 0);
+    assert!(!data_file(&dir, large_fid).exists());
+    assert_eq!(
+        refused(volume.fetch_data(small_fid, 0, 10)),
+        ErrorCode::Stale
+    );
+}
+
+#[test]
+fn quota_counts_inline_and_file_data_alike() {
+    let dir = tempfile::tempdir().unwrap();
+    let partition = Partition::open(dir.path()).unwrap();
+    let id = VolumeId(8);
+    partition
+        .create_volume(id, VolumeName::parse("quota").unwrap(), 100_000)
+        .unwrap();
+    let volume = partition.volume(id).unwrap();
+    let root = Fid::root(id);
+    let a = volume
+        .create(root, "a", 0o644, 0, 0, true)
+        .unwrap()
+        .status
+        .fid;
+    let b = volume
+        .create(root, "b", 0o644, 0, 0, true)
+        .unwrap()
+        .status
+        .fid;
+    volume.store_data(a, 0, &pattern(60_000, 7), None).unwrap();
+    let before = volume.fetch_status(b).unwrap();
+    assert_eq!(
+        refused(volume.store_data(b, 0, &pattern(70_000, 8), None)),
+        ErrorCode::QuotaExceeded
+    );
+    // The refused move to a data file left the record as it was.
+    assert_eq!(volume.fetch_status(b).unwrap(), before);
+    assert!(volume.fetch_data(b, 0, 10).unwrap().1.is_empty());
+    volume.store_data(b, 0, &pattern(40_000, 8), None).unwrap();
+    assert_eq!(volume.header().unwrap().bytes_used, 100_000);
+}
+
+/// Concurrent writers to one volume: every request is answered with its own result and
+/// the batches it shared commits with leave the same state as running them one by one.
+#[test]
+fn concurrent_writers_share_commits_and_keep_every_change() {
+    let (_dir, partition, id) = setup();
+    let volume = partition.volume(id).unwrap();
+    let root = Fid::root(id);
+    let dv0 = volume.fetch_status(root).unwrap().data_version;
+    std::thread::scope(|scope| {
+        for worker in 0..8 {
+            let volume = &volume;
+            scope.spawn(move || {
+                for n in 0..25 {
+                    let name = format!("w{worker}-{n}");
+                    let fid = volume
+                        .create(root, &name, 0o644, 0, 0, true)
+                        .unwrap()
+                        .status
+                        .fid;
+                    let stored = volume.store_data(fid, 0, name.as_bytes(), None).unwrap();
+                    assert_eq!(stored.size, name.len() as u64);
+                    // A duplicate exclusive create is refused, also when batched.
+                    assert_eq!(
+                        refused(volume.create(root, &name, 0o644, 0, 0, true)),
+                        ErrorCode::Exists
+                    );
+                }
+            });
+        }
+    });
+    let root_status = volume.fetch_status(root).unwrap();
+    assert_eq!(root_status.size, 200);
+    assert_eq!(root_status.data_version.0, dv0.0 + 200);
+    for worker in 0..8 {
+        for n in 0..25 {
+            let name = format!("w{worker}-{n}");
+            let (status, _) = volume.lookup(root, &name).unwrap();
+            assert_eq!(
+                volume.fetch_data(status.fid, 0, 100).unwrap().1,
+                name.as_bytes()
+            );
+        }
+    }
+}
+
+/// Per-operation latency of the create + store pair a FUSE `cp` makes, for small
+/// (inline) and large (data file) files, one after another and from 8 threads, printed
 /// for the record (run with `--nocapture`). Not a timed assertion.
 #[test]
 fn create_and_store_latency() {
     let (_dir, partition, id) = setup();
     let volume = partition.volume(id).unwrap();
-    let data = vec![7u8; 4096];
-    let count = 200;
+    let root = Fid::root(id);
+    let sequential = |label: &str, size: usize, count: u32| {
+        let data = vec![7u8; size];
+        let (mut create, mut store) = (Duration::ZERO, Duration::ZERO);
+        for n in 0..count {
+            let started = Instant::now();
+            let fid = volume
+                .create(root, &format!("{label}{n}"), 0o644, 0, 0, true)
+                .unwrap()
+                .status
+                .fid;
+            let created = Instant::now();
+            volume.store_data(fid, 0, &data, None).unwrap();
+            create += created - started;
+            store += created.elapsed();
+        }
+        let per_file = (create + store) / count;
+        eprintln!(
+            "{label}: create {:?} + store {:?} = {per_file:?} per file ({:.0} files/s)",
+            create / count,
+            store / count,
+            1.0 / per_file.as_secs_f64()
+        );
+    };
+    sequential("inline 4 KiB", 4096, 200);
+    sequential("data file 128 KiB", 128 * 1024, 50);
+
+    let count_per_thread = 100;
+    let started = Instant::now();
+    std::thread::scope(|scope| {
+        for worker in 0..8 {
+            let volume = &volume;
+            scope.spawn(move || {
+                let data = vec![7u8; 4096];
+                for n in 0..count_per_thread {
+                    let fid = volume
+                        .create(root, &format!("t{worker}-{n}"), 0o644, 0, 0, true)
+                        .unwrap()
+                        .status
+                        .fid;
+                    volume.store_data(fid, 0, &data, None).unwrap();
+                }
+            });
+        }
+    });
+    let elapsed = started.elapsed();
+    eprintln!(
+        "8 threads, inline 4 KiB: {:.0} files/s",
+        f64::from(8 * count_per_thread) / elapsed.as_secs_f64()
+    );
+
+    let fid = volume.lookup(root, "data file 128 KiB0").unwrap().0.fid;
+    let data = vec![9u8; 4096];
+    let count = 100;
     let started = Instant::now();
     for n in 0..count {
-        let fid = volume
-            .create(Fid::root(id), &format!("file{n}"), 0o644, 0, 0, true)
-            .unwrap()
-            .status
-            .fid;
-        volume.store_data(fid, 0, &data, None).unwrap();
+        volume.store_data(fid, n * 4096, &data, None).unwrap();
     }
-    let per_file = started.elapsed() / count;
     eprintln!(
-        "create + 4 KiB store: {per_file:?} per file ({:.0} files/s)",
-        1.0 / per_file.as_secs_f64()
+        "4 KiB store into a data file: {:?} per store",
+        started.elapsed() / count as u32
     );
 }

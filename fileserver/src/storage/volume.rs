@@ -1,14 +1,17 @@
 //! One volume: its metadata database and its data files, and every operation on them.
-//! Invariant: see the storage module: DV bump durable before file data changes, one
-//! durable transaction per metadata request, directory DV +1 per changing request.
+//! Invariant: see the storage module: never new file data under an old DV, every change
+//! durable before its answer (one redb transaction per request, shared by the requests
+//! batched into one group commit), directory DV +1 per changing request.
 //! Data of one vnode is guarded by a striped lock so that a fetch never pairs a new DV
-//! with data not yet written, and two stores to one file apply in DV order.
+//! with data not yet written, two stores to one file apply in DV order, and a data
+//! change planned from a snapshot still holds when its transaction runs.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::ErrorKind;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::sync_channel;
 
 use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use proto::{
@@ -17,12 +20,16 @@ use proto::{
 };
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
-use super::records::{RECORD_FORMAT, VnodeRecord, VolumeHeader, kind_code, kind_from_code};
+use super::group_commit::GroupCommit;
+use super::records::{
+    DataLocation, HEADER_FORMAT, VnodeRecord, VolumeHeader, kind_code, kind_from_code,
+};
 use super::{StorageError, io_error};
 
 const HEADER: TableDefinition<&str, &[u8]> = TableDefinition::new("volume");
 const VNODES: TableDefinition<u64, &[u8]> = TableDefinition::new("vnodes");
 const ENTRIES: TableDefinition<(u64, &str), (u64, u32, u8)> = TableDefinition::new("entries");
+const FILE_DATA: TableDefinition<u64, &[u8]> = TableDefinition::new("file_data");
 const HEADER_KEY: &str = "header";
 
 /// A directory entry's value: (vnode, uniquifier, kind code).
@@ -30,6 +37,8 @@ type EntryValue = (u64, u32, u8);
 
 /// Largest data a single `FetchData` returns.
 pub const FETCH_BYTES_MAX: u32 = 1 << 20;
+/// Largest file kept inline in `file_data`; a file growing past it moves to a data file.
+pub const INLINE_BYTES_MAX: u64 = 64 * 1024;
 /// Largest file size accepted (1 TiB).
 pub const FILE_BYTES_MAX: u64 = 1 << 40;
 /// Longest symlink target, as `PATH_MAX`.
@@ -72,6 +81,31 @@ pub struct Volume {
     data_dir: PathBuf,
     db: Database,
     stripes: Vec<RwLock<()>>,
+    committer: GroupCommit<WriteJob>,
+}
+
+/// One request's change, run by whichever thread leads the batch holding it.
+type WriteJob = Box<dyn FnOnce(&mut Tx<'_>) -> Applied + Send>;
+
+/// What a job did: whether its `Tx` holds changes to write, and how to answer it once
+/// the batch's commit is known.
+struct Applied {
+    changed: bool,
+    answer: Box<dyn FnOnce(Result<(), StorageError>) + Send>,
+}
+
+/// How a request changes a file's bytes, planned under the vnode's data lock from a
+/// snapshot (`data_version` is the DV it was planned from).
+enum DataChange {
+    /// Inline data becomes these bytes.
+    Inline(Vec<u8>),
+    /// The bytes moved to a data file, already written and durable.
+    ToFile,
+    /// The data file is changed after the commit.
+    InFile,
+    /// The file was emptied: its data goes back inline with these bytes and the data
+    /// file is removed after the commit.
+    FromFile(Vec<u8>),
 }
 
 impl std::fmt::Debug for Volume {
@@ -97,10 +131,11 @@ impl Volume {
         txn.open_table(HEADER).map_err(db_error(&db_path))?;
         txn.open_table(VNODES).map_err(db_error(&db_path))?;
         txn.open_table(ENTRIES).map_err(db_error(&db_path))?;
+        txn.open_table(FILE_DATA).map_err(db_error(&db_path))?;
         txn.commit().map_err(db_error(&db_path))?;
         let volume = Volume::with_db(id, db_path, data_dir, db);
         let header = VolumeHeader {
-            format: RECORD_FORMAT,
+            format: HEADER_FORMAT,
             id,
             name,
             kind: VolumeType::ReadWrite,
@@ -111,7 +146,7 @@ impl Volume {
             next_vnode: VnodeId::ROOT.0 + 1,
         };
         let root = VnodeRecord::new(FileKind::Directory, 0o755, 0, 0, VnodeId::ROOT);
-        volume.write(|tx| {
+        volume.write(move |tx| {
             tx.header = Some(header);
             tx.header_dirty = true;
             tx.cache.insert(VnodeId::ROOT.0, (None, Some(root)));
@@ -125,6 +160,10 @@ impl Volume {
         let data_dir = dir.join("data");
         let db_path = dir.join("meta.redb");
         let db = Database::open(&db_path).map_err(db_error(&db_path))?;
+        // Volumes of record format 1 predate inline data and lack its table.
+        let txn = db.begin_write().map_err(db_error(&db_path))?;
+        txn.open_table(FILE_DATA).map_err(db_error(&db_path))?;
+        txn.commit().map_err(db_error(&db_path))?;
         let volume = Volume::with_db(id, db_path, data_dir, db);
         let header = volume.header()?;
         if header.id != id {
@@ -143,6 +182,7 @@ impl Volume {
             data_dir,
             db,
             stripes: (0..DATA_STRIPES).map(|_| RwLock::new(())).collect(),
+            committer: GroupCommit::new(),
         }
     }
 
@@ -181,7 +221,15 @@ impl Volume {
         length: u32,
     ) -> Result<(VnodeStatus, Vec<u8>), StorageError> {
         let _guard = self.data_read_lock(fid.vnode);
-        let record = self.read(|r| r.checked(fid))?;
+        let (record, inline) = self.read(|r| {
+            let record = r.checked(fid)?;
+            let inline = if record.kind == FileKind::File && record.data == DataLocation::Inline {
+                Some(r.file_data(fid.vnode)?)
+            } else {
+                None
+            };
+            Ok((record, inline))
+        })?;
         let status = record.status(self.id, fid.vnode);
         let length = u64::from(length.min(FETCH_BYTES_MAX));
         let wanted = record.size.saturating_sub(offset).min(length) as usize;
@@ -192,7 +240,17 @@ impl Volume {
                 let start = (offset.min(content.len() as u64)) as usize;
                 content[start..start + wanted.min(content.len() - start)].to_vec()
             }
-            FileKind::File => self.read_file(fid.vnode, offset, wanted)?,
+            FileKind::File => match inline {
+                Some(content) => {
+                    // Bytes past the stored ones (none, unless damaged) read as zeros.
+                    let start = offset.min(content.len() as u64) as usize;
+                    let stop = (start + wanted).min(content.len());
+                    let mut data = content[start..stop].to_vec();
+                    data.resize(wanted, 0);
+                    data
+                }
+                None => self.read_file(fid.vnode, offset, wanted)?,
+            },
         };
         Ok((status, data))
     }
@@ -268,7 +326,9 @@ impl Volume {
     // ---- data changes ----
 
     /// Writes `data` at `offset`, after setting the length to `truncate_to` if given.
-    /// DV +1, committed before the file changes.
+    /// DV +1. Inline data changes with its record in one transaction; a file growing
+    /// past `INLINE_BYTES_MAX` gets a durable data file before the record points to it;
+    /// a data file already in use changes only after the DV bump is durable.
     pub fn store_data(
         &self,
         fid: Fid,
@@ -280,37 +340,80 @@ impl Volume {
         let end = offset
             .checked_add(data.len() as u64)
             .ok_or(ErrorCode::FileTooLarge)?;
-        let status = self.write(|tx| {
-            let mut record = tx.checked(fid)?;
-            require_file(record.kind)?;
-            let base = truncate_to.unwrap_or(record.size);
-            let size = if data.is_empty() { base } else { base.max(end) };
-            tx.resize(&mut record, size)?;
-            record.touch_data(Timestamp::now());
-            tx.put(fid.vnode, record.clone());
-            Ok(record.status(self.id, fid.vnode))
-        })?;
-        let (file, path) = self.open_data_file(fid.vnode)?;
-        if let Some(length) = truncate_to {
-            file.set_len(length).map_err(io_error(&path))?;
+        let (record, inline) = self.read_file_record(fid)?;
+        let base = truncate_to.unwrap_or(record.size);
+        let size = if data.is_empty() { base } else { base.max(end) };
+        if size > FILE_BYTES_MAX {
+            return Err(ErrorCode::FileTooLarge.into());
         }
-        file.write_all_at(data, offset).map_err(io_error(&path))?;
-        file.sync_data().map_err(io_error(&path))?;
+        let change = match inline {
+            Some(content) if size <= INLINE_BYTES_MAX => {
+                DataChange::Inline(spliced(content, base, offset, data, size))
+            }
+            Some(content) => {
+                let content = spliced(content, base, 0, &[], base);
+                self.write_new_data_file(fid.vnode, &content, offset, data, size)?;
+                DataChange::ToFile
+            }
+            None if truncate_to == Some(0) && size <= INLINE_BYTES_MAX => {
+                DataChange::FromFile(spliced(Vec::new(), 0, offset, data, size))
+            }
+            None => DataChange::InFile,
+        };
+        let in_file = matches!(change, DataChange::InFile);
+        let planned = record.data_version;
+        let status = self.write(move |tx| {
+            let mut record = tx.checked(fid)?;
+            tx.change_data(fid.vnode, &mut record, planned, size, change)?;
+            tx.put(fid.vnode, record.clone());
+            Ok(record.status(tx.volume(), fid.vnode))
+        })?;
+        if in_file {
+            let (file, path) = self.open_data_file(fid.vnode)?;
+            if let Some(length) = truncate_to {
+                file.set_len(length).map_err(io_error(&path))?;
+            }
+            file.write_all_at(data, offset).map_err(io_error(&path))?;
+            file.sync_data().map_err(io_error(&path))?;
+        }
         Ok(status)
     }
 
     /// Changes attributes; a size change truncates or extends the file (DV +1).
+    /// Truncating a file kept in a data file to zero brings it back inline; any other
+    /// truncation leaves the data where it is.
     pub fn set_attr(&self, fid: Fid, attrs: &SetAttrs) -> Result<VnodeStatus, StorageError> {
         let _guard = self.data_write_lock(fid.vnode);
-        let status = self.write(|tx| {
+        let mut resize = None;
+        if let Some(size) = attrs.size {
+            if size > FILE_BYTES_MAX {
+                return Err(ErrorCode::FileTooLarge.into());
+            }
+            let (record, inline) = self.read_file_record(fid)?;
+            if size != record.size {
+                let change = match inline {
+                    Some(content) if size <= INLINE_BYTES_MAX => {
+                        DataChange::Inline(spliced(content, size, 0, &[], size))
+                    }
+                    Some(content) => {
+                        self.write_new_data_file(fid.vnode, &content, 0, &[], size)?;
+                        DataChange::ToFile
+                    }
+                    None if size == 0 => DataChange::FromFile(Vec::new()),
+                    None => DataChange::InFile,
+                };
+                resize = Some((size, record.data_version, change));
+            }
+        }
+        let in_file = matches!(resize, Some((_, _, DataChange::InFile)));
+        let attrs = attrs.clone();
+        let status = self.write(move |tx| {
             let mut record = tx.checked(fid)?;
             let now = Timestamp::now();
-            if let Some(size) = attrs.size {
+            if let Some((size, planned, change)) = resize {
+                tx.change_data(fid.vnode, &mut record, planned, size, change)?;
+            } else if attrs.size.is_some() {
                 require_file(record.kind)?;
-                if size != record.size {
-                    tx.resize(&mut record, size)?;
-                    record.touch_data(now);
-                }
             }
             if let Some(mode) = attrs.mode {
                 record.mode = mode & 0o7777;
@@ -329,9 +432,9 @@ impl Volume {
             }
             record.ctime = now;
             tx.put(fid.vnode, record.clone());
-            Ok(record.status(self.id, fid.vnode))
+            Ok(record.status(tx.volume(), fid.vnode))
         })?;
-        if let Some(size) = attrs.size {
+        if in_file && let Some(size) = attrs.size {
             let (file, path) = self.open_data_file(fid.vnode)?;
             if file.metadata().map_err(io_error(&path))?.len() != size {
                 file.set_len(size).map_err(io_error(&path))?;
@@ -354,9 +457,10 @@ impl Volume {
         exclusive: bool,
     ) -> Result<Created, StorageError> {
         proto::check_entry_name(name)?;
-        self.write(|tx| {
+        let (id, name) = (self.id, name.to_owned());
+        self.write(move |tx| {
             let dir_record = tx.directory(dir)?;
-            if let Some((vnode, _, _)) = tx.entry(dir.vnode, name)? {
+            if let Some((vnode, _, _)) = tx.entry(dir.vnode, &name)? {
                 if exclusive {
                     return Err(ErrorCode::Exists.into());
                 }
@@ -365,13 +469,13 @@ impl Volume {
                     return Err(ErrorCode::IsDirectory.into());
                 }
                 return Ok(Created {
-                    status: record.status(self.id, VnodeId(vnode)),
-                    dir: dir_record.status(self.id, dir.vnode),
+                    status: record.status(id, VnodeId(vnode)),
+                    dir: dir_record.status(id, dir.vnode),
                     created: false,
                 });
             }
             let record = VnodeRecord::new(FileKind::File, mode, uid, gid, dir.vnode);
-            let (status, dir) = tx.add_entry(dir, name, record)?;
+            let (status, dir) = tx.add_entry(dir, &name, record)?;
             Ok(Created {
                 status,
                 dir,
@@ -389,8 +493,9 @@ impl Volume {
         gid: u32,
     ) -> Result<(VnodeStatus, VnodeStatus), StorageError> {
         proto::check_entry_name(name)?;
+        let name = name.to_owned();
         let record = VnodeRecord::new(FileKind::Directory, mode, uid, gid, dir.vnode);
-        self.write(|tx| tx.add_entry(dir, name, record))
+        self.write(move |tx| tx.add_entry(dir, &name, record))
     }
 
     pub fn symlink(
@@ -402,6 +507,7 @@ impl Volume {
         gid: u32,
     ) -> Result<(VnodeStatus, VnodeStatus), StorageError> {
         proto::check_entry_name(name)?;
+        let name = name.to_owned();
         if target.is_empty() || target.contains('\0') {
             return Err(ErrorCode::InvalidArgument.into());
         }
@@ -411,7 +517,7 @@ impl Volume {
         let mut record = VnodeRecord::new(FileKind::Symlink, 0o777, uid, gid, dir.vnode);
         record.size = target.len() as u64;
         record.content = Some(target.to_owned());
-        self.write(|tx| tx.add_entry(dir, name, record))
+        self.write(move |tx| tx.add_entry(dir, &name, record))
     }
 
     /// Makes a mount point showing `volume`: content `#volume.` as in AFS.
@@ -422,11 +528,12 @@ impl Volume {
         volume: &VolumeName,
     ) -> Result<(VnodeStatus, VnodeStatus), StorageError> {
         proto::check_entry_name(name)?;
+        let name = name.to_owned();
         let content = format!("#{volume}.");
         let mut record = VnodeRecord::new(FileKind::MountPoint, 0o644, 0, 0, dir.vnode);
         record.size = content.len() as u64;
         record.content = Some(content);
-        self.write(|tx| tx.add_entry(dir, name, record))
+        self.write(move |tx| tx.add_entry(dir, &name, record))
     }
 
     /// A new hard link `name` in `dir` to the file `target`.
@@ -437,13 +544,14 @@ impl Volume {
         target: Fid,
     ) -> Result<(VnodeStatus, VnodeStatus), StorageError> {
         proto::check_entry_name(name)?;
-        self.write(|tx| {
+        let (id, name) = (self.id, name.to_owned());
+        self.write(move |tx| {
             let mut dir_record = tx.directory(dir)?;
             let mut record = tx.checked(target)?;
             if record.kind == FileKind::Directory {
                 return Err(ErrorCode::PermissionDenied.into());
             }
-            if tx.entry(dir.vnode, name)?.is_some() {
+            if tx.entry(dir.vnode, &name)?.is_some() {
                 return Err(ErrorCode::Exists.into());
             }
             if record.link_count >= LINK_COUNT_MAX {
@@ -452,14 +560,14 @@ impl Volume {
             let now = Timestamp::now();
             record.link_count += 1;
             record.ctime = now;
-            tx.put_entry(dir.vnode, name, target.vnode, &record)?;
+            tx.put_entry(dir.vnode, &name, target.vnode, &record)?;
             dir_record.size += 1;
             dir_record.touch_data(now);
             tx.put(target.vnode, record.clone());
             tx.put(dir.vnode, dir_record.clone());
             Ok((
-                record.status(self.id, target.vnode),
-                dir_record.status(self.id, dir.vnode),
+                record.status(id, target.vnode),
+                dir_record.status(id, dir.vnode),
             ))
         })
     }
@@ -468,9 +576,10 @@ impl Volume {
     /// empty), anything else only if not.
     pub fn remove(&self, dir: Fid, name: &str, directory: bool) -> Result<Removed, StorageError> {
         proto::check_entry_name(name)?;
-        self.write(|tx| {
+        let (id, name) = (self.id, name.to_owned());
+        self.write(move |tx| {
             let mut dir_record = tx.directory(dir)?;
-            let (vnode, _, _) = tx.entry(dir.vnode, name)?.ok_or(ErrorCode::NoSuchEntry)?;
+            let (vnode, _, _) = tx.entry(dir.vnode, &name)?.ok_or(ErrorCode::NoSuchEntry)?;
             let vnode = VnodeId(vnode);
             let mut record = tx.vnode(vnode)?;
             let now = Timestamp::now();
@@ -486,15 +595,15 @@ impl Volume {
                 }
                 (false, false) => record.link_count = record.link_count.saturating_sub(1),
             }
-            tx.remove_entry(dir.vnode, name)?;
+            tx.remove_entry(dir.vnode, &name)?;
             dir_record.size = dir_record.size.saturating_sub(1);
             dir_record.touch_data(now);
             record.ctime = now;
-            let target = record.status(self.id, vnode);
+            let target = record.status(id, vnode);
             tx.put_or_free(vnode, record)?;
             tx.put(dir.vnode, dir_record.clone());
             Ok(Removed {
-                dir: dir_record.status(self.id, dir.vnode),
+                dir: dir_record.status(id, dir.vnode),
                 target,
             })
         })
@@ -510,25 +619,26 @@ impl Volume {
     ) -> Result<Renamed, StorageError> {
         proto::check_entry_name(from_name)?;
         proto::check_entry_name(to_name)?;
-        self.write(|tx| {
+        let (id, from_name, to_name) = (self.id, from_name.to_owned(), to_name.to_owned());
+        self.write(move |tx| {
             tx.directory(from_dir)?;
             tx.directory(to_dir)?;
             let (moved, _, _) = tx
-                .entry(from_dir.vnode, from_name)?
+                .entry(from_dir.vnode, &from_name)?
                 .ok_or(ErrorCode::NoSuchEntry)?;
             let moved = VnodeId(moved);
             let mut moved_record = tx.vnode(moved)?;
             let moved_is_dir = moved_record.kind == FileKind::Directory;
-            let existing = tx.entry(to_dir.vnode, to_name)?;
+            let existing = tx.entry(to_dir.vnode, &to_name)?;
             if existing.map(|e| e.0) == Some(moved.0) {
                 // Both names are links to one vnode (or the very same entry): POSIX
                 // says do nothing.
-                let from = tx.vnode(from_dir.vnode)?.status(self.id, from_dir.vnode);
-                let to = tx.vnode(to_dir.vnode)?.status(self.id, to_dir.vnode);
+                let from = tx.vnode(from_dir.vnode)?.status(id, from_dir.vnode);
+                let to = tx.vnode(to_dir.vnode)?.status(id, to_dir.vnode);
                 return Ok(Renamed {
                     from_dir: from,
                     to_dir: to,
-                    moved: moved_record.status(self.id, moved),
+                    moved: moved_record.status(id, moved),
                     replaced: None,
                 });
             }
@@ -558,15 +668,15 @@ impl Volume {
                     }
                 }
                 target_record.ctime = now;
-                replaced = Some(target_record.status(self.id, target));
+                replaced = Some(target_record.status(id, target));
                 tx.put_or_free(target, target_record)?;
-                tx.remove_entry(to_dir.vnode, to_name)?;
+                tx.remove_entry(to_dir.vnode, &to_name)?;
                 let mut to = tx.vnode(to_dir.vnode)?;
                 to.size -= 1;
                 tx.put(to_dir.vnode, to);
             }
-            tx.remove_entry(from_dir.vnode, from_name)?;
-            tx.put_entry(to_dir.vnode, to_name, moved, &moved_record)?;
+            tx.remove_entry(from_dir.vnode, &from_name)?;
+            tx.put_entry(to_dir.vnode, &to_name, moved, &moved_record)?;
             let mut from = tx.vnode(from_dir.vnode)?;
             from.size = from.size.saturating_sub(1);
             from.touch_data(now);
@@ -587,9 +697,9 @@ impl Volume {
             moved_record.ctime = now;
             tx.put(moved, moved_record.clone());
             Ok(Renamed {
-                from_dir: tx.vnode(from_dir.vnode)?.status(self.id, from_dir.vnode),
-                to_dir: tx.vnode(to_dir.vnode)?.status(self.id, to_dir.vnode),
-                moved: moved_record.status(self.id, moved),
+                from_dir: tx.vnode(from_dir.vnode)?.status(id, from_dir.vnode),
+                to_dir: tx.vnode(to_dir.vnode)?.status(id, to_dir.vnode),
+                moved: moved_record.status(id, moved),
                 replaced,
             })
         })
@@ -607,6 +717,47 @@ impl Volume {
 
     fn data_path(&self, vnode: VnodeId) -> PathBuf {
         self.data_dir.join(vnode.0.to_string())
+    }
+
+    /// A file's record, with its bytes if they are inline (`None` if in a data file).
+    fn read_file_record(&self, fid: Fid) -> Result<(VnodeRecord, Option<Vec<u8>>), StorageError> {
+        self.read(|r| {
+            let record = r.checked(fid)?;
+            require_file(record.kind)?;
+            let inline = match record.data {
+                DataLocation::Inline => Some(r.file_data(fid.vnode)?),
+                DataLocation::File => None,
+            };
+            Ok((record, inline))
+        })
+    }
+
+    /// Writes a file's whole new data file (`content`, then `data` at `offset`, `size`
+    /// bytes in all) and makes it and its directory entry durable, before any record
+    /// points to it. A crash before that commit leaves an unused file, which the next
+    /// move to a data file truncates and removing the vnode deletes.
+    fn write_new_data_file(
+        &self,
+        vnode: VnodeId,
+        content: &[u8],
+        offset: u64,
+        data: &[u8],
+        size: u64,
+    ) -> Result<(), StorageError> {
+        let path = self.data_path(vnode);
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(io_error(&path))?;
+        file.write_all_at(content, 0).map_err(io_error(&path))?;
+        file.write_all_at(data, offset).map_err(io_error(&path))?;
+        file.set_len(size).map_err(io_error(&path))?;
+        file.sync_all().map_err(io_error(&path))?;
+        File::open(&self.data_dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_error(&self.data_dir))
     }
 
     /// Opens a vnode's data file for writing. A newly created file's directory entry is
@@ -670,48 +821,104 @@ impl Volume {
         })
     }
 
-    /// Runs `op` in one durable write transaction; freed vnodes lose their data file
-    /// after the commit (a crash before that leaves an orphan file, never lost data).
-    fn write<T>(
+    /// Runs `op` in a durable write transaction and returns once it is committed. `op`
+    /// runs on whichever thread leads the group commit, in one transaction with the
+    /// other requests queued meanwhile, after theirs and seeing their changes; a refused
+    /// `op` changes nothing. Every answer of a batch waits for its commit, refusals too,
+    /// so no one is told of a change that a crash could still undo.
+    fn write<T: Send + 'static>(
         &self,
-        op: impl FnOnce(&mut Tx<'_>) -> Result<T, StorageError>,
+        op: impl FnOnce(&mut Tx<'_>) -> Result<T, StorageError> + Send + 'static,
     ) -> Result<T, StorageError> {
-        let mut txn = self.db.begin_write().map_err(db_error(&self.db_path))?;
-        txn.set_durability(Durability::Immediate)
-            .map_err(db_error(&self.db_path))?;
-        let freed = {
-            let mut tx = Tx {
-                txn: &txn,
-                reader: Reader {
-                    txn: &txn,
-                    path: &self.db_path,
-                    volume: self.id,
-                },
-                header: None,
-                header_dirty: false,
-                cache: BTreeMap::new(),
-                entries: Vec::new(),
-                freed: Vec::new(),
-            };
-            let value = op(&mut tx)?;
-            let freed = std::mem::take(&mut tx.freed);
-            tx.flush()?;
-            (value, freed)
-        };
-        txn.commit().map_err(db_error(&self.db_path))?;
-        let (value, freed) = freed;
-        for vnode in freed {
-            let path = self.data_path(vnode);
-            match std::fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == ErrorKind::NotFound => {}
-                Err(e) => {
-                    tracing::warn!(path = %path.display(), error = %e, "could not remove a freed data file")
+        let (sender, receiver) = sync_channel(1);
+        let job: WriteJob = Box::new(move |tx: &mut Tx<'_>| {
+            let outcome = op(tx);
+            Applied {
+                changed: outcome.is_ok(),
+                answer: Box::new(move |committed: Result<(), StorageError>| {
+                    // The submitter is waiting on the receiver; it cannot be gone.
+                    let _ = sender.send(committed.and(outcome));
+                }),
+            }
+        });
+        self.committer
+            .submit(job, &receiver, |jobs| self.run_batch(jobs))
+            .unwrap_or_else(|| {
+                Err(StorageError::BatchFailed {
+                    path: self.db_path.clone(),
+                    detail: "the write batch stopped before reaching this request".into(),
+                })
+            })
+    }
+
+    /// Applies `jobs` in order in one write transaction, commits it durably, removes the
+    /// data files it freed (a crash before that leaves an orphan file, never lost data)
+    /// and answers every job.
+    fn run_batch(&self, jobs: Vec<WriteJob>) {
+        let mut answers = Vec::with_capacity(jobs.len());
+        let mut dead_files = Vec::new();
+        let committed = (|| {
+            let mut txn = self.db.begin_write().map_err(db_error(&self.db_path))?;
+            txn.set_durability(Durability::Immediate)
+                .map_err(db_error(&self.db_path))?;
+            for job in jobs {
+                let mut tx = Tx::new(&txn, &self.db_path, self.id);
+                let applied = job(&mut tx);
+                answers.push(applied.answer);
+                if applied.changed {
+                    dead_files.extend(tx.flush()?);
                 }
             }
+            txn.commit().map_err(db_error(&self.db_path))
+        })();
+        let committed = match committed {
+            Ok(()) => {
+                for vnode in dead_files {
+                    self.remove_data_file(vnode);
+                }
+                Ok(())
+            }
+            Err(e) => Err(e.to_string()),
+        };
+        for answer in answers {
+            answer(
+                committed
+                    .clone()
+                    .map_err(|detail| StorageError::BatchFailed {
+                        path: self.db_path.clone(),
+                        detail,
+                    }),
+            );
         }
-        Ok(value)
     }
+
+    fn remove_data_file(&self, vnode: VnodeId) {
+        let path = self.data_path(vnode);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "could not remove an unused data file")
+            }
+        }
+    }
+}
+
+/// `content` cut or zero-extended to `base` bytes, with `data` written at `offset`,
+/// `size` bytes in all.
+fn spliced(mut content: Vec<u8>, base: u64, offset: u64, data: &[u8], size: u64) -> Vec<u8> {
+    // Callers bound every length by `INLINE_BYTES_MAX`, so these fit in memory.
+    content.resize(base as usize, 0);
+    if !data.is_empty() {
+        let offset = offset as usize;
+        let end = offset + data.len();
+        if content.len() < end {
+            content.resize(end, 0);
+        }
+        content[offset..end].copy_from_slice(data);
+    }
+    content.resize(size as usize, 0);
+    content
 }
 
 fn require_file(kind: FileKind) -> Result<(), StorageError> {
@@ -741,6 +948,7 @@ trait TxnTables {
     fn get_header(&self) -> Result<Option<Vec<u8>>, redb::Error>;
     fn get_vnode(&self, vnode: u64) -> Result<Option<Vec<u8>>, redb::Error>;
     fn get_entry(&self, dir: u64, name: &str) -> Result<Option<(u64, u32, u8)>, redb::Error>;
+    fn get_file_data(&self, vnode: u64) -> Result<Option<Vec<u8>>, redb::Error>;
 }
 
 impl TxnTables for redb::ReadTransaction {
@@ -756,6 +964,10 @@ impl TxnTables for redb::ReadTransaction {
         let table = self.open_table(ENTRIES)?;
         Ok(table.get((dir, name))?.map(|v| v.value()))
     }
+    fn get_file_data(&self, vnode: u64) -> Result<Option<Vec<u8>>, redb::Error> {
+        let table = self.open_table(FILE_DATA)?;
+        Ok(table.get(vnode)?.map(|v| v.value().to_vec()))
+    }
 }
 
 impl TxnTables for redb::WriteTransaction {
@@ -770,6 +982,10 @@ impl TxnTables for redb::WriteTransaction {
     fn get_entry(&self, dir: u64, name: &str) -> Result<Option<(u64, u32, u8)>, redb::Error> {
         let table = self.open_table(ENTRIES)?;
         Ok(table.get((dir, name))?.map(|v| v.value()))
+    }
+    fn get_file_data(&self, vnode: u64) -> Result<Option<Vec<u8>>, redb::Error> {
+        let table = self.open_table(FILE_DATA)?;
+        Ok(table.get(vnode)?.map(|v| v.value().to_vec()))
     }
 }
 
@@ -796,7 +1012,7 @@ impl Reader<'_> {
             .ok_or_else(|| self.corrupt("no volume header".into()))?;
         let header: VolumeHeader = postcard::from_bytes(&bytes)
             .map_err(|e| self.corrupt(format!("volume header: {e}")))?;
-        if header.format != RECORD_FORMAT {
+        if header.format != HEADER_FORMAT {
             return Err(self.corrupt(format!("volume header format {}", header.format)));
         }
         Ok(header)
@@ -809,12 +1025,16 @@ impl Reader<'_> {
             .get_vnode(vnode.0)
             .map_err(|e| self.db(e))?
             .ok_or(ErrorCode::Stale)?;
-        let record: VnodeRecord = postcard::from_bytes(&bytes)
-            .map_err(|e| self.corrupt(format!("vnode {vnode}: {e}")))?;
-        if record.format != RECORD_FORMAT {
-            return Err(self.corrupt(format!("vnode {vnode} format {}", record.format)));
-        }
-        Ok(record)
+        VnodeRecord::decode(&bytes).map_err(|e| self.corrupt(format!("vnode {vnode}: {e}")))
+    }
+
+    /// An inline file's bytes (empty when it has no row).
+    fn file_data(&self, vnode: VnodeId) -> Result<Vec<u8>, StorageError> {
+        Ok(self
+            .txn
+            .get_file_data(vnode.0)
+            .map_err(|e| self.db(e))?
+            .unwrap_or_default())
     }
 
     /// The vnode a fid names, `Stale` unless the uniquifier matches.
@@ -853,10 +1073,66 @@ struct Tx<'a> {
     cache: BTreeMap<u64, (Option<VnodeRecord>, Option<VnodeRecord>)>,
     /// Directory entry changes in order: `Some` = insert, `None` = remove.
     entries: Vec<((u64, String), Option<EntryValue>)>,
-    freed: Vec<VnodeId>,
+    /// Inline data to write; empty = remove the row.
+    file_data: Vec<(u64, Vec<u8>)>,
+    /// Data files to remove once the transaction is committed.
+    dead_files: Vec<VnodeId>,
 }
 
-impl Tx<'_> {
+impl<'a> Tx<'a> {
+    fn new(txn: &'a redb::WriteTransaction, path: &'a Path, volume: VolumeId) -> Tx<'a> {
+        Tx {
+            txn,
+            reader: Reader { txn, path, volume },
+            header: None,
+            header_dirty: false,
+            cache: BTreeMap::new(),
+            entries: Vec::new(),
+            file_data: Vec::new(),
+            dead_files: Vec::new(),
+        }
+    }
+
+    fn volume(&self) -> VolumeId {
+        self.reader.volume
+    }
+
+    /// Applies a planned data change to `record` (size, quota, location, DV +1). The
+    /// plan was made under the vnode's data lock from DV `planned`; the lock keeps that
+    /// DV current, so a mismatch is a bug, refused rather than applied.
+    fn change_data(
+        &mut self,
+        vnode: VnodeId,
+        record: &mut VnodeRecord,
+        planned: proto::DataVersion,
+        size: u64,
+        change: DataChange,
+    ) -> Result<(), StorageError> {
+        require_file(record.kind)?;
+        if record.data_version != planned {
+            return Err(self.reader.corrupt(format!(
+                "vnode {vnode} changed from DV {planned} to {} under its data lock",
+                record.data_version
+            )));
+        }
+        self.resize(record, size)?;
+        match change {
+            DataChange::Inline(content) => self.file_data.push((vnode.0, content)),
+            DataChange::ToFile => {
+                record.data = DataLocation::File;
+                self.file_data.push((vnode.0, Vec::new()));
+            }
+            DataChange::InFile => {}
+            DataChange::FromFile(content) => {
+                record.data = DataLocation::Inline;
+                self.file_data.push((vnode.0, content));
+                self.dead_files.push(vnode);
+            }
+        }
+        record.touch_data(Timestamp::now());
+        Ok(())
+    }
+
     fn header_mut(&mut self) -> Result<&mut VolumeHeader, StorageError> {
         if self.header.is_none() {
             self.header = Some(self.reader.header()?);
@@ -910,7 +1186,9 @@ impl Tx<'_> {
         header.vnode_count = header.vnode_count.saturating_sub(1);
         if record.kind == FileKind::File {
             header.bytes_used = header.bytes_used.saturating_sub(record.size);
-            self.freed.push(vnode);
+            // Both forms go: a data file may exist beside inline data after a crash.
+            self.file_data.push((vnode.0, Vec::new()));
+            self.dead_files.push(vnode);
         }
         self.cache.entry(vnode.0).or_insert((None, None)).1 = None;
         Ok(())
@@ -1018,7 +1296,9 @@ impl Tx<'_> {
         )))
     }
 
-    fn flush(self) -> Result<(), StorageError> {
+    /// Writes the changes into the transaction; returns the data files to remove after
+    /// the commit.
+    fn flush(self) -> Result<Vec<VnodeId>, StorageError> {
         let Tx {
             txn,
             reader,
@@ -1026,7 +1306,8 @@ impl Tx<'_> {
             header_dirty,
             cache,
             entries,
-            ..
+            file_data,
+            dead_files,
         } = self;
         let path = reader.path;
         if header_dirty && let Some(header) = header {
@@ -1039,7 +1320,7 @@ impl Tx<'_> {
                 .insert(HEADER_KEY, bytes.as_slice())
                 .map_err(db_error(path))?;
         }
-        {
+        if cache.values().any(|(before, after)| before != after) {
             let mut table = txn.open_table(VNODES).map_err(db_error(path))?;
             for (vnode, (before, after)) in cache {
                 if before == after {
@@ -1077,6 +1358,18 @@ impl Tx<'_> {
                 }
             }
         }
-        Ok(())
+        if !file_data.is_empty() {
+            let mut table = txn.open_table(FILE_DATA).map_err(db_error(path))?;
+            for (vnode, content) in file_data {
+                if content.is_empty() {
+                    table.remove(vnode).map_err(db_error(path))?;
+                } else {
+                    table
+                        .insert(vnode, content.as_slice())
+                        .map_err(db_error(path))?;
+                }
+            }
+        }
+        Ok(dead_files)
     }
 }

@@ -1,0 +1,102 @@
+//! The cache manager's side of the control socket: one task per `fs` connection, one
+//! request per frame, answered from the manager.
+//! Invariant: a client can make the server hold at most `CONNECTIONS_MAX` connections of
+//! one frame each; errors go back as `ControlResponse::Error` text, never as a panic.
+
+use std::sync::Arc;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{Semaphore, watch};
+use tracing::debug;
+
+use crate::control::{ControlRequest, ControlResponse, body_len, decode, encode};
+use crate::manager::{Manager, describe};
+
+const CONNECTIONS_MAX: usize = 64;
+
+pub async fn serve(
+    listener: UnixListener,
+    manager: Arc<Manager>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let permits = Arc::new(Semaphore::new(CONNECTIONS_MAX));
+    loop {
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                debug!(error = %e, "control accept failed");
+                continue;
+            }
+        };
+        let manager = manager.clone();
+        tokio::spawn(async move {
+            if let Err(e) = handle(stream, &manager).await {
+                debug!(error = %e, "control connection failed");
+            }
+            drop(permit);
+        });
+    }
+}
+
+async fn handle(mut stream: UnixStream, manager: &Manager) -> std::io::Result<()> {
+    loop {
+        let mut header = [0u8; 4];
+        match stream.read_exact(&mut header).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        let len = body_len(header).map_err(std::io::Error::other)?;
+        let mut body = vec![0u8; len];
+        stream.read_exact(&mut body).await?;
+        let response = match decode::<ControlRequest>(&body) {
+            Ok(request) => answer(manager, request).await,
+            Err(e) => ControlResponse::Error(format!("bad control request: {e}")),
+        };
+        let frame = encode(&response).map_err(std::io::Error::other)?;
+        stream.write_all(&frame).await?;
+    }
+}
+
+async fn answer(manager: &Manager, request: ControlRequest) -> ControlResponse {
+    debug!(?request, "control request");
+    match request {
+        ControlRequest::Examine { ino } => match manager.examine(ino).await {
+            Ok(info) => ControlResponse::Examine(info),
+            Err(e) => ControlResponse::Error(describe(e)),
+        },
+        ControlRequest::ExamineEntry { dir, name } => {
+            match manager.examine_entry(dir, &name).await {
+                Ok(info) => ControlResponse::Examine(info),
+                Err(e) => ControlResponse::Error(describe(e)),
+            }
+        }
+        ControlRequest::Whereis { ino } => match manager.whereis(ino).await {
+            Ok((volume, addresses)) => ControlResponse::Whereis { volume, addresses },
+            Err(e) => ControlResponse::Error(describe(e)),
+        },
+        ControlRequest::Flush { ino } => match manager.flush_cached(ino).await {
+            Ok(()) => ControlResponse::Flushed,
+            Err(e) => ControlResponse::Error(describe(e)),
+        },
+        ControlRequest::CheckServers => ControlResponse::Servers(manager.check_servers().await),
+        ControlRequest::MkMount { dir, name, volume } => {
+            match manager.make_mount(dir, &name, &volume).await {
+                Ok(()) => ControlResponse::MountMade,
+                Err(message) => ControlResponse::Error(message),
+            }
+        }
+        ControlRequest::LsMount { dir, name } => match manager.list_mount(dir, &name).await {
+            Ok(content) => ControlResponse::LsMount { content },
+            Err(e) => ControlResponse::Error(describe(e)),
+        },
+    }
+}

@@ -1,0 +1,446 @@
+//! The FUSE face of the cache manager: each kernel request is decoded, run on the
+//! manager (blocking this fuser thread on the async runtime) and answered.
+//! Invariant: every request gets exactly one reply; no request waits without bound,
+//! since every RPC under it has a deadline.
+
+use std::ffi::OsStr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use fuser::{
+    AccessFlags, Errno, FileHandle, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig,
+    LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
+    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
+    WriteFlags,
+};
+use proto::{SetAttrs, Timestamp};
+use tracing::debug;
+
+use crate::chunk_index::CHUNK_BYTES;
+use crate::inode::Ino;
+use crate::manager::{AttrOut, FsResult, Manager};
+
+/// Block size `statfs` reports.
+const STATFS_BLOCK_BYTES: u64 = 4096;
+
+pub struct HoldfastFs {
+    manager: Arc<Manager>,
+}
+
+impl HoldfastFs {
+    pub fn new(manager: Arc<Manager>) -> HoldfastFs {
+        HoldfastFs { manager }
+    }
+
+    fn run<T>(&self, future: impl std::future::Future<Output = FsResult<T>>) -> FsResult<T> {
+        self.manager.block_on(future)
+    }
+}
+
+fn ino(i: INodeNo) -> Ino {
+    Ino(i.0)
+}
+
+fn reply_entry(reply: ReplyEntry, result: FsResult<AttrOut>) {
+    match result {
+        Ok(out) => reply.entry(&out.ttl, &out.attr, Generation(0)),
+        Err(e) => reply.error(e),
+    }
+}
+
+fn reply_empty(reply: ReplyEmpty, result: FsResult<()>) {
+    match result {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(e),
+    }
+}
+
+fn timestamp(t: TimeOrNow) -> Timestamp {
+    match t {
+        TimeOrNow::SpecificTime(t) => t.into(),
+        TimeOrNow::Now => Timestamp::now(),
+    }
+}
+
+impl Filesystem for HoldfastFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // Large transfers: one FUSE request per chunk where the kernel allows it.
+        if let Err(nearest) = config.set_max_write(CHUNK_BYTES as u32) {
+            let _ = config.set_max_write(nearest);
+        }
+        if let Err(nearest) = config.set_max_readahead(CHUNK_BYTES as u32) {
+            let _ = config.set_max_readahead(nearest);
+        }
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        reply_entry(reply, self.run(self.manager.lookup(ino(parent), name)));
+    }
+
+    fn getattr(&self, _req: &Request, i: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.run(self.manager.getattr(ino(i))) {
+            Ok(out) => reply.attr(&out.ttl, &out.attr),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        i: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let attrs = SetAttrs {
+            mode: mode.map(|m| m & 0o7777),
+            uid,
+            gid,
+            size,
+            atime: atime.map(timestamp),
+            mtime: mtime.map(timestamp),
+        };
+        match self.run(self.manager.setattr(ino(i), attrs)) {
+            Ok(out) => reply.attr(&out.ttl, &out.attr),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, i: INodeNo, reply: ReplyData) {
+        match self.run(self.manager.readlink(ino(i))) {
+            Ok(target) => reply.data(&target),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        _rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        if mode & libc::S_IFMT != libc::S_IFREG {
+            // Only regular files live in Holdfast.
+            reply.error(Errno::EPERM);
+            return;
+        }
+        let future =
+            self.manager
+                .create(ino(parent), name, mode & !umask, req.uid(), req.gid(), true);
+        reply_entry(reply, self.run(future));
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let future = self
+            .manager
+            .mkdir(ino(parent), name, mode & !umask, req.uid(), req.gid());
+        reply_entry(reply, self.run(future));
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        reply_empty(
+            reply,
+            self.run(self.manager.remove(ino(parent), name, false)),
+        );
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        reply_empty(
+            reply,
+            self.run(self.manager.remove(ino(parent), name, true)),
+        );
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let future = self
+            .manager
+            .symlink(ino(parent), link_name, target, req.uid(), req.gid());
+        reply_entry(reply, self.run(future));
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        new_parent: INodeNo,
+        new_name: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        if !flags.is_empty() {
+            reply.error(Errno::EINVAL);
+            return;
+        }
+        let future = self
+            .manager
+            .rename(ino(parent), name, ino(new_parent), new_name);
+        reply_empty(reply, self.run(future));
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        i: INodeNo,
+        new_parent: INodeNo,
+        new_name: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        reply_entry(
+            reply,
+            self.run(self.manager.link(ino(i), ino(new_parent), new_name)),
+        );
+    }
+
+    fn open(&self, _req: &Request, i: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.run(self.manager.open(ino(i))) {
+            Ok(true) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+            Ok(false) => reply.opened(FileHandle(0), FopenFlags::empty()),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        i: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        match self.run(self.manager.read(ino(i), offset, size)) {
+            Ok(data) => reply.data(&data),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        i: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        match self.run(self.manager.write(ino(i), offset, data)) {
+            Ok(written) => reply.written(written),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        i: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply_empty(reply, self.run(self.manager.flush(ino(i))));
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        i: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        reply_empty(reply, self.run(self.manager.flush(ino(i))));
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        i: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        reply_empty(reply, self.run(self.manager.flush(ino(i))));
+    }
+
+    fn opendir(&self, _req: &Request, i: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.run(self.manager.opendir(ino(i))) {
+            Ok(handle) => reply.opened(FileHandle(handle), FopenFlags::empty()),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        i: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let snapshot = match self.run(self.manager.readdir(ino(i), fh.0, offset)) {
+            Ok(snapshot) => snapshot,
+            Err(e) => {
+                reply.error(e);
+                return;
+            }
+        };
+        let start = usize::try_from(offset).unwrap_or(usize::MAX);
+        for (index, (name, child, kind)) in snapshot.entries.iter().enumerate().skip(start) {
+            // The offset of an entry is where the next read resumes.
+            if reply.add(INodeNo(child.0), index as u64 + 1, *kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _i: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.manager.releasedir(fh.0);
+        reply.ok();
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _i: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        // Directory changes are synchronous RPCs: nothing is pending.
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, i: INodeNo, reply: ReplyStatfs) {
+        match self.run(self.manager.statfs(ino(i))) {
+            Ok(space) => {
+                let blocks = space.bytes_total / STATFS_BLOCK_BYTES;
+                let free = space.bytes_free / STATFS_BLOCK_BYTES;
+                reply.statfs(
+                    blocks,
+                    free,
+                    free,
+                    space.file_count + free,
+                    free,
+                    STATFS_BLOCK_BYTES as u32,
+                    proto::name::ENTRY_NAME_BYTES_MAX as u32,
+                    STATFS_BLOCK_BYTES as u32,
+                );
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn access(&self, _req: &Request, i: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        // Permission bits are checked by the kernel (default_permissions); this only
+        // confirms the file still exists.
+        reply_empty(reply, self.run(self.manager.getattr(ino(i))).map(|_| ()));
+    }
+
+    // Extended attributes are not stored. ENOSYS makes the kernel stop asking (it would
+    // otherwise ask for `security.capability` before every write).
+    fn getxattr(&self, _req: &Request, _i: INodeNo, _name: &OsStr, _size: u32, reply: ReplyXattr) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn listxattr(&self, _req: &Request, _i: INodeNo, _size: u32, reply: ReplyXattr) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        _i: INodeNo,
+        _name: &OsStr,
+        _value: &[u8],
+        _flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn removexattr(&self, _req: &Request, _i: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let exclusive = flags & libc::O_EXCL != 0;
+        let future = self.manager.create(
+            ino(parent),
+            name,
+            mode & !umask,
+            req.uid(),
+            req.gid(),
+            exclusive,
+        );
+        match self.run(future) {
+            Ok(out) => {
+                debug!(ino = out.attr.ino.0, "created");
+                reply.created(
+                    &out.ttl,
+                    &out.attr,
+                    Generation(0),
+                    FileHandle(0),
+                    FopenFlags::empty(),
+                )
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+}

@@ -1,0 +1,1209 @@
+//! The cache manager's core: answers filesystem operations from the status and chunk
+//! caches under callback promises and goes to the fileserver only on a miss, a broken
+//! callback or a change. FUSE threads and the control socket both call in here.
+//! Invariant: the `state` lock is short and never held across an `.await`, and it is
+//! taken before the chunk index lock, never after; data operations on one file are
+//! serialized by that file's (striped) lock, which may be held across RPCs.
+
+use std::collections::{HashMap, HashSet};
+use std::ffi::OsStr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use fuser::{Errno, FileAttr, FileType, INodeNo};
+use parking_lot::Mutex;
+use proto::{
+    CallbackGrant, DataVersion, ErrorCode, Fid, FileKind, ProtoError, Request, Response, ServerId,
+    SetAttrs, VldbClient, VnodeStatus, VolumeId, VolumeName, VolumeSpace, check_entry_name,
+};
+use tracing::{debug, info, warn};
+
+use crate::chunk_index::{CHUNK_BYTES, ChunkKey};
+use crate::chunk_store::ChunkStore;
+use crate::control::{ExamineInfo, ServerState};
+use crate::inode::{Ino, InodeTable};
+use crate::invalidate::{Invalidation, Invalidator};
+use crate::listing::{DirChange, ListEntry, Listing};
+use crate::server_pool::{CallbackSink, ServerPool};
+use crate::status::StatusTable;
+use crate::volume::VolumeTable;
+
+/// Longest the kernel may cache attributes and entries before asking again; breaks
+/// invalidate sooner, this bounds the harm of a lost invalidation.
+const KERNEL_TTL_MAX: Duration = Duration::from_secs(1);
+/// Entries asked for per `ReadDir` page.
+const READDIR_PAGE: u32 = 1024;
+/// A directory larger than this is refused rather than held in memory.
+const LISTING_ENTRIES_MAX: usize = 4_000_000;
+/// Attempts to list a directory that keeps changing between pages.
+const LISTING_ATTEMPTS: usize = 3;
+/// Largest symlink target or mount point content read.
+const CONTENT_BYTES_MAX: u32 = 64 * 1024;
+/// Stripes of the per-file data lock.
+const FILE_LOCK_STRIPES: usize = 64;
+/// Directory streams open at once.
+const DIR_HANDLES_MAX: usize = 65_536;
+/// Evicted fids collected before their callbacks are given up in one request.
+const GIVE_UP_BATCH: usize = 64;
+/// How long `fs checkservers` waits for a ping.
+const PING_TIMEOUT_MAX: Duration = Duration::from_secs(2);
+
+pub type FsResult<T> = Result<T, Errno>;
+
+/// What a FUSE entry or attr reply needs.
+#[derive(Clone, Copy, Debug)]
+pub struct AttrOut {
+    pub attr: FileAttr,
+    pub ttl: Duration,
+}
+
+/// A directory as one `opendir` stream sees it: offsets index into `entries`.
+#[derive(Debug)]
+pub struct DirSnapshot {
+    pub entries: Vec<(String, Ino, FileType)>,
+}
+
+struct CacheState {
+    inodes: InodeTable,
+    statuses: StatusTable,
+}
+
+#[derive(Default)]
+struct DirHandles {
+    open: HashMap<u64, Arc<DirSnapshot>>,
+    next: u64,
+}
+
+/// Settings the manager needs from `Config`.
+pub struct ManagerSettings {
+    pub root_volume: VolumeName,
+    pub chunk_dir: std::path::PathBuf,
+    pub cache_bytes_max: u64,
+}
+
+pub struct Manager {
+    vldb: VldbClient,
+    volumes: VolumeTable,
+    pool: Arc<ServerPool>,
+    state: Mutex<CacheState>,
+    chunks: ChunkStore,
+    file_locks: Vec<tokio::sync::Mutex<()>>,
+    invalidator: Invalidator,
+    dir_handles: Mutex<DirHandles>,
+    evicted: Mutex<Vec<Fid>>,
+    runtime: tokio::runtime::Handle,
+}
+
+/// The errno a failed RPC gives the caller.
+pub fn errno_of(e: &ProtoError) -> Errno {
+    match e {
+        ProtoError::Remote(code) => Errno::from_i32(code.errno()),
+        ProtoError::Timeout(_) => Errno::from_i32(libc::ETIMEDOUT),
+        _ => Errno::EIO,
+    }
+}
+
+/// An errno as the text `strerror` gives.
+pub fn describe(errno: Errno) -> String {
+    std::io::Error::from_raw_os_error(errno.code()).to_string()
+}
+
+fn io_errno(e: std::io::Error) -> Errno {
+    warn!(error = %e, "chunk cache i/o failed");
+    Errno::EIO
+}
+
+fn unexpected(response: &Response) -> Errno {
+    warn!(
+        response = response.kind_name(),
+        "fileserver sent a response of the wrong kind"
+    );
+    Errno::EIO
+}
+
+/// Checks a name from the kernel before any RPC: 256 bytes is `ENAMETOOLONG`.
+pub fn entry_name(name: &OsStr) -> FsResult<String> {
+    let Some(text) = name.to_str() else {
+        return Err(Errno::EINVAL);
+    };
+    check_entry_name(text).map_err(|code| Errno::from_i32(code.errno()))?;
+    Ok(text.to_owned())
+}
+
+/// A mount point's content (`#name.` or `%name.`) to the volume it shows.
+pub fn parse_mount_point(content: &[u8]) -> Option<VolumeName> {
+    let text = std::str::from_utf8(content).ok()?;
+    let text = text.strip_prefix(['#', '%'])?;
+    let text = text.strip_suffix('.').unwrap_or(text);
+    VolumeName::parse(text).ok()
+}
+
+pub fn file_type(kind: FileKind) -> FileType {
+    match kind {
+        FileKind::File => FileType::RegularFile,
+        FileKind::Directory | FileKind::MountPoint => FileType::Directory,
+        FileKind::Symlink => FileType::Symlink,
+    }
+}
+
+fn file_attr(ino: Ino, status: &VnodeStatus, size: u64) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(ino.0),
+        size,
+        blocks: size.div_ceil(512),
+        atime: status.atime.into(),
+        mtime: status.mtime.into(),
+        ctime: status.ctime.into(),
+        crtime: status.ctime.into(),
+        kind: file_type(status.kind),
+        perm: (status.mode & 0o7777) as u16,
+        nlink: status.link_count,
+        uid: status.uid,
+        gid: status.gid,
+        rdev: 0,
+        blksize: 64 * 1024,
+        flags: 0,
+    }
+}
+
+impl Manager {
+    /// Finds the root volume, opens the caches and warms the root's status.
+    pub async fn start(
+        settings: ManagerSettings,
+        vldb: VldbClient,
+        pool: Arc<ServerPool>,
+        invalidator: Invalidator,
+    ) -> Result<Arc<Manager>, crate::CacheError> {
+        let volumes = VolumeTable::default();
+        let root = volumes
+            .by_name(&vldb, &settings.root_volume)
+            .await
+            .map_err(|source| match source {
+                ProtoError::Remote(ErrorCode::NoSuchVolume) => crate::CacheError::NoSuchVolume {
+                    volume: settings.root_volume.to_string(),
+                },
+                e if e.is_transport() => crate::CacheError::VldbUnreachable {
+                    cell: vldb.cell().name.clone(),
+                    addresses: vldb.cell().vlservers.join(", "),
+                    source: e,
+                },
+                e => crate::CacheError::Vldb {
+                    volume: settings.root_volume.to_string(),
+                    source: e,
+                },
+            })?;
+        let chunks = ChunkStore::open(settings.chunk_dir.clone(), settings.cache_bytes_max)
+            .map_err(|source| crate::CacheError::CacheDir {
+                path: settings.chunk_dir.clone(),
+                source,
+            })?;
+        let root_fid = Fid::root(root.id);
+        let manager = Arc::new(Manager {
+            vldb,
+            volumes,
+            pool,
+            state: Mutex::new(CacheState {
+                inodes: InodeTable::new(root_fid),
+                statuses: StatusTable::default(),
+            }),
+            chunks,
+            file_locks: (0..FILE_LOCK_STRIPES)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
+            invalidator,
+            dir_handles: Mutex::new(DirHandles::default()),
+            evicted: Mutex::new(Vec::new()),
+            runtime: tokio::runtime::Handle::current(),
+        });
+        let sink: Arc<dyn CallbackSink> = manager.clone();
+        manager.pool.set_sink(Arc::downgrade(&sink));
+        info!(volume = %settings.root_volume, id = %root.id, servers = ?root.addresses, "root volume located");
+        if let Err(e) = manager.fetch_status(root_fid).await {
+            // Not fatal: the mount retries on every access and recovers by itself.
+            warn!(
+                "root volume's fileserver is not answering yet ({}); mounting anyway",
+                describe(e)
+            );
+        }
+        Ok(manager)
+    }
+
+    /// Runs an operation from a FUSE thread (which is not a runtime thread).
+    pub fn block_on<F: std::future::Future>(&self, future: F) -> F::Output {
+        self.runtime.block_on(future)
+    }
+
+    fn fid(&self, ino: Ino) -> FsResult<Fid> {
+        self.state.lock().inodes.fid(ino).ok_or(Errno::ESTALE)
+    }
+
+    fn file_lock(&self, fid: Fid) -> &tokio::sync::Mutex<()> {
+        let hash = fid
+            .vnode
+            .0
+            .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            .wrapping_add(fid.volume.0 ^ u64::from(fid.unique.0));
+        &self.file_locks[(hash as usize) % FILE_LOCK_STRIPES]
+    }
+
+    async fn call(&self, volume: VolumeId, request: Request) -> FsResult<Response> {
+        let location = self
+            .volumes
+            .by_id(&self.vldb, volume)
+            .await
+            .map_err(|e| errno_of(&e))?;
+        self.pool
+            .call(&location, request)
+            .await
+            .map_err(|e| errno_of(&e))
+    }
+
+    /// Records a status from any reply.
+    fn absorb(&self, status: VnodeStatus, callback: Option<CallbackGrant>, sent_at: Instant) {
+        let fid = status.fid;
+        let version = status.data_version;
+        let applied = self.state.lock().statuses.apply(status, callback, sent_at);
+        if applied.version_changed {
+            self.chunks.drop_stale(fid, version);
+        }
+    }
+
+    /// Records the status after this client's own store or setattr.
+    fn absorb_own_data_change(
+        &self,
+        before: DataVersion,
+        status: VnodeStatus,
+        callback: Option<CallbackGrant>,
+        sent_at: Instant,
+    ) {
+        let fid = status.fid;
+        let after = status.data_version;
+        if before.next() == after {
+            self.chunks.retag(fid, before, after);
+        }
+        let applied = self
+            .state
+            .lock()
+            .statuses
+            .apply_own_data_change(before, status, callback, sent_at);
+        if applied.version_changed {
+            self.chunks.drop_stale(fid, after);
+        }
+    }
+
+    async fn fetch_status(&self, fid: Fid) -> FsResult<VnodeStatus> {
+        let sent_at = Instant::now();
+        match self.call(fid.volume, Request::FetchStatus { fid }).await? {
+            Response::Status { status, callback } => {
+                self.absorb(status.clone(), callback, sent_at);
+                Ok(status)
+            }
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// The status under a valid callback, revalidating when none is held.
+    async fn valid_status(&self, fid: Fid) -> FsResult<VnodeStatus> {
+        if let Some(entry) = self.state.lock().statuses.fresh(fid, Instant::now()) {
+            return Ok(entry.status.clone());
+        }
+        self.fetch_status(fid).await
+    }
+
+    fn attr(&self, fid: Fid) -> FsResult<AttrOut> {
+        let mut state = self.state.lock();
+        let ino = state.inodes.ino_for(fid);
+        let entry = state.statuses.get(fid).ok_or(Errno::EIO)?;
+        Ok(AttrOut {
+            attr: file_attr(ino, &entry.status, entry.size()),
+            ttl: entry.kernel_ttl(Instant::now(), KERNEL_TTL_MAX),
+        })
+    }
+
+    pub async fn getattr(&self, ino: Ino) -> FsResult<AttrOut> {
+        let fid = self.fid(ino)?;
+        self.valid_status(fid).await?;
+        self.attr(fid)
+    }
+
+    // ---- directories ----
+
+    async fn fetch_listing(&self, dir: Fid) -> FsResult<Listing> {
+        for _ in 0..LISTING_ATTEMPTS {
+            let sent_at = Instant::now();
+            let mut first: Option<(VnodeStatus, Option<CallbackGrant>)> = None;
+            let mut entries = Vec::new();
+            let mut after = None;
+            let mut consistent = true;
+            loop {
+                let request = Request::ReadDir {
+                    dir,
+                    after: after.clone(),
+                    count_max: READDIR_PAGE,
+                };
+                let (status, callback, page, more) = match self.call(dir.volume, request).await? {
+                    Response::DirPage {
+                        dir,
+                        callback,
+                        entries,
+                        more,
+                    } => (dir, callback, entries, more),
+                    other => return Err(unexpected(&other)),
+                };
+                match &first {
+                    Some((s, _)) if s.data_version != status.data_version => {
+                        consistent = false;
+                        break;
+                    }
+                    Some(_) => {}
+                    None => first = Some((status, callback)),
+                }
+                after = page.last().map(|e| e.name.clone());
+                entries.extend(page);
+                if entries.len() > LISTING_ENTRIES_MAX {
+                    warn!(%dir, "directory has more than {LISTING_ENTRIES_MAX} entries; refusing to list it");
+                    return Err(Errno::EFBIG);
+                }
+                if !more || after.is_none() {
+                    break;
+                }
+            }
+            if !consistent {
+                debug!(%dir, "directory changed while listing; starting over");
+                continue;
+            }
+            let Some((status, callback)) = first else {
+                return Err(Errno::EIO);
+            };
+            let listing = Listing::new(status.data_version, entries);
+            self.absorb(status, callback, sent_at);
+            self.state.lock().statuses.set_listing(dir, listing.clone());
+            return Ok(listing);
+        }
+        Err(Errno::EAGAIN)
+    }
+
+    /// One name of a directory, from the cached listing when it is current.
+    async fn dir_entry(&self, dir: Fid, name: &str) -> FsResult<Option<ListEntry>> {
+        {
+            let state = self.state.lock();
+            if let Some(listing) = state
+                .statuses
+                .get(dir)
+                .and_then(|e| e.fresh_listing(Instant::now()))
+            {
+                return Ok(listing.get(name));
+            }
+        }
+        Ok(self.fetch_listing(dir).await?.get(name))
+    }
+
+    /// A symlink's target or a mount point's content.
+    async fn content(&self, fid: Fid) -> FsResult<Vec<u8>> {
+        let status = self.valid_status(fid).await?;
+        if let Some((version, content)) = self
+            .state
+            .lock()
+            .statuses
+            .get(fid)
+            .and_then(|e| e.content.clone())
+            && version == status.data_version
+        {
+            return Ok(content);
+        }
+        let sent_at = Instant::now();
+        let request = Request::FetchData {
+            fid,
+            offset: 0,
+            length: CONTENT_BYTES_MAX,
+        };
+        let (status, callback, data) = match self.call(fid.volume, request).await? {
+            Response::Data {
+                status,
+                callback,
+                data,
+            } => (status, callback, data),
+            other => return Err(unexpected(&other)),
+        };
+        let version = status.data_version;
+        self.absorb(status, callback, sent_at);
+        if let Some(entry) = self.state.lock().statuses.get_mut(fid)
+            && entry.status.data_version == version
+        {
+            entry.content = Some((version, data.clone()));
+        }
+        Ok(data)
+    }
+
+    async fn mount_target(&self, mount_point: Fid) -> FsResult<Fid> {
+        let content = self.content(mount_point).await?;
+        let Some(name) = parse_mount_point(&content) else {
+            warn!(fid = %mount_point, "mount point with unreadable content");
+            return Err(Errno::EIO);
+        };
+        let location = self
+            .volumes
+            .by_name(&self.vldb, &name)
+            .await
+            .map_err(|e| errno_of(&e))?;
+        Ok(Fid::root(location.id))
+    }
+
+    pub async fn lookup(&self, parent: Ino, name: &OsStr) -> FsResult<AttrOut> {
+        let name = entry_name(name)?;
+        let dir = self.fid(parent)?;
+        let entry = self.dir_entry(dir, &name).await?.ok_or(Errno::ENOENT)?;
+        let fid = if entry.kind == FileKind::MountPoint {
+            self.mount_target(entry.fid).await?
+        } else {
+            entry.fid
+        };
+        self.valid_status(fid).await?;
+        self.attr(fid)
+    }
+
+    async fn snapshot(&self, ino: Ino) -> FsResult<Arc<DirSnapshot>> {
+        let dir = self.fid(ino)?;
+        let listing = {
+            let state = self.state.lock();
+            state
+                .statuses
+                .get(dir)
+                .and_then(|e| e.fresh_listing(Instant::now()))
+                .cloned()
+        };
+        let listing = match listing {
+            Some(listing) => listing,
+            None => self.fetch_listing(dir).await?,
+        };
+        let mut state = self.state.lock();
+        let mut entries = Vec::with_capacity(listing.len() + 2);
+        entries.push((".".to_owned(), ino, FileType::Directory));
+        entries.push(("..".to_owned(), Ino::ROOT, FileType::Directory));
+        for (name, entry) in listing.iter() {
+            let child = state.inodes.ino_for(entry.fid);
+            entries.push((name.to_owned(), child, file_type(entry.kind)));
+        }
+        Ok(Arc::new(DirSnapshot { entries }))
+    }
+
+    pub async fn opendir(&self, ino: Ino) -> FsResult<u64> {
+        let snapshot = self.snapshot(ino).await?;
+        let mut handles = self.dir_handles.lock();
+        if handles.open.len() >= DIR_HANDLES_MAX {
+            return Err(Errno::from_i32(libc::EMFILE));
+        }
+        handles.next += 1;
+        let handle = handles.next;
+        handles.open.insert(handle, snapshot);
+        Ok(handle)
+    }
+
+    /// The stream's snapshot; reading from offset 0 (rewinddir) takes a fresh one.
+    pub async fn readdir(&self, ino: Ino, handle: u64, offset: u64) -> FsResult<Arc<DirSnapshot>> {
+        if offset != 0
+            && let Some(snapshot) = self.dir_handles.lock().open.get(&handle).cloned()
+        {
+            return Ok(snapshot);
+        }
+        let snapshot = self.snapshot(ino).await?;
+        let mut handles = self.dir_handles.lock();
+        if let Some(slot) = handles.open.get_mut(&handle) {
+            *slot = snapshot.clone();
+        }
+        Ok(snapshot)
+    }
+
+    pub fn releasedir(&self, handle: u64) {
+        self.dir_handles.lock().open.remove(&handle);
+    }
+
+    // ---- changes to directories ----
+
+    fn absorb_entry(&self, response: Response, name: &str, sent_at: Instant) -> FsResult<AttrOut> {
+        let (status, callback, dir) = match response {
+            Response::Entry {
+                status,
+                callback,
+                dir,
+            } => (status, callback, dir),
+            other => return Err(unexpected(&other)),
+        };
+        let fid = status.fid;
+        let change = DirChange::Insert {
+            name: name.to_owned(),
+            entry: ListEntry {
+                fid,
+                kind: status.kind,
+            },
+        };
+        self.state
+            .lock()
+            .statuses
+            .apply_own_dir_change(dir, &[change]);
+        self.absorb(status, callback, sent_at);
+        self.attr(fid)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub async fn create(
+        &self,
+        parent: Ino,
+        name: &OsStr,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        exclusive: bool,
+    ) -> FsResult<AttrOut> {
+        let name = entry_name(name)?;
+        let dir = self.fid(parent)?;
+        let sent_at = Instant::now();
+        let request = Request::Create {
+            dir,
+            name: name.clone(),
+            mode: mode & 0o7777,
+            uid,
+            gid,
+            exclusive,
+        };
+        let response = self.call(dir.volume, request).await?;
+        self.absorb_entry(response, &name, sent_at)
+    }
+
+    pub async fn mkdir(
+        &self,
+        parent: Ino,
+        name: &OsStr,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    ) -> FsResult<AttrOut> {
+        let name = entry_name(name)?;
+        let dir = self.fid(parent)?;
+        let sent_at = Instant::now();
+        let request = Request::MakeDir {
+            dir,
+            name: name.clone(),
+            mode: mode & 0o7777,
+            uid,
+            gid,
+        };
+        let response = self.call(dir.volume, request).await?;
+        self.absorb_entry(response, &name, sent_at)
+    }
+
+    pub async fn symlink(
+        &self,
+        parent: Ino,
+        name: &OsStr,
+        target: &std::path::Path,
+        uid: u32,
+        gid: u32,
+    ) -> FsResult<AttrOut> {
+        let name = entry_name(name)?;
+        let target = target.to_str().ok_or(Errno::EINVAL)?.to_owned();
+        let dir = self.fid(parent)?;
+        let sent_at = Instant::now();
+        let request = Request::Symlink {
+            dir,
+            name: name.clone(),
+            target,
+            uid,
+            gid,
+        };
+        let response = self.call(dir.volume, request).await?;
+        self.absorb_entry(response, &name, sent_at)
+    }
+
+    pub async fn link(&self, ino: Ino, new_parent: Ino, new_name: &OsStr) -> FsResult<AttrOut> {
+        let name = entry_name(new_name)?;
+        let target = self.fid(ino)?;
+        let dir = self.fid(new_parent)?;
+        if target.volume != dir.volume {
+            return Err(Errno::EXDEV);
+        }
+        let sent_at = Instant::now();
+        let request = Request::Link {
+            dir,
+            name: name.clone(),
+            target,
+        };
+        let response = self.call(dir.volume, request).await?;
+        self.absorb_entry(response, &name, sent_at)
+    }
+
+    pub async fn remove(&self, parent: Ino, name: &OsStr, directory: bool) -> FsResult<()> {
+        let name = entry_name(name)?;
+        let dir = self.fid(parent)?;
+        let sent_at = Instant::now();
+        let request = if directory {
+            Request::RemoveDir {
+                dir,
+                name: name.clone(),
+            }
+        } else {
+            Request::Remove {
+                dir,
+                name: name.clone(),
+            }
+        };
+        let (dir_status, target) = match self.call(dir.volume, request).await? {
+            Response::Removed { dir, target } => (dir, target),
+            other => return Err(unexpected(&other)),
+        };
+        self.state
+            .lock()
+            .statuses
+            .apply_own_dir_change(dir_status, &[DirChange::Remove { name }]);
+        // A removed file's cached status and data stay, so an open descriptor keeps
+        // reading what was cached.
+        if let Some(target) = target {
+            self.absorb(target, None, sent_at);
+        }
+        Ok(())
+    }
+
+    pub async fn rename(
+        &self,
+        parent: Ino,
+        name: &OsStr,
+        new_parent: Ino,
+        new_name: &OsStr,
+    ) -> FsResult<()> {
+        let name = entry_name(name)?;
+        let new_name = entry_name(new_name)?;
+        let from_dir = self.fid(parent)?;
+        let to_dir = self.fid(new_parent)?;
+        if from_dir.volume != to_dir.volume {
+            return Err(Errno::EXDEV);
+        }
+        let sent_at = Instant::now();
+        let request = Request::Rename {
+            from_dir,
+            from_name: name.clone(),
+            to_dir,
+            to_name: new_name.clone(),
+        };
+        let (from_status, to_status, moved, replaced) =
+            match self.call(from_dir.volume, request).await? {
+                Response::Renamed {
+                    from_dir,
+                    to_dir,
+                    moved,
+                    replaced,
+                } => (from_dir, to_dir, moved, replaced),
+                other => return Err(unexpected(&other)),
+            };
+        let insert = DirChange::Insert {
+            name: new_name,
+            entry: ListEntry {
+                fid: moved.fid,
+                kind: moved.kind,
+            },
+        };
+        let remove = DirChange::Remove { name };
+        {
+            let mut state = self.state.lock();
+            if from_status.fid == to_status.fid {
+                state
+                    .statuses
+                    .apply_own_dir_change(to_status, &[remove, insert]);
+            } else {
+                state.statuses.apply_own_dir_change(from_status, &[remove]);
+                state.statuses.apply_own_dir_change(to_status, &[insert]);
+            }
+        }
+        self.absorb(moved, None, sent_at);
+        if let Some(replaced) = replaced {
+            self.absorb(replaced, None, sent_at);
+        }
+        Ok(())
+    }
+
+    pub async fn readlink(&self, ino: Ino) -> FsResult<Vec<u8>> {
+        let fid = self.fid(ino)?;
+        self.content(fid).await
+    }
+
+    // ---- file data ----
+
+    pub async fn setattr(&self, ino: Ino, attrs: SetAttrs) -> FsResult<AttrOut> {
+        let fid = self.fid(ino)?;
+        let _file = self.file_lock(fid).lock().await;
+        let size = attrs.size;
+        if size.is_some() {
+            // Store what was written before cutting, so the server sees writes in order.
+            self.write_back(fid).await?;
+        }
+        let before = self.valid_status(fid).await?.data_version;
+        let sent_at = Instant::now();
+        let (status, callback) = match self
+            .call(fid.volume, Request::SetAttr { fid, attrs })
+            .await?
+        {
+            Response::Status { status, callback } => (status, callback),
+            other => return Err(unexpected(&other)),
+        };
+        self.absorb_own_data_change(before, status, callback, sent_at);
+        if let Some(size) = size {
+            self.chunks.truncate(fid, size).map_err(io_errno)?;
+            if let Some(entry) = self.state.lock().statuses.get_mut(fid) {
+                entry.local_size = None;
+            }
+        }
+        self.attr(fid)
+    }
+
+    /// Opens a file; `true` when the kernel may keep its cached pages (the data version
+    /// is the one its pages were read at).
+    pub async fn open(&self, ino: Ino) -> FsResult<bool> {
+        let fid = self.fid(ino)?;
+        let status = self.valid_status(fid).await?;
+        let mut state = self.state.lock();
+        let entry = state.statuses.get_mut(fid).ok_or(Errno::EIO)?;
+        let keep = entry.kernel_version == Some(status.data_version) || entry.local_size.is_some();
+        entry.kernel_version = Some(entry.status.data_version);
+        Ok(keep)
+    }
+
+    async fn fetch_chunk(&self, key: ChunkKey) -> FsResult<(Vec<u8>, DataVersion)> {
+        let fid = key.fid;
+        let sent_at = Instant::now();
+        let request = Request::FetchData {
+            fid,
+            offset: key.offset(),
+            length: CHUNK_BYTES as u32,
+        };
+        let (status, callback, mut data) = match self.call(fid.volume, request).await? {
+            Response::Data {
+                status,
+                callback,
+                data,
+            } => (status, callback, data),
+            other => return Err(unexpected(&other)),
+        };
+        data.truncate(CHUNK_BYTES as usize);
+        let version = status.data_version;
+        self.absorb(status, callback, sent_at);
+        let emptied = self
+            .chunks
+            .insert(key, version, &data, false)
+            .map_err(io_errno)?;
+        self.note_evicted(emptied);
+        Ok((data, version))
+    }
+
+    pub async fn read(&self, ino: Ino, offset: u64, size: u32) -> FsResult<Vec<u8>> {
+        let fid = self.fid(ino)?;
+        let _file = self.file_lock(fid).lock().await;
+        let status = self.valid_status(fid).await?;
+        let file_size = self
+            .state
+            .lock()
+            .statuses
+            .get(fid)
+            .map_or(status.size, |e| e.size());
+        if offset >= file_size {
+            return Ok(Vec::new());
+        }
+        let end = file_size.min(offset + u64::from(size));
+        let mut out = Vec::with_capacity((end - offset) as usize);
+        let mut version = status.data_version;
+        let mut pos = offset;
+        while pos < end {
+            let key = ChunkKey {
+                fid,
+                index: pos / CHUNK_BYTES,
+            };
+            let within = pos - key.offset();
+            let n = (CHUNK_BYTES - within).min(end - pos) as usize;
+            match self
+                .chunks
+                .read(key, version, within, n)
+                .map_err(io_errno)?
+            {
+                Some(bytes) => out.extend_from_slice(&bytes),
+                // Past the server's end, before later local writes: a hole.
+                None if key.offset() >= status.size => out.resize(out.len() + n, 0),
+                None => {
+                    let (data, fetched) = self.fetch_chunk(key).await?;
+                    version = fetched;
+                    let start = (within as usize).min(data.len());
+                    let available = (data.len() - start).min(n);
+                    out.extend_from_slice(&data[start..start + available]);
+                    out.resize(out.len() + (n - available), 0);
+                }
+            }
+            pos += n as u64;
+        }
+        Ok(out)
+    }
+
+    pub async fn write(&self, ino: Ino, offset: u64, data: &[u8]) -> FsResult<u32> {
+        let fid = self.fid(ino)?;
+        let _file = self.file_lock(fid).lock().await;
+        let status = self.valid_status(fid).await?;
+        let mut pos = 0usize;
+        while pos < data.len() {
+            let at = offset + pos as u64;
+            let key = ChunkKey {
+                fid,
+                index: at / CHUNK_BYTES,
+            };
+            let within = at - key.offset();
+            let n = (CHUNK_BYTES - within).min((data.len() - pos) as u64) as usize;
+            let piece = &data[pos..pos + n];
+            if !self
+                .chunks
+                .write(key, status.data_version, within, piece)
+                .map_err(io_errno)?
+            {
+                // Not cached: start from the server's bytes unless the write replaces
+                // every byte the chunk holds there.
+                let existing = status.size.saturating_sub(key.offset()).min(CHUNK_BYTES);
+                let replaces_all = within == 0 && n as u64 >= existing;
+                let mut chunk = if existing == 0 || replaces_all {
+                    Vec::new()
+                } else {
+                    self.fetch_chunk(key).await?.0
+                };
+                let end = within as usize + n;
+                if chunk.len() < end {
+                    chunk.resize(end, 0);
+                }
+                chunk[within as usize..end].copy_from_slice(piece);
+                let version = self
+                    .state
+                    .lock()
+                    .statuses
+                    .get(fid)
+                    .map_or(status.data_version, |e| e.status.data_version);
+                let emptied = self
+                    .chunks
+                    .insert(key, version, &chunk, true)
+                    .map_err(io_errno)?;
+                self.note_evicted(emptied);
+            }
+            pos += n;
+        }
+        if let Some(entry) = self.state.lock().statuses.get_mut(fid) {
+            let end = offset + data.len() as u64;
+            entry.local_size = Some(entry.size().max(end));
+        }
+        // Cache filling with unstored writes: store this file's now, so clean chunks can
+        // be evicted and a file larger than the cache streams through it.
+        if self.chunks.dirty_bytes() > self.chunks.bytes_max() / 2 {
+            self.write_back(fid).await?;
+        }
+        Ok(data.len() as u32)
+    }
+
+    /// Stores every dirty chunk of `fid`, in offset order. The caller holds the file lock.
+    async fn write_back(&self, fid: Fid) -> FsResult<()> {
+        let dirty = self.chunks.dirty_chunks(fid);
+        if dirty.is_empty() {
+            return Ok(());
+        }
+        let mut before = self.valid_status(fid).await?.data_version;
+        for (key, meta) in dirty {
+            let data = self.chunks.read_whole(key, &meta).map_err(io_errno)?;
+            let sent_at = Instant::now();
+            let request = Request::StoreData {
+                fid,
+                offset: key.offset(),
+                data,
+                truncate_to: None,
+            };
+            let (status, callback) = match self.call(fid.volume, request).await? {
+                Response::Status { status, callback } => (status, callback),
+                other => return Err(unexpected(&other)),
+            };
+            let after = status.data_version;
+            let emptied = self.chunks.mark_clean(key, after);
+            self.absorb_own_data_change(before, status, callback, sent_at);
+            self.note_evicted(emptied);
+            before = after;
+        }
+        if !self.chunks.has_dirty(fid)
+            && let Some(entry) = self.state.lock().statuses.get_mut(fid)
+        {
+            entry.local_size = None;
+        }
+        Ok(())
+    }
+
+    /// AFS close semantics: returns once the server has every write.
+    pub async fn flush(&self, ino: Ino) -> FsResult<()> {
+        let fid = self.fid(ino)?;
+        if !self.chunks.has_dirty(fid) {
+            return Ok(());
+        }
+        let _file = self.file_lock(fid).lock().await;
+        self.write_back(fid).await
+    }
+
+    /// Stores every file's unstored writes (at unmount).
+    pub async fn write_back_all(&self) {
+        for fid in self.chunks.dirty_fids() {
+            let _file = self.file_lock(fid).lock().await;
+            if let Err(e) = self.write_back(fid).await {
+                warn!(%fid, error = %describe(e), "could not store a file's writes before unmounting; they are lost");
+            }
+        }
+    }
+
+    pub async fn statfs(&self, ino: Ino) -> FsResult<VolumeSpace> {
+        let fid = self.fid(ino)?;
+        match self
+            .call(fid.volume, Request::VolumeSpace { volume: fid.volume })
+            .await?
+        {
+            Response::VolumeSpace(space) => Ok(space),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Batches fids whose last cached data was evicted and gives their callbacks up.
+    fn note_evicted(&self, fids: Vec<Fid>) {
+        if fids.is_empty() {
+            return;
+        }
+        let batch = {
+            let mut pending = self.evicted.lock();
+            pending.extend(fids);
+            if pending.len() < GIVE_UP_BATCH {
+                return;
+            }
+            std::mem::take(&mut *pending)
+        };
+        let mut by_volume: HashMap<VolumeId, Vec<Fid>> = HashMap::new();
+        {
+            let mut state = self.state.lock();
+            for fid in batch {
+                // Only plain files with nothing unstored: directories keep their promises.
+                let Some(entry) = state.statuses.get_mut(fid) else {
+                    continue;
+                };
+                if entry.status.kind != FileKind::File || entry.local_size.is_some() {
+                    continue;
+                }
+                entry.callback_until = None;
+                by_volume.entry(fid.volume).or_default().push(fid);
+            }
+        }
+        for (volume, fids) in by_volume {
+            let Some(location) = self.volumes.cached(volume) else {
+                continue;
+            };
+            let pool = self.pool.clone();
+            // Detached: nobody waits for a courtesy message.
+            self.runtime.spawn(async move {
+                let request = Request::GiveUpCallbacks { fids };
+                if let Err(e) = pool.call(&location, request).await {
+                    debug!(error = %e, "giving up callbacks failed");
+                }
+            });
+        }
+    }
+
+    // ---- control socket ----
+
+    /// What this cache manager holds for `ino`; fetches the status only when none is
+    /// cached, so a broken callback is reported as such rather than renewed.
+    pub async fn examine(&self, ino: Ino) -> FsResult<ExamineInfo> {
+        let fid = self.fid(ino)?;
+        self.examine_fid(fid).await
+    }
+
+    /// `examine` for the entry `name` of directory `dir`, resolved through the cached
+    /// listing (a mount point shows the volume root it leads to).
+    pub async fn examine_entry(&self, dir: Ino, name: &str) -> FsResult<ExamineInfo> {
+        let name = entry_name(OsStr::new(name))?;
+        let dir = self.fid(dir)?;
+        let entry = self.dir_entry(dir, &name).await?.ok_or(Errno::ENOENT)?;
+        let fid = if entry.kind == FileKind::MountPoint {
+            self.mount_target(entry.fid).await?
+        } else {
+            entry.fid
+        };
+        self.examine_fid(fid).await
+    }
+
+    async fn examine_fid(&self, fid: Fid) -> FsResult<ExamineInfo> {
+        if self.state.lock().statuses.get(fid).is_none() {
+            self.fetch_status(fid).await?;
+        }
+        let volume = self
+            .volumes
+            .by_id(&self.vldb, fid.volume)
+            .await
+            .map_err(|e| errno_of(&e))?;
+        let state = self.state.lock();
+        let entry = state.statuses.get(fid).ok_or(Errno::EIO)?;
+        let now = Instant::now();
+        let callback_until = entry
+            .callback_until
+            .filter(|until| *until > now)
+            .map(|until| (SystemTime::now() + (until - now)).into());
+        Ok(ExamineInfo {
+            fid,
+            volume: volume.name.to_string(),
+            kind: entry.status.kind,
+            size: entry.size(),
+            data_version: entry.status.data_version,
+            callback_until,
+            data_cached: self.chunks.has_fid(fid),
+        })
+    }
+
+    pub async fn whereis(&self, ino: Ino) -> FsResult<(String, Vec<String>)> {
+        let fid = self.fid(ino)?;
+        let volume = self
+            .volumes
+            .by_id(&self.vldb, fid.volume)
+            .await
+            .map_err(|e| errno_of(&e))?;
+        Ok((volume.name.to_string(), volume.addresses.clone()))
+    }
+
+    /// Drops the cached data and status of one file (after storing its writes).
+    pub async fn flush_cached(&self, ino: Ino) -> FsResult<()> {
+        let fid = self.fid(ino)?;
+        let _file = self.file_lock(fid).lock().await;
+        self.write_back(fid).await?;
+        self.chunks.drop_fid(fid);
+        let removed = self.state.lock().statuses.remove(fid);
+        if removed.is_some() {
+            self.invalidator.push(Invalidation::Inode(ino));
+        }
+        Ok(())
+    }
+
+    pub async fn check_servers(&self) -> Vec<ServerState> {
+        let timeout = self.pool.rpc_timeout().min(PING_TIMEOUT_MAX);
+        let mut states = Vec::new();
+        for (server, addresses) in self.volumes.servers() {
+            let up = matches!(
+                self.pool
+                    .call_with_timeout(server, &addresses, Request::Ping, timeout)
+                    .await,
+                Ok(Response::Pong)
+            );
+            states.push(ServerState { addresses, up });
+        }
+        states
+    }
+
+    pub async fn make_mount(&self, dir_ino: Ino, name: &str, volume: &str) -> Result<(), String> {
+        let errno_text = describe;
+        let name = entry_name(OsStr::new(name)).map_err(errno_text)?;
+        let volume = VolumeName::parse(volume).map_err(|e| e.to_string())?;
+        match self.volumes.by_name(&self.vldb, &volume).await {
+            Ok(_) => {}
+            Err(ProtoError::Remote(ErrorCode::NoSuchVolume)) => {
+                return Err(format!("volume {volume} does not exist in the VLDB"));
+            }
+            Err(e) => return Err(format!("cannot look volume {volume} up in the VLDB: {e}")),
+        }
+        let dir = self.fid(dir_ino).map_err(errno_text)?;
+        let sent_at = Instant::now();
+        let request = Request::MakeMountPoint {
+            dir,
+            name: name.clone(),
+            volume,
+        };
+        let response = self.call(dir.volume, request).await.map_err(errno_text)?;
+        match response {
+            Response::Entry { .. } => {
+                self.absorb_entry(response, &name, sent_at)
+                    .map_err(errno_text)?;
+            }
+            _ => {
+                // Unknown shape: forget what we knew of the directory.
+                self.break_callbacks(&[dir]);
+            }
+        }
+        Ok(())
+    }
+
+    /// `Some(content)` when `name` in the directory is a mount point.
+    pub async fn list_mount(&self, dir_ino: Ino, name: &str) -> FsResult<Option<String>> {
+        let name = entry_name(OsStr::new(name))?;
+        let dir = self.fid(dir_ino)?;
+        let entry = self.dir_entry(dir, &name).await?.ok_or(Errno::ENOENT)?;
+        if entry.kind != FileKind::MountPoint {
+            return Ok(None);
+        }
+        let content = self.content(entry.fid).await?;
+        Ok(Some(String::from_utf8_lossy(&content).into_owned()))
+    }
+}
+
+impl CallbackSink for Manager {
+    fn break_callbacks(&self, fids: &[Fid]) {
+        let mut work = Vec::new();
+        {
+            let mut state = self.state.lock();
+            for fid in fids {
+                let broken = state.statuses.break_callback(*fid);
+                if let Some(ino) = state.inodes.ino(*fid) {
+                    work.push(Invalidation::Inode(ino));
+                    work.extend(
+                        broken
+                            .names
+                            .into_iter()
+                            .map(|name| Invalidation::Entry { parent: ino, name }),
+                    );
+                }
+            }
+        }
+        for invalidation in work {
+            self.invalidator.push(invalidation);
+        }
+    }
+
+    fn reset_callbacks(&self, server: ServerId) {
+        let volumes: HashSet<VolumeId> = self.volumes.volumes_on(server).into_iter().collect();
+        let reset = self
+            .state
+            .lock()
+            .statuses
+            .reset_callbacks(|fid| volumes.contains(&fid.volume));
+        debug!(%server, count = reset.len(), "callbacks reset; cached data will be revalidated");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mount_point_content_names_a_volume() {
+        assert_eq!(
+            parse_mount_point(b"#root.cell."),
+            Some(VolumeName::parse("root.cell").unwrap())
+        );
+        assert_eq!(
+            parse_mount_point(b"%user.a."),
+            Some(VolumeName::parse("user.a").unwrap())
+        );
+        assert_eq!(parse_mount_point(b"root.cell."), None);
+        assert_eq!(parse_mount_point(b"#bad name."), None);
+    }
+
+    #[test]
+    fn long_names_fail_before_any_rpc() {
+        let long = "n".repeat(256);
+        assert_eq!(entry_name(OsStr::new(&long)), Err(Errno::ENAMETOOLONG));
+        assert_eq!(entry_name(OsStr::new("ok")), Ok("ok".to_owned()));
+    }
+
+    #[test]
+    fn timeouts_map_to_etimedout() {
+        let e = ProtoError::Timeout(Duration::from_secs(2));
+        assert_eq!(errno_of(&e).code(), libc::ETIMEDOUT);
+        let e = ProtoError::Remote(ErrorCode::NoSuchEntry);
+        assert_eq!(errno_of(&e), Errno::ENOENT);
+        assert_eq!(errno_of(&ProtoError::Closed), Errno::EIO);
+    }
+}

@@ -1,0 +1,275 @@
+//! Mounting and unmounting: checks the mount point, starts the manager, the control
+//! socket and the FUSE session, waits for shutdown, stores pending writes and unmounts.
+//! Invariant: `run` returns only after the mount is gone (or, when files inside are
+//! still open, lazily detached), so no stale mount is left behind.
+
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fuser::{MountOption, SessionACL};
+use proto::{Hello, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN, PeerKind, VldbClient};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::Config;
+use crate::error::CacheError;
+use crate::fuse_fs::HoldfastFs;
+use crate::identity::{load_or_create_client_id, new_instance_nonce};
+use crate::invalidate::Invalidator;
+use crate::manager::{Manager, ManagerSettings};
+use crate::mountinfo;
+use crate::server_pool::ServerPool;
+
+/// FUSE request threads.
+const FUSE_THREADS: usize = 4;
+/// Longest wait for pending writes at unmount.
+const WRITE_BACK_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Name of the control socket inside the cache directory.
+pub const CONTROL_SOCKET: &str = "control.sock";
+
+/// Checks that `path` can take a mount; returns it canonical.
+pub fn check_mount_point(path: &Path) -> Result<PathBuf, CacheError> {
+    let meta = match std::fs::metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(CacheError::MountPointMissing {
+                path: path.to_owned(),
+            });
+        }
+        Err(source) => {
+            return Err(CacheError::Mount {
+                path: path.to_owned(),
+                source,
+            });
+        }
+    };
+    if !meta.is_dir() {
+        return Err(CacheError::MountPointNotDirectory {
+            path: path.to_owned(),
+        });
+    }
+    let canonical = std::fs::canonicalize(path).map_err(|source| CacheError::Mount {
+        path: path.to_owned(),
+        source,
+    })?;
+    if let Ok(mounts) = mountinfo::read()
+        && mounts.iter().any(|m| m.mount_point == canonical)
+    {
+        return Err(CacheError::MountPointBusy {
+            path: path.to_owned(),
+        });
+    }
+    let mut entries = std::fs::read_dir(&canonical).map_err(|source| CacheError::Mount {
+        path: path.to_owned(),
+        source,
+    })?;
+    if entries.next().is_some() {
+        return Err(CacheError::MountPointNotEmpty {
+            path: path.to_owned(),
+        });
+    }
+    Ok(canonical)
+}
+
+/// Mounts the cell, calls `on_ready` once the mount is live, serves until `shutdown`
+/// turns true, then stores pending writes and unmounts.
+pub fn run(
+    config: Config,
+    shutdown: watch::Receiver<bool>,
+    on_ready: impl FnOnce(),
+) -> Result<(), CacheError> {
+    let mount_point = check_mount_point(&config.mountpoint)?;
+    let cache_io = |source| CacheError::CacheDir {
+        path: config.cache_dir.clone(),
+        source,
+    };
+    std::fs::create_dir_all(&config.cache_dir).map_err(cache_io)?;
+    let cache_dir = std::fs::canonicalize(&config.cache_dir).map_err(cache_io)?;
+    let client = load_or_create_client_id(&cache_dir)?;
+    let instance = new_instance_nonce();
+    info!(%client, instance = %instance, cell = %config.cell.name, "cache manager starting");
+    let peer = PeerKind::CacheManager { client, instance };
+    let hello = Hello {
+        version_min: PROTOCOL_VERSION_MIN,
+        version_max: PROTOCOL_VERSION_MAX,
+        cell: config.cell.name.clone(),
+        peer: peer.clone(),
+    };
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("holdfast-cm")
+        .enable_all()
+        .build()
+        .map_err(CacheError::Runtime)?;
+    let invalidator = Invalidator::start().map_err(CacheError::Runtime)?;
+    let vldb = VldbClient::new(config.cell.clone(), peer, config.rpc_timeout);
+    let pool = Arc::new(ServerPool::new(hello, config.rpc_timeout));
+    let settings = ManagerSettings {
+        root_volume: config.root_volume.clone(),
+        chunk_dir: cache_dir.join("chunks"),
+        cache_bytes_max: config.cache_bytes_max,
+    };
+    let manager = runtime.block_on(Manager::start(settings, vldb, pool, invalidator.clone()))?;
+
+    let socket_path = cache_dir.join(CONTROL_SOCKET);
+    let control = bind_control(&runtime, &socket_path)?;
+    let control_task = runtime.spawn(crate::control_server::serve(
+        control,
+        manager.clone(),
+        shutdown.clone(),
+    ));
+
+    let mut options = fuser::Config::default();
+    options.mount_options = vec![
+        MountOption::FSName(format!("holdfast:{}", socket_path.display())),
+        MountOption::Subtype("holdfast".into()),
+        MountOption::DefaultPermissions,
+        MountOption::NoAtime,
+    ];
+    options.acl = SessionACL::All;
+    options.n_threads = Some(FUSE_THREADS);
+    let session = fuser::Session::new(HoldfastFs::new(manager.clone()), &mount_point, &options)
+        .map_err(|source| CacheError::Mount {
+            path: config.mountpoint.clone(),
+            source,
+        })?;
+    invalidator.set_notifier(session.notifier());
+    let background = session.spawn().map_err(|source| CacheError::Mount {
+        path: config.mountpoint.clone(),
+        source,
+    })?;
+    info!(mount_point = %mount_point.display(), "mounted");
+    on_ready();
+
+    let mut shutdown = shutdown;
+    runtime.block_on(async {
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            tokio::select! {
+                changed = shutdown.changed() => {
+                    if changed.is_err() || *shutdown.borrow() {
+                        break;
+                    }
+                }
+                _ = tick.tick() => {
+                    if background.guard.is_finished() {
+                        warn!(mount_point = %mount_point.display(), "the mount went away (unmounted from outside?)");
+                        break;
+                    }
+                }
+            }
+        }
+    });
+
+    info!("shutting down: storing pending writes");
+    runtime.block_on(async {
+        if tokio::time::timeout(WRITE_BACK_DEADLINE, manager.write_back_all())
+            .await
+            .is_err()
+        {
+            warn!("pending writes not stored within {WRITE_BACK_DEADLINE:?}; they are lost");
+        }
+    });
+    let result = unmount(&mount_point, background);
+    control_task.abort();
+    let _ = std::fs::remove_file(&socket_path);
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    if result.is_ok() {
+        info!(mount_point = %mount_point.display(), "unmounted");
+    }
+    result
+}
+
+fn bind_control(
+    runtime: &tokio::runtime::Runtime,
+    path: &Path,
+) -> Result<tokio::net::UnixListener, CacheError> {
+    let failed = |source| CacheError::ControlSocket {
+        path: path.to_owned(),
+        source,
+    };
+    // A socket left by a previous run that did not stop cleanly.
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(failed(e)),
+    }
+    let _guard = runtime.enter();
+    tokio::net::UnixListener::bind(path).map_err(failed)
+}
+
+fn umount2(path: &Path, flags: libc::c_int) -> std::io::Result<()> {
+    let c_path = CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: `c_path` is a valid NUL-terminated string that outlives the call.
+    let rc = unsafe { libc::umount2(c_path.as_ptr(), flags) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+fn unmount(mount_point: &Path, background: fuser::BackgroundSession) -> Result<(), CacheError> {
+    // fuser unmounts (unless someone already did) and joins the FUSE threads.
+    let error = match background.umount_and_join() {
+        Ok(()) => return Ok(()),
+        Err(error) => error,
+    };
+    if error.raw_os_error() != Some(libc::EBUSY) {
+        let still_mounted = mountinfo::read()
+            .map(|mounts| mounts.iter().any(|m| m.mount_point == mount_point))
+            .unwrap_or(true);
+        if !still_mounted {
+            return Ok(());
+        }
+        return Err(CacheError::Unmount {
+            path: mount_point.to_owned(),
+            source: error,
+        });
+    }
+    // Files inside are still open: detach now; the kernel finishes when they close. The
+    // FUSE threads were left running by fuser and end on their own then.
+    warn!(mount_point = %mount_point.display(), "mount point busy (open files); detaching it");
+    umount2(mount_point, libc::MNT_DETACH).map_err(|source| CacheError::Unmount {
+        path: mount_point.to_owned(),
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mount_point_checks_name_the_problem() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("x");
+        let err = check_mount_point(&missing).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            format!(
+                "mount point {} does not exist; create it first",
+                missing.display()
+            )
+        );
+        let file = dir.path().join("f");
+        std::fs::write(&file, b"").unwrap();
+        let err = check_mount_point(&file).unwrap_err().to_string();
+        assert!(err.contains("is not a directory"), "{err}");
+        let err = check_mount_point(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("is not empty"), "{err}");
+        let empty = dir.path().join("empty");
+        std::fs::create_dir(&empty).unwrap();
+        assert!(check_mount_point(&empty).is_ok());
+        let err = check_mount_point(Path::new("/proc"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("already mounted"), "{err}");
+    }
+}

@@ -1,0 +1,199 @@
+//! `holdfast bench`: figures measured through a real local cell (separate processes, real
+//! FUSE mounts, loopback TCP), each printed as a ratio to a baseline measured in the same
+//! run, so the noisy machine's speed cancels out.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+
+use crate::cell::LocalCell;
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// Directory for the bench cell (default: a fresh temporary directory).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Size of the file for the throughput figures, in MiB.
+    #[arg(long, default_value_t = 256)]
+    size_mib: u64,
+    /// Number of 4 KiB files for the create figure.
+    #[arg(long, default_value_t = 10_000)]
+    files: usize,
+}
+
+const BLOCK_BYTES: usize = 1 << 20;
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    let temp;
+    let dir = match &args.dir {
+        Some(dir) => dir.clone(),
+        None => {
+            temp = tempfile::Builder::new()
+                .prefix("holdfast-bench")
+                .tempdir()
+                .context("create a temporary directory")?;
+            temp.path().to_owned()
+        }
+    };
+    let size_bytes = args.size_mib * (1 << 20);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .context("start the async runtime")?;
+    let mut cell = LocalCell::start(&dir, "bench.holdfast", &runtime)?;
+    let cache_mib = (args.size_mib * 2 + 64).to_string();
+    let (mount_a, mount_b) = (dir.join("mnt-a"), dir.join("mnt-b"));
+    cell.mount(
+        "mount-a",
+        &mount_a,
+        &dir.join("cache-a"),
+        &["--cache-mib", &cache_mib],
+    )?;
+    cell.mount(
+        "mount-b",
+        &mount_b,
+        &dir.join("cache-b"),
+        &["--cache-mib", &cache_mib],
+    )?;
+    eprintln!("bench cell up in {}; measuring...", dir.display());
+
+    let tcp = loopback_tcp_rate(size_bytes * 2)?;
+    let local_file = dir.join("local.bin");
+    write_file(&local_file, size_bytes)?;
+    read_file(&local_file)?; // warm the page cache, as the mount's cached read is warm
+    let local_read = read_file(&local_file)?;
+
+    let file_a = mount_a.join("bench.bin");
+    let write_close = write_file(&file_a, size_bytes)?;
+    let file_b = mount_b.join("bench.bin");
+    let cold_read = read_file(&file_b)?;
+    let cached_read = read_file(&file_b)?;
+    let creates = create_files(&mount_a.join("creates"), args.files)?;
+    cell.check_children()?;
+
+    let mib = |rate: f64| rate / f64::from(1 << 20);
+    println!(
+        "holdfast bench: {} MiB file, {} files of 4 KiB",
+        args.size_mib, args.files
+    );
+    println!("{:<44} {:>14} {:>8}  target", "figure", "value", "ratio");
+    println!("{:<44} {:>9.0} MiB/s", "loopback TCP (baseline)", mib(tcp));
+    println!(
+        "{:<44} {:>9.0} MiB/s",
+        "local disk read, page-cached (baseline)",
+        mib(local_read)
+    );
+    let row = |name: &str, rate: f64, base: f64, target: &str| {
+        println!(
+            "{name:<44} {:>9.0} MiB/s {:>8.2}  {target}",
+            mib(rate),
+            rate / base
+        );
+    };
+    row(
+        "cached read through mount / local disk",
+        cached_read,
+        local_read,
+        ">= 0.9",
+    );
+    row(
+        "cold read through mount / loopback TCP",
+        cold_read,
+        tcp,
+        ">= 0.5",
+    );
+    row(
+        "write+close through mount / loopback TCP",
+        write_close,
+        tcp,
+        ">= 0.5",
+    );
+    println!(
+        "{:<44} {:>11.0} /s {:>8}  >= 1000/s",
+        "creates of 4 KiB files through mount", creates, "-"
+    );
+    Ok(())
+}
+
+/// Bytes per second through one loopback TCP connection.
+fn loopback_tcp_rate(total_bytes: u64) -> Result<f64> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("bind loopback")?;
+    let address = listener.local_addr()?;
+    let reader = std::thread::spawn(move || -> std::io::Result<u64> {
+        let (mut stream, _) = listener.accept()?;
+        let mut buffer = vec![0u8; BLOCK_BYTES];
+        let mut received = 0u64;
+        loop {
+            let n = stream.read(&mut buffer)?;
+            if n == 0 {
+                return Ok(received);
+            }
+            received += n as u64;
+        }
+    });
+    let mut stream = std::net::TcpStream::connect(address)?;
+    let block = vec![0x5au8; BLOCK_BYTES];
+    let started = Instant::now();
+    let mut sent = 0u64;
+    while sent < total_bytes {
+        stream.write_all(&block)?;
+        sent += BLOCK_BYTES as u64;
+    }
+    drop(stream);
+    let received = reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("reader thread panicked"))??;
+    Ok(received as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Writes `size_bytes` and closes; bytes per second including the close.
+fn write_file(path: &Path, size_bytes: u64) -> Result<f64> {
+    let mut block = vec![0u8; BLOCK_BYTES];
+    for (i, byte) in block.iter_mut().enumerate() {
+        *byte = (i % 251) as u8;
+    }
+    let started = Instant::now();
+    let mut file =
+        std::fs::File::create(path).with_context(|| format!("create {}", path.display()))?;
+    let mut written = 0u64;
+    while written < size_bytes {
+        file.write_all(&block)
+            .with_context(|| format!("write {}", path.display()))?;
+        written += BLOCK_BYTES as u64;
+    }
+    drop(file);
+    Ok(written as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Reads the whole file; bytes per second.
+fn read_file(path: &Path) -> Result<f64> {
+    let started = Instant::now();
+    let mut file = std::fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
+    let mut buffer = vec![0u8; BLOCK_BYTES];
+    let mut total = 0u64;
+    loop {
+        let n = file
+            .read(&mut buffer)
+            .with_context(|| format!("read {}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+    }
+    Ok(total as f64 / started.elapsed().as_secs_f64().max(1e-9))
+}
+
+/// Creates `count` files of 4 KiB (create, write, close each); files per second.
+fn create_files(dir: &Path, count: usize) -> Result<f64> {
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    let data = vec![7u8; 4096];
+    let started = Instant::now();
+    for i in 0..count {
+        let path = dir.join(format!("f{i:05}"));
+        std::fs::write(&path, &data).with_context(|| format!("write {}", path.display()))?;
+    }
+    Ok(count as f64 / started.elapsed().as_secs_f64().max(1e-9))
+}

@@ -1,0 +1,279 @@
+//! A local cell run as separate processes — VLDB, fileserver, `root.cell`, mounts — for
+//! `holdfast up` and `holdfast bench`.
+//! Invariant: every process started here is stopped by its PID, and every mount made
+//! here is gone, when the `LocalCell` drops — also when start-up fails half-way.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use proto::{CellConfig, PeerKind, VldbClient};
+
+use crate::process::{Supervised, await_ready_file, log_tail};
+
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Where a local cell keeps its pieces under its directory.
+pub struct Layout {
+    pub dir: PathBuf,
+    pub cell_file: PathBuf,
+    pub vldb: PathBuf,
+    pub partition: PathBuf,
+    pub run: PathBuf,
+    pub logs: PathBuf,
+}
+
+impl Layout {
+    pub fn new(dir: &Path) -> Result<Layout> {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+        let dir = dir
+            .canonicalize()
+            .with_context(|| format!("resolve {}", dir.display()))?;
+        let layout = Layout {
+            cell_file: dir.join("cell.toml"),
+            vldb: dir.join("vldb"),
+            partition: dir.join("partition"),
+            run: dir.join("run"),
+            logs: dir.join("logs"),
+            dir,
+        };
+        for sub in [&layout.vldb, &layout.partition, &layout.run, &layout.logs] {
+            std::fs::create_dir_all(sub).with_context(|| format!("create {}", sub.display()))?;
+        }
+        for entry in std::fs::read_dir(&layout.run)? {
+            let _ = std::fs::remove_file(entry?.path());
+        }
+        Ok(layout)
+    }
+
+    fn ready_file(&self, name: &str) -> PathBuf {
+        self.run.join(format!("{name}.ready"))
+    }
+
+    pub fn log(&self, name: &str) -> PathBuf {
+        self.logs.join(format!("{name}.log"))
+    }
+}
+
+/// A running local cell.
+pub struct LocalCell {
+    pub layout: Layout,
+    pub cell: CellConfig,
+    pub vl_address: String,
+    pub fs_address: String,
+    /// Mount points, in the order they were made.
+    pub mounts: Vec<PathBuf>,
+    /// Stopped newest first: mounts before the servers they flush to.
+    children: Vec<Supervised>,
+}
+
+impl LocalCell {
+    /// Starts the VLDB and a fileserver, and creates `root.cell` if the VLDB lacks it.
+    pub fn start(
+        dir: &Path,
+        cell_name: &str,
+        runtime: &tokio::runtime::Runtime,
+    ) -> Result<LocalCell> {
+        let layout = Layout::new(dir)?;
+        // Keep the cell's name across runs: volumes and caches belong to it.
+        let cell_name = match CellConfig::load(&layout.cell_file) {
+            Ok(previous) => previous.name,
+            Err(_) => cell_name.to_owned(),
+        };
+        let mut cell = LocalCell {
+            cell: CellConfig {
+                name: cell_name.clone(),
+                vlservers: Vec::new(),
+            },
+            layout,
+            vl_address: String::new(),
+            fs_address: String::new(),
+            mounts: Vec::new(),
+            children: Vec::new(),
+        };
+        let vldb = path_arg(&cell.layout.vldb);
+        cell.vl_address = cell.start_child(
+            "vlserver",
+            &[
+                "vlserver",
+                "--data",
+                &vldb,
+                "--listen",
+                "127.0.0.1:0",
+                "--cell-name",
+                &cell_name,
+            ],
+        )?;
+        cell.cell.vlservers = vec![cell.vl_address.clone()];
+        std::fs::write(&cell.layout.cell_file, cell.cell.to_toml())
+            .with_context(|| format!("write {}", cell.layout.cell_file.display()))?;
+        let cell_file = path_arg(&cell.layout.cell_file);
+        let partition = path_arg(&cell.layout.partition);
+        cell.fs_address = cell.start_child(
+            "fileserver",
+            &[
+                "fileserver",
+                "--cell",
+                &cell_file,
+                "--partition",
+                &partition,
+                "--listen",
+                "127.0.0.1:0",
+            ],
+        )?;
+        runtime.block_on(ensure_root_volume(&cell.cell, &cell.fs_address))?;
+        Ok(cell)
+    }
+
+    /// Mounts the cell at `mountpoint` with its own cache directory.
+    pub fn mount(
+        &mut self,
+        name: &str,
+        mountpoint: &Path,
+        cache: &Path,
+        extra: &[&str],
+    ) -> Result<()> {
+        clear_stale_mount(mountpoint)?;
+        std::fs::create_dir_all(mountpoint)
+            .with_context(|| format!("create {}", mountpoint.display()))?;
+        let cell_file = path_arg(&self.layout.cell_file);
+        let cache = path_arg(cache);
+        let target = path_arg(mountpoint);
+        let mut args = vec!["mount", "--cell", &cell_file, "--cache", &cache];
+        args.extend_from_slice(extra);
+        args.push(&target);
+        self.start_child(name, &args)?;
+        self.mounts.push(mountpoint.to_owned());
+        Ok(())
+    }
+
+    /// Starts one component and waits for its ready file; returns what it wrote there.
+    fn start_child(&mut self, name: &str, args: &[&str]) -> Result<String> {
+        let ready = self.layout.ready_file(name);
+        let log = self.layout.log(name);
+        let mut args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        args.push("--ready-file".into());
+        args.push(path_arg(&ready));
+        self.children
+            .push(Supervised::spawn_self(name, &args, &log)?);
+        let child = self.children.last_mut().context("child just started")?;
+        await_ready_file(&ready, child, READY_TIMEOUT, &log)
+    }
+
+    /// The first child that exited on its own, with its log tail.
+    pub fn check_children(&mut self) -> Result<()> {
+        for child in &mut self.children {
+            if let Some(status) = child.exited() {
+                bail!(
+                    "the {} stopped unexpectedly ({status}); its last log lines:\n{}",
+                    child.name,
+                    log_tail(&self.layout.log(&child.name), 10)
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for LocalCell {
+    fn drop(&mut self) {
+        while let Some(mut child) = self.children.pop() {
+            child.stop(Duration::from_secs(20));
+        }
+        for mountpoint in &self.mounts {
+            if is_mounted(mountpoint) {
+                tracing::warn!(mountpoint = %mountpoint.display(), "mount still present; detaching it");
+                detach(mountpoint);
+            }
+        }
+    }
+}
+
+/// Creates `root.cell` on our fileserver unless the VLDB already has it.
+async fn ensure_root_volume(cell: &CellConfig, fs_address: &str) -> Result<()> {
+    let vldb = VldbClient::new(cell.clone(), PeerKind::Admin, Duration::from_secs(5));
+    // The fileserver registers itself in the background: wait for it.
+    let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
+    loop {
+        let servers = vldb
+            .list_servers()
+            .await
+            .context("ask the VLDB for its fileservers")?;
+        if servers
+            .iter()
+            .any(|s| s.addresses.iter().any(|a| a == fs_address))
+        {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!(
+                "the fileserver at {fs_address} did not register with the VLDB within {READY_TIMEOUT:?}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let root = proto::VolumeName::parse("root.cell").map_err(anyhow::Error::new)?;
+    match vldb.get_entry(proto::VolumeRef::Name(root)).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.remote() == Some(&proto::ErrorCode::NoSuchVolume) => {
+            let vos = vos::Vos::new(cell.clone(), Duration::from_secs(10));
+            vos.create("root.cell", Some(fs_address), 0)
+                .await
+                .context("create the root.cell volume")?;
+            println!("Created volume root.cell.");
+            Ok(())
+        }
+        Err(e) => Err(e).context("look up root.cell"),
+    }
+}
+
+/// A mount left by a crashed earlier run answers ENOTCONN: detach it before reuse.
+pub fn clear_stale_mount(mountpoint: &Path) -> Result<()> {
+    if is_mounted(mountpoint) {
+        println!(
+            "{} is still mounted from an earlier run; detaching it.",
+            mountpoint.display()
+        );
+        detach(mountpoint);
+        if is_mounted(mountpoint) {
+            bail!(
+                "{} is mounted and cannot be detached; unmount it with `umount -l {}`",
+                mountpoint.display(),
+                mountpoint.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// True when `path` is a mount point in this mount namespace.
+pub fn is_mounted(path: &Path) -> bool {
+    let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let wanted = path.to_string_lossy();
+    mountinfo
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .any(|point| unescape_mountinfo(point) == wanted)
+}
+
+fn unescape_mountinfo(field: &str) -> String {
+    field
+        .replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
+}
+
+fn detach(path: &Path) {
+    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return;
+    };
+    // SAFETY: a valid NUL-terminated path.
+    unsafe { libc::umount2(c_path.as_ptr(), libc::MNT_DETACH) };
+}
+
+pub fn path_arg(path: &Path) -> String {
+    path.to_string_lossy().into_owned()
+}

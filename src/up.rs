@@ -1,0 +1,65 @@
+//! `holdfast up`: a whole local cell in one command — VLDB, fileserver, `root.cell` and a
+//! mount at DIR/mnt — until SIGINT/SIGTERM, then everything is unmounted and stopped.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+
+use crate::cell::LocalCell;
+
+pub fn run(dir: &Path, cell_name: &str) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("start the async runtime")?;
+    let mut shutdown = runtime.block_on(async { crate::process::shutdown_on_signals() })?;
+    let mut cell = LocalCell::start(dir, cell_name, &runtime)?;
+    let mountpoint = cell.layout.dir.join("mnt");
+    let cache = cell.layout.dir.join("cache");
+    cell.mount("mount", &mountpoint, &cache, &[])?;
+
+    let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("holdfast"));
+    let second = cell.layout.dir.join("ws2");
+    println!(
+        "Holdfast cell '{name}' is up.\n\
+         \x20 mount:       {mnt}\n\
+         \x20 cell file:   {cellfile}\n\
+         \x20 VLDB:        {vl}  (data {vldb})\n\
+         \x20 fileserver:  {fs}  (partition {partition})\n\
+         \x20 logs:        {logs}\n\
+         \n\
+         A second workstation on this machine (its own cache, same cell):\n\
+         \x20 mkdir -p {second}/mnt && {exe} mount --cell {cellfile} --cache {second}/cache {second}/mnt\n\
+         Administer volumes:  HOLDFAST_CELL={cellfile} {exe} vos listvldb\n\
+         \n\
+         Press Ctrl-C to unmount and stop the cell.",
+        name = cell.cell.name,
+        mnt = mountpoint.display(),
+        cellfile = cell.layout.cell_file.display(),
+        vl = cell.vl_address,
+        vldb = cell.layout.vldb.display(),
+        fs = cell.fs_address,
+        partition = cell.layout.partition.display(),
+        logs = cell.layout.logs.display(),
+        second = second.display(),
+        exe = exe.display(),
+    );
+
+    // Run until a signal, or until a component dies on its own.
+    loop {
+        let stop = runtime.block_on(async {
+            tokio::time::timeout(Duration::from_millis(250), shutdown.wait_for(|stop| *stop))
+                .await
+                .is_ok()
+        });
+        if stop {
+            println!("Stopping the cell...");
+            drop(cell);
+            println!("Stopped; the data stays in {}.", dir.display());
+            return Ok(());
+        }
+        cell.check_children()?;
+    }
+}
