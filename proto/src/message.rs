@@ -366,6 +366,14 @@ pub enum Request {
         volume: VolumeRef,
     },
     VlListEntries,
+
+    // ---- fileserver, appended ----
+    /// Makes every acknowledged `StoreData` of this file durable (fdatasync) before
+    /// answering with its status. A cache manager sends it once after the stores of a
+    /// close or fsync, so a large write-back shares one sync instead of one per store.
+    Fsync {
+        fid: Fid,
+    },
 }
 
 /// Every response. `Err(ErrorCode)` travels beside it in `Frame::Response`.
