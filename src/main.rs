@@ -166,8 +166,12 @@ fn main() {
         // One line: what went wrong, with its causes, and no backtrace.
         let mut line = error.to_string();
         for cause in error.chain().skip(1) {
-            line.push_str(": ");
-            line.push_str(&cause.to_string());
+            // Library errors often quote their source already; say each thing once.
+            let cause = cause.to_string();
+            if !line.contains(&cause) {
+                line.push_str(": ");
+                line.push_str(&cause);
+            }
         }
         eprintln!("holdfast: {line}");
         std::process::exit(1);
