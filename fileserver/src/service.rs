@@ -1,8 +1,9 @@
 //! The fileserver's RPC service: maps each request onto the partition's volumes and
 //! the callback machinery.
-//! Invariant: a changing request replies only after the change is durable and every
-//! other holder of a callback on a changed vnode acknowledged its break or was marked
-//! unreachable; the caller keeps (or gets) its own promise and the new status.
+//! Invariant: a changing request replies only after the change is durable (except the
+//! bytes a store writes into a data file, durable once an `Fsync` of the file answers)
+//! and every other holder of a callback on a changed vnode acknowledged its break or
+//! was marked unreachable; the caller keeps (or gets) its own promise and the new status.
 //! Boundary: storage errors become wire `ErrorCode`s here; internal errors are logged
 //! here, once.
 
@@ -126,10 +127,11 @@ impl FileService {
                 Ok(Response::Status { status, callback })
             }
             Request::Fsync { fid } => {
-                // Every store is synced before it is acknowledged today, so there is
-                // nothing left to sync: answer with the current status.
+                // Stores into a data file are acknowledged written but not synced; a
+                // cache manager sends this once after a file's stores, before close()
+                // returns, so they share one data sync.
                 let volume = self.volume(fid.volume)?;
-                let status = blocking(move || volume.fetch_status(fid)).await?;
+                let status = blocking(move || volume.fsync(fid)).await?;
                 Ok(Response::Status {
                     status,
                     callback: None,

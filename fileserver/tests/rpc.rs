@@ -331,3 +331,60 @@ async fn long_names_and_errors_map_to_codes() {
     );
     server.stop().await;
 }
+
+/// A cache manager's write-back: its stores in flight at once, then one `Fsync` before
+/// `close()` returns. Every store counts once in the DV; the `Fsync` answers with the
+/// final status and grants no promise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_back_stores_in_flight_then_fsync() {
+    let server = Server::start().await;
+    create_volume(&server.address).await;
+    let a = FakeClient::connect(
+        &server.address,
+        "A",
+        ClientId::random(),
+        InstanceNonce(1),
+        Log::default(),
+    )
+    .await;
+    let fid = create_file(&a, "written").await;
+    let created = status_of(a.call(Request::FetchStatus { fid }).await.unwrap());
+    let chunk = 256 * 1024;
+    let piece = |index: u8| Request::StoreData {
+        fid,
+        offset: u64::from(index) * chunk as u64,
+        data: vec![index + 1; chunk],
+        truncate_to: None,
+    };
+    let stores = tokio::join!(
+        a.call(piece(3)),
+        a.call(piece(2)),
+        a.call(piece(1)),
+        a.call(piece(0))
+    );
+    for stored in [stores.0, stores.1, stores.2, stores.3] {
+        status_of(stored.unwrap());
+    }
+    let synced = a.call(Request::Fsync { fid }).await.unwrap();
+    let Response::Status { status, callback } = synced else {
+        panic!("expected a status, got {synced:?}");
+    };
+    assert!(callback.is_none());
+    assert_eq!(status.size, 4 * chunk as u64);
+    assert_eq!(status.data_version.0, created.data_version.0 + 4);
+    for index in 0..4u8 {
+        let fetched = a
+            .call(Request::FetchData {
+                fid,
+                offset: u64::from(index) * chunk as u64,
+                length: chunk as u32,
+            })
+            .await
+            .unwrap();
+        assert!(
+            matches!(fetched, Response::Data { ref data, .. } if *data == vec![index + 1; chunk]),
+            "chunk {index}"
+        );
+    }
+    server.stop().await;
+}

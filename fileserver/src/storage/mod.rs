@@ -32,11 +32,23 @@
 //! the leftover of a crash; it is never read, the next move to a data file truncates it
 //! and removing the vnode deletes it.
 //!
-//! Durability: every request's change is committed with `Durability::Immediate` before
-//! its answer. Concurrent writes to one volume share commits (`group_commit`): the
-//! requests queued while a commit is in flight run next, in one transaction, and each is
-//! answered once that transaction is durable (refusals too, since they may rest on a
-//! change of the batch). A failed batch fails every request in it and changes nothing.
+//! Durability, the contract NFS (`WRITE` unstable + `COMMIT`) and AFS clients rely on:
+//! every request's metadata change is committed with `Durability::Immediate` before its
+//! answer, and so is inline data. The bytes a store writes into a data file are written
+//! (visible to every later fetch) but not synced when it answers; `fsync` (the `Fsync`
+//! request a cache manager sends after a file's stores, before `close()` returns)
+//! fdatasyncs the data file, so one write-back pays one data sync, not one per store.
+//! Concurrent writes to one volume share commits (`group_commit`): the requests queued
+//! while a commit is in flight run next, in one transaction, and each is answered once
+//! that transaction is durable (refusals too, since they may rest on a change of the
+//! batch). A failed batch fails every request in it and changes nothing.
+//!
+//! Concurrency on one file (`vnode_lock`): fetches share it; stores into its data file
+//! share it with each other when their ranges are disjoint (so a write-back's stores in
+//! flight share group commits and may arrive in any order: each grows the size to its
+//! end if needed and bumps the DV by one in its transaction, quota checked there); all
+//! other data changes have the file alone. Open data files are kept per vnode
+//! (`data_files`, a bounded LRU) and read and written with `pread`/`pwrite`.
 //!
 //! Invariants:
 //! - Vnode numbers are never reused (`next_vnode` only grows), so a fid of a removed
@@ -45,17 +57,21 @@
 //!   - inline data, its size and the DV bump are one transaction (atomic);
 //!   - moving to a data file writes the whole file and fsyncs it and `data/` first, then
 //!     commits the record that points to it with the bumped DV;
-//!   - changing a data file commits the DV bump durably first, then writes and
-//!     fdatasyncs the file, and only then replies. A crash in between leaves new DV over
-//!     old (or partly new) data, which a client treats as changed and refetches.
+//!   - changing a data file commits the DV bump durably first, then writes the file
+//!     (a size change by `SetAttr` or a truncating store is synced), and replies. A crash
+//!     before the data is synced leaves new DV over old, partly new or zeroed data,
+//!     which a client treats as changed and refetches; a client that needs the bytes
+//!     themselves durable sends `Fsync`.
 //! - Every metadata change is one durable redb transaction (shared with the other
 //!   requests of its batch); Create is exactly one; every request that changes a
 //!   directory bumps its DV by exactly 1.
 //! - A directory's `size` is its entry count; its link count is 2 + its subdirectories.
 
+mod data_files;
 mod group_commit;
 mod partition;
 mod records;
+mod vnode_lock;
 mod volume;
 
 #[cfg(test)]

@@ -681,3 +681,228 @@ fn create_and_store_latency() {
         started.elapsed() / count as u32
     );
 }
+
+/// Throughput of 256 sequential 1 MiB stores into one file and 256 1 MiB fetches of it,
+/// printed for the record (run with `--nocapture`). Not a timed assertion.
+#[test]
+fn sequential_1mib_store_and_fetch_throughput() {
+    let (_dir, partition, id) = setup();
+    let volume = partition.volume(id).unwrap();
+    let fid = volume
+        .create(Fid::root(id), "big", 0o644, 0, 0, true)
+        .unwrap()
+        .status
+        .fid;
+    let chunk: u32 = 1 << 20;
+    let count: u32 = 256;
+    let data = pattern(chunk as usize, 5);
+    let mib = f64::from(count);
+    let started = Instant::now();
+    for n in 0..count {
+        volume
+            .store_data(fid, u64::from(n) * u64::from(chunk), &data, None)
+            .unwrap();
+    }
+    let stored = started.elapsed();
+    volume.fsync(fid).unwrap();
+    let synced = started.elapsed();
+    eprintln!(
+        "256 x 1 MiB store: {:.0} MiB/s ({:?} per store); with the final fsync {:.0} MiB/s",
+        mib / stored.as_secs_f64(),
+        stored / count,
+        mib / synced.as_secs_f64()
+    );
+    let started = Instant::now();
+    for n in 0..count {
+        let (_, fetched) = volume
+            .fetch_data(fid, u64::from(n) * u64::from(chunk), chunk)
+            .unwrap();
+        assert_eq!(fetched.len(), chunk as usize);
+    }
+    let fetched = started.elapsed();
+    eprintln!(
+        "256 x 1 MiB fetch: {:.0} MiB/s ({:?} per fetch)",
+        mib / fetched.as_secs_f64(),
+        fetched / count
+    );
+}
+
+/// Stores into a data file are not synced one by one; `fsync` makes them durable, and
+/// a reopened volume serves them with the DV of the last store.
+#[test]
+fn fsync_after_stores_makes_data_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = VolumeId(7);
+    let chunk = 256 * 1024;
+    let (fid, last, small) = {
+        let partition = Partition::open(dir.path()).unwrap();
+        partition
+            .create_volume(id, VolumeName::parse("sync").unwrap(), 0)
+            .unwrap();
+        let volume = partition.volume(id).unwrap();
+        let root = Fid::root(id);
+        let fid = volume
+            .create(root, "f", 0o644, 0, 0, true)
+            .unwrap()
+            .status
+            .fid;
+        let mut last = None;
+        for n in 0..4u8 {
+            let offset = u64::from(n) * chunk as u64;
+            last = Some(
+                volume
+                    .store_data(fid, offset, &pattern(chunk, n), None)
+                    .unwrap(),
+            );
+        }
+        let synced = volume.fsync(fid).unwrap();
+        assert_eq!(Some(synced.clone()), last);
+        // Inline data is durable with its commit; its fsync only answers the status.
+        let small = volume
+            .create(root, "s", 0o644, 0, 0, true)
+            .unwrap()
+            .status
+            .fid;
+        let stored = volume.store_data(small, 0, b"inline", None).unwrap();
+        assert_eq!(volume.fsync(small).unwrap(), stored);
+        assert_eq!(
+            refused(volume.fsync(Fid {
+                unique: proto::Uniquifier(9),
+                ..fid
+            })),
+            ErrorCode::Stale
+        );
+        (fid, synced, small)
+    };
+    let partition = Partition::open(dir.path()).unwrap();
+    let volume = partition.volume(id).unwrap();
+    assert_eq!(volume.fetch_status(fid).unwrap(), last);
+    for n in 0..4u8 {
+        let offset = u64::from(n) * chunk as u64;
+        let (status, data) = volume.fetch_data(fid, offset, chunk as u32).unwrap();
+        assert_eq!(status.data_version, last.data_version);
+        assert_eq!(data, pattern(chunk, n));
+    }
+    assert_eq!(volume.fetch_data(small, 0, 100).unwrap().1, b"inline");
+}
+
+/// A write-back's stores in flight: threads store disjoint 64 KiB chunks of one data
+/// file in scrambled order. Every chunk lands, the size is the furthest end, the DV
+/// went up exactly once per store (each store saw its own DV), and the volume's byte
+/// count equals the size. A fetch meanwhile never sees a chunk missing under a DV that
+/// counts its store.
+#[test]
+fn concurrent_disjoint_stores_to_one_file_keep_contents_size_and_dv() {
+    let (_dir, partition, id) = setup();
+    let volume = partition.volume(id).unwrap();
+    let fid = volume
+        .create(Fid::root(id), "f", 0o644, 0, 0, true)
+        .unwrap()
+        .status
+        .fid;
+    let chunk = 64 * 1024;
+    // Past the inline limit first, so the stores below go into the data file.
+    volume.store_data(fid, 0, &pattern(chunk, 0), None).unwrap();
+    let first = volume
+        .store_data(fid, chunk as u64, &pattern(chunk, 1), None)
+        .unwrap();
+    let (threads, per_thread) = (8u64, 12u64);
+    let chunks = threads * per_thread;
+    let dvs = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for worker in 0..threads {
+            let (volume, dvs) = (&volume, &dvs);
+            scope.spawn(move || {
+                for n in 0..per_thread {
+                    // Chunk 2.. interleaved across threads, highest offsets first.
+                    let index = 2 + (per_thread - 1 - n) * threads + worker;
+                    let stored = volume
+                        .store_data(
+                            fid,
+                            index * chunk as u64,
+                            &pattern(chunk, index as u8),
+                            None,
+                        )
+                        .unwrap();
+                    assert!(stored.size >= (index + 1) * chunk as u64);
+                    dvs.lock().unwrap().push(stored.data_version.0);
+                }
+            });
+        }
+        scope.spawn(|| {
+            for _ in 0..50 {
+                let (status, data) = volume.fetch_data(fid, 0, chunk as u32).unwrap();
+                assert_eq!(data, pattern(chunk, 0), "at DV {}", status.data_version);
+            }
+        });
+    });
+    let status = volume.fsync(fid).unwrap();
+    let total = (2 + chunks) * chunk as u64;
+    assert_eq!(status.size, total);
+    assert_eq!(status.data_version.0, first.data_version.0 + chunks);
+    let mut dvs = dvs.into_inner().unwrap();
+    dvs.sort_unstable();
+    let expected: Vec<u64> = (1..=chunks).map(|n| first.data_version.0 + n).collect();
+    assert_eq!(dvs, expected);
+    assert_eq!(volume.header().unwrap().bytes_used, total);
+    for index in 0..2 + chunks {
+        let (_, data) = volume
+            .fetch_data(fid, index * chunk as u64, chunk as u32)
+            .unwrap();
+        assert_eq!(data, pattern(chunk, index as u8), "chunk {index}");
+    }
+}
+
+/// Quota is checked in each concurrent store's own transaction: stores that fit are
+/// applied, the rest refused without changing size, DV or the byte count.
+#[test]
+fn concurrent_stores_into_a_data_file_keep_quota_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let partition = Partition::open(dir.path()).unwrap();
+    let id = VolumeId(8);
+    let chunk = 64 * 1024u64;
+    partition
+        .create_volume(id, VolumeName::parse("q").unwrap(), 10 * chunk)
+        .unwrap();
+    let volume = partition.volume(id).unwrap();
+    let fid = volume
+        .create(Fid::root(id), "f", 0o644, 0, 0, true)
+        .unwrap()
+        .status
+        .fid;
+    let start = volume
+        .store_data(fid, 0, &pattern(2 * chunk as usize, 0), None)
+        .unwrap();
+    // Sixteen one-chunk appends of chunks 2..18 from four threads: only those whose end
+    // fits the quota of ten chunks can succeed.
+    let outcomes = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for worker in 0..4u64 {
+            let (volume, outcomes) = (&volume, &outcomes);
+            scope.spawn(move || {
+                for n in 0..4u64 {
+                    let index = 2 + n * 4 + worker;
+                    let data = pattern(chunk as usize, index as u8);
+                    let outcome = volume.store_data(fid, index * chunk, &data, None);
+                    outcomes
+                        .lock()
+                        .unwrap()
+                        .push((index, outcome.map_err(|e| e.code())));
+                }
+            });
+        }
+    });
+    // The size only grows to a store's end, so every end within the quota fits,
+    // whatever the order, and every end beyond it is refused.
+    for (index, outcome) in outcomes.into_inner().unwrap() {
+        if index < 10 {
+            assert!(outcome.is_ok(), "chunk {index}: {outcome:?}");
+        } else {
+            assert_eq!(outcome, Err(ErrorCode::QuotaExceeded), "chunk {index}");
+        }
+    }
+    let status = volume.fetch_status(fid).unwrap();
+    assert_eq!(status.data_version.0, start.data_version.0 + 8);
+    assert_eq!(status.size, 10 * chunk);
+    assert_eq!(volume.header().unwrap().bytes_used, status.size);
+}

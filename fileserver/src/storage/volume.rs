@@ -1,29 +1,32 @@
 //! One volume: its metadata database and its data files, and every operation on them.
-//! Invariant: see the storage module: never new file data under an old DV, every change
-//! durable before its answer (one redb transaction per request, shared by the requests
-//! batched into one group commit), directory DV +1 per changing request.
-//! Data of one vnode is guarded by a striped lock so that a fetch never pairs a new DV
-//! with data not yet written, two stores to one file apply in DV order, and a data
-//! change planned from a snapshot still holds when its transaction runs.
+//! Invariant: see the storage module: never new file data under an old DV, every
+//! metadata change durable before its answer (one redb transaction per request, shared
+//! by the requests batched into one group commit), directory DV +1 per changing request,
+//! file DV +1 per store.
+//! Data of one vnode is guarded by a vnode lock (`vnode_lock`) so that a fetch never
+//! pairs a new DV with data not yet written, overlapping stores to one file apply in DV
+//! order, and a data change planned from a snapshot still holds when its transaction
+//! runs. Stores into a data file of disjoint ranges share the lock: they plan nothing
+//! from the snapshot, their transaction grows the size from the record it finds.
 
 use std::collections::BTreeMap;
-use std::fs::{File, OpenOptions};
 use std::io::ErrorKind;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::sync_channel;
 
-use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use proto::{
     DirEntry, ErrorCode, Fid, FileKind, SetAttrs, Timestamp, Uniquifier, VnodeId, VnodeStatus,
     VolumeId, VolumeInfo, VolumeName, VolumeType,
 };
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
+use super::data_files::DataFiles;
 use super::group_commit::GroupCommit;
 use super::records::{
     DataLocation, HEADER_FORMAT, VnodeRecord, VolumeHeader, kind_code, kind_from_code,
 };
+use super::vnode_lock::{Access, VnodeLocks};
 use super::{StorageError, io_error};
 
 const HEADER: TableDefinition<&str, &[u8]> = TableDefinition::new("volume");
@@ -45,7 +48,6 @@ pub const FILE_BYTES_MAX: u64 = 1 << 40;
 pub const SYMLINK_TARGET_BYTES_MAX: usize = 4096;
 /// Most links one file may have.
 pub const LINK_COUNT_MAX: u32 = 65_000;
-const DATA_STRIPES: usize = 64;
 
 /// The outcome of `create`.
 #[derive(Clone, Debug)]
@@ -78,9 +80,9 @@ pub struct Renamed {
 pub struct Volume {
     id: VolumeId,
     db_path: PathBuf,
-    data_dir: PathBuf,
     db: Database,
-    stripes: Vec<RwLock<()>>,
+    locks: VnodeLocks,
+    files: DataFiles,
     committer: GroupCommit<WriteJob>,
 }
 
@@ -179,9 +181,9 @@ impl Volume {
         Volume {
             id,
             db_path,
-            data_dir,
             db,
-            stripes: (0..DATA_STRIPES).map(|_| RwLock::new(())).collect(),
+            locks: VnodeLocks::new(),
+            files: DataFiles::new(data_dir),
             committer: GroupCommit::new(),
         }
     }
@@ -220,7 +222,7 @@ impl Volume {
         offset: u64,
         length: u32,
     ) -> Result<(VnodeStatus, Vec<u8>), StorageError> {
-        let _guard = self.data_read_lock(fid.vnode);
+        let _guard = self.locks.lock(fid.vnode, Access::Read);
         let (record, inline) = self.read(|r| {
             let record = r.checked(fid)?;
             let inline = if record.kind == FileKind::File && record.data == DataLocation::Inline {
@@ -328,7 +330,8 @@ impl Volume {
     /// Writes `data` at `offset`, after setting the length to `truncate_to` if given.
     /// DV +1. Inline data changes with its record in one transaction; a file growing
     /// past `INLINE_BYTES_MAX` gets a durable data file before the record points to it;
-    /// a data file already in use changes only after the DV bump is durable.
+    /// a data file already in use changes only after the DV bump is durable, and is not
+    /// synced: `fsync` makes its bytes durable.
     pub fn store_data(
         &self,
         fid: Fid,
@@ -336,10 +339,25 @@ impl Volume {
         data: &[u8],
         truncate_to: Option<u64>,
     ) -> Result<VnodeStatus, StorageError> {
-        let _guard = self.data_write_lock(fid.vnode);
         let end = offset
             .checked_add(data.len() as u64)
             .ok_or(ErrorCode::FileTooLarge)?;
+        if end > FILE_BYTES_MAX {
+            return Err(ErrorCode::FileTooLarge.into());
+        }
+        // The common case of a write-back, bytes written into a data file, shares the
+        // vnode with stores of other ranges. Where the data lives is checked again
+        // under the lock; only an exclusive holder can move it.
+        if truncate_to.is_none() && !data.is_empty() && self.in_data_file(fid)? {
+            let guard = self
+                .locks
+                .lock(fid.vnode, Access::StoreRange { start: offset, end });
+            if self.in_data_file(fid)? {
+                return self.store_into_data_file(fid, offset, data, end);
+            }
+            drop(guard);
+        }
+        let _guard = self.locks.lock(fid.vnode, Access::Exclusive);
         let (record, inline) = self.read_file_record(fid)?;
         let base = truncate_to.unwrap_or(record.size);
         let size = if data.is_empty() { base } else { base.max(end) };
@@ -352,7 +370,8 @@ impl Volume {
             }
             Some(content) => {
                 let content = spliced(content, base, 0, &[], base);
-                self.write_new_data_file(fid.vnode, &content, offset, data, size)?;
+                self.files
+                    .write_new(fid.vnode, &content, offset, data, size)?;
                 DataChange::ToFile
             }
             None if truncate_to == Some(0) && size <= INLINE_BYTES_MAX => {
@@ -360,7 +379,11 @@ impl Volume {
             }
             None => DataChange::InFile,
         };
-        let in_file = matches!(change, DataChange::InFile);
+        // Opened before the commit: see `DataFiles` on removal.
+        let in_file = match change {
+            DataChange::InFile => self.files.get(fid.vnode, true)?,
+            _ => None,
+        };
         let planned = record.data_version;
         let status = self.write(move |tx| {
             let mut record = tx.checked(fid)?;
@@ -368,13 +391,69 @@ impl Volume {
             tx.put(fid.vnode, record.clone());
             Ok(record.status(tx.volume(), fid.vnode))
         })?;
-        if in_file {
-            let (file, path) = self.open_data_file(fid.vnode)?;
-            if let Some(length) = truncate_to {
+        if let Some(file) = in_file {
+            let path = self.files.path(fid.vnode);
+            if let Some(length) = truncate_to
+                && file.metadata().map_err(io_error(&path))?.len() != length
+            {
+                // Synced although the bytes written are not, as in `set_attr`: bytes
+                // cut off must not come back after a crash, where a later extension
+                // would expose them instead of zeros.
                 file.set_len(length).map_err(io_error(&path))?;
+                file.sync_data().map_err(io_error(&path))?;
             }
             file.write_all_at(data, offset).map_err(io_error(&path))?;
-            file.sync_data().map_err(io_error(&path))?;
+        }
+        Ok(status)
+    }
+
+    /// Makes the file's data durable: its data file, if it has one, is fdatasynced
+    /// (inline data is durable with its commit, as is every record). Returns the status.
+    pub fn fsync(&self, fid: Fid) -> Result<VnodeStatus, StorageError> {
+        // Shared with fetches: stores answered before this call are all written, and
+        // the data file cannot be replaced or removed meanwhile.
+        let _guard = self.locks.lock(fid.vnode, Access::Read);
+        let record = self.read(|r| r.checked(fid))?;
+        if record.kind == FileKind::File
+            && record.data == DataLocation::File
+            && let Some(file) = self.files.get(fid.vnode, false)?
+        {
+            file.sync_data()
+                .map_err(io_error(self.files.path(fid.vnode)))?;
+        }
+        Ok(record.status(self.id, fid.vnode))
+    }
+
+    /// Whether `fid` is a file whose data lives in a data file.
+    fn in_data_file(&self, fid: Fid) -> Result<bool, StorageError> {
+        self.read(|r| {
+            let record = r.checked(fid)?;
+            Ok(record.kind == FileKind::File && record.data == DataLocation::File)
+        })
+    }
+
+    /// A store of `data` (not empty) at `offset` into the data file, under a
+    /// `StoreRange` lock: the transaction grows the size from the record it finds
+    /// (other stores of the vnode may have committed since any snapshot) and bumps the
+    /// DV; the bytes are written after the commit and not synced.
+    fn store_into_data_file(
+        &self,
+        fid: Fid,
+        offset: u64,
+        data: &[u8],
+        end: u64,
+    ) -> Result<VnodeStatus, StorageError> {
+        // Opened before the commit: see `DataFiles` on removal.
+        let file = self.files.get(fid.vnode, true)?;
+        let status = self.write(move |tx| {
+            let mut record = tx.checked(fid)?;
+            tx.grow_data_file(fid.vnode, &mut record, end)?;
+            tx.put(fid.vnode, record.clone());
+            Ok(record.status(tx.volume(), fid.vnode))
+        })?;
+        if let Some(file) = file {
+            file.write_all_at(data, offset)
+                .map_err(io_error(self.files.path(fid.vnode)))?;
         }
         Ok(status)
     }
@@ -383,7 +462,7 @@ impl Volume {
     /// Truncating a file kept in a data file to zero brings it back inline; any other
     /// truncation leaves the data where it is.
     pub fn set_attr(&self, fid: Fid, attrs: &SetAttrs) -> Result<VnodeStatus, StorageError> {
-        let _guard = self.data_write_lock(fid.vnode);
+        let _guard = self.locks.lock(fid.vnode, Access::Exclusive);
         let mut resize = None;
         if let Some(size) = attrs.size {
             if size > FILE_BYTES_MAX {
@@ -396,7 +475,7 @@ impl Volume {
                         DataChange::Inline(spliced(content, size, 0, &[], size))
                     }
                     Some(content) => {
-                        self.write_new_data_file(fid.vnode, &content, 0, &[], size)?;
+                        self.files.write_new(fid.vnode, &content, 0, &[], size)?;
                         DataChange::ToFile
                     }
                     None if size == 0 => DataChange::FromFile(Vec::new()),
@@ -405,7 +484,11 @@ impl Volume {
                 resize = Some((size, record.data_version, change));
             }
         }
-        let in_file = matches!(resize, Some((_, _, DataChange::InFile)));
+        // Opened before the commit: see `DataFiles` on removal.
+        let in_file = match resize {
+            Some((_, _, DataChange::InFile)) => self.files.get(fid.vnode, true)?,
+            _ => None,
+        };
         let attrs = attrs.clone();
         let status = self.write(move |tx| {
             let mut record = tx.checked(fid)?;
@@ -434,8 +517,12 @@ impl Volume {
             tx.put(fid.vnode, record.clone());
             Ok(record.status(tx.volume(), fid.vnode))
         })?;
-        if in_file && let Some(size) = attrs.size {
-            let (file, path) = self.open_data_file(fid.vnode)?;
+        if let Some(file) = in_file
+            && let Some(size) = attrs.size
+        {
+            // Synced although stores are not: bytes cut off here must not come back
+            // after a crash, where a later extension would expose them instead of zeros.
+            let path = self.files.path(fid.vnode);
             if file.metadata().map_err(io_error(&path))?.len() != size {
                 file.set_len(size).map_err(io_error(&path))?;
                 file.sync_data().map_err(io_error(&path))?;
@@ -707,18 +794,6 @@ impl Volume {
 
     // ---- plumbing ----
 
-    fn data_read_lock(&self, vnode: VnodeId) -> RwLockReadGuard<'_, ()> {
-        self.stripes[(vnode.0 as usize) % DATA_STRIPES].read()
-    }
-
-    fn data_write_lock(&self, vnode: VnodeId) -> RwLockWriteGuard<'_, ()> {
-        self.stripes[(vnode.0 as usize) % DATA_STRIPES].write()
-    }
-
-    fn data_path(&self, vnode: VnodeId) -> PathBuf {
-        self.data_dir.join(vnode.0.to_string())
-    }
-
     /// A file's record, with its bytes if they are inline (`None` if in a data file).
     fn read_file_record(&self, fid: Fid) -> Result<(VnodeRecord, Option<Vec<u8>>), StorageError> {
         self.read(|r| {
@@ -732,58 +807,8 @@ impl Volume {
         })
     }
 
-    /// Writes a file's whole new data file (`content`, then `data` at `offset`, `size`
-    /// bytes in all) and makes it and its directory entry durable, before any record
-    /// points to it. A crash before that commit leaves an unused file, which the next
-    /// move to a data file truncates and removing the vnode deletes.
-    fn write_new_data_file(
-        &self,
-        vnode: VnodeId,
-        content: &[u8],
-        offset: u64,
-        data: &[u8],
-        size: u64,
-    ) -> Result<(), StorageError> {
-        let path = self.data_path(vnode);
-        let file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .map_err(io_error(&path))?;
-        file.write_all_at(content, 0).map_err(io_error(&path))?;
-        file.write_all_at(data, offset).map_err(io_error(&path))?;
-        file.set_len(size).map_err(io_error(&path))?;
-        file.sync_all().map_err(io_error(&path))?;
-        File::open(&self.data_dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io_error(&self.data_dir))
-    }
-
-    /// Opens a vnode's data file for writing. A newly created file's directory entry is
-    /// made durable too, or a crash could lose data already acknowledged under its DV.
-    fn open_data_file(&self, vnode: VnodeId) -> Result<(File, PathBuf), StorageError> {
-        let path = self.data_path(vnode);
-        match OpenOptions::new().write(true).open(&path) {
-            Ok(file) => return Ok((file, path)),
-            Err(e) if e.kind() == ErrorKind::NotFound => {}
-            Err(e) => return Err(io_error(&path)(e)),
-        }
-        let file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(io_error(&path))?;
-        file.sync_all().map_err(io_error(&path))?;
-        File::open(&self.data_dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io_error(&self.data_dir))?;
-        Ok((file, path))
-    }
-
-    /// Reads `wanted` bytes at `offset`; bytes past the file's end read as zeros (a file
-    /// never written has no data file).
+    /// Reads `wanted` bytes at `offset` into one buffer; bytes past the file's end read
+    /// as zeros (a file never written has no data file).
     fn read_file(
         &self,
         vnode: VnodeId,
@@ -791,11 +816,8 @@ impl Volume {
         wanted: usize,
     ) -> Result<Vec<u8>, StorageError> {
         let mut buffer = vec![0u8; wanted];
-        let path = self.data_path(vnode);
-        let file = match File::open(&path) {
-            Ok(file) => file,
-            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(buffer),
-            Err(e) => return Err(io_error(&path)(e)),
+        let Some(file) = self.files.get(vnode, false)? else {
+            return Ok(buffer);
         };
         let mut done = 0;
         while done < wanted {
@@ -803,7 +825,7 @@ impl Volume {
                 Ok(0) => break,
                 Ok(n) => done += n,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) => return Err(io_error(&path)(e)),
+                Err(e) => return Err(io_error(self.files.path(vnode))(e)),
             }
         }
         Ok(buffer)
@@ -874,7 +896,7 @@ impl Volume {
         let committed = match committed {
             Ok(()) => {
                 for vnode in dead_files {
-                    self.remove_data_file(vnode);
+                    self.files.remove(vnode);
                 }
                 Ok(())
             }
@@ -889,17 +911,6 @@ impl Volume {
                         detail,
                     }),
             );
-        }
-    }
-
-    fn remove_data_file(&self, vnode: VnodeId) {
-        let path = self.data_path(vnode);
-        match std::fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == ErrorKind::NotFound => {}
-            Err(e) => {
-                tracing::warn!(path = %path.display(), error = %e, "could not remove an unused data file")
-            }
         }
     }
 }
@@ -1129,6 +1140,26 @@ impl<'a> Tx<'a> {
                 self.dead_files.push(vnode);
             }
         }
+        record.touch_data(Timestamp::now());
+        Ok(())
+    }
+
+    /// A store into the data file under a `StoreRange` lock: the size grows to `end` if
+    /// below it (quota checked), DV +1. The lock keeps the data in its data file, so
+    /// finding it elsewhere is a bug, refused rather than applied.
+    fn grow_data_file(
+        &mut self,
+        vnode: VnodeId,
+        record: &mut VnodeRecord,
+        end: u64,
+    ) -> Result<(), StorageError> {
+        require_file(record.kind)?;
+        if record.data != DataLocation::File {
+            return Err(self.reader.corrupt(format!(
+                "vnode {vnode} left its data file under a store lock"
+            )));
+        }
+        self.resize(record, record.size.max(end))?;
         record.touch_data(Timestamp::now());
         Ok(())
     }

@@ -1,0 +1,204 @@
+//! Open handles of one volume's data files, kept so that a stream of stores and fetches
+//! of one file does not open and close it per call.
+//! Invariant: at most `DATA_FILES_OPEN_MAX` handles per volume (least recently used
+//! goes first); the cached handle of a live vnode is the file at `data/<vnode>` now: a
+//! data file is forgotten before it is unlinked and replaced when it is written anew.
+//!
+//! Callers use handles under the vnode's data lock, which orders every replacement and
+//! removal of a live vnode's file against its users. The one exception, removing the
+//! vnode itself, commits the removal first, so a store racing it (opened before the
+//! unlink) writes to an unlinked file, or leaves a handle or an orphan file of a vnode
+//! nobody reads again (vnode numbers are never reused).
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::ErrorKind;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use proto::VnodeId;
+
+use super::{StorageError, io_error};
+
+/// Most open data files one volume keeps. Each costs one descriptor; a write-back
+/// touches one file at a time, so a few dozen cover the files in use.
+pub(super) const DATA_FILES_OPEN_MAX: usize = 32;
+
+/// A volume's `data/` directory and its open files.
+pub(super) struct DataFiles {
+    dir: PathBuf,
+    open: Mutex<OpenFiles>,
+}
+
+struct OpenFiles {
+    /// vnode -> (handle, last use), `last use` from `clock`.
+    files: HashMap<u64, (Arc<File>, u64)>,
+    clock: u64,
+}
+
+impl DataFiles {
+    pub(super) fn new(dir: PathBuf) -> DataFiles {
+        DataFiles {
+            dir,
+            open: Mutex::new(OpenFiles {
+                files: HashMap::new(),
+                clock: 0,
+            }),
+        }
+    }
+
+    pub(super) fn path(&self, vnode: VnodeId) -> PathBuf {
+        self.dir.join(vnode.0.to_string())
+    }
+
+    /// The vnode's data file, opened for reading and writing; `None` if there is none
+    /// and `create` is false. A created file's directory entry is made durable at once,
+    /// or a crash could lose data acknowledged under its DV.
+    pub(super) fn get(
+        &self,
+        vnode: VnodeId,
+        create: bool,
+    ) -> Result<Option<Arc<File>>, StorageError> {
+        if let Some(file) = self.cached(vnode) {
+            return Ok(Some(file));
+        }
+        let path = self.path(vnode);
+        // Opened outside the table's lock: an open is a system call or two, and a
+        // second opener of the same file only finds its handle cached already.
+        let file = match OpenOptions::new().read(true).write(true).open(&path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == ErrorKind::NotFound && create => {
+                let file = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(&path)
+                    .map_err(io_error(&path))?;
+                file.sync_all().map_err(io_error(&path))?;
+                sync_dir(&self.dir)?;
+                file
+            }
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_error(&path)(e)),
+        };
+        let mut open = self.open.lock();
+        if let Some((cached, _)) = open.files.get(&vnode.0) {
+            return Ok(Some(Arc::clone(cached)));
+        }
+        let file = Arc::new(file);
+        open.insert(vnode, Arc::clone(&file));
+        Ok(Some(file))
+    }
+
+    /// Writes the vnode's whole new data file (`content`, then `data` at `offset`,
+    /// `size` bytes in all) and makes it and its directory entry durable; the new file
+    /// replaces any cached handle.
+    pub(super) fn write_new(
+        &self,
+        vnode: VnodeId,
+        content: &[u8],
+        offset: u64,
+        data: &[u8],
+        size: u64,
+    ) -> Result<(), StorageError> {
+        let path = self.path(vnode);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(io_error(&path))?;
+        file.write_all_at(content, 0).map_err(io_error(&path))?;
+        file.write_all_at(data, offset).map_err(io_error(&path))?;
+        file.set_len(size).map_err(io_error(&path))?;
+        file.sync_all().map_err(io_error(&path))?;
+        sync_dir(&self.dir)?;
+        self.open.lock().insert(vnode, Arc::new(file));
+        Ok(())
+    }
+
+    /// Forgets the vnode's handle and unlinks its data file, if any.
+    pub(super) fn remove(&self, vnode: VnodeId) {
+        self.open.lock().files.remove(&vnode.0);
+        let path = self.path(vnode);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "could not remove an unused data file")
+            }
+        }
+    }
+
+    fn cached(&self, vnode: VnodeId) -> Option<Arc<File>> {
+        let mut open = self.open.lock();
+        open.clock += 1;
+        let now = open.clock;
+        open.files.get_mut(&vnode.0).map(|(file, used)| {
+            *used = now;
+            Arc::clone(file)
+        })
+    }
+}
+
+impl OpenFiles {
+    /// Caches `file` for `vnode`, closing the least recently used handle beyond the
+    /// limit (a caller still using it keeps its own reference).
+    fn insert(&mut self, vnode: VnodeId, file: Arc<File>) {
+        self.clock += 1;
+        self.files.insert(vnode.0, (file, self.clock));
+        if self.files.len() > DATA_FILES_OPEN_MAX
+            && let Some(oldest) = self
+                .files
+                .iter()
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(vnode, _)| *vnode)
+        {
+            self.files.remove(&oldest);
+        }
+    }
+}
+
+fn sync_dir(dir: &Path) -> Result<(), StorageError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_error(dir))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handles_are_bounded_least_recently_used_first_and_replaced_when_rewritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = DataFiles::new(dir.path().to_owned());
+        assert!(files.get(VnodeId(1), false).unwrap().is_none());
+        let first = files.get(VnodeId(1), true).unwrap().unwrap();
+        for vnode in 2..=DATA_FILES_OPEN_MAX as u64 + 1 {
+            // Vnode 1 stays the most recently used one.
+            files.get(VnodeId(1), false).unwrap();
+            files.get(VnodeId(vnode), true).unwrap();
+        }
+        let cached: Vec<u64> = files.open.lock().files.keys().copied().collect();
+        assert_eq!(cached.len(), DATA_FILES_OPEN_MAX);
+        assert!(cached.contains(&1) && !cached.contains(&2));
+        let again = files.get(VnodeId(1), false).unwrap().unwrap();
+        assert!(Arc::ptr_eq(&first, &again));
+
+        files.write_new(VnodeId(1), b"abc", 3, b"def", 6).unwrap();
+        let rewritten = files.get(VnodeId(1), false).unwrap().unwrap();
+        assert!(!Arc::ptr_eq(&first, &rewritten));
+        let mut read = [0u8; 6];
+        rewritten.read_exact_at(&mut read, 0).unwrap();
+        assert_eq!(&read, b"abcdef");
+
+        files.remove(VnodeId(1));
+        assert!(!files.open.lock().files.contains_key(&1));
+        assert!(files.get(VnodeId(1), false).unwrap().is_none());
+    }
+}
