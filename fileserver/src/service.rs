@@ -310,7 +310,14 @@ impl FileService {
             | Request::VlCreateEntry { .. }
             | Request::VlRemoveEntry { .. }
             | Request::VlGetEntry { .. }
-            | Request::VlListEntries => Err(ErrorCode::Unsupported),
+            | Request::VlListEntries
+            // Lock service: not served yet; the cache manager falls back to local locks.
+            | Request::SetLock { .. }
+            | Request::ReleaseLock { .. }
+            | Request::TestLock { .. }
+            | Request::CancelLockWait { .. }
+            | Request::RenewLease
+            | Request::LockGranted { .. } => Err(ErrorCode::Unsupported),
         }
     }
 

@@ -72,6 +72,10 @@ pub enum ErrorCode {
     TooManyLinks,
     #[error("file too large")]
     FileTooLarge,
+    #[error("the lock is held by another owner")]
+    WouldBlock,
+    #[error("too many locks")]
+    TooManyLocks,
 }
 
 impl ErrorCode {
@@ -92,6 +96,8 @@ impl ErrorCode {
             ErrorCode::CrossVolume => libc_errno::EXDEV,
             ErrorCode::TooManyLinks => libc_errno::EMLINK,
             ErrorCode::FileTooLarge => libc_errno::EFBIG,
+            ErrorCode::WouldBlock => libc_errno::EAGAIN,
+            ErrorCode::TooManyLocks => libc_errno::ENOLCK,
             ErrorCode::NotActive { .. } | ErrorCode::ResetCallbacks => libc_errno::EAGAIN,
             ErrorCode::Unsupported => libc_errno::ENOSYS,
             ErrorCode::TooLarge => libc_errno::E2BIG,
@@ -127,6 +133,7 @@ pub mod libc_errno {
     pub const ENOTEMPTY: i32 = 39;
     pub const ETIMEDOUT: i32 = 110;
     pub const ESTALE: i32 = 116;
+    pub const ENOLCK: i32 = 37;
     pub const EDQUOT: i32 = 122;
 }
 

@@ -374,6 +374,48 @@ pub enum Request {
     Fsync {
         fid: Fid,
     },
+
+    // ---- locks (fileserver), appended ----
+    /// Takes an advisory byte-range lock `[start, end)` (`end = u64::MAX`: to end of
+    /// file) for `owner` of the calling client. Answers `Ok` when granted, `LockQueued`
+    /// when `wait` and it conflicts (the server later sends `LockGranted`), or
+    /// `ErrorCode::WouldBlock` when it conflicts and `wait` is false.
+    SetLock {
+        fid: Fid,
+        owner: u64,
+        start: u64,
+        end: u64,
+        kind: LockKind,
+        wait: bool,
+        /// The requesting process, reported to others by `TestLock`.
+        pid: u32,
+    },
+    /// Releases `owner`'s locks within `[start, end)`.
+    ReleaseLock {
+        fid: Fid,
+        owner: u64,
+        start: u64,
+        end: u64,
+    },
+    /// Which lock, if any, would conflict with this one (F_GETLK).
+    TestLock {
+        fid: Fid,
+        owner: u64,
+        start: u64,
+        end: u64,
+        kind: LockKind,
+    },
+    /// Withdraws a queued lock request.
+    CancelLockWait {
+        wait: u64,
+    },
+    /// Renews the caller's lease (any other request renews it too).
+    RenewLease,
+    /// Server to client: the queued request `wait` is now granted.
+    LockGranted {
+        wait: u64,
+        fid: Fid,
+    },
 }
 
 /// Every response. `Err(ErrorCode)` travels beside it in `Frame::Response`.
@@ -427,6 +469,32 @@ pub enum Response {
     Servers(Vec<ServerEntry>),
     VolumeEntry(VolumeEntry),
     VolumeEntries(Vec<VolumeEntry>),
+    /// A blocking lock request is queued; `LockGranted { wait }` follows.
+    LockQueued {
+        wait: u64,
+    },
+    /// The answer to `TestLock`.
+    LockTest {
+        holder: Option<LockHolder>,
+    },
+}
+
+/// Shared (read) or exclusive (write) lock.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum LockKind {
+    Shared,
+    Exclusive,
+}
+
+/// A lock as `TestLock` reports it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockHolder {
+    pub client: ClientId,
+    pub owner: u64,
+    pub start: u64,
+    pub end: u64,
+    pub kind: LockKind,
+    pub pid: u32,
 }
 
 impl Response {
@@ -448,6 +516,8 @@ impl Response {
             Response::Servers(_) => "Servers",
             Response::VolumeEntry(_) => "VolumeEntry",
             Response::VolumeEntries(_) => "VolumeEntries",
+            Response::LockQueued { .. } => "LockQueued",
+            Response::LockTest { .. } => "LockTest",
         }
     }
 }

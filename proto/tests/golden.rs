@@ -131,6 +131,39 @@ fn cases() -> Vec<(&'static str, Frame, &'static str)> {
             },
             "03050117fa01",
         ),
+        (
+            "set_lock",
+            Frame::Request {
+                id: RequestId(6),
+                body: Request::SetLock {
+                    fid: fid(),
+                    owner: 9,
+                    start: 0,
+                    end: u64::MAX,
+                    kind: LockKind::Exclusive,
+                    wait: true,
+                    pid: 4242,
+                },
+            },
+            "02061e808080800205010900ffffffffffffffffff0101019221",
+        ),
+        (
+            "lock_test_response",
+            Frame::Response {
+                id: RequestId(7),
+                body: Ok(Response::LockTest {
+                    holder: Some(LockHolder {
+                        client: ClientId(Uuid::from_u128(1)),
+                        owner: 2,
+                        start: 3,
+                        end: 4,
+                        kind: LockKind::Shared,
+                        pid: 5,
+                    }),
+                }),
+            },
+            "030700100110000000000000000000000000000000010203040005",
+        ),
     ]
 }
 

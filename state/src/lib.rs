@@ -1,14 +1,22 @@
-//! Holdfast's callback bookkeeping, pure (sans-IO): the callback promise table, the
-//! delayed-break queues of unreachable clients and the table of known clients.
+//! Holdfast's callback and lock bookkeeping, pure (sans-IO): the callback promise table,
+//! the delayed-break queues of unreachable clients, the table of known clients, the
+//! byte-range lock table with client leases, and the grace period after a restart.
 //! Nothing here reads a clock, sleeps, spawns or does I/O: time comes in as a `Millis`
 //! value and decisions come out as return values the server acts on.
 
 pub mod callback_table;
 pub mod client_table;
 pub mod delayed_breaks;
+pub mod grace;
+pub mod lock_table;
 pub mod time;
 
 pub use callback_table::{CallbackTable, CallbackTableConfig, Grant};
 pub use client_table::{Admission, ClientKey, ClientTable, ClientTableFull};
 pub use delayed_breaks::{DelayedBreaks, Pending};
+pub use grace::{Grace, GraceCheck, GraceConfig, GraceEnd, GraceError, GraceStatus};
+pub use lock_table::{
+    ByteRange, Effect, EmptyRange, Leases, Lock, LockKind, LockOutcome, LockOwner, LockReply,
+    LockTable, LockTableConfig, TooManyLocks, WaitId,
+};
 pub use time::Millis;
