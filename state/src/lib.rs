@@ -8,13 +8,16 @@ pub mod callback_table;
 pub mod client_table;
 pub mod delayed_breaks;
 pub mod grace;
+pub mod journal;
 pub mod lock_table;
+pub mod snapshot;
 pub mod time;
 
 pub use callback_table::{CallbackTable, CallbackTableConfig, Grant};
 pub use client_table::{Admission, ClientKey, ClientTable, ClientTableFull};
 pub use delayed_breaks::{DelayedBreaks, Pending};
 pub use grace::{Grace, GraceCheck, GraceConfig, GraceEnd, GraceError, GraceStatus};
+pub use journal::{Journal, JournalConfig, JournalError, JournalMode, Lsn, Recovered};
 pub use lock_table::{
     ByteRange, Effect, EmptyRange, Leases, Lock, LockKind, LockOutcome, LockOwner, LockReply,
     LockTable, LockTableConfig, TooManyLocks, WaitId,
