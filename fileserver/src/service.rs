@@ -317,7 +317,10 @@ impl FileService {
             | Request::TestLock { .. }
             | Request::CancelLockWait { .. }
             | Request::RenewLease
-            | Request::LockGranted { .. } => Err(ErrorCode::Unsupported),
+            | Request::LockGranted { .. }
+            | Request::ReclaimCallbacks { .. }
+            | Request::ReclaimLock { .. }
+            | Request::ReclaimDone => Err(ErrorCode::Unsupported),
         }
     }
 

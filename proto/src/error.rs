@@ -76,6 +76,8 @@ pub enum ErrorCode {
     WouldBlock,
     #[error("too many locks")]
     TooManyLocks,
+    #[error("no such lock to reclaim: it was not held before the restart, or grace is over")]
+    NotReclaimable,
 }
 
 impl ErrorCode {
@@ -97,7 +99,7 @@ impl ErrorCode {
             ErrorCode::TooManyLinks => libc_errno::EMLINK,
             ErrorCode::FileTooLarge => libc_errno::EFBIG,
             ErrorCode::WouldBlock => libc_errno::EAGAIN,
-            ErrorCode::TooManyLocks => libc_errno::ENOLCK,
+            ErrorCode::TooManyLocks | ErrorCode::NotReclaimable => libc_errno::ENOLCK,
             ErrorCode::NotActive { .. } | ErrorCode::ResetCallbacks => libc_errno::EAGAIN,
             ErrorCode::Unsupported => libc_errno::ENOSYS,
             ErrorCode::TooLarge => libc_errno::E2BIG,

@@ -416,6 +416,24 @@ pub enum Request {
         wait: u64,
         fid: Fid,
     },
+
+    // ---- reclaim after a fileserver restart or takeover, appended ----
+    /// The callbacks a client believes it holds, with the data versions it cached. The
+    /// server re-grants those whose DV is unchanged and reports the rest as broken.
+    ReclaimCallbacks {
+        fids: Vec<(Fid, DataVersion)>,
+    },
+    /// Reclaims a lock the client held before the restart; only its recorded owner can.
+    ReclaimLock {
+        fid: Fid,
+        owner: u64,
+        start: u64,
+        end: u64,
+        kind: LockKind,
+        pid: u32,
+    },
+    /// The client has reclaimed everything it held: grace may end early.
+    ReclaimDone,
 }
 
 /// Every response. `Err(ErrorCode)` travels beside it in `Frame::Response`.
@@ -477,6 +495,12 @@ pub enum Response {
     LockTest {
         holder: Option<LockHolder>,
     },
+    /// The answer to `ReclaimCallbacks`: `broken` lists the fids whose data changed (or
+    /// that the server no longer knows); the others are re-granted with `callback`.
+    CallbacksReclaimed {
+        broken: Vec<Fid>,
+        callback: CallbackGrant,
+    },
 }
 
 /// Shared (read) or exclusive (write) lock.
@@ -518,6 +542,7 @@ impl Response {
             Response::VolumeEntries(_) => "VolumeEntries",
             Response::LockQueued { .. } => "LockQueued",
             Response::LockTest { .. } => "LockTest",
+            Response::CallbacksReclaimed { .. } => "CallbacksReclaimed",
         }
     }
 }
