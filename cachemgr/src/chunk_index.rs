@@ -244,15 +244,16 @@ impl ChunkIndex {
         self.evict()
     }
 
-    /// This client's own change moved the file from `from` to `to` and touched nothing
-    /// cached: clean chunks of `from` hold `to`'s bytes.
+    /// Every version from `from` up to `to` came from this client's own changes (a
+    /// write-back's stores, each marking its chunk clean at the version its reply gave):
+    /// clean chunks of any version in `from..to` hold `to`'s bytes.
     pub fn retag(&mut self, fid: Fid, from: DataVersion, to: DataVersion) {
         let Some(indexes) = self.by_fid.get(&fid) else {
             return;
         };
         for &index in indexes {
             if let Some(meta) = self.chunks.get_mut(&ChunkKey { fid, index })
-                && meta.data_version == from
+                && (from..to).contains(&meta.data_version)
             {
                 meta.data_version = to;
             }
@@ -430,12 +431,34 @@ mod tests {
         assert!(index.lookup(key(1, 1), DataVersion(2)).is_some());
         index.retag(key(1, 0).fid, V1, DataVersion(2));
         assert!(index.lookup(key(1, 0), DataVersion(2)).is_some());
+        // Retagging never moves a chunk backwards.
+        index.retag(key(1, 0).fid, V1, DataVersion(2));
+        assert!(index.lookup(key(1, 0), DataVersion(2)).is_some());
         let dropped = index.drop_stale(key(1, 0).fid, DataVersion(3));
         assert_eq!(
             dropped.iter().map(|e| e.key).collect::<Vec<_>>(),
             [key(1, 0)]
         );
         assert!(index.has_dirty(key(1, 1).fid));
+    }
+
+    #[test]
+    fn retag_covers_every_version_of_a_write_back() {
+        // A write-back from version 1 stored chunks 1 and 2 concurrently; their replies
+        // came back as versions 3 and 2; chunk 0 was not touched and is still at 1.
+        let mut index = ChunkIndex::new(1000);
+        put(&mut index, key(1, 0), 10, false);
+        put(&mut index, key(1, 1), 10, true);
+        put(&mut index, key(1, 2), 10, true);
+        put(&mut index, key(1, 3), 10, false);
+        index.mark_clean(key(1, 2), DataVersion(3));
+        index.mark_clean(key(1, 1), DataVersion(2));
+        index.retag(key(1, 0).fid, V1, DataVersion(3));
+        for chunk in 0..3 {
+            assert!(index.lookup(key(1, chunk), DataVersion(3)).is_some());
+        }
+        let stale = index.drop_stale(key(1, 0).fid, DataVersion(3));
+        assert!(stale.is_empty());
     }
 
     #[test]

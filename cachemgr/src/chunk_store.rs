@@ -69,18 +69,43 @@ impl ChunkStore {
         offset: u64,
         len: usize,
     ) -> io::Result<Option<Vec<u8>>> {
+        let mut buf = Vec::with_capacity(len);
+        Ok(self
+            .read_into(key, data_version, offset, len, &mut buf)?
+            .then_some(buf))
+    }
+
+    /// `read`, appending to `out` (the reply buffer) rather than to a buffer of its own;
+    /// `false` on a miss, with `out` unchanged.
+    pub fn read_into(
+        &self,
+        key: ChunkKey,
+        data_version: DataVersion,
+        offset: u64,
+        len: usize,
+        out: &mut Vec<u8>,
+    ) -> io::Result<bool> {
         let Some(meta) = self.index.lock().lookup(key, data_version) else {
-            return Ok(None);
+            return Ok(false);
         };
         let file = match File::open(self.path(key, meta.generation)) {
             Ok(file) => file,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
             Err(e) => return Err(e),
         };
-        let mut buf = vec![0u8; len];
+        let start = out.len();
+        out.resize(start + len, 0);
         let available = meta.len.saturating_sub(offset).min(len as u64) as usize;
-        file.read_exact_at(&mut buf[..available], offset)?;
-        Ok(Some(buf))
+        if let Err(e) = file.read_exact_at(&mut out[start..start + available], offset) {
+            out.truncate(start);
+            return Err(e);
+        }
+        Ok(true)
+    }
+
+    /// Whether the chunk is cached at `data_version` (or holds unstored writes).
+    pub fn holds(&self, key: ChunkKey, data_version: DataVersion) -> bool {
+        self.index.lock().lookup(key, data_version).is_some()
     }
 
     /// Caches a chunk's bytes. Returns the fids whose last cached data was evicted.
@@ -143,6 +168,22 @@ impl ChunkStore {
         let mut buf = vec![0u8; meta.len as usize];
         file.read_exact_at(&mut buf, 0)?;
         Ok(buf)
+    }
+
+    /// The whole chunk when it is cached at `data_version` (or holds unstored writes).
+    pub fn read_chunk(
+        &self,
+        key: ChunkKey,
+        data_version: DataVersion,
+    ) -> io::Result<Option<Vec<u8>>> {
+        let Some(meta) = self.index.lock().lookup(key, data_version) else {
+            return Ok(None);
+        };
+        match self.read_whole(key, &meta) {
+            Ok(data) => Ok(Some(data)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     pub fn mark_clean(&self, key: ChunkKey, data_version: DataVersion) -> Vec<Fid> {
@@ -224,6 +265,15 @@ mod tests {
         // Reading past the end of the chunk's bytes gives zeros.
         assert_eq!(store.read(key(0), v, 3, 4).unwrap().unwrap(), b"lo\0\0");
         assert!(store.read(key(0), DataVersion(2), 0, 1).unwrap().is_none());
+        assert!(store.holds(key(0), v));
+        assert!(!store.holds(key(0), DataVersion(2)));
+        assert_eq!(store.read_chunk(key(0), v).unwrap().unwrap(), b"hello");
+        assert!(store.read_chunk(key(0), DataVersion(2)).unwrap().is_none());
+        let mut out = b"reply:".to_vec();
+        assert!(store.read_into(key(0), v, 3, 4, &mut out).unwrap());
+        assert_eq!(out, b"reply:lo\0\0");
+        assert!(!store.read_into(key(1), v, 0, 4, &mut out).unwrap());
+        assert_eq!(out, b"reply:lo\0\0", "a miss leaves the buffer alone");
         assert!(store.write(key(0), v, 5, b"!!").unwrap());
         assert!(!store.write(key(1), v, 0, b"x").unwrap());
         assert_eq!(store.dirty_fids(), [key(0).fid]);

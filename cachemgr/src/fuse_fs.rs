@@ -72,6 +72,7 @@ impl Filesystem for HoldfastFs {
         if let Err(nearest) = config.set_max_readahead(CHUNK_BYTES as u32) {
             let _ = config.set_max_readahead(nearest);
         }
+        debug!(capabilities = ?config.capabilities(), "kernel FUSE capabilities");
         Ok(())
     }
 
@@ -80,6 +81,7 @@ impl Filesystem for HoldfastFs {
     }
 
     fn getattr(&self, _req: &Request, i: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        debug!(ino = i.0, "getattr");
         match self.run(self.manager.getattr(ino(i))) {
             Ok(out) => reply.attr(&out.ttl, &out.attr),
             Err(e) => reply.error(e),
@@ -224,6 +226,7 @@ impl Filesystem for HoldfastFs {
     }
 
     fn open(&self, _req: &Request, i: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        debug!(ino = i.0, "open");
         match self.run(self.manager.open(ino(i))) {
             Ok(true) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
             Ok(false) => reply.opened(FileHandle(0), FopenFlags::empty()),
@@ -242,6 +245,7 @@ impl Filesystem for HoldfastFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        debug!(ino = i.0, offset, size, "read");
         match self.run(self.manager.read(ino(i), offset, size)) {
             Ok(data) => reply.data(&data),
             Err(e) => reply.error(e),

@@ -10,6 +10,8 @@ pub mod chunk_store;
 pub mod control;
 mod control_server;
 pub mod error;
+#[cfg(test)]
+mod fake_cell;
 mod fuse_fs;
 pub mod identity;
 pub mod inode;
@@ -18,6 +20,7 @@ pub mod listing;
 mod manager;
 pub mod mount;
 pub mod mountinfo;
+pub mod readahead;
 pub mod server_pool;
 pub mod status;
 pub mod volume;

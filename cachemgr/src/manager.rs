@@ -2,12 +2,15 @@
 //! caches under callback promises and goes to the fileserver only on a miss, a broken
 //! callback or a change. FUSE threads and the control socket both call in here.
 //! Invariant: the `state` lock is short and never held across an `.await`, and it is
-//! taken before the chunk index lock, never after; data operations on one file are
-//! serialized by that file's (striped) lock, which may be held across RPCs.
+//! taken before the chunk index lock, never after. Each file has a (striped) read-write
+//! lock, which may be held across RPCs: reads and fetches ahead share it; writes,
+//! write-backs and truncations hold it alone, so a truncation never races with a store
+//! and no chunk is fetched while a write-back's stores are in flight. One chunk is
+//! fetched by one request at a time, however many readers want it.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
 use fuser::{Errno, FileAttr, FileType, INodeNo};
@@ -16,6 +19,8 @@ use proto::{
     CallbackGrant, DataVersion, ErrorCode, Fid, FileKind, ProtoError, Request, Response, ServerId,
     SetAttrs, VldbClient, VnodeStatus, VolumeId, VolumeName, VolumeSpace, check_entry_name,
 };
+use tokio::sync::{OnceCell, RwLock, Semaphore};
+use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
 use crate::chunk_index::{CHUNK_BYTES, ChunkKey};
@@ -24,6 +29,7 @@ use crate::control::{ExamineInfo, ServerState};
 use crate::inode::{Ino, InodeTable};
 use crate::invalidate::{Invalidation, Invalidator};
 use crate::listing::{DirChange, ListEntry, Listing};
+use crate::readahead::ReadAhead;
 use crate::server_pool::{CallbackSink, ServerPool};
 use crate::status::StatusTable;
 use crate::volume::VolumeTable;
@@ -47,6 +53,15 @@ const DIR_HANDLES_MAX: usize = 65_536;
 const GIVE_UP_BATCH: usize = 64;
 /// How long `fs checkservers` waits for a ping.
 const PING_TIMEOUT_MAX: Duration = Duration::from_secs(2);
+/// `StoreData` requests of one write-back in flight at once: enough that the next
+/// chunk is on the wire while the server writes one, few enough to bound the memory
+/// they hold. More buys nothing: the server's writes into one file take that file's
+/// inode lock in turn (profiled: with 8, its writers spent 8% of the CPU spinning on it).
+const STORES_IN_FLIGHT_MAX: usize = 4;
+/// Chunks fetched ahead of a sequential reader (4 MiB).
+const READ_AHEAD_CHUNKS: u64 = 4;
+/// Fetches ahead in flight at once over all files; each holds a chunk in memory.
+const PREFETCHES_MAX: usize = 8;
 
 pub type FsResult<T> = Result<T, Errno>;
 
@@ -81,13 +96,33 @@ pub struct ManagerSettings {
     pub cache_bytes_max: u64,
 }
 
+/// A chunk's bytes as one fetch returned them, shared by every reader that waited for it.
+#[derive(Clone, Debug)]
+struct FetchedChunk {
+    data: Arc<Vec<u8>>,
+    version: DataVersion,
+}
+
+/// The one fetch of a chunk in flight; latecomers wait on it rather than fetch again.
+type ChunkFetch = Arc<OnceCell<FetchedChunk>>;
+
 pub struct Manager {
+    /// Lets `&self` methods start tasks (fetches ahead) that outlive the call.
+    this: Weak<Manager>,
     vldb: VldbClient,
     volumes: VolumeTable,
     pool: Arc<ServerPool>,
     state: Mutex<CacheState>,
     chunks: ChunkStore,
-    file_locks: Vec<tokio::sync::Mutex<()>>,
+    file_locks: Vec<RwLock<()>>,
+    /// Fetches in flight by chunk. Bounded: an entry lives only while a FUSE thread or a
+    /// fetch ahead (at most `PREFETCHES_MAX`) is fetching it.
+    fetches: Mutex<HashMap<ChunkKey, ChunkFetch>>,
+    read_ahead: Mutex<ReadAhead>,
+    prefetch_slots: Arc<Semaphore>,
+    /// Files with stores acknowledged but not yet made durable by `Fsync`. Bounded by
+    /// the files written since their last close.
+    unsynced: Mutex<HashSet<Fid>>,
     invalidator: Invalidator,
     dir_handles: Mutex<DirHandles>,
     evicted: Mutex<Vec<Fid>>,
@@ -198,7 +233,8 @@ impl Manager {
                 source,
             })?;
         let root_fid = Fid::root(root.id);
-        let manager = Arc::new(Manager {
+        let manager = Arc::new_cyclic(|this| Manager {
+            this: this.clone(),
             vldb,
             volumes,
             pool,
@@ -207,9 +243,11 @@ impl Manager {
                 statuses: StatusTable::default(),
             }),
             chunks,
-            file_locks: (0..FILE_LOCK_STRIPES)
-                .map(|_| tokio::sync::Mutex::new(()))
-                .collect(),
+            file_locks: (0..FILE_LOCK_STRIPES).map(|_| RwLock::new(())).collect(),
+            fetches: Mutex::new(HashMap::new()),
+            read_ahead: Mutex::new(ReadAhead::new(READ_AHEAD_CHUNKS)),
+            prefetch_slots: Arc::new(Semaphore::new(PREFETCHES_MAX)),
+            unsynced: Mutex::new(HashSet::new()),
             invalidator,
             dir_handles: Mutex::new(DirHandles::default()),
             evicted: Mutex::new(Vec::new()),
@@ -237,7 +275,7 @@ impl Manager {
         self.state.lock().inodes.fid(ino).ok_or(Errno::ESTALE)
     }
 
-    fn file_lock(&self, fid: Fid) -> &tokio::sync::Mutex<()> {
+    fn file_lock(&self, fid: Fid) -> &RwLock<()> {
         let hash = fid
             .vnode
             .0
@@ -247,13 +285,16 @@ impl Manager {
     }
 
     async fn call(&self, volume: VolumeId, request: Request) -> FsResult<Response> {
-        let location = self
-            .volumes
-            .by_id(&self.vldb, volume)
-            .await
-            .map_err(|e| errno_of(&e))?;
+        let location = self.location(volume).await?;
         self.pool
             .call(&location, request)
+            .await
+            .map_err(|e| errno_of(&e))
+    }
+
+    async fn location(&self, volume: VolumeId) -> FsResult<Arc<crate::volume::VolumeLocation>> {
+        self.volumes
+            .by_id(&self.vldb, volume)
             .await
             .map_err(|e| errno_of(&e))
     }
@@ -268,24 +309,26 @@ impl Manager {
         }
     }
 
-    /// Records the status after this client's own store or setattr.
+    /// Records the highest status returned by `changes` of this client's own stores or
+    /// setattrs, all sent from `before`.
     fn absorb_own_data_change(
         &self,
         before: DataVersion,
+        changes: u64,
         status: VnodeStatus,
         callback: Option<CallbackGrant>,
         sent_at: Instant,
     ) {
         let fid = status.fid;
         let after = status.data_version;
-        if before.next() == after {
+        if crate::status::only_own_changes(before, changes, after) {
             self.chunks.retag(fid, before, after);
         }
         let applied = self
             .state
             .lock()
             .statuses
-            .apply_own_data_change(before, status, callback, sent_at);
+            .apply_own_data_change(before, changes, status, callback, sent_at);
         if applied.version_changed {
             self.chunks.drop_stale(fid, after);
         }
@@ -567,7 +610,18 @@ impl Manager {
             exclusive,
         };
         let response = self.call(dir.volume, request).await?;
-        self.absorb_entry(response, &name, sent_at)
+        let out = self.absorb_entry(response, &name, sent_at)?;
+        // The kernel has no pages of a new file, so they reflect its version vacuously;
+        // saying so lets the pages its writes leave behind survive the next open.
+        let mut state = self.state.lock();
+        if let Some(fid) = state.inodes.fid(Ino(out.attr.ino.0))
+            && let Some(entry) = state.statuses.get_mut(fid)
+            && entry.kernel_version.is_none()
+        {
+            entry.kernel_version = Some(entry.status.data_version);
+        }
+        drop(state);
+        Ok(out)
     }
 
     pub async fn mkdir(
@@ -729,7 +783,7 @@ impl Manager {
 
     pub async fn setattr(&self, ino: Ino, attrs: SetAttrs) -> FsResult<AttrOut> {
         let fid = self.fid(ino)?;
-        let _file = self.file_lock(fid).lock().await;
+        let _file = self.file_lock(fid).write().await;
         let size = attrs.size;
         if size.is_some() {
             // Store what was written before cutting, so the server sees writes in order.
@@ -744,7 +798,7 @@ impl Manager {
             Response::Status { status, callback } => (status, callback),
             other => return Err(unexpected(&other)),
         };
-        self.absorb_own_data_change(before, status, callback, sent_at);
+        self.absorb_own_data_change(before, 1, status, callback, sent_at);
         if let Some(size) = size {
             self.chunks.truncate(fid, size).map_err(io_errno)?;
             if let Some(entry) = self.state.lock().statuses.get_mut(fid) {
@@ -766,7 +820,35 @@ impl Manager {
         Ok(keep)
     }
 
-    async fn fetch_chunk(&self, key: ChunkKey) -> FsResult<(Vec<u8>, DataVersion)> {
+    /// Fetches a chunk from the server and caches it, joining the fetch already in
+    /// flight for it if there is one. `version` is the one the caller found missing.
+    async fn fetch_chunk(&self, key: ChunkKey, version: DataVersion) -> FsResult<FetchedChunk> {
+        let fetch = self.fetches.lock().entry(key).or_default().clone();
+        // A failed fetch leaves the cell empty: the next waiter tries again itself.
+        let result = fetch
+            .get_or_try_init(|| self.fetch_chunk_once(key, version))
+            .await
+            .cloned();
+        let mut fetches = self.fetches.lock();
+        if fetches.get(&key).is_some_and(|f| Arc::ptr_eq(f, &fetch)) {
+            fetches.remove(&key);
+        }
+        result
+    }
+
+    async fn fetch_chunk_once(
+        &self,
+        key: ChunkKey,
+        version: DataVersion,
+    ) -> FsResult<FetchedChunk> {
+        // A fetch that finished between the caller's miss and its joining is no longer
+        // in flight, but its chunk is cached (it is cached before it leaves the table).
+        if let Some(data) = self.chunks.read_chunk(key, version).map_err(io_errno)? {
+            return Ok(FetchedChunk {
+                data: Arc::new(data),
+                version,
+            });
+        }
         let fid = key.fid;
         let sent_at = Instant::now();
         let request = Request::FetchData {
@@ -790,12 +872,49 @@ impl Manager {
             .insert(key, version, &data, false)
             .map_err(io_errno)?;
         self.note_evicted(emptied);
-        Ok((data, version))
+        Ok(FetchedChunk {
+            data: Arc::new(data),
+            version,
+        })
+    }
+
+    /// Starts fetches of the chunks `indexes` of a file being read sequentially, so
+    /// they arrive while the reader consumes the earlier ones. Chunks cached at
+    /// `version` or already in flight are skipped; when every slot is taken the rest
+    /// are left to the reader.
+    fn fetch_ahead(&self, fid: Fid, version: DataVersion, indexes: std::ops::Range<u64>) {
+        let Some(this) = self.this.upgrade() else {
+            return;
+        };
+        for index in indexes {
+            let key = ChunkKey { fid, index };
+            if self.chunks.holds(key, version) || self.fetches.lock().contains_key(&key) {
+                continue;
+            }
+            let Ok(slot) = self.prefetch_slots.clone().try_acquire_owned() else {
+                return;
+            };
+            let this = this.clone();
+            self.runtime.spawn(async move {
+                let _slot = slot;
+                // Never wait for the file lock: a writer queued for it must not wait
+                // behind a fetch ahead, and a reader may be waiting on this fetch.
+                let Ok(_file) = this.file_lock(fid).try_read() else {
+                    return;
+                };
+                if this.chunks.holds(key, version) {
+                    return;
+                }
+                if let Err(e) = this.fetch_chunk(key, version).await {
+                    debug!(%fid, index, error = %describe(e), "fetch ahead failed; the reader will fetch");
+                }
+            });
+        }
     }
 
     pub async fn read(&self, ino: Ino, offset: u64, size: u32) -> FsResult<Vec<u8>> {
         let fid = self.fid(ino)?;
-        let _file = self.file_lock(fid).lock().await;
+        let _file = self.file_lock(fid).read().await;
         let status = self.valid_status(fid).await?;
         let file_size = self
             .state
@@ -807,6 +926,13 @@ impl Manager {
             return Ok(Vec::new());
         }
         let end = file_size.min(offset + u64::from(size));
+        let ahead = self
+            .read_ahead
+            .lock()
+            .on_read(fid, offset, end - offset, status.size);
+        if !ahead.is_empty() {
+            self.fetch_ahead(fid, status.data_version, ahead);
+        }
         let mut out = Vec::with_capacity((end - offset) as usize);
         let mut version = status.data_version;
         let mut pos = offset;
@@ -817,22 +943,24 @@ impl Manager {
             };
             let within = pos - key.offset();
             let n = (CHUNK_BYTES - within).min(end - pos) as usize;
-            match self
+            if self
                 .chunks
-                .read(key, version, within, n)
+                .read_into(key, version, within, n, &mut out)
                 .map_err(io_errno)?
             {
-                Some(bytes) => out.extend_from_slice(&bytes),
+                // Served from the cache.
+            } else if key.offset() >= status.size {
                 // Past the server's end, before later local writes: a hole.
-                None if key.offset() >= status.size => out.resize(out.len() + n, 0),
-                None => {
-                    let (data, fetched) = self.fetch_chunk(key).await?;
-                    version = fetched;
-                    let start = (within as usize).min(data.len());
-                    let available = (data.len() - start).min(n);
-                    out.extend_from_slice(&data[start..start + available]);
-                    out.resize(out.len() + (n - available), 0);
-                }
+                out.resize(out.len() + n, 0);
+            } else {
+                // Copy straight from the fetched bytes, not back from the cache file.
+                let fetched = self.fetch_chunk(key, version).await?;
+                version = fetched.version;
+                let data = &fetched.data;
+                let start = (within as usize).min(data.len());
+                let available = (data.len() - start).min(n);
+                out.extend_from_slice(&data[start..start + available]);
+                out.resize(out.len() + (n - available), 0);
             }
             pos += n as u64;
         }
@@ -841,7 +969,7 @@ impl Manager {
 
     pub async fn write(&self, ino: Ino, offset: u64, data: &[u8]) -> FsResult<u32> {
         let fid = self.fid(ino)?;
-        let _file = self.file_lock(fid).lock().await;
+        let _file = self.file_lock(fid).write().await;
         let status = self.valid_status(fid).await?;
         let mut pos = 0usize;
         while pos < data.len() {
@@ -862,16 +990,24 @@ impl Manager {
                 // every byte the chunk holds there.
                 let existing = status.size.saturating_sub(key.offset()).min(CHUNK_BYTES);
                 let replaces_all = within == 0 && n as u64 >= existing;
-                let mut chunk = if existing == 0 || replaces_all {
-                    Vec::new()
+                let assembled;
+                let chunk: &[u8] = if replaces_all {
+                    // The piece is the whole chunk: cache it as it is, with no copy.
+                    piece
                 } else {
-                    self.fetch_chunk(key).await?.0
+                    let mut chunk = if existing == 0 {
+                        Vec::new()
+                    } else {
+                        Arc::unwrap_or_clone(self.fetch_chunk(key, status.data_version).await?.data)
+                    };
+                    let end = within as usize + n;
+                    if chunk.len() < end {
+                        chunk.resize(end, 0);
+                    }
+                    chunk[within as usize..end].copy_from_slice(piece);
+                    assembled = chunk;
+                    &assembled
                 };
-                let end = within as usize + n;
-                if chunk.len() < end {
-                    chunk.resize(end, 0);
-                }
-                chunk[within as usize..end].copy_from_slice(piece);
                 let version = self
                     .state
                     .lock()
@@ -880,7 +1016,7 @@ impl Manager {
                     .map_or(status.data_version, |e| e.status.data_version);
                 let emptied = self
                     .chunks
-                    .insert(key, version, &chunk, true)
+                    .insert(key, version, chunk, true)
                     .map_err(io_errno)?;
                 self.note_evicted(emptied);
             }
@@ -898,31 +1034,84 @@ impl Manager {
         Ok(data.len() as u32)
     }
 
-    /// Stores every dirty chunk of `fid`, in offset order. The caller holds the file lock.
+    /// Stores every dirty chunk of `fid`, up to `STORES_IN_FLIGHT_MAX` at once (the
+    /// chunks are disjoint ranges, so their order does not matter). The caller holds the
+    /// file lock exclusively, so nothing else changes the file's chunks meanwhile. The
+    /// stores are acknowledged, not yet durable: `sync` makes them so.
     async fn write_back(&self, fid: Fid) -> FsResult<()> {
         let dirty = self.chunks.dirty_chunks(fid);
         if dirty.is_empty() {
             return Ok(());
         }
-        let mut before = self.valid_status(fid).await?.data_version;
-        for (key, meta) in dirty {
-            let data = self.chunks.read_whole(key, &meta).map_err(io_errno)?;
-            let sent_at = Instant::now();
-            let request = Request::StoreData {
-                fid,
-                offset: key.offset(),
-                data,
-                truncate_to: None,
+        let before = self.valid_status(fid).await?.data_version;
+        let location = self.location(fid.volume).await?;
+        // The callbacks of every reply are counted from here, which errs early.
+        let sent_at = Instant::now();
+        let mut pending = dirty.into_iter();
+        let mut in_flight = JoinSet::new();
+        let mut stored = 0u64;
+        let mut highest: Option<(VnodeStatus, Option<CallbackGrant>)> = None;
+        let mut failure = None;
+        loop {
+            while failure.is_none() && in_flight.len() < STORES_IN_FLIGHT_MAX {
+                let Some((key, meta)) = pending.next() else {
+                    break;
+                };
+                let data = match self.chunks.read_whole(key, &meta) {
+                    Ok(data) => data,
+                    Err(e) => {
+                        failure = Some(io_errno(e));
+                        break;
+                    }
+                };
+                self.unsynced.lock().insert(fid);
+                let request = Request::StoreData {
+                    fid,
+                    offset: key.offset(),
+                    data,
+                    truncate_to: None,
+                };
+                let (pool, location) = (self.pool.clone(), location.clone());
+                in_flight.spawn(async move { (key, pool.call(&location, request).await) });
+            }
+            // After a failure no store starts, but those in flight are awaited: none
+            // may still be travelling when the caller goes on to truncate.
+            let Some(joined) = in_flight.join_next().await else {
+                break;
             };
-            let (status, callback) = match self.call(fid.volume, request).await? {
-                Response::Status { status, callback } => (status, callback),
-                other => return Err(unexpected(&other)),
+            let (key, result) = match joined {
+                Ok(done) => done,
+                Err(e) => {
+                    warn!(%fid, error = %e, "a store task failed");
+                    failure.get_or_insert(Errno::EIO);
+                    continue;
+                }
             };
-            let after = status.data_version;
-            let emptied = self.chunks.mark_clean(key, after);
-            self.absorb_own_data_change(before, status, callback, sent_at);
-            self.note_evicted(emptied);
-            before = after;
+            match result {
+                Ok(Response::Status { status, callback }) => {
+                    let emptied = self.chunks.mark_clean(key, status.data_version);
+                    self.note_evicted(emptied);
+                    stored += 1;
+                    if highest
+                        .as_ref()
+                        .is_none_or(|(h, _)| h.data_version < status.data_version)
+                    {
+                        highest = Some((status, callback));
+                    }
+                }
+                Ok(other) => {
+                    failure.get_or_insert(unexpected(&other));
+                }
+                Err(e) => {
+                    failure.get_or_insert(errno_of(&e));
+                }
+            }
+        }
+        if let Some((status, callback)) = highest {
+            self.absorb_own_data_change(before, stored, status, callback, sent_at);
+        }
+        if let Some(e) = failure {
+            return Err(e);
         }
         if !self.chunks.has_dirty(fid)
             && let Some(entry) = self.state.lock().statuses.get_mut(fid)
@@ -932,21 +1121,43 @@ impl Manager {
         Ok(())
     }
 
-    /// AFS close semantics: returns once the server has every write.
-    pub async fn flush(&self, ino: Ino) -> FsResult<()> {
-        let fid = self.fid(ino)?;
-        if !self.chunks.has_dirty(fid) {
+    /// Makes every acknowledged store of `fid` durable on the server with one `Fsync`.
+    /// The caller holds the file lock exclusively.
+    async fn sync(&self, fid: Fid) -> FsResult<()> {
+        if !self.unsynced.lock().contains(&fid) {
             return Ok(());
         }
-        let _file = self.file_lock(fid).lock().await;
-        self.write_back(fid).await
+        let sent_at = Instant::now();
+        match self.call(fid.volume, Request::Fsync { fid }).await? {
+            Response::Status { status, callback } => self.absorb(status, callback, sent_at),
+            other => return Err(unexpected(&other)),
+        }
+        self.unsynced.lock().remove(&fid);
+        Ok(())
     }
 
-    /// Stores every file's unstored writes (at unmount).
+    /// AFS close semantics: returns once the server holds every write durably.
+    pub async fn flush(&self, ino: Ino) -> FsResult<()> {
+        let fid = self.fid(ino)?;
+        if !self.chunks.has_dirty(fid) && !self.unsynced.lock().contains(&fid) {
+            return Ok(());
+        }
+        let _file = self.file_lock(fid).write().await;
+        self.write_back(fid).await?;
+        self.sync(fid).await
+    }
+
+    /// Stores every file's unstored writes durably (at unmount).
     pub async fn write_back_all(&self) {
-        for fid in self.chunks.dirty_fids() {
-            let _file = self.file_lock(fid).lock().await;
-            if let Err(e) = self.write_back(fid).await {
+        let mut fids: HashSet<Fid> = self.chunks.dirty_fids().into_iter().collect();
+        fids.extend(self.unsynced.lock().iter().copied());
+        for fid in fids {
+            let _file = self.file_lock(fid).write().await;
+            let result = match self.write_back(fid).await {
+                Ok(()) => self.sync(fid).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = result {
                 warn!(%fid, error = %describe(e), "could not store a file's writes before unmounting; they are lost");
             }
         }
@@ -1069,9 +1280,11 @@ impl Manager {
     /// Drops the cached data and status of one file (after storing its writes).
     pub async fn flush_cached(&self, ino: Ino) -> FsResult<()> {
         let fid = self.fid(ino)?;
-        let _file = self.file_lock(fid).lock().await;
+        let _file = self.file_lock(fid).write().await;
         self.write_back(fid).await?;
+        self.sync(fid).await?;
         self.chunks.drop_fid(fid);
+        self.read_ahead.lock().forget(fid);
         let removed = self.state.lock().statuses.remove(fid);
         if removed.is_some() {
             self.invalidator.push(Invalidation::Inode(ino));
@@ -1175,7 +1388,128 @@ impl CallbackSink for Manager {
 
 #[cfg(test)]
 mod tests {
+    use proto::{
+        CellConfig, ClientId, Hello, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN, PeerKind,
+    };
+
     use super::*;
+    use crate::fake_cell::{CELL, FILE, FakeCell};
+
+    const WAIT_MAX: Duration = Duration::from_secs(10);
+
+    async fn start_manager(cell: &FakeCell, dir: &std::path::Path) -> Arc<Manager> {
+        let peer = PeerKind::CacheManager {
+            client: ClientId::random(),
+            instance: crate::identity::new_instance_nonce(),
+        };
+        let hello = Hello {
+            version_min: PROTOCOL_VERSION_MIN,
+            version_max: PROTOCOL_VERSION_MAX,
+            cell: CELL.to_owned(),
+            peer: peer.clone(),
+        };
+        let config = CellConfig {
+            name: CELL.to_owned(),
+            vlservers: vec![cell.address()],
+        };
+        let vldb = VldbClient::new(config, peer, WAIT_MAX);
+        let pool = Arc::new(ServerPool::new(hello, WAIT_MAX));
+        let settings = ManagerSettings {
+            root_volume: VolumeName::parse("root.cell").unwrap(),
+            chunk_dir: dir.join("chunks"),
+            cache_bytes_max: 1 << 30,
+        };
+        Manager::start(settings, vldb, pool, Invalidator::start().unwrap())
+            .await
+            .unwrap()
+    }
+
+    fn pattern(len: u64, modulus: u64) -> Vec<u8> {
+        (0..len).map(|i| (i % modulus) as u8).collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn write_back_overlaps_stores_and_syncs_once_after_them() {
+        let chunks = STORES_IN_FLIGHT_MAX + 2;
+        // The fake holds every store until STORES_IN_FLIGHT_MAX are in flight together:
+        // a client storing one chunk at a time would time out here.
+        let (cell, _stop) = FakeCell::start(Vec::new(), STORES_IN_FLIGHT_MAX, chunks).await;
+        let dir = tempfile::tempdir().unwrap();
+        let manager = start_manager(&cell, dir.path()).await;
+        let ino = manager.state.lock().inodes.ino_for(FILE);
+        manager.open(ino).await.unwrap();
+        let data = pattern(chunks as u64 * CHUNK_BYTES, 251);
+        for (i, piece) in data.chunks(CHUNK_BYTES as usize / 2).enumerate() {
+            let offset = i as u64 * CHUNK_BYTES / 2;
+            manager.write(ino, offset, piece).await.unwrap();
+        }
+        manager.flush(ino).await.unwrap();
+        {
+            let record = cell.record.lock();
+            assert_eq!(record.stores, chunks);
+            assert_eq!(record.stores_in_flight_peak, STORES_IN_FLIGHT_MAX);
+            assert_eq!(
+                record.fsyncs_after_stores,
+                [chunks],
+                "one sync, after every store"
+            );
+        }
+        let (content, version) = cell.content();
+        assert!(content == data, "the server holds what was written");
+        assert_eq!(version, DataVersion(1 + chunks as u64));
+        {
+            // The highest reply wins, and since every version in between was this
+            // client's own, the kernel's pages and the cached chunks are current.
+            let state = manager.state.lock();
+            let entry = state.statuses.get(FILE).unwrap();
+            assert_eq!(entry.status.data_version, version);
+            assert_eq!(entry.kernel_version, Some(version));
+            assert_eq!(entry.local_size, None);
+        }
+        for index in 0..chunks as u64 {
+            let key = ChunkKey { fid: FILE, index };
+            assert!(
+                manager.chunks.holds(key, version),
+                "chunk {index} is current"
+            );
+        }
+        assert!(!manager.chunks.has_dirty(FILE));
+        // A second close has nothing to store and nothing to sync.
+        manager.flush(ino).await.unwrap();
+        assert_eq!(cell.record.lock().fsyncs_after_stores.len(), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_sequential_reader_gets_chunks_fetched_ahead_and_each_once() {
+        let size = 8 * CHUNK_BYTES + 100;
+        let content = pattern(size, 253);
+        let (cell, _stop) = FakeCell::start(content.clone(), 0, 0).await;
+        let dir = tempfile::tempdir().unwrap();
+        let manager = start_manager(&cell, dir.path()).await;
+        let ino = manager.state.lock().inodes.ino_for(FILE);
+        let request = 128 * 1024;
+        let mut out = manager.read(ino, 0, request).await.unwrap();
+        // Reading the start of chunk 0 sends the next chunks for by themselves.
+        cell.wait_for(WAIT_MAX, |record| {
+            (1..=READ_AHEAD_CHUNKS).all(|index| record.fetches.contains_key(&index))
+        })
+        .await;
+        loop {
+            let part = manager.read(ino, out.len() as u64, request).await.unwrap();
+            if part.is_empty() {
+                break;
+            }
+            out.extend_from_slice(&part);
+        }
+        assert!(out == content, "the reader sees the file's bytes");
+        let record = cell.record.lock();
+        assert_eq!(record.fetches.len(), 9, "{:?}", record.fetches);
+        assert!(
+            record.fetches.values().all(|&count| count == 1),
+            "no chunk fetched twice: {:?}",
+            record.fetches
+        );
+    }
 
     #[test]
     fn mount_point_content_names_a_volume() {

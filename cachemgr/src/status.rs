@@ -70,6 +70,12 @@ pub struct Broken {
     pub names: Vec<String>,
 }
 
+/// Whether `after` is what `changes` changes from `before` give when no other client's
+/// change came in between (every change moves the version by exactly one).
+pub fn only_own_changes(before: DataVersion, changes: u64, after: DataVersion) -> bool {
+    changes > 0 && before.0.checked_add(changes) == Some(after.0)
+}
+
 #[derive(Debug, Default)]
 pub struct StatusTable {
     entries: HashMap<Fid, StatusEntry>,
@@ -171,12 +177,13 @@ impl StatusTable {
         }
     }
 
-    /// Records a file status returned by this client's own store or setattr. When the
-    /// version moved by exactly one from `before`, nothing else changed the file, so the
-    /// kernel's pages of `before` are still good.
+    /// Records the highest file status returned by `changes` of this client's own stores
+    /// or setattrs, all sent from `before`. When the version moved by exactly `changes`,
+    /// nothing else changed the file, so the kernel's pages of `before` are still good.
     pub fn apply_own_data_change(
         &mut self,
         before: DataVersion,
+        changes: u64,
         status: VnodeStatus,
         callback: Option<CallbackGrant>,
         sent_at: Instant,
@@ -185,7 +192,7 @@ impl StatusTable {
         let fid = status.fid;
         let applied = self.apply(status, callback, sent_at);
         if let Some(entry) = self.entries.get_mut(&fid)
-            && before.next() == after
+            && only_own_changes(before, changes, after)
             && entry.kernel_version == Some(before)
         {
             entry.kernel_version = Some(after);
@@ -367,17 +374,39 @@ mod tests {
         let now = Instant::now();
         table.apply(status(2, FileKind::File, 1), GRANT, now);
         table.get_mut(fid(2)).unwrap().kernel_version = Some(DataVersion(1));
-        table.apply_own_data_change(DataVersion(1), status(2, FileKind::File, 2), None, now);
+        table.apply_own_data_change(DataVersion(1), 1, status(2, FileKind::File, 2), None, now);
         assert_eq!(
             table.get(fid(2)).unwrap().kernel_version,
             Some(DataVersion(2))
         );
         // Someone else's store slipped in: the kernel's pages are stale.
-        table.apply_own_data_change(DataVersion(2), status(2, FileKind::File, 4), None, now);
+        table.apply_own_data_change(DataVersion(2), 1, status(2, FileKind::File, 4), None, now);
         assert_eq!(
             table.get(fid(2)).unwrap().kernel_version,
             Some(DataVersion(2))
         );
+    }
+
+    #[test]
+    fn concurrent_own_stores_keep_kernel_pages() {
+        let mut table = StatusTable::default();
+        let now = Instant::now();
+        table.apply(status(2, FileKind::File, 1), GRANT, now);
+        table.get_mut(fid(2)).unwrap().kernel_version = Some(DataVersion(1));
+        // Three stores in flight from version 1; the highest reply is version 4.
+        table.apply_own_data_change(DataVersion(1), 3, status(2, FileKind::File, 4), None, now);
+        assert_eq!(
+            table.get(fid(2)).unwrap().kernel_version,
+            Some(DataVersion(4))
+        );
+        // Two more, but the highest reply is 7: another client's change came in between.
+        table.apply_own_data_change(DataVersion(4), 2, status(2, FileKind::File, 7), None, now);
+        assert_eq!(
+            table.get(fid(2)).unwrap().kernel_version,
+            Some(DataVersion(4))
+        );
+        assert!(!only_own_changes(DataVersion(1), 0, DataVersion(1)));
+        assert!(!only_own_changes(DataVersion(u64::MAX), 1, DataVersion(0)));
     }
 
     #[test]
