@@ -258,6 +258,7 @@ fn run(cli: Cli) -> Result<()> {
                 root_volume,
                 cache_bytes_max: cache_mib.saturating_mul(1 << 20),
                 rpc_timeout,
+                lease_renew_interval: cachemgr::LEASE_RENEW_INTERVAL_DEFAULT,
             };
             let shutdown = process::shutdown_on_signals_blocking()?;
             let mountpoint = config.mountpoint.clone();

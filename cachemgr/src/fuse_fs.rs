@@ -6,31 +6,45 @@
 use std::ffi::OsStr;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::SystemTime;
 
 use fuser::{
-    AccessFlags, Errno, FileHandle, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig,
-    LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
-    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
-    WriteFlags,
+    AccessFlags, Errno, FileHandle, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
+    KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLock, ReplyOpen, ReplyStatfs, ReplyWrite,
+    ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
-use proto::{SetAttrs, Timestamp};
-use tracing::debug;
+use proto::{LockKind, SetAttrs, Timestamp};
+use tracing::{debug, warn};
 
 use crate::chunk_index::CHUNK_BYTES;
+use crate::held_locks::{LockOwnerId, LockRange};
 use crate::inode::Ino;
-use crate::manager::{AttrOut, FsResult, Manager};
+use crate::manager::{AttrOut, FsResult, LockRequest, Manager};
 
 /// Block size `statfs` reports.
 const STATFS_BLOCK_BYTES: u64 = 4096;
 
+/// The kernel's "to end of file" (`OFFSET_MAX`), the inclusive end of a whole-file lock.
+const KERNEL_OFFSET_MAX: u64 = i64::MAX as u64;
+
 pub struct HoldfastFs {
     manager: Arc<Manager>,
+    /// Blocking lock requests waiting now. Each holds a FUSE thread, so they are capped
+    /// below the thread count: waiters alone must never stall the mount.
+    lock_waiters: AtomicUsize,
+    lock_waiters_max: usize,
 }
 
 impl HoldfastFs {
-    pub fn new(manager: Arc<Manager>) -> HoldfastFs {
-        HoldfastFs { manager }
+    /// `threads` is the number of FUSE threads serving the session.
+    pub fn new(manager: Arc<Manager>, threads: usize) -> HoldfastFs {
+        HoldfastFs {
+            manager,
+            lock_waiters: AtomicUsize::new(0),
+            lock_waiters_max: threads.saturating_sub(1).max(1),
+        }
     }
 
     fn run<T>(&self, future: impl std::future::Future<Output = FsResult<T>>) -> FsResult<T> {
@@ -56,6 +70,43 @@ fn reply_empty(reply: ReplyEmpty, result: FsResult<()>) {
     }
 }
 
+/// A kernel lock range (inclusive end, `OFFSET_MAX` for to-EOF) in the server's terms
+/// (exclusive end, `u64::MAX` for to-EOF).
+pub fn lock_range(start: u64, end_inclusive: u64) -> LockRange {
+    let end = if end_inclusive >= KERNEL_OFFSET_MAX {
+        u64::MAX
+    } else {
+        end_inclusive + 1
+    };
+    LockRange { start, end }
+}
+
+/// The inverse of `lock_range`, for `F_GETLK` answers.
+pub fn kernel_lock_end(end_exclusive: u64) -> u64 {
+    if end_exclusive == u64::MAX {
+        KERNEL_OFFSET_MAX
+    } else {
+        end_exclusive.saturating_sub(1)
+    }
+}
+
+/// `F_RDLCK`/`F_WRLCK`/`F_UNLCK` to a lock kind (`None`: unlock).
+pub fn lock_kind(typ: i32) -> FsResult<Option<LockKind>> {
+    match typ {
+        libc::F_RDLCK => Ok(Some(LockKind::Shared)),
+        libc::F_WRLCK => Ok(Some(LockKind::Exclusive)),
+        libc::F_UNLCK => Ok(None),
+        _ => Err(Errno::EINVAL),
+    }
+}
+
+pub fn kernel_lock_type(kind: LockKind) -> i32 {
+    match kind {
+        LockKind::Shared => libc::F_RDLCK,
+        LockKind::Exclusive => libc::F_WRLCK,
+    }
+}
+
 fn timestamp(t: TimeOrNow) -> Timestamp {
     match t {
         TimeOrNow::SpecificTime(t) => t.into(),
@@ -72,8 +123,95 @@ impl Filesystem for HoldfastFs {
         if let Err(nearest) = config.set_max_readahead(CHUNK_BYTES as u32) {
             let _ = config.set_max_readahead(nearest);
         }
+        // Without these the kernel keeps fcntl and flock locks to itself, invisible to
+        // other clients.
+        for flag in [InitFlags::FUSE_POSIX_LOCKS, InitFlags::FUSE_FLOCK_LOCKS] {
+            if config.add_capabilities(flag).is_err() {
+                warn!(
+                    ?flag,
+                    "kernel cannot forward these locks; they stay local to this machine"
+                );
+            }
+        }
         debug!(capabilities = ?config.capabilities(), "kernel FUSE capabilities");
         Ok(())
+    }
+
+    fn getlk(
+        &self,
+        _req: &Request,
+        i: INodeNo,
+        _fh: FileHandle,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        _pid: u32,
+        reply: ReplyLock,
+    ) {
+        let kind = match lock_kind(typ) {
+            Ok(Some(kind)) => kind,
+            Ok(None) | Err(_) => {
+                reply.error(Errno::EINVAL);
+                return;
+            }
+        };
+        let future = self.manager.getlk(
+            ino(i),
+            LockOwnerId(lock_owner.0),
+            lock_range(start, end),
+            kind,
+        );
+        match self.run(future) {
+            Ok(Some(holder)) => reply.locked(
+                holder.start,
+                kernel_lock_end(holder.end),
+                kernel_lock_type(holder.kind),
+                holder.pid,
+            ),
+            Ok(None) => reply.locked(start, end, libc::F_UNLCK, 0),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn setlk(
+        &self,
+        _req: &Request,
+        i: INodeNo,
+        _fh: FileHandle,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        pid: u32,
+        sleep: bool,
+        reply: ReplyEmpty,
+    ) {
+        let kind = match lock_kind(typ) {
+            Ok(kind) => kind,
+            Err(e) => {
+                reply.error(e);
+                return;
+            }
+        };
+        let request = LockRequest {
+            owner: LockOwnerId(lock_owner.0),
+            range: lock_range(start, end),
+            kind,
+            pid,
+        };
+        let blocking = sleep && kind.is_some();
+        if blocking && self.lock_waiters.fetch_add(1, Ordering::SeqCst) >= self.lock_waiters_max {
+            self.lock_waiters.fetch_sub(1, Ordering::SeqCst);
+            warn!("too many blocking lock requests waiting at once; refusing one");
+            reply.error(Errno::from_i32(libc::ENOLCK));
+            return;
+        }
+        let result = self.run(self.manager.setlk(ino(i), request, blocking));
+        if blocking {
+            self.lock_waiters.fetch_sub(1, Ordering::SeqCst);
+        }
+        reply_empty(reply, result);
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
@@ -275,10 +413,17 @@ impl Filesystem for HoldfastFs {
         _req: &Request,
         i: INodeNo,
         _fh: FileHandle,
-        _lock_owner: LockOwner,
+        lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        reply_empty(reply, self.run(self.manager.flush(ino(i))));
+        // A close drops the POSIX locks of the closing owner; the kernel does not track
+        // them when the filesystem does, so it is up to us.
+        let stored = self.run(self.manager.flush(ino(i)));
+        let released = self.run(
+            self.manager
+                .release_owner(ino(i), LockOwnerId(lock_owner.0)),
+        );
+        reply_empty(reply, stored.and(released));
     }
 
     fn release(
@@ -287,11 +432,17 @@ impl Filesystem for HoldfastFs {
         i: INodeNo,
         _fh: FileHandle,
         _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
+        lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        reply_empty(reply, self.run(self.manager.flush(ino(i))));
+        let stored = self.run(self.manager.flush(ino(i)));
+        // Set only when the file carried `flock` locks: the last close ends them.
+        let released = match lock_owner {
+            Some(owner) => self.run(self.manager.release_owner(ino(i), LockOwnerId(owner.0))),
+            None => Ok(()),
+        };
+        reply_empty(reply, stored.and(released));
     }
 
     fn fsync(
@@ -446,5 +597,36 @@ impl Filesystem for HoldfastFs {
             }
             Err(e) => reply.error(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_ranges_become_exclusive_and_back() {
+        // F_SETLK of bytes 10..=19 and of the whole file (l_len 0: OFFSET_MAX).
+        assert_eq!(lock_range(10, 19), LockRange { start: 10, end: 20 });
+        assert_eq!(lock_range(0, KERNEL_OFFSET_MAX), LockRange::WHOLE);
+        assert_eq!(
+            lock_range(5, u64::MAX),
+            LockRange {
+                start: 5,
+                end: u64::MAX
+            }
+        );
+        assert_eq!(kernel_lock_end(20), 19);
+        assert_eq!(kernel_lock_end(u64::MAX), KERNEL_OFFSET_MAX);
+    }
+
+    #[test]
+    fn lock_types_map_to_kinds() {
+        assert_eq!(lock_kind(libc::F_RDLCK), Ok(Some(LockKind::Shared)));
+        assert_eq!(lock_kind(libc::F_WRLCK), Ok(Some(LockKind::Exclusive)));
+        assert_eq!(lock_kind(libc::F_UNLCK), Ok(None));
+        assert_eq!(lock_kind(99), Err(Errno::EINVAL));
+        assert_eq!(kernel_lock_type(LockKind::Shared), libc::F_RDLCK);
+        assert_eq!(kernel_lock_type(LockKind::Exclusive), libc::F_WRLCK);
     }
 }

@@ -2,7 +2,10 @@
 //!
 //! It keeps file status (under callback promises) in memory and file data in 1 MiB
 //! chunks on local disk, answers the kernel from them without an RPC while promises hold,
-//! and stores writes back when a file is closed. `run` mounts and serves; the `fs_*`
+//! and stores writes back when a file is closed. `fcntl` and `flock` locks on the mount
+//! are the fileservers' byte-range locks, kept alive by lease renewal; after a server
+//! restart the client reconnects and reclaims its callbacks (by data version) and locks.
+//! `run` mounts and serves; the `fs_*`
 //! functions are the client side of the control socket behind `holdfast fs`.
 
 pub mod chunk_index;
@@ -13,10 +16,12 @@ pub mod error;
 #[cfg(test)]
 mod fake_cell;
 mod fuse_fs;
+pub mod held_locks;
 pub mod identity;
 pub mod inode;
 pub mod invalidate;
 pub mod listing;
+pub mod lock_waits;
 mod manager;
 pub mod mount;
 pub mod mountinfo;
@@ -38,6 +43,9 @@ pub use mount::run;
 pub const CACHE_BYTES_MAX_DEFAULT: u64 = 1 << 30;
 /// Default deadline of every RPC to a fileserver or the VLDB.
 pub const RPC_TIMEOUT_DEFAULT: Duration = Duration::from_secs(10);
+/// Default interval of lease renewals while a lock is held or awaited: a third of the
+/// fileservers' default 30 s lease, so two renewals can be lost before it lapses.
+pub const LEASE_RENEW_INTERVAL_DEFAULT: Duration = Duration::from_secs(10);
 /// The volume a mount shows at its root unless told otherwise.
 pub const ROOT_VOLUME_DEFAULT: &str = "root.cell";
 
@@ -51,10 +59,14 @@ pub struct Config {
     pub root_volume: VolumeName,
     pub cache_bytes_max: u64,
     pub rpc_timeout: Duration,
+    /// How often the lock lease is renewed on servers where a lock is held or awaited;
+    /// keep it well under the servers' lease (a third of it).
+    pub lease_renew_interval: Duration,
 }
 
 impl Config {
-    /// A config with the defaults: `root.cell`, 1 GiB of cache, 10 s RPC timeout.
+    /// A config with the defaults: `root.cell`, 1 GiB of cache, 10 s RPC timeout, lease
+    /// renewed every 10 s.
     pub fn new(cell: CellConfig, cache_dir: PathBuf, mountpoint: PathBuf) -> Config {
         Config {
             cell,
@@ -63,6 +75,7 @@ impl Config {
             root_volume: default_root_volume(),
             cache_bytes_max: CACHE_BYTES_MAX_DEFAULT,
             rpc_timeout: RPC_TIMEOUT_DEFAULT,
+            lease_renew_interval: LEASE_RENEW_INTERVAL_DEFAULT,
         }
     }
 }

@@ -23,14 +23,21 @@ use tokio::sync::{OnceCell, RwLock, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
+mod advisory;
+mod reclaim;
+
+pub use advisory::LockRequest;
+
 use crate::chunk_index::{CHUNK_BYTES, ChunkKey};
 use crate::chunk_store::ChunkStore;
 use crate::control::{ExamineInfo, ServerState};
+use crate::held_locks::HeldLocks;
 use crate::inode::{Ino, InodeTable};
 use crate::invalidate::{Invalidation, Invalidator};
 use crate::listing::{DirChange, ListEntry, Listing};
+use crate::lock_waits::LockWaits;
 use crate::readahead::ReadAhead;
-use crate::server_pool::{CallbackSink, ServerPool};
+use crate::server_pool::{CallbackSink, ReclaimFuture, ServerPool};
 use crate::status::StatusTable;
 use crate::volume::VolumeTable;
 
@@ -94,6 +101,8 @@ pub struct ManagerSettings {
     pub root_volume: VolumeName,
     pub chunk_dir: std::path::PathBuf,
     pub cache_bytes_max: u64,
+    /// How often the lease is renewed on servers where a lock is held or awaited.
+    pub lease_renew_interval: Duration,
 }
 
 /// A chunk's bytes as one fetch returned them, shared by every reader that waited for it.
@@ -126,6 +135,12 @@ pub struct Manager {
     invalidator: Invalidator,
     dir_handles: Mutex<DirHandles>,
     evicted: Mutex<Vec<Fid>>,
+    /// Advisory locks granted to this client's lock owners.
+    held_locks: Mutex<HeldLocks>,
+    lock_waits: LockWaits,
+    /// Per server, the fids whose callbacks were held when its connection ended, to be
+    /// reclaimed on the next one. Bounded by the status table.
+    reclaim_owed: Mutex<HashMap<ServerId, HashSet<Fid>>>,
     runtime: tokio::runtime::Handle,
 }
 
@@ -251,8 +266,12 @@ impl Manager {
             invalidator,
             dir_handles: Mutex::new(DirHandles::default()),
             evicted: Mutex::new(Vec::new()),
+            held_locks: Mutex::new(HeldLocks::default()),
+            lock_waits: LockWaits::default(),
+            reclaim_owed: Mutex::new(HashMap::new()),
             runtime: tokio::runtime::Handle::current(),
         });
+        manager.spawn_lease_renewal(settings.lease_renew_interval);
         let sink: Arc<dyn CallbackSink> = manager.clone();
         manager.pool.set_sink(Arc::downgrade(&sink));
         info!(volume = %settings.root_volume, id = %root.id, servers = ?root.addresses, "root volume located");
@@ -1375,6 +1394,24 @@ impl CallbackSink for Manager {
         }
     }
 
+    fn lock_granted(&self, server: ServerId, wait: u64, fid: Fid) -> bool {
+        debug!(%server, wait, %fid, "queued lock granted");
+        self.lock_waits.granted(server, wait)
+    }
+
+    fn connection_lost(&self, server: ServerId) {
+        self.on_connection_lost(server);
+    }
+
+    fn reclaim<'a>(
+        &'a self,
+        server: ServerId,
+        connection: &'a proto::rpc::Connection,
+        timeout: Duration,
+    ) -> ReclaimFuture<'a> {
+        Box::pin(self.reclaim_on(server, connection, timeout))
+    }
+
     fn reset_callbacks(&self, server: ServerId) {
         let volumes: HashSet<VolumeId> = self.volumes.volumes_on(server).into_iter().collect();
         let reset = self
@@ -1395,9 +1432,17 @@ mod tests {
     use super::*;
     use crate::fake_cell::{CELL, FILE, FakeCell};
 
-    const WAIT_MAX: Duration = Duration::from_secs(10);
+    pub(super) const WAIT_MAX: Duration = Duration::from_secs(10);
 
-    async fn start_manager(cell: &FakeCell, dir: &std::path::Path) -> Arc<Manager> {
+    pub(super) async fn start_manager(cell: &FakeCell, dir: &std::path::Path) -> Arc<Manager> {
+        start_manager_renewing(cell, dir, Duration::from_secs(10)).await
+    }
+
+    pub(super) async fn start_manager_renewing(
+        cell: &FakeCell,
+        dir: &std::path::Path,
+        lease_renew_interval: Duration,
+    ) -> Arc<Manager> {
         let peer = PeerKind::CacheManager {
             client: ClientId::random(),
             instance: crate::identity::new_instance_nonce(),
@@ -1413,11 +1458,12 @@ mod tests {
             vlservers: vec![cell.address()],
         };
         let vldb = VldbClient::new(config, peer, WAIT_MAX);
-        let pool = Arc::new(ServerPool::new(hello, WAIT_MAX));
+        let pool = ServerPool::new(hello, WAIT_MAX);
         let settings = ManagerSettings {
             root_volume: VolumeName::parse("root.cell").unwrap(),
             chunk_dir: dir.join("chunks"),
             cache_bytes_max: 1 << 30,
+            lease_renew_interval,
         };
         Manager::start(settings, vldb, pool, Invalidator::start().unwrap())
             .await

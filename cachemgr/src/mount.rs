@@ -6,7 +6,6 @@
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use fuser::{MountOption, SessionACL};
@@ -108,11 +107,12 @@ pub fn run(
         .map_err(CacheError::Runtime)?;
     let invalidator = Invalidator::start().map_err(CacheError::Runtime)?;
     let vldb = VldbClient::new(config.cell.clone(), peer, config.rpc_timeout);
-    let pool = Arc::new(ServerPool::new(hello, config.rpc_timeout));
+    let pool = ServerPool::new(hello, config.rpc_timeout);
     let settings = ManagerSettings {
         root_volume: config.root_volume.clone(),
         chunk_dir: cache_dir.join("chunks"),
         cache_bytes_max: config.cache_bytes_max,
+        lease_renew_interval: config.lease_renew_interval,
     };
     let manager = runtime.block_on(Manager::start(settings, vldb, pool, invalidator.clone()))?;
 
@@ -133,11 +133,15 @@ pub fn run(
     ];
     options.acl = SessionACL::All;
     options.n_threads = Some(FUSE_THREADS);
-    let session = fuser::Session::new(HoldfastFs::new(manager.clone()), &mount_point, &options)
-        .map_err(|source| CacheError::Mount {
-            path: config.mountpoint.clone(),
-            source,
-        })?;
+    let session = fuser::Session::new(
+        HoldfastFs::new(manager.clone(), FUSE_THREADS),
+        &mount_point,
+        &options,
+    )
+    .map_err(|source| CacheError::Mount {
+        path: config.mountpoint.clone(),
+        source,
+    })?;
     invalidator.set_notifier(session.notifier());
     let background = session.spawn().map_err(|source| CacheError::Mount {
         path: config.mountpoint.clone(),

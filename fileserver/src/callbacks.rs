@@ -1,14 +1,18 @@
 //! Callback breaking: the I/O side of the pure tables in the `state` crate. Holds the
 //! tables behind one short lock, knows each client's current connection, sends breaks in
-//! parallel with a deadline, and delivers owed breaks before a returning client is served.
+//! parallel with a deadline, delivers owed breaks before a returning client is served,
+//! and journals every change a restart must know about.
 //! Invariant: a promise removed from the table is either acknowledged by its client or
 //! queued as a delayed break (a detached task finishes delivery even if the request
 //! that caused it goes away); a client is served only after what it is owed was
-//! delivered on its current connection.
+//! delivered on its current connection; every change is journaled under the tables'
+//! lock (records keep the order of the changes) and applied to `model`, the journal's
+//! view of this state; a break is journaled as sent before the change that caused it
+//! is answered.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use parking_lot::Mutex;
 use proto::rpc::Connection;
@@ -19,6 +23,9 @@ use state::{
 };
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
+
+use crate::callback_model::{CallbackModel, Owed};
+use crate::state_journal::{Durable, StateJournal, StateRecord};
 
 /// Most fids in one `BreakCallbacks` request, well within the frame limit.
 const FIDS_PER_BREAK_MAX: usize = 8192;
@@ -34,13 +41,40 @@ struct Tables {
     promises: CallbackTable,
     delayed: DelayedBreaks,
     sessions: HashMap<ClientKey, Session>,
+    /// What the journal knows of `promises` and `delayed`.
+    model: CallbackModel,
+}
+
+impl Tables {
+    /// Journals `record` (applying it to the model first): the one way state changes
+    /// reach the journal from here.
+    fn emit(
+        &mut self,
+        journal: &StateJournal,
+        record: StateRecord,
+        must_be_durable: bool,
+    ) -> Durable {
+        self.model.apply(&record);
+        journal.record(&record, must_be_durable)
+    }
 }
 
 /// The server's callback state and the machinery to break callbacks.
 pub struct Callbacks {
     tables: Mutex<Tables>,
+    journal: Arc<StateJournal>,
     origin: Instant,
     break_timeout: Duration,
+}
+
+/// Milliseconds since the Unix epoch: journaled expiries must mean the same after a
+/// restart, which a monotonic clock does not.
+fn wall_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |since| {
+            u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+        })
 }
 
 impl Callbacks {
@@ -49,6 +83,7 @@ impl Callbacks {
         client_count_max: usize,
         delayed_per_client_max: usize,
         break_timeout: Duration,
+        journal: Arc<StateJournal>,
     ) -> Callbacks {
         Callbacks {
             tables: Mutex::new(Tables {
@@ -59,7 +94,9 @@ impl Callbacks {
                 }),
                 delayed: DelayedBreaks::new(delayed_per_client_max),
                 sessions: HashMap::new(),
+                model: CallbackModel::new(delayed_per_client_max),
             }),
+            journal,
             origin: Instant::now(),
             break_timeout,
         }
@@ -69,14 +106,79 @@ impl Callbacks {
         Millis(u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX))
     }
 
+    /// Admits a client recovered from the state journal before it connects: when it
+    /// returns with the same instance it is `Returning` and keeps its promises and locks.
+    pub fn recover(&self, client: ClientId, instance: InstanceNonce) -> Option<ClientKey> {
+        let mut tables = self.tables.lock();
+        tables
+            .clients
+            .admit(client, instance)
+            .ok()
+            .map(Admission::key)
+    }
+
+    /// Installs the recovered callback state under this process's keys (`keys` maps the
+    /// journal's). Unexpired promises are granted again; owed breaks are queued. Unless
+    /// the state is `complete` (every grant was durable before its reply), a promise may
+    /// be missing, so every recovered client is owed a reset instead.
+    pub fn restore(
+        &self,
+        recovered: CallbackModel,
+        keys: &HashMap<u32, ClientKey>,
+        complete: bool,
+    ) {
+        let (now, now_ms) = (self.now(), wall_ms());
+        let mut tables = self.tables.lock();
+        let mut promises = 0;
+        for ((fid, old), expiry_ms) in recovered.promises {
+            let Some(&key) = keys.get(&old) else {
+                continue;
+            };
+            if expiry_ms <= now_ms {
+                continue;
+            }
+            // A fresh lifetime from now outlasts what the client was told (unless the
+            // table is under pressure, which shortens lifetimes).
+            tables.promises.grant(fid, key, now);
+            tables.model.promises.insert((fid, key.0), expiry_ms);
+            promises += 1;
+        }
+        let mut owed = 0;
+        let owed_by = |old: &u32| keys.get(old).copied();
+        for (old, queue) in recovered.owed {
+            let Some(key) = owed_by(&old) else {
+                continue;
+            };
+            owed += 1;
+            match queue {
+                Owed::Reset => {
+                    tables.delayed.push_reset(key);
+                    tables.model.owed.insert(key.0, Owed::Reset);
+                }
+                Owed::Fids(fids) => {
+                    tables.delayed.push(key, fids.iter().copied());
+                    tables.model.owed.insert(key.0, Owed::Fids(fids));
+                }
+            }
+        }
+        if !complete {
+            for &key in keys.values() {
+                tables.delayed.push_reset(key);
+                tables.model.owed.insert(key.0, Owed::Reset);
+            }
+        }
+        info!(promises, owed, complete, "callback state restored");
+    }
+
     /// A cache manager connected: admit it and deliver what it is owed (a reset if it is
     /// new or restarted, its delayed breaks if it returns) before its requests run.
+    /// Returns how it was admitted (`None`: refused, the connection is closed).
     pub fn connected(
         self: &Arc<Self>,
         connection: &Connection,
         client: ClientId,
         instance: InstanceNonce,
-    ) {
+    ) -> Option<Admission> {
         let (ready_tx, ready_rx) = watch::channel(false);
         let admission = {
             let mut tables = self.tables.lock();
@@ -86,17 +188,36 @@ impl Callbacks {
                     drop(tables);
                     warn!(%client, error = %full, "refusing a client: client table full");
                     connection.close();
-                    return;
+                    return None;
                 }
             };
             let key = admission.key();
             let owed = match admission {
                 Admission::New(_) | Admission::Restarted(_) => {
                     tables.promises.drop_client(key);
-                    tables.delayed.take(key);
+                    let journal = &self.journal;
+                    tables.emit(
+                        journal,
+                        StateRecord::ClientCallbacksDropped { client: key.0 },
+                        false,
+                    );
+                    if tables.delayed.take(key).is_some() {
+                        tables.emit(journal, StateRecord::DelayedTaken { client: key.0 }, false);
+                    }
+                    tables.emit(journal, StateRecord::ResetSent { client: key.0 }, false);
                     Some(Pending::Reset)
                 }
-                Admission::Returning(_) => tables.delayed.take(key),
+                Admission::Returning(_) => {
+                    let owed = tables.delayed.take(key);
+                    if owed.is_some() {
+                        tables.emit(
+                            &self.journal,
+                            StateRecord::DelayedTaken { client: key.0 },
+                            false,
+                        );
+                    }
+                    owed
+                }
             };
             tables.sessions.insert(
                 key,
@@ -117,6 +238,7 @@ impl Callbacks {
             }
             let _ = ready_tx.send(true);
         });
+        Some(admission)
     }
 
     async fn deliver_owed(&self, key: ClientKey, connection: &Connection, owed: Pending) {
@@ -136,7 +258,16 @@ impl Callbacks {
                 result
             }
         };
+        let mut tables = self.tables.lock();
         if delivered {
+            let record = match &owed {
+                Pending::Reset => StateRecord::ResetAcked { client: key.0 },
+                Pending::Fids(fids) => StateRecord::BreaksAcked {
+                    client: key.0,
+                    fids: fids.clone(),
+                },
+            };
+            tables.emit(&self.journal, record, false);
             debug!(client = key.0, ?owed, "owed breaks delivered");
             return;
         }
@@ -144,10 +275,23 @@ impl Callbacks {
             client = key.0,
             "could not deliver owed breaks; dropping the connection"
         );
-        let mut tables = self.tables.lock();
         match owed {
-            Pending::Reset => tables.delayed.push_reset(key),
-            Pending::Fids(fids) => tables.delayed.push(key, fids),
+            Pending::Reset => {
+                tables.delayed.push_reset(key);
+                tables.emit(
+                    &self.journal,
+                    StateRecord::DelayedReset { client: key.0 },
+                    false,
+                );
+            }
+            Pending::Fids(fids) => {
+                tables.delayed.push(key, fids.iter().copied());
+                let record = StateRecord::DelayedQueued {
+                    client: key.0,
+                    fids,
+                };
+                tables.emit(&self.journal, record, false);
+            }
         }
         forget_session(&mut tables, key, connection);
     }
@@ -187,30 +331,77 @@ impl Callbacks {
         self.tables.lock().clients.key(&client)
     }
 
-    /// Grants `client` a promise on `fid`. If that evicted another client's unexpired
-    /// promise, its break is sent in the background.
-    pub fn grant(self: &Arc<Self>, client: ClientKey, fid: Fid) -> CallbackGrant {
+    /// The client's current connection, if it is reachable (for `LockGranted` pushes).
+    pub fn connection(&self, key: ClientKey) -> Option<Connection> {
+        self.tables
+            .lock()
+            .sessions
+            .get(&key)
+            .filter(|session| !session.connection.is_closed())
+            .map(|session| session.connection.clone())
+    }
+
+    pub fn break_timeout(&self) -> Duration {
+        self.break_timeout
+    }
+
+    /// Grants `client` a promise on `fid`, journaled (and in `Sync` mode durable) before
+    /// it returns unless an earlier journaled promise already covers it. If the grant
+    /// evicted another client's unexpired promise, its break is sent in the background.
+    /// `None`: the journal failed, so no promise may be given.
+    pub async fn grant(self: &Arc<Self>, client: ClientKey, fid: Fid) -> Option<CallbackGrant> {
         let now = self.now();
-        let grant = {
+        let (grant, durable, evicted) = {
             let mut tables = self.tables.lock();
             tables.promises.expire(now);
-            tables.promises.grant(fid, client, now)
+            let grant = tables.promises.grant(fid, client, now);
+            let lifetime_ms = u64::try_from(grant.lifetime.as_millis()).unwrap_or(u64::MAX);
+            let expiry = wall_ms().saturating_add(lifetime_ms);
+            let durable = match tables.model.journal_expiry(fid, client.0, expiry) {
+                Some(expiry_ms) => {
+                    let record = StateRecord::CallbackGranted {
+                        fid,
+                        client: client.0,
+                        expiry_ms,
+                    };
+                    tables.emit(&self.journal, record, false)
+                }
+                None => Durable::ready(),
+            };
+            let evicted = grant.evicted.map(|(evicted_fid, evicted_client)| {
+                let record = StateRecord::BreaksSent {
+                    client: evicted_client.0,
+                    fids: vec![evicted_fid],
+                };
+                let sent = tables.emit(&self.journal, record, true);
+                (evicted_fid, evicted_client, sent)
+            });
+            (grant, durable, evicted)
         };
-        if let Some((evicted_fid, evicted_client)) = grant.evicted {
+        if let Some((evicted_fid, evicted_client, sent)) = evicted {
             let this = self.clone();
             tokio::spawn(async move {
                 let mut owed = BTreeMap::new();
                 owed.insert(evicted_client, vec![evicted_fid]);
-                this.send_breaks(owed).await;
+                this.send_breaks(owed, vec![sent]).await;
             });
         }
-        CallbackGrant {
-            lifetime_ms: u64::try_from(grant.lifetime.as_millis()).unwrap_or(u64::MAX),
+        if !durable.wait().await {
+            return None;
         }
+        Some(CallbackGrant {
+            lifetime_ms: u64::try_from(grant.lifetime.as_millis()).unwrap_or(u64::MAX),
+        })
     }
 
     pub fn give_up(&self, client: ClientKey, fids: &[Fid]) {
-        self.tables.lock().promises.give_up(client, fids);
+        let mut tables = self.tables.lock();
+        tables.promises.give_up(client, fids);
+        let record = StateRecord::CallbacksGivenUp {
+            client: client.0,
+            fids: fids.to_vec(),
+        };
+        tables.emit(&self.journal, record, false);
     }
 
     /// Drops expired promises, a bounded batch per call.
@@ -219,10 +410,32 @@ impl Callbacks {
         self.tables.lock().promises.expire(now)
     }
 
+    /// Calls `then` with a copy of the journal's view of the callback state while the
+    /// tables stay locked, so that no callback record can slip in before `then` hands it
+    /// to the journal. Prunes lapsed promises from the view first. Returns how long the
+    /// tables were held.
+    pub fn snapshot_with(&self, then: impl FnOnce(CallbackModel)) -> Duration {
+        let started = Instant::now();
+        let mut tables = self.tables.lock();
+        tables.model.prune(wall_ms());
+        then(tables.model.clone());
+        started.elapsed()
+    }
+
+    /// The clients holding a promise on `fid`, and the journal's view (for tests that
+    /// compare the two).
+    #[cfg(test)]
+    pub fn inspect(&self, fid: Fid) -> (Vec<ClientKey>, CallbackModel) {
+        let tables = self.tables.lock();
+        (tables.promises.holders(fid), tables.model.clone())
+    }
+
     /// Breaks every holder's promise on `fids` except `except`'s, and returns once each
-    /// holder acknowledged or was marked unreachable (its breaks then queue).
+    /// holder acknowledged or was marked unreachable (its breaks then queue) and the
+    /// breaks are journaled.
     pub async fn break_callbacks(self: &Arc<Self>, fids: &[Fid], except: Option<ClientKey>) {
         let mut owed: BTreeMap<ClientKey, Vec<Fid>> = BTreeMap::new();
+        let mut journaled = Vec::new();
         {
             let mut tables = self.tables.lock();
             for &fid in fids {
@@ -230,17 +443,32 @@ impl Callbacks {
                     owed.entry(client).or_default().push(fid);
                 }
             }
+            for (client, fids) in &owed {
+                let record = StateRecord::BreaksSent {
+                    client: client.0,
+                    fids: fids.clone(),
+                };
+                journaled.push(tables.emit(&self.journal, record, true));
+            }
         }
         if owed.is_empty() {
             return;
         }
         let this = self.clone();
         // Detached, so that a request dropped mid-way still finishes or queues its breaks.
-        let task = tokio::spawn(async move { this.send_breaks(owed).await });
+        let task = tokio::spawn(async move { this.send_breaks(owed, journaled).await });
         let _ = task.await;
     }
 
-    async fn send_breaks(self: Arc<Self>, owed: BTreeMap<ClientKey, Vec<Fid>>) {
+    async fn send_breaks(
+        self: Arc<Self>,
+        owed: BTreeMap<ClientKey, Vec<Fid>>,
+        journaled: Vec<Durable>,
+    ) {
+        for durable in journaled {
+            // A failed journal is logged by its writer; the breaks still go out.
+            durable.wait().await;
+        }
         let mut sends = tokio::task::JoinSet::new();
         {
             let mut tables = self.tables.lock();
@@ -264,7 +492,7 @@ impl Callbacks {
                             (client, connection, fids, delivered)
                         });
                     }
-                    _ => tables.delayed.push(client, fids),
+                    _ => queue_breaks(&mut tables, &self.journal, client, fids),
                 }
             }
         }
@@ -272,7 +500,13 @@ impl Callbacks {
             let Ok((client, connection, fids, delivered)) = joined else {
                 continue;
             };
+            let mut tables = self.tables.lock();
             if delivered {
+                let record = StateRecord::BreaksAcked {
+                    client: client.0,
+                    fids,
+                };
+                tables.emit(&self.journal, record, false);
                 continue;
             }
             warn!(
@@ -280,11 +514,23 @@ impl Callbacks {
                 fids = fids.len(),
                 "client unreachable for a callback break; queueing it"
             );
-            let mut tables = self.tables.lock();
-            tables.delayed.push(client, fids);
+            queue_breaks(&mut tables, &self.journal, client, fids);
             forget_session(&mut tables, client, &connection);
         }
     }
+}
+
+/// Owes `client` the breaks on `fids` until it returns.
+fn queue_breaks(tables: &mut Tables, journal: &StateJournal, client: ClientKey, fids: Vec<Fid>) {
+    tables.delayed.push(client, fids.iter().copied());
+    tables.emit(
+        journal,
+        StateRecord::DelayedQueued {
+            client: client.0,
+            fids,
+        },
+        false,
+    );
 }
 
 /// Marks `key` unreachable if `connection` is still its current one, and closes the

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use proto::CellConfig;
+use state::JournalMode;
 
 use crate::stats::Stats;
 
@@ -24,6 +25,14 @@ pub struct Config {
     pub break_timeout: Duration,
     /// Most breaks queued for one unreachable client before it is told to reset instead.
     pub delayed_breaks_per_client_max: usize,
+    /// How long a client keeps its locks without a request; a lapsed client's locks
+    /// are released and its waiters woken.
+    pub lease: Duration,
+    /// How long after a restart recovered locks wait for their owners to reclaim them.
+    pub grace: Duration,
+    /// When journaled lock and client changes become durable (`PARTITION/state/`).
+    /// `Sync`: before the reply; a grace period then knows every lock.
+    pub journal_mode: JournalMode,
     /// Deadline of each VLDB call.
     pub vldb_timeout: Duration,
     /// Counters the caller can read while the server runs.
@@ -41,6 +50,9 @@ impl Config {
             client_count_max: 100_000,
             break_timeout: Duration::from_secs(2),
             delayed_breaks_per_client_max: state::delayed_breaks::FIDS_PER_CLIENT_MAX_DEFAULT,
+            lease: state::lock_table::LEASE_DEFAULT,
+            grace: state::lock_table::LEASE_DEFAULT,
+            journal_mode: JournalMode::Sync,
             vldb_timeout: Duration::from_secs(5),
             stats: Arc::new(Stats::default()),
         }

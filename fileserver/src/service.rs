@@ -1,5 +1,6 @@
-//! The fileserver's RPC service: maps each request onto the partition's volumes and
-//! the callback machinery.
+//! The fileserver's RPC service: maps each request onto the partition's volumes, the
+//! callback machinery and the lock service (every request of a cache manager renews its
+//! lock lease).
 //! Invariant: a changing request replies only after the change is durable (except the
 //! bytes a store writes into a data file, durable once an `Fsync` of the file answers)
 //! and every other holder of a callback on a changed vnode acknowledged its break or
@@ -12,12 +13,14 @@ use std::sync::Arc;
 use proto::rpc::Connection;
 use proto::server::Service;
 use proto::{
-    CallbackGrant, ErrorCode, Fid, Hello, HelloReply, PeerKind, Request, Response, VolumeId,
+    CallbackGrant, DataVersion, ErrorCode, Fid, Hello, HelloReply, PeerKind, Request, Response,
+    VolumeId,
 };
-use state::ClientKey;
-use tracing::{Instrument, debug, debug_span, error};
+use state::{Admission, ClientKey, WaitId};
+use tracing::{Instrument, debug, debug_span, error, info};
 
 use crate::callbacks::Callbacks;
+use crate::locks::{self, Locks, SetLockReply};
 use crate::stats::Stats;
 use crate::storage::{Partition, StorageError, Volume};
 
@@ -25,11 +28,14 @@ use crate::storage::{Partition, StorageError, Volume};
 pub const READDIR_COUNT_MAX: usize = 2048;
 /// Most bytes of names one `ReadDir` returns, well under the frame limit.
 const READDIR_BYTES_MAX: usize = 1 << 20;
+/// Most fids one `ReclaimCallbacks` names; a client with more sends several.
+const RECLAIM_FIDS_MAX: usize = 8192;
 
 /// The service `proto::server::serve` runs.
 pub struct FileService {
     pub(crate) partition: Arc<Partition>,
     pub(crate) callbacks: Arc<Callbacks>,
+    pub(crate) locks: Arc<Locks>,
     pub(crate) cell: String,
     pub(crate) stats: Arc<Stats>,
 }
@@ -44,8 +50,19 @@ impl Service for FileService {
     }
 
     fn connected(&self, connection: &Connection, hello: &Hello) {
-        if let PeerKind::CacheManager { client, instance } = &hello.peer {
-            self.callbacks.connected(connection, *client, *instance);
+        if let PeerKind::CacheManager { client, instance } = &hello.peer
+            && let Some(admission) = self.callbacks.connected(connection, *client, *instance)
+        {
+            let key = admission.key();
+            self.locks.admitted(key, *client, *instance);
+            self.locks.touch(key);
+            if let Admission::New(_) | Admission::Restarted(_) = admission {
+                // A new instance knows nothing of the locks an old one held.
+                let released = self.locks.release_client(key);
+                if released > 0 {
+                    info!(%client, released, "client restarted: its locks are released");
+                }
+            }
         }
     }
 
@@ -58,7 +75,11 @@ impl Service for FileService {
         let caller = match &hello.peer {
             PeerKind::CacheManager { client, .. } => {
                 self.callbacks.wait_ready(&connection, *client).await;
-                self.callbacks.key(*client)
+                let key = self.callbacks.key(*client);
+                if let Some(key) = key {
+                    self.locks.touch(key);
+                }
+                key
             }
             PeerKind::Admin | PeerKind::FileServer { .. } => None,
         };
@@ -92,7 +113,7 @@ impl FileService {
             Request::Ping => Ok(Response::Pong),
             Request::FetchStatus { fid } => {
                 // Promise first, then read: a change after the read breaks this promise.
-                let callback = self.grant(caller, fid);
+                let callback = self.grant(caller, fid).await;
                 let volume = self.volume(fid.volume)?;
                 let status = blocking(move || volume.fetch_status(fid)).await?;
                 Ok(Response::Status { status, callback })
@@ -102,7 +123,7 @@ impl FileService {
                 offset,
                 length,
             } => {
-                let callback = self.grant(caller, fid);
+                let callback = self.grant(caller, fid).await;
                 let volume = self.volume(fid.volume)?;
                 let (status, data) =
                     blocking(move || volume.fetch_data(fid, offset, length)).await?;
@@ -123,7 +144,7 @@ impl FileService {
                 let status =
                     blocking(move || volume.store_data(fid, offset, &data, truncate_to)).await?;
                 self.callbacks.break_callbacks(&[fid], caller).await;
-                let callback = self.grant(caller, fid);
+                let callback = self.grant(caller, fid).await;
                 Ok(Response::Status { status, callback })
             }
             Request::Fsync { fid } => {
@@ -141,13 +162,13 @@ impl FileService {
                 let volume = self.volume(fid.volume)?;
                 let status = blocking(move || volume.set_attr(fid, &attrs)).await?;
                 self.callbacks.break_callbacks(&[fid], caller).await;
-                let callback = self.grant(caller, fid);
+                let callback = self.grant(caller, fid).await;
                 Ok(Response::Status { status, callback })
             }
             Request::Lookup { dir, name } => {
                 let volume = self.volume(dir.volume)?;
                 let (status, dir) = blocking(move || volume.lookup(dir, &name)).await?;
-                let callback = self.grant(caller, status.fid);
+                let callback = self.grant(caller, status.fid).await;
                 Ok(Response::Entry {
                     status,
                     callback,
@@ -159,7 +180,7 @@ impl FileService {
                 after,
                 count_max,
             } => {
-                let callback = self.grant(caller, dir);
+                let callback = self.grant(caller, dir).await;
                 let volume = self.volume(dir.volume)?;
                 let count = (count_max as usize).clamp(1, READDIR_COUNT_MAX);
                 let (dir, entries, more) = blocking(move || {
@@ -187,7 +208,7 @@ impl FileService {
                 if created.created {
                     self.callbacks.break_callbacks(&[dir], caller).await;
                 }
-                Ok(self.entry(caller, created.status, created.dir))
+                Ok(self.entry(caller, created.status, created.dir).await)
             }
             Request::MakeDir {
                 dir,
@@ -200,7 +221,7 @@ impl FileService {
                 let (status, dir_status) =
                     blocking(move || volume.make_dir(dir, &name, mode, uid, gid)).await?;
                 self.callbacks.break_callbacks(&[dir], caller).await;
-                Ok(self.entry(caller, status, dir_status))
+                Ok(self.entry(caller, status, dir_status).await)
             }
             Request::Symlink {
                 dir,
@@ -213,14 +234,14 @@ impl FileService {
                 let (status, dir_status) =
                     blocking(move || volume.symlink(dir, &name, &target, uid, gid)).await?;
                 self.callbacks.break_callbacks(&[dir], caller).await;
-                Ok(self.entry(caller, status, dir_status))
+                Ok(self.entry(caller, status, dir_status).await)
             }
             Request::MakeMountPoint { dir, name, volume } => {
                 let store = self.volume(dir.volume)?;
                 let (status, dir_status) =
                     blocking(move || store.make_mount_point(dir, &name, &volume)).await?;
                 self.callbacks.break_callbacks(&[dir], caller).await;
-                Ok(self.entry(caller, status, dir_status))
+                Ok(self.entry(caller, status, dir_status).await)
             }
             Request::Link { dir, name, target } => {
                 if dir.volume != target.volume {
@@ -230,7 +251,7 @@ impl FileService {
                 let (status, dir_status) =
                     blocking(move || volume.link(dir, &name, target)).await?;
                 self.callbacks.break_callbacks(&[dir, target], caller).await;
-                Ok(self.entry(caller, status, dir_status))
+                Ok(self.entry(caller, status, dir_status).await)
             }
             Request::Remove { dir, name } => self.remove(caller, dir, name, false).await,
             Request::RemoveDir { dir, name } => self.remove(caller, dir, name, true).await,
@@ -267,6 +288,83 @@ impl FileService {
                 }
                 Ok(Response::Ok)
             }
+            Request::SetLock {
+                fid,
+                owner,
+                start,
+                end,
+                kind,
+                wait,
+                pid,
+            } => {
+                let client = caller.ok_or(ErrorCode::Unsupported)?;
+                let range = locks::range(start, end)?;
+                let kind = locks::state_kind(kind);
+                match self
+                    .locks
+                    .set(client, fid, owner, range, kind, wait, pid)
+                    .await?
+                {
+                    SetLockReply::Granted => Ok(Response::Ok),
+                    SetLockReply::Queued(wait) => Ok(Response::LockQueued { wait: wait.0 }),
+                }
+            }
+            Request::ReleaseLock {
+                fid,
+                owner,
+                start,
+                end,
+            } => {
+                let client = caller.ok_or(ErrorCode::Unsupported)?;
+                self.locks
+                    .release(client, fid, owner, locks::range(start, end)?)
+                    .await?;
+                Ok(Response::Ok)
+            }
+            Request::TestLock {
+                fid,
+                owner,
+                start,
+                end,
+                kind,
+            } => {
+                let client = caller.ok_or(ErrorCode::Unsupported)?;
+                let range = locks::range(start, end)?;
+                let holder = self
+                    .locks
+                    .test(client, fid, owner, range, locks::state_kind(kind));
+                Ok(Response::LockTest { holder })
+            }
+            Request::CancelLockWait { wait } => {
+                let client = caller.ok_or(ErrorCode::Unsupported)?;
+                self.locks.cancel(client, WaitId(wait));
+                Ok(Response::Ok)
+            }
+            // `handle` renewed the lease already, as for every request.
+            Request::RenewLease => {
+                caller.ok_or(ErrorCode::Unsupported)?;
+                Ok(Response::Ok)
+            }
+            Request::ReclaimLock {
+                fid,
+                owner,
+                start,
+                end,
+                kind,
+                pid,
+            } => {
+                let client = caller.ok_or(ErrorCode::Unsupported)?;
+                let range = locks::range(start, end)?;
+                self.locks
+                    .reclaim(client, fid, owner, range, locks::state_kind(kind), pid)?;
+                Ok(Response::Ok)
+            }
+            Request::ReclaimDone => {
+                let client = caller.ok_or(ErrorCode::Unsupported)?;
+                self.locks.reclaim_done(client);
+                Ok(Response::Ok)
+            }
+            Request::ReclaimCallbacks { fids } => self.reclaim_callbacks(caller, fids).await,
             Request::VolumeSpace { volume } => {
                 let partition = self.partition.clone();
                 let space = blocking(move || partition.space(volume)).await?;
@@ -311,16 +409,7 @@ impl FileService {
             | Request::VlRemoveEntry { .. }
             | Request::VlGetEntry { .. }
             | Request::VlListEntries
-            // Lock service: not served yet; the cache manager falls back to local locks.
-            | Request::SetLock { .. }
-            | Request::ReleaseLock { .. }
-            | Request::TestLock { .. }
-            | Request::CancelLockWait { .. }
-            | Request::RenewLease
-            | Request::LockGranted { .. }
-            | Request::ReclaimCallbacks { .. }
-            | Request::ReclaimLock { .. }
-            | Request::ReclaimDone => Err(ErrorCode::Unsupported),
+            | Request::LockGranted { .. } => Err(ErrorCode::Unsupported),
         }
     }
 
@@ -343,22 +432,68 @@ impl FileService {
         })
     }
 
+    /// Re-grants the promises a client held before a restart whose data version is
+    /// unchanged, and names the rest (changed, gone, or on a missing volume) as broken.
+    async fn reclaim_callbacks(
+        self: &Arc<Self>,
+        caller: Option<ClientKey>,
+        fids: Vec<(Fid, DataVersion)>,
+    ) -> Result<Response, ErrorCode> {
+        let client = caller.ok_or(ErrorCode::Unsupported)?;
+        if fids.len() > RECLAIM_FIDS_MAX {
+            return Err(ErrorCode::TooLarge);
+        }
+        let partition = self.partition.clone();
+        // A promise first, then the read, as in `FetchStatus`: a change after the read
+        // breaks the promise, a change before it shows as a new data version.
+        let mut callback = None;
+        for &(fid, _) in &fids {
+            callback = self.grant(caller, fid).await;
+        }
+        let unchanged = blocking(move || {
+            Ok(fids
+                .into_iter()
+                .map(|(fid, version)| {
+                    let same = partition
+                        .volume(fid.volume)
+                        .and_then(|volume| volume.fetch_status(fid))
+                        .is_ok_and(|status| status.data_version == version);
+                    (fid, same)
+                })
+                .collect::<Vec<_>>())
+        })
+        .await?;
+        let broken: Vec<Fid> = unchanged
+            .iter()
+            .filter(|(_, same)| !same)
+            .map(|(fid, _)| *fid)
+            .collect();
+        self.callbacks.give_up(client, &broken);
+        Ok(Response::CallbacksReclaimed {
+            broken,
+            callback: callback.unwrap_or(CallbackGrant { lifetime_ms: 0 }),
+        })
+    }
+
     fn volume(&self, id: VolumeId) -> Result<Arc<Volume>, ErrorCode> {
         self.partition.volume(id).map_err(|e| e.code())
     }
 
-    fn grant(self: &Arc<Self>, caller: Option<ClientKey>, fid: Fid) -> Option<CallbackGrant> {
-        caller.map(|client| self.callbacks.grant(client, fid))
+    async fn grant(self: &Arc<Self>, caller: Option<ClientKey>, fid: Fid) -> Option<CallbackGrant> {
+        match caller {
+            Some(client) => self.callbacks.grant(client, fid).await,
+            None => None,
+        }
     }
 
     /// The reply to a call that made or found an entry; the caller gets a promise on it.
-    fn entry(
+    async fn entry(
         self: &Arc<Self>,
         caller: Option<ClientKey>,
         status: proto::VnodeStatus,
         dir: proto::VnodeStatus,
     ) -> Response {
-        let callback = self.grant(caller, status.fid);
+        let callback = self.grant(caller, status.fid).await;
         Response::Entry {
             status,
             callback,

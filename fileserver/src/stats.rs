@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub struct Stats {
     fetch_data_calls: AtomicU64,
     fetch_data_bytes: AtomicU64,
+    snapshot_pause_max_us: AtomicU64,
 }
 
 impl Stats {
@@ -20,6 +21,16 @@ impl Stats {
     /// Bytes returned by `FetchData`.
     pub fn fetch_data_bytes(&self) -> u64 {
         self.fetch_data_bytes.load(Ordering::Relaxed)
+    }
+
+    /// The longest time the lock tables were held to capture a state snapshot, in µs.
+    pub fn snapshot_pause_max_us(&self) -> u64 {
+        self.snapshot_pause_max_us.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn record_snapshot_pause(&self, micros: u64) {
+        self.snapshot_pause_max_us
+            .fetch_max(micros, Ordering::Relaxed);
     }
 
     pub(crate) fn record_fetch_data(&self, bytes: usize) {

@@ -1,0 +1,202 @@
+//! The advisory byte-range locks this client holds on fileservers, as the servers granted
+//! them, per file and lock owner. It decides whether a close must tell the server
+//! anything (only when the owner holds something there) and lists what to reclaim after
+//! a server restart.
+//! Invariant: the ranges of one owner on one file never overlap; setting or releasing a
+//! range replaces or cuts what the owner held there, as the server's table does (POSIX
+//! semantics), so the two agree lock for lock. Ranges are `[start, end)`; `end ==
+//! u64::MAX` runs to the end of the file.
+//! Pure: no I/O, no clock.
+
+use std::collections::HashMap;
+
+use proto::{Fid, LockKind};
+
+/// Who owns a lock on this client: the kernel's lock owner (a POSIX `files_struct` or a
+/// `flock` open file).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LockOwnerId(pub u64);
+
+/// A byte range `[start, end)`; `end == u64::MAX` runs to the end of the file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LockRange {
+    pub start: u64,
+    pub end: u64,
+}
+
+impl LockRange {
+    /// Every byte of the file.
+    pub const WHOLE: LockRange = LockRange {
+        start: 0,
+        end: u64::MAX,
+    };
+
+    fn overlaps(&self, other: &LockRange) -> bool {
+        self.start < other.end && other.start < self.end
+    }
+}
+
+/// One lock held: its owner, range, kind and the process that took it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeldLock {
+    pub owner: LockOwnerId,
+    pub range: LockRange,
+    pub kind: LockKind,
+    pub pid: u32,
+}
+
+#[derive(Debug, Default)]
+pub struct HeldLocks {
+    by_fid: HashMap<Fid, Vec<HeldLock>>,
+}
+
+impl HeldLocks {
+    /// Records a lock the server granted, replacing what `owner` held in its range.
+    pub fn grant(&mut self, fid: Fid, lock: HeldLock) {
+        let locks = self.by_fid.entry(fid).or_default();
+        cut(locks, lock.owner, lock.range);
+        locks.push(lock);
+    }
+
+    /// Records that `owner` released `range` of `fid`; returns whether it held any of it.
+    pub fn release(&mut self, fid: Fid, owner: LockOwnerId, range: LockRange) -> bool {
+        let Some(locks) = self.by_fid.get_mut(&fid) else {
+            return false;
+        };
+        let held = cut(locks, owner, range);
+        if locks.is_empty() {
+            self.by_fid.remove(&fid);
+        }
+        held
+    }
+
+    /// Whether `owner` holds any lock on `fid`: a close sends a release only then.
+    pub fn holds(&self, fid: Fid, owner: LockOwnerId) -> bool {
+        self.by_fid
+            .get(&fid)
+            .is_some_and(|locks| locks.iter().any(|l| l.owner == owner))
+    }
+
+    /// Every lock held, for reclaim and lease renewal.
+    pub fn all(&self) -> Vec<(Fid, HeldLock)> {
+        self.by_fid
+            .iter()
+            .flat_map(|(fid, locks)| locks.iter().map(move |l| (*fid, *l)))
+            .collect()
+    }
+
+    /// The files on which some lock is held.
+    pub fn fids(&self) -> impl Iterator<Item = Fid> + '_ {
+        self.by_fid.keys().copied()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_fid.is_empty()
+    }
+}
+
+/// Removes `range` from `owner`'s locks, splitting those that straddle its edges;
+/// returns whether any byte was removed.
+fn cut(locks: &mut Vec<HeldLock>, owner: LockOwnerId, range: LockRange) -> bool {
+    let mut removed = false;
+    let mut kept = Vec::with_capacity(locks.len() + 1);
+    for lock in locks.drain(..) {
+        if lock.owner != owner || !lock.range.overlaps(&range) {
+            kept.push(lock);
+            continue;
+        }
+        removed = true;
+        if lock.range.start < range.start {
+            kept.push(HeldLock {
+                range: LockRange {
+                    start: lock.range.start,
+                    end: range.start,
+                },
+                ..lock
+            });
+        }
+        if range.end < lock.range.end {
+            kept.push(HeldLock {
+                range: LockRange {
+                    start: range.end,
+                    end: lock.range.end,
+                },
+                ..lock
+            });
+        }
+    }
+    *locks = kept;
+    removed
+}
+
+#[cfg(test)]
+mod tests {
+    use proto::{Uniquifier, VnodeId, VolumeId};
+
+    use super::*;
+
+    const FID: Fid = Fid {
+        volume: VolumeId(1),
+        vnode: VnodeId(2),
+        unique: Uniquifier(1),
+    };
+    const A: LockOwnerId = LockOwnerId(10);
+    const B: LockOwnerId = LockOwnerId(11);
+
+    fn lock(owner: LockOwnerId, start: u64, end: u64, kind: LockKind) -> HeldLock {
+        HeldLock {
+            owner,
+            range: LockRange { start, end },
+            kind,
+            pid: 1,
+        }
+    }
+
+    fn ranges(table: &HeldLocks) -> Vec<(u64, u64, u64, LockKind)> {
+        let mut all: Vec<_> = table
+            .all()
+            .into_iter()
+            .map(|(_, l)| (l.owner.0, l.range.start, l.range.end, l.kind))
+            .collect();
+        all.sort_by_key(|&(owner, start, ..)| (owner, start));
+        all
+    }
+
+    #[test]
+    fn a_grant_replaces_the_owners_overlapping_range_only() {
+        let mut table = HeldLocks::default();
+        table.grant(FID, lock(A, 0, 100, LockKind::Shared));
+        table.grant(FID, lock(B, 0, 100, LockKind::Shared));
+        table.grant(FID, lock(A, 40, 60, LockKind::Exclusive));
+        assert_eq!(
+            ranges(&table),
+            [
+                (10, 0, 40, LockKind::Shared),
+                (10, 40, 60, LockKind::Exclusive),
+                (10, 60, 100, LockKind::Shared),
+                (11, 0, 100, LockKind::Shared),
+            ]
+        );
+    }
+
+    #[test]
+    fn release_cuts_and_reports_whether_anything_was_held() {
+        let mut table = HeldLocks::default();
+        assert!(!table.release(FID, A, LockRange::WHOLE));
+        table.grant(FID, lock(A, 10, u64::MAX, LockKind::Exclusive));
+        assert!(!table.release(FID, A, LockRange { start: 0, end: 10 }));
+        assert!(table.release(FID, A, LockRange { start: 20, end: 30 }));
+        assert_eq!(
+            ranges(&table),
+            [
+                (10, 10, 20, LockKind::Exclusive),
+                (10, 30, u64::MAX, LockKind::Exclusive)
+            ]
+        );
+        assert!(table.holds(FID, A));
+        assert!(!table.holds(FID, B));
+        assert!(table.release(FID, A, LockRange::WHOLE));
+        assert!(table.is_empty());
+        assert!(!table.holds(FID, A));
+    }
+}

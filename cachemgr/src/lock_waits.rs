@@ -1,0 +1,202 @@
+//! Blocking lock requests queued on fileservers (`LockQueued { wait }`), each waiting for
+//! the server's `LockGranted { wait }` push on the same connection.
+//! Invariant: a push is acknowledged only when some request of this client can claim it:
+//! a registered waiter, or a blocking `SetLock` still in flight to that server (the push
+//! may overtake its `LockQueued` answer; the grant is kept for it). Any other push is
+//! refused, so the server releases the lock rather than leave it held by nobody.
+//! Early grants are bounded by `EARLY_GRANTS_MAX`.
+
+use std::collections::HashMap;
+
+use parking_lot::Mutex;
+use proto::ServerId;
+use tokio::sync::oneshot;
+use tracing::warn;
+
+/// Grants kept for requests whose `LockQueued` answer has not arrived yet.
+const EARLY_GRANTS_MAX: usize = 1024;
+
+/// How a wait ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WaitEnd {
+    /// The server granted the lock.
+    Granted,
+    /// The connection that carried the request ended: ask again.
+    Lost,
+}
+
+enum Slot {
+    Waiting(oneshot::Sender<WaitEnd>),
+    GrantedEarly,
+}
+
+#[derive(Default)]
+struct Inner {
+    slots: HashMap<(ServerId, u64), Slot>,
+    /// Blocking `SetLock` requests in flight per server.
+    asking: HashMap<ServerId, usize>,
+}
+
+#[derive(Default)]
+pub struct LockWaits {
+    inner: Mutex<Inner>,
+}
+
+/// A blocking `SetLock` in flight; dropping it ends the claim on early grants.
+pub struct Asking<'a> {
+    waits: &'a LockWaits,
+    server: ServerId,
+}
+
+impl Drop for Asking<'_> {
+    fn drop(&mut self) {
+        let mut inner = self.waits.inner.lock();
+        let left = match inner.asking.get_mut(&self.server) {
+            Some(count) => {
+                *count = count.saturating_sub(1);
+                *count
+            }
+            None => 0,
+        };
+        if left == 0 {
+            inner.asking.remove(&self.server);
+            // Nobody can claim these any more (their request failed on this side).
+            let before = inner.slots.len();
+            inner
+                .slots
+                .retain(|(s, _), slot| *s != self.server || matches!(slot, Slot::Waiting(_)));
+            let orphans = before - inner.slots.len();
+            if orphans > 0 {
+                warn!(server = %self.server, orphans, "lock grants arrived for requests given up; the lease will end them");
+            }
+        }
+    }
+}
+
+impl LockWaits {
+    /// Marks a blocking `SetLock` to `server` as in flight until the guard drops.
+    pub fn asking(&self, server: ServerId) -> Asking<'_> {
+        *self.inner.lock().asking.entry(server).or_default() += 1;
+        Asking {
+            waits: self,
+            server,
+        }
+    }
+
+    /// Registers the waiter of a queued request; the receiver is already complete
+    /// when the grant overtook the `LockQueued` answer.
+    pub fn wait_for(&self, server: ServerId, wait: u64) -> oneshot::Receiver<WaitEnd> {
+        let (tx, rx) = oneshot::channel();
+        let mut inner = self.inner.lock();
+        if let Some(Slot::GrantedEarly) = inner.slots.get(&(server, wait)) {
+            inner.slots.remove(&(server, wait));
+            let _ = tx.send(WaitEnd::Granted);
+        } else {
+            inner.slots.insert((server, wait), Slot::Waiting(tx));
+        }
+        rx
+    }
+
+    /// The server pushed `LockGranted { wait }`; returns whether to acknowledge it.
+    pub fn granted(&self, server: ServerId, wait: u64) -> bool {
+        let mut inner = self.inner.lock();
+        match inner.slots.remove(&(server, wait)) {
+            Some(Slot::Waiting(tx)) => tx.send(WaitEnd::Granted).is_ok(),
+            Some(Slot::GrantedEarly) => true,
+            None => {
+                let claimable = inner.asking.get(&server).is_some_and(|&n| n > 0);
+                if !claimable || inner.slots.len() >= EARLY_GRANTS_MAX {
+                    return false;
+                }
+                inner.slots.insert((server, wait), Slot::GrantedEarly);
+                true
+            }
+        }
+    }
+
+    /// The waiter of `wait` gave up without a grant.
+    pub fn forget(&self, server: ServerId, wait: u64) {
+        self.inner.lock().slots.remove(&(server, wait));
+    }
+
+    /// The connection to `server` ended: its queued requests died with it (a restarted
+    /// server forgot them; a live one cannot deliver the grant and releases it).
+    pub fn connection_lost(&self, server: ServerId) {
+        let mut inner = self.inner.lock();
+        inner.slots.retain(|(s, _), slot| {
+            if *s != server {
+                return true;
+            }
+            if let Slot::Waiting(_) = slot
+                && let Slot::Waiting(tx) = std::mem::replace(slot, Slot::GrantedEarly)
+            {
+                let _ = tx.send(WaitEnd::Lost);
+            }
+            false
+        });
+    }
+
+    /// Whether any request waits on `server` (its lease must be kept alive).
+    pub fn waiting_on(&self, server: ServerId) -> bool {
+        let inner = self.inner.lock();
+        inner.asking.contains_key(&server) || inner.slots.keys().any(|(s, _)| *s == server)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_grant_reaches_its_waiter() {
+        let waits = LockWaits::default();
+        let server = ServerId::random();
+        let mut rx = {
+            let _asking = waits.asking(server);
+            waits.wait_for(server, 7)
+        };
+        assert!(waits.waiting_on(server));
+        assert!(waits.granted(server, 7));
+        assert_eq!(rx.try_recv(), Ok(WaitEnd::Granted));
+        assert!(!waits.waiting_on(server));
+    }
+
+    #[test]
+    fn a_grant_overtaking_its_queued_answer_is_kept_for_it() {
+        let waits = LockWaits::default();
+        let server = ServerId::random();
+        let asking = waits.asking(server);
+        assert!(waits.granted(server, 3));
+        let mut rx = waits.wait_for(server, 3);
+        drop(asking);
+        assert_eq!(rx.try_recv(), Ok(WaitEnd::Granted));
+    }
+
+    #[test]
+    fn an_unclaimable_grant_is_refused() {
+        let waits = LockWaits::default();
+        let server = ServerId::random();
+        assert!(!waits.granted(server, 1));
+        let asking = waits.asking(server);
+        assert!(waits.granted(server, 2));
+        drop(asking);
+        // The request that could have claimed it is gone: the early grant went with it.
+        assert!(!waits.waiting_on(server));
+    }
+
+    #[test]
+    fn a_lost_connection_wakes_its_waiters_only() {
+        let waits = LockWaits::default();
+        let (one, two) = (ServerId::random(), ServerId::random());
+        let (mut a, mut b) = {
+            let _x = waits.asking(one);
+            let _y = waits.asking(two);
+            (waits.wait_for(one, 1), waits.wait_for(two, 1))
+        };
+        waits.connection_lost(one);
+        assert_eq!(a.try_recv(), Ok(WaitEnd::Lost));
+        assert!(b.try_recv().is_err());
+        assert!(waits.waiting_on(two));
+        assert!(!waits.waiting_on(one));
+    }
+}

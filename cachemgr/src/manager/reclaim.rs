@@ -1,0 +1,294 @@
+//! Reconnecting to a fileserver after its restart (or a lost connection) without
+//! throwing caches away: the callbacks of that server's volumes are kept as "to
+//! reclaim" (invalid meanwhile, so reads revalidate), and the first new connection
+//! reclaims them with the data versions cached, then the locks held, then says done.
+//! Invariant: a reclaimed callback is re-granted only when the version the server
+//! confirmed is still the cached one; every fid the server reports broken is broken
+//! here too (status invalid, listing dropped, kernel caches invalidated). A reclaim that
+//! fails on the transport leaves everything owed for the next connection.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use proto::rpc::Connection;
+use proto::{DataVersion, Fid, ProtoError, Request, Response, ServerId, VolumeId};
+use tracing::{debug, info, warn};
+
+use super::Manager;
+use crate::server_pool::CallbackSink;
+
+/// Fids per `ReclaimCallbacks` (the server takes up to 8192; each is ~30 bytes).
+pub(super) const RECLAIM_BATCH: usize = 4096;
+/// First and longest pause between attempts to reach a server owed a reclaim.
+const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(500);
+const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+impl Manager {
+    /// The connection to `server` ended: its callbacks become owed for reclaim, its
+    /// queued lock requests are woken to ask again, and a task reconnects by itself.
+    pub(super) fn on_connection_lost(&self, server: ServerId) {
+        self.lock_waits.connection_lost(server);
+        let volumes: HashSet<VolumeId> = self.volumes.volumes_on(server).into_iter().collect();
+        let reset = self
+            .state
+            .lock()
+            .statuses
+            .reset_callbacks(|fid| volumes.contains(&fid.volume));
+        let owed = {
+            let mut owed = self.reclaim_owed.lock();
+            let set = owed.entry(server).or_default();
+            set.extend(reset);
+            set.len()
+        };
+        let locks = self.locks_on(&volumes).len();
+        info!(%server, callbacks = owed, locks, "fileserver connection lost; reclaiming on reconnect");
+        if owed > 0 || locks > 0 {
+            self.spawn_reconnect(server);
+        }
+    }
+
+    fn locks_on(&self, volumes: &HashSet<VolumeId>) -> Vec<(Fid, crate::held_locks::HeldLock)> {
+        self.held_locks
+            .lock()
+            .all()
+            .into_iter()
+            .filter(|(fid, _)| volumes.contains(&fid.volume))
+            .collect()
+    }
+
+    /// Pings `server` with growing pauses until a connection (and with it the reclaim)
+    /// succeeds, so locks are reclaimed within grace even when nothing else calls.
+    fn spawn_reconnect(&self, server: ServerId) {
+        let this = self.this.clone();
+        self.runtime.spawn(async move {
+            let mut pause = RECONNECT_BACKOFF_MIN;
+            loop {
+                tokio::time::sleep(pause).await;
+                let Some(manager) = this.upgrade() else {
+                    return;
+                };
+                if !manager.reclaim_owed.lock().contains_key(&server) {
+                    return;
+                }
+                let Some((_, addresses)) = manager
+                    .volumes
+                    .servers()
+                    .into_iter()
+                    .find(|(s, _)| *s == server)
+                else {
+                    return;
+                };
+                let timeout = manager.pool.rpc_timeout();
+                match manager
+                    .pool
+                    .call_with_timeout(server, &addresses, Request::Ping, timeout)
+                    .await
+                {
+                    Ok(_) => return,
+                    Err(e) => debug!(%server, error = %e, ?pause, "fileserver still unreachable"),
+                }
+                pause = (pause * 2).min(RECONNECT_BACKOFF_MAX);
+            }
+        });
+    }
+
+    /// Reclaims over the new `connection` what this client held on `server`.
+    pub(super) async fn reclaim_on(
+        &self,
+        server: ServerId,
+        connection: &Connection,
+        timeout: Duration,
+    ) -> Result<(), ProtoError> {
+        let volumes: HashSet<VolumeId> = self.volumes.volumes_on(server).into_iter().collect();
+        let owed: Vec<Fid> = self
+            .reclaim_owed
+            .lock()
+            .get(&server)
+            .map(|set| set.iter().copied().collect())
+            .unwrap_or_default();
+        let locks = self.locks_on(&volumes);
+        if owed.is_empty() && locks.is_empty() {
+            self.reclaim_owed.lock().remove(&server);
+            return Ok(());
+        }
+        let (mut kept, mut broken) = (0usize, 0usize);
+        for batch in owed.chunks(RECLAIM_BATCH) {
+            let fids: Vec<(Fid, DataVersion)> = {
+                let state = self.state.lock();
+                batch
+                    .iter()
+                    .filter_map(|fid| {
+                        state
+                            .statuses
+                            .get(*fid)
+                            .map(|e| (*fid, e.status.data_version))
+                    })
+                    .collect()
+            };
+            if fids.is_empty() {
+                continue;
+            }
+            let sent_at = Instant::now();
+            let request = Request::ReclaimCallbacks { fids: fids.clone() };
+            match connection.call(request, timeout).await {
+                Ok(Response::CallbacksReclaimed {
+                    broken: gone,
+                    callback,
+                }) => {
+                    let gone: HashSet<Fid> = gone.into_iter().collect();
+                    let until = sent_at + Duration::from_millis(callback.lifetime_ms);
+                    {
+                        let mut state = self.state.lock();
+                        for (fid, version) in &fids {
+                            if gone.contains(fid) {
+                                continue;
+                            }
+                            if let Some(entry) = state.statuses.get_mut(*fid)
+                                && entry.status.data_version == *version
+                            {
+                                entry.callback_until =
+                                    Some(entry.callback_until.map_or(until, |u| u.max(until)));
+                                kept += 1;
+                            }
+                        }
+                    }
+                    broken += gone.len();
+                    let gone: Vec<Fid> = gone.into_iter().collect();
+                    self.break_callbacks(&gone);
+                }
+                Ok(other) => {
+                    warn!(%server, response = other.kind_name(), "unexpected answer to a callback reclaim");
+                }
+                Err(ProtoError::Remote(code)) => {
+                    // The statuses stay, to be revalidated by version on use.
+                    debug!(%server, %code, "fileserver refused the callback reclaim");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        self.reclaim_owed.lock().remove(&server);
+        let mut lost = 0usize;
+        for (fid, lock) in &locks {
+            let request = Request::ReclaimLock {
+                fid: *fid,
+                owner: lock.owner.0,
+                start: lock.range.start,
+                end: lock.range.end,
+                kind: lock.kind,
+                pid: lock.pid,
+            };
+            match connection.call(request, timeout).await {
+                Ok(_) => {}
+                Err(ProtoError::Remote(code)) => {
+                    // Kept: if the server did not restart it still holds the lock, and a
+                    // release of a lock it does not hold is harmless.
+                    lost += 1;
+                    warn!(%fid, owner = lock.owner.0, "lock could not be reclaimed ({code}); it may have been lost");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        match connection.call(Request::ReclaimDone, timeout).await {
+            Ok(_) | Err(ProtoError::Remote(_)) => {}
+            Err(e) => return Err(e),
+        }
+        info!(%server, kept, broken, locks = locks.len(), locks_refused = lost, "reclaimed after reconnecting");
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proto::LockKind;
+
+    use super::*;
+    use crate::fake_cell::{FILE, FILE2, FakeCell};
+    use crate::held_locks::{LockOwnerId, LockRange};
+    use crate::manager::LockRequest;
+    use crate::manager::tests::start_manager;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_restarted_server_gets_callbacks_and_locks_reclaimed_and_only_changes_refetched() {
+        let content: Vec<u8> = (0..3000u32).map(|i| i as u8).collect();
+        let (cell, _stop) = FakeCell::start(content.clone(), 0, 0).await;
+        cell.set_content(FILE2, b"old".to_vec());
+        let dir = tempfile::tempdir().unwrap();
+        let manager = start_manager(&cell, dir.path()).await;
+        let (one, two) = {
+            let mut state = manager.state.lock();
+            (state.inodes.ino_for(FILE), state.inodes.ino_for(FILE2))
+        };
+        assert_eq!(manager.read(one, 0, 4096).await.unwrap(), content);
+        assert_eq!(manager.read(two, 0, 4096).await.unwrap(), b"old");
+        let lock = LockRequest {
+            owner: LockOwnerId(5),
+            range: LockRange::WHOLE,
+            kind: Some(LockKind::Exclusive),
+            pid: 42,
+        };
+        manager.setlk(one, lock, false).await.unwrap();
+
+        // The server restarts; meanwhile FILE2 changed and no break could reach us.
+        cell.set_content(FILE2, b"new content".to_vec());
+        let (one_version, two_version) = (cell.content().1, DataVersion(2));
+        cell.drop_connections();
+        // Nobody calls: the client reconnects and reclaims by itself.
+        cell.wait_for_lock_calls(|calls| calls.contains(&Request::ReclaimDone))
+            .await;
+        let (calls, fetched, statuses) = {
+            let record = cell.record.lock();
+            (
+                record.lock_calls.clone(),
+                record.fetches_by_fid.clone(),
+                record.status_fetches.clone(),
+            )
+        };
+        let [
+            Request::SetLock { .. },
+            Request::ReclaimCallbacks { fids },
+            reclaim_lock,
+            Request::ReclaimDone,
+        ] = &calls[..]
+        else {
+            panic!("unexpected lock calls: {calls:?}");
+        };
+        assert!(fids.contains(&(FILE, one_version)), "{fids:?}");
+        assert!(fids.contains(&(FILE2, two_version)), "{fids:?}");
+        assert_eq!(
+            reclaim_lock,
+            &Request::ReclaimLock {
+                fid: FILE,
+                owner: 5,
+                start: 0,
+                end: u64::MAX,
+                kind: LockKind::Exclusive,
+                pid: 42,
+            }
+        );
+        assert!(
+            !manager
+                .reclaim_owed
+                .lock()
+                .contains_key(&cell_server(&manager))
+        );
+
+        // The unchanged file is served from the cache with no RPC at all.
+        assert_eq!(manager.read(one, 0, 4096).await.unwrap(), content);
+        // The changed one is revalidated and refetched.
+        assert_eq!(manager.read(two, 0, 4096).await.unwrap(), b"new content");
+        let record = cell.record.lock();
+        assert_eq!(record.fetches_by_fid.get(&FILE), fetched.get(&FILE));
+        assert_eq!(record.status_fetches.get(&FILE), statuses.get(&FILE));
+        assert_eq!(
+            record.fetches_by_fid.get(&FILE2).copied(),
+            fetched.get(&FILE2).map(|n| n + 1)
+        );
+    }
+
+    fn cell_server(manager: &Manager) -> ServerId {
+        match manager.volumes.servers()[..] {
+            [(server, _)] => server,
+            _ => panic!("the fake cell has one server"),
+        }
+    }
+}

@@ -1,0 +1,600 @@
+//! Byte-range locks across clients: the I/O side of the pure `LockTable`, `Leases` and
+//! `Grace` in the `state` crate. Holds them behind one short lock, renews a client's lease
+//! on each of its requests, pushes `LockGranted` to a client whose queued request became
+//! grantable, releases the locks of clients whose lease lapsed or that restarted, and
+//! journals every change of the granted locks and known clients.
+//! Invariant: a lock granted from the queue is either acknowledged by its client's
+//! `LockGranted` reply or released again (which may grant others in turn); every change
+//! is handed to the journal under the tables' lock, so records keep the order of the
+//! changes, and a lock reply or push waits until its record is durable (per mode); every
+//! lock and queued request belongs to a client in `holders`, so a lapse of any other
+//! client costs no table scan.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use proto::{ClientId, ErrorCode, Fid, InstanceNonce, LockHolder, Request, Response};
+use state::{
+    ByteRange, ClientKey, Effect, Grace, GraceCheck, GraceConfig, Leases, Lock, LockKind,
+    LockOutcome, LockOwner, LockTable, LockTableConfig, Millis, WaitId,
+};
+use tracing::{debug, info, warn};
+
+use crate::callback_model::CallbackModel;
+use crate::callbacks::Callbacks;
+use crate::state_journal::{
+    ClientEntry, Durable, LockEntry, StateJournal, StateRecord, StateSnapshot,
+};
+
+/// The answer to a `SetLock`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SetLockReply {
+    Granted,
+    Queued(WaitId),
+}
+
+struct Tables {
+    locks: LockTable,
+    leases: Leases,
+    /// The process that took each owner's locks on a fid, for `TestLock` reports. Pruned
+    /// against the table when it grows past twice the lock count, so it stays bounded.
+    pids: HashMap<(Fid, LockOwner), u32>,
+    /// The client and process of each queued request; the process moves to `pids` when
+    /// the request is granted.
+    waits: HashMap<WaitId, (ClientKey, u32)>,
+    /// Clients that may hold locks or queued requests.
+    holders: HashSet<ClientKey>,
+    /// Every admitted client (bounded by the client table), for reports and snapshots.
+    clients: HashMap<ClientKey, (ClientId, InstanceNonce)>,
+    /// The grace period after a restart that recovered locks; `None` once it ended.
+    grace: Option<Grace>,
+}
+
+/// The server's lock state and the machinery to grant queued requests.
+pub struct Locks {
+    tables: Mutex<Tables>,
+    callbacks: Arc<Callbacks>,
+    journal: Arc<StateJournal>,
+    origin: Instant,
+}
+
+impl Locks {
+    pub fn new(callbacks: Arc<Callbacks>, journal: Arc<StateJournal>, lease: Duration) -> Locks {
+        Locks {
+            tables: Mutex::new(Tables {
+                locks: LockTable::new(LockTableConfig::default()),
+                leases: Leases::new(lease),
+                pids: HashMap::new(),
+                waits: HashMap::new(),
+                holders: HashSet::new(),
+                clients: HashMap::new(),
+                grace: None,
+            }),
+            callbacks,
+            journal,
+            origin: Instant::now(),
+        }
+    }
+
+    fn now(&self) -> Millis {
+        Millis(u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX))
+    }
+
+    /// Installs the state replayed from the journal (client keys already mapped to this
+    /// process's keys) and starts grace over its locks.
+    pub fn recover(
+        &self,
+        clients: Vec<(ClientKey, ClientId, InstanceNonce)>,
+        locks: Vec<(Fid, Lock, u32)>,
+        grace: GraceConfig,
+        complete: bool,
+    ) {
+        let now = self.now();
+        let mut tables = self.tables.lock();
+        for (key, client, instance) in clients {
+            tables.clients.insert(key, (client, instance));
+        }
+        let mut recovered = Vec::new();
+        for (fid, lock, pid) in locks {
+            let reply = tables
+                .locks
+                .lock(fid, lock.owner, lock.range, lock.kind, false);
+            if reply.outcome != LockOutcome::Granted {
+                warn!(?fid, ?lock, outcome = ?reply.outcome, "a recovered lock does not fit; dropped");
+                continue;
+            }
+            tables.pids.insert((fid, lock.owner), pid);
+            tables.holders.insert(lock.owner.client);
+            recovered.push((fid, lock));
+        }
+        let mut grace = Grace::new(grace, recovered, complete, now);
+        let status = grace.status();
+        info!(
+            locks = status.locks_recovered,
+            clients = status.clients_recovered,
+            complete,
+            ends_in_ms = now.until(status.ends).as_millis() as u64,
+            "grace started"
+        );
+        // No recovered lock has an owner to wait for: grace ends at once.
+        match grace.tick(now) {
+            Some(end) => info!(
+                ended = "early",
+                reclaimed = end.reclaimed,
+                dropped = 0,
+                "grace ended"
+            ),
+            None => tables.grace = Some(grace),
+        }
+    }
+
+    /// The lock and client state as a snapshot would hold it (for tests).
+    #[cfg(test)]
+    pub fn state(&self) -> StateSnapshot {
+        capture(&self.tables.lock())
+    }
+
+    /// Writes a snapshot of the lock and client state together with `callbacks`, the
+    /// callback state captured under the callbacks' lock, which the caller still holds:
+    /// with both locks held no record can slip in between. Copies the tables (about 50
+    /// bytes per lock); encoding and writing happen on another thread.
+    pub fn snapshot(&self, callbacks: CallbackModel) {
+        let tables = self.tables.lock();
+        let mut snapshot = capture(&tables);
+        snapshot.callbacks = callbacks;
+        self.journal.snapshot(snapshot);
+    }
+
+    /// A client was admitted under `key`: journal who it is.
+    pub fn admitted(&self, key: ClientKey, client: ClientId, instance: InstanceNonce) {
+        let mut tables = self.tables.lock();
+        if tables.clients.get(&key) == Some(&(client, instance)) {
+            return;
+        }
+        tables.clients.insert(key, (client, instance));
+        let record = StateRecord::ClientAdmitted {
+            key: key.0,
+            client,
+            instance,
+        };
+        // The client's own lock records follow and wait for their sync, covering this.
+        let _ = self.journal.record(&record, false);
+    }
+
+    /// The client spoke: its lease runs one more lease from now.
+    pub fn touch(&self, client: ClientKey) {
+        let now = self.now();
+        self.tables.lock().leases.touch(client, now);
+    }
+
+    /// `SetLock`: granted, queued (a `LockGranted` push follows) or refused.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn set(
+        self: &Arc<Self>,
+        client: ClientKey,
+        fid: Fid,
+        owner: u64,
+        range: ByteRange,
+        kind: LockKind,
+        wait: bool,
+        pid: u32,
+    ) -> Result<SetLockReply, ErrorCode> {
+        let owner = LockOwner { client, owner };
+        let now = self.now();
+        let (answer, durable, effects) = {
+            let mut tables = self.tables.lock();
+            if let Some(grace) = &tables.grace
+                && let GraceCheck::Wait { retry } =
+                    grace.check_new_lock(fid, owner, range, kind, now)
+            {
+                let retry_ms = u64::try_from(retry.as_millis()).unwrap_or(u64::MAX);
+                return Err(ErrorCode::Grace { retry_ms });
+            }
+            let reply = tables.locks.lock(fid, owner, range, kind, wait);
+            let mut durable = Durable::ready();
+            let answer = match reply.outcome {
+                LockOutcome::Granted => {
+                    tables.pids.insert((fid, owner), pid);
+                    tables.holders.insert(client);
+                    durable = self.record_grant(fid, owner, range, kind, pid);
+                    Ok(SetLockReply::Granted)
+                }
+                LockOutcome::Queued(id) => {
+                    tables.waits.insert(id, (client, pid));
+                    tables.holders.insert(client);
+                    Ok(SetLockReply::Queued(id))
+                }
+                LockOutcome::Conflict { .. } => Err(ErrorCode::WouldBlock),
+                LockOutcome::TooMany => Err(ErrorCode::TooManyLocks),
+            };
+            let effects = self.note_grants(&mut tables, reply.effects);
+            (answer, durable, effects)
+        };
+        self.deliver(effects);
+        if !durable.wait().await {
+            return Err(ErrorCode::Internal("state journal failed".into()));
+        }
+        answer
+    }
+
+    /// `ReleaseLock`: drops `owner`'s locks within `range`.
+    pub async fn release(
+        self: &Arc<Self>,
+        client: ClientKey,
+        fid: Fid,
+        owner: u64,
+        range: ByteRange,
+    ) -> Result<(), ErrorCode> {
+        let owner = LockOwner { client, owner };
+        let (durable, effects) = {
+            let mut tables = self.tables.lock();
+            let effects = tables
+                .locks
+                .unlock(fid, owner, range)
+                .map_err(|_| ErrorCode::TooManyLocks)?;
+            let durable = self.record_release(fid, owner, range);
+            prune_pids(&mut tables);
+            (durable, self.note_grants(&mut tables, effects))
+        };
+        self.deliver(effects);
+        if !durable.wait().await {
+            return Err(ErrorCode::Internal("state journal failed".into()));
+        }
+        Ok(())
+    }
+
+    /// `TestLock`: what would keep this request from being granted now.
+    pub fn test(
+        &self,
+        client: ClientKey,
+        fid: Fid,
+        owner: u64,
+        range: ByteRange,
+        kind: LockKind,
+    ) -> Option<LockHolder> {
+        let owner = LockOwner { client, owner };
+        let tables = self.tables.lock();
+        let holder = tables.locks.test(fid, owner, range, kind)?;
+        let pid = tables.pids.get(&(fid, holder.owner)).copied().or_else(|| {
+            // The obstacle may be a queued request: its process is in `waits`.
+            tables
+                .locks
+                .waiters()
+                .find(|(f, _, lock)| *f == fid && *lock == holder)
+                .and_then(|(_, wait, _)| tables.waits.get(&wait).map(|(_, pid)| *pid))
+        });
+        // Every client with a lock was admitted; a nil id would only hide who it is.
+        let client = tables
+            .clients
+            .get(&holder.owner.client)
+            .map_or(ClientId(uuid::Uuid::nil()), |(id, _)| *id);
+        Some(LockHolder {
+            client,
+            owner: holder.owner.owner,
+            start: holder.range.start(),
+            end: holder.range.end(),
+            kind: wire_kind(holder.kind),
+            pid: pid.unwrap_or(0),
+        })
+    }
+
+    /// `CancelLockWait`: withdraws the caller's queued request; someone else's id or an
+    /// id already granted is a no-op.
+    pub fn cancel(self: &Arc<Self>, client: ClientKey, wait: WaitId) {
+        let effects = {
+            let mut tables = self.tables.lock();
+            if tables.waits.get(&wait).map(|(owner, _)| *owner) != Some(client) {
+                return;
+            }
+            tables.waits.remove(&wait);
+            let effects = tables.locks.cancel_wait(wait);
+            self.note_grants(&mut tables, effects)
+        };
+        self.deliver(effects);
+    }
+
+    /// `ReclaimLock` during grace: only the recorded owner, exactly as recorded.
+    pub fn reclaim(
+        &self,
+        client: ClientKey,
+        fid: Fid,
+        owner: u64,
+        range: ByteRange,
+        kind: LockKind,
+        pid: u32,
+    ) -> Result<(), ErrorCode> {
+        let owner = LockOwner { client, owner };
+        let mut tables = self.tables.lock();
+        let grace = tables.grace.as_mut().ok_or(ErrorCode::NotReclaimable)?;
+        grace
+            .reclaim(fid, Lock { owner, range, kind })
+            .map_err(|_| ErrorCode::NotReclaimable)?;
+        tables.pids.insert((fid, owner), pid);
+        debug!(client = client.0, ?fid, "lock reclaimed");
+        Ok(())
+    }
+
+    /// `ReclaimDone`: the client reclaimed all it held; grace may end early.
+    pub fn reclaim_done(self: &Arc<Self>, client: ClientKey) {
+        if let Some(grace) = self.tables.lock().grace.as_mut() {
+            grace.client_done(client);
+        }
+        self.tick_grace();
+    }
+
+    /// Drops every lock and queued request of `client` (it restarted, or its lease
+    /// lapsed) and grants what that frees. Returns how many locks it held.
+    pub fn release_client(self: &Arc<Self>, client: ClientKey) -> usize {
+        let (held, effects) = {
+            let mut guard = self.tables.lock();
+            let tables = &mut *guard;
+            // A restarted client cannot reclaim what its old instance held.
+            if let Some(grace) = tables.grace.as_mut() {
+                for (fid, lock) in tables.locks.locks_of(client) {
+                    let _ = grace.reclaim(fid, lock);
+                }
+                grace.client_done(client);
+            }
+            let (held, effects) = self.release_client_locked(tables, client);
+            (held, self.note_grants(tables, effects))
+        };
+        self.deliver(effects);
+        self.tick_grace();
+        held
+    }
+
+    /// Releases the locks of clients whose lease lapsed, a bounded batch per call, and
+    /// ends grace when its time is up.
+    pub fn sweep(self: &Arc<Self>) {
+        let now = self.now();
+        let (clients, locks, effects) = {
+            let mut tables = self.tables.lock();
+            let lapsed = tables.leases.expired(now);
+            let (mut clients, mut locks, mut effects) = (0, 0, Vec::new());
+            for client in lapsed {
+                if !tables.holders.contains(&client) {
+                    continue;
+                }
+                let (held, granted) = self.release_client_locked(&mut tables, client);
+                clients += 1;
+                locks += held;
+                effects.extend(self.note_grants(&mut tables, granted));
+            }
+            (clients, locks, effects)
+        };
+        if clients > 0 {
+            info!(
+                clients,
+                locks,
+                granted = effects.len(),
+                "lease lapsed: locks released"
+            );
+        }
+        self.deliver(effects);
+        self.tick_grace();
+    }
+
+    /// Ends grace if its time is up or every recovered client is done; releases the
+    /// recovered locks nobody reclaimed and grants what that frees.
+    fn tick_grace(self: &Arc<Self>) {
+        let now = self.now();
+        let effects = {
+            let mut tables = self.tables.lock();
+            let Some(end) = tables.grace.as_mut().and_then(|grace| grace.tick(now)) else {
+                return;
+            };
+            tables.grace = None;
+            info!(
+                ended = if end.early { "early" } else { "timeout" },
+                reclaimed = end.reclaimed,
+                dropped = end.dropped.len(),
+                "grace ended"
+            );
+            let mut effects = Vec::new();
+            for (fid, lock) in end.dropped {
+                // Unlocking a recovered range never splits a lock of another range, but
+                // an error would only leave the lock until its lease lapses.
+                if let Ok(granted) = tables.locks.unlock(fid, lock.owner, lock.range) {
+                    let _ = self.record_release(fid, lock.owner, lock.range);
+                    effects.extend(granted);
+                }
+            }
+            self.note_grants(&mut tables, effects)
+        };
+        self.deliver(effects);
+    }
+
+    fn release_client_locked(
+        &self,
+        tables: &mut Tables,
+        client: ClientKey,
+    ) -> (usize, Vec<Effect>) {
+        if !tables.holders.remove(&client) {
+            return (0, Vec::new());
+        }
+        let held = tables
+            .locks
+            .iter()
+            .filter(|(_, lock)| lock.owner.client == client)
+            .count();
+        let effects = tables.locks.release_client(client);
+        tables.pids.retain(|(_, owner), _| owner.client != client);
+        tables.waits.retain(|_, (owner, _)| *owner != client);
+        if held > 0 {
+            // Waited for by nothing: the client is gone, and a lost record only means
+            // recovery brings back a lock that grace then drops.
+            let _ = self
+                .journal
+                .record(&StateRecord::ClientReleased { key: client.0 }, false);
+        }
+        (held, effects)
+    }
+
+    /// Journals the queued requests `effects` granted and moves their processes from
+    /// `waits` to `pids`; each grant's push waits for its record.
+    fn note_grants(&self, tables: &mut Tables, effects: Vec<Effect>) -> Vec<(Effect, Durable)> {
+        effects
+            .into_iter()
+            .map(|effect| {
+                let Effect::Granted {
+                    wait,
+                    fid,
+                    owner,
+                    range,
+                    kind,
+                } = effect;
+                let pid = tables.waits.remove(&wait).map_or(0, |(_, pid)| pid);
+                tables.pids.insert((fid, owner), pid);
+                let durable = self.record_grant(fid, owner, range, kind, pid);
+                (effect, durable)
+            })
+            .collect()
+    }
+
+    fn record_grant(
+        &self,
+        fid: Fid,
+        owner: LockOwner,
+        range: ByteRange,
+        kind: LockKind,
+        pid: u32,
+    ) -> Durable {
+        let record = StateRecord::LockGranted {
+            fid,
+            client: owner.client.0,
+            owner: owner.owner,
+            start: range.start(),
+            end: range.end(),
+            kind: wire_kind(kind),
+            pid,
+        };
+        self.journal.record(&record, true)
+    }
+
+    fn record_release(&self, fid: Fid, owner: LockOwner, range: ByteRange) -> Durable {
+        let record = StateRecord::LockReleased {
+            fid,
+            client: owner.client.0,
+            owner: owner.owner,
+            start: range.start(),
+            end: range.end(),
+        };
+        self.journal.record(&record, true)
+    }
+
+    /// Tells each client whose queued request was granted, once the grant is durable.
+    /// A client that does not acknowledge in time loses that grant again, so a lock
+    /// never sits with a client that does not know it holds it.
+    fn deliver(self: &Arc<Self>, effects: Vec<(Effect, Durable)>) {
+        for (effect, durable) in effects {
+            let Effect::Granted {
+                wait,
+                fid,
+                owner,
+                range,
+                ..
+            } = effect;
+            let this = self.clone();
+            tokio::spawn(async move {
+                let acknowledged = durable.wait().await && this.push(owner, wait, fid).await;
+                if acknowledged {
+                    debug!(
+                        client = owner.client.0,
+                        wait = wait.0,
+                        "queued lock granted"
+                    );
+                    return;
+                }
+                warn!(
+                    client = owner.client.0,
+                    wait = wait.0,
+                    "client did not acknowledge a lock grant; releasing it"
+                );
+                // Releasing the granted range also drops any lock the owner held there
+                // before: it asked to replace that range anyway.
+                let effects = {
+                    let mut tables = this.tables.lock();
+                    let effects = tables.locks.unlock(fid, owner, range).unwrap_or_default();
+                    let _ = this.record_release(fid, owner, range);
+                    this.note_grants(&mut tables, effects)
+                };
+                this.deliver(effects);
+            });
+        }
+    }
+
+    async fn push(&self, owner: LockOwner, wait: WaitId, fid: Fid) -> bool {
+        let Some(connection) = self.callbacks.connection(owner.client) else {
+            return false;
+        };
+        let request = Request::LockGranted { wait: wait.0, fid };
+        let timeout = self.callbacks.break_timeout();
+        matches!(connection.call(request, timeout).await, Ok(Response::Ok))
+    }
+}
+
+/// The journaled state as of now, copied out of the tables.
+fn capture(tables: &Tables) -> StateSnapshot {
+    let clients = tables
+        .clients
+        .iter()
+        .map(|(key, (client, instance))| ClientEntry {
+            key: key.0,
+            client: *client,
+            instance: *instance,
+        })
+        .collect();
+    let locks = tables
+        .locks
+        .iter()
+        .map(|(fid, lock)| LockEntry {
+            fid,
+            client: lock.owner.client.0,
+            owner: lock.owner.owner,
+            start: lock.range.start(),
+            end: lock.range.end(),
+            kind: wire_kind(lock.kind),
+            pid: tables.pids.get(&(fid, lock.owner)).copied().unwrap_or(0),
+        })
+        .collect();
+    StateSnapshot {
+        clients,
+        locks,
+        callbacks: CallbackModel::default(),
+    }
+}
+
+/// Forgets the processes of owners that hold nothing any more, once the side map has
+/// grown past twice the table (amortized: each prune halves it at least).
+fn prune_pids(tables: &mut Tables) {
+    if tables.pids.len() <= 2 * tables.locks.len() + 64 {
+        return;
+    }
+    let live: HashSet<(Fid, LockOwner)> = tables
+        .locks
+        .iter()
+        .map(|(fid, lock)| (fid, lock.owner))
+        .collect();
+    tables.pids.retain(|key, _| live.contains(key));
+}
+
+pub fn state_kind(kind: proto::LockKind) -> LockKind {
+    match kind {
+        proto::LockKind::Shared => LockKind::Shared,
+        proto::LockKind::Exclusive => LockKind::Exclusive,
+    }
+}
+
+pub fn wire_kind(kind: LockKind) -> proto::LockKind {
+    match kind {
+        LockKind::Shared => proto::LockKind::Shared,
+        LockKind::Exclusive => proto::LockKind::Exclusive,
+    }
+}
+
+/// `[start, end)` as a lock range; an empty range is an invalid argument.
+pub fn range(start: u64, end: u64) -> Result<ByteRange, ErrorCode> {
+    ByteRange::new(start, end).map_err(|_| ErrorCode::InvalidArgument)
+}

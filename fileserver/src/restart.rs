@@ -1,0 +1,302 @@
+//! Restart from the state journal, and the snapshots that keep its replay short: installs
+//! the replayed callback, lock and client state in the live tables under this process's
+//! client keys, and captures the live state consistently for a snapshot.
+//! Invariant: a snapshot is captured with the callback tables and then the lock tables
+//! locked (the one lock order; nothing takes them the other way round), and every
+//! record is handed to the journal under one of those two locks, so the snapshot sits
+//! exactly between two records.
+
+use std::collections::HashMap;
+
+use state::{ByteRange, GraceConfig, JournalMode, Lock, LockOwner};
+use tracing::{debug, warn};
+
+use crate::callbacks::Callbacks;
+use crate::locks::{self, Locks};
+use crate::state_journal::StateSnapshot;
+use crate::stats::Stats;
+
+/// Installs `recovered` and starts grace over its locks. Returns whether anything was
+/// recovered, in which case the caller snapshots at once: the records on disk name the
+/// previous process's client keys.
+pub fn restore(
+    callbacks: &Callbacks,
+    locks: &Locks,
+    recovered: StateSnapshot,
+    grace: GraceConfig,
+    mode: JournalMode,
+) -> bool {
+    if recovered.clients.is_empty() {
+        return false;
+    }
+    // Every grant and release was durable before its reply only in `Sync` mode.
+    let complete = mode == JournalMode::Sync;
+    let mut keys = HashMap::new();
+    let mut clients = Vec::new();
+    for entry in recovered.clients {
+        match callbacks.recover(entry.client, entry.instance) {
+            Some(key) => {
+                keys.insert(entry.key, key);
+                clients.push((key, entry.client, entry.instance));
+            }
+            None => {
+                warn!(client = %entry.client, "client table full: a recovered client is dropped")
+            }
+        }
+    }
+    callbacks.restore(recovered.callbacks, &keys, complete);
+    let mut held = Vec::new();
+    for entry in recovered.locks {
+        let (Some(&client), Ok(range)) = (
+            keys.get(&entry.client),
+            ByteRange::new(entry.start, entry.end),
+        ) else {
+            continue;
+        };
+        let lock = Lock {
+            owner: LockOwner {
+                client,
+                owner: entry.owner,
+            },
+            range,
+            kind: locks::state_kind(entry.kind),
+        };
+        held.push((entry.fid, lock, entry.pid));
+    }
+    locks.recover(clients, held, grace, complete);
+    true
+}
+
+/// Snapshots the journaled state now; the copy happens under the tables' locks, the
+/// encoding and writing on the journal's snapshot thread.
+pub fn snapshot(callbacks: &Callbacks, locks: &Locks, stats: &Stats) {
+    let pause = callbacks.snapshot_with(|model| locks.snapshot(model));
+    let pause_us = u64::try_from(pause.as_micros()).unwrap_or(u64::MAX);
+    stats.record_snapshot_pause(pause_us);
+    debug!(pause_us, "state snapshot captured");
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use proptest::prelude::*;
+    use proto::{ClientId, Fid, InstanceNonce, Uniquifier, VnodeId, VolumeId};
+    use state::{ByteRange, JournalMode, LockKind};
+
+    use crate::callbacks::Callbacks;
+    use crate::locks::Locks;
+    use crate::state_journal::{LockEntry, StateJournal};
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Lock {
+            client: u8,
+            owner: u8,
+            file: u8,
+            start: u8,
+            len: u8,
+            exclusive: bool,
+        },
+        Unlock {
+            client: u8,
+            owner: u8,
+            file: u8,
+            start: u8,
+            len: u8,
+        },
+        ReleaseClient {
+            client: u8,
+        },
+        Grant {
+            client: u8,
+            file: u8,
+        },
+        GiveUp {
+            client: u8,
+            file: u8,
+        },
+        Break {
+            file: u8,
+            except: Option<u8>,
+        },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        let client = 0u8..3;
+        prop_oneof![
+            (
+                client.clone(),
+                0u8..2,
+                0u8..3,
+                0u8..20,
+                1u8..10,
+                any::<bool>()
+            )
+                .prop_map(|(client, owner, file, start, len, exclusive)| Op::Lock {
+                    client,
+                    owner,
+                    file,
+                    start,
+                    len,
+                    exclusive
+                }),
+            (client.clone(), 0u8..2, 0u8..3, 0u8..20, 1u8..10).prop_map(
+                |(client, owner, file, start, len)| Op::Unlock {
+                    client,
+                    owner,
+                    file,
+                    start,
+                    len
+                }
+            ),
+            client
+                .clone()
+                .prop_map(|client| Op::ReleaseClient { client }),
+            (client.clone(), 0u8..3).prop_map(|(client, file)| Op::Grant { client, file }),
+            (client.clone(), 0u8..3).prop_map(|(client, file)| Op::GiveUp { client, file }),
+            (0u8..3, proptest::option::of(client))
+                .prop_map(|(file, except)| Op::Break { file, except }),
+        ]
+    }
+
+    fn fid(file: u8) -> Fid {
+        Fid {
+            volume: VolumeId(1),
+            vnode: VnodeId(u64::from(file) + 2),
+            unique: Uniquifier(1),
+        }
+    }
+
+    fn range(start: u8, len: u8) -> ByteRange {
+        ByteRange::new(u64::from(start), u64::from(start) + u64::from(len)).unwrap()
+    }
+
+    /// Runs `ops` on live tables that journal to `dir`, then reopens the journal: the
+    /// replayed state must equal the live one, and the live journal view must equal the
+    /// live callback table.
+    async fn replay_equals_live(dir: &std::path::Path, ops: Vec<Op>, snapshot_at: usize) {
+        let (journal, _) = StateJournal::open(dir, JournalMode::None).unwrap();
+        let journal = Arc::new(journal);
+        let callbacks = Arc::new(Callbacks::new(
+            1000,
+            10,
+            5,
+            Duration::from_millis(10),
+            journal.clone(),
+        ));
+        let locks = Arc::new(Locks::new(
+            callbacks.clone(),
+            journal.clone(),
+            Duration::from_secs(60),
+        ));
+        let mut keys = Vec::new();
+        for _ in 0..3 {
+            let (id, instance) = (ClientId::random(), InstanceNonce(1));
+            let key = callbacks.recover(id, instance).unwrap();
+            locks.admitted(key, id, instance);
+            keys.push(key);
+        }
+        let key = |client: u8| keys[usize::from(client)];
+        for (index, op) in ops.into_iter().enumerate() {
+            if index == snapshot_at {
+                super::snapshot(&callbacks, &locks, &crate::stats::Stats::default());
+            }
+            match op {
+                Op::Lock {
+                    client,
+                    owner,
+                    file,
+                    start,
+                    len,
+                    exclusive,
+                } => {
+                    let kind = if exclusive {
+                        LockKind::Exclusive
+                    } else {
+                        LockKind::Shared
+                    };
+                    let owner = u64::from(owner);
+                    let _ = locks
+                        .set(
+                            key(client),
+                            fid(file),
+                            owner,
+                            range(start, len),
+                            kind,
+                            false,
+                            7,
+                        )
+                        .await;
+                }
+                Op::Unlock {
+                    client,
+                    owner,
+                    file,
+                    start,
+                    len,
+                } => {
+                    let owner = u64::from(owner);
+                    let _ = locks
+                        .release(key(client), fid(file), owner, range(start, len))
+                        .await;
+                }
+                Op::ReleaseClient { client } => {
+                    locks.release_client(key(client));
+                }
+                Op::Grant { client, file } => {
+                    assert!(callbacks.grant(key(client), fid(file)).await.is_some());
+                }
+                Op::GiveUp { client, file } => callbacks.give_up(key(client), &[fid(file)]),
+                Op::Break { file, except } => {
+                    callbacks
+                        .break_callbacks(&[fid(file)], except.map(key))
+                        .await;
+                }
+            }
+        }
+        let live_locks = locks.state();
+        let mut held = BTreeSet::new();
+        for file in 0..3 {
+            let (holders, _) = callbacks.inspect(fid(file));
+            held.extend(holders.into_iter().map(|holder| (fid(file), holder.0)));
+        }
+        let (_, mut live_model) = callbacks.inspect(fid(0));
+        // The journal's view holds exactly the table's promises.
+        let viewed: BTreeSet<(Fid, u32)> = live_model.promises.keys().copied().collect();
+        assert_eq!(viewed, held);
+        live_model.finish_replay();
+        drop((callbacks, locks));
+        Arc::into_inner(journal).unwrap().close();
+
+        let (journal, replayed) = StateJournal::open(dir, JournalMode::None).unwrap();
+        journal.close();
+        assert_eq!(sorted(replayed.locks.clone()), sorted(live_locks.locks));
+        assert_eq!(replayed.callbacks.promises, live_model.promises);
+        assert_eq!(replayed.callbacks.owed, live_model.owed);
+        assert_eq!(replayed.clients.len(), 3);
+    }
+
+    fn sorted(mut locks: Vec<LockEntry>) -> Vec<LockEntry> {
+        locks.sort_unstable_by_key(|l| (l.fid, l.client, l.owner, l.start));
+        locks
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+        #[test]
+        fn journal_replay_equals_live_tables(
+            ops in proptest::collection::vec(op(), 0..60),
+            snapshot_at in 0usize..80,
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(replay_equals_live(dir.path(), ops, snapshot_at));
+        }
+    }
+}

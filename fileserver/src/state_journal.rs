@@ -1,0 +1,586 @@
+//! The continuous journal of callback, lock and client state under `PARTITION/state/`:
+//! the records (postcard `StateRecord`s), the snapshot payload, the writer thread that
+//! appends them in order with group commit, and the replay that rebuilds the state on
+//! start.
+//! Invariant: records reach the journal in the order the server handed them over (which
+//! is the order of the in-memory changes: they are handed over under the tables' lock);
+//! a waiter is told "durable" only after a sync covering its record succeeded; a snapshot
+//! is written at exactly the position of the last record handed over before it.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use proto::{ClientId, Fid, InstanceNonce, LockKind};
+use serde::{Deserialize, Serialize};
+use state::{
+    ByteRange, ClientKey, Journal, JournalConfig, JournalError, JournalMode, LockOwner, LockTable,
+    LockTableConfig, Lsn,
+};
+use thiserror::Error;
+use tokio::sync::oneshot;
+use tracing::{error, info, warn};
+
+use crate::callback_model::CallbackModel;
+use crate::locks::{state_kind, wire_kind};
+
+/// The directory of the journal inside the partition.
+pub const STATE_DIR: &str = "state";
+/// Records handed over but not yet appended, at most; a full queue makes the server wait.
+const QUEUE_MAX: usize = 4096;
+/// A snapshot is taken after this many records...
+const SNAPSHOT_EVERY_RECORDS: u64 = 10_000;
+/// ...or this long after the last one if any record came since.
+const SNAPSHOT_EVERY: Duration = Duration::from_secs(300);
+/// Most records appended before one group sync.
+const BATCH_MAX: usize = 1024;
+
+/// One change of the journaled state. Keys are the writing process's `ClientKey`s, named
+/// by the latest `ClientAdmitted` record (or snapshot entry) for that key.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum StateRecord {
+    ClientAdmitted {
+        key: u32,
+        client: ClientId,
+        instance: InstanceNonce,
+    },
+    /// `owner` locked `[start, end)` of `fid` (POSIX replace-and-merge semantics).
+    LockGranted {
+        fid: Fid,
+        client: u32,
+        owner: u64,
+        start: u64,
+        end: u64,
+        kind: LockKind,
+        pid: u32,
+    },
+    /// `owner` unlocked `[start, end)` of `fid`.
+    LockReleased {
+        fid: Fid,
+        client: u32,
+        owner: u64,
+        start: u64,
+        end: u64,
+    },
+    /// Every lock of the client is gone (lease lapsed or restart).
+    ClientReleased {
+        key: u32,
+    },
+    /// `client` holds a promise on `fid` until `expiry_ms` (wall clock, rounded up).
+    CallbackGranted {
+        fid: Fid,
+        client: u32,
+        expiry_ms: u64,
+    },
+    /// The client dropped these promises.
+    CallbacksGivenUp {
+        client: u32,
+        fids: Vec<Fid>,
+    },
+    /// Every promise of the client is void (it is new or restarted and gets a reset).
+    ClientCallbacksDropped {
+        client: u32,
+    },
+    /// These promises were broken; the break is in flight until acknowledged or queued.
+    BreaksSent {
+        client: u32,
+        fids: Vec<Fid>,
+    },
+    BreaksAcked {
+        client: u32,
+        fids: Vec<Fid>,
+    },
+    /// A reset is in flight to the client.
+    ResetSent {
+        client: u32,
+    },
+    ResetAcked {
+        client: u32,
+    },
+    /// The client was unreachable: these breaks wait for it to return.
+    DelayedQueued {
+        client: u32,
+        fids: Vec<Fid>,
+    },
+    /// The client is owed a reset instead of single breaks.
+    DelayedReset {
+        client: u32,
+    },
+    /// What the client was owed is being delivered (in flight until acknowledged).
+    DelayedTaken {
+        client: u32,
+    },
+}
+
+/// A known client as a snapshot holds it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ClientEntry {
+    pub key: u32,
+    pub client: ClientId,
+    pub instance: InstanceNonce,
+}
+
+/// A granted lock as a snapshot holds it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LockEntry {
+    pub fid: Fid,
+    pub client: u32,
+    pub owner: u64,
+    pub start: u64,
+    pub end: u64,
+    pub kind: LockKind,
+    pub pid: u32,
+}
+
+/// The whole journaled state at one position.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct StateSnapshot {
+    pub clients: Vec<ClientEntry>,
+    pub locks: Vec<LockEntry>,
+    pub callbacks: CallbackModel,
+}
+
+#[derive(Debug, Error)]
+pub enum StateJournalError {
+    #[error("state journal: {0}")]
+    Journal(#[from] JournalError),
+    #[error("state journal: undecodable {what} at {lsn}: {error}")]
+    Decode {
+        what: &'static str,
+        lsn: Lsn,
+        error: postcard::Error,
+    },
+    #[error("state journal: record at {lsn} names unknown client key {key}")]
+    UnknownClient { lsn: Lsn, key: u32 },
+    #[error("state journal: record at {lsn} has an empty lock range")]
+    EmptyRange { lsn: Lsn },
+    #[error("state journal: could not start the writer thread: {0}")]
+    Thread(std::io::Error),
+}
+
+enum Job {
+    Record {
+        payload: Vec<u8>,
+        done: Option<oneshot::Sender<bool>>,
+    },
+    Snapshot(StateSnapshot),
+    /// Append what came before, close the journal, then say so.
+    Close(SyncSender<()>),
+}
+
+/// Waits until a handed-over record is durable; `false` if the journal failed.
+pub struct Durable(Option<oneshot::Receiver<bool>>);
+
+impl Durable {
+    pub fn ready() -> Durable {
+        Durable(None)
+    }
+
+    pub async fn wait(self) -> bool {
+        match self.0 {
+            None => true,
+            Some(receiver) => receiver.await.unwrap_or(false),
+        }
+    }
+}
+
+/// The server's handle on its state journal.
+pub struct StateJournal {
+    queue: SyncSender<Job>,
+    mode: JournalMode,
+    /// Records handed over since the last snapshot, and when that was.
+    since_snapshot: Mutex<(u64, Instant)>,
+}
+
+impl StateJournal {
+    /// Opens (creating) the journal in `partition`, replays it and starts the writer.
+    pub fn open(
+        partition: &Path,
+        mode: JournalMode,
+    ) -> Result<(StateJournal, StateSnapshot), StateJournalError> {
+        // The writer batches and syncs itself; `None` keeps the journal from syncing.
+        let open_mode = match mode {
+            JournalMode::None => JournalMode::None,
+            JournalMode::Sync | JournalMode::Group => JournalMode::Group,
+        };
+        let config = JournalConfig {
+            mode: open_mode,
+            ..JournalConfig::default()
+        };
+        let (journal, recovered) = Journal::open(&partition.join(STATE_DIR), config)?;
+        let mut last = recovered.snapshot.as_ref().map_or(Lsn(0), |s| s.lsn);
+        let mut replay = match &recovered.snapshot {
+            Some(snapshot) => {
+                let decoded: StateSnapshot =
+                    postcard::from_bytes(&snapshot.payload).map_err(|error| {
+                        StateJournalError::Decode {
+                            what: "snapshot",
+                            lsn: snapshot.lsn,
+                            error,
+                        }
+                    })?;
+                Replay::from_snapshot(decoded)
+            }
+            None => Replay::default(),
+        };
+        for (lsn, payload) in &recovered.records {
+            let record: StateRecord =
+                postcard::from_bytes(payload).map_err(|error| StateJournalError::Decode {
+                    what: "record",
+                    lsn: *lsn,
+                    error,
+                })?;
+            replay.apply(*lsn, record)?;
+            last = *lsn;
+        }
+        let state = replay.into_snapshot();
+        info!(
+            clients = state.clients.len(),
+            locks = state.locks.len(),
+            callbacks = state.callbacks.promises.len(),
+            records = recovered.records.len(),
+            position = %last,
+            "state journal replayed"
+        );
+        let (queue, jobs) = sync_channel(QUEUE_MAX);
+        let journal = Arc::new(journal);
+        std::thread::Builder::new()
+            .name("state-journal".into())
+            .spawn(move || write_loop(journal, jobs, last, mode))
+            .map_err(StateJournalError::Thread)?;
+        let since_snapshot = Mutex::new((recovered.records.len() as u64, Instant::now()));
+        Ok((
+            StateJournal {
+                queue,
+                mode,
+                since_snapshot,
+            },
+            state,
+        ))
+    }
+
+    /// Hands `record` to the writer; call it under the lock of the change it records, so
+    /// records keep the order of the changes. `must_be_durable` records (lock changes)
+    /// are waited for in `Sync` and `Group` modes, every record in `Sync` mode.
+    pub fn record(&self, record: &StateRecord, must_be_durable: bool) -> Durable {
+        let payload = match postcard::to_allocvec(record) {
+            Ok(payload) => payload,
+            Err(e) => {
+                error!(error = %e, "could not encode a state record");
+                return Durable::ready();
+            }
+        };
+        let wait = match self.mode {
+            JournalMode::Sync => true,
+            JournalMode::Group => must_be_durable,
+            JournalMode::None => false,
+        };
+        let (done, durable) = if wait {
+            let (sender, receiver) = oneshot::channel();
+            (Some(sender), Durable(Some(receiver)))
+        } else {
+            (None, Durable::ready())
+        };
+        self.send(Job::Record { payload, done });
+        self.since_snapshot.lock().0 += 1;
+        durable
+    }
+
+    /// Writes `state` as the snapshot at the position of the last record handed over.
+    /// The caller holds every lock records are handed over under, so none slips between.
+    pub fn snapshot(&self, state: StateSnapshot) {
+        self.send(Job::Snapshot(state));
+        *self.since_snapshot.lock() = (0, Instant::now());
+    }
+
+    /// Whether enough records (or enough time with some records) passed since the last
+    /// snapshot that replay should be shortened.
+    pub fn snapshot_due(&self) -> bool {
+        let (records, at) = *self.since_snapshot.lock();
+        records >= SNAPSHOT_EVERY_RECORDS || (records > 0 && at.elapsed() >= SNAPSHOT_EVERY)
+    }
+
+    /// Appends everything handed over so far, waits for running snapshots and closes the
+    /// journal (releasing its directory lock). Later records are logged and lost. Blocks.
+    pub fn close(&self) {
+        let (done, closed) = sync_channel(1);
+        self.send(Job::Close(done));
+        // An error means the writer was gone already; the journal is closed then too.
+        let _ = closed.recv();
+    }
+
+    fn send(&self, job: Job) {
+        let job = match self.queue.try_send(job) {
+            Ok(()) => return,
+            Err(TrySendError::Full(job)) => job,
+            Err(TrySendError::Disconnected(_)) => {
+                error!("state journal writer is gone; the change is not journaled");
+                return;
+            }
+        };
+        // Back-pressure: the writer is behind by a full queue.
+        if self.queue.send(job).is_err() {
+            error!("state journal writer is gone; the change is not journaled");
+        }
+    }
+}
+
+/// Appends batches of records, syncs once per batch that has a waiter, and writes
+/// snapshots on a helper thread at the position they were handed over at.
+fn write_loop(journal: Arc<Journal>, jobs: Receiver<Job>, mut last: Lsn, mode: JournalMode) {
+    let mut failed = false;
+    let mut snapshots: Vec<JoinHandle<()>> = Vec::new();
+    let mut closing = None;
+    while closing.is_none() {
+        let Ok(first) = jobs.recv() else {
+            break;
+        };
+        let mut batch = vec![first];
+        while batch.len() < BATCH_MAX {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let mut waiters = Vec::new();
+        for job in batch {
+            match job {
+                Job::Record { payload, done } => {
+                    if !failed {
+                        match journal.append(&payload) {
+                            Ok(lsn) => last = lsn,
+                            Err(e) => {
+                                error!(error = %e, "state journal append failed; journaling stops");
+                                failed = true;
+                            }
+                        }
+                    }
+                    waiters.extend(done);
+                }
+                Job::Snapshot(state) => {
+                    snapshots.retain(|handle| !handle.is_finished());
+                    if !failed {
+                        snapshots.extend(spawn_snapshot(journal.clone(), last, state));
+                    }
+                }
+                Job::Close(done) => closing = Some(done),
+            }
+        }
+        if !waiters.is_empty()
+            && !failed
+            && mode != JournalMode::None
+            && let Err(e) = journal.flush()
+        {
+            error!(error = %e, "state journal sync failed; journaling stops");
+            failed = true;
+        }
+        for waiter in waiters {
+            let _ = waiter.send(!failed);
+        }
+    }
+    for handle in snapshots {
+        let _ = handle.join();
+    }
+    match Arc::try_unwrap(journal) {
+        Ok(journal) => {
+            if let Err(e) = journal.close() {
+                error!(error = %e, "state journal close failed");
+            }
+        }
+        Err(_) => error!("state journal still shared at close"),
+    }
+    info!(position = %last, "state journal closed");
+    if let Some(done) = closing {
+        let _ = done.send(());
+    }
+}
+
+fn spawn_snapshot(journal: Arc<Journal>, lsn: Lsn, state: StateSnapshot) -> Option<JoinHandle<()>> {
+    let spawned = std::thread::Builder::new()
+        .name("state-snapshot".into())
+        .spawn(move || {
+            let started = Instant::now();
+            let payload = match postcard::to_allocvec(&state) {
+                Ok(payload) => payload,
+                Err(e) => {
+                    error!(error = %e, "could not encode a state snapshot");
+                    return;
+                }
+            };
+            match journal.write_snapshot(lsn, &payload) {
+                Ok(()) => info!(
+                    position = %lsn,
+                    locks = state.locks.len(),
+                    bytes = payload.len(),
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "state snapshot written"
+                ),
+                Err(e) => warn!(error = %e, position = %lsn, "state snapshot failed"),
+            }
+        });
+    match spawned {
+        Ok(handle) => Some(handle),
+        Err(e) => {
+            warn!(error = %e, "could not start a snapshot thread");
+            None
+        }
+    }
+}
+
+/// The journaled state rebuilt record by record, with the lock table's own rules so that
+/// merges and splits come out as they did live.
+#[derive(Default)]
+struct Replay {
+    clients: HashMap<u32, (ClientId, InstanceNonce)>,
+    callbacks: CallbackModel,
+    locks: Option<LockTable>,
+    pids: HashMap<(Fid, LockOwner), u32>,
+}
+
+impl Replay {
+    fn table(&mut self) -> &mut LockTable {
+        self.locks.get_or_insert_with(|| {
+            // Replay must never refuse what the live table granted.
+            LockTable::new(LockTableConfig {
+                lock_count_max: usize::MAX,
+                lock_count_per_fid_max: usize::MAX,
+                ..LockTableConfig::default()
+            })
+        })
+    }
+
+    fn from_snapshot(snapshot: StateSnapshot) -> Replay {
+        let mut replay = Replay {
+            callbacks: snapshot.callbacks,
+            ..Replay::default()
+        };
+        for entry in snapshot.clients {
+            replay
+                .clients
+                .insert(entry.key, (entry.client, entry.instance));
+        }
+        for entry in snapshot.locks {
+            let Ok(range) = ByteRange::new(entry.start, entry.end) else {
+                continue;
+            };
+            let owner = LockOwner {
+                client: ClientKey(entry.client),
+                owner: entry.owner,
+            };
+            let table = replay.table();
+            table.lock(entry.fid, owner, range, state_kind(entry.kind), false);
+            replay.pids.insert((entry.fid, owner), entry.pid);
+        }
+        replay
+    }
+
+    fn apply(&mut self, lsn: Lsn, record: StateRecord) -> Result<(), StateJournalError> {
+        self.callbacks.apply(&record);
+        match record {
+            StateRecord::ClientAdmitted {
+                key,
+                client,
+                instance,
+            } => {
+                self.clients.insert(key, (client, instance));
+            }
+            StateRecord::LockGranted {
+                fid,
+                client,
+                owner,
+                start,
+                end,
+                kind,
+                pid,
+            } => {
+                if !self.clients.contains_key(&client) {
+                    return Err(StateJournalError::UnknownClient { lsn, key: client });
+                }
+                let range = ByteRange::new(start, end)
+                    .map_err(|_| StateJournalError::EmptyRange { lsn })?;
+                let owner = LockOwner {
+                    client: ClientKey(client),
+                    owner,
+                };
+                self.table()
+                    .lock(fid, owner, range, state_kind(kind), false);
+                self.pids.insert((fid, owner), pid);
+            }
+            StateRecord::LockReleased {
+                fid,
+                client,
+                owner,
+                start,
+                end,
+            } => {
+                let range = ByteRange::new(start, end)
+                    .map_err(|_| StateJournalError::EmptyRange { lsn })?;
+                let owner = LockOwner {
+                    client: ClientKey(client),
+                    owner,
+                };
+                // Unbounded replay table: an unlock never fails for room.
+                let _ = self.table().unlock(fid, owner, range);
+            }
+            StateRecord::ClientReleased { key } => {
+                self.table().release_client(ClientKey(key));
+                self.pids.retain(|(_, owner), _| owner.client.0 != key);
+            }
+            StateRecord::CallbackGranted { .. }
+            | StateRecord::CallbacksGivenUp { .. }
+            | StateRecord::ClientCallbacksDropped { .. }
+            | StateRecord::BreaksSent { .. }
+            | StateRecord::BreaksAcked { .. }
+            | StateRecord::ResetSent { .. }
+            | StateRecord::ResetAcked { .. }
+            | StateRecord::DelayedQueued { .. }
+            | StateRecord::DelayedReset { .. }
+            | StateRecord::DelayedTaken { .. } => {}
+        }
+        Ok(())
+    }
+
+    fn into_snapshot(mut self) -> StateSnapshot {
+        let mut locks: Vec<LockEntry> = self
+            .table()
+            .iter()
+            .map(|(fid, lock)| LockEntry {
+                fid,
+                client: lock.owner.client.0,
+                owner: lock.owner.owner,
+                start: lock.range.start(),
+                end: lock.range.end(),
+                kind: wire_kind(lock.kind),
+                pid: 0,
+            })
+            .collect();
+        for entry in &mut locks {
+            let owner = LockOwner {
+                client: ClientKey(entry.client),
+                owner: entry.owner,
+            };
+            entry.pid = self.pids.get(&(entry.fid, owner)).copied().unwrap_or(0);
+        }
+        locks.sort_unstable_by_key(|l| (l.fid, l.client, l.owner, l.start));
+        let mut clients: Vec<ClientEntry> = self
+            .clients
+            .into_iter()
+            .map(|(key, (client, instance))| ClientEntry {
+                key,
+                client,
+                instance,
+            })
+            .collect();
+        clients.sort_unstable_by_key(|c| c.key);
+        self.callbacks.finish_replay();
+        StateSnapshot {
+            clients,
+            locks,
+            callbacks: self.callbacks,
+        }
+    }
+}
