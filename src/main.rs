@@ -75,6 +75,17 @@ enum Command {
         /// Most callback promises held at once.
         #[arg(long, default_value_t = 1_000_000)]
         callback_count_max: usize,
+        /// When callback and lock records are durable: `sync` (before the reply),
+        /// `group` (locks before the reply, callbacks within a short delay) or `none`
+        /// (only a snapshot at clean shutdown).
+        #[arg(long, default_value = "sync")]
+        journal_mode: state::JournalMode,
+        /// Seconds a client's locks outlive its last request.
+        #[arg(long, default_value_t = 30.0)]
+        lease_secs: f64,
+        /// Seconds of grace after a restart for lock reclaims (default: one lease).
+        #[arg(long)]
+        grace_secs: Option<f64>,
         /// Write the bound address to this file once listening.
         #[arg(long, value_name = "FILE")]
         ready_file: Option<PathBuf>,
@@ -158,6 +169,12 @@ enum VosCommand {
         #[arg(long, value_name = "ADDR")]
         server: Option<String>,
     },
+    /// Print a fileserver's counters (data fetched, snapshot pauses...).
+    Counters {
+        /// The fileserver (required when the cell has several).
+        #[arg(long, value_name = "ADDR")]
+        server: Option<String>,
+    },
 }
 
 fn main() {
@@ -220,6 +237,9 @@ fn run(cli: Cli) -> Result<()> {
             listen,
             advertise,
             callback_count_max,
+            journal_mode,
+            lease_secs,
+            grace_secs,
             ready_file,
         } => {
             process::init_tracing("info");
@@ -231,6 +251,9 @@ fn run(cli: Cli) -> Result<()> {
                 tracing::info!(%address, partition = %partition.display(), "fileserver listening");
                 let mut config = fileserver::Config::new(partition, cell, vec![advertise]);
                 config.callback_count_max = callback_count_max;
+                config.journal_mode = journal_mode;
+                config.lease = seconds(lease_secs, "--lease-secs")?;
+                config.grace = seconds(grace_secs.unwrap_or(lease_secs), "--grace-secs")?;
                 process::write_ready_file(ready_file.as_deref(), &address)?;
                 let shutdown = process::shutdown_on_signals()?;
                 fileserver::run(config, listener, shutdown)
@@ -309,6 +332,14 @@ fn run(cli: Cli) -> Result<()> {
                     }
                     VosCommand::Listvldb => {
                         vos::format_listvldb(&vos.listvldb().await?, &vos.servers().await?)
+                    }
+                    VosCommand::Counters { server } => {
+                        let (entry, counters) = vos.server_counters(server.as_deref()).await?;
+                        let mut text = format!("Fileserver {}\n", entry.addresses.join(" "));
+                        for (name, value) in counters {
+                            text.push_str(&format!("{name:<24} {value}\n"));
+                        }
+                        text
                     }
                     VosCommand::Listvol { server } => {
                         vos::format_listvol(&vos.listvol(server.as_deref()).await?)

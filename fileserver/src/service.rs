@@ -401,6 +401,7 @@ impl FileService {
                 let info = blocking(move || volume.info()).await?;
                 Ok(Response::Volume(info))
             }
+            Request::ServerCounters => Ok(Response::Counters(self.stats.counters())),
             Request::BreakCallbacks { .. }
             | Request::ResetCallbacks
             | Request::VlRegisterServer { .. }

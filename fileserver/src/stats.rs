@@ -28,6 +28,15 @@ impl Stats {
         self.snapshot_pause_max_us.load(Ordering::Relaxed)
     }
 
+    /// Every counter by name, for `ServerCounters`.
+    pub fn counters(&self) -> Vec<(String, u64)> {
+        vec![
+            ("fetch_data_calls".into(), self.fetch_data_calls()),
+            ("fetch_data_bytes".into(), self.fetch_data_bytes()),
+            ("snapshot_pause_max_us".into(), self.snapshot_pause_max_us()),
+        ]
+    }
+
     pub(crate) fn record_snapshot_pause(&self, micros: u64) {
         self.snapshot_pause_max_us
             .fetch_max(micros, Ordering::Relaxed);

@@ -434,6 +434,10 @@ pub enum Request {
     },
     /// The client has reclaimed everything it held: grace may end early.
     ReclaimDone,
+
+    // ---- administration, appended ----
+    /// A server's counters (requests served, bytes, table sizes), for admins and tests.
+    ServerCounters,
 }
 
 /// Every response. `Err(ErrorCode)` travels beside it in `Frame::Response`.
@@ -501,6 +505,8 @@ pub enum Response {
         broken: Vec<Fid>,
         callback: CallbackGrant,
     },
+    /// Named counters, in a stable order.
+    Counters(Vec<(String, u64)>),
 }
 
 /// Shared (read) or exclusive (write) lock.
@@ -543,6 +549,7 @@ impl Response {
             Response::LockQueued { .. } => "LockQueued",
             Response::LockTest { .. } => "LockTest",
             Response::CallbacksReclaimed { .. } => "CallbacksReclaimed",
+            Response::Counters(_) => "Counters",
         }
     }
 }

@@ -182,6 +182,31 @@ impl Vos {
         Ok(out)
     }
 
+    /// A fileserver's counters (`--server`, or the only fileserver of the cell).
+    pub async fn server_counters(
+        &self,
+        server: Option<&str>,
+    ) -> Result<(ServerEntry, Vec<(String, u64)>), VosError> {
+        let servers = self.servers().await?;
+        let target = match server {
+            Some(address) => find_server(&servers, address)?,
+            None => match servers.as_slice() {
+                [] => return Err(VosError::NoFileserver),
+                [only] => only,
+                _ => {
+                    return Err(VosError::ServerRequired {
+                        count: servers.len(),
+                    });
+                }
+            },
+        };
+        let fileserver = Fileserver::connect(&self.cell, target, self.timeout).await?;
+        match fileserver.call(Request::ServerCounters).await? {
+            Response::Counters(counters) => Ok((target.clone(), counters)),
+            other => Err(fileserver.unexpected(&other)),
+        }
+    }
+
     async fn entry(&self, volume: &str) -> Result<VolumeEntry, VosError> {
         match self.vldb.get_entry(parse_ref(volume)?).await {
             Ok(entry) => Ok(entry),
