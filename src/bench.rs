@@ -21,11 +21,113 @@ pub struct BenchArgs {
     /// Number of 4 KiB files for the create figure.
     #[arg(long, default_value_t = 10_000)]
     files: usize,
+    /// Which figures: `mount` (throughput through FUSE mounts), `state` (locks,
+    /// callback journaling, recovery, snapshots) or `all`.
+    #[arg(long, default_value = "all", value_parser = ["all", "mount", "state"])]
+    suite: String,
+    /// Seconds each lock and FetchStatus figure is measured for.
+    #[arg(long, default_value_t = 3)]
+    seconds: u64,
+    /// Callback promises in the recovered state (with a tenth as many locks and a
+    /// hundredth as many clients).
+    #[arg(long, default_value_t = 1_000_000)]
+    recovery_callbacks: usize,
 }
 
 const BLOCK_BYTES: usize = 1 << 20;
 
 pub fn run(args: BenchArgs) -> Result<()> {
+    if args.suite != "state" {
+        run_mount(&args)?;
+    }
+    if args.suite != "mount" {
+        run_state(&args)?;
+    }
+    Ok(())
+}
+
+/// Lock, callback-journaling, recovery and snapshot figures, measured against an
+/// in-process fileserver over loopback connections.
+fn run_state(args: &BenchArgs) -> Result<()> {
+    use state::JournalMode;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start the async runtime")?;
+    let duration = std::time::Duration::from_secs(args.seconds.max(1));
+    println!("holdfast bench: state ({}s per figure)", duration.as_secs());
+    println!("{:<52} {:>12}  target", "figure", "value");
+    let modes = [
+        ("sync", JournalMode::Sync),
+        ("group", JournalMode::Group),
+        ("none", JournalMode::None),
+    ];
+    for (name, mode) in modes {
+        let rate = runtime
+            .block_on(fileserver::bench::lock_pairs_per_second(mode, 64, duration))
+            .with_context(|| format!("measure lock pairs in {name} mode"))?;
+        let target = if name == "sync" { ">= 20000/s" } else { "" };
+        println!(
+            "{:<52} {:>10.0}/s  {target}",
+            format!("lock+unlock pairs, 64 owners, {name}"),
+            rate
+        );
+    }
+    let journaled = runtime
+        .block_on(fileserver::bench::fetch_status_per_second(
+            JournalMode::Sync,
+            duration,
+        ))
+        .context("measure FetchStatus with journaling")?;
+    let unjournaled = runtime
+        .block_on(fileserver::bench::fetch_status_per_second(
+            JournalMode::None,
+            duration,
+        ))
+        .context("measure FetchStatus without journaling")?;
+    println!(
+        "{:<52} {:>10.0}/s",
+        "FetchStatus, callbacks journaled (sync)", journaled
+    );
+    println!(
+        "{:<52} {:>10.0}/s",
+        "FetchStatus, not journaled (none)", unjournaled
+    );
+    println!(
+        "{:<52} {:>12.2}  >= 0.8",
+        "  ratio journaled / not journaled",
+        journaled / unjournaled
+    );
+    let callbacks = args.recovery_callbacks;
+    let figures = fileserver::bench::recovery(callbacks, callbacks / 10, callbacks / 100)
+        .context("measure recovery")?;
+    println!(
+        "{:<52} {:>10.0}ms  <= 1000ms",
+        format!(
+            "recovery of {} callbacks, {} locks, {} clients",
+            figures.callbacks, figures.locks, figures.clients
+        ),
+        figures.recovery.as_secs_f64() * 1000.0
+    );
+    println!(
+        "{:<52} {:>10.1}ms  <= 10ms",
+        "longest request pause while snapshotting it",
+        figures.snapshot_pause_max.as_secs_f64() * 1000.0
+    );
+    println!(
+        "{:<52} {:>10.0}ms",
+        "snapshot write (in the background)",
+        figures.snapshot_write.as_secs_f64() * 1000.0
+    );
+    println!(
+        "{:<52} {:>11.0}B  <= 64B",
+        "resident bytes per callback promise (upper bound)", figures.bytes_per_promise
+    );
+    Ok(())
+}
+
+/// Throughput figures through real FUSE mounts of a local cell.
+fn run_mount(args: &BenchArgs) -> Result<()> {
     let temp;
     let dir = match &args.dir {
         Some(dir) => dir.clone(),

@@ -123,8 +123,27 @@ enum Command {
         #[arg(long, global = true, default_value_t = 10.0)]
         timeout: f64,
     },
+    /// Look into a fileserver's journaled callback and lock state.
+    State {
+        #[command(subcommand)]
+        command: StateCommand,
+    },
     /// Measure throughput through a real local cell and print figures as ratios.
     Bench(bench::BenchArgs),
+}
+
+#[derive(Subcommand)]
+enum StateCommand {
+    /// Print what a partition's state holds: epoch, journal span, snapshot position,
+    /// counts, and each client with its locks and callbacks. Read-only: safe on the
+    /// partition of a running fileserver.
+    Inspect {
+        /// The fileserver's partition directory.
+        dir: PathBuf,
+        /// Print JSON for tools instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -349,8 +368,23 @@ fn run(cli: Cli) -> Result<()> {
             print_text(&text);
             Ok(())
         }
-        Command::Bench(args) => {
+        Command::State {
+            command: StateCommand::Inspect { dir, json },
+        } => {
             process::init_tracing("warn");
+            let report = fileserver::inspect::inspect(&dir)
+                .with_context(|| format!("inspect {}", dir.display()))?;
+            if json {
+                let text = serde_json::to_string_pretty(&report).context("encode the report")?;
+                println!("{text}");
+            } else {
+                print_text(&fileserver::inspect::render_text(&report));
+            }
+            Ok(())
+        }
+        Command::Bench(args) => {
+            // The in-process fileservers of the state figures run without a VLDB.
+            process::init_tracing("error");
             bench::run(args)
         }
     }

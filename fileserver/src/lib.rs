@@ -2,9 +2,11 @@
 //! byte-range locks, and the journal of callback, lock and client state it restarts from.
 //! Entry point: `run(config, listener, shutdown)`; it binds nothing itself.
 
+pub mod bench;
 mod callback_model;
 mod callbacks;
 mod config;
+pub mod inspect;
 mod locks;
 mod registration;
 mod restart;
@@ -23,6 +25,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 pub use config::Config;
+pub use state_journal::StateJournalError;
 pub use stats::Stats;
 pub use storage::StorageError;
 
@@ -30,7 +33,7 @@ use callbacks::Callbacks;
 use locks::Locks;
 use service::FileService;
 use state::GraceConfig;
-use state_journal::{StateJournal, StateJournalError};
+use state_journal::StateJournal;
 use storage::Partition;
 
 /// How often expired callback promises are swept (a bounded batch each time).

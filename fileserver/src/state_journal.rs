@@ -19,7 +19,7 @@ use proto::{ClientId, Fid, InstanceNonce, LockKind};
 use serde::{Deserialize, Serialize};
 use state::{
     ByteRange, ClientKey, Journal, JournalConfig, JournalError, JournalMode, LockOwner, LockTable,
-    LockTableConfig, Lsn,
+    LockTableConfig, Lsn, Recovered,
 };
 use thiserror::Error;
 use tokio::sync::oneshot;
@@ -212,32 +212,7 @@ impl StateJournal {
             ..JournalConfig::default()
         };
         let (journal, recovered) = Journal::open(&partition.join(STATE_DIR), config)?;
-        let mut last = recovered.snapshot.as_ref().map_or(Lsn(0), |s| s.lsn);
-        let mut replay = match &recovered.snapshot {
-            Some(snapshot) => {
-                let decoded: StateSnapshot =
-                    postcard::from_bytes(&snapshot.payload).map_err(|error| {
-                        StateJournalError::Decode {
-                            what: "snapshot",
-                            lsn: snapshot.lsn,
-                            error,
-                        }
-                    })?;
-                Replay::from_snapshot(decoded)
-            }
-            None => Replay::default(),
-        };
-        for (lsn, payload) in &recovered.records {
-            let record: StateRecord =
-                postcard::from_bytes(payload).map_err(|error| StateJournalError::Decode {
-                    what: "record",
-                    lsn: *lsn,
-                    error,
-                })?;
-            replay.apply(*lsn, record)?;
-            last = *lsn;
-        }
-        let state = replay.into_snapshot();
+        let (state, last) = replay(&recovered)?;
         info!(
             clients = state.clients.len(),
             locks = state.locks.len(),
@@ -327,6 +302,38 @@ impl StateJournal {
             error!("state journal writer is gone; the change is not journaled");
         }
     }
+}
+
+/// Rebuilds the journaled state from what a journal directory holds (the newest snapshot
+/// and the records after it), returning it with the position of the last record applied.
+/// Pure: used on start and by `inspect`, which must not open the journal.
+pub fn replay(recovered: &Recovered) -> Result<(StateSnapshot, Lsn), StateJournalError> {
+    let mut last = recovered.snapshot.as_ref().map_or(Lsn(0), |s| s.lsn);
+    let mut replay = match &recovered.snapshot {
+        Some(snapshot) => {
+            let decoded: StateSnapshot =
+                postcard::from_bytes(&snapshot.payload).map_err(|error| {
+                    StateJournalError::Decode {
+                        what: "snapshot",
+                        lsn: snapshot.lsn,
+                        error,
+                    }
+                })?;
+            Replay::from_snapshot(decoded)
+        }
+        None => Replay::default(),
+    };
+    for (lsn, payload) in &recovered.records {
+        let record: StateRecord =
+            postcard::from_bytes(payload).map_err(|error| StateJournalError::Decode {
+                what: "record",
+                lsn: *lsn,
+                error,
+            })?;
+        replay.apply(*lsn, record)?;
+        last = *lsn;
+    }
+    Ok((replay.into_snapshot(), last))
 }
 
 /// Appends batches of records, syncs once per batch that has a waiter, and writes

@@ -58,6 +58,22 @@ fn a_flock_on_one_mount_is_seen_from_the_other() {
     let holder = getlk(&other).expect("F_GETLK on B reports A's lock");
     assert_eq!(holder.l_type, libc::F_WRLCK as i16);
 
+    // The lock is in the fileserver's journaled state, as `state inspect` shows.
+    let partition = cell.dir.path().join("partition");
+    let out = cell
+        .holdfast(&["state", "inspect", &partition.to_string_lossy()])
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        report.contains("1 lock(s)") && report.contains("exclusive"),
+        "{report}"
+    );
+
     // Released on A: B gets it.
     flock(&held, libc::LOCK_UN).unwrap();
     sh(&b, "flock -n locked true").unwrap();
