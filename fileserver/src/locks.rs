@@ -485,8 +485,11 @@ impl Locks {
     }
 
     /// Tells each client whose queued request was granted, once the grant is durable.
-    /// A client that does not acknowledge in time loses that grant again, so a lock
-    /// never sits with a client that does not know it holds it.
+    /// Only a client that answers "nobody here waits for that" loses the grant again. A
+    /// push that got no answer (timeout, lost connection) may still have arrived, so the
+    /// grant stays, exactly like a lock granted in a direct reply: the client's lease or
+    /// its reclaim after reconnecting settles it. Releasing it would hand the range to
+    /// the next waiter while the first may already believe it holds it.
     fn deliver(self: &Arc<Self>, effects: Vec<(Effect, Durable)>) {
         for (effect, durable) in effects {
             let Effect::Granted {
@@ -498,41 +501,71 @@ impl Locks {
             } = effect;
             let this = self.clone();
             tokio::spawn(async move {
-                let acknowledged = durable.wait().await && this.push(owner, wait, fid).await;
-                if acknowledged {
-                    debug!(
-                        client = owner.client.0,
-                        wait = wait.0,
-                        "queued lock granted"
-                    );
+                if !durable.wait().await {
+                    // The journal failed: the grant was never made known to anyone.
+                    this.withdraw(fid, owner, range);
                     return;
                 }
-                warn!(
-                    client = owner.client.0,
-                    wait = wait.0,
-                    "client did not acknowledge a lock grant; releasing it"
-                );
-                // Releasing the granted range also drops any lock the owner held there
-                // before: it asked to replace that range anyway.
-                let effects = {
-                    let mut tables = this.tables.lock();
-                    let effects = tables.locks.unlock(fid, owner, range).unwrap_or_default();
-                    let _ = this.record_release(fid, owner, range);
-                    this.note_grants(&mut tables, effects)
-                };
-                this.deliver(effects);
+                match this.push(owner, wait, fid).await {
+                    Push::Acknowledged => {
+                        debug!(
+                            client = owner.client.0,
+                            wait = wait.0,
+                            "queued lock granted"
+                        );
+                    }
+                    Push::Unanswered => debug!(
+                        client = owner.client.0,
+                        wait = wait.0,
+                        "lock grant not acknowledged; kept until the lease or a reclaim settles it"
+                    ),
+                    Push::Refused => {
+                        warn!(
+                            client = owner.client.0,
+                            wait = wait.0,
+                            "client refused a lock grant; releasing it"
+                        );
+                        this.withdraw(fid, owner, range);
+                    }
+                }
             });
         }
     }
 
-    async fn push(&self, owner: LockOwner, wait: WaitId, fid: Fid) -> bool {
+    /// Takes back a grant its owner does not know of, and grants what that frees.
+    fn withdraw(self: &Arc<Self>, fid: Fid, owner: LockOwner, range: ByteRange) {
+        // Releasing the granted range also drops any lock the owner held there before:
+        // it asked to replace that range anyway.
+        let effects = {
+            let mut tables = self.tables.lock();
+            let effects = tables.locks.unlock(fid, owner, range).unwrap_or_default();
+            let _ = self.record_release(fid, owner, range);
+            self.note_grants(&mut tables, effects)
+        };
+        self.deliver(effects);
+    }
+
+    async fn push(&self, owner: LockOwner, wait: WaitId, fid: Fid) -> Push {
         let Some(connection) = self.callbacks.connection(owner.client) else {
-            return false;
+            return Push::Unanswered;
         };
         let request = Request::LockGranted { wait: wait.0, fid };
         let timeout = self.callbacks.break_timeout();
-        matches!(connection.call(request, timeout).await, Ok(Response::Ok))
+        match connection.call(request, timeout).await {
+            Ok(Response::Ok) => Push::Acknowledged,
+            Err(e) if e.is_transport() => Push::Unanswered,
+            Ok(_) | Err(_) => Push::Refused,
+        }
     }
+}
+
+/// How a client answered a pushed lock grant.
+enum Push {
+    Acknowledged,
+    /// No answer: the client may or may not have seen it.
+    Unanswered,
+    /// The client said no request of its waits for this grant.
+    Refused,
 }
 
 /// The journaled state as of now, copied out of the tables.
