@@ -181,9 +181,9 @@ impl Drop for LocalCell {
             child.stop(Duration::from_secs(20));
         }
         for mountpoint in &self.mounts {
-            if is_mounted(mountpoint) {
+            if cachemgr::mountinfo::is_mount_point(mountpoint) {
                 tracing::warn!(mountpoint = %mountpoint.display(), "mount still present; detaching it");
-                detach(mountpoint);
+                let _ = cachemgr::mount::detach(mountpoint);
             }
         }
     }
@@ -229,13 +229,13 @@ async fn ensure_root_volume(cell: &CellConfig, fs_address: &str) -> Result<()> {
 
 /// A mount left by a crashed earlier run answers ENOTCONN: detach it before reuse.
 pub fn clear_stale_mount(mountpoint: &Path) -> Result<()> {
-    if is_mounted(mountpoint) {
+    if cachemgr::mountinfo::is_mount_point(mountpoint) {
         println!(
             "{} is still mounted from an earlier run; detaching it.",
             mountpoint.display()
         );
-        detach(mountpoint);
-        if is_mounted(mountpoint) {
+        let _ = cachemgr::mount::detach(mountpoint);
+        if cachemgr::mountinfo::is_mount_point(mountpoint) {
             bail!(
                 "{} is mounted and cannot be detached; unmount it with `umount -l {}`",
                 mountpoint.display(),
@@ -244,34 +244,6 @@ pub fn clear_stale_mount(mountpoint: &Path) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// True when `path` is a mount point in this mount namespace.
-pub fn is_mounted(path: &Path) -> bool {
-    let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
-    let wanted = path.to_string_lossy();
-    mountinfo
-        .lines()
-        .filter_map(|line| line.split(' ').nth(4))
-        .any(|point| unescape_mountinfo(point) == wanted)
-}
-
-fn unescape_mountinfo(field: &str) -> String {
-    field
-        .replace("\\040", " ")
-        .replace("\\011", "\t")
-        .replace("\\012", "\n")
-        .replace("\\134", "\\")
-}
-
-fn detach(path: &Path) {
-    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
-        return;
-    };
-    // SAFETY: a valid NUL-terminated path.
-    unsafe { libc::umount2(c_path.as_ptr(), libc::MNT_DETACH) };
 }
 
 pub fn path_arg(path: &Path) -> String {

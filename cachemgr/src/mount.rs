@@ -219,6 +219,12 @@ fn umount2(path: &Path, flags: libc::c_int) -> std::io::Result<()> {
     }
 }
 
+/// Detaches the mount at `path` (`umount -l`): the kernel finishes once nothing inside
+/// is in use. For supervisors cleaning up after a cache manager that died.
+pub fn detach(path: &Path) -> std::io::Result<()> {
+    umount2(path, libc::MNT_DETACH)
+}
+
 fn unmount(mount_point: &Path, background: fuser::BackgroundSession) -> Result<(), CacheError> {
     // fuser unmounts (unless someone already did) and joins the FUSE threads.
     let error = match background.umount_and_join() {
@@ -226,10 +232,7 @@ fn unmount(mount_point: &Path, background: fuser::BackgroundSession) -> Result<(
         Err(error) => error,
     };
     if error.raw_os_error() != Some(libc::EBUSY) {
-        let still_mounted = mountinfo::read()
-            .map(|mounts| mounts.iter().any(|m| m.mount_point == mount_point))
-            .unwrap_or(true);
-        if !still_mounted {
+        if !mountinfo::is_mount_point(mount_point) {
             return Ok(());
         }
         return Err(CacheError::Unmount {
@@ -240,7 +243,7 @@ fn unmount(mount_point: &Path, background: fuser::BackgroundSession) -> Result<(
     // Files inside are still open: detach now; the kernel finishes when they close. The
     // FUSE threads were left running by fuser and end on their own then.
     warn!(mount_point = %mount_point.display(), "mount point busy (open files); detaching it");
-    umount2(mount_point, libc::MNT_DETACH).map_err(|source| CacheError::Unmount {
+    detach(mount_point).map_err(|source| CacheError::Unmount {
         path: mount_point.to_owned(),
         source,
     })

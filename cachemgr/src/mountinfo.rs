@@ -84,6 +84,11 @@ pub fn read() -> std::io::Result<Vec<MountEntry>> {
     Ok(parse(&std::fs::read_to_string("/proc/self/mountinfo")?))
 }
 
+/// True when `path` is exactly a mount point in this mount namespace (any filesystem).
+pub fn is_mount_point(path: &Path) -> bool {
+    read().is_ok_and(|mounts| mounts.iter().any(|m| m.mount_point == path))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -253,7 +253,7 @@ impl Drop for TestCell {
         }
         for mountpoint in &self.mounts {
             if is_mounted(mountpoint) {
-                detach(mountpoint);
+                let _ = cachemgr::mount::detach(mountpoint);
             }
         }
     }
@@ -314,19 +314,7 @@ pub fn sh(dir: &Path, script: &str) -> Result<String> {
 
 /// True when `path` is a mount point.
 pub fn is_mounted(path: &Path) -> bool {
-    let wanted = path.to_string_lossy();
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|line| line.split(' ').nth(4))
-        .any(|point| point == wanted)
-}
-
-fn detach(path: &Path) {
-    if let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) {
-        // SAFETY: a valid NUL-terminated path.
-        unsafe { libc::umount2(c_path.as_ptr(), libc::MNT_DETACH) };
-    }
+    cachemgr::mountinfo::is_mount_point(path)
 }
 
 /// Waits until `condition` holds, checking every 10 ms, for at most `limit`.
