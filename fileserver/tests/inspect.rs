@@ -2,84 +2,24 @@
 //! and a lock, read while the server runs and after it stopped; and its clear errors on
 //! a directory without state and on a damaged journal.
 
+mod common;
+
 use std::path::Path;
-use std::time::Duration;
 
-use fileserver::Config;
+use common::{Server, TIMEOUT, VOLUME, cache_manager, create_volume, status_of};
 use fileserver::inspect::{InspectError, inspect, render_text};
-use proto::rpc::{self, Connection, Limits};
-use proto::{
-    CellConfig, ClientId, Fid, Hello, InstanceNonce, LockKind, PROTOCOL_VERSION_MAX,
-    PROTOCOL_VERSION_MIN, PeerKind, Request, Response, VolumeId, VolumeName,
-};
+use proto::{ClientId, Fid, InstanceNonce, LockKind, Request, Response};
 use state::{JournalError, JournalMode};
-use tokio::net::TcpListener;
-use tokio::sync::watch;
 
-const CELL: &str = "test.cell";
-const TIMEOUT: Duration = Duration::from_secs(10);
-const VOLUME: VolumeId = VolumeId(100);
-
-fn hello(peer: PeerKind) -> Hello {
-    Hello {
-        version_min: PROTOCOL_VERSION_MIN,
-        version_max: PROTOCOL_VERSION_MAX,
-        cell: CELL.into(),
-        peer,
-    }
-}
-
-async fn connect(address: &str, peer: PeerKind) -> Connection {
-    let (connection, _, mut incoming) = rpc::connect(address, hello(peer), &Limits::default())
-        .await
-        .unwrap();
-    tokio::spawn(async move {
-        while let Some(request) = incoming.recv().await {
-            let (_, replier) = request.into_parts();
-            replier.reply(Ok(Response::Ok)).await;
-        }
-    });
-    connection
-}
-
-/// Runs a fileserver on `partition` until `stop` turns true, after a client took a
-/// callback on a new file and a lock on it. Returns the client, the file and the server.
-async fn populate(
-    partition: &Path,
-) -> (
-    ClientId,
-    Fid,
-    watch::Sender<bool>,
-    tokio::task::JoinHandle<()>,
-) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap().to_string();
-    let cell = CellConfig {
-        name: CELL.into(),
-        vlservers: vec!["127.0.0.1:1".into()],
-    };
-    let mut config = Config::new(partition.to_owned(), cell, vec![address.clone()]);
-    config.journal_mode = JournalMode::Sync;
-    let (stop, shutdown) = watch::channel(false);
-    let task = tokio::spawn(async move {
-        fileserver::run(config, listener, shutdown).await.unwrap();
-    });
-
-    let admin = connect(&address, PeerKind::Admin).await;
-    let request = Request::CreateVolume {
-        id: VOLUME,
-        name: VolumeName::parse("root.cell").unwrap(),
-        quota_bytes: 0,
-    };
-    let created = admin.call(request, TIMEOUT).await.unwrap();
-    assert!(matches!(created, Response::Volume(_)), "{created:?}");
+/// Starts a fileserver on `partition` and has a client take a callback on a new file and
+/// a lock on it. Returns the client, the file and the running server.
+async fn populate(partition: &Path) -> (ClientId, Fid, Server) {
+    let server = Server::start(partition, |config| config.journal_mode = JournalMode::Sync).await;
+    create_volume(&server.address).await;
 
     let id = ClientId::random();
-    let peer = PeerKind::CacheManager {
-        client: id,
-        instance: InstanceNonce(7),
-    };
-    let client = connect(&address, peer).await;
+    let peer = cache_manager(id, InstanceNonce(7));
+    let client = common::connect(&server.address, peer, |_| {}).await;
     let create = Request::Create {
         dir: Fid::root(VOLUME),
         name: "locked".into(),
@@ -88,10 +28,7 @@ async fn populate(
         gid: 0,
         exclusive: true,
     };
-    let file = match client.call(create, TIMEOUT).await.unwrap() {
-        Response::Status { status, .. } | Response::Entry { status, .. } => status.fid,
-        other => panic!("expected a status, got {other:?}"),
-    };
+    let file = status_of(client.call(create, TIMEOUT).await.unwrap()).fid;
     let fetched = client
         .call(Request::FetchStatus { fid: file }, TIMEOUT)
         .await
@@ -116,7 +53,7 @@ async fn populate(
         pid: 4242,
     };
     assert_eq!(client.call(lock, TIMEOUT).await.unwrap(), Response::Ok);
-    (id, file, stop, task)
+    (id, file, server)
 }
 
 fn check_report(partition: &Path, id: ClientId, file: Fid) -> String {
@@ -155,7 +92,7 @@ fn check_report(partition: &Path, id: ClientId, file: Fid) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inspect_reports_a_live_and_a_stopped_partition() {
     let dir = tempfile::tempdir().unwrap();
-    let (id, file, stop, task) = populate(dir.path()).await;
+    let (id, file, server) = populate(dir.path()).await;
 
     // Live: the server holds the journal's directory lock; inspect needs none.
     let live = check_report(dir.path(), id, file);
@@ -163,8 +100,7 @@ async fn inspect_reports_a_live_and_a_stopped_partition() {
         .unwrap()
         .map(|e| e.unwrap().file_name())
         .collect();
-    stop.send(true).unwrap();
-    task.await.unwrap();
+    server.stop().await;
 
     let stopped = check_report(dir.path(), id, file);
     assert_eq!(live.lines().count(), stopped.lines().count());
@@ -191,9 +127,8 @@ fn a_directory_without_state_is_not_a_partition() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_damaged_record_is_reported_with_file_and_offset() {
     let dir = tempfile::tempdir().unwrap();
-    let (_, _, stop, task) = populate(dir.path()).await;
-    stop.send(true).unwrap();
-    task.await.unwrap();
+    let (_, _, server) = populate(dir.path()).await;
+    server.stop().await;
 
     let state_dir = dir.path().join("state");
     let segment = std::fs::read_dir(&state_dir)

@@ -10,25 +10,20 @@
 //! holding lies within a true one: a conflict in the history is a real conflict.
 //! The seed is printed; `HOLDFAST_SEED=N` replays a run's choices (not its interleaving).
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use fileserver::Config;
+use common::{EOF, Server, TIMEOUT, cache_manager, hello};
 use parking_lot::Mutex;
 use proto::rpc::{self, Connection, Limits};
-use proto::{
-    CellConfig, ClientId, ErrorCode, Fid, Hello, InstanceNonce, LockKind, PROTOCOL_VERSION_MAX,
-    PROTOCOL_VERSION_MIN, PeerKind, ProtoError, Request, Response, VnodeId, VolumeId,
-};
-use tokio::net::TcpListener;
+use proto::{ClientId, ErrorCode, Fid, InstanceNonce, LockKind, ProtoError, Request, Response};
 use tokio::sync::{oneshot, watch};
 
-const CELL: &str = "test.cell";
-const TIMEOUT: Duration = Duration::from_secs(10);
-const EOF: u64 = u64::MAX;
 const CLIENTS: usize = 4;
 const OWNERS: u64 = 3;
 const FIDS: u64 = 3;
@@ -42,11 +37,7 @@ const STEPS: usize = 40;
 const GRACE_RETRY_MAX: Duration = Duration::from_millis(20);
 
 fn fid(index: u64) -> Fid {
-    Fid {
-        volume: VolumeId(100),
-        vnode: VnodeId(10 + index),
-        unique: proto::Uniquifier(1),
-    }
+    common::fid(10 + index)
 }
 
 /// xorshift64*: the test's only source of choices, so a seed replays them.
@@ -212,41 +203,14 @@ fn check(history: &[Event]) -> Result<HashMap<(OwnerKey, u64), Held>, String> {
     Ok(holding)
 }
 
-struct Server {
-    address: String,
-    stop: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Server {
-    async fn start(partition: &Path) -> Server {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap().to_string();
-        // No VLDB listens here: registration keeps retrying in the background.
-        let cell = CellConfig {
-            name: CELL.into(),
-            vlservers: vec!["127.0.0.1:1".into()],
-        };
-        let mut config = Config::new(partition.to_owned(), cell, vec![address.clone()]);
+async fn start(partition: &Path) -> Server {
+    Server::start(partition, |config| {
         // Grace ends early once every client reclaimed; this only bounds a stuck run.
         config.grace = Duration::from_secs(5);
         // A slow acknowledgement on a loaded machine must not take a known grant back.
         config.break_timeout = TIMEOUT;
-        let (stop, shutdown) = watch::channel(false);
-        let task = tokio::spawn(async move {
-            fileserver::run(config, listener, shutdown).await.unwrap();
-        });
-        Server {
-            address,
-            stop,
-            task,
-        }
-    }
-
-    async fn stop(self) {
-        self.stop.send(true).unwrap();
-        self.task.await.unwrap();
-    }
+    })
+    .await
 }
 
 /// Where a queued request's `LockGranted` push stands.
@@ -264,39 +228,25 @@ struct Client {
 
 impl Client {
     async fn connect(address: &str, index: usize, id: ClientId) -> Client {
-        let hello = Hello {
-            version_min: PROTOCOL_VERSION_MIN,
-            version_max: PROTOCOL_VERSION_MAX,
-            cell: CELL.into(),
-            peer: PeerKind::CacheManager {
-                client: id,
-                // The same instance across server restarts: its locks stay reclaimable.
-                instance: InstanceNonce(1),
-            },
-        };
-        let (connection, _, mut incoming) = rpc::connect(address, hello, &Limits::default())
-            .await
-            .unwrap();
         let grants: Arc<Mutex<HashMap<u64, Slot>>> = Arc::default();
         let slots = grants.clone();
-        tokio::spawn(async move {
-            while let Some(request) = incoming.recv().await {
-                let (body, replier) = request.into_parts();
-                if let Request::LockGranted { wait, .. } = body {
-                    // The push may overtake the `LockQueued` reply that names the wait.
-                    let mut slots = slots.lock();
-                    match slots.remove(&wait) {
-                        Some(Slot::Waiting(waiter)) => {
-                            let _ = waiter.send(());
-                        }
-                        _ => {
-                            slots.insert(wait, Slot::Arrived);
-                        }
+        let on_push = move |body| {
+            if let Request::LockGranted { wait, .. } = body {
+                // The push may overtake the `LockQueued` reply that names the wait.
+                let mut slots = slots.lock();
+                match slots.remove(&wait) {
+                    Some(Slot::Waiting(waiter)) => {
+                        let _ = waiter.send(());
+                    }
+                    _ => {
+                        slots.insert(wait, Slot::Arrived);
                     }
                 }
-                replier.reply(Ok(Response::Ok)).await;
             }
-        });
+        };
+        // The same instance across server restarts: its locks stay reclaimable.
+        let peer = cache_manager(id, InstanceNonce(1));
+        let connection = common::connect(address, peer, on_push).await;
         Client {
             index,
             connection,
@@ -544,7 +494,7 @@ async fn random_locking_across_restarts_never_grants_conflicting_locks() {
     let total_steps = CLIENTS * OWNERS as usize * STEPS;
 
     for round in 0..ROUNDS {
-        let server = Server::start(dir.path()).await;
+        let server = start(dir.path()).await;
         history.record(Event::Restarted { round });
         let mark = history.len();
         let mut clients = Vec::new();
@@ -723,7 +673,7 @@ fn the_checker_finds_conflicts_and_allows_shared_overlap() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grant_its_client_received_is_not_given_to_another() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(dir.path()).await;
+    let server = start(dir.path()).await;
     let a = Client::connect(&server.address, 0, ClientId::random()).await;
     let c = Client::connect(&server.address, 2, ClientId::random()).await;
     let set_lock = |wait| Request::SetLock {
@@ -738,16 +688,8 @@ async fn a_grant_its_client_received_is_not_given_to_another() {
     assert_eq!(a.call(set_lock(false)).await.unwrap(), Response::Ok);
 
     // Client B: takes in the push, then loses its connection before acknowledging.
-    let hello = Hello {
-        version_min: PROTOCOL_VERSION_MIN,
-        version_max: PROTOCOL_VERSION_MAX,
-        cell: CELL.into(),
-        peer: PeerKind::CacheManager {
-            client: ClientId::random(),
-            instance: InstanceNonce(1),
-        },
-    };
-    let (b, _, mut incoming) = rpc::connect(&server.address, hello, &Limits::default())
+    let peer = cache_manager(ClientId::random(), InstanceNonce(1));
+    let (b, _, mut incoming) = rpc::connect(&server.address, hello(peer), &Limits::default())
         .await
         .unwrap();
     let (learned_tx, learned) = oneshot::channel();

@@ -1,72 +1,14 @@
 //! Lock service tests: a real fileserver on 127.0.0.1:0 and fake cache managers that
 //! take, test and release byte-range locks and record the `LockGranted` pushes.
 
-use std::path::Path;
+mod common;
+
 use std::time::Duration;
 
-use fileserver::Config;
-use proto::rpc::{self, Connection, Limits};
-use proto::{
-    CellConfig, ClientId, ErrorCode, Fid, Hello, InstanceNonce, LockKind, PROTOCOL_VERSION_MAX,
-    PROTOCOL_VERSION_MIN, PeerKind, ProtoError, Request, Response, VnodeId, VolumeId,
-};
-use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch};
-
-const CELL: &str = "test.cell";
-const TIMEOUT: Duration = Duration::from_secs(10);
-const EOF: u64 = u64::MAX;
-
-fn fid(vnode: u64) -> Fid {
-    Fid {
-        volume: VolumeId(100),
-        vnode: VnodeId(vnode),
-        unique: proto::Uniquifier(1),
-    }
-}
-
-struct Server {
-    address: String,
-    stop: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Server {
-    async fn start(partition: &Path, configure: impl FnOnce(&mut Config)) -> Server {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap().to_string();
-        // No VLDB listens here: registration keeps retrying in the background.
-        let cell = CellConfig {
-            name: CELL.into(),
-            vlservers: vec!["127.0.0.1:1".into()],
-        };
-        let mut config = Config::new(partition.to_owned(), cell, vec![address.clone()]);
-        configure(&mut config);
-        let (stop, shutdown) = watch::channel(false);
-        let task = tokio::spawn(async move {
-            fileserver::run(config, listener, shutdown).await.unwrap();
-        });
-        Server {
-            address,
-            stop,
-            task,
-        }
-    }
-
-    async fn stop(self) {
-        self.stop.send(true).unwrap();
-        self.task.await.unwrap();
-    }
-}
-
-fn hello(peer: PeerKind) -> Hello {
-    Hello {
-        version_min: PROTOCOL_VERSION_MIN,
-        version_max: PROTOCOL_VERSION_MAX,
-        cell: CELL.into(),
-        peer,
-    }
-}
+use common::{EOF, Server, TIMEOUT, cache_manager, fid};
+use proto::rpc::Connection;
+use proto::{ClientId, ErrorCode, Fid, InstanceNonce, LockKind, ProtoError, Request, Response};
+use tokio::sync::mpsc;
 
 /// A fake cache manager: acknowledges every push and forwards `LockGranted` waits.
 struct FakeClient {
@@ -77,23 +19,13 @@ struct FakeClient {
 
 impl FakeClient {
     async fn connect(address: &str, id: ClientId, instance: InstanceNonce) -> FakeClient {
-        let peer = PeerKind::CacheManager {
-            client: id,
-            instance,
-        };
-        let (connection, _, mut incoming) = rpc::connect(address, hello(peer), &Limits::default())
-            .await
-            .unwrap();
         let (granted_tx, granted) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            while let Some(request) = incoming.recv().await {
-                let (body, replier) = request.into_parts();
-                if let Request::LockGranted { wait, .. } = body {
-                    let _ = granted_tx.send(wait);
-                }
-                replier.reply(Ok(Response::Ok)).await;
+        let on_push = move |body| {
+            if let Request::LockGranted { wait, .. } = body {
+                let _ = granted_tx.send(wait);
             }
-        });
+        };
+        let connection = common::connect(address, cache_manager(id, instance), on_push).await;
         FakeClient {
             id,
             connection,

@@ -1,182 +1,16 @@
 //! RPC tests: a real fileserver on 127.0.0.1:0 and fake cache managers that record the
 //! callback requests the server pushes to them.
 
+mod common;
+
 use std::sync::Arc;
-use std::time::Duration;
 
-use fileserver::Config;
-use parking_lot::Mutex;
-use proto::rpc::{self, Connection, Limits};
-use proto::{
-    CellConfig, ClientId, ErrorCode, Fid, Hello, InstanceNonce, PROTOCOL_VERSION_MAX,
-    PROTOCOL_VERSION_MIN, PeerKind, ProtoError, Request, Response, VnodeStatus, VolumeId,
-    VolumeName,
-};
-use tokio::net::TcpListener;
-use tokio::sync::watch;
-
-const CELL: &str = "test.cell";
-const TIMEOUT: Duration = Duration::from_secs(10);
-const VOLUME: VolumeId = VolumeId(100);
-
-type Log = Arc<Mutex<Vec<String>>>;
-
-struct Server {
-    address: String,
-    stop: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<()>,
-    stats: Arc<fileserver::Stats>,
-    _dir: tempfile::TempDir,
-}
-
-impl Server {
-    async fn start() -> Server {
-        let dir = tempfile::tempdir().unwrap();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap().to_string();
-        // No VLDB listens here: registration keeps retrying in the background.
-        let cell = CellConfig {
-            name: CELL.into(),
-            vlservers: vec!["127.0.0.1:1".into()],
-        };
-        let config = Config::new(dir.path().to_owned(), cell, vec![address.clone()]);
-        let stats = config.stats.clone();
-        let (stop, shutdown) = watch::channel(false);
-        let task = tokio::spawn(async move {
-            fileserver::run(config, listener, shutdown).await.unwrap();
-        });
-        Server {
-            address,
-            stop,
-            task,
-            stats,
-            _dir: dir,
-        }
-    }
-
-    async fn stop(self) {
-        self.stop.send(true).unwrap();
-        self.task.await.unwrap();
-    }
-}
-
-fn hello(peer: PeerKind) -> Hello {
-    Hello {
-        version_min: PROTOCOL_VERSION_MIN,
-        version_max: PROTOCOL_VERSION_MAX,
-        cell: CELL.into(),
-        peer,
-    }
-}
-
-async fn admin(address: &str) -> Connection {
-    let (connection, _, _) = rpc::connect(address, hello(PeerKind::Admin), &Limits::default())
-        .await
-        .unwrap();
-    connection
-}
-
-/// A fake cache manager: answers every callback request with `Ok` after logging it.
-struct FakeClient {
-    name: &'static str,
-    connection: Connection,
-    log: Log,
-}
-
-impl FakeClient {
-    async fn connect(
-        address: &str,
-        name: &'static str,
-        id: ClientId,
-        instance: InstanceNonce,
-        log: Log,
-    ) -> FakeClient {
-        let peer = PeerKind::CacheManager {
-            client: id,
-            instance,
-        };
-        let (connection, _, mut incoming) = rpc::connect(address, hello(peer), &Limits::default())
-            .await
-            .unwrap();
-        let callback_log = log.clone();
-        tokio::spawn(async move {
-            while let Some(request) = incoming.recv().await {
-                let (body, replier) = request.into_parts();
-                let entry = match &body {
-                    Request::BreakCallbacks { fids } => format!("{name} break {fids:?}"),
-                    Request::ResetCallbacks => format!("{name} reset"),
-                    other => format!("{name} unexpected {other:?}"),
-                };
-                callback_log.lock().push(entry);
-                replier.reply(Ok(Response::Ok)).await;
-            }
-        });
-        FakeClient {
-            name,
-            connection,
-            log,
-        }
-    }
-
-    async fn call(&self, request: Request) -> Result<Response, ProtoError> {
-        self.connection.call(request, TIMEOUT).await
-    }
-
-    fn note(&self, what: &str) {
-        self.log.lock().push(format!("{} {what}", self.name));
-    }
-}
-
-fn status_of(response: Response) -> VnodeStatus {
-    match response {
-        Response::Status { status, .. } | Response::Entry { status, .. } => status,
-        other => panic!("expected a status, got {other:?}"),
-    }
-}
-
-async fn create_volume(address: &str) {
-    let admin = admin(address).await;
-    let created = admin
-        .call(
-            Request::CreateVolume {
-                id: VOLUME,
-                name: VolumeName::parse("root.cell").unwrap(),
-                quota_bytes: 0,
-            },
-            TIMEOUT,
-        )
-        .await
-        .unwrap();
-    assert!(matches!(created, Response::Volume(_)));
-}
-
-async fn create_file(client: &FakeClient, name: &str) -> Fid {
-    let response = client
-        .call(Request::Create {
-            dir: Fid::root(VOLUME),
-            name: name.into(),
-            mode: 0o644,
-            uid: 0,
-            gid: 0,
-            exclusive: true,
-        })
-        .await
-        .unwrap();
-    status_of(response).fid
-}
-
-fn store(fid: Fid, data: &[u8]) -> Request {
-    Request::StoreData {
-        fid,
-        offset: 0,
-        data: data.to_vec(),
-        truncate_to: None,
-    }
-}
+use common::{FakeClient, Log, Server, VOLUME, create_file, create_volume, status_of, store};
+use proto::{ClientId, ErrorCode, Fid, InstanceNonce, Request, Response, VolumeId};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn break_reaches_other_holder_before_the_store_reply() {
-    let server = Server::start().await;
+    let server = Server::in_tempdir().await;
     create_volume(&server.address).await;
     let log: Log = Arc::default();
     let a = FakeClient::connect(
@@ -184,7 +18,7 @@ async fn break_reaches_other_holder_before_the_store_reply() {
         "A",
         ClientId::random(),
         InstanceNonce(1),
-        log.clone(),
+        &log,
     )
     .await;
     let b = FakeClient::connect(
@@ -192,7 +26,7 @@ async fn break_reaches_other_holder_before_the_store_reply() {
         "B",
         ClientId::random(),
         InstanceNonce(1),
-        log.clone(),
+        &log,
     )
     .await;
 
@@ -239,7 +73,7 @@ async fn break_reaches_other_holder_before_the_store_reply() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delayed_break_is_delivered_on_reconnect_before_serving() {
-    let server = Server::start().await;
+    let server = Server::in_tempdir().await;
     create_volume(&server.address).await;
     let log: Log = Arc::default();
     let b_id = ClientId::random();
@@ -248,10 +82,10 @@ async fn delayed_break_is_delivered_on_reconnect_before_serving() {
         "A",
         ClientId::random(),
         InstanceNonce(1),
-        log.clone(),
+        &log,
     )
     .await;
-    let b = FakeClient::connect(&server.address, "B", b_id, InstanceNonce(9), log.clone()).await;
+    let b = FakeClient::connect(&server.address, "B", b_id, InstanceNonce(9), &log).await;
     let fid = create_file(&a, "f").await;
     b.call(Request::FetchStatus { fid }).await.unwrap();
     b.connection.close();
@@ -262,7 +96,7 @@ async fn delayed_break_is_delivered_on_reconnect_before_serving() {
         .unwrap();
     assert!(!log.lock().iter().any(|e| e.starts_with("B break")));
 
-    let b = FakeClient::connect(&server.address, "B", b_id, InstanceNonce(9), log.clone()).await;
+    let b = FakeClient::connect(&server.address, "B", b_id, InstanceNonce(9), &log).await;
     b.call(Request::Ping).await.unwrap();
     b.note("ping replied");
     let events = log.lock().clone();
@@ -279,7 +113,7 @@ async fn delayed_break_is_delivered_on_reconnect_before_serving() {
     );
 
     // A restarted client (new instance) is told to reset.
-    let b = FakeClient::connect(&server.address, "B", b_id, InstanceNonce(10), log.clone()).await;
+    let b = FakeClient::connect(&server.address, "B", b_id, InstanceNonce(10), &log).await;
     b.call(Request::Ping).await.unwrap();
     assert_eq!(b.log.lock().iter().filter(|e| *e == "B reset").count(), 2);
     server.stop().await;
@@ -287,7 +121,7 @@ async fn delayed_break_is_delivered_on_reconnect_before_serving() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn long_names_and_errors_map_to_codes() {
-    let server = Server::start().await;
+    let server = Server::in_tempdir().await;
     create_volume(&server.address).await;
     let log: Log = Arc::default();
     let a = FakeClient::connect(
@@ -295,7 +129,7 @@ async fn long_names_and_errors_map_to_codes() {
         "A",
         ClientId::random(),
         InstanceNonce(1),
-        log,
+        &log,
     )
     .await;
     let long = a
@@ -337,14 +171,14 @@ async fn long_names_and_errors_map_to_codes() {
 /// final status and grants no promise.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn write_back_stores_in_flight_then_fsync() {
-    let server = Server::start().await;
+    let server = Server::in_tempdir().await;
     create_volume(&server.address).await;
     let a = FakeClient::connect(
         &server.address,
         "A",
         ClientId::random(),
         InstanceNonce(1),
-        Log::default(),
+        &Log::default(),
     )
     .await;
     let fid = create_file(&a, "written").await;
