@@ -298,6 +298,15 @@ impl ChunkIndex {
         (evicted, cut)
     }
 
+    /// Drops the chunk when it is still the one written under `generation` (its file
+    /// could not be written); a newer chunk of the same key stays.
+    pub fn drop_generation(&mut self, key: ChunkKey, generation: Generation) -> Option<Evicted> {
+        if self.chunks.get(&key)?.generation != generation {
+            return None;
+        }
+        self.remove(key)
+    }
+
     fn drop_where(
         &mut self,
         fid: Fid,
@@ -504,6 +513,20 @@ mod tests {
         assert_eq!((cut_key, meta.len), (key(1, 1), 100));
         assert_eq!(index.bytes_used(), CHUNK_BYTES + 100);
         assert_eq!(index.dirty_bytes(), 100);
+    }
+
+    #[test]
+    fn drop_generation_spares_a_newer_chunk() {
+        let mut index = ChunkIndex::new(1000);
+        put(&mut index, key(1, 0), 10, false);
+        let old = index.lookup(key(1, 0), V1).unwrap().generation;
+        put(&mut index, key(1, 0), 20, false);
+        assert!(index.drop_generation(key(1, 0), old).is_none());
+        assert_eq!(index.bytes_used(), 20);
+        let new = index.lookup(key(1, 0), V1).unwrap().generation;
+        let dropped = index.drop_generation(key(1, 0), new).unwrap();
+        assert!(dropped.last_of_fid);
+        assert_eq!(index.bytes_used(), 0);
     }
 
     #[test]

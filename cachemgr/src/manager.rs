@@ -886,15 +886,11 @@ impl Manager {
         data.truncate(CHUNK_BYTES as usize);
         let version = status.data_version;
         self.absorb(status, callback, sent_at);
-        let emptied = self
-            .chunks
-            .insert(key, version, &data, false)
-            .map_err(io_errno)?;
+        // Cached before it leaves the fetch table; its file is written off this path.
+        let data = Arc::new(data);
+        let emptied = self.chunks.insert_fetched(key, version, data.clone());
         self.note_evicted(emptied);
-        Ok(FetchedChunk {
-            data: Arc::new(data),
-            version,
-        })
+        Ok(FetchedChunk { data, version })
     }
 
     /// Starts fetches of the chunks `indexes` of a file being read sequentially, so
