@@ -21,7 +21,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::callback_model::CallbackModel;
+use crate::callback_model::{CallbackModel, Promises};
 use crate::callbacks::Callbacks;
 use crate::locks::Locks;
 use crate::restart;
@@ -330,13 +330,14 @@ fn write_state(
         })
         .collect();
     let expiry_ms = wall_ms() + PROMISE_LIFETIME.as_millis() as u64;
-    let mut model = CallbackModel::default();
-    model.promises.reserve(callbacks);
-    for index in 0..callbacks {
-        model
-            .promises
-            .insert((bench_fid(index), client_key(index)), expiry_ms);
-    }
+    let model = CallbackModel {
+        promises: Promises::from(
+            (0..callbacks)
+                .map(|index| ((bench_fid(index), client_key(index)), expiry_ms))
+                .collect::<Vec<_>>(),
+        ),
+        ..CallbackModel::default()
+    };
     let (journal, _) = StateJournal::open(partition, JournalMode::None)?;
     // A snapshot sits at the last record handed over; give it one to sit at.
     let first = &snapshot_clients[0];

@@ -1,24 +1,234 @@
 //! The journaled view of the callback state: which promises a restart must honour (with
 //! their expiry rounded up to a coarse step, as wall-clock milliseconds), which breaks
-//! clients are owed, and which breaks were in flight. The live server applies every
-//! callback record it journals to one of these, and replay applies the same records, so
-//! the two agree by construction; a snapshot is a copy of it.
-//! Invariant: a promise is in `promises` until a record removes it (or it is pruned past
-//! its expiry), and its expiry is never earlier than the in-memory one; a break that was
-//! sent but not acknowledged is in `inflight_*` until acknowledged or queued, and
-//! `finish_replay` turns what is still in flight into owed breaks, so a crash mid-break
-//! never loses one.
+//! clients are owed, and which breaks were in flight. The live server keeps no second
+//! copy of the promises: they live only in its `CallbackTable`, a grant is journaled when
+//! its rounded expiry moves, and a snapshot captures the table (see `Promises`). The owed
+//! and in-flight breaks are small and kept here, live and in replay alike.
+//! Invariant: a promise is in `promises` until a record removes it (or it lapses), and its
+//! journaled expiry is never earlier than the in-memory one; a break that was sent but
+//! not acknowledged is in `inflight_*` until acknowledged or queued, and `finish_replay`
+//! turns what is still in flight into owed breaks, so a crash mid-break never loses one.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::fmt;
+use std::sync::{Arc, OnceLock};
 
 use proto::Fid;
-use serde::{Deserialize, Serialize};
+use serde::de::{SeqAccess, Visitor};
+use serde::ser::SerializeSeq;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use state::callback_table::CallbackCapture;
 
 use crate::state_journal::StateRecord;
 
 /// The granularity journaled expiries are rounded up to: a client that keeps fetching one
 /// fid writes one record per step, not one per fetch.
 pub const EXPIRY_STEP_MS: u64 = 5 * 60 * 1000;
+
+/// The expiry journaled for a promise lapsing at `wall_ms` (wall clock): rounded up to
+/// the step, so that renewals within a step need no record.
+pub fn journaled_expiry_ms(wall_ms: u64) -> u64 {
+    wall_ms
+        .div_ceil(EXPIRY_STEP_MS)
+        .saturating_mul(EXPIRY_STEP_MS)
+}
+
+/// One journaled promise: (fid, client key) and its journaled expiry.
+pub type PromiseEntry = ((Fid, u32), u64);
+
+/// The journaled promises. Encoded as a sequence of `PromiseEntry` (the same bytes as the
+/// map earlier versions wrote). Either a list (decoded, or replayed: records are gathered
+/// in `changes` and merged by `settle`, so a large snapshot is not rehashed), or a
+/// capture of the live table (a snapshot on its way to the journal), turned into journal
+/// form only when encoded, off the server's locks.
+#[derive(Clone, Default)]
+pub struct Promises {
+    listed: Vec<PromiseEntry>,
+    captured: Option<Arc<Captured>>,
+    /// Replayed changes not merged into `listed` yet: `None` removes.
+    changes: HashMap<(Fid, u32), Option<u64>>,
+    /// Clients whose promises in `listed` were all dropped by a replayed record.
+    dropped: HashSet<u32>,
+}
+
+/// A capture of the live table with what turns its monotonic expiries into wall clock.
+struct Captured {
+    table: CallbackCapture,
+    /// Wall-clock milliseconds at the table's time origin.
+    wall_origin_ms: u64,
+    /// The capture in list form, made only if something reads it as a list.
+    listed: OnceLock<Vec<PromiseEntry>>,
+}
+
+impl Captured {
+    fn entries(&self) -> impl Iterator<Item = PromiseEntry> + '_ {
+        self.table.iter().map(|(fid, client, expiry)| {
+            let wall_ms = self.wall_origin_ms.saturating_add(expiry.0);
+            ((fid, client.0), journaled_expiry_ms(wall_ms))
+        })
+    }
+}
+
+impl Promises {
+    /// The promises of a captured live table whose time origin is `wall_origin_ms`.
+    pub fn captured(table: CallbackCapture, wall_origin_ms: u64) -> Promises {
+        Promises {
+            captured: Some(Arc::new(Captured {
+                table,
+                wall_origin_ms,
+                listed: OnceLock::new(),
+            })),
+            ..Promises::default()
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.debug_assert_settled();
+        match &self.captured {
+            Some(captured) => captured.table.len(),
+            None => self.listed.len(),
+        }
+    }
+
+    /// Every promise, in no particular order.
+    pub fn entries(&self) -> &[PromiseEntry] {
+        self.debug_assert_settled();
+        match &self.captured {
+            Some(captured) => captured.listed.get_or_init(|| captured.entries().collect()),
+            None => &self.listed,
+        }
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = &(Fid, u32)> {
+        self.entries().iter().map(|(key, _)| key)
+    }
+
+    pub fn insert(&mut self, fid: Fid, client: u32, expiry_ms: u64) {
+        self.make_listed();
+        self.changes.insert((fid, client), Some(expiry_ms));
+    }
+
+    pub fn remove(&mut self, fid: Fid, client: u32) {
+        self.make_listed();
+        self.changes.insert((fid, client), None);
+    }
+
+    pub fn drop_client(&mut self, client: u32) {
+        self.make_listed();
+        self.changes.retain(|(_, holder), _| *holder != client);
+        self.dropped.insert(client);
+    }
+
+    /// Merges the gathered changes into the list: one pass, after the last record.
+    pub fn settle(&mut self) {
+        self.make_listed();
+        if self.changes.is_empty() && self.dropped.is_empty() {
+            return;
+        }
+        let changes = std::mem::take(&mut self.changes);
+        let dropped = std::mem::take(&mut self.dropped);
+        self.listed
+            .retain(|(key, _)| !dropped.contains(&key.1) && !changes.contains_key(key));
+        self.listed.extend(
+            changes
+                .into_iter()
+                .filter_map(|(key, expiry)| expiry.map(|expiry| (key, expiry))),
+        );
+    }
+
+    fn make_listed(&mut self) {
+        if let Some(captured) = self.captured.take() {
+            self.listed = match captured.listed.get() {
+                Some(listed) => listed.clone(),
+                None => captured.entries().collect(),
+            };
+        }
+    }
+
+    fn debug_assert_settled(&self) {
+        debug_assert!(
+            self.changes.is_empty() && self.dropped.is_empty(),
+            "journaled promises read before replay settled them"
+        );
+    }
+}
+
+impl From<Vec<PromiseEntry>> for Promises {
+    fn from(listed: Vec<PromiseEntry>) -> Promises {
+        Promises {
+            listed,
+            ..Promises::default()
+        }
+    }
+}
+
+impl Serialize for Promises {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.debug_assert_settled();
+        match &self.captured {
+            Some(captured) => {
+                let mut seq = serializer.serialize_seq(Some(captured.table.len()))?;
+                for entry in captured.entries() {
+                    seq.serialize_element(&entry)?;
+                }
+                seq.end()
+            }
+            None => self.listed.serialize(serializer),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Promises {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Promises, D::Error> {
+        deserializer.deserialize_seq(PromisesVisitor)
+    }
+}
+
+/// Most entries reserved up front from a length read off the disk; a larger (corrupt or
+/// huge) count grows as it decodes instead.
+const PRESIZE_ENTRIES_MAX: usize = 1 << 24;
+
+/// Decodes the list in one allocation of the announced length, so that recovering a
+/// large snapshot does not leave a trail of freed, half-size copies in the allocator.
+struct PromisesVisitor;
+
+impl<'de> Visitor<'de> for PromisesVisitor {
+    type Value = Promises;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a sequence of callback promises")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Promises, A::Error> {
+        let presize = seq.size_hint().unwrap_or(0).min(PRESIZE_ENTRIES_MAX);
+        let mut listed = Vec::with_capacity(presize);
+        while let Some(entry) = seq.next_element::<PromiseEntry>()? {
+            listed.push(entry);
+        }
+        Ok(Promises::from(listed))
+    }
+}
+
+/// Compares as sets (order is not kept); materializes both, so for tests and checks.
+impl PartialEq for Promises {
+    fn eq(&self, other: &Promises) -> bool {
+        let mut mine = self.entries().to_vec();
+        let mut theirs = other.entries().to_vec();
+        mine.sort_unstable();
+        theirs.sort_unstable();
+        mine == theirs
+    }
+}
+
+impl Eq for Promises {}
+
+impl fmt::Debug for Promises {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Promises")
+            .field("count", &self.len())
+            .finish()
+    }
+}
 
 /// Breaks owed to one client.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -31,8 +241,9 @@ pub enum Owed {
 /// wrote it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CallbackModel {
-    /// (fid, client key) -> expiry, wall-clock ms since the Unix epoch.
-    pub promises: HashMap<(Fid, u32), u64>,
+    /// (fid, client key) -> expiry, wall-clock ms since the Unix epoch. Empty in the
+    /// live server's copy: the live promises are its `CallbackTable`.
+    pub promises: Promises,
     pub owed: HashMap<u32, Owed>,
     pub inflight_fids: HashMap<u32, BTreeSet<Fid>>,
     pub inflight_reset: BTreeSet<u32>,
@@ -50,45 +261,31 @@ impl CallbackModel {
         }
     }
 
-    /// The expiry to journal for a promise that lapses at `expiry_ms`, or `None` when the
-    /// journaled promise already covers it (the common case: no record needed).
-    pub fn journal_expiry(&self, fid: Fid, client: u32, expiry_ms: u64) -> Option<u64> {
-        if self
-            .promises
-            .get(&(fid, client))
-            .is_some_and(|&journaled| journaled >= expiry_ms)
-        {
-            return None;
-        }
-        Some(
-            expiry_ms
-                .div_ceil(EXPIRY_STEP_MS)
-                .saturating_mul(EXPIRY_STEP_MS),
-        )
-    }
-
-    /// Applies one record; records about locks and clients leave it unchanged.
+    /// Applies one record in replay; records about locks and clients leave it unchanged.
     pub fn apply(&mut self, record: &StateRecord) {
         match record {
             StateRecord::CallbackGranted {
                 fid,
                 client,
                 expiry_ms,
-            } => {
-                self.promises.insert((*fid, *client), *expiry_ms);
-            }
-            StateRecord::CallbacksGivenUp { client, fids } => {
+            } => self.promises.insert(*fid, *client, *expiry_ms),
+            StateRecord::CallbacksGivenUp { client, fids }
+            | StateRecord::BreaksSent { client, fids } => {
                 for fid in fids {
-                    self.promises.remove(&(*fid, *client));
+                    self.promises.remove(*fid, *client);
                 }
             }
-            StateRecord::ClientCallbacksDropped { client } => {
-                self.promises.retain(|(_, holder), _| holder != client);
-            }
+            StateRecord::ClientCallbacksDropped { client } => self.promises.drop_client(*client),
+            _ => {}
+        }
+        self.apply_breaks(record);
+    }
+
+    /// Applies what one record says about owed and in-flight breaks: all the live server
+    /// keeps here (its promises are its table).
+    pub fn apply_breaks(&mut self, record: &StateRecord) {
+        match record {
             StateRecord::BreaksSent { client, fids } => {
-                for fid in fids {
-                    self.promises.remove(&(*fid, *client));
-                }
                 self.inflight_fids
                     .entry(*client)
                     .or_default()
@@ -132,24 +329,23 @@ impl CallbackModel {
             StateRecord::ClientAdmitted { .. }
             | StateRecord::LockGranted { .. }
             | StateRecord::LockReleased { .. }
-            | StateRecord::ClientReleased { .. } => {}
+            | StateRecord::ClientReleased { .. }
+            | StateRecord::CallbackGranted { .. }
+            | StateRecord::CallbacksGivenUp { .. }
+            | StateRecord::ClientCallbacksDropped { .. } => {}
         }
     }
 
     /// After the last record: breaks still in flight were never acknowledged, so their
     /// clients are owed them.
     pub fn finish_replay(&mut self) {
+        self.promises.settle();
         for client in std::mem::take(&mut self.inflight_reset) {
             self.owed.insert(client, Owed::Reset);
         }
         for (client, fids) in std::mem::take(&mut self.inflight_fids) {
             self.push(client, fids);
         }
-    }
-
-    /// Drops promises that lapsed before `now_ms` (bounds the model between snapshots).
-    pub fn prune(&mut self, now_ms: u64) {
-        self.promises.retain(|_, expiry| *expiry > now_ms);
     }
 
     fn push(&mut self, client: u32, fids: impl IntoIterator<Item = Fid>) {
@@ -180,6 +376,7 @@ impl CallbackModel {
 #[cfg(test)]
 mod tests {
     use proto::{Uniquifier, VnodeId, VolumeId};
+    use state::Millis;
 
     use super::*;
 
@@ -192,21 +389,71 @@ mod tests {
     }
 
     #[test]
-    fn expiries_round_up_and_covered_grants_need_no_record() {
-        let mut model = CallbackModel::new(10);
-        let expiry = model.journal_expiry(fid(1), 0, 1).unwrap();
-        assert_eq!(expiry, EXPIRY_STEP_MS);
-        model.apply(&StateRecord::CallbackGranted {
-            fid: fid(1),
-            client: 0,
-            expiry_ms: expiry,
-        });
-        assert_eq!(model.journal_expiry(fid(1), 0, EXPIRY_STEP_MS), None);
-        assert_eq!(
-            model.journal_expiry(fid(1), 0, EXPIRY_STEP_MS + 1),
-            Some(2 * EXPIRY_STEP_MS)
-        );
-        assert!(model.journal_expiry(fid(1), 1, 5).is_some());
+    fn expiries_round_up_to_the_step() {
+        assert_eq!(journaled_expiry_ms(1), EXPIRY_STEP_MS);
+        assert_eq!(journaled_expiry_ms(EXPIRY_STEP_MS), EXPIRY_STEP_MS);
+        assert_eq!(journaled_expiry_ms(EXPIRY_STEP_MS + 1), 2 * EXPIRY_STEP_MS);
+    }
+
+    #[test]
+    fn replayed_changes_settle_over_the_snapshot_list() {
+        let mut model = CallbackModel::new(0);
+        model.promises = Promises::from(vec![
+            ((fid(1), 0), 10),
+            ((fid(2), 0), 10),
+            ((fid(1), 1), 10),
+            ((fid(3), 2), 10),
+        ]);
+        let records = [
+            StateRecord::CallbackGranted {
+                fid: fid(1),
+                client: 0,
+                expiry_ms: 20,
+            },
+            StateRecord::ClientCallbacksDropped { client: 1 },
+            StateRecord::CallbackGranted {
+                fid: fid(4),
+                client: 1,
+                expiry_ms: 30,
+            },
+            StateRecord::CallbacksGivenUp {
+                client: 0,
+                fids: vec![fid(2)],
+            },
+            StateRecord::BreaksSent {
+                client: 2,
+                fids: vec![fid(3)],
+            },
+        ];
+        for record in &records {
+            model.apply(record);
+        }
+        model.finish_replay();
+        let expected = Promises::from(vec![((fid(1), 0), 20), ((fid(4), 1), 30)]);
+        assert_eq!(model.promises, expected);
+    }
+
+    #[test]
+    fn promises_encode_as_the_map_did() {
+        let listed = vec![((fid(1), 3), 7u64)];
+        let map: HashMap<(Fid, u32), u64> = listed.iter().copied().collect();
+        let promises = Promises::from(listed);
+        let bytes = postcard::to_allocvec(&promises).unwrap();
+        assert_eq!(bytes, postcard::to_allocvec(&map).unwrap());
+        let decoded: Promises = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(decoded, promises);
+    }
+
+    #[test]
+    fn a_captured_table_encodes_in_journal_form() {
+        let mut table = state::CallbackTable::new(state::CallbackTableConfig::default());
+        table.grant(fid(1), state::ClientKey(4), Millis(1));
+        let promises = Promises::captured(table.capture(), 1000);
+        let bytes = postcard::to_allocvec(&promises).unwrap();
+        let decoded: Promises = postcard::from_bytes(&bytes).unwrap();
+        let expiry = journaled_expiry_ms(1000 + 3_600_000 + 1000);
+        assert_eq!(decoded.entries(), &[((fid(1), 4), expiry)]);
+        assert_eq!(decoded, promises);
     }
 
     #[test]
@@ -231,7 +478,7 @@ mod tests {
         });
         model.apply(&StateRecord::ResetSent { client: 2 });
         model.finish_replay();
-        assert!(model.promises.is_empty());
+        assert!(model.promises.entries().is_empty());
         assert_eq!(model.owed.get(&0), None);
         assert_eq!(
             model.owed.get(&1),

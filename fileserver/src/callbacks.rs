@@ -6,9 +6,10 @@
 //! queued as a delayed break (a detached task finishes delivery even if the request
 //! that caused it goes away); a client is served only after what it is owed was
 //! delivered on its current connection; every change is journaled under the tables'
-//! lock (records keep the order of the changes) and applied to `model`, the journal's
-//! view of this state; a break is journaled as sent before the change that caused it
-//! is answered.
+//! lock (records keep the order of the changes); the promises live only in the table
+//! (a grant is journaled when its rounded wall-clock expiry moves past the one journaled
+//! for the table's previous expiry), owed and in-flight breaks also in `model`; a break
+//! is journaled as sent before the change that caused it is answered.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -17,6 +18,7 @@ use std::time::{Duration, Instant, SystemTime};
 use parking_lot::Mutex;
 use proto::rpc::Connection;
 use proto::{CallbackGrant, ClientId, Fid, InstanceNonce, Request};
+use state::callback_table::CallbackCapture;
 use state::{
     Admission, CallbackTable, CallbackTableConfig, ClientKey, ClientTable, DelayedBreaks, Millis,
     Pending,
@@ -24,7 +26,7 @@ use state::{
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use crate::callback_model::{CallbackModel, Owed};
+use crate::callback_model::{CallbackModel, Owed, Promises, journaled_expiry_ms};
 use crate::state_journal::{Durable, StateJournal, StateRecord};
 
 /// Most fids in one `BreakCallbacks` request, well within the frame limit.
@@ -41,20 +43,21 @@ struct Tables {
     promises: CallbackTable,
     delayed: DelayedBreaks,
     sessions: HashMap<ClientKey, Session>,
-    /// What the journal knows of `promises` and `delayed`.
+    /// What the journal knows of `delayed` and of breaks in flight (its `promises` stay
+    /// empty: the table is the only copy).
     model: CallbackModel,
 }
 
 impl Tables {
-    /// Journals `record` (applying it to the model first): the one way state changes
-    /// reach the journal from here.
+    /// Journals `record` (applying its breaks to the model first): the one way state
+    /// changes reach the journal from here.
     fn emit(
         &mut self,
         journal: &StateJournal,
         record: StateRecord,
         must_be_durable: bool,
     ) -> Durable {
-        self.model.apply(&record);
+        self.model.apply_breaks(&record);
         journal.record(&record, must_be_durable)
     }
 }
@@ -64,6 +67,10 @@ pub struct Callbacks {
     tables: Mutex<Tables>,
     journal: Arc<StateJournal>,
     origin: Instant,
+    /// Wall-clock milliseconds at `origin`: table expiries (monotonic, since `origin`)
+    /// become journaled wall-clock expiries by adding it, so the journaled expiry is a
+    /// function of the table's and needs no copy.
+    wall_origin_ms: u64,
     break_timeout: Duration,
 }
 
@@ -98,12 +105,18 @@ impl Callbacks {
             }),
             journal,
             origin: Instant::now(),
+            wall_origin_ms: wall_ms(),
             break_timeout,
         }
     }
 
     fn now(&self) -> Millis {
         Millis(u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX))
+    }
+
+    /// The journaled (wall-clock, rounded up) expiry of a table expiry.
+    fn journaled_expiry_ms(&self, expiry: Millis) -> u64 {
+        journaled_expiry_ms(self.wall_origin_ms.saturating_add(expiry.0))
     }
 
     /// Admits a client recovered from the state journal before it connects: when it
@@ -130,7 +143,8 @@ impl Callbacks {
         let (now, now_ms) = (self.now(), wall_ms());
         let mut tables = self.tables.lock();
         let mut promises = 0;
-        for ((fid, old), expiry_ms) in recovered.promises {
+        tables.promises.reserve(recovered.promises.len());
+        for &((fid, old), expiry_ms) in recovered.promises.entries() {
             let Some(&key) = keys.get(&old) else {
                 continue;
             };
@@ -138,11 +152,12 @@ impl Callbacks {
                 continue;
             }
             // A fresh lifetime from now outlasts what the client was told (unless the
-            // table is under pressure, which shortens lifetimes).
+            // table is under pressure, which shortens lifetimes). The snapshot the caller
+            // takes next journals it.
             tables.promises.grant(fid, key, now);
-            tables.model.promises.insert((fid, key.0), expiry_ms);
             promises += 1;
         }
+        drop(recovered.promises);
         let mut owed = 0;
         let owed_by = |old: &u32| keys.get(old).copied();
         for (old, queue) in recovered.owed {
@@ -355,18 +370,19 @@ impl Callbacks {
             let mut tables = self.tables.lock();
             tables.promises.expire(now);
             let grant = tables.promises.grant(fid, client, now);
-            let lifetime_ms = u64::try_from(grant.lifetime.as_millis()).unwrap_or(u64::MAX);
-            let expiry = wall_ms().saturating_add(lifetime_ms);
-            let durable = match tables.model.journal_expiry(fid, client.0, expiry) {
-                Some(expiry_ms) => {
-                    let record = StateRecord::CallbackGranted {
-                        fid,
-                        client: client.0,
-                        expiry_ms,
-                    };
-                    tables.emit(&self.journal, record, false)
-                }
-                None => Durable::ready(),
+            let expiry_ms = self.journaled_expiry_ms(grant.expiry);
+            let covered = grant
+                .previous
+                .is_some_and(|previous| self.journaled_expiry_ms(previous) >= expiry_ms);
+            let durable = if covered {
+                Durable::ready()
+            } else {
+                let record = StateRecord::CallbackGranted {
+                    fid,
+                    client: client.0,
+                    expiry_ms,
+                };
+                tables.emit(&self.journal, record, false)
             };
             let evicted = grant.evicted.map(|(evicted_fid, evicted_client)| {
                 let record = StateRecord::BreaksSent {
@@ -410,20 +426,26 @@ impl Callbacks {
         self.tables.lock().promises.expire(now)
     }
 
-    /// Calls `then` with a copy of the journal's view of the callback state while the
-    /// tables stay locked, so that no callback record can slip in before `then` hands it
-    /// to the journal. Prunes lapsed promises from the view first. Returns how long the
-    /// tables were held.
+    /// Calls `then` with the journal's view of the callback state while the tables stay
+    /// locked, so that no callback record can slip in before `then` hands it to the
+    /// journal. The promises are a flat copy of the table (memory speed); turning them
+    /// into journal form happens when the snapshot is encoded, off the lock. Returns how
+    /// long the tables were held.
     pub fn snapshot_with(&self, then: impl FnOnce(CallbackModel)) -> Duration {
+        // Room for the copy is made (and its pages touched) before the long lock.
+        let room = self.tables.lock().promises.capture_room();
+        let mut capture = CallbackCapture::with_room(room + room / 64 + 1024);
         let started = Instant::now();
-        let mut tables = self.tables.lock();
-        tables.model.prune(wall_ms());
-        then(tables.model.clone());
+        let tables = self.tables.lock();
+        tables.promises.capture_into(&mut capture);
+        let mut model = tables.model.clone();
+        model.promises = Promises::captured(capture, self.wall_origin_ms);
+        then(model);
         started.elapsed()
     }
 
-    /// The clients holding a promise on `fid`, and the journal's view (for tests that
-    /// compare the two).
+    /// The clients holding a promise on `fid`, and the journal's view of owed and
+    /// in-flight breaks (for tests that compare them with a replay).
     #[cfg(test)]
     pub fn inspect(&self, fid: Fid) -> (Vec<ClientKey>, CallbackModel) {
         let tables = self.tables.lock();

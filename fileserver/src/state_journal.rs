@@ -167,7 +167,7 @@ enum Job {
         payload: Vec<u8>,
         done: Option<oneshot::Sender<bool>>,
     },
-    Snapshot(StateSnapshot),
+    Snapshot(Box<StateSnapshot>),
     /// Append what came before, close the journal, then say so.
     Close(SyncSender<()>),
 }
@@ -268,7 +268,7 @@ impl StateJournal {
     /// Writes `state` as the snapshot at the position of the last record handed over.
     /// The caller holds every lock records are handed over under, so none slips between.
     pub fn snapshot(&self, state: StateSnapshot) {
-        self.send(Job::Snapshot(state));
+        self.send(Job::Snapshot(Box::new(state)));
         *self.since_snapshot.lock() = (0, Instant::now());
     }
 
@@ -406,7 +406,11 @@ fn write_loop(journal: Arc<Journal>, jobs: Receiver<Job>, mut last: Lsn, mode: J
     }
 }
 
-fn spawn_snapshot(journal: Arc<Journal>, lsn: Lsn, state: StateSnapshot) -> Option<JoinHandle<()>> {
+fn spawn_snapshot(
+    journal: Arc<Journal>,
+    lsn: Lsn,
+    state: Box<StateSnapshot>,
+) -> Option<JoinHandle<()>> {
     let spawned = std::thread::Builder::new()
         .name("state-snapshot".into())
         .spawn(move || {
@@ -439,48 +443,56 @@ fn spawn_snapshot(journal: Arc<Journal>, lsn: Lsn, state: StateSnapshot) -> Opti
 }
 
 /// The journaled state rebuilt record by record, with the lock table's own rules so that
-/// merges and splits come out as they did live.
+/// merges and splits come out as they did live. The snapshot's locks are loaded into a
+/// table only when a lock record follows: otherwise they are the answer as they are.
 #[derive(Default)]
 struct Replay {
     clients: HashMap<u32, (ClientId, InstanceNonce)>,
     callbacks: CallbackModel,
+    /// The snapshot's locks while no lock record needed the table.
+    snapshot_locks: Vec<LockEntry>,
     locks: Option<LockTable>,
     pids: HashMap<(Fid, LockOwner), u32>,
 }
 
 impl Replay {
     fn table(&mut self) -> &mut LockTable {
+        let (snapshot_locks, pids) = (&mut self.snapshot_locks, &mut self.pids);
         self.locks.get_or_insert_with(|| {
             // Replay must never refuse what the live table granted.
-            LockTable::new(LockTableConfig {
+            let mut table = LockTable::new(LockTableConfig {
                 lock_count_max: usize::MAX,
                 lock_count_per_fid_max: usize::MAX,
                 ..LockTableConfig::default()
-            })
+            });
+            for entry in std::mem::take(snapshot_locks) {
+                let Ok(range) = ByteRange::new(entry.start, entry.end) else {
+                    continue;
+                };
+                let owner = LockOwner {
+                    client: ClientKey(entry.client),
+                    owner: entry.owner,
+                };
+                table.lock(entry.fid, owner, range, state_kind(entry.kind), false);
+                pids.insert((entry.fid, owner), entry.pid);
+            }
+            table
         })
     }
 
     fn from_snapshot(snapshot: StateSnapshot) -> Replay {
         let mut replay = Replay {
             callbacks: snapshot.callbacks,
+            snapshot_locks: snapshot.locks,
             ..Replay::default()
         };
+        replay
+            .snapshot_locks
+            .retain(|entry| ByteRange::new(entry.start, entry.end).is_ok());
         for entry in snapshot.clients {
             replay
                 .clients
                 .insert(entry.key, (entry.client, entry.instance));
-        }
-        for entry in snapshot.locks {
-            let Ok(range) = ByteRange::new(entry.start, entry.end) else {
-                continue;
-            };
-            let owner = LockOwner {
-                client: ClientKey(entry.client),
-                owner: entry.owner,
-            };
-            let table = replay.table();
-            table.lock(entry.fid, owner, range, state_kind(entry.kind), false);
-            replay.pids.insert((entry.fid, owner), entry.pid);
         }
         replay
     }
@@ -552,6 +564,31 @@ impl Replay {
     }
 
     fn into_snapshot(mut self) -> StateSnapshot {
+        let mut locks = match self.locks {
+            None => std::mem::take(&mut self.snapshot_locks),
+            Some(_) => self.table_entries(),
+        };
+        locks.sort_unstable_by_key(|l| (l.fid, l.client, l.owner, l.start));
+        let mut clients: Vec<ClientEntry> = self
+            .clients
+            .into_iter()
+            .map(|(key, (client, instance))| ClientEntry {
+                key,
+                client,
+                instance,
+            })
+            .collect();
+        clients.sort_unstable_by_key(|c| c.key);
+        self.callbacks.finish_replay();
+        StateSnapshot {
+            clients,
+            locks,
+            callbacks: self.callbacks,
+        }
+    }
+
+    /// The replayed lock table's locks, with the process that took each.
+    fn table_entries(&mut self) -> Vec<LockEntry> {
         let mut locks: Vec<LockEntry> = self
             .table()
             .iter()
@@ -572,22 +609,6 @@ impl Replay {
             };
             entry.pid = self.pids.get(&(entry.fid, owner)).copied().unwrap_or(0);
         }
-        locks.sort_unstable_by_key(|l| (l.fid, l.client, l.owner, l.start));
-        let mut clients: Vec<ClientEntry> = self
-            .clients
-            .into_iter()
-            .map(|(key, (client, instance))| ClientEntry {
-                key,
-                client,
-                instance,
-            })
-            .collect();
-        clients.sort_unstable_by_key(|c| c.key);
-        self.callbacks.finish_replay();
-        StateSnapshot {
-            clients,
-            locks,
-            callbacks: self.callbacks,
-        }
+        locks
     }
 }

@@ -13,7 +13,7 @@ pub mod lock_table;
 pub mod snapshot;
 pub mod time;
 
-pub use callback_table::{CallbackTable, CallbackTableConfig, Grant};
+pub use callback_table::{CallbackCapture, CallbackTable, CallbackTableConfig, Grant};
 pub use client_table::{Admission, ClientKey, ClientTable, ClientTableFull};
 pub use delayed_breaks::{DelayedBreaks, Pending};
 pub use grace::{Grace, GraceCheck, GraceConfig, GraceEnd, GraceError, GraceStatus};
