@@ -347,11 +347,11 @@ fn write_state(
         instance: first.instance,
     };
     let _ = journal.record(&admitted, false);
-    journal.snapshot(StateSnapshot {
+    journal.snapshot(Box::new(move || StateSnapshot {
         clients: snapshot_clients,
         locks: lock_entries,
         callbacks: model,
-    });
+    }));
     journal.close();
     Ok(())
 }

@@ -138,13 +138,20 @@ impl Locks {
 
     /// Writes a snapshot of the lock and client state together with `callbacks`, the
     /// callback state captured under the callbacks' lock, which the caller still holds:
-    /// with both locks held no record can slip in between. Copies the tables (about 50
-    /// bytes per lock); encoding and writing happen on another thread.
+    /// with both locks held no record can slip in between. Under the lock only flat
+    /// copies are taken (locks, clients, the pid map); turning them into the journal's
+    /// form, encoding and writing happen on the snapshot thread.
     pub fn snapshot(&self, callbacks: CallbackModel) {
         let tables = self.tables.lock();
-        let mut snapshot = capture(&tables);
-        snapshot.callbacks = callbacks;
-        self.journal.snapshot(snapshot);
+        let mut locks = Vec::with_capacity(tables.locks.len());
+        locks.extend(tables.locks.iter());
+        let clients: Vec<_> = tables.clients.iter().map(|(k, v)| (*k, *v)).collect();
+        let pids = tables.pids.clone();
+        self.journal.snapshot(Box::new(move || StateSnapshot {
+            clients: client_entries(clients.into_iter()),
+            locks: lock_entries(locks.into_iter(), &pids),
+            callbacks,
+        }));
     }
 
     /// A client was admitted under `key`: journal who it is.
@@ -569,19 +576,32 @@ enum Push {
 }
 
 /// The journaled state as of now, copied out of the tables.
+#[cfg(test)]
 fn capture(tables: &Tables) -> StateSnapshot {
-    let clients = tables
-        .clients
-        .iter()
+    StateSnapshot {
+        clients: client_entries(tables.clients.iter().map(|(k, v)| (*k, *v))),
+        locks: lock_entries(tables.locks.iter(), &tables.pids),
+        callbacks: CallbackModel::default(),
+    }
+}
+
+fn client_entries(
+    clients: impl Iterator<Item = (ClientKey, (ClientId, InstanceNonce))>,
+) -> Vec<ClientEntry> {
+    clients
         .map(|(key, (client, instance))| ClientEntry {
             key: key.0,
-            client: *client,
-            instance: *instance,
+            client,
+            instance,
         })
-        .collect();
-    let locks = tables
-        .locks
-        .iter()
+        .collect()
+}
+
+fn lock_entries(
+    locks: impl Iterator<Item = (Fid, Lock)>,
+    pids: &HashMap<(Fid, LockOwner), u32>,
+) -> Vec<LockEntry> {
+    locks
         .map(|(fid, lock)| LockEntry {
             fid,
             client: lock.owner.client.0,
@@ -589,14 +609,9 @@ fn capture(tables: &Tables) -> StateSnapshot {
             start: lock.range.start(),
             end: lock.range.end(),
             kind: wire_kind(lock.kind),
-            pid: tables.pids.get(&(fid, lock.owner)).copied().unwrap_or(0),
+            pid: pids.get(&(fid, lock.owner)).copied().unwrap_or(0),
         })
-        .collect();
-    StateSnapshot {
-        clients,
-        locks,
-        callbacks: CallbackModel::default(),
-    }
+        .collect()
 }
 
 /// Forgets the processes of owners that hold nothing any more, once the side map has

@@ -167,10 +167,15 @@ enum Job {
         payload: Vec<u8>,
         done: Option<oneshot::Sender<bool>>,
     },
-    Snapshot(Box<StateSnapshot>),
+    /// Builds the snapshot on the snapshot thread from what was copied under the locks.
+    Snapshot(SnapshotSource),
     /// Append what came before, close the journal, then say so.
     Close(SyncSender<()>),
 }
+
+/// Makes a `StateSnapshot` from raw copies taken under the tables' locks, so that the
+/// conversion runs on the snapshot thread rather than while requests wait.
+pub type SnapshotSource = Box<dyn FnOnce() -> StateSnapshot + Send>;
 
 /// Waits until a handed-over record is durable; `false` if the journal failed.
 pub struct Durable(Option<oneshot::Receiver<bool>>);
@@ -267,8 +272,8 @@ impl StateJournal {
 
     /// Writes `state` as the snapshot at the position of the last record handed over.
     /// The caller holds every lock records are handed over under, so none slips between.
-    pub fn snapshot(&self, state: StateSnapshot) {
-        self.send(Job::Snapshot(Box::new(state)));
+    pub fn snapshot(&self, source: SnapshotSource) {
+        self.send(Job::Snapshot(source));
         *self.since_snapshot.lock() = (0, Instant::now());
     }
 
@@ -409,12 +414,13 @@ fn write_loop(journal: Arc<Journal>, jobs: Receiver<Job>, mut last: Lsn, mode: J
 fn spawn_snapshot(
     journal: Arc<Journal>,
     lsn: Lsn,
-    state: Box<StateSnapshot>,
+    source: SnapshotSource,
 ) -> Option<JoinHandle<()>> {
     let spawned = std::thread::Builder::new()
         .name("state-snapshot".into())
         .spawn(move || {
             let started = Instant::now();
+            let state = source();
             let payload = match postcard::to_allocvec(&state) {
                 Ok(payload) => payload,
                 Err(e) => {
