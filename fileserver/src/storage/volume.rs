@@ -962,43 +962,37 @@ trait TxnTables {
     fn get_file_data(&self, vnode: u64) -> Result<Option<Vec<u8>>, redb::Error>;
 }
 
-impl TxnTables for redb::ReadTransaction {
-    fn get_header(&self) -> Result<Option<Vec<u8>>, redb::Error> {
-        let table = self.open_table(HEADER)?;
-        Ok(table.get(HEADER_KEY)?.map(|v| v.value().to_vec()))
-    }
-    fn get_vnode(&self, vnode: u64) -> Result<Option<Vec<u8>>, redb::Error> {
-        let table = self.open_table(VNODES)?;
-        Ok(table.get(vnode)?.map(|v| v.value().to_vec()))
-    }
-    fn get_entry(&self, dir: u64, name: &str) -> Result<Option<(u64, u32, u8)>, redb::Error> {
-        let table = self.open_table(ENTRIES)?;
-        Ok(table.get((dir, name))?.map(|v| v.value()))
-    }
-    fn get_file_data(&self, vnode: u64) -> Result<Option<Vec<u8>>, redb::Error> {
-        let table = self.open_table(FILE_DATA)?;
-        Ok(table.get(vnode)?.map(|v| v.value().to_vec()))
-    }
+/// The same reads for both transaction kinds: `open_table` returns a different table
+/// type for each, so the bodies are written once here.
+macro_rules! impl_txn_tables {
+    ($transaction:ty) => {
+        impl TxnTables for $transaction {
+            fn get_header(&self) -> Result<Option<Vec<u8>>, redb::Error> {
+                let table = self.open_table(HEADER)?;
+                Ok(table.get(HEADER_KEY)?.map(|v| v.value().to_vec()))
+            }
+            fn get_vnode(&self, vnode: u64) -> Result<Option<Vec<u8>>, redb::Error> {
+                let table = self.open_table(VNODES)?;
+                Ok(table.get(vnode)?.map(|v| v.value().to_vec()))
+            }
+            fn get_entry(
+                &self,
+                dir: u64,
+                name: &str,
+            ) -> Result<Option<(u64, u32, u8)>, redb::Error> {
+                let table = self.open_table(ENTRIES)?;
+                Ok(table.get((dir, name))?.map(|v| v.value()))
+            }
+            fn get_file_data(&self, vnode: u64) -> Result<Option<Vec<u8>>, redb::Error> {
+                let table = self.open_table(FILE_DATA)?;
+                Ok(table.get(vnode)?.map(|v| v.value().to_vec()))
+            }
+        }
+    };
 }
 
-impl TxnTables for redb::WriteTransaction {
-    fn get_header(&self) -> Result<Option<Vec<u8>>, redb::Error> {
-        let table = self.open_table(HEADER)?;
-        Ok(table.get(HEADER_KEY)?.map(|v| v.value().to_vec()))
-    }
-    fn get_vnode(&self, vnode: u64) -> Result<Option<Vec<u8>>, redb::Error> {
-        let table = self.open_table(VNODES)?;
-        Ok(table.get(vnode)?.map(|v| v.value().to_vec()))
-    }
-    fn get_entry(&self, dir: u64, name: &str) -> Result<Option<(u64, u32, u8)>, redb::Error> {
-        let table = self.open_table(ENTRIES)?;
-        Ok(table.get((dir, name))?.map(|v| v.value()))
-    }
-    fn get_file_data(&self, vnode: u64) -> Result<Option<Vec<u8>>, redb::Error> {
-        let table = self.open_table(FILE_DATA)?;
-        Ok(table.get(vnode)?.map(|v| v.value().to_vec()))
-    }
-}
+impl_txn_tables!(redb::ReadTransaction);
+impl_txn_tables!(redb::WriteTransaction);
 
 impl Reader<'_> {
     fn corrupt(&self, detail: String) -> StorageError {
