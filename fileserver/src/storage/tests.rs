@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use proto::{ErrorCode, Fid, FileKind, SetAttrs, VolumeId, VolumeName};
 
 use super::volume::INLINE_BYTES_MAX;
-use super::{Partition, StorageError};
+use super::{Partition, StorageError, Volume};
 
 fn refused(result: Result<impl std::fmt::Debug, StorageError>) -> ErrorCode {
     match result {
@@ -131,16 +131,8 @@ fn rename_over_target_and_refusals() {
     let (_dir, partition, id) = setup();
     let volume = partition.volume(id).unwrap();
     let root = Fid::root(id);
-    let a = volume
-        .create(root, "a", 0o644, 0, 0, true)
-        .unwrap()
-        .status
-        .fid;
-    let b = volume
-        .create(root, "b", 0o644, 0, 0, true)
-        .unwrap()
-        .status
-        .fid;
+    let a = new_file(&volume, root, "a");
+    let b = new_file(&volume, root, "b");
     let (d, _) = volume.make_dir(root, "d", 0o755, 0, 0).unwrap();
     let (sub, _) = volume.make_dir(d.fid, "sub", 0o755, 0, 0).unwrap();
     let dv = volume.fetch_status(root).unwrap().data_version;
@@ -220,11 +212,7 @@ fn hard_links_count_and_free_data_with_the_last_link() {
     let (dir, partition, id) = setup();
     let volume = partition.volume(id).unwrap();
     let root = Fid::root(id);
-    let fid = volume
-        .create(root, "f", 0o644, 0, 0, true)
-        .unwrap()
-        .status
-        .fid;
+    let fid = new_file(&volume, root, "f");
     volume.store_data(fid, 0, b"data", None).unwrap();
     let (linked, _) = volume.link(root, "g", fid).unwrap();
     assert_eq!(linked.link_count, 2);
@@ -362,6 +350,15 @@ fn reopen_keeps_data_and_identity() {
     assert!(Partition::open(dir.path()).unwrap().volumes().is_empty());
 }
 
+/// Creates an empty regular file (mode 0644, owner 0) in `dir` and returns its fid.
+fn new_file(volume: &Volume, dir: Fid, name: &str) -> Fid {
+    volume
+        .create(dir, name, 0o644, 0, 0, true)
+        .unwrap()
+        .status
+        .fid
+}
+
 fn data_file(dir: &tempfile::TempDir, fid: Fid) -> std::path::PathBuf {
     dir.path()
         .join(format!("vol.{}", fid.volume))
@@ -487,16 +484,8 @@ fn reopen_keeps_inline_and_file_data_and_unlink_frees_both() {
             .unwrap();
         let volume = partition.volume(id).unwrap();
         let root = Fid::root(id);
-        let small_fid = volume
-            .create(root, "s", 0o644, 0, 0, true)
-            .unwrap()
-            .status
-            .fid;
-        let large_fid = volume
-            .create(root, "l", 0o644, 0, 0, true)
-            .unwrap()
-            .status
-            .fid;
+        let small_fid = new_file(&volume, root, "s");
+        let large_fid = new_file(&volume, root, "l");
         volume.store_data(small_fid, 0, &small, None).unwrap();
         volume
             .store_data(large_fid, 0, &large[..1000], None)
@@ -543,16 +532,8 @@ fn quota_counts_inline_and_file_data_alike() {
         .unwrap();
     let volume = partition.volume(id).unwrap();
     let root = Fid::root(id);
-    let a = volume
-        .create(root, "a", 0o644, 0, 0, true)
-        .unwrap()
-        .status
-        .fid;
-    let b = volume
-        .create(root, "b", 0o644, 0, 0, true)
-        .unwrap()
-        .status
-        .fid;
+    let a = new_file(&volume, root, "a");
+    let b = new_file(&volume, root, "b");
     volume.store_data(a, 0, &pattern(60_000, 7), None).unwrap();
     let before = volume.fetch_status(b).unwrap();
     assert_eq!(
@@ -580,11 +561,7 @@ fn concurrent_writers_share_commits_and_keep_every_change() {
             scope.spawn(move || {
                 for n in 0..25 {
                     let name = format!("w{worker}-{n}");
-                    let fid = volume
-                        .create(root, &name, 0o644, 0, 0, true)
-                        .unwrap()
-                        .status
-                        .fid;
+                    let fid = new_file(volume, root, &name);
                     let stored = volume.store_data(fid, 0, name.as_bytes(), None).unwrap();
                     assert_eq!(stored.size, name.len() as u64);
                     // A duplicate exclusive create is refused, also when batched.
@@ -741,11 +718,7 @@ fn fsync_after_stores_makes_data_durable() {
             .unwrap();
         let volume = partition.volume(id).unwrap();
         let root = Fid::root(id);
-        let fid = volume
-            .create(root, "f", 0o644, 0, 0, true)
-            .unwrap()
-            .status
-            .fid;
+        let fid = new_file(&volume, root, "f");
         let mut last = None;
         for n in 0..4u8 {
             let offset = u64::from(n) * chunk as u64;
@@ -758,11 +731,7 @@ fn fsync_after_stores_makes_data_durable() {
         let synced = volume.fsync(fid).unwrap();
         assert_eq!(Some(synced.clone()), last);
         // Inline data is durable with its commit; its fsync only answers the status.
-        let small = volume
-            .create(root, "s", 0o644, 0, 0, true)
-            .unwrap()
-            .status
-            .fid;
+        let small = new_file(&volume, root, "s");
         let stored = volume.store_data(small, 0, b"inline", None).unwrap();
         assert_eq!(volume.fsync(small).unwrap(), stored);
         assert_eq!(
