@@ -410,6 +410,15 @@ impl FileService {
             | Request::VlRemoveEntry { .. }
             | Request::VlGetEntry { .. }
             | Request::VlListEntries
+            | Request::VlJoinPair { .. }
+            | Request::VlAcquirePair { .. }
+            | Request::VlRenewPair { .. }
+            | Request::VlReleasePair { .. }
+            | Request::VlGetPair { .. }
+            // Pairs and sequenced requests are not served yet: answered as unknown.
+            | Request::PairSwitchover
+            | Request::MemberState
+            | Request::Sequenced { .. }
             | Request::LockGranted { .. } => Err(ErrorCode::Unsupported),
         }
     }

@@ -78,6 +78,22 @@ pub enum ErrorCode {
     TooManyLocks,
     #[error("no such lock to reclaim: it was not held before the restart, or grace is over")]
     NotReclaimable,
+    #[error("bad pair name: use 1 to 64 characters of A-Z a-z 0-9 . _ -")]
+    BadPairName,
+    #[error("no such fileserver pair")]
+    NoSuchPair,
+    #[error("the pair already has two members: {members:?}")]
+    PairFull { members: Vec<String> },
+    #[error(
+        "the pair's lease is held by {active:?} at epoch {epoch} for another {lease_left_ms} ms"
+    )]
+    LeaseHeld {
+        epoch: Epoch,
+        active: Option<String>,
+        lease_left_ms: u64,
+    },
+    #[error("the pair's lease was lost: it expired or the epoch moved on to {epoch}")]
+    LeaseLost { epoch: Epoch },
 }
 
 impl ErrorCode {
@@ -100,12 +116,16 @@ impl ErrorCode {
             ErrorCode::FileTooLarge => libc_errno::EFBIG,
             ErrorCode::WouldBlock => libc_errno::EAGAIN,
             ErrorCode::TooManyLocks | ErrorCode::NotReclaimable => libc_errno::ENOLCK,
+            ErrorCode::LeaseHeld { .. } | ErrorCode::LeaseLost { .. } => libc_errno::EAGAIN,
+            ErrorCode::NoSuchPair => libc_errno::ENOENT,
             ErrorCode::NotActive { .. } | ErrorCode::ResetCallbacks => libc_errno::EAGAIN,
             ErrorCode::Unsupported => libc_errno::ENOSYS,
             ErrorCode::TooLarge => libc_errno::E2BIG,
             ErrorCode::InvalidArgument
             | ErrorCode::NotSymlink
             | ErrorCode::BadVolumeName
+            | ErrorCode::BadPairName
+            | ErrorCode::PairFull { .. }
             | ErrorCode::NoSuchServer
             | ErrorCode::ServerRequired
             | ErrorCode::WrongCell { .. }

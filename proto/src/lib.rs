@@ -16,5 +16,5 @@ pub use cell::{CellConfig, CellError};
 pub use error::{ErrorCode, ProtoError};
 pub use ids::*;
 pub use message::*;
-pub use name::{VolumeName, check_entry_name};
+pub use name::{PairName, VolumeName, check_entry_name};
 pub use vldb_client::VldbClient;

@@ -6,8 +6,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::ErrorCode;
-use crate::ids::{ClientId, DataVersion, Fid, InstanceNonce, RequestId, ServerId, VolumeId};
-use crate::name::VolumeName;
+use crate::ids::{ClientId, DataVersion, Epoch, Fid, InstanceNonce, RequestId, ServerId, VolumeId};
+use crate::name::{PairName, VolumeName};
 
 /// The protocol versions this build speaks.
 pub const PROTOCOL_VERSION_MIN: u16 = 1;
@@ -438,6 +438,88 @@ pub enum Request {
     // ---- administration, appended ----
     /// A server's counters (requests served, bytes, table sizes), for admins and tests.
     ServerCounters,
+
+    // ---- fileserver pairs, appended ----
+    /// A fileserver started with `--pair` joins `pair` as the member reachable at
+    /// `member`, serving the partition whose server id is `server` (both members of a
+    /// pair share the partition, hence the id). A pair has at most two members;
+    /// joining again is a no-op.
+    VlJoinPair {
+        pair: PairName,
+        server: ServerId,
+        member: String,
+    },
+    /// Compare-and-set of the pair's lease: granted to `member` for `lease_ms` (measured
+    /// on the VLDB's clock from when it handles the call) only if the pair is still at
+    /// `epoch` and its lease has expired or was handed to `member`. The new epoch is
+    /// `epoch + 1`, durable before the answer. Refused with `LeaseHeld`.
+    VlAcquirePair {
+        pair: PairName,
+        member: String,
+        epoch: Epoch,
+        lease_ms: u64,
+    },
+    /// The active member renews its lease for `lease_ms` from now. Refused with
+    /// `LeaseLost` once the lease has expired or the epoch moved on.
+    VlRenewPair {
+        pair: PairName,
+        member: String,
+        epoch: Epoch,
+        lease_ms: u64,
+    },
+    /// The active member gives its lease up at once (planned switchover), naming the
+    /// member that may take it without waiting.
+    VlReleasePair {
+        pair: PairName,
+        member: String,
+        epoch: Epoch,
+        successor: Option<String>,
+    },
+    VlGetPair {
+        pair: PairName,
+    },
+    /// Admin to the active member of a pair: hand the volumes and the callback and lock
+    /// state over to the partner cleanly. Answered once the partner is active.
+    PairSwitchover,
+    /// Admin to any fileserver: its role, epoch and grace state.
+    MemberState,
+    /// A mutating request tagged with the client's sequence number. The server records
+    /// the outcome with the change itself, so the same `seq` sent again (a retry after a
+    /// failover) is answered from that record and never applied twice.
+    Sequenced {
+        seq: u64,
+        request: Box<Request>,
+    },
+}
+
+impl Request {
+    /// True for the namespace changes a retry would not reproduce (a second `Create`
+    /// finds the file, a second `Rename` finds no source): the cache manager sends these
+    /// as `Sequenced` so a retry after a failover is answered from the recorded outcome.
+    /// A store or setattr sent twice leaves the same bytes and attributes, so they go
+    /// as they are.
+    pub fn needs_sequence(&self) -> bool {
+        matches!(
+            self,
+            Request::Create { .. }
+                | Request::MakeDir { .. }
+                | Request::Remove { .. }
+                | Request::RemoveDir { .. }
+                | Request::Rename { .. }
+                | Request::Symlink { .. }
+                | Request::Link { .. }
+                | Request::MakeMountPoint { .. }
+        )
+    }
+
+    /// True for every request that changes a volume's contents, including a sequenced one.
+    pub fn changes_volume(&self) -> bool {
+        match self {
+            Request::StoreData { .. } | Request::SetAttr { .. } | Request::Fsync { .. } => true,
+            Request::Sequenced { request, .. } => request.changes_volume(),
+            other => other.needs_sequence(),
+        }
+    }
 }
 
 /// Every response. `Err(ErrorCode)` travels beside it in `Frame::Response`.
@@ -507,6 +589,62 @@ pub enum Response {
     },
     /// Named counters, in a stable order.
     Counters(Vec<(String, u64)>),
+    Pair(PairEntry),
+    /// A pair lease granted or renewed: valid for `lease_ms` from when the member sent
+    /// the call (the member measures from its own send time, so it errs early).
+    PairLease {
+        epoch: Epoch,
+        lease_ms: u64,
+    },
+    MemberState(MemberState),
+}
+
+/// A fileserver pair as the VLDB records it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PairEntry {
+    pub name: PairName,
+    /// The server id both members serve under (the shared partition's).
+    pub server: ServerId,
+    /// The members' addresses, in the order they joined.
+    pub members: Vec<String>,
+    /// The member holding the lease of `epoch`, if any.
+    pub active: Option<String>,
+    pub epoch: Epoch,
+    /// How long the active's lease still runs on the VLDB's clock; 0 when expired.
+    pub lease_left_ms: u64,
+    /// The member an ongoing switchover hands the lease to.
+    pub successor: Option<String>,
+}
+
+/// What a fileserver says about itself (`MemberState`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberState {
+    /// The address it serves on.
+    pub member: String,
+    pub pair: Option<PairName>,
+    pub role: MemberRole,
+    pub epoch: Epoch,
+    /// Present while a grace period runs.
+    pub grace: Option<GraceState>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MemberRole {
+    /// A fileserver that is not part of a pair.
+    Single,
+    Active,
+    Passive,
+}
+
+/// A running grace period, as `MemberState` reports it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GraceState {
+    pub remaining_ms: u64,
+    /// Clients the recovered state names, and how many of them said `ReclaimDone`.
+    pub clients_recovered: u64,
+    pub clients_reclaimed: u64,
+    /// Recovered locks not reclaimed yet.
+    pub locks_unreclaimed: u64,
 }
 
 /// Shared (read) or exclusive (write) lock.
@@ -550,6 +688,9 @@ impl Response {
             Response::LockTest { .. } => "LockTest",
             Response::CallbacksReclaimed { .. } => "CallbacksReclaimed",
             Response::Counters(_) => "Counters",
+            Response::Pair(_) => "Pair",
+            Response::PairLease { .. } => "PairLease",
+            Response::MemberState(_) => "MemberState",
         }
     }
 }

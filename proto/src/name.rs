@@ -1,4 +1,4 @@
-//! Validated names: volume names and directory entry names.
+//! Validated names: volume names, pair names and directory entry names.
 //! Invariant: a `VolumeName` is 1..=64 bytes of `[A-Za-z0-9._-]`; an entry name is
 //! 1..=255 bytes with no `/` or NUL and is neither `.` nor `..`.
 
@@ -48,6 +48,43 @@ impl From<VolumeName> for String {
 }
 
 impl fmt::Display for VolumeName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A fileserver pair's name: the same rules as a volume name (1 to 64 bytes of
+/// `[A-Za-z0-9._-]`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct PairName(String);
+
+impl PairName {
+    pub fn parse(name: &str) -> Result<PairName, ErrorCode> {
+        VolumeName::parse(name)
+            .map(|valid| PairName(valid.0))
+            .map_err(|_| ErrorCode::BadPairName)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for PairName {
+    type Error = ErrorCode;
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        PairName::parse(&value)
+    }
+}
+
+impl From<PairName> for String {
+    fn from(value: PairName) -> String {
+        value.0
+    }
+}
+
+impl fmt::Display for PairName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
     }

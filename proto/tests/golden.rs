@@ -164,6 +164,45 @@ fn cases() -> Vec<(&'static str, Frame, &'static str)> {
             },
             "030700100110000000000000000000000000000000010203040005",
         ),
+        (
+            "sequenced_remove",
+            Frame::Request {
+                id: RequestId(8),
+                body: Request::Sequenced {
+                    seq: 300,
+                    request: Box::new(Request::Remove {
+                        dir: fid(),
+                        name: "a".into(),
+                    }),
+                },
+            },
+            "02082fac0209808080800205010161",
+        ),
+        (
+            "acquire_pair",
+            Frame::Request {
+                id: RequestId(9),
+                body: Request::VlAcquirePair {
+                    pair: PairName::parse("p").unwrap(),
+                    member: "m".into(),
+                    epoch: Epoch(3),
+                    lease_ms: 2000,
+                },
+            },
+            "0209290170016d03d00f",
+        ),
+        (
+            "lease_held",
+            Frame::Response {
+                id: RequestId(10),
+                body: Err(ErrorCode::LeaseHeld {
+                    epoch: Epoch(4),
+                    active: Some("m".into()),
+                    lease_left_ms: 1500,
+                }),
+            },
+            "030a01240401016ddc0b",
+        ),
     ]
 }
 

@@ -1,6 +1,7 @@
 //! Holdfast's callback and lock bookkeeping, pure (sans-IO): the callback promise table,
 //! the delayed-break queues of unreachable clients, the table of known clients, the
-//! byte-range lock table with client leases, and the grace period after a restart.
+//! byte-range lock table with client leases, the grace period after a restart, and
+//! the lease that makes one member of a fileserver pair active.
 //! Nothing here reads a clock, sleeps, spawns or does I/O: time comes in as a `Millis`
 //! value and decisions come out as return values the server acts on.
 
@@ -10,6 +11,7 @@ pub mod delayed_breaks;
 pub mod grace;
 pub mod journal;
 pub mod lock_table;
+pub mod pair_lease;
 pub mod snapshot;
 pub mod time;
 
@@ -22,4 +24,5 @@ pub use lock_table::{
     ByteRange, Effect, EmptyRange, Leases, Lock, LockKind, LockOutcome, LockOwner, LockReply,
     LockTable, LockTableConfig, TooManyLocks, WaitId,
 };
+pub use pair_lease::{LeaseRefusal, MemberLease, PairLease};
 pub use time::Millis;
