@@ -108,6 +108,11 @@ impl TestCell {
 
     /// Starts (or restarts) the fileserver on the cell's partition.
     pub fn start_fileserver(&mut self) -> Result<()> {
+        self.start_fileserver_with(&[])
+    }
+
+    /// `start_fileserver` with more flags (e.g. `--grace-secs 3`).
+    pub fn start_fileserver_with(&mut self, extra: &[&str]) -> Result<()> {
         let partition = self.path("partition");
         let cell_file = self.cell_file.to_string_lossy().into_owned();
         let listen = if self.fs_address.is_empty() {
@@ -115,18 +120,17 @@ impl TestCell {
         } else {
             self.fs_address.clone()
         };
-        self.fs_address = self.spawn_ready(
+        let mut args = vec![
             "fileserver",
-            &[
-                "fileserver",
-                "--cell",
-                &cell_file,
-                "--partition",
-                &partition,
-                "--listen",
-                &listen,
-            ],
-        )?;
+            "--cell",
+            &cell_file,
+            "--partition",
+            &partition,
+            "--listen",
+            &listen,
+        ];
+        args.extend_from_slice(extra);
+        self.fs_address = self.spawn_ready("fileserver", &args)?;
         Ok(())
     }
 
