@@ -211,7 +211,7 @@ impl FileService {
                 .await?
                 {
                     Outcome::Applied(created) => created,
-                    Outcome::Replayed(answer) => return answer,
+                    Outcome::Replayed(answer) => return *answer,
                 };
                 if created.created {
                     self.callbacks.break_callbacks(&[dir], caller).await;
@@ -229,7 +229,7 @@ impl FileService {
                 let (status, dir_status) =
                     match blocking(move || volume.make_dir_in(sequence, dir, &name, mode, uid, gid)).await? {
                         Outcome::Applied(made) => made,
-                        Outcome::Replayed(answer) => return answer,
+                        Outcome::Replayed(answer) => return *answer,
                     };
                 self.callbacks.break_callbacks(&[dir], caller).await;
                 Ok(self.entry(caller, status, dir_status).await)
@@ -245,7 +245,7 @@ impl FileService {
                 let (status, dir_status) =
                     match blocking(move || volume.symlink_in(sequence, dir, &name, &target, uid, gid)).await? {
                         Outcome::Applied(made) => made,
-                        Outcome::Replayed(answer) => return answer,
+                        Outcome::Replayed(answer) => return *answer,
                     };
                 self.callbacks.break_callbacks(&[dir], caller).await;
                 Ok(self.entry(caller, status, dir_status).await)
@@ -255,7 +255,7 @@ impl FileService {
                 let (status, dir_status) =
                     match blocking(move || store.make_mount_point_in(sequence, dir, &name, &volume)).await? {
                         Outcome::Applied(made) => made,
-                        Outcome::Replayed(answer) => return answer,
+                        Outcome::Replayed(answer) => return *answer,
                     };
                 self.callbacks.break_callbacks(&[dir], caller).await;
                 Ok(self.entry(caller, status, dir_status).await)
@@ -268,7 +268,7 @@ impl FileService {
                 let (status, dir_status) =
                     match blocking(move || volume.link_in(sequence, dir, &name, target)).await? {
                         Outcome::Applied(made) => made,
-                        Outcome::Replayed(answer) => return answer,
+                        Outcome::Replayed(answer) => return *answer,
                     };
                 self.callbacks.break_callbacks(&[dir, target], caller).await;
                 Ok(self.entry(caller, status, dir_status).await)
@@ -293,7 +293,7 @@ impl FileService {
                 .await?
                 {
                     Outcome::Applied(renamed) => renamed,
-                    Outcome::Replayed(answer) => return answer,
+                    Outcome::Replayed(answer) => return *answer,
                 };
                 let mut changed = vec![from_dir];
                 if to_dir != from_dir {
@@ -460,7 +460,7 @@ impl FileService {
         let removed =
             match blocking(move || volume.remove_in(sequence, dir, &name, directory)).await? {
                 Outcome::Applied(removed) => removed,
-                Outcome::Replayed(answer) => return answer,
+                Outcome::Replayed(answer) => return *answer,
             };
         // The removed vnode's link count changed: its holders are broken too.
         self.callbacks

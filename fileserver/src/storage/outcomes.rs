@@ -39,7 +39,8 @@ impl SequenceKey {
 #[derive(Debug)]
 pub enum Outcome<T> {
     Applied(T),
-    Replayed(Result<Response, ErrorCode>),
+    /// Boxed: a recorded answer is much larger than most applied values.
+    Replayed(Box<Result<Response, ErrorCode>>),
 }
 
 /// What a namespace change answers, without callback grants: what the record keeps.

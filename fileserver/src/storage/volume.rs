@@ -548,6 +548,10 @@ impl Volume {
             .applied(&self.db_path)
     }
 
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the fields of a Create request, and its sequence key"
+    )]
     pub fn create_in(
         &self,
         sequence: Option<SequenceKey>,
@@ -989,7 +993,7 @@ impl Volume {
         });
         match outcome {
             Ok(Ok(value)) => Ok(Outcome::Applied(value)),
-            Ok(Err(answer)) => Ok(Outcome::Replayed(answer)),
+            Ok(Err(answer)) => Ok(Outcome::Replayed(Box::new(answer))),
             // A refusal was recorded; it is answered as it is, like an applied one.
             Err(e) => Err(e),
         }
