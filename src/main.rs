@@ -123,6 +123,19 @@ enum Command {
         #[arg(long, global = true, default_value_t = 10.0)]
         timeout: f64,
     },
+    /// Inspect and operate fileserver pairs.
+    ///
+    /// A pair is two fileservers started with the same `--pair NAME` on one shared
+    /// partition: one active, one passive, seen by clients as one server with two
+    /// addresses. The VLDB's lease and epoch decide which one is active.
+    Pair {
+        #[command(subcommand)]
+        command: PairCommand,
+        /// Seconds to wait for the VLDB or a member before giving up (a switchover has
+        /// its own 30 s deadline).
+        #[arg(long, global = true, default_value_t = 10.0)]
+        timeout: f64,
+    },
     /// Look into a fileserver's journaled callback and lock state.
     State {
         #[command(subcommand)]
@@ -130,6 +143,29 @@ enum Command {
     },
     /// Measure throughput through a real local cell and print figures as ratios.
     Bench(bench::BenchArgs),
+}
+
+#[derive(Subcommand)]
+enum PairCommand {
+    /// Show a pair's epoch, active member and lease, and each member's own state.
+    ///
+    /// The first line is the VLDB's record; then one line per member, the active first,
+    /// with what it says of itself: active or passive, and while a grace period runs
+    /// after a takeover, how long it has left and how many clients and locks are back.
+    /// A member that does not answer is shown as unreachable, not an error.
+    Status {
+        /// The name given to `holdfast fileserver --pair`.
+        name: String,
+    },
+    /// Planned failover: hand the pair from its active member to the passive one.
+    ///
+    /// Asks the active member to hand its volumes, callbacks and locks over to its
+    /// partner, waits (up to 30 s) until the VLDB names the partner active, and prints
+    /// the new active, the new epoch and how long it took.
+    Switchover {
+        /// The name given to `holdfast fileserver --pair`.
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -362,6 +398,23 @@ fn run(cli: Cli) -> Result<()> {
                     }
                     VosCommand::Listvol { server } => {
                         vos::format_listvol(&vos.listvol(server.as_deref()).await?)
+                    }
+                })
+            })?;
+            print_text(&text);
+            Ok(())
+        }
+        Command::Pair { command, timeout } => {
+            process::init_tracing("warn");
+            let cell = CellConfig::locate(cell_path.as_deref()).context("find the cell")?;
+            let vos = vos::Vos::new(cell, seconds(timeout, "--timeout")?);
+            let text = runtime()?.block_on(async {
+                Ok::<_, vos::VosError>(match command {
+                    PairCommand::Status { name } => {
+                        vos::format_pair_status(&vos.pair_status(&name).await?)
+                    }
+                    PairCommand::Switchover { name } => {
+                        vos::format_switchover(&vos.pair_switchover(&name).await?)
                     }
                 })
             })?;

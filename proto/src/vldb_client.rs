@@ -8,12 +8,12 @@ use tokio::sync::Mutex;
 
 use crate::cell::CellConfig;
 use crate::error::{ErrorCode, ProtoError};
-use crate::ids::ServerId;
+use crate::ids::{Epoch, ServerId};
 use crate::message::{
-    Hello, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN, PeerKind, Request, Response, ServerEntry,
-    VolumeEntry, VolumeRef,
+    Hello, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN, PairEntry, PeerKind, Request, Response,
+    ServerEntry, VolumeEntry, VolumeRef,
 };
-use crate::name::VolumeName;
+use crate::name::{PairName, VolumeName};
 use crate::rpc::{self, Connection, Limits};
 
 /// Talks to the VLDB of one cell.
@@ -136,6 +136,98 @@ impl VldbClient {
             other => Err(unexpected(&other)),
         }
     }
+
+    /// Joins `pair` as the member reachable at `member`, serving the partition of
+    /// `server`; joining again is a no-op.
+    pub async fn join_pair(
+        &self,
+        pair: &PairName,
+        server: ServerId,
+        member: &str,
+    ) -> Result<(), ProtoError> {
+        let request = Request::VlJoinPair {
+            pair: pair.clone(),
+            server,
+            member: member.to_owned(),
+        };
+        match self.call(request).await? {
+            Response::Ok => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Asks for the lease of epoch `epoch + 1`; returns the granted epoch and lease. The
+    /// caller measures the lease from before this call, never from the answer.
+    pub async fn acquire_pair(
+        &self,
+        pair: &PairName,
+        member: &str,
+        epoch: Epoch,
+        lease: Duration,
+    ) -> Result<(Epoch, Duration), ProtoError> {
+        let request = Request::VlAcquirePair {
+            pair: pair.clone(),
+            member: member.to_owned(),
+            epoch,
+            lease_ms: duration_ms(lease),
+        };
+        lease_answer(self.call(request).await?)
+    }
+
+    /// Extends the lease of `epoch` by `lease` from when the VLDB handles the call.
+    pub async fn renew_pair(
+        &self,
+        pair: &PairName,
+        member: &str,
+        epoch: Epoch,
+        lease: Duration,
+    ) -> Result<(Epoch, Duration), ProtoError> {
+        let request = Request::VlRenewPair {
+            pair: pair.clone(),
+            member: member.to_owned(),
+            epoch,
+            lease_ms: duration_ms(lease),
+        };
+        lease_answer(self.call(request).await?)
+    }
+
+    /// Gives the lease of `epoch` up at once, to `successor` if named.
+    pub async fn release_pair(
+        &self,
+        pair: &PairName,
+        member: &str,
+        epoch: Epoch,
+        successor: Option<&str>,
+    ) -> Result<(), ProtoError> {
+        let request = Request::VlReleasePair {
+            pair: pair.clone(),
+            member: member.to_owned(),
+            epoch,
+            successor: successor.map(str::to_owned),
+        };
+        match self.call(request).await? {
+            Response::Ok => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    pub async fn get_pair(&self, pair: &PairName) -> Result<PairEntry, ProtoError> {
+        match self.call(Request::VlGetPair { pair: pair.clone() }).await? {
+            Response::Pair(entry) => Ok(entry),
+            other => Err(unexpected(&other)),
+        }
+    }
+}
+
+fn lease_answer(response: Response) -> Result<(Epoch, Duration), ProtoError> {
+    match response {
+        Response::PairLease { epoch, lease_ms } => Ok((epoch, Duration::from_millis(lease_ms))),
+        other => Err(unexpected(&other)),
+    }
+}
+
+fn duration_ms(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// The error for a response of the wrong kind: a peer bug, reported as internal.

@@ -4,6 +4,7 @@
 //! the same operations later.
 
 mod error;
+mod pairs;
 mod service;
 mod store;
 

@@ -3,10 +3,12 @@
 //! failures are logged here, where they are handled.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use proto::rpc::{self, Connection};
 use proto::server::Service;
 use proto::{ErrorCode, Hello, HelloReply, Request, Response, Timestamp};
+use state::Millis;
 use tracing::{debug, error};
 
 use crate::error::VldbError;
@@ -15,11 +17,23 @@ use crate::store::Store;
 pub struct VldbService {
     store: Arc<Store>,
     cell_name: String,
+    /// The origin of the pair leases' clock.
+    started: Instant,
 }
 
 impl VldbService {
     pub fn new(store: Arc<Store>, cell_name: String) -> VldbService {
-        VldbService { store, cell_name }
+        VldbService {
+            store,
+            cell_name,
+            started: Instant::now(),
+        }
+    }
+
+    /// The VLDB's monotonic clock, read when a request is handled: never earlier than
+    /// the member sent it, so the VLDB's lease never ends before the member's view of it.
+    fn now(&self) -> Millis {
+        Millis(u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX))
     }
 
     /// Runs a blocking store operation off the async runtime.
@@ -84,6 +98,59 @@ impl Service for VldbService {
                 .with_store(|s| s.entries())
                 .await
                 .map(Response::VolumeEntries),
+            Request::VlJoinPair {
+                pair,
+                server,
+                member,
+            } => {
+                let now = Timestamp::now();
+                self.with_store(move |s| s.join_pair(&pair, server, &member, now))
+                    .await
+                    .map(|()| Response::Ok)
+            }
+            Request::VlAcquirePair {
+                pair,
+                member,
+                epoch,
+                lease_ms,
+            } => {
+                let now = self.now();
+                let lease = Duration::from_millis(lease_ms);
+                self.with_store(move |s| s.acquire_pair(&pair, &member, epoch, lease, now))
+                    .await
+                    .map(|epoch| Response::PairLease { epoch, lease_ms })
+            }
+            Request::VlRenewPair {
+                pair,
+                member,
+                epoch,
+                lease_ms,
+            } => {
+                let now = self.now();
+                let lease = Duration::from_millis(lease_ms);
+                self.with_store(move |s| s.renew_pair(&pair, &member, epoch, lease, now))
+                    .await
+                    .map(|epoch| Response::PairLease { epoch, lease_ms })
+            }
+            Request::VlReleasePair {
+                pair,
+                member,
+                epoch,
+                successor,
+            } => {
+                let now = self.now();
+                self.with_store(move |s| {
+                    s.release_pair(&pair, &member, epoch, successor.as_deref(), now)
+                })
+                .await
+                .map(|()| Response::Ok)
+            }
+            Request::VlGetPair { pair } => {
+                let now = self.now();
+                self.with_store(move |s| s.pair(&pair, now))
+                    .await
+                    .map(Response::Pair)
+            }
             _ => Err(ErrorCode::Unsupported),
         }
     }

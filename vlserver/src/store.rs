@@ -1,23 +1,28 @@
 //! `Store`: the VLDB's durable state in one redb file — volume entries, the name and id
-//! indexes, registered servers and the id counter.
+//! indexes, registered servers, the id counter and the fileserver pairs (`pairs.rs`).
 //! Invariant: each mutation is one durable transaction that keeps the indexes consistent
 //! with the entries; volume ids are handed out in ascending triples and never reused.
 //! Boundary: operations take every nondeterministic input (the clock) as an argument, so
 //! a replicated log can later apply the same operations in the same order on every node.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
+
+use parking_lot::Mutex;
 
 use proto::{
     ErrorCode, ServerEntry, ServerId, Timestamp, VolumeEntry, VolumeId, VolumeName, VolumeRef,
     VolumeSite, VolumeType,
 };
-use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{
+    Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table, TableDefinition,
+};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tracing::{debug, info};
 
 use crate::error::VldbError;
+use crate::pairs::{self, Pair};
 
 /// The layout version of the tables below; bumped on any incompatible change.
 pub const FORMAT_VERSION: u64 = 1;
@@ -38,7 +43,7 @@ const VOLUME_NAMES: TableDefinition<&str, u64> = TableDefinition::new("volume_na
 /// Every id of an existing volume (RW, and RO/backup once they exist) -> RW volume id.
 const VOLUME_IDS: TableDefinition<u64, u64> = TableDefinition::new("volume_ids");
 /// Server UUID bytes -> postcard `ServerEntry`.
-const SERVERS: TableDefinition<&[u8; 16], &[u8]> = TableDefinition::new("servers");
+pub(crate) const SERVERS: TableDefinition<&[u8; 16], &[u8]> = TableDefinition::new("servers");
 
 /// How much a peer can make the VLDB hold.
 #[derive(Clone, Debug)]
@@ -49,6 +54,8 @@ pub struct StoreLimits {
     /// Keeps a full `VlListEntries` reply within the 4 MiB frame limit (about 100 bytes
     /// per entry at most) until listing is paged.
     pub volumes_max: u64,
+    /// Fileserver pairs; each holds two short addresses, so this bounds memory, not frames.
+    pub pairs_max: usize,
 }
 
 impl Default for StoreLimits {
@@ -58,14 +65,19 @@ impl Default for StoreLimits {
             addresses_per_server_max: 16,
             address_bytes_max: 256,
             volumes_max: 32_768,
+            pairs_max: 4_096,
         }
     }
 }
 
 /// The VLDB's tables. Methods block on disk I/O: call them off the async runtime.
 pub struct Store {
-    db: Database,
-    limits: StoreLimits,
+    pub(crate) db: Database,
+    pub(crate) limits: StoreLimits,
+    /// Every pair, durable fields mirrored from the `pairs` table plus the lease expiry,
+    /// which lives only here. Pair calls and server registrations hold this lock across
+    /// their write transaction, so the two never interleave on a pair's server entry.
+    pub(crate) pairs: Mutex<HashMap<String, Pair>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -107,9 +119,11 @@ impl Store {
             txn.open_table(VOLUME_NAMES)?;
             txn.open_table(VOLUME_IDS)?;
             txn.open_table(SERVERS)?;
+            txn.open_table(pairs::PAIRS)?;
         }
         txn.commit()?;
-        Ok(Store { db, limits })
+        let pairs = Mutex::new(pairs::load(&db)?);
+        Ok(Store { db, limits, pairs })
     }
 
     /// Records a fileserver, or replaces the addresses of one already known. An address
@@ -122,11 +136,17 @@ impl Store {
         now: Timestamp,
     ) -> Result<ServerEntry, VldbError> {
         let addresses = self.check_addresses(addresses)?;
-        let key = server.0.into_bytes();
+        let pairs = self.pairs.lock();
+        // A pair's server entry lists its members, the active first, whatever a member
+        // registers: clients find the pair through it.
+        let addresses = match pairs.values().find(|p| p.server == server) {
+            Some(pair) => pairs::ordered_addresses(&pair.lease, &addresses),
+            None => addresses,
+        };
         let txn = self.db.begin_write()?;
         let entry = {
             let mut servers = txn.open_table(SERVERS)?;
-            let previous: Option<ServerEntry> = match servers.get(&key)? {
+            let previous: Option<ServerEntry> = match servers.get(&server.0.into_bytes())? {
                 Some(bytes) => Some(decode(SERVERS_NAME, server, bytes.value())?),
                 None => None,
             };
@@ -134,35 +154,12 @@ impl Store {
                 debug!(%server, "server table full");
                 return Err(VldbError::Refused(ErrorCode::InvalidArgument));
             }
-            let claimed: HashSet<&str> = addresses.iter().map(String::as_str).collect();
-            let mut losers = Vec::new();
-            for row in servers.iter()? {
-                let (other_key, bytes) = row?;
-                if other_key.value() == &key {
-                    continue;
-                }
-                let mut other: ServerEntry = decode(
-                    SERVERS_NAME,
-                    ServerId(uuid_of(other_key.value())),
-                    bytes.value(),
-                )?;
-                let before = other.addresses.len();
-                other.addresses.retain(|a| !claimed.contains(a.as_str()));
-                if other.addresses.len() != before {
-                    losers.push(other);
-                }
-            }
-            for other in losers {
-                info!(server = %other.server, remaining = ?other.addresses,
-                    taken_by = %server, "address moved to a newly registered server");
-                servers.insert(&other.server.0.into_bytes(), encode(&other)?.as_slice())?;
-            }
             let entry = ServerEntry {
                 server,
                 addresses,
                 registered: now,
             };
-            servers.insert(&key, encode(&entry)?.as_slice())?;
+            put_server(&mut servers, &entry)?;
             match &previous {
                 None => info!(%server, addresses = ?entry.addresses, "server registered"),
                 Some(p) if p.addresses != entry.addresses => {
@@ -173,6 +170,7 @@ impl Store {
             entry
         };
         txn.commit()?;
+        drop(pairs);
         Ok(entry)
     }
 
@@ -292,7 +290,7 @@ impl Store {
     }
 
     /// Checks a server's address list against the limits and drops duplicates.
-    fn check_addresses(&self, addresses: Vec<String>) -> Result<Vec<String>, VldbError> {
+    pub(crate) fn check_addresses(&self, addresses: Vec<String>) -> Result<Vec<String>, VldbError> {
         let limits = &self.limits;
         let bad_count = addresses.is_empty() || addresses.len() > limits.addresses_per_server_max;
         let bad_address = addresses
@@ -310,10 +308,44 @@ impl Store {
     }
 }
 
+/// Writes a server's entry. An address belongs to one server only: the entry takes its
+/// addresses from any other server that had them.
+pub(crate) fn put_server(
+    servers: &mut Table<&[u8; 16], &[u8]>,
+    entry: &ServerEntry,
+) -> Result<(), VldbError> {
+    let key = entry.server.0.into_bytes();
+    let claimed: HashSet<&str> = entry.addresses.iter().map(String::as_str).collect();
+    let mut losers = Vec::new();
+    for row in servers.iter()? {
+        let (other_key, bytes) = row?;
+        if other_key.value() == &key {
+            continue;
+        }
+        let mut other: ServerEntry = decode(
+            SERVERS_NAME,
+            ServerId(uuid_of(other_key.value())),
+            bytes.value(),
+        )?;
+        let before = other.addresses.len();
+        other.addresses.retain(|a| !claimed.contains(a.as_str()));
+        if other.addresses.len() != before {
+            losers.push(other);
+        }
+    }
+    for other in losers {
+        info!(server = %other.server, remaining = ?other.addresses,
+            taken_by = %entry.server, "address moved to another server");
+        servers.insert(&other.server.0.into_bytes(), encode(&other)?.as_slice())?;
+    }
+    servers.insert(&key, encode(entry)?.as_slice())?;
+    Ok(())
+}
+
 const META_NAME: &str = "meta";
 const VOLUMES_NAME: &str = "volumes";
 const VOLUME_NAMES_NAME: &str = "volume_names";
-const SERVERS_NAME: &str = "servers";
+pub(crate) const SERVERS_NAME: &str = "servers";
 
 /// Every id an entry holds in the id index.
 fn entry_ids(entry: &VolumeEntry) -> impl Iterator<Item = VolumeId> {
@@ -353,11 +385,11 @@ fn uuid_of(bytes: &[u8; 16]) -> uuid::Uuid {
     uuid::Uuid::from_bytes(*bytes)
 }
 
-fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, VldbError> {
+pub(crate) fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, VldbError> {
     postcard::to_stdvec(value).map_err(VldbError::Encode)
 }
 
-fn decode<T: DeserializeOwned>(
+pub(crate) fn decode<T: DeserializeOwned>(
     table: &'static str,
     key: impl std::fmt::Display,
     bytes: &[u8],

@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 use proto::{
-    CellConfig, ErrorCode, PeerKind, ProtoError, Request, Response, ServerId, VldbClient,
-    VolumeName, VolumeRef,
+    CellConfig, Epoch, ErrorCode, PairName, PeerKind, ProtoError, Request, Response, ServerId,
+    VldbClient, VolumeName, VolumeRef,
 };
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -177,4 +177,97 @@ async fn keeps_entries_across_a_restart() {
         stop.send(true).unwrap();
         task.await.unwrap().unwrap();
     }
+}
+
+#[tokio::test]
+async fn arbitrates_a_pair_and_resolves_its_volumes_to_both_members() {
+    const A: &str = "127.0.0.1:4001";
+    const B: &str = "127.0.0.1:4002";
+    let lease = Duration::from_secs(30);
+    let vl = start().await;
+    let client = client(&vl.address, CELL);
+    let pair = PairName::parse("p1").unwrap();
+    let server = ServerId::random();
+
+    assert_eq!(remote(client.get_pair(&pair).await), ErrorCode::NoSuchPair);
+    client.join_pair(&pair, server, A).await.unwrap();
+    client.join_pair(&pair, server, B).await.unwrap();
+    assert!(matches!(
+        remote(client.join_pair(&pair, server, "127.0.0.1:4003").await),
+        ErrorCode::PairFull { .. }
+    ));
+    assert_eq!(
+        client
+            .acquire_pair(&pair, A, Epoch(0), lease)
+            .await
+            .unwrap(),
+        (Epoch(1), lease)
+    );
+    match remote(client.acquire_pair(&pair, B, Epoch(1), lease).await) {
+        ErrorCode::LeaseHeld {
+            epoch,
+            active,
+            lease_left_ms,
+        } => {
+            assert_eq!((epoch, active.as_deref()), (Epoch(1), Some(A)));
+            assert!(
+                lease_left_ms > 0 && lease_left_ms <= 30_000,
+                "{lease_left_ms}"
+            );
+        }
+        other => panic!("expected LeaseHeld, got {other:?}"),
+    }
+    assert_eq!(
+        client.renew_pair(&pair, A, Epoch(1), lease).await.unwrap(),
+        (Epoch(1), lease)
+    );
+    assert_eq!(
+        remote(
+            client
+                .acquire_pair(&pair, A, Epoch(1), Duration::ZERO)
+                .await
+        ),
+        ErrorCode::InvalidArgument
+    );
+
+    // A volume on the pair resolves to both members, the active first.
+    let volume = client
+        .create_entry(VolumeName::parse("on.pair").unwrap(), server)
+        .await
+        .unwrap();
+    let entry = client.get_entry(VolumeRef::Id(volume.rw_id)).await.unwrap();
+    let servers = client.list_servers().await.unwrap();
+    let site = servers
+        .iter()
+        .find(|s| s.server == entry.sites[0].server)
+        .unwrap();
+    assert_eq!(site.addresses, [A, B]);
+
+    client
+        .release_pair(&pair, A, Epoch(1), Some(B))
+        .await
+        .unwrap();
+    assert_eq!(
+        remote(client.renew_pair(&pair, A, Epoch(1), lease).await),
+        ErrorCode::LeaseLost { epoch: Epoch(1) }
+    );
+    assert_eq!(
+        client
+            .acquire_pair(&pair, B, Epoch(1), lease)
+            .await
+            .unwrap(),
+        (Epoch(2), lease)
+    );
+    let got = client.get_pair(&pair).await.unwrap();
+    assert_eq!((got.epoch, got.active.as_deref()), (Epoch(2), Some(B)));
+    assert_eq!(
+        (got.members.as_slice(), got.server),
+        (&[A.to_owned(), B.to_owned()][..], server)
+    );
+    assert!(got.lease_left_ms > 0 && got.lease_left_ms <= 30_000);
+    let servers = client.list_servers().await.unwrap();
+    assert_eq!(servers[0].addresses, [B, A]);
+
+    vl.stop.send(true).unwrap();
+    vl.task.await.unwrap().unwrap();
 }

@@ -19,9 +19,9 @@ const BYTES_PER_MIB: u64 = 1 << 20;
 
 /// Administers the volumes of one cell.
 pub struct Vos {
-    cell: CellConfig,
-    timeout: Duration,
-    vldb: VldbClient,
+    pub(crate) cell: CellConfig,
+    pub(crate) timeout: Duration,
+    pub(crate) vldb: VldbClient,
 }
 
 impl Vos {
@@ -236,7 +236,7 @@ impl Vos {
         }
     }
 
-    fn vldb_error(&self, e: ProtoError) -> VosError {
+    pub(crate) fn vldb_error(&self, e: ProtoError) -> VosError {
         match e {
             ProtoError::Remote(code) => VosError::Vldb(code),
             source => VosError::VldbUnreachable {

@@ -1,7 +1,7 @@
 //! `VosError`: every way a `vos` command can fail, each one line that says what was wrong
 //! and, where there is one, what to do.
 
-use proto::{ErrorCode, ProtoError, ServerId};
+use proto::{Epoch, ErrorCode, ProtoError, ServerId};
 use thiserror::Error;
 
 #[derive(Debug, Error)]
@@ -37,4 +37,23 @@ pub enum VosError {
     FileserverUnreachable { address: String, source: ProtoError },
     #[error("the fileserver at {address} refused the request: {code}")]
     Fileserver { address: String, code: ErrorCode },
+    #[error("bad pair name '{name}': use 1 to 64 characters of A-Z a-z 0-9 . _ -")]
+    BadPairName { name: String },
+    #[error(
+        "no pair named '{pair}' in the VLDB: check the name given to `holdfast fileserver --pair`"
+    )]
+    NoSuchPair { pair: String },
+    #[error("pair '{pair}' has no active member (epoch {epoch}): nothing to switch over")]
+    NoActive { pair: String, epoch: Epoch },
+    #[error("pair '{pair}' has only one member, {member}: start its partner first")]
+    NoPartner { pair: String, member: String },
+    #[error(
+        "the switchover of pair '{pair}' was answered but the VLDB still names {active} active \
+         at epoch {epoch}; see `holdfast pair status {pair}`"
+    )]
+    SwitchoverUnconfirmed {
+        pair: String,
+        active: String,
+        epoch: Epoch,
+    },
 }

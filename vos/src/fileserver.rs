@@ -1,7 +1,8 @@
 //! `Fileserver`: one administrative connection to a fileserver, tried at each of its
 //! registered addresses in turn.
-//! Invariant: the connection is closed when the value is dropped; every call has the
-//! deadline `Vos` was built with and is not retried (volume operations are not idempotent).
+//! Invariant: the connection is closed when the value is dropped; every call has a
+//! deadline (the one `Vos` was built with unless the caller names another) and is not
+//! retried (volume operations are not idempotent).
 
 use std::time::Duration;
 
@@ -27,40 +28,14 @@ impl Fileserver {
         server: &ServerEntry,
         timeout: Duration,
     ) -> Result<Fileserver, VosError> {
-        let limits = Limits {
-            handshake_timeout: timeout,
-            ..Limits::default()
-        };
         let mut failure = None;
         for address in &server.addresses {
-            let hello = Hello {
-                version_min: PROTOCOL_VERSION_MIN,
-                version_max: PROTOCOL_VERSION_MAX,
-                cell: cell.name.clone(),
-                peer: PeerKind::Admin,
-            };
-            // A fileserver never calls an admin tool: dropping the incoming queue answers
-            // anything it sends with `Unsupported`.
-            match rpc::connect(address, hello, &limits).await {
-                Ok((connection, _reply, _incoming)) => {
-                    return Ok(Fileserver {
-                        address: address.clone(),
-                        connection,
-                        timeout,
-                    });
-                }
-                Err(ProtoError::Remote(code)) => {
-                    return Err(VosError::Fileserver {
-                        address: address.clone(),
-                        code,
-                    });
-                }
-                Err(source) => {
-                    debug!(%address, error = %source, "fileserver address did not answer");
-                    failure = Some(VosError::FileserverUnreachable {
-                        address: address.clone(),
-                        source,
-                    });
+            match Fileserver::connect_to(cell, address, timeout).await {
+                Ok(fileserver) => return Ok(fileserver),
+                Err(e @ VosError::Fileserver { .. }) => return Err(e),
+                Err(e) => {
+                    debug!(%address, error = %e, "fileserver address did not answer");
+                    failure = Some(e);
                 }
             }
         }
@@ -70,13 +45,57 @@ impl Fileserver {
         }))
     }
 
+    /// Connects to the fileserver at `address`, and no other.
+    pub(crate) async fn connect_to(
+        cell: &CellConfig,
+        address: &str,
+        timeout: Duration,
+    ) -> Result<Fileserver, VosError> {
+        let limits = Limits {
+            handshake_timeout: timeout,
+            ..Limits::default()
+        };
+        let hello = Hello {
+            version_min: PROTOCOL_VERSION_MIN,
+            version_max: PROTOCOL_VERSION_MAX,
+            cell: cell.name.clone(),
+            peer: PeerKind::Admin,
+        };
+        // A fileserver never calls an admin tool: dropping the incoming queue answers
+        // anything it sends with `Unsupported`.
+        match rpc::connect(address, hello, &limits).await {
+            Ok((connection, _reply, _incoming)) => Ok(Fileserver {
+                address: address.to_owned(),
+                connection,
+                timeout,
+            }),
+            Err(ProtoError::Remote(code)) => Err(VosError::Fileserver {
+                address: address.to_owned(),
+                code,
+            }),
+            Err(source) => Err(VosError::FileserverUnreachable {
+                address: address.to_owned(),
+                source,
+            }),
+        }
+    }
+
     pub(crate) fn address(&self) -> &str {
         &self.address
     }
 
     pub(crate) async fn call(&self, request: Request) -> Result<Response, VosError> {
+        self.call_within(request, self.timeout).await
+    }
+
+    /// `call` with a deadline of its own, for requests that take long by design.
+    pub(crate) async fn call_within(
+        &self,
+        request: Request,
+        timeout: Duration,
+    ) -> Result<Response, VosError> {
         self.connection
-            .call(request, self.timeout)
+            .call(request, timeout)
             .await
             .map_err(|e| match e {
                 ProtoError::Remote(code) => VosError::Fileserver {

@@ -1,12 +1,14 @@
-//! The text `holdfast vos` prints, laid out after AFS `vos`: one header line per volume
-//! (name, id, type, size, state), then its details and its sites.
+//! The text `holdfast vos` and `holdfast pair` print. Volumes are laid out after AFS
+//! `vos`: one header line per volume (name, id, type, size, state), then its details and
+//! its sites; a pair is one line for the VLDB's view, then one line per member.
 //! Invariant: pure functions of their arguments; every line ends with a newline.
 
 use std::fmt::Write;
 
-use proto::{ServerEntry, Timestamp, VolumeEntry, VolumeInfo, VolumeType};
+use proto::{GraceState, MemberRole, ServerEntry, Timestamp, VolumeEntry, VolumeInfo, VolumeType};
 
 use crate::admin::server_label;
+use crate::pair::{MemberStatus, PairReport, SwitchoverReport};
 
 /// A VLDB entry: its ids and its sites, with each site's server addresses.
 pub fn format_entry(entry: &VolumeEntry, servers: &[ServerEntry]) -> String {
@@ -96,6 +98,79 @@ pub fn format_listvol(listing: &[(ServerEntry, Vec<VolumeInfo>)]) -> String {
     out
 }
 
+/// `holdfast pair status`: the VLDB's view of the pair, then each member's own account.
+pub fn format_pair_status(report: &PairReport) -> String {
+    let pair = &report.pair;
+    let mut out = format!(
+        "pair {}: epoch {}, active {}, lease left {} ms",
+        pair.name,
+        pair.epoch,
+        pair.active.as_deref().unwrap_or("none"),
+        pair.lease_left_ms
+    );
+    if let Some(successor) = &pair.successor {
+        let _ = write!(out, ", handing over to {successor}");
+    }
+    out.push('\n');
+    for member in &report.members {
+        let _ = write!(out, "  {}  ", member.address);
+        match &member.status {
+            MemberStatus::Answered(state) => {
+                out.push_str(role_label(state.role));
+                if state.epoch != pair.epoch {
+                    let _ = write!(out, " at epoch {}", state.epoch);
+                }
+                if let Some(grace) = &state.grace {
+                    let _ = write!(out, "  {}", grace_label(grace));
+                }
+            }
+            MemberStatus::Unreachable(error) => {
+                let _ = write!(out, "unreachable: {error}");
+            }
+            MemberStatus::Refused(code) => {
+                let _ = write!(out, "refused: {code}");
+            }
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// `holdfast pair switchover`: who handed over to whom, and how long it took.
+pub fn format_switchover(report: &SwitchoverReport) -> String {
+    format!(
+        "pair {}: switched over from {} to {} (epoch {}) in {} ms\n",
+        report.pair,
+        report.from,
+        report.to,
+        report.epoch,
+        report.elapsed.as_millis()
+    )
+}
+
+fn role_label(role: MemberRole) -> &'static str {
+    match role {
+        MemberRole::Active => "active",
+        MemberRole::Passive => "passive",
+        MemberRole::Single => "not in a pair",
+    }
+}
+
+fn grace_label(grace: &GraceState) -> String {
+    format!(
+        "grace: {:.1} s left, {}/{} clients reclaimed, {} lock{} not reclaimed",
+        grace.remaining_ms as f64 / 1000.0,
+        grace.clients_reclaimed,
+        grace.clients_recovered,
+        grace.locks_unreclaimed,
+        if grace.locks_unreclaimed == 1 {
+            ""
+        } else {
+            "s"
+        }
+    )
+}
+
 fn volume_line(info: &VolumeInfo) -> String {
     format!(
         "{:<32} {:>10} {} {:>10} K  On-line\n",
@@ -162,6 +237,24 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn grace_reads_in_seconds_with_plurals() {
+        let grace = |locks_unreclaimed| GraceState {
+            remaining_ms: 12_345,
+            clients_recovered: 2,
+            clients_reclaimed: 1,
+            locks_unreclaimed,
+        };
+        assert_eq!(
+            grace_label(&grace(1)),
+            "grace: 12.3 s left, 1/2 clients reclaimed, 1 lock not reclaimed"
+        );
+        assert_eq!(
+            grace_label(&grace(0)),
+            "grace: 12.3 s left, 1/2 clients reclaimed, 0 locks not reclaimed"
+        );
+    }
 
     #[test]
     fn timestamps_read_as_utc_dates() {

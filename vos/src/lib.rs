@@ -1,12 +1,17 @@
-//! Volume administration for a Holdfast cell: the logic behind `holdfast vos`. The
-//! binary parses flags, calls a `Vos` method and prints what a `format_*` function makes
-//! of the result.
+//! Volume and fileserver pair administration for a Holdfast cell: the logic behind
+//! `holdfast vos` and `holdfast pair`. The binary parses flags, calls a `Vos` method and
+//! prints what a `format_*` function makes of the result.
 
 mod admin;
 mod error;
 mod fileserver;
 mod format;
+mod pair;
 
 pub use admin::Vos;
 pub use error::VosError;
-pub use format::{format_entry, format_examine, format_listvldb, format_listvol};
+pub use format::{
+    format_entry, format_examine, format_listvldb, format_listvol, format_pair_status,
+    format_switchover,
+};
+pub use pair::{MemberReport, MemberStatus, PairReport, SwitchoverReport};

@@ -1,0 +1,337 @@
+//! The fileserver pairs the VLDB arbitrates: who the members are, which one is active
+//! and until when. The decisions are `state::PairLease`'s; this file keeps its durable
+//! half in the `pairs` table and its expiry in memory.
+//! Invariant: an epoch is durable before any member hears of it, so a restarted VLDB
+//! never grants an epoch twice; the server entry of a pair's server id lists exactly the
+//! members first, the active first among them.
+//! Boundary: every method takes the VLDB's monotonic clock as a `Millis`; a pair loaded
+//! at open gets its holder one whole lease from the first call that touches it.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use proto::{Epoch, ErrorCode, PairEntry, PairName, ServerEntry, ServerId, Timestamp};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use serde::{Deserialize, Serialize};
+use state::{LeaseRefusal, Millis, PairLease};
+use tracing::{debug, info, warn};
+
+use crate::error::VldbError;
+use crate::store::{SERVERS, SERVERS_NAME, Store, decode, encode, put_server};
+
+/// Pair name -> postcard `PairRecord`.
+pub(crate) const PAIRS: TableDefinition<&str, &[u8]> = TableDefinition::new("pairs");
+const PAIRS_NAME: &str = "pairs";
+
+/// The durable part of a pair.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct PairRecord {
+    server: ServerId,
+    members: Vec<String>,
+    epoch: Epoch,
+    active: Option<String>,
+    successor: Option<String>,
+    /// The longest lease granted in this epoch: what a restarted VLDB grants the holder
+    /// again, so that the holder never believes in a longer lease than the VLDB honours.
+    lease_ms: u64,
+}
+
+/// One pair in memory.
+#[derive(Clone, Debug)]
+pub(crate) struct Pair {
+    pub(crate) server: ServerId,
+    pub(crate) lease: PairLease,
+    /// Durable twin of `PairRecord::lease_ms`.
+    lease_granted: Duration,
+    /// Loaded at open and not touched since: the expiry is not known yet.
+    expiry_unknown: bool,
+}
+
+impl Pair {
+    fn record(&self) -> PairRecord {
+        PairRecord {
+            server: self.server,
+            members: self.lease.members.clone(),
+            epoch: Epoch(self.lease.epoch),
+            active: self.lease.active.clone(),
+            successor: self.lease.successor.clone(),
+            lease_ms: millis(self.lease_granted),
+        }
+    }
+
+    /// Starts the lease a restart left without an expiry: the VLDB does not know how
+    /// much of it had run, so the holder gets a whole one.
+    fn touch(&mut self, now: Millis) {
+        if self.expiry_unknown {
+            self.expiry_unknown = false;
+            if self.lease.active.is_some() {
+                self.lease.restarted(self.lease_granted, now);
+            }
+        }
+    }
+
+    fn entry(&self, name: &PairName, now: Millis) -> PairEntry {
+        PairEntry {
+            name: name.clone(),
+            server: self.server,
+            members: self.lease.members.clone(),
+            active: self.lease.active.clone(),
+            epoch: Epoch(self.lease.epoch),
+            lease_left_ms: millis(self.lease.left(now)),
+            successor: self.lease.successor.clone(),
+        }
+    }
+}
+
+/// Reads every pair at open.
+pub(crate) fn load(db: &Database) -> Result<HashMap<String, Pair>, VldbError> {
+    let txn = db.begin_read()?;
+    let table = txn.open_table(PAIRS)?;
+    let mut pairs = HashMap::with_capacity(usize::try_from(table.len()?).unwrap_or(0));
+    for row in table.iter()? {
+        let (key, bytes) = row?;
+        let name = key.value().to_owned();
+        let record: PairRecord = decode(PAIRS_NAME, &name, bytes.value())?;
+        let pair = Pair {
+            server: record.server,
+            lease: PairLease {
+                members: record.members,
+                epoch: record.epoch.0,
+                active: record.active,
+                expires: Millis(0),
+                successor: record.successor,
+            },
+            lease_granted: Duration::from_millis(record.lease_ms),
+            expiry_unknown: true,
+        };
+        info!(pair = %name, epoch = pair.lease.epoch, active = ?pair.lease.active,
+            "pair loaded; its holder keeps one whole lease");
+        pairs.insert(name, pair);
+    }
+    Ok(pairs)
+}
+
+/// A pair's addresses for its server entry: the active, the other members in the order
+/// they joined, then any other address the server registered.
+pub(crate) fn ordered_addresses(lease: &PairLease, others: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = lease.active.iter().cloned().collect();
+    for address in lease.members.iter().chain(others) {
+        if !out.contains(address) {
+            out.push(address.clone());
+        }
+    }
+    out
+}
+
+impl Store {
+    /// `member` (an address) joins `pair`, serving the partition of `server`; the pair is
+    /// created by its first member. Also makes the server entry of `server` list the
+    /// members, stamped `registered` if it is new.
+    pub fn join_pair(
+        &self,
+        pair: &PairName,
+        server: ServerId,
+        member: &str,
+        registered: Timestamp,
+    ) -> Result<(), VldbError> {
+        if member.is_empty() || member.len() > self.limits.address_bytes_max {
+            debug!(%pair, "refusing a pair member address");
+            return Err(VldbError::Refused(ErrorCode::InvalidArgument));
+        }
+        let mut pairs = self.pairs.lock();
+        let mut next = match pairs.get(pair.as_str()) {
+            Some(existing) if existing.server != server => {
+                warn!(%pair, %member, pair_server = %existing.server, member_server = %server,
+                    "refusing a member whose partition has another server id than the pair's: \
+                     both members must serve the same partition directory");
+                return Err(VldbError::Refused(ErrorCode::InvalidArgument));
+            }
+            Some(existing) => existing.clone(),
+            None if pairs.len() >= self.limits.pairs_max => {
+                debug!(%pair, "pair table full");
+                return Err(VldbError::Refused(ErrorCode::InvalidArgument));
+            }
+            None => Pair {
+                server,
+                lease: PairLease::default(),
+                lease_granted: Duration::ZERO,
+                expiry_unknown: false,
+            },
+        };
+        let joined = next
+            .lease
+            .join(member)
+            .map_err(|refusal| refused(&next, refusal))?;
+        self.write_pair(pair, &next, Some(registered))?;
+        if joined {
+            info!(%pair, %member, %server, members = ?next.lease.members, "pair member joined");
+        } else {
+            debug!(%pair, %member, "pair member joined again");
+        }
+        pairs.insert(pair.as_str().to_owned(), next);
+        Ok(())
+    }
+
+    /// Compare-and-set of the lease (see `PairLease::acquire`); the new epoch is durable
+    /// when this returns it.
+    pub fn acquire_pair(
+        &self,
+        pair: &PairName,
+        member: &str,
+        epoch: Epoch,
+        lease: Duration,
+        now: Millis,
+    ) -> Result<Epoch, VldbError> {
+        let mut pairs = self.pairs.lock();
+        let current = pair_mut(&mut pairs, pair, now)?;
+        let mut next = current.clone();
+        let granted = next
+            .lease
+            .acquire(member, epoch.0, lease, now)
+            .map_err(|refusal| refused(&next, refusal))?;
+        next.lease_granted = lease;
+        self.write_pair(pair, &next, None)?;
+        info!(%pair, %member, epoch = granted, lease_ms = millis(lease), "pair lease acquired");
+        *current = next;
+        Ok(Epoch(granted))
+    }
+
+    /// The active extends its lease. Memory only, unless the member asks for a longer
+    /// lease than any granted in this epoch: that length must be durable first, since a
+    /// restarted VLDB grants the holder the recorded length again.
+    pub fn renew_pair(
+        &self,
+        pair: &PairName,
+        member: &str,
+        epoch: Epoch,
+        lease: Duration,
+        now: Millis,
+    ) -> Result<Epoch, VldbError> {
+        let mut pairs = self.pairs.lock();
+        let current = pair_mut(&mut pairs, pair, now)?;
+        let mut next = current.clone();
+        next.lease
+            .renew(member, epoch.0, lease, now)
+            .map_err(|refusal| refused(&next, refusal))?;
+        if lease > next.lease_granted {
+            next.lease_granted = lease;
+            self.write_pair(pair, &next, None)?;
+        }
+        debug!(%pair, %member, epoch = epoch.0, "pair lease renewed");
+        *current = next;
+        Ok(epoch)
+    }
+
+    /// The active gives its lease up at once, optionally to `successor`.
+    pub fn release_pair(
+        &self,
+        pair: &PairName,
+        member: &str,
+        epoch: Epoch,
+        successor: Option<&str>,
+        now: Millis,
+    ) -> Result<(), VldbError> {
+        let mut pairs = self.pairs.lock();
+        let current = pair_mut(&mut pairs, pair, now)?;
+        let mut next = current.clone();
+        next.lease
+            .release(member, epoch.0, successor, now)
+            .map_err(|refusal| refused(&next, refusal))?;
+        self.write_pair(pair, &next, None)?;
+        info!(%pair, %member, epoch = epoch.0, ?successor, "pair lease released");
+        *current = next;
+        Ok(())
+    }
+
+    pub fn pair(&self, pair: &PairName, now: Millis) -> Result<PairEntry, VldbError> {
+        let mut pairs = self.pairs.lock();
+        Ok(pair_mut(&mut pairs, pair, now)?.entry(pair, now))
+    }
+
+    /// Writes a pair's record and its server entry in one transaction. `registered`
+    /// stamps a server entry that does not exist yet; without it a missing entry is
+    /// corruption (joining created it).
+    fn write_pair(
+        &self,
+        name: &PairName,
+        pair: &Pair,
+        registered: Option<Timestamp>,
+    ) -> Result<(), VldbError> {
+        let txn = self.db.begin_write()?;
+        {
+            txn.open_table(PAIRS)?
+                .insert(name.as_str(), encode(&pair.record())?.as_slice())?;
+            let mut servers = txn.open_table(SERVERS)?;
+            let previous: Option<ServerEntry> = match servers.get(&pair.server.0.into_bytes())? {
+                Some(bytes) => Some(decode(SERVERS_NAME, pair.server, bytes.value())?),
+                None => None,
+            };
+            let (others, registered) = match (previous, registered) {
+                (Some(entry), _) => (entry.addresses, entry.registered),
+                (None, Some(registered)) => {
+                    if servers.len()? >= self.limits.servers_max {
+                        debug!(pair = %name, "server table full");
+                        return Err(VldbError::Refused(ErrorCode::InvalidArgument));
+                    }
+                    (Vec::new(), registered)
+                }
+                (None, None) => {
+                    return Err(VldbError::Corrupt {
+                        table: SERVERS_NAME,
+                        key: pair.server.to_string(),
+                        reason: format!("pair {name} has no server entry"),
+                    });
+                }
+            };
+            let entry = ServerEntry {
+                server: pair.server,
+                addresses: ordered_addresses(&pair.lease, &others),
+                registered,
+            };
+            put_server(&mut servers, &entry)?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+}
+
+/// The pair named `name`, its expiry started if a restart left it unknown.
+fn pair_mut<'a>(
+    pairs: &'a mut HashMap<String, Pair>,
+    name: &PairName,
+    now: Millis,
+) -> Result<&'a mut Pair, VldbError> {
+    let pair = pairs
+        .get_mut(name.as_str())
+        .ok_or(VldbError::Refused(ErrorCode::NoSuchPair))?;
+    pair.touch(now);
+    Ok(pair)
+}
+
+/// The wire's answer to a lease refusal.
+fn refused(pair: &Pair, refusal: LeaseRefusal) -> VldbError {
+    let code = match refusal {
+        // The pair exists (callers look it up first): the caller or the successor it
+        // named is not one of its members.
+        LeaseRefusal::NotMember | LeaseRefusal::BadLength => ErrorCode::InvalidArgument,
+        LeaseRefusal::Full { members } => ErrorCode::PairFull { members },
+        LeaseRefusal::Held {
+            epoch,
+            active,
+            left,
+        } => ErrorCode::LeaseHeld {
+            epoch: Epoch(epoch),
+            active,
+            lease_left_ms: millis(left),
+        },
+        LeaseRefusal::Lost { epoch } => ErrorCode::LeaseLost {
+            epoch: Epoch(epoch),
+        },
+    };
+    debug!(server = %pair.server, ?code, "pair call refused");
+    VldbError::Refused(code)
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
