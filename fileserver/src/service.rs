@@ -22,7 +22,7 @@ use tracing::{Instrument, debug, debug_span, error, info};
 use crate::callbacks::Callbacks;
 use crate::locks::{self, Locks, SetLockReply};
 use crate::stats::Stats;
-use crate::storage::{Partition, StorageError, Volume};
+use crate::storage::{Answer, Outcome, Partition, SequenceKey, StorageError, Volume};
 
 /// Most entries one `ReadDir` returns.
 pub const READDIR_COUNT_MAX: usize = 2048;
@@ -83,10 +83,11 @@ impl Service for FileService {
             }
             PeerKind::Admin | PeerKind::FileServer { .. } => None,
         };
+        let (sequence, request) = unwrap_sequenced(&hello.peer, request)?;
         let span = debug_span!("request", peer = %connection.peer_addr());
         async move {
-            debug!(?request, "request");
-            let answer = self.dispatch(caller, request).await;
+            debug!(?request, ?sequence, "request");
+            let answer = self.dispatch(caller, sequence, request).await;
             if let Err(code) = &answer {
                 debug!(%code, "refused");
             }
@@ -107,6 +108,7 @@ impl FileService {
     async fn dispatch(
         self: &Arc<Self>,
         caller: Option<ClientKey>,
+        sequence: Option<SequenceKey>,
         request: Request,
     ) -> Result<Response, ErrorCode> {
         match request {
@@ -203,8 +205,14 @@ impl FileService {
                 exclusive,
             } => {
                 let volume = self.volume(dir.volume)?;
-                let created =
-                    blocking(move || volume.create(dir, &name, mode, uid, gid, exclusive)).await?;
+                let created = match blocking(move || {
+                    volume.create_in(sequence, dir, &name, mode, uid, gid, exclusive)
+                })
+                .await?
+                {
+                    Outcome::Applied(created) => created,
+                    Outcome::Replayed(answer) => return *answer,
+                };
                 if created.created {
                     self.callbacks.break_callbacks(&[dir], caller).await;
                 }
@@ -219,7 +227,10 @@ impl FileService {
             } => {
                 let volume = self.volume(dir.volume)?;
                 let (status, dir_status) =
-                    blocking(move || volume.make_dir(dir, &name, mode, uid, gid)).await?;
+                    match blocking(move || volume.make_dir_in(sequence, dir, &name, mode, uid, gid)).await? {
+                        Outcome::Applied(made) => made,
+                        Outcome::Replayed(answer) => return *answer,
+                    };
                 self.callbacks.break_callbacks(&[dir], caller).await;
                 Ok(self.entry(caller, status, dir_status).await)
             }
@@ -232,14 +243,20 @@ impl FileService {
             } => {
                 let volume = self.volume(dir.volume)?;
                 let (status, dir_status) =
-                    blocking(move || volume.symlink(dir, &name, &target, uid, gid)).await?;
+                    match blocking(move || volume.symlink_in(sequence, dir, &name, &target, uid, gid)).await? {
+                        Outcome::Applied(made) => made,
+                        Outcome::Replayed(answer) => return *answer,
+                    };
                 self.callbacks.break_callbacks(&[dir], caller).await;
                 Ok(self.entry(caller, status, dir_status).await)
             }
             Request::MakeMountPoint { dir, name, volume } => {
                 let store = self.volume(dir.volume)?;
                 let (status, dir_status) =
-                    blocking(move || store.make_mount_point(dir, &name, &volume)).await?;
+                    match blocking(move || store.make_mount_point_in(sequence, dir, &name, &volume)).await? {
+                        Outcome::Applied(made) => made,
+                        Outcome::Replayed(answer) => return *answer,
+                    };
                 self.callbacks.break_callbacks(&[dir], caller).await;
                 Ok(self.entry(caller, status, dir_status).await)
             }
@@ -249,12 +266,17 @@ impl FileService {
                 }
                 let volume = self.volume(dir.volume)?;
                 let (status, dir_status) =
-                    blocking(move || volume.link(dir, &name, target)).await?;
+                    match blocking(move || volume.link_in(sequence, dir, &name, target)).await? {
+                        Outcome::Applied(made) => made,
+                        Outcome::Replayed(answer) => return *answer,
+                    };
                 self.callbacks.break_callbacks(&[dir, target], caller).await;
                 Ok(self.entry(caller, status, dir_status).await)
             }
-            Request::Remove { dir, name } => self.remove(caller, dir, name, false).await,
-            Request::RemoveDir { dir, name } => self.remove(caller, dir, name, true).await,
+            Request::Remove { dir, name } => self.remove(caller, sequence, dir, name, false).await,
+            Request::RemoveDir { dir, name } => {
+                self.remove(caller, sequence, dir, name, true).await
+            }
             Request::Rename {
                 from_dir,
                 from_name,
@@ -265,8 +287,14 @@ impl FileService {
                     return Err(ErrorCode::CrossVolume);
                 }
                 let volume = self.volume(from_dir.volume)?;
-                let renamed =
-                    blocking(move || volume.rename(from_dir, &from_name, to_dir, &to_name)).await?;
+                let renamed = match blocking(move || {
+                    volume.rename_in(sequence, from_dir, &from_name, to_dir, &to_name)
+                })
+                .await?
+                {
+                    Outcome::Applied(renamed) => renamed,
+                    Outcome::Replayed(answer) => return *answer,
+                };
                 let mut changed = vec![from_dir];
                 if to_dir != from_dir {
                     changed.push(to_dir);
@@ -275,12 +303,8 @@ impl FileService {
                     changed.push(replaced.fid);
                 }
                 self.callbacks.break_callbacks(&changed, caller).await;
-                Ok(Response::Renamed {
-                    from_dir: renamed.from_dir,
-                    to_dir: renamed.to_dir,
-                    moved: renamed.moved,
-                    replaced: renamed.replaced.filter(|s| s.link_count > 0),
-                })
+                // Renames grant no promise: the answer is what the record keeps.
+                Ok(renamed.answer())
             }
             Request::GiveUpCallbacks { fids } => {
                 if let Some(client) = caller {
@@ -415,9 +439,10 @@ impl FileService {
             | Request::VlRenewPair { .. }
             | Request::VlReleasePair { .. }
             | Request::VlGetPair { .. }
-            // Pairs and sequenced requests are not served yet: answered as unknown.
+            // Pair requests are the member's (`pair::service`); a single server has none.
             | Request::PairSwitchover
             | Request::MemberState
+            // Unwrapped in `handle`; a nested one is refused there.
             | Request::Sequenced { .. }
             | Request::LockGranted { .. } => Err(ErrorCode::Unsupported),
         }
@@ -426,20 +451,22 @@ impl FileService {
     async fn remove(
         self: &Arc<Self>,
         caller: Option<ClientKey>,
+        sequence: Option<SequenceKey>,
         dir: Fid,
         name: String,
         directory: bool,
     ) -> Result<Response, ErrorCode> {
         let volume = self.volume(dir.volume)?;
-        let removed = blocking(move || volume.remove(dir, &name, directory)).await?;
+        let removed =
+            match blocking(move || volume.remove_in(sequence, dir, &name, directory)).await? {
+                Outcome::Applied(removed) => removed,
+                Outcome::Replayed(answer) => return *answer,
+            };
         // The removed vnode's link count changed: its holders are broken too.
         self.callbacks
             .break_callbacks(&[dir, removed.target.fid], caller)
             .await;
-        Ok(Response::Removed {
-            dir: removed.dir,
-            target: Some(removed.target).filter(|s| s.link_count > 0),
-        })
+        Ok(removed.answer())
     }
 
     /// Re-grants the promises a client held before a restart whose data version is
@@ -510,6 +537,30 @@ impl FileService {
             dir,
         }
     }
+}
+
+/// Splits a `Sequenced` request into its key and the request it carries. Only a cache
+/// manager has a sequence (its client and instance make the key), and only a namespace
+/// change is sequenced (so never a `Sequenced` inside another).
+fn unwrap_sequenced(
+    peer: &PeerKind,
+    request: Request,
+) -> Result<(Option<SequenceKey>, Request), ErrorCode> {
+    let Request::Sequenced { seq, request } = request else {
+        return Ok((None, request));
+    };
+    let PeerKind::CacheManager { client, instance } = peer else {
+        return Err(ErrorCode::Unsupported);
+    };
+    if !request.needs_sequence() {
+        return Err(ErrorCode::InvalidArgument);
+    }
+    let key = SequenceKey {
+        client: *client,
+        instance: *instance,
+        seq,
+    };
+    Ok((Some(key), *request))
 }
 
 /// Runs a storage operation on a blocking thread and maps its error for the wire.

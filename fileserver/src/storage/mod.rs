@@ -23,6 +23,9 @@
 //!   listing is a range scan that resumes after any name.
 //! - `file_data`: vnode -> the bytes of an `Inline` file, exactly `size` of them; no row
 //!   while the file is empty. Kept apart from `vnodes` so vnode records stay small.
+//! - `outcomes`: (client uuid as u128, instance nonce, seq) -> `OutcomeRecord` (format 1:
+//!   the answer of a sequenced namespace change, callback grants stripped), written in
+//!   the change's transaction; see `outcomes`.
 //!
 //! Where file data lives: a new file is `Inline`. A store or size change that takes it
 //! past `INLINE_BYTES_MAX` (64 KiB) moves it to `data/<vnode>`. A file in a data file
@@ -69,6 +72,7 @@
 
 mod data_files;
 mod group_commit;
+mod outcomes;
 mod partition;
 mod records;
 mod vnode_lock;
@@ -77,6 +81,7 @@ mod volume;
 #[cfg(test)]
 mod tests;
 
+pub use outcomes::{Answer, Outcome, SEQ_WINDOW, SequenceKey};
 pub use partition::Partition;
 pub use records::{VnodeRecord, VolumeHeader};
 pub use volume::{Created, Removed, Renamed, Volume};

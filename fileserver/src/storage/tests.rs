@@ -875,3 +875,47 @@ fn concurrent_stores_into_a_data_file_keep_quota_exact() {
     assert_eq!(status.size, 10 * chunk);
     assert_eq!(volume.header().unwrap().bytes_used, status.size);
 }
+
+#[test]
+fn outcomes_are_pruned_per_client_by_instance_and_window() {
+    use super::{Outcome, SEQ_WINDOW, SequenceKey};
+    use proto::{ClientId, InstanceNonce};
+
+    let (_dir, partition, id) = setup();
+    let volume = partition.volume(id).unwrap();
+    let root = Fid::root(id);
+    let client = ClientId::random();
+    let key = |instance: u64, seq: u64| {
+        Some(SequenceKey {
+            client,
+            instance: InstanceNonce(instance),
+            seq,
+        })
+    };
+    let mkdir = |key, name: &str| volume.make_dir_in(key, root, name, 0o755, 0, 0).unwrap();
+    assert!(matches!(mkdir(key(7, 1), "a"), Outcome::Applied(_)));
+    assert!(matches!(mkdir(key(7, 1), "a"), Outcome::Replayed(answer) if answer.is_ok()));
+    // A far later seq of the same instance drops seq 1: it is applied anew (and refused).
+    assert!(matches!(
+        mkdir(key(7, SEQ_WINDOW + 2), "b"),
+        Outcome::Applied(_)
+    ));
+    let again = |key, name: &str| volume.make_dir_in(key, root, name, 0o755, 0, 0);
+    assert_eq!(refused(again(key(7, 1), "a")), ErrorCode::Exists);
+    // The refusal is recorded: the same key is answered from the record.
+    assert!(matches!(
+        mkdir(key(7, 1), "a"),
+        Outcome::Replayed(answer) if *answer == Err(ErrorCode::Exists)
+    ));
+    // A new instance drops the old one's records, and the old one's drop the new one's.
+    assert!(matches!(mkdir(key(3, 1), "c"), Outcome::Applied(_)));
+    assert_eq!(
+        refused(again(key(7, SEQ_WINDOW + 2), "b")),
+        ErrorCode::Exists
+    );
+    assert_eq!(
+        volume.outcome_count(),
+        1,
+        "only the newest instance's record"
+    );
+}

@@ -16,13 +16,14 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc::sync_channel;
 
 use proto::{
-    DirEntry, ErrorCode, Fid, FileKind, SetAttrs, Timestamp, Uniquifier, VnodeId, VnodeStatus,
-    VolumeId, VolumeInfo, VolumeName, VolumeType,
+    DirEntry, ErrorCode, Fid, FileKind, Response, SetAttrs, Timestamp, Uniquifier, VnodeId,
+    VnodeStatus, VolumeId, VolumeInfo, VolumeName, VolumeType,
 };
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::data_files::DataFiles;
 use super::group_commit::GroupCommit;
+use super::outcomes::{self, Answer, Outcome, SequenceKey};
 use super::records::{
     DataLocation, HEADER_FORMAT, VnodeRecord, VolumeHeader, kind_code, kind_from_code,
 };
@@ -543,9 +544,27 @@ impl Volume {
         gid: u32,
         exclusive: bool,
     ) -> Result<Created, StorageError> {
+        self.create_in(None, dir, name, mode, uid, gid, exclusive)?
+            .applied(&self.db_path)
+    }
+
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the fields of a Create request, and its sequence key"
+    )]
+    pub fn create_in(
+        &self,
+        sequence: Option<SequenceKey>,
+        dir: Fid,
+        name: &str,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        exclusive: bool,
+    ) -> Result<Outcome<Created>, StorageError> {
         proto::check_entry_name(name)?;
         let (id, name) = (self.id, name.to_owned());
-        self.write(move |tx| {
+        self.write_once(sequence, move |tx| {
             let dir_record = tx.directory(dir)?;
             if let Some((vnode, _, _)) = tx.entry(dir.vnode, &name)? {
                 if exclusive {
@@ -579,10 +598,23 @@ impl Volume {
         uid: u32,
         gid: u32,
     ) -> Result<(VnodeStatus, VnodeStatus), StorageError> {
+        self.make_dir_in(None, dir, name, mode, uid, gid)?
+            .applied(&self.db_path)
+    }
+
+    pub fn make_dir_in(
+        &self,
+        sequence: Option<SequenceKey>,
+        dir: Fid,
+        name: &str,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    ) -> Result<Outcome<(VnodeStatus, VnodeStatus)>, StorageError> {
         proto::check_entry_name(name)?;
         let name = name.to_owned();
         let record = VnodeRecord::new(FileKind::Directory, mode, uid, gid, dir.vnode);
-        self.write(move |tx| tx.add_entry(dir, &name, record))
+        self.write_once(sequence, move |tx| tx.add_entry(dir, &name, record))
     }
 
     pub fn symlink(
@@ -593,6 +625,19 @@ impl Volume {
         uid: u32,
         gid: u32,
     ) -> Result<(VnodeStatus, VnodeStatus), StorageError> {
+        self.symlink_in(None, dir, name, target, uid, gid)?
+            .applied(&self.db_path)
+    }
+
+    pub fn symlink_in(
+        &self,
+        sequence: Option<SequenceKey>,
+        dir: Fid,
+        name: &str,
+        target: &str,
+        uid: u32,
+        gid: u32,
+    ) -> Result<Outcome<(VnodeStatus, VnodeStatus)>, StorageError> {
         proto::check_entry_name(name)?;
         let name = name.to_owned();
         if target.is_empty() || target.contains('\0') {
@@ -604,7 +649,7 @@ impl Volume {
         let mut record = VnodeRecord::new(FileKind::Symlink, 0o777, uid, gid, dir.vnode);
         record.size = target.len() as u64;
         record.content = Some(target.to_owned());
-        self.write(move |tx| tx.add_entry(dir, &name, record))
+        self.write_once(sequence, move |tx| tx.add_entry(dir, &name, record))
     }
 
     /// Makes a mount point showing `volume`: content `#volume.` as in AFS.
@@ -614,13 +659,24 @@ impl Volume {
         name: &str,
         volume: &VolumeName,
     ) -> Result<(VnodeStatus, VnodeStatus), StorageError> {
+        self.make_mount_point_in(None, dir, name, volume)?
+            .applied(&self.db_path)
+    }
+
+    pub fn make_mount_point_in(
+        &self,
+        sequence: Option<SequenceKey>,
+        dir: Fid,
+        name: &str,
+        volume: &VolumeName,
+    ) -> Result<Outcome<(VnodeStatus, VnodeStatus)>, StorageError> {
         proto::check_entry_name(name)?;
         let name = name.to_owned();
         let content = format!("#{volume}.");
         let mut record = VnodeRecord::new(FileKind::MountPoint, 0o644, 0, 0, dir.vnode);
         record.size = content.len() as u64;
         record.content = Some(content);
-        self.write(move |tx| tx.add_entry(dir, &name, record))
+        self.write_once(sequence, move |tx| tx.add_entry(dir, &name, record))
     }
 
     /// A new hard link `name` in `dir` to the file `target`.
@@ -630,9 +686,20 @@ impl Volume {
         name: &str,
         target: Fid,
     ) -> Result<(VnodeStatus, VnodeStatus), StorageError> {
+        self.link_in(None, dir, name, target)?
+            .applied(&self.db_path)
+    }
+
+    pub fn link_in(
+        &self,
+        sequence: Option<SequenceKey>,
+        dir: Fid,
+        name: &str,
+        target: Fid,
+    ) -> Result<Outcome<(VnodeStatus, VnodeStatus)>, StorageError> {
         proto::check_entry_name(name)?;
         let (id, name) = (self.id, name.to_owned());
-        self.write(move |tx| {
+        self.write_once(sequence, move |tx| {
             let mut dir_record = tx.directory(dir)?;
             let mut record = tx.checked(target)?;
             if record.kind == FileKind::Directory {
@@ -662,9 +729,20 @@ impl Volume {
     /// Removes the entry `name`: a directory only if `directory` (and then it must be
     /// empty), anything else only if not.
     pub fn remove(&self, dir: Fid, name: &str, directory: bool) -> Result<Removed, StorageError> {
+        self.remove_in(None, dir, name, directory)?
+            .applied(&self.db_path)
+    }
+
+    pub fn remove_in(
+        &self,
+        sequence: Option<SequenceKey>,
+        dir: Fid,
+        name: &str,
+        directory: bool,
+    ) -> Result<Outcome<Removed>, StorageError> {
         proto::check_entry_name(name)?;
         let (id, name) = (self.id, name.to_owned());
-        self.write(move |tx| {
+        self.write_once(sequence, move |tx| {
             let mut dir_record = tx.directory(dir)?;
             let (vnode, _, _) = tx.entry(dir.vnode, &name)?.ok_or(ErrorCode::NoSuchEntry)?;
             let vnode = VnodeId(vnode);
@@ -704,10 +782,22 @@ impl Volume {
         to_dir: Fid,
         to_name: &str,
     ) -> Result<Renamed, StorageError> {
+        self.rename_in(None, from_dir, from_name, to_dir, to_name)?
+            .applied(&self.db_path)
+    }
+
+    pub fn rename_in(
+        &self,
+        sequence: Option<SequenceKey>,
+        from_dir: Fid,
+        from_name: &str,
+        to_dir: Fid,
+        to_name: &str,
+    ) -> Result<Outcome<Renamed>, StorageError> {
         proto::check_entry_name(from_name)?;
         proto::check_entry_name(to_name)?;
         let (id, from_name, to_name) = (self.id, from_name.to_owned(), to_name.to_owned());
-        self.write(move |tx| {
+        self.write_once(sequence, move |tx| {
             tx.directory(from_dir)?;
             tx.directory(to_dir)?;
             let (moved, _, _) = tx
@@ -873,6 +963,51 @@ impl Volume {
             })
     }
 
+    /// `write` for a namespace change that may carry a sequence key: in the same
+    /// transaction, a key already recorded is answered from its record (nothing is
+    /// applied), and a new one has its answer recorded with the change. Refusals are
+    /// recorded too: a retry must get the answer the first attempt got.
+    fn write_once<T: Answer + Send + 'static>(
+        &self,
+        sequence: Option<SequenceKey>,
+        op: impl FnOnce(&mut Tx<'_>) -> Result<T, StorageError> + Send + 'static,
+    ) -> Result<Outcome<T>, StorageError> {
+        let Some(key) = sequence else {
+            return self.write(op).map(Outcome::Applied);
+        };
+        let path = self.db_path.clone();
+        let outcome = self.write(move |tx| {
+            let txn = tx.txn;
+            if let Some(answer) = outcomes::find(txn, &key).map_err(outcome_error(&path))? {
+                return Ok(Err(answer));
+            }
+            let applied = op(tx);
+            let answer = match &applied {
+                Ok(value) => Ok(value.answer()),
+                Err(StorageError::Refused(code)) => Err(code.clone()),
+                // Server trouble is not an answer: the retry runs the change again.
+                Err(_) => return applied.map(Ok),
+            };
+            outcomes::record(txn, &key, answer).map_err(outcome_error(&path))?;
+            applied.map(Ok)
+        });
+        match outcome {
+            Ok(Ok(value)) => Ok(Outcome::Applied(value)),
+            Ok(Err(answer)) => Ok(Outcome::Replayed(Box::new(answer))),
+            // A refusal was recorded; it is answered as it is, like an applied one.
+            Err(e) => Err(e),
+        }
+    }
+
+    /// How many sequenced outcomes the volume records.
+    #[cfg(test)]
+    pub(super) fn outcome_count(&self) -> u64 {
+        self.db
+            .begin_write()
+            .map(|txn| outcomes::count(&txn))
+            .unwrap_or(0)
+    }
+
     /// Applies `jobs` in order in one write transaction, commits it durably, removes the
     /// data files it freed (a crash before that leaves an orphan file, never lost data)
     /// and answers every job.
@@ -912,6 +1047,74 @@ impl Volume {
                     }),
             );
         }
+    }
+}
+
+impl Answer for Created {
+    fn answer(&self) -> Response {
+        Response::Entry {
+            status: self.status.clone(),
+            callback: None,
+            dir: self.dir.clone(),
+        }
+    }
+}
+
+/// (entry made, directory) of `make_dir`, `symlink`, `make_mount_point`, `link`.
+impl Answer for (VnodeStatus, VnodeStatus) {
+    fn answer(&self) -> Response {
+        Response::Entry {
+            status: self.0.clone(),
+            callback: None,
+            dir: self.1.clone(),
+        }
+    }
+}
+
+impl Answer for Removed {
+    fn answer(&self) -> Response {
+        Response::Removed {
+            dir: self.dir.clone(),
+            target: Some(self.target.clone()).filter(|s| s.link_count > 0),
+        }
+    }
+}
+
+impl Answer for Renamed {
+    fn answer(&self) -> Response {
+        Response::Renamed {
+            from_dir: self.from_dir.clone(),
+            to_dir: self.to_dir.clone(),
+            moved: self.moved.clone(),
+            replaced: self.replaced.clone().filter(|s| s.link_count > 0),
+        }
+    }
+}
+
+impl<T> Outcome<T> {
+    /// The applied value of a change made without a sequence key, which is never
+    /// replayed.
+    fn applied(self, path: &Path) -> Result<T, StorageError> {
+        match self {
+            Outcome::Applied(value) => Ok(value),
+            Outcome::Replayed(_) => Err(StorageError::Corrupt {
+                path: path.to_owned(),
+                detail: "a change without a sequence key was answered from a record".into(),
+            }),
+        }
+    }
+}
+
+fn outcome_error(path: &Path) -> impl Fn(outcomes::FindError) -> StorageError + '_ {
+    move |e| match e {
+        outcomes::FindError::Database(source) => StorageError::Database {
+            path: path.to_owned(),
+            source,
+        },
+        outcomes::FindError::Corrupt(detail) => StorageError::Corrupt {
+            path: path.to_owned(),
+            detail,
+        },
     }
 }
 
