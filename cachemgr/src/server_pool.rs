@@ -269,12 +269,15 @@ impl ServerPool {
             };
             if let Some(connection) = &used {
                 debug!(%server, peer = %connection.peer_addr(), error = %error, "fileserver pair member failed; trying the other");
-                self.forget(server, connection).await;
-                // The address as the VLDB spells it, which the socket address may not be.
-                let failed = self
-                    .answered(server)
-                    .unwrap_or_else(|| connection.peer_addr().to_string());
-                self.move_on(server, &addresses, retry, &failed);
+                // Only the failure of the connection in use moves the pool on: a late
+                // one of a connection already replaced says nothing of the new member.
+                if self.forget(server, connection).await {
+                    // The address as the VLDB spells it, which the socket's may not be.
+                    let failed = self
+                        .answered(server)
+                        .unwrap_or_else(|| connection.peer_addr().to_string());
+                    self.move_on(server, &addresses, retry, &failed);
+                }
             } else {
                 // Every member was tried (hints noted) by `pair_connection`.
                 let since = *unreachable_since.get_or_insert_with(Instant::now);
@@ -324,17 +327,19 @@ impl ServerPool {
         }
     }
 
-    async fn forget(&self, server: ServerId, connection: &Connection) {
+    /// Closes `connection`; true when it was the one in use.
+    async fn forget(&self, server: ServerId, connection: &Connection) -> bool {
         connection.close();
-        self.lost(server, connection);
+        self.lost(server, connection)
     }
 
     fn sink(&self) -> Option<Arc<dyn CallbackSink>> {
         self.sink.get().and_then(|s| s.upgrade())
     }
 
-    /// Forgets `connection` if it is still the live one and tells the cache, once.
-    fn lost(&self, server: ServerId, connection: &Connection) {
+    /// Forgets `connection` if it is still the live one and tells the cache, once;
+    /// true when it was.
+    fn lost(&self, server: ServerId, connection: &Connection) -> bool {
         let removed = {
             let mut connections = self.connections.lock();
             let current = connections.get(&server).is_some_and(|c| c.same(connection));
@@ -344,6 +349,7 @@ impl ServerPool {
             debug!(peer = %connection.peer_addr(), "fileserver connection ended");
             sink.connection_lost(server);
         }
+        removed
     }
 
     /// The live connection to `server`, noting a dead one as lost.
