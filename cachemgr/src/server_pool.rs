@@ -271,7 +271,10 @@ impl ServerPool {
                 debug!(%server, peer = %connection.peer_addr(), error = %error, "fileserver pair member failed; trying the other");
                 // Only the failure of the connection in use moves the pool on: a late
                 // one of a connection already replaced says nothing of the new member.
-                if self.forget(server, connection).await {
+                // (Its callback loop may have noticed the end first and forgotten it
+                // already: then no connection is live, and the pool moves on too.)
+                let in_use = self.forget(server, connection).await;
+                if in_use || self.live(server).is_none() {
                     // The address as the VLDB spells it, which the socket's may not be.
                     let failed = self
                         .answered(server)
