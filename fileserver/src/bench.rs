@@ -351,6 +351,7 @@ fn write_state(
         clients: snapshot_clients,
         locks: lock_entries,
         callbacks: model,
+        ..StateSnapshot::default()
     }));
     journal.close();
     Ok(())

@@ -329,6 +329,7 @@ impl CallbackModel {
             StateRecord::ClientAdmitted { .. }
             | StateRecord::LockGranted { .. }
             | StateRecord::LockReleased { .. }
+            | StateRecord::Handover { .. }
             | StateRecord::ClientReleased { .. }
             | StateRecord::CallbackGranted { .. }
             | StateRecord::CallbacksGivenUp { .. }

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use proto::CellConfig;
+use proto::{CellConfig, PairName};
 use state::JournalMode;
 
 use crate::stats::Stats;
@@ -37,6 +37,21 @@ pub struct Config {
     pub vldb_timeout: Duration,
     /// Counters the caller can read while the server runs.
     pub stats: Arc<Stats>,
+    /// Run as a member of this pair (sharing the partition with its partner) instead of
+    /// as a single server.
+    pub pair: Option<PairConfig>,
+    /// Append a line per acknowledged change and per role change here (an audit trail
+    /// for failover tests).
+    pub history: Option<PathBuf>,
+}
+
+/// A pair member's settings.
+#[derive(Clone, Debug)]
+pub struct PairConfig {
+    pub name: PairName,
+    /// The lease the member asks the VLDB for; it renews every quarter of it and stops
+    /// acting a fifth of it before the lease ends.
+    pub lease: Duration,
 }
 
 impl Config {
@@ -55,6 +70,8 @@ impl Config {
             journal_mode: JournalMode::Sync,
             vldb_timeout: Duration::from_secs(5),
             stats: Arc::new(Stats::default()),
+            pair: None,
+            history: None,
         }
     }
 }

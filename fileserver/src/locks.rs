@@ -83,18 +83,23 @@ impl Locks {
     }
 
     /// Installs the state replayed from the journal (client keys already mapped to this
-    /// process's keys) and starts grace over its locks.
+    /// process's keys) and starts grace over its locks; with no `grace` (a clean
+    /// handover, where the journal is known complete and every lock still has its
+    /// owner) the locks stay held by their owners, whose leases start now.
     pub fn recover(
         &self,
         clients: Vec<(ClientKey, ClientId, InstanceNonce)>,
         locks: Vec<(Fid, Lock, u32)>,
-        grace: GraceConfig,
+        grace: Option<GraceConfig>,
         complete: bool,
     ) {
         let now = self.now();
         let mut tables = self.tables.lock();
         for (key, client, instance) in clients {
             tables.clients.insert(key, (client, instance));
+            if grace.is_none() {
+                tables.leases.touch(key, now);
+            }
         }
         let mut recovered = Vec::new();
         for (fid, lock, pid) in locks {
@@ -109,6 +114,14 @@ impl Locks {
             tables.holders.insert(lock.owner.client);
             recovered.push((fid, lock));
         }
+        let Some(grace) = grace else {
+            info!(
+                locks = recovered.len(),
+                clients = tables.clients.len(),
+                "locks taken over from a clean handover: no grace"
+            );
+            return;
+        };
         let mut grace = Grace::new(grace, recovered, complete, now);
         let status = grace.status();
         info!(
@@ -128,6 +141,24 @@ impl Locks {
             ),
             None => tables.grace = Some(grace),
         }
+    }
+
+    /// The running grace period, as `MemberState` reports it; `None` outside grace.
+    pub fn grace_state(&self) -> Option<proto::GraceState> {
+        let now = self.now();
+        let tables = self.tables.lock();
+        let status = tables.grace.as_ref()?.status();
+        let count = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
+        Some(proto::GraceState {
+            remaining_ms: u64::try_from(now.until(status.ends).as_millis()).unwrap_or(u64::MAX),
+            clients_recovered: count(status.clients_recovered),
+            clients_reclaimed: count(status.clients_done),
+            locks_unreclaimed: count(
+                status
+                    .locks_recovered
+                    .saturating_sub(status.locks_reclaimed),
+            ),
+        })
     }
 
     /// The lock and client state as a snapshot would hold it (for tests).
@@ -151,6 +182,7 @@ impl Locks {
             clients: client_entries(clients.into_iter()),
             locks: lock_entries(locks.into_iter(), &pids),
             callbacks,
+            clean_handover: false,
         }));
     }
 
@@ -302,7 +334,9 @@ impl Locks {
         self.deliver(effects);
     }
 
-    /// `ReclaimLock` during grace: only the recorded owner, exactly as recorded.
+    /// `ReclaimLock`: during grace, only the recorded owner, exactly as recorded. Outside
+    /// grace (or for a lock grace does not list) a lock the owner holds already answers
+    /// `Ok`: clients reclaim after every reconnect, also after a clean handover.
     pub fn reclaim(
         &self,
         client: ClientKey,
@@ -314,10 +348,27 @@ impl Locks {
     ) -> Result<(), ErrorCode> {
         let owner = LockOwner { client, owner };
         let mut tables = self.tables.lock();
-        let grace = tables.grace.as_mut().ok_or(ErrorCode::NotReclaimable)?;
-        grace
-            .reclaim(fid, Lock { owner, range, kind })
-            .map_err(|_| ErrorCode::NotReclaimable)?;
+        let lock = Lock { owner, range, kind };
+        let in_grace = tables
+            .grace
+            .as_mut()
+            .is_some_and(|grace| grace.reclaim(fid, lock).is_ok());
+        let held = || {
+            tables
+                .locks
+                .locks_of(client)
+                .iter()
+                .any(|(held_fid, held)| {
+                    *held_fid == fid
+                        && held.owner == owner
+                        && held.kind == kind
+                        && held.range.start() <= range.start()
+                        && range.end() <= held.range.end()
+                })
+        };
+        if !in_grace && !held() {
+            return Err(ErrorCode::NotReclaimable);
+        }
         tables.pids.insert((fid, owner), pid);
         debug!(client = client.0, ?fid, "lock reclaimed");
         Ok(())
@@ -582,6 +633,7 @@ fn capture(tables: &Tables) -> StateSnapshot {
         clients: client_entries(tables.clients.iter().map(|(k, v)| (*k, *v))),
         locks: lock_entries(tables.locks.iter(), &tables.pids),
         callbacks: CallbackModel::default(),
+        clean_handover: false,
     }
 }
 

@@ -16,9 +16,10 @@ use crate::locks::{self, Locks};
 use crate::state_journal::StateSnapshot;
 use crate::stats::Stats;
 
-/// Installs `recovered` and starts grace over its locks. Returns whether anything was
-/// recovered, in which case the caller snapshots at once: the records on disk name the
-/// previous process's client keys.
+/// Installs `recovered` and starts grace over its locks, unless the journal ends with a
+/// clean handover (then the locks stay with their owners, no grace). Returns whether
+/// anything was recovered, in which case the caller snapshots at once: the records on
+/// disk name the previous process's client keys.
 pub fn restore(
     callbacks: &Callbacks,
     locks: &Locks,
@@ -26,6 +27,7 @@ pub fn restore(
     grace: GraceConfig,
     mode: JournalMode,
 ) -> bool {
+    let grace = (!recovered.clean_handover).then_some(grace);
     if recovered.clients.is_empty() {
         return false;
     }

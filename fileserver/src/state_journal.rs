@@ -15,7 +15,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use proto::{ClientId, Fid, InstanceNonce, LockKind};
+use proto::{ClientId, Epoch, Fid, InstanceNonce, LockKind};
 use serde::{Deserialize, Serialize};
 use state::{
     ByteRange, ClientKey, Journal, JournalConfig, JournalError, JournalMode, LockOwner, LockTable,
@@ -26,6 +26,7 @@ use tokio::sync::oneshot;
 use tracing::{error, info, warn};
 
 use crate::callback_model::CallbackModel;
+use crate::fence::{Fence, FencedVfs};
 use crate::locks::{state_kind, wire_kind};
 
 /// The directory of the journal inside the partition.
@@ -114,6 +115,13 @@ pub enum StateRecord {
     DelayedTaken {
         client: u32,
     },
+    /// A planned switchover: the pair member of `epoch` stopped admitting requests,
+    /// finished those in flight and snapshotted just before this record. A journal that
+    /// ends here is complete and every lock in it still has its owner, so the partner
+    /// takes over without grace.
+    Handover {
+        epoch: u64,
+    },
 }
 
 /// A known client as a snapshot holds it.
@@ -142,6 +150,10 @@ pub struct StateSnapshot {
     pub clients: Vec<ClientEntry>,
     pub locks: Vec<LockEntry>,
     pub callbacks: CallbackModel,
+    /// Set by replay when the journal ends with a `Handover` record. Not part of the
+    /// snapshot payload (skipped, so the encoding is unchanged).
+    #[serde(skip)]
+    pub clean_handover: bool,
 }
 
 #[derive(Debug, Error)]
@@ -202,10 +214,21 @@ pub struct StateJournal {
 }
 
 impl StateJournal {
-    /// Opens (creating) the journal in `partition`, replays it and starts the writer.
+    /// Opens (creating) the journal in `partition` behind an open fence: tools, tests.
     pub fn open(
         partition: &Path,
         mode: JournalMode,
+    ) -> Result<(StateJournal, StateSnapshot), StateJournalError> {
+        StateJournal::open_fenced(partition, mode, Arc::new(Fence::open()), Epoch(0))
+    }
+
+    /// Opens (creating) the journal in `partition`, replays it and starts the writer.
+    /// Every write goes through `fence`; new segments and snapshots carry `epoch`.
+    pub fn open_fenced(
+        partition: &Path,
+        mode: JournalMode,
+        fence: Arc<Fence>,
+        epoch: Epoch,
     ) -> Result<(StateJournal, StateSnapshot), StateJournalError> {
         // The writer batches and syncs itself; `None` keeps the journal from syncing.
         let open_mode = match mode {
@@ -214,9 +237,11 @@ impl StateJournal {
         };
         let config = JournalConfig {
             mode: open_mode,
+            epoch,
             ..JournalConfig::default()
         };
-        let (journal, recovered) = Journal::open(&partition.join(STATE_DIR), config)?;
+        let vfs = Arc::new(FencedVfs::new(fence.clone()));
+        let (journal, recovered) = Journal::open_with(vfs, &partition.join(STATE_DIR), config)?;
         let (state, last) = replay(&recovered)?;
         info!(
             clients = state.clients.len(),
@@ -230,7 +255,7 @@ impl StateJournal {
         let journal = Arc::new(journal);
         std::thread::Builder::new()
             .name("state-journal".into())
-            .spawn(move || write_loop(journal, jobs, last, mode))
+            .spawn(move || write_loop(journal, jobs, last, mode, fence))
             .map_err(StateJournalError::Thread)?;
         let since_snapshot = Mutex::new((recovered.records.len() as u64, Instant::now()));
         Ok((
@@ -275,6 +300,26 @@ impl StateJournal {
     pub fn snapshot(&self, source: SnapshotSource) {
         self.send(Job::Snapshot(source));
         *self.since_snapshot.lock() = (0, Instant::now());
+    }
+
+    /// Marks the journal as cleanly handed over at `epoch` and waits until the mark is
+    /// durable; the caller snapshotted just before and admits no request meanwhile.
+    pub async fn handover(&self, epoch: u64) -> bool {
+        let (sender, receiver) = oneshot::channel();
+        let payload = match postcard::to_allocvec(&StateRecord::Handover { epoch }) {
+            Ok(payload) => payload,
+            Err(e) => {
+                error!(error = %e, "could not encode the handover record");
+                return false;
+            }
+        };
+        self.send(Job::Record {
+            payload,
+            done: Some(sender),
+        });
+        // The writer syncs a batch with a waiter in every mode but `None`, which syncs
+        // nothing: there the mark rests on the close that follows.
+        Durable(Some(receiver)).wait().await
     }
 
     /// Whether enough records (or enough time with some records) passed since the last
@@ -343,7 +388,13 @@ pub fn replay(recovered: &Recovered) -> Result<(StateSnapshot, Lsn), StateJourna
 
 /// Appends batches of records, syncs once per batch that has a waiter, and writes
 /// snapshots on a helper thread at the position they were handed over at.
-fn write_loop(journal: Arc<Journal>, jobs: Receiver<Job>, mut last: Lsn, mode: JournalMode) {
+fn write_loop(
+    journal: Arc<Journal>,
+    jobs: Receiver<Job>,
+    mut last: Lsn,
+    mode: JournalMode,
+    fence: Arc<Fence>,
+) {
     let mut failed = false;
     let mut snapshots: Vec<JoinHandle<()>> = Vec::new();
     let mut closing = None;
@@ -362,6 +413,11 @@ fn write_loop(journal: Arc<Journal>, jobs: Receiver<Job>, mut last: Lsn, mode: J
         for job in batch {
             match job {
                 Job::Record { payload, done } => {
+                    if !failed && !fence.is_open() {
+                        // Expected after a lost lease: the partner owns the journal now.
+                        info!("state journal fenced; journaling stops");
+                        failed = true;
+                    }
                     if !failed {
                         match journal.append(&payload) {
                             Ok(lsn) => last = lsn,
@@ -459,6 +515,7 @@ struct Replay {
     snapshot_locks: Vec<LockEntry>,
     locks: Option<LockTable>,
     pids: HashMap<(Fid, LockOwner), u32>,
+    clean_handover: bool,
 }
 
 impl Replay {
@@ -505,6 +562,8 @@ impl Replay {
 
     fn apply(&mut self, lsn: Lsn, record: StateRecord) -> Result<(), StateJournalError> {
         self.callbacks.apply(&record);
+        // Only the journal's last record counts: anything after a handover reopens it.
+        self.clean_handover = matches!(record, StateRecord::Handover { .. });
         match record {
             StateRecord::ClientAdmitted {
                 key,
@@ -564,7 +623,8 @@ impl Replay {
             | StateRecord::ResetAcked { .. }
             | StateRecord::DelayedQueued { .. }
             | StateRecord::DelayedReset { .. }
-            | StateRecord::DelayedTaken { .. } => {}
+            | StateRecord::DelayedTaken { .. }
+            | StateRecord::Handover { .. } => {}
         }
         Ok(())
     }
@@ -590,6 +650,7 @@ impl Replay {
             clients,
             locks,
             callbacks: self.callbacks,
+            clean_handover: self.clean_handover,
         }
     }
 

@@ -21,6 +21,7 @@ use parking_lot::Mutex;
 use proto::VnodeId;
 
 use super::{StorageError, io_error};
+use crate::fence::Fence;
 
 /// Most open data files one volume keeps. Each costs one descriptor; a write-back
 /// touches one file at a time, so a few dozen cover the files in use.
@@ -30,6 +31,8 @@ pub(super) const DATA_FILES_OPEN_MAX: usize = 32;
 pub(super) struct DataFiles {
     dir: PathBuf,
     open: Mutex<OpenFiles>,
+    /// Checked before every write, sync, truncation and removal of a data file.
+    fence: Arc<Fence>,
 }
 
 struct OpenFiles {
@@ -39,14 +42,20 @@ struct OpenFiles {
 }
 
 impl DataFiles {
-    pub(super) fn new(dir: PathBuf) -> DataFiles {
+    pub(super) fn new(dir: PathBuf, fence: Arc<Fence>) -> DataFiles {
         DataFiles {
             dir,
+            fence,
             open: Mutex::new(OpenFiles {
                 files: HashMap::new(),
                 clock: 0,
             }),
         }
+    }
+
+    /// Refuses a write to `path` once the fence closed.
+    pub(super) fn check_fence(&self, path: &Path) -> Result<(), StorageError> {
+        self.fence.check().map_err(io_error(path))
     }
 
     pub(super) fn path(&self, vnode: VnodeId) -> PathBuf {
@@ -70,6 +79,7 @@ impl DataFiles {
         let file = match OpenOptions::new().read(true).write(true).open(&path) {
             Ok(file) => file,
             Err(e) if e.kind() == ErrorKind::NotFound && create => {
+                self.check_fence(&path)?;
                 let file = OpenOptions::new()
                     .read(true)
                     .write(true)
@@ -105,6 +115,7 @@ impl DataFiles {
         size: u64,
     ) -> Result<(), StorageError> {
         let path = self.path(vnode);
+        self.check_fence(&path)?;
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -125,6 +136,10 @@ impl DataFiles {
     pub(super) fn remove(&self, vnode: VnodeId) {
         self.open.lock().files.remove(&vnode.0);
         let path = self.path(vnode);
+        if self.fence.check().is_err() {
+            // A fenced member leaves the file: an orphan, never lost data.
+            return;
+        }
         match std::fs::remove_file(&path) {
             Ok(()) => {}
             Err(e) if e.kind() == ErrorKind::NotFound => {}
@@ -176,7 +191,7 @@ mod tests {
     #[test]
     fn handles_are_bounded_least_recently_used_first_and_replaced_when_rewritten() {
         let dir = tempfile::tempdir().unwrap();
-        let files = DataFiles::new(dir.path().to_owned());
+        let files = DataFiles::new(dir.path().to_owned(), Arc::new(Fence::open()));
         assert!(files.get(VnodeId(1), false).unwrap().is_none());
         let first = files.get(VnodeId(1), true).unwrap().unwrap();
         for vnode in 2..=DATA_FILES_OPEN_MAX as u64 + 1 {

@@ -82,7 +82,7 @@ mod volume;
 mod tests;
 
 pub use outcomes::{Answer, Outcome, SEQ_WINDOW, SequenceKey};
-pub use partition::Partition;
+pub use partition::{Partition, server_id_of};
 pub use records::{VnodeRecord, VolumeHeader};
 pub use volume::{Created, Removed, Renamed, Volume};
 

@@ -15,6 +15,7 @@ use uuid::Uuid;
 
 use super::volume::Volume;
 use super::{StorageError, io_error};
+use crate::fence::Fence;
 
 const SERVER_ID_FILE: &str = "server.id";
 const VOLUME_PREFIX: &str = "vol.";
@@ -25,6 +26,8 @@ const REMOVING_SUFFIX: &str = ".removing";
 #[derive(Debug)]
 pub struct Partition {
     root: PathBuf,
+    /// Checked before every change to the partition (see `crate::fence`).
+    fence: Arc<Fence>,
     server_id: ServerId,
     volumes: RwLock<BTreeMap<VolumeId, Arc<Volume>>>,
 }
@@ -32,9 +35,10 @@ pub struct Partition {
 impl Partition {
     /// Opens (creating if needed) the partition at `root`: reads or makes `server.id`,
     /// clears leftovers of interrupted creations and removals, opens every volume.
-    pub fn open(root: &Path) -> Result<Partition, StorageError> {
+    pub fn open(root: &Path, fence: Arc<Fence>) -> Result<Partition, StorageError> {
+        fence.check().map_err(io_error(root))?;
         std::fs::create_dir_all(root).map_err(io_error(root))?;
-        let server_id = read_or_create_server_id(root)?;
+        let server_id = server_id_of(root)?;
         let mut volumes = BTreeMap::new();
         for entry in std::fs::read_dir(root).map_err(io_error(root))? {
             let entry = entry.map_err(io_error(root))?;
@@ -54,12 +58,13 @@ impl Partition {
                 warn!(path = %path.display(), "ignoring a directory that is not a volume");
                 continue;
             };
-            let volume = Volume::open(&path, VolumeId(id))?;
+            let volume = Volume::open(&path, VolumeId(id), fence.clone())?;
             volumes.insert(VolumeId(id), Arc::new(volume));
         }
         info!(partition = %root.display(), server = %server_id, volumes = volumes.len(), "partition opened");
         Ok(Partition {
             root: root.to_owned(),
+            fence,
             server_id,
             volumes: RwLock::new(volumes),
         })
@@ -97,6 +102,7 @@ impl Partition {
             }
         }
         let final_dir = self.volume_dir(id);
+        self.fence.check().map_err(io_error(&final_dir))?;
         let building = self
             .root
             .join(format!("{VOLUME_PREFIX}{id}{CREATING_SUFFIX}"));
@@ -109,10 +115,11 @@ impl Partition {
             id,
             name.clone(),
             quota_bytes,
+            self.fence.clone(),
         )?);
         std::fs::rename(&building, &final_dir).map_err(io_error(&final_dir))?;
         sync_dir(&self.root)?;
-        let volume = Arc::new(Volume::open(&final_dir, id)?);
+        let volume = Arc::new(Volume::open(&final_dir, id, self.fence.clone())?);
         let info = volume.info()?;
         let mut volumes = self.volumes.write();
         if volumes.contains_key(&id) {
@@ -133,6 +140,7 @@ impl Partition {
             .ok_or(StorageError::Refused(ErrorCode::NoSuchVolume))?;
         drop(volume);
         let dir = self.volume_dir(id);
+        self.fence.check().map_err(io_error(&dir))?;
         let removing = self
             .root
             .join(format!("{VOLUME_PREFIX}{id}{REMOVING_SUFFIX}"));
@@ -167,7 +175,11 @@ impl Partition {
     }
 }
 
-fn read_or_create_server_id(root: &Path) -> Result<ServerId, StorageError> {
+/// The server id of the partition at `root`, made (and the directory with it) on first
+/// use. Both members of a pair may ask at once, before either holds the lease: the new
+/// id is published with `link`, which fails if the file exists, so both read one id.
+pub fn server_id_of(root: &Path) -> Result<ServerId, StorageError> {
+    std::fs::create_dir_all(root).map_err(io_error(root))?;
     let path = root.join(SERVER_ID_FILE);
     match std::fs::read_to_string(&path) {
         Ok(text) => {
@@ -181,11 +193,17 @@ fn read_or_create_server_id(root: &Path) -> Result<ServerId, StorageError> {
         Err(e) => return Err(io_error(&path)(e)),
     }
     let id = ServerId::random();
-    let temp = root.join(format!("{SERVER_ID_FILE}.tmp"));
+    let temp = root.join(format!("{SERVER_ID_FILE}.{}.tmp", std::process::id()));
     let mut file = std::fs::File::create(&temp).map_err(io_error(&temp))?;
     writeln!(file, "{id}").map_err(io_error(&temp))?;
     file.sync_all().map_err(io_error(&temp))?;
-    std::fs::rename(&temp, &path).map_err(io_error(&path))?;
+    let linked = std::fs::hard_link(&temp, &path);
+    let _ = std::fs::remove_file(&temp);
+    match linked {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return server_id_of(root),
+        Err(e) => return Err(io_error(&path)(e)),
+    }
     sync_dir(root)?;
     info!(server = %id, "created a new server identity");
     Ok(id)

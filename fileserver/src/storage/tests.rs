@@ -1,11 +1,13 @@
 //! Volume store tests on a temporary directory.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use proto::{ErrorCode, Fid, FileKind, SetAttrs, VolumeId, VolumeName};
 
 use super::volume::INLINE_BYTES_MAX;
 use super::{Partition, StorageError, Volume};
+use crate::fence::Fence;
 
 fn refused(result: Result<impl std::fmt::Debug, StorageError>) -> ErrorCode {
     match result {
@@ -16,7 +18,7 @@ fn refused(result: Result<impl std::fmt::Debug, StorageError>) -> ErrorCode {
 
 fn setup() -> (tempfile::TempDir, Partition, VolumeId) {
     let dir = tempfile::tempdir().unwrap();
-    let partition = Partition::open(dir.path()).unwrap();
+    let partition = Partition::open(dir.path(), Arc::new(Fence::open())).unwrap();
     let id = VolumeId(536870913);
     partition
         .create_volume(id, VolumeName::parse("root.cell").unwrap(), 0)
@@ -264,7 +266,7 @@ fn symlinks_and_mount_points_serve_their_content() {
 #[test]
 fn quota_is_enforced() {
     let dir = tempfile::tempdir().unwrap();
-    let partition = Partition::open(dir.path()).unwrap();
+    let partition = Partition::open(dir.path(), Arc::new(Fence::open())).unwrap();
     let id = VolumeId(7);
     partition
         .create_volume(id, VolumeName::parse("small").unwrap(), 10)
@@ -322,7 +324,7 @@ fn reopen_keeps_data_and_identity() {
     let dir = tempfile::tempdir().unwrap();
     let id = VolumeId(42);
     let (server, fid) = {
-        let partition = Partition::open(dir.path()).unwrap();
+        let partition = Partition::open(dir.path(), Arc::new(Fence::open())).unwrap();
         partition
             .create_volume(id, VolumeName::parse("keep").unwrap(), 0)
             .unwrap();
@@ -335,7 +337,7 @@ fn reopen_keeps_data_and_identity() {
         volume.store_data(fid, 0, b"persist", None).unwrap();
         (partition.server_id(), fid)
     };
-    let partition = Partition::open(dir.path()).unwrap();
+    let partition = Partition::open(dir.path(), Arc::new(Fence::open())).unwrap();
     assert_eq!(partition.server_id(), server);
     let volume = partition.volume(id).unwrap();
     assert_eq!(volume.fetch_data(fid, 0, 100).unwrap().1, b"persist");
@@ -347,7 +349,12 @@ fn reopen_keeps_data_and_identity() {
         .fid;
     assert!(next.vnode > fid.vnode);
     partition.remove_volume(id).unwrap();
-    assert!(Partition::open(dir.path()).unwrap().volumes().is_empty());
+    assert!(
+        Partition::open(dir.path(), Arc::new(Fence::open()))
+            .unwrap()
+            .volumes()
+            .is_empty()
+    );
 }
 
 /// Creates an empty regular file (mode 0644, owner 0) in `dir` and returns its fid.
@@ -478,7 +485,7 @@ fn reopen_keeps_inline_and_file_data_and_unlink_frees_both() {
     let small = pattern(4096, 5);
     let large = pattern(300_000, 6);
     let (small_fid, large_fid) = {
-        let partition = Partition::open(dir.path()).unwrap();
+        let partition = Partition::open(dir.path(), Arc::new(Fence::open())).unwrap();
         partition
             .create_volume(id, VolumeName::parse("forms").unwrap(), 0)
             .unwrap();
@@ -495,7 +502,7 @@ fn reopen_keeps_inline_and_file_data_and_unlink_frees_both() {
             .unwrap();
         (small_fid, large_fid)
     };
-    let partition = Partition::open(dir.path()).unwrap();
+    let partition = Partition::open(dir.path(), Arc::new(Fence::open())).unwrap();
     let volume = partition.volume(id).unwrap();
     assert_eq!(volume.fetch_data(small_fid, 0, 1 << 20).unwrap().1, small);
     assert_eq!(
@@ -525,7 +532,7 @@ fn reopen_keeps_inline_and_file_data_and_unlink_frees_both() {
 #[test]
 fn quota_counts_inline_and_file_data_alike() {
     let dir = tempfile::tempdir().unwrap();
-    let partition = Partition::open(dir.path()).unwrap();
+    let partition = Partition::open(dir.path(), Arc::new(Fence::open())).unwrap();
     let id = VolumeId(8);
     partition
         .create_volume(id, VolumeName::parse("quota").unwrap(), 100_000)
@@ -712,7 +719,7 @@ fn fsync_after_stores_makes_data_durable() {
     let id = VolumeId(7);
     let chunk = 256 * 1024;
     let (fid, last, small) = {
-        let partition = Partition::open(dir.path()).unwrap();
+        let partition = Partition::open(dir.path(), Arc::new(Fence::open())).unwrap();
         partition
             .create_volume(id, VolumeName::parse("sync").unwrap(), 0)
             .unwrap();
@@ -743,7 +750,7 @@ fn fsync_after_stores_makes_data_durable() {
         );
         (fid, synced, small)
     };
-    let partition = Partition::open(dir.path()).unwrap();
+    let partition = Partition::open(dir.path(), Arc::new(Fence::open())).unwrap();
     let volume = partition.volume(id).unwrap();
     assert_eq!(volume.fetch_status(fid).unwrap(), last);
     for n in 0..4u8 {
@@ -827,7 +834,7 @@ fn concurrent_disjoint_stores_to_one_file_keep_contents_size_and_dv() {
 #[test]
 fn concurrent_stores_into_a_data_file_keep_quota_exact() {
     let dir = tempfile::tempdir().unwrap();
-    let partition = Partition::open(dir.path()).unwrap();
+    let partition = Partition::open(dir.path(), Arc::new(Fence::open())).unwrap();
     let id = VolumeId(8);
     let chunk = 64 * 1024u64;
     partition

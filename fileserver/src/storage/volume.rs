@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use std::io::ErrorKind;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::mpsc::sync_channel;
 
 use proto::{
@@ -20,6 +21,8 @@ use proto::{
     VnodeStatus, VolumeId, VolumeInfo, VolumeName, VolumeType,
 };
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+
+use crate::fence::{Fence, FencedFile};
 
 use super::data_files::DataFiles;
 use super::group_commit::GroupCommit;
@@ -124,11 +127,13 @@ impl Volume {
         id: VolumeId,
         name: VolumeName,
         quota_bytes: u64,
+        fence: Arc<Fence>,
     ) -> Result<Volume, StorageError> {
         let data_dir = dir.join("data");
+        fence.check().map_err(io_error(dir))?;
         std::fs::create_dir_all(&data_dir).map_err(io_error(&data_dir))?;
         let db_path = dir.join("meta.redb");
-        let db = Database::create(&db_path).map_err(db_error(&db_path))?;
+        let db = open_database(&db_path, true, &fence)?;
         // Every table exists from the start, so readers never meet a missing one.
         let txn = db.begin_write().map_err(db_error(&db_path))?;
         txn.open_table(HEADER).map_err(db_error(&db_path))?;
@@ -136,7 +141,7 @@ impl Volume {
         txn.open_table(ENTRIES).map_err(db_error(&db_path))?;
         txn.open_table(FILE_DATA).map_err(db_error(&db_path))?;
         txn.commit().map_err(db_error(&db_path))?;
-        let volume = Volume::with_db(id, db_path, data_dir, db);
+        let volume = Volume::with_db(id, db_path, data_dir, db, fence);
         let header = VolumeHeader {
             format: HEADER_FORMAT,
             id,
@@ -159,15 +164,15 @@ impl Volume {
     }
 
     /// Opens an existing volume directory, checking that it is the volume `id`.
-    pub fn open(dir: &Path, id: VolumeId) -> Result<Volume, StorageError> {
+    pub fn open(dir: &Path, id: VolumeId, fence: Arc<Fence>) -> Result<Volume, StorageError> {
         let data_dir = dir.join("data");
         let db_path = dir.join("meta.redb");
-        let db = Database::open(&db_path).map_err(db_error(&db_path))?;
+        let db = open_database(&db_path, false, &fence)?;
         // Volumes of record format 1 predate inline data and lack its table.
         let txn = db.begin_write().map_err(db_error(&db_path))?;
         txn.open_table(FILE_DATA).map_err(db_error(&db_path))?;
         txn.commit().map_err(db_error(&db_path))?;
-        let volume = Volume::with_db(id, db_path, data_dir, db);
+        let volume = Volume::with_db(id, db_path, data_dir, db, fence);
         let header = volume.header()?;
         if header.id != id {
             return Err(StorageError::Corrupt {
@@ -178,13 +183,19 @@ impl Volume {
         Ok(volume)
     }
 
-    fn with_db(id: VolumeId, db_path: PathBuf, data_dir: PathBuf, db: Database) -> Volume {
+    fn with_db(
+        id: VolumeId,
+        db_path: PathBuf,
+        data_dir: PathBuf,
+        db: Database,
+        fence: Arc<Fence>,
+    ) -> Volume {
         Volume {
             id,
             db_path,
             db,
             locks: VnodeLocks::new(),
-            files: DataFiles::new(data_dir),
+            files: DataFiles::new(data_dir, fence),
             committer: GroupCommit::new(),
         }
     }
@@ -400,9 +411,11 @@ impl Volume {
                 // Synced although the bytes written are not, as in `set_attr`: bytes
                 // cut off must not come back after a crash, where a later extension
                 // would expose them instead of zeros.
+                self.files.check_fence(&path)?;
                 file.set_len(length).map_err(io_error(&path))?;
                 file.sync_data().map_err(io_error(&path))?;
             }
+            self.files.check_fence(&path)?;
             file.write_all_at(data, offset).map_err(io_error(&path))?;
         }
         Ok(status)
@@ -419,6 +432,7 @@ impl Volume {
             && record.data == DataLocation::File
             && let Some(file) = self.files.get(fid.vnode, false)?
         {
+            self.files.check_fence(&self.files.path(fid.vnode))?;
             file.sync_data()
                 .map_err(io_error(self.files.path(fid.vnode)))?;
         }
@@ -453,6 +467,7 @@ impl Volume {
             Ok(record.status(tx.volume(), fid.vnode))
         })?;
         if let Some(file) = file {
+            self.files.check_fence(&self.files.path(fid.vnode))?;
             file.write_all_at(data, offset)
                 .map_err(io_error(self.files.path(fid.vnode)))?;
         }
@@ -525,6 +540,7 @@ impl Volume {
             // after a crash, where a later extension would expose them instead of zeros.
             let path = self.files.path(fid.vnode);
             if file.metadata().map_err(io_error(&path))?.len() != size {
+                self.files.check_fence(&path)?;
                 file.set_len(size).map_err(io_error(&path))?;
                 file.sync_data().map_err(io_error(&path))?;
             }
@@ -1141,6 +1157,20 @@ fn require_file(kind: FileKind) -> Result<(), StorageError> {
         FileKind::Directory => Err(ErrorCode::IsDirectory.into()),
         FileKind::Symlink | FileKind::MountPoint => Err(ErrorCode::InvalidArgument.into()),
     }
+}
+
+/// Opens (or with `create`, creates) a volume's redb file on the fenced backend.
+fn open_database(path: &Path, create: bool, fence: &Arc<Fence>) -> Result<Database, StorageError> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(create)
+        .truncate(false)
+        .open(path)
+        .map_err(io_error(path))?;
+    redb::Builder::new()
+        .create_with_backend(FencedFile::new(file, fence.clone()))
+        .map_err(db_error(path))
 }
 
 fn db_error<E: Into<redb::Error>>(path: &Path) -> impl FnOnce(E) -> StorageError + '_ {

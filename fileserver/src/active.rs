@@ -1,0 +1,155 @@
+//! One term of serving a partition: the open volumes, the state journal, the callback
+//! and lock tables rebuilt from it, and their sweepers. A single server has one term
+//! for its whole run; a pair member opens one each time it wins the lease.
+//! Invariant: a term is opened only behind an open fence, and ends in exactly one way:
+//! `close` (journal closed cleanly), `hand_over` (snapshot, handover mark, close) or
+//! `abandon` (fence already closed: dropped without writing anything).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use proto::Epoch;
+use state::GraceConfig;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use crate::callbacks::Callbacks;
+use crate::config::Config;
+use crate::fence::Fence;
+use crate::locks::Locks;
+use crate::restart;
+use crate::service::FileService;
+use crate::state_journal::StateJournal;
+use crate::storage::Partition;
+use crate::{FileServerError, MIN_SWEEP, sweep_expired, sweep_leases};
+
+/// What a term recovered when it opened, for the takeover log line.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Recovered {
+    pub clients: usize,
+    pub locks: usize,
+    pub callbacks: usize,
+    pub volumes: usize,
+    /// The journal ended with a clean handover: no grace.
+    pub clean_handover: bool,
+}
+
+/// An open partition and the state served from it.
+pub struct Active {
+    pub service: Arc<FileService>,
+    journal: Arc<StateJournal>,
+    callbacks: Arc<Callbacks>,
+    locks: Arc<Locks>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Active {
+    /// Opens the partition and its journal behind `fence`, restores the journaled state
+    /// (grace unless the journal ends with a clean handover) and starts the sweepers.
+    pub async fn open(
+        config: &Config,
+        fence: Arc<Fence>,
+        epoch: Epoch,
+    ) -> Result<(Active, Recovered), FileServerError> {
+        let path = config.partition.clone();
+        let mode = config.journal_mode;
+        let (partition, (journal, state)) = tokio::task::spawn_blocking(move || {
+            let partition = Partition::open(&path, fence.clone())?;
+            let journal = StateJournal::open_fenced(&path, mode, fence, epoch)?;
+            Ok::<_, FileServerError>((partition, journal))
+        })
+        .await
+        .map_err(|e| FileServerError::Task(e.to_string()))??;
+        let recovered = Recovered {
+            clients: state.clients.len(),
+            locks: state.locks.len(),
+            callbacks: state.callbacks.promises.len(),
+            volumes: partition.volumes().len(),
+            clean_handover: state.clean_handover,
+        };
+        let partition = Arc::new(partition);
+        let journal = Arc::new(journal);
+        let callbacks = Arc::new(Callbacks::new(
+            config.callback_count_max,
+            config.client_count_max,
+            config.delayed_breaks_per_client_max,
+            config.break_timeout,
+            journal.clone(),
+        ));
+        let locks = Arc::new(Locks::new(callbacks.clone(), journal.clone(), config.lease));
+        let grace = GraceConfig {
+            length: config.grace,
+            ..GraceConfig::default()
+        };
+        if restart::restore(&callbacks, &locks, state, grace, mode) {
+            restart::snapshot(&callbacks, &locks, &config.stats);
+        }
+        let service = Arc::new(FileService {
+            partition,
+            callbacks: callbacks.clone(),
+            locks: locks.clone(),
+            cell: config.cell.name.clone(),
+            stats: config.stats.clone(),
+        });
+        let (stop, stopped) = watch::channel(false);
+        let sweep_period = (config.lease.min(config.grace) / 4).clamp(MIN_SWEEP, SWEEP_MAX);
+        let tasks = vec![
+            tokio::spawn(sweep_expired(callbacks.clone(), stopped.clone())),
+            tokio::spawn(sweep_leases(
+                callbacks.clone(),
+                locks.clone(),
+                journal.clone(),
+                config.stats.clone(),
+                sweep_period,
+                stopped,
+            )),
+        ];
+        let active = Active {
+            service,
+            journal,
+            callbacks,
+            locks,
+            stop,
+            tasks,
+        };
+        Ok((active, recovered))
+    }
+
+    /// Ends the term cleanly: the journal gets every record handed over and is closed.
+    pub async fn close(self) {
+        let journal = self.stop_tasks();
+        if let Err(e) = tokio::task::spawn_blocking(move || journal.close()).await {
+            warn!(error = %e, "closing the state journal failed");
+        }
+    }
+
+    /// Ends the term for a planned switchover: a final snapshot, then the handover mark
+    /// that lets the partner start without grace, then a clean close. The caller admits
+    /// no request and has none in flight. Returns whether the mark is durable.
+    pub async fn hand_over(self, epoch: Epoch) -> bool {
+        restart::snapshot(&self.callbacks, &self.locks, &self.service.stats);
+        let marked = self.journal.handover(epoch.0).await;
+        info!(epoch = epoch.0, marked, "state handed over");
+        self.close().await;
+        marked
+    }
+
+    /// Ends the term after the fence closed: everything is dropped, nothing written (the
+    /// fence refuses every write the drops might still attempt).
+    pub fn abandon(self) {
+        drop(self.stop_tasks());
+    }
+
+    fn stop_tasks(self) -> Arc<StateJournal> {
+        let _ = self.stop.send(true);
+        for task in &self.tasks {
+            task.abort();
+        }
+        self.journal
+    }
+}
+
+/// The longest period of the lease and grace sweeper.
+const SWEEP_MAX: Duration = Duration::from_secs(5);

@@ -1,0 +1,102 @@
+//! The fence: until when this process may act on the partition. A pair member keeps it
+//! at its lease's end minus a margin (`state::MemberLease`) and closes it when it loses
+//! the lease; a single server keeps it open for good. Every write to the partition (the
+//! volumes' redb files, data files, the state journal) and every request checks it.
+//! Invariant: the deadline is read on a process-local monotonic clock, so no wall clock
+//! step can reopen it; a closed fence stays closed until the next grant.
+
+mod backend;
+mod vfs;
+
+pub use backend::FencedFile;
+pub use vfs::FencedVfs;
+
+use std::io;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use state::Millis;
+
+/// The error every fenced write gets.
+pub const FENCED: &str = "fenced: this member lost its pair lease";
+
+/// An atomic deadline in milliseconds of `now()`; checked with one load.
+#[derive(Debug)]
+pub struct Fence {
+    deadline_ms: AtomicU64,
+}
+
+impl Fence {
+    /// A fence that never closes: a single server's.
+    pub fn open() -> Fence {
+        Fence {
+            deadline_ms: AtomicU64::new(u64::MAX),
+        }
+    }
+
+    /// A closed fence: a pair member's until it wins the lease.
+    pub fn closed() -> Fence {
+        Fence {
+            deadline_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// Lets the process act until `deadline` on `now()`'s clock.
+    pub fn open_until(&self, deadline: Millis) {
+        self.deadline_ms.store(deadline.0, Ordering::SeqCst);
+    }
+
+    pub fn close(&self) {
+        self.deadline_ms.store(0, Ordering::SeqCst);
+    }
+
+    pub fn is_open(&self) -> bool {
+        now().0 < self.deadline_ms.load(Ordering::SeqCst)
+    }
+
+    /// `Ok` while open; the error a fenced write returns otherwise.
+    pub fn check(&self) -> io::Result<()> {
+        if self.is_open() {
+            Ok(())
+        } else {
+            Err(fenced())
+        }
+    }
+}
+
+/// The io error of a write refused by a closed fence.
+pub fn fenced() -> io::Error {
+    io::Error::new(io::ErrorKind::PermissionDenied, FENCED)
+}
+
+fn origin() -> Instant {
+    static ORIGIN: OnceLock<Instant> = OnceLock::new();
+    *ORIGIN.get_or_init(Instant::now)
+}
+
+/// Milliseconds on this process's monotonic clock (from its first use).
+pub fn now() -> Millis {
+    Millis(u64::try_from(origin().elapsed().as_millis()).unwrap_or(u64::MAX))
+}
+
+/// The instant `at` on `now()`'s clock, for timers.
+pub fn instant_at(at: Millis) -> tokio::time::Instant {
+    tokio::time::Instant::from_std(origin() + std::time::Duration::from_millis(at.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fence_opens_until_its_deadline_and_closes() {
+        let fence = Fence::closed();
+        assert!(fence.check().is_err());
+        fence.open_until(now().saturating_add(std::time::Duration::from_secs(60)));
+        assert!(fence.check().is_ok());
+        fence.open_until(now());
+        assert_eq!(fence.check().unwrap_err().to_string(), FENCED);
+        assert!(Fence::open().is_open());
+    }
+}

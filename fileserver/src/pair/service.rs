@@ -1,0 +1,377 @@
+//! The service a fileserver serves on its listener: the file service of the current
+//! term behind the fence, or `NotActive` while the member is passive. Also answers
+//! `MemberState` (any server) and `PairSwitchover` (an active member).
+//! Invariant: an answer leaves only if the fence was open when the request was admitted
+//! and still is after it was handled, in the same term: a member past its deadline, or
+//! demoted meanwhile, answers `NotActive` instead. Connections that met a term's file
+//! service are closed when the term ends, so no client keeps talking to a dead term.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use proto::rpc::Connection;
+use proto::server::Service;
+use proto::{
+    Epoch, ErrorCode, Hello, HelloReply, MemberRole, MemberState, PairName, Request, Response,
+    ServerId,
+};
+use tokio::sync::{Notify, mpsc, oneshot};
+use tracing::{debug, info};
+
+use crate::config::Config;
+use crate::fence::Fence;
+use crate::history::{self, History};
+use crate::service::FileService;
+
+/// A switchover request handed to the member's role machine, answered when done.
+pub type SwitchoverRequest = oneshot::Sender<Result<(), ErrorCode>>;
+
+/// What the member is now.
+#[derive(Clone)]
+struct Role {
+    kind: MemberRole,
+    epoch: Epoch,
+    /// Where the active member is, for `NotActive` answers.
+    hint: Option<String>,
+    /// The current term's file service (single or active).
+    service: Option<Arc<FileService>>,
+    /// Counts terms; a connection is registered with the term it met.
+    term: u64,
+}
+
+struct Registered {
+    connection: Connection,
+    hello: Arc<Hello>,
+    term: u64,
+}
+
+/// The listener's service, for single servers and pair members alike.
+pub struct MemberService {
+    cell: String,
+    member: String,
+    pair: Option<PairName>,
+    server: ServerId,
+    fence: Arc<Fence>,
+    role: Mutex<Role>,
+    /// Connections registered with a term's file service, by peer address (unique
+    /// among live TCP connections; `same` guards against a reused one).
+    connections: Mutex<HashMap<SocketAddr, Registered>>,
+    history: Option<History>,
+    /// False while a switchover drains: new requests get `NotActive`.
+    admitting: AtomicBool,
+    in_flight: AtomicUsize,
+    drained: Notify,
+    switchover: Option<mpsc::Sender<SwitchoverRequest>>,
+}
+
+impl MemberService {
+    /// A single server's: always serving `service`, fence always open.
+    pub fn single(
+        config: &Config,
+        member: String,
+        server: ServerId,
+        fence: Arc<Fence>,
+        history: Option<History>,
+        service: Arc<FileService>,
+    ) -> MemberService {
+        let role = Role {
+            kind: MemberRole::Single,
+            epoch: Epoch(0),
+            hint: None,
+            service: Some(service),
+            term: 1,
+        };
+        MemberService::new(config, member, server, fence, history, role, None)
+    }
+
+    /// A pair member's, passive until the role machine makes it active.
+    pub fn member(
+        config: &Config,
+        member: String,
+        server: ServerId,
+        fence: Arc<Fence>,
+        history: Option<History>,
+        switchover: mpsc::Sender<SwitchoverRequest>,
+    ) -> MemberService {
+        let role = Role {
+            kind: MemberRole::Passive,
+            epoch: Epoch(0),
+            hint: None,
+            service: None,
+            term: 0,
+        };
+        MemberService::new(
+            config,
+            member,
+            server,
+            fence,
+            history,
+            role,
+            Some(switchover),
+        )
+    }
+
+    fn new(
+        config: &Config,
+        member: String,
+        server: ServerId,
+        fence: Arc<Fence>,
+        history: Option<History>,
+        role: Role,
+        switchover: Option<mpsc::Sender<SwitchoverRequest>>,
+    ) -> MemberService {
+        MemberService {
+            cell: config.cell.name.clone(),
+            member,
+            pair: config.pair.as_ref().map(|p| p.name.clone()),
+            server,
+            fence,
+            role: Mutex::new(role),
+            connections: Mutex::new(HashMap::new()),
+            history,
+            admitting: AtomicBool::new(true),
+            in_flight: AtomicUsize::new(0),
+            drained: Notify::new(),
+            switchover,
+        }
+    }
+
+    /// Starts a term: `service` serves from now on (the fence is open already).
+    pub fn become_active(&self, epoch: Epoch, service: Arc<FileService>) {
+        let mut role = self.role.lock();
+        role.kind = MemberRole::Active;
+        role.epoch = epoch;
+        role.hint = Some(self.member.clone());
+        role.service = Some(service);
+        role.term += 1;
+        self.admitting.store(true, Ordering::SeqCst);
+        self.line(epoch, "active");
+    }
+
+    /// Ends the term (if any): passive at `epoch`, pointing at `hint`; every connection
+    /// that met the old term is closed. The caller closed the fence or closes it next.
+    pub fn become_passive(&self, epoch: Epoch, hint: Option<String>) {
+        let ended = {
+            let mut role = self.role.lock();
+            let was_active = role.kind == MemberRole::Active;
+            role.kind = MemberRole::Passive;
+            role.epoch = role.epoch.max(epoch);
+            role.hint = hint.filter(|h| *h != self.member);
+            role.service = None;
+            if was_active {
+                role.term += 1;
+                Some(role.term - 1)
+            } else {
+                None
+            }
+        };
+        let Some(term) = ended else { return };
+        let closed: Vec<Connection> = {
+            let mut connections = self.connections.lock();
+            let mut closed = Vec::new();
+            connections.retain(|_, registered| {
+                let keep = registered.term != term;
+                if !keep {
+                    closed.push(registered.connection.clone());
+                }
+                keep
+            });
+            closed
+        };
+        for connection in &closed {
+            connection.close();
+        }
+        info!(
+            connections = closed.len(),
+            "term ended: its connections are closed"
+        );
+    }
+
+    /// Stops admitting requests (a switchover begins) and waits up to `limit` for those
+    /// in flight; returns whether none is left.
+    pub async fn drain(&self, limit: Duration) -> bool {
+        self.admitting.store(false, Ordering::SeqCst);
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let notified = self.drained.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.in_flight.load(Ordering::SeqCst) == 0 {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return false;
+            }
+        }
+    }
+
+    /// Appends a role change or an acknowledged change to the history, if kept.
+    pub fn line(&self, epoch: Epoch, what: &str) {
+        if let Some(history) = &self.history {
+            history.line(epoch.0, &self.member, what);
+        }
+    }
+
+    fn not_active(&self) -> ErrorCode {
+        let role = self.role.lock();
+        ErrorCode::NotActive {
+            epoch: role.epoch,
+            hint: role.hint.clone().filter(|h| *h != self.member),
+        }
+    }
+
+    /// The term's service if the member serves now, counted in flight until dropped.
+    fn admit(&self) -> Result<(Arc<FileService>, Epoch, u64, InFlight<'_>), ErrorCode> {
+        let role = self.role.lock().clone();
+        let service = match role.service {
+            Some(service) if self.admitting.load(Ordering::SeqCst) && self.fence.is_open() => {
+                service
+            }
+            _ => return Err(self.not_active()),
+        };
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        Ok((service, role.epoch, role.term, InFlight(self)))
+    }
+
+    /// Registers `connection` with the term's service the first time it meets it.
+    fn register(
+        &self,
+        connection: &Connection,
+        hello: &Arc<Hello>,
+        service: &FileService,
+        term: u64,
+    ) {
+        let address = connection.peer_addr();
+        {
+            let connections = self.connections.lock();
+            if let Some(registered) = connections.get(&address)
+                && registered.term == term
+                && registered.connection.same(connection)
+            {
+                return;
+            }
+        }
+        service.connected(connection, hello);
+        self.connections.lock().insert(
+            address,
+            Registered {
+                connection: connection.clone(),
+                hello: hello.clone(),
+                term,
+            },
+        );
+    }
+
+    fn state(&self) -> MemberState {
+        let role = self.role.lock().clone();
+        MemberState {
+            member: self.member.clone(),
+            pair: self.pair.clone(),
+            role: role.kind,
+            epoch: role.epoch,
+            grace: role.service.and_then(|s| s.locks.grace_state()),
+        }
+    }
+
+    async fn request_switchover(&self) -> Result<Response, ErrorCode> {
+        let Some(switchover) = &self.switchover else {
+            return Err(ErrorCode::Unsupported);
+        };
+        if self.role.lock().kind != MemberRole::Active {
+            return Err(self.not_active());
+        }
+        let (answer, answered) = oneshot::channel();
+        switchover.try_send(answer).map_err(|_| ErrorCode::Busy)?;
+        answered
+            .await
+            .unwrap_or(Err(ErrorCode::Internal("the member stopped".into())))?;
+        Ok(Response::Ok)
+    }
+}
+
+/// Counts a request in flight; the last one out wakes a draining switchover.
+struct InFlight<'a>(&'a MemberService);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if self.0.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.drained.notify_waiters();
+        }
+    }
+}
+
+impl Service for MemberService {
+    fn hello(&self, hello: &Hello) -> Result<HelloReply, ErrorCode> {
+        let version = proto::rpc::negotiate(hello, &self.cell)?;
+        Ok(HelloReply {
+            version,
+            server: Some(self.server),
+        })
+    }
+
+    fn connected(&self, connection: &Connection, hello: &Hello) {
+        let role = self.role.lock().clone();
+        if let Some(service) = role.service {
+            self.register(connection, &Arc::new(hello.clone()), &service, role.term);
+        }
+    }
+
+    async fn handle(
+        self: Arc<Self>,
+        connection: Connection,
+        hello: Arc<Hello>,
+        request: Request,
+    ) -> Result<Response, ErrorCode> {
+        match request {
+            Request::MemberState => return Ok(Response::MemberState(self.state())),
+            Request::PairSwitchover => return self.request_switchover().await,
+            _ => {}
+        }
+        let (service, epoch, term, in_flight) = match self.admit() {
+            Ok(admitted) => admitted,
+            Err(code) => {
+                debug!(%code, "not serving");
+                return Err(code);
+            }
+        };
+        self.register(&connection, &hello, &service, term);
+        let recorded = self
+            .history
+            .as_ref()
+            .and_then(|_| history::is_recorded(&request).then(|| history::kind(&request)));
+        let answer = service.handle(connection, hello, request).await;
+        // The last check: a member whose lease ran out (or that was demoted) while the
+        // request ran must not acknowledge it.
+        if !self.fence.is_open() || self.role.lock().term != term {
+            return Err(self.not_active());
+        }
+        if let (Ok(_), Some(kind)) = (&answer, recorded) {
+            self.line(epoch, &kind);
+        }
+        drop(in_flight);
+        answer
+    }
+
+    fn disconnected(&self, connection: &Connection, _hello: &Hello) {
+        let registered = {
+            let mut connections = self.connections.lock();
+            match connections.get(&connection.peer_addr()) {
+                Some(r) if r.connection.same(connection) => {
+                    connections.remove(&connection.peer_addr())
+                }
+                _ => None,
+            }
+        };
+        let Some(registered) = registered else { return };
+        let role = self.role.lock().clone();
+        if let Some(service) = role.service
+            && role.term == registered.term
+        {
+            service.disconnected(connection, &registered.hello);
+        }
+    }
+}
