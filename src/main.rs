@@ -86,6 +86,17 @@ enum Command {
         /// Seconds of grace after a restart for lock reclaims (default: one lease).
         #[arg(long)]
         grace_secs: Option<f64>,
+        /// Serve as one member of the active/passive pair NAME: both members use the
+        /// same --partition; the VLDB's lease decides which one serves.
+        #[arg(long, value_name = "NAME")]
+        pair: Option<String>,
+        /// Milliseconds of the pair lease (renewed every quarter of it).
+        #[arg(long, default_value_t = 2000, requires = "pair")]
+        pair_lease_ms: u64,
+        /// Append a line per acknowledged change and per role change to FILE (an audit
+        /// trail: `<unix micros> <epoch> <member> <what>`).
+        #[arg(long, value_name = "FILE")]
+        history: Option<PathBuf>,
         /// Write the bound address to this file once listening.
         #[arg(long, value_name = "FILE")]
         ready_file: Option<PathBuf>,
@@ -299,10 +310,30 @@ fn run(cli: Cli) -> Result<()> {
             journal_mode,
             lease_secs,
             grace_secs,
+            pair,
+            pair_lease_ms,
+            history,
             ready_file,
         } => {
             process::init_tracing("info");
             let cell = CellConfig::locate(cell_path.as_deref()).context("find the cell")?;
+            let pair = pair
+                .map(|name| {
+                    let name = proto::PairName::parse(&name)
+                        .map_err(|e| anyhow::anyhow!("--pair {name:?}: {e}"))?;
+                    let lease = Duration::from_millis(pair_lease_ms);
+                    if !(state::pair_lease::LEASE_MIN..=state::pair_lease::LEASE_MAX)
+                        .contains(&lease)
+                    {
+                        anyhow::bail!(
+                            "--pair-lease-ms {pair_lease_ms}: use {} to {} milliseconds",
+                            state::pair_lease::LEASE_MIN.as_millis(),
+                            state::pair_lease::LEASE_MAX.as_millis()
+                        );
+                    }
+                    Ok(fileserver::PairConfig { name, lease })
+                })
+                .transpose()?;
             runtime()?.block_on(async {
                 let listener = bind(&listen).await?;
                 let address = listener.local_addr()?.to_string();
@@ -313,6 +344,8 @@ fn run(cli: Cli) -> Result<()> {
                 config.journal_mode = journal_mode;
                 config.lease = seconds(lease_secs, "--lease-secs")?;
                 config.grace = seconds(grace_secs.unwrap_or(lease_secs), "--grace-secs")?;
+                config.pair = pair;
+                config.history = history;
                 process::write_ready_file(ready_file.as_deref(), &address)?;
                 let shutdown = process::shutdown_on_signals()?;
                 fileserver::run(config, listener, shutdown)
