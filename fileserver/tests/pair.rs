@@ -464,6 +464,19 @@ async fn two_single_servers_cannot_share_a_partition() {
         .call(Request::Ping, TIMEOUT)
         .await;
     assert_eq!(pong.unwrap(), Response::Pong);
+    match admin(&first.address)
+        .await
+        .call(Request::MemberState, TIMEOUT)
+        .await
+    {
+        Ok(Response::MemberState(state)) => {
+            assert_eq!(
+                (state.role, state.pair, state.grace),
+                (MemberRole::Single, None, None)
+            )
+        }
+        other => panic!("MemberState answered {other:?}"),
+    }
     let second = tokio::time::timeout(TIMEOUT, fileserver::run(config, listener, shutdown));
     let refused = second
         .await
