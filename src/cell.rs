@@ -1,5 +1,5 @@
-//! A local cell run as separate processes — VLDB, fileserver, `root.cell`, mounts — for
-//! `holdfast up` and `holdfast bench`.
+//! A local cell run as separate processes — VLDB, one fileserver or an active/passive
+//! pair on one partition, `root.cell`, mounts — for `holdfast up` and `holdfast bench`.
 //! Invariant: every process started here is stopped by its PID, and every mount made
 //! here is gone, when the `LocalCell` drops — also when start-up fails half-way.
 
@@ -12,6 +12,19 @@ use proto::{CellConfig, PeerKind, VldbClient};
 use crate::process::{Supervised, await_ready_file, log_tail};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// The name of a local cell's fileserver pair.
+pub const PAIR: &str = "local";
+/// The pair members' process names.
+pub const MEMBERS: [&str; 2] = ["fileserver-a", "fileserver-b"];
+
+/// What serves the cell's partition.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Servers {
+    /// One fileserver.
+    Single,
+    /// An active/passive pair sharing the partition.
+    Pair,
+}
 
 /// Where a local cell keeps its pieces under its directory.
 pub struct Layout {
@@ -53,6 +66,12 @@ impl Layout {
     pub fn log(&self, name: &str) -> PathBuf {
         self.logs.join(format!("{name}.log"))
     }
+
+    /// Where the pair members' addresses are kept between runs: the VLDB knows a pair's
+    /// members by address, so a restarted cell must listen where it did before.
+    fn members_file(&self) -> PathBuf {
+        self.dir.join("pair-members")
+    }
 }
 
 /// A running local cell.
@@ -61,6 +80,8 @@ pub struct LocalCell {
     pub cell: CellConfig,
     pub vl_address: String,
     pub fs_address: String,
+    /// The pair members' (process name, address), when the cell runs a pair.
+    pub members: Vec<(String, String)>,
     /// Mount points, in the order they were made.
     pub mounts: Vec<PathBuf>,
     /// Stopped newest first: mounts before the servers they flush to.
@@ -68,10 +89,11 @@ pub struct LocalCell {
 }
 
 impl LocalCell {
-    /// Starts the VLDB and a fileserver, and creates `root.cell` if the VLDB lacks it.
+    /// Starts the VLDB and the fileserver(s), and creates `root.cell` if the VLDB lacks it.
     pub fn start(
         dir: &Path,
         cell_name: &str,
+        servers: Servers,
         runtime: &tokio::runtime::Runtime,
     ) -> Result<LocalCell> {
         let layout = Layout::new(dir)?;
@@ -88,6 +110,7 @@ impl LocalCell {
             layout,
             vl_address: String::new(),
             fs_address: String::new(),
+            members: Vec::new(),
             mounts: Vec::new(),
             children: Vec::new(),
         };
@@ -107,22 +130,84 @@ impl LocalCell {
         cell.cell.vlservers = vec![cell.vl_address.clone()];
         std::fs::write(&cell.layout.cell_file, cell.cell.to_toml())
             .with_context(|| format!("write {}", cell.layout.cell_file.display()))?;
-        let cell_file = path_arg(&cell.layout.cell_file);
-        let partition = path_arg(&cell.layout.partition);
-        cell.fs_address = cell.start_child(
-            "fileserver",
-            &[
-                "fileserver",
-                "--cell",
-                &cell_file,
-                "--partition",
-                &partition,
-                "--listen",
-                "127.0.0.1:0",
-            ],
-        )?;
+        match servers {
+            Servers::Single => {
+                cell.fs_address = cell.start_fileserver("fileserver", "127.0.0.1:0", &[])?;
+            }
+            Servers::Pair => cell.start_pair(runtime)?,
+        }
         runtime.block_on(ensure_root_volume(&cell.cell, &cell.fs_address))?;
         Ok(cell)
+    }
+
+    /// Starts both members of the pair on the partition; the first becomes active
+    /// before the second starts, so `fs_address` names the active.
+    fn start_pair(&mut self, runtime: &tokio::runtime::Runtime) -> Result<()> {
+        let members_file = self.layout.members_file();
+        let previous: Vec<String> = std::fs::read_to_string(&members_file)
+            .map(|text| text.lines().map(str::to_owned).collect())
+            .unwrap_or_default();
+        for (i, name) in MEMBERS.iter().enumerate() {
+            let listen = previous
+                .get(i)
+                .cloned()
+                .unwrap_or_else(|| "127.0.0.1:0".to_owned());
+            let address = self
+                .start_fileserver(name, &listen, &["--pair", PAIR])
+                .with_context(|| {
+                    format!(
+                        "start pair member {name} on {listen} (the pair's members keep their \
+                         addresses between runs; {} lists them)",
+                        members_file.display()
+                    )
+                })?;
+            if i == 0 {
+                runtime.block_on(await_active(&self.cell, &address))?;
+                self.fs_address = address.clone();
+            }
+            self.members.push(((*name).to_owned(), address));
+        }
+        let addresses: Vec<&str> = self.members.iter().map(|(_, a)| a.as_str()).collect();
+        std::fs::write(&members_file, addresses.join("\n"))
+            .with_context(|| format!("write {}", members_file.display()))?;
+        Ok(())
+    }
+
+    /// Starts a fileserver on the cell's partition; returns its address.
+    pub fn start_fileserver(&mut self, name: &str, listen: &str, extra: &[&str]) -> Result<String> {
+        let cell_file = path_arg(&self.layout.cell_file);
+        let partition = path_arg(&self.layout.partition);
+        let mut args = vec![
+            "fileserver",
+            "--cell",
+            &cell_file,
+            "--partition",
+            &partition,
+            "--listen",
+            listen,
+        ];
+        args.extend_from_slice(extra);
+        self.start_child(name, &args)
+    }
+
+    /// The PID of the child started under `name`.
+    pub fn pid(&self, name: &str) -> Option<u32> {
+        self.children
+            .iter()
+            .rev()
+            .find(|c| c.name == name)
+            .map(|c| c.pid())
+    }
+
+    /// Sends `signal` to the child started under `name`.
+    pub fn signal(&self, name: &str, signal: i32) -> Result<()> {
+        let child = self
+            .children
+            .iter()
+            .rev()
+            .find(|c| c.name == name)
+            .with_context(|| format!("no process named {name}"))?;
+        child.signal(signal)
     }
 
     /// Mounts the cell at `mountpoint` with its own cache directory.
@@ -160,6 +245,25 @@ impl LocalCell {
         await_ready_file(&ready, child, READY_TIMEOUT, &log)
     }
 
+    /// Starts again every pair member that exited on its own (it rejoins as passive),
+    /// on its old address; returns the names restarted.
+    pub fn restart_exited_members(&mut self) -> Result<Vec<String>> {
+        let mut restarted = Vec::new();
+        for (name, address) in self.members.clone() {
+            let Some(index) = self.children.iter().rposition(|c| c.name == name) else {
+                continue;
+            };
+            let Some(status) = self.children[index].exited() else {
+                continue;
+            };
+            self.children.remove(index);
+            println!("The {name} stopped ({status}); starting it again as the passive member.");
+            self.start_fileserver(&name, &address, &["--pair", PAIR])?;
+            restarted.push(name);
+        }
+        Ok(restarted)
+    }
+
     /// The first child that exited on its own, with its log tail.
     pub fn check_children(&mut self) -> Result<()> {
         for child in &mut self.children {
@@ -186,6 +290,43 @@ impl Drop for LocalCell {
                 let _ = cachemgr::mount::detach(mountpoint);
             }
         }
+    }
+}
+
+/// Waits until the fileserver at `address` says it is the active member of its pair.
+pub async fn await_active(cell: &CellConfig, address: &str) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
+    loop {
+        if member_role(cell, address).await == Some(proto::MemberRole::Active) {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("the fileserver at {address} did not become active within {READY_TIMEOUT:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The role the fileserver at `address` reports, if it answers.
+pub async fn member_role(cell: &CellConfig, address: &str) -> Option<proto::MemberRole> {
+    let hello = proto::Hello {
+        version_min: proto::PROTOCOL_VERSION_MIN,
+        version_max: proto::PROTOCOL_VERSION_MAX,
+        cell: cell.name.clone(),
+        peer: PeerKind::Admin,
+    };
+    let limits = proto::rpc::Limits {
+        handshake_timeout: Duration::from_secs(2),
+        ..proto::rpc::Limits::default()
+    };
+    let (connection, _, _) = proto::rpc::connect(address, hello, &limits).await.ok()?;
+    let answer = connection
+        .call(proto::Request::MemberState, Duration::from_secs(2))
+        .await;
+    connection.close();
+    match answer {
+        Ok(proto::Response::MemberState(state)) => Some(state.role),
+        _ => None,
     }
 }
 

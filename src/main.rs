@@ -119,6 +119,10 @@ enum Command {
         /// Seconds a fileserver may take to answer before a call fails.
         #[arg(long, default_value_t = 10.0)]
         timeout: f64,
+        /// Seconds a call to a fileserver pair keeps trying its members (riding out a
+        /// failover) before it fails.
+        #[arg(long, value_name = "SECS", default_value_t = 60.0)]
+        failover_timeout: f64,
         /// Write this file once the mount is live.
         #[arg(long, value_name = "FILE")]
         ready_file: Option<PathBuf>,
@@ -343,6 +347,7 @@ fn run(cli: Cli) -> Result<()> {
             root_volume,
             cache_mib,
             timeout,
+            failover_timeout,
             ready_file,
         } => {
             process::init_tracing("info");
@@ -350,6 +355,7 @@ fn run(cli: Cli) -> Result<()> {
             let root_volume = proto::VolumeName::parse(&root_volume)
                 .map_err(|e| anyhow::anyhow!("--root-volume {root_volume:?}: {e}"))?;
             let rpc_timeout = seconds(timeout, "--timeout")?;
+            let failover_timeout = seconds(failover_timeout, "--failover-timeout")?;
             let config = cachemgr::Config {
                 cell,
                 cache_dir: cache,
@@ -357,6 +363,7 @@ fn run(cli: Cli) -> Result<()> {
                 root_volume,
                 cache_bytes_max: cache_mib.saturating_mul(1 << 20),
                 rpc_timeout,
+                failover_timeout,
                 lease_renew_interval: cachemgr::LEASE_RENEW_INTERVAL_DEFAULT,
             };
             let shutdown = process::shutdown_on_signals_blocking()?;

@@ -120,6 +120,20 @@ impl Supervised {
         self.child.id()
     }
 
+    /// Sends `signal` to the child (a fault for benchmarks: SIGKILL, SIGSTOP).
+    pub fn signal(&self, signal: libc::c_int) -> Result<()> {
+        // SAFETY: signalling our own child by its PID.
+        if unsafe { libc::kill(self.child.id() as libc::pid_t, signal) } != 0 {
+            anyhow::bail!(
+                "signal the {} ({}): {}",
+                self.name,
+                self.pid(),
+                std::io::Error::last_os_error()
+            );
+        }
+        Ok(())
+    }
+
     /// The exit status if the child has exited.
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
         self.child.try_wait().ok().flatten()

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 
-use crate::cell::LocalCell;
+use crate::cell::{LocalCell, Servers};
 
 pub fn run(dir: &Path, cell_name: &str) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -15,7 +15,7 @@ pub fn run(dir: &Path, cell_name: &str) -> Result<()> {
         .build()
         .context("start the async runtime")?;
     let mut shutdown = runtime.block_on(async { crate::process::shutdown_on_signals() })?;
-    let mut cell = LocalCell::start(dir, cell_name, &runtime)?;
+    let mut cell = LocalCell::start(dir, cell_name, Servers::Pair, &runtime)?;
     let mountpoint = cell.layout.dir.join("mnt");
     let cache = cell.layout.dir.join("cache");
     cell.mount("mount", &mountpoint, &cache, &[])?;
@@ -27,12 +27,15 @@ pub fn run(dir: &Path, cell_name: &str) -> Result<()> {
          \x20 mount:       {mnt}\n\
          \x20 cell file:   {cellfile}\n\
          \x20 VLDB:        {vl}  (data {vldb})\n\
-         \x20 fileserver:  {fs}  (partition {partition})\n\
+         \x20 fileservers: pair '{pair}', {members} (partition {partition})\n\
          \x20 logs:        {logs}\n\
          \n\
          A second workstation on this machine (its own cache, same cell):\n\
          \x20 mkdir -p {second}/mnt && {exe} mount --cell {cellfile} --cache {second}/cache {second}/mnt\n\
          Administer volumes:  HOLDFAST_CELL={cellfile} {exe} vos listvldb\n\
+         The pair:            HOLDFAST_CELL={cellfile} {exe} pair status {pair}\n\
+         Try a failover: kill -9 the active member's pid; the mount stalls\n\
+         for a moment and carries on, and the killed member is started again as passive.\n\
          \n\
          Press Ctrl-C to unmount and stop the cell.",
         name = cell.cell.name,
@@ -40,7 +43,16 @@ pub fn run(dir: &Path, cell_name: &str) -> Result<()> {
         cellfile = cell.layout.cell_file.display(),
         vl = cell.vl_address,
         vldb = cell.layout.vldb.display(),
-        fs = cell.fs_address,
+        pair = crate::cell::PAIR,
+        members = cell
+            .members
+            .iter()
+            .map(|(name, address)| {
+                let pid = cell.pid(name).unwrap_or_default();
+                format!("{name} {address} pid {pid}")
+            })
+            .collect::<Vec<_>>()
+            .join(", "),
         partition = cell.layout.partition.display(),
         logs = cell.layout.logs.display(),
         second = second.display(),
@@ -60,6 +72,7 @@ pub fn run(dir: &Path, cell_name: &str) -> Result<()> {
             println!("Stopped; the data stays in {}.", dir.display());
             return Ok(());
         }
+        cell.restart_exited_members()?;
         cell.check_children()?;
     }
 }

@@ -2,9 +2,12 @@
 //! one file, that records how the cache manager talks to it (stores in flight, syncs,
 //! fetches per chunk, lock and reclaim calls), answers lock requests as a test scripts
 //! them, and can push `LockGranted` and drop its connections as a restart would. Lets the
-//! manager be tested without real servers.
+//! manager be tested without real servers. `start_pair` serves the same fileserver as a
+//! pair: two members on their own ports (one server id, one shared state), the passive
+//! one answering `NotActive` with the active's address, and a call can be cut off at a
+//! member mid-flight, as a dying active would.
 //! Invariant: every store moves the file's data version by exactly one, as a real
-//! fileserver's does.
+//! fileserver's does; only the active member serves.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -14,9 +17,9 @@ use parking_lot::Mutex;
 use proto::rpc::Connection;
 use proto::server::{ServerLimits, Service, serve};
 use proto::{
-    CallbackGrant, DataVersion, ErrorCode, Fid, FileKind, Hello, HelloReply, LockHolder, Request,
-    Response, ServerEntry, ServerId, Timestamp, Uniquifier, VnodeId, VnodeStatus, VolumeEntry,
-    VolumeId, VolumeName, VolumeSite, VolumeType,
+    CallbackGrant, DataVersion, Epoch, ErrorCode, Fid, FileKind, Hello, HelloReply, LockHolder,
+    Request, Response, ServerEntry, ServerId, Timestamp, Uniquifier, VnodeId, VnodeStatus,
+    VolumeEntry, VolumeId, VolumeName, VolumeSite, VolumeType,
 };
 use tokio::sync::watch;
 
@@ -54,19 +57,68 @@ pub struct Record {
     pub status_fetches: HashMap<Fid, usize>,
     /// Lock, lease and reclaim requests, in arrival order.
     pub lock_calls: Vec<Request>,
+    /// Every fileserver request with the member it reached, in arrival order
+    /// (`Sequenced` ones by the kind they carry).
+    pub requests: Vec<(usize, &'static str)>,
+    /// The `seq` of every `Sequenced` request with the member it reached.
+    pub sequenced: Vec<(usize, u64)>,
+    /// `NotActive` answers given, by member.
+    pub not_active: Vec<usize>,
+    /// `VlListServers` requests answered.
+    pub server_lists: usize,
+}
+
+/// A call the fake never answers: when `member` gets a request of `kind`, it closes its
+/// connections and the other member becomes active, as when an active dies mid-call.
+#[derive(Clone, Copy, Debug)]
+pub struct CutOff {
+    pub member: usize,
+    pub kind: &'static str,
+}
+
+/// The kind of a request, for the record.
+fn kind(request: &Request) -> &'static str {
+    match request {
+        Request::Ping => "Ping",
+        Request::FetchStatus { .. } => "FetchStatus",
+        Request::FetchData { .. } => "FetchData",
+        Request::StoreData { .. } => "StoreData",
+        Request::Fsync { .. } => "Fsync",
+        Request::Remove { .. } => "Remove",
+        Request::SetLock { .. } => "SetLock",
+        Request::ReleaseLock { .. } => "ReleaseLock",
+        Request::RenewLease => "RenewLease",
+        Request::ReclaimCallbacks { .. } => "ReclaimCallbacks",
+        Request::ReclaimLock { .. } => "ReclaimLock",
+        Request::ReclaimDone => "ReclaimDone",
+        Request::GiveUpCallbacks { .. } => "GiveUpCallbacks",
+        _ => "other",
+    }
 }
 
 pub struct FakeCell {
     server: ServerId,
+    /// Where the VLDB answers (and, for a single server, the fileserver too).
     address: String,
+    /// The fileserver's members' addresses: one, or two for a pair.
+    members: Vec<String>,
+    /// The member that serves; the other answers `NotActive`.
+    active: Mutex<usize>,
+    /// The addresses the VLDB lists for the server; `None`: the members, active first.
+    pub listed: Mutex<Option<Vec<String>>>,
+    /// The next call to cut off.
+    pub cut_off: Mutex<Option<CutOff>>,
+    /// Requests of this kind are never answered (the server hangs).
+    pub hang_on: Mutex<Option<&'static str>>,
     files: Mutex<HashMap<Fid, (Vec<u8>, DataVersion)>>,
     pub record: Mutex<Record>,
     /// Answers to the next `SetLock` requests; `Ok` once empty.
     pub lock_answers: Mutex<VecDeque<Result<Response, ErrorCode>>>,
     /// What `TestLock` reports.
     pub test_holder: Mutex<Option<LockHolder>>,
-    /// Connections of cache managers, for pushes and simulated restarts.
-    connections: Mutex<Vec<Connection>>,
+    /// Connections of cache managers with the member they reached, for pushes and
+    /// simulated restarts.
+    connections: Mutex<Vec<(usize, Connection)>>,
     /// Stores wait until this many are in flight at once (or until `stores_expected`
     /// have started), so a test can prove the client overlaps them.
     pub stores_to_overlap: usize,
@@ -83,10 +135,53 @@ impl FakeCell {
     ) -> (Arc<FakeCell>, watch::Sender<bool>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap().to_string();
+        let cell = Self::new(
+            content,
+            address.clone(),
+            vec![address],
+            stores_to_overlap,
+            stores_expected,
+        );
+        let (stop, stopped) = watch::channel(false);
+        cell.serve(listener, Some(0), stopped);
+        (cell, stop)
+    }
+
+    /// Serves a pair: the VLDB and members 0 and 1 each on a fresh loopback port,
+    /// member 0 active.
+    pub async fn start_pair(content: Vec<u8>) -> (Arc<FakeCell>, watch::Sender<bool>) {
+        let bind = || tokio::net::TcpListener::bind("127.0.0.1:0");
+        let (vldb, zero, one) = (
+            bind().await.unwrap(),
+            bind().await.unwrap(),
+            bind().await.unwrap(),
+        );
+        let address = |l: &tokio::net::TcpListener| l.local_addr().unwrap().to_string();
+        let members = vec![address(&zero), address(&one)];
+        let cell = Self::new(content, address(&vldb), members, 0, 0);
+        let (stop, stopped) = watch::channel(false);
+        cell.serve(vldb, None, stopped.clone());
+        cell.serve(zero, Some(0), stopped.clone());
+        cell.serve(one, Some(1), stopped);
+        (cell, stop)
+    }
+
+    fn new(
+        content: Vec<u8>,
+        address: String,
+        members: Vec<String>,
+        stores_to_overlap: usize,
+        stores_expected: usize,
+    ) -> Arc<FakeCell> {
         let (changed, _) = watch::channel(());
-        let cell = Arc::new(FakeCell {
+        Arc::new(FakeCell {
             server: ServerId::random(),
             address,
+            members,
+            active: Mutex::new(0),
+            listed: Mutex::new(None),
+            cut_off: Mutex::new(None),
+            hang_on: Mutex::new(None),
             files: Mutex::new(HashMap::from([
                 (FILE, (content, DataVersion(1))),
                 (FILE2, (Vec::new(), DataVersion(1))),
@@ -98,15 +193,34 @@ impl FakeCell {
             stores_to_overlap,
             stores_expected,
             changed,
+        })
+    }
+
+    fn serve(
+        self: &Arc<Self>,
+        listener: tokio::net::TcpListener,
+        member: Option<usize>,
+        stop: watch::Receiver<bool>,
+    ) {
+        let endpoint = Arc::new(Endpoint {
+            cell: self.clone(),
+            member,
         });
-        let (stop, stopped) = watch::channel(false);
-        tokio::spawn(serve(
-            listener,
-            cell.clone(),
-            ServerLimits::default(),
-            stopped,
-        ));
-        (cell, stop)
+        tokio::spawn(serve(listener, endpoint, ServerLimits::default(), stop));
+    }
+
+    pub fn server(&self) -> ServerId {
+        self.server
+    }
+
+    /// The address of member `index`.
+    pub fn member(&self, index: usize) -> String {
+        self.members[index].clone()
+    }
+
+    /// Makes member `index` the active one.
+    pub fn set_active(&self, index: usize) {
+        *self.active.lock() = index;
     }
 
     pub fn address(&self) -> String {
@@ -127,18 +241,31 @@ impl FakeCell {
 
     /// Closes every cache manager connection, as a fileserver restart does.
     pub fn drop_connections(&self) {
-        for connection in self.connections.lock().drain(..) {
+        for (_, connection) in self.connections.lock().drain(..) {
             connection.close();
         }
     }
 
-    /// Pushes `LockGranted` to the most recent cache manager connection.
+    /// Closes the cache manager connections member `index` accepted.
+    fn drop_member_connections(&self, index: usize) {
+        self.connections.lock().retain(|(member, connection)| {
+            if *member == index {
+                connection.close();
+            }
+            *member != index
+        });
+    }
+
+    /// Pushes `LockGranted` to the most recent cache manager connection of the active.
     pub async fn push_grant(&self, wait: u64, fid: Fid) -> Result<Response, proto::ProtoError> {
+        let active = *self.active.lock();
         let connection = self
             .connections
             .lock()
-            .last()
-            .cloned()
+            .iter()
+            .rev()
+            .find(|(member, _)| *member == active)
+            .map(|(_, connection)| connection.clone())
             .ok_or(proto::ProtoError::Closed)?;
         connection
             .call(Request::LockGranted { wait, fid }, Duration::from_secs(10))
@@ -265,12 +392,18 @@ impl FakeCell {
     }
 }
 
-impl Service for FakeCell {
+/// One listening port of the fake: the VLDB (`member` None), or a fileserver member.
+struct Endpoint {
+    cell: Arc<FakeCell>,
+    member: Option<usize>,
+}
+
+impl Service for Endpoint {
     fn hello(&self, hello: &Hello) -> Result<HelloReply, ErrorCode> {
         let version = proto::rpc::negotiate(hello, CELL)?;
         Ok(HelloReply {
             version,
-            server: Some(self.server),
+            server: Some(self.cell.server),
         })
     }
 
@@ -280,12 +413,99 @@ impl Service for FakeCell {
         _hello: Arc<Hello>,
         request: Request,
     ) -> Result<Response, ErrorCode> {
-        if !matches!(request, Request::VlGetEntry { .. } | Request::VlListServers) {
-            let mut connections = self.connections.lock();
-            if !connections.iter().any(|c| c.same(&connection)) {
-                connections.push(connection);
+        self.cell
+            .clone()
+            .handle_at(self.member, connection, request)
+            .await
+    }
+}
+
+impl FakeCell {
+    fn listed_servers(&self) -> Vec<ServerEntry> {
+        let addresses = self.listed.lock().clone().unwrap_or_else(|| {
+            let active = *self.active.lock();
+            let mut members = self.members.clone();
+            members.swap(0, active);
+            members
+        });
+        vec![ServerEntry {
+            server: self.server,
+            addresses,
+            registered: Timestamp::default(),
+        }]
+    }
+
+    /// What a member does with a request before serving it: `None` serves it.
+    async fn intercept(
+        &self,
+        member: usize,
+        connection: &Connection,
+        request: &Request,
+    ) -> Option<Result<Response, ErrorCode>> {
+        let (kind, seq) = match request {
+            Request::Sequenced { seq, request } => (kind(request), Some(*seq)),
+            other => (kind(other), None),
+        };
+        let active = *self.active.lock();
+        {
+            let mut record = self.record.lock();
+            record.requests.push((member, kind));
+            if let Some(seq) = seq {
+                record.sequenced.push((member, seq));
+            }
+            if member != active {
+                record.not_active.push(member);
             }
         }
+        self.changed.send_replace(());
+        if member != active {
+            return Some(Err(ErrorCode::NotActive {
+                epoch: Epoch(1),
+                hint: Some(self.members[active].clone()),
+            }));
+        }
+        let cut = self
+            .cut_off
+            .lock()
+            .take_if(|cut| cut.member == member && cut.kind == kind);
+        if cut.is_some() {
+            self.set_active((member + 1) % self.members.len());
+            self.drop_member_connections(member);
+            // Never answered: the caller sees only the connection end.
+            return Some(std::future::pending().await);
+        }
+        if *self.hang_on.lock() == Some(kind) {
+            connection.closed().await;
+            return Some(Err(ErrorCode::Unsupported));
+        }
+        None
+    }
+
+    async fn handle_at(
+        self: Arc<Self>,
+        member: Option<usize>,
+        connection: Connection,
+        request: Request,
+    ) -> Result<Response, ErrorCode> {
+        let vldb = matches!(request, Request::VlGetEntry { .. } | Request::VlListServers);
+        if !vldb {
+            let Some(member) = member else {
+                return Err(ErrorCode::Unsupported);
+            };
+            {
+                let mut connections = self.connections.lock();
+                if !connections.iter().any(|(_, c)| c.same(&connection)) {
+                    connections.push((member, connection.clone()));
+                }
+            }
+            if let Some(answer) = self.intercept(member, &connection, &request).await {
+                return answer;
+            }
+        }
+        let request = match request {
+            Request::Sequenced { request, .. } => *request,
+            other => other,
+        };
         match request {
             Request::VlGetEntry { .. } => Ok(Response::VolumeEntry(VolumeEntry {
                 name: VolumeName::parse("root.cell").map_err(|_| ErrorCode::Unsupported)?,
@@ -297,11 +517,16 @@ impl Service for FakeCell {
                     kind: VolumeType::ReadWrite,
                 }],
             })),
-            Request::VlListServers => Ok(Response::Servers(vec![ServerEntry {
-                server: self.server,
-                addresses: vec![self.address.clone()],
-                registered: Timestamp::default(),
-            }])),
+            Request::VlListServers => {
+                let servers = self.listed_servers();
+                self.record.lock().server_lists += 1;
+                self.changed.send_replace(());
+                Ok(Response::Servers(servers))
+            }
+            Request::Remove { dir, .. } => Ok(Response::Removed {
+                dir: self.status(dir),
+                target: None,
+            }),
             Request::FetchStatus { fid } => {
                 *self.record.lock().status_fetches.entry(fid).or_default() += 1;
                 Ok(Response::Status {

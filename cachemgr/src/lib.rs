@@ -43,6 +43,8 @@ pub use mount::run;
 pub const CACHE_BYTES_MAX_DEFAULT: u64 = 1 << 30;
 /// Default deadline of every RPC to a fileserver or the VLDB.
 pub const RPC_TIMEOUT_DEFAULT: Duration = Duration::from_secs(10);
+/// Default time a call to a fileserver pair keeps trying its members before failing.
+pub const FAILOVER_TIMEOUT_DEFAULT: Duration = Duration::from_secs(60);
 /// Default interval of lease renewals while a lock is held or awaited: a third of the
 /// fileservers' default 30 s lease, so two renewals can be lost before it lapses.
 pub const LEASE_RENEW_INTERVAL_DEFAULT: Duration = Duration::from_secs(10);
@@ -59,14 +61,17 @@ pub struct Config {
     pub root_volume: VolumeName,
     pub cache_bytes_max: u64,
     pub rpc_timeout: Duration,
+    /// How long a call to a fileserver pair keeps trying its members (a failover)
+    /// before it fails; a single server gets one attempt within `rpc_timeout`.
+    pub failover_timeout: Duration,
     /// How often the lock lease is renewed on servers where a lock is held or awaited;
     /// keep it well under the servers' lease (a third of it).
     pub lease_renew_interval: Duration,
 }
 
 impl Config {
-    /// A config with the defaults: `root.cell`, 1 GiB of cache, 10 s RPC timeout, lease
-    /// renewed every 10 s.
+    /// A config with the defaults: `root.cell`, 1 GiB of cache, 10 s RPC timeout, 60 s
+    /// failover timeout, lease renewed every 10 s.
     pub fn new(cell: CellConfig, cache_dir: PathBuf, mountpoint: PathBuf) -> Config {
         Config {
             cell,
@@ -75,6 +80,7 @@ impl Config {
             root_volume: default_root_volume(),
             cache_bytes_max: CACHE_BYTES_MAX_DEFAULT,
             rpc_timeout: RPC_TIMEOUT_DEFAULT,
+            failover_timeout: FAILOVER_TIMEOUT_DEFAULT,
             lease_renew_interval: LEASE_RENEW_INTERVAL_DEFAULT,
         }
     }

@@ -5,6 +5,9 @@
 //! may overtake its `LockQueued` answer; the grant is kept for it). Any other push is
 //! refused, so the server releases the lock rather than leave it held by nobody.
 //! Early grants are bounded by `EARLY_GRANTS_MAX`.
+//! Invariant: a wait never outlives the connection that queued it unnoticed: a
+//! connection lost between the `SetLock` going out and its waiter registering ends that
+//! waiter at once (`Lost`), as a loss after registering does.
 
 use std::collections::HashMap;
 
@@ -35,6 +38,9 @@ struct Inner {
     slots: HashMap<(ServerId, u64), Slot>,
     /// Blocking `SetLock` requests in flight per server.
     asking: HashMap<ServerId, usize>,
+    /// Connections lost per server, so a waiter can tell whether its connection ended
+    /// before it registered. One entry per server this client talks to.
+    losses: HashMap<ServerId, u64>,
 }
 
 #[derive(Default)]
@@ -46,6 +52,8 @@ pub struct LockWaits {
 pub struct Asking<'a> {
     waits: &'a LockWaits,
     server: ServerId,
+    /// The server's loss count when the request went out.
+    losses: u64,
 }
 
 impl Drop for Asking<'_> {
@@ -76,21 +84,30 @@ impl Drop for Asking<'_> {
 impl LockWaits {
     /// Marks a blocking `SetLock` to `server` as in flight until the guard drops.
     pub fn asking(&self, server: ServerId) -> Asking<'_> {
-        *self.inner.lock().asking.entry(server).or_default() += 1;
+        let mut inner = self.inner.lock();
+        *inner.asking.entry(server).or_default() += 1;
+        let losses = inner.losses.get(&server).copied().unwrap_or(0);
         Asking {
             waits: self,
             server,
+            losses,
         }
     }
 
-    /// Registers the waiter of a queued request; the receiver is already complete
-    /// when the grant overtook the `LockQueued` answer.
-    pub fn wait_for(&self, server: ServerId, wait: u64) -> oneshot::Receiver<WaitEnd> {
+    /// Registers the waiter of a request `asking` sent and the server queued as `wait`;
+    /// the receiver is already complete when the grant overtook the `LockQueued`
+    /// answer (`Granted`) or the connection was lost since the request went out
+    /// (`Lost`: the queued request may have died with it).
+    pub fn wait_for(&self, asking: &Asking<'_>, wait: u64) -> oneshot::Receiver<WaitEnd> {
+        let server = asking.server;
         let (tx, rx) = oneshot::channel();
         let mut inner = self.inner.lock();
+        let lost = inner.losses.get(&server).copied().unwrap_or(0) != asking.losses;
         if let Some(Slot::GrantedEarly) = inner.slots.get(&(server, wait)) {
             inner.slots.remove(&(server, wait));
             let _ = tx.send(WaitEnd::Granted);
+        } else if lost {
+            let _ = tx.send(WaitEnd::Lost);
         } else {
             inner.slots.insert((server, wait), Slot::Waiting(tx));
         }
@@ -123,6 +140,7 @@ impl LockWaits {
     /// server forgot them; a live one cannot deliver the grant and releases it).
     pub fn connection_lost(&self, server: ServerId) {
         let mut inner = self.inner.lock();
+        *inner.losses.entry(server).or_default() += 1;
         inner.slots.retain(|(s, _), slot| {
             if *s != server {
                 return true;
@@ -152,8 +170,8 @@ mod tests {
         let waits = LockWaits::default();
         let server = ServerId::random();
         let mut rx = {
-            let _asking = waits.asking(server);
-            waits.wait_for(server, 7)
+            let asking = waits.asking(server);
+            waits.wait_for(&asking, 7)
         };
         assert!(waits.waiting_on(server));
         assert!(waits.granted(server, 7));
@@ -167,7 +185,7 @@ mod tests {
         let server = ServerId::random();
         let asking = waits.asking(server);
         assert!(waits.granted(server, 3));
-        let mut rx = waits.wait_for(server, 3);
+        let mut rx = waits.wait_for(&asking, 3);
         drop(asking);
         assert_eq!(rx.try_recv(), Ok(WaitEnd::Granted));
     }
@@ -189,14 +207,27 @@ mod tests {
         let waits = LockWaits::default();
         let (one, two) = (ServerId::random(), ServerId::random());
         let (mut a, mut b) = {
-            let _x = waits.asking(one);
-            let _y = waits.asking(two);
-            (waits.wait_for(one, 1), waits.wait_for(two, 1))
+            let x = waits.asking(one);
+            let y = waits.asking(two);
+            (waits.wait_for(&x, 1), waits.wait_for(&y, 1))
         };
         waits.connection_lost(one);
         assert_eq!(a.try_recv(), Ok(WaitEnd::Lost));
         assert!(b.try_recv().is_err());
         assert!(waits.waiting_on(two));
         assert!(!waits.waiting_on(one));
+    }
+
+    #[test]
+    fn a_connection_lost_before_the_waiter_registers_still_ends_the_wait() {
+        let waits = LockWaits::default();
+        let server = ServerId::random();
+        let asking = waits.asking(server);
+        // The request was queued, then the connection died before `LockQueued` was read.
+        waits.connection_lost(server);
+        let mut rx = waits.wait_for(&asking, 4);
+        drop(asking);
+        assert_eq!(rx.try_recv(), Ok(WaitEnd::Lost));
+        assert!(!waits.waiting_on(server));
     }
 }

@@ -24,6 +24,8 @@ use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
 mod advisory;
+#[cfg(test)]
+mod pair_tests;
 mod reclaim;
 
 pub use advisory::LockRequest;
@@ -37,7 +39,7 @@ use crate::invalidate::{Invalidation, Invalidator};
 use crate::listing::{DirChange, ListEntry, Listing};
 use crate::lock_waits::LockWaits;
 use crate::readahead::ReadAhead;
-use crate::server_pool::{CallbackSink, ReclaimFuture, ServerPool};
+use crate::server_pool::{CallbackSink, ReclaimFuture, RelocateFuture, ServerPool};
 use crate::status::StatusTable;
 use crate::volume::VolumeTable;
 
@@ -1311,12 +1313,7 @@ impl Manager {
         let timeout = self.pool.rpc_timeout().min(PING_TIMEOUT_MAX);
         let mut states = Vec::new();
         for (server, addresses) in self.volumes.servers() {
-            let up = matches!(
-                self.pool
-                    .call_with_timeout(server, &addresses, Request::Ping, timeout)
-                    .await,
-                Ok(Response::Pong)
-            );
+            let up = self.pool.probe(server, &addresses, timeout).await;
             states.push(ServerState { addresses, up });
         }
         states
@@ -1408,6 +1405,18 @@ impl CallbackSink for Manager {
         Box::pin(self.reclaim_on(server, connection, timeout))
     }
 
+    fn relocate(&self, server: ServerId) -> RelocateFuture<'_> {
+        Box::pin(async move {
+            let servers = self.vldb.list_servers().await?;
+            let entry = servers
+                .into_iter()
+                .find(|s| s.server == server && !s.addresses.is_empty())
+                .ok_or(ProtoError::Remote(ErrorCode::NoSuchServer))?;
+            self.volumes.relocate(server, &entry.addresses);
+            Ok(entry.addresses)
+        })
+    }
+
     fn reset_callbacks(&self, server: ServerId) {
         let volumes: HashSet<VolumeId> = self.volumes.volumes_on(server).into_iter().collect();
         let reset = self
@@ -1439,6 +1448,16 @@ mod tests {
         dir: &std::path::Path,
         lease_renew_interval: Duration,
     ) -> Arc<Manager> {
+        start_manager_with(cell, dir, lease_renew_interval, WAIT_MAX, WAIT_MAX).await
+    }
+
+    pub(super) async fn start_manager_with(
+        cell: &FakeCell,
+        dir: &std::path::Path,
+        lease_renew_interval: Duration,
+        rpc_timeout: Duration,
+        failover_timeout: Duration,
+    ) -> Arc<Manager> {
         let peer = PeerKind::CacheManager {
             client: ClientId::random(),
             instance: crate::identity::new_instance_nonce(),
@@ -1454,7 +1473,7 @@ mod tests {
             vlservers: vec![cell.address()],
         };
         let vldb = VldbClient::new(config, peer, WAIT_MAX);
-        let pool = ServerPool::new(hello, WAIT_MAX);
+        let pool = ServerPool::new(hello, rpc_timeout, failover_timeout);
         let settings = ManagerSettings {
             root_volume: VolumeName::parse("root.cell").unwrap(),
             chunk_dir: dir.join("chunks"),

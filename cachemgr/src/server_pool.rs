@@ -1,16 +1,24 @@
 //! Connections to fileservers: one per server, opened on first use and again after a
 //! failure. Each connection also carries the server's callback breaks to this client.
-//! Invariant: every call ends within `rpc_timeout` (connecting and waiting for a
-//! reclaim included); a connection that timed out or died is closed and forgotten, so
-//! the next call reconnects. The cache hears of each lost connection exactly once
-//! (`connection_lost`), before a new connection to that server is made, and a new
-//! connection is handed to callers only after the cache reclaimed what it held there.
+//! A fileserver pair is one server with two addresses: a call to it that fails on the
+//! transport or is answered `NotActive` is tried again on the other member (or the
+//! member hinted), with a short backoff, until `failover_timeout` has passed since the
+//! call began.
+//! Invariant: a call to a single-address server ends within `rpc_timeout` (connecting
+//! and waiting for a reclaim included); a call to a pair within `failover_timeout`
+//! plus one `rpc_timeout`. A connection that timed out, died or answered `NotActive` is
+//! closed and forgotten, so the next call reconnects. The cache hears of each lost
+//! connection exactly once (`connection_lost`), before a new connection to that server
+//! is made, and a new connection is handed to callers only after the cache reclaimed
+//! what it held there. A request retried on another member is the same request: a
+//! `Sequenced` one keeps its `seq`.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use proto::rpc::{self, Connection, IncomingRequest, Limits};
@@ -20,8 +28,19 @@ use tracing::{debug, info, warn};
 
 use crate::volume::VolumeLocation;
 
+/// First and longest pause between attempts on a pair's members: short, since a
+/// passive member points at the active at once and a takeover takes a lease or two.
+const FAILOVER_BACKOFF_MIN: Duration = Duration::from_millis(50);
+const FAILOVER_BACKOFF_MAX: Duration = Duration::from_millis(500);
+/// Every member of a pair failing to connect this long sends the pool to the VLDB
+/// for the server's current addresses, at most once per this long within one call.
+const RELOCATE_AFTER: Duration = Duration::from_secs(1);
+
 /// A reclaim in progress, borrowing the sink and the new connection.
 pub type ReclaimFuture<'a> = Pin<Box<dyn Future<Output = Result<(), ProtoError>> + Send + 'a>>;
+/// A VLDB lookup of a server's addresses in progress.
+pub type RelocateFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<Vec<String>, ProtoError>> + Send + 'a>>;
 
 /// What the pool tells the cache about callbacks, lock grants and connections.
 pub trait CallbackSink: Send + Sync + 'static {
@@ -35,13 +54,35 @@ pub trait CallbackSink: Send + Sync + 'static {
     /// requests died with it.
     fn connection_lost(&self, server: ServerId);
     /// A new connection to `server` is up: reclaim callbacks and locks over it before
-    /// any other call uses it. Fails only on a transport error.
+    /// any other call uses it. Fails on a transport error, or with `NotActive` when the
+    /// member reached is not the pair's active one.
     fn reclaim<'a>(
         &'a self,
         server: ServerId,
         connection: &'a Connection,
         timeout: Duration,
     ) -> ReclaimFuture<'a>;
+    /// No member of `server` could be reached for a while: ask the VLDB for its
+    /// current addresses (active first) and remember them for later calls.
+    fn relocate(&self, server: ServerId) -> RelocateFuture<'_>;
+}
+
+/// Which member of a pair this client talks to.
+#[derive(Debug, Default)]
+struct Member {
+    /// The address whose connection was handed out last.
+    answered: Option<String>,
+    /// The address to try first on the next connect: the one that answered, or the
+    /// one a failure pointed at.
+    try_first: Option<String>,
+}
+
+/// How one attempt on a pair ended, when it did not end the call.
+enum Retry {
+    /// Try the other member (or the same again, once it restarts).
+    Next,
+    /// A passive member named the active one.
+    Hinted(String),
 }
 
 pub struct ServerPool {
@@ -49,10 +90,15 @@ pub struct ServerPool {
     this: Weak<ServerPool>,
     hello: Hello,
     rpc_timeout: Duration,
+    failover_timeout: Duration,
     /// Live connections; short sections, never held across an `.await`.
     connections: Mutex<HashMap<ServerId, Connection>>,
     /// One connect (and reclaim) at a time per server; callers wait here for it.
     gates: Mutex<HashMap<ServerId, Arc<tokio::sync::Mutex<()>>>>,
+    /// Per server, the member in use. Bounded like `gates`, by the servers called.
+    members: Mutex<HashMap<ServerId, Member>>,
+    /// The `seq` of the next `Sequenced` request of this mount instance.
+    next_seq: AtomicU64,
     sink: std::sync::OnceLock<Weak<dyn CallbackSink>>,
 }
 
@@ -65,14 +111,33 @@ pub fn human_duration(d: Duration) -> String {
     }
 }
 
+/// Whether a failed attempt on a pair is worth another try, and where.
+fn retry_of(error: &ProtoError, addresses: &[String]) -> Option<Retry> {
+    match error {
+        e if e.is_transport() => Some(Retry::Next),
+        ProtoError::Remote(ErrorCode::NotActive { hint, .. }) => {
+            Some(match hint.as_ref().filter(|h| addresses.contains(h)) {
+                Some(hint) => Retry::Hinted(hint.clone()),
+                None => Retry::Next,
+            })
+        }
+        _ => None,
+    }
+}
+
 impl ServerPool {
-    pub fn new(hello: Hello, rpc_timeout: Duration) -> Arc<ServerPool> {
+    /// `rpc_timeout` bounds each attempt; `failover_timeout` how long a call to a pair
+    /// keeps trying its members.
+    pub fn new(hello: Hello, rpc_timeout: Duration, failover_timeout: Duration) -> Arc<ServerPool> {
         Arc::new_cyclic(|this| ServerPool {
             this: this.clone(),
             hello,
             rpc_timeout,
+            failover_timeout,
             connections: Mutex::new(HashMap::new()),
             gates: Mutex::new(HashMap::new()),
+            members: Mutex::new(HashMap::new()),
+            next_seq: AtomicU64::new(1),
             sink: std::sync::OnceLock::new(),
         })
     }
@@ -83,6 +148,11 @@ impl ServerPool {
 
     pub fn rpc_timeout(&self) -> Duration {
         self.rpc_timeout
+    }
+
+    /// The address of `server` whose connection was handed out last.
+    pub fn answered(&self, server: ServerId) -> Option<String> {
+        self.members.lock().get(&server)?.answered.clone()
     }
 
     /// Calls the fileserver holding `location` with the pool's timeout.
@@ -100,7 +170,48 @@ impl ServerPool {
         .await
     }
 
+    /// Calls `server`, each attempt within `timeout`; a pair's members are tried until
+    /// `failover_timeout` has passed. A namespace change goes as `Sequenced`.
     pub async fn call_with_timeout(
+        &self,
+        server: ServerId,
+        addresses: &[String],
+        request: Request,
+        timeout: Duration,
+    ) -> Result<Response, ProtoError> {
+        let request = self.sequenced(request);
+        if addresses.len() < 2 {
+            return self.call_once(server, addresses, request, timeout).await;
+        }
+        self.call_pair(server, addresses, request, timeout, self.failover_timeout)
+            .await
+    }
+
+    /// Whether `server` answers a ping within `timeout`, whichever member answers.
+    pub async fn probe(&self, server: ServerId, addresses: &[String], timeout: Duration) -> bool {
+        let answer = if addresses.len() < 2 {
+            self.call_once(server, addresses, Request::Ping, timeout)
+                .await
+        } else {
+            self.call_pair(server, addresses, Request::Ping, timeout, timeout)
+                .await
+        };
+        matches!(answer, Ok(Response::Pong))
+    }
+
+    fn sequenced(&self, request: Request) -> Request {
+        if !request.needs_sequence() {
+            return request;
+        }
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        Request::Sequenced {
+            seq,
+            request: Box::new(request),
+        }
+    }
+
+    /// One attempt, as a single server gets it: a transport failure drops the connection.
+    async fn call_once(
         &self,
         server: ServerId,
         addresses: &[String],
@@ -126,17 +237,112 @@ impl ServerPool {
         result
     }
 
-    async fn forget(&self, server: ServerId, connection: &Connection) {
+    /// Tries the pair's members in turn until one answers or `failover` has passed; the
+    /// request is cloned per attempt so a retry is byte-for-byte the same request.
+    async fn call_pair(
+        &self,
+        server: ServerId,
+        listed: &[String],
+        request: Request,
+        timeout: Duration,
+        failover: Duration,
+    ) -> Result<Response, ProtoError> {
+        let began = Instant::now();
+        let mut addresses = listed.to_vec();
+        let mut pause = FAILOVER_BACKOFF_MIN;
+        let mut unreachable_since: Option<Instant> = None;
+        loop {
+            let (result, used) = match self.pair_connection(server, &addresses, timeout).await {
+                Ok(connection) => {
+                    unreachable_since = None;
+                    let result = connection.call(request.clone(), timeout).await;
+                    (result, Some(connection))
+                }
+                Err(e) => (Err(e), None),
+            };
+            let error = match result {
+                Err(e) => e,
+                ok => return ok,
+            };
+            let Some(retry) = retry_of(&error, &addresses) else {
+                return Err(error);
+            };
+            if let Some(connection) = &used {
+                debug!(%server, peer = %connection.peer_addr(), error = %error, "fileserver pair member failed; trying the other");
+                // Only the failure of the connection in use moves the pool on: a late
+                // one of a connection already replaced says nothing of the new member.
+                // (Its callback loop may have noticed the end first and forgotten it
+                // already: then no connection is live, and the pool moves on too.)
+                let in_use = self.forget(server, connection).await;
+                if in_use || self.live(server).is_none() {
+                    // The address as the VLDB spells it, which the socket's may not be.
+                    let failed = self
+                        .answered(server)
+                        .unwrap_or_else(|| connection.peer_addr().to_string());
+                    self.move_on(server, &addresses, retry, &failed);
+                }
+            } else {
+                // Every member was tried (hints noted) by `pair_connection`.
+                let since = *unreachable_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= RELOCATE_AFTER {
+                    unreachable_since = Some(Instant::now());
+                    self.relocate(server, &mut addresses, timeout).await;
+                }
+            }
+            let elapsed = began.elapsed();
+            if elapsed >= failover {
+                warn!(%server, addresses = ?addresses, error = %error, "no member of the fileserver pair answered within {}", human_duration(failover));
+                return Err(error);
+            }
+            tokio::time::sleep(pause.min(failover - elapsed)).await;
+            pause = (pause * 2).min(FAILOVER_BACKOFF_MAX);
+        }
+    }
+
+    /// Points the next connect to `server` at the hinted member, or at the member after
+    /// the one that failed.
+    fn move_on(&self, server: ServerId, addresses: &[String], retry: Retry, failed: &str) {
+        let next = match retry {
+            Retry::Hinted(hint) => hint,
+            Retry::Next => {
+                let at = addresses.iter().position(|a| a == failed);
+                let next = at.map_or(0, |i| (i + 1) % addresses.len());
+                addresses[next].clone()
+            }
+        };
+        self.members.lock().entry(server).or_default().try_first = Some(next);
+    }
+
+    /// Asks the cache (which asks the VLDB) where `server` lives now.
+    async fn relocate(&self, server: ServerId, addresses: &mut Vec<String>, timeout: Duration) {
+        let Some(sink) = self.sink() else {
+            return;
+        };
+        match tokio::time::timeout(timeout, sink.relocate(server)).await {
+            Ok(Ok(found)) if !found.is_empty() && found != *addresses => {
+                info!(%server, addresses = ?found, "fileserver pair: the VLDB lists new addresses");
+                self.members.lock().entry(server).or_default().try_first = found.first().cloned();
+                *addresses = found;
+            }
+            Ok(Ok(_)) => debug!(%server, "the VLDB lists the same addresses"),
+            Ok(Err(e)) => debug!(%server, error = %e, "cannot look the fileserver up in the VLDB"),
+            Err(_) => debug!(%server, "the VLDB did not answer in time"),
+        }
+    }
+
+    /// Closes `connection`; true when it was the one in use.
+    async fn forget(&self, server: ServerId, connection: &Connection) -> bool {
         connection.close();
-        self.lost(server, connection);
+        self.lost(server, connection)
     }
 
     fn sink(&self) -> Option<Arc<dyn CallbackSink>> {
         self.sink.get().and_then(|s| s.upgrade())
     }
 
-    /// Forgets `connection` if it is still the live one and tells the cache, once.
-    fn lost(&self, server: ServerId, connection: &Connection) {
+    /// Forgets `connection` if it is still the live one and tells the cache, once;
+    /// true when it was.
+    fn lost(&self, server: ServerId, connection: &Connection) -> bool {
         let removed = {
             let mut connections = self.connections.lock();
             let current = connections.get(&server).is_some_and(|c| c.same(connection));
@@ -146,6 +352,7 @@ impl ServerPool {
             debug!(peer = %connection.peer_addr(), "fileserver connection ended");
             sink.connection_lost(server);
         }
+        removed
     }
 
     /// The live connection to `server`, noting a dead one as lost.
@@ -158,6 +365,18 @@ impl ServerPool {
         Some(connection)
     }
 
+    /// Waits behind another caller's connect and reclaim, within the deadline.
+    async fn gate(
+        &self,
+        server: ServerId,
+        timeout: Duration,
+    ) -> Result<tokio::sync::OwnedMutexGuard<()>, ProtoError> {
+        let gate = self.gates.lock().entry(server).or_default().clone();
+        tokio::time::timeout(timeout, gate.lock_owned())
+            .await
+            .map_err(|_| ProtoError::Timeout(timeout))
+    }
+
     async fn connection(
         &self,
         server: ServerId,
@@ -167,11 +386,7 @@ impl ServerPool {
         if let Some(connection) = self.live(server) {
             return Ok(connection);
         }
-        let gate = self.gates.lock().entry(server).or_default().clone();
-        // Waits behind another caller's connect and reclaim, within the deadline.
-        let _gate = tokio::time::timeout(timeout, gate.lock())
-            .await
-            .map_err(|_| ProtoError::Timeout(timeout))?;
+        let _gate = self.gate(server, timeout).await?;
         if let Some(connection) = self.live(server) {
             return Ok(connection);
         }
@@ -213,6 +428,91 @@ impl ServerPool {
             }
         }
         Err(last_error)
+    }
+
+    /// The connection to a pair's active member: the member tried first is the one in
+    /// use (or pointed at), then the others in the VLDB's order. A member that refuses,
+    /// or answers `NotActive` to the handshake or the reclaim, is passed over; failures
+    /// are DEBUG here, since the caller retries and logs the switch once.
+    async fn pair_connection(
+        &self,
+        server: ServerId,
+        addresses: &[String],
+        timeout: Duration,
+    ) -> Result<Connection, ProtoError> {
+        if let Some(connection) = self.live(server) {
+            return Ok(connection);
+        }
+        let _gate = self.gate(server, timeout).await?;
+        if let Some(connection) = self.live(server) {
+            return Ok(connection);
+        }
+        let limits = Limits {
+            handshake_timeout: timeout,
+            ..Limits::default()
+        };
+        let first = self
+            .members
+            .lock()
+            .get(&server)
+            .and_then(|m| m.try_first.clone())
+            .filter(|a| addresses.contains(a));
+        let order = first
+            .iter()
+            .chain(addresses.iter().filter(|a| Some(*a) != first.as_ref()));
+        let mut last_error = ProtoError::Closed;
+        for address in order {
+            let error = match rpc::connect(address, self.hello.clone(), &limits).await {
+                Ok((connection, reply, incoming)) => {
+                    if reply.server.is_some_and(|s| s != server) {
+                        warn!(%address, "fileserver answered with another server id than the VLDB records");
+                    }
+                    self.spawn_callback_loop(server, connection.clone(), incoming);
+                    let reclaimed = match self.sink() {
+                        Some(sink) => sink.reclaim(server, &connection, timeout).await,
+                        None => Ok(()),
+                    };
+                    match reclaimed {
+                        Ok(()) => {
+                            self.handed_out(server, address);
+                            self.connections.lock().insert(server, connection.clone());
+                            return Ok(connection);
+                        }
+                        Err(e) => {
+                            connection.close();
+                            e
+                        }
+                    }
+                }
+                Err(e) => e,
+            };
+            debug!(%server, %address, error = %error, "fileserver pair member not usable");
+            match retry_of(&error, addresses) {
+                None => return Err(error),
+                Some(Retry::Hinted(hint)) => {
+                    self.members.lock().entry(server).or_default().try_first = Some(hint);
+                }
+                Some(Retry::Next) => {}
+            }
+            last_error = error;
+        }
+        Err(last_error)
+    }
+
+    /// Notes the member whose connection is handed out; a change of member is the one
+    /// line an operator sees of a failover.
+    fn handed_out(&self, server: ServerId, address: &str) {
+        let mut members = self.members.lock();
+        let member = members.entry(server).or_default();
+        match &member.answered {
+            Some(previous) if previous != address => {
+                info!(%server, %previous, "fileserver pair: now using {address}");
+            }
+            Some(_) => info!(%address, "reconnected to fileserver"),
+            None => info!(%address, "connected to fileserver"),
+        }
+        member.answered = Some(address.to_owned());
+        member.try_first = Some(address.to_owned());
     }
 
     fn spawn_callback_loop(

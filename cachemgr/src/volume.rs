@@ -52,6 +52,21 @@ impl VolumeTable {
             .collect()
     }
 
+    /// `server` moved to `addresses` (the VLDB says so): every volume on it follows.
+    pub fn relocate(&self, server: ServerId, addresses: &[String]) {
+        if addresses.is_empty() {
+            return;
+        }
+        for location in self.by_id.lock().values_mut() {
+            if location.server == server && location.addresses != addresses {
+                *location = Arc::new(VolumeLocation {
+                    addresses: addresses.to_vec(),
+                    ..VolumeLocation::clone(location)
+                });
+            }
+        }
+    }
+
     pub async fn by_name(
         &self,
         vldb: &VldbClient,

@@ -190,6 +190,11 @@ impl MemberLease {
 
     /// The VLDB granted or renewed the lease of `epoch` for a call sent at `sent`.
     pub fn granted(&mut self, epoch: u64, sent: Millis) {
+        if epoch < self.epoch {
+            // A late answer to a renewal of an older epoch says nothing about this one:
+            // taking it would roll the epoch back and cut the current lease short.
+            return;
+        }
         let until = Millis(
             sent.saturating_add(self.lease)
                 .0
@@ -313,5 +318,17 @@ mod tests {
         assert_eq!(member.valid_until(), Some(Millis(3_100)));
         member.lost();
         assert!(!member.is_valid(Millis(1_600)));
+    }
+
+    #[test]
+    fn a_late_answer_about_an_older_epoch_leaves_the_lease_alone() {
+        let mut member = MemberLease::new(LEASE, Duration::from_millis(400));
+        member.granted(1, Millis(0));
+        member.granted(2, Millis(5_000));
+        // A renewal of epoch 1, answered after the member acquired epoch 2.
+        member.granted(1, Millis(1_000));
+        assert_eq!(member.epoch(), 2);
+        assert_eq!(member.valid_until(), Some(Millis(6_600)));
+        assert!(member.is_valid(Millis(5_100)));
     }
 }

@@ -155,3 +155,54 @@ fn a_lock_survives_kill_9_and_restart_of_the_fileserver() {
     )
     .is_ok()));
 }
+
+#[test]
+fn a_holder_that_never_returns_keeps_its_lock_for_the_whole_grace_then_loses_it() {
+    const GRACE: Duration = Duration::from_secs(3);
+    let mut cell = TestCell::start(BIN).unwrap();
+    let a = cell.mount("ws-a", &[]).unwrap();
+    let b = cell.mount("ws-b", &[]).unwrap();
+    std::fs::write(a.join("orphan"), b"x").unwrap();
+    let held = std::fs::File::open(a.join("orphan")).unwrap();
+    flock(&held, libc::LOCK_EX | libc::LOCK_NB).unwrap();
+
+    // The fileserver crashes and workstation A never comes back.
+    cell.signal("fileserver", libc::SIGKILL).unwrap();
+    cell.signal("ws-a", libc::SIGKILL).unwrap();
+    cell.stop("fileserver");
+    let restarted = std::time::Instant::now();
+    cell.start_fileserver_with(&["--grace-secs", &GRACE.as_secs().to_string()])
+        .unwrap();
+
+    // During grace B cannot take A's recovered lock ...
+    let flock_n = |b: &std::path::Path| {
+        std::process::Command::new("flock")
+            .args(["-n", &b.join("orphan").to_string_lossy(), "true"])
+            .status()
+            .unwrap()
+            .success()
+    };
+    assert!(!flock_n(&b), "B took A's recovered lock during grace");
+    // ... grace runs its whole length, since A never reclaims ...
+    assert!(
+        wait_until(Duration::from_secs(20), || cell
+            .log("fileserver")
+            .contains("grace ended")),
+        "{}",
+        cell.log("fileserver")
+    );
+    let grace_seen = restarted.elapsed();
+    let log = cell.log("fileserver");
+    let ended = log.lines().rfind(|l| l.contains("grace ended")).unwrap();
+    assert!(
+        ended.contains("timeout") && ended.contains("dropped=1"),
+        "{ended}"
+    );
+    assert!(
+        grace_seen >= GRACE,
+        "grace ended after {grace_seen:?}, before its {GRACE:?}"
+    );
+    // ... and then the lock is released: B gets it.
+    assert!(flock_n(&b), "A's lock was not released when grace ended");
+    drop(held);
+}

@@ -9,6 +9,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+pub mod pair;
+
+pub use pair::{PAIR, Proxy};
+
 /// How long a component may take to become ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -48,14 +52,132 @@ pub struct TestCell {
     pub cell_file: PathBuf,
     pub vl_address: String,
     pub fs_address: String,
+    /// Pair members started by `start_pair`: (process name, address).
+    pub members: Vec<(String, String)>,
+    /// The proxy between member `fs-a` and the VLDB, when asked for.
+    pub vldb_proxy: Option<Proxy>,
     procs: Vec<Proc>,
     mounts: Vec<PathBuf>,
+}
+
+/// How `TestCell::start_pair` sets the pair up.
+#[derive(Clone, Debug, Default)]
+pub struct PairOptions {
+    /// Member `fs-a` reaches the VLDB through a `Proxy` that a test can cut.
+    pub vldb_proxy_for_a: bool,
+    /// More flags for both members (e.g. `--grace-secs`).
+    pub member_flags: Vec<String>,
 }
 
 impl TestCell {
     /// Starts a VLDB and a fileserver, and creates `root.cell`. `bin` is the `holdfast`
     /// executable (`env!("CARGO_BIN_EXE_holdfast")`).
     pub fn start(bin: &str) -> Result<TestCell> {
+        let mut cell = TestCell::start_vldb(bin)?;
+        cell.start_fileserver()?;
+        cell.create_root_volume()?;
+        Ok(cell)
+    }
+
+    /// Starts a VLDB and a pair of fileservers (`fs-a`, which becomes active first,
+    /// and `fs-b`) on one partition, and creates `root.cell`. Each member writes its
+    /// history to `<name>.history` in the cell's directory.
+    pub fn start_pair(bin: &str, options: PairOptions) -> Result<TestCell> {
+        let mut cell = TestCell::start_vldb(bin)?;
+        if options.vldb_proxy_for_a {
+            let proxy = Proxy::start(&cell.vl_address)?;
+            let cell_file = cell.dir.path().join("cell-via-proxy.toml");
+            std::fs::write(
+                &cell_file,
+                format!(
+                    "name = \"{}\"\nvlservers = [\"{}\"]\n",
+                    pair::CELL,
+                    proxy.address
+                ),
+            )?;
+            cell.vldb_proxy = Some(proxy);
+        }
+        for name in ["fs-a", "fs-b"] {
+            cell.start_member(name, &options)?;
+            if name == "fs-a" {
+                let address = cell.member_address("fs-a")?;
+                if !wait_until(READY_TIMEOUT, || pair::is_active(&address)) {
+                    bail!("fs-a did not become active:\n{}", cell.log("fs-a"));
+                }
+            }
+        }
+        cell.create_root_volume()?;
+        Ok(cell)
+    }
+
+    /// Starts (or restarts, on its old address) the pair member `name`.
+    pub fn start_member(&mut self, name: &str, options: &PairOptions) -> Result<()> {
+        let partition = self.path("partition");
+        let cell_file = if name == "fs-a" && self.vldb_proxy.is_some() {
+            self.path("cell-via-proxy.toml")
+        } else {
+            self.cell_file.to_string_lossy().into_owned()
+        };
+        let listen = self
+            .member_address(name)
+            .unwrap_or_else(|_| "127.0.0.1:0".to_owned());
+        let history = self.history_path(name).to_string_lossy().into_owned();
+        let mut args: Vec<&str> = vec![
+            "fileserver",
+            "--cell",
+            &cell_file,
+            "--partition",
+            &partition,
+            "--listen",
+            &listen,
+            "--pair",
+            PAIR,
+            "--history",
+            &history,
+        ];
+        args.extend(options.member_flags.iter().map(String::as_str));
+        let address = self.spawn_ready(name, &args)?;
+        self.members.retain(|(n, _)| n != name);
+        self.members.push((name.to_owned(), address));
+        Ok(())
+    }
+
+    /// The address of pair member `name`.
+    pub fn member_address(&self, name: &str) -> Result<String> {
+        self.members
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, address)| address.clone())
+            .with_context(|| format!("no pair member named {name}"))
+    }
+
+    /// The name of the member that answers it is active.
+    pub fn active_member(&self) -> Option<String> {
+        self.members
+            .iter()
+            .find(|(_, address)| pair::is_active(address))
+            .map(|(name, _)| name.clone())
+    }
+
+    /// Waits until `name` is the active member.
+    pub fn await_active(&self, name: &str, limit: Duration) -> Result<()> {
+        let address = self.member_address(name)?;
+        if wait_until(limit, || pair::is_active(&address)) {
+            Ok(())
+        } else {
+            bail!(
+                "{name} did not become active within {limit:?}:\n{}",
+                self.log(name)
+            )
+        }
+    }
+
+    /// Where member `name` writes its history.
+    pub fn history_path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(format!("{name}.history"))
+    }
+
+    fn start_vldb(bin: &str) -> Result<TestCell> {
         require_fuse()?;
         let dir = tempfile::Builder::new().prefix("holdfast-e2e").tempdir()?;
         let mut cell = TestCell {
@@ -64,6 +186,8 @@ impl TestCell {
             dir,
             vl_address: String::new(),
             fs_address: String::new(),
+            members: Vec::new(),
+            vldb_proxy: None,
             procs: Vec::new(),
             mounts: Vec::new(),
         };
@@ -87,13 +211,16 @@ impl TestCell {
                 cell.vl_address
             ),
         )?;
-        cell.start_fileserver()?;
-        // The fileserver registers in the background; vos create needs it registered.
+        Ok(cell)
+    }
+
+    fn create_root_volume(&self) -> Result<()> {
+        // Fileservers register in the background; vos create needs one registered.
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
-            let out = cell.holdfast(&["vos", "create", "root.cell"])?;
+            let out = self.holdfast(&["vos", "create", "root.cell"])?;
             if out.status.success() {
-                break;
+                return Ok(());
             }
             if Instant::now() > deadline {
                 bail!(
@@ -103,11 +230,15 @@ impl TestCell {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        Ok(cell)
     }
 
     /// Starts (or restarts) the fileserver on the cell's partition.
     pub fn start_fileserver(&mut self) -> Result<()> {
+        self.start_fileserver_with(&[])
+    }
+
+    /// `start_fileserver` with more flags (e.g. `--grace-secs 3`).
+    pub fn start_fileserver_with(&mut self, extra: &[&str]) -> Result<()> {
         let partition = self.path("partition");
         let cell_file = self.cell_file.to_string_lossy().into_owned();
         let listen = if self.fs_address.is_empty() {
@@ -115,18 +246,17 @@ impl TestCell {
         } else {
             self.fs_address.clone()
         };
-        self.fs_address = self.spawn_ready(
+        let mut args = vec![
             "fileserver",
-            &[
-                "fileserver",
-                "--cell",
-                &cell_file,
-                "--partition",
-                &partition,
-                "--listen",
-                &listen,
-            ],
-        )?;
+            "--cell",
+            &cell_file,
+            "--partition",
+            &partition,
+            "--listen",
+            &listen,
+        ];
+        args.extend_from_slice(extra);
+        self.fs_address = self.spawn_ready("fileserver", &args)?;
         Ok(())
     }
 

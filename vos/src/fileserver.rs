@@ -22,15 +22,28 @@ pub(crate) struct Fileserver {
 }
 
 impl Fileserver {
-    /// Connects to the first of `server`'s addresses that answers.
+    /// Connects to the first of `server`'s addresses that answers; for a pair (two
+    /// addresses), to the member that says it is active, so a volume operation never
+    /// lands on the passive.
     pub(crate) async fn connect(
         cell: &CellConfig,
         server: &ServerEntry,
         timeout: Duration,
     ) -> Result<Fileserver, VosError> {
         let mut failure = None;
+        let pair = server.addresses.len() > 1;
         for address in &server.addresses {
             match Fileserver::connect_to(cell, address, timeout).await {
+                Ok(fileserver) if pair && !fileserver.is_active().await => {
+                    debug!(%address, "pair member is not active; trying its partner");
+                    failure = Some(VosError::Fileserver {
+                        address: address.clone(),
+                        code: ErrorCode::NotActive {
+                            epoch: proto::Epoch(0),
+                            hint: None,
+                        },
+                    });
+                }
                 Ok(fileserver) => return Ok(fileserver),
                 Err(e @ VosError::Fileserver { .. }) => return Err(e),
                 Err(e) => {
@@ -78,6 +91,20 @@ impl Fileserver {
                 source,
             }),
         }
+    }
+
+    /// True unless the server says it is a passive pair member.
+    async fn is_active(&self) -> bool {
+        !matches!(
+            self.call(Request::MemberState).await,
+            Ok(Response::MemberState(proto::MemberState {
+                role: proto::MemberRole::Passive,
+                ..
+            })) | Err(VosError::Fileserver {
+                code: ErrorCode::NotActive { .. },
+                ..
+            })
+        )
     }
 
     pub(crate) fn address(&self) -> &str {

@@ -60,7 +60,10 @@ impl Manager {
                     return Ok(());
                 }
                 Ok(Response::LockQueued { wait: id }) => {
-                    let granted = self.lock_waits.wait_for(server, id);
+                    let Some(asking) = asking else {
+                        return Err(unexpected(&Response::LockQueued { wait: id }));
+                    };
+                    let granted = self.lock_waits.wait_for(&asking, id);
                     drop(asking);
                     match granted.await {
                         Ok(WaitEnd::Granted) => {

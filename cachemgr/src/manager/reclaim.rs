@@ -5,13 +5,14 @@
 //! Invariant: a reclaimed callback is re-granted only when the version the server
 //! confirmed is still the cached one; every fid the server reports broken is broken
 //! here too (status invalid, listing dropped, kernel caches invalidated). A reclaim that
-//! fails on the transport leaves everything owed for the next connection.
+//! fails on the transport, or reaches a pair member that is not active (`NotActive`),
+//! leaves everything owed for the next connection.
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use proto::rpc::Connection;
-use proto::{DataVersion, Fid, ProtoError, Request, Response, ServerId, VolumeId};
+use proto::{DataVersion, ErrorCode, Fid, ProtoError, Request, Response, ServerId, VolumeId};
 use tracing::{debug, info, warn};
 
 use super::Manager;
@@ -22,6 +23,11 @@ pub(super) const RECLAIM_BATCH: usize = 4096;
 /// First and longest pause between attempts to reach a server owed a reclaim.
 const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(500);
 const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+/// A passive pair member answered: the reclaim belongs on the active one.
+fn not_active(e: &ProtoError) -> bool {
+    matches!(e, ProtoError::Remote(ErrorCode::NotActive { .. }))
+}
 
 impl Manager {
     /// The connection to `server` ended: its callbacks become owed for reclaim, its
@@ -159,6 +165,7 @@ impl Manager {
                 Ok(other) => {
                     warn!(%server, response = other.kind_name(), "unexpected answer to a callback reclaim");
                 }
+                Err(e) if not_active(&e) => return Err(e),
                 Err(ProtoError::Remote(code)) => {
                     // The statuses stay, to be revalidated by version on use.
                     debug!(%server, %code, "fileserver refused the callback reclaim");
@@ -179,6 +186,7 @@ impl Manager {
             };
             match connection.call(request, timeout).await {
                 Ok(_) => {}
+                Err(e) if not_active(&e) => return Err(e),
                 Err(ProtoError::Remote(code)) => {
                     // Kept: if the server did not restart it still holds the lock, and a
                     // release of a lock it does not hold is harmless.
@@ -189,6 +197,7 @@ impl Manager {
             }
         }
         match connection.call(Request::ReclaimDone, timeout).await {
+            Err(e) if not_active(&e) => return Err(e),
             Ok(_) | Err(ProtoError::Remote(_)) => {}
             Err(e) => return Err(e),
         }

@@ -8,7 +8,9 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 
-use crate::cell::LocalCell;
+use crate::cell::{LocalCell, Servers};
+
+mod pair;
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
@@ -22,9 +24,16 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 10_000)]
     files: usize,
     /// Which figures: `mount` (throughput through FUSE mounts), `state` (locks,
-    /// callback journaling, recovery, snapshots) or `all`.
-    #[arg(long, default_value = "all", value_parser = ["all", "mount", "state"])]
+    /// callback journaling, recovery, snapshots), `pair` (failover of a fileserver
+    /// pair) or `all`.
+    #[arg(long, default_value = "all", value_parser = ["all", "mount", "state", "pair"])]
     suite: String,
+    /// Failovers measured for the median time to the first write.
+    #[arg(long, default_value_t = 5)]
+    failovers: usize,
+    /// Connected clients holding callbacks in the takeover figure.
+    #[arg(long, default_value_t = 1_000)]
+    takeover_clients: usize,
     /// Seconds each lock and FetchStatus figure is measured for.
     #[arg(long, default_value_t = 3)]
     seconds: u64,
@@ -37,13 +46,44 @@ pub struct BenchArgs {
 const BLOCK_BYTES: usize = 1 << 20;
 
 pub fn run(args: BenchArgs) -> Result<()> {
-    if args.suite != "state" {
+    let all = args.suite == "all";
+    if all || args.suite == "mount" {
         run_mount(&args)?;
     }
-    if args.suite != "mount" {
+    if all || args.suite == "state" {
         run_state(&args)?;
     }
+    if all || args.suite == "pair" {
+        pair::run(&bench_dir(&args)?, args.failovers, args.takeover_clients)?;
+    }
     Ok(())
+}
+
+/// The directory a suite's cell lives in: `--dir`, or a fresh temporary one.
+fn bench_dir(args: &BenchArgs) -> Result<BenchDir> {
+    match &args.dir {
+        Some(dir) => Ok(BenchDir::Given(dir.clone())),
+        None => tempfile::Builder::new()
+            .prefix("holdfast-bench")
+            .tempdir()
+            .map(BenchDir::Temporary)
+            .context("create a temporary directory"),
+    }
+}
+
+/// Where a bench cell lives; a temporary one is removed when dropped.
+enum BenchDir {
+    Given(PathBuf),
+    Temporary(tempfile::TempDir),
+}
+
+impl BenchDir {
+    fn path(&self) -> &Path {
+        match self {
+            BenchDir::Given(dir) => dir,
+            BenchDir::Temporary(dir) => dir.path(),
+        }
+    }
 }
 
 /// Lock, callback-journaling, recovery and snapshot figures, measured against an
@@ -128,24 +168,15 @@ fn run_state(args: &BenchArgs) -> Result<()> {
 
 /// Throughput figures through real FUSE mounts of a local cell.
 fn run_mount(args: &BenchArgs) -> Result<()> {
-    let temp;
-    let dir = match &args.dir {
-        Some(dir) => dir.clone(),
-        None => {
-            temp = tempfile::Builder::new()
-                .prefix("holdfast-bench")
-                .tempdir()
-                .context("create a temporary directory")?;
-            temp.path().to_owned()
-        }
-    };
+    let bench_dir = bench_dir(args)?;
+    let dir = bench_dir.path().join("mount");
     let size_bytes = args.size_mib * (1 << 20);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()
         .context("start the async runtime")?;
-    let mut cell = LocalCell::start(&dir, "bench.holdfast", &runtime)?;
+    let mut cell = LocalCell::start(&dir, "bench.holdfast", Servers::Single, &runtime)?;
     let cache_mib = (args.size_mib * 2 + 64).to_string();
     let (mount_a, mount_b) = (dir.join("mnt-a"), dir.join("mnt-b"));
     cell.mount(

@@ -1,0 +1,482 @@
+//! The simulated world: simulated time in ms, one event queue ordered by (time, sequence
+//! number), a lossy network with delays and partitions, the VLDB, two members, clients
+//! and a fault schedule, all driven by one seeded generator.
+//! Invariant: a run is a pure function of (seed, variant); every event is followed by
+//! the checks that can be made at that instant.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::fmt;
+
+use state::journal::MemVfs;
+use state::{Millis, PairLease};
+
+use crate::sim::checker::{Checker, Stats};
+use crate::sim::client::{Client, Timer};
+use crate::sim::disk;
+use crate::sim::member::{self, Ctx, LEASE, Member, TICK_MS, Variant};
+use crate::sim::message::{Call, Msg, Node};
+use crate::sim::rng::Rng;
+
+const CLIENTS: usize = 3;
+const MEMBERS: usize = 2;
+
+/// The knobs of one run.
+#[derive(Clone, Copy, Debug)]
+pub struct Config {
+    pub variant: Variant,
+    /// Simulated length of the run.
+    pub run_ms: u64,
+}
+
+/// A broken invariant, with what it takes to see it again.
+#[derive(Debug)]
+pub struct Violation {
+    pub seed: u64,
+    pub variant: Variant,
+    pub now: u64,
+    pub message: String,
+}
+
+impl fmt::Display for Violation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "seed {} ({:?}), at {} ms: {}\nreplay with: HOLDFAST_SIM_SEED={} cargo test -p state --test pair_sim",
+            self.seed, self.variant, self.now, self.message, self.seed
+        )
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    /// Cut the link between two nodes for a while.
+    Partition(Node, Node, u64),
+    Crash(usize, u64),
+    /// SIGSTOP for a while: the member's events wait, its view goes stale.
+    Pause(usize, u64),
+    VldbRestart(u64),
+    Switchover,
+}
+
+#[derive(Debug)]
+enum Event {
+    Deliver { to: Node, msg: Msg },
+    MemberTick { member: usize, incarnation: u64 },
+    ClientTimer { client: usize, timer: Timer },
+    Fault,
+    MemberRestart(usize),
+    VldbUp,
+}
+
+struct Scheduled {
+    at: u64,
+    seq: u64,
+    event: Event,
+}
+
+impl PartialEq for Scheduled {
+    fn eq(&self, other: &Self) -> bool {
+        (self.at, self.seq) == (other.at, other.seq)
+    }
+}
+impl Eq for Scheduled {}
+impl PartialOrd for Scheduled {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Scheduled {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.at, self.seq).cmp(&(other.at, other.seq))
+    }
+}
+
+/// The network's character for one run, drawn from the seed.
+struct Network {
+    loss_per_mille: u64,
+    slow_per_mille: u64,
+    /// Cut links and when they heal.
+    cuts: Vec<(Node, Node, u64)>,
+}
+
+impl Network {
+    fn cut(&self, a: Node, b: Node, now: u64) -> bool {
+        self.cuts
+            .iter()
+            .any(|&(x, y, until)| now < until && ((x, y) == (a, b) || (x, y) == (b, a)))
+    }
+}
+
+struct Vldb {
+    pair: PairLease,
+    up: bool,
+}
+
+pub struct World {
+    config: Config,
+    now: u64,
+    next_seq: u64,
+    queue: BinaryHeap<Reverse<Scheduled>>,
+    rng: Rng,
+    network: Network,
+    vldb: Vldb,
+    members: Vec<Member>,
+    clients: Vec<Client>,
+    checker: Checker,
+    vfs: MemVfs,
+}
+
+/// Runs one seed to the end or to the first broken invariant.
+pub fn run(seed: u64, config: Config) -> Result<Stats, Violation> {
+    let mut world = World::new(seed, config);
+    world.run().map_err(|message| Violation {
+        seed,
+        variant: config.variant,
+        now: world.now,
+        message,
+    })?;
+    Ok(world.checker.stats)
+}
+
+impl World {
+    fn new(seed: u64, config: Config) -> World {
+        let mut rng = Rng::new(seed);
+        let network = Network {
+            loss_per_mille: rng.between(0, 50),
+            slow_per_mille: rng.between(0, 50),
+            cuts: Vec::new(),
+        };
+        let mut pair = PairLease::default();
+        let members: Vec<Member> = (0..MEMBERS)
+            .map(|index| Member::new(index, config.variant, &mut rng))
+            .collect();
+        for index in 0..MEMBERS {
+            pair.join(&member::name(index))
+                .expect("two members fit a pair");
+        }
+        World {
+            config,
+            now: 0,
+            next_seq: 0,
+            queue: BinaryHeap::new(),
+            rng,
+            network,
+            vldb: Vldb { pair, up: true },
+            members,
+            clients: (0..CLIENTS).map(Client::new).collect(),
+            checker: Checker::default(),
+            vfs: MemVfs::new(),
+        }
+    }
+
+    fn schedule(&mut self, after: u64, event: Event) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.queue.push(Reverse(Scheduled {
+            at: self.now + after,
+            seq,
+            event,
+        }));
+    }
+
+    fn send(&mut self, from: Node, to: Node, msg: Msg) {
+        if self.network.cut(from, to, self.now) || self.rng.chance(self.network.loss_per_mille) {
+            return;
+        }
+        let delay = if self.rng.chance(self.network.slow_per_mille) {
+            self.rng.between(100, 1500)
+        } else {
+            self.rng.between(1, 15)
+        };
+        self.schedule(delay, Event::Deliver { to, msg });
+    }
+
+    fn run(&mut self) -> Result<(), String> {
+        for member in 0..MEMBERS {
+            let after = self.rng.between(0, TICK_MS);
+            self.schedule(
+                after,
+                Event::MemberTick {
+                    member,
+                    incarnation: 0,
+                },
+            );
+        }
+        for client in 0..CLIENTS {
+            let timer = Timer {
+                attempt: 0,
+                switch: false,
+            };
+            let after = self.rng.between(0, 500);
+            self.schedule(after, Event::ClientTimer { client, timer });
+        }
+        let first_fault = self.rng.between(1000, 3000);
+        self.schedule(first_fault, Event::Fault);
+        while let Some(Reverse(next)) = self.queue.pop() {
+            if next.at > self.config.run_ms {
+                break;
+            }
+            self.now = next.at;
+            self.dispatch(next.event)?;
+            let acting: Vec<(usize, u64)> = self
+                .members
+                .iter()
+                .filter_map(|m| m.acting(self.now).map(|epoch| (m.index, epoch)))
+                .collect();
+            self.checker.windows(&acting)?;
+        }
+        let on_disk = disk::inspect(&self.vfs)?;
+        self.checker.disk_writes(&on_disk.writes, "at the end")?;
+        Ok(())
+    }
+
+    fn member_event(&self, member: usize) -> Option<u64> {
+        let m = &self.members[member];
+        (m.up && m.paused_until > self.now).then(|| m.paused_until - self.now)
+    }
+
+    fn dispatch(&mut self, event: Event) -> Result<(), String> {
+        // A stopped process does nothing until it is continued; its events wait, in order.
+        let paused = match &event {
+            Event::Deliver {
+                to: Node::Member(m),
+                ..
+            }
+            | Event::MemberTick { member: m, .. } => self.member_event(*m),
+            _ => None,
+        };
+        if let Some(wait) = paused {
+            self.schedule(wait, event);
+            return Ok(());
+        }
+        match event {
+            Event::Deliver { to, msg } => self.deliver(to, msg),
+            Event::MemberTick {
+                member,
+                incarnation,
+            } => {
+                let m = &self.members[member];
+                if !m.up || m.incarnation != incarnation {
+                    return Ok(());
+                }
+                self.with_member(member, |m, ctx| m.tick(ctx))?;
+                let after = self.rng.between(TICK_MS - 50, TICK_MS + 50);
+                self.schedule(
+                    after,
+                    Event::MemberTick {
+                        member,
+                        incarnation,
+                    },
+                );
+                Ok(())
+            }
+            Event::ClientTimer { client, timer } => {
+                if let Some((msg, after, retry)) =
+                    self.clients[client].on_timer(timer, &mut self.rng)
+                {
+                    let to = self.clients[client].target();
+                    self.send(Node::Client(client), to, msg);
+                    self.schedule(
+                        after,
+                        Event::ClientTimer {
+                            client,
+                            timer: retry,
+                        },
+                    );
+                }
+                Ok(())
+            }
+            Event::Fault => {
+                self.fault()?;
+                let after = self.rng.between(500, 4000);
+                self.schedule(after, Event::Fault);
+                Ok(())
+            }
+            Event::MemberRestart(member) => {
+                self.members[member].restart();
+                let incarnation = self.members[member].incarnation;
+                self.schedule(
+                    0,
+                    Event::MemberTick {
+                        member,
+                        incarnation,
+                    },
+                );
+                Ok(())
+            }
+            Event::VldbUp => {
+                // Epochs, holders and members are durable; the expiry is not.
+                self.vldb.up = true;
+                self.vldb.pair.restarted(LEASE, Millis(self.now));
+                Ok(())
+            }
+        }
+    }
+
+    fn with_member(
+        &mut self,
+        member: usize,
+        handle: impl FnOnce(&mut Member, &mut Ctx) -> Result<(), String>,
+    ) -> Result<(), String> {
+        let mut ctx = Ctx {
+            now: self.now,
+            out: Vec::new(),
+            checker: &mut self.checker,
+            vfs: &self.vfs,
+        };
+        handle(&mut self.members[member], &mut ctx)?;
+        for (to, msg) in ctx.out {
+            self.send(Node::Member(member), to, msg);
+        }
+        Ok(())
+    }
+
+    fn deliver(&mut self, to: Node, msg: Msg) -> Result<(), String> {
+        match to {
+            Node::Vldb => {
+                if self.vldb.up {
+                    self.vldb_call(msg)?;
+                }
+                Ok(())
+            }
+            Node::Member(member) => {
+                if !self.members[member].up {
+                    return Ok(());
+                }
+                match msg {
+                    Msg::LeaseAnswer {
+                        call,
+                        incarnation,
+                        epoch,
+                        sent,
+                        result,
+                    } => {
+                        if incarnation != self.members[member].incarnation {
+                            return Ok(());
+                        }
+                        self.with_member(member, |m, ctx| {
+                            m.on_lease_answer(ctx, call, epoch, sent, result)
+                        })
+                    }
+                    Msg::Request { client, seq, op } => {
+                        self.with_member(member, |m, ctx| m.on_request(ctx, client, seq, op))
+                    }
+                    other => Err(format!("m{member} got {other:?}")),
+                }
+            }
+            Node::Client(client) => match msg {
+                Msg::Reply { seq, epoch, reply } => {
+                    let next = self.clients[client].on_reply(
+                        seq,
+                        epoch,
+                        reply,
+                        &mut self.checker,
+                        &mut self.rng,
+                    )?;
+                    if let Some((after, timer)) = next {
+                        self.schedule(after, Event::ClientTimer { client, timer });
+                    }
+                    Ok(())
+                }
+                other => Err(format!("client {client} got {other:?}")),
+            },
+        }
+    }
+
+    /// The VLDB answers at once on its own clock (the simulated one).
+    fn vldb_call(&mut self, msg: Msg) -> Result<(), String> {
+        let now = Millis(self.now);
+        match msg {
+            Msg::Lease {
+                call,
+                member,
+                incarnation,
+                epoch,
+                sent,
+            } => {
+                let name = member::name(member);
+                let pair = &mut self.vldb.pair;
+                let result = match call {
+                    Call::Acquire => pair.acquire(&name, epoch, LEASE, now),
+                    Call::Renew => pair.renew(&name, epoch, LEASE, now).map(|()| epoch),
+                };
+                if let (Call::Acquire, Ok(granted)) = (call, &result) {
+                    self.checker.vldb_granted(*granted, member)?;
+                }
+                let answer = Msg::LeaseAnswer {
+                    call,
+                    incarnation,
+                    epoch,
+                    sent,
+                    result,
+                };
+                self.send(Node::Vldb, Node::Member(member), answer);
+                Ok(())
+            }
+            Msg::Release {
+                member,
+                epoch,
+                successor,
+            } => {
+                // Refused when the lease is already gone: nothing to hand over then.
+                let _ = self.vldb.pair.release(
+                    &member::name(member),
+                    epoch,
+                    Some(&member::name(successor)),
+                    now,
+                );
+                Ok(())
+            }
+            other => Err(format!("the VLDB got {other:?}")),
+        }
+    }
+
+    fn fault(&mut self) -> Result<(), String> {
+        let member = self.rng.between(0, MEMBERS as u64 - 1) as usize;
+        let client = self.rng.between(0, CLIENTS as u64 - 1) as usize;
+        let span = self.rng.between(200, 6000);
+        let fault = match self.rng.between(0, 9) {
+            0..=2 => Fault::Partition(Node::Member(member), Node::Vldb, span),
+            3 => Fault::Partition(Node::Client(client), Node::Member(member), span),
+            4 => Fault::Crash(member, span),
+            5..=6 => Fault::Pause(member, span),
+            7 => Fault::VldbRestart(self.rng.between(0, 3000)),
+            _ => Fault::Switchover,
+        };
+        match fault {
+            Fault::Partition(a, b, span) => self.network.cuts.push((a, b, self.now + span)),
+            Fault::Crash(member, down) => {
+                if self.members[member].up {
+                    self.members[member].crash();
+                    self.schedule(down, Event::MemberRestart(member));
+                }
+            }
+            Fault::Pause(member, span) => {
+                let m = &mut self.members[member];
+                if m.up {
+                    m.paused_until = m.paused_until.max(self.now + span);
+                }
+            }
+            Fault::VldbRestart(down) => {
+                if self.vldb.up {
+                    self.vldb.up = false;
+                    self.schedule(down, Event::VldbUp);
+                }
+            }
+            Fault::Switchover => {
+                for member in 0..MEMBERS {
+                    if self.member_event(member).is_none() && self.members[member].up {
+                        // A no-op unless the member is active.
+                        self.with_member(member, |m, ctx| {
+                            m.switchover(ctx);
+                            Ok(())
+                        })?;
+                    }
+                }
+            }
+        }
+        self.network.cuts.retain(|&(_, _, until)| until > self.now);
+        Ok(())
+    }
+}
