@@ -100,6 +100,19 @@ enum Command {
         /// Write the bound address to this file once listening.
         #[arg(long, value_name = "FILE")]
         ready_file: Option<PathBuf>,
+        /// Serve as a member of the fileserver pair NAME: the partner runs on the same
+        /// partition, the one holding the pair's lease in the VLDB serves, the other
+        /// takes over when that lease runs out (or on `holdfast pair switchover`).
+        #[arg(long, value_name = "NAME")]
+        pair: Option<String>,
+        /// Milliseconds of the pair lease: renewed every quarter of it; a member that
+        /// cannot renew stops serving a fifth of it before the lease ends.
+        #[arg(long, value_name = "N", default_value_t = 2000, requires = "pair")]
+        pair_lease_ms: u64,
+        /// Append a line per acknowledged change and per role change to FILE (an audit
+        /// trail: `<unix micros> <epoch> <member> <what>`).
+        #[arg(long, value_name = "FILE")]
+        history: Option<PathBuf>,
     },
     /// Mount the cell at MOUNTPOINT (foreground; unmounts cleanly on SIGINT/SIGTERM).
     Mount {
@@ -314,8 +327,14 @@ fn run(cli: Cli) -> Result<()> {
             pair_lease_ms,
             history,
             ready_file,
+            pair,
+            pair_lease_ms,
+            history,
         } => {
             process::init_tracing("info");
+            let pair = pair
+                .map(|name| pair_config(&name, pair_lease_ms))
+                .transpose()?;
             let cell = CellConfig::locate(cell_path.as_deref()).context("find the cell")?;
             let pair = pair
                 .map(|name| {
@@ -502,6 +521,21 @@ async fn bind(address: &str) -> Result<TcpListener> {
     TcpListener::bind(address)
         .await
         .with_context(|| format!("listen on {address}"))
+}
+
+/// `--pair NAME` and `--pair-lease-ms N`, checked before anything starts.
+fn pair_config(name: &str, lease_ms: u64) -> anyhow::Result<fileserver::PairConfig> {
+    let name = proto::PairName::parse(name).map_err(|e| anyhow::anyhow!("--pair {name:?}: {e}"))?;
+    let lease = std::time::Duration::from_millis(lease_ms);
+    let allowed = state::pair_lease::LEASE_MIN..=state::pair_lease::LEASE_MAX;
+    if !allowed.contains(&lease) {
+        anyhow::bail!(
+            "--pair-lease-ms {lease_ms}: the lease must be {} to {} ms",
+            allowed.start().as_millis(),
+            allowed.end().as_millis()
+        );
+    }
+    Ok(fileserver::PairConfig { name, lease })
 }
 
 fn seconds(value: f64, flag: &str) -> Result<Duration> {

@@ -571,7 +571,11 @@ async fn blocking<T: Send + 'static>(
     match tokio::task::spawn_blocking(op).await {
         Ok(Ok(value)) => Ok(value),
         Ok(Err(e)) => {
-            if !e.is_refusal() {
+            if e.is_fenced() {
+                // Expected while a pair member loses its lease; the member answers
+                // `NotActive` in place of this.
+                debug!(error = %e, "storage write fenced");
+            } else if !e.is_refusal() {
                 error!(error = %e, "storage operation failed");
             }
             Err(e.code())

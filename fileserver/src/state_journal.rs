@@ -438,6 +438,10 @@ fn write_loop(
                 Job::Close(done) => closing = Some(done),
             }
         }
+        if !waiters.is_empty() && !failed && !fence.is_open() {
+            info!("state journal fenced; journaling stops");
+            failed = true;
+        }
         if !waiters.is_empty()
             && !failed
             && mode != JournalMode::None

@@ -3,8 +3,9 @@
 //! `MemberState` (any server) and `PairSwitchover` (an active member).
 //! Invariant: an answer leaves only if the fence was open when the request was admitted
 //! and still is after it was handled, in the same term: a member past its deadline, or
-//! demoted meanwhile, answers `NotActive` instead. Connections that met a term's file
-//! service are closed when the term ends, so no client keeps talking to a dead term.
+//! demoted meanwhile, answers `NotActive` instead. Cache manager connections that met a
+//! term's file service are closed when the term ends, so no client keeps talking to a
+//! dead term.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -16,8 +17,8 @@ use parking_lot::Mutex;
 use proto::rpc::Connection;
 use proto::server::Service;
 use proto::{
-    Epoch, ErrorCode, Hello, HelloReply, MemberRole, MemberState, PairName, Request, Response,
-    ServerId,
+    Epoch, ErrorCode, Hello, HelloReply, MemberRole, MemberState, PairName, PeerKind, Request,
+    Response, ServerId,
 };
 use tokio::sync::{Notify, mpsc, oneshot};
 use tracing::{debug, info};
@@ -175,7 +176,10 @@ impl MemberService {
             let mut closed = Vec::new();
             connections.retain(|_, registered| {
                 let keep = registered.term != term;
-                if !keep {
+                // Cache managers hold the term's callbacks and locks: they must notice
+                // and reconnect. Admin connections hold nothing (and one of them may
+                // be waiting for the switchover's answer).
+                if !keep && matches!(registered.hello.peer, PeerKind::CacheManager { .. }) {
                     closed.push(registered.connection.clone());
                 }
                 keep

@@ -138,6 +138,11 @@ impl StorageError {
         }
     }
 
+    /// True when a closed fence refused the write (see `crate::fence`).
+    pub fn is_fenced(&self) -> bool {
+        self.to_string().contains(crate::fence::FENCED)
+    }
+
     /// True for answers that are normal protocol outcomes, not server trouble.
     pub fn is_refusal(&self) -> bool {
         matches!(self, StorageError::Refused(_))

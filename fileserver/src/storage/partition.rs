@@ -193,7 +193,8 @@ pub fn server_id_of(root: &Path) -> Result<ServerId, StorageError> {
         Err(e) => return Err(io_error(&path)(e)),
     }
     let id = ServerId::random();
-    let temp = root.join(format!("{SERVER_ID_FILE}.{}.tmp", std::process::id()));
+    // Named by the new id: concurrent creators (even in one process) never share it.
+    let temp = root.join(format!("{SERVER_ID_FILE}.{id}.tmp"));
     let mut file = std::fs::File::create(&temp).map_err(io_error(&temp))?;
     writeln!(file, "{id}").map_err(io_error(&temp))?;
     file.sync_all().map_err(io_error(&temp))?;
