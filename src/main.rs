@@ -86,17 +86,6 @@ enum Command {
         /// Seconds of grace after a restart for lock reclaims (default: one lease).
         #[arg(long)]
         grace_secs: Option<f64>,
-        /// Serve as one member of the active/passive pair NAME: both members use the
-        /// same --partition; the VLDB's lease decides which one serves.
-        #[arg(long, value_name = "NAME")]
-        pair: Option<String>,
-        /// Milliseconds of the pair lease (renewed every quarter of it).
-        #[arg(long, default_value_t = 2000, requires = "pair")]
-        pair_lease_ms: u64,
-        /// Append a line per acknowledged change and per role change to FILE (an audit
-        /// trail: `<unix micros> <epoch> <member> <what>`).
-        #[arg(long, value_name = "FILE")]
-        history: Option<PathBuf>,
         /// Write the bound address to this file once listening.
         #[arg(long, value_name = "FILE")]
         ready_file: Option<PathBuf>,
@@ -323,9 +312,6 @@ fn run(cli: Cli) -> Result<()> {
             journal_mode,
             lease_secs,
             grace_secs,
-            pair,
-            pair_lease_ms,
-            history,
             ready_file,
             pair,
             pair_lease_ms,
@@ -336,23 +322,6 @@ fn run(cli: Cli) -> Result<()> {
                 .map(|name| pair_config(&name, pair_lease_ms))
                 .transpose()?;
             let cell = CellConfig::locate(cell_path.as_deref()).context("find the cell")?;
-            let pair = pair
-                .map(|name| {
-                    let name = proto::PairName::parse(&name)
-                        .map_err(|e| anyhow::anyhow!("--pair {name:?}: {e}"))?;
-                    let lease = Duration::from_millis(pair_lease_ms);
-                    if !(state::pair_lease::LEASE_MIN..=state::pair_lease::LEASE_MAX)
-                        .contains(&lease)
-                    {
-                        anyhow::bail!(
-                            "--pair-lease-ms {pair_lease_ms}: use {} to {} milliseconds",
-                            state::pair_lease::LEASE_MIN.as_millis(),
-                            state::pair_lease::LEASE_MAX.as_millis()
-                        );
-                    }
-                    Ok(fileserver::PairConfig { name, lease })
-                })
-                .transpose()?;
             runtime()?.block_on(async {
                 let listener = bind(&listen).await?;
                 let address = listener.local_addr()?.to_string();
