@@ -3,8 +3,9 @@
 //! Invariant: every process started here is stopped by its PID, and every mount made
 //! here is gone, when the `LocalCell` drops — also when start-up fails half-way.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use proto::{CellConfig, PeerKind, VldbClient};
@@ -14,6 +15,9 @@ use crate::process::{Supervised, await_ready_file, log_tail};
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// The name of a local cell's fileserver pair.
 pub const PAIR: &str = "local";
+/// How long an exited pair member waits for its partner to take over before it is
+/// started again anyway (the partner may be gone too).
+const RESTART_WAIT_MAX: Duration = Duration::from_secs(10);
 /// The pair members' process names.
 pub const MEMBERS: [&str; 2] = ["fileserver-a", "fileserver-b"];
 
@@ -82,6 +86,8 @@ pub struct LocalCell {
     pub fs_address: String,
     /// The pair members' (process name, address), when the cell runs a pair.
     pub members: Vec<(String, String)>,
+    /// When each exited pair member was noticed, until it is started again.
+    exited_at: HashMap<String, Instant>,
     /// Mount points, in the order they were made.
     pub mounts: Vec<PathBuf>,
     /// Stopped newest first: mounts before the servers they flush to.
@@ -111,6 +117,7 @@ impl LocalCell {
             vl_address: String::new(),
             fs_address: String::new(),
             members: Vec::new(),
+            exited_at: HashMap::new(),
             mounts: Vec::new(),
             children: Vec::new(),
         };
@@ -245,9 +252,14 @@ impl LocalCell {
         await_ready_file(&ready, child, READY_TIMEOUT, &log)
     }
 
-    /// Starts again every pair member that exited on its own (it rejoins as passive),
-    /// on its old address; returns the names restarted.
-    pub fn restart_exited_members(&mut self) -> Result<Vec<String>> {
+    /// Starts again every pair member that exited on its own, on its old address, once
+    /// its partner has taken over (or after `RESTART_WAIT_MAX`), so the partner — not
+    /// the restarted process — is the one that shows the takeover; it rejoins as the
+    /// passive. Returns the names restarted.
+    pub fn restart_exited_members(
+        &mut self,
+        runtime: &tokio::runtime::Runtime,
+    ) -> Result<Vec<String>> {
         let mut restarted = Vec::new();
         for (name, address) in self.members.clone() {
             let Some(index) = self.children.iter().rposition(|c| c.name == name) else {
@@ -256,6 +268,19 @@ impl LocalCell {
             let Some(status) = self.children[index].exited() else {
                 continue;
             };
+            let noticed = *self
+                .exited_at
+                .entry(name.clone())
+                .or_insert_with(Instant::now);
+            let partner_active = self.members.iter().any(|(other, partner)| {
+                *other != name
+                    && runtime.block_on(member_role(&self.cell, partner))
+                        == Some(proto::MemberRole::Active)
+            });
+            if !partner_active && noticed.elapsed() < RESTART_WAIT_MAX {
+                continue;
+            }
+            self.exited_at.remove(&name);
             self.children.remove(index);
             println!("The {name} stopped ({status}); starting it again as the passive member.");
             self.start_fileserver(&name, &address, &["--pair", PAIR])?;
@@ -264,9 +289,14 @@ impl LocalCell {
         Ok(restarted)
     }
 
-    /// The first child that exited on its own, with its log tail.
+    /// The first child that exited on its own, with its log tail. Pair members are not
+    /// counted: `restart_exited_members` starts them again.
     pub fn check_children(&mut self) -> Result<()> {
+        let members: Vec<&str> = self.members.iter().map(|(n, _)| n.as_str()).collect();
         for child in &mut self.children {
+            if members.contains(&child.name.as_str()) {
+                continue;
+            }
             if let Some(status) = child.exited() {
                 bail!(
                     "the {} stopped unexpectedly ({status}); its last log lines:\n{}",

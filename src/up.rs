@@ -72,7 +72,7 @@ pub fn run(dir: &Path, cell_name: &str) -> Result<()> {
             println!("Stopped; the data stays in {}.", dir.display());
             return Ok(());
         }
-        cell.restart_exited_members()?;
+        cell.restart_exited_members(&runtime)?;
         cell.check_children()?;
     }
 }
