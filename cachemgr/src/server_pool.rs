@@ -85,6 +85,12 @@ enum Retry {
     Hinted(String),
 }
 
+/// What a caller about to connect gets: a connection already live, or the gate.
+enum LiveOrGate {
+    Live(Connection),
+    Gate(tokio::sync::OwnedMutexGuard<()>),
+}
+
 pub struct ServerPool {
     /// Lets a connection's task report its end after the call that opened it returned.
     this: Weak<ServerPool>,
@@ -377,19 +383,34 @@ impl ServerPool {
             .map_err(|_| ProtoError::Timeout(timeout))
     }
 
+    /// The live connection to `server`, or — when there is none — the right to make
+    /// one: waits behind another caller's connect and reclaim, within `timeout`, and
+    /// hands out the connection that caller made, if any.
+    async fn live_or_gate(
+        &self,
+        server: ServerId,
+        timeout: Duration,
+    ) -> Result<LiveOrGate, ProtoError> {
+        if let Some(connection) = self.live(server) {
+            return Ok(LiveOrGate::Live(connection));
+        }
+        let gate = self.gate(server, timeout).await?;
+        Ok(match self.live(server) {
+            Some(connection) => LiveOrGate::Live(connection),
+            None => LiveOrGate::Gate(gate),
+        })
+    }
+
     async fn connection(
         &self,
         server: ServerId,
         addresses: &[String],
         timeout: Duration,
     ) -> Result<Connection, ProtoError> {
-        if let Some(connection) = self.live(server) {
-            return Ok(connection);
-        }
-        let _gate = self.gate(server, timeout).await?;
-        if let Some(connection) = self.live(server) {
-            return Ok(connection);
-        }
+        let _gate = match self.live_or_gate(server, timeout).await? {
+            LiveOrGate::Live(connection) => return Ok(connection),
+            LiveOrGate::Gate(gate) => gate,
+        };
         let limits = Limits {
             handshake_timeout: timeout,
             ..Limits::default()
@@ -440,13 +461,10 @@ impl ServerPool {
         addresses: &[String],
         timeout: Duration,
     ) -> Result<Connection, ProtoError> {
-        if let Some(connection) = self.live(server) {
-            return Ok(connection);
-        }
-        let _gate = self.gate(server, timeout).await?;
-        if let Some(connection) = self.live(server) {
-            return Ok(connection);
-        }
+        let _gate = match self.live_or_gate(server, timeout).await? {
+            LiveOrGate::Live(connection) => return Ok(connection),
+            LiveOrGate::Gate(gate) => gate,
+        };
         let limits = Limits {
             handshake_timeout: timeout,
             ..Limits::default()
