@@ -12,6 +12,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -52,9 +53,23 @@ struct Tables {
     grace: Option<Grace>,
 }
 
+/// Clients whose lease renewals are coalesced (keys at or above it renew under the
+/// mutex every time); the client table's default bound fits. 8 bytes each.
+const RENEWED_SLOTS: usize = 1 << 17;
+/// A `renewed` slot of a client whose lease the tables do not hold.
+const NEVER: u64 = u64::MAX;
+
 /// The server's lock state and the machinery to grant queued requests.
 pub struct Locks {
     tables: Mutex<Tables>,
+    /// When each client's lease was last renewed in `tables` (`now()` ms, by key), so
+    /// that the request path renews under the mutex at most once per `renew_every_ms`
+    /// and otherwise touches no lock at all. A skipped renewal shortens a lease by less
+    /// than a tenth; the sweep marks a lapsed client `NEVER` under the mutex, and a
+    /// skip can only happen within a tenth of a lease of a recorded renewal, long
+    /// before that renewal's expiry, so a lapsed client's next request always renews.
+    renewed: Box<[AtomicU64]>,
+    renew_every_ms: u64,
     callbacks: Arc<Callbacks>,
     journal: Arc<StateJournal>,
     origin: Instant,
@@ -72,6 +87,8 @@ impl Locks {
                 clients: HashMap::new(),
                 grace: None,
             }),
+            renewed: (0..RENEWED_SLOTS).map(|_| AtomicU64::new(NEVER)).collect(),
+            renew_every_ms: u64::try_from(lease.as_millis() / 10).unwrap_or(u64::MAX),
             callbacks,
             journal,
             origin: Instant::now(),
@@ -202,10 +219,22 @@ impl Locks {
         let _ = self.journal.record(&record, false);
     }
 
-    /// The client spoke: its lease runs one more lease from now.
+    /// The client spoke: its lease runs one more lease from now (from its last
+    /// recorded renewal, when that was less than a tenth of a lease ago).
     pub fn touch(&self, client: ClientKey) {
         let now = self.now();
-        self.tables.lock().leases.touch(client, now);
+        let slot = self.renewed.get(client.0 as usize);
+        if let Some(slot) = slot {
+            let last = slot.load(Ordering::Relaxed);
+            if last != NEVER && now.0 < last.saturating_add(self.renew_every_ms) {
+                return;
+            }
+        }
+        let mut tables = self.tables.lock();
+        tables.leases.touch(client, now);
+        if let Some(slot) = slot {
+            slot.store(now.0, Ordering::Relaxed);
+        }
     }
 
     /// `SetLock`: granted, queued (a `LockGranted` push follows) or refused.
@@ -412,6 +441,9 @@ impl Locks {
             let lapsed = tables.leases.expired(now);
             let (mut clients, mut locks, mut effects) = (0, 0, Vec::new());
             for client in lapsed {
+                if let Some(slot) = self.renewed.get(client.0 as usize) {
+                    slot.store(NEVER, Ordering::Relaxed);
+                }
                 if !tables.holders.contains(&client) {
                     continue;
                 }
