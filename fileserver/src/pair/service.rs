@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use parking_lot::Mutex;
+use parking_lot::RwLock;
 use proto::rpc::Connection;
 use proto::server::Service;
 use proto::{
@@ -57,10 +57,12 @@ pub struct MemberService {
     pair: Option<PairName>,
     server: ServerId,
     fence: Arc<Fence>,
-    role: Mutex<Role>,
+    /// Read on every request (shared), written only on a change of role.
+    role: RwLock<Role>,
     /// Connections registered with a term's file service, by peer address (unique
     /// among live TCP connections; `same` guards against a reused one).
-    connections: Mutex<HashMap<SocketAddr, Registered>>,
+    /// Looked up (shared) on every request; written once per connection and term.
+    connections: RwLock<HashMap<SocketAddr, Registered>>,
     history: Option<History>,
     /// False while a switchover drains: new requests get `NotActive`.
     admitting: AtomicBool,
@@ -131,8 +133,8 @@ impl MemberService {
             pair: config.pair.as_ref().map(|p| p.name.clone()),
             server,
             fence,
-            role: Mutex::new(role),
-            connections: Mutex::new(HashMap::new()),
+            role: RwLock::new(role),
+            connections: RwLock::new(HashMap::new()),
             history,
             admitting: AtomicBool::new(true),
             in_flight: AtomicUsize::new(0),
@@ -143,7 +145,7 @@ impl MemberService {
 
     /// Starts a term: `service` serves from now on (the fence is open already).
     pub fn become_active(&self, epoch: Epoch, service: Arc<FileService>) {
-        let mut role = self.role.lock();
+        let mut role = self.role.write();
         role.kind = MemberRole::Active;
         role.epoch = epoch;
         role.hint = Some(self.member.clone());
@@ -157,7 +159,7 @@ impl MemberService {
     /// that met the old term is closed. The caller closed the fence or closes it next.
     pub fn become_passive(&self, epoch: Epoch, hint: Option<String>) {
         let ended = {
-            let mut role = self.role.lock();
+            let mut role = self.role.write();
             let was_active = role.kind == MemberRole::Active;
             role.kind = MemberRole::Passive;
             role.epoch = role.epoch.max(epoch);
@@ -172,7 +174,7 @@ impl MemberService {
         };
         let Some(term) = ended else { return };
         let closed: Vec<Connection> = {
-            let mut connections = self.connections.lock();
+            let mut connections = self.connections.write();
             let mut closed = Vec::new();
             connections.retain(|_, registered| {
                 let keep = registered.term != term;
@@ -221,7 +223,7 @@ impl MemberService {
     }
 
     fn not_active(&self) -> ErrorCode {
-        let role = self.role.lock();
+        let role = self.role.read();
         ErrorCode::NotActive {
             epoch: role.epoch,
             hint: role.hint.clone().filter(|h| *h != self.member),
@@ -230,15 +232,18 @@ impl MemberService {
 
     /// The term's service if the member serves now, counted in flight until dropped.
     fn admit(&self) -> Result<(Arc<FileService>, Epoch, u64, InFlight<'_>), ErrorCode> {
-        let role = self.role.lock().clone();
-        let service = match role.service {
+        let (service, epoch, term) = {
+            let role = self.role.read();
+            (role.service.clone(), role.epoch, role.term)
+        };
+        let service = match service {
             Some(service) if self.admitting.load(Ordering::SeqCst) && self.fence.is_open() => {
                 service
             }
             _ => return Err(self.not_active()),
         };
         self.in_flight.fetch_add(1, Ordering::SeqCst);
-        Ok((service, role.epoch, role.term, InFlight(self)))
+        Ok((service, epoch, term, InFlight(self)))
     }
 
     /// Registers `connection` with the term's service the first time it meets it.
@@ -251,7 +256,7 @@ impl MemberService {
     ) {
         let address = connection.peer_addr();
         {
-            let connections = self.connections.lock();
+            let connections = self.connections.read();
             if let Some(registered) = connections.get(&address)
                 && registered.term == term
                 && registered.connection.same(connection)
@@ -260,7 +265,7 @@ impl MemberService {
             }
         }
         service.connected(connection, hello);
-        self.connections.lock().insert(
+        self.connections.write().insert(
             address,
             Registered {
                 connection: connection.clone(),
@@ -271,7 +276,7 @@ impl MemberService {
     }
 
     fn state(&self) -> MemberState {
-        let role = self.role.lock().clone();
+        let role = self.role.read().clone();
         MemberState {
             member: self.member.clone(),
             pair: self.pair.clone(),
@@ -285,7 +290,7 @@ impl MemberService {
         let Some(switchover) = &self.switchover else {
             return Err(ErrorCode::Unsupported);
         };
-        if self.role.lock().kind != MemberRole::Active {
+        if self.role.read().kind != MemberRole::Active {
             return Err(self.not_active());
         }
         let (answer, answered) = oneshot::channel();
@@ -318,9 +323,12 @@ impl Service for MemberService {
     }
 
     fn connected(&self, connection: &Connection, hello: &Hello) {
-        let role = self.role.lock().clone();
-        if let Some(service) = role.service {
-            self.register(connection, &Arc::new(hello.clone()), &service, role.term);
+        let (service, term) = {
+            let role = self.role.read();
+            (role.service.clone(), role.term)
+        };
+        if let Some(service) = service {
+            self.register(connection, &Arc::new(hello.clone()), &service, term);
         }
     }
 
@@ -350,7 +358,7 @@ impl Service for MemberService {
         let answer = service.handle(connection, hello, request).await;
         // The last check: a member whose lease ran out (or that was demoted) while the
         // request ran must not acknowledge it.
-        if !self.fence.is_open() || self.role.lock().term != term {
+        if !self.fence.is_open() || self.role.read().term != term {
             return Err(self.not_active());
         }
         if let (Ok(_), Some(kind)) = (&answer, recorded) {
@@ -362,7 +370,7 @@ impl Service for MemberService {
 
     fn disconnected(&self, connection: &Connection, _hello: &Hello) {
         let registered = {
-            let mut connections = self.connections.lock();
+            let mut connections = self.connections.write();
             match connections.get(&connection.peer_addr()) {
                 Some(r) if r.connection.same(connection) => {
                     connections.remove(&connection.peer_addr())
@@ -371,9 +379,12 @@ impl Service for MemberService {
             }
         };
         let Some(registered) = registered else { return };
-        let role = self.role.lock().clone();
-        if let Some(service) = role.service
-            && role.term == registered.term
+        let (service, term) = {
+            let role = self.role.read();
+            (role.service.clone(), role.term)
+        };
+        if let Some(service) = service
+            && term == registered.term
         {
             service.disconnected(connection, &registered.hello);
         }
