@@ -244,7 +244,7 @@ impl ServerPool {
     }
 
     /// Tries the pair's members in turn until one answers or `failover` has passed; the
-    /// request is cloned per attempt so a retry is byte-for-byte the same request.
+    /// request is borrowed per attempt (no copy), so a retry is byte-for-byte the same.
     async fn call_pair(
         &self,
         server: ServerId,
@@ -261,7 +261,7 @@ impl ServerPool {
             let (result, used) = match self.pair_connection(server, &addresses, timeout).await {
                 Ok(connection) => {
                     unreachable_since = None;
-                    let result = connection.call(request.clone(), timeout).await;
+                    let result = connection.call_ref(&request, timeout).await;
                     (result, Some(connection))
                 }
                 Err(e) => (Err(e), None),

@@ -7,7 +7,10 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};
 
 use crate::error::ProtoError;
-use crate::message::Frame;
+use serde::Serialize;
+
+use crate::ids::RequestId;
+use crate::message::{Frame, Request};
 
 /// Bytes of header in front of every frame body.
 pub const FRAME_HEADER_BYTES: usize = 8;
@@ -83,6 +86,21 @@ impl Encoder<&[u8]> for FrameCodec {
 /// Serializes a frame's body.
 pub fn encode_frame(frame: &Frame) -> Result<Vec<u8>, ProtoError> {
     Ok(postcard::to_stdvec(frame)?)
+}
+
+/// Serializes `Frame::Request { id, body }` from a borrowed body, so a caller that may
+/// send the same request again (a retry on another server) need not copy it first.
+pub fn encode_request(id: RequestId, body: &Request) -> Result<Vec<u8>, ProtoError> {
+    /// `Frame` with the request borrowed. Postcard encodes a variant by its index, so
+    /// the variants before `Request` stand in place (never built) to keep its index.
+    #[derive(Serialize)]
+    #[allow(dead_code)]
+    enum FrameRef<'a> {
+        Hello(()),
+        HelloReply(()),
+        Request { id: RequestId, body: &'a Request },
+    }
+    Ok(postcard::to_stdvec(&FrameRef::Request { id, body })?)
 }
 
 /// Deserializes a frame's body; trailing bytes are an error.

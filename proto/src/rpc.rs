@@ -23,6 +23,7 @@ use tracing::debug;
 use crate::error::{ErrorCode, ProtoError};
 use crate::frame::{
     FRAME_BYTES_MAX_DEFAULT, FRAME_HEADER_BYTES, FrameCodec, decode_frame, encode_frame,
+    encode_request,
 };
 use crate::ids::RequestId;
 use crate::message::{
@@ -348,16 +349,23 @@ async fn read_loop(
 impl Connection {
     /// Sends a request and waits for its response, at most `timeout`.
     pub async fn call(&self, request: Request, timeout: Duration) -> Result<Response, ProtoError> {
+        self.call_ref(&request, timeout).await
+    }
+
+    /// `call` with the request borrowed: a caller that may retry it elsewhere keeps it
+    /// without copying it (a store carries up to a MiB).
+    pub async fn call_ref(
+        &self,
+        request: &Request,
+        timeout: Duration,
+    ) -> Result<Response, ProtoError> {
         if self.is_closed() {
             return Err(ProtoError::Closed);
         }
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.inner.pending.lock().insert(id, tx);
-        let bytes = match encode_frame(&Frame::Request {
-            id: RequestId(id),
-            body: request,
-        }) {
+        let bytes = match encode_request(RequestId(id), request) {
             Ok(bytes) => bytes,
             Err(e) => {
                 self.inner.pending.lock().remove(&id);

@@ -207,6 +207,19 @@ fn cases() -> Vec<(&'static str, Frame, &'static str)> {
 }
 
 #[test]
+fn a_borrowed_request_encodes_as_the_owned_frame() {
+    for (name, frame, _) in cases() {
+        if let Frame::Request { id, body } = &frame {
+            assert_eq!(
+                proto::frame::encode_request(*id, body).unwrap(),
+                proto::frame::encode_frame(&frame).unwrap(),
+                "{name}"
+            );
+        }
+    }
+}
+
+#[test]
 fn golden_bytes() {
     let mut failures = Vec::new();
     for (name, frame, expected) in cases() {
