@@ -5,7 +5,7 @@
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
-use harness::{TestCell, sh, wait_until};
+use harness::{TestCell, flock, flock_n_succeeds, sh, wait_until};
 
 const BIN: &str = env!("CARGO_BIN_EXE_holdfast");
 
@@ -19,15 +19,6 @@ fn getlk(file: &std::fs::File) -> Option<libc::flock> {
     let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETLK, &mut lock) };
     assert_eq!(rc, 0, "F_GETLK: {}", std::io::Error::last_os_error());
     (lock.l_type != libc::F_UNLCK as i16).then_some(lock)
-}
-
-fn flock(file: &std::fs::File, operation: libc::c_int) -> std::io::Result<()> {
-    // SAFETY: a valid fd.
-    if unsafe { libc::flock(file.as_raw_fd(), operation) } == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
 }
 
 #[test]
@@ -175,14 +166,10 @@ fn a_holder_that_never_returns_keeps_its_lock_for_the_whole_grace_then_loses_it(
         .unwrap();
 
     // During grace B cannot take A's recovered lock ...
-    let flock_n = |b: &std::path::Path| {
-        std::process::Command::new("flock")
-            .args(["-n", &b.join("orphan").to_string_lossy(), "true"])
-            .status()
-            .unwrap()
-            .success()
-    };
-    assert!(!flock_n(&b), "B took A's recovered lock during grace");
+    assert!(
+        !flock_n_succeeds(&b.join("orphan")),
+        "B took A's recovered lock during grace"
+    );
     // ... grace runs its whole length, since A never reclaims ...
     assert!(
         wait_until(Duration::from_secs(20), || cell
@@ -203,6 +190,9 @@ fn a_holder_that_never_returns_keeps_its_lock_for_the_whole_grace_then_loses_it(
         "grace ended after {grace_seen:?}, before its {GRACE:?}"
     );
     // ... and then the lock is released: B gets it.
-    assert!(flock_n(&b), "A's lock was not released when grace ended");
+    assert!(
+        flock_n_succeeds(&b.join("orphan")),
+        "A's lock was not released when grace ended"
+    );
     drop(held);
 }

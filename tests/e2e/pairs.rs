@@ -3,7 +3,6 @@
 //! kept exactly once, locks held, no two members acknowledging changes at once.
 
 use std::io::Write;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -11,7 +10,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use harness::pair::{self, HistoryEvent, read_history};
-use harness::{PairOptions, TestCell, wait_until};
+use harness::{PairOptions, TestCell, flock, flock_n_succeeds, wait_until};
 use proto::{ClientId, Fid, Request, VolumeName, VolumeRef};
 
 const BIN: &str = env!("CARGO_BIN_EXE_holdfast");
@@ -180,23 +179,6 @@ fn fsynced_records_survive_a_kill_of_the_active_exactly_once_and_in_order() {
             "{name} differs between workstations"
         );
     }
-}
-
-fn flock(file: &std::fs::File, operation: libc::c_int) -> std::io::Result<()> {
-    // SAFETY: a valid fd.
-    if unsafe { libc::flock(file.as_raw_fd(), operation) } == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
-
-fn flock_n_succeeds(path: &Path) -> bool {
-    std::process::Command::new("flock")
-        .args(["-n", &path.to_string_lossy(), "true"])
-        .status()
-        .unwrap()
-        .success()
 }
 
 #[test]

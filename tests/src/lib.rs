@@ -442,6 +442,25 @@ pub fn sh(dir: &Path, script: &str) -> Result<String> {
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
+/// `flock(2)` on an open file.
+pub fn flock(file: &std::fs::File, operation: libc::c_int) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a valid fd.
+    if unsafe { libc::flock(file.as_raw_fd(), operation) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// True when `flock -n PATH true` gets the lock (the tool a user would run).
+pub fn flock_n_succeeds(path: &Path) -> bool {
+    Command::new("flock")
+        .args(["-n", &path.to_string_lossy(), "true"])
+        .status()
+        .is_ok_and(|status| status.success())
+}
+
 /// True when `path` is a mount point.
 pub fn is_mounted(path: &Path) -> bool {
     cachemgr::mountinfo::is_mount_point(path)
