@@ -584,6 +584,13 @@ impl Manager {
 
     // ---- changes to directories ----
 
+    /// Sends `request`, which makes the entry `name` in `dir`, and applies its answer.
+    async fn make_entry(&self, dir: Fid, name: &str, request: Request) -> FsResult<AttrOut> {
+        let sent_at = Instant::now();
+        let response = self.call(dir.volume, request).await?;
+        self.absorb_entry(response, name, sent_at)
+    }
+
     fn absorb_entry(&self, response: Response, name: &str, sent_at: Instant) -> FsResult<AttrOut> {
         let (status, callback, dir) = match response {
             Response::Entry {
@@ -621,7 +628,6 @@ impl Manager {
     ) -> FsResult<AttrOut> {
         let name = entry_name(name)?;
         let dir = self.fid(parent)?;
-        let sent_at = Instant::now();
         let request = Request::Create {
             dir,
             name: name.clone(),
@@ -630,8 +636,7 @@ impl Manager {
             gid,
             exclusive,
         };
-        let response = self.call(dir.volume, request).await?;
-        let out = self.absorb_entry(response, &name, sent_at)?;
+        let out = self.make_entry(dir, &name, request).await?;
         // The kernel has no pages of a new file, so they reflect its version vacuously;
         // saying so lets the pages its writes leave behind survive the next open.
         let mut state = self.state.lock();
@@ -655,7 +660,6 @@ impl Manager {
     ) -> FsResult<AttrOut> {
         let name = entry_name(name)?;
         let dir = self.fid(parent)?;
-        let sent_at = Instant::now();
         let request = Request::MakeDir {
             dir,
             name: name.clone(),
@@ -663,8 +667,7 @@ impl Manager {
             uid,
             gid,
         };
-        let response = self.call(dir.volume, request).await?;
-        self.absorb_entry(response, &name, sent_at)
+        self.make_entry(dir, &name, request).await
     }
 
     pub async fn symlink(
@@ -678,7 +681,6 @@ impl Manager {
         let name = entry_name(name)?;
         let target = target.to_str().ok_or(Errno::EINVAL)?.to_owned();
         let dir = self.fid(parent)?;
-        let sent_at = Instant::now();
         let request = Request::Symlink {
             dir,
             name: name.clone(),
@@ -686,8 +688,7 @@ impl Manager {
             uid,
             gid,
         };
-        let response = self.call(dir.volume, request).await?;
-        self.absorb_entry(response, &name, sent_at)
+        self.make_entry(dir, &name, request).await
     }
 
     pub async fn link(&self, ino: Ino, new_parent: Ino, new_name: &OsStr) -> FsResult<AttrOut> {
@@ -697,14 +698,12 @@ impl Manager {
         if target.volume != dir.volume {
             return Err(Errno::EXDEV);
         }
-        let sent_at = Instant::now();
         let request = Request::Link {
             dir,
             name: name.clone(),
             target,
         };
-        let response = self.call(dir.volume, request).await?;
-        self.absorb_entry(response, &name, sent_at)
+        self.make_entry(dir, &name, request).await
     }
 
     pub async fn remove(&self, parent: Ino, name: &OsStr, directory: bool) -> FsResult<()> {
