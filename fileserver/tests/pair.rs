@@ -415,14 +415,7 @@ async fn pair_switchover__moves_a_held_lock_without_grace() {
     assert_eq!(active.state().await.role, MemberRole::Passive);
 
     // Another client's conflicting lock is refused as a conflict, not told to wait.
-    let other = FakeClient::connect(
-        &passive.address,
-        "X",
-        ClientId::random(),
-        InstanceNonce(1),
-        &log,
-    )
-    .await;
+    let other = FakeClient::fresh(&passive.address, "X", &log).await;
     match other.call(lock(7)).await {
         Err(ProtoError::Remote(ErrorCode::WouldBlock)) => {}
         reply => panic!("a conflicting lock got {reply:?}"),

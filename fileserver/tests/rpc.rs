@@ -13,22 +13,8 @@ async fn break_reaches_other_holder_before_the_store_reply() {
     let server = Server::in_tempdir().await;
     create_volume(&server.address).await;
     let log: Log = Arc::default();
-    let a = FakeClient::connect(
-        &server.address,
-        "A",
-        ClientId::random(),
-        InstanceNonce(1),
-        &log,
-    )
-    .await;
-    let b = FakeClient::connect(
-        &server.address,
-        "B",
-        ClientId::random(),
-        InstanceNonce(1),
-        &log,
-    )
-    .await;
+    let a = FakeClient::fresh(&server.address, "A", &log).await;
+    let b = FakeClient::fresh(&server.address, "B", &log).await;
 
     let fid = create_file(&a, "shared").await;
     let fetched = b.call(Request::FetchStatus { fid }).await.unwrap();
@@ -77,14 +63,7 @@ async fn delayed_break_is_delivered_on_reconnect_before_serving() {
     create_volume(&server.address).await;
     let log: Log = Arc::default();
     let b_id = ClientId::random();
-    let a = FakeClient::connect(
-        &server.address,
-        "A",
-        ClientId::random(),
-        InstanceNonce(1),
-        &log,
-    )
-    .await;
+    let a = FakeClient::fresh(&server.address, "A", &log).await;
     let b = FakeClient::connect(&server.address, "B", b_id, InstanceNonce(9), &log).await;
     let fid = create_file(&a, "f").await;
     b.call(Request::FetchStatus { fid }).await.unwrap();
@@ -124,14 +103,7 @@ async fn long_names_and_errors_map_to_codes() {
     let server = Server::in_tempdir().await;
     create_volume(&server.address).await;
     let log: Log = Arc::default();
-    let a = FakeClient::connect(
-        &server.address,
-        "A",
-        ClientId::random(),
-        InstanceNonce(1),
-        &log,
-    )
-    .await;
+    let a = FakeClient::fresh(&server.address, "A", &log).await;
     let long = a
         .call(Request::Create {
             dir: Fid::root(VOLUME),

@@ -134,14 +134,7 @@ async fn only_namespace_changes_of_cache_managers_are_sequenced() {
     let server = Server::in_tempdir().await;
     create_volume(&server.address).await;
     let log: Log = Arc::default();
-    let client = FakeClient::connect(
-        &server.address,
-        "A",
-        ClientId::random(),
-        InstanceNonce(1),
-        &log,
-    )
-    .await;
+    let client = FakeClient::fresh(&server.address, "A", &log).await;
     let fetch = Request::FetchStatus {
         fid: Fid::root(VOLUME),
     };

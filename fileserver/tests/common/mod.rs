@@ -173,6 +173,11 @@ impl FakeClient {
         }
     }
 
+    /// A new client (random id, first instance).
+    pub async fn fresh(address: &str, name: &'static str, log: &Log) -> FakeClient {
+        FakeClient::connect(address, name, ClientId::random(), InstanceNonce(1), log).await
+    }
+
     pub async fn call(&self, request: Request) -> Result<Response, ProtoError> {
         self.connection.call(request, TIMEOUT).await
     }
