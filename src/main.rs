@@ -271,7 +271,8 @@ fn run(cli: Cli) -> Result<()> {
     let cell_path = cli.cell;
     match cli.command {
         Command::Up { dir, cell_name } => {
-            process::init_tracing("info");
+            // `up` speaks to the user itself; its children log to DIR/logs.
+            process::init_tracing("warn");
             up::run(&dir, &cell_name)
         }
         Command::Vlserver {
