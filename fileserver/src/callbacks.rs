@@ -1,21 +1,27 @@
-//! Callback breaking: the I/O side of the pure tables in the `state` crate. Holds the
-//! tables behind one short lock, knows each client's current connection, sends breaks in
-//! parallel with a deadline, delivers owed breaks before a returning client is served,
-//! and journals every change a restart must know about.
+//! Callback breaking: the I/O side of the pure tables in the `state` crate. Keeps the
+//! promises in shards by fid, each behind its own short lock, and the clients, their
+//! connections and owed breaks behind one more; knows each client's current
+//! connection, sends breaks in parallel with a deadline, delivers owed breaks before a
+//! returning client is served, and journals every change a restart must know about.
+//! A request's path takes the client lock shared and one shard's lock: granting
+//! promises on different fids runs in parallel.
 //! Invariant: a promise removed from the table is either acknowledged by its client or
 //! queued as a delayed break (a detached task finishes delivery even if the request
 //! that caused it goes away); a client is served only after what it is owed was
-//! delivered on its current connection; every change is journaled under the tables'
-//! lock (records keep the order of the changes); the promises live only in the table
-//! (a grant is journaled when its rounded wall-clock expiry moves past the one journaled
-//! for the table's previous expiry), owed and in-flight breaks also in `model`; a break
-//! is journaled as sent before the change that caused it is answered.
+//! delivered on its current connection; every change is journaled under the locks of
+//! what it changes (the shards of its fids, the client lock for owed and in-flight
+//! breaks), so the records about one fid, and those about owed breaks, keep the order
+//! of the changes; locks are taken shards first, in index order, then the client lock;
+//! the promises live only in the shards (a grant is journaled when its rounded
+//! wall-clock expiry moves past the one journaled for the table's previous expiry),
+//! owed and in-flight breaks also in `model`; a break is journaled as sent before the
+//! change that caused it is answered.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, MutexGuard, RwLock};
 use proto::rpc::Connection;
 use proto::{CallbackGrant, ClientId, Fid, InstanceNonce, Request};
 use state::callback_table::CallbackCapture;
@@ -38,19 +44,25 @@ struct Session {
     ready: watch::Receiver<bool>,
 }
 
-struct Tables {
+/// Promise shards: a power of two, so that a fid's shard is bits of its hash. Enough
+/// that two cores rarely meet on one; each shard is a table of its own (index, expiry
+/// wheel), so the count costs a little fixed memory per shard.
+const SHARDS: usize = 16;
+
+/// Clients, their connections and what they are owed: touched on connect, on breaks
+/// and on delivery, read (shared) by every request.
+struct Clients {
     clients: ClientTable,
-    promises: CallbackTable,
     delayed: DelayedBreaks,
     sessions: HashMap<ClientKey, Session>,
     /// What the journal knows of `delayed` and of breaks in flight (its `promises` stay
-    /// empty: the table is the only copy).
+    /// empty: the shards are the only copy).
     model: CallbackModel,
 }
 
-impl Tables {
-    /// Journals `record` (applying its breaks to the model first): the one way state
-    /// changes reach the journal from here.
+impl Clients {
+    /// Journals `record` (applying its breaks to the model first): the one way changes
+    /// of owed and in-flight breaks reach the journal.
     fn emit(
         &mut self,
         journal: &StateJournal,
@@ -62,9 +74,33 @@ impl Tables {
     }
 }
 
+/// The shard that holds `fid`'s promises.
+fn shard_of(fid: Fid) -> usize {
+    let mixed = (fid.volume.0.rotate_left(32) ^ fid.vnode.0 ^ u64::from(fid.unique.0))
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    (mixed >> (u64::BITS - SHARDS.trailing_zeros())) as usize
+}
+
+/// The locked shards of a set of fids, taken in index order.
+struct Locked<'a> {
+    shards: Vec<(usize, MutexGuard<'a, CallbackTable>)>,
+}
+
+impl Locked<'_> {
+    fn table(&mut self, fid: Fid) -> &mut CallbackTable {
+        let shard = shard_of(fid);
+        let at = self
+            .shards
+            .binary_search_by_key(&shard, |(index, _)| *index)
+            .unwrap_or_else(|_| unreachable!("the shard of every fid given was locked"));
+        &mut self.shards[at].1
+    }
+}
+
 /// The server's callback state and the machinery to break callbacks.
 pub struct Callbacks {
-    tables: Mutex<Tables>,
+    shards: Box<[Mutex<CallbackTable>]>,
+    clients: RwLock<Clients>,
     journal: Arc<StateJournal>,
     origin: Instant,
     /// Wall-clock milliseconds at `origin`: table expiries (monotonic, since `origin`)
@@ -92,13 +128,17 @@ impl Callbacks {
         break_timeout: Duration,
         journal: Arc<StateJournal>,
     ) -> Callbacks {
+        // A shard holds its share: a full one evicts a little before the whole is full.
+        let config = CallbackTableConfig {
+            promise_count_max: promise_count_max.max(1).div_ceil(SHARDS),
+            ..CallbackTableConfig::default()
+        };
         Callbacks {
-            tables: Mutex::new(Tables {
+            shards: (0..SHARDS)
+                .map(|_| Mutex::new(CallbackTable::new(config.clone())))
+                .collect(),
+            clients: RwLock::new(Clients {
                 clients: ClientTable::new(client_count_max),
-                promises: CallbackTable::new(CallbackTableConfig {
-                    promise_count_max: promise_count_max.max(1),
-                    ..CallbackTableConfig::default()
-                }),
                 delayed: DelayedBreaks::new(delayed_per_client_max),
                 sessions: HashMap::new(),
                 model: CallbackModel::new(delayed_per_client_max),
@@ -119,11 +159,29 @@ impl Callbacks {
         journaled_expiry_ms(self.wall_origin_ms.saturating_add(expiry.0))
     }
 
+    /// Locks every shard, in index order.
+    fn lock_all(&self) -> Vec<MutexGuard<'_, CallbackTable>> {
+        self.shards.iter().map(|shard| shard.lock()).collect()
+    }
+
+    /// Locks the shards of `fids`, in index order.
+    fn lock_fids(&self, fids: &[Fid]) -> Locked<'_> {
+        let mut indexes: Vec<usize> = fids.iter().map(|&fid| shard_of(fid)).collect();
+        indexes.sort_unstable();
+        indexes.dedup();
+        Locked {
+            shards: indexes
+                .into_iter()
+                .map(|index| (index, self.shards[index].lock()))
+                .collect(),
+        }
+    }
+
     /// Admits a client recovered from the state journal before it connects: when it
     /// returns with the same instance it is `Returning` and keeps its promises and locks.
     pub fn recover(&self, client: ClientId, instance: InstanceNonce) -> Option<ClientKey> {
-        let mut tables = self.tables.lock();
-        tables
+        self.clients
+            .write()
             .clients
             .admit(client, instance)
             .ok()
@@ -141,9 +199,16 @@ impl Callbacks {
         complete: bool,
     ) {
         let (now, now_ms) = (self.now(), wall_ms());
-        let mut tables = self.tables.lock();
+        let mut shards = self.lock_all();
+        let mut clients = self.clients.write();
         let mut promises = 0;
-        tables.promises.reserve(recovered.promises.len());
+        let mut counts = [0; SHARDS];
+        for &((fid, _), _) in recovered.promises.entries() {
+            counts[shard_of(fid)] += 1;
+        }
+        for (shard, count) in shards.iter_mut().zip(counts) {
+            shard.reserve(count);
+        }
         for &((fid, old), expiry_ms) in recovered.promises.entries() {
             let Some(&key) = keys.get(&old) else {
                 continue;
@@ -154,7 +219,7 @@ impl Callbacks {
             // A fresh lifetime from now outlasts what the client was told (unless the
             // table is under pressure, which shortens lifetimes). The snapshot the caller
             // takes next journals it.
-            tables.promises.grant(fid, key, now);
+            shards[shard_of(fid)].grant(fid, key, now);
             promises += 1;
         }
         drop(recovered.promises);
@@ -167,19 +232,19 @@ impl Callbacks {
             owed += 1;
             match queue {
                 Owed::Reset => {
-                    tables.delayed.push_reset(key);
-                    tables.model.owed.insert(key.0, Owed::Reset);
+                    clients.delayed.push_reset(key);
+                    clients.model.owed.insert(key.0, Owed::Reset);
                 }
                 Owed::Fids(fids) => {
-                    tables.delayed.push(key, fids.iter().copied());
-                    tables.model.owed.insert(key.0, Owed::Fids(fids));
+                    clients.delayed.push(key, fids.iter().copied());
+                    clients.model.owed.insert(key.0, Owed::Fids(fids));
                 }
             }
         }
         if !complete {
             for &key in keys.values() {
-                tables.delayed.push_reset(key);
-                tables.model.owed.insert(key.0, Owed::Reset);
+                clients.delayed.push_reset(key);
+                clients.model.owed.insert(key.0, Owed::Reset);
             }
         }
         info!(promises, owed, complete, "callback state restored");
@@ -196,11 +261,13 @@ impl Callbacks {
     ) -> Option<Admission> {
         let (ready_tx, ready_rx) = watch::channel(false);
         let admission = {
-            let mut tables = self.tables.lock();
+            // Every shard first (the lock order), for a new instance's dropped promises.
+            let mut shards = self.lock_all();
+            let mut tables = self.clients.write();
             let admission = match tables.clients.admit(client, instance) {
                 Ok(admission) => admission,
                 Err(full) => {
-                    drop(tables);
+                    drop((tables, shards));
                     warn!(%client, error = %full, "refusing a client: client table full");
                     connection.close();
                     return None;
@@ -209,7 +276,9 @@ impl Callbacks {
             let key = admission.key();
             let owed = match admission {
                 Admission::New(_) | Admission::Restarted(_) => {
-                    tables.promises.drop_client(key);
+                    for shard in &mut shards {
+                        shard.drop_client(key);
+                    }
                     let journal = &self.journal;
                     tables.emit(
                         journal,
@@ -273,7 +342,7 @@ impl Callbacks {
                 result
             }
         };
-        let mut tables = self.tables.lock();
+        let mut tables = self.clients.write();
         if delivered {
             let record = match &owed {
                 Pending::Reset => StateRecord::ResetAcked { client: key.0 },
@@ -315,41 +384,40 @@ impl Callbacks {
         connection.call(request, self.break_timeout).await.is_ok()
     }
 
-    /// Waits until the client's owed breaks went out on this connection.
-    pub async fn wait_ready(&self, connection: &Connection, client: ClientId) {
-        let ready = {
-            let tables = self.tables.lock();
-            tables
-                .clients
-                .key(&client)
-                .and_then(|key| tables.sessions.get(&key))
+    /// Waits until the client's owed breaks went out on this connection; returns its
+    /// key (`None`: it is not admitted).
+    pub async fn wait_ready(&self, connection: &Connection, client: ClientId) -> Option<ClientKey> {
+        let (key, ready) = {
+            let tables = self.clients.read();
+            let key = tables.clients.key(&client)?;
+            let ready = tables
+                .sessions
+                .get(&key)
                 .filter(|session| session.connection.same(connection))
-                .map(|session| session.ready.clone())
+                .map(|session| session.ready.clone());
+            (key, ready)
         };
         if let Some(mut ready) = ready {
             // An error means the delivery task ended without saying: serve anyway, the
             // connection was closed in that case.
             let _ = ready.wait_for(|ready| *ready).await;
         }
+        Some(key)
     }
 
     /// The connection closed: the client's promises stay, but breaks for it now queue.
     pub fn disconnected(&self, connection: &Connection, client: ClientId) {
-        let mut tables = self.tables.lock();
+        let mut tables = self.clients.write();
         if let Some(key) = tables.clients.key(&client) {
             forget_session(&mut tables, key, connection);
         }
         debug!(%client, "cache manager disconnected");
     }
 
-    pub fn key(&self, client: ClientId) -> Option<ClientKey> {
-        self.tables.lock().clients.key(&client)
-    }
-
     /// The client's current connection, if it is reachable (for `LockGranted` pushes).
     pub fn connection(&self, key: ClientKey) -> Option<Connection> {
-        self.tables
-            .lock()
+        self.clients
+            .read()
             .sessions
             .get(&key)
             .filter(|session| !session.connection.is_closed())
@@ -367,9 +435,9 @@ impl Callbacks {
     pub async fn grant(self: &Arc<Self>, client: ClientKey, fid: Fid) -> Option<CallbackGrant> {
         let now = self.now();
         let (grant, durable, evicted) = {
-            let mut tables = self.tables.lock();
-            tables.promises.expire(now);
-            let grant = tables.promises.grant(fid, client, now);
+            let mut table = self.shards[shard_of(fid)].lock();
+            table.expire(now);
+            let grant = table.grant(fid, client, now);
             let expiry_ms = self.journaled_expiry_ms(grant.expiry);
             let covered = grant
                 .previous
@@ -382,14 +450,15 @@ impl Callbacks {
                     client: client.0,
                     expiry_ms,
                 };
-                tables.emit(&self.journal, record, false)
+                // A grant changes no owed or in-flight break: the client lock is not needed.
+                self.journal.record(&record, false)
             };
             let evicted = grant.evicted.map(|(evicted_fid, evicted_client)| {
                 let record = StateRecord::BreaksSent {
                     client: evicted_client.0,
                     fids: vec![evicted_fid],
                 };
-                let sent = tables.emit(&self.journal, record, true);
+                let sent = self.clients.write().emit(&self.journal, record, true);
                 (evicted_fid, evicted_client, sent)
             });
             (grant, durable, evicted)
@@ -411,36 +480,49 @@ impl Callbacks {
     }
 
     pub fn give_up(&self, client: ClientKey, fids: &[Fid]) {
-        let mut tables = self.tables.lock();
-        tables.promises.give_up(client, fids);
+        let mut locked = self.lock_fids(fids);
+        for &fid in fids {
+            locked.table(fid).give_up(client, &[fid]);
+        }
         let record = StateRecord::CallbacksGivenUp {
             client: client.0,
             fids: fids.to_vec(),
         };
-        tables.emit(&self.journal, record, false);
+        self.journal.record(&record, false);
     }
 
-    /// Drops expired promises, a bounded batch per call.
+    /// Drops expired promises, a bounded batch per shard and call.
     pub fn expire(&self) -> usize {
         let now = self.now();
-        self.tables.lock().promises.expire(now)
+        self.shards
+            .iter()
+            .map(|shard| shard.lock().expire(now))
+            .sum()
     }
 
-    /// Calls `then` with the journal's view of the callback state while the tables stay
-    /// locked, so that no callback record can slip in before `then` hands it to the
-    /// journal. The promises are a flat copy of the table (memory speed); turning them
-    /// into journal form happens when the snapshot is encoded, off the lock. Returns how
-    /// long the tables were held.
+    /// Calls `then` with the journal's view of the callback state while every shard and
+    /// the client lock stay locked, so that no callback record can slip in before `then`
+    /// hands it to the journal. The promises are a flat copy of the shards (memory
+    /// speed); turning them into journal form happens when the snapshot is encoded, off
+    /// the locks. Returns how long the locks were held.
     pub fn snapshot_with(&self, then: impl FnOnce(CallbackModel)) -> Duration {
         // Room for the copy is made (and its pages touched) before the long lock.
-        let room = self.tables.lock().promises.capture_room();
+        let room: usize = self
+            .shards
+            .iter()
+            .map(|shard| shard.lock().capture_room())
+            .sum();
         let mut capture = CallbackCapture::with_room(room + room / 64 + 1024);
         let started = Instant::now();
-        let tables = self.tables.lock();
-        tables.promises.capture_into(&mut capture);
-        let mut model = tables.model.clone();
+        let shards = self.lock_all();
+        for shard in &shards {
+            shard.capture_into(&mut capture);
+        }
+        let clients = self.clients.read();
+        let mut model = clients.model.clone();
         model.promises = Promises::captured(capture, self.wall_origin_ms);
         then(model);
+        drop((clients, shards));
         started.elapsed()
     }
 
@@ -448,8 +530,8 @@ impl Callbacks {
     /// in-flight breaks (for tests that compare them with a replay).
     #[cfg(test)]
     pub fn inspect(&self, fid: Fid) -> (Vec<ClientKey>, CallbackModel) {
-        let tables = self.tables.lock();
-        (tables.promises.holders(fid), tables.model.clone())
+        let holders = self.shards[shard_of(fid)].lock().holders(fid);
+        (holders, self.clients.read().model.clone())
     }
 
     /// Breaks every holder's promise on `fids` except `except`'s, and returns once each
@@ -459,12 +541,13 @@ impl Callbacks {
         let mut owed: BTreeMap<ClientKey, Vec<Fid>> = BTreeMap::new();
         let mut journaled = Vec::new();
         {
-            let mut tables = self.tables.lock();
+            let mut locked = self.lock_fids(fids);
             for &fid in fids {
-                for client in tables.promises.break_fid(fid, except) {
+                for client in locked.table(fid).break_fid(fid, except) {
                     owed.entry(client).or_default().push(fid);
                 }
             }
+            let mut tables = self.clients.write();
             for (client, fids) in &owed {
                 let record = StateRecord::BreaksSent {
                     client: client.0,
@@ -493,7 +576,7 @@ impl Callbacks {
         }
         let mut sends = tokio::task::JoinSet::new();
         {
-            let mut tables = self.tables.lock();
+            let mut tables = self.clients.write();
             for (client, fids) in owed {
                 match tables.sessions.get(&client) {
                     Some(session) if !session.connection.is_closed() => {
@@ -522,7 +605,7 @@ impl Callbacks {
             let Ok((client, connection, fids, delivered)) = joined else {
                 continue;
             };
-            let mut tables = self.tables.lock();
+            let mut tables = self.clients.write();
             if delivered {
                 let record = StateRecord::BreaksAcked {
                     client: client.0,
@@ -543,7 +626,7 @@ impl Callbacks {
 }
 
 /// Owes `client` the breaks on `fids` until it returns.
-fn queue_breaks(tables: &mut Tables, journal: &StateJournal, client: ClientKey, fids: Vec<Fid>) {
+fn queue_breaks(tables: &mut Clients, journal: &StateJournal, client: ClientKey, fids: Vec<Fid>) {
     tables.delayed.push(client, fids.iter().copied());
     tables.emit(
         journal,
@@ -557,7 +640,7 @@ fn queue_breaks(tables: &mut Tables, journal: &StateJournal, client: ClientKey, 
 
 /// Marks `key` unreachable if `connection` is still its current one, and closes the
 /// connection so that the client reconnects and collects its delayed breaks first.
-fn forget_session(tables: &mut Tables, key: ClientKey, connection: &Connection) {
+fn forget_session(tables: &mut Clients, key: ClientKey, connection: &Connection) {
     if tables
         .sessions
         .get(&key)
@@ -566,4 +649,47 @@ fn forget_session(tables: &mut Tables, key: ClientKey, connection: &Connection) 
         tables.sessions.remove(&key);
     }
     connection.close();
+}
+
+#[cfg(test)]
+mod tests {
+    use proto::{Uniquifier, VnodeId, VolumeId};
+
+    use super::*;
+
+    /// Fids that differ only in the vnode (one directory's files) or only in the volume
+    /// spread evenly over the shards, so no shard holds most of a server's promises.
+    #[test]
+    fn fids_spread_over_the_shards() {
+        let per_shard = 1000;
+        let fids = (per_shard * SHARDS) as u64;
+        let spreads = [
+            (0..fids)
+                .map(|vnode| Fid {
+                    volume: VolumeId(536_870_913),
+                    vnode: VnodeId(vnode),
+                    unique: Uniquifier(1),
+                })
+                .collect::<Vec<_>>(),
+            (0..fids)
+                .map(|volume| Fid {
+                    volume: VolumeId(volume),
+                    vnode: VnodeId(1),
+                    unique: Uniquifier(1),
+                })
+                .collect(),
+        ];
+        for fids in spreads {
+            let mut counts = [0; SHARDS];
+            for fid in fids {
+                counts[shard_of(fid)] += 1;
+            }
+            assert!(
+                counts
+                    .iter()
+                    .all(|&count| count > per_shard * 8 / 10 && count < per_shard * 12 / 10),
+                "uneven shards: {counts:?}"
+            );
+        }
+    }
 }

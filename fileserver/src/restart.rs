@@ -118,13 +118,16 @@ mod tests {
         },
         GiveUp {
             client: u8,
-            file: u8,
+            files: Vec<u8>,
         },
         Break {
-            file: u8,
+            files: Vec<u8>,
             except: Option<u8>,
         },
     }
+
+    /// Files the callback operations use (the lock operations use the first three).
+    const FILES: u8 = 12;
 
     fn op() -> impl Strategy<Value = Op> {
         let client = 0u8..3;
@@ -157,10 +160,16 @@ mod tests {
             client
                 .clone()
                 .prop_map(|client| Op::ReleaseClient { client }),
-            (client.clone(), 0u8..3).prop_map(|(client, file)| Op::Grant { client, file }),
-            (client.clone(), 0u8..3).prop_map(|(client, file)| Op::GiveUp { client, file }),
-            (0u8..3, proptest::option::of(client))
-                .prop_map(|(file, except)| Op::Break { file, except }),
+            // Callbacks on more files than locks, several per call: they fall in
+            // different shards of the callback table.
+            (client.clone(), 0..FILES).prop_map(|(client, file)| Op::Grant { client, file }),
+            (client.clone(), proptest::collection::vec(0..FILES, 1..4))
+                .prop_map(|(client, files)| Op::GiveUp { client, files }),
+            (
+                proptest::collection::vec(0..FILES, 1..4),
+                proptest::option::of(client)
+            )
+                .prop_map(|(files, except)| Op::Break { files, except }),
         ]
     }
 
@@ -255,17 +264,19 @@ mod tests {
                 Op::Grant { client, file } => {
                     assert!(callbacks.grant(key(client), fid(file)).await.is_some());
                 }
-                Op::GiveUp { client, file } => callbacks.give_up(key(client), &[fid(file)]),
-                Op::Break { file, except } => {
-                    callbacks
-                        .break_callbacks(&[fid(file)], except.map(key))
-                        .await;
+                Op::GiveUp { client, files } => {
+                    let fids: Vec<Fid> = files.into_iter().map(fid).collect();
+                    callbacks.give_up(key(client), &fids);
+                }
+                Op::Break { files, except } => {
+                    let fids: Vec<Fid> = files.into_iter().map(fid).collect();
+                    callbacks.break_callbacks(&fids, except.map(key)).await;
                 }
             }
         }
         let live_locks = locks.state();
         let mut held = BTreeSet::new();
-        for file in 0..3 {
+        for file in 0..FILES {
             let (holders, _) = callbacks.inspect(fid(file));
             held.extend(holders.into_iter().map(|holder| (fid(file), holder.0)));
         }

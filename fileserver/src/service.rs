@@ -74,8 +74,7 @@ impl Service for FileService {
     ) -> Result<Response, ErrorCode> {
         let caller = match &hello.peer {
             PeerKind::CacheManager { client, .. } => {
-                self.callbacks.wait_ready(&connection, *client).await;
-                let key = self.callbacks.key(*client);
+                let key = self.callbacks.wait_ready(&connection, *client).await;
                 if let Some(key) = key {
                     self.locks.touch(key);
                 }

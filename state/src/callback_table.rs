@@ -118,7 +118,8 @@ pub struct CallbackTable {
 #[derive(Clone, Debug, Default)]
 pub struct CallbackCapture {
     slots: Vec<Slot>,
-    extra: Vec<(u32, Holder)>,
+    /// Holders beyond a slot's first, by index into `slots`.
+    extra: Vec<(usize, Holder)>,
     len: usize,
 }
 
@@ -156,7 +157,7 @@ impl CallbackCapture {
         let extra = self
             .extra
             .iter()
-            .map(|&(slot, holder)| (self.slots[slot as usize].fid, holder));
+            .map(|&(slot, holder)| (self.slots[slot].fid, holder));
         inline
             .chain(extra)
             .map(|(fid, holder)| (fid, ClientKey(holder.client), to_millis(holder.expiry)))
@@ -365,20 +366,21 @@ impl CallbackTable {
         self.slots.len()
     }
 
-    /// Replaces `capture` with a copy of every promise: two flat copies (the slots by
-    /// memcpy, the shared-file holders flattened), so the caller's lock is held briefly;
-    /// walk it with `CallbackCapture::iter` after unlocking.
+    /// Adds a copy of every promise to `capture` (the tables of one server's shards
+    /// share one): two flat copies (the slots by memcpy, the shared-file holders
+    /// flattened), so the caller's lock is held briefly; walk it with
+    /// `CallbackCapture::iter` after unlocking.
     pub fn capture_into(&self, capture: &mut CallbackCapture) {
-        capture.slots.clear();
+        let base = capture.slots.len();
         capture.slots.extend_from_slice(&self.slots);
-        capture.extra.clear();
         capture.extra.reserve(self.len - self.index.len);
         for (&slot, holders) in &self.extra {
+            let slot = base + slot as usize;
             capture
                 .extra
                 .extend(holders.iter().map(|&holder| (slot, holder)));
         }
-        capture.len = self.len;
+        capture.len += self.len;
     }
 
     fn holder(&self, slot: u32, client: u32) -> Option<Holder> {
