@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use proto::{ClientId, Epoch, Fid, InstanceNonce, LockKind};
 use serde::{Deserialize, Serialize};
+use state::journal::Vfs;
 use state::{
     ByteRange, ClientKey, Journal, JournalConfig, JournalError, JournalMode, LockOwner, LockTable,
     LockTableConfig, Lsn, Recovered,
@@ -230,6 +231,20 @@ impl StateJournal {
         fence: Arc<Fence>,
         epoch: Epoch,
     ) -> Result<(StateJournal, StateSnapshot), StateJournalError> {
+        let vfs = Arc::new(FencedVfs::new(fence.clone()));
+        StateJournal::open_with_vfs(vfs, partition, mode, fence, epoch)
+    }
+
+    /// [`StateJournal::open_fenced`] with the journal's files on `vfs` (which must honour
+    /// `fence` itself; the writer only checks it between records): crash tests pass a
+    /// `MemVfs` to cut the power at any write.
+    pub fn open_with_vfs(
+        vfs: Arc<dyn Vfs>,
+        partition: &Path,
+        mode: JournalMode,
+        fence: Arc<Fence>,
+        epoch: Epoch,
+    ) -> Result<(StateJournal, StateSnapshot), StateJournalError> {
         // The writer batches and syncs itself; `None` keeps the journal from syncing.
         let open_mode = match mode {
             JournalMode::None => JournalMode::None,
@@ -240,7 +255,6 @@ impl StateJournal {
             epoch,
             ..JournalConfig::default()
         };
-        let vfs = Arc::new(FencedVfs::new(fence.clone()));
         let (journal, recovered) = Journal::open_with(vfs, &partition.join(STATE_DIR), config)?;
         let (state, last) = replay(&recovered)?;
         info!(
@@ -683,3 +697,6 @@ impl Replay {
         locks
     }
 }
+
+#[cfg(test)]
+mod crash_tests;

@@ -1,0 +1,584 @@
+//! Crash images through the fileserver's own state journal: a seeded workload drives the
+//! real `Locks` and `Callbacks` (lock grants and releases for several clients and owners,
+//! whole-client releases, callback grants and give-ups, snapshots) on a `StateJournal`
+//! over a `MemVfs` whose power is cut after mutation k, for every k; a new journal opened
+//! on what the disk would hold must bring back every acknowledged change and nothing that
+//! never happened.
+//! Invariant checked: the recovered locks and promises are the live ones as they stood
+//! after some operation between the last one acknowledged durable and the first one told
+//! the journal failed (both included).
+//!
+//! Why that window: the journal is a log, so a durable acknowledgement covers every record
+//! handed over before it; records handed over after it may or may not have reached the
+//! disk (written but unsynced, torn, or inside a snapshot written before the failing
+//! sync); and once the writer saw a failure it appends nothing more. So a lock or promise
+//! may go either way exactly when an operation inside that window changed it: a grant or
+//! release whose acknowledgement failed, a whole-client release or give-up (never
+//! acknowledged), a callback grant in `group` mode (answered without a sync) or of a
+//! promise already held (answered without waiting: see `apply`), each only if no later
+//! durable acknowledgement covers it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use proto::{
+    ClientId, Epoch, ErrorCode, Fid, InstanceNonce, LockKind, Uniquifier, VnodeId, VolumeId,
+};
+use state::journal::MemVfs;
+use state::{ByteRange, ClientKey, JournalMode};
+
+use super::{StateJournal, StateSnapshot};
+use crate::callbacks::Callbacks;
+use crate::fence::Fence;
+use crate::locks::{Locks, SetLockReply};
+use crate::restart;
+use crate::stats::Stats;
+
+const CLIENTS: u8 = 3;
+const OWNERS: u8 = 2;
+const FILES: u8 = 2;
+/// Lock ranges fall inside `[0, RANGE_END)`, so that they overlap, merge and split often.
+const RANGE_END: u64 = 24;
+const OPS: usize = 48;
+const SEEDS: [u64; 6] = [1, 2, 3, 4, 5, 6];
+const PARTITION: &str = "/partition";
+
+#[derive(Clone, Copy, Debug)]
+enum Op {
+    Lock {
+        client: u8,
+        owner: u8,
+        file: u8,
+        start: u64,
+        end: u64,
+        exclusive: bool,
+    },
+    Unlock {
+        client: u8,
+        owner: u8,
+        file: u8,
+        start: u64,
+        end: u64,
+    },
+    ReleaseClient {
+        client: u8,
+    },
+    Grant {
+        client: u8,
+        file: u8,
+    },
+    GiveUp {
+        client: u8,
+        file: u8,
+    },
+    Snapshot,
+}
+
+/// What the caller was told about an operation's durability.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ack {
+    /// Returned success after its record was durable.
+    Durable,
+    /// Returned the journal's failure.
+    Failed,
+    /// Not acknowledged as durable: nothing was waited for (or nothing changed).
+    Unacknowledged,
+}
+
+/// splitmix64: the workload is a function of the seed alone.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    fn small(&mut self, n: u8) -> u8 {
+        u8::try_from(self.below(u64::from(n))).unwrap()
+    }
+}
+
+/// Mostly lock traffic, some callback traffic, rare whole-client releases, and two
+/// snapshots (the second one replaces the first) a third and two thirds of the way.
+fn workload(seed: u64) -> Vec<Op> {
+    let mut rng = Rng(seed);
+    let mut ops = Vec::with_capacity(OPS + 2);
+    for index in 0..OPS {
+        if index == OPS / 3 || index == 2 * OPS / 3 {
+            ops.push(Op::Snapshot);
+        }
+        let (client, owner, file) = (rng.small(CLIENTS), rng.small(OWNERS), rng.small(FILES));
+        let start = rng.below(RANGE_END - 1);
+        let end = start + 1 + rng.below(RANGE_END - start - 1).min(7);
+        let op = match rng.below(20) {
+            0..=8 => Op::Lock {
+                client,
+                owner,
+                file,
+                start,
+                end,
+                exclusive: rng.below(2) == 0,
+            },
+            9..=12 => Op::Unlock {
+                client,
+                owner,
+                file,
+                start,
+                end,
+            },
+            13 => Op::ReleaseClient { client },
+            14..=17 => Op::Grant { client, file },
+            _ => Op::GiveUp { client, file },
+        };
+        ops.push(op);
+    }
+    ops
+}
+
+fn fid(file: u8) -> Fid {
+    Fid {
+        volume: VolumeId(1),
+        vnode: VnodeId(u64::from(file) + 2),
+        unique: Uniquifier(1),
+    }
+}
+
+fn client_id(client: u8) -> ClientId {
+    ClientId(uuid::Uuid::from_u128(0x5eed_0000 + u128::from(client)))
+}
+
+/// The journaled state the live tables hold at one moment, in comparable form.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Point {
+    /// (fid, client key, owner, start, end, exclusive, pid).
+    locks: BTreeSet<(Fid, u32, u64, u64, u64, bool, u32)>,
+    /// (fid, client key).
+    promises: BTreeSet<(Fid, u32)>,
+}
+
+impl Point {
+    fn recovered(state: &StateSnapshot) -> Point {
+        Point {
+            locks: state
+                .locks
+                .iter()
+                .map(|l| {
+                    let exclusive = l.kind == LockKind::Exclusive;
+                    (l.fid, l.client, l.owner, l.start, l.end, exclusive, l.pid)
+                })
+                .collect(),
+            promises: state.callbacks.promises.keys().copied().collect(),
+        }
+    }
+
+    fn live(locks: &Locks, callbacks: &Callbacks) -> Point {
+        let mut point = Point::recovered(&locks.state());
+        for file in 0..FILES {
+            let (holders, _) = callbacks.inspect(fid(file));
+            point
+                .promises
+                .extend(holders.into_iter().map(|key| (fid(file), key.0)));
+        }
+        point
+    }
+
+    /// Per byte of each owner's locks: (fid, client key, owner, byte) -> exclusive.
+    fn bytes(&self) -> BTreeMap<(Fid, u32, u64, u64), bool> {
+        let mut bytes = BTreeMap::new();
+        for &(fid, client, owner, start, end, exclusive, _) in &self.locks {
+            for byte in start..end {
+                let previous = bytes.insert((fid, client, owner, byte), exclusive);
+                assert!(previous.is_none(), "overlapping locks of one owner");
+            }
+        }
+        bytes
+    }
+}
+
+/// One run of the workload until its end or the power cut.
+struct Run {
+    ops: Vec<Op>,
+    /// `history[i]`: the live state after `i` operations.
+    history: Vec<Point>,
+    /// `acks[i]`: what operation `i + 1` was told.
+    acks: Vec<Ack>,
+    /// The clients admitted before any operation: (journal key, id, instance).
+    clients: Vec<(u32, ClientId, InstanceNonce)>,
+}
+
+impl Run {
+    /// The operations whose effect may or may not be recovered (as history indexes):
+    /// from the last one acknowledged durable to the first one told of a failure.
+    fn window(&self) -> (usize, usize) {
+        let lower = self
+            .acks
+            .iter()
+            .rposition(|ack| *ack == Ack::Durable)
+            .map_or(0, |index| index + 1);
+        let upper = self
+            .acks
+            .iter()
+            .position(|ack| *ack == Ack::Failed)
+            .map_or(self.history.len() - 1, |index| index + 1);
+        (lower, upper)
+    }
+
+    fn describe(&self) -> String {
+        let mut text = String::new();
+        for (index, (op, ack)) in self.ops.iter().zip(&self.acks).enumerate() {
+            let _ = writeln!(text, "  op {}: {op:?} -> {ack:?}", index + 1);
+        }
+        text
+    }
+}
+
+async fn run_workload(vfs: &MemVfs, mode: JournalMode, ops: &[Op]) -> Run {
+    let mut run = Run {
+        ops: Vec::new(),
+        history: vec![Point::default()],
+        acks: Vec::new(),
+        clients: Vec::new(),
+    };
+    let opened = StateJournal::open_with_vfs(
+        Arc::new(vfs.clone()),
+        Path::new(PARTITION),
+        mode,
+        Arc::new(Fence::open()),
+        Epoch(1),
+    );
+    let Ok((journal, _)) = opened else {
+        return run;
+    };
+    let journal = Arc::new(journal);
+    let callbacks = Arc::new(Callbacks::new(
+        1000,
+        16,
+        16,
+        Duration::from_secs(1),
+        journal.clone(),
+    ));
+    let locks = Arc::new(Locks::new(
+        callbacks.clone(),
+        journal.clone(),
+        Duration::from_secs(600),
+    ));
+    let mut keys = Vec::new();
+    for client in 0..CLIENTS {
+        let (id, instance) = (client_id(client), InstanceNonce(u64::from(client) + 1));
+        let key = callbacks.recover(id, instance).unwrap();
+        locks.admitted(key, id, instance);
+        run.clients.push((key.0, id, instance));
+        keys.push(key);
+    }
+    let key = |client: u8| keys[usize::from(client)];
+    let stats = Stats::default();
+    for &op in ops {
+        let ack = apply(&locks, &callbacks, &stats, mode, key, op).await;
+        run.ops.push(op);
+        run.acks.push(ack);
+        run.history.push(Point::live(&locks, &callbacks));
+    }
+    drop((locks, callbacks));
+    // Closing joins the writer and snapshot threads, so the image below is final.
+    Arc::into_inner(journal)
+        .expect("the tables were dropped")
+        .close();
+    run
+}
+
+async fn apply(
+    locks: &Arc<Locks>,
+    callbacks: &Arc<Callbacks>,
+    stats: &Stats,
+    mode: JournalMode,
+    key: impl Fn(u8) -> ClientKey,
+    op: Op,
+) -> Ack {
+    let lock_ack = |result: Result<(), ErrorCode>| match result {
+        Ok(()) => Ack::Durable,
+        Err(ErrorCode::Internal(_)) => Ack::Failed,
+        // Refused: nothing changed, nothing was journaled.
+        Err(ErrorCode::WouldBlock) => Ack::Unacknowledged,
+        Err(other) => panic!("unexpected lock error {other:?}"),
+    };
+    match op {
+        Op::Lock {
+            client,
+            owner,
+            file,
+            start,
+            end,
+            exclusive,
+        } => {
+            let kind = if exclusive {
+                state::LockKind::Exclusive
+            } else {
+                state::LockKind::Shared
+            };
+            let range = ByteRange::new(start, end).unwrap();
+            let pid = 100 * u32::from(client) + u32::from(owner);
+            let result = locks
+                .set(
+                    key(client),
+                    fid(file),
+                    owner.into(),
+                    range,
+                    kind,
+                    false,
+                    pid,
+                )
+                .await;
+            assert!(!matches!(result, Ok(SetLockReply::Queued(_))));
+            lock_ack(result.map(|_| ()))
+        }
+        Op::Unlock {
+            client,
+            owner,
+            file,
+            start,
+            end,
+        } => {
+            let range = ByteRange::new(start, end).unwrap();
+            lock_ack(
+                locks
+                    .release(key(client), fid(file), owner.into(), range)
+                    .await,
+            )
+        }
+        Op::ReleaseClient { client } => {
+            locks.release_client(key(client));
+            Ack::Unacknowledged
+        }
+        Op::Grant { client, file } => {
+            let held = callbacks.inspect(fid(file)).0.contains(&key(client));
+            match callbacks.grant(key(client), fid(file)).await {
+                None => Ack::Failed,
+                // Known gap (callbacks.rs): a grant of a promise already held whose
+                // journaled expiry does not move answers at once, without waiting for
+                // the earlier grant's record, which may have failed or not be synced yet.
+                // So only a fresh grant counts as acknowledged durable.
+                Some(_) if held => Ack::Unacknowledged,
+                // Only `sync` mode waits for a callback grant's record.
+                Some(_) if mode == JournalMode::Sync => Ack::Durable,
+                Some(_) => Ack::Unacknowledged,
+            }
+        }
+        Op::GiveUp { client, file } => {
+            callbacks.give_up(key(client), &[fid(file)]);
+            Ack::Unacknowledged
+        }
+        Op::Snapshot => {
+            restart::snapshot(callbacks, locks, stats);
+            Ack::Unacknowledged
+        }
+    }
+}
+
+/// Opens a new journal on `image`, as the restarted server would, and returns its state.
+fn recover(image: &MemVfs, mode: JournalMode) -> Result<StateSnapshot, super::StateJournalError> {
+    let (journal, state) = StateJournal::open_with_vfs(
+        Arc::new(image.clone()),
+        Path::new(PARTITION),
+        mode,
+        Arc::new(Fence::open()),
+        Epoch(2),
+    )?;
+    journal.close();
+    Ok(state)
+}
+
+/// Checks the state recovered from `image` against what `run` was told.
+fn check(run: &Run, recovered: &StateSnapshot, context: &str) {
+    let (lower, upper) = run.window();
+    let fail = |what: String| -> ! {
+        panic!(
+            "{context}: {what}\n  durable window: after op {lower} ..= after op {upper}\n{}",
+            run.describe()
+        )
+    };
+    if lower > upper {
+        fail(format!(
+            "op {lower} was acknowledged durable after op {upper} was told the journal failed"
+        ));
+    }
+    let window = &run.history[lower..=upper];
+
+    // Clients: only those admitted, and all of them once any later record is durable.
+    for entry in &recovered.clients {
+        if !run
+            .clients
+            .contains(&(entry.key, entry.client, entry.instance))
+        {
+            fail(format!("invented client {entry:?}"));
+        }
+    }
+    if lower > 0 && recovered.clients.len() != run.clients.len() {
+        fail(format!(
+            "{} clients recovered, {} admitted before acknowledged records",
+            recovered.clients.len(),
+            run.clients.len()
+        ));
+    }
+
+    // Per byte of each owner's locks, and per promise: the recovered value must be one
+    // the live state had inside the window. Unchanged inside the window (an acknowledged
+    // grant not released since, an acknowledged release, something never granted) it is
+    // exactly that value.
+    let point = Point::recovered(recovered);
+    let recovered_bytes = point.bytes();
+    let window_bytes: Vec<_> = window.iter().map(Point::bytes).collect();
+    let mut keys: BTreeSet<_> = recovered_bytes.keys().copied().collect();
+    for bytes in &window_bytes {
+        keys.extend(bytes.keys().copied());
+    }
+    for byte in keys {
+        let got = recovered_bytes.get(&byte);
+        if !window_bytes.iter().any(|bytes| bytes.get(&byte) == got) {
+            let allowed: BTreeSet<_> = window_bytes.iter().map(|b| b.get(&byte)).collect();
+            let (fid, client, owner, offset) = byte;
+            fail(format!(
+                "byte {offset} of {fid:?} for client {client} owner {owner}: recovered \
+                 exclusive={got:?}, allowed {allowed:?} (None: unlocked)"
+            ));
+        }
+    }
+    let mut promises: BTreeSet<_> = point.promises.clone();
+    for live in window {
+        promises.extend(live.promises.iter().copied());
+    }
+    for promise in promises {
+        let got = point.promises.contains(&promise);
+        if !window
+            .iter()
+            .any(|live| live.promises.contains(&promise) == got)
+        {
+            let what = if got { "invented" } else { "lost" };
+            fail(format!("{what} callback promise {promise:?}"));
+        }
+    }
+
+    // The whole state at once: the live state after one operation of the window.
+    if !window.contains(&point) {
+        fail(format!(
+            "the recovered state is no live state of the window: {point:?}"
+        ));
+    }
+}
+
+/// What a power cut keeps of the bytes written but not synced.
+#[derive(Clone, Copy, Debug)]
+enum Tail {
+    /// Only what was synced.
+    Lost,
+    /// Everything written.
+    Kept,
+    /// A torn tail: part of the unsynced bytes.
+    Torn,
+}
+
+impl Tail {
+    fn keep(self, unsynced: usize) -> usize {
+        match self {
+            Tail::Lost => 0,
+            Tail::Kept => unsynced,
+            Tail::Torn => unsynced / 2 + unsynced % 3,
+        }
+    }
+}
+
+async fn crash_at(mode: JournalMode, seed: u64, ops: &[Op], k: u64, tails: &[Tail]) {
+    let vfs = MemVfs::new();
+    vfs.crash_after(k);
+    let run = run_workload(&vfs, mode, ops).await;
+    for &tail in tails {
+        let context = format!("{mode:?}, seed {seed}, power cut after {k} mutations, {tail:?}");
+        let image = vfs.crash_image(&mut |_, unsynced| tail.keep(unsynced));
+        let recovered =
+            recover(&image, mode).unwrap_or_else(|e| panic!("{context}: recovery failed: {e}"));
+        check(&run, &recovered, &context);
+        // Recovery repaired the image for good: a second restart finds the same state.
+        let again = recover(&image, mode)
+            .unwrap_or_else(|e| panic!("{context}: second recovery failed: {e}"));
+        assert_eq!(again, recovered, "{context}: second recovery differs");
+    }
+}
+
+/// Mutations the workload makes without a power cut, after checking that a clean close
+/// recovers the final state exactly.
+async fn total_mutations(mode: JournalMode, seed: u64, ops: &[Op]) -> u64 {
+    let vfs = MemVfs::new();
+    let run = run_workload(&vfs, mode, ops).await;
+    assert!(run.acks.iter().all(|ack| *ack != Ack::Failed));
+    let total = vfs.mutations();
+    let recovered = recover(&vfs, mode).unwrap();
+    assert_eq!(
+        Point::recovered(&recovered),
+        run.history[ops.len()],
+        "{mode:?}, seed {seed}: a clean close loses nothing"
+    );
+    total
+}
+
+fn crash_at_every_mutation(mode: JournalMode) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        for seed in SEEDS {
+            let ops = workload(seed);
+            let total = total_mutations(mode, seed, &ops).await;
+            assert!(total > OPS as u64, "{mode:?}, seed {seed}: {total}");
+            for k in 0..=total {
+                crash_at(mode, seed, &ops, k, &[Tail::Lost, Tail::Kept, Tail::Torn]).await;
+            }
+        }
+    });
+}
+
+#[test]
+fn crash_images_sync_mode_keep_every_acknowledged_change() {
+    crash_at_every_mutation(JournalMode::Sync);
+}
+
+#[test]
+fn crash_images_group_mode_keep_every_acknowledged_lock_change() {
+    crash_at_every_mutation(JournalMode::Group);
+}
+
+/// The check itself must notice a lost acknowledged lock: a recovery that drops the
+/// journal's last durable lock record is caught.
+#[test]
+fn a_lost_acknowledged_lock_is_caught() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let ops = [Op::Lock {
+        client: 0,
+        owner: 0,
+        file: 0,
+        start: 0,
+        end: 4,
+        exclusive: true,
+    }];
+    let vfs = MemVfs::new();
+    let run = runtime.block_on(run_workload(&vfs, JournalMode::Sync, &ops));
+    assert_eq!(run.acks, [Ack::Durable]);
+    let mut recovered = recover(&vfs, JournalMode::Sync).unwrap();
+    check(&run, &recovered, "intact");
+    recovered.locks.clear();
+    let caught = std::panic::catch_unwind(|| check(&run, &recovered, "lock dropped"));
+    assert!(caught.is_err(), "a lost acknowledged lock went unnoticed");
+}
