@@ -443,7 +443,9 @@ impl Callbacks {
                 .previous
                 .is_some_and(|previous| self.journaled_expiry_ms(previous) >= expiry_ms);
             let durable = if covered {
-                Durable::ready()
+                // The promise rests on an earlier grant's record, which may still be on
+                // its way to the disk, or lost.
+                self.journal.barrier()
             } else {
                 let record = StateRecord::CallbackGranted {
                     fid,

@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -182,8 +183,26 @@ enum Job {
     },
     /// Builds the snapshot on the snapshot thread from what was copied under the locks.
     Snapshot(SnapshotSource),
+    /// Say once the first `upto` records handed over are durable (`false` if the
+    /// journal failed first).
+    Barrier {
+        upto: u64,
+        done: oneshot::Sender<bool>,
+    },
     /// Append what came before, close the journal, then say so.
     Close(SyncSender<()>),
+}
+
+/// How far the writer got, shared with the handles so that a barrier on records that
+/// are durable already costs no trip to the writer.
+#[derive(Debug, Default)]
+struct Progress {
+    /// Records handed to the writer (counted before they are queued).
+    handed: AtomicU64,
+    /// Of those, how many the writer made durable (all of the first `durable`).
+    durable: AtomicU64,
+    /// The journal failed or was fenced: nothing becomes durable any more.
+    failed: AtomicBool,
 }
 
 /// Makes a `StateSnapshot` from raw copies taken under the tables' locks, so that the
@@ -198,6 +217,12 @@ impl Durable {
         Durable(None)
     }
 
+    fn failed() -> Durable {
+        let (sender, receiver) = oneshot::channel();
+        let _ = sender.send(false);
+        Durable(Some(receiver))
+    }
+
     pub async fn wait(self) -> bool {
         match self.0 {
             None => true,
@@ -210,8 +235,9 @@ impl Durable {
 pub struct StateJournal {
     queue: SyncSender<Job>,
     mode: JournalMode,
-    /// Records handed over since the last snapshot, and when that was.
-    since_snapshot: Mutex<(u64, Instant)>,
+    progress: Arc<Progress>,
+    /// `progress.handed` at the last snapshot, and when that was.
+    last_snapshot: Mutex<(u64, Instant)>,
 }
 
 impl StateJournal {
@@ -267,16 +293,21 @@ impl StateJournal {
         );
         let (queue, jobs) = sync_channel(QUEUE_MAX);
         let journal = Arc::new(journal);
+        let progress = Arc::new(Progress::default());
+        let writer_progress = progress.clone();
         std::thread::Builder::new()
             .name("state-journal".into())
-            .spawn(move || write_loop(journal, jobs, last, mode, fence))
+            .spawn(move || write_loop(journal, jobs, last, mode, fence, &writer_progress))
             .map_err(StateJournalError::Thread)?;
-        let since_snapshot = Mutex::new((recovered.records.len() as u64, Instant::now()));
+        // Records replayed count towards the next snapshot: replay was that long.
+        let replayed = recovered.records.len() as u64;
+        let last_snapshot = Mutex::new((0u64.wrapping_sub(replayed), Instant::now()));
         Ok((
             StateJournal {
                 queue,
                 mode,
-                since_snapshot,
+                progress,
+                last_snapshot,
             },
             state,
         ))
@@ -304,16 +335,44 @@ impl StateJournal {
         } else {
             (None, Durable::ready())
         };
-        self.send(Job::Record { payload, done });
-        self.since_snapshot.lock().0 += 1;
+        self.send_record(payload, done);
         durable
+    }
+
+    /// Resolves once every record handed over before this call is durable, and waits
+    /// only where a record that need not be durable waits (`Sync` mode): for an answer
+    /// that rests on records handed over earlier, maybe by another request still
+    /// waiting for their sync, or told that it failed — a promise an earlier grant
+    /// journaled.
+    pub fn barrier(&self) -> Durable {
+        if self.mode != JournalMode::Sync {
+            return Durable::ready();
+        }
+        if self.progress.failed.load(Ordering::Acquire) {
+            return Durable::failed();
+        }
+        let upto = self.progress.handed.load(Ordering::Acquire);
+        if self.progress.durable.load(Ordering::Acquire) >= upto {
+            return Durable::ready();
+        }
+        let (done, receiver) = oneshot::channel();
+        self.send(Job::Barrier { upto, done });
+        Durable(Some(receiver))
+    }
+
+    /// Counts a record, then queues it: a barrier that counts it waits until the writer
+    /// has it, so counting first can only make a barrier wait longer, never too little.
+    fn send_record(&self, payload: Vec<u8>, done: Option<oneshot::Sender<bool>>) {
+        self.progress.handed.fetch_add(1, Ordering::AcqRel);
+        self.send(Job::Record { payload, done });
     }
 
     /// Writes `state` as the snapshot at the position of the last record handed over.
     /// The caller holds every lock records are handed over under, so none slips between.
     pub fn snapshot(&self, source: SnapshotSource) {
         self.send(Job::Snapshot(source));
-        *self.since_snapshot.lock() = (0, Instant::now());
+        let handed = self.progress.handed.load(Ordering::Acquire);
+        *self.last_snapshot.lock() = (handed, Instant::now());
     }
 
     /// Marks the journal as cleanly handed over at `epoch` and waits until the mark is
@@ -327,10 +386,7 @@ impl StateJournal {
                 return false;
             }
         };
-        self.send(Job::Record {
-            payload,
-            done: Some(sender),
-        });
+        self.send_record(payload, Some(sender));
         // The writer syncs a batch with a waiter in every mode but `None`, which syncs
         // nothing: there the mark rests on the close that follows.
         Durable(Some(receiver)).wait().await
@@ -339,7 +395,12 @@ impl StateJournal {
     /// Whether enough records (or enough time with some records) passed since the last
     /// snapshot that replay should be shortened.
     pub fn snapshot_due(&self) -> bool {
-        let (records, at) = *self.since_snapshot.lock();
+        let (handed_then, at) = *self.last_snapshot.lock();
+        let records = self
+            .progress
+            .handed
+            .load(Ordering::Acquire)
+            .wrapping_sub(handed_then);
         records >= SNAPSHOT_EVERY_RECORDS || (records > 0 && at.elapsed() >= SNAPSHOT_EVERY)
     }
 
@@ -408,10 +469,14 @@ fn write_loop(
     mut last: Lsn,
     mode: JournalMode,
     fence: Arc<Fence>,
+    progress: &Progress,
 ) {
     let mut failed = false;
     let mut snapshots: Vec<JoinHandle<()>> = Vec::new();
     let mut closing = None;
+    // Records received, and barriers waiting for more of them to be durable.
+    let mut received = 0u64;
+    let mut barriers: Vec<(u64, oneshot::Sender<bool>)> = Vec::new();
     while closing.is_none() {
         let Ok(first) = jobs.recv() else {
             break;
@@ -427,6 +492,7 @@ fn write_loop(
         for job in batch {
             match job {
                 Job::Record { payload, done } => {
+                    received += 1;
                     if !failed && !fence.is_open() {
                         // Expected after a lost lease: the partner owns the journal now.
                         info!("state journal fenced; journaling stops");
@@ -449,14 +515,16 @@ fn write_loop(
                         snapshots.extend(spawn_snapshot(journal.clone(), last, state));
                     }
                 }
+                Job::Barrier { upto, done } => barriers.push((upto, done)),
                 Job::Close(done) => closing = Some(done),
             }
         }
-        if !waiters.is_empty() && !failed && !fence.is_open() {
+        let must_sync = !waiters.is_empty() || barriers.iter().any(|(upto, _)| *upto <= received);
+        if must_sync && !failed && !fence.is_open() {
             info!("state journal fenced; journaling stops");
             failed = true;
         }
-        if !waiters.is_empty()
+        if must_sync
             && !failed
             && mode != JournalMode::None
             && let Err(e) = journal.flush()
@@ -464,8 +532,21 @@ fn write_loop(
             error!(error = %e, "state journal sync failed; journaling stops");
             failed = true;
         }
+        // Published before anyone is answered: a barrier after an answer sees it.
+        if failed {
+            progress.failed.store(true, Ordering::Release);
+        } else if must_sync {
+            progress.durable.store(received, Ordering::Release);
+        }
         for waiter in waiters {
             let _ = waiter.send(!failed);
+        }
+        let (answered, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut barriers)
+            .into_iter()
+            .partition(|(upto, _)| failed || *upto <= received);
+        barriers = waiting;
+        for (_, done) in answered {
+            let _ = done.send(!failed);
         }
     }
     for handle in snapshots {

@@ -14,9 +14,8 @@
 //! sync); and once the writer saw a failure it appends nothing more. So a lock or promise
 //! may go either way exactly when an operation inside that window changed it: a grant or
 //! release whose acknowledgement failed, a whole-client release or give-up (never
-//! acknowledged), a callback grant in `group` mode (answered without a sync) or of a
-//! promise already held (answered without waiting: see `apply`), each only if no later
-//! durable acknowledgement covers it.
+//! acknowledged), or a callback grant in `group` mode (answered without a sync), each
+//! only if no later durable acknowledgement covers it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -361,14 +360,10 @@ async fn apply(
             Ack::Unacknowledged
         }
         Op::Grant { client, file } => {
-            let held = callbacks.inspect(fid(file)).0.contains(&key(client));
+            // A grant of a promise already held waits for the earlier grant's record (a
+            // journal barrier), so it counts as acknowledged durable as well.
             match callbacks.grant(key(client), fid(file)).await {
                 None => Ack::Failed,
-                // Known gap (callbacks.rs): a grant of a promise already held whose
-                // journaled expiry does not move answers at once, without waiting for
-                // the earlier grant's record, which may have failed or not be synced yet.
-                // So only a fresh grant counts as acknowledged durable.
-                Some(_) if held => Ack::Unacknowledged,
                 // Only `sync` mode waits for a callback grant's record.
                 Some(_) if mode == JournalMode::Sync => Ack::Durable,
                 Some(_) => Ack::Unacknowledged,
