@@ -184,22 +184,57 @@ impl Locks {
         capture(&self.tables.lock())
     }
 
+    /// Buffers for the next `snapshot`'s copy, sized to the tables now (with slack for
+    /// growth) and written once. Call it before taking the callbacks' lock: allocating
+    /// and page-faulting megabytes is what would otherwise stall requests.
+    pub fn snapshot_room(&self) -> SnapshotRoom {
+        let (locks, pids, clients) = {
+            let tables = self.tables.lock();
+            (tables.locks.len(), tables.pids.len(), tables.clients.len())
+        };
+        let with_slack = |len: usize| len + len / 64 + 64;
+        let owner = LockOwner {
+            client: ClientKey(0),
+            owner: 0,
+        };
+        let lock = Lock {
+            owner,
+            range: ByteRange::whole(),
+            kind: LockKind::Shared,
+        };
+        let fid = Fid::root(proto::VolumeId(0));
+        let client = (ClientId(uuid::Uuid::nil()), InstanceNonce(0));
+        SnapshotRoom {
+            locks: touched(with_slack(locks), (fid, lock)),
+            pids: touched(with_slack(pids), ((fid, owner), 0)),
+            clients: touched(with_slack(clients), (ClientKey(0), client)),
+        }
+    }
+
     /// Writes a snapshot of the lock and client state together with `callbacks`, the
     /// callback state captured under the callbacks' lock, which the caller still holds:
     /// with both locks held no record can slip in between. Under the lock only flat
-    /// copies are taken (locks, clients, the pid map); turning them into the journal's
-    /// form, encoding and writing happen on the snapshot thread.
-    pub fn snapshot(&self, callbacks: CallbackModel) {
+    /// copies into `room` are made (locks, clients, the pid map's entries; `room` grows
+    /// if the tables outgrew it); matching pids to locks, encoding and writing happen
+    /// on the snapshot thread.
+    pub fn snapshot(&self, callbacks: CallbackModel, room: SnapshotRoom) {
+        let SnapshotRoom {
+            mut locks,
+            mut pids,
+            mut clients,
+        } = room;
         let tables = self.tables.lock();
-        let mut locks = Vec::with_capacity(tables.locks.len());
         locks.extend(tables.locks.iter());
-        let clients: Vec<_> = tables.clients.iter().map(|(k, v)| (*k, *v)).collect();
-        let pids = tables.pids.clone();
-        self.journal.snapshot(Box::new(move || StateSnapshot {
-            clients: client_entries(clients.into_iter()),
-            locks: lock_entries(locks.into_iter(), &pids),
-            callbacks,
-            clean_handover: false,
+        pids.extend(tables.pids.iter().map(|(key, pid)| (*key, *pid)));
+        clients.extend(tables.clients.iter().map(|(key, client)| (*key, *client)));
+        self.journal.snapshot(Box::new(move || {
+            let pids: HashMap<(Fid, LockOwner), u32> = pids.into_iter().collect();
+            StateSnapshot {
+                clients: client_entries(clients.into_iter()),
+                locks: lock_entries(locks.into_iter(), &pids),
+                callbacks,
+                clean_handover: false,
+            }
         }));
     }
 
@@ -649,6 +684,23 @@ impl Locks {
     }
 }
 
+/// Empty buffers with room for one snapshot's copy of the lock state, made by
+/// `Locks::snapshot_room` before any lock is taken.
+pub struct SnapshotRoom {
+    locks: Vec<(Fid, Lock)>,
+    pids: Vec<((Fid, LockOwner), u32)>,
+    clients: Vec<(ClientKey, (ClientId, InstanceNonce))>,
+}
+
+/// An empty vector with room for `len` items whose memory was written once, so that
+/// filling it later takes no page faults.
+fn touched<T: Clone>(len: usize, filler: T) -> Vec<T> {
+    let mut buffer = Vec::with_capacity(len);
+    buffer.resize(len, filler);
+    buffer.clear();
+    buffer
+}
+
 /// How a client answered a pushed lock grant.
 enum Push {
     Acknowledged,
@@ -729,4 +781,75 @@ pub fn wire_kind(kind: LockKind) -> proto::LockKind {
 /// `[start, end)` as a lock range; an empty range is an invalid argument.
 pub fn range(start: u64, end: u64) -> Result<ByteRange, ErrorCode> {
     ByteRange::new(start, end).map_err(|_| ErrorCode::InvalidArgument)
+}
+
+#[cfg(test)]
+mod tests {
+    use state::JournalMode;
+
+    use super::*;
+    use crate::state_journal::LockEntry;
+
+    fn sorted(mut locks: Vec<LockEntry>) -> Vec<LockEntry> {
+        locks.sort_unstable_by_key(|l| (l.fid, l.client, l.owner, l.start));
+        locks
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_keeps_every_lock_and_its_pid_even_past_its_room() {
+        let dir = tempfile::tempdir().unwrap();
+        let (journal, _) = StateJournal::open(dir.path(), JournalMode::None).unwrap();
+        let journal = Arc::new(journal);
+        let callbacks = Arc::new(Callbacks::new(
+            100,
+            10,
+            5,
+            Duration::from_millis(10),
+            journal.clone(),
+        ));
+        let locks = Arc::new(Locks::new(
+            callbacks.clone(),
+            journal.clone(),
+            Duration::from_secs(60),
+        ));
+        let (id, instance) = (ClientId::random(), InstanceNonce(1));
+        let key = callbacks.recover(id, instance).unwrap();
+        locks.admitted(key, id, instance);
+        // Made for an empty table: the 200 locks below outgrow it.
+        let room = locks.snapshot_room();
+        for vnode in 0..200u32 {
+            let fid = Fid {
+                volume: proto::VolumeId(1),
+                vnode: proto::VnodeId(u64::from(vnode) + 2),
+                unique: proto::Uniquifier(1),
+            };
+            let reply = locks
+                .set(
+                    key,
+                    fid,
+                    1,
+                    ByteRange::whole(),
+                    LockKind::Shared,
+                    false,
+                    vnode + 1,
+                )
+                .await;
+            assert_eq!(reply, Ok(SetLockReply::Granted));
+        }
+        let live = locks.state();
+        callbacks.snapshot_with(|model| locks.snapshot(model, room));
+        drop((callbacks, locks));
+        Arc::into_inner(journal).unwrap().close();
+
+        let (journal, replayed) = StateJournal::open(dir.path(), JournalMode::None).unwrap();
+        journal.close();
+        assert_eq!(live.locks.len(), 200);
+        assert!(
+            live.locks
+                .iter()
+                .all(|lock| lock.pid == lock.fid.vnode.0 as u32 - 1)
+        );
+        assert_eq!(sorted(replayed.locks), sorted(live.locks));
+        assert_eq!(replayed.clients.len(), 1);
+    }
 }

@@ -69,10 +69,11 @@ pub fn restore(
     true
 }
 
-/// Snapshots the journaled state now; the copy happens under the tables' locks, the
-/// encoding and writing on the journal's snapshot thread.
+/// Snapshots the journaled state now; the copy happens under the tables' locks, into
+/// buffers made beforehand, the encoding and writing on the journal's snapshot thread.
 pub fn snapshot(callbacks: &Callbacks, locks: &Locks, stats: &Stats) {
-    let pause = callbacks.snapshot_with(|model| locks.snapshot(model));
+    let room = locks.snapshot_room();
+    let pause = callbacks.snapshot_with(|model| locks.snapshot(model, room));
     let pause_us = u64::try_from(pause.as_micros()).unwrap_or(u64::MAX);
     stats.record_snapshot_pause(pause_us);
     debug!(pause_us, "state snapshot captured");

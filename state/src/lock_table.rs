@@ -13,16 +13,19 @@
 
 mod lease;
 mod lock;
+mod queue;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 
 use proto::Fid;
+use smallvec::SmallVec;
 use thiserror::Error;
 
 use crate::client_table::ClientKey;
 
 pub use lease::{LEASE_DEFAULT, LEASE_EXPIRE_BATCH_MAX, Leases};
 pub use lock::{ByteRange, EmptyRange, Lock, LockKind, LockOwner};
+use queue::{WaitQueue, Waiter};
 
 /// Names one queued (blocked) lock request until it is granted or cancelled.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -89,17 +92,13 @@ pub struct LockReply {
 #[error("lock table full: an unlock inside a lock would split it")]
 pub struct TooManyLocks;
 
-#[derive(Clone, Copy, Debug)]
-struct Waiter {
-    wait: WaitId,
-    lock: Lock,
-}
-
+/// The locks of one fid. Most locked fids hold one lock and nobody waits, so that case
+/// lives in the table's entry itself: no allocation, no pointer to chase when a
+/// snapshot copies the table.
 #[derive(Debug, Default)]
 struct FileLocks {
-    granted: Vec<Lock>,
-    /// Blocked requests, oldest first.
-    waiters: VecDeque<Waiter>,
+    granted: SmallVec<[Lock; 1]>,
+    waiters: WaitQueue,
 }
 
 impl FileLocks {
@@ -182,6 +181,14 @@ impl FileLocks {
     fn commit(&mut self, owner: LockOwner, planned: Vec<Lock>) {
         self.granted.retain(|held| held.owner != owner);
         self.granted.extend(planned);
+        self.shrink();
+    }
+
+    /// Moves the granted locks back inline once a fid that held several holds one again.
+    fn shrink(&mut self) {
+        if self.granted.spilled() && self.granted.len() <= self.granted.inline_size() {
+            self.granted.shrink_to_fit();
+        }
     }
 }
 
@@ -339,6 +346,7 @@ impl LockTable {
         for (&fid, file) in &mut self.files {
             let (granted, waiters) = (file.granted.len(), file.waiters.len());
             file.granted.retain(|held| held.owner.client != client);
+            file.shrink();
             file.waiters.retain(|waiter| {
                 let mine = waiter.lock.owner.client == client;
                 if mine {
@@ -398,8 +406,7 @@ impl LockTable {
         loop {
             let before = effects.len();
             let mut index = 0;
-            while index < file.waiters.len() {
-                let Waiter { wait, lock } = file.waiters[index];
+            while let Some(Waiter { wait, lock }) = file.waiters.get(index) {
                 if file.blocker(&lock, index).is_some() {
                     index += 1;
                     continue;

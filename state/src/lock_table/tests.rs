@@ -473,3 +473,33 @@ fn a_grant_that_weakens_its_owner_wakes_a_waiter_passed_over_before_it() {
         ]
     );
 }
+
+#[test]
+fn a_fid_with_one_lock_and_no_waiter_allocates_nothing() {
+    // The entry itself: one inline lock (40 bytes), its length, the queue's pointer.
+    assert!(std::mem::size_of::<FileLocks>() <= 56);
+    let mut t = table();
+    let inline = |t: &LockTable| {
+        let file = &t.files[&fid(1)];
+        !file.granted.spilled() && file.waiters.is_empty()
+    };
+    lock(&mut t, A, 0, 10, Shared, false);
+    assert!(inline(&t));
+    // A second lock spills to the heap; back to one, it moves inline again.
+    lock(&mut t, B, 0, 10, Shared, false);
+    assert!(t.files[&fid(1)].granted.spilled());
+    assert_eq!(t.unlock(fid(1), B, range(0, 10)), Ok(vec![]));
+    assert!(inline(&t));
+    // A waiter boxes the queue; once it is granted, the box goes.
+    let wait = match lock(&mut t, C, 0, 10, Exclusive, true).outcome {
+        LockOutcome::Queued(wait) => wait,
+        other => panic!("expected to queue, got {other:?}"),
+    };
+    assert!(!t.files[&fid(1)].waiters.is_empty());
+    assert_eq!(
+        t.release_client(A.client),
+        vec![granted(wait, fid(1), C, range(0, 10), Exclusive)]
+    );
+    assert!(inline(&t));
+    assert_eq!(held(&t, fid(1)), vec![(C, 0, 10, Exclusive)]);
+}
