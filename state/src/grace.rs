@@ -12,6 +12,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
 use proto::Fid;
+use smallvec::SmallVec;
 use thiserror::Error;
 
 use crate::client_table::ClientKey;
@@ -85,7 +86,8 @@ pub struct Grace {
     config: GraceConfig,
     complete: bool,
     ends: Millis,
-    unreclaimed: HashMap<Fid, Vec<Lock>>,
+    /// A fid's locks inline when it has one (the common case): no allocation per fid.
+    unreclaimed: HashMap<Fid, SmallVec<[Lock; 1]>>,
     locks_recovered: usize,
     locks_reclaimed: usize,
     clients_recovered: usize,
@@ -103,7 +105,7 @@ impl Grace {
         complete: bool,
         now: Millis,
     ) -> Grace {
-        let mut unreclaimed: HashMap<Fid, Vec<Lock>> = HashMap::new();
+        let mut unreclaimed: HashMap<Fid, SmallVec<[Lock; 1]>> = HashMap::new();
         let mut clients_pending = BTreeSet::new();
         let mut locks_recovered = 0;
         for (fid, lock) in recovered {
