@@ -33,6 +33,7 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::callback_model::{CallbackModel, Owed, Promises, journaled_expiry_ms};
+use crate::shards::{SHARDS, shard_of};
 use crate::state_journal::{Durable, StateJournal, StateRecord};
 
 /// Most fids in one `BreakCallbacks` request, well within the frame limit.
@@ -43,11 +44,6 @@ struct Session {
     /// Turns true once the owed breaks (or reset) were delivered on `connection`.
     ready: watch::Receiver<bool>,
 }
-
-/// Promise shards: a power of two, so that a fid's shard is bits of its hash. Enough
-/// that two cores rarely meet on one; each shard is a table of its own (index, expiry
-/// wheel), so the count costs a little fixed memory per shard.
-const SHARDS: usize = 16;
 
 /// Clients, their connections and what they are owed: touched on connect, on breaks
 /// and on delivery, read (shared) by every request.
@@ -72,13 +68,6 @@ impl Clients {
         self.model.apply_breaks(&record);
         journal.record(&record, must_be_durable)
     }
-}
-
-/// The shard that holds `fid`'s promises.
-fn shard_of(fid: Fid) -> usize {
-    let mixed = (fid.volume.0.rotate_left(32) ^ fid.vnode.0 ^ u64::from(fid.unique.0))
-        .wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    (mixed >> (u64::BITS - SHARDS.trailing_zeros())) as usize
 }
 
 /// The locked shards of a set of fids, taken in index order.
@@ -651,47 +640,4 @@ fn forget_session(tables: &mut Clients, key: ClientKey, connection: &Connection)
         tables.sessions.remove(&key);
     }
     connection.close();
-}
-
-#[cfg(test)]
-mod tests {
-    use proto::{Uniquifier, VnodeId, VolumeId};
-
-    use super::*;
-
-    /// Fids that differ only in the vnode (one directory's files) or only in the volume
-    /// spread evenly over the shards, so no shard holds most of a server's promises.
-    #[test]
-    fn fids_spread_over_the_shards() {
-        let per_shard = 1000;
-        let fids = (per_shard * SHARDS) as u64;
-        let spreads = [
-            (0..fids)
-                .map(|vnode| Fid {
-                    volume: VolumeId(536_870_913),
-                    vnode: VnodeId(vnode),
-                    unique: Uniquifier(1),
-                })
-                .collect::<Vec<_>>(),
-            (0..fids)
-                .map(|volume| Fid {
-                    volume: VolumeId(volume),
-                    vnode: VnodeId(1),
-                    unique: Uniquifier(1),
-                })
-                .collect(),
-        ];
-        for fids in spreads {
-            let mut counts = [0; SHARDS];
-            for fid in fids {
-                counts[shard_of(fid)] += 1;
-            }
-            assert!(
-                counts
-                    .iter()
-                    .all(|&count| count > per_shard * 8 / 10 && count < per_shard * 12 / 10),
-                "uneven shards: {counts:?}"
-            );
-        }
-    }
 }

@@ -16,6 +16,7 @@ mod registration;
 mod restart;
 mod server_lock;
 mod service;
+mod shards;
 mod state_journal;
 mod stats;
 pub mod storage;

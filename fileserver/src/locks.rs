@@ -1,21 +1,25 @@
 //! Byte-range locks across clients: the I/O side of the pure `LockTable`, `Leases` and
-//! `Grace` in the `state` crate. Holds them behind one short lock, renews a client's lease
-//! on each of its requests, pushes `LockGranted` to a client whose queued request became
-//! grantable, releases the locks of clients whose lease lapsed or that restarted, and
-//! journals every change of the granted locks and known clients.
+//! `Grace` in the `state` crate. Keeps the locks in shards by fid, each a `LockTable`
+//! behind its own short lock, and the leases, known clients and grace behind one more;
+//! renews a client's lease on each of its requests, pushes `LockGranted` to a client
+//! whose queued request became grantable, releases the locks of clients whose lease
+//! lapsed or that restarted, and journals every change of the granted locks and known
+//! clients. A lock request outside grace takes only its fid's shard lock.
 //! Invariant: a lock granted from the queue is either acknowledged by its client's
 //! `LockGranted` reply or released again (which may grant others in turn); every change
-//! is handed to the journal under the tables' lock, so records keep the order of the
-//! changes, and a lock reply or push waits until its record is durable (per mode); every
-//! lock and queued request belongs to a client in `holders`, so a lapse of any other
-//! client costs no table scan.
+//! of a fid's locks is handed to the journal under its shard's lock, and a release of a
+//! whole client under every shard's, so the records about one fid keep the order of
+//! the changes; locks are taken shards first, in index order, then the client lock; a
+//! lock reply or push waits until its record is durable (per mode); every lock and
+//! queued request of a shard belongs to a client in that shard's `holders`, so a lapse
+//! of any other client costs no table scan.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, MutexGuard};
 use proto::{ClientId, ErrorCode, Fid, InstanceNonce, LockHolder, Request, Response};
 use state::{
     ByteRange, ClientKey, Effect, Grace, GraceCheck, GraceConfig, Leases, Lock, LockKind,
@@ -25,6 +29,7 @@ use tracing::{debug, info, warn};
 
 use crate::callback_model::CallbackModel;
 use crate::callbacks::Callbacks;
+use crate::shards::{SHARD_BITS, SHARDS, shard_of};
 use crate::state_journal::{
     ClientEntry, Durable, LockEntry, StateJournal, StateRecord, StateSnapshot,
 };
@@ -36,17 +41,22 @@ pub enum SetLockReply {
     Queued(WaitId),
 }
 
-struct Tables {
+/// The locks of the fids that fall in one shard.
+struct Shard {
     locks: LockTable,
-    leases: Leases,
     /// The process that took each owner's locks on a fid, for `TestLock` reports. Pruned
     /// against the table when it grows past twice the lock count, so it stays bounded.
     pids: HashMap<(Fid, LockOwner), u32>,
-    /// The client and process of each queued request; the process moves to `pids` when
-    /// the request is granted.
+    /// The client and process of each queued request, by the shard table's own wait id;
+    /// the process moves to `pids` when the request is granted.
     waits: HashMap<WaitId, (ClientKey, u32)>,
-    /// Clients that may hold locks or queued requests.
+    /// Clients that may hold locks or queued requests in this shard.
     holders: HashSet<ClientKey>,
+}
+
+/// What concerns clients rather than fids.
+struct Clients {
+    leases: Leases,
     /// Every admitted client (bounded by the client table), for reports and snapshots.
     clients: HashMap<ClientKey, (ClientId, InstanceNonce)>,
     /// The grace period after a restart that recovered locks; `None` once it ended.
@@ -54,18 +64,49 @@ struct Tables {
 }
 
 /// Clients whose lease renewals are coalesced (keys at or above it renew under the
-/// mutex every time); the client table's default bound fits. 8 bytes each.
+/// client lock every time); the client table's default bound fits. 8 bytes each.
 const RENEWED_SLOTS: usize = 1 << 17;
 /// A `renewed` slot of a client whose lease the tables do not hold.
 const NEVER: u64 = u64::MAX;
 
+/// One shard's bounds: its share of the server's, with a quarter more for fids that do
+/// not spread exactly (so the server as a whole holds at most 5/4 of the defaults);
+/// per-fid bounds stay whole.
+fn shard_config() -> LockTableConfig {
+    let whole = LockTableConfig::default();
+    let share = |total: usize| (total / SHARDS) * 5 / 4;
+    LockTableConfig {
+        lock_count_max: share(whole.lock_count_max),
+        waiter_count_max: share(whole.waiter_count_max),
+        ..whole
+    }
+}
+
+/// A wait id as clients see it: the shard table's own id with the shard in its low
+/// bits, so that a `CancelLockWait` finds its shard.
+fn client_wait(shard: usize, wait: WaitId) -> WaitId {
+    WaitId((wait.0 << SHARD_BITS) | shard as u64)
+}
+
+/// The shard and the shard table's id of a wait id a client gave.
+fn shard_wait(wait: WaitId) -> (usize, WaitId) {
+    (
+        (wait.0 & (SHARDS as u64 - 1)) as usize,
+        WaitId(wait.0 >> SHARD_BITS),
+    )
+}
+
 /// The server's lock state and the machinery to grant queued requests.
 pub struct Locks {
-    tables: Mutex<Tables>,
-    /// When each client's lease was last renewed in `tables` (`now()` ms, by key), so
-    /// that the request path renews under the mutex at most once per `renew_every_ms`
+    shards: Box<[Mutex<Shard>]>,
+    clients: Mutex<Clients>,
+    /// Whether `clients.grace` is set: outside grace a lock request does not need the
+    /// client lock. Set before requests are served, cleared when grace ends.
+    in_grace: AtomicBool,
+    /// When each client's lease was last renewed in `clients` (`now()` ms, by key), so
+    /// that the request path renews under the lock at most once per `renew_every_ms`
     /// and otherwise touches no lock at all. A skipped renewal shortens a lease by less
-    /// than a tenth; the sweep marks a lapsed client `NEVER` under the mutex, and a
+    /// than a tenth; the sweep marks a lapsed client `NEVER` under the lock, and a
     /// skip can only happen within a tenth of a lease of a recorded renewal, long
     /// before that renewal's expiry, so a lapsed client's next request always renews.
     renewed: Box<[AtomicU64]>,
@@ -78,15 +119,22 @@ pub struct Locks {
 impl Locks {
     pub fn new(callbacks: Arc<Callbacks>, journal: Arc<StateJournal>, lease: Duration) -> Locks {
         Locks {
-            tables: Mutex::new(Tables {
-                locks: LockTable::new(LockTableConfig::default()),
+            shards: (0..SHARDS)
+                .map(|_| {
+                    Mutex::new(Shard {
+                        locks: LockTable::new(shard_config()),
+                        pids: HashMap::new(),
+                        waits: HashMap::new(),
+                        holders: HashSet::new(),
+                    })
+                })
+                .collect(),
+            clients: Mutex::new(Clients {
                 leases: Leases::new(lease),
-                pids: HashMap::new(),
-                waits: HashMap::new(),
-                holders: HashSet::new(),
                 clients: HashMap::new(),
                 grace: None,
             }),
+            in_grace: AtomicBool::new(false),
             renewed: (0..RENEWED_SLOTS).map(|_| AtomicU64::new(NEVER)).collect(),
             renew_every_ms: u64::try_from(lease.as_millis() / 10).unwrap_or(u64::MAX),
             callbacks,
@@ -97,6 +145,11 @@ impl Locks {
 
     fn now(&self) -> Millis {
         Millis(u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX))
+    }
+
+    /// Locks every shard, in index order.
+    fn lock_all(&self) -> Vec<MutexGuard<'_, Shard>> {
+        self.shards.iter().map(|shard| shard.lock()).collect()
     }
 
     /// Installs the state replayed from the journal (client keys already mapped to this
@@ -111,30 +164,32 @@ impl Locks {
         complete: bool,
     ) {
         let now = self.now();
-        let mut tables = self.tables.lock();
+        let mut shards = self.lock_all();
+        let mut known = self.clients.lock();
         for (key, client, instance) in clients {
-            tables.clients.insert(key, (client, instance));
+            known.clients.insert(key, (client, instance));
             if grace.is_none() {
-                tables.leases.touch(key, now);
+                known.leases.touch(key, now);
             }
         }
         let mut recovered = Vec::new();
         for (fid, lock, pid) in locks {
-            let reply = tables
+            let shard = &mut shards[shard_of(fid)];
+            let reply = shard
                 .locks
                 .lock(fid, lock.owner, lock.range, lock.kind, false);
             if reply.outcome != LockOutcome::Granted {
                 warn!(?fid, ?lock, outcome = ?reply.outcome, "a recovered lock does not fit; dropped");
                 continue;
             }
-            tables.pids.insert((fid, lock.owner), pid);
-            tables.holders.insert(lock.owner.client);
+            shard.pids.insert((fid, lock.owner), pid);
+            shard.holders.insert(lock.owner.client);
             recovered.push((fid, lock));
         }
         let Some(grace) = grace else {
             info!(
                 locks = recovered.len(),
-                clients = tables.clients.len(),
+                clients = known.clients.len(),
                 "locks taken over from a clean handover: no grace"
             );
             return;
@@ -156,15 +211,18 @@ impl Locks {
                 dropped = 0,
                 "grace ended"
             ),
-            None => tables.grace = Some(grace),
+            None => {
+                known.grace = Some(grace);
+                self.in_grace.store(true, Ordering::Release);
+            }
         }
     }
 
     /// The running grace period, as `MemberState` reports it; `None` outside grace.
     pub fn grace_state(&self) -> Option<proto::GraceState> {
         let now = self.now();
-        let tables = self.tables.lock();
-        let status = tables.grace.as_ref()?.status();
+        let known = self.clients.lock();
+        let status = known.grace.as_ref()?.status();
         let count = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
         Some(proto::GraceState {
             remaining_ms: u64::try_from(now.until(status.ends).as_millis()).unwrap_or(u64::MAX),
@@ -181,17 +239,30 @@ impl Locks {
     /// The lock and client state as a snapshot would hold it (for tests).
     #[cfg(test)]
     pub fn state(&self) -> StateSnapshot {
-        capture(&self.tables.lock())
+        let shards = self.lock_all();
+        let known = self.clients.lock();
+        StateSnapshot {
+            clients: client_entries(known.clients.iter().map(|(k, v)| (*k, *v))),
+            locks: shards
+                .iter()
+                .flat_map(|shard| lock_entries(shard.locks.iter(), &shard.pids))
+                .collect(),
+            callbacks: CallbackModel::default(),
+            clean_handover: false,
+        }
     }
 
     /// Buffers for the next `snapshot`'s copy, sized to the tables now (with slack for
     /// growth) and written once. Call it before taking the callbacks' lock: allocating
     /// and page-faulting megabytes is what would otherwise stall requests.
     pub fn snapshot_room(&self) -> SnapshotRoom {
-        let (locks, pids, clients) = {
-            let tables = self.tables.lock();
-            (tables.locks.len(), tables.pids.len(), tables.clients.len())
-        };
+        let (mut locks, mut pids) = (0, 0);
+        for shard in self.shards.iter() {
+            let shard = shard.lock();
+            locks += shard.locks.len();
+            pids += shard.pids.len();
+        }
+        let clients = self.clients.lock().clients.len();
         let with_slack = |len: usize| len + len / 64 + 64;
         let owner = LockOwner {
             client: ClientKey(0),
@@ -212,21 +283,24 @@ impl Locks {
     }
 
     /// Writes a snapshot of the lock and client state together with `callbacks`, the
-    /// callback state captured under the callbacks' lock, which the caller still holds:
-    /// with both locks held no record can slip in between. Under the lock only flat
-    /// copies into `room` are made (locks, clients, the pid map's entries; `room` grows
-    /// if the tables outgrew it); matching pids to locks, encoding and writing happen
-    /// on the snapshot thread.
+    /// callback state captured under the callbacks' locks, which the caller still
+    /// holds: with every lock held no record can slip in between. Under the locks only
+    /// flat copies into `room` are made (locks, clients, the pid maps' entries; `room`
+    /// grows if the tables outgrew it); matching pids to locks, encoding and writing
+    /// happen on the snapshot thread.
     pub fn snapshot(&self, callbacks: CallbackModel, room: SnapshotRoom) {
         let SnapshotRoom {
             mut locks,
             mut pids,
             mut clients,
         } = room;
-        let tables = self.tables.lock();
-        locks.extend(tables.locks.iter());
-        pids.extend(tables.pids.iter().map(|(key, pid)| (*key, *pid)));
-        clients.extend(tables.clients.iter().map(|(key, client)| (*key, *client)));
+        let shards = self.lock_all();
+        let known = self.clients.lock();
+        for shard in &shards {
+            locks.extend(shard.locks.iter());
+            pids.extend(shard.pids.iter().map(|(key, pid)| (*key, *pid)));
+        }
+        clients.extend(known.clients.iter().map(|(key, client)| (*key, *client)));
         self.journal.snapshot(Box::new(move || {
             let pids: HashMap<(Fid, LockOwner), u32> = pids.into_iter().collect();
             StateSnapshot {
@@ -240,11 +314,11 @@ impl Locks {
 
     /// A client was admitted under `key`: journal who it is.
     pub fn admitted(&self, key: ClientKey, client: ClientId, instance: InstanceNonce) {
-        let mut tables = self.tables.lock();
-        if tables.clients.get(&key) == Some(&(client, instance)) {
+        let mut known = self.clients.lock();
+        if known.clients.get(&key) == Some(&(client, instance)) {
             return;
         }
-        tables.clients.insert(key, (client, instance));
+        known.clients.insert(key, (client, instance));
         let record = StateRecord::ClientAdmitted {
             key: key.0,
             client,
@@ -265,8 +339,8 @@ impl Locks {
                 return;
             }
         }
-        let mut tables = self.tables.lock();
-        tables.leases.touch(client, now);
+        let mut known = self.clients.lock();
+        known.leases.touch(client, now);
         if let Some(slot) = slot {
             slot.store(now.0, Ordering::Relaxed);
         }
@@ -286,33 +360,35 @@ impl Locks {
     ) -> Result<SetLockReply, ErrorCode> {
         let owner = LockOwner { client, owner };
         let now = self.now();
+        let index = shard_of(fid);
         let (answer, durable, effects) = {
-            let mut tables = self.tables.lock();
-            if let Some(grace) = &tables.grace
+            let mut shard = self.shards[index].lock();
+            if self.in_grace.load(Ordering::Acquire)
+                && let Some(grace) = &self.clients.lock().grace
                 && let GraceCheck::Wait { retry } =
                     grace.check_new_lock(fid, owner, range, kind, now)
             {
                 let retry_ms = u64::try_from(retry.as_millis()).unwrap_or(u64::MAX);
                 return Err(ErrorCode::Grace { retry_ms });
             }
-            let reply = tables.locks.lock(fid, owner, range, kind, wait);
+            let reply = shard.locks.lock(fid, owner, range, kind, wait);
             let mut durable = Durable::ready();
             let answer = match reply.outcome {
                 LockOutcome::Granted => {
-                    tables.pids.insert((fid, owner), pid);
-                    tables.holders.insert(client);
+                    shard.pids.insert((fid, owner), pid);
+                    shard.holders.insert(client);
                     durable = self.record_grant(fid, owner, range, kind, pid);
                     Ok(SetLockReply::Granted)
                 }
                 LockOutcome::Queued(id) => {
-                    tables.waits.insert(id, (client, pid));
-                    tables.holders.insert(client);
-                    Ok(SetLockReply::Queued(id))
+                    shard.waits.insert(id, (client, pid));
+                    shard.holders.insert(client);
+                    Ok(SetLockReply::Queued(client_wait(index, id)))
                 }
                 LockOutcome::Conflict { .. } => Err(ErrorCode::WouldBlock),
                 LockOutcome::TooMany => Err(ErrorCode::TooManyLocks),
             };
-            let effects = self.note_grants(&mut tables, reply.effects);
+            let effects = self.note_grants(index, &mut shard, reply.effects);
             (answer, durable, effects)
         };
         self.deliver(effects);
@@ -331,15 +407,16 @@ impl Locks {
         range: ByteRange,
     ) -> Result<(), ErrorCode> {
         let owner = LockOwner { client, owner };
+        let index = shard_of(fid);
         let (durable, effects) = {
-            let mut tables = self.tables.lock();
-            let effects = tables
+            let mut shard = self.shards[index].lock();
+            let effects = shard
                 .locks
                 .unlock(fid, owner, range)
                 .map_err(|_| ErrorCode::TooManyLocks)?;
             let durable = self.record_release(fid, owner, range);
-            prune_pids(&mut tables);
-            (durable, self.note_grants(&mut tables, effects))
+            prune_pids(&mut shard);
+            (durable, self.note_grants(index, &mut shard, effects))
         };
         self.deliver(effects);
         if !durable.wait().await {
@@ -358,18 +435,20 @@ impl Locks {
         kind: LockKind,
     ) -> Option<LockHolder> {
         let owner = LockOwner { client, owner };
-        let tables = self.tables.lock();
-        let holder = tables.locks.test(fid, owner, range, kind)?;
-        let pid = tables.pids.get(&(fid, holder.owner)).copied().or_else(|| {
+        let shard = self.shards[shard_of(fid)].lock();
+        let holder = shard.locks.test(fid, owner, range, kind)?;
+        let pid = shard.pids.get(&(fid, holder.owner)).copied().or_else(|| {
             // The obstacle may be a queued request: its process is in `waits`.
-            tables
+            shard
                 .locks
                 .waiters()
                 .find(|(f, _, lock)| *f == fid && *lock == holder)
-                .and_then(|(_, wait, _)| tables.waits.get(&wait).map(|(_, pid)| *pid))
+                .and_then(|(_, wait, _)| shard.waits.get(&wait).map(|(_, pid)| *pid))
         });
         // Every client with a lock was admitted; a nil id would only hide who it is.
-        let client = tables
+        let client = self
+            .clients
+            .lock()
             .clients
             .get(&holder.owner.client)
             .map_or(ClientId(uuid::Uuid::nil()), |(id, _)| *id);
@@ -386,14 +465,15 @@ impl Locks {
     /// `CancelLockWait`: withdraws the caller's queued request; someone else's id or an
     /// id already granted is a no-op.
     pub fn cancel(self: &Arc<Self>, client: ClientKey, wait: WaitId) {
+        let (index, id) = shard_wait(wait);
         let effects = {
-            let mut tables = self.tables.lock();
-            if tables.waits.get(&wait).map(|(owner, _)| *owner) != Some(client) {
+            let mut shard = self.shards[index].lock();
+            if shard.waits.get(&id).map(|(owner, _)| *owner) != Some(client) {
                 return;
             }
-            tables.waits.remove(&wait);
-            let effects = tables.locks.cancel_wait(wait);
-            self.note_grants(&mut tables, effects)
+            shard.waits.remove(&id);
+            let effects = shard.locks.cancel_wait(id);
+            self.note_grants(index, &mut shard, effects)
         };
         self.deliver(effects);
     }
@@ -411,36 +491,34 @@ impl Locks {
         pid: u32,
     ) -> Result<(), ErrorCode> {
         let owner = LockOwner { client, owner };
-        let mut tables = self.tables.lock();
+        let mut shard = self.shards[shard_of(fid)].lock();
         let lock = Lock { owner, range, kind };
-        let in_grace = tables
+        let in_grace = self
+            .clients
+            .lock()
             .grace
             .as_mut()
             .is_some_and(|grace| grace.reclaim(fid, lock).is_ok());
         let held = || {
-            tables
-                .locks
-                .locks_of(client)
-                .iter()
-                .any(|(held_fid, held)| {
-                    *held_fid == fid
-                        && held.owner == owner
-                        && held.kind == kind
-                        && held.range.start() <= range.start()
-                        && range.end() <= held.range.end()
-                })
+            shard.locks.locks_of(client).iter().any(|(held_fid, held)| {
+                *held_fid == fid
+                    && held.owner == owner
+                    && held.kind == kind
+                    && held.range.start() <= range.start()
+                    && range.end() <= held.range.end()
+            })
         };
         if !in_grace && !held() {
             return Err(ErrorCode::NotReclaimable);
         }
-        tables.pids.insert((fid, owner), pid);
+        shard.pids.insert((fid, owner), pid);
         debug!(client = client.0, ?fid, "lock reclaimed");
         Ok(())
     }
 
     /// `ReclaimDone`: the client reclaimed all it held; grace may end early.
     pub fn reclaim_done(self: &Arc<Self>, client: ClientKey) {
-        if let Some(grace) = self.tables.lock().grace.as_mut() {
+        if let Some(grace) = self.clients.lock().grace.as_mut() {
             grace.client_done(client);
         }
         self.tick_grace();
@@ -450,17 +528,17 @@ impl Locks {
     /// lapsed) and grants what that frees. Returns how many locks it held.
     pub fn release_client(self: &Arc<Self>, client: ClientKey) -> usize {
         let (held, effects) = {
-            let mut guard = self.tables.lock();
-            let tables = &mut *guard;
+            let mut shards = self.lock_all();
             // A restarted client cannot reclaim what its old instance held.
-            if let Some(grace) = tables.grace.as_mut() {
-                for (fid, lock) in tables.locks.locks_of(client) {
-                    let _ = grace.reclaim(fid, lock);
+            if let Some(grace) = self.clients.lock().grace.as_mut() {
+                for shard in &shards {
+                    for (fid, lock) in shard.locks.locks_of(client) {
+                        let _ = grace.reclaim(fid, lock);
+                    }
                 }
                 grace.client_done(client);
             }
-            let (held, effects) = self.release_client_locked(tables, client);
-            (held, self.note_grants(tables, effects))
+            self.release_client_locked(&mut shards, client)
         };
         self.deliver(effects);
         self.tick_grace();
@@ -472,20 +550,28 @@ impl Locks {
     pub fn sweep(self: &Arc<Self>) {
         let now = self.now();
         let (clients, locks, effects) = {
-            let mut tables = self.tables.lock();
-            let lapsed = tables.leases.expired(now);
+            // Every shard first (the lock order): a lapsed client's locks go at once,
+            // before a request of it could renew the lease.
+            let mut shards = self.lock_all();
+            let lapsed = {
+                let mut known = self.clients.lock();
+                let lapsed = known.leases.expired(now);
+                for client in &lapsed {
+                    if let Some(slot) = self.renewed.get(client.0 as usize) {
+                        slot.store(NEVER, Ordering::Relaxed);
+                    }
+                }
+                lapsed
+            };
             let (mut clients, mut locks, mut effects) = (0, 0, Vec::new());
             for client in lapsed {
-                if let Some(slot) = self.renewed.get(client.0 as usize) {
-                    slot.store(NEVER, Ordering::Relaxed);
-                }
-                if !tables.holders.contains(&client) {
+                if !shards.iter().any(|shard| shard.holders.contains(&client)) {
                     continue;
                 }
-                let (held, granted) = self.release_client_locked(&mut tables, client);
+                let (held, granted) = self.release_client_locked(&mut shards, client);
                 clients += 1;
                 locks += held;
-                effects.extend(self.note_grants(&mut tables, granted));
+                effects.extend(granted);
             }
             (clients, locks, effects)
         };
@@ -505,61 +591,83 @@ impl Locks {
     /// recovered locks nobody reclaimed and grants what that frees.
     fn tick_grace(self: &Arc<Self>) {
         let now = self.now();
-        let effects = {
-            let mut tables = self.tables.lock();
-            let Some(end) = tables.grace.as_mut().and_then(|grace| grace.tick(now)) else {
+        let end = {
+            let mut known = self.clients.lock();
+            let Some(end) = known.grace.as_mut().and_then(|grace| grace.tick(now)) else {
                 return;
             };
-            tables.grace = None;
-            info!(
-                ended = if end.early { "early" } else { "timeout" },
-                reclaimed = end.reclaimed,
-                dropped = end.dropped.len(),
-                "grace ended"
-            );
-            let mut effects = Vec::new();
-            for (fid, lock) in end.dropped {
-                // Unlocking a recovered range never splits a lock of another range, but
-                // an error would only leave the lock until its lease lapses.
-                if let Ok(granted) = tables.locks.unlock(fid, lock.owner, lock.range) {
-                    let _ = self.record_release(fid, lock.owner, lock.range);
-                    effects.extend(granted);
-                }
-            }
-            self.note_grants(&mut tables, effects)
+            known.grace = None;
+            self.in_grace.store(false, Ordering::Release);
+            end
         };
+        info!(
+            ended = if end.early { "early" } else { "timeout" },
+            reclaimed = end.reclaimed,
+            dropped = end.dropped.len(),
+            "grace ended"
+        );
+        let mut effects = Vec::new();
+        for (fid, lock) in end.dropped {
+            let index = shard_of(fid);
+            let mut shard = self.shards[index].lock();
+            // Unlocking a recovered range never splits a lock of another range, but an
+            // error would only leave the lock until its lease lapses.
+            if let Ok(granted) = shard.locks.unlock(fid, lock.owner, lock.range) {
+                let _ = self.record_release(fid, lock.owner, lock.range);
+                effects.extend(self.note_grants(index, &mut shard, granted));
+            }
+        }
         self.deliver(effects);
     }
 
+    /// Drops `client`'s locks and queued requests from every shard (`shards` holds them
+    /// all, locked) and journals it, then grants what that frees. Returns how many
+    /// locks it held.
     fn release_client_locked(
         &self,
-        tables: &mut Tables,
+        shards: &mut [MutexGuard<'_, Shard>],
         client: ClientKey,
-    ) -> (usize, Vec<Effect>) {
-        if !tables.holders.remove(&client) {
-            return (0, Vec::new());
+    ) -> (usize, Vec<(Effect, Durable)>) {
+        let mut held = 0;
+        let mut freed = Vec::new();
+        for (index, shard) in shards.iter_mut().enumerate() {
+            if !shard.holders.remove(&client) {
+                continue;
+            }
+            held += shard
+                .locks
+                .iter()
+                .filter(|(_, lock)| lock.owner.client == client)
+                .count();
+            let granted = shard.locks.release_client(client);
+            shard.pids.retain(|(_, owner), _| owner.client != client);
+            shard.waits.retain(|_, (owner, _)| *owner != client);
+            freed.push((index, granted));
         }
-        let held = tables
-            .locks
-            .iter()
-            .filter(|(_, lock)| lock.owner.client == client)
-            .count();
-        let effects = tables.locks.release_client(client);
-        tables.pids.retain(|(_, owner), _| owner.client != client);
-        tables.waits.retain(|_, (owner, _)| *owner != client);
         if held > 0 {
             // Waited for by nothing: the client is gone, and a lost record only means
-            // recovery brings back a lock that grace then drops.
+            // recovery brings back a lock that grace then drops. Journaled before the
+            // grants it frees, which replay must find free.
             let _ = self
                 .journal
                 .record(&StateRecord::ClientReleased { key: client.0 }, false);
         }
+        let mut effects = Vec::new();
+        for (index, granted) in freed {
+            effects.extend(self.note_grants(index, &mut shards[index], granted));
+        }
         (held, effects)
     }
 
-    /// Journals the queued requests `effects` granted and moves their processes from
-    /// `waits` to `pids`; each grant's push waits for its record.
-    fn note_grants(&self, tables: &mut Tables, effects: Vec<Effect>) -> Vec<(Effect, Durable)> {
+    /// Journals the queued requests `effects` of shard `index` granted and moves their
+    /// processes from `waits` to `pids`; each grant's push waits for its record. The
+    /// effects returned carry the wait ids clients know.
+    fn note_grants(
+        &self,
+        index: usize,
+        shard: &mut Shard,
+        effects: Vec<Effect>,
+    ) -> Vec<(Effect, Durable)> {
         effects
             .into_iter()
             .map(|effect| {
@@ -570,9 +678,16 @@ impl Locks {
                     range,
                     kind,
                 } = effect;
-                let pid = tables.waits.remove(&wait).map_or(0, |(_, pid)| pid);
-                tables.pids.insert((fid, owner), pid);
+                let pid = shard.waits.remove(&wait).map_or(0, |(_, pid)| pid);
+                shard.pids.insert((fid, owner), pid);
                 let durable = self.record_grant(fid, owner, range, kind, pid);
+                let effect = Effect::Granted {
+                    wait: client_wait(index, wait),
+                    fid,
+                    owner,
+                    range,
+                    kind,
+                };
                 (effect, durable)
             })
             .collect()
@@ -661,11 +776,12 @@ impl Locks {
     fn withdraw(self: &Arc<Self>, fid: Fid, owner: LockOwner, range: ByteRange) {
         // Releasing the granted range also drops any lock the owner held there before:
         // it asked to replace that range anyway.
+        let index = shard_of(fid);
         let effects = {
-            let mut tables = self.tables.lock();
-            let effects = tables.locks.unlock(fid, owner, range).unwrap_or_default();
+            let mut shard = self.shards[index].lock();
+            let effects = shard.locks.unlock(fid, owner, range).unwrap_or_default();
             let _ = self.record_release(fid, owner, range);
-            self.note_grants(&mut tables, effects)
+            self.note_grants(index, &mut shard, effects)
         };
         self.deliver(effects);
     }
@@ -710,17 +826,6 @@ enum Push {
     Refused,
 }
 
-/// The journaled state as of now, copied out of the tables.
-#[cfg(test)]
-fn capture(tables: &Tables) -> StateSnapshot {
-    StateSnapshot {
-        clients: client_entries(tables.clients.iter().map(|(k, v)| (*k, *v))),
-        locks: lock_entries(tables.locks.iter(), &tables.pids),
-        callbacks: CallbackModel::default(),
-        clean_handover: false,
-    }
-}
-
 fn client_entries(
     clients: impl Iterator<Item = (ClientKey, (ClientId, InstanceNonce))>,
 ) -> Vec<ClientEntry> {
@@ -752,16 +857,16 @@ fn lock_entries(
 
 /// Forgets the processes of owners that hold nothing any more, once the side map has
 /// grown past twice the table (amortized: each prune halves it at least).
-fn prune_pids(tables: &mut Tables) {
-    if tables.pids.len() <= 2 * tables.locks.len() + 64 {
+fn prune_pids(shard: &mut Shard) {
+    if shard.pids.len() <= 2 * shard.locks.len() + 64 {
         return;
     }
-    let live: HashSet<(Fid, LockOwner)> = tables
+    let live: HashSet<(Fid, LockOwner)> = shard
         .locks
         .iter()
         .map(|(fid, lock)| (fid, lock.owner))
         .collect();
-    tables.pids.retain(|key, _| live.contains(key));
+    shard.pids.retain(|key, _| live.contains(key));
 }
 
 pub fn state_kind(kind: proto::LockKind) -> LockKind {
@@ -793,6 +898,56 @@ mod tests {
     fn sorted(mut locks: Vec<LockEntry>) -> Vec<LockEntry> {
         locks.sort_unstable_by_key(|l| (l.fid, l.client, l.owner, l.start));
         locks
+    }
+
+    /// Queued requests on fids of every shard get distinct wait ids, and cancelling by
+    /// the id a client was given withdraws the right request: releasing the holder's
+    /// locks afterwards grants nothing.
+    #[tokio::test]
+    async fn a_wait_id_finds_its_shard_for_a_cancel() {
+        let dir = tempfile::tempdir().unwrap();
+        let (journal, _) = StateJournal::open(dir.path(), JournalMode::None).unwrap();
+        let journal = Arc::new(journal);
+        let callbacks = Arc::new(Callbacks::new(
+            100,
+            10,
+            5,
+            Duration::from_millis(10),
+            journal.clone(),
+        ));
+        let locks = Arc::new(Locks::new(callbacks, journal, Duration::from_secs(60)));
+        let (holder, waiter) = (ClientKey(0), ClientKey(1));
+        let fids: Vec<Fid> = (0..64u64)
+            .map(|vnode| Fid {
+                volume: proto::VolumeId(1),
+                vnode: proto::VnodeId(vnode + 2),
+                unique: proto::Uniquifier(1),
+            })
+            .collect();
+        let shards: HashSet<usize> = fids.iter().map(|&fid| shard_of(fid)).collect();
+        assert_eq!(shards.len(), SHARDS, "the fids cover every shard");
+        let whole = ByteRange::whole();
+        let mut waits = HashSet::new();
+        for &fid in &fids {
+            let granted = locks
+                .set(holder, fid, 1, whole, LockKind::Exclusive, false, 1)
+                .await;
+            assert_eq!(granted, Ok(SetLockReply::Granted));
+            let queued = locks
+                .set(waiter, fid, 1, whole, LockKind::Exclusive, true, 2)
+                .await;
+            let Ok(SetLockReply::Queued(wait)) = queued else {
+                panic!("expected a queued request, got {queued:?}");
+            };
+            assert!(waits.insert(wait), "wait id {wait:?} given twice");
+        }
+        for &wait in &waits {
+            locks.cancel(waiter, wait);
+        }
+        for &fid in &fids {
+            assert_eq!(locks.release(holder, fid, 1, whole).await, Ok(()));
+        }
+        assert!(locks.state().locks.is_empty());
     }
 
     #[tokio::test]
