@@ -888,6 +888,23 @@ pub fn range(start: u64, end: u64) -> Result<ByteRange, ErrorCode> {
     ByteRange::new(start, end).map_err(|_| ErrorCode::InvalidArgument)
 }
 
+/// Callback and lock tables on `journal`, without a server: room to spare, a small
+/// delayed-break queue (so that breaks overflow into resets) and a lease no test
+/// outlives.
+#[cfg(test)]
+pub(crate) fn test_tables(journal: &Arc<StateJournal>) -> (Arc<Callbacks>, Arc<Locks>) {
+    let callbacks = Arc::new(Callbacks::new(
+        1000,
+        16,
+        5,
+        Duration::from_secs(1),
+        journal.clone(),
+    ));
+    let lease = Duration::from_secs(600);
+    let locks = Arc::new(Locks::new(callbacks.clone(), journal.clone(), lease));
+    (callbacks, locks)
+}
+
 #[cfg(test)]
 mod tests {
     use state::JournalMode;
@@ -908,14 +925,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (journal, _) = StateJournal::open(dir.path(), JournalMode::None).unwrap();
         let journal = Arc::new(journal);
-        let callbacks = Arc::new(Callbacks::new(
-            100,
-            10,
-            5,
-            Duration::from_millis(10),
-            journal.clone(),
-        ));
-        let locks = Arc::new(Locks::new(callbacks, journal, Duration::from_secs(60)));
+        let (_, locks) = test_tables(&journal);
         let (holder, waiter) = (ClientKey(0), ClientKey(1));
         let fids: Vec<Fid> = (0..64u64)
             .map(|vnode| Fid {
@@ -955,18 +965,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (journal, _) = StateJournal::open(dir.path(), JournalMode::None).unwrap();
         let journal = Arc::new(journal);
-        let callbacks = Arc::new(Callbacks::new(
-            100,
-            10,
-            5,
-            Duration::from_millis(10),
-            journal.clone(),
-        ));
-        let locks = Arc::new(Locks::new(
-            callbacks.clone(),
-            journal.clone(),
-            Duration::from_secs(60),
-        ));
+        let (callbacks, locks) = test_tables(&journal);
         let (id, instance) = (ClientId::random(), InstanceNonce(1));
         let key = callbacks.recover(id, instance).unwrap();
         locks.admitted(key, id, instance);

@@ -83,14 +83,12 @@ pub fn snapshot(callbacks: &Callbacks, locks: &Locks, stats: &Stats) {
 mod tests {
     use std::collections::BTreeSet;
     use std::sync::Arc;
-    use std::time::Duration;
 
     use proptest::prelude::*;
     use proto::{ClientId, Fid, InstanceNonce, Uniquifier, VnodeId, VolumeId};
     use state::{ByteRange, JournalMode, LockKind};
 
-    use crate::callbacks::Callbacks;
-    use crate::locks::Locks;
+    use crate::locks::test_tables;
     use crate::state_journal::{LockEntry, StateJournal};
 
     #[derive(Clone, Debug)]
@@ -196,18 +194,7 @@ mod tests {
             .as_millis() as u64;
         let (journal, _) = StateJournal::open(dir, JournalMode::None).unwrap();
         let journal = Arc::new(journal);
-        let callbacks = Arc::new(Callbacks::new(
-            1000,
-            10,
-            5,
-            Duration::from_millis(10),
-            journal.clone(),
-        ));
-        let locks = Arc::new(Locks::new(
-            callbacks.clone(),
-            journal.clone(),
-            Duration::from_secs(60),
-        ));
+        let (callbacks, locks) = test_tables(&journal);
         let mut keys = Vec::new();
         for _ in 0..3 {
             let (id, instance) = (ClientId::random(), InstanceNonce(1));

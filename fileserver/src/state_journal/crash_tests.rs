@@ -21,7 +21,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use proto::{
     ClientId, Epoch, ErrorCode, Fid, InstanceNonce, LockKind, Uniquifier, VnodeId, VolumeId,
@@ -32,7 +31,7 @@ use state::{ByteRange, ClientKey, JournalMode};
 use super::{StateJournal, StateSnapshot};
 use crate::callbacks::Callbacks;
 use crate::fence::Fence;
-use crate::locks::{Locks, SetLockReply};
+use crate::locks::{Locks, SetLockReply, test_tables};
 use crate::restart;
 use crate::stats::Stats;
 
@@ -260,18 +259,7 @@ async fn run_workload(vfs: &MemVfs, mode: JournalMode, ops: &[Op]) -> Run {
         return run;
     };
     let journal = Arc::new(journal);
-    let callbacks = Arc::new(Callbacks::new(
-        1000,
-        16,
-        16,
-        Duration::from_secs(1),
-        journal.clone(),
-    ));
-    let locks = Arc::new(Locks::new(
-        callbacks.clone(),
-        journal.clone(),
-        Duration::from_secs(600),
-    ));
+    let (callbacks, locks) = test_tables(&journal);
     let mut keys = Vec::new();
     for client in 0..CLIENTS {
         let (id, instance) = (client_id(client), InstanceNonce(u64::from(client) + 1));
