@@ -83,8 +83,15 @@ impl Active {
             length: config.grace,
             ..GraceConfig::default()
         };
-        if restart::restore(&callbacks, &locks, state, grace, mode) {
-            restart::snapshot(&callbacks, &locks, &config.stats);
+        // Served only once the restored state is durable in this process's terms: the
+        // records on disk name the previous process's client keys, and a restored
+        // promise's new expiry is journaled nowhere else.
+        if restart::restore(&callbacks, &locks, state, grace, mode)
+            && !restart::snapshot(&callbacks, &locks, &config.stats)
+                .wait()
+                .await
+        {
+            return Err(FileServerError::RestoreSnapshot);
         }
         let service = Arc::new(FileService {
             partition,

@@ -496,7 +496,7 @@ impl Callbacks {
     /// hands it to the journal. The promises are a flat copy of the shards (memory
     /// speed); turning them into journal form happens when the snapshot is encoded, off
     /// the locks. Returns how long the locks were held.
-    pub fn snapshot_with(&self, then: impl FnOnce(CallbackModel)) -> Duration {
+    pub fn snapshot_with<R>(&self, then: impl FnOnce(CallbackModel) -> R) -> (R, Duration) {
         // Room for the copy is made (and its pages touched) before the long lock.
         let room: usize = self
             .shards
@@ -512,9 +512,9 @@ impl Callbacks {
         let clients = self.clients.read();
         let mut model = clients.model.clone();
         model.promises = Promises::captured(capture, self.wall_origin_ms);
-        then(model);
+        let answer = then(model);
         drop((clients, shards));
-        started.elapsed()
+        (answer, started.elapsed())
     }
 
     /// The clients holding a promise on `fid`, and the journal's view of owed and

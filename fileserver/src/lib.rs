@@ -60,6 +60,10 @@ pub enum FileServerError {
     #[error(transparent)]
     Journal(#[from] StateJournalError),
     #[error(
+        "the recovered callback and lock state could not be snapshotted; the log says why (a full or failing disk?)"
+    )]
+    RestoreSnapshot,
+    #[error(
         "partition {path} is in use by another fileserver ({lock} is locked); stop it or use another partition"
     )]
     PartitionInUse { path: PathBuf, lock: PathBuf },

@@ -85,6 +85,8 @@ fn shard_config() -> LockTableConfig {
 /// A wait id as clients see it: the shard table's own id with the shard in its low
 /// bits, so that a `CancelLockWait` finds its shard.
 fn client_wait(shard: usize, wait: WaitId) -> WaitId {
+    // A table counts its waits from 0 by one: its top bits stay clear for ages.
+    debug_assert!(wait.0 >> (u64::BITS - SHARD_BITS) == 0, "wait id overflow");
     WaitId((wait.0 << SHARD_BITS) | shard as u64)
 }
 
@@ -288,7 +290,7 @@ impl Locks {
     /// flat copies into `room` are made (locks, clients, the pid maps' entries; `room`
     /// grows if the tables outgrew it); matching pids to locks, encoding and writing
     /// happen on the snapshot thread.
-    pub fn snapshot(&self, callbacks: CallbackModel, room: SnapshotRoom) {
+    pub fn snapshot(&self, callbacks: CallbackModel, room: SnapshotRoom) -> Durable {
         let SnapshotRoom {
             mut locks,
             mut pids,
@@ -309,7 +311,7 @@ impl Locks {
                 callbacks,
                 clean_handover: false,
             }
-        }));
+        }))
     }
 
     /// A client was admitted under `key`: journal who it is.
@@ -549,20 +551,22 @@ impl Locks {
     /// ends grace when its time is up.
     pub fn sweep(self: &Arc<Self>) {
         let now = self.now();
-        let (clients, locks, effects) = {
-            // Every shard first (the lock order): a lapsed client's locks go at once,
-            // before a request of it could renew the lease.
-            let mut shards = self.lock_all();
-            let lapsed = {
-                let mut known = self.clients.lock();
-                let lapsed = known.leases.expired(now);
-                for client in &lapsed {
-                    if let Some(slot) = self.renewed.get(client.0 as usize) {
-                        slot.store(NEVER, Ordering::Relaxed);
-                    }
+        let lapsed = {
+            let mut known = self.clients.lock();
+            let lapsed = known.leases.expired(now);
+            for client in &lapsed {
+                if let Some(slot) = self.renewed.get(client.0 as usize) {
+                    slot.store(NEVER, Ordering::Relaxed);
                 }
-                lapsed
-            };
+            }
+            lapsed
+        };
+        let (clients, locks, effects) = if lapsed.is_empty() {
+            (0, 0, Vec::new())
+        } else {
+            // The lease lapsed, so the locks go, even if a request of the client renews
+            // it before the shards are taken: it learns so when it reclaims.
+            let mut shards = self.lock_all();
             let (mut clients, mut locks, mut effects) = (0, 0, Vec::new());
             for client in lapsed {
                 if !shards.iter().any(|shard| shard.holders.contains(&client)) {
@@ -590,33 +594,40 @@ impl Locks {
     /// Ends grace if its time is up or every recovered client is done; releases the
     /// recovered locks nobody reclaimed and grants what that frees.
     fn tick_grace(self: &Arc<Self>) {
+        if !self.in_grace.load(Ordering::Acquire) {
+            return;
+        }
         let now = self.now();
-        let end = {
+        let effects = {
+            // Every shard first (the lock order): grace ends and the locks nobody
+            // reclaimed go in one step, so that no reclaim or new lock can see the one
+            // without the other and be told it holds a lock about to be released.
+            let mut shards = self.lock_all();
             let mut known = self.clients.lock();
             let Some(end) = known.grace.as_mut().and_then(|grace| grace.tick(now)) else {
                 return;
             };
             known.grace = None;
             self.in_grace.store(false, Ordering::Release);
-            end
-        };
-        info!(
-            ended = if end.early { "early" } else { "timeout" },
-            reclaimed = end.reclaimed,
-            dropped = end.dropped.len(),
-            "grace ended"
-        );
-        let mut effects = Vec::new();
-        for (fid, lock) in end.dropped {
-            let index = shard_of(fid);
-            let mut shard = self.shards[index].lock();
-            // Unlocking a recovered range never splits a lock of another range, but an
-            // error would only leave the lock until its lease lapses.
-            if let Ok(granted) = shard.locks.unlock(fid, lock.owner, lock.range) {
-                let _ = self.record_release(fid, lock.owner, lock.range);
-                effects.extend(self.note_grants(index, &mut shard, granted));
+            info!(
+                ended = if end.early { "early" } else { "timeout" },
+                reclaimed = end.reclaimed,
+                dropped = end.dropped.len(),
+                "grace ended"
+            );
+            let mut effects = Vec::new();
+            for (fid, lock) in end.dropped {
+                let index = shard_of(fid);
+                let shard = &mut shards[index];
+                // Unlocking a recovered range never splits a lock of another range, but
+                // an error would only leave the lock until its lease lapses.
+                if let Ok(granted) = shard.locks.unlock(fid, lock.owner, lock.range) {
+                    let _ = self.record_release(fid, lock.owner, lock.range);
+                    effects.extend(self.note_grants(index, shard, granted));
+                }
             }
-        }
+            effects
+        };
         self.deliver(effects);
     }
 

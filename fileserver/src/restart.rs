@@ -13,7 +13,7 @@ use tracing::{debug, warn};
 
 use crate::callbacks::Callbacks;
 use crate::locks::{self, Locks};
-use crate::state_journal::StateSnapshot;
+use crate::state_journal::{Durable, StateSnapshot};
 use crate::stats::Stats;
 
 /// Installs `recovered` and starts grace over its locks, unless the journal ends with a
@@ -71,12 +71,14 @@ pub fn restore(
 
 /// Snapshots the journaled state now; the copy happens under the tables' locks, into
 /// buffers made beforehand, the encoding and writing on the journal's snapshot thread.
-pub fn snapshot(callbacks: &Callbacks, locks: &Locks, stats: &Stats) {
+/// The answer resolves once the snapshot is durable.
+pub fn snapshot(callbacks: &Callbacks, locks: &Locks, stats: &Stats) -> Durable {
     let room = locks.snapshot_room();
-    let pause = callbacks.snapshot_with(|model| locks.snapshot(model, room));
+    let (written, pause) = callbacks.snapshot_with(|model| locks.snapshot(model, room));
     let pause_us = u64::try_from(pause.as_micros()).unwrap_or(u64::MAX);
     stats.record_snapshot_pause(pause_us);
     debug!(pause_us, "state snapshot captured");
+    written
 }
 
 #[cfg(test)]
@@ -293,6 +295,35 @@ mod tests {
         );
         assert_eq!(replayed.callbacks.owed, live_model.owed);
         assert_eq!(replayed.clients.len(), 3);
+    }
+
+    /// A snapshot's answer comes once the snapshot is on disk: a restarted server waits
+    /// for it before serving, so that what it restored is durable in its own terms.
+    #[tokio::test]
+    async fn a_snapshot_answers_once_it_is_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let (journal, _) = StateJournal::open(dir.path(), JournalMode::Sync).unwrap();
+        let journal = Arc::new(journal);
+        let (callbacks, locks) = test_tables(&journal);
+        let (id, instance) = (ClientId::random(), InstanceNonce(1));
+        let key = callbacks.recover(id, instance).unwrap();
+        // A snapshot sits at the last record handed over: give it one.
+        locks.admitted(key, id, instance);
+        let snapshots = || {
+            std::fs::read_dir(dir.path().join(crate::state_journal::STATE_DIR))
+                .unwrap()
+                .filter(|entry| {
+                    let name = entry.as_ref().unwrap().file_name();
+                    name.to_string_lossy().ends_with(".snap")
+                })
+                .count()
+        };
+        assert_eq!(snapshots(), 0);
+        let written = super::snapshot(&callbacks, &locks, &crate::stats::Stats::default());
+        assert!(written.wait().await);
+        assert_eq!(snapshots(), 1);
+        drop((callbacks, locks));
+        Arc::into_inner(journal).unwrap().close();
     }
 
     fn sorted(mut locks: Vec<LockEntry>) -> Vec<LockEntry> {

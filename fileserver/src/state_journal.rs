@@ -181,8 +181,9 @@ enum Job {
         payload: Vec<u8>,
         done: Option<oneshot::Sender<bool>>,
     },
-    /// Builds the snapshot on the snapshot thread from what was copied under the locks.
-    Snapshot(SnapshotSource),
+    /// Builds the snapshot on the snapshot thread from what was copied under the locks,
+    /// and says whether it was written.
+    Snapshot(SnapshotSource, oneshot::Sender<bool>),
     /// Say once the first `upto` records handed over are durable (`false` if the
     /// journal failed first).
     Barrier {
@@ -367,12 +368,15 @@ impl StateJournal {
         self.send(Job::Record { payload, done });
     }
 
-    /// Writes `state` as the snapshot at the position of the last record handed over.
-    /// The caller holds every lock records are handed over under, so none slips between.
-    pub fn snapshot(&self, source: SnapshotSource) {
-        self.send(Job::Snapshot(source));
+    /// Writes `state` as the snapshot at the position of the last record handed over;
+    /// the answer resolves once it is durable (`false`: it was not written). The caller
+    /// holds every lock records are handed over under, so none slips between.
+    pub fn snapshot(&self, source: SnapshotSource) -> Durable {
+        let (written, receiver) = oneshot::channel();
+        self.send(Job::Snapshot(source, written));
         let handed = self.progress.handed.load(Ordering::Acquire);
         *self.last_snapshot.lock() = (handed, Instant::now());
+        Durable(Some(receiver))
     }
 
     /// Marks the journal as cleanly handed over at `epoch` and waits until the mark is
@@ -509,10 +513,12 @@ fn write_loop(
                     }
                     waiters.extend(done);
                 }
-                Job::Snapshot(state) => {
+                Job::Snapshot(state, written) => {
                     snapshots.retain(|handle| !handle.is_finished());
-                    if !failed {
-                        snapshots.extend(spawn_snapshot(journal.clone(), last, state));
+                    if failed {
+                        let _ = written.send(false);
+                    } else {
+                        snapshots.extend(spawn_snapshot(journal.clone(), last, state, written));
                     }
                 }
                 Job::Barrier { upto, done } => barriers.push((upto, done)),
@@ -570,6 +576,7 @@ fn spawn_snapshot(
     journal: Arc<Journal>,
     lsn: Lsn,
     source: SnapshotSource,
+    written: oneshot::Sender<bool>,
 ) -> Option<JoinHandle<()>> {
     let spawned = std::thread::Builder::new()
         .name("state-snapshot".into())
@@ -580,10 +587,12 @@ fn spawn_snapshot(
                 Ok(payload) => payload,
                 Err(e) => {
                     error!(error = %e, "could not encode a state snapshot");
+                    let _ = written.send(false);
                     return;
                 }
             };
-            match journal.write_snapshot(lsn, &payload) {
+            let result = journal.write_snapshot(lsn, &payload);
+            match &result {
                 Ok(()) => info!(
                     position = %lsn,
                     locks = state.locks.len(),
@@ -593,6 +602,7 @@ fn spawn_snapshot(
                 ),
                 Err(e) => warn!(error = %e, position = %lsn, "state snapshot failed"),
             }
+            let _ = written.send(result.is_ok());
         });
     match spawned {
         Ok(handle) => Some(handle),
