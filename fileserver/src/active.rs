@@ -124,6 +124,12 @@ impl Active {
         Ok((active, recovered))
     }
 
+    /// Resolves with the error once the state journal failed (a full or failing disk):
+    /// the fence is closed for good by then, and the term must end by `abandon`.
+    pub fn journal_failure(&self) -> impl Future<Output = String> + Send + 'static {
+        self.journal.failure()
+    }
+
     /// Ends the term cleanly: the journal gets every record handed over and is closed.
     pub async fn close(self) {
         let journal = self.stop_tasks();

@@ -64,6 +64,10 @@ pub enum FileServerError {
     )]
     RestoreSnapshot,
     #[error(
+        "{0}; the fileserver stopped so that no lock or callback promise goes unjournaled: fix the disk (full or failing?) and start it again, and clients reclaim their locks and callbacks"
+    )]
+    JournalFailed(String),
+    #[error(
         "partition {path} is in use by another fileserver ({lock} is locked); stop it or use another partition"
     )]
     PartitionInUse { path: PathBuf, lock: PathBuf },
@@ -116,12 +120,26 @@ pub async fn run(
         shutdown.clone(),
     ));
     info!(server = %server_id, address = ?listener.local_addr().ok(), "fileserver serving");
-    proto::server::serve(listener, service, ServerLimits::default(), shutdown).await;
+    // A failed journal closed the fence for good: nothing more is answered, and dropping
+    // the serving future ends every connection at once.
+    let failure = tokio::select! {
+        () = proto::server::serve(listener, service, ServerLimits::default(), shutdown) => None,
+        reason = active.journal_failure() => Some(reason),
+    };
     registration.abort();
-    active.close().await;
+    let result = match failure {
+        None => {
+            active.close().await;
+            info!(server = %server_id, "fileserver stopped");
+            Ok(())
+        }
+        Some(reason) => {
+            active.abandon();
+            Err(FileServerError::JournalFailed(reason))
+        }
+    };
     drop(lock);
-    info!(server = %server_id, "fileserver stopped");
-    Ok(())
+    result
 }
 
 pub(crate) async fn sweep_expired(callbacks: Arc<Callbacks>, mut shutdown: watch::Receiver<bool>) {

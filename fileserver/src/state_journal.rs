@@ -5,7 +5,9 @@
 //! Invariant: records reach the journal in the order the server handed them over (which
 //! is the order of the in-memory changes: they are handed over under the tables' lock);
 //! a waiter is told "durable" only after a sync covering its record succeeded; a snapshot
-//! is written at exactly the position of the last record handed over before it.
+//! is written at exactly the position of the last record handed over before it; a write
+//! or sync that fails behind an open fence closes the fence for good before anyone is
+//! told, so the process answers nothing more and stops (`StateJournal::failure`).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -24,7 +26,7 @@ use state::{
     LockTableConfig, Lsn, Recovered,
 };
 use thiserror::Error;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tracing::{error, info, warn};
 
 use crate::callback_model::CallbackModel;
@@ -196,7 +198,7 @@ enum Job {
 
 /// How far the writer got, shared with the handles so that a barrier on records that
 /// are durable already costs no trip to the writer.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Progress {
     /// Records handed to the writer (counted before they are queued).
     handed: AtomicU64,
@@ -204,6 +206,20 @@ struct Progress {
     durable: AtomicU64,
     /// The journal failed or was fenced: nothing becomes durable any more.
     failed: AtomicBool,
+    /// Why the journal failed, once a write or sync failed behind an open fence (a
+    /// fenced journal, expected after a lost lease, sets none).
+    failure: watch::Sender<Option<String>>,
+}
+
+impl Progress {
+    fn new() -> Progress {
+        Progress {
+            handed: AtomicU64::new(0),
+            durable: AtomicU64::new(0),
+            failed: AtomicBool::new(false),
+            failure: watch::Sender::new(None),
+        }
+    }
 }
 
 /// Makes a `StateSnapshot` from raw copies taken under the tables' locks, so that the
@@ -294,7 +310,7 @@ impl StateJournal {
         );
         let (queue, jobs) = sync_channel(QUEUE_MAX);
         let journal = Arc::new(journal);
-        let progress = Arc::new(Progress::default());
+        let progress = Arc::new(Progress::new());
         let writer_progress = progress.clone();
         std::thread::Builder::new()
             .name("state-journal".into())
@@ -394,6 +410,24 @@ impl StateJournal {
         // The writer syncs a batch with a waiter in every mode but `None`, which syncs
         // nothing: there the mark rests on the close that follows.
         Durable(Some(receiver)).wait().await
+    }
+
+    /// Resolves with the error once a write or sync of the journal failed behind an open
+    /// fence (never for a fenced journal). By then the fence is closed for good: the
+    /// server must stop, and a restart recovers what was durable.
+    pub fn failure(&self) -> impl Future<Output = String> + Send + 'static {
+        let mut failure = self.progress.failure.subscribe();
+        async move {
+            let reason = failure
+                .wait_for(Option::is_some)
+                .await
+                .map(|reason| reason.clone().unwrap_or_default());
+            match reason {
+                Ok(reason) => reason,
+                // The journal is gone, and it had not failed.
+                Err(_) => std::future::pending().await,
+            }
+        }
     }
 
     /// Whether enough records (or enough time with some records) passed since the last
@@ -506,7 +540,7 @@ fn write_loop(
                         match journal.append(&payload) {
                             Ok(lsn) => last = lsn,
                             Err(e) => {
-                                error!(error = %e, "state journal append failed; journaling stops");
+                                fail(&fence, progress, "append", &e);
                                 failed = true;
                             }
                         }
@@ -535,7 +569,7 @@ fn write_loop(
             && mode != JournalMode::None
             && let Err(e) = journal.flush()
         {
-            error!(error = %e, "state journal sync failed; journaling stops");
+            fail(&fence, progress, "sync", &e);
             failed = true;
         }
         // Published before anyone is answered: a barrier after an answer sees it.
@@ -570,6 +604,21 @@ fn write_loop(
     if let Some(done) = closing {
         let _ = done.send(());
     }
+}
+
+/// A write or sync failed: behind a fence that closed meanwhile that is the lost lease
+/// again; otherwise the fence closes for good, so nothing more is answered or written,
+/// and the failure is published for the server to stop on.
+fn fail(fence: &Fence, progress: &Progress, what: &str, error: &JournalError) {
+    if !fence.is_open() {
+        info!(error = %error, "state journal fenced; journaling stops");
+        return;
+    }
+    fence.close_for_good();
+    error!(error = %error, "state journal {what} failed; journaling stops and the server stops serving");
+    progress
+        .failure
+        .send_replace(Some(format!("state journal {what} failed: {error}")));
 }
 
 fn spawn_snapshot(

@@ -1,9 +1,15 @@
 //! A fileserver killed with `kill -9` and started again keeps its clients' caches warm:
 //! cached files are not fetched again, and a file changed meanwhile is never served stale.
+//! A fileserver whose state journal fails (a full disk) stops at once with a clear error,
+//! and starts again with what was durable once there is room.
 
+use std::ffi::CString;
+use std::io::Write as _;
+use std::os::unix::ffi::OsStrExt as _;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use harness::{TestCell, wait_until};
+use harness::{TestCell, flock, flock_n_succeeds, wait_until};
 
 const BIN: &str = env!("CARGO_BIN_EXE_holdfast");
 const FILES: usize = 1000;
@@ -62,4 +68,109 @@ fn cached_files_stay_warm_across_kill_9_and_restart() {
         fetched <= 1,
         "B fetched {fetched} files again after the restart"
     );
+}
+
+/// A small tmpfs, mounted for one test and unmounted (lazily: a process may still have
+/// files open on it) when dropped, also when the test fails.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, bytes: u64) -> Tmpfs {
+        std::fs::create_dir_all(at).unwrap();
+        let target = CString::new(at.as_os_str().as_bytes()).unwrap();
+        let options = CString::new(format!("size={bytes}")).unwrap();
+        // SAFETY: NUL-terminated strings that outlive the call.
+        let rc = unsafe {
+            libc::mount(
+                c"tmpfs".as_ptr(),
+                target.as_ptr(),
+                c"tmpfs".as_ptr(),
+                0,
+                options.as_ptr().cast(),
+            )
+        };
+        assert_eq!(
+            rc,
+            0,
+            "mount a tmpfs at {}: {}",
+            at.display(),
+            std::io::Error::last_os_error()
+        );
+        Tmpfs(at.to_owned())
+    }
+
+    /// Fills what is left of it with one file, which it returns.
+    fn fill(&self) -> PathBuf {
+        let path = self.0.join("filler");
+        let mut filler = std::fs::File::create(&path).unwrap();
+        let chunk = [0u8; 4096];
+        loop {
+            match filler.write(&chunk) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
+                Err(e) => panic!("fill {}: {e}", path.display()),
+            }
+        }
+        path
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        if let Ok(target) = CString::new(self.0.as_os_str().as_bytes()) {
+            // SAFETY: a NUL-terminated path.
+            unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+}
+
+#[test]
+fn a_full_state_disk_stops_the_fileserver_and_a_restart_recovers() {
+    let mut cell = TestCell::start_vldb(BIN).unwrap();
+    // The state journal lives on a 1 MiB disk of its own; the volumes do not.
+    let state_disk = Tmpfs::mount(&cell.path_of("partition").join("state"), 1 << 20);
+    cell.start_fileserver().unwrap();
+    cell.create_root_volume().unwrap();
+    let a = cell.mount("ws-a", &[]).unwrap();
+    std::fs::write(a.join("kept"), b"written before the disk filled\n").unwrap();
+    let locked = a.join("locked");
+    std::fs::write(&locked, b"lock me\n").unwrap();
+    let file = std::fs::File::open(&locked).unwrap();
+    let filler = state_disk.fill();
+
+    // Lock and unlock until a record finds no room: that request fails...
+    let refused = (0..10_000).find_map(|_| {
+        flock(&file, libc::LOCK_EX)
+            .and_then(|()| flock(&file, libc::LOCK_UN))
+            .err()
+    });
+    let refused = refused.expect("a full state disk must fail a lock request");
+    eprintln!("lock request refused: {refused}");
+    drop(file);
+    // ...and the fileserver stops, saying why and what to do.
+    let status = cell
+        .await_exit("fileserver", Duration::from_secs(30))
+        .expect("the fileserver stops once its state journal failed");
+    assert!(!status.success(), "{status}");
+    let log = cell.log("fileserver");
+    assert!(
+        log.contains("state journal append failed") && log.contains("start it again"),
+        "{log}"
+    );
+
+    // With room again it starts from what was durable, and serves locks again.
+    std::fs::remove_file(filler).unwrap();
+    cell.start_fileserver_with(&["--grace-secs", "2"]).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(30), || flock_n_succeeds(&locked)),
+        "the lock is not granted after the restart:\n{}",
+        cell.log("fileserver")
+    );
+    assert_eq!(
+        std::fs::read(a.join("kept")).unwrap(),
+        b"written before the disk filled\n"
+    );
+    drop(cell);
+    drop(state_disk);
 }

@@ -177,7 +177,9 @@ impl TestCell {
         self.dir.path().join(format!("{name}.history"))
     }
 
-    fn start_vldb(bin: &str) -> Result<TestCell> {
+    /// Starts a VLDB only: a test starts the fileserver (`start_fileserver`) once it has
+    /// prepared the partition, then creates `root.cell` (`create_root_volume`).
+    pub fn start_vldb(bin: &str) -> Result<TestCell> {
         require_fuse()?;
         let dir = tempfile::Builder::new().prefix("holdfast-e2e").tempdir()?;
         let mut cell = TestCell {
@@ -214,7 +216,8 @@ impl TestCell {
         Ok(cell)
     }
 
-    fn create_root_volume(&self) -> Result<()> {
+    /// Creates the volume `root.cell`, once a fileserver registered.
+    pub fn create_root_volume(&self) -> Result<()> {
         // Fileservers register in the background; vos create needs one registered.
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
@@ -316,6 +319,26 @@ impl TestCell {
             let mut proc = self.procs.remove(index);
             proc.stop();
         }
+    }
+
+    /// Waits up to `limit` for the process started under `name` to exit by itself, and
+    /// forgets it then; `None` if it still runs.
+    pub fn await_exit(&mut self, name: &str, limit: Duration) -> Option<std::process::ExitStatus> {
+        let index = self.procs.iter().rposition(|p| p.name == name)?;
+        let mut status = None;
+        wait_until(limit, || {
+            status = self.procs[index].child.try_wait().ok().flatten();
+            status.is_some()
+        });
+        if status.is_some() {
+            self.procs.remove(index);
+        }
+        status
+    }
+
+    /// The path of `name` in the cell's directory.
+    pub fn path_of(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
     }
 
     /// A log file of a process started under `name`.

@@ -2,8 +2,11 @@
 //! at its lease's end minus a margin (`state::MemberLease`) and closes it when it loses
 //! the lease; a single server keeps it open for good. Every write to the partition (the
 //! volumes' redb files, data files, the state journal) and every request checks it.
+//! A state journal that fails closes it for good (`close_for_good`): the process then
+//! neither answers nor writes until it is started again.
 //! Invariant: the deadline is read on a process-local monotonic clock, so no wall clock
-//! step can reopen it; a closed fence stays closed until the next grant.
+//! step can reopen it; a closed fence stays closed until the next grant, and a fence
+//! closed for good stays closed.
 
 mod backend;
 mod vfs;
@@ -19,19 +22,26 @@ use std::time::Instant;
 use state::Millis;
 
 /// The error every fenced write gets.
-pub const FENCED: &str = "fenced: this member lost its pair lease";
+pub const FENCED: &str =
+    "fenced: this server may not write to the partition (pair lease lost or state journal failed)";
 
-/// An atomic deadline in milliseconds of `now()`; checked with one load.
+/// The bit of `Fence::deadline_ms` that closes it for good; the rest is the deadline.
+const CLOSED_FOR_GOOD: u64 = 1 << 63;
+/// The deadline of a fence that stays open: some 292 million years of `now()`.
+const FOREVER: u64 = CLOSED_FOR_GOOD - 1;
+
+/// An atomic deadline in milliseconds of `now()`, and whether the fence is closed for
+/// good, in one word; checked with one load.
 #[derive(Debug)]
 pub struct Fence {
     deadline_ms: AtomicU64,
 }
 
 impl Fence {
-    /// A fence that never closes: a single server's.
+    /// A fence that stays open (until closed for good): a single server's.
     pub fn open() -> Fence {
         Fence {
-            deadline_ms: AtomicU64::new(u64::MAX),
+            deadline_ms: AtomicU64::new(FOREVER),
         }
     }
 
@@ -43,16 +53,29 @@ impl Fence {
     }
 
     /// Lets the process act until `deadline` on `now()`'s clock.
+    /// Lets the process act until `deadline` on `now()`'s clock, unless the fence was
+    /// closed for good.
     pub fn open_until(&self, deadline: Millis) {
-        self.deadline_ms.store(deadline.0, Ordering::SeqCst);
+        let _ = self
+            .deadline_ms
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |current| {
+                (current & CLOSED_FOR_GOOD == 0).then_some(deadline.0.min(FOREVER))
+            });
     }
 
     pub fn close(&self) {
-        self.deadline_ms.store(0, Ordering::SeqCst);
+        self.deadline_ms
+            .fetch_and(CLOSED_FOR_GOOD, Ordering::SeqCst);
+    }
+
+    /// Closes the fence so that no grant opens it again: the process must stop.
+    pub fn close_for_good(&self) {
+        self.deadline_ms.store(CLOSED_FOR_GOOD, Ordering::SeqCst);
     }
 
     pub fn is_open(&self) -> bool {
-        now().0 < self.deadline_ms.load(Ordering::SeqCst)
+        let deadline = self.deadline_ms.load(Ordering::SeqCst);
+        deadline & CLOSED_FOR_GOOD == 0 && now().0 < deadline
     }
 
     /// `Ok` while open; the error a fenced write returns otherwise.
@@ -98,5 +121,17 @@ mod tests {
         fence.open_until(now());
         assert_eq!(fence.check().unwrap_err().to_string(), FENCED);
         assert!(Fence::open().is_open());
+    }
+
+    #[test]
+    fn a_fence_closed_for_good_never_opens_again() {
+        let fence = Fence::open();
+        fence.close_for_good();
+        assert!(!fence.is_open());
+        fence.open_until(now().saturating_add(std::time::Duration::from_secs(60)));
+        assert!(!fence.is_open());
+        fence.close();
+        fence.open_until(Millis(u64::MAX));
+        assert!(fence.check().is_err());
     }
 }

@@ -4,6 +4,8 @@
 //! (recovery and grace as after a restart), renew every quarter lease, and on a lost
 //! or unrenewed lease close the fence, drop the term without writing and go passive.
 //! A planned switchover drains requests, hands the state over and names the partner.
+//! A state journal that fails ends the term and the process: the lease is given up so
+//! that the partner takes over at once.
 //! Invariant: the fence is open only while `MemberLease` is valid, measured from the
 //! send time of the call the VLDB granted; so this member stops before the VLDB can
 //! grant the partner the next epoch.
@@ -82,20 +84,27 @@ pub async fn run(
         fence: &fence,
         service: &service,
     };
+    let mut result = Ok(());
     if machine.join(server, &mut shutdown).await {
         while let Some((epoch, sent)) = machine.passive(&mut shutdown, &mut switchovers).await {
-            if !machine
+            match machine
                 .active(epoch, sent, &mut shutdown, &mut switchovers)
                 .await
             {
-                break;
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(e) => {
+                    result = Err(e);
+                    serving.abort();
+                    break;
+                }
             }
         }
     }
     fence.close();
     let _ = serving.await;
     info!(pair = %pair.name.as_str(), %member, "pair member stopped");
-    Ok(())
+    result
 }
 
 struct Machine<'a> {
@@ -110,6 +119,8 @@ struct Machine<'a> {
 /// How an active term ended.
 enum TermEnd {
     Fenced(&'static str),
+    /// The state journal failed: the fence is closed for good.
+    JournalFailed(String),
     /// An admin asked to hand the pair to `partner`.
     Switchover {
         answer: SwitchoverRequest,
@@ -197,14 +208,15 @@ impl Machine<'_> {
         }
     }
 
-    /// One active term; returns false once the member should stop.
+    /// One active term; returns false once the member should stop, an error once it
+    /// must stop because its state journal failed.
     async fn active(
         &self,
         epoch: Epoch,
         sent: Millis,
         shutdown: &mut watch::Receiver<bool>,
         switchovers: &mut mpsc::Receiver<SwitchoverRequest>,
-    ) -> bool {
+    ) -> Result<bool, FileServerError> {
         let started = Instant::now();
         let mut lease = MemberLease::new(self.pair.lease, self.pair.lease / 5);
         lease.granted(epoch.0, sent);
@@ -218,7 +230,7 @@ impl Machine<'_> {
                     .vldb
                     .release_pair(self.name(), self.member, epoch, None)
                     .await;
-                return !*shutdown.borrow();
+                return Ok(!*shutdown.borrow());
             }
         };
         self.service.become_active(epoch, active.service.clone());
@@ -234,9 +246,15 @@ impl Machine<'_> {
             recovered.clean_handover,
         );
         let end = self
-            .serve_term(epoch, &mut lease, shutdown, switchovers)
+            .serve_term(
+                epoch,
+                &mut lease,
+                active.journal_failure(),
+                shutdown,
+                switchovers,
+            )
             .await;
-        match end {
+        Ok(match end {
             TermEnd::Fenced(reason) => {
                 self.fence.close();
                 self.service.become_passive(epoch, None);
@@ -249,6 +267,18 @@ impl Machine<'_> {
                     self.member
                 );
                 true
+            }
+            TermEnd::JournalFailed(reason) => {
+                self.fence.close_for_good();
+                self.service.become_passive(epoch, None);
+                active.abandon();
+                self.service.line(epoch, "fenced");
+                // Given up so that the partner need not wait for the lease to run out.
+                let _ = self
+                    .vldb
+                    .release_pair(self.name(), self.member, epoch, None)
+                    .await;
+                return Err(FileServerError::JournalFailed(reason));
             }
             TermEnd::Switchover { answer, partner } => {
                 let result = self.switch_over(epoch, &mut lease, active, &partner).await;
@@ -267,7 +297,7 @@ impl Machine<'_> {
                     .await;
                 false
             }
-        }
+        })
     }
 
     /// Renews until the term ends.
@@ -275,10 +305,12 @@ impl Machine<'_> {
         &self,
         epoch: Epoch,
         lease: &mut MemberLease,
+        journal_failure: impl Future<Output = String>,
         shutdown: &mut watch::Receiver<bool>,
         switchovers: &mut mpsc::Receiver<SwitchoverRequest>,
     ) -> TermEnd {
         let every = self.pair.lease / 4;
+        let mut journal_failure = std::pin::pin!(journal_failure);
         let mut next_renewal = tokio::time::Instant::now() + every;
         loop {
             let Some(deadline) = lease.valid_until().map(fence::instant_at) else {
@@ -317,6 +349,7 @@ impl Machine<'_> {
                         }
                     }
                 }
+                reason = &mut journal_failure => return TermEnd::JournalFailed(reason),
                 () = stopped(shutdown) => return TermEnd::Shutdown,
             }
         }

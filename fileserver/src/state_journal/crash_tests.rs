@@ -565,3 +565,68 @@ fn a_lost_acknowledged_lock_is_caught() {
     let caught = std::panic::catch_unwind(|| check(&run, &recovered, "lock dropped"));
     assert!(caught.is_err(), "a lost acknowledged lock went unnoticed");
 }
+
+/// Opens a `sync` journal on `vfs` behind `fence` with one admitted client.
+fn failing_setup(vfs: &MemVfs, fence: &Arc<Fence>) -> (Arc<StateJournal>, Arc<Locks>, ClientKey) {
+    let (journal, _) = StateJournal::open_with_vfs(
+        Arc::new(vfs.clone()),
+        Path::new(PARTITION),
+        JournalMode::Sync,
+        fence.clone(),
+        Epoch(1),
+    )
+    .unwrap();
+    let journal = Arc::new(journal);
+    let (callbacks, locks) = test_tables(&journal);
+    let (id, instance) = (client_id(0), InstanceNonce(1));
+    let key = callbacks.recover(id, instance).unwrap();
+    locks.admitted(key, id, instance);
+    (journal, locks, key)
+}
+
+async fn lock_whole_file(locks: &Arc<Locks>, key: ClientKey) -> Result<SetLockReply, ErrorCode> {
+    let range = ByteRange::new(0, 10).unwrap();
+    locks
+        .set(key, fid(0), 1, range, state::LockKind::Exclusive, false, 7)
+        .await
+}
+
+#[tokio::test]
+async fn a_journal_that_fails_closes_the_fence_for_good_and_says_why() {
+    let vfs = MemVfs::new();
+    let fence = Arc::new(Fence::open());
+    let (journal, locks, key) = failing_setup(&vfs, &fence);
+    let failure = journal.failure();
+    assert!(lock_whole_file(&locks, key).await.is_ok());
+    assert!(fence.is_open());
+
+    vfs.crash_after(0);
+    let refused = lock_whole_file(&locks, key).await;
+    assert!(
+        matches!(refused, Err(ErrorCode::Internal(_))),
+        "{refused:?}"
+    );
+    // Closed before the refusal was told: nothing more is answered or written.
+    assert!(!fence.is_open());
+    let reason = tokio::time::timeout(std::time::Duration::from_secs(10), failure)
+        .await
+        .expect("the failure is published");
+    assert!(reason.contains("simulated power loss"), "{reason}");
+    fence.open_until(crate::fence::now().saturating_add(std::time::Duration::from_secs(60)));
+    assert!(!fence.is_open(), "a renewal must not reopen it");
+}
+
+#[tokio::test]
+async fn a_fenced_journal_is_no_failure() {
+    let vfs = MemVfs::new();
+    let fence = Arc::new(Fence::open());
+    let (journal, locks, key) = failing_setup(&vfs, &fence);
+    // The lease is lost: the member closes the fence, and the disk refuses writes too.
+    fence.close();
+    vfs.crash_after(0);
+    assert!(lock_whole_file(&locks, key).await.is_err());
+    assert!(journal.progress.failure.borrow().is_none());
+    // A fence closed for a lost lease opens again at the next grant.
+    fence.open_until(crate::fence::now().saturating_add(std::time::Duration::from_secs(60)));
+    assert!(fence.is_open());
+}
