@@ -395,11 +395,13 @@ fn write_state(
         instance: first.instance,
     };
     let _ = journal.record(&admitted, false);
-    journal.snapshot(Box::new(move || StateSnapshot {
-        clients: snapshot_clients,
-        locks: lock_entries,
-        callbacks: model,
-        ..StateSnapshot::default()
+    journal.snapshot(Box::new(move || {
+        Some(StateSnapshot {
+            clients: snapshot_clients,
+            locks: lock_entries,
+            callbacks: model,
+            ..StateSnapshot::default()
+        })
     }));
     journal.close();
     Ok(())

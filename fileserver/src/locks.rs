@@ -284,34 +284,39 @@ impl Locks {
         }
     }
 
-    /// Writes a snapshot of the lock and client state together with `callbacks`, the
+    /// Starts a snapshot of the lock and client state together with `callbacks`, the
     /// callback state captured under the callbacks' locks, which the caller still
-    /// holds: with every lock held no record can slip in between. Under the locks only
-    /// flat copies into `room` are made (locks, clients, the pid maps' entries; `room`
-    /// grows if the tables outgrew it); matching pids to locks, encoding and writing
-    /// happen on the snapshot thread.
-    pub fn snapshot(&self, callbacks: CallbackModel, room: SnapshotRoom) -> Durable {
-        let SnapshotRoom {
-            mut locks,
-            mut pids,
-            mut clients,
-        } = room;
+    /// holds: this takes every lock of these tables too and fixes the snapshot's journal
+    /// position, so no record of either table slips in between. The caller then lets
+    /// the callbacks' locks go and copies this state with `Frozen::capture`; the
+    /// snapshot thread waits for that copy.
+    pub fn freeze(&self, callbacks: CallbackModel) -> (Frozen<'_>, Durable) {
         let shards = self.lock_all();
         let known = self.clients.lock();
-        for shard in &shards {
-            locks.extend(shard.locks.iter());
-            pids.extend(shard.pids.iter().map(|(key, pid)| (*key, *pid)));
-        }
-        clients.extend(known.clients.iter().map(|(key, client)| (*key, *client)));
-        self.journal.snapshot(Box::new(move || {
+        let since = Instant::now();
+        let (copied, copy) = std::sync::mpsc::sync_channel::<SnapshotRoom>(1);
+        let written = self.journal.snapshot(Box::new(move || {
+            // No copy: `Frozen` was dropped without one, and nothing is written.
+            let SnapshotRoom {
+                locks,
+                pids,
+                clients,
+            } = copy.recv().ok()?;
             let pids: HashMap<(Fid, LockOwner), u32> = pids.into_iter().collect();
-            StateSnapshot {
+            Some(StateSnapshot {
                 clients: client_entries(clients.into_iter()),
                 locks: lock_entries(locks.into_iter(), &pids),
                 callbacks,
                 clean_handover: false,
-            }
-        }))
+            })
+        }));
+        let frozen = Frozen {
+            shards,
+            known,
+            copied,
+            since,
+        };
+        (frozen, written)
     }
 
     /// A client was admitted under `key`: journal who it is.
@@ -811,6 +816,49 @@ impl Locks {
     }
 }
 
+/// The lock and client state held still for a snapshot whose journal position is
+/// fixed: every shard's lock and the client lock.
+pub struct Frozen<'a> {
+    shards: Vec<MutexGuard<'a, Shard>>,
+    known: MutexGuard<'a, Clients>,
+    copied: std::sync::mpsc::SyncSender<SnapshotRoom>,
+    since: Instant,
+}
+
+impl Frozen<'_> {
+    /// Copies the state into `room` (flat copies only: locks, clients, the pid maps'
+    /// entries; `room` grows if the tables outgrew it), lets the locks go and hands the
+    /// copy to the snapshot thread, which matches pids to locks, encodes and writes.
+    /// Returns how long the locks were held.
+    pub fn capture(self, room: SnapshotRoom) -> Duration {
+        let SnapshotRoom {
+            mut locks,
+            mut pids,
+            mut clients,
+        } = room;
+        let Frozen {
+            shards,
+            known,
+            copied,
+            since,
+        } = self;
+        for shard in &shards {
+            locks.extend(shard.locks.iter());
+            pids.extend(shard.pids.iter().map(|(key, pid)| (*key, *pid)));
+        }
+        clients.extend(known.clients.iter().map(|(key, client)| (*key, *client)));
+        drop((known, shards));
+        let held = since.elapsed();
+        // Room for one: never blocks. An error means the journal dropped the snapshot.
+        let _ = copied.send(SnapshotRoom {
+            locks,
+            pids,
+            clients,
+        });
+        held
+    }
+}
+
 /// Empty buffers with room for one snapshot's copy of the lock state, made by
 /// `Locks::snapshot_room` before any lock is taken.
 pub struct SnapshotRoom {
@@ -1002,7 +1050,7 @@ mod tests {
             assert_eq!(reply, Ok(SetLockReply::Granted));
         }
         let live = locks.state();
-        callbacks.snapshot_with(|model| locks.snapshot(model, room));
+        crate::restart::snapshot_into(&callbacks, &locks, room);
         drop((callbacks, locks));
         Arc::into_inner(journal).unwrap().close();
 

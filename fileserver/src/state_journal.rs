@@ -224,7 +224,8 @@ impl Progress {
 
 /// Makes a `StateSnapshot` from raw copies taken under the tables' locks, so that the
 /// conversion runs on the snapshot thread rather than while requests wait.
-pub type SnapshotSource = Box<dyn FnOnce() -> StateSnapshot + Send>;
+/// `None`: the copy never came, and no snapshot is written.
+pub type SnapshotSource = Box<dyn FnOnce() -> Option<StateSnapshot> + Send>;
 
 /// Waits until a handed-over record is durable; `false` if the journal failed.
 pub struct Durable(Option<oneshot::Receiver<bool>>);
@@ -631,7 +632,11 @@ fn spawn_snapshot(
         .name("state-snapshot".into())
         .spawn(move || {
             let started = Instant::now();
-            let state = source();
+            let Some(state) = source() else {
+                warn!(position = %lsn, "state snapshot abandoned: the tables' copy never came");
+                let _ = written.send(false);
+                return;
+            };
             let payload = match postcard::to_allocvec(&state) {
                 Ok(payload) => payload,
                 Err(e) => {
