@@ -20,7 +20,7 @@ use crate::fence::Fence;
 use crate::locks::Locks;
 use crate::restart;
 use crate::service::FileService;
-use crate::state_journal::StateJournal;
+use crate::state_journal::{JournalStop, StateJournal};
 use crate::storage::Partition;
 use crate::{FileServerError, MIN_SWEEP, sweep_expired, sweep_leases};
 
@@ -124,10 +124,10 @@ impl Active {
         Ok((active, recovered))
     }
 
-    /// Resolves with the error once the state journal failed (a full or failing disk):
-    /// the fence is closed for good by then, and the term must end by `abandon`.
-    pub fn journal_failure(&self) -> impl Future<Output = String> + Send + 'static {
-        self.journal.failure()
+    /// Resolves once the state journal stopped appending, and why: the term must end
+    /// by `abandon` (after `Failed` the fence is closed for good and the process stops).
+    pub fn journal_stopped(&self) -> impl Future<Output = JournalStop> + Send + 'static {
+        self.journal.stopped()
     }
 
     /// Ends the term cleanly: the journal gets every record handed over and is closed.
@@ -152,7 +152,9 @@ impl Active {
     /// Ends the term after the fence closed: everything is dropped, nothing written (the
     /// fence refuses every write the drops might still attempt).
     pub fn abandon(self) {
-        drop(self.stop_tasks());
+        let journal = self.stop_tasks();
+        // Its writer may outlive the term in tasks still holding the tables.
+        journal.abandon();
     }
 
     fn stop_tasks(self) -> Arc<StateJournal> {

@@ -43,7 +43,7 @@ use fence::Fence;
 use history::History;
 use locks::Locks;
 use pair::MemberService;
-use state_journal::StateJournal;
+use state_journal::{JournalStop, StateJournal};
 
 /// How often expired callback promises are swept (a bounded batch each time).
 const EXPIRE_INTERVAL: Duration = Duration::from_secs(5);
@@ -108,7 +108,7 @@ pub async fn run(
         &config,
         member,
         server_id,
-        fence,
+        fence.clone(),
         history,
         active.service.clone(),
     ));
@@ -120,27 +120,40 @@ pub async fn run(
         shutdown.clone(),
     ));
     info!(server = %server_id, address = ?listener.local_addr().ok(), "fileserver serving");
-    // A failed journal closed the fence for good: nothing more is answered, and dropping
-    // the serving future ends every connection at once.
-    let failure = tokio::select! {
+    // A journal that stops closed the fence for good (a single server's fence closes no
+    // other way): nothing more is answered, and dropping the serving future ends every
+    // connection at once.
+    let stopped = tokio::select! {
         () = proto::server::serve(listener, service, ServerLimits::default(), shutdown) => None,
-        reason = active.journal_failure() => Some(reason),
+        why = active.journal_stopped() => Some(why),
     };
     registration.abort();
-    let result = match failure {
+    let result = match stopped {
         None => {
             active.close().await;
             info!(server = %server_id, "fileserver stopped");
-            Ok(())
+            // The journal may have failed during the shutdown or its last appends.
+            if fence.is_closed_for_good() {
+                Err(FileServerError::JournalFailed(JOURNAL_FAILED_LATE.into()))
+            } else {
+                Ok(())
+            }
         }
-        Some(reason) => {
+        Some(why) => {
             active.abandon();
-            Err(FileServerError::JournalFailed(reason))
+            Err(FileServerError::JournalFailed(match why {
+                JournalStop::Failed(reason) => reason,
+                JournalStop::Fenced => "the state journal stopped".into(),
+            }))
         }
     };
     drop(lock);
     result
 }
+
+/// The failure of a journal whose stop nobody was waiting for any more.
+pub(crate) const JOURNAL_FAILED_LATE: &str =
+    "the state journal failed while the term ended (the log says why)";
 
 pub(crate) async fn sweep_expired(callbacks: Arc<Callbacks>, mut shutdown: watch::Receiver<bool>) {
     let mut interval = tokio::time::interval(EXPIRE_INTERVAL);

@@ -7,7 +7,8 @@
 //! a waiter is told "durable" only after a sync covering its record succeeded; a snapshot
 //! is written at exactly the position of the last record handed over before it; a write
 //! or sync that fails behind an open fence closes the fence for good before anyone is
-//! told, so the process answers nothing more and stops (`StateJournal::failure`).
+//! told, so the process answers nothing more and stops; a writer that stops for any
+//! reason says so (`StateJournal::stopped`), so that its term ends.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -206,9 +207,11 @@ struct Progress {
     durable: AtomicU64,
     /// The journal failed or was fenced: nothing becomes durable any more.
     failed: AtomicBool,
-    /// Why the journal failed, once a write or sync failed behind an open fence (a
-    /// fenced journal, expected after a lost lease, sets none).
-    failure: watch::Sender<Option<String>>,
+    /// The term that owned the journal ended without closing it: the writer appends
+    /// nothing more, even behind a fence a later term opened.
+    abandoned: AtomicBool,
+    /// Why the writer stopped appending, once it has.
+    stop: watch::Sender<Option<JournalStop>>,
 }
 
 impl Progress {
@@ -217,9 +220,32 @@ impl Progress {
             handed: AtomicU64::new(0),
             durable: AtomicU64::new(0),
             failed: AtomicBool::new(false),
-            failure: watch::Sender::new(None),
+            abandoned: AtomicBool::new(false),
+            stop: watch::Sender::new(None),
         }
     }
+
+    /// Publishes why the writer stopped; the first reason stays.
+    fn stopped(&self, why: JournalStop) {
+        self.stop.send_if_modified(|stop| {
+            if stop.is_some() {
+                return false;
+            }
+            *stop = Some(why);
+            true
+        });
+    }
+}
+
+/// Why the state journal stopped appending.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum JournalStop {
+    /// The fence closed (a lost lease) or the term abandoned the journal: expected; the
+    /// term ends and a member may serve again in a later one.
+    Fenced,
+    /// A write or sync failed behind an open fence (a full or failing disk), or the
+    /// writer died: the fence is closed for good and the process must stop.
+    Failed(String),
 }
 
 /// Makes a `StateSnapshot` from raw copies taken under the tables' locks, so that the
@@ -413,22 +439,27 @@ impl StateJournal {
         Durable(Some(receiver)).wait().await
     }
 
-    /// Resolves with the error once a write or sync of the journal failed behind an open
-    /// fence (never for a fenced journal). By then the fence is closed for good: the
-    /// server must stop, and a restart recovers what was durable.
-    pub fn failure(&self) -> impl Future<Output = String> + Send + 'static {
-        let mut failure = self.progress.failure.subscribe();
+    /// Resolves once the writer stopped appending, and why. After `Failed` the fence is
+    /// closed for good: the server must stop, and a restart recovers what was durable.
+    pub fn stopped(&self) -> impl Future<Output = JournalStop> + Send + 'static {
+        let mut stop = self.progress.stop.subscribe();
         async move {
-            let reason = failure
+            let why = stop
                 .wait_for(Option::is_some)
                 .await
-                .map(|reason| reason.clone().unwrap_or_default());
-            match reason {
-                Ok(reason) => reason,
-                // The journal is gone, and it had not failed.
+                .map(|why| why.clone().unwrap_or(JournalStop::Fenced));
+            match why {
+                Ok(why) => why,
+                // The journal is gone without stopping: nothing to report.
                 Err(_) => std::future::pending().await,
             }
         }
+    }
+
+    /// The term ends without closing the journal (its fence closed): the writer appends
+    /// nothing more, even if the fence opens again for a later term.
+    pub fn abandon(&self) {
+        self.progress.abandoned.store(true, Ordering::Release);
     }
 
     /// Whether enough records (or enough time with some records) passed since the last
@@ -510,6 +541,10 @@ fn write_loop(
     fence: Arc<Fence>,
     progress: &Progress,
 ) {
+    let _died = DiedGuard {
+        fence: &fence,
+        progress,
+    };
     let mut failed = false;
     let mut snapshots: Vec<JoinHandle<()>> = Vec::new();
     let mut closing = None;
@@ -532,9 +567,7 @@ fn write_loop(
             match job {
                 Job::Record { payload, done } => {
                     received += 1;
-                    if !failed && !fence.is_open() {
-                        // Expected after a lost lease: the partner owns the journal now.
-                        info!("state journal fenced; journaling stops");
+                    if !failed && !may_append(&fence, progress) {
                         failed = true;
                     }
                     if !failed {
@@ -561,8 +594,7 @@ fn write_loop(
             }
         }
         let must_sync = !waiters.is_empty() || barriers.iter().any(|(upto, _)| *upto <= received);
-        if must_sync && !failed && !fence.is_open() {
-            info!("state journal fenced; journaling stops");
+        if must_sync && !failed && !may_append(&fence, progress) {
             failed = true;
         }
         if must_sync
@@ -607,19 +639,52 @@ fn write_loop(
     }
 }
 
-/// A write or sync failed: behind a fence that closed meanwhile that is the lost lease
-/// again; otherwise the fence closes for good, so nothing more is answered or written,
-/// and the failure is published for the server to stop on.
+/// Whether the writer may still append: the fence is open and the term did not abandon
+/// the journal. Publishes `Fenced` when not. Expected after a lost lease: the partner
+/// owns the journal now.
+fn may_append(fence: &Fence, progress: &Progress) -> bool {
+    if fence.is_open() && !progress.abandoned.load(Ordering::Acquire) {
+        return true;
+    }
+    info!("state journal fenced; journaling stops");
+    progress.stopped(JournalStop::Fenced);
+    false
+}
+
+/// A write or sync failed. Refused by the fence (the error says so, even if a renewal
+/// opened the fence again since), or behind a fence that closed meanwhile, that is the
+/// lost lease again. Otherwise the fence closes for good, so nothing more is answered
+/// or written, and the failure is published for the server to stop on.
 fn fail(fence: &Fence, progress: &Progress, what: &str, error: &JournalError) {
-    if !fence.is_open() {
+    if error.to_string().contains(crate::fence::FENCED) || !fence.is_open() {
         info!(error = %error, "state journal fenced; journaling stops");
+        progress.stopped(JournalStop::Fenced);
         return;
     }
     fence.close_for_good();
     error!(error = %error, "state journal {what} failed; journaling stops and the server stops serving");
-    progress
-        .failure
-        .send_replace(Some(format!("state journal {what} failed: {error}")));
+    progress.stopped(JournalStop::Failed(format!(
+        "state journal {what} failed: {error}"
+    )));
+}
+
+/// Stops the process if the writer thread dies (a panic): the records handed over would
+/// otherwise wait forever, and the server would serve on unjournaled.
+struct DiedGuard<'a> {
+    fence: &'a Fence,
+    progress: &'a Progress,
+}
+
+impl Drop for DiedGuard<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.fence.close_for_good();
+            self.progress.failed.store(true, Ordering::Release);
+            self.progress.stopped(JournalStop::Failed(
+                "the state journal writer died (the log says why)".into(),
+            ));
+        }
+    }
 }
 
 fn spawn_snapshot(

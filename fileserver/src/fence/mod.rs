@@ -73,6 +73,11 @@ impl Fence {
         self.deadline_ms.store(CLOSED_FOR_GOOD, Ordering::SeqCst);
     }
 
+    /// Whether `close_for_good` was called: the process must stop.
+    pub fn is_closed_for_good(&self) -> bool {
+        self.deadline_ms.load(Ordering::SeqCst) & CLOSED_FOR_GOOD != 0
+    }
+
     pub fn is_open(&self) -> bool {
         let deadline = self.deadline_ms.load(Ordering::SeqCst);
         deadline & CLOSED_FOR_GOOD == 0 && now().0 < deadline
@@ -126,8 +131,10 @@ mod tests {
     #[test]
     fn a_fence_closed_for_good_never_opens_again() {
         let fence = Fence::open();
+        assert!(!fence.is_closed_for_good());
         fence.close_for_good();
         assert!(!fence.is_open());
+        assert!(fence.is_closed_for_good());
         fence.open_until(now().saturating_add(std::time::Duration::from_secs(60)));
         assert!(!fence.is_open());
         fence.close();

@@ -4,8 +4,8 @@
 //! (recovery and grace as after a restart), renew every quarter lease, and on a lost
 //! or unrenewed lease close the fence, drop the term without writing and go passive.
 //! A planned switchover drains requests, hands the state over and names the partner.
-//! A state journal that fails ends the term and the process: the lease is given up so
-//! that the partner takes over at once.
+//! A state journal that fails ends the term and the process, whose lease then runs out
+//! as after a `kill -9`; one that is fenced ends the term like a lost lease.
 //! Invariant: the fence is open only while `MemberLease` is valid, measured from the
 //! send time of the call the VLDB granted; so this member stops before the VLDB can
 //! grant the partner the next epoch.
@@ -26,6 +26,7 @@ use crate::active::Active;
 use crate::config::{Config, PairConfig};
 use crate::fence::{self, Fence};
 use crate::history::History;
+use crate::state_journal::JournalStop;
 use crate::storage::server_id_of;
 
 const JOIN_BACKOFF_FIRST: Duration = Duration::from_millis(200);
@@ -249,12 +250,12 @@ impl Machine<'_> {
             .serve_term(
                 epoch,
                 &mut lease,
-                active.journal_failure(),
+                active.journal_stopped(),
                 shutdown,
                 switchovers,
             )
             .await;
-        Ok(match end {
+        let go_on = match end {
             TermEnd::Fenced(reason) => {
                 self.fence.close();
                 self.service.become_passive(epoch, None);
@@ -273,11 +274,8 @@ impl Machine<'_> {
                 self.service.become_passive(epoch, None);
                 active.abandon();
                 self.service.line(epoch, "fenced");
-                // Given up so that the partner need not wait for the lease to run out.
-                let _ = self
-                    .vldb
-                    .release_pair(self.name(), self.member, epoch, None)
-                    .await;
+                // The lease is not given up: writes that passed the fence just before it
+                // closed may still land, and the lease's margin is what covers them.
                 return Err(FileServerError::JournalFailed(reason));
             }
             TermEnd::Switchover { answer, partner } => {
@@ -297,7 +295,15 @@ impl Machine<'_> {
                     .await;
                 false
             }
-        })
+        };
+        // The journal may have failed while the term ended (a switchover's handover, the
+        // close at shutdown) with nobody waiting for its stop any more.
+        if self.fence.is_closed_for_good() {
+            return Err(FileServerError::JournalFailed(
+                crate::JOURNAL_FAILED_LATE.into(),
+            ));
+        }
+        Ok(go_on)
     }
 
     /// Renews until the term ends.
@@ -305,12 +311,12 @@ impl Machine<'_> {
         &self,
         epoch: Epoch,
         lease: &mut MemberLease,
-        journal_failure: impl Future<Output = String>,
+        journal_stopped: impl Future<Output = JournalStop>,
         shutdown: &mut watch::Receiver<bool>,
         switchovers: &mut mpsc::Receiver<SwitchoverRequest>,
     ) -> TermEnd {
         let every = self.pair.lease / 4;
-        let mut journal_failure = std::pin::pin!(journal_failure);
+        let mut journal_stopped = std::pin::pin!(journal_stopped);
         let mut next_renewal = tokio::time::Instant::now() + every;
         loop {
             let Some(deadline) = lease.valid_until().map(fence::instant_at) else {
@@ -349,7 +355,10 @@ impl Machine<'_> {
                         }
                     }
                 }
-                reason = &mut journal_failure => return TermEnd::JournalFailed(reason),
+                why = &mut journal_stopped => return match why {
+                    JournalStop::Fenced => TermEnd::Fenced("the state journal was fenced"),
+                    JournalStop::Failed(reason) => TermEnd::JournalFailed(reason),
+                },
                 () = stopped(shutdown) => return TermEnd::Shutdown,
             }
         }

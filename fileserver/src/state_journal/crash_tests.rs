@@ -28,7 +28,7 @@ use proto::{
 use state::journal::MemVfs;
 use state::{ByteRange, ClientKey, JournalMode};
 
-use super::{StateJournal, StateSnapshot};
+use super::{JournalStop, StateJournal, StateSnapshot};
 use crate::callbacks::Callbacks;
 use crate::fence::Fence;
 use crate::locks::{Locks, SetLockReply, test_tables};
@@ -596,7 +596,7 @@ async fn a_journal_that_fails_closes_the_fence_for_good_and_says_why() {
     let vfs = MemVfs::new();
     let fence = Arc::new(Fence::open());
     let (journal, locks, key) = failing_setup(&vfs, &fence);
-    let failure = journal.failure();
+    let stopped = journal.stopped();
     assert!(lock_whole_file(&locks, key).await.is_ok());
     assert!(fence.is_open());
 
@@ -608,10 +608,14 @@ async fn a_journal_that_fails_closes_the_fence_for_good_and_says_why() {
     );
     // Closed before the refusal was told: nothing more is answered or written.
     assert!(!fence.is_open());
-    let reason = tokio::time::timeout(std::time::Duration::from_secs(10), failure)
+    let why = tokio::time::timeout(std::time::Duration::from_secs(10), stopped)
         .await
         .expect("the failure is published");
+    let JournalStop::Failed(reason) = why else {
+        panic!("a failed disk taken for a fence: {why:?}");
+    };
     assert!(reason.contains("simulated power loss"), "{reason}");
+    assert!(fence.is_closed_for_good());
     fence.open_until(crate::fence::now().saturating_add(std::time::Duration::from_secs(60)));
     assert!(!fence.is_open(), "a renewal must not reopen it");
 }
@@ -625,8 +629,25 @@ async fn a_fenced_journal_is_no_failure() {
     fence.close();
     vfs.crash_after(0);
     assert!(lock_whole_file(&locks, key).await.is_err());
-    assert!(journal.progress.failure.borrow().is_none());
+    assert_eq!(*journal.progress.stop.borrow(), Some(JournalStop::Fenced));
+    assert!(!fence.is_closed_for_good());
     // A fence closed for a lost lease opens again at the next grant.
     fence.open_until(crate::fence::now().saturating_add(std::time::Duration::from_secs(60)));
+    assert!(fence.is_open());
+}
+
+#[tokio::test]
+async fn an_abandoned_journal_appends_nothing_even_behind_an_open_fence() {
+    let vfs = MemVfs::new();
+    let fence = Arc::new(Fence::open());
+    let (journal, locks, key) = failing_setup(&vfs, &fence);
+    // What the setup handed over is on disk first.
+    assert!(journal.barrier().wait().await);
+    // The term ended; the fence is open again for a later one.
+    journal.abandon();
+    let before = vfs.mutations();
+    assert!(lock_whole_file(&locks, key).await.is_err());
+    assert_eq!(vfs.mutations(), before, "the old term's writer wrote");
+    assert_eq!(*journal.progress.stop.borrow(), Some(JournalStop::Fenced));
     assert!(fence.is_open());
 }
