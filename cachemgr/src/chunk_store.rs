@@ -292,19 +292,38 @@ impl ChunkStore {
 
     /// The whole content of a chunk listed by the index (a dirty one is pinned).
     pub fn read_whole(&self, key: ChunkKey, meta: &ChunkMeta) -> io::Result<Vec<u8>> {
+        let mut buf = Vec::with_capacity(meta.len as usize);
+        self.append_whole(key, meta, &mut buf)?;
+        Ok(buf)
+    }
+
+    /// `read_whole`, appending to `out` (a store carrying several chunks) rather than to
+    /// a buffer of its own; on an error `out` is unchanged.
+    pub fn append_whole(
+        &self,
+        key: ChunkKey,
+        meta: &ChunkMeta,
+        out: &mut Vec<u8>,
+    ) -> io::Result<()> {
         let len = meta.len as usize;
         if let Some(data) = self.shared.pending_data(key, meta.generation) {
-            return data.get(..len).map(<[u8]>::to_vec).ok_or_else(|| {
+            let bytes = data.get(..len).ok_or_else(|| {
                 io::Error::new(
                     io::ErrorKind::UnexpectedEof,
                     "pending chunk shorter than indexed",
                 )
-            });
+            })?;
+            out.extend_from_slice(bytes);
+            return Ok(());
         }
         let file = File::open(self.shared.path(key, meta.generation))?;
-        let mut buf = vec![0u8; len];
-        file.read_exact_at(&mut buf, 0)?;
-        Ok(buf)
+        let start = out.len();
+        out.resize(start + len, 0);
+        if let Err(e) = file.read_exact_at(&mut out[start..], 0) {
+            out.truncate(start);
+            return Err(e);
+        }
+        Ok(())
     }
 
     /// The whole chunk when it is cached at `data_version` (or holds unstored writes).
