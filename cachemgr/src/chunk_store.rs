@@ -7,12 +7,13 @@
 //! finds the whole file, or no file and so a miss). Files of evicted chunks are deleted
 //! by generation, so an old deletion never hits a newer file of the same chunk, and a
 //! file written for a chunk evicted meanwhile is deleted by its writer. Pending chunks
-//! count against the byte limit like any other. The directory is wiped at start (no
-//! warm restart yet).
+//! count against the byte limit like any other. A chunk cached on a caller's path (a
+//! write's) gets its file by renaming a spare created ahead (`spare_files`), not by
+//! creating one there. The directory is wiped at start (no warm restart yet).
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
-use std::io;
+use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -24,6 +25,7 @@ use proto::{DataVersion, Fid};
 use tracing::{debug, warn};
 
 use crate::chunk_index::{ChunkIndex, ChunkKey, ChunkMeta, Evicted, Generation};
+use crate::spare_files::SpareFiles;
 
 /// Fetched chunks queued for the background writer. Bounds the memory their bytes hold;
 /// when the queue is full the fetching caller writes its chunk's file itself, which
@@ -60,6 +62,7 @@ pub struct ChunkStore {
     /// `None` only while dropping: closing it ends the writer.
     jobs: Option<SyncSender<WriteJob>>,
     writer: Option<JoinHandle<()>>,
+    spares: SpareFiles,
 }
 
 impl ChunkStore {
@@ -71,6 +74,7 @@ impl ChunkStore {
             Err(e) => return Err(e),
         }
         std::fs::create_dir_all(&dir)?;
+        let spares = SpareFiles::start(dir.clone())?;
         let shared = Arc::new(Shared {
             dir,
             index: Mutex::new(ChunkIndex::new(bytes_max)),
@@ -88,6 +92,7 @@ impl ChunkStore {
             shared,
             jobs: Some(jobs),
             writer: Some(writer),
+            spares,
         })
     }
 
@@ -185,7 +190,7 @@ impl ChunkStore {
         dirty: bool,
     ) -> io::Result<Vec<Fid>> {
         let generation = self.shared.index.lock().reserve_generation();
-        std::fs::write(self.shared.path(key, generation), data)?;
+        self.write_new_file(&self.shared.path(key, generation), data)?;
         let (_, evicted) = self.shared.index.lock().insert(
             key,
             data_version,
@@ -194,6 +199,35 @@ impl ChunkStore {
             generation,
         );
         Ok(self.shared.delete(evicted))
+    }
+
+    /// Puts a new chunk file down at `path`: a spare renamed into place when one is
+    /// ready, else a file created here. On failure no file is left at `path`.
+    fn write_new_file(&self, path: &Path, data: &[u8]) -> io::Result<()> {
+        if let Some(spare) = self.spares.take() {
+            match std::fs::rename(&spare, path) {
+                Ok(()) => {
+                    // The spare is empty, so writing it whole leaves exactly `data`.
+                    let written = OpenOptions::new()
+                        .write(true)
+                        .open(path)
+                        .and_then(|mut file| file.write_all(data));
+                    if written.is_err() {
+                        remove_quietly(path);
+                    }
+                    return written;
+                }
+                Err(e) => {
+                    debug!(spare = %spare.display(), error = %e, "cannot rename a spare chunk file; creating one");
+                    remove_quietly(&spare);
+                }
+            }
+        }
+        let written = std::fs::write(path, data);
+        if written.is_err() {
+            remove_quietly(path);
+        }
+        written
     }
 
     /// Caches a clean chunk just fetched at `data_version`: readable at once from
@@ -292,19 +326,38 @@ impl ChunkStore {
 
     /// The whole content of a chunk listed by the index (a dirty one is pinned).
     pub fn read_whole(&self, key: ChunkKey, meta: &ChunkMeta) -> io::Result<Vec<u8>> {
+        let mut buf = Vec::with_capacity(meta.len as usize);
+        self.append_whole(key, meta, &mut buf)?;
+        Ok(buf)
+    }
+
+    /// `read_whole`, appending to `out` (a store carrying several chunks) rather than to
+    /// a buffer of its own; on an error `out` is unchanged.
+    pub fn append_whole(
+        &self,
+        key: ChunkKey,
+        meta: &ChunkMeta,
+        out: &mut Vec<u8>,
+    ) -> io::Result<()> {
         let len = meta.len as usize;
         if let Some(data) = self.shared.pending_data(key, meta.generation) {
-            return data.get(..len).map(<[u8]>::to_vec).ok_or_else(|| {
+            let bytes = data.get(..len).ok_or_else(|| {
                 io::Error::new(
                     io::ErrorKind::UnexpectedEof,
                     "pending chunk shorter than indexed",
                 )
-            });
+            })?;
+            out.extend_from_slice(bytes);
+            return Ok(());
         }
         let file = File::open(self.shared.path(key, meta.generation))?;
-        let mut buf = vec![0u8; len];
-        file.read_exact_at(&mut buf, 0)?;
-        Ok(buf)
+        let start = out.len();
+        out.resize(start + len, 0);
+        if let Err(e) = file.read_exact_at(&mut out[start..], 0) {
+            out.truncate(start);
+            return Err(e);
+        }
+        Ok(())
     }
 
     /// The whole chunk when it is cached at `data_version` (or holds unstored writes).
@@ -534,6 +587,7 @@ mod tests {
 
     use super::*;
     use crate::chunk_index::CHUNK_BYTES;
+    use crate::spare_files::SPARE_PREFIX;
 
     fn key(index: u64) -> ChunkKey {
         ChunkKey {
@@ -587,11 +641,22 @@ mod tests {
         );
         store.drop_fid(key(0).fid);
         assert!(!store.has_fid(key(0).fid));
-        assert_eq!(std::fs::read_dir(store.dir()).unwrap().count(), 0);
+        assert_eq!(files(&store), 0);
     }
 
+    /// Chunk files in the store's directory (spares aside).
     fn files(store: &ChunkStore) -> usize {
-        std::fs::read_dir(store.dir()).unwrap().count()
+        std::fs::read_dir(store.dir())
+            .unwrap()
+            .filter(|entry| {
+                !entry
+                    .as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with(SPARE_PREFIX)
+            })
+            .count()
     }
 
     #[test]

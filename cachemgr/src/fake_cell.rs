@@ -46,6 +46,8 @@ pub struct Record {
     pub stores_in_flight_peak: usize,
     /// Stores started.
     pub stores: usize,
+    /// Bytes of the largest store.
+    pub store_bytes_peak: usize,
     pub stores_answered: usize,
     /// Stores answered when each `Fsync` arrived.
     pub fsyncs_after_stores: Vec<usize>,
@@ -327,6 +329,7 @@ impl FakeCell {
             record.stores_in_flight_peak =
                 record.stores_in_flight_peak.max(record.stores_in_flight);
             record.stores += 1;
+            record.store_bytes_peak = record.store_bytes_peak.max(bytes.len());
             record.stores
         };
         self.changed.send_replace(());

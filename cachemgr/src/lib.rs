@@ -27,6 +27,7 @@ pub mod mount;
 pub mod mountinfo;
 pub mod readahead;
 pub mod server_pool;
+mod spare_files;
 pub mod status;
 pub mod volume;
 
