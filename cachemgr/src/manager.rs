@@ -63,19 +63,22 @@ const GIVE_UP_BATCH: usize = 64;
 /// How long `fs checkservers` waits for a ping.
 const PING_TIMEOUT_MAX: Duration = Duration::from_secs(2);
 /// `StoreData` requests of one write-back in flight at once: enough that the next
-/// store is on the wire while the server writes one, few enough to bound the memory
-/// they hold (each at most `STORE_BYTES_MAX`). More buys nothing: the server's writes
-/// into one file take that file's inode lock in turn (profiled: with 8 stores of one
-/// chunk, its writers spent 8% of the CPU spinning on it).
-const STORES_IN_FLIGHT_MAX: usize = 4;
-/// Most bytes one `StoreData` carries: whole chunks, as many as fit in a frame with room
-/// left for the request's other fields. The server commits every store's metadata
-/// durably on its own (or shares a commit with the stores queued behind it), so fewer,
-/// larger stores mean fewer commits: profiled on a 256 MiB write-back, stores of one
-/// chunk cost ~160 commits of `meta.redb`, most of the write-back's time.
-const STORE_BYTES_MAX: u64 =
-    (proto::frame::FRAME_BYTES_MAX_DEFAULT as u64 - 64 * 1024) / CHUNK_BYTES * CHUNK_BYTES;
-const _: () = assert!(STORE_BYTES_MAX >= CHUNK_BYTES);
+/// store is on the wire while the server writes one. More buys nothing: the server's
+/// writes into one file take that file's inode lock in turn (profiled: with 8 stores of
+/// one chunk, its writers spent 8% of the CPU spinning on it).
+const STORES_IN_FLIGHT_MAX: usize = 2;
+/// Most bytes one `StoreData` carries: whole chunks. The server commits every store's
+/// metadata durably on its own (or shares a commit with the stores queued behind it),
+/// so fewer, larger stores mean fewer commits: profiled on a 256 MiB write-back, stores
+/// of one chunk cost ~160 commits of `meta.redb`, most of the write-back's time. Two
+/// chunks, with two stores in flight, keep the bytes on one connection at once at
+/// 4 MiB: the `--timeout` of the last store counts the sending of those ahead of it,
+/// and callback breaks and lock pushes wait behind them. It must fit in a frame.
+const STORE_BYTES_MAX: u64 = 2 * CHUNK_BYTES;
+const _: () = assert!(
+    STORE_BYTES_MAX >= CHUNK_BYTES
+        && STORE_BYTES_MAX + 64 * 1024 <= proto::frame::FRAME_BYTES_MAX_DEFAULT as u64
+);
 /// Chunks fetched ahead of a sequential reader (4 MiB).
 const READ_AHEAD_CHUNKS: u64 = 4;
 /// Fetches ahead in flight at once over all files; each holds a chunk in memory.

@@ -15,6 +15,8 @@ use crate::message::{Frame, Request};
 /// Bytes of header in front of every frame body.
 pub const FRAME_HEADER_BYTES: usize = 8;
 /// Default limit on one frame's body: room for a 1 MiB data chunk and its envelope.
+/// Every server uses it (no flag changes it), and a cache manager's `StoreData` of
+/// several chunks relies on it (checked at compile time there).
 pub const FRAME_BYTES_MAX_DEFAULT: usize = 4 << 20;
 
 /// Encodes and decodes frame bodies (`Bytes`), checking length and checksum.
