@@ -349,7 +349,9 @@ impl CallbackModel {
         }
     }
 
-    fn push(&mut self, client: u32, fids: impl IntoIterator<Item = Fid>) {
+    /// Owes `client` `fids` too; past `fids_max` (if set) its queue becomes a reset, as
+    /// `DelayedBreaks` does.
+    pub fn push(&mut self, client: u32, fids: impl IntoIterator<Item = Fid>) {
         let queue = self
             .owed
             .entry(client)

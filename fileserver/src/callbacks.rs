@@ -226,7 +226,9 @@ impl Callbacks {
                 }
                 Owed::Fids(fids) => {
                     clients.delayed.push(key, fids.iter().copied());
-                    clients.model.owed.insert(key.0, Owed::Fids(fids));
+                    // Bounded as the queue is: replay does not bound, and more fids
+                    // than the queue holds became a reset there.
+                    clients.model.push(key.0, fids);
                 }
             }
         }
@@ -640,4 +642,43 @@ fn forget_session(tables: &mut Clients, key: ClientKey, connection: &Connection)
         tables.sessions.remove(&key);
     }
     connection.close();
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeSet, HashMap};
+    use std::sync::Arc;
+
+    use proto::{ClientId, Fid, InstanceNonce, Uniquifier, VnodeId, VolumeId};
+    use state::JournalMode;
+
+    use crate::callback_model::{CallbackModel, Owed};
+    use crate::locks::{TEST_DELAYED_PER_CLIENT_MAX, test_tables};
+    use crate::state_journal::StateJournal;
+
+    /// Replay does not bound the owed queues; a restore must bound its journaled view
+    /// as it bounds the live queue, or the next snapshot would owe fids the client was
+    /// sent a reset for.
+    #[test]
+    fn a_restored_queue_past_its_bound_is_a_reset_in_the_journaled_view_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let (journal, _) = StateJournal::open(dir.path(), JournalMode::None).unwrap();
+        let journal = Arc::new(journal);
+        let (callbacks, _locks) = test_tables(&journal);
+        let key = callbacks
+            .recover(ClientId::random(), InstanceNonce(1))
+            .unwrap();
+        let fids: BTreeSet<Fid> = (0..=TEST_DELAYED_PER_CLIENT_MAX as u64)
+            .map(|vnode| Fid {
+                volume: VolumeId(1),
+                vnode: VnodeId(vnode + 2),
+                unique: Uniquifier(1),
+            })
+            .collect();
+        let mut recovered = CallbackModel::new(0);
+        recovered.owed.insert(7, Owed::Fids(fids));
+        callbacks.restore(recovered, &HashMap::from([(7, key)]), true);
+        let (_, model) = callbacks.inspect(Fid::root(VolumeId(1)));
+        assert_eq!(model.owed.get(&key.0), Some(&Owed::Reset));
+    }
 }

@@ -947,6 +947,10 @@ pub fn range(start: u64, end: u64) -> Result<ByteRange, ErrorCode> {
     ByteRange::new(start, end).map_err(|_| ErrorCode::InvalidArgument)
 }
 
+/// The delayed-break queue bound of `test_tables`.
+#[cfg(test)]
+pub(crate) const TEST_DELAYED_PER_CLIENT_MAX: usize = 5;
+
 /// Callback and lock tables on `journal`, without a server: room to spare, a small
 /// delayed-break queue (so that breaks overflow into resets) and a lease no test
 /// outlives.
@@ -955,7 +959,7 @@ pub(crate) fn test_tables(journal: &Arc<StateJournal>) -> (Arc<Callbacks>, Arc<L
     let callbacks = Arc::new(Callbacks::new(
         1000,
         16,
-        5,
+        TEST_DELAYED_PER_CLIENT_MAX,
         Duration::from_secs(1),
         journal.clone(),
     ));

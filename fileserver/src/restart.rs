@@ -112,7 +112,8 @@ mod tests {
     use proto::{ClientId, Fid, InstanceNonce, Uniquifier, VnodeId, VolumeId};
     use state::{ByteRange, JournalMode, LockKind};
 
-    use crate::locks::test_tables;
+    use crate::callback_model::{CallbackModel, Owed};
+    use crate::locks::{TEST_DELAYED_PER_CLIENT_MAX, test_tables};
     use crate::state_journal::{LockEntry, StateJournal};
 
     #[derive(Clone, Debug)]
@@ -315,7 +316,18 @@ mod tests {
                 .iter()
                 .all(|&(_, expiry_ms)| expiry_ms >= hour_from_start)
         );
-        assert_eq!(replayed.callbacks.owed, live_model.owed);
+        // Replay does not bound the owed queues; a restore bounds them as the live
+        // queues are bounded (more fids than that become a reset).
+        let mut bounded = CallbackModel::new(TEST_DELAYED_PER_CLIENT_MAX);
+        for (client, owed) in replayed.callbacks.owed {
+            match owed {
+                Owed::Reset => {
+                    bounded.owed.insert(client, Owed::Reset);
+                }
+                Owed::Fids(fids) => bounded.push(client, fids),
+            }
+        }
+        assert_eq!(bounded.owed, live_model.owed);
         assert_eq!(replayed.clients.len(), 3);
     }
 
