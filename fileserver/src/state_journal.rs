@@ -656,7 +656,7 @@ fn may_append(fence: &Fence, progress: &Progress) -> bool {
 /// lost lease again. Otherwise the fence closes for good, so nothing more is answered
 /// or written, and the failure is published for the server to stop on.
 fn fail(fence: &Fence, progress: &Progress, what: &str, error: &JournalError) {
-    if error.to_string().contains(crate::fence::FENCED) || !fence.is_open() {
+    if crate::fence::refused(error) || !fence.is_open() {
         info!(error = %error, "state journal fenced; journaling stops");
         progress.stopped(JournalStop::Fenced);
         return;

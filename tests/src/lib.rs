@@ -347,7 +347,7 @@ impl TestCell {
     }
 
     fn path(&self, name: &str) -> String {
-        self.dir.path().join(name).to_string_lossy().into_owned()
+        self.path_of(name).to_string_lossy().into_owned()
     }
 
     fn spawn_ready(&mut self, name: &str, args: &[&str]) -> Result<String> {

@@ -52,7 +52,6 @@ impl Fence {
         }
     }
 
-    /// Lets the process act until `deadline` on `now()`'s clock.
     /// Lets the process act until `deadline` on `now()`'s clock, unless the fence was
     /// closed for good.
     pub fn open_until(&self, deadline: Millis) {
@@ -91,6 +90,11 @@ impl Fence {
             Err(fenced())
         }
     }
+}
+
+/// Whether `error` (or what it wraps, as text) is a closed fence's refusal.
+pub fn refused(error: &dyn std::fmt::Display) -> bool {
+    error.to_string().contains(FENCED)
 }
 
 /// The io error of a write refused by a closed fence.

@@ -257,10 +257,7 @@ impl Machine<'_> {
             .await;
         let go_on = match end {
             TermEnd::Fenced(reason) => {
-                self.fence.close();
-                self.service.become_passive(epoch, None);
-                active.abandon();
-                self.service.line(epoch, "fenced");
+                self.step_down(epoch, active);
                 info!(
                     "fenced: pair={} epoch={} member={} ({reason})",
                     self.name().as_str(),
@@ -270,10 +267,8 @@ impl Machine<'_> {
                 true
             }
             TermEnd::JournalFailed(reason) => {
-                self.fence.close_for_good();
-                self.service.become_passive(epoch, None);
-                active.abandon();
-                self.service.line(epoch, "fenced");
+                // The writer closed the fence for good already.
+                self.step_down(epoch, active);
                 // The lease is not given up: writes that passed the fence just before it
                 // closed may still land, and the lease's margin is what covers them.
                 return Err(FileServerError::JournalFailed(reason));
@@ -399,10 +394,7 @@ impl Machine<'_> {
                 self.extend_fence(lease);
             }
             Err(e) => {
-                self.fence.close();
-                self.service.become_passive(epoch, None);
-                active.abandon();
-                self.service.line(epoch, "fenced");
+                self.step_down(epoch, active);
                 return Err(ErrorCode::Internal(format!(
                     "renew before the switchover failed, member fenced: {e}"
                 )));
@@ -445,6 +437,15 @@ impl Machine<'_> {
             }
             tokio::time::sleep(SWITCHOVER_POLL).await;
         }
+    }
+
+    /// Ends the term without writing anything more: the fence closes, requests are
+    /// answered `NotActive`, the term's state is dropped, and the history says so.
+    fn step_down(&self, epoch: Epoch, active: Active) {
+        self.fence.close();
+        self.service.become_passive(epoch, None);
+        active.abandon();
+        self.service.line(epoch, "fenced");
     }
 
     fn extend_fence(&self, lease: &MemberLease) {

@@ -606,7 +606,7 @@ async fn a_journal_that_fails_closes_the_fence_for_good_and_says_why() {
         matches!(refused, Err(ErrorCode::Internal(_))),
         "{refused:?}"
     );
-    // Closed before the refusal was told: nothing more is answered or written.
+    // Closed by the time the refusal is told: nothing more is answered or written.
     assert!(!fence.is_open());
     let why = tokio::time::timeout(std::time::Duration::from_secs(10), stopped)
         .await

@@ -140,7 +140,7 @@ impl StorageError {
 
     /// True when a closed fence refused the write (see `crate::fence`).
     pub fn is_fenced(&self) -> bool {
-        self.to_string().contains(crate::fence::FENCED)
+        crate::fence::refused(self)
     }
 
     /// True for answers that are normal protocol outcomes, not server trouble.
