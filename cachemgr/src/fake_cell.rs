@@ -259,7 +259,11 @@ impl FakeCell {
     }
 
     /// Pushes `LockGranted` to the most recent cache manager connection of the active.
-    pub async fn push_grant(&self, wait: u64, fid: Fid) -> Result<Response, proto::ProtoError> {
+    pub async fn push_grant(
+        &self,
+        wait: proto::WaitId,
+        fid: Fid,
+    ) -> Result<Response, proto::ProtoError> {
         let active = *self.active.lock();
         let connection = self
             .connections

@@ -15,11 +15,10 @@ use fuser::{
     ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLock, ReplyOpen, ReplyStatfs, ReplyWrite,
     ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
-use proto::{LockKind, SetAttrs, Timestamp};
+use proto::{ByteRange, LockKind, LockOwnerId, SetAttrs, Timestamp};
 use tracing::{debug, warn};
 
 use crate::chunk_index::CHUNK_BYTES;
-use crate::held_locks::{LockOwnerId, LockRange};
 use crate::inode::Ino;
 use crate::manager::{AttrOut, FsResult, LockRequest, Manager};
 
@@ -71,19 +70,19 @@ fn reply_empty(reply: ReplyEmpty, result: FsResult<()>) {
 }
 
 /// A kernel lock range (inclusive end, `OFFSET_MAX` for to-EOF) in the server's terms
-/// (exclusive end, `u64::MAX` for to-EOF).
-pub fn lock_range(start: u64, end_inclusive: u64) -> LockRange {
+/// (exclusive end, `ByteRange::EOF` for to-EOF); an inverted one is `EINVAL`.
+pub fn lock_range(start: u64, end_inclusive: u64) -> FsResult<ByteRange> {
     let end = if end_inclusive >= KERNEL_OFFSET_MAX {
-        u64::MAX
+        ByteRange::EOF
     } else {
         end_inclusive + 1
     };
-    LockRange { start, end }
+    ByteRange::new(start, end).map_err(|_| Errno::EINVAL)
 }
 
 /// The inverse of `lock_range`, for `F_GETLK` answers.
 pub fn kernel_lock_end(end_exclusive: u64) -> u64 {
-    if end_exclusive == u64::MAX {
+    if end_exclusive == ByteRange::EOF {
         KERNEL_OFFSET_MAX
     } else {
         end_exclusive.saturating_sub(1)
@@ -149,23 +148,20 @@ impl Filesystem for HoldfastFs {
         _pid: u32,
         reply: ReplyLock,
     ) {
-        let kind = match lock_kind(typ) {
-            Ok(Some(kind)) => kind,
-            Ok(None) | Err(_) => {
+        let (kind, range) = match (lock_kind(typ), lock_range(start, end)) {
+            (Ok(Some(kind)), Ok(range)) => (kind, range),
+            _ => {
                 reply.error(Errno::EINVAL);
                 return;
             }
         };
-        let future = self.manager.getlk(
-            ino(i),
-            LockOwnerId(lock_owner.0),
-            lock_range(start, end),
-            kind,
-        );
+        let future = self
+            .manager
+            .getlk(ino(i), LockOwnerId(lock_owner.0), range, kind);
         match self.run(future) {
             Ok(Some(holder)) => reply.locked(
-                holder.start,
-                kernel_lock_end(holder.end),
+                holder.range.start(),
+                kernel_lock_end(holder.range.end()),
                 kernel_lock_type(holder.kind),
                 holder.pid,
             ),
@@ -187,16 +183,16 @@ impl Filesystem for HoldfastFs {
         sleep: bool,
         reply: ReplyEmpty,
     ) {
-        let kind = match lock_kind(typ) {
-            Ok(kind) => kind,
-            Err(e) => {
+        let (kind, range) = match (lock_kind(typ), lock_range(start, end)) {
+            (Ok(kind), Ok(range)) => (kind, range),
+            (Err(e), _) | (_, Err(e)) => {
                 reply.error(e);
                 return;
             }
         };
         let request = LockRequest {
             owner: LockOwnerId(lock_owner.0),
-            range: lock_range(start, end),
+            range,
             kind,
             pid,
         };
@@ -607,15 +603,13 @@ mod tests {
     #[test]
     fn kernel_ranges_become_exclusive_and_back() {
         // F_SETLK of bytes 10..=19 and of the whole file (l_len 0: OFFSET_MAX).
-        assert_eq!(lock_range(10, 19), LockRange { start: 10, end: 20 });
-        assert_eq!(lock_range(0, KERNEL_OFFSET_MAX), LockRange::WHOLE);
+        assert_eq!(lock_range(10, 19), Ok(ByteRange::new(10, 20).unwrap()));
+        assert_eq!(lock_range(0, KERNEL_OFFSET_MAX), Ok(ByteRange::whole()));
         assert_eq!(
             lock_range(5, u64::MAX),
-            LockRange {
-                start: 5,
-                end: u64::MAX
-            }
+            Ok(ByteRange::new(5, ByteRange::EOF).unwrap())
         );
+        assert_eq!(lock_range(10, 9), Err(Errno::EINVAL));
         assert_eq!(kernel_lock_end(20), 19);
         assert_eq!(kernel_lock_end(u64::MAX), KERNEL_OFFSET_MAX);
     }

@@ -4,43 +4,18 @@
 //! a server restart.
 //! Invariant: the ranges of one owner on one file never overlap; setting or releasing a
 //! range replaces or cuts what the owner held there, as the server's table does (POSIX
-//! semantics), so the two agree lock for lock. Ranges are `[start, end)`; `end ==
-//! u64::MAX` runs to the end of the file.
+//! semantics), so the two agree lock for lock.
 //! Pure: no I/O, no clock.
 
 use std::collections::HashMap;
 
-use proto::{Fid, LockKind};
-
-/// Who owns a lock on this client: the kernel's lock owner (a POSIX `files_struct` or a
-/// `flock` open file).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct LockOwnerId(pub u64);
-
-/// A byte range `[start, end)`; `end == u64::MAX` runs to the end of the file.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct LockRange {
-    pub start: u64,
-    pub end: u64,
-}
-
-impl LockRange {
-    /// Every byte of the file.
-    pub const WHOLE: LockRange = LockRange {
-        start: 0,
-        end: u64::MAX,
-    };
-
-    fn overlaps(&self, other: &LockRange) -> bool {
-        self.start < other.end && other.start < self.end
-    }
-}
+use proto::{ByteRange, Fid, LockKind, LockOwnerId};
 
 /// One lock held: its owner, range, kind and the process that took it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HeldLock {
     pub owner: LockOwnerId,
-    pub range: LockRange,
+    pub range: ByteRange,
     pub kind: LockKind,
     pub pid: u32,
 }
@@ -59,7 +34,7 @@ impl HeldLocks {
     }
 
     /// Records that `owner` released `range` of `fid`; returns whether it held any of it.
-    pub fn release(&mut self, fid: Fid, owner: LockOwnerId, range: LockRange) -> bool {
+    pub fn release(&mut self, fid: Fid, owner: LockOwnerId, range: ByteRange) -> bool {
         let Some(locks) = self.by_fid.get_mut(&fid) else {
             return false;
         };
@@ -97,30 +72,19 @@ impl HeldLocks {
 
 /// Removes `range` from `owner`'s locks, splitting those that straddle its edges;
 /// returns whether any byte was removed.
-fn cut(locks: &mut Vec<HeldLock>, owner: LockOwnerId, range: LockRange) -> bool {
+fn cut(locks: &mut Vec<HeldLock>, owner: LockOwnerId, range: ByteRange) -> bool {
     let mut removed = false;
     let mut kept = Vec::with_capacity(locks.len() + 1);
     for lock in locks.drain(..) {
-        if lock.owner != owner || !lock.range.overlaps(&range) {
+        if lock.owner != owner || !lock.range.overlaps(range) {
             kept.push(lock);
             continue;
         }
         removed = true;
-        if lock.range.start < range.start {
+        let (below, above) = lock.range.around(range);
+        for piece in [below, above].into_iter().flatten() {
             kept.push(HeldLock {
-                range: LockRange {
-                    start: lock.range.start,
-                    end: range.start,
-                },
-                ..lock
-            });
-        }
-        if range.end < lock.range.end {
-            kept.push(HeldLock {
-                range: LockRange {
-                    start: range.end,
-                    end: lock.range.end,
-                },
+                range: piece,
                 ..lock
             });
         }
@@ -146,7 +110,7 @@ mod tests {
     fn lock(owner: LockOwnerId, start: u64, end: u64, kind: LockKind) -> HeldLock {
         HeldLock {
             owner,
-            range: LockRange { start, end },
+            range: ByteRange::new(start, end).unwrap(),
             kind,
             pid: 1,
         }
@@ -156,7 +120,7 @@ mod tests {
         let mut all: Vec<_> = table
             .all()
             .into_iter()
-            .map(|(_, l)| (l.owner.0, l.range.start, l.range.end, l.kind))
+            .map(|(_, l)| (l.owner.0, l.range.start(), l.range.end(), l.kind))
             .collect();
         all.sort_by_key(|&(owner, start, ..)| (owner, start));
         all
@@ -182,10 +146,10 @@ mod tests {
     #[test]
     fn release_cuts_and_reports_whether_anything_was_held() {
         let mut table = HeldLocks::default();
-        assert!(!table.release(FID, A, LockRange::WHOLE));
+        assert!(!table.release(FID, A, ByteRange::whole()));
         table.grant(FID, lock(A, 10, u64::MAX, LockKind::Exclusive));
-        assert!(!table.release(FID, A, LockRange { start: 0, end: 10 }));
-        assert!(table.release(FID, A, LockRange { start: 20, end: 30 }));
+        assert!(!table.release(FID, A, ByteRange::new(0, 10).unwrap()));
+        assert!(table.release(FID, A, ByteRange::new(20, 30).unwrap()));
         assert_eq!(
             ranges(&table),
             [
@@ -195,7 +159,7 @@ mod tests {
         );
         assert!(table.holds(FID, A));
         assert!(!table.holds(FID, B));
-        assert!(table.release(FID, A, LockRange::WHOLE));
+        assert!(table.release(FID, A, ByteRange::whole()));
         assert!(table.is_empty());
         assert!(!table.holds(FID, A));
     }

@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 
 use parking_lot::Mutex;
-use proto::ServerId;
+use proto::{ServerId, WaitId};
 use tokio::sync::oneshot;
 use tracing::warn;
 
@@ -35,7 +35,7 @@ enum Slot {
 
 #[derive(Default)]
 struct Inner {
-    slots: HashMap<(ServerId, u64), Slot>,
+    slots: HashMap<(ServerId, WaitId), Slot>,
     /// Blocking `SetLock` requests in flight per server.
     asking: HashMap<ServerId, usize>,
     /// Connections lost per server, so a waiter can tell whether its connection ended
@@ -98,7 +98,7 @@ impl LockWaits {
     /// the receiver is already complete when the grant overtook the `LockQueued`
     /// answer (`Granted`) or the connection was lost since the request went out
     /// (`Lost`: the queued request may have died with it).
-    pub fn wait_for(&self, asking: &Asking<'_>, wait: u64) -> oneshot::Receiver<WaitEnd> {
+    pub fn wait_for(&self, asking: &Asking<'_>, wait: WaitId) -> oneshot::Receiver<WaitEnd> {
         let server = asking.server;
         let (tx, rx) = oneshot::channel();
         let mut inner = self.inner.lock();
@@ -115,7 +115,7 @@ impl LockWaits {
     }
 
     /// The server pushed `LockGranted { wait }`; returns whether to acknowledge it.
-    pub fn granted(&self, server: ServerId, wait: u64) -> bool {
+    pub fn granted(&self, server: ServerId, wait: WaitId) -> bool {
         let mut inner = self.inner.lock();
         match inner.slots.remove(&(server, wait)) {
             Some(Slot::Waiting(tx)) => tx.send(WaitEnd::Granted).is_ok(),
@@ -132,7 +132,7 @@ impl LockWaits {
     }
 
     /// The waiter of `wait` gave up without a grant.
-    pub fn forget(&self, server: ServerId, wait: u64) {
+    pub fn forget(&self, server: ServerId, wait: WaitId) {
         self.inner.lock().slots.remove(&(server, wait));
     }
 
@@ -171,10 +171,10 @@ mod tests {
         let server = ServerId::random();
         let mut rx = {
             let asking = waits.asking(server);
-            waits.wait_for(&asking, 7)
+            waits.wait_for(&asking, WaitId(7))
         };
         assert!(waits.waiting_on(server));
-        assert!(waits.granted(server, 7));
+        assert!(waits.granted(server, WaitId(7)));
         assert_eq!(rx.try_recv(), Ok(WaitEnd::Granted));
         assert!(!waits.waiting_on(server));
     }
@@ -184,8 +184,8 @@ mod tests {
         let waits = LockWaits::default();
         let server = ServerId::random();
         let asking = waits.asking(server);
-        assert!(waits.granted(server, 3));
-        let mut rx = waits.wait_for(&asking, 3);
+        assert!(waits.granted(server, WaitId(3)));
+        let mut rx = waits.wait_for(&asking, WaitId(3));
         drop(asking);
         assert_eq!(rx.try_recv(), Ok(WaitEnd::Granted));
     }
@@ -194,9 +194,9 @@ mod tests {
     fn an_unclaimable_grant_is_refused() {
         let waits = LockWaits::default();
         let server = ServerId::random();
-        assert!(!waits.granted(server, 1));
+        assert!(!waits.granted(server, WaitId(1)));
         let asking = waits.asking(server);
-        assert!(waits.granted(server, 2));
+        assert!(waits.granted(server, WaitId(2)));
         drop(asking);
         // The request that could have claimed it is gone: the early grant went with it.
         assert!(!waits.waiting_on(server));
@@ -209,7 +209,7 @@ mod tests {
         let (mut a, mut b) = {
             let x = waits.asking(one);
             let y = waits.asking(two);
-            (waits.wait_for(&x, 1), waits.wait_for(&y, 1))
+            (waits.wait_for(&x, WaitId(1)), waits.wait_for(&y, WaitId(1)))
         };
         waits.connection_lost(one);
         assert_eq!(a.try_recv(), Ok(WaitEnd::Lost));
@@ -225,7 +225,7 @@ mod tests {
         let asking = waits.asking(server);
         // The request was queued, then the connection died before `LockQueued` was read.
         waits.connection_lost(server);
-        let mut rx = waits.wait_for(&asking, 4);
+        let mut rx = waits.wait_for(&asking, WaitId(4));
         drop(asking);
         assert_eq!(rx.try_recv(), Ok(WaitEnd::Lost));
         assert!(!waits.waiting_on(server));

@@ -17,7 +17,7 @@ use fuser::{Errno, FileAttr, FileType, INodeNo};
 use parking_lot::Mutex;
 use proto::{
     CallbackGrant, DataVersion, ErrorCode, Fid, FileKind, ProtoError, Request, Response, ServerId,
-    SetAttrs, VldbClient, VnodeStatus, VolumeId, VolumeName, VolumeSpace, check_entry_name,
+    SetAttrs, VldbClient, VnodeStatus, VolumeId, VolumeName, VolumeSpace, WaitId, check_entry_name,
 };
 use tokio::sync::{OnceCell, RwLock, Semaphore};
 use tokio::task::JoinSet;
@@ -1430,8 +1430,8 @@ impl CallbackSink for Manager {
         }
     }
 
-    fn lock_granted(&self, server: ServerId, wait: u64, fid: Fid) -> bool {
-        debug!(%server, wait, %fid, "queued lock granted");
+    fn lock_granted(&self, server: ServerId, wait: WaitId, fid: Fid) -> bool {
+        debug!(%server, %wait, %fid, "queued lock granted");
         self.lock_waits.granted(server, wait)
     }
 

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use proto::rpc::{self, Connection, IncomingRequest, Limits};
-use proto::{ErrorCode, Fid, Hello, ProtoError, Request, Response, ServerId};
+use proto::{ErrorCode, Fid, Hello, ProtoError, Request, Response, ServerId, WaitId};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
@@ -49,7 +49,7 @@ pub trait CallbackSink: Send + Sync + 'static {
     /// The server asked to reset: every callback from `server` is void.
     fn reset_callbacks(&self, server: ServerId);
     /// The server granted the queued lock request `wait`; `true` acknowledges it.
-    fn lock_granted(&self, server: ServerId, wait: u64, fid: Fid) -> bool;
+    fn lock_granted(&self, server: ServerId, wait: WaitId, fid: Fid) -> bool;
     /// The connection to `server` ended: breaks may have been lost and queued lock
     /// requests died with it.
     fn connection_lost(&self, server: ServerId);
@@ -560,7 +560,7 @@ impl ServerPool {
                         if sink.lock_granted(server, *wait, *fid) {
                             Ok(Response::Ok)
                         } else {
-                            debug!(wait, %fid, "refusing a lock grant nobody waits for");
+                            debug!(%wait, %fid, "refusing a lock grant nobody waits for");
                             Err(ErrorCode::Stale)
                         }
                     }

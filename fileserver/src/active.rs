@@ -143,7 +143,7 @@ impl Active {
     /// no request and has none in flight. Returns whether the mark is durable.
     pub async fn hand_over(self, epoch: Epoch) -> bool {
         restart::snapshot(&self.callbacks, &self.locks, &self.service.stats);
-        let marked = self.journal.handover(epoch.0).await;
+        let marked = self.journal.handover(epoch).await;
         info!(epoch = epoch.0, marked, "state handed over");
         self.close().await;
         marked

@@ -11,11 +11,11 @@ use std::time::{Duration, Instant, SystemTime};
 
 use proto::rpc::{self, Connection, Limits};
 use proto::{
-    CellConfig, ClientId, Fid, Hello, InstanceNonce, LockKind, PROTOCOL_VERSION_MAX,
-    PROTOCOL_VERSION_MIN, PeerKind, ProtoError, Request, Response, Uniquifier, VnodeId, VolumeId,
-    VolumeName,
+    ByteRange, CellConfig, ClientId, Fid, Hello, InstanceNonce, LockKind, LockOwnerId,
+    PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN, PeerKind, ProtoError, Request, Response,
+    Uniquifier, VnodeId, VolumeId, VolumeName,
 };
-use state::{GraceConfig, JournalMode, LockTableConfig};
+use state::{ClientKey, GraceConfig, JournalMode, Lock, LockOwner, LockTableConfig};
 use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -102,14 +102,13 @@ async fn lock_pairs(address: &str, owners: usize, duration: Duration) -> Result<
         let connection = connections[owner % connections.len()].clone();
         let pairs = pairs.clone();
         tasks.spawn(async move {
-            let owner_id = owner as u64;
+            let owner_id = LockOwnerId(owner as u64);
             let fid = bench_fid(owner);
             while Instant::now() < deadline {
                 let set = Request::SetLock {
                     fid,
                     owner: owner_id,
-                    start: 0,
-                    end: u64::MAX,
+                    range: ByteRange::whole(),
                     kind: LockKind::Exclusive,
                     wait: false,
                     pid: 1,
@@ -118,8 +117,7 @@ async fn lock_pairs(address: &str, owners: usize, duration: Duration) -> Result<
                 let release = Request::ReleaseLock {
                     fid,
                     owner: owner_id,
-                    start: 0,
-                    end: u64::MAX,
+                    range: ByteRange::whole(),
                 };
                 expect_ok(&connection, release, "ReleaseLock").await?;
                 pairs.fetch_add(1, Ordering::Relaxed);
@@ -358,10 +356,10 @@ fn write_state(
     locks: usize,
     clients: usize,
 ) -> Result<(), BenchError> {
-    let client_key = |index: usize| (index % clients) as u32;
+    let client_key = |index: usize| ClientKey((index % clients) as u32);
     let snapshot_clients: Vec<ClientEntry> = (0..clients)
         .map(|index| ClientEntry {
-            key: index as u32,
+            key: ClientKey(index as u32),
             client: ClientId::random(),
             instance: InstanceNonce(1),
         })
@@ -369,11 +367,14 @@ fn write_state(
     let lock_entries: Vec<LockEntry> = (0..locks)
         .map(|index| LockEntry {
             fid: bench_fid(index),
-            client: client_key(index),
-            owner: index as u64,
-            start: 0,
-            end: u64::MAX,
-            kind: LockKind::Exclusive,
+            lock: Lock {
+                owner: LockOwner {
+                    client: client_key(index),
+                    owner: LockOwnerId(index as u64),
+                },
+                range: ByteRange::whole(),
+                kind: LockKind::Exclusive,
+            },
             pid: 1,
         })
         .collect();

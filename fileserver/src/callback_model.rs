@@ -17,6 +17,7 @@ use proto::Fid;
 use serde::de::{SeqAccess, Visitor};
 use serde::ser::SerializeSeq;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use state::ClientKey;
 use state::callback_table::CallbackCapture;
 
 use crate::state_journal::StateRecord;
@@ -34,7 +35,7 @@ pub fn journaled_expiry_ms(wall_ms: u64) -> u64 {
 }
 
 /// One journaled promise: (fid, client key) and its journaled expiry.
-pub type PromiseEntry = ((Fid, u32), u64);
+pub type PromiseEntry = ((Fid, ClientKey), u64);
 
 /// The journaled promises. Encoded as a sequence of `PromiseEntry` (the same bytes as the
 /// map earlier versions wrote). Either a list (decoded, or replayed: records are gathered
@@ -46,9 +47,9 @@ pub struct Promises {
     listed: Vec<PromiseEntry>,
     captured: Option<Arc<Captured>>,
     /// Replayed changes not merged into `listed` yet: `None` removes.
-    changes: HashMap<(Fid, u32), Option<u64>>,
+    changes: HashMap<(Fid, ClientKey), Option<u64>>,
     /// Clients whose promises in `listed` were all dropped by a replayed record.
-    dropped: HashSet<u32>,
+    dropped: HashSet<ClientKey>,
 }
 
 /// A capture of the live table with what turns its monotonic expiries into wall clock.
@@ -64,7 +65,7 @@ impl Captured {
     fn entries(&self) -> impl Iterator<Item = PromiseEntry> + '_ {
         self.table.iter().map(|(fid, client, expiry)| {
             let wall_ms = self.wall_origin_ms.saturating_add(expiry.0);
-            ((fid, client.0), journaled_expiry_ms(wall_ms))
+            ((fid, client), journaled_expiry_ms(wall_ms))
         })
     }
 }
@@ -99,21 +100,21 @@ impl Promises {
         }
     }
 
-    pub fn keys(&self) -> impl Iterator<Item = &(Fid, u32)> {
+    pub fn keys(&self) -> impl Iterator<Item = &(Fid, ClientKey)> {
         self.entries().iter().map(|(key, _)| key)
     }
 
-    pub fn insert(&mut self, fid: Fid, client: u32, expiry_ms: u64) {
+    pub fn insert(&mut self, fid: Fid, client: ClientKey, expiry_ms: u64) {
         self.make_listed();
         self.changes.insert((fid, client), Some(expiry_ms));
     }
 
-    pub fn remove(&mut self, fid: Fid, client: u32) {
+    pub fn remove(&mut self, fid: Fid, client: ClientKey) {
         self.make_listed();
         self.changes.insert((fid, client), None);
     }
 
-    pub fn drop_client(&mut self, client: u32) {
+    pub fn drop_client(&mut self, client: ClientKey) {
         self.make_listed();
         self.changes.retain(|(_, holder), _| *holder != client);
         self.dropped.insert(client);
@@ -244,9 +245,9 @@ pub struct CallbackModel {
     /// (fid, client key) -> expiry, wall-clock ms since the Unix epoch. Empty in the
     /// live server's copy: the live promises are its `CallbackTable`.
     pub promises: Promises,
-    pub owed: HashMap<u32, Owed>,
-    pub inflight_fids: HashMap<u32, BTreeSet<Fid>>,
-    pub inflight_reset: BTreeSet<u32>,
+    pub owed: HashMap<ClientKey, Owed>,
+    pub inflight_fids: HashMap<ClientKey, BTreeSet<Fid>>,
+    pub inflight_reset: BTreeSet<ClientKey>,
     /// Owed fids per client beyond which the queue collapses into a reset, as in
     /// `DelayedBreaks`; 0 means unbounded (replay: the live queue bounds it again).
     #[serde(skip)]
@@ -351,7 +352,7 @@ impl CallbackModel {
 
     /// Owes `client` `fids` too; past `fids_max` (if set) its queue becomes a reset, as
     /// `DelayedBreaks` does.
-    pub fn push(&mut self, client: u32, fids: impl IntoIterator<Item = Fid>) {
+    pub fn push(&mut self, client: ClientKey, fids: impl IntoIterator<Item = Fid>) {
         let queue = self
             .owed
             .entry(client)
@@ -364,7 +365,7 @@ impl CallbackModel {
         }
     }
 
-    fn forget_inflight(&mut self, client: u32, fids: &[Fid]) {
+    fn forget_inflight(&mut self, client: ClientKey, fids: &[Fid]) {
         if let Some(inflight) = self.inflight_fids.get_mut(&client) {
             for fid in fids {
                 inflight.remove(fid);
@@ -402,29 +403,31 @@ mod tests {
     fn replayed_changes_settle_over_the_snapshot_list() {
         let mut model = CallbackModel::new(0);
         model.promises = Promises::from(vec![
-            ((fid(1), 0), 10),
-            ((fid(2), 0), 10),
-            ((fid(1), 1), 10),
-            ((fid(3), 2), 10),
+            ((fid(1), ClientKey(0)), 10),
+            ((fid(2), ClientKey(0)), 10),
+            ((fid(1), ClientKey(1)), 10),
+            ((fid(3), ClientKey(2)), 10),
         ]);
         let records = [
             StateRecord::CallbackGranted {
                 fid: fid(1),
-                client: 0,
+                client: ClientKey(0),
                 expiry_ms: 20,
             },
-            StateRecord::ClientCallbacksDropped { client: 1 },
+            StateRecord::ClientCallbacksDropped {
+                client: ClientKey(1),
+            },
             StateRecord::CallbackGranted {
                 fid: fid(4),
-                client: 1,
+                client: ClientKey(1),
                 expiry_ms: 30,
             },
             StateRecord::CallbacksGivenUp {
-                client: 0,
+                client: ClientKey(0),
                 fids: vec![fid(2)],
             },
             StateRecord::BreaksSent {
-                client: 2,
+                client: ClientKey(2),
                 fids: vec![fid(3)],
             },
         ];
@@ -432,14 +435,17 @@ mod tests {
             model.apply(record);
         }
         model.finish_replay();
-        let expected = Promises::from(vec![((fid(1), 0), 20), ((fid(4), 1), 30)]);
+        let expected = Promises::from(vec![
+            ((fid(1), ClientKey(0)), 20),
+            ((fid(4), ClientKey(1)), 30),
+        ]);
         assert_eq!(model.promises, expected);
     }
 
     #[test]
     fn promises_encode_as_the_map_did() {
-        let listed = vec![((fid(1), 3), 7u64)];
-        let map: HashMap<(Fid, u32), u64> = listed.iter().copied().collect();
+        let listed = vec![((fid(1), ClientKey(3)), 7u64)];
+        let map: HashMap<(Fid, ClientKey), u64> = listed.iter().copied().collect();
         let promises = Promises::from(listed);
         let bytes = postcard::to_allocvec(&promises).unwrap();
         assert_eq!(bytes, postcard::to_allocvec(&map).unwrap());
@@ -455,61 +461,65 @@ mod tests {
         let bytes = postcard::to_allocvec(&promises).unwrap();
         let decoded: Promises = postcard::from_bytes(&bytes).unwrap();
         let expiry = journaled_expiry_ms(1000 + 3_600_000 + 1000);
-        assert_eq!(decoded.entries(), &[((fid(1), 4), expiry)]);
+        assert_eq!(decoded.entries(), &[((fid(1), ClientKey(4)), expiry)]);
         assert_eq!(decoded, promises);
     }
 
     #[test]
     fn an_unacknowledged_break_is_owed_after_replay() {
         let mut model = CallbackModel::new(0);
-        for client in [0, 1] {
+        for client in [ClientKey(0), ClientKey(1)] {
             model.apply(&StateRecord::CallbackGranted {
                 fid: fid(1),
                 client,
                 expiry_ms: 10,
             });
         }
-        for client in [0, 1] {
+        for client in [ClientKey(0), ClientKey(1)] {
             model.apply(&StateRecord::BreaksSent {
                 client,
                 fids: vec![fid(1)],
             });
         }
         model.apply(&StateRecord::BreaksAcked {
-            client: 0,
+            client: ClientKey(0),
             fids: vec![fid(1)],
         });
-        model.apply(&StateRecord::ResetSent { client: 2 });
+        model.apply(&StateRecord::ResetSent {
+            client: ClientKey(2),
+        });
         model.finish_replay();
         assert!(model.promises.entries().is_empty());
-        assert_eq!(model.owed.get(&0), None);
+        assert_eq!(model.owed.get(&ClientKey(0)), None);
         assert_eq!(
-            model.owed.get(&1),
+            model.owed.get(&ClientKey(1)),
             Some(&Owed::Fids(BTreeSet::from([fid(1)])))
         );
-        assert_eq!(model.owed.get(&2), Some(&Owed::Reset));
+        assert_eq!(model.owed.get(&ClientKey(2)), Some(&Owed::Reset));
     }
 
     #[test]
     fn taken_breaks_stay_owed_until_acknowledged_and_overflow_resets() {
         let mut model = CallbackModel::new(2);
         model.apply(&StateRecord::DelayedQueued {
-            client: 0,
+            client: ClientKey(0),
             fids: vec![fid(1), fid(2)],
         });
-        model.apply(&StateRecord::DelayedTaken { client: 0 });
+        model.apply(&StateRecord::DelayedTaken {
+            client: ClientKey(0),
+        });
         assert!(model.owed.is_empty());
         model.apply(&StateRecord::BreaksAcked {
-            client: 0,
+            client: ClientKey(0),
             fids: vec![fid(1), fid(2)],
         });
         let mut replayed = model.clone();
         replayed.finish_replay();
         assert!(replayed.owed.is_empty());
         model.apply(&StateRecord::DelayedQueued {
-            client: 0,
+            client: ClientKey(0),
             fids: vec![fid(1), fid(2), fid(3)],
         });
-        assert_eq!(model.owed.get(&0), Some(&Owed::Reset));
+        assert_eq!(model.owed.get(&ClientKey(0)), Some(&Owed::Reset));
     }
 }

@@ -184,7 +184,7 @@ impl Callbacks {
     pub fn restore(
         &self,
         recovered: CallbackModel,
-        keys: &HashMap<u32, ClientKey>,
+        keys: &HashMap<ClientKey, ClientKey>,
         complete: bool,
     ) {
         let (now, now_ms) = (self.now(), wall_ms());
@@ -213,7 +213,7 @@ impl Callbacks {
         }
         drop(recovered.promises);
         let mut owed = 0;
-        let owed_by = |old: &u32| keys.get(old).copied();
+        let owed_by = |old: &ClientKey| keys.get(old).copied();
         for (old, queue) in recovered.owed {
             let Some(key) = owed_by(&old) else {
                 continue;
@@ -222,20 +222,20 @@ impl Callbacks {
             match queue {
                 Owed::Reset => {
                     clients.delayed.push_reset(key);
-                    clients.model.owed.insert(key.0, Owed::Reset);
+                    clients.model.owed.insert(key, Owed::Reset);
                 }
                 Owed::Fids(fids) => {
                     clients.delayed.push(key, fids.iter().copied());
                     // Bounded as the queue is: replay does not bound, and more fids
                     // than the queue holds became a reset there.
-                    clients.model.push(key.0, fids);
+                    clients.model.push(key, fids);
                 }
             }
         }
         if !complete {
             for &key in keys.values() {
                 clients.delayed.push_reset(key);
-                clients.model.owed.insert(key.0, Owed::Reset);
+                clients.model.owed.insert(key, Owed::Reset);
             }
         }
         info!(promises, owed, complete, "callback state restored");
@@ -273,13 +273,13 @@ impl Callbacks {
                     let journal = &self.journal;
                     tables.emit(
                         journal,
-                        StateRecord::ClientCallbacksDropped { client: key.0 },
+                        StateRecord::ClientCallbacksDropped { client: key },
                         false,
                     );
                     if tables.delayed.take(key).is_some() {
-                        tables.emit(journal, StateRecord::DelayedTaken { client: key.0 }, false);
+                        tables.emit(journal, StateRecord::DelayedTaken { client: key }, false);
                     }
-                    tables.emit(journal, StateRecord::ResetSent { client: key.0 }, false);
+                    tables.emit(journal, StateRecord::ResetSent { client: key }, false);
                     Some(Pending::Reset)
                 }
                 Admission::Returning(_) => {
@@ -287,7 +287,7 @@ impl Callbacks {
                     if owed.is_some() {
                         tables.emit(
                             &self.journal,
-                            StateRecord::DelayedTaken { client: key.0 },
+                            StateRecord::DelayedTaken { client: key },
                             false,
                         );
                     }
@@ -336,9 +336,9 @@ impl Callbacks {
         let mut tables = self.clients.write();
         if delivered {
             let record = match &owed {
-                Pending::Reset => StateRecord::ResetAcked { client: key.0 },
+                Pending::Reset => StateRecord::ResetAcked { client: key },
                 Pending::Fids(fids) => StateRecord::BreaksAcked {
-                    client: key.0,
+                    client: key,
                     fids: fids.clone(),
                 },
             };
@@ -355,16 +355,13 @@ impl Callbacks {
                 tables.delayed.push_reset(key);
                 tables.emit(
                     &self.journal,
-                    StateRecord::DelayedReset { client: key.0 },
+                    StateRecord::DelayedReset { client: key },
                     false,
                 );
             }
             Pending::Fids(fids) => {
                 tables.delayed.push(key, fids.iter().copied());
-                let record = StateRecord::DelayedQueued {
-                    client: key.0,
-                    fids,
-                };
+                let record = StateRecord::DelayedQueued { client: key, fids };
                 tables.emit(&self.journal, record, false);
             }
         }
@@ -440,7 +437,7 @@ impl Callbacks {
             } else {
                 let record = StateRecord::CallbackGranted {
                     fid,
-                    client: client.0,
+                    client,
                     expiry_ms,
                 };
                 // A grant changes no owed or in-flight break: the client lock is not needed.
@@ -448,7 +445,7 @@ impl Callbacks {
             };
             let evicted = grant.evicted.map(|(evicted_fid, evicted_client)| {
                 let record = StateRecord::BreaksSent {
-                    client: evicted_client.0,
+                    client: evicted_client,
                     fids: vec![evicted_fid],
                 };
                 let sent = self.clients.write().emit(&self.journal, record, true);
@@ -478,7 +475,7 @@ impl Callbacks {
             locked.table(fid).give_up(client, &[fid]);
         }
         let record = StateRecord::CallbacksGivenUp {
-            client: client.0,
+            client,
             fids: fids.to_vec(),
         };
         self.journal.record(&record, false);
@@ -541,9 +538,9 @@ impl Callbacks {
                 }
             }
             let mut tables = self.clients.write();
-            for (client, fids) in &owed {
+            for (&client, fids) in &owed {
                 let record = StateRecord::BreaksSent {
-                    client: client.0,
+                    client,
                     fids: fids.clone(),
                 };
                 journaled.push(tables.emit(&self.journal, record, true));
@@ -600,10 +597,7 @@ impl Callbacks {
             };
             let mut tables = self.clients.write();
             if delivered {
-                let record = StateRecord::BreaksAcked {
-                    client: client.0,
-                    fids,
-                };
+                let record = StateRecord::BreaksAcked { client, fids };
                 tables.emit(&self.journal, record, false);
                 continue;
             }
@@ -621,14 +615,7 @@ impl Callbacks {
 /// Owes `client` the breaks on `fids` until it returns.
 fn queue_breaks(tables: &mut Clients, journal: &StateJournal, client: ClientKey, fids: Vec<Fid>) {
     tables.delayed.push(client, fids.iter().copied());
-    tables.emit(
-        journal,
-        StateRecord::DelayedQueued {
-            client: client.0,
-            fids,
-        },
-        false,
-    );
+    tables.emit(journal, StateRecord::DelayedQueued { client, fids }, false);
 }
 
 /// Marks `key` unreachable if `connection` is still its current one, and closes the
@@ -650,7 +637,7 @@ mod tests {
     use std::sync::Arc;
 
     use proto::{ClientId, Fid, InstanceNonce, Uniquifier, VnodeId, VolumeId};
-    use state::JournalMode;
+    use state::{ClientKey, JournalMode};
 
     use crate::callback_model::{CallbackModel, Owed};
     use crate::locks::{TEST_DELAYED_PER_CLIENT_MAX, test_tables};
@@ -676,9 +663,10 @@ mod tests {
             })
             .collect();
         let mut recovered = CallbackModel::new(0);
-        recovered.owed.insert(7, Owed::Fids(fids));
-        callbacks.restore(recovered, &HashMap::from([(7, key)]), true);
+        let written_by = ClientKey(7);
+        recovered.owed.insert(written_by, Owed::Fids(fids));
+        callbacks.restore(recovered, &HashMap::from([(written_by, key)]), true);
         let (_, model) = callbacks.inspect(Fid::root(VolumeId(1)));
-        assert_eq!(model.owed.get(&key.0), Some(&Owed::Reset));
+        assert_eq!(model.owed.get(&key), Some(&Owed::Reset));
     }
 }

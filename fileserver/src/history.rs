@@ -11,7 +11,7 @@ use std::io::Write;
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use proto::Request;
+use proto::{Epoch, Request};
 use tracing::warn;
 
 use crate::FileServerError;
@@ -37,7 +37,7 @@ impl History {
 
     /// Appends one line; a failure is logged, not returned: the history is evidence for
     /// tests, not part of the service.
-    pub fn line(&self, epoch: u64, member: &str, what: &str) {
+    pub fn line(&self, epoch: Epoch, member: &str, what: &str) {
         let micros = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_micros());

@@ -9,15 +9,15 @@ use std::fmt::Write as _;
 use std::io::{ErrorKind, Read};
 use std::path::{Path, PathBuf};
 
-use proto::{ClientId, Epoch, Fid, InstanceNonce, LockKind};
+use proto::{ByteRange, ClientId, Epoch, Fid, InstanceNonce, LockKind, LockOwnerId};
 use serde::{Serialize, Serializer};
 use state::journal::segment::{SEGMENT_HEADER_BYTES, SegmentHeader};
 use state::journal::{JournalSpan, Recovered};
-use state::{JournalError, Lsn};
+use state::{ClientKey, JournalError, Lsn};
 use thiserror::Error;
 
 use crate::callback_model::Owed;
-use crate::state_journal::{STATE_DIR, StateJournalError, StateSnapshot, replay};
+use crate::state_journal::{LockEntry, STATE_DIR, StateJournalError, StateSnapshot, replay};
 
 /// Fids of a client's promises listed in a report; beyond this only the count is given.
 pub const CALLBACK_FIDS_LISTED_MAX: usize = 20;
@@ -90,7 +90,7 @@ pub struct ClientReport {
     pub client: ClientId,
     pub instance: InstanceNonce,
     /// The client key of the process that wrote the journal.
-    pub key: u32,
+    pub key: ClientKey,
     pub locks: Vec<LockReport>,
     pub callback_count: usize,
     /// The first [`CALLBACK_FIDS_LISTED_MAX`] fids of its promises, in fid order.
@@ -98,13 +98,14 @@ pub struct ClientReport {
     pub owed: Option<OwedReport>,
 }
 
-/// A granted byte-range lock; `end` is exclusive, `u64::MAX` means to end of file.
+/// A granted byte-range lock; in JSON its range is `start` and `end` (exclusive,
+/// `u64::MAX` means to end of file).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct LockReport {
     pub fid: Fid,
-    pub owner: u64,
-    pub start: u64,
-    pub end: u64,
+    pub owner: LockOwnerId,
+    #[serde(flatten)]
+    pub range: ByteRange,
     pub kind: LockKind,
     pub pid: u32,
 }
@@ -188,20 +189,22 @@ fn report(
     journal: JournalReport,
     state: StateSnapshot,
 ) -> StateReport {
-    let mut promises: BTreeMap<u32, BTreeSet<Fid>> = BTreeMap::new();
+    let mut promises: BTreeMap<ClientKey, BTreeSet<Fid>> = BTreeMap::new();
     for &(fid, key) in state.callbacks.promises.keys() {
         promises.entry(key).or_default().insert(fid);
     }
-    let mut locks: BTreeMap<u32, Vec<LockReport>> = BTreeMap::new();
-    for entry in &state.locks {
-        locks.entry(entry.client).or_default().push(LockReport {
-            fid: entry.fid,
-            owner: entry.owner,
-            start: entry.start,
-            end: entry.end,
-            kind: entry.kind,
-            pid: entry.pid,
-        });
+    let mut locks: BTreeMap<ClientKey, Vec<LockReport>> = BTreeMap::new();
+    for &LockEntry { fid, lock, pid } in &state.locks {
+        locks
+            .entry(lock.owner.client)
+            .or_default()
+            .push(LockReport {
+                fid,
+                owner: lock.owner.owner,
+                range: lock.range,
+                kind: lock.kind,
+                pid,
+            });
     }
     let mut counts = Counts {
         clients: state.clients.len(),
@@ -303,7 +306,7 @@ fn write_text(report: &StateReport, out: &mut String) -> std::fmt::Result {
         writeln!(
             out,
             "client {} instance {} (key {})",
-            client.client, client.instance, client.key
+            client.client, client.instance, client.key.0
         )?;
         match &client.owed {
             Some(OwedReport::Reset) => writeln!(out, "  owed: reset")?,
@@ -314,19 +317,14 @@ fn write_text(report: &StateReport, out: &mut String) -> std::fmt::Result {
         }
         writeln!(out, "  locks: {}", client.locks.len())?;
         for lock in &client.locks {
-            let end = if lock.end == u64::MAX {
-                "EOF".to_string()
-            } else {
-                lock.end.to_string()
-            };
             let kind = match lock.kind {
                 LockKind::Shared => "shared",
                 LockKind::Exclusive => "exclusive",
             };
             writeln!(
                 out,
-                "    {} owner {} [{}, {end}) {kind} pid {}",
-                lock.fid, lock.owner, lock.start, lock.pid
+                "    {} owner {} {} {kind} pid {}",
+                lock.fid, lock.owner, lock.range, lock.pid
             )?;
         }
         write!(out, "  callbacks: {}", client.callback_count)?;

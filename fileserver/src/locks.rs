@@ -20,10 +20,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, MutexGuard};
-use proto::{ClientId, ErrorCode, Fid, InstanceNonce, LockHolder, Request, Response};
+use proto::{
+    ByteRange, ClientId, ErrorCode, Fid, InstanceNonce, LockHolder, LockKind, LockOwnerId, Request,
+    Response, WaitId,
+};
 use state::{
-    ByteRange, ClientKey, Effect, Grace, GraceCheck, GraceConfig, Leases, Lock, LockKind,
-    LockOutcome, LockOwner, LockTable, LockTableConfig, Millis, WaitId,
+    ClientKey, Effect, Grace, GraceCheck, GraceConfig, Leases, Lock, LockOutcome, LockOwner,
+    LockTable, LockTableConfig, Millis,
 };
 use tracing::{debug, info, warn};
 
@@ -268,7 +271,7 @@ impl Locks {
         let with_slack = |len: usize| len + len / 64 + 64;
         let owner = LockOwner {
             client: ClientKey(0),
-            owner: 0,
+            owner: LockOwnerId(0),
         };
         let lock = Lock {
             owner,
@@ -327,7 +330,7 @@ impl Locks {
         }
         known.clients.insert(key, (client, instance));
         let record = StateRecord::ClientAdmitted {
-            key: key.0,
+            key,
             client,
             instance,
         };
@@ -359,7 +362,7 @@ impl Locks {
         self: &Arc<Self>,
         client: ClientKey,
         fid: Fid,
-        owner: u64,
+        owner: LockOwnerId,
         range: ByteRange,
         kind: LockKind,
         wait: bool,
@@ -384,7 +387,7 @@ impl Locks {
                 LockOutcome::Granted => {
                     shard.pids.insert((fid, owner), pid);
                     shard.holders.insert(client);
-                    durable = self.record_grant(fid, owner, range, kind, pid);
+                    durable = self.record_grant(fid, Lock { owner, range, kind }, pid);
                     Ok(SetLockReply::Granted)
                 }
                 LockOutcome::Queued(id) => {
@@ -410,7 +413,7 @@ impl Locks {
         self: &Arc<Self>,
         client: ClientKey,
         fid: Fid,
-        owner: u64,
+        owner: LockOwnerId,
         range: ByteRange,
     ) -> Result<(), ErrorCode> {
         let owner = LockOwner { client, owner };
@@ -437,7 +440,7 @@ impl Locks {
         &self,
         client: ClientKey,
         fid: Fid,
-        owner: u64,
+        owner: LockOwnerId,
         range: ByteRange,
         kind: LockKind,
     ) -> Option<LockHolder> {
@@ -462,9 +465,8 @@ impl Locks {
         Some(LockHolder {
             client,
             owner: holder.owner.owner,
-            start: holder.range.start(),
-            end: holder.range.end(),
-            kind: wire_kind(holder.kind),
+            range: holder.range,
+            kind: holder.kind,
             pid: pid.unwrap_or(0),
         })
     }
@@ -492,7 +494,7 @@ impl Locks {
         &self,
         client: ClientKey,
         fid: Fid,
-        owner: u64,
+        owner: LockOwnerId,
         range: ByteRange,
         kind: LockKind,
         pid: u32,
@@ -511,8 +513,7 @@ impl Locks {
                 *held_fid == fid
                     && held.owner == owner
                     && held.kind == kind
-                    && held.range.start() <= range.start()
-                    && range.end() <= held.range.end()
+                    && held.range.contains(range)
             })
         };
         if !in_grace && !held() {
@@ -666,7 +667,7 @@ impl Locks {
             // grants it frees, which replay must find free.
             let _ = self
                 .journal
-                .record(&StateRecord::ClientReleased { key: client.0 }, false);
+                .record(&StateRecord::ClientReleased { key: client }, false);
         }
         let mut effects = Vec::new();
         for (index, granted) in freed {
@@ -696,7 +697,7 @@ impl Locks {
                 } = effect;
                 let pid = shard.waits.remove(&wait).map_or(0, |(_, pid)| pid);
                 shard.pids.insert((fid, owner), pid);
-                let durable = self.record_grant(fid, owner, range, kind, pid);
+                let durable = self.record_grant(fid, Lock { owner, range, kind }, pid);
                 let effect = Effect::Granted {
                     wait: client_wait(index, wait),
                     fid,
@@ -709,35 +710,14 @@ impl Locks {
             .collect()
     }
 
-    fn record_grant(
-        &self,
-        fid: Fid,
-        owner: LockOwner,
-        range: ByteRange,
-        kind: LockKind,
-        pid: u32,
-    ) -> Durable {
-        let record = StateRecord::LockGranted {
-            fid,
-            client: owner.client.0,
-            owner: owner.owner,
-            start: range.start(),
-            end: range.end(),
-            kind: wire_kind(kind),
-            pid,
-        };
-        self.journal.record(&record, true)
+    fn record_grant(&self, fid: Fid, lock: Lock, pid: u32) -> Durable {
+        self.journal
+            .record(&StateRecord::LockGranted { fid, lock, pid }, true)
     }
 
     fn record_release(&self, fid: Fid, owner: LockOwner, range: ByteRange) -> Durable {
-        let record = StateRecord::LockReleased {
-            fid,
-            client: owner.client.0,
-            owner: owner.owner,
-            start: range.start(),
-            end: range.end(),
-        };
-        self.journal.record(&record, true)
+        self.journal
+            .record(&StateRecord::LockReleased { fid, owner, range }, true)
     }
 
     /// Tells each client whose queued request was granted, once the grant is durable.
@@ -806,7 +786,7 @@ impl Locks {
         let Some(connection) = self.callbacks.connection(owner.client) else {
             return Push::Unanswered;
         };
-        let request = Request::LockGranted { wait: wait.0, fid };
+        let request = Request::LockGranted { wait, fid };
         let timeout = self.callbacks.break_timeout();
         match connection.call(request, timeout).await {
             Ok(Response::Ok) => Push::Acknowledged,
@@ -890,7 +870,7 @@ fn client_entries(
 ) -> Vec<ClientEntry> {
     clients
         .map(|(key, (client, instance))| ClientEntry {
-            key: key.0,
+            key,
             client,
             instance,
         })
@@ -904,11 +884,7 @@ fn lock_entries(
     locks
         .map(|(fid, lock)| LockEntry {
             fid,
-            client: lock.owner.client.0,
-            owner: lock.owner.owner,
-            start: lock.range.start(),
-            end: lock.range.end(),
-            kind: wire_kind(lock.kind),
+            lock,
             pid: pids.get(&(fid, lock.owner)).copied().unwrap_or(0),
         })
         .collect()
@@ -928,23 +904,9 @@ fn prune_pids(shard: &mut Shard) {
     shard.pids.retain(|key, _| live.contains(key));
 }
 
-pub fn state_kind(kind: proto::LockKind) -> LockKind {
-    match kind {
-        proto::LockKind::Shared => LockKind::Shared,
-        proto::LockKind::Exclusive => LockKind::Exclusive,
-    }
-}
-
-pub fn wire_kind(kind: LockKind) -> proto::LockKind {
-    match kind {
-        LockKind::Shared => proto::LockKind::Shared,
-        LockKind::Exclusive => proto::LockKind::Exclusive,
-    }
-}
-
-/// `[start, end)` as a lock range; an empty range is an invalid argument.
-pub fn range(start: u64, end: u64) -> Result<ByteRange, ErrorCode> {
-    ByteRange::new(start, end).map_err(|_| ErrorCode::InvalidArgument)
+/// A range from a request, refused as an invalid argument when empty.
+pub fn checked(range: ByteRange) -> Result<ByteRange, ErrorCode> {
+    range.checked().map_err(|_| ErrorCode::InvalidArgument)
 }
 
 /// The delayed-break queue bound of `test_tables`.
@@ -975,8 +937,10 @@ mod tests {
     use super::*;
     use crate::state_journal::LockEntry;
 
+    const ONE: LockOwnerId = LockOwnerId(1);
+
     fn sorted(mut locks: Vec<LockEntry>) -> Vec<LockEntry> {
-        locks.sort_unstable_by_key(|l| (l.fid, l.client, l.owner, l.start));
+        locks.sort_unstable_by_key(|l| (l.fid, l.lock.owner, l.lock.range));
         locks
     }
 
@@ -1003,11 +967,11 @@ mod tests {
         let mut waits = HashSet::new();
         for &fid in &fids {
             let granted = locks
-                .set(holder, fid, 1, whole, LockKind::Exclusive, false, 1)
+                .set(holder, fid, ONE, whole, LockKind::Exclusive, false, 1)
                 .await;
             assert_eq!(granted, Ok(SetLockReply::Granted));
             let queued = locks
-                .set(waiter, fid, 1, whole, LockKind::Exclusive, true, 2)
+                .set(waiter, fid, ONE, whole, LockKind::Exclusive, true, 2)
                 .await;
             let Ok(SetLockReply::Queued(wait)) = queued else {
                 panic!("expected a queued request, got {queued:?}");
@@ -1018,7 +982,7 @@ mod tests {
             locks.cancel(waiter, wait);
         }
         for &fid in &fids {
-            assert_eq!(locks.release(holder, fid, 1, whole).await, Ok(()));
+            assert_eq!(locks.release(holder, fid, ONE, whole).await, Ok(()));
         }
         assert!(locks.state().locks.is_empty());
     }
@@ -1044,7 +1008,7 @@ mod tests {
                 .set(
                     key,
                     fid,
-                    1,
+                    ONE,
                     ByteRange::whole(),
                     LockKind::Shared,
                     false,

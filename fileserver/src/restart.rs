@@ -10,12 +10,12 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use state::{ByteRange, GraceConfig, JournalMode, Lock, LockOwner};
+use state::{ClientKey, GraceConfig, JournalMode};
 use tracing::{debug, warn};
 
 use crate::callbacks::Callbacks;
 use crate::locks::{self, Locks};
-use crate::state_journal::{Durable, StateSnapshot};
+use crate::state_journal::{Durable, LockEntry, StateSnapshot};
 use crate::stats::Stats;
 
 /// Installs `recovered` and starts grace over its locks, unless the journal ends with a
@@ -35,7 +35,8 @@ pub fn restore(
     }
     // Every grant and release was durable before its reply only in `Sync` mode.
     let complete = mode == JournalMode::Sync;
-    let mut keys = HashMap::new();
+    // The journal's client keys to this process's.
+    let mut keys: HashMap<ClientKey, ClientKey> = HashMap::new();
     let mut clients = Vec::new();
     for entry in recovered.clients {
         match callbacks.recover(entry.client, entry.instance) {
@@ -50,22 +51,12 @@ pub fn restore(
     }
     callbacks.restore(recovered.callbacks, &keys, complete);
     let mut held = Vec::new();
-    for entry in recovered.locks {
-        let (Some(&client), Ok(range)) = (
-            keys.get(&entry.client),
-            ByteRange::new(entry.start, entry.end),
-        ) else {
+    for LockEntry { fid, mut lock, pid } in recovered.locks {
+        let (Some(&client), Ok(_)) = (keys.get(&lock.owner.client), lock.range.checked()) else {
             continue;
         };
-        let lock = Lock {
-            owner: LockOwner {
-                client,
-                owner: entry.owner,
-            },
-            range,
-            kind: locks::state_kind(entry.kind),
-        };
-        held.push((entry.fid, lock, entry.pid));
+        lock.owner.client = client;
+        held.push((fid, lock, pid));
     }
     locks.recover(clients, held, grace, complete);
     true
@@ -109,8 +100,11 @@ mod tests {
     use std::sync::Arc;
 
     use proptest::prelude::*;
-    use proto::{ClientId, Fid, InstanceNonce, Uniquifier, VnodeId, VolumeId};
-    use state::{ByteRange, JournalMode, LockKind};
+    use proto::{
+        ByteRange, ClientId, Fid, InstanceNonce, LockKind, LockOwnerId, Uniquifier, VnodeId,
+        VolumeId,
+    };
+    use state::{ClientKey, JournalMode};
 
     use crate::callback_model::{CallbackModel, Owed};
     use crate::locks::{TEST_DELAYED_PER_CLIENT_MAX, test_tables};
@@ -246,7 +240,7 @@ mod tests {
                     } else {
                         LockKind::Shared
                     };
-                    let owner = u64::from(owner);
+                    let owner = LockOwnerId(u64::from(owner));
                     let _ = locks
                         .set(
                             key(client),
@@ -266,7 +260,7 @@ mod tests {
                     start,
                     len,
                 } => {
-                    let owner = u64::from(owner);
+                    let owner = LockOwnerId(u64::from(owner));
                     let _ = locks
                         .release(key(client), fid(file), owner, range(start, len))
                         .await;
@@ -291,7 +285,7 @@ mod tests {
         let mut held = BTreeSet::new();
         for file in 0..FILES {
             let (holders, _) = callbacks.inspect(fid(file));
-            held.extend(holders.into_iter().map(|holder| (fid(file), holder.0)));
+            held.extend(holders.into_iter().map(|holder| (fid(file), holder)));
         }
         let (_, mut live_model) = callbacks.inspect(fid(0));
         // The live view keeps no copy of the promises: the table is the only one.
@@ -303,7 +297,7 @@ mod tests {
         let (journal, replayed) = StateJournal::open(dir, JournalMode::None).unwrap();
         journal.close();
         assert_eq!(sorted(replayed.locks.clone()), sorted(live_locks.locks));
-        let replayed_promises: BTreeSet<(Fid, u32)> =
+        let replayed_promises: BTreeSet<(Fid, ClientKey)> =
             replayed.callbacks.promises.keys().copied().collect();
         assert_eq!(replayed_promises, held);
         // Every grant told its client an hour; the journal must not say less.
@@ -437,7 +431,7 @@ mod tests {
                                         .set(
                                             key,
                                             fid(file),
-                                            next(3),
+                                            LockOwnerId(next(3)),
                                             range(start, len),
                                             kind,
                                             false,
@@ -447,7 +441,12 @@ mod tests {
                                 }
                                 2 => {
                                     let _ = locks
-                                        .release(key, fid(file), next(3), range(start, len))
+                                        .release(
+                                            key,
+                                            fid(file),
+                                            LockOwnerId(next(3)),
+                                            range(start, len),
+                                        )
                                         .await;
                                 }
                                 3 => assert!(callbacks.grant(key, fid(file)).await.is_some()),
@@ -469,7 +468,7 @@ mod tests {
         let mut held = BTreeSet::new();
         for file in 0..FILES {
             let (holders, _) = callbacks.inspect(fid(file));
-            held.extend(holders.into_iter().map(|holder| (fid(file), holder.0)));
+            held.extend(holders.into_iter().map(|holder| (fid(file), holder)));
         }
         drop((callbacks, locks));
         Arc::into_inner(journal).unwrap().close();
@@ -477,13 +476,13 @@ mod tests {
         let (journal, replayed) = StateJournal::open(dir.path(), JournalMode::None).unwrap();
         journal.close();
         assert_eq!(sorted(replayed.locks), sorted(live_locks.locks));
-        let replayed_promises: BTreeSet<(Fid, u32)> =
+        let replayed_promises: BTreeSet<(Fid, ClientKey)> =
             replayed.callbacks.promises.keys().copied().collect();
         assert_eq!(replayed_promises, held);
     }
 
     fn sorted(mut locks: Vec<LockEntry>) -> Vec<LockEntry> {
-        locks.sort_unstable_by_key(|l| (l.fid, l.client, l.owner, l.start));
+        locks.sort_unstable_by_key(|l| (l.fid, l.lock.owner, l.lock.range));
         locks
     }
 

@@ -16,7 +16,7 @@ use proto::{
     CallbackGrant, DataVersion, ErrorCode, Fid, Hello, HelloReply, PeerKind, Request, Response,
     VolumeId,
 };
-use state::{Admission, ClientKey, WaitId};
+use state::{Admission, ClientKey};
 use tracing::{Instrument, debug, debug_span, error, info};
 
 use crate::callbacks::Callbacks;
@@ -314,53 +314,43 @@ impl FileService {
             Request::SetLock {
                 fid,
                 owner,
-                start,
-                end,
+                range,
                 kind,
                 wait,
                 pid,
             } => {
                 let client = caller.ok_or(ErrorCode::Unsupported)?;
-                let range = locks::range(start, end)?;
-                let kind = locks::state_kind(kind);
+                let range = locks::checked(range)?;
                 match self
                     .locks
                     .set(client, fid, owner, range, kind, wait, pid)
                     .await?
                 {
                     SetLockReply::Granted => Ok(Response::Ok),
-                    SetLockReply::Queued(wait) => Ok(Response::LockQueued { wait: wait.0 }),
+                    SetLockReply::Queued(wait) => Ok(Response::LockQueued { wait }),
                 }
             }
-            Request::ReleaseLock {
-                fid,
-                owner,
-                start,
-                end,
-            } => {
+            Request::ReleaseLock { fid, owner, range } => {
                 let client = caller.ok_or(ErrorCode::Unsupported)?;
                 self.locks
-                    .release(client, fid, owner, locks::range(start, end)?)
+                    .release(client, fid, owner, locks::checked(range)?)
                     .await?;
                 Ok(Response::Ok)
             }
             Request::TestLock {
                 fid,
                 owner,
-                start,
-                end,
+                range,
                 kind,
             } => {
                 let client = caller.ok_or(ErrorCode::Unsupported)?;
-                let range = locks::range(start, end)?;
-                let holder = self
-                    .locks
-                    .test(client, fid, owner, range, locks::state_kind(kind));
+                let range = locks::checked(range)?;
+                let holder = self.locks.test(client, fid, owner, range, kind);
                 Ok(Response::LockTest { holder })
             }
             Request::CancelLockWait { wait } => {
                 let client = caller.ok_or(ErrorCode::Unsupported)?;
-                self.locks.cancel(client, WaitId(wait));
+                self.locks.cancel(client, wait);
                 Ok(Response::Ok)
             }
             // `handle` renewed the lease already, as for every request.
@@ -371,15 +361,13 @@ impl FileService {
             Request::ReclaimLock {
                 fid,
                 owner,
-                start,
-                end,
+                range,
                 kind,
                 pid,
             } => {
                 let client = caller.ok_or(ErrorCode::Unsupported)?;
-                let range = locks::range(start, end)?;
-                self.locks
-                    .reclaim(client, fid, owner, range, locks::state_kind(kind), pid)?;
+                let range = locks::checked(range)?;
+                self.locks.reclaim(client, fid, owner, range, kind, pid)?;
                 Ok(Response::Ok)
             }
             Request::ReclaimDone => {

@@ -19,11 +19,11 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use proto::{ClientId, Epoch, Fid, InstanceNonce, LockKind};
+use proto::{ByteRange, ClientId, Epoch, Fid, InstanceNonce};
 use serde::{Deserialize, Serialize};
 use state::journal::Vfs;
 use state::{
-    ByteRange, ClientKey, Journal, JournalConfig, JournalError, JournalMode, LockOwner, LockTable,
+    ClientKey, Journal, JournalConfig, JournalError, JournalMode, Lock, LockOwner, LockTable,
     LockTableConfig, Lsn, Recovered,
 };
 use thiserror::Error;
@@ -32,7 +32,6 @@ use tracing::{error, info, warn};
 
 use crate::callback_model::CallbackModel;
 use crate::fence::{Fence, FencedVfs};
-use crate::locks::{state_kind, wire_kind};
 
 /// The directory of the journal inside the partition.
 pub const STATE_DIR: &str = "state";
@@ -50,89 +49,84 @@ const BATCH_MAX: usize = 1024;
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum StateRecord {
     ClientAdmitted {
-        key: u32,
+        key: ClientKey,
         client: ClientId,
         instance: InstanceNonce,
     },
-    /// `owner` locked `[start, end)` of `fid` (POSIX replace-and-merge semantics).
+    /// `lock` of `fid` was granted to its owner (POSIX replace-and-merge semantics),
+    /// taken by process `pid`.
     LockGranted {
         fid: Fid,
-        client: u32,
-        owner: u64,
-        start: u64,
-        end: u64,
-        kind: LockKind,
+        lock: Lock,
         pid: u32,
     },
-    /// `owner` unlocked `[start, end)` of `fid`.
+    /// `owner` unlocked `range` of `fid`.
     LockReleased {
         fid: Fid,
-        client: u32,
-        owner: u64,
-        start: u64,
-        end: u64,
+        owner: LockOwner,
+        range: ByteRange,
     },
     /// Every lock of the client is gone (lease lapsed or restart).
     ClientReleased {
-        key: u32,
+        key: ClientKey,
     },
     /// `client` holds a promise on `fid` until `expiry_ms` (wall clock, rounded up).
     CallbackGranted {
         fid: Fid,
-        client: u32,
+        client: ClientKey,
         expiry_ms: u64,
     },
     /// The client dropped these promises.
     CallbacksGivenUp {
-        client: u32,
+        client: ClientKey,
         fids: Vec<Fid>,
     },
     /// Every promise of the client is void (it is new or restarted and gets a reset).
     ClientCallbacksDropped {
-        client: u32,
+        client: ClientKey,
     },
     /// These promises were broken; the break is in flight until acknowledged or queued.
     BreaksSent {
-        client: u32,
+        client: ClientKey,
         fids: Vec<Fid>,
     },
     BreaksAcked {
-        client: u32,
+        client: ClientKey,
         fids: Vec<Fid>,
     },
     /// A reset is in flight to the client.
     ResetSent {
-        client: u32,
+        client: ClientKey,
     },
     ResetAcked {
-        client: u32,
+        client: ClientKey,
     },
     /// The client was unreachable: these breaks wait for it to return.
     DelayedQueued {
-        client: u32,
+        client: ClientKey,
         fids: Vec<Fid>,
     },
     /// The client is owed a reset instead of single breaks.
     DelayedReset {
-        client: u32,
+        client: ClientKey,
     },
     /// What the client was owed is being delivered (in flight until acknowledged).
     DelayedTaken {
-        client: u32,
+        client: ClientKey,
     },
     /// A planned switchover: the pair member of `epoch` stopped admitting requests,
     /// finished those in flight and snapshotted just before this record. A journal that
     /// ends here is complete and every lock in it still has its owner, so the partner
     /// takes over without grace.
     Handover {
-        epoch: u64,
+        epoch: Epoch,
     },
 }
 
 /// A known client as a snapshot holds it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ClientEntry {
-    pub key: u32,
+    pub key: ClientKey,
     pub client: ClientId,
     pub instance: InstanceNonce,
 }
@@ -141,11 +135,7 @@ pub struct ClientEntry {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LockEntry {
     pub fid: Fid,
-    pub client: u32,
-    pub owner: u64,
-    pub start: u64,
-    pub end: u64,
-    pub kind: LockKind,
+    pub lock: Lock,
     pub pid: u32,
 }
 
@@ -171,8 +161,8 @@ pub enum StateJournalError {
         lsn: Lsn,
         error: postcard::Error,
     },
-    #[error("state journal: record at {lsn} names unknown client key {key}")]
-    UnknownClient { lsn: Lsn, key: u32 },
+    #[error("state journal: record at {lsn} names unknown client key {}", key.0)]
+    UnknownClient { lsn: Lsn, key: ClientKey },
     #[error("state journal: record at {lsn} has an empty lock range")]
     EmptyRange { lsn: Lsn },
     #[error("state journal: could not start the writer thread: {0}")]
@@ -424,7 +414,7 @@ impl StateJournal {
 
     /// Marks the journal as cleanly handed over at `epoch` and waits until the mark is
     /// durable; the caller snapshotted just before and admits no request meanwhile.
-    pub async fn handover(&self, epoch: u64) -> bool {
+    pub async fn handover(&self, epoch: Epoch) -> bool {
         let (sender, receiver) = oneshot::channel();
         let payload = match postcard::to_allocvec(&StateRecord::Handover { epoch }) {
             Ok(payload) => payload,
@@ -737,7 +727,7 @@ fn spawn_snapshot(
 /// table only when a lock record follows: otherwise they are the answer as they are.
 #[derive(Default)]
 struct Replay {
-    clients: HashMap<u32, (ClientId, InstanceNonce)>,
+    clients: HashMap<ClientKey, (ClientId, InstanceNonce)>,
     callbacks: CallbackModel,
     /// The snapshot's locks while no lock record needed the table.
     snapshot_locks: Vec<LockEntry>,
@@ -756,16 +746,9 @@ impl Replay {
                 lock_count_per_fid_max: usize::MAX,
                 ..LockTableConfig::default()
             });
-            for entry in std::mem::take(snapshot_locks) {
-                let Ok(range) = ByteRange::new(entry.start, entry.end) else {
-                    continue;
-                };
-                let owner = LockOwner {
-                    client: ClientKey(entry.client),
-                    owner: entry.owner,
-                };
-                table.lock(entry.fid, owner, range, state_kind(entry.kind), false);
-                pids.insert((entry.fid, owner), entry.pid);
+            for LockEntry { fid, lock, pid } in std::mem::take(snapshot_locks) {
+                table.lock(fid, lock.owner, lock.range, lock.kind, false);
+                pids.insert((fid, lock.owner), pid);
             }
             table
         })
@@ -779,7 +762,7 @@ impl Replay {
         };
         replay
             .snapshot_locks
-            .retain(|entry| ByteRange::new(entry.start, entry.end).is_ok());
+            .retain(|entry| entry.lock.range.checked().is_ok());
         for entry in snapshot.clients {
             replay
                 .clients
@@ -800,47 +783,25 @@ impl Replay {
             } => {
                 self.clients.insert(key, (client, instance));
             }
-            StateRecord::LockGranted {
-                fid,
-                client,
-                owner,
-                start,
-                end,
-                kind,
-                pid,
-            } => {
-                if !self.clients.contains_key(&client) {
-                    return Err(StateJournalError::UnknownClient { lsn, key: client });
+            StateRecord::LockGranted { fid, lock, pid } => {
+                if !self.clients.contains_key(&lock.owner.client) {
+                    return Err(StateJournalError::UnknownClient {
+                        lsn,
+                        key: lock.owner.client,
+                    });
                 }
-                let range = ByteRange::new(start, end)
-                    .map_err(|_| StateJournalError::EmptyRange { lsn })?;
-                let owner = LockOwner {
-                    client: ClientKey(client),
-                    owner,
-                };
-                self.table()
-                    .lock(fid, owner, range, state_kind(kind), false);
-                self.pids.insert((fid, owner), pid);
+                let range = checked(lsn, lock.range)?;
+                self.table().lock(fid, lock.owner, range, lock.kind, false);
+                self.pids.insert((fid, lock.owner), pid);
             }
-            StateRecord::LockReleased {
-                fid,
-                client,
-                owner,
-                start,
-                end,
-            } => {
-                let range = ByteRange::new(start, end)
-                    .map_err(|_| StateJournalError::EmptyRange { lsn })?;
-                let owner = LockOwner {
-                    client: ClientKey(client),
-                    owner,
-                };
+            StateRecord::LockReleased { fid, owner, range } => {
+                let range = checked(lsn, range)?;
                 // Unbounded replay table: an unlock never fails for room.
                 let _ = self.table().unlock(fid, owner, range);
             }
             StateRecord::ClientReleased { key } => {
-                self.table().release_client(ClientKey(key));
-                self.pids.retain(|(_, owner), _| owner.client.0 != key);
+                self.table().release_client(key);
+                self.pids.retain(|(_, owner), _| owner.client != key);
             }
             StateRecord::CallbackGranted { .. }
             | StateRecord::CallbacksGivenUp { .. }
@@ -862,7 +823,7 @@ impl Replay {
             None => std::mem::take(&mut self.snapshot_locks),
             Some(_) => self.table_entries(),
         };
-        locks.sort_unstable_by_key(|l| (l.fid, l.client, l.owner, l.start));
+        locks.sort_unstable_by_key(|entry| (entry.fid, entry.lock.owner, entry.lock.range));
         let mut clients: Vec<ClientEntry> = self
             .clients
             .into_iter()
@@ -887,25 +848,24 @@ impl Replay {
         let mut locks: Vec<LockEntry> = self
             .table()
             .iter()
-            .map(|(fid, lock)| LockEntry {
-                fid,
-                client: lock.owner.client.0,
-                owner: lock.owner.owner,
-                start: lock.range.start(),
-                end: lock.range.end(),
-                kind: wire_kind(lock.kind),
-                pid: 0,
-            })
+            .map(|(fid, lock)| LockEntry { fid, lock, pid: 0 })
             .collect();
         for entry in &mut locks {
-            let owner = LockOwner {
-                client: ClientKey(entry.client),
-                owner: entry.owner,
-            };
-            entry.pid = self.pids.get(&(entry.fid, owner)).copied().unwrap_or(0);
+            entry.pid = self
+                .pids
+                .get(&(entry.fid, entry.lock.owner))
+                .copied()
+                .unwrap_or(0);
         }
         locks
     }
+}
+
+/// A recorded range, which the live table never lets be empty.
+fn checked(lsn: Lsn, range: ByteRange) -> Result<ByteRange, StateJournalError> {
+    range
+        .checked()
+        .map_err(|_| StateJournalError::EmptyRange { lsn })
 }
 
 #[cfg(test)]

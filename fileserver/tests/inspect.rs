@@ -6,9 +6,9 @@ mod common;
 
 use std::path::Path;
 
-use common::{Server, TIMEOUT, VOLUME, cache_manager, create_volume, status_of};
+use common::{Server, TIMEOUT, VOLUME, cache_manager, create_volume, status_of, wire_range};
 use fileserver::inspect::{InspectError, inspect, render_text};
-use proto::{ClientId, Fid, InstanceNonce, LockKind, Request, Response};
+use proto::{ByteRange, ClientId, Fid, InstanceNonce, LockKind, LockOwnerId, Request, Response};
 use state::{JournalError, JournalMode};
 
 /// Starts a fileserver on `partition` and has a client take a callback on a new file and
@@ -45,9 +45,8 @@ async fn populate(partition: &Path) -> (ClientId, Fid, Server) {
     );
     let lock = Request::SetLock {
         fid: file,
-        owner: 42,
-        start: 10,
-        end: 20,
+        owner: LockOwnerId(42),
+        range: wire_range(10, 20),
         kind: LockKind::Exclusive,
         wait: false,
         pid: 4242,
@@ -70,10 +69,14 @@ fn check_report(partition: &Path, id: ClientId, file: Fid) -> String {
     assert_eq!(client.locks.len(), 1);
     let lock = &client.locks[0];
     assert_eq!(
+        (lock.fid, lock.owner, lock.range, lock.kind, lock.pid),
         (
-            lock.fid, lock.owner, lock.start, lock.end, lock.kind, lock.pid
-        ),
-        (file, 42, 10, 20, LockKind::Exclusive, 4242)
+            file,
+            LockOwnerId(42),
+            ByteRange::new(10, 20).unwrap(),
+            LockKind::Exclusive,
+            4242
+        )
     );
     assert!(client.callback_fids.contains(&file), "{report:?}");
     assert_eq!(client.callback_count, client.callback_fids.len());
@@ -81,7 +84,13 @@ fn check_report(partition: &Path, id: ClientId, file: Fid) -> String {
     let json = serde_json::to_value(&report).unwrap();
     assert_eq!(json["counts"]["locks"], 1);
     assert_eq!(json["clients"][0]["client"], id.to_string());
-    assert_eq!(json["clients"][0]["locks"][0]["pid"], 4242);
+    let json_lock = &json["clients"][0]["locks"][0];
+    assert_eq!(
+        (&json_lock["owner"], &json_lock["start"], &json_lock["end"]),
+        (&42.into(), &10.into(), &20.into()),
+        "{json_lock}"
+    );
+    assert_eq!(json_lock["pid"], 4242);
     let text = render_text(&report);
     assert!(text.contains(&format!("client {id} instance 7")), "{text}");
     assert!(text.contains("[10, 20) exclusive pid 4242"), "{text}");

@@ -18,10 +18,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::{EOF, Server, TIMEOUT, cache_manager, hello};
+use common::{EOF, Server, TIMEOUT, cache_manager, hello, wire_range};
 use parking_lot::Mutex;
 use proto::rpc::{self, Connection, Limits};
-use proto::{ClientId, ErrorCode, Fid, InstanceNonce, LockKind, ProtoError, Request, Response};
+use proto::{
+    ByteRange, ClientId, ErrorCode, Fid, InstanceNonce, LockKind, LockOwnerId, ProtoError, Request,
+    Response, WaitId,
+};
 use tokio::sync::{oneshot, watch};
 
 const CLIENTS: usize = 4;
@@ -223,12 +226,12 @@ enum Slot {
 struct Client {
     index: usize,
     connection: Connection,
-    grants: Arc<Mutex<HashMap<u64, Slot>>>,
+    grants: Arc<Mutex<HashMap<WaitId, Slot>>>,
 }
 
 impl Client {
     async fn connect(address: &str, index: usize, id: ClientId) -> Client {
-        let grants: Arc<Mutex<HashMap<u64, Slot>>> = Arc::default();
+        let grants: Arc<Mutex<HashMap<WaitId, Slot>>> = Arc::default();
         let slots = grants.clone();
         let on_push = move |body| {
             if let Request::LockGranted { wait, .. } = body {
@@ -259,7 +262,7 @@ impl Client {
     }
 
     /// Waits for the push granting `wait`; `false` when the connection went first.
-    async fn granted(&self, wait: u64) -> bool {
+    async fn granted(&self, wait: WaitId) -> bool {
         let receiver = {
             let mut slots = self.grants.lock();
             if let Some(Slot::Arrived) = slots.remove(&wait) {
@@ -334,9 +337,8 @@ impl Round {
         let reply = client
             .call(Request::ReleaseLock {
                 fid: self::fid(fid),
-                owner: state.owner,
-                start: 0,
-                end: EOF,
+                owner: LockOwnerId(state.owner),
+                range: ByteRange::whole(),
             })
             .await;
         if !matches!(reply, Ok(Response::Ok)) {
@@ -364,9 +366,8 @@ impl Round {
         let owner = (client.index, state.owner);
         let request = Request::SetLock {
             fid: self::fid(fid),
-            owner: state.owner,
-            start,
-            end,
+            owner: LockOwnerId(state.owner),
+            range: wire_range(start, end),
             kind,
             wait,
             pid: 1000 + state.owner as u32,
@@ -445,9 +446,8 @@ async fn reclaim(client: &Client, owners: &mut [OwnerState], history: &History) 
             let reply = client
                 .call(Request::ReclaimLock {
                     fid: self::fid(fid),
-                    owner: state.owner,
-                    start: held.start,
-                    end: held.end,
+                    owner: LockOwnerId(state.owner),
+                    range: wire_range(held.start, held.end),
                     kind: held.kind,
                     pid: 1000 + state.owner as u32,
                 })
@@ -566,9 +566,8 @@ async fn random_locking_across_restarts_never_grants_conflicting_locks() {
                 let reply = clients[0]
                     .call(Request::TestLock {
                         fid: fid(f),
-                        owner: 99,
-                        start: 0,
-                        end: EOF,
+                        owner: LockOwnerId(99),
+                        range: ByteRange::whole(),
                         kind: LockKind::Exclusive,
                     })
                     .await;
@@ -678,9 +677,8 @@ async fn a_grant_its_client_received_is_not_given_to_another() {
     let c = Client::connect(&server.address, 2, ClientId::random()).await;
     let set_lock = |wait| Request::SetLock {
         fid: fid(0),
-        owner: 1,
-        start: 0,
-        end: 10,
+        owner: LockOwnerId(1),
+        range: wire_range(0, 10),
         kind: LockKind::Exclusive,
         wait,
         pid: 1001,
@@ -716,9 +714,8 @@ async fn a_grant_its_client_received_is_not_given_to_another() {
     };
     let release = Request::ReleaseLock {
         fid: fid(0),
-        owner: 1,
-        start: 0,
-        end: EOF,
+        owner: LockOwnerId(1),
+        range: ByteRange::whole(),
     };
     assert_eq!(a.call(release).await.unwrap(), Response::Ok);
     let learned = tokio::time::timeout(TIMEOUT, learned)

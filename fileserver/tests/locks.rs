@@ -5,16 +5,19 @@ mod common;
 
 use std::time::Duration;
 
-use common::{EOF, Server, TIMEOUT, cache_manager, fid};
+use common::{EOF, Server, TIMEOUT, cache_manager, fid, wire_range};
 use proto::rpc::Connection;
-use proto::{ClientId, ErrorCode, Fid, InstanceNonce, LockKind, ProtoError, Request, Response};
+use proto::{
+    ByteRange, ClientId, ErrorCode, Fid, InstanceNonce, LockKind, LockOwnerId, ProtoError, Request,
+    Response, WaitId,
+};
 use tokio::sync::mpsc;
 
 /// A fake cache manager: acknowledges every push and forwards `LockGranted` waits.
 struct FakeClient {
     id: ClientId,
     connection: Connection,
-    granted: mpsc::UnboundedReceiver<u64>,
+    granted: mpsc::UnboundedReceiver<WaitId>,
 }
 
 impl FakeClient {
@@ -51,9 +54,8 @@ impl FakeClient {
     ) -> Result<Response, ProtoError> {
         self.call(Request::SetLock {
             fid,
-            owner,
-            start,
-            end,
+            owner: LockOwnerId(owner),
+            range: wire_range(start, end),
             kind,
             wait,
             pid: 1000 + owner as u32,
@@ -65,15 +67,14 @@ impl FakeClient {
         let reply = self
             .call(Request::ReleaseLock {
                 fid,
-                owner,
-                start: 0,
-                end: EOF,
+                owner: LockOwnerId(owner),
+                range: ByteRange::whole(),
             })
             .await;
         assert_eq!(reply.unwrap(), Response::Ok);
     }
 
-    async fn next_grant(&mut self) -> u64 {
+    async fn next_grant(&mut self) -> WaitId {
         tokio::time::timeout(TIMEOUT, self.granted.recv())
             .await
             .expect("no LockGranted in time")
@@ -88,7 +89,7 @@ fn refused(reply: Result<Response, ProtoError>) -> ErrorCode {
     }
 }
 
-fn queued(reply: Result<Response, ProtoError>) -> u64 {
+fn queued(reply: Result<Response, ProtoError>) -> WaitId {
     match reply {
         Ok(Response::LockQueued { wait }) => wait,
         other => panic!("expected LockQueued, got {other:?}"),
@@ -116,9 +117,8 @@ async fn exclusive_conflict_would_block_and_test_names_the_holder() {
     let reply = b
         .call(Request::TestLock {
             fid: file,
-            owner: 2,
-            start: 0,
-            end: 10,
+            owner: LockOwnerId(2),
+            range: wire_range(0, 10),
             kind: LockKind::Shared,
         })
         .await
@@ -130,18 +130,17 @@ async fn exclusive_conflict_would_block_and_test_names_the_holder() {
         panic!("expected a holder, got {reply:?}");
     };
     assert_eq!(holder.client, a.id);
-    assert_eq!(holder.owner, 1);
+    assert_eq!(holder.owner, LockOwnerId(1));
     assert_eq!(holder.pid, 1001);
-    assert_eq!((holder.start, holder.end), (0, 100));
+    assert_eq!(holder.range, ByteRange::new(0, 100).unwrap());
     assert_eq!(holder.kind, LockKind::Exclusive);
 
     // The holder itself sees nothing in its way.
     let reply = a
         .call(Request::TestLock {
             fid: file,
-            owner: 1,
-            start: 0,
-            end: 10,
+            owner: LockOwnerId(1),
+            range: wire_range(0, 10),
             kind: LockKind::Exclusive,
         })
         .await
@@ -247,9 +246,8 @@ async fn reclaim(
     client
         .call(Request::ReclaimLock {
             fid: file,
-            owner,
-            start: 0,
-            end: EOF,
+            owner: LockOwnerId(owner),
+            range: ByteRange::whole(),
             kind,
             pid: 1000 + owner as u32,
         })
@@ -358,9 +356,8 @@ async fn a_client_restarted_while_the_server_was_down_loses_its_lock_at_once() {
     let reply = restarted
         .call(Request::TestLock {
             fid: file,
-            owner: 9,
-            start: 0,
-            end: EOF,
+            owner: LockOwnerId(9),
+            range: ByteRange::whole(),
             kind: LockKind::Exclusive,
         })
         .await;

@@ -14,8 +14,8 @@ use fileserver::{Config, PairConfig};
 use parking_lot::Mutex;
 use proto::rpc::{self, Connection, Limits};
 use proto::{
-    CellConfig, ClientId, Epoch, ErrorCode, Fid, InstanceNonce, LockKind, MemberRole, PairName,
-    PeerKind, ProtoError, Request, Response, VolumeName,
+    ByteRange, CellConfig, ClientId, Epoch, ErrorCode, Fid, InstanceNonce, LockKind, LockOwnerId,
+    MemberRole, PairName, PeerKind, ProtoError, Request, Response, VolumeName,
 };
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -396,9 +396,8 @@ async fn pair_switchover__moves_a_held_lock_without_grace() {
     let file = common::create_file(&owner, "locked").await;
     let lock = |owner: u64| Request::SetLock {
         fid: file,
-        owner,
-        start: 0,
-        end: common::EOF,
+        owner: LockOwnerId(owner),
+        range: ByteRange::whole(),
         kind: LockKind::Exclusive,
         wait: false,
         pid: 1,
@@ -425,9 +424,8 @@ async fn pair_switchover__moves_a_held_lock_without_grace() {
     let reclaimed = owner
         .call(Request::ReclaimLock {
             fid: file,
-            owner: 1,
-            start: 0,
-            end: common::EOF,
+            owner: LockOwnerId(1),
+            range: ByteRange::whole(),
             kind: LockKind::Exclusive,
             pid: 1,
         })

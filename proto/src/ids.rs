@@ -1,4 +1,5 @@
-//! Domain identifiers: volumes, vnodes, fids, data versions, clients, servers and requests.
+//! Domain identifiers: volumes, vnodes, fids, data versions, clients, servers, requests,
+//! lock owners and lock waits.
 //! Invariant: every id that crosses the wire is a newtype, never a bare integer.
 
 use std::fmt;
@@ -43,6 +44,15 @@ id_newtype!(
 id_newtype!(
     /// Identifies one request on one connection, in the direction of its sender.
     RequestId(u64)
+);
+id_newtype!(
+    /// A lock owner as its client names it: a process for POSIX `fcntl` locks, an open
+    /// file description for `flock`. Only compared for equality.
+    LockOwnerId(u64)
+);
+id_newtype!(
+    /// A queued lock request, named by the server that queued it.
+    WaitId(u64)
 );
 
 impl VnodeId {

@@ -6,7 +6,11 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::ErrorCode;
-use crate::ids::{ClientId, DataVersion, Epoch, Fid, InstanceNonce, RequestId, ServerId, VolumeId};
+use crate::ids::{
+    ClientId, DataVersion, Epoch, Fid, InstanceNonce, LockOwnerId, RequestId, ServerId, VolumeId,
+    WaitId,
+};
+use crate::lock::{ByteRange, LockKind};
 use crate::name::{PairName, VolumeName};
 
 /// The protocol versions this build speaks.
@@ -376,44 +380,41 @@ pub enum Request {
     },
 
     // ---- locks (fileserver), appended ----
-    /// Takes an advisory byte-range lock `[start, end)` (`end = u64::MAX`: to end of
-    /// file) for `owner` of the calling client. Answers `Ok` when granted, `LockQueued`
+    /// Takes an advisory byte-range lock on `range` (an empty one is `InvalidArgument`)
+    /// for `owner` of the calling client. Answers `Ok` when granted, `LockQueued`
     /// when `wait` and it conflicts (the server later sends `LockGranted`), or
     /// `ErrorCode::WouldBlock` when it conflicts and `wait` is false.
     SetLock {
         fid: Fid,
-        owner: u64,
-        start: u64,
-        end: u64,
+        owner: LockOwnerId,
+        range: ByteRange,
         kind: LockKind,
         wait: bool,
         /// The requesting process, reported to others by `TestLock`.
         pid: u32,
     },
-    /// Releases `owner`'s locks within `[start, end)`.
+    /// Releases `owner`'s locks within `range`.
     ReleaseLock {
         fid: Fid,
-        owner: u64,
-        start: u64,
-        end: u64,
+        owner: LockOwnerId,
+        range: ByteRange,
     },
     /// Which lock, if any, would conflict with this one (F_GETLK).
     TestLock {
         fid: Fid,
-        owner: u64,
-        start: u64,
-        end: u64,
+        owner: LockOwnerId,
+        range: ByteRange,
         kind: LockKind,
     },
     /// Withdraws a queued lock request.
     CancelLockWait {
-        wait: u64,
+        wait: WaitId,
     },
     /// Renews the caller's lease (any other request renews it too).
     RenewLease,
     /// Server to client: the queued request `wait` is now granted.
     LockGranted {
-        wait: u64,
+        wait: WaitId,
         fid: Fid,
     },
 
@@ -426,9 +427,8 @@ pub enum Request {
     /// Reclaims a lock the client held before the restart; only its recorded owner can.
     ReclaimLock {
         fid: Fid,
-        owner: u64,
-        start: u64,
-        end: u64,
+        owner: LockOwnerId,
+        range: ByteRange,
         kind: LockKind,
         pid: u32,
     },
@@ -575,7 +575,7 @@ pub enum Response {
     VolumeEntries(Vec<VolumeEntry>),
     /// A blocking lock request is queued; `LockGranted { wait }` follows.
     LockQueued {
-        wait: u64,
+        wait: WaitId,
     },
     /// The answer to `TestLock`.
     LockTest {
@@ -647,20 +647,12 @@ pub struct GraceState {
     pub locks_unreclaimed: u64,
 }
 
-/// Shared (read) or exclusive (write) lock.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum LockKind {
-    Shared,
-    Exclusive,
-}
-
 /// A lock as `TestLock` reports it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LockHolder {
     pub client: ClientId,
-    pub owner: u64,
-    pub start: u64,
-    pub end: u64,
+    pub owner: LockOwnerId,
+    pub range: ByteRange,
     pub kind: LockKind,
     pub pid: u32,
 }

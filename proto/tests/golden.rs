@@ -137,9 +137,8 @@ fn cases() -> Vec<(&'static str, Frame, &'static str)> {
                 id: RequestId(6),
                 body: Request::SetLock {
                     fid: fid(),
-                    owner: 9,
-                    start: 0,
-                    end: u64::MAX,
+                    owner: LockOwnerId(9),
+                    range: ByteRange::whole(),
                     kind: LockKind::Exclusive,
                     wait: true,
                     pid: 4242,
@@ -148,15 +147,80 @@ fn cases() -> Vec<(&'static str, Frame, &'static str)> {
             "02061e808080800205010900ffffffffffffffffff0101019221",
         ),
         (
+            "release_lock",
+            Frame::Request {
+                id: RequestId(6),
+                body: Request::ReleaseLock {
+                    fid: fid(),
+                    owner: LockOwnerId(9),
+                    range: ByteRange::new(10, 20).unwrap(),
+                },
+            },
+            "02061f80808080020501090a14",
+        ),
+        (
+            "test_lock",
+            Frame::Request {
+                id: RequestId(6),
+                body: Request::TestLock {
+                    fid: fid(),
+                    owner: LockOwnerId(9),
+                    range: ByteRange::new(10, 20).unwrap(),
+                    kind: LockKind::Shared,
+                },
+            },
+            "02062080808080020501090a1400",
+        ),
+        (
+            "cancel_lock_wait",
+            Frame::Request {
+                id: RequestId(6),
+                body: Request::CancelLockWait { wait: WaitId(300) },
+            },
+            "020621ac02",
+        ),
+        (
+            "lock_granted",
+            Frame::Request {
+                id: RequestId(6),
+                body: Request::LockGranted {
+                    wait: WaitId(300),
+                    fid: fid(),
+                },
+            },
+            "020623ac0280808080020501",
+        ),
+        (
+            "reclaim_lock",
+            Frame::Request {
+                id: RequestId(6),
+                body: Request::ReclaimLock {
+                    fid: fid(),
+                    owner: LockOwnerId(9),
+                    range: ByteRange::new(10, 20).unwrap(),
+                    kind: LockKind::Exclusive,
+                    pid: 4242,
+                },
+            },
+            "02062580808080020501090a14019221",
+        ),
+        (
+            "lock_queued_response",
+            Frame::Response {
+                id: RequestId(7),
+                body: Ok(Response::LockQueued { wait: WaitId(300) }),
+            },
+            "0307000fac02",
+        ),
+        (
             "lock_test_response",
             Frame::Response {
                 id: RequestId(7),
                 body: Ok(Response::LockTest {
                     holder: Some(LockHolder {
                         client: ClientId(Uuid::from_u128(1)),
-                        owner: 2,
-                        start: 3,
-                        end: 4,
+                        owner: LockOwnerId(2),
+                        range: ByteRange::new(3, 4).unwrap(),
                         kind: LockKind::Shared,
                         pid: 5,
                     }),

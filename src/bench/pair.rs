@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use proto::rpc::{self, Connection, IncomingRequest, Limits};
 use proto::{
-    CellConfig, ClientId, ErrorCode, Fid, Hello, InstanceNonce, LockKind, PROTOCOL_VERSION_MAX,
-    PROTOCOL_VERSION_MIN, PeerKind, Request, Response, VldbClient, VolumeName, VolumeRef,
+    ByteRange, CellConfig, ClientId, ErrorCode, Fid, Hello, InstanceNonce, LockKind, LockOwnerId,
+    PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN, PeerKind, Request, Response, VldbClient,
+    VolumeName, VolumeRef,
 };
 use tokio::sync::mpsc;
 
@@ -222,12 +223,11 @@ async fn root_dir(cell: &CellConfig) -> Result<Fid> {
     Ok(Fid::root(entry.rw_id))
 }
 
-fn whole_file_lock(fid: Fid, owner: u64, wait: bool) -> Request {
+fn whole_file_lock(fid: Fid, owner: LockOwnerId, wait: bool) -> Request {
     Request::SetLock {
         fid,
         owner,
-        start: 0,
-        end: u64::MAX,
+        range: ByteRange::whole(),
         kind: LockKind::Exclusive,
         wait,
         pid: 1,
@@ -261,7 +261,7 @@ async fn lock_after_last_reclaim(
         bail!("Create answered {}", created.kind_name());
     };
     let fid = status.fid;
-    a.call(whole_file_lock(fid, 1, false))
+    a.call(whole_file_lock(fid, LockOwnerId(1), false))
         .await
         .context("take A's lock")?;
 
@@ -273,16 +273,15 @@ async fn lock_after_last_reclaim(
         .await??;
 
     let b = FakeClient::connect(&cell.cell, &successor, ClientId::random()).await?;
-    match b.call(whole_file_lock(fid, 2, false)).await {
+    match b.call(whole_file_lock(fid, LockOwnerId(2), false)).await {
         Err(e) if matches!(e.remote(), Some(ErrorCode::Grace { .. })) => {}
         other => bail!("B's conflicting lock during grace was answered {other:?}, not Grace"),
     }
     let a = FakeClient::connect(&cell.cell, &successor, a.client).await?;
     a.call(Request::ReclaimLock {
         fid,
-        owner: 1,
-        start: 0,
-        end: u64::MAX,
+        owner: LockOwnerId(1),
+        range: ByteRange::whole(),
         kind: LockKind::Exclusive,
         pid: 1,
     })
@@ -290,9 +289,8 @@ async fn lock_after_last_reclaim(
     .context("A reclaims its lock")?;
     a.call(Request::ReleaseLock {
         fid,
-        owner: 1,
-        start: 0,
-        end: u64::MAX,
+        owner: LockOwnerId(1),
+        range: ByteRange::whole(),
     })
     .await
     .context("A releases its lock")?;
@@ -301,7 +299,7 @@ async fn lock_after_last_reclaim(
         .context("A's ReclaimDone")?;
     let reclaimed = Instant::now();
     loop {
-        match b.call(whole_file_lock(fid, 2, false)).await {
+        match b.call(whole_file_lock(fid, LockOwnerId(2), false)).await {
             Ok(_) => break,
             Err(e)
                 if matches!(
@@ -319,9 +317,8 @@ async fn lock_after_last_reclaim(
     let _ = b
         .call(Request::ReleaseLock {
             fid,
-            owner: 2,
-            start: 0,
-            end: u64::MAX,
+            owner: LockOwnerId(2),
+            range: ByteRange::whole(),
         })
         .await;
     Ok(granted)

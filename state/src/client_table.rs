@@ -7,10 +7,12 @@
 use std::collections::HashMap;
 
 use proto::{ClientId, InstanceNonce};
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-/// A client's index in the server's tables.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// A client's index in the server's tables (and in the journal of the process that
+/// admitted it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct ClientKey(pub u32);
 
 /// How a connecting client relates to what the server knows.

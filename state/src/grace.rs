@@ -11,12 +11,12 @@
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
-use proto::Fid;
+use proto::{ByteRange, Fid, LockKind};
 use smallvec::SmallVec;
 use thiserror::Error;
 
 use crate::client_table::ClientKey;
-use crate::lock_table::{ByteRange, LEASE_DEFAULT, Lock, LockKind, LockOwner};
+use crate::lock_table::{LEASE_DEFAULT, Lock, LockOwner};
 use crate::time::Millis;
 
 /// How long grace lasts and how soon a held-back request should retry.

@@ -21,8 +21,8 @@ pub use delayed_breaks::{DelayedBreaks, Pending};
 pub use grace::{Grace, GraceCheck, GraceConfig, GraceEnd, GraceError, GraceStatus};
 pub use journal::{Journal, JournalConfig, JournalError, JournalMode, Lsn, Recovered};
 pub use lock_table::{
-    ByteRange, Effect, EmptyRange, Leases, Lock, LockKind, LockOutcome, LockOwner, LockReply,
-    LockTable, LockTableConfig, TooManyLocks, WaitId,
+    Effect, Leases, Lock, LockOutcome, LockOwner, LockReply, LockTable, LockTableConfig,
+    TooManyLocks,
 };
 pub use pair_lease::{LeaseRefusal, MemberLease, PairLease};
 pub use time::Millis;

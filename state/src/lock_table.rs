@@ -17,19 +17,15 @@ mod queue;
 
 use std::collections::HashMap;
 
-use proto::Fid;
+use proto::{ByteRange, Fid, LockKind, WaitId};
 use smallvec::SmallVec;
 use thiserror::Error;
 
 use crate::client_table::ClientKey;
 
 pub use lease::{LEASE_DEFAULT, LEASE_EXPIRE_BATCH_MAX, Leases};
-pub use lock::{ByteRange, EmptyRange, Lock, LockKind, LockOwner};
+pub use lock::{Lock, LockOwner};
 use queue::{WaitQueue, Waiter};
-
-/// Names one queued (blocked) lock request until it is granted or cancelled.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct WaitId(pub u64);
 
 /// Bounds on what clients can make the table hold.
 #[derive(Clone, Debug)]
@@ -142,8 +138,7 @@ impl FileLocks {
                 planned.push(*held);
                 continue;
             }
-            let below = ByteRange::new(held.range.start(), range.start());
-            let above = ByteRange::new(range.end(), held.range.end());
+            let (below, above) = held.range.around(range);
             for piece in [below, above].into_iter().flatten() {
                 planned.push(Lock {
                     range: piece,

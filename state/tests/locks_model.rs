@@ -10,11 +10,8 @@
 use std::collections::{BTreeMap, HashMap};
 
 use proptest::prelude::*;
-use proto::{Fid, Uniquifier, VnodeId, VolumeId};
-use state::{
-    ByteRange, ClientKey, Effect, Lock, LockKind, LockOutcome, LockOwner, LockTable,
-    LockTableConfig, WaitId,
-};
+use proto::{ByteRange, Fid, LockKind, LockOwnerId, Uniquifier, VnodeId, VolumeId, WaitId};
+use state::{ClientKey, Effect, Lock, LockOutcome, LockOwner, LockTable, LockTableConfig};
 
 const CELLS: usize = 17;
 type Cells = [Option<LockKind>; CELLS];
@@ -134,7 +131,7 @@ enum Op {
 fn owner() -> impl Strategy<Value = LockOwner> {
     (0..3u32, 0..2u64).prop_map(|(client, owner)| LockOwner {
         client: ClientKey(client),
-        owner,
+        owner: LockOwnerId(owner),
     })
 }
 

@@ -9,11 +9,14 @@
 use std::time::Duration;
 
 use fuser::Errno;
-use proto::{ErrorCode, Fid, LockHolder, LockKind, ProtoError, Request, Response, ServerId};
+use proto::{
+    ByteRange, ErrorCode, Fid, LockHolder, LockKind, LockOwnerId, ProtoError, Request, Response,
+    ServerId,
+};
 use tracing::{debug, info, warn};
 
 use super::{FsResult, Manager, errno_of, unexpected};
-use crate::held_locks::{HeldLock, LockOwnerId, LockRange};
+use crate::held_locks::HeldLock;
 use crate::inode::Ino;
 use crate::lock_waits::WaitEnd;
 
@@ -25,7 +28,7 @@ const GRACE_RETRY_MAX: Duration = Duration::from_secs(5);
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LockRequest {
     pub owner: LockOwnerId,
-    pub range: LockRange,
+    pub range: ByteRange,
     /// `None` unlocks the range.
     pub kind: Option<LockKind>,
     pub pid: u32,
@@ -44,9 +47,8 @@ impl Manager {
         loop {
             let call = Request::SetLock {
                 fid,
-                owner: request.owner.0,
-                start: request.range.start,
-                end: request.range.end,
+                owner: request.owner,
+                range: request.range,
                 kind,
                 wait,
                 pid: request.pid,
@@ -106,13 +108,8 @@ impl Manager {
         );
     }
 
-    async fn unlock(&self, fid: Fid, owner: LockOwnerId, range: LockRange) -> FsResult<()> {
-        let request = Request::ReleaseLock {
-            fid,
-            owner: owner.0,
-            start: range.start,
-            end: range.end,
-        };
+    async fn unlock(&self, fid: Fid, owner: LockOwnerId, range: ByteRange) -> FsResult<()> {
+        let request = Request::ReleaseLock { fid, owner, range };
         let answer = self.call(fid.volume, request).await;
         // Forgotten either way: a server that could not be told ends it with the lease.
         self.held_locks.lock().release(fid, owner, range);
@@ -127,15 +124,14 @@ impl Manager {
         &self,
         ino: Ino,
         owner: LockOwnerId,
-        range: LockRange,
+        range: ByteRange,
         kind: LockKind,
     ) -> FsResult<Option<LockHolder>> {
         let fid = self.fid(ino)?;
         let request = Request::TestLock {
             fid,
-            owner: owner.0,
-            start: range.start,
-            end: range.end,
+            owner,
+            range,
             kind,
         };
         match self.call(fid.volume, request).await? {
@@ -151,7 +147,7 @@ impl Manager {
         if !self.held_locks.lock().holds(fid, owner) {
             return Ok(());
         }
-        self.unlock(fid, owner, LockRange::WHOLE).await
+        self.unlock(fid, owner, ByteRange::whole()).await
     }
 
     /// The servers on which this client holds or awaits a lock: their leases must be
@@ -211,7 +207,7 @@ impl Manager {
 mod tests {
     use std::sync::Arc;
 
-    use proto::{ClientId, LockHolder};
+    use proto::{ClientId, LockHolder, WaitId};
 
     use super::*;
     use crate::fake_cell::{FILE, FakeCell};
@@ -220,7 +216,7 @@ mod tests {
 
     const OWNER: LockOwnerId = LockOwnerId(5);
 
-    fn exclusive(range: LockRange) -> LockRequest {
+    fn exclusive(range: ByteRange) -> LockRequest {
         LockRequest {
             owner: OWNER,
             range,
@@ -245,13 +241,13 @@ mod tests {
 
         // fcntl(F_SETLK) of bytes 0..=9 (kernel range, inclusive end).
         manager
-            .setlk(ino, exclusive(lock_range(0, 9)), false)
+            .setlk(ino, exclusive(lock_range(0, 9).unwrap()), false)
             .await
             .unwrap();
         // A shared whole-file lock of another owner (flock: 0..=OFFSET_MAX).
         let shared = LockRequest {
             owner: LockOwnerId(6),
-            range: lock_range(0, i64::MAX as u64),
+            range: lock_range(0, i64::MAX as u64).unwrap(),
             kind: Some(LockKind::Shared),
             pid: 43,
         };
@@ -261,7 +257,7 @@ mod tests {
             .lock()
             .push_back(Err(ErrorCode::WouldBlock));
         let refused = manager
-            .setlk(ino, exclusive(lock_range(100, 199)), false)
+            .setlk(ino, exclusive(lock_range(100, 199).unwrap()), false)
             .await;
         assert_eq!(refused, Err(Errno::EAGAIN));
         {
@@ -271,27 +267,24 @@ mod tests {
                 [
                     &Request::SetLock {
                         fid: FILE,
-                        owner: 5,
-                        start: 0,
-                        end: 10,
+                        owner: LockOwnerId(5),
+                        range: ByteRange::new(0, 10).unwrap(),
                         kind: LockKind::Exclusive,
                         wait: false,
                         pid: 42,
                     },
                     &Request::SetLock {
                         fid: FILE,
-                        owner: 6,
-                        start: 0,
-                        end: u64::MAX,
+                        owner: LockOwnerId(6),
+                        range: ByteRange::whole(),
                         kind: LockKind::Shared,
                         wait: false,
                         pid: 43,
                     },
                     &Request::SetLock {
                         fid: FILE,
-                        owner: 5,
-                        start: 100,
-                        end: 200,
+                        owner: LockOwnerId(5),
+                        range: ByteRange::new(100, 200).unwrap(),
                         kind: LockKind::Exclusive,
                         wait: false,
                         pid: 42,
@@ -305,39 +298,36 @@ mod tests {
         // F_GETLK reports the server's holder as it is.
         let holder = LockHolder {
             client: ClientId::random(),
-            owner: 99,
-            start: 4,
-            end: u64::MAX,
+            owner: LockOwnerId(99),
+            range: ByteRange::new(4, ByteRange::EOF).unwrap(),
             kind: LockKind::Shared,
             pid: 1234,
         };
         *cell.test_holder.lock() = Some(holder.clone());
         let found = manager
-            .getlk(ino, OWNER, lock_range(0, 9), LockKind::Exclusive)
+            .getlk(ino, OWNER, lock_range(0, 9).unwrap(), LockKind::Exclusive)
             .await
             .unwrap();
         assert_eq!(found, Some(holder));
         assert!(cell.record.lock().lock_calls.contains(&Request::TestLock {
             fid: FILE,
-            owner: 5,
-            start: 0,
-            end: 10,
+            owner: LockOwnerId(5),
+            range: ByteRange::new(0, 10).unwrap(),
             kind: LockKind::Exclusive,
         }));
 
         // F_UNLCK of bytes 0..=4 releases that part only.
         let unlock = LockRequest {
             kind: None,
-            ..exclusive(lock_range(0, 4))
+            ..exclusive(lock_range(0, 4).unwrap())
         };
         manager.setlk(ino, unlock, false).await.unwrap();
         assert_eq!(
             cell.record.lock().lock_calls.last(),
             Some(&Request::ReleaseLock {
                 fid: FILE,
-                owner: 5,
-                start: 0,
-                end: 5,
+                owner: LockOwnerId(5),
+                range: ByteRange::new(0, 5).unwrap(),
             })
         );
         assert!(manager.held_locks.lock().holds(FILE, OWNER));
@@ -351,17 +341,24 @@ mod tests {
         let ino = manager.state.lock().inodes.ino_for(FILE);
         cell.lock_answers
             .lock()
-            .push_back(Ok(Response::LockQueued { wait: 9 }));
+            .push_back(Ok(Response::LockQueued { wait: WaitId(9) }));
         let waiter = {
             let manager = Arc::clone(&manager);
-            tokio::spawn(async move { manager.setlk(ino, exclusive(LockRange::WHOLE), true).await })
+            tokio::spawn(async move {
+                manager
+                    .setlk(ino, exclusive(ByteRange::whole()), true)
+                    .await
+            })
         };
         cell.wait_for_lock_calls(|calls| !set_locks(calls).is_empty())
             .await;
         assert!(!waiter.is_finished());
         assert!(manager.lock_waits.waiting_on(cell_server(&manager)));
         // The push may overtake the `LockQueued` answer; either way it reaches the waiter.
-        assert_eq!(cell.push_grant(9, FILE).await.unwrap(), Response::Ok);
+        assert_eq!(
+            cell.push_grant(WaitId(9), FILE).await.unwrap(),
+            Response::Ok
+        );
         tokio::time::timeout(Duration::from_secs(10), waiter)
             .await
             .unwrap()
@@ -389,12 +386,14 @@ mod tests {
         let ino = manager.state.lock().inodes.ino_for(FILE);
         let grace = Err(ErrorCode::Grace { retry_ms: 1 });
         cell.lock_answers.lock().push_back(grace.clone());
-        let refused = manager.setlk(ino, exclusive(LockRange::WHOLE), false).await;
+        let refused = manager
+            .setlk(ino, exclusive(ByteRange::whole()), false)
+            .await;
         assert_eq!(refused, Err(Errno::EAGAIN));
         assert!(!manager.held_locks.lock().holds(FILE, OWNER));
         cell.lock_answers.lock().extend([grace.clone(), grace]);
         manager
-            .setlk(ino, exclusive(LockRange::WHOLE), true)
+            .setlk(ino, exclusive(ByteRange::whole()), true)
             .await
             .unwrap();
         assert_eq!(set_locks(&cell.record.lock().lock_calls).len(), 4);
@@ -410,7 +409,7 @@ mod tests {
         // Closes with no lock held cost no RPC.
         manager.release_owner(ino, OWNER).await.unwrap();
         manager
-            .setlk(ino, exclusive(lock_range(10, 19)), false)
+            .setlk(ino, exclusive(lock_range(10, 19).unwrap()), false)
             .await
             .unwrap();
         manager.release_owner(ino, LockOwnerId(6)).await.unwrap();
@@ -420,9 +419,8 @@ mod tests {
             cell.record.lock().lock_calls.last(),
             Some(&Request::ReleaseLock {
                 fid: FILE,
-                owner: 5,
-                start: 0,
-                end: u64::MAX,
+                owner: LockOwnerId(5),
+                range: ByteRange::whole(),
             })
         );
         assert!(manager.held_locks.lock().is_empty());
@@ -438,7 +436,7 @@ mod tests {
         let manager = start_manager_renewing(&cell, dir.path(), renew).await;
         let ino = manager.state.lock().inodes.ino_for(FILE);
         manager
-            .setlk(ino, exclusive(LockRange::WHOLE), false)
+            .setlk(ino, exclusive(ByteRange::whole()), false)
             .await
             .unwrap();
         let renewals = |calls: &[Request]| {

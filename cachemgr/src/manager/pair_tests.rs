@@ -8,12 +8,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fuser::Errno;
-use proto::{ErrorCode, LockKind, Response};
+use proto::{ByteRange, ErrorCode, LockKind, LockOwnerId, Response, WaitId};
 
 use super::Manager;
 use super::tests::{WAIT_MAX, start_manager, start_manager_with};
 use crate::fake_cell::{CutOff, FILE, FakeCell, Record};
-use crate::held_locks::{LockOwnerId, LockRange};
 use crate::inode::Ino;
 use crate::manager::LockRequest;
 
@@ -150,10 +149,10 @@ async fn a_blocking_lock_queued_on_the_dead_active_is_asked_again_on_the_new_one
     let ino = file_ino(&manager);
     cell.lock_answers
         .lock()
-        .push_back(Ok(Response::LockQueued { wait: 9 }));
+        .push_back(Ok(Response::LockQueued { wait: WaitId(9) }));
     let request = LockRequest {
         owner: LockOwnerId(5),
-        range: LockRange::WHOLE,
+        range: ByteRange::whole(),
         kind: Some(LockKind::Exclusive),
         pid: 42,
     };

@@ -178,9 +178,8 @@ impl Manager {
         for (fid, lock) in &locks {
             let request = Request::ReclaimLock {
                 fid: *fid,
-                owner: lock.owner.0,
-                start: lock.range.start,
-                end: lock.range.end,
+                owner: lock.owner,
+                range: lock.range,
                 kind: lock.kind,
                 pid: lock.pid,
             };
@@ -208,11 +207,10 @@ impl Manager {
 
 #[cfg(test)]
 mod tests {
-    use proto::LockKind;
+    use proto::{ByteRange, LockKind, LockOwnerId};
 
     use super::*;
     use crate::fake_cell::{FILE, FILE2, FakeCell};
-    use crate::held_locks::{LockOwnerId, LockRange};
     use crate::manager::LockRequest;
     use crate::manager::tests::start_manager;
 
@@ -231,7 +229,7 @@ mod tests {
         assert_eq!(manager.read(two, 0, 4096).await.unwrap(), b"old");
         let lock = LockRequest {
             owner: LockOwnerId(5),
-            range: LockRange::WHOLE,
+            range: ByteRange::whole(),
             kind: Some(LockKind::Exclusive),
             pid: 42,
         };
@@ -267,9 +265,8 @@ mod tests {
             reclaim_lock,
             &Request::ReclaimLock {
                 fid: FILE,
-                owner: 5,
-                start: 0,
-                end: u64::MAX,
+                owner: LockOwnerId(5),
+                range: ByteRange::whole(),
                 kind: LockKind::Exclusive,
                 pid: 42,
             }

@@ -218,7 +218,7 @@ impl MemberService {
     /// Appends a role change or an acknowledged change to the history, if kept.
     pub fn line(&self, epoch: Epoch, what: &str) {
         if let Some(history) = &self.history {
-            history.line(epoch.0, &self.member, what);
+            history.line(epoch, &self.member, what);
         }
     }
 

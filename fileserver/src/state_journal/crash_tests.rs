@@ -23,10 +23,11 @@ use std::path::Path;
 use std::sync::Arc;
 
 use proto::{
-    ClientId, Epoch, ErrorCode, Fid, InstanceNonce, LockKind, Uniquifier, VnodeId, VolumeId,
+    ByteRange, ClientId, Epoch, ErrorCode, Fid, InstanceNonce, LockKind, LockOwnerId, Uniquifier,
+    VnodeId, VolumeId,
 };
 use state::journal::MemVfs;
-use state::{ByteRange, ClientKey, JournalMode};
+use state::{ClientKey, JournalMode};
 
 use super::{JournalStop, StateJournal, StateSnapshot};
 use crate::callbacks::Callbacks;
@@ -172,11 +173,26 @@ impl Point {
                 .locks
                 .iter()
                 .map(|l| {
-                    let exclusive = l.kind == LockKind::Exclusive;
-                    (l.fid, l.client, l.owner, l.start, l.end, exclusive, l.pid)
+                    let (owner, range) = (l.lock.owner, l.lock.range);
+                    let exclusive = l.lock.kind == LockKind::Exclusive;
+                    let (client, owner) = (owner.client.0, owner.owner.0);
+                    (
+                        l.fid,
+                        client,
+                        owner,
+                        range.start(),
+                        range.end(),
+                        exclusive,
+                        l.pid,
+                    )
                 })
                 .collect(),
-            promises: state.callbacks.promises.keys().copied().collect(),
+            promises: state
+                .callbacks
+                .promises
+                .keys()
+                .map(|&(fid, key)| (fid, key.0))
+                .collect(),
         }
     }
 
@@ -212,7 +228,7 @@ struct Run {
     /// `acks[i]`: what operation `i + 1` was told.
     acks: Vec<Ack>,
     /// The clients admitted before any operation: (journal key, id, instance).
-    clients: Vec<(u32, ClientId, InstanceNonce)>,
+    clients: Vec<(ClientKey, ClientId, InstanceNonce)>,
 }
 
 impl Run {
@@ -265,7 +281,7 @@ async fn run_workload(vfs: &MemVfs, mode: JournalMode, ops: &[Op]) -> Run {
         let (id, instance) = (client_id(client), InstanceNonce(u64::from(client) + 1));
         let key = callbacks.recover(id, instance).unwrap();
         locks.admitted(key, id, instance);
-        run.clients.push((key.0, id, instance));
+        run.clients.push((key, id, instance));
         keys.push(key);
     }
     let key = |client: u8| keys[usize::from(client)];
@@ -309,9 +325,9 @@ async fn apply(
             exclusive,
         } => {
             let kind = if exclusive {
-                state::LockKind::Exclusive
+                LockKind::Exclusive
             } else {
-                state::LockKind::Shared
+                LockKind::Shared
             };
             let range = ByteRange::new(start, end).unwrap();
             let pid = 100 * u32::from(client) + u32::from(owner);
@@ -319,7 +335,7 @@ async fn apply(
                 .set(
                     key(client),
                     fid(file),
-                    owner.into(),
+                    LockOwnerId(owner.into()),
                     range,
                     kind,
                     false,
@@ -339,7 +355,7 @@ async fn apply(
             let range = ByteRange::new(start, end).unwrap();
             lock_ack(
                 locks
-                    .release(key(client), fid(file), owner.into(), range)
+                    .release(key(client), fid(file), LockOwnerId(owner.into()), range)
                     .await,
             )
         }
@@ -587,7 +603,15 @@ fn failing_setup(vfs: &MemVfs, fence: &Arc<Fence>) -> (Arc<StateJournal>, Arc<Lo
 async fn lock_whole_file(locks: &Arc<Locks>, key: ClientKey) -> Result<SetLockReply, ErrorCode> {
     let range = ByteRange::new(0, 10).unwrap();
     locks
-        .set(key, fid(0), 1, range, state::LockKind::Exclusive, false, 7)
+        .set(
+            key,
+            fid(0),
+            LockOwnerId(1),
+            range,
+            LockKind::Exclusive,
+            false,
+            7,
+        )
         .await
 }
 

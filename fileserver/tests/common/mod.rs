@@ -11,8 +11,9 @@ use fileserver::Config;
 use parking_lot::Mutex;
 use proto::rpc::{self, Connection, Limits};
 use proto::{
-    CellConfig, ClientId, Fid, Hello, InstanceNonce, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN,
-    PeerKind, ProtoError, Request, Response, VnodeId, VnodeStatus, VolumeId, VolumeName,
+    ByteRange, CellConfig, ClientId, Fid, Hello, InstanceNonce, PROTOCOL_VERSION_MAX,
+    PROTOCOL_VERSION_MIN, PeerKind, ProtoError, Request, Response, VnodeId, VnodeStatus, VolumeId,
+    VolumeName,
 };
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -22,7 +23,14 @@ pub const TIMEOUT: Duration = Duration::from_secs(10);
 /// The volume `create_volume` makes.
 pub const VOLUME: VolumeId = VolumeId(100);
 /// The end of a lock range that runs to the end of the file.
-pub const EOF: u64 = u64::MAX;
+pub const EOF: u64 = ByteRange::EOF;
+
+/// `[start, end)` as a peer sends it: decoded, not checked, so that a test can also send
+/// the empty range `ByteRange::new` refuses.
+pub fn wire_range(start: u64, end: u64) -> ByteRange {
+    let bytes = postcard::to_allocvec(&(start, end)).expect("two integers encode");
+    postcard::from_bytes(&bytes).expect("two integers decode as a range")
+}
 
 /// A fileserver task serving one partition until `stop`.
 pub struct Server {

@@ -1,6 +1,6 @@
 //! Grace rules, each fed as events and checked by the exact answers.
 
-use proto::{Uniquifier, VnodeId, VolumeId};
+use proto::{LockOwnerId, Uniquifier, VnodeId, VolumeId};
 
 use super::*;
 use LockKind::{Exclusive, Shared};
@@ -19,15 +19,15 @@ fn range(start: u64, end: u64) -> ByteRange {
 
 const A: LockOwner = LockOwner {
     client: ClientKey(0),
-    owner: 1,
+    owner: LockOwnerId(1),
 };
 const B: LockOwner = LockOwner {
     client: ClientKey(1),
-    owner: 1,
+    owner: LockOwnerId(1),
 };
 const C: LockOwner = LockOwner {
     client: ClientKey(2),
-    owner: 1,
+    owner: LockOwnerId(1),
 };
 
 fn a_lock() -> Lock {

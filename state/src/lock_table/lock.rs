@@ -1,87 +1,24 @@
-//! One advisory byte-range lock: who owns it, which bytes, shared or exclusive, and the
-//! rule for when two locks conflict.
-//! Invariant: a `ByteRange` is never empty (`start < end`); `end == ByteRange::EOF` means
-//! "to the end of the file, however far it grows".
+//! One advisory byte-range lock as the server holds it: which client's owner, which bytes,
+//! shared or exclusive, and the rule for when two locks conflict.
+//! Invariant: the range of a lock in a table is never empty (`ByteRange::checked`).
 
-use thiserror::Error;
+use proto::{ByteRange, LockKind, LockOwnerId};
+use serde::{Deserialize, Serialize};
 
 use crate::client_table::ClientKey;
 
 /// Who holds a lock: a client and the lock owner it names (a process for POSIX `fcntl`
 /// locks, an open file description for `flock`). Locks of one owner never conflict with
 /// each other; they replace one another as POSIX requires.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct LockOwner {
     pub client: ClientKey,
-    /// Chosen by the client; only compared for equality.
-    pub owner: u64,
+    pub owner: LockOwnerId,
 }
 
-/// Shared (read) or exclusive (write).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum LockKind {
-    Shared,
-    Exclusive,
-}
-
-/// The empty range was asked for: a lock must cover at least one byte.
-#[derive(Clone, Copy, Debug, Error, PartialEq, Eq)]
-#[error("empty byte range [{start}, {end})")]
-pub struct EmptyRange {
-    pub start: u64,
-    pub end: u64,
-}
-
-/// The bytes `[start, end)`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ByteRange {
-    start: u64,
-    end: u64,
-}
-
-impl ByteRange {
-    /// The `end` that means "to the end of the file".
-    pub const EOF: u64 = u64::MAX;
-
-    pub fn new(start: u64, end: u64) -> Result<ByteRange, EmptyRange> {
-        if start < end {
-            Ok(ByteRange { start, end })
-        } else {
-            Err(EmptyRange { start, end })
-        }
-    }
-
-    /// The whole file, as `flock` locks it.
-    pub fn whole() -> ByteRange {
-        ByteRange {
-            start: 0,
-            end: ByteRange::EOF,
-        }
-    }
-
-    pub fn start(self) -> u64 {
-        self.start
-    }
-
-    pub fn end(self) -> u64 {
-        self.end
-    }
-
-    pub fn overlaps(self, other: ByteRange) -> bool {
-        self.start < other.end && other.start < self.end
-    }
-
-    /// The smallest range covering both; never empty since `self` is not.
-    pub fn cover(self, other: ByteRange) -> ByteRange {
-        ByteRange {
-            start: self.start.min(other.start),
-            end: self.end.max(other.end),
-        }
-    }
-}
-
-/// A granted (or requested) lock. 40 bytes: the table holds many of them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// A granted (or requested) lock. 40 bytes: the table holds many of them. Encoded as
+/// its fields in order, as the journal's lock records and the snapshot hold it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Lock {
     pub owner: LockOwner,
     pub range: ByteRange,
@@ -106,18 +43,11 @@ mod tests {
         Lock {
             owner: LockOwner {
                 client: ClientKey(0),
-                owner,
+                owner: LockOwnerId(owner),
             },
             range: ByteRange::new(start, end).unwrap(),
             kind,
         }
-    }
-
-    #[test]
-    fn empty_ranges_are_refused() {
-        assert_eq!(ByteRange::new(5, 5), Err(EmptyRange { start: 5, end: 5 }));
-        assert!(ByteRange::new(6, 5).is_err());
-        assert!(ByteRange::new(0, ByteRange::EOF).is_ok());
     }
 
     #[test]

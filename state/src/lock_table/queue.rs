@@ -68,7 +68,8 @@ impl WaitQueue {
 mod tests {
     use super::*;
     use crate::client_table::ClientKey;
-    use crate::lock_table::{ByteRange, LockKind, LockOwner};
+    use crate::lock_table::LockOwner;
+    use proto::{ByteRange, LockKind, LockOwnerId};
 
     fn waiter(wait: u64) -> Waiter {
         Waiter {
@@ -76,7 +77,7 @@ mod tests {
             lock: Lock {
                 owner: LockOwner {
                     client: ClientKey(0),
-                    owner: wait,
+                    owner: LockOwnerId(wait),
                 },
                 range: ByteRange::whole(),
                 kind: LockKind::Exclusive,

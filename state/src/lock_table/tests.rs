@@ -1,6 +1,6 @@
 //! Lock table rules, each fed as events and checked by the exact effects it emits.
 
-use proto::{Uniquifier, VnodeId, VolumeId};
+use proto::{LockOwnerId, Uniquifier, VnodeId, VolumeId};
 
 use super::*;
 use LockKind::{Exclusive, Shared};
@@ -16,7 +16,7 @@ fn fid(n: u64) -> Fid {
 fn owner(client: u32, owner: u64) -> LockOwner {
     LockOwner {
         client: ClientKey(client),
-        owner,
+        owner: LockOwnerId(owner),
     }
 }
 
@@ -26,15 +26,15 @@ fn range(start: u64, end: u64) -> ByteRange {
 
 const A: LockOwner = LockOwner {
     client: ClientKey(0),
-    owner: 1,
+    owner: LockOwnerId(1),
 };
 const B: LockOwner = LockOwner {
     client: ClientKey(1),
-    owner: 1,
+    owner: LockOwnerId(1),
 };
 const C: LockOwner = LockOwner {
     client: ClientKey(2),
-    owner: 1,
+    owner: LockOwnerId(1),
 };
 const EOF: u64 = ByteRange::EOF;
 

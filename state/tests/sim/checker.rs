@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use state::LockKind;
+use proto::LockKind;
 
 use crate::sim::disk::Slot;
 

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use state::LockKind;
+use proto::LockKind;
 
 use crate::sim::checker::Checker;
 use crate::sim::disk::Slot;

@@ -9,11 +9,11 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use proto::{Epoch, Fid, Uniquifier, VnodeId, VolumeId};
+use proto::{ByteRange, Epoch, Fid, LockKind, LockOwnerId, Uniquifier, VnodeId, VolumeId};
 use state::journal::{MemVfs, Vfs, inspect_with};
 use state::{
-    ByteRange, ClientKey, Journal, JournalConfig, JournalMode, LockKind, LockOutcome, LockOwner,
-    LockTable, LockTableConfig, Recovered,
+    ClientKey, Journal, JournalConfig, JournalMode, LockOutcome, LockOwner, LockTable,
+    LockTableConfig, Recovered,
 };
 
 pub const JOURNAL_DIR: &str = "/partition/journal";
@@ -55,7 +55,7 @@ impl Slot {
 pub fn owner(client: u32) -> LockOwner {
     LockOwner {
         client: ClientKey(client),
-        owner: 1,
+        owner: LockOwnerId(1),
     }
 }
 

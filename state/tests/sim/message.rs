@@ -2,7 +2,8 @@
 //! the VLDB); the reply to a lease call echoes the member's send time, which the member
 //! would otherwise keep beside the call.
 
-use state::{LeaseRefusal, LockKind, Millis};
+use proto::LockKind;
+use state::{LeaseRefusal, Millis};
 
 use crate::sim::disk::Slot;
 
