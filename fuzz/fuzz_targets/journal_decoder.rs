@@ -12,7 +12,7 @@ fuzz_target!(|data: &[u8]| {
             assert!(record.payload.end <= data.len());
         }
     }
-    if let Ok((header, payload)) = state::snapshot::decode(data) {
+    if let Ok((header, payload)) = state::journal::snapshot::decode(data) {
         assert_eq!(header.payload_bytes, payload.len() as u64);
     }
 });

@@ -12,7 +12,6 @@ pub mod grace;
 pub mod journal;
 pub mod lock_table;
 pub mod pair_lease;
-pub mod snapshot;
 pub mod time;
 
 pub use callback_table::{CallbackCapture, CallbackTable, CallbackTableConfig, Grant};

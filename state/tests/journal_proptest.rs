@@ -9,7 +9,7 @@ use proptest::prelude::*;
 use proto::Epoch;
 use state::journal::MemVfs;
 use state::journal::segment::{self, SegmentHeader};
-use state::snapshot;
+use state::journal::snapshot;
 use state::{Journal, JournalConfig, JournalMode, Lsn, Recovered};
 
 #[derive(Clone, Debug)]

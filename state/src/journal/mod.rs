@@ -16,6 +16,7 @@ mod error;
 mod mem_vfs;
 mod recovery;
 pub mod segment;
+pub mod snapshot;
 mod vfs;
 
 use std::fmt;
@@ -34,7 +35,6 @@ pub use mem_vfs::MemVfs;
 pub use recovery::{Recovered, RecoveredSnapshot};
 pub use vfs::{DirLock, OsVfs, Vfs, VfsFile};
 
-use crate::snapshot;
 use recovery::{SegmentFile, segment_file_name};
 use segment::{RECORD_BYTES_MAX, SegmentHeader};
 

@@ -9,8 +9,8 @@ use proto::Epoch;
 use tracing::warn;
 
 use crate::journal::segment::{self, SEGMENT_HEADER_BYTES, ScanEnd};
+use crate::journal::snapshot;
 use crate::journal::{Damage, JournalError, Lsn, Vfs};
-use crate::snapshot;
 
 const SEGMENT_PREFIX: &str = "segment-";
 const SEGMENT_SUFFIX: &str = ".journal";
