@@ -15,19 +15,19 @@ use proto::{
     PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN, PeerKind, ProtoError, Request, Response,
     Uniquifier, VnodeId, VolumeId, VolumeName,
 };
+use state::journaled::{
+    CallbackModel, ClientEntry, LockEntry, Promises, StateRecord, StateSnapshot,
+};
 use state::{ClientKey, GraceConfig, JournalMode, Lock, LockOwner, LockTableConfig};
 use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::callback_model::{CallbackModel, Promises};
 use crate::callbacks::Callbacks;
 use crate::locks::Locks;
 use crate::restart;
-use crate::state_journal::{
-    ClientEntry, LockEntry, STATE_DIR, StateJournal, StateJournalError, StateRecord, StateSnapshot,
-};
+use crate::state_journal::{STATE_DIR, StateJournal, StateJournalError};
 use crate::{Config, FileServerError, Stats};
 
 const CELL: &str = "bench.cell";

@@ -25,6 +25,7 @@ use parking_lot::{Mutex, MutexGuard, RwLock};
 use proto::rpc::Connection;
 use proto::{CallbackGrant, ClientId, Fid, InstanceNonce, Request};
 use state::callback_table::CallbackCapture;
+use state::journaled::{CallbackModel, Owed, Promises, StateRecord, journaled_expiry_ms};
 use state::{
     Admission, CallbackTable, CallbackTableConfig, ClientKey, ClientTable, DelayedBreaks, Millis,
     Pending,
@@ -32,9 +33,8 @@ use state::{
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use crate::callback_model::{CallbackModel, Owed, Promises, journaled_expiry_ms};
 use crate::shards::{SHARDS, shard_of};
-use crate::state_journal::{Durable, StateJournal, StateRecord};
+use crate::state_journal::{Durable, StateJournal};
 
 /// Most fids in one `BreakCallbacks` request, well within the frame limit.
 const FIDS_PER_BREAK_MAX: usize = 8192;
@@ -639,9 +639,9 @@ mod tests {
     use proto::{ClientId, Fid, InstanceNonce, Uniquifier, VnodeId, VolumeId};
     use state::{ClientKey, JournalMode};
 
-    use crate::callback_model::{CallbackModel, Owed};
     use crate::locks::{TEST_DELAYED_PER_CLIENT_MAX, test_tables};
     use crate::state_journal::StateJournal;
+    use state::journaled::{CallbackModel, Owed};
 
     /// Replay does not bound the owed queues; a restore must bound its journaled view
     /// as it bounds the live queue, or the next snapshot would owe fids the client was

@@ -13,11 +13,11 @@ use proto::{ByteRange, ClientId, Epoch, Fid, InstanceNonce, LockKind, LockOwnerI
 use serde::{Serialize, Serializer};
 use state::journal::segment::{SEGMENT_HEADER_BYTES, SegmentHeader};
 use state::journal::{JournalSpan, Recovered};
+use state::journaled::{LockEntry, Owed, ReplayError, StateSnapshot, replay};
 use state::{ClientKey, JournalError, Lsn};
 use thiserror::Error;
 
-use crate::callback_model::Owed;
-use crate::state_journal::{LockEntry, STATE_DIR, StateJournalError, StateSnapshot, replay};
+use crate::state_journal::STATE_DIR;
 
 /// Fids of a client's promises listed in a report; beyond this only the count is given.
 pub const CALLBACK_FIDS_LISTED_MAX: usize = 20;
@@ -34,7 +34,7 @@ pub enum InspectError {
     Journal(#[from] JournalError),
     /// The journal's frames are sound but a record or snapshot does not decode or apply.
     #[error(transparent)]
-    Replay(#[from] StateJournalError),
+    Replay(#[from] ReplayError),
 }
 
 /// Everything `inspect` found, for text or JSON output.

@@ -4,7 +4,6 @@
 
 mod active;
 pub mod bench;
-mod callback_model;
 mod callbacks;
 mod config;
 pub mod fence;

@@ -24,18 +24,16 @@ use proto::{
     ByteRange, ClientId, ErrorCode, Fid, InstanceNonce, LockHolder, LockKind, LockOwnerId, Request,
     Response, WaitId,
 };
+use state::journaled::{CallbackModel, ClientEntry, LockEntry, StateRecord, StateSnapshot};
 use state::{
     ClientKey, Effect, Grace, GraceCheck, GraceConfig, Leases, Lock, LockOutcome, LockOwner,
     LockTable, LockTableConfig, Millis,
 };
 use tracing::{debug, info, warn};
 
-use crate::callback_model::CallbackModel;
 use crate::callbacks::Callbacks;
 use crate::shards::{SHARD_BITS, SHARDS, shard_of};
-use crate::state_journal::{
-    ClientEntry, Durable, LockEntry, StateJournal, StateRecord, StateSnapshot,
-};
+use crate::state_journal::{Durable, StateJournal};
 
 /// The answer to a `SetLock`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -935,7 +933,6 @@ mod tests {
     use state::JournalMode;
 
     use super::*;
-    use crate::state_journal::LockEntry;
 
     const ONE: LockOwnerId = LockOwnerId(1);
 

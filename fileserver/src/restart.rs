@@ -10,12 +10,13 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use state::journaled::{LockEntry, StateSnapshot};
 use state::{ClientKey, GraceConfig, JournalMode};
 use tracing::{debug, warn};
 
 use crate::callbacks::Callbacks;
 use crate::locks::{self, Locks};
-use crate::state_journal::{Durable, LockEntry, StateSnapshot};
+use crate::state_journal::Durable;
 use crate::stats::Stats;
 
 /// Installs `recovered` and starts grace over its locks, unless the journal ends with a
@@ -106,9 +107,9 @@ mod tests {
     };
     use state::{ClientKey, JournalMode};
 
-    use crate::callback_model::{CallbackModel, Owed};
     use crate::locks::{TEST_DELAYED_PER_CLIENT_MAX, test_tables};
-    use crate::state_journal::{LockEntry, StateJournal};
+    use crate::state_journal::StateJournal;
+    use state::journaled::{CallbackModel, LockEntry, Owed};
 
     #[derive(Clone, Debug)]
     enum Op {

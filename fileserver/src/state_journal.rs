@@ -1,7 +1,6 @@
 //! The continuous journal of callback, lock and client state under `PARTITION/state/`:
-//! the records (postcard `StateRecord`s), the snapshot payload, the writer thread that
-//! appends them in order with group commit, and the replay that rebuilds the state on
-//! start.
+//! the writer thread that appends the `state::journaled` records in order with group
+//! commit and writes snapshots, and the replay of what it holds on start.
 //! Invariant: records reach the journal in the order the server handed them over (which
 //! is the order of the in-memory changes: they are handed over under the tables' lock);
 //! a waiter is told "durable" only after a sync covering its record succeeded; a snapshot
@@ -10,7 +9,6 @@
 //! told, so the process answers nothing more and stops; a writer that stops for any
 //! reason says so (`StateJournal::stopped`), so that its term ends.
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -19,18 +17,14 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use proto::{ByteRange, ClientId, Epoch, Fid, InstanceNonce};
-use serde::{Deserialize, Serialize};
+use proto::Epoch;
 use state::journal::Vfs;
-use state::{
-    ClientKey, Journal, JournalConfig, JournalError, JournalMode, Lock, LockOwner, LockTable,
-    LockTableConfig, Lsn, Recovered,
-};
+use state::journaled::{ReplayError, StateRecord, StateSnapshot, replay};
+use state::{Journal, JournalConfig, JournalError, JournalMode, Lsn};
 use thiserror::Error;
 use tokio::sync::{oneshot, watch};
 use tracing::{error, info, warn};
 
-use crate::callback_model::CallbackModel;
 use crate::fence::{Fence, FencedVfs};
 
 /// The directory of the journal inside the partition.
@@ -44,127 +38,12 @@ const SNAPSHOT_EVERY: Duration = Duration::from_secs(300);
 /// Most records appended before one group sync.
 const BATCH_MAX: usize = 1024;
 
-/// One change of the journaled state. Keys are the writing process's `ClientKey`s, named
-/// by the latest `ClientAdmitted` record (or snapshot entry) for that key.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub enum StateRecord {
-    ClientAdmitted {
-        key: ClientKey,
-        client: ClientId,
-        instance: InstanceNonce,
-    },
-    /// `lock` of `fid` was granted to its owner (POSIX replace-and-merge semantics),
-    /// taken by process `pid`.
-    LockGranted {
-        fid: Fid,
-        lock: Lock,
-        pid: u32,
-    },
-    /// `owner` unlocked `range` of `fid`.
-    LockReleased {
-        fid: Fid,
-        owner: LockOwner,
-        range: ByteRange,
-    },
-    /// Every lock of the client is gone (lease lapsed or restart).
-    ClientReleased {
-        key: ClientKey,
-    },
-    /// `client` holds a promise on `fid` until `expiry_ms` (wall clock, rounded up).
-    CallbackGranted {
-        fid: Fid,
-        client: ClientKey,
-        expiry_ms: u64,
-    },
-    /// The client dropped these promises.
-    CallbacksGivenUp {
-        client: ClientKey,
-        fids: Vec<Fid>,
-    },
-    /// Every promise of the client is void (it is new or restarted and gets a reset).
-    ClientCallbacksDropped {
-        client: ClientKey,
-    },
-    /// These promises were broken; the break is in flight until acknowledged or queued.
-    BreaksSent {
-        client: ClientKey,
-        fids: Vec<Fid>,
-    },
-    BreaksAcked {
-        client: ClientKey,
-        fids: Vec<Fid>,
-    },
-    /// A reset is in flight to the client.
-    ResetSent {
-        client: ClientKey,
-    },
-    ResetAcked {
-        client: ClientKey,
-    },
-    /// The client was unreachable: these breaks wait for it to return.
-    DelayedQueued {
-        client: ClientKey,
-        fids: Vec<Fid>,
-    },
-    /// The client is owed a reset instead of single breaks.
-    DelayedReset {
-        client: ClientKey,
-    },
-    /// What the client was owed is being delivered (in flight until acknowledged).
-    DelayedTaken {
-        client: ClientKey,
-    },
-    /// A planned switchover: the pair member of `epoch` stopped admitting requests,
-    /// finished those in flight and snapshotted just before this record. A journal that
-    /// ends here is complete and every lock in it still has its owner, so the partner
-    /// takes over without grace.
-    Handover {
-        epoch: Epoch,
-    },
-}
-
-/// A known client as a snapshot holds it.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct ClientEntry {
-    pub key: ClientKey,
-    pub client: ClientId,
-    pub instance: InstanceNonce,
-}
-
-/// A granted lock as a snapshot holds it.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct LockEntry {
-    pub fid: Fid,
-    pub lock: Lock,
-    pub pid: u32,
-}
-
-/// The whole journaled state at one position.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct StateSnapshot {
-    pub clients: Vec<ClientEntry>,
-    pub locks: Vec<LockEntry>,
-    pub callbacks: CallbackModel,
-    /// Set by replay when the journal ends with a `Handover` record. Not part of the
-    /// snapshot payload (skipped, so the encoding is unchanged).
-    #[serde(skip)]
-    pub clean_handover: bool,
-}
-
 #[derive(Debug, Error)]
 pub enum StateJournalError {
     #[error("state journal: {0}")]
     Journal(#[from] JournalError),
-    #[error("state journal: undecodable {what} at {lsn}: {error}")]
-    Decode {
-        what: &'static str,
-        lsn: Lsn,
-        error: postcard::Error,
-    },
-    #[error("state journal: record at {lsn} names unknown client key {}", key.0)]
-    UnknownClient { lsn: Lsn, key: ClientKey },
-    #[error("state journal: record at {lsn} has an empty lock range")]
-    EmptyRange { lsn: Lsn },
+    #[error(transparent)]
+    Replay(#[from] ReplayError),
     #[error("state journal: could not start the writer thread: {0}")]
     Thread(std::io::Error),
 }
@@ -489,38 +368,6 @@ impl StateJournal {
     }
 }
 
-/// Rebuilds the journaled state from what a journal directory holds (the newest snapshot
-/// and the records after it), returning it with the position of the last record applied.
-/// Pure: used on start and by `inspect`, which must not open the journal.
-pub fn replay(recovered: &Recovered) -> Result<(StateSnapshot, Lsn), StateJournalError> {
-    let mut last = recovered.snapshot.as_ref().map_or(Lsn(0), |s| s.lsn);
-    let mut replay = match &recovered.snapshot {
-        Some(snapshot) => {
-            let decoded: StateSnapshot =
-                postcard::from_bytes(&snapshot.payload).map_err(|error| {
-                    StateJournalError::Decode {
-                        what: "snapshot",
-                        lsn: snapshot.lsn,
-                        error,
-                    }
-                })?;
-            Replay::from_snapshot(decoded)
-        }
-        None => Replay::default(),
-    };
-    for (lsn, payload) in &recovered.records {
-        let record: StateRecord =
-            postcard::from_bytes(payload).map_err(|error| StateJournalError::Decode {
-                what: "record",
-                lsn: *lsn,
-                error,
-            })?;
-        replay.apply(*lsn, record)?;
-        last = *lsn;
-    }
-    Ok((replay.into_snapshot(), last))
-}
-
 /// Appends batches of records, syncs once per batch that has a waiter, and writes
 /// snapshots on a helper thread at the position they were handed over at.
 fn write_loop(
@@ -720,152 +567,6 @@ fn spawn_snapshot(
             None
         }
     }
-}
-
-/// The journaled state rebuilt record by record, with the lock table's own rules so that
-/// merges and splits come out as they did live. The snapshot's locks are loaded into a
-/// table only when a lock record follows: otherwise they are the answer as they are.
-#[derive(Default)]
-struct Replay {
-    clients: HashMap<ClientKey, (ClientId, InstanceNonce)>,
-    callbacks: CallbackModel,
-    /// The snapshot's locks while no lock record needed the table.
-    snapshot_locks: Vec<LockEntry>,
-    locks: Option<LockTable>,
-    pids: HashMap<(Fid, LockOwner), u32>,
-    clean_handover: bool,
-}
-
-impl Replay {
-    fn table(&mut self) -> &mut LockTable {
-        let (snapshot_locks, pids) = (&mut self.snapshot_locks, &mut self.pids);
-        self.locks.get_or_insert_with(|| {
-            // Replay must never refuse what the live table granted.
-            let mut table = LockTable::new(LockTableConfig {
-                lock_count_max: usize::MAX,
-                lock_count_per_fid_max: usize::MAX,
-                ..LockTableConfig::default()
-            });
-            for LockEntry { fid, lock, pid } in std::mem::take(snapshot_locks) {
-                table.lock(fid, lock.owner, lock.range, lock.kind, false);
-                pids.insert((fid, lock.owner), pid);
-            }
-            table
-        })
-    }
-
-    fn from_snapshot(snapshot: StateSnapshot) -> Replay {
-        let mut replay = Replay {
-            callbacks: snapshot.callbacks,
-            snapshot_locks: snapshot.locks,
-            ..Replay::default()
-        };
-        replay
-            .snapshot_locks
-            .retain(|entry| entry.lock.range.checked().is_ok());
-        for entry in snapshot.clients {
-            replay
-                .clients
-                .insert(entry.key, (entry.client, entry.instance));
-        }
-        replay
-    }
-
-    fn apply(&mut self, lsn: Lsn, record: StateRecord) -> Result<(), StateJournalError> {
-        self.callbacks.apply(&record);
-        // Only the journal's last record counts: anything after a handover reopens it.
-        self.clean_handover = matches!(record, StateRecord::Handover { .. });
-        match record {
-            StateRecord::ClientAdmitted {
-                key,
-                client,
-                instance,
-            } => {
-                self.clients.insert(key, (client, instance));
-            }
-            StateRecord::LockGranted { fid, lock, pid } => {
-                if !self.clients.contains_key(&lock.owner.client) {
-                    return Err(StateJournalError::UnknownClient {
-                        lsn,
-                        key: lock.owner.client,
-                    });
-                }
-                let range = checked(lsn, lock.range)?;
-                self.table().lock(fid, lock.owner, range, lock.kind, false);
-                self.pids.insert((fid, lock.owner), pid);
-            }
-            StateRecord::LockReleased { fid, owner, range } => {
-                let range = checked(lsn, range)?;
-                // Unbounded replay table: an unlock never fails for room.
-                let _ = self.table().unlock(fid, owner, range);
-            }
-            StateRecord::ClientReleased { key } => {
-                self.table().release_client(key);
-                self.pids.retain(|(_, owner), _| owner.client != key);
-            }
-            StateRecord::CallbackGranted { .. }
-            | StateRecord::CallbacksGivenUp { .. }
-            | StateRecord::ClientCallbacksDropped { .. }
-            | StateRecord::BreaksSent { .. }
-            | StateRecord::BreaksAcked { .. }
-            | StateRecord::ResetSent { .. }
-            | StateRecord::ResetAcked { .. }
-            | StateRecord::DelayedQueued { .. }
-            | StateRecord::DelayedReset { .. }
-            | StateRecord::DelayedTaken { .. }
-            | StateRecord::Handover { .. } => {}
-        }
-        Ok(())
-    }
-
-    fn into_snapshot(mut self) -> StateSnapshot {
-        let mut locks = match self.locks {
-            None => std::mem::take(&mut self.snapshot_locks),
-            Some(_) => self.table_entries(),
-        };
-        locks.sort_unstable_by_key(|entry| (entry.fid, entry.lock.owner, entry.lock.range));
-        let mut clients: Vec<ClientEntry> = self
-            .clients
-            .into_iter()
-            .map(|(key, (client, instance))| ClientEntry {
-                key,
-                client,
-                instance,
-            })
-            .collect();
-        clients.sort_unstable_by_key(|c| c.key);
-        self.callbacks.finish_replay();
-        StateSnapshot {
-            clients,
-            locks,
-            callbacks: self.callbacks,
-            clean_handover: self.clean_handover,
-        }
-    }
-
-    /// The replayed lock table's locks, with the process that took each.
-    fn table_entries(&mut self) -> Vec<LockEntry> {
-        let mut locks: Vec<LockEntry> = self
-            .table()
-            .iter()
-            .map(|(fid, lock)| LockEntry { fid, lock, pid: 0 })
-            .collect();
-        for entry in &mut locks {
-            entry.pid = self
-                .pids
-                .get(&(entry.fid, entry.lock.owner))
-                .copied()
-                .unwrap_or(0);
-        }
-        locks
-    }
-}
-
-/// A recorded range, which the live table never lets be empty.
-fn checked(lsn: Lsn, range: ByteRange) -> Result<ByteRange, StateJournalError> {
-    range
-        .checked()
-        .map_err(|_| StateJournalError::EmptyRange { lsn })
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ pub mod client_table;
 pub mod delayed_breaks;
 pub mod grace;
 pub mod journal;
+pub mod journaled;
 pub mod lock_table;
 pub mod pair_lease;
 pub mod time;

@@ -17,10 +17,10 @@ use proto::Fid;
 use serde::de::{SeqAccess, Visitor};
 use serde::ser::SerializeSeq;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
-use state::ClientKey;
-use state::callback_table::CallbackCapture;
 
-use crate::state_journal::StateRecord;
+use super::record::StateRecord;
+use crate::callback_table::CallbackCapture;
+use crate::client_table::ClientKey;
 
 /// The granularity journaled expiries are rounded up to: a client that keeps fetching one
 /// fid writes one record per step, not one per fetch.
@@ -89,6 +89,10 @@ impl Promises {
             Some(captured) => captured.table.len(),
             None => self.listed.len(),
         }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// Every promise, in no particular order.
@@ -379,8 +383,8 @@ impl CallbackModel {
 
 #[cfg(test)]
 mod tests {
+    use crate::time::Millis;
     use proto::{Uniquifier, VnodeId, VolumeId};
-    use state::Millis;
 
     use super::*;
 
@@ -455,8 +459,8 @@ mod tests {
 
     #[test]
     fn a_captured_table_encodes_in_journal_form() {
-        let mut table = state::CallbackTable::new(state::CallbackTableConfig::default());
-        table.grant(fid(1), state::ClientKey(4), Millis(1));
+        let mut table = crate::CallbackTable::new(crate::CallbackTableConfig::default());
+        table.grant(fid(1), ClientKey(4), Millis(1));
         let promises = Promises::captured(table.capture(), 1000);
         let bytes = postcard::to_allocvec(&promises).unwrap();
         let decoded: Promises = postcard::from_bytes(&bytes).unwrap();
