@@ -180,6 +180,10 @@ fn a_full_state_disk_stops_the_fileserver_and_a_restart_recovers() {
         std::fs::read(a.join("kept")).unwrap(),
         b"written before the disk filled\n"
     );
+    // The cell goes first, so the fileserver stops before its state disk goes; its
+    // directory can only be removed once that disk is unmounted.
+    let dir = cell.dir.path().to_owned();
     drop(cell);
     drop(state_disk);
+    let _ = std::fs::remove_dir_all(dir);
 }
