@@ -138,6 +138,15 @@ fn a_full_state_disk_stops_the_fileserver_and_a_restart_recovers() {
     std::fs::write(&locked, b"lock me\n").unwrap();
     let file = std::fs::File::open(&locked).unwrap();
     let filler = state_disk.fill();
+    // What the full disk provokes, at ERROR: the journal's append fails, the fileserver
+    // stops journaling and serving, and closing the failed journal fails again.
+    for line in [
+        "journal write failed; refusing further appends",
+        "state journal append failed",
+        "state journal close failed",
+    ] {
+        cell.expect_error_from("fileserver", line);
+    }
 
     // Lock and unlock until a record finds no room: that request fails...
     let refused = (0..10_000).find_map(|_| {
@@ -171,6 +180,10 @@ fn a_full_state_disk_stops_the_fileserver_and_a_restart_recovers() {
         std::fs::read(a.join("kept")).unwrap(),
         b"written before the disk filled\n"
     );
+    // The cell goes first, so the fileserver stops before its state disk goes; its
+    // directory can only be removed once that disk is unmounted.
+    let dir = cell.dir.path().to_owned();
     drop(cell);
     drop(state_disk);
+    let _ = std::fs::remove_dir_all(dir);
 }

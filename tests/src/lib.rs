@@ -1,8 +1,7 @@
-//! End-to-end test support: a cell of real `holdfast` processes on 127.0.0.1 with
-//! ephemeral ports, real FUSE mounts, and cleanup that runs even when a test fails.
-//! Invariant: every process a `TestCell` starts is stopped by its PID and every mount it
-//! made is unmounted when it drops (panics included).
+//! End-to-end test support: a cell of real `holdfast` processes on 127.0.0.1, real FUSE mounts.
+//! Invariant: on drop every process is stopped by PID and every mount unmounted, then logs checked.
 
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -10,23 +9,41 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 pub mod pair;
+pub mod tripwire;
 
 pub use pair::{PAIR, Proxy};
+pub use tripwire::ErrorLine;
+
+use tripwire::Tripwire;
 
 /// How long a component may take to become ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What fuser logs at ERROR when it answers a request the kernel has already ended. A
+/// mount stopped with a request in flight (the background release of a file just
+/// closed, say) unmounts under it, so the harness expects it while stopping a mount.
+const FUSE_REPLY_TO_AN_ENDED_REQUEST: &str = "Failed to send FUSE reply: No such file or directory";
 
 /// One process started by a test.
 struct Proc {
     name: String,
     child: Child,
+    log: PathBuf,
 }
 
 impl Proc {
-    fn stop(&mut self) {
+    /// Stops the process (SIGTERM, then SIGKILL) and waits for it; returns the stretch of
+    /// its log it wrote meanwhile, `None` if it had exited already.
+    fn stop(&mut self) -> Option<Range<u64>> {
         if self.child.try_wait().ok().flatten().is_some() {
-            return;
+            return None;
         }
+        let from = log_len(&self.log);
+        self.terminate();
+        Some(from..log_len(&self.log))
+    }
+
+    fn terminate(&mut self) {
         let pid = self.child.id() as libc::pid_t;
         // SAFETY: signalling our own child by PID. SIGCONT first: it may be stopped.
         unsafe {
@@ -46,6 +63,11 @@ impl Proc {
 }
 
 /// A cell for one test: VLDB, one fileserver, `root.cell`, and any number of mounts.
+///
+/// Dropping it stops every process it started, unmounts every mount, and then fails the
+/// test (a panic naming each process, its log file and the lines) if any of them logged
+/// an ERROR line the test did not declare with `expect_error` or `expect_error_from`. The
+/// cell's directory is kept then, so that the logs can be read.
 pub struct TestCell {
     bin: PathBuf,
     pub dir: tempfile::TempDir,
@@ -58,6 +80,9 @@ pub struct TestCell {
     pub vldb_proxy: Option<Proxy>,
     procs: Vec<Proc>,
     mounts: Vec<PathBuf>,
+    /// The name of every process started, once each: its log is `<name>.log`.
+    logged: Vec<String>,
+    tripwire: Tripwire,
 }
 
 /// How `TestCell::start_pair` sets the pair up.
@@ -192,6 +217,8 @@ impl TestCell {
             vldb_proxy: None,
             procs: Vec::new(),
             mounts: Vec::new(),
+            logged: Vec::new(),
+            tripwire: Tripwire::default(),
         };
         let vldb = cell.path("vldb");
         cell.vl_address = cell.spawn_ready(
@@ -282,15 +309,46 @@ impl TestCell {
         args.extend_from_slice(extra);
         args.push(&target);
         self.mounts.push(mountpoint.clone());
+        self.tripwire
+            .expect_while_stopping(name, FUSE_REPLY_TO_AN_ENDED_REQUEST);
         self.spawn_ready(name, &args)?;
         Ok(mountpoint)
     }
 
-    /// Runs `holdfast ARGS` with this cell's cell file, to completion.
+    /// Runs `holdfast ARGS` with this cell's cell file, to completion. Its ERROR lines
+    /// count for the check on drop, like those of the processes the cell started.
     pub fn holdfast(&self, args: &[&str]) -> Result<Output> {
         let mut command = Command::new(&self.bin);
         command.args(args).env("HOLDFAST_CELL", &self.cell_file);
-        run_bounded(command, Duration::from_secs(60))
+        let output = run_bounded(command, Duration::from_secs(60))?;
+        self.tripwire.record_command(
+            &format!("holdfast {}", args.join(" ")),
+            &String::from_utf8_lossy(&output.stderr),
+        );
+        Ok(output)
+    }
+
+    /// Declares that the test provokes ERROR lines containing `pattern`, from any process:
+    /// the check on drop lets them pass.
+    pub fn expect_error(&self, pattern: &str) {
+        self.tripwire.expect(None, pattern);
+    }
+
+    /// Declares that the process started under `process` (its log is `<process>.log`)
+    /// may log ERROR lines containing `pattern`.
+    pub fn expect_error_from(&self, process: &str, pattern: &str) {
+        self.tripwire.expect(Some(process), pattern);
+    }
+
+    /// The ERROR lines logged so far that no declaration covers, in every process's log
+    /// (restarts included) and in the output of `holdfast` commands run to completion.
+    pub fn unexpected_errors(&self) -> Vec<ErrorLine> {
+        let logs: Vec<(String, PathBuf)> = self
+            .logged
+            .iter()
+            .map(|name| (name.clone(), self.log_path(name)))
+            .collect();
+        self.tripwire.unexpected(&logs)
     }
 
     /// The PID of a process started under `name`.
@@ -316,8 +374,8 @@ impl TestCell {
     /// Stops the process started under `name` (SIGTERM, then SIGKILL) and forgets it.
     pub fn stop(&mut self, name: &str) {
         if let Some(index) = self.procs.iter().rposition(|p| p.name == name) {
-            let mut proc = self.procs.remove(index);
-            proc.stop();
+            let proc = self.procs.remove(index);
+            self.stop_proc(proc);
         }
     }
 
@@ -343,7 +401,19 @@ impl TestCell {
 
     /// A log file of a process started under `name`.
     pub fn log(&self, name: &str) -> String {
-        std::fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_default()
+        std::fs::read_to_string(self.log_path(name)).unwrap_or_default()
+    }
+
+    /// Where the process started under `name` logs (every start of it, appended).
+    pub fn log_path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(format!("{name}.log"))
+    }
+
+    /// Stops `proc`, noting for the tripwire what it logged meanwhile.
+    fn stop_proc(&self, mut proc: Proc) {
+        if let Some(span) = proc.stop() {
+            self.tripwire.record_stop(&proc.name, span);
+        }
     }
 
     fn path(&self, name: &str) -> String {
@@ -353,7 +423,10 @@ impl TestCell {
     fn spawn_ready(&mut self, name: &str, args: &[&str]) -> Result<String> {
         let ready = self.dir.path().join(format!("{name}.ready"));
         let _ = std::fs::remove_file(&ready);
-        let log_path = self.dir.path().join(format!("{name}.log"));
+        let log_path = self.log_path(name);
+        if !self.logged.iter().any(|n| n == name) {
+            self.logged.push(name.to_owned());
+        }
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -374,6 +447,7 @@ impl TestCell {
         self.procs.push(Proc {
             name: name.to_owned(),
             child,
+            log: log_path,
         });
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
@@ -401,15 +475,36 @@ impl TestCell {
 impl Drop for TestCell {
     fn drop(&mut self) {
         // Mounts first (they flush to the servers), newest first.
-        while let Some(mut proc) = self.procs.pop() {
-            proc.stop();
+        while let Some(proc) = self.procs.pop() {
+            self.stop_proc(proc);
         }
         for mountpoint in &self.mounts {
             if is_mounted(mountpoint) {
                 let _ = cachemgr::mount::detach(mountpoint);
             }
         }
+        // Last, with nothing left running or mounted: a panic here leaks nothing.
+        let unexpected = self.unexpected_errors();
+        if unexpected.is_empty() {
+            return;
+        }
+        let report = tripwire::report(&unexpected);
+        if std::thread::panicking() {
+            // A second panic would abort the test binary; the first failure stands.
+            eprintln!("while the test failed, {report}");
+            return;
+        }
+        self.dir.disable_cleanup(true);
+        panic!(
+            "{report}\n(kept {} for the logs)",
+            self.dir.path().display()
+        );
     }
+}
+
+/// The length of a log file, 0 if it cannot be read.
+fn log_len(path: &Path) -> u64 {
+    std::fs::metadata(path).map_or(0, |m| m.len())
 }
 
 /// Fails with a clear message when this machine cannot run FUSE mounts.

@@ -1,7 +1,5 @@
-//! `VldbError`: everything that can go wrong inside the VLDB, and its mapping to the
-//! wire's `ErrorCode` at the handler boundary.
-//! Invariant: only `Refused` carries a code a peer may act on; storage trouble crosses
-//! the wire as `Internal` with no detail, and is logged where it is handled.
+//! `VldbError`: everything that can go wrong inside the VLDB, and its wire `ErrorCode`.
+//! Invariant: only `Refused` carries a code a peer may act on; the rest cross as a bare `Internal`.
 
 use std::path::PathBuf;
 

@@ -1,12 +1,12 @@
-//! The Holdfast volume location database (VLDB) server: maps volume names and ids to
-//! sites, records fileservers and allocates volume ids.
-//! Today a single node; the state sits behind `Store` so that a replicated log can drive
-//! the same operations later.
+//! The Holdfast VLDB server: maps volume names and ids to sites; records fileservers and pairs.
+//! Invariant: `run` binds nothing; all state is behind `Store`, which takes the clock as an input.
 
 mod error;
+mod limits;
 mod pairs;
 mod service;
 mod store;
+mod tables;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -17,8 +17,10 @@ use tokio::sync::watch;
 use tracing::info;
 
 pub use error::VldbError;
+pub use limits::StoreLimits;
 pub use service::VldbService;
-pub use store::{FORMAT_VERSION, IDS_PER_VOLUME, Store, StoreLimits, VOLUME_ID_FIRST};
+pub use store::{IDS_PER_VOLUME, Store, VOLUME_ID_FIRST};
+pub use tables::FORMAT_VERSION;
 
 /// The database file inside the data directory.
 pub const DATABASE_FILE: &str = "vldb.redb";

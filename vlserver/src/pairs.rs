@@ -1,27 +1,33 @@
-//! The fileserver pairs the VLDB arbitrates: who the members are, which one is active
-//! and until when. The decisions are `state::PairLease`'s; this file keeps its durable
-//! half in the `pairs` table and its expiry in memory.
-//! Invariant: an epoch is durable before any member hears of it, so a restarted VLDB
-//! never grants an epoch twice; the server entry of a pair's server id lists exactly the
-//! members first, the active first among them.
-//! Boundary: every method takes the VLDB's monotonic clock as a `Millis`; a pair loaded
-//! at open gets its holder one whole lease from the first call that touches it.
+//! The pairs the VLDB arbitrates: `state::PairLease`'s decisions, durable but for lease expiries.
+//! Invariant: an epoch is durable before any member hears of it, so none is granted twice.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
+use parking_lot::Mutex;
 use proto::{Epoch, ErrorCode, PairEntry, PairName, ServerEntry, ServerId, Timestamp};
-use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 use serde::{Deserialize, Serialize};
 use state::{LeaseRefusal, Millis, PairLease};
 use tracing::{debug, info, warn};
 
 use crate::error::VldbError;
-use crate::store::{SERVERS, SERVERS_NAME, Store, decode, encode, put_server};
+use crate::limits::StoreLimits;
+use crate::tables::{
+    PAIRS, PAIRS_NAME, SERVERS, SERVERS_NAME, decode, encode, get_server, put_server,
+};
 
-/// Pair name -> postcard `PairRecord`.
-pub(crate) const PAIRS: TableDefinition<&str, &[u8]> = TableDefinition::new("pairs");
-const PAIRS_NAME: &str = "pairs";
+/// Every pair: the durable fields mirrored from the `pairs` table, plus the lease expiries,
+/// which live only here. Methods take the VLDB's monotonic clock as a `Millis`; a pair
+/// loaded at open gets its holder one whole lease from the first call that touches it.
+/// Methods block on disk I/O, like `Store`'s.
+pub(crate) struct Pairs {
+    /// Pair calls and server registrations hold this lock across their write transaction,
+    /// so the two never interleave on a pair's server entry.
+    by_name: Mutex<HashMap<String, Pair>>,
+    /// The store's: they bound the pairs, a member's address and a new server entry.
+    limits: StoreLimits,
+}
 
 /// The durable part of a pair.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -38,9 +44,9 @@ struct PairRecord {
 
 /// One pair in memory.
 #[derive(Clone, Debug)]
-pub(crate) struct Pair {
-    pub(crate) server: ServerId,
-    pub(crate) lease: PairLease,
+struct Pair {
+    server: ServerId,
+    lease: PairLease,
     /// Durable twin of `PairRecord::lease_ms`.
     lease_granted: Duration,
     /// Loaded at open and not touched since: the expiry is not known yet.
@@ -83,52 +89,64 @@ impl Pair {
     }
 }
 
-/// Reads every pair at open.
-pub(crate) fn load(db: &Database) -> Result<HashMap<String, Pair>, VldbError> {
-    let txn = db.begin_read()?;
-    let table = txn.open_table(PAIRS)?;
-    let mut pairs = HashMap::with_capacity(usize::try_from(table.len()?).unwrap_or(0));
-    for row in table.iter()? {
-        let (key, bytes) = row?;
-        let name = key.value().to_owned();
-        let record: PairRecord = decode(PAIRS_NAME, &name, bytes.value())?;
-        let pair = Pair {
-            server: record.server,
-            lease: PairLease {
-                members: record.members,
-                epoch: record.epoch.0,
-                active: record.active,
-                expires: Millis(0),
-                successor: record.successor,
-            },
-            lease_granted: Duration::from_millis(record.lease_ms),
-            expiry_unknown: true,
-        };
-        info!(pair = %name, epoch = pair.lease.epoch, active = ?pair.lease.active,
-            "pair loaded; its holder keeps one whole lease");
-        pairs.insert(name, pair);
-    }
-    Ok(pairs)
-}
-
-/// A pair's addresses for its server entry: the active, the other members in the order
-/// they joined, then any other address the server registered.
-pub(crate) fn ordered_addresses(lease: &PairLease, others: &[String]) -> Vec<String> {
-    let mut out: Vec<String> = lease.active.iter().cloned().collect();
-    for address in lease.members.iter().chain(others) {
-        if !out.contains(address) {
-            out.push(address.clone());
+impl Pairs {
+    /// Reads every pair at open; `limits` bounds the pairs and their server entries.
+    pub(crate) fn load(db: &Database, limits: StoreLimits) -> Result<Pairs, VldbError> {
+        let txn = db.begin_read()?;
+        let table = txn.open_table(PAIRS)?;
+        let mut by_name = HashMap::with_capacity(usize::try_from(table.len()?).unwrap_or(0));
+        for row in table.iter()? {
+            let (key, bytes) = row?;
+            let name = key.value().to_owned();
+            let record: PairRecord = decode(PAIRS_NAME, &name, bytes.value())?;
+            let pair = Pair {
+                server: record.server,
+                lease: PairLease {
+                    members: record.members,
+                    epoch: record.epoch.0,
+                    active: record.active,
+                    expires: Millis(0),
+                    successor: record.successor,
+                },
+                lease_granted: Duration::from_millis(record.lease_ms),
+                expiry_unknown: true,
+            };
+            info!(pair = %name, epoch = pair.lease.epoch, active = ?pair.lease.active,
+                "pair loaded; its holder keeps one whole lease");
+            by_name.insert(name, pair);
         }
+        Ok(Pairs {
+            by_name: Mutex::new(by_name),
+            limits,
+        })
     }
-    out
-}
 
-impl Store {
+    /// Runs `write`, a write of `server`'s entry outside a pair call, under the pairs' lock,
+    /// handing it `addresses` as that entry must list them: a pair's server entry lists its
+    /// members, the active first, whatever a member registers, since clients find the pair
+    /// through it.
+    pub(crate) fn write_server_entry(
+        &self,
+        server: ServerId,
+        addresses: Vec<String>,
+        write: impl FnOnce(Vec<String>) -> Result<ServerEntry, VldbError>,
+    ) -> Result<ServerEntry, VldbError> {
+        let pairs = self.by_name.lock();
+        let addresses = match pairs.values().find(|p| p.server == server) {
+            Some(pair) => ordered_addresses(&pair.lease, &addresses),
+            None => addresses,
+        };
+        let entry = write(addresses)?;
+        drop(pairs);
+        Ok(entry)
+    }
+
     /// `member` (an address) joins `pair`, serving the partition of `server`; the pair is
     /// created by its first member. Also makes the server entry of `server` list the
     /// members, stamped `registered` if it is new.
-    pub fn join_pair(
+    pub(crate) fn join(
         &self,
+        db: &Database,
         pair: &PairName,
         server: ServerId,
         member: &str,
@@ -138,7 +156,7 @@ impl Store {
             debug!(%pair, "refusing a pair member address");
             return Err(VldbError::Refused(ErrorCode::InvalidArgument));
         }
-        let mut pairs = self.pairs.lock();
+        let mut pairs = self.by_name.lock();
         let mut next = match pairs.get(pair.as_str()) {
             Some(existing) if existing.server != server => {
                 warn!(%pair, %member, pair_server = %existing.server, member_server = %server,
@@ -162,7 +180,7 @@ impl Store {
             .lease
             .join(member)
             .map_err(|refusal| refused(&next, refusal))?;
-        self.write_pair(pair, &next, Some(registered))?;
+        self.write(db, pair, &next, Some(registered))?;
         if joined {
             info!(%pair, %member, %server, members = ?next.lease.members, "pair member joined");
         } else {
@@ -174,15 +192,16 @@ impl Store {
 
     /// Compare-and-set of the lease (see `PairLease::acquire`); the new epoch is durable
     /// when this returns it.
-    pub fn acquire_pair(
+    pub(crate) fn acquire(
         &self,
+        db: &Database,
         pair: &PairName,
         member: &str,
         epoch: Epoch,
         lease: Duration,
         now: Millis,
     ) -> Result<Epoch, VldbError> {
-        let mut pairs = self.pairs.lock();
+        let mut pairs = self.by_name.lock();
         let current = pair_mut(&mut pairs, pair, now)?;
         let mut next = current.clone();
         let granted = next
@@ -190,7 +209,7 @@ impl Store {
             .acquire(member, epoch.0, lease, now)
             .map_err(|refusal| refused(&next, refusal))?;
         next.lease_granted = lease;
-        self.write_pair(pair, &next, None)?;
+        self.write(db, pair, &next, None)?;
         info!(%pair, %member, epoch = granted, lease_ms = millis(lease), "pair lease acquired");
         *current = next;
         Ok(Epoch(granted))
@@ -199,15 +218,16 @@ impl Store {
     /// The active extends its lease. Memory only, unless the member asks for a longer
     /// lease than any granted in this epoch: that length must be durable first, since a
     /// restarted VLDB grants the holder the recorded length again.
-    pub fn renew_pair(
+    pub(crate) fn renew(
         &self,
+        db: &Database,
         pair: &PairName,
         member: &str,
         epoch: Epoch,
         lease: Duration,
         now: Millis,
     ) -> Result<Epoch, VldbError> {
-        let mut pairs = self.pairs.lock();
+        let mut pairs = self.by_name.lock();
         let current = pair_mut(&mut pairs, pair, now)?;
         let mut next = current.clone();
         next.lease
@@ -215,7 +235,7 @@ impl Store {
             .map_err(|refusal| refused(&next, refusal))?;
         if lease > next.lease_granted {
             next.lease_granted = lease;
-            self.write_pair(pair, &next, None)?;
+            self.write(db, pair, &next, None)?;
         }
         debug!(%pair, %member, epoch = epoch.0, "pair lease renewed");
         *current = next;
@@ -223,50 +243,48 @@ impl Store {
     }
 
     /// The active gives its lease up at once, optionally to `successor`.
-    pub fn release_pair(
+    pub(crate) fn release(
         &self,
+        db: &Database,
         pair: &PairName,
         member: &str,
         epoch: Epoch,
         successor: Option<&str>,
         now: Millis,
     ) -> Result<(), VldbError> {
-        let mut pairs = self.pairs.lock();
+        let mut pairs = self.by_name.lock();
         let current = pair_mut(&mut pairs, pair, now)?;
         let mut next = current.clone();
         next.lease
             .release(member, epoch.0, successor, now)
             .map_err(|refusal| refused(&next, refusal))?;
-        self.write_pair(pair, &next, None)?;
+        self.write(db, pair, &next, None)?;
         info!(%pair, %member, epoch = epoch.0, ?successor, "pair lease released");
         *current = next;
         Ok(())
     }
 
-    pub fn pair(&self, pair: &PairName, now: Millis) -> Result<PairEntry, VldbError> {
-        let mut pairs = self.pairs.lock();
+    pub(crate) fn entry(&self, pair: &PairName, now: Millis) -> Result<PairEntry, VldbError> {
+        let mut pairs = self.by_name.lock();
         Ok(pair_mut(&mut pairs, pair, now)?.entry(pair, now))
     }
 
     /// Writes a pair's record and its server entry in one transaction. `registered`
     /// stamps a server entry that does not exist yet; without it a missing entry is
     /// corruption (joining created it).
-    fn write_pair(
+    fn write(
         &self,
+        db: &Database,
         name: &PairName,
         pair: &Pair,
         registered: Option<Timestamp>,
     ) -> Result<(), VldbError> {
-        let txn = self.db.begin_write()?;
+        let txn = db.begin_write()?;
         {
             txn.open_table(PAIRS)?
                 .insert(name.as_str(), encode(&pair.record())?.as_slice())?;
             let mut servers = txn.open_table(SERVERS)?;
-            let previous: Option<ServerEntry> = match servers.get(&pair.server.0.into_bytes())? {
-                Some(bytes) => Some(decode(SERVERS_NAME, pair.server, bytes.value())?),
-                None => None,
-            };
-            let (others, registered) = match (previous, registered) {
+            let (others, registered) = match (get_server(&servers, pair.server)?, registered) {
                 (Some(entry), _) => (entry.addresses, entry.registered),
                 (None, Some(registered)) => {
                     if servers.len()? >= self.limits.servers_max {
@@ -293,6 +311,18 @@ impl Store {
         txn.commit()?;
         Ok(())
     }
+}
+
+/// A pair's addresses for its server entry: the active, the other members in the order
+/// they joined, then any other address the server registered.
+fn ordered_addresses(lease: &PairLease, others: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = lease.active.iter().cloned().collect();
+    for address in lease.members.iter().chain(others) {
+        if !out.contains(address) {
+            out.push(address.clone());
+        }
+    }
+    out
 }
 
 /// The pair named `name`, its expiry started if a restart left it unknown.

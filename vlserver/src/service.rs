@@ -1,6 +1,5 @@
 //! `VldbService`: answers VLDB requests on connections accepted by `proto::server::serve`.
-//! Boundary: requests arrive decoded; store errors become `ErrorCode`s here, and storage
-//! failures are logged here, where they are handled.
+//! Invariant: store errors become `ErrorCode`s here, and storage failures are logged here, once.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -1,31 +1,26 @@
-//! `Store`: the VLDB's durable state in one redb file — volume entries, the name and id
-//! indexes, registered servers, the id counter and the fileserver pairs (`pairs.rs`).
-//! Invariant: each mutation is one durable transaction that keeps the indexes consistent
-//! with the entries; volume ids are handed out in ascending triples and never reused.
-//! Boundary: operations take every nondeterministic input (the clock) as an argument, so
-//! a replicated log can later apply the same operations in the same order on every node.
+//! `Store`: the VLDB in one redb file: volume entries and indexes, servers, the id counter, pairs.
+//! Invariant: each mutation is one durable transaction keeping the indexes true; ids never recur.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-
-use parking_lot::Mutex;
+use std::time::Duration;
 
 use proto::{
-    ErrorCode, ServerEntry, ServerId, Timestamp, VolumeEntry, VolumeId, VolumeName, VolumeRef,
-    VolumeSite, VolumeType,
+    Epoch, ErrorCode, PairEntry, PairName, ServerEntry, ServerId, Timestamp, VolumeEntry, VolumeId,
+    VolumeName, VolumeRef, VolumeSite, VolumeType,
 };
-use redb::{
-    Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table, TableDefinition,
-};
-use serde::Serialize;
-use serde::de::DeserializeOwned;
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata};
+use state::Millis;
 use tracing::{debug, info};
 
 use crate::error::VldbError;
-use crate::pairs::{self, Pair};
-
-/// The layout version of the tables below; bumped on any incompatible change.
-pub const FORMAT_VERSION: u64 = 1;
+use crate::limits::StoreLimits;
+use crate::pairs::Pairs;
+use crate::tables::{
+    FORMAT_VERSION, META, META_FORMAT_VERSION, META_NAME, META_NEXT_VOLUME_ID, PAIRS, SERVERS,
+    SERVERS_NAME, VOLUME_IDS, VOLUME_NAMES, VOLUME_NAMES_NAME, VOLUMES, VOLUMES_NAME, decode,
+    encode, get_server, put_server, server_id_of,
+};
 
 /// The first RW volume id, as in AFS.
 pub const VOLUME_ID_FIRST: VolumeId = VolumeId(536_870_912);
@@ -33,51 +28,13 @@ pub const VOLUME_ID_FIRST: VolumeId = VolumeId(536_870_912);
 /// Ids reserved per volume: RW, then RO (`rw + 1`), then backup (`rw + 2`).
 pub const IDS_PER_VOLUME: u64 = 3;
 
-const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
-const META_FORMAT_VERSION: &str = "format_version";
-const META_NEXT_VOLUME_ID: &str = "next_volume_id";
-/// RW volume id -> postcard `VolumeEntry`.
-const VOLUMES: TableDefinition<u64, &[u8]> = TableDefinition::new("volumes");
-/// Volume name -> RW volume id.
-const VOLUME_NAMES: TableDefinition<&str, u64> = TableDefinition::new("volume_names");
-/// Every id of an existing volume (RW, and RO/backup once they exist) -> RW volume id.
-const VOLUME_IDS: TableDefinition<u64, u64> = TableDefinition::new("volume_ids");
-/// Server UUID bytes -> postcard `ServerEntry`.
-pub(crate) const SERVERS: TableDefinition<&[u8; 16], &[u8]> = TableDefinition::new("servers");
-
-/// How much a peer can make the VLDB hold.
-#[derive(Clone, Debug)]
-pub struct StoreLimits {
-    pub servers_max: u64,
-    pub addresses_per_server_max: usize,
-    pub address_bytes_max: usize,
-    /// Keeps a full `VlListEntries` reply within the 4 MiB frame limit (about 100 bytes
-    /// per entry at most) until listing is paged.
-    pub volumes_max: u64,
-    /// Fileserver pairs; each holds two short addresses, so this bounds memory, not frames.
-    pub pairs_max: usize,
-}
-
-impl Default for StoreLimits {
-    fn default() -> Self {
-        StoreLimits {
-            servers_max: 10_000,
-            addresses_per_server_max: 16,
-            address_bytes_max: 256,
-            volumes_max: 32_768,
-            pairs_max: 4_096,
-        }
-    }
-}
-
-/// The VLDB's tables. Methods block on disk I/O: call them off the async runtime.
+/// The VLDB's tables. Methods block on disk I/O: call them off the async runtime. They
+/// take every nondeterministic input (the clock) as an argument, so that a replicated log
+/// can later apply the same operations in the same order on every node.
 pub struct Store {
-    pub(crate) db: Database,
-    pub(crate) limits: StoreLimits,
-    /// Every pair, durable fields mirrored from the `pairs` table plus the lease expiry,
-    /// which lives only here. Pair calls and server registrations hold this lock across
-    /// their write transaction, so the two never interleave on a pair's server entry.
-    pub(crate) pairs: Mutex<HashMap<String, Pair>>,
+    db: Database,
+    limits: StoreLimits,
+    pairs: Pairs,
 }
 
 impl std::fmt::Debug for Store {
@@ -119,10 +76,10 @@ impl Store {
             txn.open_table(VOLUME_NAMES)?;
             txn.open_table(VOLUME_IDS)?;
             txn.open_table(SERVERS)?;
-            txn.open_table(pairs::PAIRS)?;
+            txn.open_table(PAIRS)?;
         }
         txn.commit()?;
-        let pairs = Mutex::new(pairs::load(&db)?);
+        let pairs = Pairs::load(&db, limits.clone())?;
         Ok(Store { db, limits, pairs })
     }
 
@@ -136,20 +93,23 @@ impl Store {
         now: Timestamp,
     ) -> Result<ServerEntry, VldbError> {
         let addresses = self.check_addresses(addresses)?;
-        let pairs = self.pairs.lock();
-        // A pair's server entry lists its members, the active first, whatever a member
-        // registers: clients find the pair through it.
-        let addresses = match pairs.values().find(|p| p.server == server) {
-            Some(pair) => pairs::ordered_addresses(&pair.lease, &addresses),
-            None => addresses,
-        };
+        self.pairs
+            .write_server_entry(server, addresses, |addresses| {
+                self.put_registered_server(server, addresses, now)
+            })
+    }
+
+    /// The write of `register_server`, with the addresses as the entry lists them.
+    fn put_registered_server(
+        &self,
+        server: ServerId,
+        addresses: Vec<String>,
+        now: Timestamp,
+    ) -> Result<ServerEntry, VldbError> {
         let txn = self.db.begin_write()?;
         let entry = {
             let mut servers = txn.open_table(SERVERS)?;
-            let previous: Option<ServerEntry> = match servers.get(&server.0.into_bytes())? {
-                Some(bytes) => Some(decode(SERVERS_NAME, server, bytes.value())?),
-                None => None,
-            };
+            let previous = get_server(&servers, server)?;
             if previous.is_none() && servers.len()? >= self.limits.servers_max {
                 debug!(%server, "server table full");
                 return Err(VldbError::Refused(ErrorCode::InvalidArgument));
@@ -170,7 +130,6 @@ impl Store {
             entry
         };
         txn.commit()?;
-        drop(pairs);
         Ok(entry)
     }
 
@@ -182,7 +141,7 @@ impl Store {
             let (key, bytes) = row?;
             out.push(decode(
                 SERVERS_NAME,
-                ServerId(uuid_of(key.value())),
+                server_id_of(key.value()),
                 bytes.value(),
             )?);
         }
@@ -289,8 +248,62 @@ impl Store {
         Ok(out)
     }
 
+    /// `member` (an address) joins `pair`, serving the partition of `server`; the pair is
+    /// created by its first member, and the server entry of `server` lists the members.
+    pub fn join_pair(
+        &self,
+        pair: &PairName,
+        server: ServerId,
+        member: &str,
+        registered: Timestamp,
+    ) -> Result<(), VldbError> {
+        self.pairs.join(&self.db, pair, server, member, registered)
+    }
+
+    /// Compare-and-set of a pair's lease; the new epoch is durable when this returns it.
+    pub fn acquire_pair(
+        &self,
+        pair: &PairName,
+        member: &str,
+        epoch: Epoch,
+        lease: Duration,
+        now: Millis,
+    ) -> Result<Epoch, VldbError> {
+        self.pairs
+            .acquire(&self.db, pair, member, epoch, lease, now)
+    }
+
+    /// The active extends its lease.
+    pub fn renew_pair(
+        &self,
+        pair: &PairName,
+        member: &str,
+        epoch: Epoch,
+        lease: Duration,
+        now: Millis,
+    ) -> Result<Epoch, VldbError> {
+        self.pairs.renew(&self.db, pair, member, epoch, lease, now)
+    }
+
+    /// The active gives its lease up at once, optionally to `successor`.
+    pub fn release_pair(
+        &self,
+        pair: &PairName,
+        member: &str,
+        epoch: Epoch,
+        successor: Option<&str>,
+        now: Millis,
+    ) -> Result<(), VldbError> {
+        self.pairs
+            .release(&self.db, pair, member, epoch, successor, now)
+    }
+
+    pub fn pair(&self, pair: &PairName, now: Millis) -> Result<PairEntry, VldbError> {
+        self.pairs.entry(pair, now)
+    }
+
     /// Checks a server's address list against the limits and drops duplicates.
-    pub(crate) fn check_addresses(&self, addresses: Vec<String>) -> Result<Vec<String>, VldbError> {
+    fn check_addresses(&self, addresses: Vec<String>) -> Result<Vec<String>, VldbError> {
         let limits = &self.limits;
         let bad_count = addresses.is_empty() || addresses.len() > limits.addresses_per_server_max;
         let bad_address = addresses
@@ -307,45 +320,6 @@ impl Store {
             .collect())
     }
 }
-
-/// Writes a server's entry. An address belongs to one server only: the entry takes its
-/// addresses from any other server that had them.
-pub(crate) fn put_server(
-    servers: &mut Table<&[u8; 16], &[u8]>,
-    entry: &ServerEntry,
-) -> Result<(), VldbError> {
-    let key = entry.server.0.into_bytes();
-    let claimed: HashSet<&str> = entry.addresses.iter().map(String::as_str).collect();
-    let mut losers = Vec::new();
-    for row in servers.iter()? {
-        let (other_key, bytes) = row?;
-        if other_key.value() == &key {
-            continue;
-        }
-        let mut other: ServerEntry = decode(
-            SERVERS_NAME,
-            ServerId(uuid_of(other_key.value())),
-            bytes.value(),
-        )?;
-        let before = other.addresses.len();
-        other.addresses.retain(|a| !claimed.contains(a.as_str()));
-        if other.addresses.len() != before {
-            losers.push(other);
-        }
-    }
-    for other in losers {
-        info!(server = %other.server, remaining = ?other.addresses,
-            taken_by = %entry.server, "address moved to another server");
-        servers.insert(&other.server.0.into_bytes(), encode(&other)?.as_slice())?;
-    }
-    servers.insert(&key, encode(entry)?.as_slice())?;
-    Ok(())
-}
-
-const META_NAME: &str = "meta";
-const VOLUMES_NAME: &str = "volumes";
-const VOLUME_NAMES_NAME: &str = "volume_names";
-pub(crate) const SERVERS_NAME: &str = "servers";
 
 /// Every id an entry holds in the id index.
 fn entry_ids(entry: &VolumeEntry) -> impl Iterator<Item = VolumeId> {
@@ -379,24 +353,4 @@ fn read_entry(
             reason: "index points to a missing volume entry".into(),
         }),
     }
-}
-
-fn uuid_of(bytes: &[u8; 16]) -> uuid::Uuid {
-    uuid::Uuid::from_bytes(*bytes)
-}
-
-pub(crate) fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, VldbError> {
-    postcard::to_stdvec(value).map_err(VldbError::Encode)
-}
-
-pub(crate) fn decode<T: DeserializeOwned>(
-    table: &'static str,
-    key: impl std::fmt::Display,
-    bytes: &[u8],
-) -> Result<T, VldbError> {
-    postcard::from_bytes(bytes).map_err(|e| VldbError::Corrupt {
-        table,
-        key: key.to_string(),
-        reason: e.to_string(),
-    })
 }

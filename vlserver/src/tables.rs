@@ -1,0 +1,104 @@
+//! The VLDB's redb tables: names, key and value types, postcard values, and `put_server`.
+//! Invariant: names and encodings change only with `FORMAT_VERSION`; an address is in one entry.
+
+use std::collections::HashSet;
+
+use proto::{ServerEntry, ServerId};
+use redb::{ReadableTable, Table, TableDefinition};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tracing::info;
+
+use crate::error::VldbError;
+
+/// The layout version of the tables below; bumped on any incompatible change.
+pub const FORMAT_VERSION: u64 = 1;
+
+pub(crate) const META_NAME: &str = "meta";
+/// Settings and counters by key.
+pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new(META_NAME);
+pub(crate) const META_FORMAT_VERSION: &str = "format_version";
+pub(crate) const META_NEXT_VOLUME_ID: &str = "next_volume_id";
+
+pub(crate) const VOLUMES_NAME: &str = "volumes";
+/// RW volume id -> postcard `VolumeEntry`.
+pub(crate) const VOLUMES: TableDefinition<u64, &[u8]> = TableDefinition::new(VOLUMES_NAME);
+
+pub(crate) const VOLUME_NAMES_NAME: &str = "volume_names";
+/// Volume name -> RW volume id.
+pub(crate) const VOLUME_NAMES: TableDefinition<&str, u64> = TableDefinition::new(VOLUME_NAMES_NAME);
+
+/// Every id of an existing volume (RW, and RO/backup once they exist) -> RW volume id.
+pub(crate) const VOLUME_IDS: TableDefinition<u64, u64> = TableDefinition::new("volume_ids");
+
+pub(crate) const SERVERS_NAME: &str = "servers";
+/// Server UUID bytes -> postcard `ServerEntry`.
+pub(crate) const SERVERS: TableDefinition<&[u8; 16], &[u8]> = TableDefinition::new(SERVERS_NAME);
+
+pub(crate) const PAIRS_NAME: &str = "pairs";
+/// Pair name -> postcard `PairRecord` (`pairs.rs`).
+pub(crate) const PAIRS: TableDefinition<&str, &[u8]> = TableDefinition::new(PAIRS_NAME);
+
+/// The entry of `server`, if it has one.
+pub(crate) fn get_server(
+    servers: &impl ReadableTable<&'static [u8; 16], &'static [u8]>,
+    server: ServerId,
+) -> Result<Option<ServerEntry>, VldbError> {
+    match servers.get(&server.0.into_bytes())? {
+        Some(bytes) => Ok(Some(decode(SERVERS_NAME, server, bytes.value())?)),
+        None => Ok(None),
+    }
+}
+
+/// Writes a server's entry. An address belongs to one server only: the entry takes its
+/// addresses from any other server that had them.
+pub(crate) fn put_server(
+    servers: &mut Table<&[u8; 16], &[u8]>,
+    entry: &ServerEntry,
+) -> Result<(), VldbError> {
+    let key = entry.server.0.into_bytes();
+    let claimed: HashSet<&str> = entry.addresses.iter().map(String::as_str).collect();
+    let mut losers = Vec::new();
+    for row in servers.iter()? {
+        let (other_key, bytes) = row?;
+        if other_key.value() == &key {
+            continue;
+        }
+        let mut other: ServerEntry =
+            decode(SERVERS_NAME, server_id_of(other_key.value()), bytes.value())?;
+        let before = other.addresses.len();
+        other.addresses.retain(|a| !claimed.contains(a.as_str()));
+        if other.addresses.len() != before {
+            losers.push(other);
+        }
+    }
+    for other in losers {
+        info!(server = %other.server, remaining = ?other.addresses,
+            taken_by = %entry.server, "address moved to another server");
+        servers.insert(&other.server.0.into_bytes(), encode(&other)?.as_slice())?;
+    }
+    servers.insert(&key, encode(entry)?.as_slice())?;
+    Ok(())
+}
+
+/// The server a key of the servers table names.
+pub(crate) fn server_id_of(key: &[u8; 16]) -> ServerId {
+    ServerId(uuid::Uuid::from_bytes(*key))
+}
+
+pub(crate) fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, VldbError> {
+    postcard::to_stdvec(value).map_err(VldbError::Encode)
+}
+
+/// Decodes a value read from `table` at `key`; bytes that do not decode are corruption.
+pub(crate) fn decode<T: DeserializeOwned>(
+    table: &'static str,
+    key: impl std::fmt::Display,
+    bytes: &[u8],
+) -> Result<T, VldbError> {
+    postcard::from_bytes(bytes).map_err(|e| VldbError::Corrupt {
+        table,
+        key: key.to_string(),
+        reason: e.to_string(),
+    })
+}
