@@ -6,7 +6,6 @@
 //! `abandon` (fence already closed: dropped without writing anything).
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use proto::Epoch;
 use state::GraceConfig;
@@ -16,13 +15,15 @@ use tracing::{info, warn};
 
 use crate::callbacks::Callbacks;
 use crate::config::Config;
+use crate::error::FileServerError;
 use crate::fence::Fence;
 use crate::locks::Locks;
 use crate::restart;
 use crate::service::FileService;
+use crate::sessions::Sessions;
 use crate::state_journal::{JournalStop, StateJournal};
 use crate::storage::Partition;
-use crate::{FileServerError, MIN_SWEEP, sweep_expired, sweep_leases};
+use crate::sweep::{lease_sweep_period, sweep_expired, sweep_leases};
 
 /// What a term recovered when it opened, for the takeover log line.
 #[derive(Clone, Copy, Debug, Default)]
@@ -71,14 +72,14 @@ impl Active {
         };
         let partition = Arc::new(partition);
         let journal = Arc::new(journal);
+        let sessions = Arc::new(Sessions::new(config.client_count_max, config.break_timeout));
         let callbacks = Arc::new(Callbacks::new(
             config.callback_count_max,
-            config.client_count_max,
             config.delayed_breaks_per_client_max,
-            config.break_timeout,
+            sessions.clone(),
             journal.clone(),
         ));
-        let locks = Arc::new(Locks::new(callbacks.clone(), journal.clone(), config.lease));
+        let locks = Arc::new(Locks::new(sessions.clone(), journal.clone(), config.lease));
         let grace = GraceConfig {
             length: config.grace,
             ..GraceConfig::default()
@@ -95,13 +96,14 @@ impl Active {
         }
         let service = Arc::new(FileService {
             partition,
+            sessions,
             callbacks: callbacks.clone(),
             locks: locks.clone(),
             cell: config.cell.name.clone(),
             stats: config.stats.clone(),
         });
         let (stop, stopped) = watch::channel(false);
-        let sweep_period = (config.lease.min(config.grace) / 4).clamp(MIN_SWEEP, SWEEP_MAX);
+        let sweep_period = lease_sweep_period(config.lease, config.grace);
         let tasks = vec![
             tokio::spawn(sweep_expired(callbacks.clone(), stopped.clone())),
             tokio::spawn(sweep_leases(
@@ -165,6 +167,3 @@ impl Active {
         self.journal
     }
 }
-
-/// The longest period of the lease and grace sweeper.
-const SWEEP_MAX: Duration = Duration::from_secs(5);

@@ -25,10 +25,12 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::callbacks::Callbacks;
+use crate::error::FileServerError;
 use crate::locks::Locks;
 use crate::restart;
+use crate::sessions::Sessions;
 use crate::state_journal::{STATE_DIR, StateJournal, StateJournalError};
-use crate::{Config, FileServerError, Stats};
+use crate::{Config, Stats};
 
 const CELL: &str = "bench.cell";
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -307,18 +309,14 @@ impl Recovered {
         let started = Instant::now();
         let (journal, recovered) = StateJournal::open(scratch.path(), JournalMode::Sync)?;
         let journal = Arc::new(journal);
+        let sessions = Arc::new(Sessions::new(clients, Duration::from_secs(2)));
         let callback_tables = Arc::new(Callbacks::new(
             callbacks.max(1),
-            clients,
             state::delayed_breaks::FIDS_PER_CLIENT_MAX_DEFAULT,
-            Duration::from_secs(2),
+            sessions.clone(),
             journal.clone(),
         ));
-        let lock_tables = Locks::new(
-            callback_tables.clone(),
-            journal.clone(),
-            state::lock_table::LEASE_DEFAULT,
-        );
+        let lock_tables = Locks::new(sessions, journal.clone(), state::lock_table::LEASE_DEFAULT);
         restart::restore(
             &callback_tables,
             &lock_tables,

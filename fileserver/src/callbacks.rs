@@ -1,21 +1,8 @@
-//! Callback breaking: the I/O side of the pure tables in the `state` crate. Keeps the
-//! promises in shards by fid, each behind its own short lock, and the clients, their
-//! connections and owed breaks behind one more; knows each client's current
-//! connection, sends breaks in parallel with a deadline, delivers owed breaks before a
-//! returning client is served, and journals every change a restart must know about.
-//! A request's path takes the client lock shared and one shard's lock: granting
-//! promises on different fids runs in parallel.
-//! Invariant: a promise removed from the table is either acknowledged by its client or
-//! queued as a delayed break (a detached task finishes delivery even if the request
-//! that caused it goes away); a client is served only after what it is owed was
-//! delivered on its current connection; every change is journaled under the locks of
-//! what it changes (the shards of its fids, the client lock for owed and in-flight
-//! breaks), so the records about one fid, and those about owed breaks, keep the order
-//! of the changes; locks are taken shards first, in index order, then the client lock;
-//! the promises live only in the shards (a grant is journaled when its rounded
-//! wall-clock expiry moves past the one journaled for the table's previous expiry),
-//! owed and in-flight breaks also in `model`; a break is journaled as sent before the
-//! change that caused it is answered.
+//! Callback promises and their breaking: the promises in shards by fid, what clients are
+//! owed, breaks sent in parallel with a deadline, owed breaks delivered before a
+//! returning client is served, and every change handed to the state journal.
+//! Invariant: a promise removed from a table is acknowledged by its client or queued as
+//! a delayed break, and journaled as sent before the change that caused it is answered.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -27,36 +14,26 @@ use proto::{CallbackGrant, ClientId, Fid, InstanceNonce, Request};
 use state::callback_table::CallbackCapture;
 use state::journaled::{CallbackModel, Owed, Promises, StateRecord, journaled_expiry_ms};
 use state::{
-    Admission, CallbackTable, CallbackTableConfig, ClientKey, ClientTable, DelayedBreaks, Millis,
-    Pending,
+    Admission, CallbackTable, CallbackTableConfig, ClientKey, DelayedBreaks, Millis, Pending,
 };
-use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
+use crate::sessions::Sessions;
 use crate::shards::{SHARDS, shard_of};
 use crate::state_journal::{Durable, StateJournal};
 
 /// Most fids in one `BreakCallbacks` request, well within the frame limit.
 const FIDS_PER_BREAK_MAX: usize = 8192;
 
-struct Session {
-    connection: Connection,
-    /// Turns true once the owed breaks (or reset) were delivered on `connection`.
-    ready: watch::Receiver<bool>,
-}
-
-/// Clients, their connections and what they are owed: touched on connect, on breaks
-/// and on delivery, read (shared) by every request.
-struct Clients {
-    clients: ClientTable,
+/// What clients are owed: touched on connect, on breaks and on delivery.
+struct Owing {
     delayed: DelayedBreaks,
-    sessions: HashMap<ClientKey, Session>,
     /// What the journal knows of `delayed` and of breaks in flight (its `promises` stay
     /// empty: the shards are the only copy).
     model: CallbackModel,
 }
 
-impl Clients {
+impl Owing {
     /// Journals `record` (applying its breaks to the model first): the one way changes
     /// of owed and in-flight breaks reach the journal.
     fn emit(
@@ -87,16 +64,26 @@ impl Locked<'_> {
 }
 
 /// The server's callback state and the machinery to break callbacks.
+///
+/// A request's path takes one shard's lock: granting promises on different fids runs in
+/// parallel. Every change is handed to the journal under the locks of what it changes
+/// (the shards of its fids; `owing` for owed and in-flight breaks), so the records about
+/// one fid, and those about owed breaks, keep the order of the changes. Locks are taken
+/// shards first, in index order, then `owing`, then the sessions'. The promises live
+/// only in the shards (a grant is journaled when its rounded wall-clock expiry moves past
+/// the one journaled for the table's previous expiry); owed and in-flight breaks also in
+/// `owing.model`. A detached task finishes a break's delivery even if the request that
+/// caused it goes away.
 pub struct Callbacks {
     shards: Box<[Mutex<CallbackTable>]>,
-    clients: RwLock<Clients>,
+    owing: RwLock<Owing>,
+    sessions: Arc<Sessions>,
     journal: Arc<StateJournal>,
     origin: Instant,
     /// Wall-clock milliseconds at `origin`: table expiries (monotonic, since `origin`)
     /// become journaled wall-clock expiries by adding it, so the journaled expiry is a
     /// function of the table's and needs no copy.
     wall_origin_ms: u64,
-    break_timeout: Duration,
 }
 
 /// Milliseconds since the Unix epoch: journaled expiries must mean the same after a
@@ -112,9 +99,8 @@ fn wall_ms() -> u64 {
 impl Callbacks {
     pub fn new(
         promise_count_max: usize,
-        client_count_max: usize,
         delayed_per_client_max: usize,
-        break_timeout: Duration,
+        sessions: Arc<Sessions>,
         journal: Arc<StateJournal>,
     ) -> Callbacks {
         // A shard holds its share: a full one evicts a little before the whole is full.
@@ -126,16 +112,14 @@ impl Callbacks {
             shards: (0..SHARDS)
                 .map(|_| Mutex::new(CallbackTable::new(config.clone())))
                 .collect(),
-            clients: RwLock::new(Clients {
-                clients: ClientTable::new(client_count_max),
+            owing: RwLock::new(Owing {
                 delayed: DelayedBreaks::new(delayed_per_client_max),
-                sessions: HashMap::new(),
                 model: CallbackModel::new(delayed_per_client_max),
             }),
+            sessions,
             journal,
             origin: Instant::now(),
             wall_origin_ms: wall_ms(),
-            break_timeout,
         }
     }
 
@@ -166,15 +150,9 @@ impl Callbacks {
         }
     }
 
-    /// Admits a client recovered from the state journal before it connects: when it
-    /// returns with the same instance it is `Returning` and keeps its promises and locks.
-    pub fn recover(&self, client: ClientId, instance: InstanceNonce) -> Option<ClientKey> {
-        self.clients
-            .write()
-            .clients
-            .admit(client, instance)
-            .ok()
-            .map(Admission::key)
+    /// The clients and their connections these promises are for.
+    pub fn sessions(&self) -> &Arc<Sessions> {
+        &self.sessions
     }
 
     /// Installs the recovered callback state under this process's keys (`keys` maps the
@@ -189,7 +167,7 @@ impl Callbacks {
     ) {
         let (now, now_ms) = (self.now(), wall_ms());
         let mut shards = self.lock_all();
-        let mut clients = self.clients.write();
+        let mut owing = self.owing.write();
         let mut promises = 0;
         let mut counts = [0; SHARDS];
         for &((fid, _), _) in recovered.promises.entries() {
@@ -221,21 +199,21 @@ impl Callbacks {
             owed += 1;
             match queue {
                 Owed::Reset => {
-                    clients.delayed.push_reset(key);
-                    clients.model.owed.insert(key, Owed::Reset);
+                    owing.delayed.push_reset(key);
+                    owing.model.owed.insert(key, Owed::Reset);
                 }
                 Owed::Fids(fids) => {
-                    clients.delayed.push(key, fids.iter().copied());
+                    owing.delayed.push(key, fids.iter().copied());
                     // Bounded as the queue is: replay does not bound, and more fids
                     // than the queue holds became a reset there.
-                    clients.model.push(key, fids);
+                    owing.model.push(key, fids);
                 }
             }
         }
         if !complete {
             for &key in keys.values() {
-                clients.delayed.push_reset(key);
-                clients.model.owed.insert(key, Owed::Reset);
+                owing.delayed.push_reset(key);
+                owing.model.owed.insert(key, Owed::Reset);
             }
         }
         info!(promises, owed, complete, "callback state restored");
@@ -250,15 +228,14 @@ impl Callbacks {
         client: ClientId,
         instance: InstanceNonce,
     ) -> Option<Admission> {
-        let (ready_tx, ready_rx) = watch::channel(false);
-        let admission = {
+        let (admission, ready, owed) = {
             // Every shard first (the lock order), for a new instance's dropped promises.
             let mut shards = self.lock_all();
-            let mut tables = self.clients.write();
-            let admission = match tables.clients.admit(client, instance) {
-                Ok(admission) => admission,
+            let mut owing = self.owing.write();
+            let (admission, ready) = match self.sessions.connect(connection, client, instance) {
+                Ok(admitted) => admitted,
                 Err(full) => {
-                    drop((tables, shards));
+                    drop((owing, shards));
                     warn!(%client, error = %full, "refusing a client: client table full");
                     connection.close();
                     return None;
@@ -271,21 +248,21 @@ impl Callbacks {
                         shard.drop_client(key);
                     }
                     let journal = &self.journal;
-                    tables.emit(
+                    owing.emit(
                         journal,
                         StateRecord::ClientCallbacksDropped { client: key },
                         false,
                     );
-                    if tables.delayed.take(key).is_some() {
-                        tables.emit(journal, StateRecord::DelayedTaken { client: key }, false);
+                    if owing.delayed.take(key).is_some() {
+                        owing.emit(journal, StateRecord::DelayedTaken { client: key }, false);
                     }
-                    tables.emit(journal, StateRecord::ResetSent { client: key }, false);
+                    owing.emit(journal, StateRecord::ResetSent { client: key }, false);
                     Some(Pending::Reset)
                 }
                 Admission::Returning(_) => {
-                    let owed = tables.delayed.take(key);
+                    let owed = owing.delayed.take(key);
                     if owed.is_some() {
-                        tables.emit(
+                        owing.emit(
                             &self.journal,
                             StateRecord::DelayedTaken { client: key },
                             false,
@@ -294,16 +271,8 @@ impl Callbacks {
                     owed
                 }
             };
-            tables.sessions.insert(
-                key,
-                Session {
-                    connection: connection.clone(),
-                    ready: ready_rx,
-                },
-            );
-            (admission, owed)
+            (admission, ready, owed)
         };
-        let (admission, owed) = admission;
         info!(%client, ?admission, "cache manager connected");
         let this = self.clone();
         let connection = connection.clone();
@@ -311,7 +280,7 @@ impl Callbacks {
             if let Some(owed) = owed {
                 this.deliver_owed(admission.key(), &connection, owed).await;
             }
-            let _ = ready_tx.send(true);
+            let _ = ready.send(true);
         });
         Some(admission)
     }
@@ -333,7 +302,7 @@ impl Callbacks {
                 result
             }
         };
-        let mut tables = self.clients.write();
+        let mut owing = self.owing.write();
         if delivered {
             let record = match &owed {
                 Pending::Reset => StateRecord::ResetAcked { client: key },
@@ -342,7 +311,7 @@ impl Callbacks {
                     fids: fids.clone(),
                 },
             };
-            tables.emit(&self.journal, record, false);
+            owing.emit(&self.journal, record, false);
             debug!(client = key.0, ?owed, "owed breaks delivered");
             return;
         }
@@ -352,68 +321,27 @@ impl Callbacks {
         );
         match owed {
             Pending::Reset => {
-                tables.delayed.push_reset(key);
-                tables.emit(
+                owing.delayed.push_reset(key);
+                owing.emit(
                     &self.journal,
                     StateRecord::DelayedReset { client: key },
                     false,
                 );
             }
             Pending::Fids(fids) => {
-                tables.delayed.push(key, fids.iter().copied());
+                owing.delayed.push(key, fids.iter().copied());
                 let record = StateRecord::DelayedQueued { client: key, fids };
-                tables.emit(&self.journal, record, false);
+                owing.emit(&self.journal, record, false);
             }
         }
-        forget_session(&mut tables, key, connection);
+        self.sessions.forget(key, connection);
     }
 
     async fn call(&self, connection: &Connection, request: Request) -> bool {
-        connection.call(request, self.break_timeout).await.is_ok()
-    }
-
-    /// Waits until the client's owed breaks went out on this connection; returns its
-    /// key (`None`: it is not admitted).
-    pub async fn wait_ready(&self, connection: &Connection, client: ClientId) -> Option<ClientKey> {
-        let (key, ready) = {
-            let tables = self.clients.read();
-            let key = tables.clients.key(&client)?;
-            let ready = tables
-                .sessions
-                .get(&key)
-                .filter(|session| session.connection.same(connection))
-                .map(|session| session.ready.clone());
-            (key, ready)
-        };
-        if let Some(mut ready) = ready {
-            // An error means the delivery task ended without saying: serve anyway, the
-            // connection was closed in that case.
-            let _ = ready.wait_for(|ready| *ready).await;
-        }
-        Some(key)
-    }
-
-    /// The connection closed: the client's promises stay, but breaks for it now queue.
-    pub fn disconnected(&self, connection: &Connection, client: ClientId) {
-        let mut tables = self.clients.write();
-        if let Some(key) = tables.clients.key(&client) {
-            forget_session(&mut tables, key, connection);
-        }
-        debug!(%client, "cache manager disconnected");
-    }
-
-    /// The client's current connection, if it is reachable (for `LockGranted` pushes).
-    pub fn connection(&self, key: ClientKey) -> Option<Connection> {
-        self.clients
-            .read()
-            .sessions
-            .get(&key)
-            .filter(|session| !session.connection.is_closed())
-            .map(|session| session.connection.clone())
-    }
-
-    pub fn break_timeout(&self) -> Duration {
-        self.break_timeout
+        connection
+            .call(request, self.sessions.call_timeout())
+            .await
+            .is_ok()
     }
 
     /// Grants `client` a promise on `fid`, journaled (and in `Sync` mode durable) before
@@ -448,7 +376,7 @@ impl Callbacks {
                     client: evicted_client,
                     fids: vec![evicted_fid],
                 };
-                let sent = self.clients.write().emit(&self.journal, record, true);
+                let sent = self.owing.write().emit(&self.journal, record, true);
                 (evicted_fid, evicted_client, sent)
             });
             (grant, durable, evicted)
@@ -508,11 +436,11 @@ impl Callbacks {
         for shard in &shards {
             shard.capture_into(&mut capture);
         }
-        let clients = self.clients.read();
-        let mut model = clients.model.clone();
+        let owing = self.owing.read();
+        let mut model = owing.model.clone();
         model.promises = Promises::captured(capture, self.wall_origin_ms);
         let answer = then(model);
-        drop((clients, shards));
+        drop((owing, shards));
         (answer, started.elapsed())
     }
 
@@ -521,7 +449,7 @@ impl Callbacks {
     #[cfg(test)]
     pub fn inspect(&self, fid: Fid) -> (Vec<ClientKey>, CallbackModel) {
         let holders = self.shards[shard_of(fid)].lock().holders(fid);
-        (holders, self.clients.read().model.clone())
+        (holders, self.owing.read().model.clone())
     }
 
     /// Breaks every holder's promise on `fids` except `except`'s, and returns once each
@@ -537,13 +465,13 @@ impl Callbacks {
                     owed.entry(client).or_default().push(fid);
                 }
             }
-            let mut tables = self.clients.write();
+            let mut owing = self.owing.write();
             for (&client, fids) in &owed {
                 let record = StateRecord::BreaksSent {
                     client,
                     fids: fids.clone(),
                 };
-                journaled.push(tables.emit(&self.journal, record, true));
+                journaled.push(owing.emit(&self.journal, record, true));
             }
         }
         if owed.is_empty() {
@@ -566,12 +494,11 @@ impl Callbacks {
         }
         let mut sends = tokio::task::JoinSet::new();
         {
-            let mut tables = self.clients.write();
+            let mut owing = self.owing.write();
             for (client, fids) in owed {
-                match tables.sessions.get(&client) {
-                    Some(session) if !session.connection.is_closed() => {
-                        let connection = session.connection.clone();
-                        let timeout = self.break_timeout;
+                match self.sessions.connection(client) {
+                    Some(connection) => {
+                        let timeout = self.sessions.call_timeout();
                         sends.spawn(async move {
                             let mut delivered = true;
                             for chunk in fids.chunks(FIDS_PER_BREAK_MAX) {
@@ -587,7 +514,7 @@ impl Callbacks {
                             (client, connection, fids, delivered)
                         });
                     }
-                    _ => queue_breaks(&mut tables, &self.journal, client, fids),
+                    None => queue_breaks(&mut owing, &self.journal, client, fids),
                 }
             }
         }
@@ -595,10 +522,10 @@ impl Callbacks {
             let Ok((client, connection, fids, delivered)) = joined else {
                 continue;
             };
-            let mut tables = self.clients.write();
+            let mut owing = self.owing.write();
             if delivered {
                 let record = StateRecord::BreaksAcked { client, fids };
-                tables.emit(&self.journal, record, false);
+                owing.emit(&self.journal, record, false);
                 continue;
             }
             warn!(
@@ -606,29 +533,16 @@ impl Callbacks {
                 fids = fids.len(),
                 "client unreachable for a callback break; queueing it"
             );
-            queue_breaks(&mut tables, &self.journal, client, fids);
-            forget_session(&mut tables, client, &connection);
+            queue_breaks(&mut owing, &self.journal, client, fids);
+            self.sessions.forget(client, &connection);
         }
     }
 }
 
 /// Owes `client` the breaks on `fids` until it returns.
-fn queue_breaks(tables: &mut Clients, journal: &StateJournal, client: ClientKey, fids: Vec<Fid>) {
-    tables.delayed.push(client, fids.iter().copied());
-    tables.emit(journal, StateRecord::DelayedQueued { client, fids }, false);
-}
-
-/// Marks `key` unreachable if `connection` is still its current one, and closes the
-/// connection so that the client reconnects and collects its delayed breaks first.
-fn forget_session(tables: &mut Clients, key: ClientKey, connection: &Connection) {
-    if tables
-        .sessions
-        .get(&key)
-        .is_some_and(|s| s.connection.same(connection))
-    {
-        tables.sessions.remove(&key);
-    }
-    connection.close();
+fn queue_breaks(owing: &mut Owing, journal: &StateJournal, client: ClientKey, fids: Vec<Fid>) {
+    owing.delayed.push(client, fids.iter().copied());
+    owing.emit(journal, StateRecord::DelayedQueued { client, fids }, false);
 }
 
 #[cfg(test)]
@@ -639,7 +553,7 @@ mod tests {
     use proto::{ClientId, Fid, InstanceNonce, Uniquifier, VnodeId, VolumeId};
     use state::{ClientKey, JournalMode};
 
-    use crate::locks::{TEST_DELAYED_PER_CLIENT_MAX, test_tables};
+    use crate::restart::{TEST_DELAYED_PER_CLIENT_MAX, test_tables};
     use crate::state_journal::StateJournal;
     use state::journaled::{CallbackModel, Owed};
 
@@ -653,6 +567,7 @@ mod tests {
         let journal = Arc::new(journal);
         let (callbacks, _locks) = test_tables(&journal);
         let key = callbacks
+            .sessions()
             .recover(ClientId::random(), InstanceNonce(1))
             .unwrap();
         let fids: BTreeSet<Fid> = (0..=TEST_DELAYED_PER_CLIENT_MAX as u64)

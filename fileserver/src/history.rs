@@ -14,7 +14,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use proto::{Epoch, Request};
 use tracing::warn;
 
-use crate::FileServerError;
+use crate::error::FileServerError;
 
 /// An open history file.
 #[derive(Debug)]

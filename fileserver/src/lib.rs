@@ -6,6 +6,7 @@ mod active;
 pub mod bench;
 mod callbacks;
 mod config;
+mod error;
 pub mod fence;
 mod history;
 pub mod inspect;
@@ -15,68 +16,33 @@ mod registration;
 mod restart;
 mod server_lock;
 mod service;
+mod sessions;
 mod shards;
 mod state_journal;
 mod stats;
 pub mod storage;
+mod sweep;
 
-use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use proto::Epoch;
 use proto::server::ServerLimits;
-use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::info;
 
 pub use config::{Config, PairConfig};
+pub use error::FileServerError;
 pub use state_journal::StateJournalError;
 pub use stats::Stats;
 pub use storage::StorageError;
 
 use active::Active;
-use callbacks::Callbacks;
+use error::JOURNAL_FAILED_LATE;
 use fence::Fence;
 use history::History;
-use locks::Locks;
 use pair::MemberService;
-use state_journal::{JournalStop, StateJournal};
-
-/// How often expired callback promises are swept (a bounded batch each time).
-const EXPIRE_INTERVAL: Duration = Duration::from_secs(5);
-/// The shortest period of the lease and grace sweeper.
-pub(crate) const MIN_SWEEP: Duration = Duration::from_millis(10);
-
-/// Why the fileserver could not run.
-#[derive(Debug, Error)]
-pub enum FileServerError {
-    #[error("open partition: {0}")]
-    Partition(#[from] StorageError),
-    #[error("open partition: the opening task failed: {0}")]
-    Task(String),
-    #[error(transparent)]
-    Journal(#[from] StateJournalError),
-    #[error(
-        "the recovered callback and lock state could not be snapshotted; the log says why (a full or failing disk?)"
-    )]
-    RestoreSnapshot,
-    #[error(
-        "{0}; the fileserver stopped so that no lock or callback promise goes unjournaled: fix the disk (full or failing?) and start it again, and clients reclaim their locks and callbacks"
-    )]
-    JournalFailed(String),
-    #[error(
-        "partition {path} is in use by another fileserver ({lock} is locked); stop it or use another partition"
-    )]
-    PartitionInUse { path: PathBuf, lock: PathBuf },
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-}
+use state_journal::JournalStop;
 
 /// Serves the partition on `listener` until `shutdown` turns true. A single server
 /// (no `config.pair`) takes `PARTITION/server.lock`, opens the partition and its state
@@ -148,45 +114,4 @@ pub async fn run(
     };
     drop(lock);
     result
-}
-
-/// The failure of a journal whose stop nobody was waiting for any more.
-pub(crate) const JOURNAL_FAILED_LATE: &str =
-    "the state journal failed while the term ended (the log says why)";
-
-pub(crate) async fn sweep_expired(callbacks: Arc<Callbacks>, mut shutdown: watch::Receiver<bool>) {
-    let mut interval = tokio::time::interval(EXPIRE_INTERVAL);
-    loop {
-        tokio::select! {
-            _ = interval.tick() => {
-                callbacks.expire();
-            }
-            _ = shutdown.wait_for(|stop| *stop) => return,
-        }
-    }
-}
-
-/// Releases the locks of clients whose lease lapsed, ends grace on time and snapshots
-/// the journaled state when due. Runs a few times per lease (and grace) so a lapse or
-/// the end of grace is noticed well within its length.
-pub(crate) async fn sweep_leases(
-    callbacks: Arc<Callbacks>,
-    locks: Arc<Locks>,
-    journal: Arc<StateJournal>,
-    stats: Arc<Stats>,
-    period: Duration,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let mut interval = tokio::time::interval(period);
-    loop {
-        tokio::select! {
-            _ = interval.tick() => {
-                locks.sweep();
-                if journal.snapshot_due() {
-                    restart::snapshot(&callbacks, &locks, &stats);
-                }
-            }
-            _ = shutdown.wait_for(|stop| *stop) => return,
-        }
-    }
 }

@@ -31,7 +31,7 @@ use state::{
 };
 use tracing::{debug, info, warn};
 
-use crate::callbacks::Callbacks;
+use crate::sessions::Sessions;
 use crate::shards::{SHARD_BITS, SHARDS, shard_of};
 use crate::state_journal::{Durable, StateJournal};
 
@@ -114,13 +114,13 @@ pub struct Locks {
     /// before that renewal's expiry, so a lapsed client's next request always renews.
     renewed: Box<[AtomicU64]>,
     renew_every_ms: u64,
-    callbacks: Arc<Callbacks>,
+    sessions: Arc<Sessions>,
     journal: Arc<StateJournal>,
     origin: Instant,
 }
 
 impl Locks {
-    pub fn new(callbacks: Arc<Callbacks>, journal: Arc<StateJournal>, lease: Duration) -> Locks {
+    pub fn new(sessions: Arc<Sessions>, journal: Arc<StateJournal>, lease: Duration) -> Locks {
         Locks {
             shards: (0..SHARDS)
                 .map(|_| {
@@ -140,7 +140,7 @@ impl Locks {
             in_grace: AtomicBool::new(false),
             renewed: (0..RENEWED_SLOTS).map(|_| AtomicU64::new(NEVER)).collect(),
             renew_every_ms: u64::try_from(lease.as_millis() / 10).unwrap_or(u64::MAX),
-            callbacks,
+            sessions,
             journal,
             origin: Instant::now(),
         }
@@ -781,11 +781,11 @@ impl Locks {
     }
 
     async fn push(&self, owner: LockOwner, wait: WaitId, fid: Fid) -> Push {
-        let Some(connection) = self.callbacks.connection(owner.client) else {
+        let Some(connection) = self.sessions.connection(owner.client) else {
             return Push::Unanswered;
         };
         let request = Request::LockGranted { wait, fid };
-        let timeout = self.callbacks.break_timeout();
+        let timeout = self.sessions.call_timeout();
         match connection.call(request, timeout).await {
             Ok(Response::Ok) => Push::Acknowledged,
             Err(e) if e.is_transport() => Push::Unanswered,
@@ -907,32 +907,12 @@ pub fn checked(range: ByteRange) -> Result<ByteRange, ErrorCode> {
     range.checked().map_err(|_| ErrorCode::InvalidArgument)
 }
 
-/// The delayed-break queue bound of `test_tables`.
-#[cfg(test)]
-pub(crate) const TEST_DELAYED_PER_CLIENT_MAX: usize = 5;
-
-/// Callback and lock tables on `journal`, without a server: room to spare, a small
-/// delayed-break queue (so that breaks overflow into resets) and a lease no test
-/// outlives.
-#[cfg(test)]
-pub(crate) fn test_tables(journal: &Arc<StateJournal>) -> (Arc<Callbacks>, Arc<Locks>) {
-    let callbacks = Arc::new(Callbacks::new(
-        1000,
-        16,
-        TEST_DELAYED_PER_CLIENT_MAX,
-        Duration::from_secs(1),
-        journal.clone(),
-    ));
-    let lease = Duration::from_secs(600);
-    let locks = Arc::new(Locks::new(callbacks.clone(), journal.clone(), lease));
-    (callbacks, locks)
-}
-
 #[cfg(test)]
 mod tests {
     use state::JournalMode;
 
     use super::*;
+    use crate::restart::test_tables;
 
     const ONE: LockOwnerId = LockOwnerId(1);
 
@@ -991,7 +971,7 @@ mod tests {
         let journal = Arc::new(journal);
         let (callbacks, locks) = test_tables(&journal);
         let (id, instance) = (ClientId::random(), InstanceNonce(1));
-        let key = callbacks.recover(id, instance).unwrap();
+        let key = callbacks.sessions().recover(id, instance).unwrap();
         locks.admitted(key, id, instance);
         // Made for an empty table: the 200 locks below outgrow it.
         let room = locks.snapshot_room();

@@ -40,7 +40,7 @@ pub fn restore(
     let mut keys: HashMap<ClientKey, ClientKey> = HashMap::new();
     let mut clients = Vec::new();
     for entry in recovered.clients {
-        match callbacks.recover(entry.client, entry.instance) {
+        match callbacks.sessions().recover(entry.client, entry.instance) {
             Some(key) => {
                 keys.insert(entry.key, key);
                 clients.push((key, entry.client, entry.instance));
@@ -95,6 +95,33 @@ pub fn snapshot_into(
     (written, callbacks_held, locks_held)
 }
 
+/// The delayed-break queue bound of `test_tables`.
+#[cfg(test)]
+pub(crate) const TEST_DELAYED_PER_CLIENT_MAX: usize = 5;
+
+/// Callback and lock tables on `journal`, without a server: room to spare, a small
+/// delayed-break queue (so that breaks overflow into resets) and a lease no test
+/// outlives.
+#[cfg(test)]
+pub(crate) fn test_tables(
+    journal: &std::sync::Arc<crate::state_journal::StateJournal>,
+) -> (std::sync::Arc<Callbacks>, std::sync::Arc<Locks>) {
+    use std::sync::Arc;
+    let sessions = Arc::new(crate::sessions::Sessions::new(16, Duration::from_secs(1)));
+    let callbacks = Arc::new(Callbacks::new(
+        1000,
+        TEST_DELAYED_PER_CLIENT_MAX,
+        sessions.clone(),
+        journal.clone(),
+    ));
+    let lease = Duration::from_secs(600);
+    let locks = Arc::new(Locks::new(sessions, journal.clone(), lease));
+    (callbacks, locks)
+}
+
+#[cfg(test)]
+mod crash_tests;
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeSet;
@@ -107,7 +134,7 @@ mod tests {
     };
     use state::{ClientKey, JournalMode};
 
-    use crate::locks::{TEST_DELAYED_PER_CLIENT_MAX, test_tables};
+    use super::{TEST_DELAYED_PER_CLIENT_MAX, test_tables};
     use crate::state_journal::StateJournal;
     use state::journaled::{CallbackModel, LockEntry, Owed};
 
@@ -218,7 +245,7 @@ mod tests {
         let mut keys = Vec::new();
         for _ in 0..3 {
             let (id, instance) = (ClientId::random(), InstanceNonce(1));
-            let key = callbacks.recover(id, instance).unwrap();
+            let key = callbacks.sessions().recover(id, instance).unwrap();
             locks.admitted(key, id, instance);
             keys.push(key);
         }
@@ -335,7 +362,7 @@ mod tests {
         let journal = Arc::new(journal);
         let (callbacks, locks) = test_tables(&journal);
         let (id, instance) = (ClientId::random(), InstanceNonce(1));
-        let key = callbacks.recover(id, instance).unwrap();
+        let key = callbacks.sessions().recover(id, instance).unwrap();
         // A snapshot sits at the last record handed over: give it one.
         locks.admitted(key, id, instance);
         let snapshots = || {
@@ -382,7 +409,7 @@ mod tests {
         let keys: Vec<_> = (0..CLIENTS)
             .map(|_| {
                 let (id, instance) = (ClientId::random(), InstanceNonce(1));
-                let key = callbacks.recover(id, instance).unwrap();
+                let key = callbacks.sessions().recover(id, instance).unwrap();
                 locks.admitted(key, id, instance);
                 key
             })

@@ -7,7 +7,7 @@
 use std::fs::{File, OpenOptions, TryLockError};
 use std::path::Path;
 
-use crate::FileServerError;
+use crate::error::FileServerError;
 
 const LOCK_FILE: &str = "server.lock";
 

@@ -21,6 +21,7 @@ use tracing::{Instrument, debug, debug_span, error, info};
 
 use crate::callbacks::Callbacks;
 use crate::locks::{self, Locks, SetLockReply};
+use crate::sessions::Sessions;
 use crate::stats::Stats;
 use crate::storage::{Answer, Outcome, Partition, SequenceKey, StorageError, Volume};
 
@@ -34,6 +35,7 @@ const RECLAIM_FIDS_MAX: usize = 8192;
 /// The service `proto::server::serve` runs.
 pub struct FileService {
     pub(crate) partition: Arc<Partition>,
+    pub(crate) sessions: Arc<Sessions>,
     pub(crate) callbacks: Arc<Callbacks>,
     pub(crate) locks: Arc<Locks>,
     pub(crate) cell: String,
@@ -74,7 +76,7 @@ impl Service for FileService {
     ) -> Result<Response, ErrorCode> {
         let caller = match &hello.peer {
             PeerKind::CacheManager { client, .. } => {
-                let key = self.callbacks.wait_ready(&connection, *client).await;
+                let key = self.sessions.wait_ready(&connection, *client).await;
                 if let Some(key) = key {
                     self.locks.touch(key);
                 }
@@ -98,7 +100,7 @@ impl Service for FileService {
 
     fn disconnected(&self, connection: &Connection, hello: &Hello) {
         if let PeerKind::CacheManager { client, .. } = &hello.peer {
-            self.callbacks.disconnected(connection, *client);
+            self.sessions.disconnected(connection, *client);
         }
     }
 }

@@ -325,6 +325,12 @@ impl StateJournal {
         }
     }
 
+    /// Why the writer stopped appending, if it has.
+    #[cfg(test)]
+    pub fn stop_reason(&self) -> Option<JournalStop> {
+        self.progress.stop.borrow().clone()
+    }
+
     /// The term ends without closing the journal (its fence closed): the writer appends
     /// nothing more, even if the fence opens again for a later term.
     pub fn abandon(&self) {
@@ -568,6 +574,3 @@ fn spawn_snapshot(
         }
     }
 }
-
-#[cfg(test)]
-mod crash_tests;

@@ -21,9 +21,9 @@ use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
 use super::service::{MemberService, SwitchoverRequest};
-use crate::FileServerError;
 use crate::active::Active;
 use crate::config::{Config, PairConfig};
+use crate::error::{FileServerError, JOURNAL_FAILED_LATE};
 use crate::fence::{self, Fence};
 use crate::history::History;
 use crate::state_journal::JournalStop;
@@ -294,9 +294,7 @@ impl Machine<'_> {
         // The journal may have failed while the term ended (a switchover's handover, the
         // close at shutdown) with nobody waiting for its stop any more.
         if self.fence.is_closed_for_good() {
-            return Err(FileServerError::JournalFailed(
-                crate::JOURNAL_FAILED_LATE.into(),
-            ));
+            return Err(FileServerError::JournalFailed(JOURNAL_FAILED_LATE.into()));
         }
         Ok(go_on)
     }

@@ -29,11 +29,13 @@ use proto::{
 use state::journal::MemVfs;
 use state::{ClientKey, JournalMode};
 
-use super::{JournalStop, StateJournal, StateSnapshot};
+use state::journaled::StateSnapshot;
+
 use crate::callbacks::Callbacks;
 use crate::fence::Fence;
-use crate::locks::{Locks, SetLockReply, test_tables};
-use crate::restart;
+use crate::locks::{Locks, SetLockReply};
+use crate::restart::{self, test_tables};
+use crate::state_journal::{JournalStop, StateJournal, StateJournalError};
 use crate::stats::Stats;
 
 const CLIENTS: u8 = 3;
@@ -279,7 +281,7 @@ async fn run_workload(vfs: &MemVfs, mode: JournalMode, ops: &[Op]) -> Run {
     let mut keys = Vec::new();
     for client in 0..CLIENTS {
         let (id, instance) = (client_id(client), InstanceNonce(u64::from(client) + 1));
-        let key = callbacks.recover(id, instance).unwrap();
+        let key = callbacks.sessions().recover(id, instance).unwrap();
         locks.admitted(key, id, instance);
         run.clients.push((key, id, instance));
         keys.push(key);
@@ -385,7 +387,7 @@ async fn apply(
 }
 
 /// Opens a new journal on `image`, as the restarted server would, and returns its state.
-fn recover(image: &MemVfs, mode: JournalMode) -> Result<StateSnapshot, super::StateJournalError> {
+fn recover(image: &MemVfs, mode: JournalMode) -> Result<StateSnapshot, StateJournalError> {
     let (journal, state) = StateJournal::open_with_vfs(
         Arc::new(image.clone()),
         Path::new(PARTITION),
@@ -595,7 +597,7 @@ fn failing_setup(vfs: &MemVfs, fence: &Arc<Fence>) -> (Arc<StateJournal>, Arc<Lo
     let journal = Arc::new(journal);
     let (callbacks, locks) = test_tables(&journal);
     let (id, instance) = (client_id(0), InstanceNonce(1));
-    let key = callbacks.recover(id, instance).unwrap();
+    let key = callbacks.sessions().recover(id, instance).unwrap();
     locks.admitted(key, id, instance);
     (journal, locks, key)
 }
@@ -653,7 +655,7 @@ async fn a_fenced_journal_is_no_failure() {
     fence.close();
     vfs.crash_after(0);
     assert!(lock_whole_file(&locks, key).await.is_err());
-    assert_eq!(*journal.progress.stop.borrow(), Some(JournalStop::Fenced));
+    assert_eq!(journal.stop_reason(), Some(JournalStop::Fenced));
     assert!(!fence.is_closed_for_good());
     // A fence closed for a lost lease opens again at the next grant.
     fence.open_until(crate::fence::now().saturating_add(std::time::Duration::from_secs(60)));
@@ -672,6 +674,6 @@ async fn an_abandoned_journal_appends_nothing_even_behind_an_open_fence() {
     let before = vfs.mutations();
     assert!(lock_whole_file(&locks, key).await.is_err());
     assert_eq!(vfs.mutations(), before, "the old term's writer wrote");
-    assert_eq!(*journal.progress.stop.borrow(), Some(JournalStop::Fenced));
+    assert_eq!(journal.stop_reason(), Some(JournalStop::Fenced));
     assert!(fence.is_open());
 }
