@@ -128,3 +128,25 @@ pub(super) enum FindError {
 fn redb_error<E: Into<redb::Error>>(e: E) -> FindError {
     FindError::Database(e.into())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The bytes of an outcome record: a change here is a change of the on-disk format.
+    #[test]
+    fn golden_bytes() {
+        let hex = |answer: Result<Response, ErrorCode>| -> String {
+            postcard::to_allocvec(&OutcomeRecord {
+                format: OUTCOME_FORMAT,
+                answer,
+            })
+            .unwrap()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+        };
+        assert_eq!(hex(Ok(Response::Ok)), "010000");
+        assert_eq!(hex(Err(ErrorCode::Exists)), "010102");
+    }
+}

@@ -926,3 +926,98 @@ fn outcomes_are_pruned_per_client_by_instance_and_window() {
         "only the newest instance's record"
     );
 }
+
+/// Each sequenced namespace change: applied once under its key, and a retry with the
+/// key is answered from the record with the same answer, changing nothing.
+#[test]
+fn every_sequenced_namespace_change_is_applied_once_and_replayed_alike() {
+    use super::{Answer, Created, Outcome, SequenceKey};
+    use proto::{ClientId, InstanceNonce, Response};
+
+    let (_dir, partition, id) = setup();
+    let volume = partition.volume(id).unwrap();
+    let root = Fid::root(id);
+    let client = ClientId::random();
+    let mut seq = 0;
+    let mut next_key = || {
+        seq += 1;
+        Some(SequenceKey {
+            client,
+            instance: InstanceNonce(1),
+            seq,
+        })
+    };
+    /// Applies a change under a new key, retries it under the same key, and checks the
+    /// retry is replayed with the first answer while the root's status stays as it is.
+    fn once<T: Answer + std::fmt::Debug>(
+        volume: &Volume,
+        root: Fid,
+        key: Option<SequenceKey>,
+        change: impl Fn(Option<SequenceKey>) -> Result<Outcome<T>, StorageError>,
+    ) -> T {
+        let Outcome::Applied(applied) = change(key).unwrap() else {
+            panic!("a new key is applied");
+        };
+        let after = volume.fetch_status(root).unwrap();
+        match change(key).unwrap() {
+            Outcome::Replayed(answer) => assert_eq!(*answer, Ok(applied.answer())),
+            Outcome::Applied(again) => panic!("a retried key was applied again: {again:?}"),
+        }
+        assert_eq!(volume.fetch_status(root).unwrap(), after);
+        applied
+    }
+
+    let created = once(&volume, root, next_key(), |key| {
+        volume.create_in(key, root, "f", 0o644, 0, 0, true)
+    });
+    assert!(created.created);
+    let (dir, _) = once(&volume, root, next_key(), |key| {
+        volume.make_dir_in(key, root, "d", 0o755, 0, 0)
+    });
+    assert_eq!(dir.kind, FileKind::Directory);
+    let (link, _) = once(&volume, root, next_key(), |key| {
+        volume.symlink_in(key, root, "l", "f", 0, 0)
+    });
+    assert_eq!(link.kind, FileKind::Symlink);
+    let mount_name = VolumeName::parse("user.a").unwrap();
+    let (mount, _) = once(&volume, root, next_key(), |key| {
+        volume.make_mount_point_in(key, root, "m", &mount_name)
+    });
+    assert_eq!(mount.kind, FileKind::MountPoint);
+    let (linked, _) = once(&volume, root, next_key(), |key| {
+        volume.link_in(key, root, "g", created.status.fid)
+    });
+    assert_eq!(linked.link_count, 2);
+    let renamed = once(&volume, root, next_key(), |key| {
+        volume.rename_in(key, root, "g", dir.fid, "h")
+    });
+    assert_eq!(renamed.moved.fid, created.status.fid);
+    let removed = once(&volume, root, next_key(), |key| {
+        volume.remove_in(key, root, "f", false)
+    });
+    assert_eq!(removed.target.link_count, 1);
+    assert!(matches!(
+        removed.answer(),
+        Response::Removed {
+            target: Some(_),
+            ..
+        }
+    ));
+    // A refusal is recorded and replayed too; a change without a key always applies.
+    let key = next_key();
+    assert_eq!(
+        refused(volume.remove_in(key, root, "f", false)),
+        ErrorCode::NoSuchEntry
+    );
+    assert!(matches!(
+        volume.remove_in(key, root, "f", false).unwrap(),
+        Outcome::Replayed(answer) if *answer == Err(ErrorCode::NoSuchEntry)
+    ));
+    assert!(matches!(
+        volume
+            .create_in(None, root, "f", 0o644, 0, 0, true)
+            .unwrap(),
+        Outcome::Applied(Created { created: true, .. })
+    ));
+    assert_eq!(volume.outcome_count(), 8);
+}
