@@ -549,21 +549,11 @@ impl Volume {
     }
 
     // ---- directory changes ----
+    // Each takes the sequence key of a `Sequenced` request, if any: with a key already
+    // recorded the change is not applied again but answered from the record
+    // (`Outcome::Replayed`); without a key it is always `Outcome::Applied`.
 
     /// Creates a file; a non-exclusive create of an existing file returns it unchanged.
-    pub fn create(
-        &self,
-        dir: Fid,
-        name: &str,
-        mode: u32,
-        uid: u32,
-        gid: u32,
-        exclusive: bool,
-    ) -> Result<Created, StorageError> {
-        self.create_in(None, dir, name, mode, uid, gid, exclusive)?
-            .applied(&self.db_path)
-    }
-
     #[expect(
         clippy::too_many_arguments,
         reason = "the fields of a Create request, and its sequence key"
@@ -606,18 +596,6 @@ impl Volume {
         })
     }
 
-    pub fn make_dir(
-        &self,
-        dir: Fid,
-        name: &str,
-        mode: u32,
-        uid: u32,
-        gid: u32,
-    ) -> Result<(VnodeStatus, VnodeStatus), StorageError> {
-        self.make_dir_in(None, dir, name, mode, uid, gid)?
-            .applied(&self.db_path)
-    }
-
     pub fn make_dir_in(
         &self,
         sequence: Option<SequenceKey>,
@@ -631,18 +609,6 @@ impl Volume {
         let name = name.to_owned();
         let record = VnodeRecord::new(FileKind::Directory, mode, uid, gid, dir.vnode);
         self.write_once(sequence, move |tx| tx.add_entry(dir, &name, record))
-    }
-
-    pub fn symlink(
-        &self,
-        dir: Fid,
-        name: &str,
-        target: &str,
-        uid: u32,
-        gid: u32,
-    ) -> Result<(VnodeStatus, VnodeStatus), StorageError> {
-        self.symlink_in(None, dir, name, target, uid, gid)?
-            .applied(&self.db_path)
     }
 
     pub fn symlink_in(
@@ -669,16 +635,6 @@ impl Volume {
     }
 
     /// Makes a mount point showing `volume`: content `#volume.` as in AFS.
-    pub fn make_mount_point(
-        &self,
-        dir: Fid,
-        name: &str,
-        volume: &VolumeName,
-    ) -> Result<(VnodeStatus, VnodeStatus), StorageError> {
-        self.make_mount_point_in(None, dir, name, volume)?
-            .applied(&self.db_path)
-    }
-
     pub fn make_mount_point_in(
         &self,
         sequence: Option<SequenceKey>,
@@ -696,16 +652,6 @@ impl Volume {
     }
 
     /// A new hard link `name` in `dir` to the file `target`.
-    pub fn link(
-        &self,
-        dir: Fid,
-        name: &str,
-        target: Fid,
-    ) -> Result<(VnodeStatus, VnodeStatus), StorageError> {
-        self.link_in(None, dir, name, target)?
-            .applied(&self.db_path)
-    }
-
     pub fn link_in(
         &self,
         sequence: Option<SequenceKey>,
@@ -744,11 +690,6 @@ impl Volume {
 
     /// Removes the entry `name`: a directory only if `directory` (and then it must be
     /// empty), anything else only if not.
-    pub fn remove(&self, dir: Fid, name: &str, directory: bool) -> Result<Removed, StorageError> {
-        self.remove_in(None, dir, name, directory)?
-            .applied(&self.db_path)
-    }
-
     pub fn remove_in(
         &self,
         sequence: Option<SequenceKey>,
@@ -791,17 +732,6 @@ impl Volume {
     }
 
     /// Renames within the volume, replacing a compatible target as POSIX `rename` does.
-    pub fn rename(
-        &self,
-        from_dir: Fid,
-        from_name: &str,
-        to_dir: Fid,
-        to_name: &str,
-    ) -> Result<Renamed, StorageError> {
-        self.rename_in(None, from_dir, from_name, to_dir, to_name)?
-            .applied(&self.db_path)
-    }
-
     pub fn rename_in(
         &self,
         sequence: Option<SequenceKey>,
@@ -1103,20 +1033,6 @@ impl Answer for Renamed {
             to_dir: self.to_dir.clone(),
             moved: self.moved.clone(),
             replaced: self.replaced.clone().filter(|s| s.link_count > 0),
-        }
-    }
-}
-
-impl<T> Outcome<T> {
-    /// The applied value of a change made without a sequence key, which is never
-    /// replayed.
-    fn applied(self, path: &Path) -> Result<T, StorageError> {
-        match self {
-            Outcome::Applied(value) => Ok(value),
-            Outcome::Replayed(_) => Err(StorageError::Corrupt {
-                path: path.to_owned(),
-                detail: "a change without a sequence key was answered from a record".into(),
-            }),
         }
     }
 }
