@@ -75,6 +75,8 @@ mod group_commit;
 mod outcomes;
 mod partition;
 mod records;
+mod tables;
+mod transaction;
 mod vnode_lock;
 mod volume;
 

@@ -4,8 +4,8 @@
 //! guessing.
 
 use proto::{
-    DataVersion, Fid, FileKind, Timestamp, Uniquifier, VnodeId, VnodeStatus, VolumeId, VolumeName,
-    VolumeType,
+    DataVersion, ErrorCode, Fid, FileKind, Response, Timestamp, Uniquifier, VnodeId, VnodeStatus,
+    VolumeId, VolumeName, VolumeType,
 };
 use serde::{Deserialize, Serialize};
 
@@ -15,6 +15,8 @@ pub const HEADER_FORMAT: u16 = 1;
 /// lived in a data file.
 pub const VNODE_FORMAT: u16 = 2;
 const VNODE_FORMAT_V1: u16 = 1;
+/// Format version of `OutcomeRecord`.
+pub const OUTCOME_FORMAT: u16 = 1;
 
 /// Where a file's bytes live.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -174,6 +176,14 @@ impl VnodeRecord {
     }
 }
 
+/// The recorded answer of a sequenced namespace change (see `outcomes`), every callback
+/// grant stripped.
+#[derive(Serialize, Deserialize)]
+pub struct OutcomeRecord {
+    pub format: u16,
+    pub answer: Result<Response, ErrorCode>,
+}
+
 /// The kind code stored in a directory entry.
 pub fn kind_code(kind: FileKind) -> u8 {
     match kind {
@@ -267,6 +277,15 @@ mod tests {
         for (bytes, golden) in cases {
             assert_eq!(hex(&bytes), golden);
         }
+        let outcome = |answer| {
+            hex(&postcard::to_allocvec(&OutcomeRecord {
+                format: OUTCOME_FORMAT,
+                answer,
+            })
+            .unwrap())
+        };
+        assert_eq!(outcome(Ok(Response::Ok)), "010000");
+        assert_eq!(outcome(Err(ErrorCode::Exists)), "010102");
         assert_eq!(
             VnodeRecord::decode(&postcard::to_allocvec(&file).unwrap()).unwrap(),
             file

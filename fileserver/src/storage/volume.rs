@@ -9,7 +9,6 @@
 //! runs. Stores into a data file of disjoint ranges share the lock: they plan nothing
 //! from the snapshot, their transaction grows the size from the record it finds.
 
-use std::collections::BTreeMap;
 use std::io::ErrorKind;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -20,27 +19,18 @@ use proto::{
     DirEntry, ErrorCode, Fid, FileKind, Response, SetAttrs, Timestamp, Uniquifier, VnodeId,
     VnodeStatus, VolumeId, VolumeInfo, VolumeName, VolumeType,
 };
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, Durability, ReadableDatabase};
 
-use crate::fence::{Fence, FencedFile};
+use crate::fence::Fence;
 
 use super::data_files::DataFiles;
 use super::group_commit::GroupCommit;
-use super::outcomes::{self, Answer, Outcome, SequenceKey};
-use super::records::{
-    DataLocation, HEADER_FORMAT, VnodeRecord, VolumeHeader, kind_code, kind_from_code,
-};
+use super::outcomes::{Answer, Outcome, SequenceKey};
+use super::records::{DataLocation, HEADER_FORMAT, VnodeRecord, VolumeHeader, kind_from_code};
+use super::tables::{self, Reader, db_error};
+use super::transaction::Tx;
 use super::vnode_lock::{Access, VnodeLocks};
 use super::{StorageError, io_error};
-
-const HEADER: TableDefinition<&str, &[u8]> = TableDefinition::new("volume");
-const VNODES: TableDefinition<u64, &[u8]> = TableDefinition::new("vnodes");
-const ENTRIES: TableDefinition<(u64, &str), (u64, u32, u8)> = TableDefinition::new("entries");
-const FILE_DATA: TableDefinition<u64, &[u8]> = TableDefinition::new("file_data");
-const HEADER_KEY: &str = "header";
-
-/// A directory entry's value: (vnode, uniquifier, kind code).
-type EntryValue = (u64, u32, u8);
 
 /// Largest data a single `FetchData` returns.
 pub const FETCH_BYTES_MAX: u32 = 1 << 20;
@@ -133,14 +123,8 @@ impl Volume {
         fence.check().map_err(io_error(dir))?;
         std::fs::create_dir_all(&data_dir).map_err(io_error(&data_dir))?;
         let db_path = dir.join("meta.redb");
-        let db = open_database(&db_path, true, &fence)?;
-        // Every table exists from the start, so readers never meet a missing one.
-        let txn = db.begin_write().map_err(db_error(&db_path))?;
-        txn.open_table(HEADER).map_err(db_error(&db_path))?;
-        txn.open_table(VNODES).map_err(db_error(&db_path))?;
-        txn.open_table(ENTRIES).map_err(db_error(&db_path))?;
-        txn.open_table(FILE_DATA).map_err(db_error(&db_path))?;
-        txn.commit().map_err(db_error(&db_path))?;
+        let db = tables::open_database(&db_path, true, &fence)?;
+        tables::create_tables(&db, &db_path)?;
         let volume = Volume::with_db(id, db_path, data_dir, db, fence);
         let header = VolumeHeader {
             format: HEADER_FORMAT,
@@ -155,9 +139,8 @@ impl Volume {
         };
         let root = VnodeRecord::new(FileKind::Directory, 0o755, 0, 0, VnodeId::ROOT);
         volume.write(move |tx| {
-            tx.header = Some(header);
-            tx.header_dirty = true;
-            tx.cache.insert(VnodeId::ROOT.0, (None, Some(root)));
+            tx.put_header(header);
+            tx.put(VnodeId::ROOT, root);
             Ok(())
         })?;
         Ok(volume)
@@ -167,11 +150,8 @@ impl Volume {
     pub fn open(dir: &Path, id: VolumeId, fence: Arc<Fence>) -> Result<Volume, StorageError> {
         let data_dir = dir.join("data");
         let db_path = dir.join("meta.redb");
-        let db = open_database(&db_path, false, &fence)?;
-        // Volumes of record format 1 predate inline data and lack its table.
-        let txn = db.begin_write().map_err(db_error(&db_path))?;
-        txn.open_table(FILE_DATA).map_err(db_error(&db_path))?;
-        txn.commit().map_err(db_error(&db_path))?;
+        let db = tables::open_database(&db_path, false, &fence)?;
+        tables::add_missing_tables(&db, &db_path)?;
         let volume = Volume::with_db(id, db_path, data_dir, db, fence);
         let header = volume.header()?;
         if header.id != id {
@@ -291,33 +271,15 @@ impl Volume {
         count_max: usize,
         bytes_max: usize,
     ) -> Result<(VnodeStatus, Vec<DirEntry>, bool), StorageError> {
-        let txn = self.db.begin_read().map_err(db_error(&self.db_path))?;
-        let r = Reader {
-            txn: &txn,
-            path: &self.db_path,
-            volume: self.id,
-        };
-        {
+        self.read(|r| {
             let dir_record = r.directory(dir)?;
-            let table = txn.open_table(ENTRIES).map_err(db_error(&self.db_path))?;
-            let lower = match after {
-                Some(name) => std::ops::Bound::Excluded((dir.vnode.0, name)),
-                None => std::ops::Bound::Included((dir.vnode.0, "")),
-            };
-            let upper = std::ops::Bound::Excluded((dir.vnode.0 + 1, ""));
-            let range = table
-                .range::<(u64, &str)>((lower, upper))
-                .map_err(db_error(&self.db_path))?;
             let mut entries = Vec::new();
             let mut bytes = 0;
             let mut more = false;
-            for item in range {
-                let (key, value) = item.map_err(db_error(&self.db_path))?;
-                let (_, name) = key.value();
-                let (vnode, unique, kind) = value.value();
+            r.scan_entries(dir.vnode, after, |name, (vnode, unique, kind)| {
                 if entries.len() >= count_max || bytes + name.len() + 32 > bytes_max {
                     more = true;
-                    break;
+                    return Ok(false);
                 }
                 bytes += name.len() + 32;
                 entries.push(DirEntry {
@@ -327,14 +289,13 @@ impl Volume {
                         vnode: VnodeId(vnode),
                         unique: Uniquifier(unique),
                     },
-                    kind: kind_from_code(kind).ok_or_else(|| StorageError::Corrupt {
-                        path: self.db_path.clone(),
-                        detail: format!("entry {name:?} has kind code {kind}"),
-                    })?,
+                    kind: kind_from_code(kind)
+                        .ok_or_else(|| r.corrupt(format!("entry {name:?} has kind code {kind}")))?,
                 });
-            }
+                Ok(true)
+            })?;
             Ok((dir_record.status(self.id, dir.vnode), entries, more))
-        }
+        })
     }
 
     // ---- data changes ----
@@ -399,7 +360,7 @@ impl Volume {
         let planned = record.data_version;
         let status = self.write(move |tx| {
             let mut record = tx.checked(fid)?;
-            tx.change_data(fid.vnode, &mut record, planned, size, change)?;
+            change_data(tx, fid.vnode, &mut record, planned, size, change)?;
             tx.put(fid.vnode, record.clone());
             Ok(record.status(tx.volume(), fid.vnode))
         })?;
@@ -462,7 +423,7 @@ impl Volume {
         let file = self.files.get(fid.vnode, true)?;
         let status = self.write(move |tx| {
             let mut record = tx.checked(fid)?;
-            tx.grow_data_file(fid.vnode, &mut record, end)?;
+            grow_data_file(tx, fid.vnode, &mut record, end)?;
             tx.put(fid.vnode, record.clone());
             Ok(record.status(tx.volume(), fid.vnode))
         })?;
@@ -510,7 +471,7 @@ impl Volume {
             let mut record = tx.checked(fid)?;
             let now = Timestamp::now();
             if let Some((size, planned, change)) = resize {
-                tx.change_data(fid.vnode, &mut record, planned, size, change)?;
+                change_data(tx, fid.vnode, &mut record, planned, size, change)?;
             } else if attrs.size.is_some() {
                 require_file(record.kind)?;
             }
@@ -587,7 +548,7 @@ impl Volume {
                 });
             }
             let record = VnodeRecord::new(FileKind::File, mode, uid, gid, dir.vnode);
-            let (status, dir) = tx.add_entry(dir, &name, record)?;
+            let (status, dir) = add_entry(tx, dir, &name, record)?;
             Ok(Created {
                 status,
                 dir,
@@ -608,7 +569,7 @@ impl Volume {
         proto::check_entry_name(name)?;
         let name = name.to_owned();
         let record = VnodeRecord::new(FileKind::Directory, mode, uid, gid, dir.vnode);
-        self.write_once(sequence, move |tx| tx.add_entry(dir, &name, record))
+        self.write_once(sequence, move |tx| add_entry(tx, dir, &name, record))
     }
 
     pub fn symlink_in(
@@ -631,7 +592,7 @@ impl Volume {
         let mut record = VnodeRecord::new(FileKind::Symlink, 0o777, uid, gid, dir.vnode);
         record.size = target.len() as u64;
         record.content = Some(target.to_owned());
-        self.write_once(sequence, move |tx| tx.add_entry(dir, &name, record))
+        self.write_once(sequence, move |tx| add_entry(tx, dir, &name, record))
     }
 
     /// Makes a mount point showing `volume`: content `#volume.` as in AFS.
@@ -648,7 +609,7 @@ impl Volume {
         let mut record = VnodeRecord::new(FileKind::MountPoint, 0o644, 0, 0, dir.vnode);
         record.size = content.len() as u64;
         record.content = Some(content);
-        self.write_once(sequence, move |tx| tx.add_entry(dir, &name, record))
+        self.write_once(sequence, move |tx| add_entry(tx, dir, &name, record))
     }
 
     /// A new hard link `name` in `dir` to the file `target`.
@@ -676,7 +637,7 @@ impl Volume {
             let now = Timestamp::now();
             record.link_count += 1;
             record.ctime = now;
-            tx.put_entry(dir.vnode, &name, target.vnode, &record)?;
+            tx.put_entry(dir.vnode, &name, target.vnode, &record);
             dir_record.size += 1;
             dir_record.touch_data(now);
             tx.put(target.vnode, record.clone());
@@ -717,12 +678,12 @@ impl Volume {
                 }
                 (false, false) => record.link_count = record.link_count.saturating_sub(1),
             }
-            tx.remove_entry(dir.vnode, &name)?;
+            tx.remove_entry(dir.vnode, &name);
             dir_record.size = dir_record.size.saturating_sub(1);
             dir_record.touch_data(now);
             record.ctime = now;
             let target = record.status(id, vnode);
-            tx.put_or_free(vnode, record)?;
+            put_or_free(tx, vnode, record)?;
             tx.put(dir.vnode, dir_record.clone());
             Ok(Removed {
                 dir: dir_record.status(id, dir.vnode),
@@ -766,7 +727,7 @@ impl Volume {
                 });
             }
             if moved_is_dir && from_dir.vnode != to_dir.vnode {
-                tx.refuse_move_into_own_subtree(moved, to_dir.vnode)?;
+                refuse_move_into_own_subtree(tx, moved, to_dir.vnode)?;
             }
             let now = Timestamp::now();
             let mut replaced = None;
@@ -792,14 +753,14 @@ impl Volume {
                 }
                 target_record.ctime = now;
                 replaced = Some(target_record.status(id, target));
-                tx.put_or_free(target, target_record)?;
-                tx.remove_entry(to_dir.vnode, &to_name)?;
+                put_or_free(tx, target, target_record)?;
+                tx.remove_entry(to_dir.vnode, &to_name);
                 let mut to = tx.vnode(to_dir.vnode)?;
                 to.size -= 1;
                 tx.put(to_dir.vnode, to);
             }
-            tx.remove_entry(from_dir.vnode, &from_name)?;
-            tx.put_entry(to_dir.vnode, &to_name, moved, &moved_record)?;
+            tx.remove_entry(from_dir.vnode, &from_name);
+            tx.put_entry(to_dir.vnode, &to_name, moved, &moved_record);
             let mut from = tx.vnode(from_dir.vnode)?;
             from.size = from.size.saturating_sub(1);
             from.touch_data(now);
@@ -872,11 +833,7 @@ impl Volume {
         op: impl FnOnce(&Reader<'_>) -> Result<T, StorageError>,
     ) -> Result<T, StorageError> {
         let txn = self.db.begin_read().map_err(db_error(&self.db_path))?;
-        op(&Reader {
-            txn: &txn,
-            path: &self.db_path,
-            volume: self.id,
-        })
+        op(&Reader::new(&txn, &self.db_path, self.id))
     }
 
     /// Runs `op` in a durable write transaction and returns once it is committed. `op`
@@ -921,10 +878,8 @@ impl Volume {
         let Some(key) = sequence else {
             return self.write(op).map(Outcome::Applied);
         };
-        let path = self.db_path.clone();
         let outcome = self.write(move |tx| {
-            let txn = tx.txn;
-            if let Some(answer) = outcomes::find(txn, &key).map_err(outcome_error(&path))? {
+            if let Some(answer) = tx.find_outcome(&key)? {
                 return Ok(Err(answer));
             }
             let applied = op(tx);
@@ -934,7 +889,7 @@ impl Volume {
                 // Server trouble is not an answer: the retry runs the change again.
                 Err(_) => return applied.map(Ok),
             };
-            outcomes::record(txn, &key, answer).map_err(outcome_error(&path))?;
+            tx.record_outcome(&key, answer)?;
             applied.map(Ok)
         });
         match outcome {
@@ -943,15 +898,6 @@ impl Volume {
             // A refusal was recorded; it is answered as it is, like an applied one.
             Err(e) => Err(e),
         }
-    }
-
-    /// How many sequenced outcomes the volume records.
-    #[cfg(test)]
-    pub(super) fn outcome_count(&self) -> u64 {
-        self.db
-            .begin_write()
-            .map(|txn| outcomes::count(&txn))
-            .unwrap_or(0)
     }
 
     /// Applies `jobs` in order in one write transaction, commits it durably, removes the
@@ -1037,19 +983,6 @@ impl Answer for Renamed {
     }
 }
 
-fn outcome_error(path: &Path) -> impl Fn(outcomes::FindError) -> StorageError + '_ {
-    move |e| match e {
-        outcomes::FindError::Database(source) => StorageError::Database {
-            path: path.to_owned(),
-            source,
-        },
-        outcomes::FindError::Corrupt(detail) => StorageError::Corrupt {
-            path: path.to_owned(),
-            detail,
-        },
-    }
-}
-
 /// `content` cut or zero-extended to `base` bytes, with `data` written at `offset`,
 /// `size` bytes in all.
 fn spliced(mut content: Vec<u8>, base: u64, offset: u64, data: &[u8], size: u64) -> Vec<u8> {
@@ -1075,475 +1008,158 @@ fn require_file(kind: FileKind) -> Result<(), StorageError> {
     }
 }
 
-/// Opens (or with `create`, creates) a volume's redb file on the fenced backend.
-fn open_database(path: &Path, create: bool, fence: &Arc<Fence>) -> Result<Database, StorageError> {
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(create)
-        .truncate(false)
-        .open(path)
-        .map_err(io_error(path))?;
-    redb::Builder::new()
-        .create_with_backend(FencedFile::new(file, fence.clone()))
-        .map_err(db_error(path))
+/// Applies a planned data change to `record` (size, quota, location, DV +1). The plan
+/// was made under the vnode's data lock from DV `planned`; the lock keeps that DV
+/// current, so a mismatch is a bug, refused rather than applied.
+fn change_data(
+    tx: &mut Tx<'_>,
+    vnode: VnodeId,
+    record: &mut VnodeRecord,
+    planned: proto::DataVersion,
+    size: u64,
+    change: DataChange,
+) -> Result<(), StorageError> {
+    require_file(record.kind)?;
+    if record.data_version != planned {
+        return Err(tx.corrupt(format!(
+            "vnode {vnode} changed from DV {planned} to {} under its data lock",
+            record.data_version
+        )));
+    }
+    resize(tx, record, size)?;
+    match change {
+        DataChange::Inline(content) => tx.put_file_data(vnode, content),
+        DataChange::ToFile => {
+            record.data = DataLocation::File;
+            tx.put_file_data(vnode, Vec::new());
+        }
+        DataChange::InFile => {}
+        DataChange::FromFile(content) => {
+            record.data = DataLocation::Inline;
+            tx.put_file_data(vnode, content);
+            tx.remove_data_file(vnode);
+        }
+    }
+    record.touch_data(Timestamp::now());
+    Ok(())
 }
 
-fn db_error<E: Into<redb::Error>>(path: &Path) -> impl FnOnce(E) -> StorageError + '_ {
-    move |e| StorageError::Database {
-        path: path.to_owned(),
-        source: e.into(),
+/// A store into the data file under a `StoreRange` lock: the size grows to `end` if
+/// below it (quota checked), DV +1. The lock keeps the data in its data file, so
+/// finding it elsewhere is a bug, refused rather than applied.
+fn grow_data_file(
+    tx: &mut Tx<'_>,
+    vnode: VnodeId,
+    record: &mut VnodeRecord,
+    end: u64,
+) -> Result<(), StorageError> {
+    require_file(record.kind)?;
+    if record.data != DataLocation::File {
+        return Err(tx.corrupt(format!(
+            "vnode {vnode} left its data file under a store lock"
+        )));
     }
+    resize(tx, record, record.size.max(end))?;
+    record.touch_data(Timestamp::now());
+    Ok(())
 }
 
-/// Read access through either kind of transaction.
-struct Reader<'a> {
-    txn: &'a dyn TxnTables,
-    path: &'a Path,
-    volume: VolumeId,
+/// Sets a file's size, keeping the volume's byte count and quota.
+fn resize(tx: &mut Tx<'_>, record: &mut VnodeRecord, size: u64) -> Result<(), StorageError> {
+    if size > FILE_BYTES_MAX {
+        return Err(ErrorCode::FileTooLarge.into());
+    }
+    let header = tx.header_mut()?;
+    let used = header
+        .bytes_used
+        .saturating_sub(record.size)
+        .saturating_add(size);
+    if size > record.size && header.quota_bytes != 0 && used > header.quota_bytes {
+        return Err(ErrorCode::QuotaExceeded.into());
+    }
+    header.bytes_used = used;
+    record.size = size;
+    Ok(())
 }
 
-/// The tables a reader needs, from a read or a write transaction.
-trait TxnTables {
-    fn get_header(&self) -> Result<Option<Vec<u8>>, redb::Error>;
-    fn get_vnode(&self, vnode: u64) -> Result<Option<Vec<u8>>, redb::Error>;
-    fn get_entry(&self, dir: u64, name: &str) -> Result<Option<(u64, u32, u8)>, redb::Error>;
-    fn get_file_data(&self, vnode: u64) -> Result<Option<Vec<u8>>, redb::Error>;
+/// Writes `record`, or frees the vnode when its last link is gone.
+fn put_or_free(tx: &mut Tx<'_>, vnode: VnodeId, record: VnodeRecord) -> Result<(), StorageError> {
+    if record.link_count > 0 {
+        tx.put(vnode, record);
+        return Ok(());
+    }
+    let header = tx.header_mut()?;
+    header.vnode_count = header.vnode_count.saturating_sub(1);
+    if record.kind == FileKind::File {
+        header.bytes_used = header.bytes_used.saturating_sub(record.size);
+        // Both forms go: a data file may exist beside inline data after a crash.
+        tx.put_file_data(vnode, Vec::new());
+        tx.remove_data_file(vnode);
+    }
+    tx.delete(vnode);
+    Ok(())
 }
 
-/// The same reads for both transaction kinds: `open_table` returns a different table
-/// type for each, so the bodies are written once here.
-macro_rules! impl_txn_tables {
-    ($transaction:ty) => {
-        impl TxnTables for $transaction {
-            fn get_header(&self) -> Result<Option<Vec<u8>>, redb::Error> {
-                let table = self.open_table(HEADER)?;
-                Ok(table.get(HEADER_KEY)?.map(|v| v.value().to_vec()))
-            }
-            fn get_vnode(&self, vnode: u64) -> Result<Option<Vec<u8>>, redb::Error> {
-                let table = self.open_table(VNODES)?;
-                Ok(table.get(vnode)?.map(|v| v.value().to_vec()))
-            }
-            fn get_entry(
-                &self,
-                dir: u64,
-                name: &str,
-            ) -> Result<Option<(u64, u32, u8)>, redb::Error> {
-                let table = self.open_table(ENTRIES)?;
-                Ok(table.get((dir, name))?.map(|v| v.value()))
-            }
-            fn get_file_data(&self, vnode: u64) -> Result<Option<Vec<u8>>, redb::Error> {
-                let table = self.open_table(FILE_DATA)?;
-                Ok(table.get(vnode)?.map(|v| v.value().to_vec()))
-            }
-        }
-    };
+/// Adds a new vnode under `name` in `dir`; the directory's DV goes up by one.
+fn add_entry(
+    tx: &mut Tx<'_>,
+    dir: Fid,
+    name: &str,
+    mut record: VnodeRecord,
+) -> Result<(VnodeStatus, VnodeStatus), StorageError> {
+    let mut dir_record = tx.directory(dir)?;
+    if tx.entry(dir.vnode, name)?.is_some() {
+        return Err(ErrorCode::Exists.into());
+    }
+    let header = tx.header_mut()?;
+    let vnode = VnodeId(header.next_vnode);
+    header.next_vnode += 1;
+    header.vnode_count += 1;
+    record.parent = dir.vnode;
+    let now = Timestamp::now();
+    dir_record.size += 1;
+    dir_record.touch_data(now);
+    if record.kind == FileKind::Directory {
+        dir_record.link_count += 1;
+    }
+    tx.put_entry(dir.vnode, name, vnode, &record);
+    let volume = tx.volume();
+    let status = record.status(volume, vnode);
+    tx.put(vnode, record);
+    tx.put(dir.vnode, dir_record.clone());
+    Ok((status, dir_record.status(volume, dir.vnode)))
 }
 
-impl_txn_tables!(redb::ReadTransaction);
-impl_txn_tables!(redb::WriteTransaction);
-
-impl Reader<'_> {
-    fn corrupt(&self, detail: String) -> StorageError {
-        StorageError::Corrupt {
-            path: self.path.to_owned(),
-            detail,
+/// Refuses to move directory `moved` into `to_dir` if `to_dir` is `moved` or lies
+/// beneath it.
+fn refuse_move_into_own_subtree(
+    tx: &mut Tx<'_>,
+    moved: VnodeId,
+    to_dir: VnodeId,
+) -> Result<(), StorageError> {
+    let mut current = to_dir;
+    // Bounded walk: a corrupt parent chain must not loop forever.
+    for _ in 0..100_000 {
+        if current == moved {
+            return Err(ErrorCode::InvalidArgument.into());
         }
-    }
-
-    fn db(&self, e: redb::Error) -> StorageError {
-        StorageError::Database {
-            path: self.path.to_owned(),
-            source: e,
-        }
-    }
-
-    fn header(&self) -> Result<VolumeHeader, StorageError> {
-        let bytes = self
-            .txn
-            .get_header()
-            .map_err(|e| self.db(e))?
-            .ok_or_else(|| self.corrupt("no volume header".into()))?;
-        let header: VolumeHeader = postcard::from_bytes(&bytes)
-            .map_err(|e| self.corrupt(format!("volume header: {e}")))?;
-        if header.format != HEADER_FORMAT {
-            return Err(self.corrupt(format!("volume header format {}", header.format)));
-        }
-        Ok(header)
-    }
-
-    /// The vnode, or `Stale` if it does not exist (it was removed).
-    fn vnode(&self, vnode: VnodeId) -> Result<VnodeRecord, StorageError> {
-        let bytes = self
-            .txn
-            .get_vnode(vnode.0)
-            .map_err(|e| self.db(e))?
-            .ok_or(ErrorCode::Stale)?;
-        VnodeRecord::decode(&bytes).map_err(|e| self.corrupt(format!("vnode {vnode}: {e}")))
-    }
-
-    /// An inline file's bytes (empty when it has no row).
-    fn file_data(&self, vnode: VnodeId) -> Result<Vec<u8>, StorageError> {
-        Ok(self
-            .txn
-            .get_file_data(vnode.0)
-            .map_err(|e| self.db(e))?
-            .unwrap_or_default())
-    }
-
-    /// The vnode a fid names, `Stale` unless the uniquifier matches.
-    fn checked(&self, fid: Fid) -> Result<VnodeRecord, StorageError> {
-        if fid.volume != self.volume {
-            return Err(ErrorCode::NoSuchVolume.into());
-        }
-        let record = self.vnode(fid.vnode)?;
-        if record.unique != fid.unique {
-            return Err(ErrorCode::Stale.into());
-        }
-        Ok(record)
-    }
-
-    fn directory(&self, fid: Fid) -> Result<VnodeRecord, StorageError> {
-        let record = self.checked(fid)?;
-        if record.kind != FileKind::Directory {
-            return Err(ErrorCode::NotDirectory.into());
-        }
-        Ok(record)
-    }
-
-    fn entry(&self, dir: VnodeId, name: &str) -> Result<Option<(u64, u32, u8)>, StorageError> {
-        self.txn.get_entry(dir.0, name).map_err(|e| self.db(e))
-    }
-}
-
-/// A write transaction in progress: records read and changed are kept here and written
-/// once at the end, so one request touching a vnode twice writes it once.
-struct Tx<'a> {
-    txn: &'a redb::WriteTransaction,
-    reader: Reader<'a>,
-    header: Option<VolumeHeader>,
-    header_dirty: bool,
-    /// vnode -> (as read, as it should be written; `None` = delete).
-    cache: BTreeMap<u64, (Option<VnodeRecord>, Option<VnodeRecord>)>,
-    /// Directory entry changes in order: `Some` = insert, `None` = remove.
-    entries: Vec<((u64, String), Option<EntryValue>)>,
-    /// Inline data to write; empty = remove the row.
-    file_data: Vec<(u64, Vec<u8>)>,
-    /// Data files to remove once the transaction is committed.
-    dead_files: Vec<VnodeId>,
-}
-
-impl<'a> Tx<'a> {
-    fn new(txn: &'a redb::WriteTransaction, path: &'a Path, volume: VolumeId) -> Tx<'a> {
-        Tx {
-            txn,
-            reader: Reader { txn, path, volume },
-            header: None,
-            header_dirty: false,
-            cache: BTreeMap::new(),
-            entries: Vec::new(),
-            file_data: Vec::new(),
-            dead_files: Vec::new(),
-        }
-    }
-
-    fn volume(&self) -> VolumeId {
-        self.reader.volume
-    }
-
-    /// Applies a planned data change to `record` (size, quota, location, DV +1). The
-    /// plan was made under the vnode's data lock from DV `planned`; the lock keeps that
-    /// DV current, so a mismatch is a bug, refused rather than applied.
-    fn change_data(
-        &mut self,
-        vnode: VnodeId,
-        record: &mut VnodeRecord,
-        planned: proto::DataVersion,
-        size: u64,
-        change: DataChange,
-    ) -> Result<(), StorageError> {
-        require_file(record.kind)?;
-        if record.data_version != planned {
-            return Err(self.reader.corrupt(format!(
-                "vnode {vnode} changed from DV {planned} to {} under its data lock",
-                record.data_version
-            )));
-        }
-        self.resize(record, size)?;
-        match change {
-            DataChange::Inline(content) => self.file_data.push((vnode.0, content)),
-            DataChange::ToFile => {
-                record.data = DataLocation::File;
-                self.file_data.push((vnode.0, Vec::new()));
-            }
-            DataChange::InFile => {}
-            DataChange::FromFile(content) => {
-                record.data = DataLocation::Inline;
-                self.file_data.push((vnode.0, content));
-                self.dead_files.push(vnode);
-            }
-        }
-        record.touch_data(Timestamp::now());
-        Ok(())
-    }
-
-    /// A store into the data file under a `StoreRange` lock: the size grows to `end` if
-    /// below it (quota checked), DV +1. The lock keeps the data in its data file, so
-    /// finding it elsewhere is a bug, refused rather than applied.
-    fn grow_data_file(
-        &mut self,
-        vnode: VnodeId,
-        record: &mut VnodeRecord,
-        end: u64,
-    ) -> Result<(), StorageError> {
-        require_file(record.kind)?;
-        if record.data != DataLocation::File {
-            return Err(self.reader.corrupt(format!(
-                "vnode {vnode} left its data file under a store lock"
-            )));
-        }
-        self.resize(record, record.size.max(end))?;
-        record.touch_data(Timestamp::now());
-        Ok(())
-    }
-
-    fn header_mut(&mut self) -> Result<&mut VolumeHeader, StorageError> {
-        if self.header.is_none() {
-            self.header = Some(self.reader.header()?);
-        }
-        self.header_dirty = true;
-        self.header
-            .as_mut()
-            .ok_or_else(|| self.reader.corrupt("volume header vanished".into()))
-    }
-
-    fn vnode(&mut self, vnode: VnodeId) -> Result<VnodeRecord, StorageError> {
-        if let Some((_, current)) = self.cache.get(&vnode.0) {
-            return current.clone().ok_or_else(|| ErrorCode::Stale.into());
-        }
-        let record = self.reader.vnode(vnode)?;
-        self.cache
-            .insert(vnode.0, (Some(record.clone()), Some(record.clone())));
-        Ok(record)
-    }
-
-    fn checked(&mut self, fid: Fid) -> Result<VnodeRecord, StorageError> {
-        if fid.volume != self.reader.volume {
-            return Err(ErrorCode::NoSuchVolume.into());
-        }
-        let record = self.vnode(fid.vnode)?;
-        if record.unique != fid.unique {
-            return Err(ErrorCode::Stale.into());
-        }
-        Ok(record)
-    }
-
-    fn directory(&mut self, fid: Fid) -> Result<VnodeRecord, StorageError> {
-        let record = self.checked(fid)?;
-        if record.kind != FileKind::Directory {
-            return Err(ErrorCode::NotDirectory.into());
-        }
-        Ok(record)
-    }
-
-    fn put(&mut self, vnode: VnodeId, record: VnodeRecord) {
-        self.cache.entry(vnode.0).or_insert((None, None)).1 = Some(record);
-    }
-
-    /// Writes `record`, or frees the vnode when its last link is gone.
-    fn put_or_free(&mut self, vnode: VnodeId, record: VnodeRecord) -> Result<(), StorageError> {
-        if record.link_count > 0 {
-            self.put(vnode, record);
+        if current == VnodeId::ROOT {
             return Ok(());
         }
-        let header = self.header_mut()?;
-        header.vnode_count = header.vnode_count.saturating_sub(1);
-        if record.kind == FileKind::File {
-            header.bytes_used = header.bytes_used.saturating_sub(record.size);
-            // Both forms go: a data file may exist beside inline data after a crash.
-            self.file_data.push((vnode.0, Vec::new()));
-            self.dead_files.push(vnode);
-        }
-        self.cache.entry(vnode.0).or_insert((None, None)).1 = None;
-        Ok(())
+        current = tx.vnode(current)?.parent;
     }
+    Err(tx.corrupt(format!(
+        "parent chain of vnode {to_dir} does not reach the root"
+    )))
+}
 
-    fn entry(&mut self, dir: VnodeId, name: &str) -> Result<Option<(u64, u32, u8)>, StorageError> {
-        if let Some((_, value)) = self
-            .entries
-            .iter()
-            .rev()
-            .find(|((d, n), _)| *d == dir.0 && n == name)
-        {
-            return Ok(*value);
-        }
-        self.reader.entry(dir, name)
-    }
-
-    fn put_entry(
-        &mut self,
-        dir: VnodeId,
-        name: &str,
-        vnode: VnodeId,
-        record: &VnodeRecord,
-    ) -> Result<(), StorageError> {
-        self.entries.push((
-            (dir.0, name.to_owned()),
-            Some((vnode.0, record.unique.0, kind_code(record.kind))),
-        ));
-        Ok(())
-    }
-
-    fn remove_entry(&mut self, dir: VnodeId, name: &str) -> Result<(), StorageError> {
-        self.entries.push(((dir.0, name.to_owned()), None));
-        Ok(())
-    }
-
-    /// Sets a file's size, keeping the volume's byte count and quota.
-    fn resize(&mut self, record: &mut VnodeRecord, size: u64) -> Result<(), StorageError> {
-        if size > FILE_BYTES_MAX {
-            return Err(ErrorCode::FileTooLarge.into());
-        }
-        let header = self.header_mut()?;
-        let used = header
-            .bytes_used
-            .saturating_sub(record.size)
-            .saturating_add(size);
-        if size > record.size && header.quota_bytes != 0 && used > header.quota_bytes {
-            return Err(ErrorCode::QuotaExceeded.into());
-        }
-        header.bytes_used = used;
-        record.size = size;
-        Ok(())
-    }
-
-    /// Adds a new vnode under `name` in `dir`; the directory's DV goes up by one.
-    fn add_entry(
-        &mut self,
-        dir: Fid,
-        name: &str,
-        mut record: VnodeRecord,
-    ) -> Result<(VnodeStatus, VnodeStatus), StorageError> {
-        let mut dir_record = self.directory(dir)?;
-        if self.entry(dir.vnode, name)?.is_some() {
-            return Err(ErrorCode::Exists.into());
-        }
-        let header = self.header_mut()?;
-        let vnode = VnodeId(header.next_vnode);
-        header.next_vnode += 1;
-        header.vnode_count += 1;
-        record.parent = dir.vnode;
-        let now = Timestamp::now();
-        dir_record.size += 1;
-        dir_record.touch_data(now);
-        if record.kind == FileKind::Directory {
-            dir_record.link_count += 1;
-        }
-        self.put_entry(dir.vnode, name, vnode, &record)?;
-        let volume = self.reader.volume;
-        let status = record.status(volume, vnode);
-        self.put(vnode, record);
-        self.put(dir.vnode, dir_record.clone());
-        Ok((status, dir_record.status(volume, dir.vnode)))
-    }
-
-    /// Refuses to move directory `moved` into `to_dir` if `to_dir` is `moved` or lies
-    /// beneath it.
-    fn refuse_move_into_own_subtree(
-        &mut self,
-        moved: VnodeId,
-        to_dir: VnodeId,
-    ) -> Result<(), StorageError> {
-        let mut current = to_dir;
-        // Bounded walk: a corrupt parent chain must not loop forever.
-        for _ in 0..100_000 {
-            if current == moved {
-                return Err(ErrorCode::InvalidArgument.into());
-            }
-            if current == VnodeId::ROOT {
-                return Ok(());
-            }
-            current = self.vnode(current)?.parent;
-        }
-        Err(self.reader.corrupt(format!(
-            "parent chain of vnode {to_dir} does not reach the root"
-        )))
-    }
-
-    /// Writes the changes into the transaction; returns the data files to remove after
-    /// the commit.
-    fn flush(self) -> Result<Vec<VnodeId>, StorageError> {
-        let Tx {
-            txn,
-            reader,
-            header,
-            header_dirty,
-            cache,
-            entries,
-            file_data,
-            dead_files,
-        } = self;
-        let path = reader.path;
-        if header_dirty && let Some(header) = header {
-            let bytes = postcard::to_allocvec(&header).map_err(|e| StorageError::Corrupt {
-                path: path.to_owned(),
-                detail: format!("encode header: {e}"),
-            })?;
-            let mut table = txn.open_table(HEADER).map_err(db_error(path))?;
-            table
-                .insert(HEADER_KEY, bytes.as_slice())
-                .map_err(db_error(path))?;
-        }
-        if cache.values().any(|(before, after)| before != after) {
-            let mut table = txn.open_table(VNODES).map_err(db_error(path))?;
-            for (vnode, (before, after)) in cache {
-                if before == after {
-                    continue;
-                }
-                match after {
-                    Some(record) => {
-                        let bytes =
-                            postcard::to_allocvec(&record).map_err(|e| StorageError::Corrupt {
-                                path: path.to_owned(),
-                                detail: format!("encode vnode {vnode}: {e}"),
-                            })?;
-                        table
-                            .insert(vnode, bytes.as_slice())
-                            .map_err(db_error(path))?;
-                    }
-                    None => {
-                        table.remove(vnode).map_err(db_error(path))?;
-                    }
-                }
-            }
-        }
-        if !entries.is_empty() {
-            let mut table = txn.open_table(ENTRIES).map_err(db_error(path))?;
-            for ((dir, name), value) in entries {
-                match value {
-                    Some(value) => {
-                        table
-                            .insert((dir, name.as_str()), value)
-                            .map_err(db_error(path))?;
-                    }
-                    None => {
-                        table.remove((dir, name.as_str())).map_err(db_error(path))?;
-                    }
-                }
-            }
-        }
-        if !file_data.is_empty() {
-            let mut table = txn.open_table(FILE_DATA).map_err(db_error(path))?;
-            for (vnode, content) in file_data {
-                if content.is_empty() {
-                    table.remove(vnode).map_err(db_error(path))?;
-                } else {
-                    table
-                        .insert(vnode, content.as_slice())
-                        .map_err(db_error(path))?;
-                }
-            }
-        }
-        Ok(dead_files)
+#[cfg(test)]
+impl Volume {
+    /// How many sequenced outcomes the volume records.
+    pub(super) fn outcome_count(&self) -> u64 {
+        self.db
+            .begin_write()
+            .map(|txn| tables::Writer::new(&txn, &self.db_path).outcome_count())
+            .unwrap_or(0)
     }
 }
