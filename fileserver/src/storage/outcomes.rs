@@ -1,4 +1,4 @@
-//! Sequenced namespace changes: the key that names one, and its answer, applied or replayed.
+//! Sequenced namespace changes: the key naming one, and its answer, applied or replayed.
 //! Invariant: a change and its outcome record are one redb transaction, and the record is
 //! looked up in the transaction that would apply the change: a key is applied at most once.
 

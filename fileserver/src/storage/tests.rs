@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use proto::{ErrorCode, Fid, FileKind, SetAttrs, VolumeId, VolumeName};
 
-use super::volume::INLINE_BYTES_MAX;
+use super::data::INLINE_BYTES_MAX;
 use super::{Outcome, Partition, StorageError, Volume};
 use crate::fence::Fence;
 
