@@ -21,7 +21,7 @@ pub const INLINE_BYTES_MAX: u64 = 64 * 1024;
 pub const FILE_BYTES_MAX: u64 = 1 << 40;
 
 /// How a request changes a file's bytes, planned under the vnode's data lock from a
-/// snapshot (`data_version` is the DV it was planned from).
+/// snapshot; `change_data` applies it, given the DV it was planned from.
 enum DataChange {
     /// Inline data becomes these bytes.
     Inline(Vec<u8>),

@@ -1,6 +1,6 @@
 //! The tables of a volume's `meta.redb`, and typed reads and writes of them.
-//! Invariant: no other module names a table or encodes what goes in one; the tables are
-//! the ones `storage` describes, with the encodings of `records`.
+//! Invariant: no other module opens a table, and every value goes in with the encoding
+//! `records` defines, so the on-disk format is the one `storage` describes.
 
 use std::ops::Bound;
 use std::path::Path;
