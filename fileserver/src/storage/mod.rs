@@ -27,6 +27,13 @@
 //!   the answer of a sequenced namespace change, callback grants stripped), written in
 //!   the change's transaction; see `outcomes`.
 //!
+//! Modules, from the top: `partition` (the volumes of a directory); `volume` (one
+//! volume, and the commit every change takes: `group_commit`, and `outcomes` for a
+//! sequenced change) with its operations in `namespace` and `data`; `transaction` (a
+//! request's reads and changes until they are written); `tables` (the only module that
+//! touches a table); `records` (what the tables hold, and its encoding). Beside them:
+//! `data_files` (open data files) and `vnode_lock` (per-vnode data locks).
+//!
 //! Where file data lives: a new file is `Inline`. A store or size change that takes it
 //! past `INLINE_BYTES_MAX` (64 KiB) moves it to `data/<vnode>`. A file in a data file
 //! stays there when truncated, except truncated to zero (by `SetAttr` or a store with
@@ -70,21 +77,26 @@
 //!   directory bumps its DV by exactly 1.
 //! - A directory's `size` is its entry count; its link count is 2 + its subdirectories.
 
+mod data;
 mod data_files;
 mod group_commit;
+mod namespace;
 mod outcomes;
 mod partition;
 mod records;
+mod tables;
+mod transaction;
 mod vnode_lock;
 mod volume;
 
 #[cfg(test)]
 mod tests;
 
+pub use namespace::{Created, Removed, Renamed};
 pub use outcomes::{Answer, Outcome, SEQ_WINDOW, SequenceKey};
 pub use partition::{Partition, server_id_of};
 pub use records::{VnodeRecord, VolumeHeader};
-pub use volume::{Created, Removed, Renamed, Volume};
+pub use volume::Volume;
 
 use std::path::PathBuf;
 

@@ -4,8 +4,8 @@
 //! guessing.
 
 use proto::{
-    DataVersion, Fid, FileKind, Timestamp, Uniquifier, VnodeId, VnodeStatus, VolumeId, VolumeName,
-    VolumeType,
+    DataVersion, ErrorCode, Fid, FileKind, Response, Timestamp, Uniquifier, VnodeId, VnodeStatus,
+    VolumeId, VolumeName, VolumeType,
 };
 use serde::{Deserialize, Serialize};
 
@@ -15,6 +15,8 @@ pub const HEADER_FORMAT: u16 = 1;
 /// lived in a data file.
 pub const VNODE_FORMAT: u16 = 2;
 const VNODE_FORMAT_V1: u16 = 1;
+/// Format version of `OutcomeRecord`.
+pub const OUTCOME_FORMAT: u16 = 1;
 
 /// Where a file's bytes live.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -174,6 +176,14 @@ impl VnodeRecord {
     }
 }
 
+/// The recorded answer of a sequenced namespace change (see `outcomes`), every callback
+/// grant stripped.
+#[derive(Serialize, Deserialize)]
+pub struct OutcomeRecord {
+    pub format: u16,
+    pub answer: Result<Response, ErrorCode>,
+}
+
 /// The kind code stored in a directory entry.
 pub fn kind_code(kind: FileKind) -> u8 {
     match kind {
@@ -196,7 +206,101 @@ pub fn kind_from_code(code: u8) -> Option<FileKind> {
 
 #[cfg(test)]
 mod tests {
+    use proto::VolumeName;
+
     use super::*;
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    fn at(secs: i64, nanos: u32) -> Timestamp {
+        Timestamp { secs, nanos }
+    }
+
+    /// The bytes stored in `meta.redb` for each record kind: a change here is a change
+    /// of the on-disk format, which needs a new format version and an upgrade.
+    #[test]
+    fn golden_bytes() {
+        let header = VolumeHeader {
+            format: HEADER_FORMAT,
+            id: VolumeId(536_870_913),
+            name: VolumeName::parse("root.cell").unwrap(),
+            kind: VolumeType::ReadWrite,
+            quota_bytes: 1 << 20,
+            created: at(1_700_000_000, 5),
+            bytes_used: 70_000,
+            vnode_count: 3,
+            next_vnode: 4,
+        };
+        let file = VnodeRecord {
+            format: VNODE_FORMAT,
+            kind: FileKind::File,
+            mode: 0o644,
+            uid: 1000,
+            gid: 100,
+            size: 70_000,
+            data_version: DataVersion(7),
+            link_count: 2,
+            unique: Uniquifier(1),
+            atime: at(1_700_000_001, 0),
+            mtime: at(1_700_000_002, 999_999_999),
+            ctime: at(-1, 3),
+            parent: VnodeId::ROOT,
+            content: None,
+            data: DataLocation::File,
+        };
+        let symlink = VnodeRecord {
+            kind: FileKind::Symlink,
+            mode: 0o777,
+            size: 4,
+            link_count: 1,
+            parent: VnodeId(3),
+            content: Some("../t".into()),
+            data: DataLocation::Inline,
+            ..file.clone()
+        };
+        let cases = [
+            (
+                postcard::to_allocvec(&header).unwrap(),
+                "01818080800209726f6f742e63656c6c0080804080c49fd50c05f0a2040304",
+            ),
+            (
+                postcard::to_allocvec(&file).unwrap(),
+                "0200a403e80764f0a20407020182c49fd50c0084c49fd50cff93ebdc030103010001",
+            ),
+            (
+                postcard::to_allocvec(&symlink).unwrap(),
+                "0202ff03e807640407010182c49fd50c0084c49fd50cff93ebdc0301030301042e2e2f7400",
+            ),
+        ];
+        for (bytes, golden) in cases {
+            assert_eq!(hex(&bytes), golden);
+        }
+        let outcome = |answer| {
+            hex(&postcard::to_allocvec(&OutcomeRecord {
+                format: OUTCOME_FORMAT,
+                answer,
+            })
+            .unwrap())
+        };
+        assert_eq!(outcome(Ok(Response::Ok)), "010000");
+        assert_eq!(outcome(Err(ErrorCode::Exists)), "010102");
+        assert_eq!(
+            VnodeRecord::decode(&postcard::to_allocvec(&file).unwrap()).unwrap(),
+            file
+        );
+        let codes: Vec<u8> = [
+            FileKind::File,
+            FileKind::Directory,
+            FileKind::Symlink,
+            FileKind::MountPoint,
+        ]
+        .into_iter()
+        .map(kind_code)
+        .collect();
+        assert_eq!(codes, [0, 1, 2, 3]);
+    }
 
     #[test]
     fn format_1_records_decode_as_file_data_and_unknown_formats_are_refused() {

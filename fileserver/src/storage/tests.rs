@@ -5,14 +5,28 @@ use std::time::{Duration, Instant};
 
 use proto::{ErrorCode, Fid, FileKind, SetAttrs, VolumeId, VolumeName};
 
-use super::volume::INLINE_BYTES_MAX;
-use super::{Partition, StorageError, Volume};
+use super::data::INLINE_BYTES_MAX;
+use super::{Outcome, Partition, StorageError, Volume};
 use crate::fence::Fence;
 
 fn refused(result: Result<impl std::fmt::Debug, StorageError>) -> ErrorCode {
     match result {
         Err(StorageError::Refused(code)) => code,
         other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+/// The value of a change made without a sequence key, which is always applied.
+trait Unsequenced<T> {
+    fn applied(self) -> Result<T, StorageError>;
+}
+
+impl<T> Unsequenced<T> for Result<Outcome<T>, StorageError> {
+    fn applied(self) -> Result<T, StorageError> {
+        self.map(|outcome| match outcome {
+            Outcome::Applied(value) => value,
+            Outcome::Replayed(answer) => panic!("a change without a key was replayed: {answer:?}"),
+        })
     }
 }
 
@@ -50,14 +64,20 @@ fn create_lookup_store_fetch_and_dv_bumps_by_one() {
     let volume = partition.volume(id).unwrap();
     let root = Fid::root(id);
     let dv0 = volume.fetch_status(root).unwrap().data_version;
-    let created = volume.create(root, "a", 0o644, 1, 2, true).unwrap();
+    let created = volume
+        .create_in(None, root, "a", 0o644, 1, 2, true)
+        .applied()
+        .unwrap();
     assert!(created.created);
     assert_eq!(created.dir.data_version.0, dv0.0 + 1);
     assert_eq!(
-        refused(volume.create(root, "a", 0o644, 1, 2, true)),
+        refused(volume.create_in(None, root, "a", 0o644, 1, 2, true)),
         ErrorCode::Exists
     );
-    let again = volume.create(root, "a", 0o600, 0, 0, false).unwrap();
+    let again = volume
+        .create_in(None, root, "a", 0o600, 0, 0, false)
+        .applied()
+        .unwrap();
     assert!(!again.created);
     assert_eq!(again.status.fid, created.status.fid);
     assert_eq!(again.dir.data_version.0, dv0.0 + 1);
@@ -88,7 +108,8 @@ fn set_attr_truncates_and_extends() {
     let (_dir, partition, id) = setup();
     let volume = partition.volume(id).unwrap();
     let fid = volume
-        .create(Fid::root(id), "f", 0o644, 0, 0, true)
+        .create_in(None, Fid::root(id), "f", 0o644, 0, 0, true)
+        .applied()
         .unwrap()
         .status
         .fid;
@@ -135,12 +156,21 @@ fn rename_over_target_and_refusals() {
     let root = Fid::root(id);
     let a = new_file(&volume, root, "a");
     let b = new_file(&volume, root, "b");
-    let (d, _) = volume.make_dir(root, "d", 0o755, 0, 0).unwrap();
-    let (sub, _) = volume.make_dir(d.fid, "sub", 0o755, 0, 0).unwrap();
+    let (d, _) = volume
+        .make_dir_in(None, root, "d", 0o755, 0, 0)
+        .applied()
+        .unwrap();
+    let (sub, _) = volume
+        .make_dir_in(None, d.fid, "sub", 0o755, 0, 0)
+        .applied()
+        .unwrap();
     let dv = volume.fetch_status(root).unwrap().data_version;
 
     // File over file within one directory: the directory's DV goes up once.
-    let renamed = volume.rename(root, "a", root, "b").unwrap();
+    let renamed = volume
+        .rename_in(None, root, "a", root, "b")
+        .applied()
+        .unwrap();
     assert_eq!(renamed.from_dir.data_version.0, dv.0 + 1);
     assert_eq!(renamed.to_dir.data_version.0, dv.0 + 1);
     assert_eq!(renamed.moved.fid, a);
@@ -153,30 +183,36 @@ fn rename_over_target_and_refusals() {
 
     // Kind mismatches, non-empty target, own subtree.
     assert_eq!(
-        refused(volume.rename(root, "b", root, "d")),
+        refused(volume.rename_in(None, root, "b", root, "d")),
         ErrorCode::IsDirectory
     );
     assert_eq!(
-        refused(volume.rename(d.fid, "sub", root, "b")),
+        refused(volume.rename_in(None, d.fid, "sub", root, "b")),
         ErrorCode::NotDirectory
     );
-    let (e, _) = volume.make_dir(root, "e", 0o755, 0, 0).unwrap();
+    let (e, _) = volume
+        .make_dir_in(None, root, "e", 0o755, 0, 0)
+        .applied()
+        .unwrap();
     assert_eq!(
-        refused(volume.rename(root, "e", root, "d")),
+        refused(volume.rename_in(None, root, "e", root, "d")),
         ErrorCode::NotEmpty
     );
     assert_eq!(
-        refused(volume.rename(root, "d", sub.fid, "x")),
+        refused(volume.rename_in(None, root, "d", sub.fid, "x")),
         ErrorCode::InvalidArgument
     );
     assert_eq!(
-        refused(volume.rename(root, "d", d.fid, "x")),
+        refused(volume.rename_in(None, root, "d", d.fid, "x")),
         ErrorCode::InvalidArgument
     );
 
     // Directory over an empty directory, across directories: link counts follow.
     let root_before = volume.fetch_status(root).unwrap();
-    let renamed = volume.rename(d.fid, "sub", root, "e").unwrap();
+    let renamed = volume
+        .rename_in(None, d.fid, "sub", root, "e")
+        .applied()
+        .unwrap();
     assert_eq!(renamed.replaced.map(|r| r.fid), Some(e.fid));
     assert_eq!(renamed.from_dir.link_count, 2);
     assert_eq!(renamed.to_dir.link_count, root_before.link_count);
@@ -192,19 +228,28 @@ fn rmdir_non_empty_and_kind_checks() {
     let (_dir, partition, id) = setup();
     let volume = partition.volume(id).unwrap();
     let root = Fid::root(id);
-    let (d, _) = volume.make_dir(root, "d", 0o755, 0, 0).unwrap();
-    volume.create(d.fid, "f", 0o644, 0, 0, true).unwrap();
-    assert_eq!(refused(volume.remove(root, "d", true)), ErrorCode::NotEmpty);
+    let (d, _) = volume
+        .make_dir_in(None, root, "d", 0o755, 0, 0)
+        .applied()
+        .unwrap();
+    volume
+        .create_in(None, d.fid, "f", 0o644, 0, 0, true)
+        .applied()
+        .unwrap();
     assert_eq!(
-        refused(volume.remove(root, "d", false)),
+        refused(volume.remove_in(None, root, "d", true)),
+        ErrorCode::NotEmpty
+    );
+    assert_eq!(
+        refused(volume.remove_in(None, root, "d", false)),
         ErrorCode::IsDirectory
     );
     assert_eq!(
-        refused(volume.remove(d.fid, "f", true)),
+        refused(volume.remove_in(None, d.fid, "f", true)),
         ErrorCode::NotDirectory
     );
-    volume.remove(d.fid, "f", false).unwrap();
-    let removed = volume.remove(root, "d", true).unwrap();
+    volume.remove_in(None, d.fid, "f", false).applied().unwrap();
+    let removed = volume.remove_in(None, root, "d", true).applied().unwrap();
     assert_eq!(removed.dir.link_count, 2);
     assert_eq!(refused(volume.fetch_status(d.fid)), ErrorCode::Stale);
 }
@@ -216,17 +261,17 @@ fn hard_links_count_and_free_data_with_the_last_link() {
     let root = Fid::root(id);
     let fid = new_file(&volume, root, "f");
     volume.store_data(fid, 0, b"data", None).unwrap();
-    let (linked, _) = volume.link(root, "g", fid).unwrap();
+    let (linked, _) = volume.link_in(None, root, "g", fid).applied().unwrap();
     assert_eq!(linked.link_count, 2);
     assert_eq!(
-        refused(volume.link(root, "h", root)),
+        refused(volume.link_in(None, root, "h", root)),
         ErrorCode::PermissionDenied
     );
-    let removed = volume.remove(root, "f", false).unwrap();
+    let removed = volume.remove_in(None, root, "f", false).applied().unwrap();
     assert_eq!(removed.target.link_count, 1);
     assert_eq!(volume.fetch_data(fid, 0, 10).unwrap().1, b"data");
     assert_eq!(volume.header().unwrap().bytes_used, 4);
-    let removed = volume.remove(root, "g", false).unwrap();
+    let removed = volume.remove_in(None, root, "g", false).applied().unwrap();
     assert_eq!(removed.target.link_count, 0);
     assert_eq!(refused(volume.fetch_status(fid)), ErrorCode::Stale);
     assert_eq!(volume.header().unwrap().bytes_used, 0);
@@ -243,14 +288,18 @@ fn symlinks_and_mount_points_serve_their_content() {
     let (_dir, partition, id) = setup();
     let volume = partition.volume(id).unwrap();
     let root = Fid::root(id);
-    let (link, _) = volume.symlink(root, "l", "../target", 0, 0).unwrap();
+    let (link, _) = volume
+        .symlink_in(None, root, "l", "../target", 0, 0)
+        .applied()
+        .unwrap();
     assert_eq!(link.kind, FileKind::Symlink);
     assert_eq!(
         volume.fetch_data(link.fid, 0, 4096).unwrap().1,
         b"../target"
     );
     let (mount, _) = volume
-        .make_mount_point(root, "m", &VolumeName::parse("user.a").unwrap())
+        .make_mount_point_in(None, root, "m", &VolumeName::parse("user.a").unwrap())
+        .applied()
         .unwrap();
     assert_eq!(mount.kind, FileKind::MountPoint);
     assert_eq!(
@@ -273,7 +322,8 @@ fn quota_is_enforced() {
         .unwrap();
     let volume = partition.volume(id).unwrap();
     let fid = volume
-        .create(Fid::root(id), "f", 0o644, 0, 0, true)
+        .create_in(None, Fid::root(id), "f", 0o644, 0, 0, true)
+        .applied()
         .unwrap()
         .status
         .fid;
@@ -297,7 +347,8 @@ fn readdir_of_10000_entries_in_pages() {
     let started = Instant::now();
     for n in 0..10_000 {
         volume
-            .create(root, &format!("f{n:05}"), 0o644, 0, 0, true)
+            .create_in(None, root, &format!("f{n:05}"), 0o644, 0, 0, true)
+            .applied()
             .unwrap();
     }
     eprintln!("10000 creates took {:?}", started.elapsed());
@@ -330,7 +381,8 @@ fn reopen_keeps_data_and_identity() {
             .unwrap();
         let volume = partition.volume(id).unwrap();
         let fid = volume
-            .create(Fid::root(id), "f", 0o644, 0, 0, true)
+            .create_in(None, Fid::root(id), "f", 0o644, 0, 0, true)
+            .applied()
             .unwrap()
             .status
             .fid;
@@ -343,7 +395,8 @@ fn reopen_keeps_data_and_identity() {
     assert_eq!(volume.fetch_data(fid, 0, 100).unwrap().1, b"persist");
     // Vnode numbers are never reused: a new file after reopen gets a fresh one.
     let next = volume
-        .create(Fid::root(id), "g", 0o644, 0, 0, true)
+        .create_in(None, Fid::root(id), "g", 0o644, 0, 0, true)
+        .applied()
         .unwrap()
         .status
         .fid;
@@ -360,7 +413,8 @@ fn reopen_keeps_data_and_identity() {
 /// Creates an empty regular file (mode 0644, owner 0) in `dir` and returns its fid.
 fn new_file(volume: &Volume, dir: Fid, name: &str) -> Fid {
     volume
-        .create(dir, name, 0o644, 0, 0, true)
+        .create_in(None, dir, name, 0o644, 0, 0, true)
+        .applied()
         .unwrap()
         .status
         .fid
@@ -391,7 +445,8 @@ fn inline_data_moves_to_a_data_file_when_it_grows_past_the_threshold() {
     let (dir, partition, id) = setup();
     let volume = partition.volume(id).unwrap();
     let fid = volume
-        .create(Fid::root(id), "f", 0o644, 0, 0, true)
+        .create_in(None, Fid::root(id), "f", 0o644, 0, 0, true)
+        .applied()
         .unwrap()
         .status
         .fid;
@@ -431,7 +486,8 @@ fn truncation_keeps_a_data_file_except_to_zero() {
     let (dir, partition, id) = setup();
     let volume = partition.volume(id).unwrap();
     let fid = volume
-        .create(Fid::root(id), "f", 0o644, 0, 0, true)
+        .create_in(None, Fid::root(id), "f", 0o644, 0, 0, true)
+        .applied()
         .unwrap()
         .status
         .fid;
@@ -519,8 +575,8 @@ fn reopen_keeps_inline_and_file_data_and_unlink_frees_both() {
     assert_eq!(volume.header().unwrap().bytes_used, 304_096);
 
     let root = Fid::root(id);
-    volume.remove(root, "s", false).unwrap();
-    volume.remove(root, "l", false).unwrap();
+    volume.remove_in(None, root, "s", false).applied().unwrap();
+    volume.remove_in(None, root, "l", false).applied().unwrap();
     assert_eq!(volume.header().unwrap().bytes_used, 0);
     assert!(!data_file(&dir, large_fid).exists());
     assert_eq!(
@@ -573,7 +629,7 @@ fn concurrent_writers_share_commits_and_keep_every_change() {
                     assert_eq!(stored.size, name.len() as u64);
                     // A duplicate exclusive create is refused, also when batched.
                     assert_eq!(
-                        refused(volume.create(root, &name, 0o644, 0, 0, true)),
+                        refused(volume.create_in(None, root, &name, 0o644, 0, 0, true)),
                         ErrorCode::Exists
                     );
                 }
@@ -609,7 +665,8 @@ fn create_and_store_latency() {
         for n in 0..count {
             let started = Instant::now();
             let fid = volume
-                .create(root, &format!("{label}{n}"), 0o644, 0, 0, true)
+                .create_in(None, root, &format!("{label}{n}"), 0o644, 0, 0, true)
+                .applied()
                 .unwrap()
                 .status
                 .fid;
@@ -638,7 +695,8 @@ fn create_and_store_latency() {
                 let data = vec![7u8; 4096];
                 for n in 0..count_per_thread {
                     let fid = volume
-                        .create(root, &format!("t{worker}-{n}"), 0o644, 0, 0, true)
+                        .create_in(None, root, &format!("t{worker}-{n}"), 0o644, 0, 0, true)
+                        .applied()
                         .unwrap()
                         .status
                         .fid;
@@ -673,7 +731,8 @@ fn sequential_1mib_store_and_fetch_throughput() {
     let (_dir, partition, id) = setup();
     let volume = partition.volume(id).unwrap();
     let fid = volume
-        .create(Fid::root(id), "big", 0o644, 0, 0, true)
+        .create_in(None, Fid::root(id), "big", 0o644, 0, 0, true)
+        .applied()
         .unwrap()
         .status
         .fid;
@@ -772,7 +831,8 @@ fn concurrent_disjoint_stores_to_one_file_keep_contents_size_and_dv() {
     let (_dir, partition, id) = setup();
     let volume = partition.volume(id).unwrap();
     let fid = volume
-        .create(Fid::root(id), "f", 0o644, 0, 0, true)
+        .create_in(None, Fid::root(id), "f", 0o644, 0, 0, true)
+        .applied()
         .unwrap()
         .status
         .fid;
@@ -842,7 +902,8 @@ fn concurrent_stores_into_a_data_file_keep_quota_exact() {
         .unwrap();
     let volume = partition.volume(id).unwrap();
     let fid = volume
-        .create(Fid::root(id), "f", 0o644, 0, 0, true)
+        .create_in(None, Fid::root(id), "f", 0o644, 0, 0, true)
+        .applied()
         .unwrap()
         .status
         .fid;
@@ -885,7 +946,7 @@ fn concurrent_stores_into_a_data_file_keep_quota_exact() {
 
 #[test]
 fn outcomes_are_pruned_per_client_by_instance_and_window() {
-    use super::{Outcome, SEQ_WINDOW, SequenceKey};
+    use super::{SEQ_WINDOW, SequenceKey};
     use proto::{ClientId, InstanceNonce};
 
     let (_dir, partition, id) = setup();
@@ -925,4 +986,99 @@ fn outcomes_are_pruned_per_client_by_instance_and_window() {
         1,
         "only the newest instance's record"
     );
+}
+
+/// Each sequenced namespace change: applied once under its key, and a retry with the
+/// key is answered from the record with the same answer, changing nothing.
+#[test]
+fn every_sequenced_namespace_change_is_applied_once_and_replayed_alike() {
+    use super::{Answer, Created, SequenceKey};
+    use proto::{ClientId, InstanceNonce, Response};
+
+    let (_dir, partition, id) = setup();
+    let volume = partition.volume(id).unwrap();
+    let root = Fid::root(id);
+    let client = ClientId::random();
+    let mut seq = 0;
+    let mut next_key = || {
+        seq += 1;
+        Some(SequenceKey {
+            client,
+            instance: InstanceNonce(1),
+            seq,
+        })
+    };
+    /// Applies a change under a new key, retries it under the same key, and checks the
+    /// retry is replayed with the first answer while the root's status stays as it is.
+    fn once<T: Answer + std::fmt::Debug>(
+        volume: &Volume,
+        root: Fid,
+        key: Option<SequenceKey>,
+        change: impl Fn(Option<SequenceKey>) -> Result<Outcome<T>, StorageError>,
+    ) -> T {
+        let Outcome::Applied(applied) = change(key).unwrap() else {
+            panic!("a new key is applied");
+        };
+        let after = volume.fetch_status(root).unwrap();
+        match change(key).unwrap() {
+            Outcome::Replayed(answer) => assert_eq!(*answer, Ok(applied.answer())),
+            Outcome::Applied(again) => panic!("a retried key was applied again: {again:?}"),
+        }
+        assert_eq!(volume.fetch_status(root).unwrap(), after);
+        applied
+    }
+
+    let created = once(&volume, root, next_key(), |key| {
+        volume.create_in(key, root, "f", 0o644, 0, 0, true)
+    });
+    assert!(created.created);
+    let (dir, _) = once(&volume, root, next_key(), |key| {
+        volume.make_dir_in(key, root, "d", 0o755, 0, 0)
+    });
+    assert_eq!(dir.kind, FileKind::Directory);
+    let (link, _) = once(&volume, root, next_key(), |key| {
+        volume.symlink_in(key, root, "l", "f", 0, 0)
+    });
+    assert_eq!(link.kind, FileKind::Symlink);
+    let mount_name = VolumeName::parse("user.a").unwrap();
+    let (mount, _) = once(&volume, root, next_key(), |key| {
+        volume.make_mount_point_in(key, root, "m", &mount_name)
+    });
+    assert_eq!(mount.kind, FileKind::MountPoint);
+    let (linked, _) = once(&volume, root, next_key(), |key| {
+        volume.link_in(key, root, "g", created.status.fid)
+    });
+    assert_eq!(linked.link_count, 2);
+    let renamed = once(&volume, root, next_key(), |key| {
+        volume.rename_in(key, root, "g", dir.fid, "h")
+    });
+    assert_eq!(renamed.moved.fid, created.status.fid);
+    let removed = once(&volume, root, next_key(), |key| {
+        volume.remove_in(key, root, "f", false)
+    });
+    assert_eq!(removed.target.link_count, 1);
+    assert!(matches!(
+        removed.answer(),
+        Response::Removed {
+            target: Some(_),
+            ..
+        }
+    ));
+    // A refusal is recorded and replayed too; a change without a key always applies.
+    let key = next_key();
+    assert_eq!(
+        refused(volume.remove_in(key, root, "f", false)),
+        ErrorCode::NoSuchEntry
+    );
+    assert!(matches!(
+        volume.remove_in(key, root, "f", false).unwrap(),
+        Outcome::Replayed(answer) if *answer == Err(ErrorCode::NoSuchEntry)
+    ));
+    assert!(matches!(
+        volume
+            .create_in(None, root, "f", 0o644, 0, 0, true)
+            .unwrap(),
+        Outcome::Applied(Created { created: true, .. })
+    ));
+    assert_eq!(volume.outcome_count(), 8);
 }

@@ -1,0 +1,489 @@
+//! The namespace operations of a volume: lookup, listing, and the changes of entries.
+//! Invariant: a change is one transaction and bumps each directory it changes by one DV;
+//! a directory's size is its entry count, its link count 2 + its subdirectories.
+
+use proto::{
+    DirEntry, ErrorCode, Fid, FileKind, Response, Timestamp, Uniquifier, VnodeId, VnodeStatus,
+    VolumeName,
+};
+
+use super::StorageError;
+use super::outcomes::{Answer, Outcome, SequenceKey};
+use super::records::{VnodeRecord, kind_from_code};
+use super::transaction::Tx;
+use super::volume::Volume;
+
+/// Longest symlink target, as `PATH_MAX`.
+pub const SYMLINK_TARGET_BYTES_MAX: usize = 4096;
+/// Most links one file may have.
+pub const LINK_COUNT_MAX: u32 = 65_000;
+
+/// The outcome of `create_in`.
+#[derive(Clone, Debug)]
+pub struct Created {
+    pub status: VnodeStatus,
+    pub dir: VnodeStatus,
+    /// False when a non-exclusive create found the file already there.
+    pub created: bool,
+}
+
+/// The outcome of `remove_in`: the directory's and the removed vnode's new status.
+#[derive(Clone, Debug)]
+pub struct Removed {
+    pub dir: VnodeStatus,
+    /// The vnode that lost a link; `link_count` 0 means it is gone.
+    pub target: VnodeStatus,
+}
+
+/// The outcome of `rename_in`.
+#[derive(Clone, Debug)]
+pub struct Renamed {
+    pub from_dir: VnodeStatus,
+    pub to_dir: VnodeStatus,
+    pub moved: VnodeStatus,
+    /// The vnode the rename replaced; `link_count` 0 means it is gone.
+    pub replaced: Option<VnodeStatus>,
+}
+
+impl Volume {
+    pub fn lookup(&self, dir: Fid, name: &str) -> Result<(VnodeStatus, VnodeStatus), StorageError> {
+        proto::check_entry_name(name)?;
+        self.read(|r| {
+            let dir_record = r.directory(dir)?;
+            let (vnode, _, _) = r.entry(dir.vnode, name)?.ok_or(ErrorCode::NoSuchEntry)?;
+            let record = r.vnode(VnodeId(vnode))?;
+            Ok((
+                record.status(self.id, VnodeId(vnode)),
+                dir_record.status(self.id, dir.vnode),
+            ))
+        })
+    }
+
+    /// Lists `dir` in name order after `after`: at most `count_max` entries and about
+    /// `bytes_max` bytes of names; `more` says whether entries follow.
+    pub fn read_dir(
+        &self,
+        dir: Fid,
+        after: Option<&str>,
+        count_max: usize,
+        bytes_max: usize,
+    ) -> Result<(VnodeStatus, Vec<DirEntry>, bool), StorageError> {
+        self.read(|r| {
+            let dir_record = r.directory(dir)?;
+            let mut entries = Vec::new();
+            let mut bytes = 0;
+            let mut more = false;
+            r.scan_entries(dir.vnode, after, |name, (vnode, unique, kind)| {
+                if entries.len() >= count_max || bytes + name.len() + 32 > bytes_max {
+                    more = true;
+                    return Ok(false);
+                }
+                bytes += name.len() + 32;
+                entries.push(DirEntry {
+                    name: name.to_owned(),
+                    fid: Fid {
+                        volume: self.id,
+                        vnode: VnodeId(vnode),
+                        unique: Uniquifier(unique),
+                    },
+                    kind: kind_from_code(kind)
+                        .ok_or_else(|| r.corrupt(format!("entry {name:?} has kind code {kind}")))?,
+                });
+                Ok(true)
+            })?;
+            Ok((dir_record.status(self.id, dir.vnode), entries, more))
+        })
+    }
+
+    // The changes. Each takes the sequence key of a `Sequenced` request, if any: with a
+    // key already recorded the change is not applied again but answered from the record
+    // (`Outcome::Replayed`); without a key it is always `Outcome::Applied`.
+
+    /// Creates a file; a non-exclusive create of an existing file returns it unchanged.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the fields of a Create request, and its sequence key"
+    )]
+    pub fn create_in(
+        &self,
+        sequence: Option<SequenceKey>,
+        dir: Fid,
+        name: &str,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        exclusive: bool,
+    ) -> Result<Outcome<Created>, StorageError> {
+        proto::check_entry_name(name)?;
+        let (id, name) = (self.id, name.to_owned());
+        self.write_once(sequence, move |tx| {
+            let dir_record = tx.directory(dir)?;
+            if let Some((vnode, _, _)) = tx.entry(dir.vnode, &name)? {
+                if exclusive {
+                    return Err(ErrorCode::Exists.into());
+                }
+                let record = tx.vnode(VnodeId(vnode))?;
+                if record.kind == FileKind::Directory {
+                    return Err(ErrorCode::IsDirectory.into());
+                }
+                return Ok(Created {
+                    status: record.status(id, VnodeId(vnode)),
+                    dir: dir_record.status(id, dir.vnode),
+                    created: false,
+                });
+            }
+            let record = VnodeRecord::new(FileKind::File, mode, uid, gid, dir.vnode);
+            let (status, dir) = add_entry(tx, dir, &name, record)?;
+            Ok(Created {
+                status,
+                dir,
+                created: true,
+            })
+        })
+    }
+
+    pub fn make_dir_in(
+        &self,
+        sequence: Option<SequenceKey>,
+        dir: Fid,
+        name: &str,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    ) -> Result<Outcome<(VnodeStatus, VnodeStatus)>, StorageError> {
+        proto::check_entry_name(name)?;
+        let name = name.to_owned();
+        let record = VnodeRecord::new(FileKind::Directory, mode, uid, gid, dir.vnode);
+        self.write_once(sequence, move |tx| add_entry(tx, dir, &name, record))
+    }
+
+    pub fn symlink_in(
+        &self,
+        sequence: Option<SequenceKey>,
+        dir: Fid,
+        name: &str,
+        target: &str,
+        uid: u32,
+        gid: u32,
+    ) -> Result<Outcome<(VnodeStatus, VnodeStatus)>, StorageError> {
+        proto::check_entry_name(name)?;
+        let name = name.to_owned();
+        if target.is_empty() || target.contains('\0') {
+            return Err(ErrorCode::InvalidArgument.into());
+        }
+        if target.len() > SYMLINK_TARGET_BYTES_MAX {
+            return Err(ErrorCode::NameTooLong.into());
+        }
+        let mut record = VnodeRecord::new(FileKind::Symlink, 0o777, uid, gid, dir.vnode);
+        record.size = target.len() as u64;
+        record.content = Some(target.to_owned());
+        self.write_once(sequence, move |tx| add_entry(tx, dir, &name, record))
+    }
+
+    /// Makes a mount point showing `volume`: content `#volume.` as in AFS.
+    pub fn make_mount_point_in(
+        &self,
+        sequence: Option<SequenceKey>,
+        dir: Fid,
+        name: &str,
+        volume: &VolumeName,
+    ) -> Result<Outcome<(VnodeStatus, VnodeStatus)>, StorageError> {
+        proto::check_entry_name(name)?;
+        let name = name.to_owned();
+        let content = format!("#{volume}.");
+        let mut record = VnodeRecord::new(FileKind::MountPoint, 0o644, 0, 0, dir.vnode);
+        record.size = content.len() as u64;
+        record.content = Some(content);
+        self.write_once(sequence, move |tx| add_entry(tx, dir, &name, record))
+    }
+
+    /// A new hard link `name` in `dir` to the file `target`.
+    pub fn link_in(
+        &self,
+        sequence: Option<SequenceKey>,
+        dir: Fid,
+        name: &str,
+        target: Fid,
+    ) -> Result<Outcome<(VnodeStatus, VnodeStatus)>, StorageError> {
+        proto::check_entry_name(name)?;
+        let (id, name) = (self.id, name.to_owned());
+        self.write_once(sequence, move |tx| {
+            let mut dir_record = tx.directory(dir)?;
+            let mut record = tx.checked(target)?;
+            if record.kind == FileKind::Directory {
+                return Err(ErrorCode::PermissionDenied.into());
+            }
+            if tx.entry(dir.vnode, &name)?.is_some() {
+                return Err(ErrorCode::Exists.into());
+            }
+            if record.link_count >= LINK_COUNT_MAX {
+                return Err(ErrorCode::TooManyLinks.into());
+            }
+            let now = Timestamp::now();
+            record.link_count += 1;
+            record.ctime = now;
+            tx.put_entry(dir.vnode, &name, target.vnode, &record);
+            dir_record.size += 1;
+            dir_record.touch_data(now);
+            tx.put(target.vnode, record.clone());
+            tx.put(dir.vnode, dir_record.clone());
+            Ok((
+                record.status(id, target.vnode),
+                dir_record.status(id, dir.vnode),
+            ))
+        })
+    }
+
+    /// Removes the entry `name`: a directory only if `directory` (and then it must be
+    /// empty), anything else only if not.
+    pub fn remove_in(
+        &self,
+        sequence: Option<SequenceKey>,
+        dir: Fid,
+        name: &str,
+        directory: bool,
+    ) -> Result<Outcome<Removed>, StorageError> {
+        proto::check_entry_name(name)?;
+        let (id, name) = (self.id, name.to_owned());
+        self.write_once(sequence, move |tx| {
+            let mut dir_record = tx.directory(dir)?;
+            let (vnode, _, _) = tx.entry(dir.vnode, &name)?.ok_or(ErrorCode::NoSuchEntry)?;
+            let vnode = VnodeId(vnode);
+            let mut record = tx.vnode(vnode)?;
+            let now = Timestamp::now();
+            match (directory, record.kind == FileKind::Directory) {
+                (true, false) => return Err(ErrorCode::NotDirectory.into()),
+                (false, true) => return Err(ErrorCode::IsDirectory.into()),
+                (true, true) => {
+                    if record.size != 0 {
+                        return Err(ErrorCode::NotEmpty.into());
+                    }
+                    dir_record.link_count -= 1;
+                    record.link_count = 0;
+                }
+                (false, false) => record.link_count = record.link_count.saturating_sub(1),
+            }
+            tx.remove_entry(dir.vnode, &name);
+            dir_record.size = dir_record.size.saturating_sub(1);
+            dir_record.touch_data(now);
+            record.ctime = now;
+            let target = record.status(id, vnode);
+            put_or_free(tx, vnode, record)?;
+            tx.put(dir.vnode, dir_record.clone());
+            Ok(Removed {
+                dir: dir_record.status(id, dir.vnode),
+                target,
+            })
+        })
+    }
+
+    /// Renames within the volume, replacing a compatible target as POSIX `rename` does.
+    pub fn rename_in(
+        &self,
+        sequence: Option<SequenceKey>,
+        from_dir: Fid,
+        from_name: &str,
+        to_dir: Fid,
+        to_name: &str,
+    ) -> Result<Outcome<Renamed>, StorageError> {
+        proto::check_entry_name(from_name)?;
+        proto::check_entry_name(to_name)?;
+        let (id, from_name, to_name) = (self.id, from_name.to_owned(), to_name.to_owned());
+        self.write_once(sequence, move |tx| {
+            tx.directory(from_dir)?;
+            tx.directory(to_dir)?;
+            let (moved, _, _) = tx
+                .entry(from_dir.vnode, &from_name)?
+                .ok_or(ErrorCode::NoSuchEntry)?;
+            let moved = VnodeId(moved);
+            let mut moved_record = tx.vnode(moved)?;
+            let moved_is_dir = moved_record.kind == FileKind::Directory;
+            let existing = tx.entry(to_dir.vnode, &to_name)?;
+            if existing.map(|e| e.0) == Some(moved.0) {
+                // Both names are links to one vnode (or the very same entry): POSIX
+                // says do nothing.
+                let from = tx.vnode(from_dir.vnode)?.status(id, from_dir.vnode);
+                let to = tx.vnode(to_dir.vnode)?.status(id, to_dir.vnode);
+                return Ok(Renamed {
+                    from_dir: from,
+                    to_dir: to,
+                    moved: moved_record.status(id, moved),
+                    replaced: None,
+                });
+            }
+            if moved_is_dir && from_dir.vnode != to_dir.vnode {
+                refuse_move_into_own_subtree(tx, moved, to_dir.vnode)?;
+            }
+            let now = Timestamp::now();
+            let mut replaced = None;
+            if let Some((target, _, _)) = existing {
+                let target = VnodeId(target);
+                let mut target_record = tx.vnode(target)?;
+                let target_is_dir = target_record.kind == FileKind::Directory;
+                match (moved_is_dir, target_is_dir) {
+                    (true, false) => return Err(ErrorCode::NotDirectory.into()),
+                    (false, true) => return Err(ErrorCode::IsDirectory.into()),
+                    (true, true) => {
+                        if target_record.size != 0 {
+                            return Err(ErrorCode::NotEmpty.into());
+                        }
+                        target_record.link_count = 0;
+                        let mut to = tx.vnode(to_dir.vnode)?;
+                        to.link_count -= 1;
+                        tx.put(to_dir.vnode, to);
+                    }
+                    (false, false) => {
+                        target_record.link_count = target_record.link_count.saturating_sub(1)
+                    }
+                }
+                target_record.ctime = now;
+                replaced = Some(target_record.status(id, target));
+                put_or_free(tx, target, target_record)?;
+                tx.remove_entry(to_dir.vnode, &to_name);
+                let mut to = tx.vnode(to_dir.vnode)?;
+                to.size -= 1;
+                tx.put(to_dir.vnode, to);
+            }
+            tx.remove_entry(from_dir.vnode, &from_name);
+            tx.put_entry(to_dir.vnode, &to_name, moved, &moved_record);
+            let mut from = tx.vnode(from_dir.vnode)?;
+            from.size = from.size.saturating_sub(1);
+            from.touch_data(now);
+            if moved_is_dir && from_dir.vnode != to_dir.vnode {
+                from.link_count -= 1;
+                moved_record.parent = to_dir.vnode;
+            }
+            tx.put(from_dir.vnode, from);
+            let mut to = tx.vnode(to_dir.vnode)?;
+            to.size += 1;
+            if from_dir.vnode != to_dir.vnode {
+                to.touch_data(now);
+                if moved_is_dir {
+                    to.link_count += 1;
+                }
+            }
+            tx.put(to_dir.vnode, to);
+            moved_record.ctime = now;
+            tx.put(moved, moved_record.clone());
+            Ok(Renamed {
+                from_dir: tx.vnode(from_dir.vnode)?.status(id, from_dir.vnode),
+                to_dir: tx.vnode(to_dir.vnode)?.status(id, to_dir.vnode),
+                moved: moved_record.status(id, moved),
+                replaced,
+            })
+        })
+    }
+}
+
+impl Answer for Created {
+    fn answer(&self) -> Response {
+        Response::Entry {
+            status: self.status.clone(),
+            callback: None,
+            dir: self.dir.clone(),
+        }
+    }
+}
+
+/// (entry made, directory) of `make_dir_in`, `symlink_in`, `make_mount_point_in` and
+/// `link_in`.
+impl Answer for (VnodeStatus, VnodeStatus) {
+    fn answer(&self) -> Response {
+        Response::Entry {
+            status: self.0.clone(),
+            callback: None,
+            dir: self.1.clone(),
+        }
+    }
+}
+
+impl Answer for Removed {
+    fn answer(&self) -> Response {
+        Response::Removed {
+            dir: self.dir.clone(),
+            target: Some(self.target.clone()).filter(|s| s.link_count > 0),
+        }
+    }
+}
+
+impl Answer for Renamed {
+    fn answer(&self) -> Response {
+        Response::Renamed {
+            from_dir: self.from_dir.clone(),
+            to_dir: self.to_dir.clone(),
+            moved: self.moved.clone(),
+            replaced: self.replaced.clone().filter(|s| s.link_count > 0),
+        }
+    }
+}
+
+/// Writes `record`, or frees the vnode when its last link is gone.
+fn put_or_free(tx: &mut Tx<'_>, vnode: VnodeId, record: VnodeRecord) -> Result<(), StorageError> {
+    if record.link_count > 0 {
+        tx.put(vnode, record);
+        return Ok(());
+    }
+    let header = tx.header_mut()?;
+    header.vnode_count = header.vnode_count.saturating_sub(1);
+    if record.kind == FileKind::File {
+        header.bytes_used = header.bytes_used.saturating_sub(record.size);
+        // Both forms go: a data file may exist beside inline data after a crash.
+        tx.put_file_data(vnode, Vec::new());
+        tx.remove_data_file(vnode);
+    }
+    tx.delete(vnode);
+    Ok(())
+}
+
+/// Adds a new vnode under `name` in `dir`; the directory's DV goes up by one.
+fn add_entry(
+    tx: &mut Tx<'_>,
+    dir: Fid,
+    name: &str,
+    mut record: VnodeRecord,
+) -> Result<(VnodeStatus, VnodeStatus), StorageError> {
+    let mut dir_record = tx.directory(dir)?;
+    if tx.entry(dir.vnode, name)?.is_some() {
+        return Err(ErrorCode::Exists.into());
+    }
+    let header = tx.header_mut()?;
+    let vnode = VnodeId(header.next_vnode);
+    header.next_vnode += 1;
+    header.vnode_count += 1;
+    record.parent = dir.vnode;
+    let now = Timestamp::now();
+    dir_record.size += 1;
+    dir_record.touch_data(now);
+    if record.kind == FileKind::Directory {
+        dir_record.link_count += 1;
+    }
+    tx.put_entry(dir.vnode, name, vnode, &record);
+    let volume = tx.volume();
+    let status = record.status(volume, vnode);
+    tx.put(vnode, record);
+    tx.put(dir.vnode, dir_record.clone());
+    Ok((status, dir_record.status(volume, dir.vnode)))
+}
+
+/// Refuses to move directory `moved` into `to_dir` if `to_dir` is `moved` or lies
+/// beneath it.
+fn refuse_move_into_own_subtree(
+    tx: &mut Tx<'_>,
+    moved: VnodeId,
+    to_dir: VnodeId,
+) -> Result<(), StorageError> {
+    let mut current = to_dir;
+    // Bounded walk: a corrupt parent chain must not loop forever.
+    for _ in 0..100_000 {
+        if current == moved {
+            return Err(ErrorCode::InvalidArgument.into());
+        }
+        if current == VnodeId::ROOT {
+            return Ok(());
+        }
+        current = tx.vnode(current)?.parent;
+    }
+    Err(tx.corrupt(format!(
+        "parent chain of vnode {to_dir} does not reach the root"
+    )))
+}

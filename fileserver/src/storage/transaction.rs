@@ -1,0 +1,202 @@
+//! One request's part of a batch's write transaction: the records it reads and changes.
+//! Invariant: a request's changes reach the tables only through `flush`, once it
+//! succeeded, so a refused request leaves nothing behind; outcome records alone are
+//! written at once (a refusal's answer is recorded too).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use proto::{ErrorCode, Fid, FileKind, Response, VnodeId, VolumeId};
+use redb::WriteTransaction;
+
+use super::StorageError;
+use super::outcomes::SequenceKey;
+use super::records::{VnodeRecord, VolumeHeader, kind_code};
+use super::tables::{EntryValue, Reader, Writer};
+
+/// A write transaction in progress: records read and changed are kept here and written
+/// once at the end, so one request touching a vnode twice writes it once.
+pub(super) struct Tx<'a> {
+    reader: Reader<'a>,
+    writer: Writer<'a>,
+    header: Option<VolumeHeader>,
+    header_dirty: bool,
+    /// vnode -> (as read, as it should be written; `None` = delete).
+    cache: BTreeMap<u64, (Option<VnodeRecord>, Option<VnodeRecord>)>,
+    /// Directory entry changes in order: `Some` = insert, `None` = remove.
+    entries: Vec<((u64, String), Option<EntryValue>)>,
+    /// Inline data to write; empty = remove the row.
+    file_data: Vec<(u64, Vec<u8>)>,
+    /// Data files to remove once the transaction is committed.
+    dead_files: Vec<VnodeId>,
+}
+
+impl<'a> Tx<'a> {
+    pub(super) fn new(txn: &'a WriteTransaction, path: &'a Path, volume: VolumeId) -> Tx<'a> {
+        Tx {
+            reader: Reader::new(txn, path, volume),
+            writer: Writer::new(txn, path),
+            header: None,
+            header_dirty: false,
+            cache: BTreeMap::new(),
+            entries: Vec::new(),
+            file_data: Vec::new(),
+            dead_files: Vec::new(),
+        }
+    }
+
+    pub(super) fn volume(&self) -> VolumeId {
+        self.reader.volume()
+    }
+
+    pub(super) fn corrupt(&self, detail: String) -> StorageError {
+        self.reader.corrupt(detail)
+    }
+
+    pub(super) fn header_mut(&mut self) -> Result<&mut VolumeHeader, StorageError> {
+        if self.header.is_none() {
+            self.header = Some(self.reader.header()?);
+        }
+        self.header_dirty = true;
+        self.header
+            .as_mut()
+            .ok_or_else(|| self.reader.corrupt("volume header vanished".into()))
+    }
+
+    /// Sets the header of a new volume.
+    pub(super) fn put_header(&mut self, header: VolumeHeader) {
+        self.header = Some(header);
+        self.header_dirty = true;
+    }
+
+    pub(super) fn vnode(&mut self, vnode: VnodeId) -> Result<VnodeRecord, StorageError> {
+        if let Some((_, current)) = self.cache.get(&vnode.0) {
+            return current.clone().ok_or_else(|| ErrorCode::Stale.into());
+        }
+        let record = self.reader.vnode(vnode)?;
+        self.cache
+            .insert(vnode.0, (Some(record.clone()), Some(record.clone())));
+        Ok(record)
+    }
+
+    pub(super) fn checked(&mut self, fid: Fid) -> Result<VnodeRecord, StorageError> {
+        if fid.volume != self.reader.volume() {
+            return Err(ErrorCode::NoSuchVolume.into());
+        }
+        let record = self.vnode(fid.vnode)?;
+        if record.unique != fid.unique {
+            return Err(ErrorCode::Stale.into());
+        }
+        Ok(record)
+    }
+
+    pub(super) fn directory(&mut self, fid: Fid) -> Result<VnodeRecord, StorageError> {
+        let record = self.checked(fid)?;
+        if record.kind != FileKind::Directory {
+            return Err(ErrorCode::NotDirectory.into());
+        }
+        Ok(record)
+    }
+
+    pub(super) fn put(&mut self, vnode: VnodeId, record: VnodeRecord) {
+        self.cache.entry(vnode.0).or_insert((None, None)).1 = Some(record);
+    }
+
+    /// Deletes the vnode's record.
+    pub(super) fn delete(&mut self, vnode: VnodeId) {
+        self.cache.entry(vnode.0).or_insert((None, None)).1 = None;
+    }
+
+    pub(super) fn entry(
+        &mut self,
+        dir: VnodeId,
+        name: &str,
+    ) -> Result<Option<EntryValue>, StorageError> {
+        if let Some((_, value)) = self
+            .entries
+            .iter()
+            .rev()
+            .find(|((d, n), _)| *d == dir.0 && n == name)
+        {
+            return Ok(*value);
+        }
+        self.reader.entry(dir, name)
+    }
+
+    pub(super) fn put_entry(
+        &mut self,
+        dir: VnodeId,
+        name: &str,
+        vnode: VnodeId,
+        record: &VnodeRecord,
+    ) {
+        self.entries.push((
+            (dir.0, name.to_owned()),
+            Some((vnode.0, record.unique.0, kind_code(record.kind))),
+        ));
+    }
+
+    pub(super) fn remove_entry(&mut self, dir: VnodeId, name: &str) {
+        self.entries.push(((dir.0, name.to_owned()), None));
+    }
+
+    /// Sets an inline file's bytes; empty removes its row.
+    pub(super) fn put_file_data(&mut self, vnode: VnodeId, content: Vec<u8>) {
+        self.file_data.push((vnode.0, content));
+    }
+
+    /// Removes the vnode's data file once the transaction is committed.
+    pub(super) fn remove_data_file(&mut self, vnode: VnodeId) {
+        self.dead_files.push(vnode);
+    }
+
+    /// The recorded answer of `key`, if any.
+    pub(super) fn find_outcome(
+        &self,
+        key: &SequenceKey,
+    ) -> Result<Option<Result<Response, ErrorCode>>, StorageError> {
+        self.writer.find_outcome(key)
+    }
+
+    /// Records `answer` under `key`, at once: not undone when the request is refused.
+    pub(super) fn record_outcome(
+        &self,
+        key: &SequenceKey,
+        answer: Result<Response, ErrorCode>,
+    ) -> Result<(), StorageError> {
+        self.writer.record_outcome(key, answer)
+    }
+
+    /// Writes the changes into the transaction; returns the data files to remove after
+    /// the commit.
+    pub(super) fn flush(self) -> Result<Vec<VnodeId>, StorageError> {
+        let Tx {
+            reader: _,
+            writer,
+            header,
+            header_dirty,
+            cache,
+            entries,
+            file_data,
+            dead_files,
+        } = self;
+        if header_dirty && let Some(header) = header {
+            writer.put_header(&header)?;
+        }
+        if cache.values().any(|(before, after)| before != after) {
+            writer.put_vnodes(
+                cache
+                    .into_iter()
+                    .filter(|(_, (before, after))| before != after)
+                    .map(|(vnode, (_, after))| (vnode, after)),
+            )?;
+        }
+        if !entries.is_empty() {
+            writer.put_entries(entries)?;
+        }
+        if !file_data.is_empty() {
+            writer.put_file_data(file_data)?;
+        }
+        Ok(dead_files)
+    }
+}
