@@ -18,7 +18,7 @@ pub const SYMLINK_TARGET_BYTES_MAX: usize = 4096;
 /// Most links one file may have.
 pub const LINK_COUNT_MAX: u32 = 65_000;
 
-/// The outcome of `create_in`.
+/// The outcome of `create`.
 #[derive(Clone, Debug)]
 pub struct Created {
     pub status: VnodeStatus,
@@ -27,7 +27,7 @@ pub struct Created {
     pub created: bool,
 }
 
-/// The outcome of `remove_in`: the directory's and the removed vnode's new status.
+/// The outcome of `remove`: the directory's and the removed vnode's new status.
 #[derive(Clone, Debug)]
 pub struct Removed {
     pub dir: VnodeStatus,
@@ -35,7 +35,7 @@ pub struct Removed {
     pub target: VnodeStatus,
 }
 
-/// The outcome of `rename_in`.
+/// The outcome of `rename`.
 #[derive(Clone, Debug)]
 pub struct Renamed {
     pub from_dir: VnodeStatus,
@@ -104,7 +104,7 @@ impl Volume {
         clippy::too_many_arguments,
         reason = "the fields of a Create request, and its sequence key"
     )]
-    pub fn create_in(
+    pub fn create(
         &self,
         sequence: Option<SequenceKey>,
         dir: Fid,
@@ -142,7 +142,7 @@ impl Volume {
         })
     }
 
-    pub fn make_dir_in(
+    pub fn make_dir(
         &self,
         sequence: Option<SequenceKey>,
         dir: Fid,
@@ -157,7 +157,7 @@ impl Volume {
         self.write_once(sequence, move |tx| add_entry(tx, dir, &name, record))
     }
 
-    pub fn symlink_in(
+    pub fn symlink(
         &self,
         sequence: Option<SequenceKey>,
         dir: Fid,
@@ -181,7 +181,7 @@ impl Volume {
     }
 
     /// Makes a mount point showing `volume`: content `#volume.` as in AFS.
-    pub fn make_mount_point_in(
+    pub fn make_mount_point(
         &self,
         sequence: Option<SequenceKey>,
         dir: Fid,
@@ -198,7 +198,7 @@ impl Volume {
     }
 
     /// A new hard link `name` in `dir` to the file `target`.
-    pub fn link_in(
+    pub fn link(
         &self,
         sequence: Option<SequenceKey>,
         dir: Fid,
@@ -236,7 +236,7 @@ impl Volume {
 
     /// Removes the entry `name`: a directory only if `directory` (and then it must be
     /// empty), anything else only if not.
-    pub fn remove_in(
+    pub fn remove(
         &self,
         sequence: Option<SequenceKey>,
         dir: Fid,
@@ -278,7 +278,7 @@ impl Volume {
     }
 
     /// Renames within the volume, replacing a compatible target as POSIX `rename` does.
-    pub fn rename_in(
+    pub fn rename(
         &self,
         sequence: Option<SequenceKey>,
         from_dir: Fid,
@@ -385,8 +385,8 @@ impl Answer for Created {
     }
 }
 
-/// (entry made, directory) of `make_dir_in`, `symlink_in`, `make_mount_point_in` and
-/// `link_in`.
+/// (entry made, directory) of `make_dir`, `symlink`, `make_mount_point` and
+/// `link`.
 impl Answer for (VnodeStatus, VnodeStatus) {
     fn answer(&self) -> Response {
         Response::Entry {

@@ -65,17 +65,17 @@ fn create_lookup_store_fetch_and_dv_bumps_by_one() {
     let root = Fid::root(id);
     let dv0 = volume.fetch_status(root).unwrap().data_version;
     let created = volume
-        .create_in(None, root, "a", 0o644, 1, 2, true)
+        .create(None, root, "a", 0o644, 1, 2, true)
         .applied()
         .unwrap();
     assert!(created.created);
     assert_eq!(created.dir.data_version.0, dv0.0 + 1);
     assert_eq!(
-        refused(volume.create_in(None, root, "a", 0o644, 1, 2, true)),
+        refused(volume.create(None, root, "a", 0o644, 1, 2, true)),
         ErrorCode::Exists
     );
     let again = volume
-        .create_in(None, root, "a", 0o600, 0, 0, false)
+        .create(None, root, "a", 0o600, 0, 0, false)
         .applied()
         .unwrap();
     assert!(!again.created);
@@ -108,7 +108,7 @@ fn set_attr_truncates_and_extends() {
     let (_dir, partition, id) = setup();
     let volume = partition.volume(id).unwrap();
     let fid = volume
-        .create_in(None, Fid::root(id), "f", 0o644, 0, 0, true)
+        .create(None, Fid::root(id), "f", 0o644, 0, 0, true)
         .applied()
         .unwrap()
         .status
@@ -157,20 +157,17 @@ fn rename_over_target_and_refusals() {
     let a = new_file(&volume, root, "a");
     let b = new_file(&volume, root, "b");
     let (d, _) = volume
-        .make_dir_in(None, root, "d", 0o755, 0, 0)
+        .make_dir(None, root, "d", 0o755, 0, 0)
         .applied()
         .unwrap();
     let (sub, _) = volume
-        .make_dir_in(None, d.fid, "sub", 0o755, 0, 0)
+        .make_dir(None, d.fid, "sub", 0o755, 0, 0)
         .applied()
         .unwrap();
     let dv = volume.fetch_status(root).unwrap().data_version;
 
     // File over file within one directory: the directory's DV goes up once.
-    let renamed = volume
-        .rename_in(None, root, "a", root, "b")
-        .applied()
-        .unwrap();
+    let renamed = volume.rename(None, root, "a", root, "b").applied().unwrap();
     assert_eq!(renamed.from_dir.data_version.0, dv.0 + 1);
     assert_eq!(renamed.to_dir.data_version.0, dv.0 + 1);
     assert_eq!(renamed.moved.fid, a);
@@ -183,34 +180,34 @@ fn rename_over_target_and_refusals() {
 
     // Kind mismatches, non-empty target, own subtree.
     assert_eq!(
-        refused(volume.rename_in(None, root, "b", root, "d")),
+        refused(volume.rename(None, root, "b", root, "d")),
         ErrorCode::IsDirectory
     );
     assert_eq!(
-        refused(volume.rename_in(None, d.fid, "sub", root, "b")),
+        refused(volume.rename(None, d.fid, "sub", root, "b")),
         ErrorCode::NotDirectory
     );
     let (e, _) = volume
-        .make_dir_in(None, root, "e", 0o755, 0, 0)
+        .make_dir(None, root, "e", 0o755, 0, 0)
         .applied()
         .unwrap();
     assert_eq!(
-        refused(volume.rename_in(None, root, "e", root, "d")),
+        refused(volume.rename(None, root, "e", root, "d")),
         ErrorCode::NotEmpty
     );
     assert_eq!(
-        refused(volume.rename_in(None, root, "d", sub.fid, "x")),
+        refused(volume.rename(None, root, "d", sub.fid, "x")),
         ErrorCode::InvalidArgument
     );
     assert_eq!(
-        refused(volume.rename_in(None, root, "d", d.fid, "x")),
+        refused(volume.rename(None, root, "d", d.fid, "x")),
         ErrorCode::InvalidArgument
     );
 
     // Directory over an empty directory, across directories: link counts follow.
     let root_before = volume.fetch_status(root).unwrap();
     let renamed = volume
-        .rename_in(None, d.fid, "sub", root, "e")
+        .rename(None, d.fid, "sub", root, "e")
         .applied()
         .unwrap();
     assert_eq!(renamed.replaced.map(|r| r.fid), Some(e.fid));
@@ -229,27 +226,27 @@ fn rmdir_non_empty_and_kind_checks() {
     let volume = partition.volume(id).unwrap();
     let root = Fid::root(id);
     let (d, _) = volume
-        .make_dir_in(None, root, "d", 0o755, 0, 0)
+        .make_dir(None, root, "d", 0o755, 0, 0)
         .applied()
         .unwrap();
     volume
-        .create_in(None, d.fid, "f", 0o644, 0, 0, true)
+        .create(None, d.fid, "f", 0o644, 0, 0, true)
         .applied()
         .unwrap();
     assert_eq!(
-        refused(volume.remove_in(None, root, "d", true)),
+        refused(volume.remove(None, root, "d", true)),
         ErrorCode::NotEmpty
     );
     assert_eq!(
-        refused(volume.remove_in(None, root, "d", false)),
+        refused(volume.remove(None, root, "d", false)),
         ErrorCode::IsDirectory
     );
     assert_eq!(
-        refused(volume.remove_in(None, d.fid, "f", true)),
+        refused(volume.remove(None, d.fid, "f", true)),
         ErrorCode::NotDirectory
     );
-    volume.remove_in(None, d.fid, "f", false).applied().unwrap();
-    let removed = volume.remove_in(None, root, "d", true).applied().unwrap();
+    volume.remove(None, d.fid, "f", false).applied().unwrap();
+    let removed = volume.remove(None, root, "d", true).applied().unwrap();
     assert_eq!(removed.dir.link_count, 2);
     assert_eq!(refused(volume.fetch_status(d.fid)), ErrorCode::Stale);
 }
@@ -261,17 +258,17 @@ fn hard_links_count_and_free_data_with_the_last_link() {
     let root = Fid::root(id);
     let fid = new_file(&volume, root, "f");
     volume.store_data(fid, 0, b"data", None).unwrap();
-    let (linked, _) = volume.link_in(None, root, "g", fid).applied().unwrap();
+    let (linked, _) = volume.link(None, root, "g", fid).applied().unwrap();
     assert_eq!(linked.link_count, 2);
     assert_eq!(
-        refused(volume.link_in(None, root, "h", root)),
+        refused(volume.link(None, root, "h", root)),
         ErrorCode::PermissionDenied
     );
-    let removed = volume.remove_in(None, root, "f", false).applied().unwrap();
+    let removed = volume.remove(None, root, "f", false).applied().unwrap();
     assert_eq!(removed.target.link_count, 1);
     assert_eq!(volume.fetch_data(fid, 0, 10).unwrap().1, b"data");
     assert_eq!(volume.header().unwrap().bytes_used, 4);
-    let removed = volume.remove_in(None, root, "g", false).applied().unwrap();
+    let removed = volume.remove(None, root, "g", false).applied().unwrap();
     assert_eq!(removed.target.link_count, 0);
     assert_eq!(refused(volume.fetch_status(fid)), ErrorCode::Stale);
     assert_eq!(volume.header().unwrap().bytes_used, 0);
@@ -289,7 +286,7 @@ fn symlinks_and_mount_points_serve_their_content() {
     let volume = partition.volume(id).unwrap();
     let root = Fid::root(id);
     let (link, _) = volume
-        .symlink_in(None, root, "l", "../target", 0, 0)
+        .symlink(None, root, "l", "../target", 0, 0)
         .applied()
         .unwrap();
     assert_eq!(link.kind, FileKind::Symlink);
@@ -298,7 +295,7 @@ fn symlinks_and_mount_points_serve_their_content() {
         b"../target"
     );
     let (mount, _) = volume
-        .make_mount_point_in(None, root, "m", &VolumeName::parse("user.a").unwrap())
+        .make_mount_point(None, root, "m", &VolumeName::parse("user.a").unwrap())
         .applied()
         .unwrap();
     assert_eq!(mount.kind, FileKind::MountPoint);
@@ -322,7 +319,7 @@ fn quota_is_enforced() {
         .unwrap();
     let volume = partition.volume(id).unwrap();
     let fid = volume
-        .create_in(None, Fid::root(id), "f", 0o644, 0, 0, true)
+        .create(None, Fid::root(id), "f", 0o644, 0, 0, true)
         .applied()
         .unwrap()
         .status
@@ -347,7 +344,7 @@ fn readdir_of_10000_entries_in_pages() {
     let started = Instant::now();
     for n in 0..10_000 {
         volume
-            .create_in(None, root, &format!("f{n:05}"), 0o644, 0, 0, true)
+            .create(None, root, &format!("f{n:05}"), 0o644, 0, 0, true)
             .applied()
             .unwrap();
     }
@@ -381,7 +378,7 @@ fn reopen_keeps_data_and_identity() {
             .unwrap();
         let volume = partition.volume(id).unwrap();
         let fid = volume
-            .create_in(None, Fid::root(id), "f", 0o644, 0, 0, true)
+            .create(None, Fid::root(id), "f", 0o644, 0, 0, true)
             .applied()
             .unwrap()
             .status
@@ -395,7 +392,7 @@ fn reopen_keeps_data_and_identity() {
     assert_eq!(volume.fetch_data(fid, 0, 100).unwrap().1, b"persist");
     // Vnode numbers are never reused: a new file after reopen gets a fresh one.
     let next = volume
-        .create_in(None, Fid::root(id), "g", 0o644, 0, 0, true)
+        .create(None, Fid::root(id), "g", 0o644, 0, 0, true)
         .applied()
         .unwrap()
         .status
@@ -413,7 +410,7 @@ fn reopen_keeps_data_and_identity() {
 /// Creates an empty regular file (mode 0644, owner 0) in `dir` and returns its fid.
 fn new_file(volume: &Volume, dir: Fid, name: &str) -> Fid {
     volume
-        .create_in(None, dir, name, 0o644, 0, 0, true)
+        .create(None, dir, name, 0o644, 0, 0, true)
         .applied()
         .unwrap()
         .status
@@ -445,7 +442,7 @@ fn inline_data_moves_to_a_data_file_when_it_grows_past_the_threshold() {
     let (dir, partition, id) = setup();
     let volume = partition.volume(id).unwrap();
     let fid = volume
-        .create_in(None, Fid::root(id), "f", 0o644, 0, 0, true)
+        .create(None, Fid::root(id), "f", 0o644, 0, 0, true)
         .applied()
         .unwrap()
         .status
@@ -486,7 +483,7 @@ fn truncation_keeps_a_data_file_except_to_zero() {
     let (dir, partition, id) = setup();
     let volume = partition.volume(id).unwrap();
     let fid = volume
-        .create_in(None, Fid::root(id), "f", 0o644, 0, 0, true)
+        .create(None, Fid::root(id), "f", 0o644, 0, 0, true)
         .applied()
         .unwrap()
         .status
@@ -575,8 +572,8 @@ fn reopen_keeps_inline_and_file_data_and_unlink_frees_both() {
     assert_eq!(volume.header().unwrap().bytes_used, 304_096);
 
     let root = Fid::root(id);
-    volume.remove_in(None, root, "s", false).applied().unwrap();
-    volume.remove_in(None, root, "l", false).applied().unwrap();
+    volume.remove(None, root, "s", false).applied().unwrap();
+    volume.remove(None, root, "l", false).applied().unwrap();
     assert_eq!(volume.header().unwrap().bytes_used, 0);
     assert!(!data_file(&dir, large_fid).exists());
     assert_eq!(
@@ -629,7 +626,7 @@ fn concurrent_writers_share_commits_and_keep_every_change() {
                     assert_eq!(stored.size, name.len() as u64);
                     // A duplicate exclusive create is refused, also when batched.
                     assert_eq!(
-                        refused(volume.create_in(None, root, &name, 0o644, 0, 0, true)),
+                        refused(volume.create(None, root, &name, 0o644, 0, 0, true)),
                         ErrorCode::Exists
                     );
                 }
@@ -665,7 +662,7 @@ fn create_and_store_latency() {
         for n in 0..count {
             let started = Instant::now();
             let fid = volume
-                .create_in(None, root, &format!("{label}{n}"), 0o644, 0, 0, true)
+                .create(None, root, &format!("{label}{n}"), 0o644, 0, 0, true)
                 .applied()
                 .unwrap()
                 .status
@@ -695,7 +692,7 @@ fn create_and_store_latency() {
                 let data = vec![7u8; 4096];
                 for n in 0..count_per_thread {
                     let fid = volume
-                        .create_in(None, root, &format!("t{worker}-{n}"), 0o644, 0, 0, true)
+                        .create(None, root, &format!("t{worker}-{n}"), 0o644, 0, 0, true)
                         .applied()
                         .unwrap()
                         .status
@@ -731,7 +728,7 @@ fn sequential_1mib_store_and_fetch_throughput() {
     let (_dir, partition, id) = setup();
     let volume = partition.volume(id).unwrap();
     let fid = volume
-        .create_in(None, Fid::root(id), "big", 0o644, 0, 0, true)
+        .create(None, Fid::root(id), "big", 0o644, 0, 0, true)
         .applied()
         .unwrap()
         .status
@@ -831,7 +828,7 @@ fn concurrent_disjoint_stores_to_one_file_keep_contents_size_and_dv() {
     let (_dir, partition, id) = setup();
     let volume = partition.volume(id).unwrap();
     let fid = volume
-        .create_in(None, Fid::root(id), "f", 0o644, 0, 0, true)
+        .create(None, Fid::root(id), "f", 0o644, 0, 0, true)
         .applied()
         .unwrap()
         .status
@@ -902,7 +899,7 @@ fn concurrent_stores_into_a_data_file_keep_quota_exact() {
         .unwrap();
     let volume = partition.volume(id).unwrap();
     let fid = volume
-        .create_in(None, Fid::root(id), "f", 0o644, 0, 0, true)
+        .create(None, Fid::root(id), "f", 0o644, 0, 0, true)
         .applied()
         .unwrap()
         .status
@@ -960,7 +957,7 @@ fn outcomes_are_pruned_per_client_by_instance_and_window() {
             seq,
         })
     };
-    let mkdir = |key, name: &str| volume.make_dir_in(key, root, name, 0o755, 0, 0).unwrap();
+    let mkdir = |key, name: &str| volume.make_dir(key, root, name, 0o755, 0, 0).unwrap();
     assert!(matches!(mkdir(key(7, 1), "a"), Outcome::Applied(_)));
     assert!(matches!(mkdir(key(7, 1), "a"), Outcome::Replayed(answer) if answer.is_ok()));
     // A far later seq of the same instance drops seq 1: it is applied anew (and refused).
@@ -968,7 +965,7 @@ fn outcomes_are_pruned_per_client_by_instance_and_window() {
         mkdir(key(7, SEQ_WINDOW + 2), "b"),
         Outcome::Applied(_)
     ));
-    let again = |key, name: &str| volume.make_dir_in(key, root, name, 0o755, 0, 0);
+    let again = |key, name: &str| volume.make_dir(key, root, name, 0o755, 0, 0);
     assert_eq!(refused(again(key(7, 1), "a")), ErrorCode::Exists);
     // The refusal is recorded: the same key is answered from the record.
     assert!(matches!(
@@ -1029,32 +1026,32 @@ fn every_sequenced_namespace_change_is_applied_once_and_replayed_alike() {
     }
 
     let created = once(&volume, root, next_key(), |key| {
-        volume.create_in(key, root, "f", 0o644, 0, 0, true)
+        volume.create(key, root, "f", 0o644, 0, 0, true)
     });
     assert!(created.created);
     let (dir, _) = once(&volume, root, next_key(), |key| {
-        volume.make_dir_in(key, root, "d", 0o755, 0, 0)
+        volume.make_dir(key, root, "d", 0o755, 0, 0)
     });
     assert_eq!(dir.kind, FileKind::Directory);
     let (link, _) = once(&volume, root, next_key(), |key| {
-        volume.symlink_in(key, root, "l", "f", 0, 0)
+        volume.symlink(key, root, "l", "f", 0, 0)
     });
     assert_eq!(link.kind, FileKind::Symlink);
     let mount_name = VolumeName::parse("user.a").unwrap();
     let (mount, _) = once(&volume, root, next_key(), |key| {
-        volume.make_mount_point_in(key, root, "m", &mount_name)
+        volume.make_mount_point(key, root, "m", &mount_name)
     });
     assert_eq!(mount.kind, FileKind::MountPoint);
     let (linked, _) = once(&volume, root, next_key(), |key| {
-        volume.link_in(key, root, "g", created.status.fid)
+        volume.link(key, root, "g", created.status.fid)
     });
     assert_eq!(linked.link_count, 2);
     let renamed = once(&volume, root, next_key(), |key| {
-        volume.rename_in(key, root, "g", dir.fid, "h")
+        volume.rename(key, root, "g", dir.fid, "h")
     });
     assert_eq!(renamed.moved.fid, created.status.fid);
     let removed = once(&volume, root, next_key(), |key| {
-        volume.remove_in(key, root, "f", false)
+        volume.remove(key, root, "f", false)
     });
     assert_eq!(removed.target.link_count, 1);
     assert!(matches!(
@@ -1067,17 +1064,15 @@ fn every_sequenced_namespace_change_is_applied_once_and_replayed_alike() {
     // A refusal is recorded and replayed too; a change without a key always applies.
     let key = next_key();
     assert_eq!(
-        refused(volume.remove_in(key, root, "f", false)),
+        refused(volume.remove(key, root, "f", false)),
         ErrorCode::NoSuchEntry
     );
     assert!(matches!(
-        volume.remove_in(key, root, "f", false).unwrap(),
+        volume.remove(key, root, "f", false).unwrap(),
         Outcome::Replayed(answer) if *answer == Err(ErrorCode::NoSuchEntry)
     ));
     assert!(matches!(
-        volume
-            .create_in(None, root, "f", 0o644, 0, 0, true)
-            .unwrap(),
+        volume.create(None, root, "f", 0o644, 0, 0, true).unwrap(),
         Outcome::Applied(Created { created: true, .. })
     ));
     assert_eq!(volume.outcome_count(), 8);

@@ -1,0 +1,123 @@
+//! Files and directories read and written in place: status, data, attributes, lookups
+//! and listings. A read gives the caller a promise; a write breaks everyone else's.
+//! Invariant: a read takes its promise before it reads, so a change after the read
+//! breaks that promise; a write answers only after the other holders' breaks.
+
+use std::sync::Arc;
+
+use proto::{ErrorCode, Fid, Response, SetAttrs};
+
+use super::{Caller, FileService, blocking};
+
+/// Most entries one `ReadDir` returns.
+const READDIR_COUNT_MAX: usize = 2048;
+/// Most bytes of names one `ReadDir` returns, well under the frame limit.
+const READDIR_BYTES_MAX: usize = 1 << 20;
+
+impl FileService {
+    pub(super) async fn fetch_status(
+        self: &Arc<Self>,
+        caller: Caller,
+        fid: Fid,
+    ) -> Result<Response, ErrorCode> {
+        let callback = self.grant(caller, fid).await;
+        let volume = self.volume(fid.volume)?;
+        let status = blocking(move || volume.fetch_status(fid)).await?;
+        Ok(Response::Status { status, callback })
+    }
+
+    pub(super) async fn fetch_data(
+        self: &Arc<Self>,
+        caller: Caller,
+        fid: Fid,
+        offset: u64,
+        length: u32,
+    ) -> Result<Response, ErrorCode> {
+        let callback = self.grant(caller, fid).await;
+        let volume = self.volume(fid.volume)?;
+        let (status, data) = blocking(move || volume.fetch_data(fid, offset, length)).await?;
+        self.stats.record_fetch_data(data.len());
+        Ok(Response::Data {
+            status,
+            callback,
+            data,
+        })
+    }
+
+    pub(super) async fn store_data(
+        self: &Arc<Self>,
+        caller: Caller,
+        fid: Fid,
+        offset: u64,
+        data: Vec<u8>,
+        truncate_to: Option<u64>,
+    ) -> Result<Response, ErrorCode> {
+        let volume = self.volume(fid.volume)?;
+        let status = blocking(move || volume.store_data(fid, offset, &data, truncate_to)).await?;
+        self.callbacks.break_callbacks(&[fid], caller.key).await;
+        let callback = self.grant(caller, fid).await;
+        Ok(Response::Status { status, callback })
+    }
+
+    /// Stores into a data file are acknowledged written but not synced; a cache manager
+    /// sends this once after a file's stores, before `close()` returns, so they share one
+    /// data sync.
+    pub(super) async fn fsync(self: &Arc<Self>, fid: Fid) -> Result<Response, ErrorCode> {
+        let volume = self.volume(fid.volume)?;
+        let status = blocking(move || volume.fsync(fid)).await?;
+        Ok(Response::Status {
+            status,
+            callback: None,
+        })
+    }
+
+    pub(super) async fn set_attr(
+        self: &Arc<Self>,
+        caller: Caller,
+        fid: Fid,
+        attrs: SetAttrs,
+    ) -> Result<Response, ErrorCode> {
+        let volume = self.volume(fid.volume)?;
+        let status = blocking(move || volume.set_attr(fid, &attrs)).await?;
+        self.callbacks.break_callbacks(&[fid], caller.key).await;
+        let callback = self.grant(caller, fid).await;
+        Ok(Response::Status { status, callback })
+    }
+
+    pub(super) async fn lookup(
+        self: &Arc<Self>,
+        caller: Caller,
+        dir: Fid,
+        name: String,
+    ) -> Result<Response, ErrorCode> {
+        let volume = self.volume(dir.volume)?;
+        let (status, dir) = blocking(move || volume.lookup(dir, &name)).await?;
+        let callback = self.grant(caller, status.fid).await;
+        Ok(Response::Entry {
+            status,
+            callback,
+            dir,
+        })
+    }
+
+    pub(super) async fn read_dir(
+        self: &Arc<Self>,
+        caller: Caller,
+        dir: Fid,
+        after: Option<String>,
+        count_max: u32,
+    ) -> Result<Response, ErrorCode> {
+        let callback = self.grant(caller, dir).await;
+        let volume = self.volume(dir.volume)?;
+        let count = (count_max as usize).clamp(1, READDIR_COUNT_MAX);
+        let (dir, entries, more) =
+            blocking(move || volume.read_dir(dir, after.as_deref(), count, READDIR_BYTES_MAX))
+                .await?;
+        Ok(Response::DirPage {
+            dir,
+            callback,
+            entries,
+            more,
+        })
+    }
+}

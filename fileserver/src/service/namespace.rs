@@ -1,0 +1,212 @@
+//! Namespace changes: create, make a directory, a symlink or a mount point, link, remove
+//! and rename, each applied with its sequence so that a retry after a failover is
+//! answered from the change's record.
+//! Invariant: a change is applied at most once per sequence; the other holders of a
+//! promise on what it changed are broken before it answers, and a replayed answer breaks
+//! and grants nothing again.
+
+use std::sync::Arc;
+
+use proto::{ErrorCode, Fid, Response, VnodeStatus, VolumeId, VolumeName};
+
+use super::{Caller, FileService, blocking};
+use crate::storage::{Answer, Outcome, StorageError, Volume};
+
+/// The mode and owner a new entry gets.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Perms {
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl FileService {
+    /// Applies a namespace change on `volume` (off the async threads), then `then` on
+    /// what it changed. A retry of a change already applied is answered with what its
+    /// record kept instead.
+    async fn change<T, Then, Reply>(
+        self: &Arc<Self>,
+        volume: VolumeId,
+        change: impl FnOnce(&Volume) -> Result<Outcome<T>, StorageError> + Send + 'static,
+        then: Then,
+    ) -> Result<Response, ErrorCode>
+    where
+        T: Send + 'static,
+        Then: FnOnce(T) -> Reply,
+        Reply: Future<Output = Response>,
+    {
+        let volume = self.volume(volume)?;
+        match blocking(move || change(&volume)).await? {
+            Outcome::Applied(applied) => Ok(then(applied).await),
+            Outcome::Replayed(answer) => *answer,
+        }
+    }
+
+    /// The reply to a change that made an entry in a directory: the holders of `changed`
+    /// are broken, and the caller gets a promise on the entry.
+    async fn made(
+        self: &Arc<Self>,
+        caller: Caller,
+        changed: Vec<Fid>,
+        status: VnodeStatus,
+        dir: VnodeStatus,
+    ) -> Response {
+        if !changed.is_empty() {
+            self.callbacks.break_callbacks(&changed, caller.key).await;
+        }
+        let callback = self.grant(caller, status.fid).await;
+        Response::Entry {
+            status,
+            callback,
+            dir,
+        }
+    }
+
+    pub(super) async fn create(
+        self: &Arc<Self>,
+        caller: Caller,
+        dir: Fid,
+        name: String,
+        perms: Perms,
+        exclusive: bool,
+    ) -> Result<Response, ErrorCode> {
+        let Perms { mode, uid, gid } = perms;
+        let sequence = caller.sequence;
+        self.change(
+            dir.volume,
+            move |volume| volume.create(sequence, dir, &name, mode, uid, gid, exclusive),
+            |created| {
+                // A create that found the file there changed nothing.
+                let changed = if created.created {
+                    vec![dir]
+                } else {
+                    Vec::new()
+                };
+                self.made(caller, changed, created.status, created.dir)
+            },
+        )
+        .await
+    }
+
+    pub(super) async fn make_dir(
+        self: &Arc<Self>,
+        caller: Caller,
+        dir: Fid,
+        name: String,
+        perms: Perms,
+    ) -> Result<Response, ErrorCode> {
+        let Perms { mode, uid, gid } = perms;
+        let sequence = caller.sequence;
+        self.change(
+            dir.volume,
+            move |volume| volume.make_dir(sequence, dir, &name, mode, uid, gid),
+            |(status, dir_status)| self.made(caller, vec![dir], status, dir_status),
+        )
+        .await
+    }
+
+    pub(super) async fn symlink(
+        self: &Arc<Self>,
+        caller: Caller,
+        dir: Fid,
+        name: String,
+        target: String,
+        uid: u32,
+        gid: u32,
+    ) -> Result<Response, ErrorCode> {
+        let sequence = caller.sequence;
+        self.change(
+            dir.volume,
+            move |volume| volume.symlink(sequence, dir, &name, &target, uid, gid),
+            |(status, dir_status)| self.made(caller, vec![dir], status, dir_status),
+        )
+        .await
+    }
+
+    pub(super) async fn make_mount_point(
+        self: &Arc<Self>,
+        caller: Caller,
+        dir: Fid,
+        name: String,
+        target: VolumeName,
+    ) -> Result<Response, ErrorCode> {
+        let sequence = caller.sequence;
+        self.change(
+            dir.volume,
+            move |volume| volume.make_mount_point(sequence, dir, &name, &target),
+            |(status, dir_status)| self.made(caller, vec![dir], status, dir_status),
+        )
+        .await
+    }
+
+    pub(super) async fn link(
+        self: &Arc<Self>,
+        caller: Caller,
+        dir: Fid,
+        name: String,
+        target: Fid,
+    ) -> Result<Response, ErrorCode> {
+        if dir.volume != target.volume {
+            return Err(ErrorCode::CrossVolume);
+        }
+        let sequence = caller.sequence;
+        self.change(
+            dir.volume,
+            move |volume| volume.link(sequence, dir, &name, target),
+            // The target's link count changed: its holders are broken too.
+            |(status, dir_status)| self.made(caller, vec![dir, target], status, dir_status),
+        )
+        .await
+    }
+
+    pub(super) async fn remove(
+        self: &Arc<Self>,
+        caller: Caller,
+        dir: Fid,
+        name: String,
+        directory: bool,
+    ) -> Result<Response, ErrorCode> {
+        let sequence = caller.sequence;
+        self.change(
+            dir.volume,
+            move |volume| volume.remove(sequence, dir, &name, directory),
+            |removed| async move {
+                // The removed vnode's link count changed: its holders are broken too.
+                self.callbacks
+                    .break_callbacks(&[dir, removed.target.fid], caller.key)
+                    .await;
+                removed.answer()
+            },
+        )
+        .await
+    }
+
+    pub(super) async fn rename(
+        self: &Arc<Self>,
+        caller: Caller,
+        (from_dir, from_name): (Fid, String),
+        (to_dir, to_name): (Fid, String),
+    ) -> Result<Response, ErrorCode> {
+        if from_dir.volume != to_dir.volume {
+            return Err(ErrorCode::CrossVolume);
+        }
+        let sequence = caller.sequence;
+        self.change(
+            from_dir.volume,
+            move |volume| volume.rename(sequence, from_dir, &from_name, to_dir, &to_name),
+            |renamed| async move {
+                let mut changed = vec![from_dir];
+                if to_dir != from_dir {
+                    changed.push(to_dir);
+                }
+                if let Some(replaced) = &renamed.replaced {
+                    changed.push(replaced.fid);
+                }
+                self.callbacks.break_callbacks(&changed, caller.key).await;
+                // Renames grant no promise: the answer is what the record keeps.
+                renamed.answer()
+            },
+        )
+        .await
+    }
+}
