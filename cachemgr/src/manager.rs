@@ -1588,6 +1588,141 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_back_stores_each_run_of_whole_chunks_in_one_store() {
+        let (cell, _stop) = FakeCell::start(Vec::new(), 0, 0).await;
+        let dir = tempfile::tempdir().unwrap();
+        let manager = start_manager(&cell, dir.path()).await;
+        let ino = manager.state.lock().inodes.ino_for(FILE);
+        manager.open(ino).await.unwrap();
+        let mib = CHUNK_BYTES;
+        // Chunks 0-2 whole and 3 short; a gap; 5 short; 6-8 whole.
+        let written = [(0, 3 * mib + 100), (5 * mib, 100), (6 * mib, 3 * mib)];
+        let mut expected = vec![0u8; 9 * mib as usize];
+        for (start, len) in written {
+            let data = pattern(len, 241);
+            expected[start as usize..(start + len) as usize].copy_from_slice(&data);
+            for (i, piece) in data.chunks(mib as usize / 2).enumerate() {
+                let offset = start + i as u64 * mib / 2;
+                manager.write(ino, offset, piece).await.unwrap();
+            }
+        }
+        manager.flush(ino).await.unwrap();
+        let record = cell.record.lock();
+        let mut stores = record.store_ranges.clone();
+        stores.sort_unstable();
+        let mib = mib as usize;
+        assert_eq!(
+            stores,
+            [
+                (0, 2 * mib),
+                (2 * mib as u64, mib + 100),
+                (5 * mib as u64, 100),
+                (6 * mib as u64, 2 * mib),
+                (8 * mib as u64, mib),
+            ]
+        );
+        assert!(record.stores_in_flight_peak <= STORES_IN_FLIGHT_MAX);
+        assert_eq!(
+            record.fsyncs_after_stores,
+            [5],
+            "one sync, after every store"
+        );
+        drop(record);
+        assert!(
+            cell.content().0 == expected,
+            "the server holds what was written"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_refused_store_ends_the_write_back_after_those_in_flight_and_skips_the_sync() {
+        let (cell, _stop) = FakeCell::start(Vec::new(), 0, 0).await;
+        let dir = tempfile::tempdir().unwrap();
+        let manager = start_manager(&cell, dir.path()).await;
+        let ino = manager.state.lock().inodes.ino_for(FILE);
+        manager.open(ino).await.unwrap();
+        let store_bytes = STORE_BYTES_MAX as usize;
+        let data = pattern(3 * STORE_BYTES_MAX, 239);
+        for (i, piece) in data.chunks(CHUNK_BYTES as usize).enumerate() {
+            let offset = i as u64 * CHUNK_BYTES;
+            manager.write(ino, offset, piece).await.unwrap();
+        }
+        // The first of three stores is refused: the second, sent with it, is awaited
+        // and kept; the third never starts, and nothing is synced.
+        *cell.refuse_store.lock() = Some((0, ErrorCode::NoSpace));
+        let refused = manager.flush(ino).await;
+        assert_eq!(refused, Err(Errno::from_i32(libc::ENOSPC)));
+        {
+            let record = cell.record.lock();
+            assert_eq!(record.store_ranges, [(store_bytes as u64, store_bytes)]);
+            assert!(record.fsyncs_after_stores.is_empty());
+        }
+        assert!(manager.chunks.has_dirty(FILE));
+        // The next close stores what is left, then syncs once.
+        manager.flush(ino).await.unwrap();
+        let record = cell.record.lock();
+        let mut stores = record.store_ranges.clone();
+        stores.sort_unstable();
+        assert_eq!(
+            stores,
+            [
+                (0, store_bytes),
+                (store_bytes as u64, store_bytes),
+                (2 * store_bytes as u64, store_bytes)
+            ]
+        );
+        assert_eq!(record.fsyncs_after_stores, [3]);
+        drop(record);
+        assert!(
+            cell.content().0 == data,
+            "the server holds what was written"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_truncation_stores_first_and_the_next_close_syncs_it() {
+        let (cell, _stop) = FakeCell::start(Vec::new(), 0, 0).await;
+        let dir = tempfile::tempdir().unwrap();
+        let manager = start_manager(&cell, dir.path()).await;
+        let ino = manager.state.lock().inodes.ino_for(FILE);
+        manager.open(ino).await.unwrap();
+        let data = pattern(CHUNK_BYTES + 10, 233);
+        manager.write(ino, 0, &data).await.unwrap();
+        let truncate = SetAttrs {
+            size: Some(100),
+            ..SetAttrs::default()
+        };
+        let out = manager.setattr(ino, truncate).await.unwrap();
+        assert_eq!(out.attr.size, 100);
+        {
+            let record = cell.record.lock();
+            let changes: Vec<&str> = record
+                .requests
+                .iter()
+                .map(|(_, kind)| *kind)
+                .filter(|kind| *kind != "FetchStatus")
+                .collect();
+            assert_eq!(
+                changes,
+                ["StoreData", "SetAttr"],
+                "stored first, not synced"
+            );
+            assert_eq!(record.store_ranges, [(0, CHUNK_BYTES as usize + 10)]);
+        }
+        // Nothing is left to store, but the store is not durable yet.
+        manager.flush(ino).await.unwrap();
+        manager.flush(ino).await.unwrap();
+        let record = cell.record.lock();
+        assert_eq!(record.fsyncs_after_stores, [1]);
+        assert_eq!(record.stores, 1);
+        drop(record);
+        assert!(
+            cell.content().0 == data[..100],
+            "the server holds the cut file"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_sequential_reader_gets_chunks_fetched_ahead_and_each_once() {
         let size = 8 * CHUNK_BYTES + 100;
         let content = pattern(size, 253);
