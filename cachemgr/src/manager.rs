@@ -13,7 +13,6 @@ use std::ffi::OsStr;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
-use fuser::{Errno, FileAttr, FileType, INodeNo};
 use parking_lot::Mutex;
 use proto::{
     CallbackGrant, DataVersion, ErrorCode, Fid, FileKind, ProtoError, Request, Response, ServerId,
@@ -24,11 +23,16 @@ use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
 mod advisory;
+mod attr;
+mod fs_error;
 #[cfg(test)]
 mod pair_tests;
 mod reclaim;
 
 pub use advisory::LockRequest;
+pub use attr::{Attr, AttrOut, NodeKind};
+pub use fs_error::{FsError, FsResult, rpc_error};
+use fs_error::{chunk_io_error, unexpected};
 
 use crate::chunk_index::{CHUNK_BYTES, ChunkKey};
 use crate::chunk_store::ChunkStore;
@@ -84,19 +88,10 @@ const READ_AHEAD_CHUNKS: u64 = 4;
 /// Fetches ahead in flight at once over all files; each holds a chunk in memory.
 const PREFETCHES_MAX: usize = 8;
 
-pub type FsResult<T> = Result<T, Errno>;
-
-/// What a FUSE entry or attr reply needs.
-#[derive(Clone, Copy, Debug)]
-pub struct AttrOut {
-    pub attr: FileAttr,
-    pub ttl: Duration,
-}
-
 /// A directory as one `opendir` stream sees it: offsets index into `entries`.
 #[derive(Debug)]
 pub struct DirSnapshot {
-    pub entries: Vec<(String, Ino, FileType)>,
+    pub entries: Vec<(String, Ino, NodeKind)>,
 }
 
 struct CacheState {
@@ -158,39 +153,12 @@ pub struct Manager {
     runtime: tokio::runtime::Handle,
 }
 
-/// The errno a failed RPC gives the caller.
-pub fn errno_of(e: &ProtoError) -> Errno {
-    match e {
-        ProtoError::Remote(code) => Errno::from_i32(code.errno()),
-        ProtoError::Timeout(_) => Errno::from_i32(libc::ETIMEDOUT),
-        _ => Errno::EIO,
-    }
-}
-
-/// An errno as the text `strerror` gives.
-pub fn describe(errno: Errno) -> String {
-    std::io::Error::from_raw_os_error(errno.code()).to_string()
-}
-
-fn io_errno(e: std::io::Error) -> Errno {
-    warn!(error = %e, "chunk cache i/o failed");
-    Errno::EIO
-}
-
-fn unexpected(response: &Response) -> Errno {
-    warn!(
-        response = response.kind_name(),
-        "fileserver sent a response of the wrong kind"
-    );
-    Errno::EIO
-}
-
 /// Checks a name from the kernel before any RPC: 256 bytes is `ENAMETOOLONG`.
 pub fn entry_name(name: &OsStr) -> FsResult<String> {
     let Some(text) = name.to_str() else {
-        return Err(Errno::EINVAL);
+        return Err(FsError::EINVAL);
     };
-    check_entry_name(text).map_err(|code| Errno::from_i32(code.errno()))?;
+    check_entry_name(text).map_err(|code| FsError::from_errno(code.errno()))?;
     Ok(text.to_owned())
 }
 
@@ -200,14 +168,6 @@ pub fn parse_mount_point(content: &[u8]) -> Option<VolumeName> {
     let text = text.strip_prefix(['#', '%'])?;
     let text = text.strip_suffix('.').unwrap_or(text);
     VolumeName::parse(text).ok()
-}
-
-pub fn file_type(kind: FileKind) -> FileType {
-    match kind {
-        FileKind::File => FileType::RegularFile,
-        FileKind::Directory | FileKind::MountPoint => FileType::Directory,
-        FileKind::Symlink => FileType::Symlink,
-    }
 }
 
 /// Splits a file's dirty chunks, given as `(index, len)` in index order, into the runs
@@ -232,26 +192,6 @@ fn store_runs(chunks: &[(u64, u64)]) -> Vec<std::ops::Range<usize>> {
         }
     }
     runs
-}
-
-fn file_attr(ino: Ino, status: &VnodeStatus, size: u64) -> FileAttr {
-    FileAttr {
-        ino: INodeNo(ino.0),
-        size,
-        blocks: size.div_ceil(512),
-        atime: status.atime.into(),
-        mtime: status.mtime.into(),
-        ctime: status.ctime.into(),
-        crtime: status.ctime.into(),
-        kind: file_type(status.kind),
-        perm: (status.mode & 0o7777) as u16,
-        nlink: status.link_count,
-        uid: status.uid,
-        gid: status.gid,
-        rdev: 0,
-        blksize: 64 * 1024,
-        flags: 0,
-    }
 }
 
 impl Manager {
@@ -317,7 +257,7 @@ impl Manager {
             // Not fatal: the mount retries on every access and recovers by itself.
             warn!(
                 "root volume's fileserver is not answering yet ({}); mounting anyway",
-                describe(e)
+                e
             );
         }
         Ok(manager)
@@ -329,7 +269,7 @@ impl Manager {
     }
 
     fn fid(&self, ino: Ino) -> FsResult<Fid> {
-        self.state.lock().inodes.fid(ino).ok_or(Errno::ESTALE)
+        self.state.lock().inodes.fid(ino).ok_or(FsError::ESTALE)
     }
 
     fn file_lock(&self, fid: Fid) -> &RwLock<()> {
@@ -346,14 +286,14 @@ impl Manager {
         self.pool
             .call(&location, request)
             .await
-            .map_err(|e| errno_of(&e))
+            .map_err(|e| rpc_error(&e))
     }
 
     async fn location(&self, volume: VolumeId) -> FsResult<Arc<crate::volume::VolumeLocation>> {
         self.volumes
             .by_id(&self.vldb, volume)
             .await
-            .map_err(|e| errno_of(&e))
+            .map_err(|e| rpc_error(&e))
     }
 
     /// Records a status from any reply.
@@ -413,9 +353,9 @@ impl Manager {
     fn attr(&self, fid: Fid) -> FsResult<AttrOut> {
         let mut state = self.state.lock();
         let ino = state.inodes.ino_for(fid);
-        let entry = state.statuses.get(fid).ok_or(Errno::EIO)?;
+        let entry = state.statuses.get(fid).ok_or(FsError::EIO)?;
         Ok(AttrOut {
-            attr: file_attr(ino, &entry.status, entry.size()),
+            attr: Attr::new(ino, &entry.status, entry.size()),
             ttl: entry.kernel_ttl(Instant::now(), KERNEL_TTL_MAX),
         })
     }
@@ -462,7 +402,7 @@ impl Manager {
                 entries.extend(page);
                 if entries.len() > LISTING_ENTRIES_MAX {
                     warn!(%dir, "directory has more than {LISTING_ENTRIES_MAX} entries; refusing to list it");
-                    return Err(Errno::EFBIG);
+                    return Err(FsError::EFBIG);
                 }
                 if !more || after.is_none() {
                     break;
@@ -473,14 +413,14 @@ impl Manager {
                 continue;
             }
             let Some((status, callback)) = first else {
-                return Err(Errno::EIO);
+                return Err(FsError::EIO);
             };
             let listing = Listing::new(status.data_version, entries);
             self.absorb(status, callback, sent_at);
             self.state.lock().statuses.set_listing(dir, listing.clone());
             return Ok(listing);
         }
-        Err(Errno::EAGAIN)
+        Err(FsError::EAGAIN)
     }
 
     /// One name of a directory, from the cached listing when it is current.
@@ -539,20 +479,20 @@ impl Manager {
         let content = self.content(mount_point).await?;
         let Some(name) = parse_mount_point(&content) else {
             warn!(fid = %mount_point, "mount point with unreadable content");
-            return Err(Errno::EIO);
+            return Err(FsError::EIO);
         };
         let location = self
             .volumes
             .by_name(&self.vldb, &name)
             .await
-            .map_err(|e| errno_of(&e))?;
+            .map_err(|e| rpc_error(&e))?;
         Ok(Fid::root(location.id))
     }
 
     pub async fn lookup(&self, parent: Ino, name: &OsStr) -> FsResult<AttrOut> {
         let name = entry_name(name)?;
         let dir = self.fid(parent)?;
-        let entry = self.dir_entry(dir, &name).await?.ok_or(Errno::ENOENT)?;
+        let entry = self.dir_entry(dir, &name).await?.ok_or(FsError::ENOENT)?;
         let fid = if entry.kind == FileKind::MountPoint {
             self.mount_target(entry.fid).await?
         } else {
@@ -578,11 +518,11 @@ impl Manager {
         };
         let mut state = self.state.lock();
         let mut entries = Vec::with_capacity(listing.len() + 2);
-        entries.push((".".to_owned(), ino, FileType::Directory));
-        entries.push(("..".to_owned(), Ino::ROOT, FileType::Directory));
+        entries.push((".".to_owned(), ino, NodeKind::Directory));
+        entries.push(("..".to_owned(), Ino::ROOT, NodeKind::Directory));
         for (name, entry) in listing.iter() {
             let child = state.inodes.ino_for(entry.fid);
-            entries.push((name.to_owned(), child, file_type(entry.kind)));
+            entries.push((name.to_owned(), child, entry.kind.into()));
         }
         Ok(Arc::new(DirSnapshot { entries }))
     }
@@ -591,7 +531,7 @@ impl Manager {
         let snapshot = self.snapshot(ino).await?;
         let mut handles = self.dir_handles.lock();
         if handles.open.len() >= DIR_HANDLES_MAX {
-            return Err(Errno::from_i32(libc::EMFILE));
+            return Err(FsError::EMFILE);
         }
         handles.next += 1;
         let handle = handles.next;
@@ -676,7 +616,7 @@ impl Manager {
         // The kernel has no pages of a new file, so they reflect its version vacuously;
         // saying so lets the pages its writes leave behind survive the next open.
         let mut state = self.state.lock();
-        if let Some(fid) = state.inodes.fid(Ino(out.attr.ino.0))
+        if let Some(fid) = state.inodes.fid(out.attr.ino)
             && let Some(entry) = state.statuses.get_mut(fid)
             && entry.kernel_version.is_none()
         {
@@ -715,7 +655,7 @@ impl Manager {
         gid: u32,
     ) -> FsResult<AttrOut> {
         let name = entry_name(name)?;
-        let target = target.to_str().ok_or(Errno::EINVAL)?.to_owned();
+        let target = target.to_str().ok_or(FsError::EINVAL)?.to_owned();
         let dir = self.fid(parent)?;
         let request = Request::Symlink {
             dir,
@@ -732,7 +672,7 @@ impl Manager {
         let target = self.fid(ino)?;
         let dir = self.fid(new_parent)?;
         if target.volume != dir.volume {
-            return Err(Errno::EXDEV);
+            return Err(FsError::EXDEV);
         }
         let request = Request::Link {
             dir,
@@ -785,7 +725,7 @@ impl Manager {
         let from_dir = self.fid(parent)?;
         let to_dir = self.fid(new_parent)?;
         if from_dir.volume != to_dir.volume {
-            return Err(Errno::EXDEV);
+            return Err(FsError::EXDEV);
         }
         let sent_at = Instant::now();
         let request = Request::Rename {
@@ -856,7 +796,7 @@ impl Manager {
         };
         self.absorb_own_data_change(before, 1, status, callback, sent_at);
         if let Some(size) = size {
-            self.chunks.truncate(fid, size).map_err(io_errno)?;
+            self.chunks.truncate(fid, size).map_err(chunk_io_error)?;
             if let Some(entry) = self.state.lock().statuses.get_mut(fid) {
                 entry.local_size = None;
             }
@@ -870,7 +810,7 @@ impl Manager {
         let fid = self.fid(ino)?;
         let status = self.valid_status(fid).await?;
         let mut state = self.state.lock();
-        let entry = state.statuses.get_mut(fid).ok_or(Errno::EIO)?;
+        let entry = state.statuses.get_mut(fid).ok_or(FsError::EIO)?;
         let keep = entry.kernel_version == Some(status.data_version) || entry.local_size.is_some();
         entry.kernel_version = Some(entry.status.data_version);
         Ok(keep)
@@ -899,7 +839,11 @@ impl Manager {
     ) -> FsResult<FetchedChunk> {
         // A fetch that finished between the caller's miss and its joining is no longer
         // in flight, but its chunk is cached (it is cached before it leaves the table).
-        if let Some(data) = self.chunks.read_chunk(key, version).map_err(io_errno)? {
+        if let Some(data) = self
+            .chunks
+            .read_chunk(key, version)
+            .map_err(chunk_io_error)?
+        {
             return Ok(FetchedChunk {
                 data: Arc::new(data),
                 version,
@@ -958,7 +902,7 @@ impl Manager {
                     return;
                 }
                 if let Err(e) = this.fetch_chunk(key, version).await {
-                    debug!(%fid, index, error = %describe(e), "fetch ahead failed; the reader will fetch");
+                    debug!(%fid, index, error = %e, "fetch ahead failed; the reader will fetch");
                 }
             });
         }
@@ -998,7 +942,7 @@ impl Manager {
             if self
                 .chunks
                 .read_into(key, version, within, n, &mut out)
-                .map_err(io_errno)?
+                .map_err(chunk_io_error)?
             {
                 // Served from the cache.
             } else if key.offset() >= status.size {
@@ -1036,7 +980,7 @@ impl Manager {
             if !self
                 .chunks
                 .write(key, status.data_version, within, piece)
-                .map_err(io_errno)?
+                .map_err(chunk_io_error)?
             {
                 // Not cached: start from the server's bytes unless the write replaces
                 // every byte the chunk holds there.
@@ -1069,7 +1013,7 @@ impl Manager {
                 let emptied = self
                     .chunks
                     .insert(key, version, chunk, true)
-                    .map_err(io_errno)?;
+                    .map_err(chunk_io_error)?;
                 self.note_evicted(emptied);
             }
             pos += n;
@@ -1117,7 +1061,7 @@ impl Manager {
                     .iter()
                     .find_map(|(key, meta)| self.chunks.append_whole(*key, meta, &mut data).err())
                 {
-                    failure = Some(io_errno(e));
+                    failure = Some(chunk_io_error(e));
                     break;
                 }
                 self.unsynced.lock().insert(fid);
@@ -1140,7 +1084,7 @@ impl Manager {
                 Ok(done) => done,
                 Err(e) => {
                     warn!(%fid, error = %e, "a store task failed");
-                    failure.get_or_insert(Errno::EIO);
+                    failure.get_or_insert(FsError::EIO);
                     continue;
                 }
             };
@@ -1163,7 +1107,7 @@ impl Manager {
                     failure.get_or_insert(unexpected(&other));
                 }
                 Err(e) => {
-                    failure.get_or_insert(errno_of(&e));
+                    failure.get_or_insert(rpc_error(&e));
                 }
             }
         }
@@ -1218,7 +1162,7 @@ impl Manager {
                 Err(e) => Err(e),
             };
             if let Err(e) = result {
-                warn!(%fid, error = %describe(e), "could not store a file's writes before unmounting; they are lost");
+                warn!(%fid, error = %e, "could not store a file's writes before unmounting; they are lost");
             }
         }
     }
@@ -1291,7 +1235,7 @@ impl Manager {
     pub async fn examine_entry(&self, dir: Ino, name: &str) -> FsResult<ExamineInfo> {
         let name = entry_name(OsStr::new(name))?;
         let dir = self.fid(dir)?;
-        let entry = self.dir_entry(dir, &name).await?.ok_or(Errno::ENOENT)?;
+        let entry = self.dir_entry(dir, &name).await?.ok_or(FsError::ENOENT)?;
         let fid = if entry.kind == FileKind::MountPoint {
             self.mount_target(entry.fid).await?
         } else {
@@ -1308,9 +1252,9 @@ impl Manager {
             .volumes
             .by_id(&self.vldb, fid.volume)
             .await
-            .map_err(|e| errno_of(&e))?;
+            .map_err(|e| rpc_error(&e))?;
         let state = self.state.lock();
-        let entry = state.statuses.get(fid).ok_or(Errno::EIO)?;
+        let entry = state.statuses.get(fid).ok_or(FsError::EIO)?;
         let now = Instant::now();
         let callback_until = entry
             .callback_until
@@ -1333,7 +1277,7 @@ impl Manager {
             .volumes
             .by_id(&self.vldb, fid.volume)
             .await
-            .map_err(|e| errno_of(&e))?;
+            .map_err(|e| rpc_error(&e))?;
         Ok((volume.name.to_string(), volume.addresses.clone()))
     }
 
@@ -1363,7 +1307,7 @@ impl Manager {
     }
 
     pub async fn make_mount(&self, dir_ino: Ino, name: &str, volume: &str) -> Result<(), String> {
-        let errno_text = describe;
+        let errno_text = |e: FsError| e.to_string();
         let name = entry_name(OsStr::new(name)).map_err(errno_text)?;
         let volume = VolumeName::parse(volume).map_err(|e| e.to_string())?;
         match self.volumes.by_name(&self.vldb, &volume).await {
@@ -1398,7 +1342,7 @@ impl Manager {
     pub async fn list_mount(&self, dir_ino: Ino, name: &str) -> FsResult<Option<String>> {
         let name = entry_name(OsStr::new(name))?;
         let dir = self.fid(dir_ino)?;
-        let entry = self.dir_entry(dir, &name).await?.ok_or(Errno::ENOENT)?;
+        let entry = self.dir_entry(dir, &name).await?.ok_or(FsError::ENOENT)?;
         if entry.kind != FileKind::MountPoint {
             return Ok(None);
         }
@@ -1651,7 +1595,7 @@ mod tests {
         // and kept; the third never starts, and nothing is synced.
         *cell.refuse_store.lock() = Some((0, ErrorCode::NoSpace));
         let refused = manager.flush(ino).await;
-        assert_eq!(refused, Err(Errno::from_i32(libc::ENOSPC)));
+        assert_eq!(refused, Err(FsError::from_errno(libc::ENOSPC)));
         {
             let record = cell.record.lock();
             assert_eq!(record.store_ranges, [(store_bytes as u64, store_bytes)]);
@@ -1799,16 +1743,10 @@ mod tests {
     #[test]
     fn long_names_fail_before_any_rpc() {
         let long = "n".repeat(256);
-        assert_eq!(entry_name(OsStr::new(&long)), Err(Errno::ENAMETOOLONG));
+        assert_eq!(
+            entry_name(OsStr::new(&long)),
+            Err(FsError::from_errno(libc::ENAMETOOLONG))
+        );
         assert_eq!(entry_name(OsStr::new("ok")), Ok("ok".to_owned()));
-    }
-
-    #[test]
-    fn timeouts_map_to_etimedout() {
-        let e = ProtoError::Timeout(Duration::from_secs(2));
-        assert_eq!(errno_of(&e).code(), libc::ETIMEDOUT);
-        let e = ProtoError::Remote(ErrorCode::NoSuchEntry);
-        assert_eq!(errno_of(&e), Errno::ENOENT);
-        assert_eq!(errno_of(&ProtoError::Closed), Errno::EIO);
     }
 }

@@ -8,14 +8,13 @@
 
 use std::time::Duration;
 
-use fuser::Errno;
 use proto::{
     ByteRange, ErrorCode, Fid, LockHolder, LockKind, LockOwnerId, ProtoError, Request, Response,
     ServerId,
 };
 use tracing::{debug, info, warn};
 
-use super::{FsResult, Manager, errno_of, unexpected};
+use super::{FsError, FsResult, Manager, rpc_error, unexpected};
 use crate::held_locks::HeldLock;
 use crate::inode::Ino;
 use crate::lock_waits::WaitEnd;
@@ -88,9 +87,9 @@ impl Manager {
                     tokio::time::sleep(pause).await;
                 }
                 Err(ProtoError::Remote(ErrorCode::WouldBlock | ErrorCode::Grace { .. })) => {
-                    return Err(Errno::EAGAIN);
+                    return Err(FsError::EAGAIN);
                 }
-                Err(e) => return Err(errno_of(&e)),
+                Err(e) => return Err(rpc_error(&e)),
                 Ok(other) => return Err(unexpected(&other)),
             }
         }
@@ -259,7 +258,7 @@ mod tests {
         let refused = manager
             .setlk(ino, exclusive(lock_range(100, 199).unwrap()), false)
             .await;
-        assert_eq!(refused, Err(Errno::EAGAIN));
+        assert_eq!(refused, Err(FsError::EAGAIN));
         {
             let calls = &cell.record.lock().lock_calls;
             assert_eq!(
@@ -389,7 +388,7 @@ mod tests {
         let refused = manager
             .setlk(ino, exclusive(ByteRange::whole()), false)
             .await;
-        assert_eq!(refused, Err(Errno::EAGAIN));
+        assert_eq!(refused, Err(FsError::EAGAIN));
         assert!(!manager.held_locks.lock().holds(FILE, OWNER));
         cell.lock_answers.lock().extend([grace.clone(), grace]);
         manager
