@@ -211,7 +211,7 @@ mod tests {
     use super::*;
     use crate::fake_cell::{FILE, FakeCell};
     use crate::fuse_fs::lock_range;
-    use crate::manager::tests::{start_manager, start_manager_renewing};
+    use crate::manager::test_support::{start_manager, start_manager_renewing};
 
     const OWNER: LockOwnerId = LockOwnerId(5);
 

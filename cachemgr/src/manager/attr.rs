@@ -1,5 +1,5 @@
-//! `Attr`: what the core says of a file to the adapter that shows it, and how long that
-//! may be cached (`AttrOut`). Invariant: built from a cached status; the TTL never outlives its callback.
+//! `Attr`: what the core says of a file to the adapter that shows it, and for how long (`AttrOut`).
+//! Invariant: built from a cached status; its TTL never outlives the status's callback.
 
 use std::time::{Duration, SystemTime};
 

@@ -1,5 +1,5 @@
-//! `FsError`: how a filesystem operation of the core fails — an errno value (`libc::E*`) —
-//! and where RPC, cache and protocol failures become one. Invariant: the value is a positive errno.
+//! `FsError`: how an operation of the core fails, as an errno (`libc::E*`); RPC failures map here.
+//! Invariant: the value is a positive errno, so an adapter hands it on as it is.
 
 use proto::{ProtoError, Response};
 use tracing::warn;

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use proto::{ByteRange, ErrorCode, LockKind, LockOwnerId, Response, WaitId};
 
-use super::tests::{WAIT_MAX, start_manager, start_manager_with};
+use super::test_support::{WAIT_MAX, start_manager, start_manager_with};
 use super::{FsError, Manager};
 use crate::fake_cell::{CutOff, FILE, FakeCell, Record};
 use crate::inode::Ino;

@@ -212,7 +212,7 @@ mod tests {
     use super::*;
     use crate::fake_cell::{FILE, FILE2, FakeCell};
     use crate::manager::LockRequest;
-    use crate::manager::tests::start_manager;
+    use crate::manager::test_support::start_manager;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_restarted_server_gets_callbacks_and_locks_reclaimed_and_only_changes_refetched() {
