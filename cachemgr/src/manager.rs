@@ -23,6 +23,7 @@ mod namespace;
 #[cfg(test)]
 mod pair_tests;
 mod reclaim;
+mod store_plan;
 #[cfg(test)]
 mod test_support;
 mod write_back;
@@ -73,7 +74,7 @@ pub struct ManagerSettings {
 /// Answers filesystem operations from the status and chunk caches under callback
 /// promises, and goes to the fileserver only on a miss, a broken callback or a change.
 /// FUSE threads and the control socket both call in. Its methods live by concern:
-/// `namespace`, `data`, `write_back`, `admin` (the `fs` commands), `advisory` (locks),
+/// `namespace`, `data`, `write_back` (driving a `StorePlan`), `admin` (the `fs` commands), `advisory` (locks),
 /// `callback_sink` and `reclaim` (what the fileserver connections report).
 pub struct Manager {
     /// Lets `&self` methods start tasks (fetches ahead) that outlive the call.

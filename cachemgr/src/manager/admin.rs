@@ -79,8 +79,7 @@ impl Manager {
     pub async fn flush_cached(&self, ino: Ino) -> FsResult<()> {
         let fid = self.fid(ino)?;
         let _file = self.file_lock(fid).write().await;
-        self.write_back(fid).await?;
-        self.sync(fid).await?;
+        self.write_back_durably(fid).await?;
         self.chunks.drop_fid(fid);
         self.read_ahead.lock().forget(fid);
         let removed = self.state.lock().statuses.remove(fid);

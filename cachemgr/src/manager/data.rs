@@ -288,8 +288,7 @@ impl Manager {
             return Ok(());
         }
         let _file = self.file_lock(fid).write().await;
-        self.write_back(fid).await?;
-        self.sync(fid).await
+        self.write_back_durably(fid).await
     }
 
     /// Batches fids whose last cached data was evicted and gives their callbacks up.

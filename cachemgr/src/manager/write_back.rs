@@ -1,161 +1,136 @@
-//! The write-back: a file's dirty chunks stored, adjacent ones together, then one `Fsync`.
+//! The write-back: a file's dirty chunks stored and synced as its `StorePlan` says, before a close.
 //! Invariant: the caller holds the file's lock alone; no store is in flight once it returns.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
+use std::sync::Arc;
 use std::time::Instant;
 
-use proto::{CallbackGrant, Fid, Request, Response, VnodeStatus};
+use proto::{CallbackGrant, DataVersion, Fid, Request, Response, VnodeStatus};
 use tokio::task::JoinSet;
 use tracing::warn;
 
 use super::fs_error::{chunk_io_error, unexpected};
+use super::store_plan::{Effect, StorePlan, Then};
 use super::{FsError, FsResult, Manager, rpc_error};
-use crate::chunk_index::{CHUNK_BYTES, ChunkKey};
+use crate::volume::VolumeLocation;
 
-/// `StoreData` requests of one write-back in flight at once: enough that the next
-/// store is on the wire while the server writes one. More buys nothing: the server's
-/// writes into one file take that file's inode lock in turn (profiled: with 8 stores of
-/// one chunk, its writers spent 8% of the CPU spinning on it).
-const STORES_IN_FLIGHT_MAX: usize = 2;
-/// Most bytes one `StoreData` carries: whole chunks. The server commits every store's
-/// metadata durably on its own (or shares a commit with the stores queued behind it),
-/// so fewer, larger stores mean fewer commits: profiled on a 256 MiB write-back, stores
-/// of one chunk cost ~160 commits of `meta.redb`, most of the write-back's time. Two
-/// chunks, with two stores in flight, keep the bytes on one connection at once at
-/// 4 MiB: the `--timeout` of the last store counts the sending of those ahead of it,
-/// and callback breaks and lock pushes wait behind them. It must fit in a frame.
-const STORE_BYTES_MAX: u64 = 2 * CHUNK_BYTES;
-const _: () = assert!(
-    STORE_BYTES_MAX >= CHUNK_BYTES
-        && STORE_BYTES_MAX + 64 * 1024 <= proto::frame::FRAME_BYTES_MAX_DEFAULT as u64
-);
+/// A store's answer: the file's status after it, and the callback it renewed.
+type StoreReply = (VnodeStatus, Option<CallbackGrant>);
 
-/// Splits a file's dirty chunks, given as `(index, len)` in index order, into the runs
-/// one `StoreData` each carries: adjacent chunks of which all but the last are full (so
-/// the run is one contiguous range of the file), at most `STORE_BYTES_MAX` in all.
-fn store_runs(chunks: &[(u64, u64)]) -> Vec<std::ops::Range<usize>> {
-    let mut runs = Vec::new();
-    let mut start = 0;
-    for i in 1..=chunks.len() {
-        let ends_run = match chunks.get(i) {
-            None => true,
-            Some(&(index, _)) => {
-                let (previous_index, previous_len) = chunks[i - 1];
-                index != previous_index + 1
-                    || previous_len != CHUNK_BYTES
-                    || (i + 1 - start) as u64 * CHUNK_BYTES > STORE_BYTES_MAX
-            }
-        };
-        if ends_run {
-            runs.push(start..i);
-            start = i;
-        }
-    }
-    runs
+/// What the stores of one write-back share: the version they start from, where they
+/// go, and when the first was sent (the callbacks of their answers count from there,
+/// which errs early).
+struct Stores {
+    before: DataVersion,
+    location: Arc<VolumeLocation>,
+    sent_at: Instant,
 }
 
 impl Manager {
-    /// Stores every dirty chunk of `fid`, adjacent ones together (`store_runs`), up to
-    /// `STORES_IN_FLIGHT_MAX` stores at once (they are disjoint ranges, so their order
-    /// does not matter). The caller holds the file lock exclusively, so nothing else
-    /// changes the file's chunks meanwhile. The stores are acknowledged, not yet
-    /// durable: `sync` makes them so.
+    /// Stores every dirty chunk of `fid`; the stores are acknowledged, not yet durable.
+    /// The caller holds the file lock exclusively.
     pub(super) async fn write_back(&self, fid: Fid) -> FsResult<()> {
-        let dirty = self.chunks.dirty_chunks(fid);
-        if dirty.is_empty() {
-            return Ok(());
-        }
-        let extents: Vec<(u64, u64)> = dirty.iter().map(|(k, m)| (k.index, m.len)).collect();
-        let before = self.valid_status(fid).await?.data_version;
-        let location = self.location(fid.volume).await?;
-        // The callbacks of every reply are counted from here, which errs early.
-        let sent_at = Instant::now();
-        let mut pending = store_runs(&extents).into_iter();
-        let mut in_flight = JoinSet::new();
-        let mut stored = 0u64;
-        let mut highest: Option<(VnodeStatus, Option<CallbackGrant>)> = None;
-        let mut failure = None;
-        loop {
-            while failure.is_none() && in_flight.len() < STORES_IN_FLIGHT_MAX {
-                let Some(run) = pending.next() else {
-                    break;
-                };
-                let run = &dirty[run];
-                let mut data = Vec::with_capacity(run.iter().map(|(_, m)| m.len as usize).sum());
-                if let Some(e) = run
-                    .iter()
-                    .find_map(|(key, meta)| self.chunks.append_whole(*key, meta, &mut data).err())
-                {
-                    failure = Some(chunk_io_error(e));
-                    break;
-                }
-                self.unsynced.lock().insert(fid);
-                let request = Request::StoreData {
-                    fid,
-                    offset: run[0].0.offset(),
-                    data,
-                    truncate_to: None,
-                };
-                let keys: Vec<ChunkKey> = run.iter().map(|(key, _)| *key).collect();
-                let (pool, location) = (self.pool.clone(), location.clone());
-                in_flight.spawn(async move { (keys, pool.call(&location, request).await) });
-            }
-            // After a failure no store starts, but those in flight are awaited: none
-            // may still be travelling when the caller goes on to truncate.
-            let Some(joined) = in_flight.join_next().await else {
-                break;
-            };
-            let (keys, result) = match joined {
-                Ok(done) => done,
-                Err(e) => {
-                    warn!(%fid, error = %e, "a store task failed");
-                    failure.get_or_insert(FsError::EIO);
-                    continue;
-                }
-            };
-            match result {
-                Ok(Response::Status { status, callback }) => {
-                    for key in keys {
-                        let emptied = self.chunks.mark_clean(key, status.data_version);
-                        self.note_evicted(emptied);
-                    }
-                    // Each store moves the version by one, whatever it carried.
-                    stored += 1;
-                    if highest
-                        .as_ref()
-                        .is_none_or(|(h, _)| h.data_version < status.data_version)
-                    {
-                        highest = Some((status, callback));
-                    }
-                }
-                Ok(other) => {
-                    failure.get_or_insert(unexpected(&other));
-                }
-                Err(e) => {
-                    failure.get_or_insert(rpc_error(&e));
-                }
-            }
-        }
-        if let Some((status, callback)) = highest {
-            self.absorb_own_data_change(before, stored, status, callback, sent_at);
-        }
-        if let Some(e) = failure {
-            return Err(e);
-        }
-        if !self.chunks.has_dirty(fid)
-            && let Some(entry) = self.state.lock().statuses.get_mut(fid)
-        {
-            entry.local_size = None;
-        }
-        Ok(())
+        self.run_write_back(fid, Then::Return).await
     }
 
-    /// Makes every acknowledged store of `fid` durable on the server with one `Fsync`.
-    /// The caller holds the file lock exclusively.
-    pub(super) async fn sync(&self, fid: Fid) -> FsResult<()> {
-        if !self.unsynced.lock().contains(&fid) {
-            return Ok(());
+    /// AFS close semantics: stores every dirty chunk of `fid`, then makes every store
+    /// acknowledged so far durable with one `Fsync`. The caller holds the file lock
+    /// exclusively.
+    pub(super) async fn write_back_durably(&self, fid: Fid) -> FsResult<()> {
+        let unsynced = self.unsynced.lock().contains(&fid);
+        self.run_write_back(fid, Then::Sync { unsynced }).await
+    }
+
+    /// Does what the plan of `fid`'s dirty chunks says. Holding the file lock alone, it
+    /// is the only one changing the file's chunks meanwhile.
+    async fn run_write_back(&self, fid: Fid, then: Then) -> FsResult<()> {
+        let dirty = self.chunks.dirty_chunks(fid);
+        let extents: Vec<(u64, u64)> = dirty.iter().map(|(k, m)| (k.index, m.len)).collect();
+        let mut plan = StorePlan::<StoreReply>::new(&extents, then);
+        let stores = if plan.is_empty() {
+            None
+        } else {
+            Some(Stores {
+                before: self.valid_status(fid).await?.data_version,
+                location: self.location(fid.volume).await?,
+                sent_at: Instant::now(),
+            })
+        };
+        let mut effects = VecDeque::from(plan.start());
+        let mut in_flight = JoinSet::new();
+        loop {
+            while let Some(effect) = effects.pop_front() {
+                match effect {
+                    Effect::Store(store) => {
+                        let Some(stores) = &stores else {
+                            unreachable!("a plan with nothing to store asks for no store");
+                        };
+                        let chunks = &dirty[store.chunks.clone()];
+                        let mut data = Vec::with_capacity(store.bytes as usize);
+                        if let Some(e) = chunks.iter().find_map(|(key, meta)| {
+                            self.chunks.append_whole(*key, meta, &mut data).err()
+                        }) {
+                            effects.extend(plan.not_sent(chunk_io_error(e)));
+                            continue;
+                        }
+                        self.unsynced.lock().insert(fid);
+                        let request = Request::StoreData {
+                            fid,
+                            offset: store.offset,
+                            data,
+                            truncate_to: None,
+                        };
+                        let (pool, location) = (self.pool.clone(), stores.location.clone());
+                        in_flight
+                            .spawn(async move { (store, pool.call(&location, request).await) });
+                        effects.extend(plan.sent());
+                    }
+                    Effect::MarkClean { chunks, version } => {
+                        for (key, _) in &dirty[chunks] {
+                            let emptied = self.chunks.mark_clean(*key, version);
+                            self.note_evicted(emptied);
+                        }
+                    }
+                    Effect::Absorb {
+                        changes,
+                        reply: (status, callback),
+                    } => {
+                        if let Some(stores) = &stores {
+                            let (before, sent_at) = (stores.before, stores.sent_at);
+                            self.absorb_own_data_change(before, changes, status, callback, sent_at);
+                        }
+                    }
+                    Effect::AllStored => {
+                        if !self.chunks.has_dirty(fid)
+                            && let Some(entry) = self.state.lock().statuses.get_mut(fid)
+                        {
+                            entry.local_size = None;
+                        }
+                    }
+                    Effect::Fsync => return self.fsync(fid).await,
+                    Effect::Done(result) => return result,
+                }
+            }
+            let Some(joined) = in_flight.join_next().await else {
+                unreachable!("a plan ends with Fsync or Done once no store is in flight");
+            };
+            effects.extend(match joined {
+                Ok((store, Ok(Response::Status { status, callback }))) => {
+                    let version = status.data_version;
+                    plan.stored(&store, version, (status, callback))
+                }
+                Ok((_, Ok(other))) => plan.failed(unexpected(&other)),
+                Ok((_, Err(e))) => plan.failed(rpc_error(&e)),
+                Err(e) => {
+                    warn!(%fid, error = %e, "a store task failed");
+                    plan.failed(FsError::EIO)
+                }
+            });
         }
+    }
+
+    /// Makes every acknowledged store of `fid` durable on the server.
+    async fn fsync(&self, fid: Fid) -> FsResult<()> {
         let sent_at = Instant::now();
         match self.call(fid.volume, Request::Fsync { fid }).await? {
             Response::Status { status, callback } => self.absorb(status, callback, sent_at),
@@ -171,11 +146,7 @@ impl Manager {
         fids.extend(self.unsynced.lock().iter().copied());
         for fid in fids {
             let _file = self.file_lock(fid).write().await;
-            let result = match self.write_back(fid).await {
-                Ok(()) => self.sync(fid).await,
-                Err(e) => Err(e),
-            };
-            if let Err(e) = result {
+            if let Err(e) = self.write_back_durably(fid).await {
                 warn!(%fid, error = %e, "could not store a file's writes before unmounting; they are lost");
             }
         }
@@ -187,7 +158,9 @@ mod tests {
     use proto::{DataVersion, ErrorCode, SetAttrs};
 
     use super::*;
+    use crate::chunk_index::{CHUNK_BYTES, ChunkKey};
     use crate::fake_cell::{FILE, FakeCell};
+    use crate::manager::store_plan::{STORE_BYTES_MAX, STORES_IN_FLIGHT_MAX};
     use crate::manager::test_support::{pattern, start_manager};
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -378,33 +351,5 @@ mod tests {
             cell.content().0 == data[..100],
             "the server holds the cut file"
         );
-    }
-
-    #[test]
-    fn stores_carry_adjacent_whole_chunks_up_to_the_limit() {
-        let full = CHUNK_BYTES;
-        let per_store = (STORE_BYTES_MAX / CHUNK_BYTES) as usize;
-        // A long run of full chunks is cut at the limit; its last store may end short.
-        let long: Vec<(u64, u64)> = (0..per_store as u64 * 2 + 1)
-            .map(|i| (i, if i == per_store as u64 * 2 { 10 } else { full }))
-            .collect();
-        assert_eq!(
-            store_runs(&long),
-            [
-                0..per_store,
-                per_store..2 * per_store,
-                2 * per_store..2 * per_store + 1
-            ]
-        );
-        // A gap between chunks, or a short chunk before the next one, ends a run.
-        assert_eq!(
-            store_runs(&[(0, full), (1, 100), (2, full), (4, full), (5, full)]),
-            [0..2, 2..3, 3..5]
-        );
-        assert_eq!(
-            store_runs(&[(7, 5)]),
-            vec![std::ops::Range { start: 0, end: 1 }]
-        );
-        assert!(store_runs(&[]).is_empty());
     }
 }
