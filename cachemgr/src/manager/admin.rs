@@ -1,5 +1,5 @@
 //! The `holdfast fs` commands behind the control socket: examine, whereis, flush, checkservers...
-//! Invariant: a command reports the caches as they are; examining renews no broken callback.
+//! Invariant: `examine` fetches a status only when none is cached: a broken callback shows broken.
 
 use std::ffi::OsStr;
 use std::time::{Duration, Instant, SystemTime};

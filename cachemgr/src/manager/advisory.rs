@@ -1,10 +1,5 @@
-//! Advisory byte-range locks through the mount (`fcntl` and `flock`): each maps onto the
-//! fileserver's lock calls, and the locks granted are mirrored in `HeldLocks` so a close
-//! costs an RPC only when its owner holds something, and a reconnect can reclaim them.
-//! Invariant: the local table changes only after the server answered (a grant is
-//! recorded once granted; a release is forgotten even if the server could not be told,
-//! since then the lease ends the lock); a blocking request waits on the server, never by
-//! polling, except for the server's own `Grace` retry hint.
+//! Advisory locks on the mount (`fcntl`, `flock`) as the fileserver's, mirrored in `HeldLocks`.
+//! Invariant: `HeldLocks` changes only after the server call returns; a blocking request never polls.
 
 use std::time::Duration;
 
@@ -14,7 +9,8 @@ use proto::{
 };
 use tracing::{debug, info, warn};
 
-use super::{FsError, FsResult, Manager, rpc_error, unexpected};
+use super::fs_error::unexpected;
+use super::{FsError, FsResult, Manager, rpc_error};
 use crate::held_locks::HeldLock;
 use crate::inode::Ino;
 use crate::lock_waits::WaitEnd;
@@ -33,6 +29,12 @@ pub struct LockRequest {
     pub pid: u32,
 }
 
+/// Each kernel lock call maps onto the fileserver's lock calls, and the locks granted are
+/// mirrored in `HeldLocks`, so a close costs an RPC only when its owner holds something
+/// and a reconnect can reclaim them. A grant is recorded once granted; a release is
+/// forgotten even if the server could not be told, since then the lease ends the lock. A
+/// blocking request waits for the server's `LockGranted` push, never by polling, except
+/// for the server's own `Grace` retry hint.
 impl Manager {
     /// `F_SETLK`/`F_SETLKW`/`flock`: takes, changes or releases a lock. `wait` blocks
     /// until the range frees; otherwise a conflict is `EAGAIN`.

@@ -1,7 +1,5 @@
 //! Tests: a fileserver pair as the manager sees it, one server with two addresses.
-//! Calls that reach the passive member, or die with the active, land on the other
-//! member after the reclaim there, keep a `Sequenced` request's `seq`, and a single
-//! server still fails at once.
+//! Invariant checked: a call lands on the active after the reclaim there, with its `seq` kept.
 
 use std::ffi::OsStr;
 use std::sync::Arc;
