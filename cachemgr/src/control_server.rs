@@ -11,7 +11,7 @@ use tokio::sync::{Semaphore, watch};
 use tracing::debug;
 
 use crate::control::{ControlRequest, ControlResponse, body_len, decode, encode};
-use crate::manager::{Manager, describe};
+use crate::manager::Manager;
 
 const CONNECTIONS_MAX: usize = 64;
 
@@ -71,21 +71,21 @@ async fn answer(manager: &Manager, request: ControlRequest) -> ControlResponse {
     match request {
         ControlRequest::Examine { ino } => match manager.examine(ino).await {
             Ok(info) => ControlResponse::Examine(info),
-            Err(e) => ControlResponse::Error(describe(e)),
+            Err(e) => ControlResponse::Error(e.to_string()),
         },
         ControlRequest::ExamineEntry { dir, name } => {
             match manager.examine_entry(dir, &name).await {
                 Ok(info) => ControlResponse::Examine(info),
-                Err(e) => ControlResponse::Error(describe(e)),
+                Err(e) => ControlResponse::Error(e.to_string()),
             }
         }
         ControlRequest::Whereis { ino } => match manager.whereis(ino).await {
             Ok((volume, addresses)) => ControlResponse::Whereis { volume, addresses },
-            Err(e) => ControlResponse::Error(describe(e)),
+            Err(e) => ControlResponse::Error(e.to_string()),
         },
         ControlRequest::Flush { ino } => match manager.flush_cached(ino).await {
             Ok(()) => ControlResponse::Flushed,
-            Err(e) => ControlResponse::Error(describe(e)),
+            Err(e) => ControlResponse::Error(e.to_string()),
         },
         ControlRequest::CheckServers => ControlResponse::Servers(manager.check_servers().await),
         ControlRequest::MkMount { dir, name, volume } => {
@@ -96,7 +96,7 @@ async fn answer(manager: &Manager, request: ControlRequest) -> ControlResponse {
         }
         ControlRequest::LsMount { dir, name } => match manager.list_mount(dir, &name).await {
             Ok(content) => ControlResponse::LsMount { content },
-            Err(e) => ControlResponse::Error(describe(e)),
+            Err(e) => ControlResponse::Error(e.to_string()),
         },
     }
 }

@@ -48,6 +48,8 @@ pub struct Record {
     pub stores: usize,
     /// Bytes of the largest store.
     pub store_bytes_peak: usize,
+    /// Each store's offset and length, in arrival order.
+    pub store_ranges: Vec<(u64, usize)>,
     pub stores_answered: usize,
     /// Stores answered when each `Fsync` arrived.
     pub fsyncs_after_stores: Vec<usize>,
@@ -85,6 +87,7 @@ fn kind(request: &Request) -> &'static str {
         Request::FetchStatus { .. } => "FetchStatus",
         Request::FetchData { .. } => "FetchData",
         Request::StoreData { .. } => "StoreData",
+        Request::SetAttr { .. } => "SetAttr",
         Request::Fsync { .. } => "Fsync",
         Request::Remove { .. } => "Remove",
         Request::SetLock { .. } => "SetLock",
@@ -112,6 +115,8 @@ pub struct FakeCell {
     pub cut_off: Mutex<Option<CutOff>>,
     /// Requests of this kind are never answered (the server hangs).
     pub hang_on: Mutex<Option<&'static str>>,
+    /// The next store at this offset is refused with this error, storing nothing.
+    pub refuse_store: Mutex<Option<(u64, ErrorCode)>>,
     files: Mutex<HashMap<Fid, (Vec<u8>, DataVersion)>>,
     pub record: Mutex<Record>,
     /// Answers to the next `SetLock` requests; `Ok` once empty.
@@ -184,6 +189,7 @@ impl FakeCell {
             listed: Mutex::new(None),
             cut_off: Mutex::new(None),
             hang_on: Mutex::new(None),
+            refuse_store: Mutex::new(None),
             files: Mutex::new(HashMap::from([
                 (FILE, (content, DataVersion(1))),
                 (FILE2, (Vec::new(), DataVersion(1))),
@@ -334,6 +340,7 @@ impl FakeCell {
                 record.stores_in_flight_peak.max(record.stores_in_flight);
             record.stores += 1;
             record.store_bytes_peak = record.store_bytes_peak.max(bytes.len());
+            record.store_ranges.push((offset, bytes.len()));
             record.stores
         };
         self.changed.send_replace(());
@@ -569,9 +576,29 @@ impl FakeCell {
             Request::StoreData {
                 offset, ref data, ..
             } => {
+                let refused = self.refuse_store.lock().take_if(|(at, _)| *at == offset);
+                if let Some((_, code)) = refused {
+                    return Err(code);
+                }
                 let status = self.store(offset, data).await;
                 Ok(Response::Status {
                     status,
+                    callback: Self::grant(),
+                })
+            }
+            Request::SetAttr { fid, attrs } => {
+                {
+                    let mut files = self.files.lock();
+                    let Some(file) = files.get_mut(&fid) else {
+                        return Err(ErrorCode::NoSuchEntry);
+                    };
+                    if let Some(size) = attrs.size {
+                        file.0.resize(size as usize, 0);
+                    }
+                    file.1 = file.1.next();
+                }
+                Ok(Response::Status {
+                    status: self.status(fid),
                     callback: Self::grant(),
                 })
             }

@@ -1,5 +1,6 @@
 //! The FUSE face of the cache manager: each kernel request is decoded, run on the
-//! manager (blocking this fuser thread on the async runtime) and answered.
+//! manager (blocking this fuser thread on the async runtime) and answered; the one place
+//! where the core's `Attr`, `NodeKind`, `FsError` and `Ino` become fuser's types.
 //! Invariant: every request gets exactly one reply; no request waits without bound,
 //! since every RPC under it has a deadline.
 
@@ -10,23 +11,27 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::SystemTime;
 
 use fuser::{
-    AccessFlags, Errno, FileHandle, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
-    KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLock, ReplyOpen, ReplyStatfs, ReplyWrite,
-    ReplyXattr, Request, TimeOrNow, WriteFlags,
+    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
+    INodeNo, InitFlags, KernelConfig, LockOwner, Notifier, OpenFlags, RenameFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLock, ReplyOpen,
+    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use proto::{ByteRange, LockKind, LockOwnerId, SetAttrs, Timestamp};
 use tracing::{debug, warn};
 
 use crate::chunk_index::CHUNK_BYTES;
 use crate::inode::Ino;
-use crate::manager::{AttrOut, FsResult, LockRequest, Manager};
+use crate::invalidate::KernelNotifier;
+use crate::manager::{Attr, AttrOut, FsError, FsResult, LockRequest, Manager, NodeKind};
 
 /// Block size `statfs` reports.
 const STATFS_BLOCK_BYTES: u64 = 4096;
 
 /// The kernel's "to end of file" (`OFFSET_MAX`), the inclusive end of a whole-file lock.
 const KERNEL_OFFSET_MAX: u64 = i64::MAX as u64;
+
+/// The I/O size `stat` suggests (`st_blksize`).
+const IO_BLOCK_BYTES: u32 = 64 * 1024;
 
 pub struct HoldfastFs {
     manager: Arc<Manager>,
@@ -55,17 +60,68 @@ fn ino(i: INodeNo) -> Ino {
     Ino(i.0)
 }
 
+fn errno(e: FsError) -> Errno {
+    Errno::from_i32(e.errno())
+}
+
+fn file_type(kind: NodeKind) -> FileType {
+    match kind {
+        NodeKind::File => FileType::RegularFile,
+        NodeKind::Directory => FileType::Directory,
+        NodeKind::Symlink => FileType::Symlink,
+    }
+}
+
+fn file_attr(attr: &Attr) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(attr.ino.0),
+        size: attr.size,
+        blocks: attr.size.div_ceil(512),
+        atime: attr.atime,
+        mtime: attr.mtime,
+        ctime: attr.ctime,
+        crtime: attr.ctime,
+        kind: file_type(attr.kind),
+        perm: attr.perm,
+        nlink: attr.nlink,
+        uid: attr.uid,
+        gid: attr.gid,
+        rdev: 0,
+        blksize: IO_BLOCK_BYTES,
+        flags: 0,
+    }
+}
+
 fn reply_entry(reply: ReplyEntry, result: FsResult<AttrOut>) {
     match result {
-        Ok(out) => reply.entry(&out.ttl, &out.attr, Generation(0)),
-        Err(e) => reply.error(e),
+        Ok(out) => reply.entry(&out.ttl, &file_attr(&out.attr), Generation(0)),
+        Err(e) => reply.error(errno(e)),
+    }
+}
+
+fn reply_attr(reply: ReplyAttr, result: FsResult<AttrOut>) {
+    match result {
+        Ok(out) => reply.attr(&out.ttl, &file_attr(&out.attr)),
+        Err(e) => reply.error(errno(e)),
     }
 }
 
 fn reply_empty(reply: ReplyEmpty, result: FsResult<()>) {
     match result {
         Ok(()) => reply.ok(),
-        Err(e) => reply.error(e),
+        Err(e) => reply.error(errno(e)),
+    }
+}
+
+/// The mount's channel for kernel cache invalidations. fuser answers `Ok` when the
+/// kernel had already forgotten the inode (`ENOENT`).
+impl KernelNotifier for Notifier {
+    fn invalidate_inode(&self, ino: Ino) -> std::io::Result<()> {
+        self.inval_inode(INodeNo(ino.0), 0, 0)
+    }
+
+    fn invalidate_entry(&self, parent: Ino, name: &OsStr) -> std::io::Result<()> {
+        self.inval_entry(INodeNo(parent.0), name)
     }
 }
 
@@ -77,7 +133,7 @@ pub fn lock_range(start: u64, end_inclusive: u64) -> FsResult<ByteRange> {
     } else {
         end_inclusive + 1
     };
-    ByteRange::new(start, end).map_err(|_| Errno::EINVAL)
+    ByteRange::new(start, end).map_err(|_| FsError::EINVAL)
 }
 
 /// The inverse of `lock_range`, for `F_GETLK` answers.
@@ -95,7 +151,7 @@ pub fn lock_kind(typ: i32) -> FsResult<Option<LockKind>> {
         libc::F_RDLCK => Ok(Some(LockKind::Shared)),
         libc::F_WRLCK => Ok(Some(LockKind::Exclusive)),
         libc::F_UNLCK => Ok(None),
-        _ => Err(Errno::EINVAL),
+        _ => Err(FsError::EINVAL),
     }
 }
 
@@ -166,7 +222,7 @@ impl Filesystem for HoldfastFs {
                 holder.pid,
             ),
             Ok(None) => reply.locked(start, end, libc::F_UNLCK, 0),
-            Err(e) => reply.error(e),
+            Err(e) => reply.error(errno(e)),
         }
     }
 
@@ -186,7 +242,7 @@ impl Filesystem for HoldfastFs {
         let (kind, range) = match (lock_kind(typ), lock_range(start, end)) {
             (Ok(kind), Ok(range)) => (kind, range),
             (Err(e), _) | (_, Err(e)) => {
-                reply.error(e);
+                reply.error(errno(e));
                 return;
             }
         };
@@ -216,10 +272,7 @@ impl Filesystem for HoldfastFs {
 
     fn getattr(&self, _req: &Request, i: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         debug!(ino = i.0, "getattr");
-        match self.run(self.manager.getattr(ino(i))) {
-            Ok(out) => reply.attr(&out.ttl, &out.attr),
-            Err(e) => reply.error(e),
-        }
+        reply_attr(reply, self.run(self.manager.getattr(ino(i))));
     }
 
     fn setattr(
@@ -248,16 +301,13 @@ impl Filesystem for HoldfastFs {
             atime: atime.map(timestamp),
             mtime: mtime.map(timestamp),
         };
-        match self.run(self.manager.setattr(ino(i), attrs)) {
-            Ok(out) => reply.attr(&out.ttl, &out.attr),
-            Err(e) => reply.error(e),
-        }
+        reply_attr(reply, self.run(self.manager.setattr(ino(i), attrs)));
     }
 
     fn readlink(&self, _req: &Request, i: INodeNo, reply: ReplyData) {
         match self.run(self.manager.readlink(ino(i))) {
             Ok(target) => reply.data(&target),
-            Err(e) => reply.error(e),
+            Err(e) => reply.error(errno(e)),
         }
     }
 
@@ -364,7 +414,7 @@ impl Filesystem for HoldfastFs {
         match self.run(self.manager.open(ino(i))) {
             Ok(true) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
             Ok(false) => reply.opened(FileHandle(0), FopenFlags::empty()),
-            Err(e) => reply.error(e),
+            Err(e) => reply.error(errno(e)),
         }
     }
 
@@ -382,7 +432,7 @@ impl Filesystem for HoldfastFs {
         debug!(ino = i.0, offset, size, "read");
         match self.run(self.manager.read(ino(i), offset, size)) {
             Ok(data) => reply.data(&data),
-            Err(e) => reply.error(e),
+            Err(e) => reply.error(errno(e)),
         }
     }
 
@@ -400,7 +450,7 @@ impl Filesystem for HoldfastFs {
     ) {
         match self.run(self.manager.write(ino(i), offset, data)) {
             Ok(written) => reply.written(written),
-            Err(e) => reply.error(e),
+            Err(e) => reply.error(errno(e)),
         }
     }
 
@@ -455,7 +505,7 @@ impl Filesystem for HoldfastFs {
     fn opendir(&self, _req: &Request, i: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.run(self.manager.opendir(ino(i))) {
             Ok(handle) => reply.opened(FileHandle(handle), FopenFlags::empty()),
-            Err(e) => reply.error(e),
+            Err(e) => reply.error(errno(e)),
         }
     }
 
@@ -470,14 +520,14 @@ impl Filesystem for HoldfastFs {
         let snapshot = match self.run(self.manager.readdir(ino(i), fh.0, offset)) {
             Ok(snapshot) => snapshot,
             Err(e) => {
-                reply.error(e);
+                reply.error(errno(e));
                 return;
             }
         };
         let start = usize::try_from(offset).unwrap_or(usize::MAX);
         for (index, (name, child, kind)) in snapshot.entries.iter().enumerate().skip(start) {
             // The offset of an entry is where the next read resumes.
-            if reply.add(INodeNo(child.0), index as u64 + 1, *kind, name) {
+            if reply.add(INodeNo(child.0), index as u64 + 1, file_type(*kind), name) {
                 break;
             }
         }
@@ -524,7 +574,7 @@ impl Filesystem for HoldfastFs {
                     STATFS_BLOCK_BYTES as u32,
                 );
             }
-            Err(e) => reply.error(e),
+            Err(e) => reply.error(errno(e)),
         }
     }
 
@@ -585,13 +635,13 @@ impl Filesystem for HoldfastFs {
                 debug!(ino = out.attr.ino.0, "created");
                 reply.created(
                     &out.ttl,
-                    &out.attr,
+                    &file_attr(&out.attr),
                     Generation(0),
                     FileHandle(0),
                     FopenFlags::empty(),
                 )
             }
-            Err(e) => reply.error(e),
+            Err(e) => reply.error(errno(e)),
         }
     }
 }
@@ -609,7 +659,7 @@ mod tests {
             lock_range(5, u64::MAX),
             Ok(ByteRange::new(5, ByteRange::EOF).unwrap())
         );
-        assert_eq!(lock_range(10, 9), Err(Errno::EINVAL));
+        assert_eq!(lock_range(10, 9), Err(FsError::EINVAL));
         assert_eq!(kernel_lock_end(20), 19);
         assert_eq!(kernel_lock_end(u64::MAX), KERNEL_OFFSET_MAX);
     }
@@ -619,7 +669,7 @@ mod tests {
         assert_eq!(lock_kind(libc::F_RDLCK), Ok(Some(LockKind::Shared)));
         assert_eq!(lock_kind(libc::F_WRLCK), Ok(Some(LockKind::Exclusive)));
         assert_eq!(lock_kind(libc::F_UNLCK), Ok(None));
-        assert_eq!(lock_kind(99), Err(Errno::EINVAL));
+        assert_eq!(lock_kind(99), Err(FsError::EINVAL));
         assert_eq!(kernel_lock_type(LockKind::Shared), libc::F_RDLCK);
         assert_eq!(kernel_lock_type(LockKind::Exclusive), libc::F_WRLCK);
     }

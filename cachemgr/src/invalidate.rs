@@ -1,5 +1,5 @@
 //! Kernel cache invalidation, off the request path: callback breaks queue work here and
-//! one thread tells the kernel through fuser's `Notifier`.
+//! one thread tells the kernel through the mount's `KernelNotifier`.
 //! Invariant: nothing that answers a FUSE request or a server's break ever waits on the
 //! kernel: a notification can block on an inode lock held by a FUSE request in flight,
 //! and that request may be waiting for us. The queue is bounded; when it is full the
@@ -9,7 +9,6 @@ use std::ffi::OsStr;
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, OnceLock};
 
-use fuser::{INodeNo, Notifier};
 use tracing::debug;
 
 use crate::inode::Ino;
@@ -25,10 +24,19 @@ pub enum Invalidation {
     Entry { parent: Ino, name: String },
 }
 
+/// How the invalidation thread tells the kernel to forget what it cached; the mount
+/// gives one once it exists.
+pub trait KernelNotifier: Send + Sync + 'static {
+    /// Attributes and cached pages of `ino`.
+    fn invalidate_inode(&self, ino: Ino) -> std::io::Result<()>;
+    /// The dentry `name` in directory `parent`.
+    fn invalidate_entry(&self, parent: Ino, name: &OsStr) -> std::io::Result<()>;
+}
+
 #[derive(Clone)]
 pub struct Invalidator {
     queue: SyncSender<Invalidation>,
-    notifier: Arc<OnceLock<Notifier>>,
+    notifier: Arc<OnceLock<Box<dyn KernelNotifier>>>,
 }
 
 impl Invalidator {
@@ -44,8 +52,8 @@ impl Invalidator {
     }
 
     /// Called once the mount exists.
-    pub fn set_notifier(&self, notifier: Notifier) {
-        let _ = self.notifier.set(notifier);
+    pub fn set_notifier(&self, notifier: impl KernelNotifier) {
+        let _ = self.notifier.set(Box::new(notifier));
     }
 
     pub fn push(&self, invalidation: Invalidation) {
@@ -60,20 +68,20 @@ impl Invalidator {
     }
 }
 
-fn run(work: Receiver<Invalidation>, notifier: Arc<OnceLock<Notifier>>) {
+fn run(work: Receiver<Invalidation>, notifier: Arc<OnceLock<Box<dyn KernelNotifier>>>) {
     while let Ok(invalidation) = work.recv() {
         let Some(notifier) = notifier.get() else {
             continue;
         };
         let result = match &invalidation {
-            Invalidation::Inode(ino) => notifier.inval_inode(INodeNo(ino.0), 0, 0),
+            Invalidation::Inode(ino) => notifier.invalidate_inode(*ino),
             Invalidation::Entry { parent, name } => {
-                notifier.inval_entry(INodeNo(parent.0), OsStr::new(name))
+                notifier.invalidate_entry(*parent, OsStr::new(name))
             }
         };
         if let Err(e) = result {
-            // ENOENT (kernel forgot the inode) is mapped to Ok by fuser; anything else
-            // usually means the mount is going away.
+            // A kernel that forgot the inode is no failure (the notifier answers Ok);
+            // anything else usually means the mount is going away.
             debug!(?invalidation, error = %e, "kernel invalidation failed");
         }
     }

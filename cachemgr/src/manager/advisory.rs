@@ -1,21 +1,16 @@
-//! Advisory byte-range locks through the mount (`fcntl` and `flock`): each maps onto the
-//! fileserver's lock calls, and the locks granted are mirrored in `HeldLocks` so a close
-//! costs an RPC only when its owner holds something, and a reconnect can reclaim them.
-//! Invariant: the local table changes only after the server answered (a grant is
-//! recorded once granted; a release is forgotten even if the server could not be told,
-//! since then the lease ends the lock); a blocking request waits on the server, never by
-//! polling, except for the server's own `Grace` retry hint.
+//! Advisory locks on the mount (`fcntl`, `flock`) as the fileserver's, mirrored in `HeldLocks`.
+//! Invariant: `HeldLocks` changes only after the server call returns; a blocking request never polls.
 
 use std::time::Duration;
 
-use fuser::Errno;
 use proto::{
     ByteRange, ErrorCode, Fid, LockHolder, LockKind, LockOwnerId, ProtoError, Request, Response,
     ServerId,
 };
 use tracing::{debug, info, warn};
 
-use super::{FsResult, Manager, errno_of, unexpected};
+use super::fs_error::unexpected;
+use super::{FsError, FsResult, Manager, rpc_error};
 use crate::held_locks::HeldLock;
 use crate::inode::Ino;
 use crate::lock_waits::WaitEnd;
@@ -34,6 +29,12 @@ pub struct LockRequest {
     pub pid: u32,
 }
 
+/// Each kernel lock call maps onto the fileserver's lock calls, and the locks granted are
+/// mirrored in `HeldLocks`, so a close costs an RPC only when its owner holds something
+/// and a reconnect can reclaim them. A grant is recorded once granted; a release is
+/// forgotten even if the server could not be told, since then the lease ends the lock. A
+/// blocking request waits for the server's `LockGranted` push, never by polling, except
+/// for the server's own `Grace` retry hint.
 impl Manager {
     /// `F_SETLK`/`F_SETLKW`/`flock`: takes, changes or releases a lock. `wait` blocks
     /// until the range frees; otherwise a conflict is `EAGAIN`.
@@ -88,9 +89,9 @@ impl Manager {
                     tokio::time::sleep(pause).await;
                 }
                 Err(ProtoError::Remote(ErrorCode::WouldBlock | ErrorCode::Grace { .. })) => {
-                    return Err(Errno::EAGAIN);
+                    return Err(FsError::EAGAIN);
                 }
-                Err(e) => return Err(errno_of(&e)),
+                Err(e) => return Err(rpc_error(&e)),
                 Ok(other) => return Err(unexpected(&other)),
             }
         }
@@ -212,7 +213,7 @@ mod tests {
     use super::*;
     use crate::fake_cell::{FILE, FakeCell};
     use crate::fuse_fs::lock_range;
-    use crate::manager::tests::{start_manager, start_manager_renewing};
+    use crate::manager::test_support::{start_manager, start_manager_renewing};
 
     const OWNER: LockOwnerId = LockOwnerId(5);
 
@@ -259,7 +260,7 @@ mod tests {
         let refused = manager
             .setlk(ino, exclusive(lock_range(100, 199).unwrap()), false)
             .await;
-        assert_eq!(refused, Err(Errno::EAGAIN));
+        assert_eq!(refused, Err(FsError::EAGAIN));
         {
             let calls = &cell.record.lock().lock_calls;
             assert_eq!(
@@ -389,7 +390,7 @@ mod tests {
         let refused = manager
             .setlk(ino, exclusive(ByteRange::whole()), false)
             .await;
-        assert_eq!(refused, Err(Errno::EAGAIN));
+        assert_eq!(refused, Err(FsError::EAGAIN));
         assert!(!manager.held_locks.lock().holds(FILE, OWNER));
         cell.lock_answers.lock().extend([grace.clone(), grace]);
         manager

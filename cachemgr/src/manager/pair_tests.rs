@@ -1,17 +1,14 @@
 //! Tests: a fileserver pair as the manager sees it, one server with two addresses.
-//! Calls that reach the passive member, or die with the active, land on the other
-//! member after the reclaim there, keep a `Sequenced` request's `seq`, and a single
-//! server still fails at once.
+//! Invariant checked: a call lands on the active after the reclaim there, with its `seq` kept.
 
 use std::ffi::OsStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fuser::Errno;
 use proto::{ByteRange, ErrorCode, LockKind, LockOwnerId, Response, WaitId};
 
-use super::Manager;
-use super::tests::{WAIT_MAX, start_manager, start_manager_with};
+use super::test_support::{WAIT_MAX, start_manager, start_manager_with};
+use super::{FsError, Manager};
 use crate::fake_cell::{CutOff, FILE, FakeCell, Record};
 use crate::inode::Ino;
 use crate::manager::LockRequest;
@@ -193,7 +190,7 @@ async fn a_single_server_that_hangs_fails_the_call_once_within_the_timeout() {
     *cell.hang_on.lock() = Some("FetchData");
     let began = Instant::now();
     let failed = manager.read(ino, 0, 4096).await;
-    assert_eq!(failed, Err(Errno::from_i32(libc::ETIMEDOUT)));
+    assert_eq!(failed, Err(FsError::ETIMEDOUT));
     assert!(began.elapsed() < WAIT_MAX / 2, "{:?}", began.elapsed());
     assert_eq!(count(&cell.record.lock(), 0, "FetchData"), 1);
 }
@@ -211,7 +208,7 @@ async fn a_pair_with_no_member_answering_fails_after_the_failover_timeout() {
     let began = Instant::now();
     let failed = manager.read(ino, 0, 4096).await;
     let took = began.elapsed();
-    assert_eq!(failed, Err(Errno::from_i32(libc::ETIMEDOUT)));
+    assert_eq!(failed, Err(FsError::ETIMEDOUT));
     assert!(took >= failover_timeout, "{took:?}");
     assert!(took < WAIT_MAX / 2, "{took:?}");
     let record = cell.record.lock();

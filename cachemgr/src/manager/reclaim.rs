@@ -1,12 +1,5 @@
-//! Reconnecting to a fileserver after its restart (or a lost connection) without
-//! throwing caches away: the callbacks of that server's volumes are kept as "to
-//! reclaim" (invalid meanwhile, so reads revalidate), and the first new connection
-//! reclaims them with the data versions cached, then the locks held, then says done.
-//! Invariant: a reclaimed callback is re-granted only when the version the server
-//! confirmed is still the cached one; every fid the server reports broken is broken
-//! here too (status invalid, listing dropped, kernel caches invalidated). A reclaim that
-//! fails on the transport, or reaches a pair member that is not active (`NotActive`),
-//! leaves everything owed for the next connection.
+//! The reclaim: after a lost connection, callbacks (by data version), then locks, then done.
+//! Invariant: a callback is kept only where the server confirmed the cached version.
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
@@ -19,7 +12,7 @@ use super::Manager;
 use crate::server_pool::CallbackSink;
 
 /// Fids per `ReclaimCallbacks` (the server takes up to 8192; each is ~30 bytes).
-pub(super) const RECLAIM_BATCH: usize = 4096;
+const RECLAIM_BATCH: usize = 4096;
 /// First and longest pause between attempts to reach a server owed a reclaim.
 const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(500);
 const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(10);
@@ -29,6 +22,13 @@ fn not_active(e: &ProtoError) -> bool {
     matches!(e, ProtoError::Remote(ErrorCode::NotActive { .. }))
 }
 
+/// Reconnecting to a fileserver after its restart (or a lost connection) throws no cache
+/// away: the callbacks of that server's volumes are kept as "to reclaim" (invalid
+/// meanwhile, so reads revalidate), and the first new connection reclaims them with the
+/// data versions cached, then the locks held, then says done. Every fid the server
+/// reports broken is broken here too (status invalid, listing dropped, kernel caches
+/// invalidated). A reclaim that fails on the transport, or reaches a pair member that is
+/// not active (`NotActive`), leaves everything owed for the next connection.
 impl Manager {
     /// The connection to `server` ended: its callbacks become owed for reclaim, its
     /// queued lock requests are woken to ask again, and a task reconnects by itself.
@@ -212,7 +212,7 @@ mod tests {
     use super::*;
     use crate::fake_cell::{FILE, FILE2, FakeCell};
     use crate::manager::LockRequest;
-    use crate::manager::tests::start_manager;
+    use crate::manager::test_support::start_manager;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_restarted_server_gets_callbacks_and_locks_reclaimed_and_only_changes_refetched() {

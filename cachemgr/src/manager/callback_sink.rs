@@ -1,0 +1,76 @@
+//! The callback sink: what fileserver connections report (breaks, resets, grants, lost links).
+//! Invariant: a break voids status and listing before it is acknowledged; the kernel hears later.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use proto::{ErrorCode, Fid, ProtoError, ServerId, VolumeId, WaitId};
+use tracing::debug;
+
+use super::Manager;
+use crate::invalidate::Invalidation;
+use crate::server_pool::{CallbackSink, ReclaimFuture, RelocateFuture};
+
+impl CallbackSink for Manager {
+    fn break_callbacks(&self, fids: &[Fid]) {
+        let mut work = Vec::new();
+        {
+            let mut state = self.state.lock();
+            for fid in fids {
+                let broken = state.statuses.break_callback(*fid);
+                if let Some(ino) = state.inodes.ino(*fid) {
+                    work.push(Invalidation::Inode(ino));
+                    work.extend(
+                        broken
+                            .names
+                            .into_iter()
+                            .map(|name| Invalidation::Entry { parent: ino, name }),
+                    );
+                }
+            }
+        }
+        for invalidation in work {
+            self.invalidator.push(invalidation);
+        }
+    }
+
+    fn lock_granted(&self, server: ServerId, wait: WaitId, fid: Fid) -> bool {
+        debug!(%server, %wait, %fid, "queued lock granted");
+        self.lock_waits.granted(server, wait)
+    }
+
+    fn connection_lost(&self, server: ServerId) {
+        self.on_connection_lost(server);
+    }
+
+    fn reclaim<'a>(
+        &'a self,
+        server: ServerId,
+        connection: &'a proto::rpc::Connection,
+        timeout: Duration,
+    ) -> ReclaimFuture<'a> {
+        Box::pin(self.reclaim_on(server, connection, timeout))
+    }
+
+    fn relocate(&self, server: ServerId) -> RelocateFuture<'_> {
+        Box::pin(async move {
+            let servers = self.vldb.list_servers().await?;
+            let entry = servers
+                .into_iter()
+                .find(|s| s.server == server && !s.addresses.is_empty())
+                .ok_or(ProtoError::Remote(ErrorCode::NoSuchServer))?;
+            self.volumes.relocate(server, &entry.addresses);
+            Ok(entry.addresses)
+        })
+    }
+
+    fn reset_callbacks(&self, server: ServerId) {
+        let volumes: HashSet<VolumeId> = self.volumes.volumes_on(server).into_iter().collect();
+        let reset = self
+            .state
+            .lock()
+            .statuses
+            .reset_callbacks(|fid| volumes.contains(&fid.volume));
+        debug!(%server, count = reset.len(), "callbacks reset; cached data will be revalidated");
+    }
+}

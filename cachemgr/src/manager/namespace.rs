@@ -1,0 +1,518 @@
+//! The namespace: lookup, attributes, listings and directory streams, and entry changes.
+//! Invariant: names are checked before any RPC; a cached listing answers only under callback.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use proto::{
+    CallbackGrant, Fid, FileKind, Request, Response, VnodeStatus, VolumeName, VolumeSpace,
+    check_entry_name,
+};
+use tracing::{debug, warn};
+
+use super::fs_error::unexpected;
+use super::{AttrOut, FsError, FsResult, Manager, NodeKind, rpc_error};
+use crate::inode::Ino;
+use crate::listing::{DirChange, ListEntry, Listing};
+
+/// Entries asked for per `ReadDir` page.
+const READDIR_PAGE: u32 = 1024;
+/// A directory larger than this is refused rather than held in memory.
+const LISTING_ENTRIES_MAX: usize = 4_000_000;
+/// Attempts to list a directory that keeps changing between pages.
+const LISTING_ATTEMPTS: usize = 3;
+/// Largest symlink target or mount point content read.
+const CONTENT_BYTES_MAX: u32 = 64 * 1024;
+/// Directory streams open at once.
+const DIR_HANDLES_MAX: usize = 65_536;
+
+/// A directory as one `opendir` stream sees it: offsets index into `entries`.
+#[derive(Debug)]
+pub struct DirSnapshot {
+    pub entries: Vec<(String, Ino, NodeKind)>,
+}
+
+/// The open directory streams, by handle.
+#[derive(Default)]
+pub(super) struct DirHandles {
+    open: HashMap<u64, Arc<DirSnapshot>>,
+    next: u64,
+}
+
+/// Checks a name from the kernel before any RPC: 256 bytes is `ENAMETOOLONG`.
+pub(super) fn entry_name(name: &OsStr) -> FsResult<String> {
+    let Some(text) = name.to_str() else {
+        return Err(FsError::EINVAL);
+    };
+    check_entry_name(text).map_err(|code| FsError::from_errno(code.errno()))?;
+    Ok(text.to_owned())
+}
+
+/// A mount point's content (`#name.` or `%name.`) to the volume it shows.
+fn parse_mount_point(content: &[u8]) -> Option<VolumeName> {
+    let text = std::str::from_utf8(content).ok()?;
+    let text = text.strip_prefix(['#', '%'])?;
+    let text = text.strip_suffix('.').unwrap_or(text);
+    VolumeName::parse(text).ok()
+}
+
+impl Manager {
+    /// The attributes of `ino`, revalidated unless a callback holds.
+    pub async fn getattr(&self, ino: Ino) -> FsResult<AttrOut> {
+        let fid = self.fid(ino)?;
+        self.valid_status(fid).await?;
+        self.attr(fid)
+    }
+
+    async fn fetch_listing(&self, dir: Fid) -> FsResult<Listing> {
+        for _ in 0..LISTING_ATTEMPTS {
+            let sent_at = Instant::now();
+            let mut first: Option<(VnodeStatus, Option<CallbackGrant>)> = None;
+            let mut entries = Vec::new();
+            let mut after = None;
+            let mut consistent = true;
+            loop {
+                let request = Request::ReadDir {
+                    dir,
+                    after: after.clone(),
+                    count_max: READDIR_PAGE,
+                };
+                let (status, callback, page, more) = match self.call(dir.volume, request).await? {
+                    Response::DirPage {
+                        dir,
+                        callback,
+                        entries,
+                        more,
+                    } => (dir, callback, entries, more),
+                    other => return Err(unexpected(&other)),
+                };
+                match &first {
+                    Some((s, _)) if s.data_version != status.data_version => {
+                        consistent = false;
+                        break;
+                    }
+                    Some(_) => {}
+                    None => first = Some((status, callback)),
+                }
+                after = page.last().map(|e| e.name.clone());
+                entries.extend(page);
+                if entries.len() > LISTING_ENTRIES_MAX {
+                    warn!(%dir, "directory has more than {LISTING_ENTRIES_MAX} entries; refusing to list it");
+                    return Err(FsError::EFBIG);
+                }
+                if !more || after.is_none() {
+                    break;
+                }
+            }
+            if !consistent {
+                debug!(%dir, "directory changed while listing; starting over");
+                continue;
+            }
+            let Some((status, callback)) = first else {
+                return Err(FsError::EIO);
+            };
+            let listing = Listing::new(status.data_version, entries);
+            self.absorb(status, callback, sent_at);
+            self.state.lock().statuses.set_listing(dir, listing.clone());
+            return Ok(listing);
+        }
+        Err(FsError::EAGAIN)
+    }
+
+    /// One name of a directory, from the cached listing when it is current.
+    pub(super) async fn dir_entry(&self, dir: Fid, name: &str) -> FsResult<Option<ListEntry>> {
+        {
+            let state = self.state.lock();
+            if let Some(listing) = state
+                .statuses
+                .get(dir)
+                .and_then(|e| e.fresh_listing(Instant::now()))
+            {
+                return Ok(listing.get(name));
+            }
+        }
+        Ok(self.fetch_listing(dir).await?.get(name))
+    }
+
+    /// A symlink's target or a mount point's content.
+    pub(super) async fn content(&self, fid: Fid) -> FsResult<Vec<u8>> {
+        let status = self.valid_status(fid).await?;
+        if let Some((version, content)) = self
+            .state
+            .lock()
+            .statuses
+            .get(fid)
+            .and_then(|e| e.content.clone())
+            && version == status.data_version
+        {
+            return Ok(content);
+        }
+        let sent_at = Instant::now();
+        let request = Request::FetchData {
+            fid,
+            offset: 0,
+            length: CONTENT_BYTES_MAX,
+        };
+        let (status, callback, data) = match self.call(fid.volume, request).await? {
+            Response::Data {
+                status,
+                callback,
+                data,
+            } => (status, callback, data),
+            other => return Err(unexpected(&other)),
+        };
+        let version = status.data_version;
+        self.absorb(status, callback, sent_at);
+        if let Some(entry) = self.state.lock().statuses.get_mut(fid)
+            && entry.status.data_version == version
+        {
+            entry.content = Some((version, data.clone()));
+        }
+        Ok(data)
+    }
+
+    pub(super) async fn mount_target(&self, mount_point: Fid) -> FsResult<Fid> {
+        let content = self.content(mount_point).await?;
+        let Some(name) = parse_mount_point(&content) else {
+            warn!(fid = %mount_point, "mount point with unreadable content");
+            return Err(FsError::EIO);
+        };
+        let location = self
+            .volumes
+            .by_name(&self.vldb, &name)
+            .await
+            .map_err(|e| rpc_error(&e))?;
+        Ok(Fid::root(location.id))
+    }
+
+    pub async fn lookup(&self, parent: Ino, name: &OsStr) -> FsResult<AttrOut> {
+        let name = entry_name(name)?;
+        let dir = self.fid(parent)?;
+        let entry = self.dir_entry(dir, &name).await?.ok_or(FsError::ENOENT)?;
+        let fid = if entry.kind == FileKind::MountPoint {
+            self.mount_target(entry.fid).await?
+        } else {
+            entry.fid
+        };
+        self.valid_status(fid).await?;
+        self.attr(fid)
+    }
+
+    async fn snapshot(&self, ino: Ino) -> FsResult<Arc<DirSnapshot>> {
+        let dir = self.fid(ino)?;
+        let listing = {
+            let state = self.state.lock();
+            state
+                .statuses
+                .get(dir)
+                .and_then(|e| e.fresh_listing(Instant::now()))
+                .cloned()
+        };
+        let listing = match listing {
+            Some(listing) => listing,
+            None => self.fetch_listing(dir).await?,
+        };
+        let mut state = self.state.lock();
+        let mut entries = Vec::with_capacity(listing.len() + 2);
+        entries.push((".".to_owned(), ino, NodeKind::Directory));
+        entries.push(("..".to_owned(), Ino::ROOT, NodeKind::Directory));
+        for (name, entry) in listing.iter() {
+            let child = state.inodes.ino_for(entry.fid);
+            entries.push((name.to_owned(), child, entry.kind.into()));
+        }
+        Ok(Arc::new(DirSnapshot { entries }))
+    }
+
+    pub async fn opendir(&self, ino: Ino) -> FsResult<u64> {
+        let snapshot = self.snapshot(ino).await?;
+        let mut handles = self.dir_handles.lock();
+        if handles.open.len() >= DIR_HANDLES_MAX {
+            return Err(FsError::EMFILE);
+        }
+        handles.next += 1;
+        let handle = handles.next;
+        handles.open.insert(handle, snapshot);
+        Ok(handle)
+    }
+
+    /// The stream's snapshot; reading from offset 0 (rewinddir) takes a fresh one.
+    pub async fn readdir(&self, ino: Ino, handle: u64, offset: u64) -> FsResult<Arc<DirSnapshot>> {
+        if offset != 0
+            && let Some(snapshot) = self.dir_handles.lock().open.get(&handle).cloned()
+        {
+            return Ok(snapshot);
+        }
+        let snapshot = self.snapshot(ino).await?;
+        let mut handles = self.dir_handles.lock();
+        if let Some(slot) = handles.open.get_mut(&handle) {
+            *slot = snapshot.clone();
+        }
+        Ok(snapshot)
+    }
+
+    pub fn releasedir(&self, handle: u64) {
+        self.dir_handles.lock().open.remove(&handle);
+    }
+
+    /// Sends `request`, which makes the entry `name` in `dir`, and applies its answer.
+    async fn make_entry(&self, dir: Fid, name: &str, request: Request) -> FsResult<AttrOut> {
+        let sent_at = Instant::now();
+        let response = self.call(dir.volume, request).await?;
+        self.absorb_entry(response, name, sent_at)
+    }
+
+    pub(super) fn absorb_entry(
+        &self,
+        response: Response,
+        name: &str,
+        sent_at: Instant,
+    ) -> FsResult<AttrOut> {
+        let (status, callback, dir) = match response {
+            Response::Entry {
+                status,
+                callback,
+                dir,
+            } => (status, callback, dir),
+            other => return Err(unexpected(&other)),
+        };
+        let fid = status.fid;
+        let change = DirChange::Insert {
+            name: name.to_owned(),
+            entry: ListEntry {
+                fid,
+                kind: status.kind,
+            },
+        };
+        self.state
+            .lock()
+            .statuses
+            .apply_own_dir_change(dir, &[change]);
+        self.absorb(status, callback, sent_at);
+        self.attr(fid)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub async fn create(
+        &self,
+        parent: Ino,
+        name: &OsStr,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        exclusive: bool,
+    ) -> FsResult<AttrOut> {
+        let name = entry_name(name)?;
+        let dir = self.fid(parent)?;
+        let request = Request::Create {
+            dir,
+            name: name.clone(),
+            mode: mode & 0o7777,
+            uid,
+            gid,
+            exclusive,
+        };
+        let out = self.make_entry(dir, &name, request).await?;
+        // The kernel has no pages of a new file, so they reflect its version vacuously;
+        // saying so lets the pages its writes leave behind survive the next open.
+        let mut state = self.state.lock();
+        if let Some(fid) = state.inodes.fid(out.attr.ino)
+            && let Some(entry) = state.statuses.get_mut(fid)
+            && entry.kernel_version.is_none()
+        {
+            entry.kernel_version = Some(entry.status.data_version);
+        }
+        drop(state);
+        Ok(out)
+    }
+
+    pub async fn mkdir(
+        &self,
+        parent: Ino,
+        name: &OsStr,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    ) -> FsResult<AttrOut> {
+        let name = entry_name(name)?;
+        let dir = self.fid(parent)?;
+        let request = Request::MakeDir {
+            dir,
+            name: name.clone(),
+            mode: mode & 0o7777,
+            uid,
+            gid,
+        };
+        self.make_entry(dir, &name, request).await
+    }
+
+    pub async fn symlink(
+        &self,
+        parent: Ino,
+        name: &OsStr,
+        target: &std::path::Path,
+        uid: u32,
+        gid: u32,
+    ) -> FsResult<AttrOut> {
+        let name = entry_name(name)?;
+        let target = target.to_str().ok_or(FsError::EINVAL)?.to_owned();
+        let dir = self.fid(parent)?;
+        let request = Request::Symlink {
+            dir,
+            name: name.clone(),
+            target,
+            uid,
+            gid,
+        };
+        self.make_entry(dir, &name, request).await
+    }
+
+    pub async fn link(&self, ino: Ino, new_parent: Ino, new_name: &OsStr) -> FsResult<AttrOut> {
+        let name = entry_name(new_name)?;
+        let target = self.fid(ino)?;
+        let dir = self.fid(new_parent)?;
+        if target.volume != dir.volume {
+            return Err(FsError::EXDEV);
+        }
+        let request = Request::Link {
+            dir,
+            name: name.clone(),
+            target,
+        };
+        self.make_entry(dir, &name, request).await
+    }
+
+    pub async fn remove(&self, parent: Ino, name: &OsStr, directory: bool) -> FsResult<()> {
+        let name = entry_name(name)?;
+        let dir = self.fid(parent)?;
+        let sent_at = Instant::now();
+        let request = if directory {
+            Request::RemoveDir {
+                dir,
+                name: name.clone(),
+            }
+        } else {
+            Request::Remove {
+                dir,
+                name: name.clone(),
+            }
+        };
+        let (dir_status, target) = match self.call(dir.volume, request).await? {
+            Response::Removed { dir, target } => (dir, target),
+            other => return Err(unexpected(&other)),
+        };
+        self.state
+            .lock()
+            .statuses
+            .apply_own_dir_change(dir_status, &[DirChange::Remove { name }]);
+        // A removed file's cached status and data stay, so an open descriptor keeps
+        // reading what was cached.
+        if let Some(target) = target {
+            self.absorb(target, None, sent_at);
+        }
+        Ok(())
+    }
+
+    pub async fn rename(
+        &self,
+        parent: Ino,
+        name: &OsStr,
+        new_parent: Ino,
+        new_name: &OsStr,
+    ) -> FsResult<()> {
+        let name = entry_name(name)?;
+        let new_name = entry_name(new_name)?;
+        let from_dir = self.fid(parent)?;
+        let to_dir = self.fid(new_parent)?;
+        if from_dir.volume != to_dir.volume {
+            return Err(FsError::EXDEV);
+        }
+        let sent_at = Instant::now();
+        let request = Request::Rename {
+            from_dir,
+            from_name: name.clone(),
+            to_dir,
+            to_name: new_name.clone(),
+        };
+        let (from_status, to_status, moved, replaced) =
+            match self.call(from_dir.volume, request).await? {
+                Response::Renamed {
+                    from_dir,
+                    to_dir,
+                    moved,
+                    replaced,
+                } => (from_dir, to_dir, moved, replaced),
+                other => return Err(unexpected(&other)),
+            };
+        let insert = DirChange::Insert {
+            name: new_name,
+            entry: ListEntry {
+                fid: moved.fid,
+                kind: moved.kind,
+            },
+        };
+        let remove = DirChange::Remove { name };
+        {
+            let mut state = self.state.lock();
+            if from_status.fid == to_status.fid {
+                state
+                    .statuses
+                    .apply_own_dir_change(to_status, &[remove, insert]);
+            } else {
+                state.statuses.apply_own_dir_change(from_status, &[remove]);
+                state.statuses.apply_own_dir_change(to_status, &[insert]);
+            }
+        }
+        self.absorb(moved, None, sent_at);
+        if let Some(replaced) = replaced {
+            self.absorb(replaced, None, sent_at);
+        }
+        Ok(())
+    }
+
+    pub async fn readlink(&self, ino: Ino) -> FsResult<Vec<u8>> {
+        let fid = self.fid(ino)?;
+        self.content(fid).await
+    }
+
+    pub async fn statfs(&self, ino: Ino) -> FsResult<VolumeSpace> {
+        let fid = self.fid(ino)?;
+        match self
+            .call(fid.volume, Request::VolumeSpace { volume: fid.volume })
+            .await?
+        {
+            Response::VolumeSpace(space) => Ok(space),
+            other => Err(unexpected(&other)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mount_point_content_names_a_volume() {
+        assert_eq!(
+            parse_mount_point(b"#root.cell."),
+            Some(VolumeName::parse("root.cell").unwrap())
+        );
+        assert_eq!(
+            parse_mount_point(b"%user.a."),
+            Some(VolumeName::parse("user.a").unwrap())
+        );
+        assert_eq!(parse_mount_point(b"root.cell."), None);
+        assert_eq!(parse_mount_point(b"#bad name."), None);
+    }
+
+    #[test]
+    fn long_names_fail_before_any_rpc() {
+        let long = "n".repeat(256);
+        assert_eq!(
+            entry_name(OsStr::new(&long)),
+            Err(FsError::from_errno(libc::ENAMETOOLONG))
+        );
+        assert_eq!(entry_name(OsStr::new("ok")), Ok("ok".to_owned()));
+    }
+}

@@ -1,0 +1,213 @@
+//! `StorePlan`: which dirty chunks go in which `StoreData`, how many fly at once, then the `Fsync`.
+//! Invariant: pure (no I/O, clock or task); it ends once, and only when no store is in flight.
+
+use std::collections::VecDeque;
+use std::ops::Range;
+
+use proto::DataVersion;
+
+use super::fs_error::{FsError, FsResult};
+use crate::chunk_index::CHUNK_BYTES;
+
+/// `StoreData` requests of one write-back in flight at once: enough that the next
+/// store is on the wire while the server writes one. More buys nothing: the server's
+/// writes into one file take that file's inode lock in turn (profiled: with 8 stores of
+/// one chunk, its writers spent 8% of the CPU spinning on it).
+pub(super) const STORES_IN_FLIGHT_MAX: usize = 2;
+/// Most bytes one `StoreData` carries: whole chunks. The server commits every store's
+/// metadata durably on its own (or shares a commit with the stores queued behind it),
+/// so fewer, larger stores mean fewer commits: profiled on a 256 MiB write-back, stores
+/// of one chunk cost ~160 commits of `meta.redb`, most of the write-back's time. Two
+/// chunks, with two stores in flight, keep the bytes on one connection at once at
+/// 4 MiB: the `--timeout` of the last store counts the sending of those ahead of it,
+/// and callback breaks and lock pushes wait behind them. It must fit in a frame.
+pub(super) const STORE_BYTES_MAX: u64 = 2 * CHUNK_BYTES;
+const _: () = assert!(
+    STORE_BYTES_MAX >= CHUNK_BYTES
+        && STORE_BYTES_MAX + 64 * 1024 <= proto::frame::FRAME_BYTES_MAX_DEFAULT as u64
+);
+
+/// One `StoreData`: the dirty chunks at `chunks` in the plan's list, which hold the
+/// file's bytes `offset..offset + bytes`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Store {
+    pub chunks: Range<usize>,
+    pub offset: u64,
+    pub bytes: u64,
+}
+
+/// What follows the stores.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Then {
+    /// Nothing: the stores are acknowledged, not yet durable (a truncation, or a cache
+    /// full of unstored writes, stores ahead of the close).
+    Return,
+    /// The one `Fsync` of a close or fsync: when this write-back stores anything, or
+    /// `unsynced` says an earlier one stored something no `Fsync` has made durable.
+    Sync { unsynced: bool },
+}
+
+/// What the data path does next.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Effect<R> {
+    /// Read the chunks and send them as one `StoreData`, then tell the plan `sent`, or
+    /// `not_sent` when they could not be read.
+    Store(Store),
+    /// A store's chunks are on the server at `version`: they are clean.
+    MarkClean {
+        chunks: Range<usize>,
+        version: DataVersion,
+    },
+    /// The stores are over: `reply`, the answer with the highest version, is the file
+    /// after `changes` stores of this client's own (every store moves the version by one).
+    Absorb { changes: u64, reply: R },
+    /// Every dirty chunk was stored.
+    AllStored,
+    /// Send the one `Fsync`; its answer ends the write-back.
+    Fsync,
+    /// The write-back ends here, with its first failure if one happened.
+    Done(FsResult<()>),
+}
+
+/// The write-back of one file, fed the outcome of each store it asks for. `R` is a
+/// store's answer, kept only to be handed back in `Effect::Absorb`.
+#[derive(Debug)]
+pub struct StorePlan<R> {
+    pending: VecDeque<Store>,
+    planned: usize,
+    in_flight: usize,
+    changes: u64,
+    highest: Option<(DataVersion, R)>,
+    failure: Option<FsError>,
+    then: Then,
+}
+
+impl<R> StorePlan<R> {
+    /// Plans the stores of a file's dirty chunks, given as `(index, len)` in index order.
+    pub fn new(dirty: &[(u64, u64)], then: Then) -> StorePlan<R> {
+        let pending: VecDeque<Store> = store_runs(dirty)
+            .into_iter()
+            .map(|run| Store {
+                offset: dirty[run.start].0 * CHUNK_BYTES,
+                bytes: dirty[run.clone()].iter().map(|&(_, len)| len).sum(),
+                chunks: run,
+            })
+            .collect();
+        StorePlan {
+            planned: pending.len(),
+            pending,
+            in_flight: 0,
+            changes: 0,
+            highest: None,
+            failure: None,
+            then,
+        }
+    }
+
+    /// No store to send: the plan can only end (with the `Fsync` an earlier write-back
+    /// left owed, or without).
+    pub fn is_empty(&self) -> bool {
+        self.planned == 0
+    }
+
+    pub fn start(&mut self) -> Vec<Effect<R>> {
+        self.next()
+    }
+
+    /// The store last asked for is on its way.
+    pub fn sent(&mut self) -> Vec<Effect<R>> {
+        self.next()
+    }
+
+    /// The store last asked for could not be read, so it was not sent.
+    pub fn not_sent(&mut self, error: FsError) -> Vec<Effect<R>> {
+        self.failed(error)
+    }
+
+    /// `store` was answered: the file is at `version`.
+    pub fn stored(&mut self, store: &Store, version: DataVersion, reply: R) -> Vec<Effect<R>> {
+        self.in_flight -= 1;
+        self.changes += 1;
+        if self.highest.as_ref().is_none_or(|(h, _)| *h < version) {
+            self.highest = Some((version, reply));
+        }
+        let mut effects = vec![Effect::MarkClean {
+            chunks: store.chunks.clone(),
+            version,
+        }];
+        effects.extend(self.next());
+        effects
+    }
+
+    /// A store in flight failed. No store starts after a failure; those in flight are
+    /// awaited, so none is still travelling when the caller goes on (to truncate).
+    pub fn failed(&mut self, error: FsError) -> Vec<Effect<R>> {
+        self.in_flight -= 1;
+        self.failure.get_or_insert(error);
+        self.next()
+    }
+
+    /// The next store while a slot is free, or the end once none is in flight.
+    fn next(&mut self) -> Vec<Effect<R>> {
+        if self.failure.is_none()
+            && self.in_flight < STORES_IN_FLIGHT_MAX
+            && let Some(store) = self.pending.pop_front()
+        {
+            self.in_flight += 1;
+            return vec![Effect::Store(store)];
+        }
+        if self.in_flight > 0 {
+            return Vec::new();
+        }
+        self.end()
+    }
+
+    fn end(&mut self) -> Vec<Effect<R>> {
+        let mut effects = Vec::new();
+        if let Some((_, reply)) = self.highest.take() {
+            effects.push(Effect::Absorb {
+                changes: self.changes,
+                reply,
+            });
+        }
+        if let Some(error) = self.failure {
+            effects.push(Effect::Done(Err(error)));
+            return effects;
+        }
+        if self.planned > 0 {
+            effects.push(Effect::AllStored);
+        }
+        effects.push(match self.then {
+            Then::Sync { unsynced } if unsynced || self.planned > 0 => Effect::Fsync,
+            Then::Return | Then::Sync { .. } => Effect::Done(Ok(())),
+        });
+        effects
+    }
+}
+
+/// Splits a file's dirty chunks, given as `(index, len)` in index order, into the runs
+/// one `StoreData` each carries: adjacent chunks of which all but the last are full (so
+/// the run is one contiguous range of the file), at most `STORE_BYTES_MAX` in all.
+fn store_runs(chunks: &[(u64, u64)]) -> Vec<Range<usize>> {
+    let mut runs = Vec::new();
+    let mut start = 0;
+    for i in 1..=chunks.len() {
+        let ends_run = match chunks.get(i) {
+            None => true,
+            Some(&(index, _)) => {
+                let (previous_index, previous_len) = chunks[i - 1];
+                index != previous_index + 1
+                    || previous_len != CHUNK_BYTES
+                    || (i + 1 - start) as u64 * CHUNK_BYTES > STORE_BYTES_MAX
+            }
+        };
+        if ends_run {
+            runs.push(start..i);
+            start = i;
+        }
+    }
+    runs
+}
+
+#[cfg(test)]
+mod tests;
