@@ -23,7 +23,7 @@ use state::journaled::{ReplayError, StateRecord, StateSnapshot, replay};
 use state::{Journal, JournalConfig, JournalError, JournalMode, Lsn};
 use thiserror::Error;
 use tokio::sync::{oneshot, watch};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::fence::{Fence, FencedVfs};
 
@@ -470,8 +470,11 @@ fn write_loop(
     }
     match Arc::try_unwrap(journal) {
         Ok(journal) => {
-            if let Err(e) = journal.close() {
-                error!(error = %e, "state journal close failed");
+            match journal.close() {
+                Ok(()) => {}
+                // The failure that stopped the writer was logged when it happened.
+                Err(e) if failed => debug!(error = %e, "state journal closed after its failure"),
+                Err(e) => error!(error = %e, "state journal close failed"),
             }
         }
         Err(_) => error!("state journal still shared at close"),

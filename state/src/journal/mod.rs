@@ -449,9 +449,9 @@ fn create_segment(
 
 impl Shared {
     /// Marks the journal unusable and reports `err`: the caller's error, every later call's
-    /// `Poisoned`.
+    /// `Poisoned`. Logged by the caller, which decides what the failure means.
     fn poison(&self, inner: &mut Inner, err: JournalError) -> JournalError {
-        error!(error = %err, dir = %self.dir.display(), "journal write failed; refusing further appends");
+        debug!(error = %err, dir = %self.dir.display(), "journal write failed; refusing further appends");
         inner.poisoned = Some(err.to_string());
         self.durable_changed.notify_all();
         err
