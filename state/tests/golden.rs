@@ -1,8 +1,7 @@
-//! Golden bytes of the journal's disk formats: every `StateRecord` kind and a snapshot
-//! payload with every part filled, as the fileserver encodes them (postcard). A reordered
-//! variant, a changed field type or a new field in the middle fails here before it turns
-//! a journal on some server's disk into garbage. The bytes were taken from the build that
-//! wrote bare integers where the newtypes are now: the newtypes kept them.
+//! Golden bytes of the journal's disk formats: the segment, record and snapshot framing,
+//! every `StateRecord` kind, and a snapshot payload with every part filled.
+//! Invariant: a reordered variant or a changed field fails here before it turns a journal
+//! on a server's disk into garbage (the bytes predate the lock newtypes, which kept them).
 
 use std::collections::BTreeSet;
 
@@ -235,4 +234,34 @@ fn the_snapshot_payload_keeps_its_bytes() {
 #[test]
 fn an_owed_reset_keeps_its_bytes() {
     assert_eq!(hex(&postcard::to_allocvec(&Owed::Reset).unwrap()), "00");
+}
+
+/// The journal's own framing, whatever the payload: a segment header, a record frame and a
+/// snapshot file of two chunks.
+#[test]
+fn segment_record_and_snapshot_framing_keep_their_bytes() {
+    use state::journal::segment::{SegmentHeader, encode_record};
+    use state::journal::snapshot;
+
+    let header = SegmentHeader {
+        epoch: Epoch(7),
+        first_lsn: state::Lsn(300),
+    };
+    // magic | version 1 | epoch 7 | first lsn 300 | crc
+    assert_eq!(
+        hex(&header.encode()),
+        "48464a4f55524e4c0100000007000000000000002c01000000000000d4e95268"
+    );
+    let mut frame = Vec::new();
+    encode_record(state::Lsn(300), b"abc", &mut frame);
+    // len 3 | crc | lsn 300 | "abc"
+    assert_eq!(hex(&frame), "030000008319e4272c01000000000000616263");
+    let file = snapshot::encode(Epoch(7), state::Lsn(300), b"abcde", 3);
+    // Header: magic | version 1 | chunk bytes 3 | epoch 7 | lsn 300 | payload bytes 5 | crc;
+    // then chunks of len | crc | data: "abc", "de".
+    assert_eq!(
+        hex(&file),
+        "4846534e41505354010000000300000007000000000000002c0100000000000005000000000000\
+         00b3e62cd903000000352afefc61626302000000d1c9ea216465"
+    );
 }
