@@ -7,6 +7,8 @@ use std::sync::Arc;
 
 use proto::{ByteRange, ErrorCode, Fid, LockKind, LockOwnerId, Response, WaitId};
 
+use state::ClientKey;
+
 use super::{Caller, FileService};
 use crate::locks::{self, SetLockReply};
 
@@ -20,6 +22,15 @@ pub(super) struct LockRequest {
     pub pid: u32,
 }
 
+impl LockRequest {
+    /// The request as its caller's, with a range the lock table may hold.
+    fn checked(self, caller: Caller) -> Result<(ClientKey, LockRequest), ErrorCode> {
+        let client = caller.client()?;
+        let range = locks::checked(self.range)?;
+        Ok((client, LockRequest { range, ..self }))
+    }
+}
+
 impl FileService {
     pub(super) async fn set_lock(
         self: &Arc<Self>,
@@ -27,7 +38,7 @@ impl FileService {
         lock: LockRequest,
         wait: bool,
     ) -> Result<Response, ErrorCode> {
-        let client = caller.client()?;
+        let (client, lock) = lock.checked(caller)?;
         let LockRequest {
             fid,
             owner,
@@ -35,7 +46,6 @@ impl FileService {
             kind,
             pid,
         } = lock;
-        let range = locks::checked(range)?;
         match self
             .locks
             .set(client, fid, owner, range, kind, wait, pid)
@@ -88,16 +98,10 @@ impl FileService {
         caller: Caller,
         lock: LockRequest,
     ) -> Result<Response, ErrorCode> {
-        let client = caller.client()?;
-        let LockRequest {
-            fid,
-            owner,
-            range,
-            kind,
-            pid,
-        } = lock;
-        let range = locks::checked(range)?;
-        self.locks.reclaim(client, fid, owner, range, kind, pid)?;
+        let (client, lock) = lock.checked(caller)?;
+        self.locks.reclaim(
+            client, lock.fid, lock.owner, lock.range, lock.kind, lock.pid,
+        )?;
         Ok(Response::Ok)
     }
 
