@@ -61,8 +61,8 @@ pub struct ChunkStore {
 
 impl ChunkStore {
     /// Opens the store at `dir`, discarding whatever an earlier run left there: there is
-    /// no warm restart yet (the index saying which data version a file holds lives in
-    /// memory only).
+    /// no warm restart yet (a chunk file's name carries no data version; only the index
+    /// in memory knows it).
     pub fn open(dir: PathBuf, bytes_max: u64) -> io::Result<ChunkStore> {
         match std::fs::remove_dir_all(&dir) {
             Ok(()) => {}
