@@ -1,10 +1,7 @@
-//! The in-memory index of the on-disk chunk cache: which (fid, chunk) pieces are held, at
-//! which data version, how many bytes, whether dirty, and the LRU order of clean ones.
-//! Invariant: `bytes_used` is the sum of every chunk's length and is brought back under
-//! `bytes_max` after each change by evicting the least recently used *clean* chunks;
-//! dirty chunks are pinned (they hold the only copy of this client's writes) and may
-//! push the total over the limit until they are written back.
-//! Pure: decisions come back as values (`Evicted`) and the caller deletes the files.
+//! The in-memory index of the chunk cache: which chunks of which files are held, at which
+//! data version and length, which are dirty, and the order the clean ones were used in.
+//! Invariant: a dirty chunk is never evicted (it holds the only copy of this client's
+//! writes); clean ones go, least recently used first, whenever the total passes the cap.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -49,12 +46,15 @@ pub struct Evicted {
     pub last_of_fid: bool,
 }
 
+/// What the chunk cache holds and what it evicts. Pure: decisions come back as values
+/// (`Evicted`) and the caller deletes the files.
 #[derive(Debug)]
 pub struct ChunkIndex {
     chunks: HashMap<ChunkKey, ChunkMeta>,
     /// Clean chunks by last use; dirty ones are absent (pinned).
     lru: BTreeMap<u64, ChunkKey>,
     by_fid: BTreeMap<Fid, BTreeSet<u64>>,
+    /// The sum of every chunk's length, dirty ones included.
     bytes_used: u64,
     dirty_bytes: u64,
     bytes_max: u64,
@@ -349,6 +349,9 @@ impl ChunkIndex {
         })
     }
 
+    /// Brings `bytes_used` back under `bytes_max` by evicting the least recently used
+    /// clean chunks. Dirty chunks are pinned, so they may keep the total over the limit
+    /// until they are written back.
     fn evict(&mut self) -> Vec<Evicted> {
         let mut evicted = Vec::new();
         while self.bytes_used > self.bytes_max {

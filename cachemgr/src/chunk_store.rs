@@ -1,15 +1,7 @@
-//! The chunk cache on local disk: one file per cached chunk in `cache_dir/chunks/`, named
-//! `VOLUME.VNODE.UNIQUE.INDEX.GENERATION`, with `ChunkIndex` deciding what stays.
-//! A fetched chunk is indexed at once and answered from memory while a background
-//! writer puts its file down, so the disk write is not on a reader's path.
+//! The chunk cache on local disk: one file per cached chunk, written and deleted as
+//! `ChunkIndex` decides, a fetched chunk readable from memory until its file is down.
 //! Invariant: every indexed chunk has its complete file, or its bytes in `pending` under
-//! the same generation until that file is complete (a reader that misses `pending`
-//! finds the whole file, or no file and so a miss). Files of evicted chunks are deleted
-//! by generation, so an old deletion never hits a newer file of the same chunk, and a
-//! file written for a chunk evicted meanwhile is deleted by its writer. Pending chunks
-//! count against the byte limit like any other. A chunk cached on a caller's path (a
-//! write's) gets its file by renaming a spare created ahead (`spare_files`), not by
-//! creating one there. The directory is wiped at start (no warm restart yet).
+//! the same generation until that file is complete.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -49,8 +41,10 @@ struct WriteJob {
 struct Shared {
     dir: PathBuf,
     index: Mutex<ChunkIndex>,
-    /// Indexed chunks whose file is not complete yet. Never locked together with
-    /// `index`. Bounded by the write queue plus the files being written (by the
+    /// Indexed chunks whose file is not complete yet: a reader that misses its chunk
+    /// here finds the whole file, or no file and so a miss, never a partial one. They
+    /// count against the index's byte limit like any other chunk. Never locked together
+    /// with `index`. Bounded by the write queue plus the files being written (by the
     /// writer, and inline by fetchers that found the queue full).
     pending: Mutex<HashMap<ChunkKey, PendingChunk>>,
     /// Signalled whenever a chunk leaves `pending`.
@@ -66,7 +60,9 @@ pub struct ChunkStore {
 }
 
 impl ChunkStore {
-    /// Opens the store at `dir`, discarding whatever an earlier run left there.
+    /// Opens the store at `dir`, discarding whatever an earlier run left there: there is
+    /// no warm restart yet (a chunk file's name carries no data version; only the index
+    /// in memory knows it).
     pub fn open(dir: PathBuf, bytes_max: u64) -> io::Result<ChunkStore> {
         match std::fs::remove_dir_all(&dir) {
             Ok(()) => {}
@@ -202,7 +198,9 @@ impl ChunkStore {
     }
 
     /// Puts a new chunk file down at `path`: a spare renamed into place when one is
-    /// ready, else a file created here. On failure no file is left at `path`.
+    /// ready, else a file created here. This is the path of a write's dirty chunk, so
+    /// it renames rather than creates (see `SpareFiles`). On failure no file is left at
+    /// `path`.
     fn write_new_file(&self, path: &Path, data: &[u8]) -> io::Result<()> {
         if let Some(spare) = self.spares.take() {
             match std::fs::rename(&spare, path) {
@@ -230,9 +228,9 @@ impl ChunkStore {
         written
     }
 
-    /// Caches a clean chunk just fetched at `data_version`: readable at once from
-    /// `data`, its file written in the background. Returns the fids whose last cached
-    /// data was evicted.
+    /// Caches a clean chunk just fetched at `data_version`: indexed and readable at once
+    /// from `data`, its file written by the background writer, so the disk write is not
+    /// on a reader's path. Returns the fids whose last cached data was evicted.
     pub fn insert_fetched(
         &self,
         key: ChunkKey,
@@ -442,6 +440,7 @@ impl Drop for ChunkStore {
 }
 
 impl Shared {
+    /// A chunk's file: `VOLUME.VNODE.UNIQUE.INDEX.GENERATION` in the store's directory.
     fn path(&self, key: ChunkKey, generation: Generation) -> PathBuf {
         let fid = key.fid;
         self.dir.join(format!(
@@ -494,8 +493,10 @@ impl Shared {
     }
 
     /// Writes a fetched chunk's file, then hands readers over to it. A chunk dropped
-    /// meanwhile gets no file. On failure the chunk leaves the cache (its file first, so
-    /// a reader never finds a partial one); returns the fids that left with it.
+    /// before the write gets no file; one dropped during it has its file deleted here,
+    /// since whoever dropped it may have looked for the file too early. On failure the
+    /// chunk leaves the cache (its file first, so a reader never finds a partial one);
+    /// returns the fids that left with it.
     fn write_file(&self, job: WriteJob) -> Vec<Fid> {
         let WriteJob {
             key,
@@ -544,7 +545,8 @@ impl Shared {
     }
 
     /// Deletes evicted chunks' files (and the bytes of those still pending); returns the
-    /// fids left with no cached data.
+    /// fids left with no cached data. Files go by generation, so an old eviction never
+    /// deletes a newer file of the same chunk.
     fn delete(&self, evicted: Vec<Evicted>) -> Vec<Fid> {
         if evicted.is_empty() {
             return Vec::new();

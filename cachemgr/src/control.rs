@@ -1,8 +1,7 @@
-//! The control protocol behind `holdfast fs`: requests and responses on the unix socket
-//! `cache_dir/control.sock`, and the client side that finds a path's mount, asks its
-//! cache manager and renders AFS-like text.
-//! Invariant: a frame is a 4-byte little-endian length then a postcard body of at most
-//! `CONTROL_FRAME_BYTES_MAX`; enum variants are only appended.
+//! The `holdfast fs` control protocol on a mount's unix socket, and its client side:
+//! find the mount holding a path, ask its cache manager, render AFS-like text.
+//! Invariant: a frame is a little-endian `u32` length and a postcard body of at most
+//! `CONTROL_FRAME_BYTES_MAX`, and enum variants are only appended.
 
 use std::io::{Read, Write};
 use std::os::unix::fs::MetadataExt;

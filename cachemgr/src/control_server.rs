@@ -1,7 +1,7 @@
-//! The cache manager's side of the control socket: one task per `fs` connection, one
-//! request per frame, answered from the manager.
-//! Invariant: a client can make the server hold at most `CONNECTIONS_MAX` connections of
-//! one frame each; errors go back as `ControlResponse::Error` text, never as a panic.
+//! The cache manager's side of the control socket: one task per `fs` connection, each
+//! request frame answered from the manager.
+//! Invariant: at most `CONNECTIONS_MAX` connections are served at once, each holding one
+//! frame at a time, and a failed request is answered with `ControlResponse::Error` text.
 
 use std::sync::Arc;
 
@@ -13,6 +13,8 @@ use tracing::debug;
 use crate::control::{ControlRequest, ControlResponse, body_len, decode, encode};
 use crate::manager::Manager;
 
+/// `fs` connections served at once; the next accept waits for a free one, so a client
+/// can make the server hold at most this many frames.
 const CONNECTIONS_MAX: usize = 64;
 
 pub async fn serve(
@@ -46,6 +48,8 @@ pub async fn serve(
     }
 }
 
+/// Answers one request per frame until the client closes. A frame too large to take
+/// ends the connection rather than get an answer.
 async fn handle(mut stream: UnixStream, manager: &Manager) -> std::io::Result<()> {
     loop {
         let mut header = [0u8; 4];

@@ -1,5 +1,6 @@
 //! `CacheError`: everything that can stop the cache manager from starting, mounting or
-//! answering an `fs` command, each with a message that names what to do.
+//! answering an `fs` command.
+//! Invariant: each message says what failed and, where a person can act, what to do.
 
 use std::path::PathBuf;
 

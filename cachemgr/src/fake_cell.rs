@@ -1,13 +1,7 @@
-//! Test only: a VLDB and a fileserver in one loopback service, holding one volume with
-//! one file, that records how the cache manager talks to it (stores in flight, syncs,
-//! fetches per chunk, lock and reclaim calls), answers lock requests as a test scripts
-//! them, and can push `LockGranted` and drop its connections as a restart would. Lets the
-//! manager be tested without real servers. `start_pair` serves the same fileserver as a
-//! pair: two members on their own ports (one server id, one shared state), the passive
-//! one answering `NotActive` with the active's address, and a call can be cut off at a
-//! member mid-flight, as a dying active would.
+//! Test only: a VLDB and a fileserver (or a pair of members) in one loopback service,
+//! which records how the cache manager talks to it and plays the faults a test scripts.
 //! Invariant: every store moves the file's data version by exactly one, as a real
-//! fileserver's does; only the active member serves.
+//! fileserver's does, and only the active member serves.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -101,6 +95,12 @@ fn kind(request: &Request) -> &'static str {
     }
 }
 
+/// Lets the manager be tested without real servers. Holds one volume: `FILE` and `FILE2`,
+/// and any other fid as an empty directory (the root among them). Records how the cache
+/// manager talks to it (`Record`: stores in flight, syncs, fetches per chunk, lock and
+/// reclaim calls), answers lock requests as a test scripts them (`lock_answers`), and
+/// can push `LockGranted` (`push_grant`) and drop its connections as a restart would
+/// (`drop_connections`).
 pub struct FakeCell {
     server: ServerId,
     /// Where the VLDB answers (and, for a single server, the fileserver too).
@@ -155,7 +155,9 @@ impl FakeCell {
     }
 
     /// Serves a pair: the VLDB and members 0 and 1 each on a fresh loopback port,
-    /// member 0 active.
+    /// member 0 active. The members are one server (one id, one shared state); the
+    /// passive one answers `NotActive` with the active's address, and a call can be cut
+    /// off at a member mid-flight (`cut_off`), as a dying active would.
     pub async fn start_pair(content: Vec<u8>) -> (Arc<FakeCell>, watch::Sender<bool>) {
         let bind = || tokio::net::TcpListener::bind("127.0.0.1:0");
         let (vldb, zero, one) = (
@@ -332,6 +334,7 @@ impl FakeCell {
         })
     }
 
+    /// Lands in `FILE` whichever fid the store names: the tests write no other file.
     async fn store(&self, offset: u64, bytes: &[u8]) -> VnodeStatus {
         let started = {
             let mut record = self.record.lock();

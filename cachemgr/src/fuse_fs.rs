@@ -1,8 +1,7 @@
-//! The FUSE face of the cache manager: each kernel request is decoded, run on the
-//! manager (blocking this fuser thread on the async runtime) and answered; the one place
-//! where the core's `Attr`, `NodeKind`, `FsError` and `Ino` become fuser's types.
-//! Invariant: every request gets exactly one reply; no request waits without bound,
-//! since every RPC under it has a deadline.
+//! The FUSE face of the cache manager: each kernel request decoded, run on the manager
+//! and answered; the one place where the core's types become fuser's.
+//! Invariant: every request gets exactly one reply; only blocking lock requests wait
+//! without bound, capped below the thread count so that they never stall the mount.
 
 use std::ffi::OsStr;
 use std::path::Path;
@@ -33,6 +32,9 @@ const KERNEL_OFFSET_MAX: u64 = i64::MAX as u64;
 /// The I/O size `stat` suggests (`st_blksize`).
 const IO_BLOCK_BYTES: u32 = 64 * 1024;
 
+/// The `fuser::Filesystem` over a `Manager`: it turns the core's `Attr`, `NodeKind`,
+/// `FsError` and `Ino` into fuser's types. A request other than a blocking lock waits no
+/// longer than the RPCs under it, each of which has a deadline.
 pub struct HoldfastFs {
     manager: Arc<Manager>,
     /// Blocking lock requests waiting now. Each holds a FUSE thread, so they are capped
@@ -51,6 +53,7 @@ impl HoldfastFs {
         }
     }
 
+    /// Runs a request on the manager, blocking this fuser thread on the async runtime.
     fn run<T>(&self, future: impl std::future::Future<Output = FsResult<T>>) -> FsResult<T> {
         self.manager.block_on(future)
     }

@@ -1,11 +1,7 @@
-//! The advisory byte-range locks this client holds on fileservers, as the servers granted
-//! them, per file and lock owner. It decides whether a close must tell the server
-//! anything (only when the owner holds something there) and lists what to reclaim after
-//! a server restart.
-//! Invariant: the ranges of one owner on one file never overlap; setting or releasing a
-//! range replaces or cuts what the owner held there, as the server's table does (POSIX
-//! semantics), so the two agree lock for lock.
-//! Pure: no I/O, no clock.
+//! The advisory byte-range locks this client holds on fileservers, per file and owner:
+//! what a close must release, what a reconnect reclaims, where leases need renewing.
+//! Invariant: one owner's ranges on one file never overlap, and a grant or release
+//! replaces or cuts them as the server's table does, so both hold the same bytes.
 
 use std::collections::HashMap;
 
@@ -20,6 +16,10 @@ pub struct HeldLock {
     pub pid: u32,
 }
 
+/// The locks the servers granted this client, as they granted them (POSIX semantics).
+/// Unlike the server's table it does not merge adjacent ranges of one kind, so it may
+/// hold in pieces what the server holds as one lock, over the same bytes. Pure: no I/O,
+/// no clock.
 #[derive(Debug, Default)]
 pub struct HeldLocks {
     by_fid: HashMap<Fid, Vec<HeldLock>>,

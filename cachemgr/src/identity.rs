@@ -1,8 +1,7 @@
-//! The client's identity: a `ClientId` kept in `cache_dir/client.id` across restarts and a
-//! fresh `InstanceNonce` per start, so a server can tell a restarted client from a
-//! reconnecting one.
-//! Invariant: the id file holds one UUID in text form; a file that does not parse is an
-//! error, never silently replaced (that would orphan the old client's server state).
+//! The client's identity: a `ClientId` kept in the cache directory across restarts and a
+//! fresh `InstanceNonce` per start, so a server tells a restart from a reconnect.
+//! Invariant: an id file that does not parse is an error, never silently replaced (that
+//! would orphan the old client's state on the servers).
 
 use std::path::Path;
 
@@ -11,6 +10,7 @@ use uuid::Uuid;
 
 use crate::error::CacheError;
 
+/// The client id's file in the cache directory: one UUID in text form.
 const CLIENT_ID_FILE: &str = "client.id";
 
 /// Reads the client id, creating it on first start.

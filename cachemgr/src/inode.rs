@@ -1,6 +1,6 @@
-//! The FUSE inode number <-> fid map.
-//! Invariant: the map is a bijection; inode 1 is the root of the root volume; numbers are
-//! never reused within one mount, so the kernel never sees one number name two files.
+//! The map between the kernel's FUSE inode numbers and fids.
+//! Invariant: the map is a bijection, inode 1 is the root volume's root, and a number is
+//! never reused within a mount, so the kernel never sees one number name two files.
 
 use std::collections::HashMap;
 use std::fmt;

@@ -1,9 +1,7 @@
-//! Kernel cache invalidation, off the request path: callback breaks queue work here and
-//! one thread tells the kernel through the mount's `KernelNotifier`.
+//! Kernel cache invalidation off the request path: callback breaks queue it here and one
+//! thread tells the kernel through the mount's `KernelNotifier`.
 //! Invariant: nothing that answers a FUSE request or a server's break ever waits on the
-//! kernel: a notification can block on an inode lock held by a FUSE request in flight,
-//! and that request may be waiting for us. The queue is bounded; when it is full the
-//! notification is dropped (the kernel's attribute and entry TTLs are short anyway).
+//! kernel; a notification that finds the queue full is dropped.
 
 use std::ffi::OsStr;
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
@@ -13,7 +11,8 @@ use tracing::debug;
 
 use crate::inode::Ino;
 
-/// Notifications waiting for the invalidation thread.
+/// Notifications waiting for the invalidation thread. One that finds the queue full is
+/// dropped: the kernel's attribute and entry TTLs are short, so the harm is bounded.
 const QUEUE_MAX: usize = 65_536;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -33,6 +32,9 @@ pub trait KernelNotifier: Send + Sync + 'static {
     fn invalidate_entry(&self, parent: Ino, name: &OsStr) -> std::io::Result<()>;
 }
 
+/// Hands invalidations to a thread of their own: a notification can block on an inode
+/// lock held by a FUSE request in flight, and that request may be waiting for the very
+/// caller (a break being acknowledged, a request being answered) that would notify.
 #[derive(Clone)]
 pub struct Invalidator {
     queue: SyncSender<Invalidation>,

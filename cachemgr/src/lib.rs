@@ -1,12 +1,7 @@
-//! The Holdfast cache manager: the AFS-style caching client, mounted with FUSE.
-//!
-//! It keeps file status (under callback promises) in memory and file data in 1 MiB
-//! chunks on local disk, answers the kernel from them without an RPC while promises hold,
-//! and stores writes back when a file is closed. `fcntl` and `flock` locks on the mount
-//! are the fileservers' byte-range locks, kept alive by lease renewal; after a server
-//! restart the client reconnects and reclaims its callbacks (by data version) and locks.
-//! `run` mounts and serves; the `fs_*`
-//! functions are the client side of the control socket behind `holdfast fs`.
+//! The Holdfast cache manager: the AFS-style client that mounts a cell with FUSE and
+//! answers from status and data cached under callback promises (`docs/cache-manager.md`).
+//! Invariant: cached status and data are served only while a callback or the data version
+//! says they are current, and a close succeeds only once its writes are durable.
 
 pub mod chunk_index;
 pub mod chunk_store;

@@ -1,8 +1,7 @@
-//! Cached directory listings and the rule that keeps them current across this client's
-//! own changes without refetching.
-//! Invariant: a listing is labelled with the directory's data version it reflects; a
-//! change is applied to it only when the server's new data version is exactly one more,
-//! which proves no other client changed the directory in between. Otherwise it is dropped.
+//! Cached directory listings, and the rule that keeps one current across this client's
+//! own changes without refetching it.
+//! Invariant: a change is applied to a listing only when the server's new data version is
+//! exactly one more than the listing's, proving no other change came in between.
 
 use std::collections::BTreeMap;
 
@@ -81,7 +80,8 @@ pub enum ListingOutcome {
 }
 
 /// Applies this client's own change, given the directory's data version the server
-/// returned after it.
+/// returned after it. Any other version means another change came in between, and the
+/// listing is dropped rather than patched.
 pub fn apply_own_change(
     listing: &mut Option<Listing>,
     new_version: DataVersion,

@@ -1,13 +1,7 @@
 //! Blocking lock requests queued on fileservers (`LockQueued { wait }`), each waiting for
 //! the server's `LockGranted { wait }` push on the same connection.
-//! Invariant: a push is acknowledged only when some request of this client can claim it:
-//! a registered waiter, or a blocking `SetLock` still in flight to that server (the push
-//! may overtake its `LockQueued` answer; the grant is kept for it). Any other push is
-//! refused, so the server releases the lock rather than leave it held by nobody.
-//! Early grants are bounded by `EARLY_GRANTS_MAX`.
-//! Invariant: a wait never outlives the connection that queued it unnoticed: a
-//! connection lost between the `SetLock` going out and its waiter registering ends that
-//! waiter at once (`Lost`), as a loss after registering does.
+//! Invariant: a pushed grant is acknowledged only when a request of this client can claim
+//! it, and a wait ends (`Lost`) with its connection, even before its waiter registers.
 
 use std::collections::HashMap;
 
@@ -114,7 +108,11 @@ impl LockWaits {
         rx
     }
 
-    /// The server pushed `LockGranted { wait }`; returns whether to acknowledge it.
+    /// The server pushed `LockGranted { wait }`; returns whether to acknowledge it. A
+    /// grant is claimable by a registered waiter, or by a blocking `SetLock` still in
+    /// flight to that server, since the push may overtake its `LockQueued` answer: the
+    /// grant is then kept for it (up to `EARLY_GRANTS_MAX`). Any other grant is refused,
+    /// so the server releases the lock rather than leave it held by nobody.
     pub fn granted(&self, server: ServerId, wait: WaitId) -> bool {
         let mut inner = self.inner.lock();
         match inner.slots.remove(&(server, wait)) {

@@ -1,5 +1,7 @@
-//! The cache manager's core, free of FUSE: the `Manager`, its caches, the helpers its parts share.
-//! Invariant: `state` is locked briefly, never across an `.await`, before the chunk index's lock.
+//! The cache manager's core, free of FUSE: the `Manager`, its caches and the helpers its
+//! parts share.
+//! Invariant: `state` is locked briefly, never across an `.await`, and before the chunk
+//! index's lock, never after it.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Weak};

@@ -1,7 +1,7 @@
-//! Mounting and unmounting: checks the mount point, starts the manager, the control
-//! socket and the FUSE session, waits for shutdown, stores pending writes and unmounts.
-//! Invariant: `run` returns only after the mount is gone (or, when files inside are
-//! still open, lazily detached), so no stale mount is left behind.
+//! Mounting: checks the mount point, starts the manager, the control socket and the FUSE
+//! session, and at shutdown stores pending writes and unmounts.
+//! Invariant: once mounted, `run` returns `Ok` only when the mount is gone or lazily
+//! detached (files inside still open), so a clean return leaves no stale mount behind.
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;

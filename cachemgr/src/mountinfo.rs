@@ -1,10 +1,12 @@
-//! Finding the holdfast mount that holds a path, from `/proc/self/mountinfo`: the mount
-//! with the longest mount point that is a prefix of the path, and its control socket,
-//! named by the mount's source `holdfast:<socket path>`.
+//! Finding the holdfast mount that holds a path, and its control socket, from
+//! `/proc/self/mountinfo`.
+//! Invariant: a path belongs to the mount with the longest mount point that is a prefix
+//! of it by whole components; of two on one point, the later, which hides the earlier.
 
 use std::path::{Path, PathBuf};
 
-/// The source prefix every holdfast mount carries (its FSName).
+/// The source prefix every holdfast mount carries (its FSName): `holdfast:<socket path>`
+/// names the mount's control socket.
 pub const SOURCE_PREFIX: &str = "holdfast:";
 
 /// One line of mountinfo, the fields we use.

@@ -1,9 +1,7 @@
-//! Sequential read detection: decides which chunks of a file to fetch ahead of a reader
-//! so the network stays busy while the kernel consumes the chunk it asked for.
-//! Invariant: at most `FILES_MAX` files are tracked (the table is cleared when full, which
-//! only costs a reader its next prefetch); a read that does not continue the previous one
-//! of its file (random access) prefetches nothing.
-//! Pure: it takes read offsets and sizes and returns chunk ranges.
+//! Sequential read detection: which chunks of a file to fetch ahead of its reader, so the
+//! network stays busy while the kernel consumes the chunk it asked for.
+//! Invariant: only a read that starts the file or continues its previous read fetches
+//! anything ahead (random access fetches nothing), and the files tracked stay bounded.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -12,9 +10,12 @@ use proto::Fid;
 
 use crate::chunk_index::CHUNK_BYTES;
 
-/// Files whose last read position is remembered.
+/// Files whose last read position is remembered. A full table is cleared, which costs a
+/// reader only its next fetch ahead.
 pub const FILES_MAX: usize = 4096;
 
+/// Per file, where its last read ended. Pure: it takes read offsets and sizes and
+/// returns chunk ranges.
 #[derive(Debug)]
 pub struct ReadAhead {
     /// Per file, the chunk the last read ended in.

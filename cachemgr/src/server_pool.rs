@@ -1,17 +1,7 @@
-//! Connections to fileservers: one per server, opened on first use and again after a
-//! failure. Each connection also carries the server's callback breaks to this client.
-//! A fileserver pair is one server with two addresses: a call to it that fails on the
-//! transport or is answered `NotActive` is tried again on the other member (or the
-//! member hinted), with a short backoff, until `failover_timeout` has passed since the
-//! call began.
-//! Invariant: a call to a single-address server ends within `rpc_timeout` (connecting
-//! and waiting for a reclaim included); a call to a pair within `failover_timeout`
-//! plus one `rpc_timeout`. A connection that timed out, died or answered `NotActive` is
-//! closed and forgotten, so the next call reconnects. The cache hears of each lost
-//! connection exactly once (`connection_lost`), before a new connection to that server
-//! is made, and a new connection is handed to callers only after the cache reclaimed
-//! what it held there. A request retried on another member is the same request: a
-//! `Sequenced` one keeps its `seq`.
+//! Connections to fileservers, one per server, opened on first use and after a failure;
+//! each also carries the server's breaks and lock grants to this client.
+//! Invariant: a connection is handed to callers only after the cache reclaimed what it
+//! held there, and the cache hears of each lost connection once, before the next is made.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -178,6 +168,12 @@ impl ServerPool {
 
     /// Calls `server`, each attempt within `timeout`; a pair's members are tried until
     /// `failover_timeout` has passed. A namespace change goes as `Sequenced`.
+    ///
+    /// Every step is bounded by `timeout` (waiting behind another caller's connect, the
+    /// TCP connect, the handshake, each request of the reclaim, the call itself), so no
+    /// call waits without bound; but one that has to connect can take several times
+    /// `timeout`, and a pair's last attempt may start just before `failover_timeout`
+    /// runs out.
     pub async fn call_with_timeout(
         &self,
         server: ServerId,
@@ -243,8 +239,11 @@ impl ServerPool {
         result
     }
 
-    /// Tries the pair's members in turn until one answers or `failover` has passed; the
-    /// request is borrowed per attempt (no copy), so a retry is byte-for-byte the same.
+    /// Tries the pair's members in turn until one answers or `failover` has passed: a
+    /// pair is one server with two addresses, and a call that fails on the transport or
+    /// is answered `NotActive` is tried again on the other member (or the one hinted),
+    /// after a short backoff. The request is borrowed per attempt (no copy), so a retry
+    /// is byte-for-byte the same request: a `Sequenced` one keeps its `seq`.
     async fn call_pair(
         &self,
         server: ServerId,
@@ -336,7 +335,9 @@ impl ServerPool {
         }
     }
 
-    /// Closes `connection`; true when it was the one in use.
+    /// Closes `connection`, so the next call reconnects; true when it was the one in
+    /// use. Called for a connection that timed out or died, and for a pair member's that
+    /// answered `NotActive`.
     async fn forget(&self, server: ServerId, connection: &Connection) -> bool {
         connection.close();
         self.lost(server, connection)

@@ -1,11 +1,7 @@
 //! Spare files: empty files created ahead of need in the chunk directory by a thread of
-//! their own, so that putting a chunk's file down on a caller's path (a write's dirty
-//! chunk) renames one into place rather than creating a file. Creating a file waits on
-//! the filesystem journal while anything else on that disk syncs (measured with the
-//! fileserver syncing on the same disk: ~570 µs to create and write a 4 KiB file, ~30 µs
-//! to rename an existing one and write it).
-//! Invariant: a pooled spare is empty and named `spare.N`, a name no chunk file has; the
-//! pool holds at most `SPARES_MAX`, and no spare is created once the pool is dropped.
+//! their own, so that a write's chunk file is put down by a rename, not a create.
+//! Invariant: a pooled spare is empty and named `spare.N`, a name no chunk file has, and
+//! no spare is created once the pool is dropped.
 
 use std::fs::OpenOptions;
 use std::io;
@@ -19,8 +15,8 @@ use tracing::{debug, warn};
 /// What every spare's name starts with; no chunk file's name does.
 pub const SPARE_PREFIX: &str = "spare.";
 
-/// Spare files kept ready: more than a burst of small writes takes between two wake-ups
-/// of the filler.
+/// Spare files kept ready, at most: more than a burst of small writes takes between two
+/// wake-ups of the filler.
 const SPARES_MAX: usize = 64;
 
 struct Pool {
@@ -41,6 +37,10 @@ struct Shared {
     added: Condvar,
 }
 
+/// A pool of empty files in the chunk directory, kept full by the filler thread, because
+/// creating a file waits on the filesystem's journal while anything else on that disk
+/// syncs. Measured with the fileserver syncing on the same disk: ~570 µs to create and
+/// write a 4 KiB file, ~30 µs to rename an existing one and write it.
 pub struct SpareFiles {
     shared: Arc<Shared>,
     filler: Option<JoinHandle<()>>,

@@ -1,10 +1,7 @@
-//! The status cache: per fid, the last `VnodeStatus` seen, the callback promise and what
-//! hangs off it (directory listing, link content, the data version the kernel's page
-//! cache reflects).
-//! Invariant: a status is served without an RPC only while its callback holds; the
-//! callback's expiry is measured from when the request was sent, so it errs early. A
-//! status never goes back to an older data version.
-//! Pure: every method takes the clock value it needs.
+//! The status cache: per fid, the last `VnodeStatus` seen, its callback promise and what
+//! hangs off it (listing, link content, the data version the kernel's pages hold).
+//! Invariant: a status is served without an RPC only while its callback holds, counted
+//! from when the request was sent (so it errs early), and never goes back a data version.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -76,6 +73,9 @@ pub fn only_own_changes(before: DataVersion, changes: u64, after: DataVersion) -
     changes > 0 && before.0.checked_add(changes) == Some(after.0)
 }
 
+/// Every status this client has seen, by fid. Pure: a method that needs the time takes
+/// it as an argument (`apply_own_dir_change` stamps a directory it has no entry for with
+/// `Instant::now()`, but without a callback that time is never read).
 #[derive(Debug, Default)]
 pub struct StatusTable {
     entries: HashMap<Fid, StatusEntry>,

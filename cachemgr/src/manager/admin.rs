@@ -1,5 +1,7 @@
-//! The `holdfast fs` commands behind the control socket: examine, whereis, flush, checkservers...
-//! Invariant: `examine` fetches a status only when none is cached: a broken callback shows broken.
+//! The `holdfast fs` commands as the manager answers them: examine, whereis, flush,
+//! checkservers, mkmount and lsmount.
+//! Invariant: `examine` fetches a status only when none is cached, so a broken callback
+//! shows as broken rather than renewed.
 
 use std::ffi::OsStr;
 use std::time::{Duration, Instant, SystemTime};

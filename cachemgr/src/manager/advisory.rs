@@ -1,5 +1,7 @@
-//! Advisory locks on the mount (`fcntl`, `flock`) as the fileserver's, mirrored in `HeldLocks`.
-//! Invariant: `HeldLocks` changes only after the server call returns; a blocking request never polls.
+//! Advisory locks on the mount (`fcntl`, `flock`) as the fileservers' byte-range locks,
+//! mirrored in `HeldLocks`, with the lease renewed while any is held or awaited.
+//! Invariant: `HeldLocks` changes only after the server call returns; a blocking request
+//! waits for the server's push, and polls only a server in grace, at the pace it asks.
 
 use std::time::Duration;
 

@@ -1,5 +1,5 @@
-//! `Attr`: what the core says of a file to the adapter that shows it, and for how long (`AttrOut`).
-//! Invariant: built from a cached status; its TTL never outlives the status's callback.
+//! `Attr`: what the core tells the adapter of a file; `AttrOut`: for how long it holds.
+//! Invariant: built from a cached status, with a TTL that never outlives its callback.
 
 use std::time::{Duration, SystemTime};
 

@@ -1,5 +1,7 @@
-//! The callback sink: what fileserver connections report (breaks, resets, grants, lost links).
-//! Invariant: a break voids status and listing before it is acknowledged; the kernel hears later.
+//! The callback sink: what fileserver connections report to the manager (breaks, resets,
+//! lock grants, lost connections) and what they ask of it (a reclaim, new addresses).
+//! Invariant: a break voids the status and listing before it is acknowledged; the kernel
+//! is told afterwards, off the connection's path.
 
 use std::collections::HashSet;
 use std::time::Duration;

@@ -1,5 +1,7 @@
-//! The data path: open, read, write and truncate over the chunk cache, chunks fetched ahead.
-//! Invariant: writes and truncations hold the file's lock alone; a chunk has one fetch in flight.
+//! The data path: open, read, write and truncate over the chunk cache, with chunks
+//! fetched ahead of a sequential reader.
+//! Invariant: a write or truncation holds the file's lock alone, and a chunk has at most
+//! one fetch in flight, which every reader wanting it shares.
 
 use std::collections::HashMap;
 use std::sync::Arc;

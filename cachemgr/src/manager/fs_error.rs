@@ -1,5 +1,7 @@
-//! `FsError`: how an operation of the core fails, as an errno (`libc::E*`); RPC failures map here.
-//! Invariant: the value is a positive errno, so an adapter hands it on as it is.
+//! `FsError`: how an operation of the core fails, as an errno (`libc::E*`); RPC and chunk
+//! cache failures map here.
+//! Invariant: the value is a positive errno (anything else becomes `EIO`), so an adapter
+//! hands it on as it is.
 
 use proto::{ProtoError, Response};
 use tracing::warn;

@@ -1,5 +1,6 @@
 //! The namespace: lookup, attributes, listings and directory streams, and entry changes.
-//! Invariant: names are checked before any RPC; a cached listing answers only under callback.
+//! Invariant: a name is checked before any RPC, and a cached listing answers only while
+//! its directory's callback holds at the listing's data version.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;

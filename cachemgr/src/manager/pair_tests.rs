@@ -1,5 +1,7 @@
-//! Tests: a fileserver pair as the manager sees it, one server with two addresses.
-//! Invariant checked: a call lands on the active after the reclaim there, with its `seq` kept.
+//! Tests of failover as the manager sees it: a fileserver pair, one server with two
+//! addresses, and how long a call to a server that does not answer lasts.
+//! Invariant: a call lands on the active member only after the reclaim there, and a
+//! retried change keeps its `seq`.
 
 use std::ffi::OsStr;
 use std::sync::Arc;

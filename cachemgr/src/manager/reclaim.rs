@@ -1,5 +1,7 @@
-//! The reclaim: after a lost connection, callbacks (by data version), then locks, then done.
-//! Invariant: a callback is kept only where the server confirmed the cached version.
+//! The reclaim after a lost connection: callbacks by data version, then locks, then
+//! `ReclaimDone`, on the new connection before anyone else uses it.
+//! Invariant: a callback is renewed only where the server confirmed the version cached;
+//! the others stay void until revalidated.
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};

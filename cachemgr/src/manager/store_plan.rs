@@ -1,5 +1,7 @@
-//! `StorePlan`: which dirty chunks go in which `StoreData`, how many fly at once, then the `Fsync`.
-//! Invariant: pure (no I/O, clock or task); it ends once, and only when no store is in flight.
+//! `StorePlan`: which dirty chunks go in which `StoreData`, how many are in flight at
+//! once, and whether the `Fsync` follows.
+//! Invariant: a plan ends exactly once, only when no store is in flight, and starts no
+//! store after a failure.
 
 use std::collections::VecDeque;
 use std::ops::Range;
@@ -70,7 +72,8 @@ pub enum Effect<R> {
 }
 
 /// The write-back of one file, fed the outcome of each store it asks for. `R` is a
-/// store's answer, kept only to be handed back in `Effect::Absorb`.
+/// store's answer, kept only to be handed back in `Effect::Absorb`. Pure (no I/O, clock
+/// or task), so it is tested by the exact effects it emits.
 #[derive(Debug)]
 pub struct StorePlan<R> {
     pending: VecDeque<Store>,

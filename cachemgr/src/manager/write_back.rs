@@ -1,5 +1,7 @@
-//! The write-back: a file's dirty chunks stored and synced as its `StorePlan` says, before a close.
-//! Invariant: the caller holds the file's lock alone; no store is in flight once it returns.
+//! The write-back: a file's dirty chunks stored as its `StorePlan` says, then synced when
+//! a close or fsync asks for it.
+//! Invariant: the caller holds the file's lock alone, and no store of the file is in
+//! flight once the write-back returns.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;

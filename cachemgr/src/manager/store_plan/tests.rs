@@ -1,4 +1,7 @@
-//! Write-back planning, each case fed as events and checked by the exact effects it emits.
+//! Write-back planning, each case fed as events and checked by the exact effects it
+//! emits.
+//! Invariant: each dirty chunk goes in exactly one store, and the `Fsync` comes only
+//! after every store's answer, never after a failure.
 
 use super::*;
 
