@@ -3,10 +3,9 @@
 //! Invariant: a break voids the status and listing before it is acknowledged; the kernel
 //! is told afterwards, off the connection's path.
 
-use std::collections::HashSet;
 use std::time::Duration;
 
-use proto::{ErrorCode, Fid, ProtoError, ServerId, VolumeId, WaitId};
+use proto::{ErrorCode, Fid, ProtoError, ServerId, WaitId};
 use tracing::debug;
 
 use super::Manager;
@@ -67,12 +66,7 @@ impl CallbackSink for Manager {
     }
 
     fn reset_callbacks(&self, server: ServerId) {
-        let volumes: HashSet<VolumeId> = self.volumes.volumes_on(server).into_iter().collect();
-        let reset = self
-            .state
-            .lock()
-            .statuses
-            .reset_callbacks(|fid| volumes.contains(&fid.volume));
+        let (_, reset) = self.reset_callbacks_from(server);
         debug!(%server, count = reset.len(), "callbacks reset; cached data will be revalidated");
     }
 }

@@ -36,12 +36,7 @@ impl Manager {
     /// queued lock requests are woken to ask again, and a task reconnects by itself.
     pub(super) fn on_connection_lost(&self, server: ServerId) {
         self.lock_waits.connection_lost(server);
-        let volumes: HashSet<VolumeId> = self.volumes.volumes_on(server).into_iter().collect();
-        let reset = self
-            .state
-            .lock()
-            .statuses
-            .reset_callbacks(|fid| volumes.contains(&fid.volume));
+        let (volumes, reset) = self.reset_callbacks_from(server);
         let owed = {
             let mut owed = self.reclaim_owed.lock();
             let set = owed.entry(server).or_default();
@@ -53,6 +48,18 @@ impl Manager {
         if owed > 0 || locks > 0 {
             self.spawn_reconnect(server);
         }
+    }
+
+    /// Drops every callback held from `server` (the cached data stays, to be revalidated
+    /// by data version); returns the volumes it serves and the fids that lost theirs.
+    pub(super) fn reset_callbacks_from(&self, server: ServerId) -> (HashSet<VolumeId>, Vec<Fid>) {
+        let volumes: HashSet<VolumeId> = self.volumes.volumes_on(server).into_iter().collect();
+        let reset = self
+            .state
+            .lock()
+            .statuses
+            .reset_callbacks(|fid| volumes.contains(&fid.volume));
+        (volumes, reset)
     }
 
     fn locks_on(&self, volumes: &HashSet<VolumeId>) -> Vec<(Fid, crate::held_locks::HeldLock)> {
