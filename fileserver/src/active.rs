@@ -1,9 +1,7 @@
-//! One term of serving a partition: the open volumes, the state journal, the callback
-//! and lock tables rebuilt from it, and their sweepers. A single server has one term
-//! for its whole run; a pair member opens one each time it wins the lease.
-//! Invariant: a term is opened only behind an open fence, and ends in exactly one way:
-//! `close` (journal closed cleanly), `hand_over` (snapshot, handover mark, close) or
-//! `abandon` (fence already closed: dropped without writing anything).
+//! One term of serving a partition: the open volumes, the state journal, the callback and
+//! lock tables rebuilt from it, and their sweepers.
+//! Invariant: a term ends in exactly one way: `close` (journal closed cleanly),
+//! `hand_over` (snapshot, handover mark, close) or `abandon` (nothing more written).
 
 use std::sync::Arc;
 
@@ -36,7 +34,9 @@ pub struct Recovered {
     pub clean_handover: bool,
 }
 
-/// An open partition and the state served from it.
+/// An open partition and the state served from it. A single server has one term for its
+/// whole run; a pair member opens one each time it wins the lease, behind a fence
+/// already open (opening the partition checks it).
 pub struct Active {
     pub service: Arc<FileService>,
     journal: Arc<StateJournal>,

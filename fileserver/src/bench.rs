@@ -1,8 +1,7 @@
-//! In-process benchmarks behind `holdfast bench`: each starts a real fileserver (`run`) on a
-//! scratch partition and 127.0.0.1:0 and drives it over real RPC connections, or runs the
-//! server's own recovery and snapshot code on a generated state, and returns figures.
-//! Invariant: a benchmark only measures; it prints nothing, asserts nothing, stops the
-//! server it started and removes its scratch partition, even when it fails.
+//! In-process benchmarks behind `holdfast bench`: real fileservers on scratch partitions
+//! driven over RPC, or the server's recovery and snapshot code on a generated state.
+//! Invariant: a benchmark only measures: it prints and asserts nothing, and stops the
+//! server it started and removes its scratch partition even when it fails.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

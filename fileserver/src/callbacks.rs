@@ -1,8 +1,7 @@
-//! Callback promises and their breaking: the promises in shards by fid, what clients are
-//! owed, breaks sent in parallel with a deadline, owed breaks delivered before a
-//! returning client is served, and every change handed to the state journal.
-//! Invariant: a promise removed from a table is acknowledged by its client or queued as
-//! a delayed break, and journaled as sent before the change that caused it is answered.
+//! Callback promises and their breaking: promises in shards by fid, breaks sent in
+//! parallel with a deadline, and owed breaks delivered before a client is served again.
+//! Invariant: a promise broken for a change is journaled as sent, then acknowledged by
+//! its holder or queued as owed, before that change is answered.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;

@@ -1,4 +1,6 @@
 //! The fileserver's configuration, as the binary or a test builds it.
+//! Invariant: `Config::new` gives every limit and timing its default, and `pair` alone
+//! decides whether `run` serves as a single server or as a pair member.
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -1,10 +1,7 @@
-//! The history file (`--history`): one line per acknowledged request that changed a
-//! volume or a lock, and one per role change, for failover tests to compare members.
-//! Line: `<unix micros> <epoch> <member address> <what>`, `what` a request kind or
-//! `active` / `fenced`.
-//! Invariant: a request's line is written after the last fence check and before its
-//! reply leaves, as one `write` on an `O_APPEND` file, so the lines of two members on
-//! one file interleave whole and an acknowledged change always has its line.
+//! The history file (`--history`): a line per acknowledged change of a volume or a lock
+//! and per role change, for failover tests to compare the members of a pair.
+//! Invariant: a change's line is written after its request's last fence check and before
+//! its reply leaves, as one `O_APPEND` write, so lines of two members interleave whole.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -16,7 +13,8 @@ use tracing::warn;
 
 use crate::error::FileServerError;
 
-/// An open history file.
+/// An open history file, opened `O_APPEND` so that the lines of two members writing one
+/// file interleave whole.
 #[derive(Debug)]
 pub struct History {
     file: File,
@@ -35,8 +33,9 @@ impl History {
         Ok(History { file })
     }
 
-    /// Appends one line; a failure is logged, not returned: the history is evidence for
-    /// tests, not part of the service.
+    /// Appends the line `<unix micros> <epoch> <member address> <what>`, `what` a request
+    /// kind or a role change (`active`, `fenced`, `released`), in one write. A failure is
+    /// logged, not returned: the history is evidence for tests, not part of the service.
     pub fn line(&self, epoch: Epoch, member: &str, what: &str) {
         let micros = SystemTime::now()
             .duration_since(UNIX_EPOCH)

@@ -1,8 +1,7 @@
-//! `holdfast state inspect`: what a partition's state journal holds (epoch, journal span,
-//! snapshot position, clients with their locks and callback promises, owed breaks), rebuilt
-//! with the same replay the server runs on start, like OpenAFS's state_analyzer summary.
-//! Invariant: read-only. It never takes the journal's directory lock, repairs a torn tail
-//! or removes a file, so it may look at the partition of a running server.
+//! `holdfast state inspect`: what a partition's state journal holds, rebuilt with the
+//! same replay the server runs on start, like OpenAFS's state_analyzer summary.
+//! Invariant: read-only: it never takes the journal's directory lock, repairs a torn tail
+//! or removes a file, so it may look at a running server's partition.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -37,7 +36,9 @@ pub enum InspectError {
     Replay(#[from] ReplayError),
 }
 
-/// Everything `inspect` found, for text or JSON output.
+/// Everything `inspect` found, for text or JSON output: the epoch, the journal's span
+/// and snapshot position, the clients with their locks and callback promises, and the
+/// breaks owed.
 #[derive(Clone, Debug, Serialize)]
 pub struct StateReport {
     pub state_dir: PathBuf,

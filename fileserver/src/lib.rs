@@ -1,6 +1,7 @@
-//! The Holdfast fileserver: volumes on a partition, the RPC service, callback breaking,
-//! byte-range locks, and the journal of callback, lock and client state it restarts from.
-//! Entry point: `run(config, listener, shutdown)`; it binds nothing itself.
+//! The Holdfast fileserver: volumes on a partition served over RPC, with callback
+//! promises, byte-range locks and the journal of their state it restarts from.
+//! Invariant: `run(config, listener, shutdown)` binds nothing itself, and returns an
+//! error rather than serve on once the state journal failed.
 
 mod active;
 pub mod bench;

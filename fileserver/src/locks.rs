@@ -1,18 +1,7 @@
-//! Byte-range locks across clients: the I/O side of the pure `LockTable`, `Leases` and
-//! `Grace` in the `state` crate. Keeps the locks in shards by fid, each a `LockTable`
-//! behind its own short lock, and the leases, known clients and grace behind one more;
-//! renews a client's lease on each of its requests, pushes `LockGranted` to a client
-//! whose queued request became grantable, releases the locks of clients whose lease
-//! lapsed or that restarted, and journals every change of the granted locks and known
-//! clients. A lock request outside grace takes only its fid's shard lock.
-//! Invariant: a lock granted from the queue is either acknowledged by its client's
-//! `LockGranted` reply or released again (which may grant others in turn); every change
-//! of a fid's locks is handed to the journal under its shard's lock, and a release of a
-//! whole client under every shard's, so the records about one fid keep the order of
-//! the changes; locks are taken shards first, in index order, then the client lock; a
-//! lock reply or push waits until its record is durable (per mode); every lock and
-//! queued request of a shard belongs to a client in that shard's `holders`, so a lapse
-//! of any other client costs no table scan.
+//! Byte-range locks across clients: the pure `LockTable`, `Leases` and `Grace` of `state`
+//! in shards by fid, with leases, pushed grants and every change journaled.
+//! Invariant: every change of a fid's locks is journaled under its shard's lock, so the
+//! records keep the order of the changes, and its reply or push waits for its record.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -51,7 +40,9 @@ struct Shard {
     /// The client and process of each queued request, by the shard table's own wait id;
     /// the process moves to `pids` when the request is granted.
     waits: HashMap<WaitId, (ClientKey, u32)>,
-    /// Clients that may hold locks or queued requests in this shard.
+    /// Clients that may hold locks or queued requests in this shard: every lock and queued
+    /// request of the shard belongs to one of them, so that the lapse of any other client
+    /// costs no scan of the table.
     holders: HashSet<ClientKey>,
 }
 
@@ -99,7 +90,9 @@ fn shard_wait(wait: WaitId) -> (usize, WaitId) {
     )
 }
 
-/// The server's lock state and the machinery to grant queued requests.
+/// The server's lock state and the machinery to grant queued requests. Locks are taken
+/// shards first, in index order, then `clients`; a lock request outside grace takes only
+/// its fid's shard lock.
 pub struct Locks {
     shards: Box<[Mutex<Shard>]>,
     clients: Mutex<Clients>,
@@ -636,8 +629,9 @@ impl Locks {
     }
 
     /// Drops `client`'s locks and queued requests from every shard (`shards` holds them
-    /// all, locked) and journals it, then grants what that frees. Returns how many
-    /// locks it held.
+    /// all, locked) and journals it under all of them, so that the record keeps its place
+    /// among each fid's records; then grants what that frees. Returns how many locks it
+    /// held.
     fn release_client_locked(
         &self,
         shards: &mut [MutexGuard<'_, Shard>],

@@ -1,5 +1,7 @@
-//! Registration with the VLDB: announces the server's id and addresses, retrying with
-//! exponential backoff until it succeeds or the server stops. The server serves meanwhile.
+//! Registration with the VLDB: announces a single server's id and addresses, retrying
+//! with exponential backoff until it succeeds or the server stops.
+//! Invariant: registration runs beside the server, which serves meanwhile, and holds no
+//! request up.
 
 use std::time::Duration;
 

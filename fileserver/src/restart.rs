@@ -1,11 +1,7 @@
-//! Restart from the state journal, and the snapshots that keep its replay short: installs
-//! the replayed callback, lock and client state in the live tables under this process's
-//! client keys, and captures the live state consistently for a snapshot.
-//! Invariant: a snapshot takes the callback tables' locks and then the lock tables'
-//! (the one lock order; nothing takes them the other way round), fixes its journal
-//! position while holding both, and copies each table before letting its locks go;
-//! every record is handed to the journal under the locks of the table it changes, so
-//! the snapshot sits exactly between two records.
+//! Restart from the state journal, and the snapshots that keep its replay short: replayed
+//! state installed under this process's client keys, live state captured consistently.
+//! Invariant: a snapshot fixes its journal position while holding every lock records are
+//! handed over under, so it sits exactly between two records.
 
 use std::collections::HashMap;
 use std::time::Duration;

@@ -1,8 +1,6 @@
-//! `PARTITION/server.lock`: keeps two single fileservers off one partition. The volumes'
-//! redb files and the journal take no locks of their own (a stopped pair member would
-//! keep them and block its partner), so a single server takes this one instead.
-//! Invariant: held (flock, exclusive) for as long as a single server serves; pair
-//! members never take it, their lease keeps them apart.
+//! `PARTITION/server.lock`: the flock that keeps two single fileservers off a partition.
+//! Invariant: held, exclusive, for as long as a single server serves; pair members never
+//! take it, their lease keeps them apart.
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::path::Path;
@@ -11,7 +9,9 @@ use crate::error::FileServerError;
 
 const LOCK_FILE: &str = "server.lock";
 
-/// Takes the partition's lock, or says who holds it. Blocking.
+/// Takes the partition's lock, or says who holds it. Blocking. The volumes' redb files
+/// and the journal take no locks of their own (a stopped pair member would keep them and
+/// block its partner), so a single server takes this one instead.
 pub fn take(partition: &Path) -> Result<File, FileServerError> {
     let io = |source| FileServerError::Io {
         path: partition.to_owned(),

@@ -1,8 +1,7 @@
 //! The cache managers this server knows: each client's key and instance (the client
 //! table), its current connection, and whether what it was owed went out on it.
-//! Invariant: a client has at most one current connection; it is replaced only when the
-//! client connects again, and a connection forgotten as unreachable is closed, so the
-//! client reconnects and is served only after what it is owed was delivered.
+//! Invariant: a client has one current connection at most, replaced only when it connects
+//! again, and a request on it runs only once the delivery of what it was owed ended.
 
 use std::collections::HashMap;
 use std::time::Duration;

@@ -1,13 +1,12 @@
 //! How the per-fid state tables (callback promises, locks) are split: by a hash of the
-//! fid into a fixed number of shards, each behind its own lock, so that requests on
-//! different fids do not wait for one another.
-//! Invariant: a fid always falls in the same shard (the hash is fixed and ignores
-//! nothing of the fid), so every change of one fid's state is made, and journaled,
-//! under one lock.
+//! fid into a fixed number of shards, each behind its own lock.
+//! Invariant: a fid always falls in the same shard, so every change of one fid's state is
+//! made, and journaled, under one lock.
 
 use proto::Fid;
 
-/// Shards per table: a power of two, so that a fid's shard is bits of its hash. Enough
+/// Shards per table, each behind its own lock, so that requests on different fids rarely
+/// wait for one another: a power of two, so that a fid's shard is bits of its hash. Enough
 /// that two cores rarely meet on one; each shard is a table of its own, so the count
 /// costs a little fixed memory per shard.
 pub const SHARDS: usize = 16;
@@ -15,7 +14,8 @@ pub const SHARDS: usize = 16;
 /// Bits of a shard number.
 pub const SHARD_BITS: u32 = SHARDS.trailing_zeros();
 
-/// The shard that holds `fid`'s state.
+/// The shard that holds `fid`'s state: a fixed hash of every field of the fid, so the
+/// same fid always lands in the same shard.
 pub fn shard_of(fid: Fid) -> usize {
     let mixed = (fid.volume.0.rotate_left(32) ^ fid.vnode.0 ^ u64::from(fid.unique.0))
         .wrapping_mul(0x9E37_79B9_7F4A_7C15);

@@ -1,13 +1,7 @@
-//! The continuous journal of callback, lock and client state under `PARTITION/state/`:
-//! the writer thread that appends the `state::journaled` records in order with group
-//! commit and writes snapshots, and the replay of what it holds on start.
-//! Invariant: records reach the journal in the order the server handed them over (which
-//! is the order of the in-memory changes: they are handed over under the tables' lock);
-//! a waiter is told "durable" only after a sync covering its record succeeded; a snapshot
-//! is written at exactly the position of the last record handed over before it; a write
-//! or sync that fails behind an open fence closes the fence for good before anyone is
-//! told, so the process answers nothing more and stops; a writer that stops for any
-//! reason says so (`StateJournal::stopped`), so that its term ends.
+//! The journal of callback, lock and client state in `PARTITION/state/`: a writer thread
+//! appending records in order with group commit, snapshots, and replay on start.
+//! Invariant: records reach the disk in the order they were handed over, and a write or
+//! sync failing behind an open fence closes it for good before any waiter is told.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -122,7 +116,9 @@ pub enum JournalStop {
 /// `None`: the copy never came, and no snapshot is written.
 pub type SnapshotSource = Box<dyn FnOnce() -> Option<StateSnapshot> + Send>;
 
-/// Waits until a handed-over record is durable; `false` if the journal failed.
+/// Waits until a handed-over record is durable; `false` if the journal failed. `true`
+/// comes only after a sync covering the record succeeded, except in `None` mode, which
+/// syncs nothing (there the handover mark rests on the close that follows it).
 pub struct Durable(Option<oneshot::Receiver<bool>>);
 
 impl Durable {
@@ -308,8 +304,10 @@ impl StateJournal {
         Durable(Some(receiver)).wait().await
     }
 
-    /// Resolves once the writer stopped appending, and why. After `Failed` the fence is
-    /// closed for good: the server must stop, and a restart recovers what was durable.
+    /// Resolves once the writer stopped appending on its own (fenced, abandoned, failed
+    /// or dead), and why, so that the term ends; never after a clean `close`. After
+    /// `Failed` the fence is closed for good: the server must stop, and a restart
+    /// recovers what was durable.
     pub fn stopped(&self) -> impl Future<Output = JournalStop> + Send + 'static {
         let mut stop = self.progress.stop.subscribe();
         async move {

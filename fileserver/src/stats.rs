@@ -1,5 +1,5 @@
-//! Counters a running fileserver exposes to tests and benchmarks.
-//! Invariant: counters only grow; relaxed ordering is enough for figures read after
+//! Counters a running fileserver shows tests, benchmarks and `ServerCounters` requests.
+//! Invariant: counters only grow, so relaxed ordering is enough for figures read after
 //! the fact.
 
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -1,7 +1,7 @@
 //! The periodic work of a term: expired promises dropped, lapsed leases and grace ended,
 //! and the journaled state snapshotted when due.
-//! Invariant: each runs until the term's stop signal, a few times per lease and grace,
-//! so a lapse or the end of grace is noticed well within its length.
+//! Invariant: the sweepers stop with their term, and the lease sweeper runs a few times
+//! per lease and grace, so a lapse or the end of grace is noticed well within its length.
 
 use std::sync::Arc;
 use std::time::Duration;

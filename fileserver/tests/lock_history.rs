@@ -1,14 +1,6 @@
-//! A randomized lock workload across fileserver restarts, checked from a recorded history.
-//!
-//! Several fake cache managers, each with several lock owners, take and release shared and
-//! exclusive byte-range locks on a few fids, blocking or not, while the server is stopped
-//! and started again on the same partition between rounds; after each restart the clients
-//! reconnect as the same instance and reclaim what they hold.
-//! Invariant checked: no two different owners ever hold overlapping ranges of one fid
-//! with at least one of them exclusive. A grant is recorded only after the client learned
-//! of it (the server decided before) and a release before it is sent, so every recorded
-//! holding lies within a true one: a conflict in the history is a real conflict.
-//! The seed is printed; `HOLDFAST_SEED=N` replays a run's choices (not its interleaving).
+//! A randomized lock workload of fake cache managers across fileserver restarts, checked
+//! from a recorded history: no two owners ever hold overlapping ranges of one fid with at
+//! least one of them exclusive.
 
 mod common;
 
@@ -65,6 +57,8 @@ impl Rng {
     }
 }
 
+/// The run's seed, from `HOLDFAST_SEED` or the clock. It replays the run's choices, not
+/// its interleaving.
 fn seed() -> u64 {
     match std::env::var("HOLDFAST_SEED") {
         Ok(text) => text.parse().expect("HOLDFAST_SEED must be a u64"),
@@ -144,7 +138,10 @@ impl std::fmt::Debug for Event {
     }
 }
 
-/// The history, in one global order: its index is the sequence number.
+/// The history, in one global order: its index is the sequence number. A grant is
+/// recorded only after the client learned of it (the server decided before) and a release
+/// before it is sent, so every recorded holding lies within a true one: a conflict in the
+/// history is a real conflict.
 #[derive(Default)]
 struct History {
     events: Mutex<Vec<Event>>,
@@ -471,6 +468,10 @@ async fn reclaim(client: &Client, owners: &mut [OwnerState], history: &History) 
     }
 }
 
+/// Several fake cache managers, each with several lock owners, take and release shared and
+/// exclusive byte-range locks on a few fids, blocking or not, while the server is stopped
+/// and started again on the same partition between rounds; after each restart the clients
+/// reconnect as the same instance and reclaim what they hold. The seed is printed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_locking_across_restarts_never_grants_conflicting_locks() {
     let seed = seed();

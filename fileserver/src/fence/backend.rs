@@ -1,8 +1,7 @@
-//! The storage backend every volume's redb file is opened on: plain `pread`/`pwrite`
-//! and `fdatasync`, with the fence checked before each write, length change and sync.
-//! Invariant: it takes no file lock. A pair member that was stopped (SIGSTOP) keeps
-//! every lock it holds, so a lock would block the partner's takeover; the pair lease,
-//! and `server.lock` for a single server, keep a second writer out instead.
+//! The storage backend every volume's redb file is opened on: `pread`/`pwrite` and
+//! `fdatasync`, with the fence checked before each write, length change and sync.
+//! Invariant: it takes no file lock; the pair lease, or `server.lock` for a single
+//! server, keeps a second writer out instead.
 
 use std::fs::File;
 use std::io;
@@ -11,7 +10,8 @@ use std::sync::Arc;
 
 use super::Fence;
 
-/// A redb file behind the fence.
+/// A redb file behind the fence, with no file lock: a pair member that was stopped
+/// (SIGSTOP) keeps every lock it holds, so a lock would block the partner's takeover.
 #[derive(Debug)]
 pub struct FencedFile {
     file: File,

@@ -1,12 +1,7 @@
-//! The fence: until when this process may act on the partition. A pair member keeps it
-//! at its lease's end minus a margin (`state::MemberLease`) and closes it when it loses
-//! the lease; a single server keeps it open for good. Every write to the partition (the
-//! volumes' redb files, data files, the state journal) and every request checks it.
-//! A state journal that fails closes it for good (`close_for_good`): the process then
-//! neither answers nor writes until it is started again.
-//! Invariant: the deadline is read on a process-local monotonic clock, so no wall clock
-//! step can reopen it; a closed fence stays closed until the next grant, and a fence
-//! closed for good stays closed.
+//! The fence: until when this process may act on the partition, checked before its redb,
+//! data file and journal writes, and before and after every request it serves.
+//! Invariant: the deadline is read on a process-local monotonic clock, so no wall-clock
+//! step can reopen the fence, and a fence closed for good never opens again.
 
 mod backend;
 mod vfs;
@@ -31,7 +26,9 @@ const CLOSED_FOR_GOOD: u64 = 1 << 63;
 const FOREVER: u64 = CLOSED_FOR_GOOD - 1;
 
 /// An atomic deadline in milliseconds of `now()`, and whether the fence is closed for
-/// good, in one word; checked with one load.
+/// good, in one word; checked with one load. A pair member keeps the deadline at its
+/// lease's end minus a margin (`state::MemberLease`) and closes the fence when it loses
+/// the lease; a single server keeps it open for good.
 #[derive(Debug)]
 pub struct Fence {
     deadline_ms: AtomicU64,
@@ -62,12 +59,15 @@ impl Fence {
             });
     }
 
+    /// Closes the fence until the next `open_until` (a lost lease).
     pub fn close(&self) {
         self.deadline_ms
             .fetch_and(CLOSED_FOR_GOOD, Ordering::SeqCst);
     }
 
-    /// Closes the fence so that no grant opens it again: the process must stop.
+    /// Closes the fence so that no grant opens it again: the process must stop. A state
+    /// journal that fails calls it, so that the process neither answers nor writes until
+    /// it is started again.
     pub fn close_for_good(&self) {
         self.deadline_ms.store(CLOSED_FOR_GOOD, Ordering::SeqCst);
     }

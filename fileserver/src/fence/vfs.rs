@@ -1,7 +1,7 @@
-//! The state journal's file system: the real one with the fence checked before every
-//! write, sync, truncation, rename and removal, and no directory lock (see `backend`
-//! for why; a single server holds `server.lock` instead).
-//! Invariant: nothing the journal writes reaches the partition once the fence closed.
+//! The state journal's file system: the real one behind the fence, without the directory
+//! lock that a stopped pair member would keep (see `FencedFile`).
+//! Invariant: no journal write, sync, creation, truncation, rename or removal gets past a
+//! closed fence.
 
 use std::io;
 use std::path::Path;
@@ -46,6 +46,7 @@ impl Vfs for FencedVfs {
         OsVfs.create_dir_all(dir)
     }
 
+    /// No lock, for the reason `FencedFile` gives; a single server holds `server.lock`.
     fn lock_dir(&self, _dir: &Path) -> io::Result<DirLock> {
         Ok(Box::new(()))
     }

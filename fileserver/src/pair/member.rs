@@ -1,14 +1,7 @@
-//! A pair member's role machine. PASSIVE: answer `NotActive`, watch the pair in the
-//! VLDB and acquire the lease (compare-and-set on the epoch seen) once it is free,
-//! expired or handed to this member. ACTIVE: open the partition behind the fence
-//! (recovery and grace as after a restart), renew every quarter lease, and on a lost
-//! or unrenewed lease close the fence, drop the term without writing and go passive.
-//! A planned switchover drains requests, hands the state over and names the partner.
-//! A state journal that fails ends the term and the process, whose lease then runs out
-//! as after a `kill -9`; one that is fenced ends the term like a lost lease.
-//! Invariant: the fence is open only while `MemberLease` is valid, measured from the
-//! send time of the call the VLDB granted; so this member stops before the VLDB can
-//! grant the partner the next epoch.
+//! A pair member's role machine: passive until it wins the VLDB lease, then active behind
+//! the fence while it renews, until it loses the lease, hands over or stops.
+//! Invariant: the fence is open only while `MemberLease` is valid, measured from the send
+//! time of the call the VLDB granted, so the member stops before the partner may start.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -108,6 +101,14 @@ pub async fn run(
     result
 }
 
+/// The role machine. Passive (`passive`): answer `NotActive`, watch the pair in the VLDB
+/// and acquire the lease (compare-and-set on the epoch seen) once it is free, expired or
+/// handed to this member. Active (`active`): open the partition behind the fence
+/// (recovery and grace as after a restart), renew every quarter lease, and on a lost or
+/// unrenewed lease close the fence, drop the term without writing and go passive. A
+/// planned switchover (`switch_over`) drains requests, hands the state over and names the
+/// partner. A state journal that fails ends the term and the process, whose lease then
+/// runs out as after a `kill -9`; one that is fenced ends the term like a lost lease.
 struct Machine<'a> {
     config: &'a Config,
     pair: &'a PairConfig,

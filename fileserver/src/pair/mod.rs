@@ -1,7 +1,7 @@
-//! Fileserver pairs: two members share one partition and contend for a lease in the
-//! VLDB; the holder serves, the other answers `NotActive` and waits to take over.
-//! `member` is the role machine (passive, active, fenced, switchover); `service` is
-//! the RPC face every fileserver shows, single or paired.
+//! Fileserver pairs: two members share one partition and contend for a lease in the VLDB;
+//! the holder serves, the other answers `NotActive` and waits to take over.
+//! Invariant: a member acts on the partition only while its fence is open, and its fence
+//! closes before the VLDB can grant the partner the next epoch.
 
 mod member;
 mod service;

@@ -1,11 +1,7 @@
-//! The service a fileserver serves on its listener: the file service of the current
-//! term behind the fence, or `NotActive` while the member is passive. Also answers
-//! `MemberState` (any server) and `PairSwitchover` (an active member).
-//! Invariant: an answer leaves only if the fence was open when the request was admitted
-//! and still is after it was handled, in the same term: a member past its deadline, or
-//! demoted meanwhile, answers `NotActive` instead. Cache manager connections that met a
-//! term's file service are closed when the term ends, so no client keeps talking to a
-//! dead term.
+//! The service on a fileserver's listener: the current term's file service behind the
+//! fence, or `NotActive` while passive; also `MemberState` and `PairSwitchover`.
+//! Invariant: an answer leaves only if the fence was open when its request was admitted
+//! and still is, in the same term, once it was handled; otherwise it is `NotActive`.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -155,8 +151,9 @@ impl MemberService {
         self.line(epoch, "active");
     }
 
-    /// Ends the term (if any): passive at `epoch`, pointing at `hint`; every connection
-    /// that met the old term is closed. The caller closed the fence or closes it next.
+    /// Ends the term (if any): passive at `epoch`, pointing at `hint`; every cache manager
+    /// connection that met the old term is closed, so that no client keeps talking to a
+    /// dead term. The caller closed the fence or closes it next.
     pub fn become_passive(&self, epoch: Epoch, hint: Option<String>) {
         let ended = {
             let mut role = self.role.write();

@@ -1,21 +1,7 @@
-//! Crash images through the fileserver's own state journal: a seeded workload drives the
-//! real `Locks` and `Callbacks` (lock grants and releases for several clients and owners,
-//! whole-client releases, callback grants and give-ups, snapshots) on a `StateJournal`
-//! over a `MemVfs` whose power is cut after mutation k, for every k; a new journal opened
-//! on what the disk would hold must bring back every acknowledged change and nothing that
-//! never happened.
-//! Invariant checked: the recovered locks and promises are the live ones as they stood
-//! after some operation between the last one acknowledged durable and the first one told
-//! the journal failed (both included).
-//!
-//! Why that window: the journal is a log, so a durable acknowledgement covers every record
-//! handed over before it; records handed over after it may or may not have reached the
-//! disk (written but unsynced, torn, or inside a snapshot written before the failing
-//! sync); and once the writer saw a failure it appends nothing more. So a lock or promise
-//! may go either way exactly when an operation inside that window changed it: a grant or
-//! release whose acknowledgement failed, a whole-client release or give-up (never
-//! acknowledged), or a callback grant in `group` mode (answered without a sync), each
-//! only if no later durable acknowledgement covers it.
+//! Crash images of the fileserver's state journal: a seeded workload on the real `Locks`
+//! and `Callbacks` over a `MemVfs` whose power is cut after each mutation in turn.
+//! Invariant: every image recovers the live state as it stood after some operation
+//! between the last one acknowledged durable and the first one told the journal failed.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -235,7 +221,17 @@ struct Run {
 
 impl Run {
     /// The operations whose effect may or may not be recovered (as history indexes):
-    /// from the last one acknowledged durable to the first one told of a failure.
+    /// from the last one acknowledged durable to the first one told of a failure, both
+    /// included.
+    ///
+    /// Why that window: the journal is a log, so a durable acknowledgement covers every
+    /// record handed over before it; records handed over after it may or may not have
+    /// reached the disk (written but unsynced, torn, or inside a snapshot written before
+    /// the failing sync); and once the writer saw a failure it appends nothing more. So a
+    /// lock or promise may go either way exactly when an operation inside that window
+    /// changed it: a grant or release whose acknowledgement failed, a whole-client release
+    /// or give-up (never acknowledged), or a callback grant in `group` mode (answered
+    /// without a sync), each only if no later durable acknowledgement covers it.
     fn window(&self) -> (usize, usize) {
         let lower = self
             .acks
@@ -399,7 +395,8 @@ fn recover(image: &MemVfs, mode: JournalMode) -> Result<StateSnapshot, StateJour
     Ok(state)
 }
 
-/// Checks the state recovered from `image` against what `run` was told.
+/// Checks the state recovered from `image` against what `run` was told: every
+/// acknowledged change is back, and nothing that never happened.
 fn check(run: &Run, recovered: &StateSnapshot, context: &str) {
     let (lower, upper) = run.window();
     let fail = |what: String| -> ! {

@@ -1,7 +1,7 @@
-//! Files and directories read and written in place: status, data, attributes, lookups
-//! and listings. A read gives the caller a promise; a write breaks everyone else's.
-//! Invariant: a read takes its promise before it reads, so a change after the read
-//! breaks that promise; a write answers only after the other holders' breaks.
+//! Files and directories read and written in place: status, data, attributes, lookups and
+//! listings; a read gives the caller a promise, a write breaks everyone else's.
+//! Invariant: a fetch or listing takes its promise before it reads, so a change after the
+//! read breaks it, and a write answers only after the other holders' breaks.
 
 use std::sync::Arc;
 
@@ -84,6 +84,8 @@ impl FileService {
         Ok(Response::Status { status, callback })
     }
 
+    /// The promise is on the entry found, so it is taken after the read: unlike a fetch,
+    /// a change between the read and the grant does not break it.
     pub(super) async fn lookup(
         self: &Arc<Self>,
         caller: Caller,

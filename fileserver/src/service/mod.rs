@@ -1,10 +1,7 @@
 //! The fileserver's RPC service: admits cache managers, renews their lock lease on every
-//! request, and sends each request to the family that handles it (`files`, `namespace`,
-//! `promises`, `locking`, `volumes`).
-//! Invariant: a changing request replies only after the change is durable (a store's
-//! bytes in a data file once an `Fsync` answers) and every other holder of a promise on
-//! what it changed acknowledged its break or was marked unreachable; storage errors
-//! become wire `ErrorCode`s here, and internal ones are logged here, once.
+//! request, and sends each request to the family that handles it.
+//! Invariant: a volume change replies only once its metadata is durable and every other
+//! holder of a promise on what it changed answered its break or was marked unreachable.
 
 mod files;
 mod locking;
@@ -301,8 +298,9 @@ fn unwrap_sequenced(
     Ok((Some(key), *request))
 }
 
-/// Runs a storage operation on a blocking thread and maps its error for the wire.
-/// Refusals are normal answers; anything else is server trouble and logged here.
+/// Runs a storage operation on a blocking thread and maps its error for the wire: the
+/// one place storage errors become `ErrorCode`s. Refusals are normal answers; anything
+/// else is server trouble and logged here, once.
 async fn blocking<T: Send + 'static>(
     op: impl FnOnce() -> Result<T, StorageError> + Send + 'static,
 ) -> Result<T, ErrorCode> {

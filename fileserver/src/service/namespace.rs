@@ -1,9 +1,7 @@
-//! Namespace changes: create, make a directory, a symlink or a mount point, link, remove
-//! and rename, each applied with its sequence so that a retry after a failover is
-//! answered from the change's record.
-//! Invariant: a change is applied at most once per sequence; the other holders of a
-//! promise on what it changed are broken before it answers, and a replayed answer breaks
-//! and grants nothing again.
+//! Namespace changes (create, make a directory, a symlink or a mount point, link, remove,
+//! rename), answered from their record when retried with the same sequence.
+//! Invariant: a change is applied at most once per sequence, breaks the other holders'
+//! promises on what it changed before it answers, and a replay breaks and grants nothing.
 
 use std::sync::Arc;
 
@@ -22,8 +20,8 @@ pub(super) struct Perms {
 
 impl FileService {
     /// Applies a namespace change on `volume` (off the async threads), then `then` on
-    /// what it changed. A retry of a change already applied is answered with what its
-    /// record kept instead.
+    /// what it changed. A retry of a change already applied (its reply lost, or its server
+    /// failed over) is answered with what its record kept instead.
     async fn change<T, Then, Reply>(
         self: &Arc<Self>,
         volume: VolumeId,

@@ -1,14 +1,7 @@
-//! Open handles of one volume's data files, kept so that a stream of stores and fetches
-//! of one file does not open and close it per call.
-//! Invariant: at most `DATA_FILES_OPEN_MAX` handles per volume (least recently used
-//! goes first); the cached handle of a live vnode is the file at `data/<vnode>` now: a
-//! data file is forgotten before it is unlinked and replaced when it is written anew.
-//!
-//! Callers use handles under the vnode's data lock, which orders every replacement and
-//! removal of a live vnode's file against its users. The one exception, removing the
-//! vnode itself, commits the removal first, so a store racing it (opened before the
-//! unlink) writes to an unlinked file, or leaves a handle or an orphan file of a vnode
-//! nobody reads again (vnode numbers are never reused).
+//! Open handles of one volume's data files, so that a stream of stores and fetches of one
+//! file does not open and close it per call.
+//! Invariant: at most `DATA_FILES_OPEN_MAX` handles, and a live vnode's cached handle is
+//! its file at `data/<vnode>` now: forgotten before an unlink, replaced on a rewrite.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -28,6 +21,12 @@ use crate::fence::Fence;
 pub(super) const DATA_FILES_OPEN_MAX: usize = 32;
 
 /// A volume's `data/` directory and its open files.
+///
+/// Callers use handles under the vnode's data lock, which orders every replacement and
+/// removal of a live vnode's file against its users. The one exception, removing the
+/// vnode itself, commits the removal first, so a store racing it (opened before the
+/// unlink) writes to an unlinked file, or leaves a handle or an orphan file of a vnode
+/// nobody reads again (vnode numbers are never reused).
 pub(super) struct DataFiles {
     dir: PathBuf,
     open: Mutex<OpenFiles>,

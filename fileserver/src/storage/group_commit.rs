@@ -1,11 +1,6 @@
-//! Group commit: requests that arrive while a commit is in flight share the next one.
-//! Invariant: at most one leader at a time; a submitter returns only once a batch holding
-//! its job has run (the job answers through its own channel), and whoever finds jobs
-//! pending with no leader becomes the leader, so no job waits without one.
-//!
-//! There is no committer thread: the first submitter to find no leader runs one batch of
-//! everything queued (its own job included), hands leadership back and wakes the
-//! others, one of which leads the next batch. A volume with no writes costs nothing.
+//! Group commit: writes that arrive while a commit is in flight share the next one.
+//! Invariant: at most one leader at a time; a submitter returns only once its job ran or
+//! was dropped, and one finding jobs pending with no leader leads, so none is stranded.
 
 use std::sync::mpsc::{Receiver, TryRecvError};
 
@@ -17,6 +12,11 @@ use parking_lot::{Condvar, Mutex};
 const BATCH_JOBS_MAX: usize = 256;
 
 /// The queue of one volume's writes.
+///
+/// There is no committer thread, so a volume with no writes costs nothing: the first
+/// submitter to find no leader runs one batch of the oldest jobs queued (up to
+/// `BATCH_JOBS_MAX`), hands leadership back and wakes the others; whoever still waits and
+/// finds jobs pending leads the next batch, the old leader too if its job was not in it.
 pub(super) struct GroupCommit<J> {
     queue: Mutex<Queue<J>>,
     changed: Condvar,

@@ -1,6 +1,6 @@
 //! Sequenced namespace changes: the key naming one, and its answer, applied or replayed.
-//! Invariant: a change and its outcome record are one redb transaction, and the record is
-//! looked up in the transaction that would apply the change: a key is applied at most once.
+//! Invariant: a change commits with its outcome record in the transaction that looked its
+//! key up first, so a key is applied at most once while its record is kept.
 
 use proto::{ClientId, ErrorCode, InstanceNonce, Response};
 

@@ -1,7 +1,6 @@
 //! A partition: the server's identity file and the volumes under one directory.
-//! Invariant: the in-memory volume map matches the `vol.<id>` directories; a volume
-//! appears only once fully built (built under `.creating`, then renamed) and disappears
-//! from the map before its directory is removed.
+//! Invariant: a volume enters the map only once built (under `.creating`, then renamed)
+//! and leaves it before its directory is renamed to `.removing` and deleted.
 
 use std::collections::BTreeMap;
 use std::io::Write;

@@ -1,7 +1,6 @@
 //! The records kept in a volume's `meta.redb`, and their encoding.
-//! Invariant: every record starts with its format version; decoding checks it, upgrades
-//! the older versions it knows, and reports anything else as corruption rather than
-//! guessing.
+//! Invariant: every record starts with its format version; decoding upgrades the older
+//! versions it knows and reports any other as corruption rather than guessing.
 
 use proto::{
     DataVersion, ErrorCode, Fid, FileKind, Response, Timestamp, Uniquifier, VnodeId, VnodeStatus,
@@ -18,10 +17,14 @@ const VNODE_FORMAT_V1: u16 = 1;
 /// Format version of `OutcomeRecord`.
 pub const OUTCOME_FORMAT: u16 = 1;
 
-/// Where a file's bytes live.
+/// Where a file's bytes live. A new file is `Inline`; a store or size change past
+/// `INLINE_BYTES_MAX` moves it to `File`, and only a truncation to zero whose data then
+/// fits inline brings it back.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DataLocation {
     /// In the `file_data` table, one value of exactly `size` bytes (no row while empty).
+    /// A data file beside it is a crash's leftover: never read, truncated by the next
+    /// move to a data file and deleted with the vnode.
     Inline,
     /// In `data/<vnode>`; a missing file reads as zeros.
     File,
@@ -40,7 +43,9 @@ pub struct VolumeHeader {
     /// Sum of the sizes of the volume's files.
     pub bytes_used: u64,
     pub vnode_count: u64,
-    /// The next vnode number to hand out; never decreases.
+    /// The next vnode number to hand out; never decreases, so vnode numbers are never
+    /// reused and the fid of a removed vnode is always `Stale` (hence uniquifiers are
+    /// always 1 today).
     pub next_vnode: u64,
 }
 
@@ -55,6 +60,7 @@ pub struct VnodeRecord {
     /// File length; entry count for a directory; content length for a symlink or mount point.
     pub size: u64,
     pub data_version: DataVersion,
+    /// A directory's is 2 + its subdirectories.
     pub link_count: u32,
     pub unique: Uniquifier,
     pub atime: Timestamp,

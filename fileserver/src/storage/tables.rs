@@ -1,6 +1,6 @@
 //! The tables of a volume's `meta.redb`, and typed reads and writes of them.
 //! Invariant: no other module opens a table, and every value goes in with the encoding
-//! `records` defines, so the on-disk format is the one `storage` describes.
+//! `records` defines, so the format on disk is the one `docs/fileserver.md` describes.
 
 use std::ops::Bound;
 use std::path::Path;
@@ -14,11 +14,18 @@ use super::records::{HEADER_FORMAT, OUTCOME_FORMAT, OutcomeRecord, VnodeRecord, 
 use super::{StorageError, io_error};
 use crate::fence::{Fence, FencedFile};
 
+/// `HEADER_KEY` -> encoded `VolumeHeader`.
 const HEADER: TableDefinition<&str, &[u8]> = TableDefinition::new("volume");
+/// Vnode number -> encoded `VnodeRecord`.
 const VNODES: TableDefinition<u64, &[u8]> = TableDefinition::new("vnodes");
+/// (directory vnode, name) -> `EntryValue`: ordered, so a listing is a range scan that
+/// resumes after any name.
 const ENTRIES: TableDefinition<(u64, &str), (u64, u32, u8)> = TableDefinition::new("entries");
+/// Vnode -> the bytes of an `Inline` file, exactly `size` of them, no row while it is
+/// empty. Apart from `VNODES` so that vnode records stay small.
 const FILE_DATA: TableDefinition<u64, &[u8]> = TableDefinition::new("file_data");
-/// (client uuid as u128, instance nonce, seq) -> encoded `OutcomeRecord`.
+/// (client uuid as u128, instance nonce, seq) -> encoded `OutcomeRecord`, written in the
+/// change's own transaction. Made by the first sequenced change, not with the volume.
 const OUTCOMES: TableDefinition<(u128, u64, u64), &[u8]> = TableDefinition::new("outcomes");
 const HEADER_KEY: &str = "header";
 

@@ -1,4 +1,7 @@
-//! Volume store tests on a temporary directory.
+//! Tests of volume storage: namespace and data operations, quota, reopening, concurrent
+//! writers sharing commits, and sequenced changes.
+//! Invariant: each test works on a partition in its own temporary directory, so tests run
+//! in parallel and leave nothing behind.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

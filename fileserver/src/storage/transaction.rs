@@ -1,7 +1,6 @@
 //! One request's part of a batch's write transaction: the records it reads and changes.
 //! Invariant: a request's changes reach the tables only through `flush`, once it
-//! succeeded, so a refused request leaves nothing behind; outcome records alone are
-//! written at once (a refusal's answer is recorded too).
+//! succeeded, so a failed one leaves nothing behind but a sequenced refusal's record.
 
 use std::collections::BTreeMap;
 use std::path::Path;

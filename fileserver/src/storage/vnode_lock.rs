@@ -1,18 +1,7 @@
-//! Per-vnode data locks of one volume. Fetches (and syncs) share a vnode; a store into
-//! a data file shares it with other such stores of disjoint byte ranges; every other
-//! data change (inline data, truncation, a move between inline and a data file, a size
-//! change) has the vnode alone.
-//! Invariant: any two holders of one vnode are compatible, and a request is granted
-//! only when it is compatible with every earlier request on that vnode, granted or
-//! waiting, so requests are granted in arrival order among conflicting ones and no kind
-//! starves another.
-//!
-//! Why stores exclude fetches: a store commits its DV bump before writing its bytes,
-//! so a fetch in between would pair the new DV with old data. Why overlapping stores
-//! exclude each other: the later DV must carry the later bytes.
-//!
-//! The table holds a vnode only while someone holds or waits for it, so its size is
-//! bounded by the storage threads, which tokio's blocking pool bounds.
+//! Per-vnode data locks of one volume: readers share a vnode, stores into a data file
+//! share it when their ranges are disjoint, and any other data change has it alone.
+//! Invariant: any two holders of a vnode are compatible, and a request also waits behind
+//! every earlier conflicting one still waiting, so no kind of access starves another.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -26,11 +15,16 @@ pub(super) enum Access {
     Read,
     /// Writes `start..end` of a data file after committing its DV bump.
     StoreRange { start: u64, end: u64 },
-    /// Any other data change.
+    /// Any other data change: inline data, a truncation, a size change, a move between
+    /// inline and a data file.
     Exclusive,
 }
 
 impl Access {
+    /// Whether two holders may share a vnode. Stores exclude fetches because a store
+    /// commits its DV bump before writing its bytes, so a fetch in between would pair the
+    /// new DV with old data; overlapping stores exclude each other because the later DV
+    /// must carry the later bytes.
     fn compatible(self, other: Access) -> bool {
         match (self, other) {
             (Access::Read, Access::Read) => true,
@@ -54,7 +48,9 @@ pub(super) struct VnodeLocks {
 
 struct Table {
     /// vnode -> its requests in arrival order, each (ticket, access); granted ones are
-    /// among them until released.
+    /// among them until released. A vnode is here only while someone holds or waits for
+    /// it, so the table is bounded by the storage threads, which tokio's blocking pool
+    /// bounds.
     queues: HashMap<u64, VecDeque<(u64, Access)>>,
     next_ticket: u64,
 }

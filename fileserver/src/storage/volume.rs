@@ -1,6 +1,6 @@
 //! One volume: its database and data files, and the way each change reaches the disk.
-//! Invariant: every change is one redb transaction (shared by the requests of one group
-//! commit), durable before any answer of its batch is given, refusals included.
+//! Invariant: a request's metadata change commits in one durable redb transaction, shared
+//! with the rest of its group commit, before any answer of that batch, refusals included.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
