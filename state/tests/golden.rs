@@ -1,8 +1,6 @@
 //! Golden bytes of the journal's disk formats: every `StateRecord` kind and a snapshot
-//! payload with every part filled, as the fileserver encodes them (postcard). A reordered
-//! variant, a changed field type or a new field in the middle fails here before it turns
-//! a journal on some server's disk into garbage. The bytes were taken from the build that
-//! wrote bare integers where the newtypes are now: the newtypes kept them.
+//! payload with every part filled, as the fileserver encodes them (postcard), so that a
+//! reordered variant or a changed field fails here, not on some server's disk.
 
 use std::collections::BTreeSet;
 
@@ -46,7 +44,8 @@ fn range(start: u64, end: u64) -> ByteRange {
     ByteRange::new(start, end).unwrap()
 }
 
-/// Each record kind and the exact bytes of its payload.
+/// Each record kind and the exact bytes of its payload. The bytes were taken from the
+/// build that wrote bare integers where the newtypes are now: the newtypes kept them.
 fn records() -> Vec<(&'static str, StateRecord, &'static str)> {
     vec![
         (
