@@ -1,6 +1,7 @@
-//! `holdfast`: the one binary. Each subcommand parses its flags, sets up logging, binds
-//! what it serves on, and hands over to a library crate; `up` and `bench` orchestrate
-//! the others as separate processes.
+//! `holdfast`, the one binary: a subcommand parses its flags, sets up logging, binds what
+//! it serves on and calls a library crate; `up` and `bench` run the others as children.
+//! Invariant: a failure ends the process with one line, `holdfast: <what>: <cause>`, and
+//! exit status 1.
 
 mod bench;
 mod cell;

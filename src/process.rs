@@ -1,5 +1,7 @@
 //! Process plumbing shared by the subcommands: logging, readiness files, signals, and
-//! child processes that are always stopped by their PID.
+//! child processes.
+//! Invariant: a child started here is stopped by its PID (SIGTERM, then SIGKILL) when its
+//! `Supervised` drops, and a readiness file appears whole or not at all.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};

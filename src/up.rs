@@ -1,5 +1,7 @@
-//! `holdfast up`: a whole local cell in one command — VLDB, fileserver, `root.cell` and a
-//! mount at DIR/mnt — until SIGINT/SIGTERM, then everything is unmounted and stopped.
+//! `holdfast up`: a whole local cell in one command (the VLDB, a fileserver pair,
+//! `root.cell` and a mount at DIR/mnt), until SIGINT or SIGTERM.
+//! Invariant: however it ends (a signal, a component that died, an error), everything it
+//! started is unmounted and stopped.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -1,5 +1,7 @@
 //! The cell file: TOML naming the cell and its VLDB servers, found through `--cell FILE`
 //! or `HOLDFAST_CELL`.
+//! Invariant: a `CellConfig` that `load` returns has a name and at least one vlserver
+//! address, and a file with a key it does not know is refused, not half read.
 
 use std::path::{Path, PathBuf};
 

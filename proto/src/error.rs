@@ -1,7 +1,7 @@
-//! Errors: the append-only error codes that cross the wire, and `ProtoError` for the
+//! Errors: the append-only `ErrorCode` that crosses the wire, and `ProtoError` for the
 //! framing and connection layer.
-//! Invariant: `ErrorCode` variants are only ever appended; postcard encodes the variant
-//! index, so reordering would change the meaning of bytes already in flight.
+//! Invariant: `ErrorCode` variants are only appended, since postcard encodes the variant
+//! index and reordering would change the meaning of bytes already in flight.
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;

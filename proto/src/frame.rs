@@ -1,7 +1,7 @@
-//! Framing: `length (u32 LE) | CRC32C of body (u32 LE) | body`, where the body is one
-//! postcard-encoded `Frame`.
-//! Invariant: the decoder never buffers more than `frame_bytes_max` of body for one
-//! frame, and never hands out a body whose checksum did not match.
+//! Framing: the codec that cuts a byte stream into checksummed frame bodies, and the
+//! postcard encoding of the `Frame` each body holds.
+//! Invariant: a length above `frame_bytes_max` is refused before any of its body is
+//! buffered, and no body whose checksum did not match is ever handed out.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};
@@ -19,7 +19,8 @@ pub const FRAME_HEADER_BYTES: usize = 8;
 /// several chunks relies on it (checked at compile time there).
 pub const FRAME_BYTES_MAX_DEFAULT: usize = 4 << 20;
 
-/// Encodes and decodes frame bodies (`Bytes`), checking length and checksum.
+/// Encodes and decodes frame bodies (`Bytes`), checking length and checksum. A frame is
+/// `length (u32 LE) | CRC32C of body (u32 LE) | body`.
 #[derive(Clone, Debug)]
 pub struct FrameCodec {
     frame_bytes_max: usize,

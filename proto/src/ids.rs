@@ -1,6 +1,7 @@
 //! Domain identifiers: volumes, vnodes, fids, data versions, clients, servers, requests,
-//! lock owners and lock waits.
-//! Invariant: every id that crosses the wire is a newtype, never a bare integer.
+//! lock owners, lock waits and epochs.
+//! Invariant: every id that crosses the wire is a newtype, never a bare integer, so two
+//! kinds of id cannot be swapped in a signature.
 
 use std::fmt;
 

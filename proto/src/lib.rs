@@ -1,6 +1,7 @@
-//! The Holdfast wire protocol: identifiers, validated names, the append-only error codes,
-//! messages, the frame codec, the cell file, a duplex RPC connection and the accept loop
-//! every server runs.
+//! The Holdfast wire protocol: ids, validated names, error codes, messages, the frame
+//! codec, the cell file, the duplex RPC connection and the accept loop every server runs.
+//! Invariant: `proto` depends on no server crate, and an encoding it defines changes only
+//! by appending an enum variant, never by reordering or removing one.
 
 pub mod cell;
 pub mod error;

@@ -1,5 +1,5 @@
-//! The vocabulary of an advisory byte-range lock, one from the kernel to the disk: which
-//! bytes (`ByteRange`), shared or exclusive (`LockKind`); the owner and wait ids are in `ids`.
+//! The vocabulary of an advisory byte-range lock, one type from the kernel to the disk:
+//! which bytes (`ByteRange`), and shared or exclusive (`LockKind`).
 //! Invariant: a `ByteRange` made by `new` is never empty; one decoded from the wire or a
 //! disk is checked (`ByteRange::checked`) where it enters a table.
 

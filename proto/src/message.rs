@@ -1,7 +1,7 @@
 //! Messages: the handshake, the frame envelope, and every request and response of the
 //! fileserver, VLDB and callback (server-to-client) services.
-//! Invariant: enum variants are only appended, never reordered or removed: postcard
-//! encodes a variant by its index. `tests/golden.rs` pins the bytes of each message.
+//! Invariant: enum variants are only appended, never reordered or removed, since postcard
+//! encodes a variant by its index; `tests/golden.rs` pins the bytes of each message.
 
 use serde::{Deserialize, Serialize};
 

@@ -1,6 +1,6 @@
 //! Validated names: volume names, pair names and directory entry names.
-//! Invariant: a `VolumeName` is 1..=64 bytes of `[A-Za-z0-9._-]`; an entry name is
-//! 1..=255 bytes with no `/` or NUL and is neither `.` nor `..`.
+//! Invariant: a `VolumeName` or `PairName` exists only if it passed `parse` (decoding
+//! goes through it too); every side checks entry names with the one `check_entry_name`.
 
 use std::fmt;
 
@@ -13,7 +13,8 @@ pub const VOLUME_NAME_BYTES_MAX: usize = 64;
 /// Longest directory entry name, in bytes (as in POSIX `NAME_MAX`).
 pub const ENTRY_NAME_BYTES_MAX: usize = 255;
 
-/// A volume's name, checked against the cell's naming rules.
+/// A volume's name, checked against the cell's naming rules: 1 to
+/// `VOLUME_NAME_BYTES_MAX` bytes of `[A-Za-z0-9._-]`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct VolumeName(String);
@@ -90,7 +91,8 @@ impl fmt::Display for PairName {
     }
 }
 
-/// Checks a directory entry name as the fileserver and the cache manager both must.
+/// Checks a directory entry name as the fileserver and the cache manager both must: 1 to
+/// `ENTRY_NAME_BYTES_MAX` bytes, no `/` or NUL, neither `.` nor `..`.
 pub fn check_entry_name(name: &str) -> Result<(), ErrorCode> {
     if name.len() > ENTRY_NAME_BYTES_MAX {
         return Err(ErrorCode::NameTooLong);

@@ -1,8 +1,7 @@
 //! A duplex RPC connection: either side may send requests, many may be in flight, and
-//! responses are matched by request id. The fileserver uses the same connection to push
-//! callback breaks to a cache manager.
-//! Invariant: every pending call ends — with its response, a timeout, or `Closed` when
-//! the connection dies; the outgoing queue and the incoming queue are bounded.
+//! responses are matched to their calls by request id.
+//! Invariant: every pending call ends, with its response, a timeout, or `Closed` when the
+//! connection dies; the outgoing and the incoming queue are bounded.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -65,7 +64,9 @@ struct Inner {
     frame_bytes_max: usize,
 }
 
-/// One side of an established connection. Cloning shares the connection.
+/// One side of an established connection. Cloning shares the connection. Duplex because
+/// the fileserver pushes callback breaks to a cache manager over the connection the cache
+/// manager opened.
 #[derive(Clone)]
 pub struct Connection {
     inner: Arc<Inner>,

@@ -1,8 +1,7 @@
-//! The accept loop every Holdfast server runs: a connection limit taken before accept,
-//! one task per connection, a bounded number of requests in flight per connection, and
-//! shutdown through one `watch` channel with an exit deadline.
-//! Boundary: services see decoded requests and answer `Result<Response, ErrorCode>`;
-//! sockets, frames and handshakes stay here.
+//! The accept loop every Holdfast server runs: connection slots, one task per connection,
+//! bounded requests in flight, and shutdown through one `watch` with an exit deadline.
+//! Invariant: services see decoded requests and answer `Result<Response, ErrorCode>`;
+//! sockets, frames and handshakes stay here and in `rpc`.
 
 use std::future::Future;
 use std::sync::Arc;

@@ -1,6 +1,7 @@
-//! A client of the VLDB: tries the cell's vlservers in order, keeps one connection and
-//! reconnects on the next call after a transport failure.
-//! Boundary: callers get typed results or a `ProtoError`; addresses and retries stay here.
+//! A client of the VLDB: one connection to the first of the cell's vlservers that
+//! answers, replaced on the next call after a transport failure.
+//! Invariant: a call is never retried here (each caller owns its retry policy), and a
+//! connection that failed in transport is never used again.
 
 use std::time::Duration;
 

@@ -1,6 +1,7 @@
-//! `holdfast bench`: figures measured through a real local cell (separate processes, real
-//! FUSE mounts, loopback TCP), each printed as a ratio to a baseline measured in the same
-//! run, so the noisy machine's speed cancels out.
+//! `holdfast bench`: the mount, state and pair suites of figures, each printed with its
+//! target where the design sets one.
+//! Invariant: whatever a suite starts (processes, mounts, a temporary directory) is
+//! stopped or removed when the suite ends, whether it measured or failed.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -170,7 +171,9 @@ fn run_state(args: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// Throughput figures through real FUSE mounts of a local cell.
+/// Throughput figures through real FUSE mounts of a local cell (separate processes,
+/// loopback TCP), each printed as a ratio to a baseline measured in the same run, so
+/// that the noisy machine's speed cancels out.
 fn run_mount(args: &BenchArgs) -> Result<()> {
     let bench_dir = bench_dir(args)?;
     let dir = bench_dir.path().join("mount");

@@ -1,7 +1,7 @@
-//! `holdfast bench --suite pair`: failover of a fileserver pair, measured on a local cell
-//! of real processes — two members on one partition, the VLDB, a FUSE mount — plus
-//! cache managers played over loopback connections by this process, so that a lock
-//! reclaim and a thousand reconnecting clients can be timed exactly.
+//! `holdfast bench --suite pair`: failover figures of a fileserver pair on a local cell
+//! of real processes, with cache managers played over loopback by this process.
+//! Invariant: every figure starts from a whole pair: a killed member is started again and
+//! has rejoined as passive before the next figure is measured.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -172,8 +172,9 @@ fn write_synced(path: &Path) -> Result<()> {
         .with_context(|| format!("write {}", path.display()))
 }
 
-/// A cache manager played by this process; it acknowledges every push (breaks,
-/// resets, lock grants) as a real one would.
+/// A cache manager played by this process, so that a lock reclaim and many reconnecting
+/// clients (`--takeover-clients`) can be timed exactly; it acknowledges every push
+/// (breaks, resets, lock grants) as a real one would.
 struct FakeClient {
     client: ClientId,
     connection: Connection,

@@ -1,14 +1,7 @@
-//! The callback promise table: which client holds a promise on which fid, until when.
-//! Memory is the design constraint (ten million promises must fit one server), so a
-//! promise is a few words in flat vectors: each fid is interned once in a slot (its
-//! first holder inline, further holders in a side map), slots are found through an
-//! open-addressing index of slot numbers, and expiry order is kept by a wheel of
-//! one-second buckets whose entries are checked against the slot when popped (an entry
-//! left behind by a renewal or removal is skipped, and the wheel is rebuilt when such
-//! entries outnumber the promises).
-//! Invariant: never more than `promise_count_max` promises; a (fid, client) pair holds at
-//! most one promise; every promise has a wheel entry in the bucket of its expiry; a slot
-//! is in the index exactly while it has a holder.
+//! The callback promise table: which client holds a promise on which fid, until when, in
+//! a few words per promise.
+//! Invariant: at most `promise_count_max` promises, one per (fid, client); each has a
+//! wheel entry at its expiry, and a slot is in the index exactly while it has a holder.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -98,6 +91,14 @@ struct Slot {
 }
 
 /// The table of callback promises of one server.
+///
+/// Memory is the design constraint (ten million promises must fit one server), so a
+/// promise is a few words in flat vectors: each fid is interned once in a slot (its first
+/// holder inline, further holders in `extra`), slots are found through `FidIndex`, an
+/// open-addressing index of slot numbers, and expiry order is kept by `wheel`, one bucket
+/// per second, whose entries are checked against the slot when popped: an entry left
+/// behind by a renewal or removal is skipped, and the wheel is rebuilt once such entries
+/// outnumber the promises by more than `WHEEL_SLACK`.
 #[derive(Debug)]
 pub struct CallbackTable {
     config: CallbackTableConfig,

@@ -1,8 +1,7 @@
-//! Known clients: interns each cache manager's `ClientId` to a small `ClientKey` so the
-//! callback table stores 4 bytes per promise instead of a 16-byte UUID, and tells a
-//! returning client from a new or restarted one.
-//! Invariant: at most `clients_max` clients; a key names one client until it is removed,
-//! and a removed key is reused only after `remove` (the caller drops its promises first).
+//! Known clients: each cache manager's `ClientId` interned to a small `ClientKey`, and
+//! told apart as new, restarted or returning by its instance nonce.
+//! Invariant: at most `clients_max` clients; a key names one client from its admission
+//! until `remove`, and only then can it be given to another.
 
 use std::collections::HashMap;
 
@@ -11,7 +10,8 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 /// A client's index in the server's tables (and in the journal of the process that
-/// admitted it).
+/// admitted it). Small so that the callback table stores 4 bytes per promise instead of
+/// a 16-byte UUID.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct ClientKey(pub u32);
 

@@ -1,7 +1,7 @@
 //! Delayed breaks: the breaks owed to clients that could not be reached, delivered when
 //! they come back.
 //! Invariant: a client's queue holds at most `fids_max` distinct fids; beyond that it
-//! collapses into one `Reset` marker (the client then revalidates everything by DV).
+//! collapses into one `Reset` (the client then revalidates everything by DV).
 
 use std::collections::{BTreeSet, HashMap};
 

@@ -1,12 +1,7 @@
-//! The grace period after a restart or takeover: the recovered locks are kept for their
-//! owners to reclaim, new locks that could collide with them wait, and at the end the
-//! locks nobody reclaimed are dropped.
-//! Invariant: a recovered lock is reclaimed at most once and only by its recorded owner,
-//! exactly as recorded; `unreclaimed` holds exactly the recovered locks not yet
-//! reclaimed; once over, grace holds nothing back and never ends again.
-//!
-//! The server keeps the recovered locks in its `LockTable` throughout; this is only the
-//! bookkeeping of which of them are still unclaimed, and of who may lock meanwhile.
+//! The grace period after a restart or takeover: recovered locks kept for their owners,
+//! colliding new locks held back, and what nobody reclaimed dropped at the end.
+//! Invariant: a recovered lock is reclaimed at most once, only by its recorded owner and
+//! exactly as recorded; once over, grace holds nothing back and never ends again.
 
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
@@ -80,13 +75,16 @@ pub struct GraceStatus {
     pub clients_done: usize,
 }
 
-/// The grace period of one server start.
+/// The grace period of one server start. The server keeps the recovered locks in its
+/// `LockTable` throughout; this is only the bookkeeping of which of them are still
+/// unclaimed, and of who may lock meanwhile.
 #[derive(Debug)]
 pub struct Grace {
     config: GraceConfig,
     complete: bool,
     ends: Millis,
-    /// A fid's locks inline when it has one (the common case): no allocation per fid.
+    /// Exactly the recovered locks not yet reclaimed. A fid's locks inline when it has
+    /// one (the common case): no allocation per fid.
     unreclaimed: HashMap<Fid, SmallVec<[Lock; 1]>>,
     locks_recovered: usize,
     locks_reclaimed: usize,

@@ -1,9 +1,7 @@
-//! Holdfast's callback and lock bookkeeping, pure (sans-IO): the callback promise table,
-//! the delayed-break queues of unreachable clients, the table of known clients, the
-//! byte-range lock table with client leases, the grace period after a restart, and
-//! the lease that makes one member of a fileserver pair active.
-//! Nothing here reads a clock, sleeps, spawns or does I/O: time comes in as a `Millis`
-//! value and decisions come out as return values the server acts on.
+//! Holdfast's callback and lock bookkeeping: the pure tables, the pair lease, their
+//! journaled form, and the journal that makes that form durable.
+//! Invariant: only `journal` does I/O, through `Vfs`; the rest reads no clock, sleeps,
+//! spawns or touches a file (time comes in as `Millis`, decisions leave as values).
 
 pub mod callback_table;
 pub mod client_table;

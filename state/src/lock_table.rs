@@ -1,15 +1,7 @@
 //! The lock table: advisory byte-range locks per fid, granted to (client, lock owner)
-//! pairs, and the FIFO queues of blocked requests waiting for a range to free.
-//! Invariant: no two granted locks on a fid conflict; one owner's locks on a fid are
-//! disjoint and adjacent locks of one kind are merged (POSIX); never more than the
-//! configured number of locks and waiters, per fid and in total; `waits` indexes exactly
-//! the queued waiters.
-//!
-//! Fairness: a request is held back not only by conflicting granted locks but also by a
-//! conflicting request queued before it, so a stream of shared requests cannot starve a
-//! queued exclusive one. A queued request that is itself waiting on the requester's own
-//! locks does not hold the requester back: that would deadlock an upgrade.
-//! Not done: deadlock detection (`EDEADLK`) across owners.
+//! pairs, and the FIFO queues of the requests blocked on them.
+//! Invariant: no two granted locks on a fid conflict; an owner's locks on a fid are
+//! disjoint, adjacent ones of one kind merged; the bounds on locks and waiters hold.
 
 mod lease;
 mod lock;
@@ -105,6 +97,11 @@ impl FileLocks {
     /// What keeps `request` from being granted: a conflicting granted lock (the lowest
     /// one, so the answer is deterministic), else a conflicting request among the first
     /// `ahead` waiters that is not itself waiting on the requester.
+    ///
+    /// Fairness: a conflicting request queued earlier holds a request back as a granted
+    /// lock does, so a stream of shared requests cannot starve a queued exclusive one. A
+    /// queued request that is itself waiting on the requester's own locks does not: that
+    /// would deadlock an upgrade.
     fn blocker(&self, request: &Lock, ahead: usize) -> Option<Lock> {
         let granted = self
             .granted
@@ -187,12 +184,13 @@ impl FileLocks {
     }
 }
 
-/// The table of byte-range locks of one server.
+/// The table of byte-range locks of one server. Not done: deadlock detection (`EDEADLK`)
+/// across owners.
 #[derive(Debug)]
 pub struct LockTable {
     config: LockTableConfig,
     files: HashMap<Fid, FileLocks>,
-    /// Where each queued request waits.
+    /// Where each queued request waits: exactly the queued requests, no more.
     waits: HashMap<WaitId, Fid>,
     lock_count: usize,
     next_wait: u64,

@@ -1,14 +1,7 @@
-//! The lease that decides which member of a fileserver pair is active, as pure code:
-//! `PairLease` is the VLDB's record of one pair (members, epoch, holder, expiry on the
-//! VLDB's clock) and `MemberLease` is a member's own view of how long it may act.
-//!
-//! Invariant (one active per epoch, never two at once): the VLDB moves a pair from epoch
-//! `e` to `e + 1` only by a compare-and-set on `e`, and only once the lease of `e` has
-//! expired on its clock or was released. A member acts only until `sent + lease - margin`
-//! on its own clock, where `sent` is when it sent the call that the VLDB answered; the
-//! VLDB measured the same lease from a later instant, so the member stops before the
-//! VLDB can hand the pair on (as long as the two clocks run at the same rate within
-//! `margin / lease`).
+//! The lease that decides which member of a fileserver pair is active, as pure code: the
+//! VLDB's record of a pair (`PairLease`) and a member's own deadline (`MemberLease`).
+//! Invariant: never two actives at once: an epoch moves on only by a compare-and-set once
+//! its lease expired or was released, and a member stops acting a margin before expiry.
 
 use std::time::Duration;
 
@@ -42,6 +35,10 @@ pub enum LeaseRefusal {
 
 /// One pair as the VLDB keeps it. `epoch`, `active` and `members` are durable;
 /// `expires` lives in memory (a restarted VLDB grants the holder one whole lease).
+///
+/// The VLDB moves a pair from epoch `e` to `e + 1` only by a compare-and-set on `e`
+/// (`acquire`), and only once the lease of `e` has expired on the VLDB's clock or was
+/// released. The whole argument is in `docs/pair-lease.md`.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct PairLease {
     pub members: Vec<String>,
@@ -166,6 +163,11 @@ fn check_length(lease: Duration) -> Result<(), LeaseRefusal> {
 }
 
 /// A member's own view of its lease: until when it may accept requests and write.
+///
+/// A member acts only until `sent + lease - margin` on its own clock, where `sent` is
+/// when it sent the call that the VLDB answered. The VLDB measured the same lease from a
+/// later instant, so the member stops before the VLDB can hand the pair on, as long as
+/// the two clocks run at the same rate within `margin / lease`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MemberLease {
     /// The lease the member asks for.

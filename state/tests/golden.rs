@@ -45,7 +45,8 @@ fn range(start: u64, end: u64) -> ByteRange {
     ByteRange::new(start, end).unwrap()
 }
 
-/// Each record kind and the exact bytes of its payload.
+/// Each record kind and the exact bytes of its payload. The bytes were taken from the
+/// build that wrote bare integers where the newtypes are now: the newtypes kept them.
 fn records() -> Vec<(&'static str, StateRecord, &'static str)> {
     vec![
         (

@@ -1,6 +1,6 @@
-//! Crash images: a workload of appends, segment rolls and snapshots runs on a `MemVfs` whose
-//! power is cut after mutation k, for every k; recovery from what the disk would hold must
-//! return every acknowledged record and nothing that was never appended.
+//! Crash images: a workload of appends, segment rolls and snapshots on a `MemVfs` whose
+//! power is cut after mutation k, for every k; recovery from what the disk would hold
+//! must return every acknowledged record and nothing that was never appended.
 
 use std::path::Path;
 use std::sync::Arc;

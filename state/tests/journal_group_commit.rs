@@ -1,5 +1,5 @@
-//! Group commit: concurrent appenders in `sync` mode all get durable records while sharing
-//! syncs; and the append throughput figures on the real file system.
+//! Group commit: concurrent appenders in `sync` mode all get durable records while
+//! sharing syncs; and the append throughput figures on the real file system.
 
 use std::path::Path;
 use std::sync::Arc;

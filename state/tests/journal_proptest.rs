@@ -1,5 +1,6 @@
-//! Property tests: random sequences of appends, snapshots, flushes, clean reopens and crashes
-//! recover exactly what the model says; the decoders survive arbitrary and damaged bytes.
+//! Property tests: random sequences of appends, snapshots, flushes, clean reopens and
+//! crashes recover exactly what the model says; the decoders survive arbitrary and
+//! damaged bytes.
 
 use std::path::Path;
 use std::sync::Arc;

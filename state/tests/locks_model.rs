@@ -1,11 +1,5 @@
-//! The lock table against a naive model: random lock, unlock, cancel and release
-//! sequences from several owners on two files. The model keeps, per owner, the kind it
-//! holds on each byte (bytes 0..16 one by one, and everything from 16 to EOF as one cell,
-//! since every range ends at or below 16 or at EOF).
-//! Checked after every step: the table holds exactly the model's locks, no two owners
-//! hold conflicting bytes, every grant (immediate or woken) was justified when made,
-//! every refusal names a real obstacle, and, with room to spare, no queued request is
-//! left waiting that nothing holds back.
+//! The lock table against a naive per-byte model: random lock, unlock, cancel and release
+//! sequences from several owners on two files, checked after every step (see `run`).
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -13,6 +7,8 @@ use proptest::prelude::*;
 use proto::{ByteRange, Fid, LockKind, LockOwnerId, Uniquifier, VnodeId, VolumeId, WaitId};
 use state::{ClientKey, Effect, Lock, LockOutcome, LockOwner, LockTable, LockTableConfig};
 
+/// Bytes 0..16 one by one, and everything from 16 to EOF as one cell: every range the
+/// tests draw ends at or below 16 or at EOF.
 const CELLS: usize = 17;
 type Cells = [Option<LockKind>; CELLS];
 
@@ -37,6 +33,7 @@ fn conflicting(a: LockKind, b: LockKind) -> bool {
     a == LockKind::Exclusive || b == LockKind::Exclusive
 }
 
+/// The naive model: per owner, the kind it holds on each cell of each file.
 #[derive(Default)]
 struct Model {
     held: HashMap<(Fid, LockOwner), Cells>,
@@ -165,6 +162,10 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
+/// Runs `ops` on a table and the model. Checked after every step: the table holds
+/// exactly the model's locks, no two owners hold conflicting bytes, every grant
+/// (immediate or woken) was justified when made, every refusal names a real obstacle,
+/// and, with room to spare, no queued request is left waiting that nothing holds back.
 fn run(config: LockTableConfig, ops: Vec<Op>) -> Result<(), TestCaseError> {
     let roomy = config.lock_count_max >= 1000 && config.waiter_count_max >= 1000;
     let (lock_count_max, waiter_count_max) = (config.lock_count_max, config.waiter_count_max);

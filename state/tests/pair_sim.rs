@@ -1,27 +1,6 @@
-//! Deterministic simulation of a fileserver pair: the VLDB, two members sharing one
-//! partition, and clients, under seeded faults (message delay and loss, partitions
-//! member<->VLDB and client<->member, member crash and restart, member pause as by
-//! SIGSTOP, VLDB restart, planned switchover).
-//!
-//! Real code: the VLDB is `state::PairLease` (acquire CAS, renew, release, restarted);
-//! each member's right to act is `state::MemberLease` (lease 2000 ms, margin 400 ms,
-//! renewed every 500 ms, passive members polling with acquire); the shared disk is the
-//! real `state::Journal` on one `MemVfs` that both members open (`JournalMode::Sync`);
-//! a member taking over replays it into a real `LockTable`, its table of answered
-//! (client, seq), and a real `Grace` over the recovered locks.
-//! Abstracted: sockets, redb and data files (an acknowledged write is one journal
-//! record); each handler runs in one instant, so a fence check and the write it guards
-//! are never separated by a pause (a SIGSTOP between the two is beyond what any lease
-//! can cover); clocks drift by up to 3% (the design allows margin/lease = 20%).
-//!
-//! Why not turmoil: the pair's safety lives in pure code that takes the time as an
-//! argument, so it is driven directly here, thousands of runs a second, with no tokio
-//! and no shim; the sockets are exercised by the end-to-end tests.
-//!
-//! Checked after every event and at the end (see `sim/checker.rs`): one active per
-//! epoch, no acknowledged write lost or applied twice, no lock granted twice.
-//! A failure names its seed: `HOLDFAST_SIM_SEED=<seed> cargo test -p state --test
-//! pair_sim` replays it; `HOLDFAST_SIM_SEEDS=<n>` runs more seeds than the default.
+//! Deterministic simulation of a fileserver pair (the VLDB, two members on one partition,
+//! clients) under seeded faults, driving the real lease, journal, lock table and grace
+//! code; the design and what is abstracted are in `docs/pair-lease.md`.
 
 mod sim;
 
@@ -41,7 +20,9 @@ fn config(variant: Variant) -> Config {
     }
 }
 
-/// The seeds to run: one from `HOLDFAST_SIM_SEED`, else `HOLDFAST_SIM_SEEDS` of them.
+/// The seeds to run: one from `HOLDFAST_SIM_SEED`, else `HOLDFAST_SIM_SEEDS` of them. A
+/// failure names its seed: `HOLDFAST_SIM_SEED=<seed> cargo test -p state --test pair_sim`
+/// replays it; `HOLDFAST_SIM_SEEDS=<n>` runs more seeds than the default.
 fn seeds() -> Vec<u64> {
     if let Ok(seed) = env::var("HOLDFAST_SIM_SEED") {
         let seed = seed.parse().expect("HOLDFAST_SIM_SEED must be a number");

@@ -1,8 +1,6 @@
 //! Replay properties: a snapshot taken at any position of a journal, plus the records
-//! after it, replays to the same state as the whole journal replayed from its start; and
-//! a replayed state survives its own encoding. The records are random but well formed
-//! (every lock record names an admitted client and a non-empty range), as a live server
-//! writes them.
+//! after it, replays to the state the whole journal replays to; a replayed state survives
+//! its own encoding.
 
 use proptest::prelude::*;
 use proto::{
@@ -93,7 +91,9 @@ fn record() -> impl Strategy<Value = StateRecord> {
     ]
 }
 
-/// A journal: every client admitted first, then random records.
+/// A journal: every client admitted first, then random records. Random but well formed
+/// (every lock record names an admitted client and a non-empty range), as a live server
+/// writes them.
 fn journal() -> impl Strategy<Value = Vec<StateRecord>> {
     proptest::collection::vec(record(), 0..80).prop_map(|records| {
         let admitted = (0..CLIENTS).map(|key| StateRecord::ClientAdmitted {

@@ -1,5 +1,7 @@
-//! End-to-end test support: a cell of real `holdfast` processes on 127.0.0.1, real FUSE mounts.
-//! Invariant: on drop every process is stopped by PID and every mount unmounted, then logs checked.
+//! End-to-end test support: a cell of real `holdfast` processes on 127.0.0.1, with real
+//! FUSE mounts.
+//! Invariant: on drop every process is stopped by its PID and every mount unmounted, and
+//! only then are the logs checked for undeclared ERROR lines.
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};

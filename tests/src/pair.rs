@@ -1,6 +1,5 @@
-//! Fileserver pairs in end-to-end tests: two members on one partition, a way to ask a
-//! member what it is, the history files members write, and a loopback TCP proxy that
-//! can cut a member off from the VLDB.
+//! Fileserver pairs in end-to-end tests: asking a member what it is, the members' history
+//! files, and a loopback proxy that can cut a member off from the VLDB.
 //! Invariant: the proxy's threads end when it drops; it never listens beyond 127.0.0.1.
 
 use std::io::{Read, Write};

@@ -1,5 +1,6 @@
 //! The tripwire: which log lines are ERROR events, and which of them a test declared.
-//! Invariant: a line is an ERROR event by its level field alone, coloured or not; undeclared fail.
+//! Invariant: a line is an ERROR event by its level field alone, coloured or not, and an
+//! undeclared one fails the test.
 
 use std::borrow::Cow;
 use std::ops::Range;

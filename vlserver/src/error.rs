@@ -1,5 +1,7 @@
-//! `VldbError`: everything that can go wrong inside the VLDB, and its wire `ErrorCode`.
-//! Invariant: only `Refused` carries a code a peer may act on; the rest cross as a bare `Internal`.
+//! `VldbError`: everything that can go wrong inside the VLDB, and the wire `ErrorCode`
+//! each becomes.
+//! Invariant: only `Refused` carries a code a peer may act on; every other error crosses
+//! as a bare `Internal`.
 
 use std::path::PathBuf;
 

@@ -1,5 +1,7 @@
-//! The Holdfast VLDB server: maps volume names and ids to sites; records fileservers and pairs.
-//! Invariant: `run` binds nothing; all state is behind `Store`, which takes the clock as an input.
+//! The Holdfast VLDB server: maps volume names and ids to sites, and records fileservers
+//! and pairs.
+//! Invariant: `run` binds nothing, and all state is behind `Store`, whose operations take
+//! the clock as an input.
 
 mod error;
 mod limits;

@@ -1,5 +1,6 @@
 //! `StoreLimits`: how much a peer can make the VLDB hold.
-//! Invariant: each bound is checked before the write that would pass it: a full table refuses.
+//! Invariant: each bound is checked before the write that would pass it, so a full table
+//! refuses instead of growing.
 
 /// How much a peer can make the VLDB hold.
 #[derive(Clone, Debug)]

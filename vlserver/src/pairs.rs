@@ -1,5 +1,7 @@
-//! The pairs the VLDB arbitrates: `state::PairLease`'s decisions, durable but for lease expiries.
-//! Invariant: an epoch is durable before any member hears of it, so none is granted twice.
+//! The pairs the VLDB arbitrates: `state::PairLease`'s decisions, made durable except for
+//! the lease expiries.
+//! Invariant: an epoch is durable before any member hears of it, so none is granted
+//! twice.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -20,7 +22,8 @@ use crate::tables::{
 /// Every pair: the durable fields mirrored from the `pairs` table, plus the lease expiries,
 /// which live only here. Methods take the VLDB's monotonic clock as a `Millis`; a pair
 /// loaded at open gets its holder one whole lease from the first call that touches it.
-/// Methods block on disk I/O, like `Store`'s.
+/// Methods block on disk I/O, like `Store`'s. Why this keeps one active per epoch:
+/// `docs/pair-lease.md`.
 pub(crate) struct Pairs {
     /// Pair calls and server registrations hold this lock across their write transaction,
     /// so the two never interleave on a pair's server entry.

@@ -1,5 +1,7 @@
-//! `VldbService`: answers VLDB requests on connections accepted by `proto::server::serve`.
-//! Invariant: store errors become `ErrorCode`s here, and storage failures are logged here, once.
+//! `VldbService`: answers VLDB requests on connections accepted by
+//! `proto::server::serve`.
+//! Invariant: store errors become `ErrorCode`s here, and storage failures are logged
+//! here, once.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -1,5 +1,7 @@
-//! `Store`: the VLDB in one redb file: volume entries and indexes, servers, the id counter, pairs.
-//! Invariant: each mutation is one durable transaction keeping the indexes true; ids never recur.
+//! `Store`: the VLDB in one redb file: volume entries and their indexes, servers, the id
+//! counter and pairs.
+//! Invariant: every durable change is one redb transaction that keeps the indexes true;
+//! volume ids are never handed out twice.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};

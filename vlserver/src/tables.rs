@@ -1,5 +1,7 @@
-//! The VLDB's redb tables: names, key and value types, postcard values, and `put_server`.
-//! Invariant: names and encodings change only with `FORMAT_VERSION`; an address is in one entry.
+//! The VLDB's redb tables: their names, key and value types, postcard values, and
+//! `put_server`.
+//! Invariant: names and encodings change only with `FORMAT_VERSION`; an address is in one
+//! server entry at most.
 
 use std::collections::HashSet;
 

@@ -1,8 +1,7 @@
-//! `Vos`: the volume administration operations — each one a short conversation with the
-//! VLDB and the fileserver holding the volume.
-//! Invariant: the VLDB never keeps an entry for a volume whose creation the fileserver
-//! refused (the entry is removed again), and an entry is removed only after its
-//! fileserver has removed the volume or said it never had it.
+//! `Vos`: the volume administration operations, each a short conversation with the VLDB
+//! and the fileserver holding the volume.
+//! Invariant: an entry leaves the VLDB only once its fileservers dropped the volume, and
+//! one whose volume was not created is removed again (a failed undo is logged at WARN).
 
 use std::time::Duration;
 

@@ -1,5 +1,6 @@
-//! `VosError`: every way a `vos` command can fail, each one line that says what was wrong
-//! and, where there is one, what to do.
+//! `VosError`: every way a `vos` or `pair` command can fail.
+//! Invariant: each error is one line that says what was wrong and, where there is one,
+//! what to do.
 
 use proto::{Epoch, ErrorCode, ProtoError, ServerId};
 use thiserror::Error;

@@ -1,8 +1,7 @@
 //! `Fileserver`: one administrative connection to a fileserver, tried at each of its
-//! registered addresses in turn.
-//! Invariant: the connection is closed when the value is dropped; every call has a
-//! deadline (the one `Vos` was built with unless the caller names another) and is not
-//! retried (volume operations are not idempotent).
+//! registered addresses in turn (for a pair, the member that says it is active).
+//! Invariant: every call has a deadline and is never retried, since volume operations are
+//! not idempotent; the connection closes when the value drops.
 
 use std::time::Duration;
 

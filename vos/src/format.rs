@@ -1,6 +1,4 @@
-//! The text `holdfast vos` and `holdfast pair` print. Volumes are laid out after AFS
-//! `vos`: one header line per volume (name, id, type, size, state), then its details and
-//! its sites; a pair is one line for the VLDB's view, then one line per member.
+//! The text `holdfast vos` and `holdfast pair` print, laid out after AFS `vos`.
 //! Invariant: pure functions of their arguments; every line ends with a newline.
 
 use std::fmt::Write;
@@ -171,6 +169,7 @@ fn grace_label(grace: &GraceState) -> String {
     )
 }
 
+/// One volume's header line, as AFS `vos` prints it: name, id, type, size, state.
 fn volume_line(info: &VolumeInfo) -> String {
     format!(
         "{:<32} {:>10} {} {:>10} K  On-line\n",

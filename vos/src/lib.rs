@@ -1,6 +1,7 @@
 //! Volume and fileserver pair administration for a Holdfast cell: the logic behind
-//! `holdfast vos` and `holdfast pair`. The binary parses flags, calls a `Vos` method and
-//! prints what a `format_*` function makes of the result.
+//! `holdfast vos` and `holdfast pair`.
+//! Invariant: a `Vos` method returns values, never text; the `format_*` functions or the
+//! binary render them, and only the binary prints.
 
 mod admin;
 mod error;

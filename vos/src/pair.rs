@@ -1,8 +1,7 @@
-//! Fileserver pair administration, the logic behind `holdfast pair`: the VLDB's view of
-//! a pair beside what each member says of itself, and a planned switchover.
-//! Invariant: `pair_status` reads and never changes anything, and a member that does not
-//! answer is part of the report, not a failure of it; a switchover is reported done only
-//! once the VLDB names another member active.
+//! Fileserver pair administration, behind `holdfast pair`: the VLDB's view of a pair
+//! beside what each member says of itself, and a planned switchover.
+//! Invariant: `pair_status` changes nothing and reports a silent member instead of
+//! failing; a switchover is reported done only once the VLDB names another member active.
 
 use std::time::{Duration, Instant};
 
@@ -54,7 +53,8 @@ pub struct SwitchoverReport {
 }
 
 impl Vos {
-    /// The pair as the VLDB records it, and each member's role, epoch and grace state.
+    /// The pair as the VLDB records it, and each member's role, epoch and grace state. A
+    /// member that does not answer is part of the report, not a failure of it.
     pub async fn pair_status(&self, name: &str) -> Result<PairReport, VosError> {
         let pair = self.pair_entry(&parse_pair(name)?).await?;
         let mut members = Vec::with_capacity(pair.members.len());

@@ -1,5 +1,6 @@
 //! The journal's error boundary: what opening, appending, snapshotting and recovering can
-//! report. Invariant: damage found on disk is always `Corrupt`, naming the file and the byte
+//! report.
+//! Invariant: damage that stops recovery is always `Corrupt`, naming the file and the
 //! offset where the damaged structure starts, never a bare I/O or decode error.
 
 use std::fmt;

@@ -1,11 +1,7 @@
-//! An in-memory [`Vfs`] that tracks what was written and what was made durable, so that tests
-//! can cut power after any operation and recover from what the disk would hold.
-//! Invariant: a crash image holds, for every name made durable by a directory sync, the bytes
-//! made durable by a file sync, plus at most a prefix of the bytes written after them.
-//!
-//! The model is deliberately pessimistic: a created, renamed or removed name only survives a
-//! crash after `sync_dir`, and file contents only after `sync_data`; `truncate` is durable at
-//! once (the OS implementation syncs it).
+//! An in-memory [`Vfs`] that tracks what was written and what was made durable, so that
+//! tests can cut power after any operation and recover from what the disk would hold.
+//! Invariant: a crash image holds, for each name a directory sync made durable, the bytes
+//! a file sync made durable, plus at most a prefix of the bytes written after them.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
@@ -19,6 +15,10 @@ use parking_lot::Mutex;
 use crate::journal::vfs::{DirLock, Vfs, VfsFile};
 
 /// A crash-simulating in-memory file system. Clones share the same files.
+///
+/// The model is deliberately pessimistic: a created, renamed or removed name only
+/// survives a crash after `sync_dir`, and file contents only after `sync_data`;
+/// `truncate` is durable at once (the OS implementation syncs it).
 #[derive(Clone, Debug, Default)]
 pub struct MemVfs {
     state: Arc<Mutex<MemState>>,

@@ -1,16 +1,7 @@
-//! The journal: the state changes of a fileserver as sequenced, checksummed records appended
-//! to segment files, with group commit, plus snapshots that let old segments go.
-//! Invariant: records reach the file in sequence-number order with no gaps, and a record is
-//! reported durable only after a sync that covers it succeeded; after a failed write or sync
-//! the journal accepts nothing more (it is "poisoned") until reopened.
-//!
-//! Group commit is a leader/follower scheme: an appender that needs its record durable and
-//! finds no sync in progress becomes the leader, syncs everything written so far with the
-//! lock released, and wakes everyone the sync covered; appenders arriving meanwhile queue
-//! behind it and the next leader syncs them all at once.
-//!
-//! File layout of a journal directory (see `docs/on-disk-format.md`):
-//! `segment-<first lsn, 20 digits>.journal`, `snapshot-<lsn, 20 digits>.snap`, `LOCK`.
+//! The journal: opaque payloads as sequenced, checksummed records in segment files, made
+//! durable by group commit, and snapshots that let old segments go.
+//! Invariant: records are written in order, gap-free, and reported durable only after a
+//! sync covering them succeeded; a failed record write or sync poisons the journal.
 
 mod error;
 mod mem_vfs;
@@ -529,6 +520,10 @@ impl Shared {
         self.sync_locked(&mut inner, lsn)
     }
 
+    /// Group commit, leader/follower: an appender that needs its record durable and finds
+    /// no sync in progress becomes the leader, syncs everything written so far with the
+    /// lock released, and wakes everyone the sync covered; appenders arriving meanwhile
+    /// queue behind it, and the next leader syncs them all at once.
     fn sync_locked(&self, inner: &mut MutexGuard<'_, Inner>, lsn: Lsn) -> Result<(), JournalError> {
         loop {
             if let Some(reason) = &inner.poisoned {

@@ -1,7 +1,7 @@
-//! Recovery: from the files in a journal directory to the newest snapshot and the records
-//! after it. Invariant: recovery returns every record any earlier process saw durable, in
-//! order and gap-free after the snapshot, or fails with `Corrupt`; the only damage it repairs
-//! is what an interrupted append or segment creation leaves at the very end of the journal.
+//! Recovery: from the files in a journal directory to the newest valid snapshot and the
+//! records after it.
+//! Invariant: every record an earlier process saw durable comes back, in order and
+//! gap-free, or recovery fails; only an interrupted write at the very end is repaired.
 
 use std::path::{Path, PathBuf};
 

@@ -1,12 +1,7 @@
-//! Segment file format: the header and the record frames, encoded and decoded without I/O.
-//! Invariant: the decoder never panics and never allocates from a length it read; every record
-//! it returns passed its checksum and carries the sequence number that follows its predecessor.
-//!
-//! ```text
-//! header (32 bytes): magic "HFJOURNL" | version u32 | epoch u64 | first lsn u64 | crc32c u32
-//! record (16 + len): len u32 | crc32c u32 | lsn u64 | payload[len]
-//! ```
-//! All integers little-endian. A record's checksum covers its length, its lsn and its payload.
+//! Segment file format: the header and the record frames, encoded and decoded without
+//! I/O.
+//! Invariant: the decoder never panics nor allocates from a length it read; each record
+//! it returns passed its checksum and is numbered one after its predecessor.
 
 use std::ops::Range;
 
@@ -23,7 +18,14 @@ pub const RECORD_HEADER_BYTES: usize = 16;
 /// length field beyond it is recognisable as damage whatever the configuration of the reader.
 pub const RECORD_BYTES_MAX: usize = 16 << 20;
 
-/// The first bytes of every segment file.
+/// The first bytes of every segment file. The layout (all integers little-endian; drawn
+/// in `docs/on-disk-format.md`):
+///
+/// ```text
+/// header (32 bytes): magic "HFJOURNL" | version u32 | epoch u64 | first lsn u64
+///                    | crc32c u32 (of the 28 bytes before it)
+/// record (16 + len): len u32 | crc32c u32 | lsn u64 | payload[len]
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SegmentHeader {
     /// Epoch of the server that created the segment.
@@ -79,6 +81,7 @@ pub fn encode_record(lsn: Lsn, payload: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(payload);
 }
 
+/// A record's checksum covers its length, its lsn and its payload.
 fn record_crc(len: &[u8], lsn: &[u8], payload: &[u8]) -> u32 {
     let crc = crc32c::crc32c(len);
     let crc = crc32c::crc32c_append(crc, lsn);

@@ -1,14 +1,7 @@
-//! Snapshot files: the caller's whole state as of one journal position, in checksummed chunks.
-//! Invariant: a snapshot file exists under its final name only once all of its bytes are
-//! durable (written to a temporary name, fsynced, renamed, directory fsynced), so recovery
-//! never has to guess whether a snapshot is complete.
-//!
-//! ```text
-//! header (44 bytes): magic "HFSNAPST" | version u32 | chunk bytes u32 | epoch u64 | lsn u64
-//!                    | payload bytes u64 | crc32c u32 (of the 40 bytes before it)
-//! chunk (8 + len):   len u32 | crc32c u32 (of payload offset u64 LE, then the data) | data
-//! ```
-//! Every chunk but the last holds exactly `chunk bytes`; the file ends after the last chunk.
+//! Snapshot files: the caller's whole state as of one journal position, in checksummed
+//! chunks.
+//! Invariant: a snapshot file has its final name only once all of its bytes are durable,
+//! so recovery never has to guess whether a snapshot is complete.
 
 use std::path::{Path, PathBuf};
 
@@ -30,7 +23,16 @@ const FILE_PREFIX: &str = "snapshot-";
 const FILE_SUFFIX: &str = ".snap";
 const TEMP_SUFFIX: &str = ".tmp";
 
-/// The fixed fields at the start of a snapshot file.
+/// The fixed fields at the start of a snapshot file. The layout (all integers
+/// little-endian; drawn in `docs/on-disk-format.md`):
+///
+/// ```text
+/// header (44 bytes): magic "HFSNAPST" | version u32 | chunk bytes u32 | epoch u64
+///                    | lsn u64 | payload bytes u64
+///                    | crc32c u32 (of the 40 bytes before it)
+/// chunk (8 + len):   len u32 | crc32c u32 (of payload offset u64 LE, then the data)
+///                    | data
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SnapshotHeader {
     /// Epoch of the server that wrote it.
@@ -124,7 +126,8 @@ pub fn encode(epoch: Epoch, lsn: Lsn, payload: &[u8], chunk_bytes: u32) -> Vec<u
 }
 
 /// Decodes a whole snapshot file. On damage, returns the byte offset of the damaged
-/// structure. Allocates at most the size of `bytes`.
+/// structure. Allocates at most the size of `bytes`. Every chunk but the last holds
+/// exactly `chunk bytes`, and the file ends after the last chunk.
 pub fn decode(bytes: &[u8]) -> Result<(SnapshotHeader, Vec<u8>), (u64, Damage)> {
     let header = SnapshotHeader::decode(bytes).map_err(|damage| (0, damage))?;
     let capacity = usize::try_from(header.payload_bytes)

@@ -1,6 +1,6 @@
-//! The few file-system operations the journal and snapshots need, behind a trait so that
-//! tests can substitute [`MemVfs`](crate::journal::MemVfs) and cut power at any operation.
-//! Invariant: the journal does every durable-state change through this trait, so whatever a
+//! The file-system operations the journal and snapshots need, behind a trait so that
+//! tests can use [`MemVfs`](crate::journal::MemVfs) and cut power at any operation.
+//! Invariant: the journal changes durable state only through this trait, so whatever a
 //! crash can leave behind is whatever a `Vfs` can leave behind.
 
 use std::any::Any;

@@ -1,13 +1,7 @@
-//! The journaled view of the callback state: which promises a restart must honour (with
-//! their expiry rounded up to a coarse step, as wall-clock milliseconds), which breaks
-//! clients are owed, and which breaks were in flight. The live server keeps no second
-//! copy of the promises: they live only in its `CallbackTable`, a grant is journaled when
-//! its rounded expiry moves, and a snapshot captures the table (see `Promises`). The owed
-//! and in-flight breaks are small and kept here, live and in replay alike.
-//! Invariant: a promise is in `promises` until a record removes it (or it lapses), and its
-//! journaled expiry is never earlier than the in-memory one; a break that was sent but
-//! not acknowledged is in `inflight_*` until acknowledged or queued, and `finish_replay`
-//! turns what is still in flight into owed breaks, so a crash mid-break never loses one.
+//! The journaled view of the callback state: the promises a restart must honour, the
+//! breaks clients are owed, and the breaks in flight.
+//! Invariant: a journaled promise never lapses before the live one it stands for, and a
+//! break sent but never acknowledged comes out of replay owed, so a crash loses none.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt;
@@ -244,13 +238,25 @@ pub enum Owed {
 
 /// The callback state as the journal knows it. Client keys are those of the process that
 /// wrote it.
+///
+/// The live server keeps no second copy of the promises: they live only in its
+/// `CallbackTable`, a grant is journaled when its rounded expiry moves, and a snapshot
+/// captures the table (see `Promises`). The owed and in-flight breaks are small and kept
+/// here, live and in replay alike.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CallbackModel {
-    /// (fid, client key) -> expiry, wall-clock ms since the Unix epoch. Empty in the
-    /// live server's copy: the live promises are its `CallbackTable`.
+    /// (fid, client key) -> expiry, wall-clock ms since the Unix epoch, rounded up to
+    /// `EXPIRY_STEP_MS` and so never earlier than the live expiry. A promise stays until
+    /// a record removes it or a snapshot of the live table no longer holds it; one that
+    /// lapsed meanwhile is left for the restart to skip. Empty in the live server's
+    /// copy: the live promises are its `CallbackTable`.
     pub promises: Promises,
     pub owed: HashMap<ClientKey, Owed>,
+    /// Breaks sent and not yet acknowledged or queued as delayed. `finish_replay` turns
+    /// what is still here into owed breaks, so a crash in the middle of a break never
+    /// loses it.
     pub inflight_fids: HashMap<ClientKey, BTreeSet<Fid>>,
+    /// Resets sent and not yet acknowledged; owed after a crash, as `inflight_fids`.
     pub inflight_reset: BTreeSet<ClientKey>,
     /// Owed fids per client beyond which the queue collapses into a reset, as in
     /// `DelayedBreaks`; 0 means unbounded (replay: the live queue bounds it again).

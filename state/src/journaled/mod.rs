@@ -1,7 +1,7 @@
-//! The callback, lock and client state as the journal holds it: the record kinds, the
-//! snapshot payload, the journal's view of promises and owed breaks, and replay.
-//! Invariant: pure (no clock, no I/O): a record sequence and a snapshot rebuild one state,
-//! the same whether replayed from the start or from any snapshot taken between them.
+//! The callback, lock and client state as the journal holds it: record kinds, snapshot
+//! payload, the journal's view of promises and owed breaks, and replay.
+//! Invariant: pure; a snapshot and the records after it rebuild one state, the same
+//! whether replayed from the start or from any snapshot taken between them.
 
 mod callback_model;
 mod record;

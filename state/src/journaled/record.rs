@@ -1,7 +1,7 @@
-//! The journal's record kinds: each change of the callback, lock and client state as
-//! the fileserver hands it to its journal, and the client and lock entries of a snapshot.
-//! Invariant: variants and fields are only appended (postcard encodes the variant index
-//! and fields in order); `tests/golden.rs` pins the bytes of every kind.
+//! The journal's record kinds: each change of the callback, lock and client state as the
+//! fileserver journals it, and the client and lock entries of a snapshot.
+//! Invariant: a kind's bytes never change and new kinds are only appended (postcard
+//! writes the variant index, then the fields); `tests/golden.rs` pins every kind.
 
 use proto::{ByteRange, ClientId, Epoch, Fid, InstanceNonce};
 use serde::{Deserialize, Serialize};

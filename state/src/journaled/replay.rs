@@ -1,7 +1,7 @@
 //! Replay: the journaled state rebuilt from the newest snapshot and the records after it,
 //! with the lock table's own rules so that merges and splits come out as they did live.
-//! Invariant: pure (bytes in, state out); a record that names an unknown client or an
-//! empty range is an error naming its position, never a guess.
+//! Invariant: pure; it never refuses what the live table granted, and a lock grant of an
+//! unknown client or a lock record with an empty range fails at that record's position.
 
 use std::collections::HashMap;
 

@@ -1,7 +1,7 @@
 //! The whole journaled state at one journal position: what a snapshot holds and what
 //! replay rebuilds.
-//! Invariant: its encoding is the snapshot payload; fields are only appended, and
-//! `clean_handover` is not part of it.
+//! Invariant: its encoding is the snapshot payload and never changes (`clean_handover` is
+//! not part of it); `tests/golden.rs` pins its bytes.
 
 use serde::{Deserialize, Serialize};
 

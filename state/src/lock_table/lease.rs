@@ -1,8 +1,6 @@
-//! Client leases: each client's locks live only while it keeps talking to the server.
-//! Any RPC or an explicit renew pushes the expiry one lease ahead; a client whose lease
-//! lapses loses its locks (the server calls `LockTable::release_client`).
-//! Invariant: `expiry` and `by_expiry` always describe the same set of leases, one per
-//! client; the set is bounded by the client table the keys come from.
+//! Client leases: a client's locks live only while it keeps talking to the server.
+//! Invariant: `expiry` and `by_expiry` always hold the same leases, one per client, and a
+//! renewal never shortens a lease.
 
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
@@ -17,7 +15,10 @@ pub const LEASE_DEFAULT: Duration = Duration::from_secs(30);
 /// holds the server's lock for long.
 pub const LEASE_EXPIRE_BATCH_MAX: usize = 1024;
 
-/// The leases of the clients of one server.
+/// The leases of the clients of one server. Any RPC or an explicit renew pushes a
+/// client's expiry one lease ahead; a client whose lease lapses loses its locks (the
+/// server calls `LockTable::release_client`). Bounded by the client table the keys come
+/// from.
 #[derive(Debug)]
 pub struct Leases {
     lease: Duration,

@@ -1,5 +1,5 @@
-//! One advisory byte-range lock as the server holds it: which client's owner, which bytes,
-//! shared or exclusive, and the rule for when two locks conflict.
+//! One advisory byte-range lock as the server holds it: which client's owner, which
+//! bytes, shared or exclusive, and the rule for when two locks conflict.
 //! Invariant: the range of a lock in a table is never empty (`ByteRange::checked`).
 
 use proto::{ByteRange, LockKind, LockOwnerId};

@@ -1,6 +1,5 @@
-//! The queue of blocked lock requests on one fid, oldest first. Boxed: most fids have
-//! nobody waiting, and then the queue costs one pointer instead of an empty
-//! `VecDeque`'s 32 bytes in every entry of the lock table.
+//! The queue of blocked lock requests on one fid, oldest first, boxed so that a fid
+//! nobody waits on pays one pointer for it.
 //! Invariant: the box exists exactly while the queue holds a request.
 
 use std::collections::VecDeque;
@@ -14,6 +13,8 @@ pub(super) struct Waiter {
     pub lock: Lock,
 }
 
+/// Boxed: most fids have nobody waiting, and then the queue costs one pointer instead of
+/// an empty `VecDeque`'s 32 bytes in every entry of the lock table.
 #[derive(Debug, Default)]
 pub(super) struct WaitQueue(
     #[allow(

@@ -1,11 +1,5 @@
-//! The invariants, checked as the run goes and at its end:
-//! 1. one active per epoch: the VLDB grants each epoch once, in increasing order; no
-//!    instant has two members inside their acting windows; and acknowledgements, in time
-//!    order, never go back to an older epoch (an old active acking after the new one did).
-//! 2. no acknowledged write lost: every write a client saw acknowledged is on the shared
-//!    disk exactly once, at every takeover and at the end.
-//! 3. no lock granted twice: replaying the history of grants and releases, whoever
-//!    recorded them, no two owners ever hold conflicting locks on one slot.
+//! The invariants of the pair simulation, checked as the run goes and at its end: one
+//! active per epoch, no acknowledged write lost, no lock granted twice (see `Checker`).
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -24,6 +18,15 @@ pub struct Stats {
     pub locks_granted: u64,
 }
 
+/// The invariants, checked as the run goes and at its end:
+/// 1. one active per epoch: the VLDB grants each epoch once, in increasing order; no
+///    instant has two members inside their acting windows; and acknowledgements, in
+///    time order, never go back to an older epoch (an old active acking after the new
+///    one did).
+/// 2. no acknowledged write lost: every write a client saw acknowledged is on the shared
+///    disk exactly once, at every takeover and at the end.
+/// 3. no lock granted twice: replaying the history of grants and releases, whoever
+///    recorded them, no two owners ever hold conflicting locks on one slot.
 #[derive(Default)]
 pub struct Checker {
     /// Epoch -> the member the VLDB granted it to.

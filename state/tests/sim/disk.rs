@@ -1,8 +1,7 @@
-//! The shared disk of the pair: the real `state::Journal` on one `MemVfs` that both
-//! members open, holding every acknowledged write, every lock grant and release, and the
-//! (client, seq) each of them answered. Replaying it rebuilds a member's tables.
-//! Invariant: a record is appended (and synced, `JournalMode::Sync`) before the reply it
-//! justifies is sent; replay applies records in journal order to a fresh `LockTable`.
+//! The pair's shared disk: the real `state::Journal` on one `MemVfs` both members open,
+//! holding acknowledged writes, lock grants and releases, and answered (client, seq).
+//! Invariant: a record is appended and synced before the reply it justifies is sent;
+//! replay applies records in journal order to a fresh `LockTable`.
 
 use std::collections::HashMap;
 use std::path::Path;

@@ -1,8 +1,7 @@
 //! One member of the pair: the real `MemberLease` decides when it may act, the real
 //! `Journal`, `LockTable` and `Grace` hold what it does while active.
-//! Invariant (of the `Correct` variant): before every reply and every write the member
-//! checks its lease on its own clock and, if the lease is no longer valid, demotes itself
-//! (drops its journal and tables without writing) before doing anything else.
+//! Invariant (`Correct` variant): before every reply and write the member checks its
+//! lease on its own clock and, if it is gone, demotes itself without writing anything.
 
 use std::time::Duration;
 

@@ -1,8 +1,7 @@
-//! The simulated world: simulated time in ms, one event queue ordered by (time, sequence
-//! number), a lossy network with delays and partitions, the VLDB, two members, clients
-//! and a fault schedule, all driven by one seeded generator.
-//! Invariant: a run is a pure function of (seed, variant); every event is followed by
-//! the checks that can be made at that instant.
+//! The simulated world: an event queue in simulated time, a lossy network with cuts, the
+//! VLDB, members, clients and faults, all drawn from one seeded generator.
+//! Invariant: a run is a pure function of (seed, variant); every event is followed by the
+//! checks that can be made at that instant.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
