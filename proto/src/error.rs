@@ -94,6 +94,10 @@ pub enum ErrorCode {
     },
     #[error("the pair's lease was lost: it expired or the epoch moved on to {epoch}")]
     LeaseLost { epoch: Epoch },
+    /// A VLDB replica that cannot decide this: it is not the leader (or is behind).
+    /// `leader` is the leader's address when the replica knows it.
+    #[error("this VLDB replica is not the leader; try {leader:?}")]
+    NotLeader { leader: Option<String> },
 }
 
 impl ErrorCode {
@@ -118,7 +122,9 @@ impl ErrorCode {
             ErrorCode::TooManyLocks | ErrorCode::NotReclaimable => libc_errno::ENOLCK,
             ErrorCode::LeaseHeld { .. } | ErrorCode::LeaseLost { .. } => libc_errno::EAGAIN,
             ErrorCode::NoSuchPair => libc_errno::ENOENT,
-            ErrorCode::NotActive { .. } | ErrorCode::ResetCallbacks => libc_errno::EAGAIN,
+            ErrorCode::NotActive { .. }
+            | ErrorCode::ResetCallbacks
+            | ErrorCode::NotLeader { .. } => libc_errno::EAGAIN,
             ErrorCode::Unsupported => libc_errno::ENOSYS,
             ErrorCode::TooLarge => libc_errno::E2BIG,
             ErrorCode::InvalidArgument

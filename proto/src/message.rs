@@ -490,6 +490,35 @@ pub enum Request {
         seq: u64,
         request: Box<Request>,
     },
+
+    // ---- VLDB replicas (Raft), appended ----
+    /// Replica to replica: one Raft message (append entries, vote, snapshot chunk), in
+    /// the VLDB's own encoding; `proto` carries it without looking inside.
+    VlRaft {
+        kind: RaftKind,
+        #[serde(with = "serde_bytes")]
+        payload: Vec<u8>,
+    },
+    /// Any VLDB replica: its id, role, term, log and applied index, and whom it follows.
+    VlStatus,
+    /// To the leader: add replica `id` at `address`, as a learner that catches up first,
+    /// then as a voter. Answered once the new membership is committed.
+    VlAddMember {
+        id: u64,
+        address: String,
+    },
+    /// To the leader: remove replica `id` from the voters (joint consensus).
+    VlRemoveMember {
+        id: u64,
+    },
+}
+
+/// Which Raft message a `Request::VlRaft` carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RaftKind {
+    AppendEntries,
+    Vote,
+    InstallSnapshot,
 }
 
 impl Request {
@@ -597,6 +626,42 @@ pub enum Response {
         lease_ms: u64,
     },
     MemberState(MemberState),
+    /// The answer to a `VlRaft`, in the VLDB's own encoding.
+    VlRaft(#[serde(with = "serde_bytes")] Vec<u8>),
+    VlStatus(VldbMemberStatus),
+}
+
+/// One VLDB replica as it describes itself (`VlStatus`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VldbMemberStatus {
+    pub id: u64,
+    /// The address it serves on, as the membership records it.
+    pub address: String,
+    pub role: VldbRole,
+    pub term: u64,
+    pub last_log_index: Option<u64>,
+    pub applied_index: Option<u64>,
+    /// The leader it knows of, with its address.
+    pub leader: Option<(u64, String)>,
+    /// Every replica in the membership: id, address, and whether it votes.
+    pub members: Vec<VldbMember>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VldbMember {
+    pub id: u64,
+    pub address: String,
+    pub voter: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VldbRole {
+    Leader,
+    Follower,
+    Candidate,
+    Learner,
+    /// Stopped: its disk failed, or it was shut down.
+    Shutdown,
 }
 
 /// A fileserver pair as the VLDB records it.
@@ -683,6 +748,8 @@ impl Response {
             Response::Pair(_) => "Pair",
             Response::PairLease { .. } => "PairLease",
             Response::MemberState(_) => "MemberState",
+            Response::VlRaft(_) => "VlRaft",
+            Response::VlStatus(_) => "VlStatus",
         }
     }
 }

@@ -252,6 +252,10 @@ impl FileService {
             | Request::VlRenewPair { .. }
             | Request::VlReleasePair { .. }
             | Request::VlGetPair { .. }
+            | Request::VlRaft { .. }
+            | Request::VlStatus
+            | Request::VlAddMember { .. }
+            | Request::VlRemoveMember { .. }
             // Pair requests are the member's (`pair::service`); a single server has none.
             | Request::PairSwitchover
             | Request::MemberState
