@@ -48,6 +48,10 @@ pub struct PairLease {
     pub expires: Millis,
     /// The member a planned switchover hands the lease to: it may acquire at once.
     pub successor: Option<String>,
+    /// Counts the grants, renewals and releases applied (durable): an acquire decided
+    /// by a replicated VLDB's leader carries the `seq` its check saw, so the decision
+    /// fails if anything changed the lease between the check and the apply.
+    pub seq: u64,
 }
 
 impl PairLease {
@@ -75,9 +79,23 @@ impl PairLease {
 
     /// Compare-and-set: grants `member` the lease of epoch `epoch + 1` if the pair is at
     /// `epoch` and its lease is free, expired, or handed to `member`. Returns the new epoch,
-    /// which the caller must make durable before answering.
+    /// which the caller must make durable before answering. A single decider's
+    /// `check_acquire` then `apply_acquire`.
     pub fn acquire(
         &mut self,
+        member: &str,
+        epoch: u64,
+        lease: Duration,
+        now: Millis,
+    ) -> Result<u64, LeaseRefusal> {
+        let seq = self.check_acquire(member, epoch, lease, now)?;
+        self.apply_acquire(member, epoch, seq, lease, now)
+    }
+
+    /// The leader's half of `acquire`, on its own clock: may `member` take epoch
+    /// `epoch + 1` now? Returns the `seq` the decision saw, for `apply_acquire` to compare.
+    pub fn check_acquire(
+        &self,
         member: &str,
         epoch: u64,
         lease: Duration,
@@ -90,13 +108,32 @@ impl PairLease {
         let handed_to_caller = self.successor.as_deref() == Some(member);
         let free = self.left(now).is_zero() || handed_to_caller;
         if epoch != self.epoch || !free {
-            return Err(LeaseRefusal::Held {
-                epoch: self.epoch,
-                active: self.active.clone(),
-                left: self.left(now),
-            });
+            return Err(self.held(now));
+        }
+        Ok(self.seq)
+    }
+
+    /// Every replica's half of `acquire`, applied from the log: deterministic, it compares
+    /// the epoch and the `seq` the leader's check saw, so a renewal, release or grant
+    /// applied in between makes it fail everywhere alike. The expiry starts at `now`, the
+    /// replica's own clock when it applies, which is never before the member sent the call.
+    pub fn apply_acquire(
+        &mut self,
+        member: &str,
+        epoch: u64,
+        seq: u64,
+        lease: Duration,
+        now: Millis,
+    ) -> Result<u64, LeaseRefusal> {
+        check_length(lease)?;
+        if !self.members.iter().any(|m| m == member) {
+            return Err(LeaseRefusal::NotMember);
+        }
+        if epoch != self.epoch || seq != self.seq {
+            return Err(self.held(now));
         }
         self.epoch += 1;
+        self.seq += 1;
         self.active = Some(member.to_owned());
         self.expires = now.saturating_add(lease);
         self.successor = None;
@@ -113,10 +150,41 @@ impl PairLease {
         lease: Duration,
         now: Millis,
     ) -> Result<(), LeaseRefusal> {
+        self.check_renew(member, epoch, lease, now)?;
+        self.apply_renew(member, epoch, lease, now)
+    }
+
+    /// The leader's half of `renew`: the caller holds an unexpired lease of `epoch` on
+    /// the leader's clock, and no successor is named.
+    pub fn check_renew(
+        &self,
+        member: &str,
+        epoch: u64,
+        lease: Duration,
+        now: Millis,
+    ) -> Result<(), LeaseRefusal> {
         check_length(lease)?;
         if !self.holds(member, epoch, now) || self.successor.is_some() {
             return Err(LeaseRefusal::Lost { epoch: self.epoch });
         }
+        Ok(())
+    }
+
+    /// Every replica's half of `renew`: deterministic on the durable fields; the expiry
+    /// is this replica's `now` plus the lease.
+    pub fn apply_renew(
+        &mut self,
+        member: &str,
+        epoch: u64,
+        lease: Duration,
+        now: Millis,
+    ) -> Result<(), LeaseRefusal> {
+        check_length(lease)?;
+        if self.active.as_deref() != Some(member) || epoch != self.epoch || self.successor.is_some()
+        {
+            return Err(LeaseRefusal::Lost { epoch: self.epoch });
+        }
+        self.seq += 1;
         self.expires = now.saturating_add(lease);
         Ok(())
     }
@@ -132,14 +200,43 @@ impl PairLease {
         if !self.holds(member, epoch, now) {
             return Err(LeaseRefusal::Lost { epoch: self.epoch });
         }
+        self.apply_release(member, epoch, successor, now)
+    }
+
+    /// Every replica's half of `release` (the leader checks with `check_renew`'s
+    /// holder test first): deterministic on the durable fields.
+    pub fn apply_release(
+        &mut self,
+        member: &str,
+        epoch: u64,
+        successor: Option<&str>,
+        now: Millis,
+    ) -> Result<(), LeaseRefusal> {
+        if self.active.as_deref() != Some(member) || epoch != self.epoch {
+            return Err(LeaseRefusal::Lost { epoch: self.epoch });
+        }
         if let Some(successor) = successor
             && !self.members.iter().any(|m| m == successor)
         {
             return Err(LeaseRefusal::NotMember);
         }
+        self.seq += 1;
         self.expires = now;
         self.successor = successor.map(str::to_owned);
         Ok(())
+    }
+
+    /// Whether `member` holds an unexpired lease of `epoch` at `now`.
+    pub fn holds(&self, member: &str, epoch: u64, now: Millis) -> bool {
+        self.active.as_deref() == Some(member) && epoch == self.epoch && !self.left(now).is_zero()
+    }
+
+    fn held(&self, now: Millis) -> LeaseRefusal {
+        LeaseRefusal::Held {
+            epoch: self.epoch,
+            active: self.active.clone(),
+            left: self.left(now),
+        }
     }
 
     /// A VLDB that restarted knows epochs and holders but not expiries: the holder gets
@@ -147,10 +244,6 @@ impl PairLease {
     /// replaced after one lease.
     pub fn restarted(&mut self, lease: Duration, now: Millis) {
         self.expires = now.saturating_add(lease.min(LEASE_MAX));
-    }
-
-    fn holds(&self, member: &str, epoch: u64, now: Millis) -> bool {
-        self.active.as_deref() == Some(member) && epoch == self.epoch && !self.left(now).is_zero()
     }
 }
 
@@ -283,6 +376,30 @@ mod tests {
         assert_eq!(
             pair.renew("a", 1, LEASE, Millis(3_000)),
             Err(LeaseRefusal::Lost { epoch: 1 })
+        );
+    }
+
+    #[test]
+    fn an_acquire_decided_before_a_renewal_applied_fails_when_applied_after_it() {
+        let mut leader = pair();
+        leader.acquire("a", 0, LEASE, Millis(0)).unwrap();
+        // The leader's clock says a's lease ran out, so it decides for b...
+        let seq = leader.check_acquire("b", 1, LEASE, Millis(2_000)).unwrap();
+        // ...but a renewal of a's, decided earlier, reaches the log first.
+        let mut replica = leader.clone();
+        replica.apply_renew("a", 1, LEASE, Millis(2_001)).unwrap();
+        assert!(matches!(
+            replica.apply_acquire("b", 1, seq, LEASE, Millis(2_002)),
+            Err(LeaseRefusal::Held { epoch: 1, .. })
+        ));
+        // Applied in the other order, the renewal is the one that fails.
+        assert_eq!(
+            leader.apply_acquire("b", 1, seq, LEASE, Millis(2_001)),
+            Ok(2)
+        );
+        assert_eq!(
+            leader.apply_renew("a", 1, LEASE, Millis(2_002)),
+            Err(LeaseRefusal::Lost { epoch: 2 })
         );
     }
 

@@ -110,6 +110,7 @@ impl Pairs {
                     active: record.active,
                     expires: Millis(0),
                     successor: record.successor,
+                    seq: 0,
                 },
                 lease_granted: Duration::from_millis(record.lease_ms),
                 expiry_unknown: true,
