@@ -8,6 +8,7 @@ mod cell;
 mod process;
 mod up;
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -61,6 +62,15 @@ enum Command {
         /// Write the bound address to this file once listening.
         #[arg(long, value_name = "FILE")]
         ready_file: Option<PathBuf>,
+        /// This replica's id in --peers (a group of one is id 1).
+        #[arg(long, value_name = "N", default_value_t = 1)]
+        id: u64,
+        /// The VLDB group's replicas as ID=ADDR,ID=ADDR,... (three or five). The lowest id
+        /// bootstraps the group the first time; starting again with the same list is a
+        /// no-op, and another list is refused (use `holdfast vldb add`/`remove`).
+        /// Without it, the VLDB is a group of one at the address it listens on.
+        #[arg(long, value_name = "ID=ADDR,...", value_parser = parse_peers, requires = "id")]
+        peers: Option<BTreeMap<u64, String>>,
     },
     /// Run a fileserver on a partition directory; it registers with the cell's VLDB.
     Fileserver {
@@ -281,6 +291,8 @@ fn run(cli: Cli) -> Result<()> {
             listen,
             cell_name,
             ready_file,
+            id,
+            peers,
         } => {
             process::init_tracing("info");
             let cell_name = match cell_name {
@@ -300,6 +312,8 @@ fn run(cli: Cli) -> Result<()> {
                 let config = vlserver::Config {
                     data_dir: data,
                     cell_name,
+                    id,
+                    peers: peers.unwrap_or_default(),
                 };
                 vlserver::run(config, listener, shutdown)
                     .await
@@ -507,6 +521,34 @@ fn pair_config(name: &str, lease_ms: u64) -> anyhow::Result<fileserver::PairConf
         );
     }
     Ok(fileserver::PairConfig { name, lease })
+}
+
+/// `--peers 1=ADDR,2=ADDR,3=ADDR`: each id once, each address once.
+fn parse_peers(text: &str) -> Result<BTreeMap<u64, String>, String> {
+    let mut peers = BTreeMap::new();
+    for part in text.split(',').filter(|p| !p.trim().is_empty()) {
+        let (id, address) = part.split_once('=').ok_or_else(|| {
+            format!("`{part}` is not ID=ADDR: list the replicas as 1=HOST:PORT,2=HOST:PORT,...")
+        })?;
+        let id: u64 = id
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{id}` is not a replica id: use a number, as in 1=HOST:PORT"))?;
+        let address = address.trim();
+        if address.is_empty() {
+            return Err(format!("replica {id} has no address"));
+        }
+        if peers.values().any(|a| a == address) {
+            return Err(format!("{address} is listed twice"));
+        }
+        if peers.insert(id, address.to_owned()).is_some() {
+            return Err(format!("replica id {id} is listed twice"));
+        }
+    }
+    if peers.is_empty() {
+        return Err("no replica listed: use 1=HOST:PORT,2=HOST:PORT,3=HOST:PORT".into());
+    }
+    Ok(peers)
 }
 
 fn seconds(value: f64, flag: &str) -> Result<Duration> {

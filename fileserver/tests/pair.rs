@@ -37,10 +37,7 @@ impl Vldb {
         let dir = tempfile::tempdir().unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap().to_string();
-        let config = vlserver::Config {
-            data_dir: dir.path().to_owned(),
-            cell_name: CELL.into(),
-        };
+        let config = vlserver::Config::single(dir.path().to_owned(), CELL.into());
         let (stop, shutdown) = watch::channel(false);
         let task = tokio::spawn(async move {
             vlserver::run(config, listener, shutdown).await.unwrap();

@@ -96,8 +96,17 @@ pub enum ErrorCode {
     LeaseLost { epoch: Epoch },
     /// A VLDB replica that cannot decide this: it is not the leader (or is behind).
     /// `leader` is the leader's address when the replica knows it.
-    #[error("this VLDB replica is not the leader; try {leader:?}")]
+    #[error("{}", not_leader_text(leader.as_deref()))]
     NotLeader { leader: Option<String> },
+}
+
+fn not_leader_text(leader: Option<&str>) -> String {
+    match leader {
+        Some(leader) => format!("this VLDB replica is not the leader; the leader is {leader}"),
+        None => "the VLDB has no leader that this replica knows of: an election is under way, \
+                 or it is cut off from a majority of the replicas"
+            .to_owned(),
+    }
 }
 
 impl ErrorCode {

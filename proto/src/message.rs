@@ -39,6 +39,8 @@ pub enum PeerKind {
     Admin,
     /// A fileserver talking to the VLDB or to its partner.
     FileServer { server: ServerId },
+    /// A VLDB replica talking to another (Raft messages).
+    VldbReplica { id: u64 },
 }
 
 /// The accepting side's answer to `Hello`.

@@ -43,6 +43,30 @@ pub enum VldbError {
     /// A request the VLDB refuses for a reason the peer is told.
     #[error("{0}")]
     Refused(ErrorCode),
+    #[error("{0}")]
+    Config(String),
+    #[error("the VLDB replica stopped: {0}")]
+    Stopped(String),
+    #[error("the VLDB replica could not start Raft: {0}")]
+    Raft(String),
+    #[error(
+        "{path} holds the VLDB of cell {found}, not of {expected}: a replica joins only its own \
+         cell; point --data at an empty directory or at this cell's"
+    )]
+    OtherCell {
+        path: PathBuf,
+        found: String,
+        expected: String,
+    },
+    #[error(
+        "{path} was bootstrapped with --peers {found}, not {given}: start it with the same \
+         --peers, and change the membership with `holdfast vldb add` / `remove`"
+    )]
+    OtherPeers {
+        path: PathBuf,
+        found: String,
+        given: String,
+    },
 }
 
 impl VldbError {

@@ -1,61 +1,105 @@
 //! The Holdfast VLDB server: maps volume names and ids to sites, and records fileservers
-//! and pairs.
-//! Invariant: `run` binds nothing, and all state is behind `Store`, whose operations take
-//! the clock as an input.
+//! and pairs; each server is one replica of a Raft group (`replica`).
+//! Invariant: `run` binds nothing; every change goes through the replica's log, and all
+//! state is behind `Store`, whose operations take the clock as an input.
 
+mod command;
 mod error;
 mod limits;
 mod pairs;
+mod replica;
 mod service;
 mod store;
 mod tables;
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use proto::server::{ServerLimits, serve};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tracing::info;
+use tracing::{error, info};
 
+pub use command::{Applied, Command, Outcome};
 pub use error::VldbError;
 pub use limits::StoreLimits;
+pub use replica::{DATABASE_FILE, LOG_FILE, Replica, ReplicaConfig};
 pub use service::VldbService;
 pub use store::{IDS_PER_VOLUME, Store, VOLUME_ID_FIRST};
 pub use tables::FORMAT_VERSION;
 
-/// The database file inside the data directory.
-pub const DATABASE_FILE: &str = "vldb.redb";
-
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// Directory holding the database file; created if missing.
+    /// Directory holding the tables and the Raft log; created if missing.
     pub data_dir: PathBuf,
     /// The cell this VLDB serves; connections naming another cell are refused.
     pub cell_name: String,
+    /// This replica's id in `peers`.
+    pub id: u64,
+    /// The group's bootstrap membership, id -> address. Empty: a group of one, this
+    /// replica as id 1 at the address it listens on.
+    pub peers: BTreeMap<u64, String>,
 }
 
-/// Serves the VLDB on `listener` until `shutdown` turns true.
+impl Config {
+    /// A group of one: this replica alone, as id 1.
+    pub fn single(data_dir: PathBuf, cell_name: String) -> Config {
+        Config {
+            data_dir,
+            cell_name,
+            id: 1,
+            peers: BTreeMap::new(),
+        }
+    }
+}
+
+/// Serves the VLDB on `listener` until `shutdown` turns true, or until the replica stops
+/// on its own (its disk failed): then it returns why.
 pub async fn run(
     config: Config,
     listener: TcpListener,
-    shutdown: watch::Receiver<bool>,
+    mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), VldbError> {
-    let data_dir = config.data_dir.clone();
-    let store = tokio::task::spawn_blocking(move || {
-        std::fs::create_dir_all(&data_dir).map_err(|source| VldbError::CreateDir {
-            path: data_dir.clone(),
-            source,
-        })?;
-        Store::open(&data_dir.join(DATABASE_FILE), StoreLimits::default())
-    })
-    .await
-    .map_err(|e| VldbError::Task(e.to_string()))??;
-    let local = listener.local_addr().ok();
-    info!(cell = %config.cell_name, data = %config.data_dir.display(), listen = ?local,
-        "vlserver started");
-    let service = Arc::new(VldbService::new(Arc::new(store), config.cell_name));
-    serve(listener, service, ServerLimits::default(), shutdown).await;
+    let local = listener
+        .local_addr()
+        .map_err(|e| VldbError::Config(format!("the listening socket has no address: {e}")))?;
+    let peers = if config.peers.is_empty() {
+        BTreeMap::from([(config.id, local.to_string())])
+    } else {
+        config.peers.clone()
+    };
+    let replica = Arc::new(
+        Replica::start(ReplicaConfig {
+            id: config.id,
+            peers: peers.clone(),
+            data_dir: config.data_dir.clone(),
+            cell_name: config.cell_name.clone(),
+            peers_given: !config.peers.is_empty(),
+        })
+        .await?,
+    );
+    info!(cell = %config.cell_name, data = %config.data_dir.display(), listen = %local,
+        id = config.id, ?peers, "vlserver started");
+    let service = Arc::new(VldbService::new(replica.clone(), config.cell_name));
+    let (stop_serving, serving_stopped) = watch::channel(false);
+    let server = tokio::spawn(serve(
+        listener,
+        service,
+        ServerLimits::default(),
+        serving_stopped,
+    ));
+    let outcome = tokio::select! {
+        _ = shutdown.wait_for(|stop| *stop) => Ok(()),
+        why = replica.stopped() => {
+            error!(reason = %why, "VLDB replica stepped down: its log or tables failed; \
+                fix the disk and start it again, the other replicas carry on");
+            Err(VldbError::Stopped(why))
+        }
+    };
+    let _ = stop_serving.send(true);
+    let _ = server.await;
+    replica.shutdown().await;
     info!("vlserver stopped");
-    Ok(())
+    outcome
 }

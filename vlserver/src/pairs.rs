@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use proto::{Epoch, ErrorCode, PairEntry, PairName, ServerEntry, ServerId, Timestamp};
-use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, WriteTransaction};
 use serde::{Deserialize, Serialize};
 use state::{LeaseRefusal, Millis, PairLease};
 use tracing::{debug, info, warn};
@@ -16,7 +16,7 @@ use tracing::{debug, info, warn};
 use crate::error::VldbError;
 use crate::limits::StoreLimits;
 use crate::tables::{
-    PAIRS, PAIRS_NAME, SERVERS, SERVERS_NAME, decode, encode, get_server, put_server,
+    PAIR_SEQS, PAIRS, PAIRS_NAME, SERVERS, SERVERS_NAME, decode, encode, get_server, put_server,
 };
 
 /// Every pair: the durable fields mirrored from the `pairs` table, plus the lease expiries,
@@ -25,8 +25,8 @@ use crate::tables::{
 /// Methods block on disk I/O, like `Store`'s. Why this keeps one active per epoch:
 /// `docs/pair-lease.md`.
 pub(crate) struct Pairs {
-    /// Pair calls and server registrations hold this lock across their write transaction,
-    /// so the two never interleave on a pair's server entry.
+    /// Changes are applied one at a time (the state machine applies the log in order), so
+    /// this lock only guards the map against the leader's concurrent checks and reads.
     by_name: Mutex<HashMap<String, Pair>>,
     /// The store's: they bound the pairs, a member's address and a new server entry.
     limits: StoreLimits,
@@ -92,57 +92,37 @@ impl Pair {
     }
 }
 
+/// A pair's next state, written in a transaction and installed in memory once that
+/// transaction committed (`Pairs::install`).
+#[derive(Debug)]
+pub(crate) struct PairUpdate {
+    name: String,
+    pair: Pair,
+}
+
 impl Pairs {
     /// Reads every pair at open; `limits` bounds the pairs and their server entries.
     pub(crate) fn load(db: &Database, limits: StoreLimits) -> Result<Pairs, VldbError> {
-        let txn = db.begin_read()?;
-        let table = txn.open_table(PAIRS)?;
-        let mut by_name = HashMap::with_capacity(usize::try_from(table.len()?).unwrap_or(0));
-        for row in table.iter()? {
-            let (key, bytes) = row?;
-            let name = key.value().to_owned();
-            let record: PairRecord = decode(PAIRS_NAME, &name, bytes.value())?;
-            let pair = Pair {
-                server: record.server,
-                lease: PairLease {
-                    members: record.members,
-                    epoch: record.epoch.0,
-                    active: record.active,
-                    expires: Millis(0),
-                    successor: record.successor,
-                    seq: 0,
-                },
-                lease_granted: Duration::from_millis(record.lease_ms),
-                expiry_unknown: true,
-            };
-            info!(pair = %name, epoch = pair.lease.epoch, active = ?pair.lease.active,
-                "pair loaded; its holder keeps one whole lease");
-            by_name.insert(name, pair);
-        }
-        Ok(Pairs {
-            by_name: Mutex::new(by_name),
-            limits,
-        })
+        let by_name = Mutex::new(read_all(db)?);
+        Ok(Pairs { by_name, limits })
     }
 
-    /// Runs `write`, a write of `server`'s entry outside a pair call, under the pairs' lock,
-    /// handing it `addresses` as that entry must list them: a pair's server entry lists its
-    /// members, the active first, whatever a member registers, since clients find the pair
+    /// Reads every pair again after the tables were replaced (a snapshot installed):
+    /// as at open, each holder keeps one whole lease from the first call.
+    pub(crate) fn reload(&self, db: &Database) -> Result<(), VldbError> {
+        *self.by_name.lock() = read_all(db)?;
+        Ok(())
+    }
+
+    /// The addresses `server`'s entry must list: a pair's server entry lists its members,
+    /// the active first, whatever a member registers, since clients find the pair
     /// through it.
-    pub(crate) fn write_server_entry(
-        &self,
-        server: ServerId,
-        addresses: Vec<String>,
-        write: impl FnOnce(Vec<String>) -> Result<ServerEntry, VldbError>,
-    ) -> Result<ServerEntry, VldbError> {
+    pub(crate) fn server_addresses(&self, server: ServerId, addresses: Vec<String>) -> Vec<String> {
         let pairs = self.by_name.lock();
-        let addresses = match pairs.values().find(|p| p.server == server) {
+        match pairs.values().find(|p| p.server == server) {
             Some(pair) => ordered_addresses(&pair.lease, &addresses),
             None => addresses,
-        };
-        let entry = write(addresses)?;
-        drop(pairs);
-        Ok(entry)
+        }
     }
 
     /// `member` (an address) joins `pair`, serving the partition of `server`; the pair is
@@ -150,122 +130,161 @@ impl Pairs {
     /// members, stamped `registered` if it is new.
     pub(crate) fn join(
         &self,
-        db: &Database,
+        txn: &WriteTransaction,
         pair: &PairName,
         server: ServerId,
         member: &str,
         registered: Timestamp,
-    ) -> Result<(), VldbError> {
+    ) -> Result<PairUpdate, VldbError> {
         if member.is_empty() || member.len() > self.limits.address_bytes_max {
             debug!(%pair, "refusing a pair member address");
             return Err(VldbError::Refused(ErrorCode::InvalidArgument));
         }
-        let mut pairs = self.by_name.lock();
-        let mut next = match pairs.get(pair.as_str()) {
-            Some(existing) if existing.server != server => {
-                warn!(%pair, %member, pair_server = %existing.server, member_server = %server,
-                    "refusing a member whose partition has another server id than the pair's: \
-                     both members must serve the same partition directory");
-                return Err(VldbError::Refused(ErrorCode::InvalidArgument));
+        let mut next = {
+            let pairs = self.by_name.lock();
+            match pairs.get(pair.as_str()) {
+                Some(existing) if existing.server != server => {
+                    warn!(%pair, %member, pair_server = %existing.server,
+                        member_server = %server,
+                        "refusing a member whose partition has another server id than the \
+                         pair's: both members must serve the same partition directory");
+                    return Err(VldbError::Refused(ErrorCode::InvalidArgument));
+                }
+                Some(existing) => existing.clone(),
+                None if pairs.len() >= self.limits.pairs_max => {
+                    debug!(%pair, "pair table full");
+                    return Err(VldbError::Refused(ErrorCode::InvalidArgument));
+                }
+                None => Pair {
+                    server,
+                    lease: PairLease::default(),
+                    lease_granted: Duration::ZERO,
+                    expiry_unknown: false,
+                },
             }
-            Some(existing) => existing.clone(),
-            None if pairs.len() >= self.limits.pairs_max => {
-                debug!(%pair, "pair table full");
-                return Err(VldbError::Refused(ErrorCode::InvalidArgument));
-            }
-            None => Pair {
-                server,
-                lease: PairLease::default(),
-                lease_granted: Duration::ZERO,
-                expiry_unknown: false,
-            },
         };
         let joined = next
             .lease
             .join(member)
             .map_err(|refusal| refused(&next, refusal))?;
-        self.write(db, pair, &next, Some(registered))?;
+        self.write(txn, pair, &next, Some(registered))?;
         if joined {
             info!(%pair, %member, %server, members = ?next.lease.members, "pair member joined");
         } else {
             debug!(%pair, %member, "pair member joined again");
         }
-        pairs.insert(pair.as_str().to_owned(), next);
-        Ok(())
+        Ok(update(pair, next))
     }
 
-    /// Compare-and-set of the lease (see `PairLease::acquire`); the new epoch is durable
-    /// when this returns it.
+    /// The leader's check before it proposes an acquire: may `member` take the pair from
+    /// `epoch` now, on the leader's clock? Returns the seq the decision saw.
+    pub(crate) fn check_acquire(
+        &self,
+        pair: &PairName,
+        member: &str,
+        epoch: Epoch,
+        lease: Duration,
+        now: Millis,
+    ) -> Result<u64, VldbError> {
+        let mut pairs = self.by_name.lock();
+        let current = pair_mut(&mut pairs, pair, now)?;
+        current
+            .lease
+            .check_acquire(member, epoch.0, lease, now)
+            .map_err(|refusal| refused(current, refusal))
+    }
+
+    /// The leader's check before it proposes a renewal (`release` too: `successor` is
+    /// then `Some`, and only the holder test applies).
+    pub(crate) fn check_renew(
+        &self,
+        pair: &PairName,
+        member: &str,
+        epoch: Epoch,
+        lease: Option<Duration>,
+        now: Millis,
+    ) -> Result<(), VldbError> {
+        let mut pairs = self.by_name.lock();
+        let current = pair_mut(&mut pairs, pair, now)?;
+        let checked = match lease {
+            Some(lease) => current.lease.check_renew(member, epoch.0, lease, now),
+            None if current.lease.holds(member, epoch.0, now) => Ok(()),
+            None => Err(LeaseRefusal::Lost {
+                epoch: current.lease.epoch,
+            }),
+        };
+        checked.map_err(|refusal| refused(current, refusal))
+    }
+
+    /// Applies an acquire the leader decided (`PairLease::apply_acquire`); the new epoch
+    /// is durable once `txn` commits.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn acquire(
         &self,
-        db: &Database,
+        txn: &WriteTransaction,
         pair: &PairName,
         member: &str,
         epoch: Epoch,
+        seq: u64,
         lease: Duration,
         now: Millis,
-    ) -> Result<Epoch, VldbError> {
-        let mut pairs = self.by_name.lock();
-        let current = pair_mut(&mut pairs, pair, now)?;
-        let mut next = current.clone();
+    ) -> Result<(Epoch, PairUpdate), VldbError> {
+        let mut next = self.current(pair, now)?;
         let granted = next
             .lease
-            .acquire(member, epoch.0, lease, now)
+            .apply_acquire(member, epoch.0, seq, lease, now)
             .map_err(|refusal| refused(&next, refusal))?;
         next.lease_granted = lease;
-        self.write(db, pair, &next, None)?;
+        self.write(txn, pair, &next, None)?;
         info!(%pair, %member, epoch = granted, lease_ms = millis(lease), "pair lease acquired");
-        *current = next;
-        Ok(Epoch(granted))
+        Ok((Epoch(granted), update(pair, next)))
     }
 
-    /// The active extends its lease. Memory only, unless the member asks for a longer
-    /// lease than any granted in this epoch: that length must be durable first, since a
-    /// restarted VLDB grants the holder the recorded length again.
+    /// Applies a renewal. The seq and, if the member asks for a longer lease than any
+    /// granted in this epoch, that length are durable: a replica that restarts grants the
+    /// holder the recorded length again.
     pub(crate) fn renew(
         &self,
-        db: &Database,
+        txn: &WriteTransaction,
         pair: &PairName,
         member: &str,
         epoch: Epoch,
         lease: Duration,
         now: Millis,
-    ) -> Result<Epoch, VldbError> {
-        let mut pairs = self.by_name.lock();
-        let current = pair_mut(&mut pairs, pair, now)?;
-        let mut next = current.clone();
+    ) -> Result<PairUpdate, VldbError> {
+        let mut next = self.current(pair, now)?;
         next.lease
-            .renew(member, epoch.0, lease, now)
+            .apply_renew(member, epoch.0, lease, now)
             .map_err(|refusal| refused(&next, refusal))?;
-        if lease > next.lease_granted {
-            next.lease_granted = lease;
-            self.write(db, pair, &next, None)?;
-        }
+        next.lease_granted = next.lease_granted.max(lease);
+        self.write(txn, pair, &next, None)?;
         debug!(%pair, %member, epoch = epoch.0, "pair lease renewed");
-        *current = next;
-        Ok(epoch)
+        Ok(update(pair, next))
     }
 
-    /// The active gives its lease up at once, optionally to `successor`.
+    /// Applies a release: the active gives its lease up at once, optionally to
+    /// `successor`.
     pub(crate) fn release(
         &self,
-        db: &Database,
+        txn: &WriteTransaction,
         pair: &PairName,
         member: &str,
         epoch: Epoch,
         successor: Option<&str>,
         now: Millis,
-    ) -> Result<(), VldbError> {
-        let mut pairs = self.by_name.lock();
-        let current = pair_mut(&mut pairs, pair, now)?;
-        let mut next = current.clone();
+    ) -> Result<PairUpdate, VldbError> {
+        let mut next = self.current(pair, now)?;
         next.lease
-            .release(member, epoch.0, successor, now)
+            .apply_release(member, epoch.0, successor, now)
             .map_err(|refusal| refused(&next, refusal))?;
-        self.write(db, pair, &next, None)?;
+        self.write(txn, pair, &next, None)?;
         info!(%pair, %member, epoch = epoch.0, ?successor, "pair lease released");
-        *current = next;
-        Ok(())
+        Ok(update(pair, next))
+    }
+
+    /// Makes an update written by a committed transaction the pair's state in memory.
+    pub(crate) fn install(&self, update: PairUpdate) {
+        self.by_name.lock().insert(update.name, update.pair);
     }
 
     pub(crate) fn entry(&self, pair: &PairName, now: Millis) -> Result<PairEntry, VldbError> {
@@ -273,48 +292,91 @@ impl Pairs {
         Ok(pair_mut(&mut pairs, pair, now)?.entry(pair, now))
     }
 
-    /// Writes a pair's record and its server entry in one transaction. `registered`
+    /// A copy of the pair to change, its expiry started if a restart left it unknown.
+    fn current(&self, pair: &PairName, now: Millis) -> Result<Pair, VldbError> {
+        let mut pairs = self.by_name.lock();
+        Ok(pair_mut(&mut pairs, pair, now)?.clone())
+    }
+
+    /// Writes a pair's record, its seq and its server entry in `txn`. `registered`
     /// stamps a server entry that does not exist yet; without it a missing entry is
-    /// corruption (joining created it).
+    /// corruption (joining created it). Checks come before the first write, so a refusal
+    /// leaves `txn` as it was.
     fn write(
         &self,
-        db: &Database,
+        txn: &WriteTransaction,
         name: &PairName,
         pair: &Pair,
         registered: Option<Timestamp>,
     ) -> Result<(), VldbError> {
-        let txn = db.begin_write()?;
-        {
-            txn.open_table(PAIRS)?
-                .insert(name.as_str(), encode(&pair.record())?.as_slice())?;
-            let mut servers = txn.open_table(SERVERS)?;
-            let (others, registered) = match (get_server(&servers, pair.server)?, registered) {
-                (Some(entry), _) => (entry.addresses, entry.registered),
-                (None, Some(registered)) => {
-                    if servers.len()? >= self.limits.servers_max {
-                        debug!(pair = %name, "server table full");
-                        return Err(VldbError::Refused(ErrorCode::InvalidArgument));
-                    }
-                    (Vec::new(), registered)
+        let mut servers = txn.open_table(SERVERS)?;
+        let (others, registered) = match (get_server(&servers, pair.server)?, registered) {
+            (Some(entry), _) => (entry.addresses, entry.registered),
+            (None, Some(registered)) => {
+                if servers.len()? >= self.limits.servers_max {
+                    debug!(pair = %name, "server table full");
+                    return Err(VldbError::Refused(ErrorCode::InvalidArgument));
                 }
-                (None, None) => {
-                    return Err(VldbError::Corrupt {
-                        table: SERVERS_NAME,
-                        key: pair.server.to_string(),
-                        reason: format!("pair {name} has no server entry"),
-                    });
-                }
-            };
-            let entry = ServerEntry {
-                server: pair.server,
-                addresses: ordered_addresses(&pair.lease, &others),
-                registered,
-            };
-            put_server(&mut servers, &entry)?;
-        }
-        txn.commit()?;
+                (Vec::new(), registered)
+            }
+            (None, None) => {
+                return Err(VldbError::Corrupt {
+                    table: SERVERS_NAME,
+                    key: pair.server.to_string(),
+                    reason: format!("pair {name} has no server entry"),
+                });
+            }
+        };
+        txn.open_table(PAIRS)?
+            .insert(name.as_str(), encode(&pair.record())?.as_slice())?;
+        txn.open_table(PAIR_SEQS)?
+            .insert(name.as_str(), pair.lease.seq)?;
+        let entry = ServerEntry {
+            server: pair.server,
+            addresses: ordered_addresses(&pair.lease, &others),
+            registered,
+        };
+        put_server(&mut servers, &entry)?;
         Ok(())
     }
+}
+
+fn update(name: &PairName, pair: Pair) -> PairUpdate {
+    PairUpdate {
+        name: name.as_str().to_owned(),
+        pair,
+    }
+}
+
+/// Every pair in `db`, each holder's expiry unknown until the first call.
+fn read_all(db: &Database) -> Result<HashMap<String, Pair>, VldbError> {
+    let txn = db.begin_read()?;
+    let table = txn.open_table(PAIRS)?;
+    let seqs = txn.open_table(PAIR_SEQS)?;
+    let mut by_name = HashMap::with_capacity(usize::try_from(table.len()?).unwrap_or(0));
+    for row in table.iter()? {
+        let (key, bytes) = row?;
+        let name = key.value().to_owned();
+        let record: PairRecord = decode(PAIRS_NAME, &name, bytes.value())?;
+        let seq = seqs.get(name.as_str())?.map_or(0, |v| v.value());
+        let pair = Pair {
+            server: record.server,
+            lease: PairLease {
+                members: record.members,
+                epoch: record.epoch.0,
+                active: record.active,
+                expires: Millis(0),
+                successor: record.successor,
+                seq,
+            },
+            lease_granted: Duration::from_millis(record.lease_ms),
+            expiry_unknown: true,
+        };
+        info!(pair = %name, epoch = pair.lease.epoch, active = ?pair.lease.active,
+            "pair loaded; its holder keeps one whole lease");
+        by_name.insert(name, pair);
+    }
+    Ok(by_name)
 }
 
 /// A pair's addresses for its server entry: the active, the other members in the order

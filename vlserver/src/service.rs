@@ -1,40 +1,30 @@
 //! `VldbService`: answers VLDB requests on connections accepted by
-//! `proto::server::serve`.
+//! `proto::server::serve`: changes through the replica's log, reads from its tables, and
+//! Raft messages from its peers.
 //! Invariant: store errors become `ErrorCode`s here, and storage failures are logged
 //! here, once.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use proto::rpc::{self, Connection};
 use proto::server::Service;
-use proto::{ErrorCode, Hello, HelloReply, Request, Response, Timestamp};
-use state::Millis;
+use proto::{ErrorCode, Hello, HelloReply, PairName, Request, Response, Timestamp};
 use tracing::{debug, error};
 
+use crate::command::{Applied, Command};
 use crate::error::VldbError;
+use crate::replica::Replica;
 use crate::store::Store;
 
 pub struct VldbService {
-    store: Arc<Store>,
+    replica: Arc<Replica>,
     cell_name: String,
-    /// The origin of the pair leases' clock.
-    started: Instant,
 }
 
 impl VldbService {
-    pub fn new(store: Arc<Store>, cell_name: String) -> VldbService {
-        VldbService {
-            store,
-            cell_name,
-            started: Instant::now(),
-        }
-    }
-
-    /// The VLDB's monotonic clock, read when a request is handled: never earlier than
-    /// the member sent it, so the VLDB's lease never ends before the member's view of it.
-    fn now(&self) -> Millis {
-        Millis(u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX))
+    pub fn new(replica: Arc<Replica>, cell_name: String) -> VldbService {
+        VldbService { replica, cell_name }
     }
 
     /// Runs a blocking store operation off the async runtime.
@@ -42,7 +32,7 @@ impl VldbService {
         &self,
         operation: impl FnOnce(&Store) -> Result<T, VldbError> + Send + 'static,
     ) -> Result<T, ErrorCode> {
-        let store = self.store.clone();
+        let store = self.replica.store().clone();
         let outcome = tokio::task::spawn_blocking(move || operation(&store))
             .await
             .unwrap_or_else(|e| Err(VldbError::Task(e.to_string())));
@@ -52,6 +42,27 @@ impl VldbService {
             }
             e.code()
         })
+    }
+
+    /// A read from this replica's tables, if it follows a leader.
+    async fn read<T: Send + 'static>(
+        &self,
+        operation: impl FnOnce(&Store) -> Result<T, VldbError> + Send + 'static,
+    ) -> Result<T, ErrorCode> {
+        self.replica.may_read()?;
+        self.with_store(operation).await
+    }
+
+    /// A pair decision: the leader checks it on its clock, after applying everything
+    /// committed before, then proposes it; `check` returns the command to propose.
+    async fn decide(
+        &self,
+        check: impl FnOnce(&Store, state::Millis) -> Result<Command, VldbError> + Send + 'static,
+    ) -> Result<Applied, ErrorCode> {
+        self.replica.linearizable().await?;
+        let now = self.replica.now();
+        let command = self.with_store(move |s| check(s, now)).await?;
+        self.replica.write(command).await
     }
 }
 
@@ -70,33 +81,58 @@ impl Service for VldbService {
         _hello: Arc<Hello>,
         request: Request,
     ) -> Result<Response, ErrorCode> {
-        debug!(peer = %connection.peer_addr(), ?request, "VLDB request");
+        if !matches!(request, Request::VlRaft { .. }) {
+            debug!(peer = %connection.peer_addr(), ?request, "VLDB request");
+        }
         match request {
             Request::Ping => Ok(Response::Pong),
-            Request::VlRegisterServer { server, addresses } => {
-                let now = Timestamp::now();
-                self.with_store(move |s| s.register_server(server, addresses, now))
-                    .await
-                    .map(Response::Server)
+            Request::VlRaft { kind, payload } => self
+                .replica
+                .raft_message(kind, &payload)
+                .await
+                .map(Response::VlRaft),
+            Request::VlStatus => Ok(Response::VlStatus(self.replica.status())),
+            Request::VlAddMember { id, address } => self
+                .replica
+                .add_member(id, address)
+                .await
+                .map(|()| Response::Ok),
+            Request::VlRemoveMember { id } => {
+                self.replica.remove_member(id).await.map(|()| Response::Ok)
             }
-            Request::VlListServers => self
-                .with_store(|s| s.servers())
-                .await
-                .map(Response::Servers),
-            Request::VlCreateEntry { name, server } => self
-                .with_store(move |s| s.create_entry(&name, server))
-                .await
-                .map(Response::VolumeEntry),
+            Request::VlRegisterServer { server, addresses } => {
+                let command = Command::RegisterServer {
+                    server,
+                    addresses,
+                    registered: Timestamp::now(),
+                };
+                match self.replica.write(command).await? {
+                    Applied::Server(entry) => Ok(Response::Server(entry)),
+                    other => Err(unexpected(&other)),
+                }
+            }
+            Request::VlListServers => self.read(|s| s.servers()).await.map(Response::Servers),
+            Request::VlCreateEntry { name, server } => {
+                match self
+                    .replica
+                    .write(Command::CreateEntry { name, server })
+                    .await?
+                {
+                    Applied::VolumeEntry(entry) => Ok(Response::VolumeEntry(entry)),
+                    other => Err(unexpected(&other)),
+                }
+            }
             Request::VlRemoveEntry { volume } => self
-                .with_store(move |s| s.remove_entry(&volume))
+                .replica
+                .write(Command::RemoveEntry { volume })
                 .await
                 .map(|_| Response::Ok),
             Request::VlGetEntry { volume } => self
-                .with_store(move |s| s.entry(&volume))
+                .read(move |s| s.entry(&volume))
                 .await
                 .map(Response::VolumeEntry),
             Request::VlListEntries => self
-                .with_store(|s| s.entries())
+                .read(|s| s.entries())
                 .await
                 .map(Response::VolumeEntries),
             Request::VlJoinPair {
@@ -104,10 +140,13 @@ impl Service for VldbService {
                 server,
                 member,
             } => {
-                let now = Timestamp::now();
-                self.with_store(move |s| s.join_pair(&pair, server, &member, now))
-                    .await
-                    .map(|()| Response::Ok)
+                let command = Command::JoinPair {
+                    pair,
+                    server,
+                    member,
+                    registered: Timestamp::now(),
+                };
+                self.replica.write(command).await.map(|_| Response::Ok)
             }
             Request::VlAcquirePair {
                 pair,
@@ -115,11 +154,20 @@ impl Service for VldbService {
                 epoch,
                 lease_ms,
             } => {
-                let now = self.now();
                 let lease = Duration::from_millis(lease_ms);
-                self.with_store(move |s| s.acquire_pair(&pair, &member, epoch, lease, now))
-                    .await
-                    .map(|epoch| Response::PairLease { epoch, lease_ms })
+                let applied = self
+                    .decide(move |s, now| {
+                        let seq = s.check_acquire_pair(&pair, &member, epoch, lease, now)?;
+                        Ok(Command::AcquirePair {
+                            pair,
+                            member,
+                            epoch,
+                            seq,
+                            lease_ms,
+                        })
+                    })
+                    .await?;
+                lease_answer(applied, lease_ms)
             }
             Request::VlRenewPair {
                 pair,
@@ -127,32 +175,61 @@ impl Service for VldbService {
                 epoch,
                 lease_ms,
             } => {
-                let now = self.now();
                 let lease = Duration::from_millis(lease_ms);
-                self.with_store(move |s| s.renew_pair(&pair, &member, epoch, lease, now))
-                    .await
-                    .map(|epoch| Response::PairLease { epoch, lease_ms })
+                let applied = self
+                    .decide(move |s, now| {
+                        s.check_renew_pair(&pair, &member, epoch, Some(lease), now)?;
+                        Ok(Command::RenewPair {
+                            pair,
+                            member,
+                            epoch,
+                            lease_ms,
+                        })
+                    })
+                    .await?;
+                lease_answer(applied, lease_ms)
             }
             Request::VlReleasePair {
                 pair,
                 member,
                 epoch,
                 successor,
-            } => {
-                let now = self.now();
-                self.with_store(move |s| {
-                    s.release_pair(&pair, &member, epoch, successor.as_deref(), now)
+            } => self
+                .decide(move |s, now| {
+                    s.check_renew_pair(&pair, &member, epoch, None, now)?;
+                    Ok(Command::ReleasePair {
+                        pair,
+                        member,
+                        epoch,
+                        successor,
+                    })
                 })
                 .await
-                .map(|()| Response::Ok)
-            }
-            Request::VlGetPair { pair } => {
-                let now = self.now();
-                self.with_store(move |s| s.pair(&pair, now))
-                    .await
-                    .map(Response::Pair)
-            }
+                .map(|_| Response::Ok),
+            Request::VlGetPair { pair } => self.pair(pair).await.map(Response::Pair),
             _ => Err(ErrorCode::Unsupported),
         }
     }
+}
+
+impl VldbService {
+    /// A pair as the leader sees it: its lease's remaining time is the leader's.
+    async fn pair(&self, pair: PairName) -> Result<proto::PairEntry, ErrorCode> {
+        self.replica.linearizable().await?;
+        let now = self.replica.now();
+        self.with_store(move |s| s.pair(&pair, now)).await
+    }
+}
+
+fn lease_answer(applied: Applied, lease_ms: u64) -> Result<Response, ErrorCode> {
+    match applied {
+        Applied::Epoch(epoch) => Ok(Response::PairLease { epoch, lease_ms }),
+        other => Err(unexpected(&other)),
+    }
+}
+
+/// An outcome that does not fit its command: a bug, reported rather than trusted.
+fn unexpected(applied: &Applied) -> ErrorCode {
+    error!(?applied, "a VLDB command applied to an unexpected outcome");
+    ErrorCode::Internal("unexpected VLDB outcome".into())
 }

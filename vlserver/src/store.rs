@@ -11,17 +11,22 @@ use proto::{
     Epoch, ErrorCode, PairEntry, PairName, ServerEntry, ServerId, Timestamp, VolumeEntry, VolumeId,
     VolumeName, VolumeRef, VolumeSite, VolumeType,
 };
-use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata};
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, WriteTransaction,
+};
+use serde::{Deserialize, Serialize};
 use state::Millis;
 use tracing::{debug, info};
 
+use crate::command::{Applied, Command, Outcome};
 use crate::error::VldbError;
 use crate::limits::StoreLimits;
-use crate::pairs::Pairs;
+use crate::pairs::{PairUpdate, Pairs};
 use crate::tables::{
-    FORMAT_VERSION, META, META_FORMAT_VERSION, META_NAME, META_NEXT_VOLUME_ID, PAIRS, SERVERS,
-    SERVERS_NAME, VOLUME_IDS, VOLUME_NAMES, VOLUME_NAMES_NAME, VOLUMES, VOLUMES_NAME, decode,
-    encode, get_server, put_server, server_id_of,
+    FORMAT_VERSION, FORMAT_VERSION_SINGLE, META, META_FORMAT_VERSION, META_NAME,
+    META_NEXT_VOLUME_ID, PAIR_SEQS, PAIRS, RAFT, RAFT_APPLIED, SERVERS, SERVERS_NAME, VOLUME_IDS,
+    VOLUME_NAMES, VOLUME_NAMES_NAME, VOLUMES, VOLUMES_NAME, decode, encode, get_server, put_server,
+    server_id_of,
 };
 
 /// The first RW volume id, as in AFS.
@@ -37,6 +42,19 @@ pub struct Store {
     db: Database,
     limits: StoreLimits,
     pairs: Pairs,
+    taken_over: bool,
+}
+
+/// Every table's rows: a snapshot's payload.
+#[derive(Serialize, Deserialize)]
+struct Image {
+    next_volume_id: u64,
+    volumes: Vec<(u64, Vec<u8>)>,
+    volume_names: Vec<(String, u64)>,
+    volume_ids: Vec<(u64, u64)>,
+    servers: Vec<([u8; 16], Vec<u8>)>,
+    pairs: Vec<(String, Vec<u8>)>,
+    pair_seqs: Vec<(String, u64)>,
 }
 
 impl std::fmt::Debug for Store {
@@ -48,13 +66,16 @@ impl std::fmt::Debug for Store {
 }
 
 impl Store {
-    /// Opens the database at `path`, creating it and its tables if it does not exist.
+    /// Opens the database at `path`, creating it and its tables if it does not exist. A
+    /// single VLDB's file (format 1) is upgraded in place: its tables stay as they are,
+    /// and `taken_over` says so, for the replica to make them its first snapshot.
     pub fn open(path: &Path, limits: StoreLimits) -> Result<Store, VldbError> {
         let db = Database::create(path).map_err(|source| VldbError::Open {
             path: path.to_owned(),
             source,
         })?;
         let txn = db.begin_write()?;
+        let mut taken_over = false;
         {
             let mut meta = txn.open_table(META)?;
             let found = meta.get(META_FORMAT_VERSION)?.map(|v| v.value());
@@ -65,6 +86,12 @@ impl Store {
                     info!(path = %path.display(), "created a new VLDB");
                 }
                 Some(FORMAT_VERSION) => {}
+                Some(FORMAT_VERSION_SINGLE) => {
+                    meta.insert(META_FORMAT_VERSION, FORMAT_VERSION)?;
+                    taken_over = true;
+                    info!(path = %path.display(),
+                        "taking over a single VLDB's database as a replica's state");
+                }
                 Some(found) => {
                     return Err(VldbError::FormatVersion {
                         path: PathBuf::from(path),
@@ -79,10 +106,254 @@ impl Store {
             txn.open_table(VOLUME_IDS)?;
             txn.open_table(SERVERS)?;
             txn.open_table(PAIRS)?;
+            txn.open_table(PAIR_SEQS)?;
+            txn.open_table(RAFT)?;
         }
         txn.commit()?;
         let pairs = Pairs::load(&db, limits.clone())?;
-        Ok(Store { db, limits, pairs })
+        Ok(Store {
+            db,
+            limits,
+            pairs,
+            taken_over,
+        })
+    }
+
+    /// True when `open` upgraded a single VLDB's file: its tables hold data that no log
+    /// entry describes.
+    pub fn taken_over(&self) -> bool {
+        self.taken_over
+    }
+
+    /// Applies one command from the log, with `mark` (the replica's applied log id and
+    /// membership) written in the same transaction, so that a restart neither loses nor
+    /// repeats a change. A refusal is an answer (`Outcome`), and its mark is written too.
+    /// Commits are not synced: the log is durable, and a replica that crashes applies
+    /// again from the last synced mark (`sync_marks` before the log is purged).
+    pub fn apply(&self, command: &Command, mark: &[u8], now: Millis) -> Result<Outcome, VldbError> {
+        let applied = match command {
+            Command::RegisterServer {
+                server,
+                addresses,
+                registered,
+            } => self
+                .register_server_marked(*server, addresses.clone(), *registered, Some(mark))
+                .map(Applied::Server),
+            Command::CreateEntry { name, server } => self
+                .write(Some(mark), |txn| self.create_entry_in(txn, name, *server))
+                .map(Applied::VolumeEntry),
+            Command::RemoveEntry { volume } => self
+                .write(Some(mark), |txn| self.remove_entry_in(txn, volume))
+                .map(|_| Applied::Done),
+            Command::JoinPair {
+                pair,
+                server,
+                member,
+                registered,
+            } => self
+                .write_pair(Some(mark), |txn| {
+                    self.pairs.join(txn, pair, *server, member, *registered)
+                })
+                .map(|()| Applied::Done),
+            Command::AcquirePair {
+                pair,
+                member,
+                epoch,
+                seq,
+                lease_ms,
+            } => {
+                let lease = Duration::from_millis(*lease_ms);
+                let mut granted = *epoch;
+                self.write_pair(Some(mark), |txn| {
+                    let (epoch, update) = self
+                        .pairs
+                        .acquire(txn, pair, member, *epoch, *seq, lease, now)?;
+                    granted = epoch;
+                    Ok(update)
+                })
+                .map(|()| Applied::Epoch(granted))
+            }
+            Command::RenewPair {
+                pair,
+                member,
+                epoch,
+                lease_ms,
+            } => {
+                let lease = Duration::from_millis(*lease_ms);
+                self.write_pair(Some(mark), |txn| {
+                    self.pairs.renew(txn, pair, member, *epoch, lease, now)
+                })
+                .map(|()| Applied::Epoch(*epoch))
+            }
+            Command::ReleasePair {
+                pair,
+                member,
+                epoch,
+                successor,
+            } => self
+                .write_pair(Some(mark), |txn| {
+                    self.pairs
+                        .release(txn, pair, member, *epoch, successor.as_deref(), now)
+                })
+                .map(|()| Applied::Done),
+        };
+        match applied {
+            Ok(applied) => Ok(Outcome(Ok(applied))),
+            Err(VldbError::Refused(code)) => Ok(Outcome(Err(code))),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Writes `mark` alone, unsynced: an entry that changes no table (blank, membership),
+    /// or one that was refused.
+    pub fn write_mark(&self, mark: &[u8]) -> Result<(), VldbError> {
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(Durability::None)
+            .map_err(|e| VldbError::Storage(e.into()))?;
+        txn.open_table(RAFT)?.insert(RAFT_APPLIED, mark)?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// The last mark written, if any.
+    pub fn applied_mark(&self) -> Result<Option<Vec<u8>>, VldbError> {
+        self.raft_value(RAFT_APPLIED)
+    }
+
+    /// Makes every commit so far durable: before the log behind them may be purged.
+    pub fn sync_marks(&self) -> Result<(), VldbError> {
+        let txn = self.db.begin_write()?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// One of the replica's own values (`RAFT_SNAPSHOT`, `RAFT_CELL`...).
+    pub fn raft_value(&self, key: &str) -> Result<Option<Vec<u8>>, VldbError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(RAFT)?;
+        Ok(table.get(key)?.map(|v| v.value().to_vec()))
+    }
+
+    /// Writes one of the replica's own values, durably.
+    pub fn set_raft_value(&self, key: &str, value: &[u8]) -> Result<(), VldbError> {
+        let txn = self.db.begin_write()?;
+        txn.open_table(RAFT)?.insert(key, value)?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// The applied mark and every table's rows, for a snapshot: read in one transaction,
+    /// so the image is the state the mark names.
+    pub fn image(&self) -> Result<(Option<Vec<u8>>, Vec<u8>), VldbError> {
+        let txn = self.db.begin_read()?;
+        let mark = txn
+            .open_table(RAFT)?
+            .get(RAFT_APPLIED)?
+            .map(|v| v.value().to_vec());
+        let image = Image {
+            next_volume_id: txn
+                .open_table(META)?
+                .get(META_NEXT_VOLUME_ID)?
+                .map_or(VOLUME_ID_FIRST.0, |v| v.value()),
+            volumes: rows(&txn.open_table(VOLUMES)?, |k, v: &[u8]| (k, v.to_vec()))?,
+            volume_names: rows(&txn.open_table(VOLUME_NAMES)?, |k: &str, v| {
+                (k.to_owned(), v)
+            })?,
+            volume_ids: rows(&txn.open_table(VOLUME_IDS)?, |k, v| (k, v))?,
+            servers: rows(&txn.open_table(SERVERS)?, |k: &[u8; 16], v: &[u8]| {
+                (*k, v.to_vec())
+            })?,
+            pairs: rows(&txn.open_table(PAIRS)?, |k: &str, v: &[u8]| {
+                (k.to_owned(), v.to_vec())
+            })?,
+            pair_seqs: rows(&txn.open_table(PAIR_SEQS)?, |k: &str, v| (k.to_owned(), v))?,
+        };
+        Ok((mark, encode(&image)?))
+    }
+
+    /// Replaces every table with `image` and writes `mark`, durably, in one transaction;
+    /// the pairs are read again (each holder keeps one whole lease from its first call).
+    pub fn install_image(&self, image: &[u8], mark: &[u8]) -> Result<(), VldbError> {
+        let image: Image = decode("snapshot", "image", image)?;
+        let txn = self.db.begin_write()?;
+        {
+            let mut meta = txn.open_table(META)?;
+            meta.insert(META_NEXT_VOLUME_ID, image.next_volume_id)?;
+            let mut volumes = txn.open_table(VOLUMES)?;
+            volumes.retain(|_, _| false)?;
+            for (k, v) in &image.volumes {
+                volumes.insert(*k, v.as_slice())?;
+            }
+            let mut names = txn.open_table(VOLUME_NAMES)?;
+            names.retain(|_, _| false)?;
+            for (k, v) in &image.volume_names {
+                names.insert(k.as_str(), *v)?;
+            }
+            let mut ids = txn.open_table(VOLUME_IDS)?;
+            ids.retain(|_, _| false)?;
+            for (k, v) in &image.volume_ids {
+                ids.insert(*k, *v)?;
+            }
+            let mut servers = txn.open_table(SERVERS)?;
+            servers.retain(|_, _| false)?;
+            for (k, v) in &image.servers {
+                servers.insert(k, v.as_slice())?;
+            }
+            let mut pairs = txn.open_table(PAIRS)?;
+            pairs.retain(|_, _| false)?;
+            for (k, v) in &image.pairs {
+                pairs.insert(k.as_str(), v.as_slice())?;
+            }
+            let mut seqs = txn.open_table(PAIR_SEQS)?;
+            seqs.retain(|_, _| false)?;
+            for (k, v) in &image.pair_seqs {
+                seqs.insert(k.as_str(), *v)?;
+            }
+            txn.open_table(RAFT)?.insert(RAFT_APPLIED, mark)?;
+        }
+        txn.commit()?;
+        self.pairs.reload(&self.db)
+    }
+
+    /// Runs `op` in one write transaction and commits it with `mark`, unsynced. A refused
+    /// `op` leaves nothing behind; its mark is still written, alone.
+    fn write<T>(
+        &self,
+        mark: Option<&[u8]>,
+        op: impl FnOnce(&WriteTransaction) -> Result<T, VldbError>,
+    ) -> Result<T, VldbError> {
+        let mut txn = self.db.begin_write()?;
+        if mark.is_some() {
+            txn.set_durability(Durability::None)
+                .map_err(|e| VldbError::Storage(e.into()))?;
+        }
+        let value = match op(&txn) {
+            Ok(value) => value,
+            Err(e) => {
+                txn.abort()?;
+                if let (Some(mark), VldbError::Refused(_)) = (mark, &e) {
+                    self.write_mark(mark)?;
+                }
+                return Err(e);
+            }
+        };
+        if let Some(mark) = mark {
+            txn.open_table(RAFT)?.insert(RAFT_APPLIED, mark)?;
+        }
+        txn.commit()?;
+        Ok(value)
+    }
+
+    /// `write` for a pair change: the pair's new state is installed in memory once the
+    /// transaction committed.
+    fn write_pair(
+        &self,
+        mark: Option<&[u8]>,
+        op: impl FnOnce(&WriteTransaction) -> Result<PairUpdate, VldbError>,
+    ) -> Result<(), VldbError> {
+        let update = self.write(mark, op)?;
+        self.pairs.install(update);
+        Ok(())
     }
 
     /// Records a fileserver, or replaces the addresses of one already known. An address
@@ -94,25 +365,35 @@ impl Store {
         addresses: Vec<String>,
         now: Timestamp,
     ) -> Result<ServerEntry, VldbError> {
-        let addresses = self.check_addresses(addresses)?;
-        self.pairs
-            .write_server_entry(server, addresses, |addresses| {
-                self.put_registered_server(server, addresses, now)
-            })
+        self.register_server_marked(server, addresses, now, None)
     }
 
-    /// The write of `register_server`, with the addresses as the entry lists them.
-    fn put_registered_server(
+    fn register_server_marked(
         &self,
         server: ServerId,
         addresses: Vec<String>,
         now: Timestamp,
+        mark: Option<&[u8]>,
     ) -> Result<ServerEntry, VldbError> {
-        let txn = self.db.begin_write()?;
+        let addresses = self.check_addresses(addresses)?;
+        let addresses = self.pairs.server_addresses(server, addresses);
+        self.write(mark, |txn| {
+            Self::put_registered_server(&self.limits, txn, server, addresses, now)
+        })
+    }
+
+    /// The write of `register_server`, with the addresses as the entry lists them.
+    fn put_registered_server(
+        limits: &StoreLimits,
+        txn: &WriteTransaction,
+        server: ServerId,
+        addresses: Vec<String>,
+        now: Timestamp,
+    ) -> Result<ServerEntry, VldbError> {
         let entry = {
             let mut servers = txn.open_table(SERVERS)?;
             let previous = get_server(&servers, server)?;
-            if previous.is_none() && servers.len()? >= self.limits.servers_max {
+            if previous.is_none() && servers.len()? >= limits.servers_max {
                 debug!(%server, "server table full");
                 return Err(VldbError::Refused(ErrorCode::InvalidArgument));
             }
@@ -131,7 +412,6 @@ impl Store {
             }
             entry
         };
-        txn.commit()?;
         Ok(entry)
     }
 
@@ -156,7 +436,15 @@ impl Store {
         name: &VolumeName,
         server: ServerId,
     ) -> Result<VolumeEntry, VldbError> {
-        let txn = self.db.begin_write()?;
+        self.write(None, |txn| self.create_entry_in(txn, name, server))
+    }
+
+    fn create_entry_in(
+        &self,
+        txn: &WriteTransaction,
+        name: &VolumeName,
+        server: ServerId,
+    ) -> Result<VolumeEntry, VldbError> {
         let entry = {
             let mut names = txn.open_table(VOLUME_NAMES)?;
             if names.get(name.as_str())?.is_some() {
@@ -202,14 +490,20 @@ impl Store {
             txn.open_table(VOLUME_IDS)?.insert(next, next)?;
             entry
         };
-        txn.commit()?;
         info!(volume = %entry.name, id = %entry.rw_id, "volume entry created");
         Ok(entry)
     }
 
     /// Removes a volume's entry and every index pointing at it; its ids stay used.
     pub fn remove_entry(&self, volume: &VolumeRef) -> Result<VolumeEntry, VldbError> {
-        let txn = self.db.begin_write()?;
+        self.write(None, |txn| self.remove_entry_in(txn, volume))
+    }
+
+    fn remove_entry_in(
+        &self,
+        txn: &WriteTransaction,
+        volume: &VolumeRef,
+    ) -> Result<VolumeEntry, VldbError> {
         let entry = {
             let mut names = txn.open_table(VOLUME_NAMES)?;
             let mut ids = txn.open_table(VOLUME_IDS)?;
@@ -223,7 +517,6 @@ impl Store {
             }
             entry
         };
-        txn.commit()?;
         info!(volume = %entry.name, id = %entry.rw_id, "volume entry removed");
         Ok(entry)
     }
@@ -259,10 +552,37 @@ impl Store {
         member: &str,
         registered: Timestamp,
     ) -> Result<(), VldbError> {
-        self.pairs.join(&self.db, pair, server, member, registered)
+        self.write_pair(None, |txn| {
+            self.pairs.join(txn, pair, server, member, registered)
+        })
     }
 
-    /// Compare-and-set of a pair's lease; the new epoch is durable when this returns it.
+    /// The leader's check of an acquire, on its clock: the seq to propose with.
+    pub fn check_acquire_pair(
+        &self,
+        pair: &PairName,
+        member: &str,
+        epoch: Epoch,
+        lease: Duration,
+        now: Millis,
+    ) -> Result<u64, VldbError> {
+        self.pairs.check_acquire(pair, member, epoch, lease, now)
+    }
+
+    /// The leader's check of a renewal (`lease` given) or a release (`None`).
+    pub fn check_renew_pair(
+        &self,
+        pair: &PairName,
+        member: &str,
+        epoch: Epoch,
+        lease: Option<Duration>,
+        now: Millis,
+    ) -> Result<(), VldbError> {
+        self.pairs.check_renew(pair, member, epoch, lease, now)
+    }
+
+    /// Compare-and-set of a pair's lease, checked and applied at once as a single
+    /// decider would; the new epoch is durable when this returns it.
     pub fn acquire_pair(
         &self,
         pair: &PairName,
@@ -271,11 +591,19 @@ impl Store {
         lease: Duration,
         now: Millis,
     ) -> Result<Epoch, VldbError> {
-        self.pairs
-            .acquire(&self.db, pair, member, epoch, lease, now)
+        let seq = self.check_acquire_pair(pair, member, epoch, lease, now)?;
+        let mut granted = epoch;
+        self.write_pair(None, |txn| {
+            let (epoch, update) = self
+                .pairs
+                .acquire(txn, pair, member, epoch, seq, lease, now)?;
+            granted = epoch;
+            Ok(update)
+        })?;
+        Ok(granted)
     }
 
-    /// The active extends its lease.
+    /// The active extends its lease (checked and applied at once).
     pub fn renew_pair(
         &self,
         pair: &PairName,
@@ -284,10 +612,15 @@ impl Store {
         lease: Duration,
         now: Millis,
     ) -> Result<Epoch, VldbError> {
-        self.pairs.renew(&self.db, pair, member, epoch, lease, now)
+        self.check_renew_pair(pair, member, epoch, Some(lease), now)?;
+        self.write_pair(None, |txn| {
+            self.pairs.renew(txn, pair, member, epoch, lease, now)
+        })?;
+        Ok(epoch)
     }
 
-    /// The active gives its lease up at once, optionally to `successor`.
+    /// The active gives its lease up at once, optionally to `successor` (checked and
+    /// applied at once).
     pub fn release_pair(
         &self,
         pair: &PairName,
@@ -296,8 +629,10 @@ impl Store {
         successor: Option<&str>,
         now: Millis,
     ) -> Result<(), VldbError> {
-        self.pairs
-            .release(&self.db, pair, member, epoch, successor, now)
+        self.check_renew_pair(pair, member, epoch, None, now)?;
+        self.write_pair(None, |txn| {
+            self.pairs.release(txn, pair, member, epoch, successor, now)
+        })
     }
 
     pub fn pair(&self, pair: &PairName, now: Millis) -> Result<PairEntry, VldbError> {
@@ -355,4 +690,21 @@ fn read_entry(
             reason: "index points to a missing volume entry".into(),
         }),
     }
+}
+
+/// Every row of `table`, mapped by `row`.
+fn rows<K, V, T>(
+    table: &impl ReadableTable<K, V>,
+    row: impl Fn(K::SelfType<'_>, V::SelfType<'_>) -> T,
+) -> Result<Vec<T>, VldbError>
+where
+    K: redb::Key + 'static,
+    V: redb::Value + 'static,
+{
+    let mut out = Vec::new();
+    for entry in table.iter()? {
+        let (key, value) = entry?;
+        out.push(row(key.value(), value.value()));
+    }
+    Ok(out)
 }

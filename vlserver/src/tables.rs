@@ -13,8 +13,12 @@ use tracing::info;
 
 use crate::error::VldbError;
 
-/// The layout version of the tables below; bumped on any incompatible change.
-pub const FORMAT_VERSION: u64 = 1;
+/// The layout version of the tables below; bumped on any incompatible change. Version 1
+/// was the single VLDB's; version 2 adds `pair_seqs` and `raft`, and is opened as the
+/// state machine of a replica (a version 1 file is taken over: see `Store::open`).
+pub const FORMAT_VERSION: u64 = 2;
+/// The single VLDB's format, which `Store::open` upgrades in place.
+pub const FORMAT_VERSION_SINGLE: u64 = 1;
 
 pub(crate) const META_NAME: &str = "meta";
 /// Settings and counters by key.
@@ -40,6 +44,21 @@ pub(crate) const SERVERS: TableDefinition<&[u8; 16], &[u8]> = TableDefinition::n
 pub(crate) const PAIRS_NAME: &str = "pairs";
 /// Pair name -> postcard `PairRecord` (`pairs.rs`).
 pub(crate) const PAIRS: TableDefinition<&str, &[u8]> = TableDefinition::new(PAIRS_NAME);
+
+/// Pair name -> how many grants, renewals and releases were applied (`PairLease::seq`),
+/// which an acquire decided by the leader compares. Added in format 2; absent means 0.
+pub(crate) const PAIR_SEQS: TableDefinition<&str, u64> = TableDefinition::new("pair_seqs");
+
+/// The replica's Raft bookkeeping, written in the same transaction as what it describes
+/// (format 2): `RAFT_APPLIED`, `RAFT_SNAPSHOT`, `RAFT_CELL`; values in `replica`'s
+/// encoding, opaque to the tables.
+pub(crate) const RAFT: TableDefinition<&str, &[u8]> = TableDefinition::new("raft");
+/// The last log id applied and the membership it left.
+pub(crate) const RAFT_APPLIED: &str = "applied";
+/// The current snapshot: its metadata and the image of every table.
+pub(crate) const RAFT_SNAPSHOT: &str = "snapshot";
+/// The cell this replica's data belongs to.
+pub(crate) const RAFT_CELL: &str = "cell";
 
 /// The entry of `server`, if it has one.
 pub(crate) fn get_server(

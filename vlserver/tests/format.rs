@@ -15,6 +15,8 @@ const VOLUME_NAMES: TableDefinition<&str, u64> = TableDefinition::new("volume_na
 const VOLUME_IDS: TableDefinition<u64, u64> = TableDefinition::new("volume_ids");
 const SERVERS: TableDefinition<&[u8; 16], &[u8]> = TableDefinition::new("servers");
 const PAIRS: TableDefinition<&str, &[u8]> = TableDefinition::new("pairs");
+const PAIR_SEQS: TableDefinition<&str, u64> = TableDefinition::new("pair_seqs");
+const RAFT: TableDefinition<&str, &[u8]> = TableDefinition::new("raft");
 
 const SERVER: ServerId = ServerId(Uuid::from_u128(0x0011_2233_4455_6677_8899_aabb_ccdd_eeff));
 const PAIR_SERVER: ServerId = ServerId(Uuid::from_u128(0x0102_0304_0506_0708_090a_0b0c_0d0e_0f10));
@@ -59,7 +61,9 @@ fn the_tables_and_records_keep_their_names_and_bytes() {
         names,
         [
             "meta",
+            "pair_seqs",
             "pairs",
+            "raft",
             "servers",
             "volume_ids",
             "volume_names",
@@ -68,7 +72,7 @@ fn the_tables_and_records_keep_their_names_and_bytes() {
     );
 
     let meta = txn.open_table(META).unwrap();
-    assert_eq!(meta.get("format_version").unwrap().unwrap().value(), 1);
+    assert_eq!(meta.get("format_version").unwrap().unwrap().value(), 2);
     let next = meta.get("next_volume_id").unwrap().unwrap().value();
     assert_eq!(next, VOLUME_ID_FIRST.0 + 3);
 
@@ -91,6 +95,41 @@ fn the_tables_and_records_keep_their_names_and_bytes() {
     assert_eq!(
         pairs.get("p1").unwrap().unwrap().value(),
         pair_record_bytes()
+    );
+    // One grant applied to p1.
+    let seqs = txn.open_table(PAIR_SEQS).unwrap();
+    assert_eq!(seqs.get("p1").unwrap().unwrap().value(), 1);
+}
+
+/// A single VLDB's file (format 1: no `pair_seqs`, no `raft`) is taken over as it is.
+#[test]
+fn a_single_vldb_file_is_taken_over_with_its_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vldb.redb");
+    populate(&Store::open(&path, StoreLimits::default()).unwrap());
+    {
+        let db = Database::open(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(META)
+            .unwrap()
+            .insert("format_version", 1)
+            .unwrap();
+        txn.delete_table(PAIR_SEQS).unwrap();
+        txn.delete_table(RAFT).unwrap();
+        txn.commit().unwrap();
+    }
+    let store = Store::open(&path, StoreLimits::default()).unwrap();
+    assert!(store.taken_over());
+    assert_eq!(store.entries().unwrap().len(), 1);
+    let pair = store
+        .pair(&PairName::parse("p1").unwrap(), Millis(0))
+        .unwrap();
+    assert_eq!((pair.epoch, pair.active.as_deref()), (Epoch(1), Some(A)));
+    drop(store);
+    assert!(
+        !Store::open(&path, StoreLimits::default())
+            .unwrap()
+            .taken_over()
     );
 }
 

@@ -26,10 +26,7 @@ async fn start() -> Running {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap().to_string();
     let (stop, shutdown) = watch::channel(false);
-    let config = Config {
-        data_dir: dir.path().join("vldb"),
-        cell_name: CELL.into(),
-    };
+    let config = Config::single(dir.path().join("vldb"), CELL.into());
     let task = tokio::spawn(vlserver::run(config, listener, shutdown));
     Running {
         address,
@@ -154,10 +151,7 @@ async fn keeps_entries_across_a_restart() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap().to_string();
         let (stop, shutdown) = watch::channel(false);
-        let config = Config {
-            data_dir: dir.path().to_owned(),
-            cell_name: CELL.into(),
-        };
+        let config = Config::single(dir.path().to_owned(), CELL.into());
         let task = tokio::spawn(vlserver::run(config, listener, shutdown));
         let client = client(&address, CELL);
         if round == 0 {

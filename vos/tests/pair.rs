@@ -125,10 +125,7 @@ async fn start_cell(partner_alive: bool, hands_over: bool) -> Cell {
         name: CELL.into(),
         vlservers: vec![vl_listener.local_addr().unwrap().to_string()],
     };
-    let vl_config = vlserver::Config {
-        data_dir: dir.path().to_owned(),
-        cell_name: CELL.into(),
-    };
+    let vl_config = vlserver::Config::single(dir.path().to_owned(), CELL.into());
     tokio::spawn(vlserver::run(vl_config, vl_listener, shutdown.clone()));
 
     let a_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

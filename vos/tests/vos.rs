@@ -90,10 +90,7 @@ impl Cell {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap().to_string();
         let (stop, shutdown) = watch::channel(false);
-        let config = vlserver::Config {
-            data_dir: dir.path().to_owned(),
-            cell_name: CELL.into(),
-        };
+        let config = vlserver::Config::single(dir.path().to_owned(), CELL.into());
         tokio::spawn(vlserver::run(config, listener, shutdown.clone()));
         Cell {
             config: CellConfig {

@@ -92,7 +92,7 @@ impl Service for FileService {
                 }
                 key
             }
-            PeerKind::Admin | PeerKind::FileServer { .. } => None,
+            PeerKind::Admin | PeerKind::FileServer { .. } | PeerKind::VldbReplica { .. } => None,
         };
         let (sequence, request) = unwrap_sequenced(&hello.peer, request)?;
         let caller = Caller { key, sequence };

@@ -1,0 +1,467 @@
+//! `Replica`: one member of the VLDB's Raft group (openraft): its log, its state machine
+//! (the tables), the network to its peers, bootstrap and membership.
+//! Invariant: every change reaches the tables through the log, and a pair decision is
+//! checked only by a leader that has applied every entry committed before its term.
+
+mod log_store;
+mod network;
+mod state_machine;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Cursor;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
+use openraft::{
+    ChangeMembers, Config, LogId, Membership, ServerState, SnapshotMeta, SnapshotPolicy,
+    StoredMembership,
+};
+use proto::{ErrorCode, RaftKind, VldbMember, VldbMemberStatus, VldbRole};
+use state::Millis;
+use tracing::{error, info, warn};
+
+use crate::command::{Applied, Command, Outcome};
+use crate::error::VldbError;
+use crate::limits::StoreLimits;
+use crate::store::Store;
+use crate::tables::RAFT_CELL;
+use log_store::{LogStore, PEERS};
+use network::Network;
+use state_machine::StateMachine;
+
+pub use openraft::BasicNode as Node;
+
+openraft::declare_raft_types!(
+    /// The VLDB's Raft types: commands in, outcomes out, replicas named by number.
+    pub TypeConfig:
+        D = Command,
+        R = Outcome,
+        NodeId = u64,
+        Node = Node,
+        SnapshotData = Cursor<Vec<u8>>,
+);
+
+type Raft = openraft::Raft<TypeConfig>;
+
+/// The database of the tables inside the data directory.
+pub const DATABASE_FILE: &str = "vldb.redb";
+/// The Raft log inside the data directory.
+pub const LOG_FILE: &str = "raft-log.redb";
+
+/// How often the leader heartbeats, and the election timeout's range: on loopback or a
+/// LAN, a dead leader is replaced within about half a second.
+const HEARTBEAT: Duration = Duration::from_millis(50);
+const ELECTION_MIN: Duration = Duration::from_millis(250);
+const ELECTION_MAX: Duration = Duration::from_millis(500);
+/// A snapshot every this many entries bounds the log.
+const SNAPSHOT_EVERY: u64 = 5_000;
+/// The log id a single VLDB's data is taken over at: after the bootstrap's membership
+/// entry (index 0), so that a replica initialised from scratch is behind it and receives
+/// it as a snapshot.
+const TAKEOVER_INDEX: u64 = 1;
+
+/// The replica's monotonic clock, in milliseconds since it started: pair leases expire on
+/// it. Read when a request is handled or an entry applied, never before the member sent
+/// the call.
+#[derive(Clone, Debug)]
+pub(crate) struct Clock {
+    started: Instant,
+}
+
+impl Clock {
+    pub(crate) fn now(&self) -> Millis {
+        Millis(u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX))
+    }
+}
+
+/// What a replica is started with.
+#[derive(Clone, Debug)]
+pub struct ReplicaConfig {
+    pub id: u64,
+    /// Every replica of the bootstrap membership: id -> address. The lowest id bootstraps
+    /// the group; the others wait to be contacted.
+    pub peers: BTreeMap<u64, String>,
+    pub data_dir: PathBuf,
+    pub cell_name: String,
+    /// False for a group of one started without `--peers`: its address may change from
+    /// one start to the next (an ephemeral port), so it is not held against it.
+    pub peers_given: bool,
+}
+
+/// A running replica.
+pub struct Replica {
+    raft: Raft,
+    store: Arc<Store>,
+    clock: Clock,
+    id: u64,
+}
+
+impl Replica {
+    /// Opens the data directory, checks that it belongs to this cell and this membership,
+    /// starts Raft, and bootstraps the group if this replica is the lowest id and nothing
+    /// was bootstrapped yet.
+    pub async fn start(config: ReplicaConfig) -> Result<Replica, VldbError> {
+        let ReplicaConfig {
+            id,
+            peers,
+            data_dir,
+            cell_name,
+            peers_given,
+        } = config;
+        if !peers.contains_key(&id) {
+            return Err(VldbError::Config(format!(
+                "--peers does not list this replica's --id {id}"
+            )));
+        }
+        let (store, log) = {
+            let data_dir = data_dir.clone();
+            let peers = peers.clone();
+            let cell_name = cell_name.clone();
+            tokio::task::spawn_blocking(move || {
+                open(&data_dir, id, &peers, peers_given, &cell_name)
+            })
+            .await
+            .map_err(|e| VldbError::Task(e.to_string()))??
+        };
+        let store = Arc::new(store);
+        let clock = Clock {
+            started: Instant::now(),
+        };
+        let config = Config {
+            cluster_name: cell_name.clone(),
+            heartbeat_interval: millis(HEARTBEAT),
+            election_timeout_min: millis(ELECTION_MIN),
+            election_timeout_max: millis(ELECTION_MAX),
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(SNAPSHOT_EVERY),
+            max_in_snapshot_log_to_keep: 1_000,
+            // Well below the 4 MiB frame limit.
+            snapshot_max_chunk_size: 1 << 20,
+            ..Config::default()
+        }
+        .validate()
+        .map_err(|e| VldbError::Config(e.to_string()))?;
+        let network = Network {
+            cell: cell_name,
+            id,
+        };
+        let state_machine = StateMachine::new(store.clone(), clock.clone());
+        let pristine = log.is_pristine()?;
+        let raft = Raft::new(id, Arc::new(config), network, log, state_machine)
+            .await
+            .map_err(|e| VldbError::Raft(e.to_string()))?;
+        let bootstrapper = peers.keys().next() == Some(&id);
+        if pristine && bootstrapper && !store.taken_over() {
+            let members: BTreeMap<u64, Node> = peers
+                .iter()
+                .map(|(id, address)| (*id, Node::new(address.clone())))
+                .collect();
+            match raft.initialize(members).await {
+                Ok(()) => info!(?peers, "VLDB group bootstrapped"),
+                Err(e) => warn!(error = %e, "VLDB bootstrap skipped"),
+            }
+        }
+        if peers.len() == 1 {
+            // A group of one need not wait out an election timeout, and answers nothing
+            // before it leads.
+            if let Err(e) = raft.trigger().elect().await {
+                warn!(error = %e, "could not start an election");
+            }
+            let lead = raft
+                .wait(Some(ELECTION_MAX * 10))
+                .state(ServerState::Leader, "a group of one elects itself")
+                .await;
+            if let Err(e) = lead {
+                warn!(error = %e, "a group of one did not elect itself");
+            }
+        }
+        Ok(Replica {
+            raft,
+            store,
+            clock,
+            id,
+        })
+    }
+
+    pub(crate) fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    pub(crate) fn now(&self) -> Millis {
+        self.clock.now()
+    }
+
+    /// Proposes `command` and answers once it is committed and applied here.
+    pub(crate) async fn write(&self, command: Command) -> Result<Applied, ErrorCode> {
+        match self.raft.client_write(command).await {
+            Ok(response) => response.data.0,
+            Err(e) => Err(self.write_error(e)),
+        }
+    }
+
+    /// Returns once this replica is the leader and has applied every entry committed
+    /// before now, its own term's first entry included: then its tables, and the lease
+    /// expiries it keeps, reflect every decision any earlier leader answered.
+    pub(crate) async fn linearizable(&self) -> Result<(), ErrorCode> {
+        match self.raft.ensure_linearizable().await {
+            Ok(_) => Ok(()),
+            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(forward))) => {
+                Err(self.not_leader(Some(&forward)))
+            }
+            // A leader that cannot hear from a quorum may have been replaced.
+            Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_))) => {
+                Err(ErrorCode::NotLeader { leader: None })
+            }
+            Err(RaftError::Fatal(e)) => Err(stopped(&e)),
+        }
+    }
+
+    /// Whether this replica may answer a read from its own tables: it follows a known
+    /// leader (or is one). A follower is behind the leader by at most what is in flight
+    /// to it, about one heartbeat on a healthy group; a replica cut off from the leader
+    /// stops answering once its election timeout runs out.
+    pub(crate) fn may_read(&self) -> Result<(), ErrorCode> {
+        let metrics = self.raft.metrics().borrow().clone();
+        if metrics.running_state.is_err() {
+            return Err(ErrorCode::Internal("this VLDB replica has stopped".into()));
+        }
+        match metrics.current_leader {
+            Some(_) if metrics.state != ServerState::Candidate => Ok(()),
+            _ => Err(ErrorCode::NotLeader { leader: None }),
+        }
+    }
+
+    /// Hands one Raft message from a peer to openraft; the answer is its `Result`, in
+    /// postcard.
+    pub(crate) async fn raft_message(
+        &self,
+        kind: RaftKind,
+        payload: &[u8],
+    ) -> Result<Vec<u8>, ErrorCode> {
+        let bad = |e: postcard::Error| {
+            warn!(error = %e, "undecodable Raft message from a peer");
+            ErrorCode::InvalidArgument
+        };
+        let answer = match kind {
+            RaftKind::AppendEntries => {
+                let request: AppendEntriesRequest<TypeConfig> =
+                    postcard::from_bytes(payload).map_err(bad)?;
+                postcard::to_stdvec(&self.raft.append_entries(request).await)
+            }
+            RaftKind::Vote => {
+                let request: VoteRequest<u64> = postcard::from_bytes(payload).map_err(bad)?;
+                postcard::to_stdvec(&self.raft.vote(request).await)
+            }
+            RaftKind::InstallSnapshot => {
+                let request: InstallSnapshotRequest<TypeConfig> =
+                    postcard::from_bytes(payload).map_err(bad)?;
+                postcard::to_stdvec(&self.raft.install_snapshot(request).await)
+            }
+        };
+        answer.map_err(|e| ErrorCode::Internal(format!("cannot encode a Raft answer: {e}")))
+    }
+
+    /// This replica as `holdfast vldb status` shows it.
+    pub(crate) fn status(&self) -> VldbMemberStatus {
+        let metrics = self.raft.metrics().borrow().clone();
+        let membership = metrics.membership_config.membership();
+        let voters: BTreeSet<u64> = membership.voter_ids().collect();
+        let address_of = |id: u64| {
+            membership
+                .get_node(&id)
+                .map_or_else(String::new, |n| n.addr.clone())
+        };
+        let role = match (&metrics.running_state, metrics.state) {
+            (Err(_), _) | (_, ServerState::Shutdown) => VldbRole::Shutdown,
+            (_, ServerState::Leader) => VldbRole::Leader,
+            (_, ServerState::Candidate) => VldbRole::Candidate,
+            (_, ServerState::Learner) => VldbRole::Learner,
+            (_, ServerState::Follower) => VldbRole::Follower,
+        };
+        VldbMemberStatus {
+            id: self.id,
+            address: address_of(self.id),
+            role,
+            term: metrics.current_term,
+            last_log_index: metrics.last_log_index,
+            applied_index: metrics.last_applied.map(|l| l.index),
+            leader: metrics.current_leader.map(|id| (id, address_of(id))),
+            members: membership
+                .nodes()
+                .map(|(id, node)| VldbMember {
+                    id: *id,
+                    address: node.addr.clone(),
+                    voter: voters.contains(id),
+                })
+                .collect(),
+        }
+    }
+
+    /// Adds replica `id` at `address`: first as a learner, answered once it caught up,
+    /// then as a voter by joint consensus.
+    pub(crate) async fn add_member(&self, id: u64, address: String) -> Result<(), ErrorCode> {
+        self.raft
+            .add_learner(id, Node::new(address.clone()), true)
+            .await
+            .map_err(|e| self.write_error(e))?;
+        info!(id, %address, "VLDB learner caught up; making it a voter");
+        let voters = BTreeSet::from([id]);
+        self.raft
+            .change_membership(ChangeMembers::AddVoterIds(voters), false)
+            .await
+            .map_err(|e| self.write_error(e))?;
+        info!(id, %address, "VLDB replica added");
+        Ok(())
+    }
+
+    /// Removes voter `id` by joint consensus; it no longer counts for a quorum.
+    pub(crate) async fn remove_member(&self, id: u64) -> Result<(), ErrorCode> {
+        self.raft
+            .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false)
+            .await
+            .map_err(|e| self.write_error(e))?;
+        info!(id, "VLDB replica removed");
+        Ok(())
+    }
+
+    /// Resolves once the replica stopped on its own (its log or tables failed), with
+    /// why.
+    pub async fn stopped(&self) -> String {
+        let mut metrics = self.raft.metrics();
+        loop {
+            if let Err(e) = &metrics.borrow().running_state {
+                return e.to_string();
+            }
+            if metrics.changed().await.is_err() {
+                return "the Raft core ended".into();
+            }
+        }
+    }
+
+    pub async fn shutdown(&self) {
+        if let Err(e) = self.raft.shutdown().await {
+            error!(error = %e, "VLDB replica did not shut down cleanly");
+        }
+    }
+
+    fn write_error(&self, error: RaftError<u64, ClientWriteError<u64, Node>>) -> ErrorCode {
+        match error {
+            RaftError::APIError(ClientWriteError::ForwardToLeader(forward)) => {
+                self.not_leader(Some(&forward))
+            }
+            RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
+                info!(error = %e, "VLDB membership change refused");
+                ErrorCode::InvalidArgument
+            }
+            RaftError::Fatal(e) => stopped(&e),
+        }
+    }
+
+    fn not_leader(
+        &self,
+        forward: Option<&openraft::error::ForwardToLeader<u64, Node>>,
+    ) -> ErrorCode {
+        let leader = forward
+            .and_then(|f| f.leader_node.as_ref())
+            .map(|node| node.addr.clone());
+        ErrorCode::NotLeader { leader }
+    }
+}
+
+fn stopped(error: &openraft::error::Fatal<u64>) -> ErrorCode {
+    ErrorCode::Internal(format!("this VLDB replica has stopped: {error}"))
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Opens the tables and the log, refusing another cell's data or another bootstrap
+/// membership, and turns a single VLDB's tables into this replica's first snapshot.
+fn open(
+    data_dir: &Path,
+    id: u64,
+    peers: &BTreeMap<u64, String>,
+    peers_given: bool,
+    cell_name: &str,
+) -> Result<(Store, LogStore), VldbError> {
+    std::fs::create_dir_all(data_dir).map_err(|source| VldbError::CreateDir {
+        path: data_dir.to_owned(),
+        source,
+    })?;
+    let store = Store::open(&data_dir.join(DATABASE_FILE), StoreLimits::default())?;
+    let log = LogStore::open(&data_dir.join(LOG_FILE))?;
+    match store.raft_value(RAFT_CELL)? {
+        Some(found) if found != cell_name.as_bytes() => {
+            return Err(VldbError::OtherCell {
+                path: data_dir.to_owned(),
+                found: String::from_utf8_lossy(&found).into_owned(),
+                expected: cell_name.to_owned(),
+            });
+        }
+        Some(_) => {}
+        None => store.set_raft_value(RAFT_CELL, cell_name.as_bytes())?,
+    }
+    match log.meta::<BTreeMap<u64, String>>(PEERS)? {
+        Some(found) if peers_given && &found != peers => {
+            return Err(VldbError::OtherPeers {
+                path: data_dir.to_owned(),
+                found: peers_text(&found),
+                given: peers_text(peers),
+            });
+        }
+        Some(_) => {}
+        None => log.set_meta(PEERS, peers)?,
+    }
+    if store.taken_over() {
+        take_over(&store, &log, id, peers)?;
+    }
+    Ok((store, log))
+}
+
+/// A single VLDB's tables become the group's state at `TAKEOVER_INDEX`, as a snapshot
+/// with the bootstrap membership: the other replicas receive them as that snapshot.
+fn take_over(
+    store: &Store,
+    log: &LogStore,
+    id: u64,
+    peers: &BTreeMap<u64, String>,
+) -> Result<(), VldbError> {
+    if peers.keys().next() != Some(&id) || !log.is_pristine()? {
+        return Err(VldbError::Config(format!(
+            "this data directory holds a single VLDB's database: start it as the replica with \
+             the lowest --id ({}) of a new group",
+            peers.keys().next().copied().unwrap_or(id)
+        )));
+    }
+    let log_id = LogId::new(openraft::CommittedLeaderId::new(0, 0), TAKEOVER_INDEX);
+    let nodes: BTreeMap<u64, Node> = peers
+        .iter()
+        .map(|(id, address)| (*id, Node::new(address.clone())))
+        .collect();
+    let voters: BTreeSet<u64> = peers.keys().copied().collect();
+    let membership = StoredMembership::new(Some(log_id), Membership::new(vec![voters], nodes));
+    let meta = SnapshotMeta {
+        last_log_id: Some(log_id),
+        last_membership: membership,
+        snapshot_id: "takeover".to_owned(),
+    };
+    let (_, image) = store.image()?;
+    state_machine::install(store, &meta, image)?;
+    log.set_purged(log_id)?;
+    info!(
+        ?peers,
+        "a single VLDB's tables are now this replica's first snapshot"
+    );
+    Ok(())
+}
+
+fn peers_text(peers: &BTreeMap<u64, String>) -> String {
+    peers
+        .iter()
+        .map(|(id, address)| format!("{id}={address}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}

@@ -1,0 +1,170 @@
+//! `Network`: openraft's messages between VLDB replicas, in postcard inside
+//! `Request::VlRaft` on the cell's ordinary framed connections, one per peer.
+//! Invariant: a peer that cannot be reached is reported `Unreachable` (openraft backs off),
+//! and a connection that failed in transport is never used again.
+
+use std::time::Duration;
+
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use proto::rpc::{self, Connection, Limits};
+use proto::{
+    Hello, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN, PeerKind, ProtoError, RaftKind, Request,
+    Response,
+};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::{Node, TypeConfig};
+
+/// Makes a `Peer` for each replica openraft replicates to.
+pub(crate) struct Network {
+    pub(crate) cell: String,
+    pub(crate) id: u64,
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = Peer;
+
+    async fn new_client(&mut self, target: u64, node: &Node) -> Peer {
+        Peer {
+            cell: self.cell.clone(),
+            id: self.id,
+            target,
+            address: node.addr.clone(),
+            connection: None,
+        }
+    }
+}
+
+/// One replica, reached at its membership address.
+pub(crate) struct Peer {
+    cell: String,
+    id: u64,
+    target: u64,
+    address: String,
+    connection: Option<Connection>,
+}
+
+/// How a call failed: before anything was sent (the peer is unreachable) or after.
+enum Failure {
+    Unreachable(ProtoError),
+    Network(ProtoError),
+}
+
+impl Peer {
+    async fn connection(&mut self, timeout: Duration) -> Result<Connection, ProtoError> {
+        if let Some(connection) = self.connection.as_ref().filter(|c| !c.is_closed()) {
+            return Ok(connection.clone());
+        }
+        let hello = Hello {
+            version_min: PROTOCOL_VERSION_MIN,
+            version_max: PROTOCOL_VERSION_MAX,
+            cell: self.cell.clone(),
+            peer: PeerKind::VldbReplica { id: self.id },
+        };
+        let limits = Limits {
+            handshake_timeout: timeout,
+            ..Limits::default()
+        };
+        // Nothing is called back on this connection: dropping the incoming queue answers
+        // anything the peer sends with `Unsupported`.
+        let (connection, _reply, _incoming) = rpc::connect(&self.address, hello, &limits).await?;
+        self.connection = Some(connection.clone());
+        Ok(connection)
+    }
+
+    /// Sends one Raft message and decodes the peer's `Result` for it.
+    async fn send<Req: Serialize, Resp: DeserializeOwned>(
+        &mut self,
+        kind: RaftKind,
+        message: &Req,
+        option: &RPCOption,
+    ) -> Result<Resp, Failure> {
+        let timeout = option.hard_ttl();
+        let payload =
+            postcard::to_stdvec(message).map_err(|e| Failure::Network(ProtoError::Decode(e)))?;
+        let connection = self
+            .connection(timeout)
+            .await
+            .map_err(Failure::Unreachable)?;
+        let answer = connection
+            .call(Request::VlRaft { kind, payload }, timeout)
+            .await;
+        let bytes = match answer {
+            Ok(Response::VlRaft(bytes)) => bytes,
+            Ok(other) => {
+                return Err(Failure::Network(ProtoError::Handshake(format!(
+                    "a VLDB replica answered a Raft message with {}",
+                    other.kind_name()
+                ))));
+            }
+            Err(e) => {
+                if e.is_transport() {
+                    connection.close();
+                    self.connection = None;
+                }
+                return Err(Failure::Network(e));
+            }
+        };
+        postcard::from_bytes(&bytes).map_err(|e| Failure::Network(ProtoError::Decode(e)))
+    }
+
+    fn failed<E: std::error::Error>(&self, failure: Failure) -> RPCError<u64, Node, E> {
+        match failure {
+            Failure::Unreachable(e) => RPCError::Unreachable(Unreachable::new(&e)),
+            Failure::Network(e) => RPCError::Network(NetworkError::new(&e)),
+        }
+    }
+
+    fn remote<E: std::error::Error>(&self, error: E) -> RPCError<u64, Node, E> {
+        RPCError::RemoteError(RemoteError::new(self.target, error))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for Peer {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<u64>, RPCError<u64, Node, RaftError<u64>>> {
+        let answer: Result<AppendEntriesResponse<u64>, RaftError<u64>> = self
+            .send(RaftKind::AppendEntries, &rpc, &option)
+            .await
+            .map_err(|f| self.failed(f))?;
+        answer.map_err(|e| self.remote(e))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<
+        InstallSnapshotResponse<u64>,
+        RPCError<u64, Node, RaftError<u64, InstallSnapshotError>>,
+    > {
+        let answer: Result<InstallSnapshotResponse<u64>, RaftError<u64, InstallSnapshotError>> =
+            self.send(RaftKind::InstallSnapshot, &rpc, &option)
+                .await
+                .map_err(|f| self.failed(f))?;
+        answer.map_err(|e| self.remote(e))
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<u64>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<u64>, RPCError<u64, Node, RaftError<u64>>> {
+        let answer: Result<VoteResponse<u64>, RaftError<u64>> = self
+            .send(RaftKind::Vote, &rpc, &option)
+            .await
+            .map_err(|f| self.failed(f))?;
+        answer.map_err(|e| self.remote(e))
+    }
+}
