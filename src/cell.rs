@@ -1,4 +1,4 @@
-//! A local cell run as separate processes — VLDB, one fileserver or an active/passive
+//! A local cell run as separate processes — three VLDB replicas, one fileserver or an active/passive
 //! pair on one partition, `root.cell`, mounts — for `holdfast up` and `holdfast bench`.
 //! Invariant: every process started here is stopped by its PID, and every mount made
 //! here is gone, when the `LocalCell` drops — also when start-up fails half-way.
@@ -20,6 +20,8 @@ pub const PAIR: &str = "local";
 const RESTART_WAIT_MAX: Duration = Duration::from_secs(10);
 /// The pair members' process names.
 pub const MEMBERS: [&str; 2] = ["fileserver-a", "fileserver-b"];
+/// How many VLDB replicas a local cell runs: a majority survives any one dying.
+pub const VLDB_REPLICAS: u64 = 3;
 
 /// What serves the cell's partition.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -76,13 +78,34 @@ impl Layout {
     fn members_file(&self) -> PathBuf {
         self.dir.join("pair-members")
     }
+
+    /// Where the VLDB replicas' addresses are kept between runs (`ID=ADDR` lines): the
+    /// group's membership names them.
+    fn replicas_file(&self) -> PathBuf {
+        self.dir.join("vldb-replicas")
+    }
+
+    /// Replica `id`'s data directory. Replica 1's is `vldb/`, where a single VLDB kept
+    /// its database: it takes that database over.
+    pub fn replica_dir(&self, id: u64) -> PathBuf {
+        match id {
+            1 => self.vldb.clone(),
+            id => self.dir.join(format!("vldb-{id}")),
+        }
+    }
+}
+
+/// A VLDB replica's process name.
+pub fn replica_name(id: u64) -> String {
+    format!("vlserver-{id}")
 }
 
 /// A running local cell.
 pub struct LocalCell {
     pub layout: Layout,
     pub cell: CellConfig,
-    pub vl_address: String,
+    /// The VLDB replicas' (id, address).
+    pub replicas: Vec<(u64, String)>,
     pub fs_address: String,
     /// The pair members' (process name, address), when the cell runs a pair.
     pub members: Vec<(String, String)>,
@@ -114,27 +137,14 @@ impl LocalCell {
                 vlservers: Vec::new(),
             },
             layout,
-            vl_address: String::new(),
+            replicas: Vec::new(),
             fs_address: String::new(),
             members: Vec::new(),
             exited_at: HashMap::new(),
             mounts: Vec::new(),
             children: Vec::new(),
         };
-        let vldb = path_arg(&cell.layout.vldb);
-        cell.vl_address = cell.start_child(
-            "vlserver",
-            &[
-                "vlserver",
-                "--data",
-                &vldb,
-                "--listen",
-                "127.0.0.1:0",
-                "--cell-name",
-                &cell_name,
-            ],
-        )?;
-        cell.cell.vlservers = vec![cell.vl_address.clone()];
+        cell.start_vldb()?;
         std::fs::write(&cell.layout.cell_file, cell.cell.to_toml())
             .with_context(|| format!("write {}", cell.layout.cell_file.display()))?;
         match servers {
@@ -145,6 +155,98 @@ impl LocalCell {
         }
         runtime.block_on(ensure_root_volume(&cell.cell, &cell.fs_address))?;
         Ok(cell)
+    }
+
+    /// Starts the VLDB replicas, on the addresses of the last run if there was one; the
+    /// cell file lists them all.
+    fn start_vldb(&mut self) -> Result<()> {
+        let file = self.layout.replicas_file();
+        let previous: Vec<(u64, String)> = std::fs::read_to_string(&file)
+            .map(|text| {
+                text.lines()
+                    .filter_map(|line| line.split_once('='))
+                    .filter_map(|(id, address)| Some((id.parse().ok()?, address.to_owned())))
+                    .collect()
+            })
+            .unwrap_or_default();
+        self.replicas = if previous.is_empty() {
+            (1..=VLDB_REPLICAS)
+                .map(|id| Ok((id, reserve_port()?)))
+                .collect::<Result<_>>()?
+        } else {
+            previous
+        };
+        let lines: Vec<String> = self
+            .replicas
+            .iter()
+            .map(|(id, address)| format!("{id}={address}"))
+            .collect();
+        std::fs::write(&file, lines.join("\n"))
+            .with_context(|| format!("write {}", file.display()))?;
+        self.cell.vlservers = self.replicas.iter().map(|(_, a)| a.clone()).collect();
+        for (id, _) in self.replicas.clone() {
+            self.start_replica(id)?;
+        }
+        Ok(())
+    }
+
+    /// Starts VLDB replica `id` on its address, in its data directory.
+    fn start_replica(&mut self, id: u64) -> Result<String> {
+        let address = self
+            .replicas
+            .iter()
+            .find(|(i, _)| *i == id)
+            .map(|(_, a)| a.clone())
+            .with_context(|| format!("no VLDB replica {id}"))?;
+        let peers = self
+            .replicas
+            .iter()
+            .map(|(id, address)| format!("{id}={address}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let data = path_arg(&self.layout.replica_dir(id));
+        let id_arg = id.to_string();
+        let cell_name = self.cell.name.clone();
+        let args = [
+            "vlserver",
+            "--data",
+            &data,
+            "--listen",
+            &address,
+            "--cell-name",
+            &cell_name,
+            "--id",
+            &id_arg,
+            "--peers",
+            &peers,
+        ];
+        self.start_child(&replica_name(id), &args).with_context(|| {
+            format!(
+                "start VLDB replica {id} on {address} (the replicas keep their addresses \
+                     between runs; {} lists them)",
+                self.layout.replicas_file().display()
+            )
+        })
+    }
+
+    /// Starts again every VLDB replica that exited on its own; the others carry on
+    /// meanwhile, and it catches up from the leader. Returns the names restarted.
+    pub fn restart_exited_replicas(&mut self) -> Result<Vec<String>> {
+        let mut restarted = Vec::new();
+        for (id, _) in self.replicas.clone() {
+            let name = replica_name(id);
+            let Some(index) = self.children.iter().rposition(|c| c.name == name) else {
+                continue;
+            };
+            let Some(status) = self.children[index].exited() else {
+                continue;
+            };
+            self.children.remove(index);
+            println!("The {name} stopped ({status}); starting it again.");
+            self.start_replica(id)?;
+            restarted.push(name);
+        }
+        Ok(restarted)
     }
 
     /// Starts both members of the pair on the partition; the first becomes active
@@ -289,12 +391,14 @@ impl LocalCell {
         Ok(restarted)
     }
 
-    /// The first child that exited on its own, with its log tail. Pair members are not
-    /// counted: `restart_exited_members` starts them again.
+    /// The first child that exited on its own, with its log tail. Pair members and VLDB
+    /// replicas are not counted: `restart_exited_members` and `restart_exited_replicas`
+    /// start them again.
     pub fn check_children(&mut self) -> Result<()> {
-        let members: Vec<&str> = self.members.iter().map(|(n, _)| n.as_str()).collect();
+        let mut restartable: Vec<String> = self.members.iter().map(|(n, _)| n.clone()).collect();
+        restartable.extend(self.replicas.iter().map(|(id, _)| replica_name(*id)));
         for child in &mut self.children {
-            if members.contains(&child.name.as_str()) {
+            if restartable.contains(&child.name) {
                 continue;
             }
             if let Some(status) = child.exited() {
@@ -321,6 +425,14 @@ impl Drop for LocalCell {
             }
         }
     }
+}
+
+/// An address on 127.0.0.1 free right now, for a replica that must know its peers'
+/// addresses before they listen.
+fn reserve_port() -> Result<String> {
+    let listener =
+        std::net::TcpListener::bind("127.0.0.1:0").context("find a free port for the VLDB")?;
+    Ok(listener.local_addr()?.to_string())
 }
 
 /// Waits until the fileserver at `address` says it is the active member of its pair.

@@ -35,7 +35,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run a whole local cell: a VLDB, a fileserver pair, the root volume and a mount at DIR/mnt.
+    /// Run a whole local cell: three VLDB replicas, a fileserver pair, the root volume and a mount at DIR/mnt.
     ///
     /// Writes DIR/cell.toml, prints how to add a second mount, and runs until SIGINT or
     /// SIGTERM, then unmounts and stops everything it started. Running it again on the

@@ -13,8 +13,10 @@ use tracing_subscriber::EnvFilter;
 
 /// Logs to stderr at `default_level`, or as `RUST_LOG` says.
 pub fn init_tracing(default_level: &str) {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
+    // openraft narrates every election and replication retry; the VLDB logs the role
+    // changes that matter itself.
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(format!("{default_level},openraft=error")));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

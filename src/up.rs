@@ -1,5 +1,5 @@
-//! `holdfast up`: a whole local cell in one command (the VLDB, a fileserver pair,
-//! `root.cell` and a mount at DIR/mnt), until SIGINT or SIGTERM.
+//! `holdfast up`: a whole local cell in one command (three VLDB replicas, a fileserver
+//! pair, `root.cell` and a mount at DIR/mnt), until SIGINT or SIGTERM.
 //! Invariant: however it ends (a signal, a component that died, an error), everything it
 //! started is unmounted and stopped.
 
@@ -28,7 +28,7 @@ pub fn run(dir: &Path, cell_name: &str) -> Result<()> {
         "Holdfast cell '{name}' is up.\n\
          \x20 mount:       {mnt}\n\
          \x20 cell file:   {cellfile}\n\
-         \x20 VLDB:        {vl}  (data {vldb})\n\
+         \x20 VLDB:        {vl}\n\
          \x20 fileservers: pair '{pair}', {members} (partition {partition})\n\
          \x20 logs:        {logs}\n\
          \n\
@@ -36,15 +36,26 @@ pub fn run(dir: &Path, cell_name: &str) -> Result<()> {
          \x20 mkdir -p {second}/mnt && {exe} mount --cell {cellfile} --cache {second}/cache {second}/mnt\n\
          Administer volumes:  HOLDFAST_CELL={cellfile} {exe} vos listvldb\n\
          The pair:            HOLDFAST_CELL={cellfile} {exe} pair status {pair}\n\
+         The VLDB group:      HOLDFAST_CELL={cellfile} {exe} vldb status\n\
          Try a failover: kill -9 the active member's pid; the mount stalls\n\
          for a moment and carries on, and the killed member is started again as passive.\n\
+         Kill -9 any one VLDB replica (the leader too): nothing stops, and it is started again.\n\
          \n\
          Press Ctrl-C to unmount and stop the cell.",
         name = cell.cell.name,
         mnt = mountpoint.display(),
         cellfile = cell.layout.cell_file.display(),
-        vl = cell.vl_address,
-        vldb = cell.layout.vldb.display(),
+        vl = cell
+            .replicas
+            .iter()
+            .map(|(id, address)| {
+                let pid = cell
+                    .pid(&crate::cell::replica_name(*id))
+                    .unwrap_or_default();
+                format!("replica {id} {address} pid {pid}")
+            })
+            .collect::<Vec<_>>()
+            .join(", "),
         pair = crate::cell::PAIR,
         members = cell
             .members
@@ -74,6 +85,7 @@ pub fn run(dir: &Path, cell_name: &str) -> Result<()> {
             println!("Stopped; the data stays in {}.", dir.display());
             return Ok(());
         }
+        cell.restart_exited_replicas()?;
         cell.restart_exited_members(&runtime)?;
         cell.check_children()?;
     }

@@ -177,6 +177,7 @@ impl Replica {
                 warn!(error = %e, "a group of one did not elect itself");
             }
         }
+        tokio::spawn(log_roles(raft.metrics()));
         Ok(Replica {
             raft,
             store,
@@ -367,6 +368,25 @@ impl Replica {
             .and_then(|f| f.leader_node.as_ref())
             .map(|node| node.addr.clone());
         ErrorCode::NotLeader { leader }
+    }
+}
+
+/// Logs each change of role, term or leader, until the replica stops.
+async fn log_roles(mut metrics: tokio::sync::watch::Receiver<openraft::RaftMetrics<u64, Node>>) {
+    let mut seen = None;
+    loop {
+        let now = {
+            let m = metrics.borrow_and_update();
+            (m.state, m.current_term, m.current_leader)
+        };
+        if seen != Some(now) {
+            let (state, term, leader) = now;
+            info!(?state, term, ?leader, "VLDB replica role");
+            seen = Some(now);
+        }
+        if metrics.changed().await.is_err() {
+            return;
+        }
     }
 }
 
