@@ -26,6 +26,8 @@ pub const VLDB_REPLICAS: u64 = 3;
 /// What serves the cell's partition.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Servers {
+    /// No fileserver: the VLDB replicas alone.
+    None,
     /// One fileserver.
     Single,
     /// An active/passive pair sharing the partition.
@@ -148,6 +150,7 @@ impl LocalCell {
         std::fs::write(&cell.layout.cell_file, cell.cell.to_toml())
             .with_context(|| format!("write {}", cell.layout.cell_file.display()))?;
         match servers {
+            Servers::None => return Ok(cell),
             Servers::Single => {
                 cell.fs_address = cell.start_fileserver("fileserver", "127.0.0.1:0", &[])?;
             }

@@ -12,6 +12,7 @@ use anyhow::{Context, Result};
 use crate::cell::{LocalCell, Servers};
 
 mod pair;
+mod vldb;
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
@@ -26,8 +27,8 @@ pub struct BenchArgs {
     files: usize,
     /// Which figures: `mount` (throughput through FUSE mounts), `state` (locks,
     /// callback journaling, recovery, snapshots), `pair` (failover of a fileserver
-    /// pair) or `all`.
-    #[arg(long, default_value = "all", value_parser = ["all", "mount", "state", "pair"])]
+    /// pair), `vldb` (the three-replica VLDB: leader kills, creates, lookups) or `all`.
+    #[arg(long, default_value = "all", value_parser = ["all", "mount", "state", "pair", "vldb"])]
     suite: String,
     /// Failovers measured for the median time to the first write.
     #[arg(long, default_value_t = 5)]
@@ -56,6 +57,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     if all || args.suite == "pair" {
         pair::run(&bench_dir(&args)?, args.failovers, args.takeover_clients)?;
+    }
+    if all || args.suite == "vldb" {
+        vldb::run(&bench_dir(&args)?, args.seconds)?;
     }
     Ok(())
 }
