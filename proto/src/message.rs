@@ -543,6 +543,29 @@ impl Request {
         )
     }
 
+    /// True for the VLDB requests a client may send again after a transport failure,
+    /// when it cannot know whether the first one reached the VLDB: reads, `Ping`,
+    /// `VlStatus`, `VlRegisterServer` and `VlJoinPair` (applying them twice is applying
+    /// them once) and `VlRenewPair` (a second renewal is harmless: the member measures
+    /// its lease from its own send time). Every other request, a `VlCreateEntry` that
+    /// would allocate a second volume or a `VlAcquirePair` whose second answer would be
+    /// `LeaseHeld` by the caller itself, for instance, must go to the caller's own
+    /// policy instead. A `NotLeader` answer is not such a failure: nothing was applied.
+    pub fn safe_to_resend(&self) -> bool {
+        matches!(
+            self,
+            Request::Ping
+                | Request::VlStatus
+                | Request::VlGetEntry { .. }
+                | Request::VlListEntries
+                | Request::VlListServers
+                | Request::VlGetPair { .. }
+                | Request::VlRegisterServer { .. }
+                | Request::VlJoinPair { .. }
+                | Request::VlRenewPair { .. }
+        )
+    }
+
     /// True for every request that changes a volume's contents, including a sequenced one.
     pub fn changes_volume(&self) -> bool {
         match self {

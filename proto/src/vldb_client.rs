@@ -1,38 +1,60 @@
-//! A client of the VLDB: one connection to the first of the cell's vlservers that
-//! answers, replaced on the next call after a transport failure.
-//! Invariant: a call is never retried here (each caller owns its retry policy), and a
-//! connection that failed in transport is never used again.
+//! A client of the VLDB's Raft group: follows `NotLeader` hints to the leader, tries the
+//! cell's other replicas in turn, and keeps the connection that answered for later calls.
+//! Invariant: a call ends within the client's timeout, retries included; a request goes
+//! again after a transport failure only if `Request::safe_to_resend`, and never on that
+//! connection.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::sync::Mutex;
+use tokio::time::Instant;
+use tracing::debug;
 
 use crate::cell::CellConfig;
 use crate::error::{ErrorCode, ProtoError};
 use crate::ids::{Epoch, ServerId};
 use crate::message::{
     Hello, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN, PairEntry, PeerKind, Request, Response,
-    ServerEntry, VolumeEntry, VolumeRef,
+    ServerEntry, VldbMemberStatus, VolumeEntry, VolumeRef,
 };
 use crate::name::{PairName, VolumeName};
 use crate::rpc::{self, Connection, Limits};
+
+/// The pause after a round of attempts that reached no leader: short, since an election
+/// takes a few hundred milliseconds, and doubling so that a long one is not polled hard.
+const BACKOFF_FIRST: Duration = Duration::from_millis(20);
+const BACKOFF_MAX: Duration = Duration::from_millis(160);
 
 /// Talks to the VLDB of one cell.
 pub struct VldbClient {
     cell: CellConfig,
     peer: PeerKind,
     timeout: Duration,
-    connection: Mutex<Option<Connection>>,
+    /// The replica the last call reached (the leader, after any write).
+    current: Mutex<Option<Replica>>,
+    /// The cell address the next attempt without a leader hint tries. It outlives a call,
+    /// so that a dead replica costs one attempt per client rather than one per call.
+    next_address: AtomicUsize,
+}
+
+#[derive(Clone)]
+struct Replica {
+    address: String,
+    connection: Connection,
 }
 
 impl VldbClient {
-    /// `timeout` bounds each call, and each connection attempt.
+    /// `timeout` bounds each call as a whole: connecting, following the leader, backing
+    /// off while there is none, and resending. A connection attempt gets at most half of
+    /// it, so that one replica that swallows packets leaves time to try another.
     pub fn new(cell: CellConfig, peer: PeerKind, timeout: Duration) -> VldbClient {
         VldbClient {
             cell,
             peer,
             timeout,
-            connection: Mutex::new(None),
+            current: Mutex::new(None),
+            next_address: AtomicUsize::new(0),
         }
     }
 
@@ -40,49 +62,185 @@ impl VldbClient {
         &self.cell
     }
 
-    async fn connection(&self) -> Result<Connection, ProtoError> {
-        let mut slot = self.connection.lock().await;
-        if let Some(connection) = slot.as_ref().filter(|c| !c.is_closed()) {
-            return Ok(connection.clone());
+    /// Sends one request to the leader, or to any replica that answers it. `NotLeader`
+    /// is followed to the replica it names, or else to the cell's next address, backing
+    /// off after each round of the cell's addresses; after a transport failure the
+    /// request is sent again only if it is safe to (`Request::safe_to_resend`). When the
+    /// timeout passes, the error of the last attempt is returned.
+    pub async fn call(&self, request: Request) -> Result<Response, ProtoError> {
+        if self.cell.vlservers.is_empty() {
+            return Err(ProtoError::Io(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("the cell {} names no vlserver", self.cell.name),
+            )));
         }
-        let limits = Limits {
-            handshake_timeout: self.timeout,
-            ..Limits::default()
-        };
-        let mut last_error = ProtoError::Closed;
-        for address in &self.cell.vlservers {
-            let hello = Hello {
-                version_min: PROTOCOL_VERSION_MIN,
-                version_max: PROTOCOL_VERSION_MAX,
-                cell: self.cell.name.clone(),
-                peer: self.peer.clone(),
-            };
-            match rpc::connect(address, hello, &limits).await {
-                // The VLDB never calls us: dropping the incoming queue answers
-                // anything it sends with `Unsupported`.
-                Ok((connection, _reply, _incoming)) => {
-                    *slot = Some(connection.clone());
-                    return Ok(connection);
-                }
-                Err(ProtoError::Remote(code)) => return Err(ProtoError::Remote(code)),
-                Err(e) => last_error = e,
-            }
-        }
-        Err(last_error)
+        let deadline = Instant::now() + self.timeout;
+        let mut last_error = None;
+        let outcome =
+            tokio::time::timeout_at(deadline, self.attempts(&request, deadline, &mut last_error))
+                .await;
+        // Cut off while waiting for the slot, a connection or an answer: the last
+        // definite failure says more than the deadline does.
+        outcome.unwrap_or_else(|_| Err(last_error.unwrap_or(ProtoError::Timeout(self.timeout))))
     }
 
-    /// Sends one request; a transport failure drops the connection so the next call
-    /// reconnects (possibly to another vlserver).
-    pub async fn call(&self, request: Request) -> Result<Response, ProtoError> {
-        let connection = self.connection().await?;
-        let result = connection.call(request, self.timeout).await;
-        if let Err(e) = &result
-            && e.is_transport()
-        {
-            connection.close();
-            *self.connection.lock().await = None;
+    /// The attempts of one call, each recording its failure in `last_error`.
+    async fn attempts(
+        &self,
+        request: &Request,
+        deadline: Instant,
+        last_error: &mut Option<ProtoError>,
+    ) -> Result<Response, ProtoError> {
+        let round = self.cell.vlservers.len();
+        let mut attempts_in_round = 0;
+        let mut backoff = BACKOFF_FIRST;
+        let mut leader_hint: Option<String> = None;
+        loop {
+            if attempts_in_round == round {
+                attempts_in_round = 0;
+                tokio::time::sleep_until((Instant::now() + backoff).min(deadline)).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+            if Instant::now() >= deadline {
+                return Err(last_error
+                    .take()
+                    .unwrap_or(ProtoError::Timeout(self.timeout)));
+            }
+            attempts_in_round += 1;
+            let replica = match self.replica(leader_hint.take(), deadline).await {
+                Ok(replica) => replica,
+                Err(e) if e.is_transport() => {
+                    debug!(error = %e, "VLDB replica unreachable; trying another");
+                    *last_error = Some(self.whole_call(e, deadline));
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            match replica.connection.call_ref(request, remaining).await {
+                Err(ProtoError::Remote(ErrorCode::NotLeader { leader })) => {
+                    debug!(replica = %replica.address, ?leader, "VLDB replica is not the leader");
+                    // Nothing was applied. The connection stays open for the calls
+                    // already on it, and closes when the last of them is done.
+                    self.forget(&replica.connection).await;
+                    leader_hint = leader.clone().filter(|hint| *hint != replica.address);
+                    *last_error = Some(ProtoError::Remote(ErrorCode::NotLeader { leader }));
+                }
+                Err(e) if e.is_transport() => {
+                    replica.connection.close();
+                    self.forget(&replica.connection).await;
+                    let e = self.whole_call(e, deadline);
+                    if !request.safe_to_resend() {
+                        return Err(e);
+                    }
+                    debug!(replica = %replica.address, error = %e, "VLDB call failed; resending");
+                    *last_error = Some(e);
+                }
+                result => return result,
+            }
         }
-        result
+    }
+
+    /// The replica to try next: the one `leader_hint` names, else the one the last call
+    /// reached while its connection lives, else the cell's next address.
+    async fn replica(
+        &self,
+        leader_hint: Option<String>,
+        deadline: Instant,
+    ) -> Result<Replica, ProtoError> {
+        // Held while connecting, so that concurrent calls share one new connection.
+        let mut slot = self.current.lock().await;
+        if let Some(current) = slot.as_ref().filter(|current| {
+            !current.connection.is_closed()
+                && leader_hint
+                    .as_ref()
+                    .is_none_or(|hint| *hint == current.address)
+        }) {
+            return Ok(current.clone());
+        }
+        let address = match leader_hint {
+            Some(hint) => hint,
+            None => {
+                let next = self.next_address.fetch_add(1, Ordering::Relaxed);
+                self.cell.vlservers[next % self.cell.vlservers.len()].clone()
+            }
+        };
+        let budget = deadline
+            .saturating_duration_since(Instant::now())
+            .min(self.timeout / 2);
+        let connection = self.connect(&address, budget).await?;
+        let replica = Replica {
+            address,
+            connection,
+        };
+        *slot = Some(replica.clone());
+        Ok(replica)
+    }
+
+    /// Stops offering `connection` to later calls.
+    async fn forget(&self, connection: &Connection) {
+        let mut slot = self.current.lock().await;
+        if slot
+            .as_ref()
+            .is_some_and(|current| current.connection.same(connection))
+        {
+            *slot = None;
+        }
+    }
+
+    /// Connects to `address` within `budget`. An I/O error names the address.
+    async fn connect(&self, address: &str, budget: Duration) -> Result<Connection, ProtoError> {
+        let limits = Limits {
+            handshake_timeout: budget,
+            ..Limits::default()
+        };
+        let hello = Hello {
+            version_min: PROTOCOL_VERSION_MIN,
+            version_max: PROTOCOL_VERSION_MAX,
+            cell: self.cell.name.clone(),
+            peer: self.peer.clone(),
+        };
+        match rpc::connect(address, hello, &limits).await {
+            // The VLDB never calls us: dropping the incoming queue answers anything it
+            // sends with `Unsupported`.
+            Ok((connection, _reply, _incoming)) => Ok(connection),
+            Err(ProtoError::Io(e)) => Err(ProtoError::Io(std::io::Error::new(
+                e.kind(),
+                format!("{address}: {e}"),
+            ))),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// An attempt that timed out at the call's deadline reports the call's timeout, not
+    /// the part of it that was left for the attempt.
+    fn whole_call(&self, error: ProtoError, deadline: Instant) -> ProtoError {
+        match error {
+            ProtoError::Timeout(_) if Instant::now() >= deadline => {
+                ProtoError::Timeout(self.timeout)
+            }
+            other => other,
+        }
+    }
+
+    /// Asks the replica at `address`, and only it, for its status: no leader following
+    /// and no retry, on a connection of its own that is closed afterwards, within the
+    /// client's timeout.
+    pub async fn replica_status(&self, address: &str) -> Result<VldbMemberStatus, ProtoError> {
+        let deadline = Instant::now() + self.timeout;
+        let asked = tokio::time::timeout_at(deadline, async {
+            let connection = self.connect(address, self.timeout).await?;
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let answer = connection.call(Request::VlStatus, remaining).await;
+            connection.close();
+            answer
+        })
+        .await
+        .unwrap_or(Err(ProtoError::Timeout(self.timeout)));
+        match asked.map_err(|e| self.whole_call(e, deadline))? {
+            Response::VlStatus(status) => Ok(status),
+            other => Err(unexpected(&other)),
+        }
     }
 
     pub async fn register_server(
@@ -215,6 +373,35 @@ impl VldbClient {
     pub async fn get_pair(&self, pair: &PairName) -> Result<PairEntry, ProtoError> {
         match self.call(Request::VlGetPair { pair: pair.clone() }).await? {
             Response::Pair(entry) => Ok(entry),
+            other => Err(unexpected(&other)),
+        }
+    }
+    /// The status of the replica this client reaches: the leader after any write.
+    pub async fn status(&self) -> Result<VldbMemberStatus, ProtoError> {
+        match self.call(Request::VlStatus).await? {
+            Response::VlStatus(status) => Ok(status),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Adds replica `id` at `address` to the VLDB's group: as a learner that catches up
+    /// first, then as a voter. Answered once the new membership is committed.
+    pub async fn add_member(&self, id: u64, address: &str) -> Result<(), ProtoError> {
+        let request = Request::VlAddMember {
+            id,
+            address: address.to_owned(),
+        };
+        match self.call(request).await? {
+            Response::Ok | Response::VlStatus(_) => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Removes replica `id` from the voters (joint consensus); removing the leader makes
+    /// another replica lead.
+    pub async fn remove_member(&self, id: u64) -> Result<(), ProtoError> {
+        match self.call(Request::VlRemoveMember { id }).await? {
+            Response::Ok | Response::VlStatus(_) => Ok(()),
             other => Err(unexpected(&other)),
         }
     }
