@@ -219,18 +219,28 @@ impl Replica {
         }
     }
 
-    /// Whether this replica may answer a read from its own tables: it follows a known
-    /// leader (or is one). A follower is behind the leader by at most what is in flight
-    /// to it, about one heartbeat on a healthy group; a replica cut off from the leader
-    /// stops answering once its election timeout runs out.
+    /// Whether this replica may answer a read from its own tables. A leader must have
+    /// heard from a quorum within the longest election timeout (else it may have been
+    /// replaced); a follower must follow a leader, which it stops doing once its election
+    /// timeout passes without a heartbeat. So an answer misses at most the changes
+    /// committed in the last election timeout (300 ms) plus what is in flight to this
+    /// replica; pair decisions never rely on it (`linearizable`).
     pub(crate) fn may_read(&self) -> Result<(), ErrorCode> {
         let metrics = self.raft.metrics().borrow().clone();
         if metrics.running_state.is_err() {
             return Err(ErrorCode::Internal("this VLDB replica has stopped".into()));
         }
-        match metrics.current_leader {
-            Some(_) if metrics.state != ServerState::Candidate => Ok(()),
-            _ => Err(ErrorCode::NotLeader { leader: None }),
+        let fresh = match metrics.state {
+            ServerState::Leader => metrics
+                .millis_since_quorum_ack
+                .is_some_and(|ms| ms <= millis(ELECTION_MAX)),
+            ServerState::Follower | ServerState::Learner => metrics.current_leader.is_some(),
+            ServerState::Candidate | ServerState::Shutdown => false,
+        };
+        if fresh {
+            Ok(())
+        } else {
+            Err(ErrorCode::NotLeader { leader: None })
         }
     }
 
