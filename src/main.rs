@@ -7,6 +7,7 @@ mod bench;
 mod cell;
 mod process;
 mod up;
+mod vldb;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -161,6 +162,15 @@ enum Command {
         command: PairCommand,
         /// Seconds to wait for the VLDB or a member before giving up (a switchover has
         /// its own 30 s deadline).
+        #[arg(long, global = true, default_value_t = 10.0)]
+        timeout: f64,
+    },
+    /// Inspect and change the VLDB's replicas (its Raft group).
+    Vldb {
+        #[command(subcommand)]
+        command: vldb::VldbCommand,
+        /// Seconds to wait for the VLDB before giving up (for `add`, the new replica's
+        /// catch-up included).
         #[arg(long, global = true, default_value_t = 10.0)]
         timeout: f64,
     },
@@ -465,6 +475,11 @@ fn run(cli: Cli) -> Result<()> {
             print_text(&text);
             Ok(())
         }
+        Command::Vldb { command, timeout } => vldb::run(
+            cell_path.as_deref(),
+            command,
+            seconds(timeout, "--timeout")?,
+        ),
         Command::State {
             command: StateCommand::Inspect { dir, json },
         } => {
