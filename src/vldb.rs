@@ -31,7 +31,9 @@ pub enum VldbCommand {
     /// Add replica ID, serving at ADDR, to the VLDB's group.
     ///
     /// Adds the replica as a learner, waits for it to catch up, then makes it a voter.
-    /// Start it first (`holdfast vlserver --id ID` listening on ADDR). A large log takes
+    /// Start it first, with an empty --data: `holdfast vlserver --id ID --listen ADDR
+    /// --peers` listing the group's replicas and itself (so that it waits to be
+    /// contacted rather than bootstrap a group of its own). A large log takes
     /// time to copy: raise --timeout for it. If the timeout passes first, the change may
     /// still complete; `holdfast vldb status` tells.
     Add {

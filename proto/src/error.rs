@@ -98,6 +98,9 @@ pub enum ErrorCode {
     /// `leader` is the leader's address when the replica knows it.
     #[error("{}", not_leader_text(leader.as_deref()))]
     NotLeader { leader: Option<String> },
+    /// A VLDB membership change refused, with why and what to do.
+    #[error("{reason}")]
+    BadMembership { reason: String },
 }
 
 fn not_leader_text(leader: Option<&str>) -> String {
@@ -142,6 +145,7 @@ impl ErrorCode {
             | ErrorCode::BadPairName
             | ErrorCode::PairFull { .. }
             | ErrorCode::NoSuchServer
+            | ErrorCode::BadMembership { .. }
             | ErrorCode::ServerRequired
             | ErrorCode::WrongCell { .. }
             | ErrorCode::VersionMismatch { .. } => libc_errno::EINVAL,

@@ -97,6 +97,7 @@ pub struct Replica {
     store: Arc<Store>,
     clock: Clock,
     id: u64,
+    cell_name: String,
 }
 
 impl Replica {
@@ -144,7 +145,7 @@ impl Replica {
         .validate()
         .map_err(|e| VldbError::Config(e.to_string()))?;
         let network = Network {
-            cell: cell_name,
+            cell: cell_name.clone(),
             id,
         };
         let state_machine = StateMachine::new(store.clone(), clock.clone());
@@ -183,6 +184,7 @@ impl Replica {
             store,
             clock,
             id,
+            cell_name,
         })
     }
 
@@ -313,6 +315,7 @@ impl Replica {
     /// Adds replica `id` at `address`: first as a learner, answered once it caught up,
     /// then as a voter by joint consensus.
     pub(crate) async fn add_member(&self, id: u64, address: String) -> Result<(), ErrorCode> {
+        self.check_newcomer(id, &address).await?;
         self.raft
             .add_learner(id, Node::new(address.clone()), true)
             .await
@@ -324,6 +327,53 @@ impl Replica {
             .await
             .map_err(|e| self.write_error(e))?;
         info!(id, %address, "VLDB replica added");
+        Ok(())
+    }
+
+    /// Refuses to add a replica that is not there, answers to another id, or has a log of
+    /// its own: one started with `--peers` naming only itself bootstrapped a group of its
+    /// own, whose entries would clash with this group's.
+    async fn check_newcomer(&self, id: u64, address: &str) -> Result<(), ErrorCode> {
+        let metrics = self.raft.metrics().borrow().clone();
+        let membership = metrics.membership_config.membership();
+        if membership.get_node(&id).is_some() {
+            return Ok(());
+        }
+        let cell = proto::CellConfig {
+            name: self.cell_name.clone(),
+            vlservers: vec![address.to_owned()],
+        };
+        let client = proto::VldbClient::new(
+            cell,
+            proto::PeerKind::VldbReplica { id: self.id },
+            Duration::from_secs(2),
+        );
+        let refuse = |reason: String| {
+            warn!(id, %address, %reason, "VLDB membership change refused");
+            Err(ErrorCode::BadMembership { reason })
+        };
+        let status = match client.replica_status(address).await {
+            Ok(status) => status,
+            Err(e) => {
+                return refuse(format!(
+                    "cannot reach replica {id} at {address} ({e}): start it first, with an \
+                     empty --data, --id {id} and --peers listing this group's replicas and itself"
+                ));
+            }
+        };
+        if status.id != id {
+            return refuse(format!(
+                "the replica at {address} is replica {}, not {id}",
+                status.id
+            ));
+        }
+        if status.last_log_index.is_some() || !status.members.is_empty() {
+            return refuse(format!(
+                "replica {id} at {address} already has a log of its own (was it started with \
+                 --peers naming only itself?): start it again with an empty --data and --peers \
+                 listing this group's replicas and itself"
+            ));
+        }
         Ok(())
     }
 
