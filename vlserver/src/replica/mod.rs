@@ -545,3 +545,35 @@ fn peers_text(peers: &BTreeMap<u64, String>) -> String {
         .collect::<Vec<_>>()
         .join(",")
 }
+
+#[cfg(test)]
+mod tests {
+    use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId};
+    use proto::{ServerId, VolumeName};
+
+    use super::TypeConfig;
+    use crate::command::Command;
+
+    /// The bytes of a log entry as `raft-log.redb` holds them: the leader id (term, node),
+    /// the index, then the payload, postcard throughout. An openraft upgrade that changed
+    /// them would make an old log unreadable: this fails first.
+    #[test]
+    fn a_log_entry_keeps_its_bytes() {
+        let entry: Entry<TypeConfig> = Entry {
+            log_id: LogId::new(CommittedLeaderId::new(2, 3), 7),
+            payload: EntryPayload::Normal(Command::CreateEntry {
+                name: VolumeName::parse("a").unwrap(),
+                server: ServerId(uuid::Uuid::from_u128(1)),
+            }),
+        };
+        let bytes = postcard::to_stdvec(&entry).unwrap();
+        let mut expected = vec![2, 3, 7]; // term 2, node 3, index 7
+        expected.extend([1, 1]); // EntryPayload::Normal (after Blank), Command::CreateEntry
+        expected.extend([1, b'a']); // the name
+        expected.push(16); // the server's uuid: 16 bytes
+        expected.extend(uuid::Uuid::from_u128(1).as_bytes());
+        assert_eq!(bytes, expected);
+        let back: Entry<TypeConfig> = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(back.log_id, entry.log_id);
+    }
+}
