@@ -24,7 +24,7 @@ use tracing::{error, info};
 pub use command::{Applied, Command, Outcome};
 pub use error::VldbError;
 pub use limits::StoreLimits;
-pub use replica::{DATABASE_FILE, LOG_FILE, Replica, ReplicaConfig};
+pub use replica::{DATABASE_FILE, LOG_FILE, Replica, ReplicaConfig, decode_untrusted};
 pub use service::VldbService;
 pub use store::{IDS_PER_VOLUME, Store, VOLUME_ID_FIRST};
 pub use tables::FORMAT_VERSION;
