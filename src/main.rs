@@ -108,7 +108,7 @@ enum Command {
         pair: Option<String>,
         /// Milliseconds of the pair lease: renewed every quarter of it; a member that
         /// cannot renew stops serving a fifth of it before the lease ends.
-        #[arg(long, value_name = "N", default_value_t = 2000, requires = "pair")]
+        #[arg(long, value_name = "N", default_value_t = 1000, requires = "pair")]
         pair_lease_ms: u64,
         /// Append a line per acknowledged change and per role change to FILE (an audit
         /// trail: `<unix micros> <epoch> <member> <what>`).

@@ -19,9 +19,10 @@ use tracing::{debug, info, warn};
 use crate::volume::VolumeLocation;
 
 /// First and longest pause between attempts on a pair's members: short, since a
-/// passive member points at the active at once and a takeover takes a lease or two.
+/// passive member points at the active at once (an attempt costs a round trip) and a
+/// takeover takes about a lease, one second by default.
 const FAILOVER_BACKOFF_MIN: Duration = Duration::from_millis(50);
-const FAILOVER_BACKOFF_MAX: Duration = Duration::from_millis(500);
+const FAILOVER_BACKOFF_MAX: Duration = Duration::from_millis(100);
 /// Every member of a pair failing to connect this long sends the pool to the VLDB
 /// for the server's current addresses, at most once per this long within one call.
 const RELOCATE_AFTER: Duration = Duration::from_secs(1);

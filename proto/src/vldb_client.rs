@@ -24,7 +24,7 @@ use crate::rpc::{self, Connection, Limits};
 /// The pause after a round of attempts that reached no leader: short, since an election
 /// takes a few hundred milliseconds, and doubling so that a long one is not polled hard.
 const BACKOFF_FIRST: Duration = Duration::from_millis(20);
-const BACKOFF_MAX: Duration = Duration::from_millis(160);
+const BACKOFF_MAX: Duration = Duration::from_millis(40);
 
 /// Talks to the VLDB of one cell.
 pub struct VldbClient {

@@ -53,9 +53,9 @@ pub const LOG_FILE: &str = "raft-log.redb";
 
 /// How often the leader heartbeats, and the election timeout's range: on loopback or a
 /// LAN, a dead leader is replaced within about half a second.
-const HEARTBEAT: Duration = Duration::from_millis(50);
-const ELECTION_MIN: Duration = Duration::from_millis(150);
-const ELECTION_MAX: Duration = Duration::from_millis(300);
+const HEARTBEAT: Duration = Duration::from_millis(30);
+const ELECTION_MIN: Duration = Duration::from_millis(100);
+const ELECTION_MAX: Duration = Duration::from_millis(200);
 /// A snapshot every this many entries bounds the log.
 const SNAPSHOT_EVERY: u64 = 5_000;
 /// The log id a single VLDB's data is taken over at: after the bootstrap's membership
