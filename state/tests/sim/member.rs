@@ -44,6 +44,9 @@ pub struct Ctx<'a> {
     pub out: Vec<(Node, Msg)>,
     pub checker: &'a mut Checker,
     pub vfs: &'a MemVfs,
+    /// Set by a passive told how long the lease still runs: call again after this many
+    /// ms, as the fileserver looks again exactly when the lease can have run out.
+    pub retry_after: Option<u64>,
 }
 
 pub struct Member {
@@ -150,11 +153,18 @@ impl Member {
     pub fn tick(&mut self, ctx: &mut Ctx) -> Result<(), String> {
         self.fence(ctx);
         let local = self.local(ctx.now);
-        let (call, epoch) = match &mut self.role {
-            Role::Active(acting) => {
-                acting.end_grace(ctx, self.index, local)?;
-                (Call::Renew, acting.epoch)
-            }
+        if let Role::Active(acting) = &mut self.role {
+            acting.end_grace(ctx, self.index, local)?;
+        }
+        self.call(ctx);
+        Ok(())
+    }
+
+    /// Renews (active) or tries to acquire the epoch last seen (passive).
+    fn call(&mut self, ctx: &mut Ctx) {
+        let local = self.local(ctx.now);
+        let (call, epoch) = match &self.role {
+            Role::Active(acting) => (Call::Renew, acting.epoch),
             Role::Passive => (Call::Acquire, self.epoch_seen),
         };
         ctx.out.push((
@@ -167,7 +177,14 @@ impl Member {
                 sent: local,
             },
         ));
-        Ok(())
+    }
+
+    /// The lease a passive was told about can have run out: try to acquire it now.
+    pub fn retry(&mut self, ctx: &mut Ctx) {
+        self.fence(ctx);
+        if matches!(self.role, Role::Passive) {
+            self.call(ctx);
+        }
     }
 
     /// A planned switchover: stop acting first, then hand the lease to the partner.
@@ -223,13 +240,24 @@ impl Member {
                     self.lease.granted(epoch, from);
                 }
             }
-            (_, Err(LeaseRefusal::Held { epoch, active, .. })) => {
+            (
+                _,
+                Err(LeaseRefusal::Held {
+                    epoch,
+                    active,
+                    left,
+                }),
+            ) => {
                 self.epoch_seen = self.epoch_seen.max(epoch);
                 self.active_seen = active.as_deref().and_then(index_of);
                 if let Role::Active(acting) = &self.role
                     && acting.epoch < epoch
                 {
                     self.demote();
+                }
+                let left_ms = u64::try_from(left.as_millis()).unwrap_or(u64::MAX);
+                if matches!(self.role, Role::Passive) && left_ms > 0 && left_ms < TICK_MS {
+                    ctx.retry_after = Some(left_ms + 1);
                 }
             }
             (_, Err(LeaseRefusal::Lost { epoch })) => {

@@ -60,9 +60,23 @@ enum Fault {
 
 #[derive(Debug)]
 enum Event {
-    Deliver { to: Node, msg: Msg },
-    MemberTick { member: usize, incarnation: u64 },
-    ClientTimer { client: usize, timer: Timer },
+    Deliver {
+        to: Node,
+        msg: Msg,
+    },
+    MemberTick {
+        member: usize,
+        incarnation: u64,
+    },
+    /// A passive's extra acquire, when the lease it was told about can have run out.
+    MemberRetry {
+        member: usize,
+        incarnation: u64,
+    },
+    ClientTimer {
+        client: usize,
+        timer: Timer,
+    },
     Fault,
     MemberRestart(usize),
     VldbUp,
@@ -242,7 +256,8 @@ impl World {
                 to: Node::Member(m),
                 ..
             }
-            | Event::MemberTick { member: m, .. } => self.member_event(*m),
+            | Event::MemberTick { member: m, .. }
+            | Event::MemberRetry { member: m, .. } => self.member_event(*m),
             _ => None,
         };
         if let Some(wait) = paused {
@@ -269,6 +284,19 @@ impl World {
                     },
                 );
                 Ok(())
+            }
+            Event::MemberRetry {
+                member,
+                incarnation,
+            } => {
+                let m = &self.members[member];
+                if !m.up || m.incarnation != incarnation {
+                    return Ok(());
+                }
+                self.with_member(member, |m, ctx| {
+                    m.retry(ctx);
+                    Ok(())
+                })
             }
             Event::ClientTimer { client, timer } => {
                 if let Some((msg, after, retry)) =
@@ -323,10 +351,22 @@ impl World {
             out: Vec::new(),
             checker: &mut self.checker,
             vfs: &self.vfs,
+            retry_after: None,
         };
         handle(&mut self.members[member], &mut ctx)?;
+        let retry_after = ctx.retry_after;
         for (to, msg) in ctx.out {
             self.send(Node::Member(member), to, msg);
+        }
+        if let Some(after) = retry_after {
+            let incarnation = self.members[member].incarnation;
+            self.schedule(
+                after,
+                Event::MemberRetry {
+                    member,
+                    incarnation,
+                },
+            );
         }
         Ok(())
     }
