@@ -1,9 +1,12 @@
 //! The invariants of the pair simulation, checked as the run goes and at its end: one
-//! active per epoch, no acknowledged write lost, no lock granted twice (see `Checker`).
+//! active per epoch, no acknowledged write lost, no lock granted twice, and for the
+//! replicated VLDB one leader per term and one state per log index (see `Checker`).
 
 use std::collections::{BTreeMap, HashMap};
+use std::ops::AddAssign;
 
 use proto::LockKind;
+use state::{Millis, PairLease};
 
 use crate::sim::disk::Slot;
 
@@ -16,6 +19,33 @@ pub struct Stats {
     pub acks: u64,
     pub writes_acked: u64,
     pub locks_granted: u64,
+    /// Renewals the VLDB answered with success.
+    pub renewals: u64,
+    /// Elections won (replicated VLDB).
+    pub leaders: u64,
+    /// Calls a leader turned away because it had not yet applied its predecessors'
+    /// entries.
+    pub unready: u64,
+    /// Entries a follower dropped because a new leader's log disagreed: a stale leader's
+    /// proposals that never committed.
+    pub truncated: u64,
+    pub replica_restarts: u64,
+}
+
+impl AddAssign for Stats {
+    fn add_assign(&mut self, run: Stats) {
+        self.epochs += run.epochs;
+        self.takeovers += run.takeovers;
+        self.fences += run.fences;
+        self.acks += run.acks;
+        self.writes_acked += run.writes_acked;
+        self.locks_granted += run.locks_granted;
+        self.renewals += run.renewals;
+        self.leaders += run.leaders;
+        self.unready += run.unready;
+        self.truncated += run.truncated;
+        self.replica_restarts += run.replica_restarts;
+    }
 }
 
 /// The invariants, checked as the run goes and at its end:
@@ -27,10 +57,17 @@ pub struct Stats {
 ///    disk exactly once, at every takeover and at the end.
 /// 3. no lock granted twice: replaying the history of grants and releases, whoever
 ///    recorded them, no two owners ever hold conflicting locks on one slot.
+/// 4. the replicated VLDB is one state machine: at most one leader per term, and every
+///    replica that applies log index i reaches the same durable pair state there.
 #[derive(Default)]
 pub struct Checker {
     /// Epoch -> the member the VLDB granted it to.
     granted: BTreeMap<u64, usize>,
+    /// Term -> the replica elected in it.
+    leaders: BTreeMap<u64, usize>,
+    /// Log index -> the entry's term and the pair's durable state once it is applied
+    /// (expiry zeroed: it is each replica's own).
+    states: BTreeMap<u64, (u64, PairLease)>,
     /// The acknowledgement of the newest epoch so far: (time, member, epoch).
     newest_ack: Option<(u64, usize, u64)>,
     /// Writes clients saw acknowledged: (client, seq) -> value.
@@ -57,6 +94,55 @@ impl Checker {
         self.granted.insert(epoch, member);
         self.stats.epochs += 1;
         Ok(())
+    }
+
+    /// A replica of the replicated VLDB told `member` it holds `epoch`. Unlike the single
+    /// VLDB's, these answers may arrive out of epoch order (a deposed leader learns of
+    /// its commit late); the log's order is `applied`'s to check.
+    pub fn vldb_told(&mut self, epoch: u64, member: usize) -> Result<(), String> {
+        match self.granted.insert(epoch, member) {
+            Some(before) if before != member => Err(format!(
+                "the VLDB granted epoch {epoch} twice: to m{before} and to m{member}"
+            )),
+            Some(_) => Err(format!(
+                "the VLDB told m{member} twice it holds epoch {epoch}"
+            )),
+            None => {
+                self.stats.epochs += 1;
+                Ok(())
+            }
+        }
+    }
+
+    pub fn leader_elected(&mut self, term: u64, replica: usize) -> Result<(), String> {
+        if let Some(before) = self.leaders.insert(term, replica) {
+            return Err(format!("r{before} and r{replica} both lead term {term}"));
+        }
+        self.stats.leaders += 1;
+        Ok(())
+    }
+
+    /// `replica` applied log index `index`, of term `term`, and its pair is now `pair`.
+    pub fn applied(
+        &mut self,
+        replica: usize,
+        index: u64,
+        term: u64,
+        pair: &PairLease,
+    ) -> Result<(), String> {
+        let mut durable = pair.clone();
+        durable.expires = Millis(0);
+        match self.states.get(&index) {
+            None => {
+                self.states.insert(index, (term, durable));
+                Ok(())
+            }
+            Some((first_term, first)) if (*first_term, first) == (term, &durable) => Ok(()),
+            Some((first_term, first)) => Err(format!(
+                "r{replica} applied index {index} (term {term}) to {durable:?}; another \
+                 replica applied it (term {first_term}) to {first:?}"
+            )),
+        }
     }
 
     /// `member` answers a client as the active of `epoch`, at `now`.

@@ -20,6 +20,11 @@ pub const LEASE: Duration = Duration::from_millis(2000);
 const MARGIN: Duration = Duration::from_millis(400);
 /// The period of renewals (active) and of acquire attempts (passive).
 pub const TICK_MS: u64 = 500;
+/// Every simulated clock (members' and VLDB replicas') runs within 3% of true rate:
+/// two of them differ by at most about 6%, inside the design's margin / lease = 20%.
+pub const RATE_PPM: (u64, u64) = (970_000, 1_030_000);
+/// How many not-leader hints a member follows between two ticks.
+const HOPS_MAX: u32 = 3;
 const GRACE: Duration = Duration::from_millis(3000);
 const GRACE_RETRY: Duration = Duration::from_millis(200);
 
@@ -36,6 +41,11 @@ pub enum Variant {
     /// Margin 0 and the lease counted from when the answer arrived: the member outlives
     /// the VLDB's expiry by the answer's delay and its clock's slowness.
     TrustReceiveTime,
+    /// Not broken, lenient: past its deadline the member stops acting but keeps its term
+    /// and renews, and a renewal granted late reopens its fence. The fileserver can do
+    /// this much when a renewal's answer races its deadline (`serve_term`'s `select!`);
+    /// here it always does, so a VLDB whose "renewed" is not a true promise is caught.
+    LateRenewal,
 }
 
 /// What a member's handlers need from the world.
@@ -44,6 +54,9 @@ pub struct Ctx<'a> {
     pub out: Vec<(Node, Msg)>,
     pub checker: &'a mut Checker,
     pub vfs: &'a MemVfs,
+    /// Set by a passive told how long the lease still runs: call again after this many
+    /// ms, as the fileserver looks again exactly when the lease can have run out.
+    pub retry_after: Option<u64>,
 }
 
 pub struct Member {
@@ -62,6 +75,33 @@ pub struct Member {
     /// The newest epoch and active the VLDB told this member about.
     epoch_seen: u64,
     active_seen: Option<usize>,
+    route: Route,
+}
+
+/// Where a member sends its lease calls: the single VLDB, or the replica it believes
+/// leads the replicated one. It follows not-leader hints, and moves on to the next
+/// replica when a tick finds its last call unanswered.
+struct Route {
+    /// 0 for the single VLDB.
+    replicas: usize,
+    leader: usize,
+    answered: bool,
+    /// Hints followed since the last tick.
+    hops: u32,
+}
+
+impl Route {
+    fn node(&self) -> Node {
+        if self.replicas == 0 {
+            Node::Vldb
+        } else {
+            Node::Replica(self.leader)
+        }
+    }
+
+    fn next(&self) -> usize {
+        (self.leader + 1) % self.replicas.max(1)
+    }
 }
 
 enum Role {
@@ -85,20 +125,26 @@ fn index_of(name: &str) -> Option<usize> {
 }
 
 impl Member {
-    pub fn new(index: usize, variant: Variant, rng: &mut Rng) -> Member {
+    /// `replicas` is 0 for the single VLDB, else the replicated VLDB's size.
+    pub fn new(index: usize, variant: Variant, replicas: usize, rng: &mut Rng) -> Member {
         Member {
             index,
             incarnation: 0,
             up: true,
             paused_until: 0,
-            // Within 3% of true rate: inside the design's margin / lease = 20%.
-            rate_ppm: rng.between(970_000, 1_030_000),
+            rate_ppm: rng.between(RATE_PPM.0, RATE_PPM.1),
             offset: rng.between(0, 1_000_000),
             variant,
             lease: new_lease(variant),
             role: Role::Passive,
             epoch_seen: 0,
             active_seen: None,
+            route: Route {
+                replicas,
+                leader: index % replicas.max(1),
+                answered: true,
+                hops: 0,
+            },
         }
     }
 
@@ -114,9 +160,10 @@ impl Member {
         }
     }
 
-    /// The fence check: an active whose lease ran out demotes itself.
+    /// The fence check: an active whose lease ran out demotes itself (`LateRenewal`: it
+    /// only stops acting until a renewal comes).
     fn fence(&mut self, ctx: &mut Ctx) {
-        if self.variant != Variant::NoFenceCheck
+        if !matches!(self.variant, Variant::NoFenceCheck | Variant::LateRenewal)
             && matches!(self.role, Role::Active(_))
             && !self.lease.is_valid(self.local(ctx.now))
         {
@@ -150,15 +197,30 @@ impl Member {
     pub fn tick(&mut self, ctx: &mut Ctx) -> Result<(), String> {
         self.fence(ctx);
         let local = self.local(ctx.now);
-        let (call, epoch) = match &mut self.role {
-            Role::Active(acting) => {
-                acting.end_grace(ctx, self.index, local)?;
-                (Call::Renew, acting.epoch)
-            }
+        let fenced = self.variant == Variant::LateRenewal && !self.lease.is_valid(local);
+        if let Role::Active(acting) = &mut self.role
+            && !fenced
+        {
+            acting.end_grace(ctx, self.index, local)?;
+        }
+        if !self.route.answered {
+            self.route.leader = self.route.next();
+        }
+        self.route.answered = false;
+        self.route.hops = 0;
+        self.call(ctx);
+        Ok(())
+    }
+
+    /// Renews (active) or tries to acquire the epoch last seen (passive).
+    fn call(&mut self, ctx: &mut Ctx) {
+        let local = self.local(ctx.now);
+        let (call, epoch) = match &self.role {
+            Role::Active(acting) => (Call::Renew, acting.epoch),
             Role::Passive => (Call::Acquire, self.epoch_seen),
         };
         ctx.out.push((
-            Node::Vldb,
+            self.route.node(),
             Msg::Lease {
                 call,
                 member: self.index,
@@ -167,7 +229,29 @@ impl Member {
                 sent: local,
             },
         ));
-        Ok(())
+    }
+
+    /// A replica turned the call away: follow its hint (or try the next replica) and
+    /// call again at once, unless the hint names the replica that answered, which leads
+    /// but is not ready yet; the next tick retries then.
+    pub fn on_not_leader(&mut self, ctx: &mut Ctx, from: usize, hint: Option<usize>) {
+        self.route.answered = true;
+        self.fence(ctx);
+        let to = hint.unwrap_or_else(|| self.route.next());
+        if to == from || self.route.hops >= HOPS_MAX {
+            return;
+        }
+        self.route.leader = to;
+        self.route.hops += 1;
+        self.call(ctx);
+    }
+
+    /// The lease a passive was told about can have run out: try to acquire it now.
+    pub fn retry(&mut self, ctx: &mut Ctx) {
+        self.fence(ctx);
+        if matches!(self.role, Role::Passive) {
+            self.call(ctx);
+        }
     }
 
     /// A planned switchover: stop acting first, then hand the lease to the partner.
@@ -177,7 +261,7 @@ impl Member {
             let epoch = acting.epoch;
             self.demote();
             ctx.out.push((
-                Node::Vldb,
+                self.route.node(),
                 Msg::Release {
                     member: self.index,
                     epoch,
@@ -195,6 +279,7 @@ impl Member {
         sent: Millis,
         result: Result<u64, LeaseRefusal>,
     ) -> Result<(), String> {
+        self.route.answered = true;
         self.fence(ctx);
         let local = self.local(ctx.now);
         let from = match self.variant {
@@ -205,10 +290,15 @@ impl Member {
             (Call::Acquire, Ok(epoch)) => {
                 self.epoch_seen = self.epoch_seen.max(epoch);
                 self.active_seen = Some(self.index);
-                if matches!(self.role, Role::Active(_)) {
+                if let Role::Active(acting) = &self.role {
+                    if acting.epoch >= epoch {
+                        // A late answer: a deposed leader of the replicated VLDB learnt
+                        // of the commit after this member had moved on.
+                        return Ok(());
+                    }
                     return Err(format!(
-                        "m{}: granted epoch {epoch} while active",
-                        self.index
+                        "m{}: granted epoch {epoch} while active in epoch {}",
+                        self.index, acting.epoch
                     ));
                 }
                 self.lease.granted(epoch, from);
@@ -223,13 +313,24 @@ impl Member {
                     self.lease.granted(epoch, from);
                 }
             }
-            (_, Err(LeaseRefusal::Held { epoch, active, .. })) => {
+            (
+                _,
+                Err(LeaseRefusal::Held {
+                    epoch,
+                    active,
+                    left,
+                }),
+            ) => {
                 self.epoch_seen = self.epoch_seen.max(epoch);
                 self.active_seen = active.as_deref().and_then(index_of);
                 if let Role::Active(acting) = &self.role
                     && acting.epoch < epoch
                 {
                     self.demote();
+                }
+                let left_ms = u64::try_from(left.as_millis()).unwrap_or(u64::MAX);
+                if matches!(self.role, Role::Passive) && left_ms > 0 && left_ms < TICK_MS {
+                    ctx.retry_after = Some(left_ms + 1);
                 }
             }
             (_, Err(LeaseRefusal::Lost { epoch })) => {
@@ -274,7 +375,9 @@ impl Member {
     ) -> Result<(), String> {
         self.fence(ctx);
         let local = self.local(ctx.now);
+        let fenced = self.variant == Variant::LateRenewal && !self.lease.is_valid(local);
         let (epoch, reply) = match &mut self.role {
+            Role::Active(acting) if fenced => (acting.epoch, Reply::NotActive { hint: None }),
             Role::Passive => {
                 let hint = self.active_seen.filter(|&m| m != self.index);
                 (self.epoch_seen, Reply::NotActive { hint })

@@ -1,6 +1,7 @@
 //! The simulated world: an event queue in simulated time, a lossy network with cuts, the
-//! VLDB, members, clients and faults, all drawn from one seeded generator.
-//! Invariant: a run is a pure function of (seed, variant); every event is followed by the
+//! VLDB (one process, or three Raft replicas), members, clients and faults, all drawn
+//! from one seeded generator.
+//! Invariant: a run is a pure function of (seed, config); every event is followed by the
 //! checks that can be made at that instant.
 
 use std::cmp::Reverse;
@@ -15,6 +16,7 @@ use crate::sim::client::{Client, Timer};
 use crate::sim::disk;
 use crate::sim::member::{self, Ctx, LEASE, Member, TICK_MS, Variant};
 use crate::sim::message::{Call, Msg, Node};
+use crate::sim::replica::{self, Decider, HEARTBEAT_MS, REPLICAS, Replica};
 use crate::sim::rng::Rng;
 
 const CLIENTS: usize = 3;
@@ -24,25 +26,43 @@ const MEMBERS: usize = 2;
 #[derive(Clone, Copy, Debug)]
 pub struct Config {
     pub variant: Variant,
+    pub vldb: Vldb,
     /// Simulated length of the run.
     pub run_ms: u64,
+}
+
+/// Which VLDB decides about the pair.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[allow(
+    dead_code,
+    reason = "pair_sim's build of this module never replicates the VLDB"
+)]
+pub enum Vldb {
+    /// One process: `PairLease` checks and applies at once.
+    Single,
+    /// `REPLICAS` replicas running Raft, the pair lease their state machine.
+    Replicated(Decider),
 }
 
 /// A broken invariant, with what it takes to see it again.
 #[derive(Debug)]
 pub struct Violation {
     pub seed: u64,
-    pub variant: Variant,
+    pub config: Config,
     pub now: u64,
     pub message: String,
 }
 
 impl fmt::Display for Violation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let test = match self.config.vldb {
+            Vldb::Single => "pair_sim",
+            Vldb::Replicated(_) => "vldb_sim",
+        };
         write!(
             f,
-            "seed {} ({:?}), at {} ms: {}\nreplay with: HOLDFAST_SIM_SEED={} cargo test -p state --test pair_sim",
-            self.seed, self.variant, self.now, self.message, self.seed
+            "seed {} ({:?}, {:?}), at {} ms: {}\nreplay with: HOLDFAST_SIM_SEED={} cargo test -p state --test {test}",
+            self.seed, self.config.variant, self.config.vldb, self.now, self.message, self.seed
         )
     }
 }
@@ -56,16 +76,44 @@ enum Fault {
     Pause(usize, u64),
     VldbRestart(u64),
     Switchover,
+    ReplicaCrash(usize, u64),
+    /// Cut a replica from the other replicas (not from the members) for a while: a
+    /// leader so cut goes on believing it leads, in a minority.
+    Isolate(usize, u64),
+    /// Delay everything between a replica and the others by `extra` ms for a while: a
+    /// leader so slowed commits late, or loses its followers to an election.
+    Slow(usize, u64, u64),
+    /// SIGSTOP a replica for a while: a leader so stopped wakes up believing it leads.
+    ReplicaPause(usize, u64),
 }
 
 #[derive(Debug)]
 enum Event {
-    Deliver { to: Node, msg: Msg },
-    MemberTick { member: usize, incarnation: u64 },
-    ClientTimer { client: usize, timer: Timer },
+    Deliver {
+        to: Node,
+        msg: Msg,
+    },
+    MemberTick {
+        member: usize,
+        incarnation: u64,
+    },
+    /// A passive's extra acquire, when the lease it was told about can have run out.
+    MemberRetry {
+        member: usize,
+        incarnation: u64,
+    },
+    ClientTimer {
+        client: usize,
+        timer: Timer,
+    },
     Fault,
     MemberRestart(usize),
     VldbUp,
+    ReplicaTick {
+        replica: usize,
+        incarnation: u64,
+    },
+    ReplicaUp(usize),
 }
 
 struct Scheduled {
@@ -97,6 +145,8 @@ struct Network {
     slow_per_mille: u64,
     /// Cut links and when they heal.
     cuts: Vec<(Node, Node, u64)>,
+    /// Congested links: (a, b, until, extra delay).
+    slow: Vec<(Node, Node, u64, u64)>,
 }
 
 impl Network {
@@ -105,9 +155,19 @@ impl Network {
             .iter()
             .any(|&(x, y, until)| now < until && ((x, y) == (a, b) || (x, y) == (b, a)))
     }
+
+    fn extra_delay(&self, a: Node, b: Node, now: u64) -> u64 {
+        self.slow
+            .iter()
+            .filter(|&&(x, y, until, _)| now < until && ((x, y) == (a, b) || (x, y) == (b, a)))
+            .map(|&(_, _, _, extra)| extra)
+            .max()
+            .unwrap_or(0)
+    }
 }
 
-struct Vldb {
+/// The single VLDB.
+struct SingleVldb {
     pair: PairLease,
     up: bool,
 }
@@ -119,7 +179,9 @@ pub struct World {
     queue: BinaryHeap<Reverse<Scheduled>>,
     rng: Rng,
     network: Network,
-    vldb: Vldb,
+    vldb: SingleVldb,
+    /// The replicated VLDB; empty with the single one.
+    replicas: Vec<Replica>,
     members: Vec<Member>,
     clients: Vec<Client>,
     checker: Checker,
@@ -131,7 +193,7 @@ pub fn run(seed: u64, config: Config) -> Result<Stats, Violation> {
     let mut world = World::new(seed, config);
     world.run().map_err(|message| Violation {
         seed,
-        variant: config.variant,
+        config,
         now: world.now,
         message,
     })?;
@@ -145,15 +207,26 @@ impl World {
             loss_per_mille: rng.between(0, 50),
             slow_per_mille: rng.between(0, 50),
             cuts: Vec::new(),
+            slow: Vec::new(),
         };
         let mut pair = PairLease::default();
+        let replicas = match config.vldb {
+            Vldb::Single => 0,
+            Vldb::Replicated(_) => REPLICAS,
+        };
         let members: Vec<Member> = (0..MEMBERS)
-            .map(|index| Member::new(index, config.variant, &mut rng))
+            .map(|index| Member::new(index, config.variant, replicas, &mut rng))
             .collect();
         for index in 0..MEMBERS {
             pair.join(&member::name(index))
                 .expect("two members fit a pair");
         }
+        let replicas = match config.vldb {
+            Vldb::Single => Vec::new(),
+            Vldb::Replicated(decider) => (0..REPLICAS)
+                .map(|index| Replica::new(index, decider, pair.clone(), &mut rng))
+                .collect(),
+        };
         World {
             config,
             now: 0,
@@ -161,7 +234,8 @@ impl World {
             queue: BinaryHeap::new(),
             rng,
             network,
-            vldb: Vldb { pair, up: true },
+            vldb: SingleVldb { pair, up: true },
+            replicas,
             members,
             clients: (0..CLIENTS).map(Client::new).collect(),
             checker: Checker::default(),
@@ -179,7 +253,8 @@ impl World {
         }));
     }
 
-    fn send(&mut self, from: Node, to: Node, msg: Msg) {
+    /// Sends `msg` `after` ms from now, through the network's loss, cuts and delays.
+    fn send(&mut self, from: Node, to: Node, msg: Msg, after: u64) {
         if self.network.cut(from, to, self.now) || self.rng.chance(self.network.loss_per_mille) {
             return;
         }
@@ -188,6 +263,7 @@ impl World {
         } else {
             self.rng.between(1, 15)
         };
+        let delay = after + delay + self.network.extra_delay(from, to, self.now);
         self.schedule(delay, Event::Deliver { to, msg });
     }
 
@@ -209,6 +285,16 @@ impl World {
             };
             let after = self.rng.between(0, 500);
             self.schedule(after, Event::ClientTimer { client, timer });
+        }
+        for replica in 0..self.replicas.len() {
+            let after = self.rng.between(0, HEARTBEAT_MS);
+            self.schedule(
+                after,
+                Event::ReplicaTick {
+                    replica,
+                    incarnation: 0,
+                },
+            );
         }
         let first_fault = self.rng.between(1000, 3000);
         self.schedule(first_fault, Event::Fault);
@@ -242,7 +328,16 @@ impl World {
                 to: Node::Member(m),
                 ..
             }
-            | Event::MemberTick { member: m, .. } => self.member_event(*m),
+            | Event::MemberTick { member: m, .. }
+            | Event::MemberRetry { member: m, .. } => self.member_event(*m),
+            Event::Deliver {
+                to: Node::Replica(r),
+                ..
+            }
+            | Event::ReplicaTick { replica: r, .. } => {
+                let r = &self.replicas[*r];
+                (r.up && r.paused_until > self.now).then(|| r.paused_until - self.now)
+            }
             _ => None,
         };
         if let Some(wait) = paused {
@@ -270,12 +365,25 @@ impl World {
                 );
                 Ok(())
             }
+            Event::MemberRetry {
+                member,
+                incarnation,
+            } => {
+                let m = &self.members[member];
+                if !m.up || m.incarnation != incarnation {
+                    return Ok(());
+                }
+                self.with_member(member, |m, ctx| {
+                    m.retry(ctx);
+                    Ok(())
+                })
+            }
             Event::ClientTimer { client, timer } => {
                 if let Some((msg, after, retry)) =
                     self.clients[client].on_timer(timer, &mut self.rng)
                 {
                     let to = self.clients[client].target();
-                    self.send(Node::Client(client), to, msg);
+                    self.send(Node::Client(client), to, msg, 0);
                     self.schedule(
                         after,
                         Event::ClientTimer {
@@ -310,7 +418,68 @@ impl World {
                 self.vldb.pair.restarted(LEASE, Millis(self.now));
                 Ok(())
             }
+            Event::ReplicaTick {
+                replica,
+                incarnation,
+            } => {
+                let r = &self.replicas[replica];
+                if !r.up || r.incarnation != incarnation {
+                    return Ok(());
+                }
+                self.with_replica(replica, |r, ctx| {
+                    r.tick(ctx);
+                    Ok(())
+                })?;
+                let after = self.rng.between(HEARTBEAT_MS - 10, HEARTBEAT_MS + 10);
+                self.schedule(
+                    after,
+                    Event::ReplicaTick {
+                        replica,
+                        incarnation,
+                    },
+                );
+                Ok(())
+            }
+            Event::ReplicaUp(replica) => {
+                self.with_replica(replica, |r, ctx| {
+                    r.restart(ctx);
+                    Ok(())
+                })?;
+                let incarnation = self.replicas[replica].incarnation;
+                self.schedule(
+                    0,
+                    Event::ReplicaTick {
+                        replica,
+                        incarnation,
+                    },
+                );
+                Ok(())
+            }
         }
+    }
+
+    fn with_replica(
+        &mut self,
+        replica: usize,
+        handle: impl FnOnce(&mut Replica, &mut replica::Ctx) -> Result<(), String>,
+    ) -> Result<(), String> {
+        let mut ctx = replica::Ctx {
+            now: self.now,
+            out: Vec::new(),
+            synced: Vec::new(),
+            checker: &mut self.checker,
+            rng: &mut self.rng,
+        };
+        handle(&mut self.replicas[replica], &mut ctx)?;
+        let (out, synced) = (ctx.out, ctx.synced);
+        for (to, msg) in out {
+            self.send(Node::Replica(replica), to, msg, 0);
+        }
+        let sync_ms = self.replicas[replica].sync_ms;
+        for (to, msg) in synced {
+            self.send(Node::Replica(replica), to, msg, sync_ms);
+        }
+        Ok(())
     }
 
     fn with_member(
@@ -323,10 +492,22 @@ impl World {
             out: Vec::new(),
             checker: &mut self.checker,
             vfs: &self.vfs,
+            retry_after: None,
         };
         handle(&mut self.members[member], &mut ctx)?;
+        let retry_after = ctx.retry_after;
         for (to, msg) in ctx.out {
-            self.send(Node::Member(member), to, msg);
+            self.send(Node::Member(member), to, msg, 0);
+        }
+        if let Some(after) = retry_after {
+            let incarnation = self.members[member].incarnation;
+            self.schedule(
+                after,
+                Event::MemberRetry {
+                    member,
+                    incarnation,
+                },
+            );
         }
         Ok(())
     }
@@ -338,6 +519,33 @@ impl World {
                     self.vldb_call(msg)?;
                 }
                 Ok(())
+            }
+            Node::Replica(replica) => {
+                if !self.replicas[replica].up {
+                    return Ok(());
+                }
+                self.with_replica(replica, |r, ctx| match msg {
+                    Msg::Lease {
+                        call,
+                        member,
+                        incarnation,
+                        epoch,
+                        sent,
+                    } => {
+                        r.on_lease(ctx, call, member, incarnation, epoch, sent);
+                        Ok(())
+                    }
+                    Msg::Release {
+                        member,
+                        epoch,
+                        successor,
+                    } => {
+                        r.on_release(ctx, member, epoch, successor);
+                        Ok(())
+                    }
+                    Msg::Raft(raft) => r.on_raft(ctx, raft),
+                    other => Err(format!("r{replica} got {other:?}")),
+                })
             }
             Node::Member(member) => {
                 if !self.members[member].up {
@@ -356,6 +564,19 @@ impl World {
                         }
                         self.with_member(member, |m, ctx| {
                             m.on_lease_answer(ctx, call, epoch, sent, result)
+                        })
+                    }
+                    Msg::NotLeader {
+                        from,
+                        incarnation,
+                        hint,
+                    } => {
+                        if incarnation != self.members[member].incarnation {
+                            return Ok(());
+                        }
+                        self.with_member(member, |m, ctx| {
+                            m.on_not_leader(ctx, from, hint);
+                            Ok(())
                         })
                     }
                     Msg::Request { client, seq, op } => {
@@ -400,8 +621,10 @@ impl World {
                     Call::Acquire => pair.acquire(&name, epoch, LEASE, now),
                     Call::Renew => pair.renew(&name, epoch, LEASE, now).map(|()| epoch),
                 };
-                if let (Call::Acquire, Ok(granted)) = (call, &result) {
-                    self.checker.vldb_granted(*granted, member)?;
+                match (call, &result) {
+                    (Call::Acquire, Ok(granted)) => self.checker.vldb_granted(*granted, member)?,
+                    (Call::Renew, Ok(_)) => self.checker.stats.renewals += 1,
+                    _ => {}
                 }
                 let answer = Msg::LeaseAnswer {
                     call,
@@ -410,7 +633,7 @@ impl World {
                     sent,
                     result,
                 };
-                self.send(Node::Vldb, Node::Member(member), answer);
+                self.send(Node::Vldb, Node::Member(member), answer, 0);
                 Ok(())
             }
             Msg::Release {
@@ -435,13 +658,32 @@ impl World {
         let member = self.rng.between(0, MEMBERS as u64 - 1) as usize;
         let client = self.rng.between(0, CLIENTS as u64 - 1) as usize;
         let span = self.rng.between(200, 6000);
-        let fault = match self.rng.between(0, 9) {
-            0..=2 => Fault::Partition(Node::Member(member), Node::Vldb, span),
-            3 => Fault::Partition(Node::Client(client), Node::Member(member), span),
-            4 => Fault::Crash(member, span),
-            5..=6 => Fault::Pause(member, span),
-            7 => Fault::VldbRestart(self.rng.between(0, 3000)),
-            _ => Fault::Switchover,
+        let fault = match self.config.vldb {
+            Vldb::Single => match self.rng.between(0, 9) {
+                0..=2 => Fault::Partition(Node::Member(member), Node::Vldb, span),
+                3 => Fault::Partition(Node::Client(client), Node::Member(member), span),
+                4 => Fault::Crash(member, span),
+                5..=6 => Fault::Pause(member, span),
+                7 => Fault::VldbRestart(self.rng.between(0, 3000)),
+                _ => Fault::Switchover,
+            },
+            Vldb::Replicated(_) => {
+                let replica = self.victim();
+                let other =
+                    (replica + self.rng.between(1, REPLICAS as u64 - 1) as usize) % REPLICAS;
+                match self.rng.between(0, 14) {
+                    0..=1 => Fault::Partition(Node::Member(member), Node::Replica(replica), span),
+                    2 => Fault::Partition(Node::Client(client), Node::Member(member), span),
+                    3 => Fault::Crash(member, span),
+                    4..=5 => Fault::Pause(member, span),
+                    6 => Fault::Switchover,
+                    7..=8 => Fault::ReplicaCrash(replica, self.rng.between(0, 3000)),
+                    9..=10 => Fault::Isolate(replica, span),
+                    11 => Fault::Partition(Node::Replica(replica), Node::Replica(other), span),
+                    12..=13 => Fault::Slow(replica, span, self.rng.between(200, 2000)),
+                    _ => Fault::ReplicaPause(replica, span),
+                }
+            }
         };
         match fault {
             Fault::Partition(a, b, span) => self.network.cuts.push((a, b, self.now + span)),
@@ -463,6 +705,39 @@ impl World {
                     self.schedule(down, Event::VldbUp);
                 }
             }
+            Fault::ReplicaCrash(replica, down) => {
+                if self.replicas[replica].up {
+                    self.replicas[replica].crash();
+                    self.schedule(down, Event::ReplicaUp(replica));
+                }
+            }
+            Fault::Isolate(replica, span) => {
+                for other in (0..REPLICAS).filter(|&r| r != replica) {
+                    let cut = (
+                        Node::Replica(replica),
+                        Node::Replica(other),
+                        self.now + span,
+                    );
+                    self.network.cuts.push(cut);
+                }
+            }
+            Fault::Slow(replica, span, extra) => {
+                for other in (0..REPLICAS).filter(|&r| r != replica) {
+                    let slow = (
+                        Node::Replica(replica),
+                        Node::Replica(other),
+                        self.now + span,
+                        extra,
+                    );
+                    self.network.slow.push(slow);
+                }
+            }
+            Fault::ReplicaPause(replica, span) => {
+                let r = &mut self.replicas[replica];
+                if r.up {
+                    r.paused_until = r.paused_until.max(self.now + span);
+                }
+            }
             Fault::Switchover => {
                 for member in 0..MEMBERS {
                     if self.member_event(member).is_none() && self.members[member].up {
@@ -476,6 +751,24 @@ impl World {
             }
         }
         self.network.cuts.retain(|&(_, _, until)| until > self.now);
+        self.network
+            .slow
+            .retain(|&(_, _, until, _)| until > self.now);
         Ok(())
+    }
+
+    /// The replica a fault strikes: mostly the newest leader, else any.
+    fn victim(&mut self) -> usize {
+        let any = self.rng.between(0, REPLICAS as u64 - 1) as usize;
+        let leader = self
+            .replicas
+            .iter()
+            .filter(|r| r.up)
+            .filter_map(|r| r.leads().map(|term| (term, r.index)))
+            .max();
+        match leader {
+            Some((_, leader)) if self.rng.chance(700) => leader,
+            _ => any,
+        }
     }
 }
