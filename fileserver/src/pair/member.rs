@@ -323,11 +323,14 @@ impl Machine<'_> {
                 () = tokio::time::sleep_until(next_renewal) => {
                     next_renewal = tokio::time::Instant::now() + every;
                     let sent = fence::now();
+                    // The deadline first: an answer that arrives after it is not taken,
+                    // so a member never acts again on a lease it had let run out.
                     let renewed = tokio::select! {
-                        renewed = self.vldb.renew_pair(self.name(), self.member, epoch, self.pair.lease) => renewed,
+                        biased;
                         () = tokio::time::sleep_until(deadline) => {
                             return TermEnd::Fenced("lease ran out during a renewal");
                         }
+                        renewed = self.vldb.renew_pair(self.name(), self.member, epoch, self.pair.lease) => renewed,
                     };
                     match renewed {
                         Ok((granted, _)) => {
