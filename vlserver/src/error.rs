@@ -43,6 +43,11 @@ pub enum VldbError {
     /// A request the VLDB refuses for a reason the peer is told.
     #[error("{0}")]
     Refused(ErrorCode),
+    #[error(
+        "VLDB file {path} is corrupt ({reason}): move it aside and start this replica with \
+         an empty --data; it receives the group's state as a snapshot"
+    )]
+    CorruptFile { path: PathBuf, reason: String },
     #[error("{0}")]
     Config(String),
     #[error("the VLDB replica stopped: {0}")]

@@ -70,10 +70,7 @@ impl Store {
     /// single VLDB's file (format 1) is upgraded in place: its tables stay as they are,
     /// and `taken_over` says so, for the replica to make them its first snapshot.
     pub fn open(path: &Path, limits: StoreLimits) -> Result<Store, VldbError> {
-        let db = Database::create(path).map_err(|source| VldbError::Open {
-            path: path.to_owned(),
-            source,
-        })?;
+        let db = crate::tables::open_checked(path)?;
         let txn = db.begin_write()?;
         let mut taken_over = false;
         {

@@ -5,11 +5,13 @@
 
 use std::collections::HashSet;
 
+use std::path::Path;
+
 use proto::{ServerEntry, ServerId};
-use redb::{ReadableTable, Table, TableDefinition};
+use redb::{Database, ReadableTable, Table, TableDefinition};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::error::VldbError;
 
@@ -59,6 +61,43 @@ pub(crate) const RAFT_APPLIED: &str = "applied";
 pub(crate) const RAFT_SNAPSHOT: &str = "snapshot";
 /// The cell this replica's data belongs to.
 pub(crate) const RAFT_CELL: &str = "cell";
+
+/// Opens (creating if missing) the redb file at `path` and checks every page's checksum,
+/// so a file damaged at rest is refused here, naming it, rather than met half-way through
+/// a transaction. redb repairs what a crash left torn (its last commit stands); a file it
+/// cannot repair, or that makes it panic, is `Corrupt`.
+pub(crate) fn open_checked(path: &Path) -> Result<Database, VldbError> {
+    // redb may panic on pages it cannot make sense of; that is reported below as a
+    // corrupt file, so the panic's own message is kept quiet meanwhile (this runs once,
+    // at start, before the replica serves).
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let opened = std::panic::catch_unwind(|| {
+        let mut db = Database::create(path)?;
+        let intact = db.check_integrity()?;
+        Ok::<_, redb::DatabaseError>((db, intact))
+    });
+    std::panic::set_hook(hook);
+    let corrupt = |reason: String| VldbError::CorruptFile {
+        path: path.to_owned(),
+        reason,
+    };
+    match opened {
+        Ok(Ok((db, true))) => Ok(db),
+        Ok(Ok((db, false))) => {
+            warn!(path = %path.display(), "repaired a VLDB file a crash left torn");
+            Ok(db)
+        }
+        Ok(Err(redb::DatabaseError::Storage(redb::StorageError::Corrupted(reason)))) => {
+            Err(corrupt(reason))
+        }
+        Ok(Err(source)) => Err(VldbError::Open {
+            path: path.to_owned(),
+            source,
+        }),
+        Err(_) => Err(corrupt("redb could not read its pages".into())),
+    }
+}
 
 /// The entry of `server`, if it has one.
 pub(crate) fn get_server(

@@ -219,3 +219,29 @@ fn create_enforces_the_volume_limit() {
         ErrorCode::InvalidArgument
     );
 }
+
+#[test]
+fn a_file_damaged_at_rest_is_refused_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vldb.redb");
+    {
+        let store = open(&dir);
+        let server = with_server(&store);
+        for i in 0..200 {
+            store.create_entry(&name(&format!("v{i}")), server).unwrap();
+        }
+    }
+    // Scribble over every page but the header.
+    let mut bytes = std::fs::read(&path).unwrap();
+    for at in (4096..bytes.len()).step_by(4096) {
+        let end = (at + 64).min(bytes.len());
+        bytes[at..end].fill(0xa5);
+    }
+    std::fs::write(&path, bytes).unwrap();
+    match Store::open(&path, StoreLimits::default()) {
+        Err(e @ (VldbError::CorruptFile { .. } | VldbError::Open { .. })) => {
+            assert!(e.to_string().contains("vldb.redb"), "{e}");
+        }
+        other => panic!("expected the file to be refused, got {other:?}"),
+    }
+}

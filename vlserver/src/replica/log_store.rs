@@ -38,10 +38,7 @@ pub(crate) struct LogStore {
 
 impl LogStore {
     pub(crate) fn open(path: &Path) -> std::result::Result<LogStore, VldbError> {
-        let db = Database::create(path).map_err(|source| VldbError::Open {
-            path: path.to_owned(),
-            source,
-        })?;
+        let db = crate::tables::open_checked(path)?;
         let txn = db.begin_write()?;
         txn.open_table(ENTRIES)?;
         txn.open_table(META)?;
