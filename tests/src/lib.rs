@@ -11,9 +11,11 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 pub mod pair;
+pub mod tmpfs;
 pub mod tripwire;
 
 pub use pair::{PAIR, Proxy};
+pub use tmpfs::Tmpfs;
 pub use tripwire::ErrorLine;
 
 use tripwire::Tripwire;
