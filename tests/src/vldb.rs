@@ -1,0 +1,300 @@
+//! The VLDB as a Raft group of three replica processes (`vl-1`..`vl-3`) in end-to-end
+//! tests: their status, kills and restarts.
+//! Invariant: a replica always starts on its own address, data directory and --peers,
+//! every address on 127.0.0.1.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use proto::{
+    CellConfig, PairEntry, PairName, PeerKind, Request, Response, VldbClient, VldbMemberStatus,
+    VldbRole,
+};
+
+use crate::TestCell;
+use crate::pair::{self, CELL, PAIR};
+
+/// What serves a test cell's VLDB.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum VldbKind {
+    /// One `vlserver` process: a group of one.
+    #[default]
+    Single,
+    /// `REPLICAS` replicas, `vl-1`.., each on an address and a data directory of its own.
+    Replicated,
+}
+
+/// What a replica's Raft library logs at ERROR when a peer cannot be reached.
+const PEER_UNREACHABLE: &str = "Unreachable node: proto::error::ProtoError";
+
+/// How many replicas a replicated VLDB runs: a majority survives any one of them.
+pub const REPLICAS: u64 = 3;
+
+/// One replica of a test cell's VLDB group.
+#[derive(Clone, Debug)]
+pub struct VldbReplica {
+    pub id: u64,
+    /// Its address in --peers and in the cell file: where the other replicas and the
+    /// cell's clients reach it.
+    pub address: String,
+    /// Where it listens: `address` itself.
+    pub listen: String,
+    /// Its data directory, in the cell's.
+    pub data: PathBuf,
+}
+
+/// The name replica `id` runs under (its log is `<name>.log`).
+pub fn replica_name(id: u64) -> String {
+    format!("vl-{id}")
+}
+
+/// What the VLDB replica at `address` says of itself (`VlStatus`).
+pub fn vldb_status(address: &str) -> Result<VldbMemberStatus> {
+    match pair::call(address, None, Request::VlStatus) {
+        Ok(Response::VlStatus(status)) => Ok(status),
+        Ok(other) => bail!("{address} answered VlStatus with {}", other.kind_name()),
+        Err(e) => Err(e).with_context(|| format!("ask the VLDB replica at {address}")),
+    }
+}
+
+/// Runs `future` to completion on a runtime of its own.
+pub fn block_on<F: std::future::Future>(future: F) -> Result<F::Output> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("start a runtime")?;
+    Ok(runtime.block_on(future))
+}
+
+impl TestCell {
+    /// Starts the `REPLICAS` replicas of a new group on addresses reserved here, each
+    /// with a data directory `vl-N.data` in the cell's; writes the cell file naming them.
+    pub(crate) fn start_replicas(&mut self) -> Result<()> {
+        let listen = reserve_addresses(REPLICAS as usize)?;
+        for (id, listen) in (1..=REPLICAS).zip(listen) {
+            let address = listen.clone();
+            let data = self.dir.path().join(format!("vl-{id}.data"));
+            // Stopped together, a replica may find a peer gone before it goes itself.
+            self.tripwire
+                .expect_while_stopping(&replica_name(id), PEER_UNREACHABLE);
+            self.replicas.push(VldbReplica {
+                id,
+                address,
+                listen,
+                data,
+            });
+        }
+        // The lowest id bootstraps the group and at once asks the others for votes: they
+        // listen first, so that no vote request finds a port closed.
+        for id in (1..=REPLICAS).rev() {
+            self.restart_replica(id)?;
+        }
+        self.vl_address = self.replicas[0].address.clone();
+        let addresses: Vec<String> = self
+            .replicas
+            .iter()
+            .map(|r| format!("{:?}", r.address))
+            .collect();
+        std::fs::write(
+            &self.cell_file,
+            format!(
+                "name = \"{CELL}\"\nvlservers = [{}]\n",
+                addresses.join(", ")
+            ),
+        )?;
+        Ok(())
+    }
+
+    /// Replica `id` of the cell's VLDB group.
+    pub fn replica(&self, id: u64) -> Result<&VldbReplica> {
+        self.replicas
+            .iter()
+            .find(|r| r.id == id)
+            .with_context(|| format!("no VLDB replica {id}"))
+    }
+
+    /// Starts replica `id` again — on its address, in its data directory, with the
+    /// group's --peers — once it was killed, stopped or exited on its own; waits until
+    /// it listens.
+    pub fn restart_replica(&mut self, id: u64) -> Result<()> {
+        let replica = self.replica(id)?.clone();
+        let name = replica_name(id);
+        if let Some(index) = self.procs.iter().rposition(|p| p.name == name) {
+            if self.procs[index].child.try_wait()?.is_none() {
+                bail!("{name} still runs");
+            }
+            self.procs.remove(index);
+        }
+        let peers: Vec<String> = self
+            .replicas
+            .iter()
+            .map(|r| format!("{}={}", r.id, r.address))
+            .collect();
+        let data = replica.data.to_string_lossy().into_owned();
+        let id_arg = id.to_string();
+        let peers = peers.join(",");
+        self.spawn_ready(
+            &name,
+            &[
+                "vlserver",
+                "--data",
+                &data,
+                "--listen",
+                &replica.listen,
+                "--cell-name",
+                CELL,
+                "--id",
+                &id_arg,
+                "--peers",
+                &peers,
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Kills replica `id` with SIGKILL and reaps it.
+    pub fn kill_replica(&mut self, id: u64) -> Result<()> {
+        let name = replica_name(id);
+        self.signal(&name, libc::SIGKILL)?;
+        self.await_exit(&name, Duration::from_secs(10))
+            .with_context(|| format!("{name} did not exit after SIGKILL"))?;
+        Ok(())
+    }
+
+    /// Stops replica `id` as an admin would (SIGTERM, then SIGKILL).
+    pub fn stop_replica(&mut self, id: u64) {
+        self.stop(&replica_name(id));
+    }
+
+    /// Stops every replica together (SIGTERM to each, then waits for each), as a
+    /// machine's shutdown would.
+    pub fn stop_replicas(&mut self) {
+        let names: Vec<String> = self.replicas.iter().map(|r| replica_name(r.id)).collect();
+        let (replicas, others) = std::mem::take(&mut self.procs)
+            .into_iter()
+            .partition(|p| names.contains(&p.name));
+        self.procs = others;
+        self.stop_procs_together(replicas);
+    }
+
+    /// What replica `id` says of itself, asked where it listens.
+    pub fn replica_status(&self, id: u64) -> Result<VldbMemberStatus> {
+        vldb_status(&self.replica(id)?.listen)
+    }
+
+    /// The leader every replica that answers agrees on, waiting up to `limit` for a
+    /// majority of the group to answer and name one.
+    pub fn vldb_leader(&self, limit: Duration) -> Result<u64> {
+        let ids: Vec<u64> = self.replicas.iter().map(|r| r.id).collect();
+        self.vldb_leader_among(&ids, limit)
+    }
+
+    /// The leader that the replicas `ids` that answer agree on — one of them, saying it
+    /// leads — waiting up to `limit` for a majority of the group among them to answer.
+    pub fn vldb_leader_among(&self, ids: &[u64], limit: Duration) -> Result<u64> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let answers: Vec<VldbMemberStatus> = ids
+                .iter()
+                .filter_map(|id| self.replica_status(*id).ok())
+                .filter(|s| s.role != VldbRole::Shutdown)
+                .collect();
+            if let Some(leader) = agreed_leader(&answers)
+                && answers.len() as u64 > REPLICAS / 2
+            {
+                return Ok(leader);
+            }
+            if Instant::now() > deadline {
+                bail!("replicas {ids:?} agreed on no leader within {limit:?}: {answers:#?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits up to `limit` until the whole group is whole: every replica answers, all
+    /// follow one leader, and each has applied the leader's last log index.
+    pub fn await_whole_group(&self, limit: Duration) -> Result<()> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let whole = self.group_is_whole();
+            match whole {
+                Ok(true) => return Ok(()),
+                Ok(false) | Err(_) if Instant::now() <= deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                _ => {
+                    let statuses: Vec<_> = self
+                        .replicas
+                        .iter()
+                        .map(|r| (r.id, self.replica_status(r.id)))
+                        .collect();
+                    bail!(
+                        "the VLDB group was not whole within {limit:?} ({whole:?}): {statuses:#?}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// One look at the group: the leader's last index first, then every replica's
+    /// applied index against it.
+    fn group_is_whole(&self) -> Result<bool> {
+        let answers = self
+            .replicas
+            .iter()
+            .map(|r| self.replica_status(r.id))
+            .collect::<Result<Vec<_>>>()?;
+        let Some(leader) = agreed_leader(&answers) else {
+            return Ok(false);
+        };
+        let last = self.replica_status(leader)?.last_log_index;
+        for replica in &self.replicas {
+            let status = self.replica_status(replica.id)?;
+            let follows = status.leader.as_ref().map(|(id, _)| *id) == Some(leader);
+            if !follows || status.role == VldbRole::Shutdown || status.applied_index < last {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// A VLDB client of the cell's, as an admin tool is.
+    pub fn vldb_client(&self, timeout: Duration) -> Result<VldbClient> {
+        let config = CellConfig::load(&self.cell_file)?;
+        Ok(VldbClient::new(config, PeerKind::Admin, timeout))
+    }
+
+    /// The pair `PAIR` as the VLDB's leader records it.
+    pub fn pair_entry(&self) -> Result<PairEntry> {
+        let client = self.vldb_client(Duration::from_secs(10))?;
+        let pair = PairName::parse(PAIR)?;
+        block_on(client.get_pair(&pair))?.context("ask the VLDB for the pair")
+    }
+}
+
+/// The leader `answers` all name, if it is among them and says it leads.
+fn agreed_leader(answers: &[VldbMemberStatus]) -> Option<u64> {
+    let (leader, _) = answers.first()?.leader.clone()?;
+    let all_follow = answers
+        .iter()
+        .all(|s| s.leader.as_ref().map(|(id, _)| *id) == Some(leader));
+    let leads = answers
+        .iter()
+        .any(|s| s.id == leader && s.role == VldbRole::Leader);
+    (all_follow && leads).then_some(leader)
+}
+
+/// `count` distinct addresses on 127.0.0.1 free right now: for replicas that must know
+/// each other's addresses before any of them listens.
+fn reserve_addresses(count: usize) -> Result<Vec<String>> {
+    let listeners = (0..count)
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<Vec<_>>>()
+        .context("reserve a port on 127.0.0.1")?;
+    listeners
+        .iter()
+        .map(|l| Ok(l.local_addr()?.to_string()))
+        .collect()
+}
