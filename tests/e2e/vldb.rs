@@ -1,0 +1,286 @@
+//! The VLDB as a group of three replica processes: its leader killed under a mount's
+//! fsynced appends, all of it restarted at once.
+//! Invariant: every acknowledged line, volume and pair is kept through it.
+
+use std::fs::OpenOptions;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use harness::pair::read_history;
+use harness::{PairOptions, TestCell, VldbKind, replica_name, wait_until};
+
+const BIN: &str = env!("CARGO_BIN_EXE_holdfast");
+/// Long enough for any election and catch-up on a loaded machine; a hang takes longer.
+const GROUP_LIMIT: Duration = Duration::from_secs(20);
+/// The pair's lease (the fileserver's default): a failover cannot happen sooner.
+const PAIR_LEASE: Duration = Duration::from_secs(2);
+/// The writer appends a line and fsyncs this often.
+const APPEND_EVERY: Duration = Duration::from_millis(50);
+
+/// What a replica's Raft library logs at ERROR, among other lines, when a peer refuses
+/// its connections: a replica killed or stopped on purpose causes these in the others.
+const PEER_REFUSED: &str =
+    "Unreachable node: proto::error::ProtoError: i/o error: Connection refused";
+
+/// A cell whose VLDB is a group of three, with a fileserver pair.
+fn replicated_pair() -> TestCell {
+    let options = PairOptions {
+        vldb: VldbKind::Replicated,
+        ..PairOptions::default()
+    };
+    TestCell::start_pair(BIN, options).unwrap()
+}
+
+/// A thread appending `line N` and fsyncing every `APPEND_EVERY`, recording how long
+/// each append and fsync took.
+struct Appender {
+    acked: Arc<Mutex<u64>>,
+    longest: Arc<Mutex<Duration>>,
+    error: Arc<Mutex<Option<String>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Appender {
+    fn start(path: PathBuf) -> Appender {
+        let acked = Arc::new(Mutex::new(0));
+        let longest = Arc::new(Mutex::new(Duration::ZERO));
+        let error = Arc::new(Mutex::new(None));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (acked, longest, error, stop) =
+                (acked.clone(), longest.clone(), error.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let appended = (|| -> std::io::Result<()> {
+                    let mut file = OpenOptions::new().create(true).append(true).open(&path)?;
+                    let mut line = 0u64;
+                    while !stop.load(Ordering::SeqCst) {
+                        let started = Instant::now();
+                        file.write_all(format!("line {line}\n").as_bytes())?;
+                        file.sync_all()?;
+                        let took = started.elapsed();
+                        line += 1;
+                        *acked.lock().unwrap() = line;
+                        let mut longest = longest.lock().unwrap();
+                        *longest = (*longest).max(took);
+                        drop(longest);
+                        std::thread::sleep(APPEND_EVERY.saturating_sub(took));
+                    }
+                    Ok(())
+                })();
+                if let Err(e) = appended {
+                    *error.lock().unwrap() = Some(e.to_string());
+                }
+            })
+        };
+        Appender {
+            acked,
+            longest,
+            error,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn acked(&self) -> u64 {
+        *self.acked.lock().unwrap()
+    }
+
+    /// Waits until `count` lines are acknowledged; fails if an append failed first.
+    fn await_acked(&self, count: u64) {
+        let reached = wait_until(GROUP_LIMIT, || {
+            self.acked() >= count || self.error.lock().unwrap().is_some()
+        });
+        if let Some(error) = self.error.lock().unwrap().as_ref() {
+            panic!("an append or fsync failed: {error}");
+        }
+        assert!(
+            reached,
+            "only {} of {count} lines acknowledged",
+            self.acked()
+        );
+    }
+
+    /// Stops after the append in progress; returns how many lines were acknowledged and
+    /// the longest append and fsync.
+    fn finish(mut self) -> (u64, Duration) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            thread.join().expect("the appender thread");
+        }
+        if let Some(error) = self.error.lock().unwrap().take() {
+            panic!("an append or fsync failed: {error}");
+        }
+        (self.acked(), *self.longest.lock().unwrap())
+    }
+}
+
+impl Drop for Appender {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Checks that `file` holds `line 0` to `line {acked - 1}`, each once and in order.
+fn check_lines(file: &Path, acked: u64) {
+    let text = std::fs::read_to_string(file).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    for (i, line) in lines.iter().enumerate() {
+        assert_eq!(
+            *line,
+            format!("line {i}"),
+            "{}: line {i} lost, repeated or out of order",
+            file.display()
+        );
+    }
+    assert_eq!(
+        lines.len() as u64,
+        acked,
+        "{}: {} lines, {acked} acknowledged",
+        file.display(),
+        lines.len()
+    );
+}
+
+/// Declares that the replicas log that a peer is down: the test stops or kills one.
+fn expect_peers_down(cell: &TestCell) {
+    for replica in &cell.replicas {
+        cell.expect_error_from(&replica_name(replica.id), PEER_REFUSED);
+    }
+}
+
+/// The replica ids other than `id`.
+fn others(cell: &TestCell, id: u64) -> Vec<u64> {
+    cell.replicas
+        .iter()
+        .map(|r| r.id)
+        .filter(|other| *other != id)
+        .collect()
+}
+
+#[test]
+fn the_leader_killed_during_fsynced_appends_loses_nothing() {
+    let mut cell = replicated_pair();
+    expect_peers_down(&cell);
+    let ws = cell.mount("ws-a", &[]).unwrap();
+    let pair_before = cell.pair_entry().unwrap();
+    let active_before = cell.active_member().expect("an active member");
+    let appender = Appender::start(ws.join("appends"));
+    appender.await_acked(10);
+
+    for round in 0..3 {
+        let leader = cell.vldb_leader(GROUP_LIMIT).unwrap();
+        let acked = appender.acked();
+        cell.kill_replica(leader).unwrap();
+        let successor = cell
+            .vldb_leader_among(&others(&cell, leader), GROUP_LIMIT)
+            .unwrap();
+        eprintln!("round {round}: killed leader {leader}, {successor} leads now");
+        // The appends carry on while the killed replica is down.
+        appender.await_acked(acked + 10);
+        cell.restart_replica(leader).unwrap();
+        cell.await_whole_group(GROUP_LIMIT).unwrap();
+    }
+    let acked = appender.acked();
+    appender.await_acked(acked + 10);
+    let (acked, longest) = appender.finish();
+    eprintln!("{acked} lines acknowledged; longest append and fsync {longest:?}");
+
+    // Read back through a mount with a cold cache: every acknowledged line once.
+    let check = cell.mount("ws-check", &[]).unwrap();
+    check_lines(&check.join("appends"), acked);
+    // The pair never failed over: same active, same epoch, nobody fenced.
+    let pair_after = cell.pair_entry().unwrap();
+    assert_eq!(
+        (pair_after.active.as_ref(), pair_after.epoch),
+        (pair_before.active.as_ref(), pair_before.epoch),
+        "the pair's active or epoch changed: {pair_before:?} -> {pair_after:?}"
+    );
+    assert_eq!(cell.active_member().as_deref(), Some(&*active_before));
+    for member in ["fs-a", "fs-b"] {
+        let history = read_history(&cell.history_path(member)).unwrap_or_default();
+        let roles: Vec<_> = history
+            .iter()
+            .filter(|e| e.what == "active" || e.what == "fenced")
+            .collect();
+        let expected = usize::from(member == active_before);
+        assert_eq!(roles.len(), expected, "{member}'s role changes: {roles:?}");
+    }
+    // A failover takes the lease's length at least; no append waited that long.
+    assert!(
+        longest < PAIR_LEASE,
+        "an append and fsync took {longest:?}, as long as a failover"
+    );
+}
+
+/// `holdfast vos ARGS`, which must succeed; its standard output.
+fn vos(cell: &TestCell, args: &[&str]) -> String {
+    let mut command = vec!["vos"];
+    command.extend_from_slice(args);
+    let out = cell.holdfast(&command).unwrap();
+    assert!(
+        out.status.success(),
+        "holdfast {}: {}",
+        command.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn all_three_replicas_restarted_together_keep_every_volume_and_pair() {
+    let mut cell = replicated_pair();
+    expect_peers_down(&cell);
+    let ws = cell.mount("ws-a", &["--failover-timeout", "30"]).unwrap();
+    std::fs::write(ws.join("before"), b"written before the restart\n").unwrap();
+    let volumes = ["vol.one", "vol.two", "vol.three"];
+    for volume in volumes {
+        vos(&cell, &["create", volume]);
+    }
+    let listed = vos(&cell, &["listvldb"]);
+    for volume in volumes {
+        assert!(listed.contains(volume), "{volume} not listed:\n{listed}");
+    }
+    let pair_before = cell.pair_entry().unwrap();
+
+    cell.stop_replicas();
+    // Down for longer than the pair's lease: the active cannot renew, and fences itself.
+    assert!(
+        wait_until(GROUP_LIMIT, || cell.active_member().is_none()),
+        "the active member still serves without a VLDB"
+    );
+    for id in 1..=3 {
+        cell.restart_replica(id).unwrap();
+    }
+    cell.await_whole_group(GROUP_LIMIT).unwrap();
+
+    assert_eq!(vos(&cell, &["listvldb"]), listed);
+    let pair_after = cell.pair_entry().unwrap();
+    assert_eq!(
+        (&pair_after.name, pair_after.server, &pair_after.members),
+        (&pair_before.name, pair_before.server, &pair_before.members),
+        "the pair changed: {pair_before:?} -> {pair_after:?}"
+    );
+    // A member takes the lease again, in a later epoch.
+    assert!(
+        wait_until(GROUP_LIMIT, || cell.active_member().is_some()),
+        "no member of the pair is active again"
+    );
+    let pair_after = cell.pair_entry().unwrap();
+    assert!(
+        pair_after.epoch > pair_before.epoch,
+        "the pair's epoch did not move on: {pair_before:?} -> {pair_after:?}"
+    );
+    // The file written before reads back, on the old mount and on a cold one.
+    let check = cell.mount("ws-check", &[]).unwrap();
+    for mount in [&ws, &check] {
+        assert_eq!(
+            std::fs::read(mount.join("before")).unwrap(),
+            b"written before the restart\n"
+        );
+    }
+}
