@@ -1,6 +1,7 @@
 //! The VLDB as a group of three replica processes: its leader killed under a mount's
-//! fsynced appends, all of it restarted at once.
-//! Invariant: every acknowledged line, volume and pair is kept through it.
+//! fsynced appends, all of it restarted at once, a follower on a full disk.
+//! Invariant: every acknowledged line, volume and pair is kept through it, and the
+//! majority serves while one replica is down.
 
 use std::fs::OpenOptions;
 use std::io::Write as _;
@@ -11,7 +12,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use harness::pair::read_history;
-use harness::{PairOptions, TestCell, VldbKind, replica_name, wait_until};
+use harness::{PairOptions, TestCell, Tmpfs, VldbKind, replica_name, wait_until};
 
 const BIN: &str = env!("CARGO_BIN_EXE_holdfast");
 /// Long enough for any election and catch-up on a loaded machine; a hang takes longer.
@@ -25,6 +26,12 @@ const APPEND_EVERY: Duration = Duration::from_millis(50);
 /// its connections: a replica killed or stopped on purpose causes these in the others.
 const PEER_REFUSED: &str =
     "Unreachable node: proto::error::ProtoError: i/o error: Connection refused";
+
+/// What a full disk makes the replicas log at ERROR, besides the line that says the replica
+/// stepped down; every such line names the disk's error. The replica on that disk logs
+/// its Raft library's failed flush, its Raft core quitting and the calls in flight
+/// failing; the others, its failure as its answer to their Raft messages.
+const DISK_FULL: &str = "No space left on device (os error 28)";
 
 /// A cell whose VLDB is a group of three, with a fileserver pair.
 fn replicated_pair() -> TestCell {
@@ -283,4 +290,78 @@ fn all_three_replicas_restarted_together_keep_every_volume_and_pair() {
             b"written before the restart\n"
         );
     }
+}
+
+/// Copies the files of directory `from` into directory `to`.
+fn copy_files(from: &Path, to: &Path) {
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+    }
+}
+
+#[test]
+fn a_replica_on_a_full_disk_steps_down_and_the_others_carry_on() {
+    let mut cell = replicated_pair();
+    expect_peers_down(&cell);
+    let leader = cell.vldb_leader(GROUP_LIMIT).unwrap();
+    let follower = *others(&cell, leader).last().unwrap();
+    let name = replica_name(follower);
+    // The follower's data directory moves onto a small disk of its own.
+    cell.stop_replica(follower);
+    let data = cell.replica(follower).unwrap().data.clone();
+    let moved = cell.path_of("moved.data");
+    std::fs::rename(&data, &moved).unwrap();
+    let disk = Tmpfs::mount(&data, 8 << 20).unwrap();
+    copy_files(&moved, &data);
+    cell.restart_replica(follower).unwrap();
+    cell.await_whole_group(GROUP_LIMIT).unwrap();
+    assert_ne!(cell.vldb_leader(GROUP_LIMIT).unwrap(), follower);
+
+    let filler = disk.fill().unwrap();
+    cell.expect_error_from(&name, "VLDB replica stepped down");
+    for replica in &cell.replicas {
+        cell.expect_error_from(&replica_name(replica.id), DISK_FULL);
+    }
+    // Volumes are created until the follower finds no room for them.
+    let mut created = Vec::new();
+    let status = loop {
+        if let Some(status) = cell.await_exit(&name, Duration::ZERO) {
+            break status;
+        }
+        assert!(created.len() < 1000, "{name} still runs on a full disk");
+        let volume = format!("vol.full.{}", created.len());
+        vos(&cell, &["create", &volume]);
+        created.push(volume);
+    };
+    eprintln!("{name} exited ({status}) after {} volumes", created.len());
+    assert!(!status.success(), "{name} exited with {status}");
+    let log = cell.log(&name);
+    assert!(log.contains("VLDB replica stepped down"), "{log}");
+
+    // The other two carry on.
+    for i in 0..3 {
+        let volume = format!("vol.after.{i}");
+        vos(&cell, &["create", &volume]);
+        created.push(volume);
+    }
+    let listed = vos(&cell, &["listvldb"]);
+    for volume in &created {
+        assert!(
+            listed.contains(&format!("{volume}\n")),
+            "{volume} not listed:\n{listed}"
+        );
+    }
+
+    // With room again it starts, and catches up: the group is whole once it has applied
+    // the leader's last entry.
+    std::fs::remove_file(filler).unwrap();
+    cell.restart_replica(follower).unwrap();
+    cell.await_whole_group(GROUP_LIMIT).unwrap();
+    // The cell goes first, so the replica stops before its disk goes; its directory can
+    // only be removed once that disk is unmounted.
+    let dir = cell.dir.path().to_owned();
+    drop(cell);
+    drop(disk);
+    let _ = std::fs::remove_dir_all(dir);
 }
