@@ -1,7 +1,7 @@
-//! The VLDB as a group of three replica processes: its leader killed under a mount's
-//! fsynced appends, all of it restarted at once, a follower on a full disk.
-//! Invariant: every acknowledged line, volume and pair is kept through it, and the
-//! majority serves while one replica is down.
+//! The VLDB as three replica processes: the leader killed under a mount's fsynced appends,
+//! all restarted at once, a follower on a full disk, a leader cut off from the others.
+//! Invariant: every acknowledged line, volume and pair is kept, the majority serves while
+//! one replica is down, and a leader cut off from it grants no pair lease.
 
 use std::fs::OpenOptions;
 use std::io::Write as _;
@@ -11,14 +11,19 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use harness::pair::read_history;
+use harness::pair::{self, read_history};
+use harness::vldb::block_on;
 use harness::{PairOptions, TestCell, Tmpfs, VldbKind, replica_name, wait_until};
+use proto::{Epoch, ErrorCode, PairName, Request, Response, ServerId};
 
 const BIN: &str = env!("CARGO_BIN_EXE_holdfast");
 /// Long enough for any election and catch-up on a loaded machine; a hang takes longer.
 const GROUP_LIMIT: Duration = Duration::from_secs(20);
 /// The pair's lease (the fileserver's default): a failover cannot happen sooner.
 const PAIR_LEASE: Duration = Duration::from_secs(2);
+/// The lease the test's pretend pair member asks for: long enough that it never runs out
+/// while the test looks at who grants it.
+const PRETEND_LEASE: Duration = Duration::from_secs(30);
 /// The writer appends a line and fsyncs this often.
 const APPEND_EVERY: Duration = Duration::from_millis(50);
 
@@ -26,6 +31,11 @@ const APPEND_EVERY: Duration = Duration::from_millis(50);
 /// its connections: a replica killed or stopped on purpose causes these in the others.
 const PEER_REFUSED: &str =
     "Unreachable node: proto::error::ProtoError: i/o error: Connection refused";
+
+/// What a replica's Raft library logs at ERROR, among other lines, when the proxy in front
+/// of a peer closes its connections — an open one in the middle of a call, or a new one at
+/// once: a peer cut off, or not listening yet behind it.
+const PEER_CLOSED: &str = "proto::error::ProtoError: connection closed";
 
 /// What a full disk makes the replicas log at ERROR, besides the line that says the replica
 /// stepped down; every such line names the disk's error. The replica on that disk logs
@@ -364,4 +374,121 @@ fn a_replica_on_a_full_disk_steps_down_and_the_others_carry_on() {
     drop(cell);
     drop(disk);
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// How a replica answered a pair decision.
+#[derive(Debug)]
+enum Decision {
+    Granted(Epoch),
+    NotLeader,
+    /// Any other answer or failure, shown in a failure's message.
+    Other(#[allow(dead_code)] String),
+}
+
+/// Sends `request` (a pair decision) to the replica listening at `address`, and only it.
+fn decide_at(address: &str, request: Request) -> Decision {
+    match pair::call(address, None, request) {
+        Ok(Response::PairLease { epoch, .. }) => Decision::Granted(epoch),
+        Ok(Response::Pair(entry)) => Decision::Granted(entry.epoch),
+        Ok(other) => Decision::Other(other.kind_name().to_owned()),
+        Err(e) if matches!(e.remote(), Some(ErrorCode::NotLeader { .. })) => Decision::NotLeader,
+        Err(e) => Decision::Other(e.to_string()),
+    }
+}
+
+#[test]
+fn a_stale_leader_cut_off_from_the_majority_stops_granting() {
+    let mut cell = TestCell::start_vldb_as(BIN, VldbKind::ReplicatedBehindProxies).unwrap();
+    for replica in &cell.replicas {
+        cell.expect_error_from(&replica_name(replica.id), PEER_CLOSED);
+    }
+    cell.start_fileserver().unwrap();
+    cell.create_root_volume().unwrap();
+    // A pretend pair member holds a lease, renewing it at the leader itself.
+    let client = cell.vldb_client(Duration::from_secs(10)).unwrap();
+    let pair = PairName::parse("stale").unwrap();
+    let member = "127.0.0.1:1";
+    let (epoch, _) = block_on(async {
+        client.join_pair(&pair, ServerId::random(), member).await?;
+        client
+            .acquire_pair(&pair, member, Epoch(0), PRETEND_LEASE)
+            .await
+    })
+    .unwrap()
+    .unwrap();
+    let renew = Request::VlRenewPair {
+        pair: pair.clone(),
+        member: member.to_owned(),
+        epoch,
+        lease_ms: PRETEND_LEASE.as_millis() as u64,
+    };
+    let stale = cell.vldb_leader(GROUP_LIMIT).unwrap();
+    let stale_address = cell.replica(stale).unwrap().listen.clone();
+    match decide_at(&stale_address, renew.clone()) {
+        Decision::Granted(granted) => assert_eq!(granted, epoch),
+        other => panic!("the leader answered a renewal with {other:?}"),
+    }
+
+    cell.cut_replica(stale).unwrap();
+    let cut = Instant::now();
+    // From now on the stale leader grants nothing; it soon says it does not lead.
+    let mut answers = Vec::new();
+    let refused = loop {
+        let answer = decide_at(&stale_address, renew.clone());
+        let at = cut.elapsed();
+        assert!(
+            !matches!(answer, Decision::Granted(_)),
+            "the cut-off leader granted a renewal {at:?} after the cut: {answers:?}"
+        );
+        let not_leader = matches!(answer, Decision::NotLeader);
+        answers.push((at, answer));
+        if not_leader {
+            break at;
+        }
+        assert!(
+            at < GROUP_LIMIT,
+            "no NotLeader from the cut-off leader: {answers:?}"
+        );
+    };
+    eprintln!("the cut-off leader refused after {refused:?}: {answers:?}");
+    // It asks a quorum before each decision: the first one after the cut is refused.
+    // A bound of an election timeout and a lease tells that from a hang.
+    assert!(
+        refused < PAIR_LEASE,
+        "the cut-off leader took {refused:?} to refuse: {answers:?}"
+    );
+    let get = Request::VlGetPair { pair: pair.clone() };
+    let answer = decide_at(&stale_address, get);
+    assert!(
+        matches!(answer, Decision::NotLeader),
+        "the cut-off leader answered VlGetPair with {answer:?}"
+    );
+
+    // The other two elect a leader of their own, and serve.
+    let majority = others(&cell, stale);
+    let leader = cell.vldb_leader_among(&majority, GROUP_LIMIT).unwrap();
+    assert_ne!(leader, stale);
+    let fileserver = cell.fs_address.clone();
+    vos(&cell, &["create", "vol.majority", "--server", &fileserver]);
+    let (renewed, _) = block_on(client.renew_pair(&pair, member, epoch, PRETEND_LEASE))
+        .unwrap()
+        .unwrap();
+    assert_eq!(renewed, epoch);
+    // Still cut off, the stale leader still grants nothing.
+    let answer = decide_at(&stale_address, renew);
+    assert!(
+        matches!(answer, Decision::NotLeader),
+        "the cut-off leader answered a renewal with {answer:?}"
+    );
+
+    // Healed, it follows the new leader and catches up.
+    cell.heal_replica(stale).unwrap();
+    cell.await_whole_group(GROUP_LIMIT).unwrap();
+    let status = cell.replica_status(stale).unwrap();
+    assert_ne!(
+        status.leader.as_ref().map(|(id, _)| *id),
+        Some(stale),
+        "{status:?}"
+    );
+    assert!(vos(&cell, &["listvldb"]).contains("vol.majority\n"));
 }

@@ -101,6 +101,8 @@ pub struct TestCell {
     pub members: Vec<(String, String)>,
     /// The proxy between member `fs-a` and the VLDB, when asked for.
     pub vldb_proxy: Option<Proxy>,
+    /// The proxies in front of the replicas, for `VldbKind::ReplicatedBehindProxies`.
+    replica_proxies: Option<vldb::ReplicaProxies>,
     procs: Vec<Proc>,
     mounts: Vec<PathBuf>,
     /// The name of every process started, once each: its log is `<name>.log`.
@@ -250,13 +252,14 @@ impl TestCell {
             fs_address: String::new(),
             members: Vec::new(),
             vldb_proxy: None,
+            replica_proxies: None,
             procs: Vec::new(),
             mounts: Vec::new(),
             logged: Vec::new(),
             tripwire: Tripwire::default(),
         };
         if kind != VldbKind::Single {
-            cell.start_replicas()?;
+            cell.start_replicas(kind)?;
             cell.await_whole_group(READY_TIMEOUT)?;
             return Ok(cell);
         }

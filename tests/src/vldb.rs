@@ -1,16 +1,22 @@
 //! The VLDB as a Raft group of three replica processes (`vl-1`..`vl-3`) in end-to-end
-//! tests: their status, kills and restarts.
+//! tests: their status, kills and restarts, and proxies that cut one replica off.
 //! Invariant: a replica always starts on its own address, data directory and --peers,
 //! every address on 127.0.0.1.
 
-use std::net::TcpListener;
+use std::collections::{BTreeSet, HashMap};
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use proto::frame::{FRAME_BYTES_MAX_DEFAULT, FRAME_HEADER_BYTES, decode_frame};
 use proto::{
-    CellConfig, PairEntry, PairName, PeerKind, Request, Response, VldbClient, VldbMemberStatus,
-    VldbRole,
+    CellConfig, Frame, Hello, PairEntry, PairName, PeerKind, Request, Response, VldbClient,
+    VldbMemberStatus, VldbRole,
 };
 
 use crate::TestCell;
@@ -24,9 +30,13 @@ pub enum VldbKind {
     Single,
     /// `REPLICAS` replicas, `vl-1`.., each on an address and a data directory of its own.
     Replicated,
+    /// `Replicated`, every connection to a replica going through a proxy of its own (its
+    /// address in --peers and in the cell file), so that `cut_replica` can cut it off.
+    ReplicatedBehindProxies,
 }
 
-/// What a replica's Raft library logs at ERROR when a peer cannot be reached.
+/// What a replica's Raft library logs at ERROR when a peer cannot be reached (a port
+/// closed, or a connection closed at once).
 const PEER_UNREACHABLE: &str = "Unreachable node: proto::error::ProtoError";
 
 /// How many replicas a replicated VLDB runs: a majority survives any one of them.
@@ -39,7 +49,7 @@ pub struct VldbReplica {
     /// Its address in --peers and in the cell file: where the other replicas and the
     /// cell's clients reach it.
     pub address: String,
-    /// Where it listens: `address` itself.
+    /// Where it listens: `address` itself, or the port behind its proxy.
     pub listen: String,
     /// Its data directory, in the cell's.
     pub data: PathBuf,
@@ -71,10 +81,16 @@ pub fn block_on<F: std::future::Future>(future: F) -> Result<F::Output> {
 impl TestCell {
     /// Starts the `REPLICAS` replicas of a new group on addresses reserved here, each
     /// with a data directory `vl-N.data` in the cell's; writes the cell file naming them.
-    pub(crate) fn start_replicas(&mut self) -> Result<()> {
+    pub(crate) fn start_replicas(&mut self, kind: VldbKind) -> Result<()> {
         let listen = reserve_addresses(REPLICAS as usize)?;
+        if kind == VldbKind::ReplicatedBehindProxies {
+            self.replica_proxies = Some(ReplicaProxies::new());
+        }
         for (id, listen) in (1..=REPLICAS).zip(listen) {
-            let address = listen.clone();
+            let address = match self.replica_proxies.as_mut() {
+                Some(proxies) => proxies.add(id, &listen)?,
+                None => listen.clone(),
+            };
             let data = self.dir.path().join(format!("vl-{id}.data"));
             // Stopped together, a replica may find a peer gone before it goes itself.
             self.tripwire
@@ -179,7 +195,7 @@ impl TestCell {
         self.stop_procs_together(replicas);
     }
 
-    /// What replica `id` says of itself, asked where it listens.
+    /// What replica `id` says of itself, asked where it listens (past its proxy).
     pub fn replica_status(&self, id: u64) -> Result<VldbMemberStatus> {
         vldb_status(&self.replica(id)?.listen)
     }
@@ -272,6 +288,26 @@ impl TestCell {
         let pair = PairName::parse(PAIR)?;
         block_on(client.get_pair(&pair))?.context("ask the VLDB for the pair")
     }
+
+    /// Cuts replica `id` off: its proxy closes every connection, open or new, and the
+    /// other replicas' proxies close every connection it dials. Only the port it listens
+    /// on still reaches it.
+    pub fn cut_replica(&self, id: u64) -> Result<()> {
+        self.replica_proxies
+            .as_ref()
+            .context("the VLDB replicas are not behind proxies")?
+            .cut(id);
+        Ok(())
+    }
+
+    /// Ends `cut_replica(id)`: new connections from and to it go through again.
+    pub fn heal_replica(&self, id: u64) -> Result<()> {
+        self.replica_proxies
+            .as_ref()
+            .context("the VLDB replicas are not behind proxies")?
+            .heal(id);
+        Ok(())
+    }
 }
 
 /// The leader `answers` all name, if it is among them and says it leads.
@@ -297,4 +333,193 @@ fn reserve_addresses(count: usize) -> Result<Vec<String>> {
         .iter()
         .map(|l| Ok(l.local_addr()?.to_string()))
         .collect()
+}
+
+/// One loopback proxy in front of each replica. Each reads the first frame of every
+/// connection it accepts — the `Hello` — to learn whether another replica dialled it,
+/// so that cutting replica N closes its own proxy's connections and those N dialled.
+pub(crate) struct ReplicaProxies {
+    state: Arc<Mutex<ProxyState>>,
+    stop: Arc<AtomicBool>,
+    acceptors: Vec<JoinHandle<()>>,
+}
+
+#[derive(Default)]
+struct ProxyState {
+    /// The replicas cut off.
+    cut: BTreeSet<u64>,
+    /// The connections forwarded now, by a number of their own.
+    open: HashMap<u64, Forwarded>,
+    next: u64,
+}
+
+/// One forwarded connection: to replica `to`, dialled by replica `from` if a replica
+/// dialled it; its client and server streams.
+struct Forwarded {
+    to: u64,
+    from: Option<u64>,
+    streams: [TcpStream; 2],
+}
+
+impl Forwarded {
+    fn shutdown(&self) {
+        for stream in &self.streams {
+            let _ = stream.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+impl ReplicaProxies {
+    fn new() -> ReplicaProxies {
+        ReplicaProxies {
+            state: Arc::default(),
+            stop: Arc::default(),
+            acceptors: Vec::new(),
+        }
+    }
+
+    /// Starts the proxy in front of replica `id`, which listens at `target`; returns the
+    /// proxy's address.
+    fn add(&mut self, id: u64, target: &str) -> Result<String> {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        listener.set_nonblocking(true)?;
+        let address = listener.local_addr()?.to_string();
+        let target: SocketAddr = target.parse()?;
+        let (state, stop) = (self.state.clone(), self.stop.clone());
+        self.acceptors.push(std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((client, _)) => {
+                        let state = state.clone();
+                        std::thread::spawn(move || forward(client, id, target, &state));
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Err(_) => {}
+                }
+            }
+        }));
+        Ok(address)
+    }
+
+    fn cut(&self, id: u64) {
+        let mut state = lock(&self.state);
+        state.cut.insert(id);
+        state.open.retain(|_, forwarded| {
+            let through = forwarded.to == id || forwarded.from == Some(id);
+            if through {
+                forwarded.shutdown();
+            }
+            !through
+        });
+    }
+
+    fn heal(&self, id: u64) {
+        lock(&self.state).cut.remove(&id);
+    }
+}
+
+impl Drop for ReplicaProxies {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for (_, forwarded) in lock(&self.state).open.drain() {
+            forwarded.shutdown();
+        }
+        for acceptor in self.acceptors.drain(..) {
+            let _ = acceptor.join();
+        }
+    }
+}
+
+/// Forwards one connection accepted in front of replica `to` (listening at `target`),
+/// unless a replica cut off is at either end.
+fn forward(client: TcpStream, to: u64, target: SocketAddr, state: &Mutex<ProxyState>) {
+    let Some((hello, from)) = read_hello(&client) else {
+        let _ = client.shutdown(Shutdown::Both);
+        return;
+    };
+    if is_cut(&lock(state), to, from) {
+        let _ = client.shutdown(Shutdown::Both);
+        return;
+    }
+    let server = TcpStream::connect_timeout(&target, Duration::from_secs(2))
+        .and_then(|mut server| server.write_all(&hello).map(|()| server));
+    let Ok(server) = server else {
+        let _ = client.shutdown(Shutdown::Both);
+        return;
+    };
+    let streams = [&client, &server].map(|s| s.try_clone());
+    let [Ok(client_end), Ok(server_end)] = streams else {
+        let _ = client.shutdown(Shutdown::Both);
+        let _ = server.shutdown(Shutdown::Both);
+        return;
+    };
+    let key = {
+        let mut state = lock(state);
+        let forwarded = Forwarded {
+            to,
+            from,
+            streams: [client_end, server_end],
+        };
+        // Checked again under the lock that `cut` takes: a cut meanwhile is not missed.
+        if is_cut(&state, to, from) {
+            forwarded.shutdown();
+            return;
+        }
+        state.next += 1;
+        let key = state.next;
+        state.open.insert(key, forwarded);
+        key
+    };
+    // The Hello went ahead; the rest flows both ways until either end closes.
+    std::thread::scope(|scope| {
+        scope.spawn(|| pipe(&client, &server));
+        pipe(&server, &client);
+    });
+    lock(state).open.remove(&key);
+}
+
+/// True when a replica at either end of a connection is cut off.
+fn is_cut(state: &ProxyState, to: u64, from: Option<u64>) -> bool {
+    state.cut.contains(&to) || from.is_some_and(|from| state.cut.contains(&from))
+}
+
+/// Reads the connection's first frame, whole; returns its bytes and the replica that sent
+/// it, if a replica did. `None` if it is not a frame within a few seconds.
+fn read_hello(mut client: &TcpStream) -> Option<(Vec<u8>, Option<u64>)> {
+    client.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    let mut frame = vec![0u8; FRAME_HEADER_BYTES];
+    client.read_exact(&mut frame).ok()?;
+    let length = u32::from_le_bytes([frame[0], frame[1], frame[2], frame[3]]) as usize;
+    if length > FRAME_BYTES_MAX_DEFAULT {
+        return None;
+    }
+    frame.resize(FRAME_HEADER_BYTES + length, 0);
+    client.read_exact(&mut frame[FRAME_HEADER_BYTES..]).ok()?;
+    client.set_read_timeout(None).ok()?;
+    let from = match decode_frame(&frame[FRAME_HEADER_BYTES..]) {
+        Ok(Frame::Hello(Hello {
+            peer: PeerKind::VldbReplica { id },
+            ..
+        })) => Some(id),
+        _ => None,
+    };
+    Some((frame, from))
+}
+
+/// Copies `from` to `to` until either fails or ends, then shuts both down.
+fn pipe(mut from: &TcpStream, mut to: &TcpStream) {
+    let mut buffer = [0u8; 16 * 1024];
+    while let Ok(n) = from.read(&mut buffer) {
+        if n == 0 || to.write_all(&buffer[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown(Shutdown::Both);
+    let _ = from.shutdown(Shutdown::Both);
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
