@@ -3,7 +3,7 @@
 //! Invariant: a replica always starts on its own address, data directory and --peers,
 //! every address on 127.0.0.1.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -19,8 +19,8 @@ use proto::{
     VldbMemberStatus, VldbRole,
 };
 
-use crate::TestCell;
 use crate::pair::{self, CELL, PAIR};
+use crate::{TestCell, log_len};
 
 /// What serves a test cell's VLDB.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -38,6 +38,11 @@ pub enum VldbKind {
 /// What a replica's Raft library logs at ERROR when a peer cannot be reached (a port
 /// closed, or a connection closed at once).
 const PEER_UNREACHABLE: &str = "Unreachable node: proto::error::ProtoError";
+
+/// What a replica says when its port is taken.
+const ADDRESS_TAKEN: &str = "Address already in use";
+/// How many times `start_replicas` tries new ports when one of them was taken.
+const START_ATTEMPTS: u32 = 5;
 
 /// How many replicas a replicated VLDB runs: a majority survives any one of them.
 pub const REPLICAS: u64 = 3;
@@ -82,30 +87,31 @@ impl TestCell {
     /// Starts the `REPLICAS` replicas of a new group on addresses reserved here, each
     /// with a data directory `vl-N.data` in the cell's; writes the cell file naming them.
     pub(crate) fn start_replicas(&mut self, kind: VldbKind) -> Result<()> {
-        let listen = reserve_addresses(REPLICAS as usize)?;
         if kind == VldbKind::ReplicatedBehindProxies {
-            self.replica_proxies = Some(ReplicaProxies::new());
+            self.replica_proxies = Some(ReplicaProxies::new().add_all(REPLICAS)?);
         }
-        for (id, listen) in (1..=REPLICAS).zip(listen) {
-            let address = match self.replica_proxies.as_mut() {
-                Some(proxies) => proxies.add(id, &listen)?,
-                None => listen.clone(),
-            };
-            let data = self.dir.path().join(format!("vl-{id}.data"));
+        for id in 1..=REPLICAS {
             // Stopped together, a replica may find a peer gone before it goes itself.
             self.tripwire
                 .expect_while_stopping(&replica_name(id), PEER_UNREACHABLE);
-            self.replicas.push(VldbReplica {
-                id,
-                address,
-                listen,
-                data,
-            });
         }
-        // The lowest id bootstraps the group and at once asks the others for votes: they
-        // listen first, so that no vote request finds a port closed.
-        for id in (1..=REPLICAS).rev() {
-            self.restart_replica(id)?;
+        let mut attempt = 1;
+        while let AddressTaken::Yes(id) = self.start_new_group()? {
+            if attempt == START_ATTEMPTS {
+                bail!("{ADDRESS_TAKEN}: replica {id}'s port, {attempt} times");
+            }
+            // Another process took a reserved port before its replica bound it: a new
+            // group, on new ports.
+            attempt += 1;
+            let names: Vec<String> = self.replicas.iter().map(|r| replica_name(r.id)).collect();
+            let (started, others) = std::mem::take(&mut self.procs)
+                .into_iter()
+                .partition(|p| names.contains(&p.name));
+            self.procs = others;
+            self.stop_procs_together(started);
+            for replica in self.replicas.drain(..) {
+                let _ = std::fs::remove_dir_all(&replica.data);
+            }
         }
         self.vl_address = self.replicas[0].address.clone();
         let addresses: Vec<String> = self
@@ -121,6 +127,38 @@ impl TestCell {
             ),
         )?;
         Ok(())
+    }
+
+    /// One attempt of `start_replicas`: reserves the replicas' ports and starts them.
+    fn start_new_group(&mut self) -> Result<AddressTaken> {
+        let listen = reserve_addresses(REPLICAS as usize)?;
+        for (id, listen) in (1..=REPLICAS).zip(listen) {
+            let address = match self.replica_proxies.as_ref() {
+                Some(proxies) => proxies.aim(id, &listen)?,
+                None => listen.clone(),
+            };
+            let data = self.dir.path().join(format!("vl-{id}.data"));
+            self.replicas.push(VldbReplica {
+                id,
+                address,
+                listen,
+                data,
+            });
+        }
+        // The lowest id bootstraps the group and at once asks the others for votes: they
+        // listen first, so that no vote request finds a port closed.
+        for id in (1..=REPLICAS).rev() {
+            let from = log_len(&self.log_path(&replica_name(id)));
+            if let Err(e) = self.restart_replica(id) {
+                let log = std::fs::read(self.log_path(&replica_name(id))).unwrap_or_default();
+                let started = log.get(from as usize..).unwrap_or_default();
+                if String::from_utf8_lossy(started).contains(ADDRESS_TAKEN) {
+                    return Ok(AddressTaken::Yes(id));
+                }
+                return Err(e);
+            }
+        }
+        Ok(AddressTaken::No)
     }
 
     /// Replica `id` of the cell's VLDB group.
@@ -310,6 +348,12 @@ impl TestCell {
     }
 }
 
+/// Whether a replica found its reserved port taken when it started, and which.
+enum AddressTaken {
+    No,
+    Yes(u64),
+}
+
 /// The leader `answers` all name, if it is among them and says it leads.
 fn agreed_leader(answers: &[VldbMemberStatus]) -> Option<u64> {
     let (leader, _) = answers.first()?.leader.clone()?;
@@ -339,6 +383,8 @@ fn reserve_addresses(count: usize) -> Result<Vec<String>> {
 /// connection it accepts — the `Hello` — to learn whether another replica dialled it,
 /// so that cutting replica N closes its own proxy's connections and those N dialled.
 pub(crate) struct ReplicaProxies {
+    /// Each proxy's address, by the id of the replica behind it.
+    addresses: BTreeMap<u64, String>,
     state: Arc<Mutex<ProxyState>>,
     stop: Arc<AtomicBool>,
     acceptors: Vec<JoinHandle<()>>,
@@ -346,6 +392,8 @@ pub(crate) struct ReplicaProxies {
 
 #[derive(Default)]
 struct ProxyState {
+    /// Where each replica listens, by id.
+    targets: BTreeMap<u64, SocketAddr>,
     /// The replicas cut off.
     cut: BTreeSet<u64>,
     /// The connections forwarded now, by a number of their own.
@@ -372,26 +420,35 @@ impl Forwarded {
 impl ReplicaProxies {
     fn new() -> ReplicaProxies {
         ReplicaProxies {
+            addresses: BTreeMap::new(),
             state: Arc::default(),
             stop: Arc::default(),
             acceptors: Vec::new(),
         }
     }
 
-    /// Starts the proxy in front of replica `id`, which listens at `target`; returns the
-    /// proxy's address.
-    fn add(&mut self, id: u64, target: &str) -> Result<String> {
+    /// Starts a proxy in front of each of replicas 1..=`count`; it listens from now on,
+    /// so that its address stays the replica's.
+    fn add_all(mut self, count: u64) -> Result<ReplicaProxies> {
+        for id in 1..=count {
+            self.add(id)?;
+        }
+        Ok(self)
+    }
+
+    /// Starts the proxy in front of replica `id`.
+    fn add(&mut self, id: u64) -> Result<()> {
         let listener = TcpListener::bind("127.0.0.1:0")?;
         listener.set_nonblocking(true)?;
-        let address = listener.local_addr()?.to_string();
-        let target: SocketAddr = target.parse()?;
+        self.addresses
+            .insert(id, listener.local_addr()?.to_string());
         let (state, stop) = (self.state.clone(), self.stop.clone());
         self.acceptors.push(std::thread::spawn(move || {
             while !stop.load(Ordering::SeqCst) {
                 match listener.accept() {
                     Ok((client, _)) => {
                         let state = state.clone();
-                        std::thread::spawn(move || forward(client, id, target, &state));
+                        std::thread::spawn(move || forward(client, id, &state));
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                         std::thread::sleep(Duration::from_millis(5));
@@ -400,7 +457,18 @@ impl ReplicaProxies {
                 }
             }
         }));
-        Ok(address)
+        Ok(())
+    }
+
+    /// Points the proxy in front of replica `id` at `target`, where it listens; returns
+    /// the proxy's address.
+    fn aim(&self, id: u64, target: &str) -> Result<String> {
+        let address = self
+            .addresses
+            .get(&id)
+            .with_context(|| format!("no proxy for replica {id}"))?;
+        lock(&self.state).targets.insert(id, target.parse()?);
+        Ok(address.clone())
     }
 
     fn cut(&self, id: u64) {
@@ -432,17 +500,23 @@ impl Drop for ReplicaProxies {
     }
 }
 
-/// Forwards one connection accepted in front of replica `to` (listening at `target`),
-/// unless a replica cut off is at either end.
-fn forward(client: TcpStream, to: u64, target: SocketAddr, state: &Mutex<ProxyState>) {
+/// Forwards one connection accepted in front of replica `to` to where it listens, unless
+/// a replica cut off is at either end.
+fn forward(client: TcpStream, to: u64, state: &Mutex<ProxyState>) {
     let Some((hello, from)) = read_hello(&client) else {
         let _ = client.shutdown(Shutdown::Both);
         return;
     };
-    if is_cut(&lock(state), to, from) {
-        let _ = client.shutdown(Shutdown::Both);
-        return;
-    }
+    let target = {
+        let state = lock(state);
+        match state.targets.get(&to) {
+            Some(target) if !is_cut(&state, to, from) => *target,
+            _ => {
+                let _ = client.shutdown(Shutdown::Both);
+                return;
+            }
+        }
+    };
     let server = TcpStream::connect_timeout(&target, Duration::from_secs(2))
         .and_then(|mut server| server.write_all(&hello).map(|()| server));
     let Ok(server) = server else {
