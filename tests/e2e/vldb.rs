@@ -27,16 +27,6 @@ const PRETEND_LEASE: Duration = Duration::from_secs(30);
 /// The writer appends a line and fsyncs this often.
 const APPEND_EVERY: Duration = Duration::from_millis(50);
 
-/// What a replica's Raft library logs at ERROR, among other lines, when a peer refuses
-/// its connections: a replica killed or stopped on purpose causes these in the others.
-const PEER_REFUSED: &str =
-    "Unreachable node: proto::error::ProtoError: i/o error: Connection refused";
-
-/// What a replica's Raft library logs at ERROR, among other lines, when the proxy in front
-/// of a peer closes its connections — an open one in the middle of a call, or a new one at
-/// once: a peer cut off, or not listening yet behind it.
-const PEER_CLOSED: &str = "proto::error::ProtoError: connection closed";
-
 /// What a full disk makes the replicas log at ERROR, besides the line that says the replica
 /// stepped down; every such line names the disk's error. The replica on that disk logs
 /// its Raft library's failed flush, its Raft core quitting and the calls in flight
@@ -163,13 +153,6 @@ fn check_lines(file: &Path, acked: u64) {
     );
 }
 
-/// Declares that the replicas log that a peer is down: the test stops or kills one.
-fn expect_peers_down(cell: &TestCell) {
-    for replica in &cell.replicas {
-        cell.expect_error_from(&replica_name(replica.id), PEER_REFUSED);
-    }
-}
-
 /// The replica ids other than `id`.
 fn others(cell: &TestCell, id: u64) -> Vec<u64> {
     cell.replicas
@@ -182,7 +165,7 @@ fn others(cell: &TestCell, id: u64) -> Vec<u64> {
 #[test]
 fn the_leader_killed_during_fsynced_appends_loses_nothing() {
     let mut cell = replicated_pair();
-    expect_peers_down(&cell);
+    cell.expect_peers_down();
     let ws = cell.mount("ws-a", &[]).unwrap();
     let pair_before = cell.pair_entry().unwrap();
     let active_before = cell.active_member().expect("an active member");
@@ -251,7 +234,7 @@ fn vos(cell: &TestCell, args: &[&str]) -> String {
 #[test]
 fn all_three_replicas_restarted_together_keep_every_volume_and_pair() {
     let mut cell = replicated_pair();
-    expect_peers_down(&cell);
+    cell.expect_peers_down();
     let ws = cell.mount("ws-a", &["--failover-timeout", "30"]).unwrap();
     std::fs::write(ws.join("before"), b"written before the restart\n").unwrap();
     let volumes = ["vol.one", "vol.two", "vol.three"];
@@ -313,7 +296,7 @@ fn copy_files(from: &Path, to: &Path) {
 #[test]
 fn a_replica_on_a_full_disk_steps_down_and_the_others_carry_on() {
     let mut cell = replicated_pair();
-    expect_peers_down(&cell);
+    cell.expect_peers_down();
     let leader = cell.vldb_leader(GROUP_LIMIT).unwrap();
     let follower = *others(&cell, leader).last().unwrap();
     let name = replica_name(follower);
@@ -399,9 +382,7 @@ fn decide_at(address: &str, request: Request) -> Decision {
 #[test]
 fn a_stale_leader_cut_off_from_the_majority_stops_granting() {
     let mut cell = TestCell::start_vldb_as(BIN, VldbKind::ReplicatedBehindProxies).unwrap();
-    for replica in &cell.replicas {
-        cell.expect_error_from(&replica_name(replica.id), PEER_CLOSED);
-    }
+    cell.expect_peers_down();
     cell.start_fileserver().unwrap();
     cell.create_root_volume().unwrap();
     // A pretend pair member holds a lease, renewing it at the leader itself.

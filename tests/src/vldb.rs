@@ -35,9 +35,13 @@ pub enum VldbKind {
     ReplicatedBehindProxies,
 }
 
-/// What a replica's Raft library logs at ERROR when a peer cannot be reached (a port
-/// closed, or a connection closed at once).
-const PEER_UNREACHABLE: &str = "Unreachable node: proto::error::ProtoError";
+/// What a replica's Raft library logs at ERROR, among other lines, when a Raft message to
+/// a peer fails in transport: the peer refused or closed the connection, at once or in
+/// the middle of a call. A replica killed, stopped or cut off causes these in the others.
+pub const PEER_DOWN: [&str; 2] = [
+    "Unreachable node: proto::error::ProtoError",
+    "NetworkError: proto::error::ProtoError",
+];
 
 /// What a replica says when its port is taken.
 const ADDRESS_TAKEN: &str = "Address already in use";
@@ -92,8 +96,10 @@ impl TestCell {
         }
         for id in 1..=REPLICAS {
             // Stopped together, a replica may find a peer gone before it goes itself.
-            self.tripwire
-                .expect_while_stopping(&replica_name(id), PEER_UNREACHABLE);
+            for pattern in PEER_DOWN {
+                self.tripwire
+                    .expect_while_stopping(&replica_name(id), pattern);
+            }
         }
         let mut attempt = 1;
         while let AddressTaken::Yes(id) = self.start_new_group()? {
@@ -159,6 +165,16 @@ impl TestCell {
             }
         }
         Ok(AddressTaken::No)
+    }
+
+    /// Declares that every replica may log `PEER_DOWN` lines: the test kills, stops or
+    /// cuts off a replica.
+    pub fn expect_peers_down(&self) {
+        for replica in &self.replicas {
+            for pattern in PEER_DOWN {
+                self.expect_error_from(&replica_name(replica.id), pattern);
+            }
+        }
     }
 
     /// Replica `id` of the cell's VLDB group.
