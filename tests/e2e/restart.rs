@@ -3,13 +3,9 @@
 //! A fileserver whose state journal fails (a full disk) stops at once with a clear error,
 //! and starts again with what was durable once there is room.
 
-use std::ffi::CString;
-use std::io::Write as _;
-use std::os::unix::ffi::OsStrExt as _;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use harness::{TestCell, flock, flock_n_succeeds, wait_until};
+use harness::{TestCell, Tmpfs, flock, flock_n_succeeds, wait_until};
 
 const BIN: &str = env!("CARGO_BIN_EXE_holdfast");
 const FILES: usize = 1000;
@@ -70,66 +66,11 @@ fn cached_files_stay_warm_across_kill_9_and_restart() {
     );
 }
 
-/// A small tmpfs, mounted for one test and unmounted (lazily: a process may still have
-/// files open on it) when dropped, also when the test fails.
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(at: &Path, bytes: u64) -> Tmpfs {
-        std::fs::create_dir_all(at).unwrap();
-        let target = CString::new(at.as_os_str().as_bytes()).unwrap();
-        let options = CString::new(format!("size={bytes}")).unwrap();
-        // SAFETY: NUL-terminated strings that outlive the call.
-        let rc = unsafe {
-            libc::mount(
-                c"tmpfs".as_ptr(),
-                target.as_ptr(),
-                c"tmpfs".as_ptr(),
-                0,
-                options.as_ptr().cast(),
-            )
-        };
-        assert_eq!(
-            rc,
-            0,
-            "mount a tmpfs at {}: {}",
-            at.display(),
-            std::io::Error::last_os_error()
-        );
-        Tmpfs(at.to_owned())
-    }
-
-    /// Fills what is left of it with one file, which it returns.
-    fn fill(&self) -> PathBuf {
-        let path = self.0.join("filler");
-        let mut filler = std::fs::File::create(&path).unwrap();
-        let chunk = [0u8; 4096];
-        loop {
-            match filler.write(&chunk) {
-                Ok(0) => break,
-                Ok(_) => {}
-                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
-                Err(e) => panic!("fill {}: {e}", path.display()),
-            }
-        }
-        path
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        if let Ok(target) = CString::new(self.0.as_os_str().as_bytes()) {
-            // SAFETY: a NUL-terminated path.
-            unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
-        }
-    }
-}
-
 #[test]
 fn a_full_state_disk_stops_the_fileserver_and_a_restart_recovers() {
     let mut cell = TestCell::start_vldb(BIN).unwrap();
     // The state journal lives on a 1 MiB disk of its own; the volumes do not.
-    let state_disk = Tmpfs::mount(&cell.path_of("partition").join("state"), 1 << 20);
+    let state_disk = Tmpfs::mount(&cell.path_of("partition").join("state"), 1 << 20).unwrap();
     cell.start_fileserver().unwrap();
     cell.create_root_volume().unwrap();
     let a = cell.mount("ws-a", &[]).unwrap();
@@ -137,7 +78,7 @@ fn a_full_state_disk_stops_the_fileserver_and_a_restart_recovers() {
     let locked = a.join("locked");
     std::fs::write(&locked, b"lock me\n").unwrap();
     let file = std::fs::File::open(&locked).unwrap();
-    let filler = state_disk.fill();
+    let filler = state_disk.fill().unwrap();
     // What the full disk provokes, at ERROR, once: the journal's append fails, and the
     // fileserver stops journaling and serving.
     cell.expect_error_from("fileserver", "state journal append failed");

@@ -11,10 +11,14 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 pub mod pair;
+pub mod tmpfs;
 pub mod tripwire;
+pub mod vldb;
 
 pub use pair::{PAIR, Proxy};
+pub use tmpfs::Tmpfs;
 pub use tripwire::ErrorLine;
+pub use vldb::{VldbKind, VldbReplica, replica_name, vldb_status};
 
 use tripwire::Tripwire;
 
@@ -37,21 +41,34 @@ impl Proc {
     /// Stops the process (SIGTERM, then SIGKILL) and waits for it; returns the stretch of
     /// its log it wrote meanwhile, `None` if it had exited already.
     fn stop(&mut self) -> Option<Range<u64>> {
+        let from = self.begin_stop()?;
+        Some(self.finish_stop(from))
+    }
+
+    /// Sends SIGTERM (SIGCONT first: it may be stopped); returns how long its log was
+    /// then, `None` if it had exited already.
+    fn begin_stop(&mut self) -> Option<u64> {
         if self.child.try_wait().ok().flatten().is_some() {
             return None;
         }
         let from = log_len(&self.log);
-        self.terminate();
-        Some(from..log_len(&self.log))
-    }
-
-    fn terminate(&mut self) {
         let pid = self.child.id() as libc::pid_t;
-        // SAFETY: signalling our own child by PID. SIGCONT first: it may be stopped.
+        // SAFETY: signalling our own child by PID.
         unsafe {
             libc::kill(pid, libc::SIGCONT);
             libc::kill(pid, libc::SIGTERM);
         }
+        Some(from)
+    }
+
+    /// Waits for it to exit after `begin_stop` (SIGKILL after 15 s); returns the stretch
+    /// of its log from `from`.
+    fn finish_stop(&mut self, from: u64) -> Range<u64> {
+        self.terminate();
+        from..log_len(&self.log)
+    }
+
+    fn terminate(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(15);
         while Instant::now() < deadline {
             if self.child.try_wait().ok().flatten().is_some() {
@@ -64,7 +81,8 @@ impl Proc {
     }
 }
 
-/// A cell for one test: VLDB, one fileserver, `root.cell`, and any number of mounts.
+/// A cell for one test: VLDB (one process, or a group of replicas), one fileserver or a
+/// pair, `root.cell`, and any number of mounts.
 ///
 /// Dropping it stops every process it started, unmounts every mount, and then fails the
 /// test (a panic naming each process, its log file and the lines) if any of them logged
@@ -74,12 +92,17 @@ pub struct TestCell {
     bin: PathBuf,
     pub dir: tempfile::TempDir,
     pub cell_file: PathBuf,
+    /// The VLDB's address; the first replica's when the VLDB is a group.
     pub vl_address: String,
+    /// The VLDB's replicas, when it is a group (`VldbKind::Replicated`...).
+    pub replicas: Vec<VldbReplica>,
     pub fs_address: String,
     /// Pair members started by `start_pair`: (process name, address).
     pub members: Vec<(String, String)>,
     /// The proxy between member `fs-a` and the VLDB, when asked for.
     pub vldb_proxy: Option<Proxy>,
+    /// The proxies in front of the replicas, for `VldbKind::ReplicatedBehindProxies`.
+    replica_proxies: Option<vldb::ReplicaProxies>,
     procs: Vec<Proc>,
     mounts: Vec<PathBuf>,
     /// The name of every process started, once each: its log is `<name>.log`.
@@ -94,6 +117,8 @@ pub struct PairOptions {
     pub vldb_proxy_for_a: bool,
     /// More flags for both members (e.g. `--grace-secs`).
     pub member_flags: Vec<String>,
+    /// What serves the VLDB.
+    pub vldb: VldbKind,
 }
 
 impl TestCell {
@@ -110,8 +135,11 @@ impl TestCell {
     /// and `fs-b`) on one partition, and creates `root.cell`. Each member writes its
     /// history to `<name>.history` in the cell's directory.
     pub fn start_pair(bin: &str, options: PairOptions) -> Result<TestCell> {
-        let mut cell = TestCell::start_vldb(bin)?;
+        let mut cell = TestCell::start_vldb_as(bin, options.vldb)?;
         if options.vldb_proxy_for_a {
+            if options.vldb != VldbKind::Single {
+                bail!("vldb_proxy_for_a needs a single VLDB");
+            }
             let proxy = Proxy::start(&cell.vl_address)?;
             let cell_file = cell.dir.path().join("cell-via-proxy.toml");
             std::fs::write(
@@ -207,6 +235,12 @@ impl TestCell {
     /// Starts a VLDB only: a test starts the fileserver (`start_fileserver`) once it has
     /// prepared the partition, then creates `root.cell` (`create_root_volume`).
     pub fn start_vldb(bin: &str) -> Result<TestCell> {
+        TestCell::start_vldb_as(bin, VldbKind::Single)
+    }
+
+    /// `start_vldb` with the VLDB of `kind`: a group of replicas is whole (every replica
+    /// follows one leader) when this returns.
+    pub fn start_vldb_as(bin: &str, kind: VldbKind) -> Result<TestCell> {
         require_fuse()?;
         let dir = tempfile::Builder::new().prefix("holdfast-e2e").tempdir()?;
         let mut cell = TestCell {
@@ -214,14 +248,21 @@ impl TestCell {
             cell_file: dir.path().join("cell.toml"),
             dir,
             vl_address: String::new(),
+            replicas: Vec::new(),
             fs_address: String::new(),
             members: Vec::new(),
             vldb_proxy: None,
+            replica_proxies: None,
             procs: Vec::new(),
             mounts: Vec::new(),
             logged: Vec::new(),
             tripwire: Tripwire::default(),
         };
+        if kind != VldbKind::Single {
+            cell.start_replicas(kind)?;
+            cell.await_whole_group(READY_TIMEOUT)?;
+            return Ok(cell);
+        }
         let vldb = cell.path("vldb");
         cell.vl_address = cell.spawn_ready(
             "vlserver",
@@ -418,6 +459,18 @@ impl TestCell {
         }
     }
 
+    /// Stops `procs` together — SIGTERM to each, then waits for each — noting for the
+    /// tripwire what each logged meanwhile.
+    fn stop_procs_together(&self, mut procs: Vec<Proc>) {
+        let started: Vec<Option<u64>> = procs.iter_mut().map(Proc::begin_stop).collect();
+        for (proc, from) in procs.iter_mut().zip(started) {
+            if let Some(from) = from {
+                let span = proc.finish_stop(from);
+                self.tripwire.record_stop(&proc.name, span);
+            }
+        }
+    }
+
     fn path(&self, name: &str) -> String {
         self.path_of(name).to_string_lossy().into_owned()
     }
@@ -476,10 +529,16 @@ impl TestCell {
 
 impl Drop for TestCell {
     fn drop(&mut self) {
-        // Mounts first (they flush to the servers), newest first.
-        while let Some(proc) = self.procs.pop() {
+        // Mounts first (they flush to the servers), newest first; the VLDB's replicas
+        // last and together, so that none of them sees the others go one by one.
+        let replicas: Vec<String> = self.replicas.iter().map(|r| replica_name(r.id)).collect();
+        let (replicas, others): (Vec<Proc>, Vec<Proc>) = std::mem::take(&mut self.procs)
+            .into_iter()
+            .partition(|p| replicas.contains(&p.name));
+        for proc in others.into_iter().rev() {
             self.stop_proc(proc);
         }
+        self.stop_procs_together(replicas);
         for mountpoint in &self.mounts {
             if is_mounted(mountpoint) {
                 let _ = cachemgr::mount::detach(mountpoint);
