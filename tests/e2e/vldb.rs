@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use harness::pair::{self, read_history};
 use harness::vldb::block_on;
 use harness::{PairOptions, TestCell, Tmpfs, VldbKind, replica_name, wait_until};
-use proto::{Epoch, ErrorCode, PairName, Request, Response, ServerId};
+use proto::{Epoch, ErrorCode, PairName, Request, Response, ServerId, VolumeName, VolumeRef};
 
 const BIN: &str = env!("CARGO_BIN_EXE_holdfast");
 /// Long enough for any election and catch-up on a loaded machine; a hang takes longer.
@@ -455,6 +455,15 @@ fn a_stale_leader_cut_off_from_the_majority_stops_granting() {
         .unwrap()
         .unwrap();
     assert_eq!(renewed, epoch);
+    // Nor does it answer lookups from its tables, which miss what the majority did:
+    // once no quorum has heard it for an election timeout, it says it does not lead.
+    let lookup = Request::VlGetEntry {
+        volume: VolumeRef::Name(VolumeName::parse("vol.majority").unwrap()),
+    };
+    match pair::call(&stale_address, None, lookup) {
+        Err(e) if matches!(e.remote(), Some(ErrorCode::NotLeader { .. })) => {}
+        other => panic!("the cut-off leader answered a lookup with {other:?}"),
+    }
     // Still cut off, the stale leader still grants nothing.
     let answer = decide_at(&stale_address, renew);
     assert!(

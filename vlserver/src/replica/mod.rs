@@ -147,6 +147,7 @@ impl Replica {
         let network = Network {
             cell: cell_name.clone(),
             id,
+            connections: Default::default(),
         };
         let state_machine = StateMachine::new(store.clone(), clock.clone());
         let pristine = log.is_pristine()?;

@@ -1,9 +1,13 @@
 //! `Network`: openraft's messages between VLDB replicas, in postcard inside
 //! `Request::VlRaft` on the cell's ordinary framed connections, one per peer.
 //! Invariant: a peer that cannot be reached is reported `Unreachable` (openraft backs off),
-//! and a connection that failed in transport is never used again.
+//! and a connection that failed in transport is never used again, by any `Peer`.
 
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
+
+use parking_lot::Mutex;
 
 use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
@@ -23,11 +27,17 @@ use serde::de::DeserializeOwned;
 
 use super::{Node, TypeConfig};
 
-/// Makes a `Peer` for each replica openraft replicates to.
+/// Makes a `Peer` for each replica openraft replicates to. openraft makes a new one for
+/// each replication stream and each quorum check, so the connections live here, one per
+/// address, and every `Peer` to that address shares it.
 pub(crate) struct Network {
     pub(crate) cell: String,
     pub(crate) id: u64,
+    pub(crate) connections: Connections,
 }
+
+/// The open connection to each peer address.
+pub(crate) type Connections = Arc<Mutex<HashMap<String, Connection>>>;
 
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = Peer;
@@ -38,7 +48,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             id: self.id,
             target,
             address: node.addr.clone(),
-            connection: None,
+            connections: self.connections.clone(),
         }
     }
 }
@@ -49,7 +59,7 @@ pub(crate) struct Peer {
     id: u64,
     target: u64,
     address: String,
-    connection: Option<Connection>,
+    connections: Connections,
 }
 
 /// How a call failed: before anything was sent (the peer is unreachable) or after.
@@ -60,7 +70,12 @@ enum Failure {
 
 impl Peer {
     async fn connection(&mut self, timeout: Duration) -> Result<Connection, ProtoError> {
-        if let Some(connection) = self.connection.as_ref().filter(|c| !c.is_closed()) {
+        if let Some(connection) = self
+            .connections
+            .lock()
+            .get(&self.address)
+            .filter(|c| !c.is_closed())
+        {
             return Ok(connection.clone());
         }
         let hello = Hello {
@@ -76,7 +91,9 @@ impl Peer {
         // Nothing is called back on this connection: dropping the incoming queue answers
         // anything the peer sends with `Unsupported`.
         let (connection, _reply, _incoming) = rpc::connect(&self.address, hello, &limits).await?;
-        self.connection = Some(connection.clone());
+        self.connections
+            .lock()
+            .insert(self.address.clone(), connection.clone());
         Ok(connection)
     }
 
@@ -108,7 +125,13 @@ impl Peer {
             Err(e) => {
                 if e.is_transport() {
                     connection.close();
-                    self.connection = None;
+                    let mut connections = self.connections.lock();
+                    if connections
+                        .get(&self.address)
+                        .is_some_and(|c| c.is_closed())
+                    {
+                        connections.remove(&self.address);
+                    }
                 }
                 return Err(Failure::Network(e));
             }
