@@ -101,10 +101,7 @@ impl PairLease {
         lease: Duration,
         now: Millis,
     ) -> Result<u64, LeaseRefusal> {
-        check_length(lease)?;
-        if !self.members.iter().any(|m| m == member) {
-            return Err(LeaseRefusal::NotMember);
-        }
+        self.check_candidate(member, lease)?;
         let handed_to_caller = self.successor.as_deref() == Some(member);
         let free = self.left(now).is_zero() || handed_to_caller;
         if epoch != self.epoch || !free {
@@ -125,10 +122,7 @@ impl PairLease {
         lease: Duration,
         now: Millis,
     ) -> Result<u64, LeaseRefusal> {
-        check_length(lease)?;
-        if !self.members.iter().any(|m| m == member) {
-            return Err(LeaseRefusal::NotMember);
-        }
+        self.check_candidate(member, lease)?;
         if epoch != self.epoch || seq != self.seq {
             return Err(self.held(now));
         }
@@ -229,6 +223,16 @@ impl PairLease {
     /// Whether `member` holds an unexpired lease of `epoch` at `now`.
     pub fn holds(&self, member: &str, epoch: u64, now: Millis) -> bool {
         self.active.as_deref() == Some(member) && epoch == self.epoch && !self.left(now).is_zero()
+    }
+
+    /// An acquire's first checks: a lease length in range, asked by a member.
+    fn check_candidate(&self, member: &str, lease: Duration) -> Result<(), LeaseRefusal> {
+        check_length(lease)?;
+        if self.members.iter().any(|m| m == member) {
+            Ok(())
+        } else {
+            Err(LeaseRefusal::NotMember)
+        }
     }
 
     fn held(&self, now: Millis) -> LeaseRefusal {

@@ -4,8 +4,6 @@
 
 mod sim;
 
-use std::env;
-
 use sim::checker::Stats;
 use sim::member::Variant;
 use sim::replica::Decider;
@@ -36,18 +34,10 @@ fn members(seed: u64) -> Variant {
     }
 }
 
-/// The seeds to run: one from `HOLDFAST_SIM_SEED`, else `HOLDFAST_SIM_SEEDS` of them. A
-/// failure names its seed: `HOLDFAST_SIM_SEED=<seed> cargo test -p state --test vldb_sim`
-/// replays it; `HOLDFAST_SIM_SEEDS=<n>` runs more seeds than the default.
+/// The seeds to run (`sim::seeds`): `HOLDFAST_SIM_SEED=<seed> cargo test -p state --test
+/// vldb_sim` replays a failure's seed; `HOLDFAST_SIM_SEEDS=<n>` runs more than the default.
 fn seeds() -> Vec<u64> {
-    if let Ok(seed) = env::var("HOLDFAST_SIM_SEED") {
-        let seed = seed.parse().expect("HOLDFAST_SIM_SEED must be a number");
-        return vec![seed];
-    }
-    let count = env::var("HOLDFAST_SIM_SEEDS").map_or(SEEDS_DEFAULT, |count| {
-        count.parse().expect("HOLDFAST_SIM_SEEDS must be a number")
-    });
-    (0..count).collect()
+    sim::seeds(SEEDS_DEFAULT)
 }
 
 #[test]
