@@ -226,7 +226,7 @@ impl Replica {
     /// heard from a quorum within the longest election timeout (else it may have been
     /// replaced); a follower must follow a leader, which it stops doing once its election
     /// timeout passes without a heartbeat. So an answer misses at most the changes
-    /// committed in the last election timeout (300 ms) plus what is in flight to this
+    /// committed in the last election timeout (200 ms) plus what is in flight to this
     /// replica; pair decisions never rely on it (`linearizable`).
     pub(crate) fn may_read(&self) -> Result<(), ErrorCode> {
         let metrics = self.raft.metrics().borrow().clone();
