@@ -1,0 +1,167 @@
+//! Three replicas in one process over loopback: a single VLDB's database taken over as the
+//! group's first snapshot and shipped to the others, and a replica refusing another
+//! cell's data or another bootstrap membership.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use proto::{CellConfig, PeerKind, ServerId, Timestamp, VldbClient, VolumeName, VolumeRef};
+use redb::{Database, TableDefinition};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use vlserver::{Config, DATABASE_FILE, Store, StoreLimits, VldbError};
+
+const CELL: &str = "example.test";
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+struct Replica {
+    address: String,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<Result<(), VldbError>>,
+}
+
+/// Starts replica `id` of `peers` on its listener, with its data in `dir`.
+fn start(
+    id: u64,
+    listener: TcpListener,
+    peers: &BTreeMap<u64, String>,
+    dir: &Path,
+    cell: &str,
+) -> Replica {
+    let address = listener.local_addr().unwrap().to_string();
+    let (stop, shutdown) = watch::channel(false);
+    let config = Config {
+        data_dir: dir.to_owned(),
+        cell_name: cell.into(),
+        id,
+        peers: peers.clone(),
+    };
+    let task = tokio::spawn(vlserver::run(config, listener, shutdown));
+    Replica {
+        address,
+        stop,
+        task,
+    }
+}
+
+/// A client of the replica at `address` alone.
+fn client_of(address: &str) -> VldbClient {
+    let cell = CellConfig {
+        name: CELL.into(),
+        vlservers: vec![address.into()],
+    };
+    VldbClient::new(cell, PeerKind::Admin, TIMEOUT)
+}
+
+/// A single VLDB's file (format 1) holding `root.cell` and `home.a`.
+fn single_vldb_file(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let path = dir.join(DATABASE_FILE);
+    {
+        let store = Store::open(&path, StoreLimits::default()).unwrap();
+        let server = ServerId::random();
+        store
+            .register_server(server, vec!["127.0.0.1:7000".into()], Timestamp::now())
+            .unwrap();
+        for name in ["root.cell", "home.a"] {
+            store
+                .create_entry(&VolumeName::parse(name).unwrap(), server)
+                .unwrap();
+        }
+    }
+    // What a single VLDB wrote: format 1, without the replica's tables.
+    let db = Database::open(&path).unwrap();
+    let txn = db.begin_write().unwrap();
+    const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+    const PAIR_SEQS: TableDefinition<&str, u64> = TableDefinition::new("pair_seqs");
+    const RAFT: TableDefinition<&str, &[u8]> = TableDefinition::new("raft");
+    txn.open_table(META)
+        .unwrap()
+        .insert("format_version", 1)
+        .unwrap();
+    txn.delete_table(PAIR_SEQS).unwrap();
+    txn.delete_table(RAFT).unwrap();
+    txn.commit().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_vldbs_database_reaches_every_replica() {
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    single_vldb_file(dirs[0].path());
+    let mut listeners = Vec::new();
+    let mut peers = BTreeMap::new();
+    for id in 1..=3u64 {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        peers.insert(id, listener.local_addr().unwrap().to_string());
+        listeners.push(listener);
+    }
+    let replicas: Vec<Replica> = listeners
+        .into_iter()
+        .zip(1..=3u64)
+        .zip(&dirs)
+        .map(|((listener, id), dir)| start(id, listener, &peers, dir.path(), CELL))
+        .collect();
+
+    // Replicas 2 and 3 started empty: they hold the volumes once the snapshot reached them.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for replica in &replicas[1..] {
+        let client = client_of(&replica.address);
+        loop {
+            let names: Vec<String> = match client.list_entries().await {
+                Ok(entries) => entries.into_iter().map(|e| e.name.to_string()).collect(),
+                Err(_) => Vec::new(),
+            };
+            if names == ["home.a", "root.cell"] {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "replica at {} never received the taken-over volumes: {names:?}",
+                replica.address
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    // And the group goes on from there: ids continue where the single VLDB stopped.
+    let cell = CellConfig {
+        name: CELL.into(),
+        vlservers: replicas.iter().map(|r| r.address.clone()).collect(),
+    };
+    let client = VldbClient::new(cell, PeerKind::Admin, TIMEOUT);
+    let servers = client.list_servers().await.unwrap();
+    let home_a = client
+        .get_entry(VolumeRef::Name(VolumeName::parse("home.a").unwrap()))
+        .await
+        .unwrap();
+    let home_b = client
+        .create_entry(VolumeName::parse("home.b").unwrap(), servers[0].server)
+        .await
+        .unwrap();
+    assert!(home_b.rw_id > home_a.rw_id);
+
+    for replica in replicas {
+        replica.stop.send(true).unwrap();
+        replica.task.await.unwrap().unwrap();
+    }
+
+    // Started again with another bootstrap membership, or as another cell, replica 1
+    // refuses, saying what to do.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut other_peers = peers.clone();
+    other_peers.remove(&3);
+    let refused = start(1, listener, &other_peers, dirs[0].path(), CELL)
+        .task
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(matches!(refused, VldbError::OtherPeers { .. }), "{refused}");
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let refused = start(1, listener, &peers, dirs[0].path(), "other.test")
+        .task
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(matches!(refused, VldbError::OtherCell { .. }), "{refused}");
+}
