@@ -324,6 +324,7 @@ fn run(cli: Cli) -> Result<()> {
                     cell_name,
                     id,
                     peers: peers.unwrap_or_default(),
+                    snapshot_every: vlserver::SNAPSHOT_EVERY,
                 };
                 vlserver::run(config, listener, shutdown)
                     .await

@@ -24,7 +24,9 @@ use tracing::{error, info};
 pub use command::{Applied, Command, Outcome};
 pub use error::VldbError;
 pub use limits::StoreLimits;
-pub use replica::{DATABASE_FILE, LOG_FILE, Replica, ReplicaConfig, decode_untrusted};
+pub use replica::{
+    DATABASE_FILE, LOG_FILE, Replica, ReplicaConfig, SNAPSHOT_EVERY, decode_untrusted,
+};
 pub use service::VldbService;
 pub use store::{IDS_PER_VOLUME, Store, VOLUME_ID_FIRST};
 pub use tables::FORMAT_VERSION;
@@ -40,6 +42,8 @@ pub struct Config {
     /// The group's bootstrap membership, id -> address. Empty: a group of one, this
     /// replica as id 1 at the address it listens on.
     pub peers: BTreeMap<u64, String>,
+    /// A snapshot every this many entries (`SNAPSHOT_EVERY`; tests use fewer).
+    pub snapshot_every: u64,
 }
 
 impl Config {
@@ -50,6 +54,7 @@ impl Config {
             cell_name,
             id: 1,
             peers: BTreeMap::new(),
+            snapshot_every: SNAPSHOT_EVERY,
         }
     }
 }
@@ -76,6 +81,7 @@ pub async fn run(
             data_dir: config.data_dir.clone(),
             cell_name: config.cell_name.clone(),
             peers_given: !config.peers.is_empty(),
+            snapshot_every: config.snapshot_every,
         })
         .await?,
     );

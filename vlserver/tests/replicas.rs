@@ -7,11 +7,14 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use proto::{CellConfig, PeerKind, ServerId, Timestamp, VldbClient, VolumeName, VolumeRef};
-use redb::{Database, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use vlserver::{Config, DATABASE_FILE, Store, StoreLimits, VldbError};
+
+/// Small, so that a test writes enough entries to snapshot and purge the log.
+const SNAPSHOT_EVERY: u64 = 50;
 
 const CELL: &str = "example.test";
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -37,6 +40,7 @@ fn start(
         cell_name: cell.into(),
         id,
         peers: peers.clone(),
+        snapshot_every: SNAPSHOT_EVERY,
     };
     let task = tokio::spawn(vlserver::run(config, listener, shutdown));
     Replica {
@@ -90,19 +94,7 @@ fn single_vldb_file(dir: &Path) {
 async fn a_single_vldbs_database_reaches_every_replica() {
     let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
     single_vldb_file(dirs[0].path());
-    let mut listeners = Vec::new();
-    let mut peers = BTreeMap::new();
-    for id in 1..=3u64 {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        peers.insert(id, listener.local_addr().unwrap().to_string());
-        listeners.push(listener);
-    }
-    let replicas: Vec<Replica> = listeners
-        .into_iter()
-        .zip(1..=3u64)
-        .zip(&dirs)
-        .map(|((listener, id), dir)| start(id, listener, &peers, dir.path(), CELL))
-        .collect();
+    let (replicas, peers) = fresh_group(&dirs).await;
 
     // Replicas 2 and 3 started empty: they hold the volumes once the snapshot reached them.
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -142,8 +134,7 @@ async fn a_single_vldbs_database_reaches_every_replica() {
     assert!(home_b.rw_id > home_a.rw_id);
 
     for replica in replicas {
-        replica.stop.send(true).unwrap();
-        replica.task.await.unwrap().unwrap();
+        stop(replica).await;
     }
 
     // Started again with another bootstrap membership, or as another cell, replica 1
@@ -164,4 +155,95 @@ async fn a_single_vldbs_database_reaches_every_replica() {
         .unwrap()
         .unwrap_err();
     assert!(matches!(refused, VldbError::OtherCell { .. }), "{refused}");
+}
+
+/// Binds three listeners and starts a fresh group of three in `dirs`.
+async fn fresh_group(dirs: &[tempfile::TempDir]) -> (Vec<Replica>, BTreeMap<u64, String>) {
+    let mut listeners = Vec::new();
+    let mut peers = BTreeMap::new();
+    for id in 1..=3u64 {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        peers.insert(id, listener.local_addr().unwrap().to_string());
+        listeners.push(listener);
+    }
+    let replicas = listeners
+        .into_iter()
+        .zip(1..=3u64)
+        .zip(dirs)
+        .map(|((listener, id), dir)| start(id, listener, &peers, dir.path(), CELL))
+        .collect();
+    (replicas, peers)
+}
+
+async fn stop(replica: Replica) {
+    replica.stop.send(true).unwrap();
+    replica.task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_behind_the_purged_log_catches_up_from_a_snapshot() {
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (mut replicas, peers) = fresh_group(&dirs).await;
+    let cell = CellConfig {
+        name: CELL.into(),
+        vlservers: replicas.iter().map(|r| r.address.clone()).collect(),
+    };
+    let client = VldbClient::new(cell, PeerKind::Admin, TIMEOUT);
+    let server = ServerId::random();
+    client
+        .register_server(server, vec!["127.0.0.1:7000".into()])
+        .await
+        .unwrap();
+    // Replica 3 goes down; the other two go on for several snapshots' worth of entries,
+    // and purge their logs behind the snapshots.
+    stop(replicas.pop().unwrap()).await;
+    let count = 4 * SNAPSHOT_EVERY;
+    for i in 0..count {
+        client
+            .create_entry(VolumeName::parse(&format!("v{i:03}")).unwrap(), server)
+            .await
+            .unwrap();
+    }
+    let listener = TcpListener::bind(&peers[&3]).await.unwrap();
+    let third = start(3, listener, &peers, dirs[2].path(), CELL);
+    let third_client = client_of(&third.address);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let held = third_client.list_entries().await.map_or(0, |e| e.len());
+        if held == count as usize {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "replica 3 holds {held} of {count} volumes"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    replicas.push(third);
+    for replica in replicas {
+        stop(replica).await;
+    }
+    // The leader's log was purged behind a snapshot, and replica 3 installed one.
+    const ENTRIES: TableDefinition<u64, &[u8]> = TableDefinition::new("entries");
+    const RAFT: TableDefinition<&str, &[u8]> = TableDefinition::new("raft");
+    let log = Database::open(dirs[0].path().join(vlserver::LOG_FILE)).unwrap();
+    let txn = log.begin_read().unwrap();
+    let first = txn
+        .open_table(ENTRIES)
+        .unwrap()
+        .first()
+        .unwrap()
+        .unwrap()
+        .0
+        .value();
+    assert!(first > SNAPSHOT_EVERY, "replica 1's log starts at {first}");
+    let tables = Database::open(dirs[2].path().join(DATABASE_FILE)).unwrap();
+    let txn = tables.begin_read().unwrap();
+    assert!(
+        txn.open_table(RAFT)
+            .unwrap()
+            .get("snapshot")
+            .unwrap()
+            .is_some()
+    );
 }

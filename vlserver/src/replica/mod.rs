@@ -56,8 +56,9 @@ pub const LOG_FILE: &str = "raft-log.redb";
 const HEARTBEAT: Duration = Duration::from_millis(30);
 const ELECTION_MIN: Duration = Duration::from_millis(100);
 const ELECTION_MAX: Duration = Duration::from_millis(200);
-/// A snapshot every this many entries bounds the log.
-const SNAPSHOT_EVERY: u64 = 5_000;
+/// A snapshot every this many entries bounds the log (a fifth of it is kept behind the
+/// snapshot, for followers a little behind).
+pub const SNAPSHOT_EVERY: u64 = 5_000;
 /// The log id a single VLDB's data is taken over at: after the bootstrap's membership
 /// entry (index 0), so that a replica initialised from scratch is behind it and receives
 /// it as a snapshot.
@@ -86,6 +87,8 @@ pub struct ReplicaConfig {
     pub peers: BTreeMap<u64, String>,
     pub data_dir: PathBuf,
     pub cell_name: String,
+    /// A snapshot every this many applied entries (`SNAPSHOT_EVERY`).
+    pub snapshot_every: u64,
     /// False for a group of one started without `--peers`: its address may change from
     /// one start to the next (an ephemeral port), so it is not held against it.
     pub peers_given: bool,
@@ -111,6 +114,7 @@ impl Replica {
             data_dir,
             cell_name,
             peers_given,
+            snapshot_every,
         } = config;
         if !peers.contains_key(&id) {
             return Err(VldbError::Config(format!(
@@ -136,8 +140,8 @@ impl Replica {
             heartbeat_interval: millis(HEARTBEAT),
             election_timeout_min: millis(ELECTION_MIN),
             election_timeout_max: millis(ELECTION_MAX),
-            snapshot_policy: SnapshotPolicy::LogsSinceLast(SNAPSHOT_EVERY),
-            max_in_snapshot_log_to_keep: 1_000,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(snapshot_every.max(1)),
+            max_in_snapshot_log_to_keep: snapshot_every / 5,
             // Well below the 4 MiB frame limit.
             snapshot_max_chunk_size: 1 << 20,
             ..Config::default()
