@@ -142,6 +142,15 @@ impl Pairs {
         }
         let mut next = {
             let pairs = self.by_name.lock();
+            if pairs
+                .iter()
+                .any(|(name, other)| name != pair.as_str() && other.server == server)
+            {
+                warn!(%pair, %member, %server,
+                    "refusing a member whose partition already serves another pair: a \
+                     partition belongs to one pair");
+                return Err(VldbError::Refused(ErrorCode::InvalidArgument));
+            }
             match pairs.get(pair.as_str()) {
                 Some(existing) if existing.server != server => {
                     warn!(%pair, %member, pair_server = %existing.server,

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use proto::rpc::{self, Connection};
 use proto::server::Service;
-use proto::{ErrorCode, Hello, HelloReply, PairName, Request, Response, Timestamp};
+use proto::{ErrorCode, Hello, HelloReply, PairName, PeerKind, Request, Response, Timestamp};
 use tracing::{debug, error};
 
 use crate::command::{Applied, Command};
@@ -53,6 +53,13 @@ impl VldbService {
         self.with_store(operation).await
     }
 
+    /// Proposes `command` once it passed the size checks its apply would make.
+    async fn propose(&self, command: Command) -> Result<Applied, ErrorCode> {
+        let checked = command.clone();
+        self.with_store(move |s| s.check_proposal(&checked)).await?;
+        self.replica.write(command).await
+    }
+
     /// A pair decision: the leader checks it on its clock, after applying everything
     /// committed before, then proposes it; `check` returns the command to propose.
     async fn decide(
@@ -62,7 +69,7 @@ impl VldbService {
         self.replica.linearizable().await?;
         let now = self.replica.now();
         let command = self.with_store(move |s| check(s, now)).await?;
-        self.replica.write(command).await
+        self.propose(command).await
     }
 }
 
@@ -78,9 +85,23 @@ impl Service for VldbService {
     async fn handle(
         self: Arc<Self>,
         connection: Connection,
-        _hello: Arc<Hello>,
+        hello: Arc<Hello>,
         request: Request,
     ) -> Result<Response, ErrorCode> {
+        // Raft messages only from a replica, membership changes only from an admin:
+        // a cache manager or a fileserver can do neither.
+        let allowed = match (&request, &hello.peer) {
+            (Request::VlRaft { .. }, PeerKind::VldbReplica { .. }) => true,
+            (Request::VlRaft { .. }, _) => false,
+            (Request::VlAddMember { .. } | Request::VlRemoveMember { .. }, peer) => {
+                matches!(peer, PeerKind::Admin)
+            }
+            _ => true,
+        };
+        if !allowed {
+            debug!(peer = %connection.peer_addr(), kind = ?hello.peer, "refusing a request this peer may not make");
+            return Err(ErrorCode::PermissionDenied);
+        }
         if !matches!(request, Request::VlRaft { .. }) {
             debug!(peer = %connection.peer_addr(), ?request, "VLDB request");
         }
@@ -106,25 +127,20 @@ impl Service for VldbService {
                     addresses,
                     registered: Timestamp::now(),
                 };
-                match self.replica.write(command).await? {
+                match self.propose(command).await? {
                     Applied::Server(entry) => Ok(Response::Server(entry)),
                     other => Err(unexpected(&other)),
                 }
             }
             Request::VlListServers => self.read(|s| s.servers()).await.map(Response::Servers),
             Request::VlCreateEntry { name, server } => {
-                match self
-                    .replica
-                    .write(Command::CreateEntry { name, server })
-                    .await?
-                {
+                match self.propose(Command::CreateEntry { name, server }).await? {
                     Applied::VolumeEntry(entry) => Ok(Response::VolumeEntry(entry)),
                     other => Err(unexpected(&other)),
                 }
             }
             Request::VlRemoveEntry { volume } => self
-                .replica
-                .write(Command::RemoveEntry { volume })
+                .propose(Command::RemoveEntry { volume })
                 .await
                 .map(|_| Response::Ok),
             Request::VlGetEntry { volume } => self
@@ -146,7 +162,7 @@ impl Service for VldbService {
                     member,
                     registered: Timestamp::now(),
                 };
-                self.replica.write(command).await.map(|_| Response::Ok)
+                self.propose(command).await.map(|_| Response::Ok)
             }
             Request::VlAcquirePair {
                 pair,

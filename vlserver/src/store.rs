@@ -24,9 +24,9 @@ use crate::limits::StoreLimits;
 use crate::pairs::{PairUpdate, Pairs};
 use crate::tables::{
     FORMAT_VERSION, FORMAT_VERSION_SINGLE, META, META_FORMAT_VERSION, META_NAME,
-    META_NEXT_VOLUME_ID, PAIR_SEQS, PAIRS, RAFT, RAFT_APPLIED, SERVERS, SERVERS_NAME, VOLUME_IDS,
-    VOLUME_NAMES, VOLUME_NAMES_NAME, VOLUMES, VOLUMES_NAME, decode, encode, get_server, put_server,
-    server_id_of,
+    META_NEXT_VOLUME_ID, PAIR_SEQS, PAIRS, RAFT, RAFT_APPLIED, RAFT_SNAPSHOT, RAFT_SNAPSHOT_INDEX,
+    SERVERS, SERVERS_NAME, VOLUME_IDS, VOLUME_NAMES, VOLUME_NAMES_NAME, VOLUMES, VOLUMES_NAME,
+    decode, encode, get_server, put_server, server_id_of,
 };
 
 /// The first RW volume id, as in AFS.
@@ -84,7 +84,10 @@ impl Store {
                 }
                 Some(FORMAT_VERSION) => {}
                 Some(FORMAT_VERSION_SINGLE) => {
-                    meta.insert(META_FORMAT_VERSION, FORMAT_VERSION)?;
+                    // Upgraded to format 2 only with the snapshot that takes it over, in
+                    // one transaction (`install_image`): until then it stays a single
+                    // VLDB's file, and a start that is interrupted or refused takes it
+                    // over again next time.
                     taken_over = true;
                     info!(path = %path.display(),
                         "taking over a single VLDB's database as a replica's state");
@@ -217,6 +220,29 @@ impl Store {
         self.raft_value(RAFT_APPLIED)
     }
 
+    /// Keeps `snapshot` (of log index `index`) as the current one, durably, unless a newer
+    /// one is kept already (an install may have overtaken a build). Returns whether it
+    /// was kept.
+    pub fn keep_snapshot(&self, snapshot: &[u8], index: u64) -> Result<bool, VldbError> {
+        let txn = self.db.begin_write()?;
+        let kept = {
+            let mut raft = txn.open_table(RAFT)?;
+            let stored = raft
+                .get(RAFT_SNAPSHOT_INDEX)?
+                .and_then(|v| <[u8; 8]>::try_from(v.value()).ok())
+                .map(u64::from_le_bytes);
+            if stored.is_some_and(|stored| stored > index) {
+                false
+            } else {
+                raft.insert(RAFT_SNAPSHOT, snapshot)?;
+                raft.insert(RAFT_SNAPSHOT_INDEX, index.to_le_bytes().as_slice())?;
+                true
+            }
+        };
+        txn.commit()?;
+        Ok(kept)
+    }
+
     /// Makes every commit so far durable: before the log behind them may be purged.
     pub fn sync_marks(&self) -> Result<(), VldbError> {
         let txn = self.db.begin_write()?;
@@ -268,11 +294,26 @@ impl Store {
         Ok((mark, encode(&image)?))
     }
 
-    /// Replaces every table with `image` and writes `mark`, durably, in one transaction;
-    /// the pairs are read again (each holder keeps one whole lease from its first call).
-    pub fn install_image(&self, image: &[u8], mark: &[u8]) -> Result<(), VldbError> {
+    /// Replaces every table with `image`, and writes `mark` and `snapshot` (the snapshot
+    /// as stored, of log index `index`), durably, in one transaction, which also makes
+    /// the file format 2; the pairs are read again (each holder keeps one whole lease
+    /// from its first call).
+    pub fn install_image(
+        &self,
+        image: &[u8],
+        mark: &[u8],
+        snapshot: &[u8],
+        index: u64,
+    ) -> Result<(), VldbError> {
         let image: Image = decode("snapshot", "image", image)?;
         let txn = self.db.begin_write()?;
+        {
+            txn.open_table(META)?
+                .insert(META_FORMAT_VERSION, FORMAT_VERSION)?;
+            let mut raft = txn.open_table(RAFT)?;
+            raft.insert(RAFT_SNAPSHOT, snapshot)?;
+            raft.insert(RAFT_SNAPSHOT_INDEX, index.to_le_bytes().as_slice())?;
+        }
         {
             let mut meta = txn.open_table(META)?;
             meta.insert(META_NEXT_VOLUME_ID, image.next_volume_id)?;
@@ -634,6 +675,32 @@ impl Store {
 
     pub fn pair(&self, pair: &PairName, now: Millis) -> Result<PairEntry, VldbError> {
         self.pairs.entry(pair, now)
+    }
+
+    /// The checks a command must pass before the leader proposes it: the same limits its
+    /// apply enforces on sizes, so that no oversized entry enters the log (one too large
+    /// for a frame would stall replication behind it).
+    pub fn check_proposal(&self, command: &Command) -> Result<(), VldbError> {
+        match command {
+            Command::RegisterServer { addresses, .. } => {
+                self.check_addresses(addresses.clone()).map(|_| ())
+            }
+            Command::JoinPair { member, .. }
+            | Command::AcquirePair { member, .. }
+            | Command::RenewPair { member, .. }
+            | Command::ReleasePair { member, .. }
+                if member.is_empty() || member.len() > self.limits.address_bytes_max =>
+            {
+                Err(VldbError::Refused(ErrorCode::InvalidArgument))
+            }
+            Command::ReleasePair {
+                successor: Some(successor),
+                ..
+            } if successor.len() > self.limits.address_bytes_max => {
+                Err(VldbError::Refused(ErrorCode::InvalidArgument))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Checks a server's address list against the limits and drops duplicates.

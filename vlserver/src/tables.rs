@@ -59,6 +59,8 @@ pub(crate) const RAFT: TableDefinition<&str, &[u8]> = TableDefinition::new("raft
 pub(crate) const RAFT_APPLIED: &str = "applied";
 /// The current snapshot: its metadata and the image of every table.
 pub(crate) const RAFT_SNAPSHOT: &str = "snapshot";
+/// The log index of the current snapshot, `u64` little-endian.
+pub(crate) const RAFT_SNAPSHOT_INDEX: &str = "snapshot_index";
 /// The cell this replica's data belongs to.
 pub(crate) const RAFT_CELL: &str = "cell";
 

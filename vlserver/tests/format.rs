@@ -126,8 +126,10 @@ fn a_single_vldb_file_is_taken_over_with_its_data() {
         .unwrap();
     assert_eq!((pair.epoch, pair.active.as_deref()), (Epoch(1), Some(A)));
     drop(store);
+    // Until a replica makes the tables its first snapshot, the file stays format 1, so an
+    // interrupted or refused takeover starts over next time.
     assert!(
-        !Store::open(&path, StoreLimits::default())
+        Store::open(&path, StoreLimits::default())
             .unwrap()
             .taken_over()
     );

@@ -94,6 +94,19 @@ fn single_vldb_file(dir: &Path) {
 async fn a_single_vldbs_database_reaches_every_replica() {
     let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
     single_vldb_file(dirs[0].path());
+    // Started first as a replica that is not the lowest id, it refuses, and takes nothing
+    // over: the next start, right, takes it over whole.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let wrong = BTreeMap::from([
+        (1, "127.0.0.1:1".to_owned()),
+        (2, listener.local_addr().unwrap().to_string()),
+    ]);
+    let refused = start(2, listener, &wrong, dirs[0].path(), CELL)
+        .task
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(matches!(refused, VldbError::Config(_)), "{refused}");
     let (replicas, peers) = fresh_group(&dirs).await;
 
     // Replicas 2 and 3 started empty: they hold the volumes once the snapshot reached them.

@@ -499,19 +499,27 @@ fn open(
         Some(_) => {}
         None => store.set_raft_value(RAFT_CELL, cell_name.as_bytes())?,
     }
+    // A log that holds nothing yet takes whatever --peers it is given now.
+    let bootstrapped = !log.is_pristine()?;
     match log.meta::<BTreeMap<u64, String>>(PEERS)? {
-        Some(found) if peers_given && &found != peers => {
+        Some(found) if peers_given && bootstrapped && &found != peers => {
             return Err(VldbError::OtherPeers {
                 path: data_dir.to_owned(),
                 found: peers_text(&found),
                 given: peers_text(peers),
             });
         }
-        Some(_) => {}
-        None => log.set_meta(PEERS, peers)?,
+        Some(found) if &found == peers || !peers_given || bootstrapped => {}
+        _ => log.set_meta(PEERS, peers)?,
     }
     if store.taken_over() {
         take_over(&store, &log, id, peers)?;
+    } else if log.is_pristine()?
+        && let Some(applied) = state_machine::read_mark(&store)?.applied
+    {
+        // A takeover that stopped between the tables' snapshot and the log's purge point.
+        log.set_purged(applied)?;
+        info!(log = %applied, "finished taking over a single VLDB's tables");
     }
     Ok((store, log))
 }

@@ -123,7 +123,10 @@ impl Peer {
                 ))));
             }
             Err(e) => {
-                if e.is_transport() {
+                // A call that timed out leaves the connection sound: other streams to
+                // this peer (heartbeats, a snapshot) share it, and the answer may still
+                // come. Only a broken connection is dropped.
+                if e.is_transport() && !matches!(e, ProtoError::Timeout(_)) {
                     connection.close();
                     let mut connections = self.connections.lock();
                     if connections

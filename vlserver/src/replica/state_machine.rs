@@ -79,12 +79,12 @@ pub(crate) fn install(
         applied: meta.last_log_id,
         membership: meta.last_membership.clone(),
     };
-    store.install_image(&image, &encode(&mark)?)?;
+    let index = meta.last_log_id.map_or(0, |id| id.index);
     let stored = StoredSnapshot {
         meta: meta.clone(),
         image,
     };
-    store.set_raft_value(RAFT_SNAPSHOT, &encode(&stored)?)
+    store.install_image(&stored.image, &encode(&mark)?, &encode(&stored)?, index)
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachine {
@@ -202,7 +202,10 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
                 meta: meta.clone(),
                 image: image.clone(),
             };
-            store.set_raft_value(RAFT_SNAPSHOT, &encode(&stored)?)?;
+            let index = meta.last_log_id.map_or(0, |id| id.index);
+            if !store.keep_snapshot(&encode(&stored)?, index)? {
+                info!(last = ?meta.last_log_id, "a newer snapshot was installed meanwhile");
+            }
             info!(last = ?meta.last_log_id, bytes = image.len(), "VLDB snapshot built");
             Ok::<_, VldbError>(Snapshot {
                 meta,
