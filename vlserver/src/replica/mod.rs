@@ -59,6 +59,9 @@ const ELECTION_MAX: Duration = Duration::from_millis(200);
 /// A snapshot every this many entries bounds the log (a fifth of it is kept behind the
 /// snapshot, for followers a little behind).
 pub const SNAPSHOT_EVERY: u64 = 5_000;
+/// The largest snapshot a replica receives: the tables at their limits (`StoreLimits`)
+/// take well under a tenth of it.
+const SNAPSHOT_BYTES_MAX: u64 = 512 << 20;
 /// The log id a single VLDB's data is taken over at: after the bootstrap's membership
 /// entry (index 0), so that a replica initialised from scratch is behind it and receives
 /// it as a snapshot.
@@ -275,6 +278,17 @@ impl Replica {
             RaftKind::InstallSnapshot => {
                 let request: InstallSnapshotRequest<TypeConfig> =
                     postcard::from_bytes(payload).map_err(bad)?;
+                // The chunk is written at its offset into a buffer in memory: a peer may
+                // not make it larger than any snapshot the table limits allow.
+                let end = request.offset.saturating_add(request.data.len() as u64);
+                if end > SNAPSHOT_BYTES_MAX {
+                    warn!(
+                        offset = request.offset,
+                        bytes = request.data.len(),
+                        "refusing a snapshot chunk past the largest snapshot there can be"
+                    );
+                    return Err(ErrorCode::TooLarge);
+                }
                 postcard::to_stdvec(&self.raft.install_snapshot(request).await)
             }
         };
