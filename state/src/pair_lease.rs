@@ -174,8 +174,7 @@ impl PairLease {
         now: Millis,
     ) -> Result<(), LeaseRefusal> {
         check_length(lease)?;
-        if self.active.as_deref() != Some(member) || epoch != self.epoch || self.successor.is_some()
-        {
+        if !self.is_holder(member, epoch) || self.successor.is_some() {
             return Err(LeaseRefusal::Lost { epoch: self.epoch });
         }
         self.seq += 1;
@@ -206,7 +205,7 @@ impl PairLease {
         successor: Option<&str>,
         now: Millis,
     ) -> Result<(), LeaseRefusal> {
-        if self.active.as_deref() != Some(member) || epoch != self.epoch {
+        if !self.is_holder(member, epoch) {
             return Err(LeaseRefusal::Lost { epoch: self.epoch });
         }
         if let Some(successor) = successor
@@ -222,7 +221,13 @@ impl PairLease {
 
     /// Whether `member` holds an unexpired lease of `epoch` at `now`.
     pub fn holds(&self, member: &str, epoch: u64, now: Millis) -> bool {
-        self.active.as_deref() == Some(member) && epoch == self.epoch && !self.left(now).is_zero()
+        self.is_holder(member, epoch) && !self.left(now).is_zero()
+    }
+
+    /// Whether `member` holds the lease of `epoch`, expired or not: what an apply, which
+    /// reads no clock, can know.
+    fn is_holder(&self, member: &str, epoch: u64) -> bool {
+        self.active.as_deref() == Some(member) && epoch == self.epoch
     }
 
     /// An acquire's first checks: a lease length in range, asked by a member.

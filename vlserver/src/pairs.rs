@@ -203,26 +203,39 @@ impl Pairs {
             .map_err(|refusal| refused(current, refusal))
     }
 
-    /// The leader's check before it proposes a renewal (`release` too: `successor` is
-    /// then `Some`, and only the holder test applies).
+    /// The leader's check before it proposes a renewal.
     pub(crate) fn check_renew(
         &self,
         pair: &PairName,
         member: &str,
         epoch: Epoch,
-        lease: Option<Duration>,
+        lease: Duration,
         now: Millis,
     ) -> Result<(), VldbError> {
         let mut pairs = self.by_name.lock();
         let current = pair_mut(&mut pairs, pair, now)?;
-        let checked = match lease {
-            Some(lease) => current.lease.check_renew(member, epoch.0, lease, now),
-            None if current.lease.holds(member, epoch.0, now) => Ok(()),
-            None => Err(LeaseRefusal::Lost {
-                epoch: current.lease.epoch,
-            }),
-        };
-        checked.map_err(|refusal| refused(current, refusal))
+        current
+            .lease
+            .check_renew(member, epoch.0, lease, now)
+            .map_err(|refusal| refused(current, refusal))
+    }
+
+    /// The leader's check before it proposes a release: the caller holds the lease.
+    pub(crate) fn check_holder(
+        &self,
+        pair: &PairName,
+        member: &str,
+        epoch: Epoch,
+        now: Millis,
+    ) -> Result<(), VldbError> {
+        let mut pairs = self.by_name.lock();
+        let current = pair_mut(&mut pairs, pair, now)?;
+        if current.lease.holds(member, epoch.0, now) {
+            Ok(())
+        } else {
+            let epoch = current.lease.epoch;
+            Err(refused(current, LeaseRefusal::Lost { epoch }))
+        }
     }
 
     /// Applies an acquire the leader decided (`PairLease::apply_acquire`); the new epoch
@@ -237,7 +250,7 @@ impl Pairs {
         seq: u64,
         lease: Duration,
         now: Millis,
-    ) -> Result<(Epoch, PairUpdate), VldbError> {
+    ) -> Result<PairUpdate, VldbError> {
         let mut next = self.current(pair, now)?;
         let granted = next
             .lease
@@ -246,7 +259,7 @@ impl Pairs {
         next.lease_granted = lease;
         self.write(txn, pair, &next, None)?;
         info!(%pair, %member, epoch = granted, lease_ms = millis(lease), "pair lease acquired");
-        Ok((Epoch(granted), update(pair, next)))
+        Ok(update(pair, next))
     }
 
     /// Applies a renewal. The seq and, if the member asks for a longer lease than any
@@ -291,9 +304,12 @@ impl Pairs {
         Ok(update(pair, next))
     }
 
-    /// Makes an update written by a committed transaction the pair's state in memory.
-    pub(crate) fn install(&self, update: PairUpdate) {
+    /// Makes an update written by a committed transaction the pair's state in memory;
+    /// returns the pair's epoch.
+    pub(crate) fn install(&self, update: PairUpdate) -> Epoch {
+        let epoch = Epoch(update.pair.lease.epoch);
         self.by_name.lock().insert(update.name, update.pair);
+        epoch
     }
 
     pub(crate) fn entry(&self, pair: &PairName, now: Millis) -> Result<PairEntry, VldbError> {

@@ -53,22 +53,25 @@ impl VldbService {
         self.with_store(operation).await
     }
 
-    /// Proposes `command` once it passed the size checks its apply would make.
+    /// Proposes `command` once it passed the size checks its apply would make (in
+    /// memory: no disk is read).
     async fn propose(&self, command: Command) -> Result<Applied, ErrorCode> {
-        let checked = command.clone();
-        self.with_store(move |s| s.check_proposal(&checked)).await?;
+        self.replica
+            .store()
+            .check_proposal(&command)
+            .map_err(|e| e.code())?;
         self.replica.write(command).await
     }
 
     /// A pair decision: the leader checks it on its clock, after applying everything
-    /// committed before, then proposes it; `check` returns the command to propose.
+    /// committed before, then proposes it; `check` (on the pairs in memory) returns the
+    /// command to propose.
     async fn decide(
         &self,
-        check: impl FnOnce(&Store, state::Millis) -> Result<Command, VldbError> + Send + 'static,
+        check: impl FnOnce(&Store, state::Millis) -> Result<Command, VldbError>,
     ) -> Result<Applied, ErrorCode> {
         self.replica.linearizable().await?;
-        let now = self.replica.now();
-        let command = self.with_store(move |s| check(s, now)).await?;
+        let command = check(self.replica.store(), self.replica.now()).map_err(|e| e.code())?;
         self.propose(command).await
     }
 }
@@ -173,7 +176,7 @@ impl Service for VldbService {
                 let lease = Duration::from_millis(lease_ms);
                 let applied = self
                     .decide(move |s, now| {
-                        let seq = s.check_acquire_pair(&pair, &member, epoch, lease, now)?;
+                        let seq = s.pairs.check_acquire(&pair, &member, epoch, lease, now)?;
                         Ok(Command::AcquirePair {
                             pair,
                             member,
@@ -194,7 +197,7 @@ impl Service for VldbService {
                 let lease = Duration::from_millis(lease_ms);
                 let applied = self
                     .decide(move |s, now| {
-                        s.check_renew_pair(&pair, &member, epoch, Some(lease), now)?;
+                        s.pairs.check_renew(&pair, &member, epoch, lease, now)?;
                         Ok(Command::RenewPair {
                             pair,
                             member,
@@ -212,7 +215,7 @@ impl Service for VldbService {
                 successor,
             } => self
                 .decide(move |s, now| {
-                    s.check_renew_pair(&pair, &member, epoch, None, now)?;
+                    s.pairs.check_holder(&pair, &member, epoch, now)?;
                     Ok(Command::ReleasePair {
                         pair,
                         member,
@@ -232,8 +235,10 @@ impl VldbService {
     /// A pair as the leader sees it: its lease's remaining time is the leader's.
     async fn pair(&self, pair: PairName) -> Result<proto::PairEntry, ErrorCode> {
         self.replica.linearizable().await?;
-        let now = self.replica.now();
-        self.with_store(move |s| s.pair(&pair, now)).await
+        self.replica
+            .store()
+            .pair(&pair, self.replica.now())
+            .map_err(|e| e.code())
     }
 }
 

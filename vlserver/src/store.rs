@@ -41,7 +41,8 @@ pub const IDS_PER_VOLUME: u64 = 3;
 pub struct Store {
     db: Database,
     limits: StoreLimits,
-    pairs: Pairs,
+    /// The leader checks pair decisions here (`VldbService`) before it proposes them.
+    pub(crate) pairs: Pairs,
     taken_over: bool,
 }
 
@@ -129,32 +130,52 @@ impl Store {
     /// membership) written in the same transaction, so that a restart neither loses nor
     /// repeats a change. A refusal is an answer (`Outcome`), and its mark is written too.
     /// Commits are not synced: the log is durable, and a replica that crashes applies
-    /// again from the last synced mark (`sync_marks` before the log is purged).
+    /// again from the last durable mark (a snapshot's synced commit makes every earlier
+    /// one durable before the log behind it is purged).
     pub fn apply(&self, command: &Command, mark: &[u8], now: Millis) -> Result<Outcome, VldbError> {
-        let applied = match command {
+        match self.execute(command, Some(mark), now) {
+            Ok(applied) => Ok(Outcome(Ok(applied))),
+            Err(VldbError::Refused(code)) => Ok(Outcome(Err(code))),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Carries `command` out in one transaction, with `mark` if it comes from the log;
+    /// without one (a single decider, as the tests drive it) the commit is synced.
+    fn execute(
+        &self,
+        command: &Command,
+        mark: Option<&[u8]>,
+        now: Millis,
+    ) -> Result<Applied, VldbError> {
+        match command {
             Command::RegisterServer {
                 server,
                 addresses,
                 registered,
             } => self
-                .register_server_marked(*server, addresses.clone(), *registered, Some(mark))
+                .write(mark, |txn| {
+                    let addresses = self.check_addresses(addresses.clone())?;
+                    let addresses = self.pairs.server_addresses(*server, addresses);
+                    Self::put_registered_server(&self.limits, txn, *server, addresses, *registered)
+                })
                 .map(Applied::Server),
             Command::CreateEntry { name, server } => self
-                .write(Some(mark), |txn| self.create_entry_in(txn, name, *server))
+                .write(mark, |txn| self.create_entry_in(txn, name, *server))
                 .map(Applied::VolumeEntry),
             Command::RemoveEntry { volume } => self
-                .write(Some(mark), |txn| self.remove_entry_in(txn, volume))
-                .map(|_| Applied::Done),
+                .write(mark, |txn| Self::remove_entry_in(txn, volume))
+                .map(Applied::VolumeEntry),
             Command::JoinPair {
                 pair,
                 server,
                 member,
                 registered,
             } => self
-                .write_pair(Some(mark), |txn| {
+                .write_pair(mark, |txn| {
                     self.pairs.join(txn, pair, *server, member, *registered)
                 })
-                .map(|()| Applied::Done),
+                .map(|_| Applied::Done),
             Command::AcquirePair {
                 pair,
                 member,
@@ -163,15 +184,11 @@ impl Store {
                 lease_ms,
             } => {
                 let lease = Duration::from_millis(*lease_ms);
-                let mut granted = *epoch;
-                self.write_pair(Some(mark), |txn| {
-                    let (epoch, update) = self
-                        .pairs
-                        .acquire(txn, pair, member, *epoch, *seq, lease, now)?;
-                    granted = epoch;
-                    Ok(update)
+                self.write_pair(mark, |txn| {
+                    self.pairs
+                        .acquire(txn, pair, member, *epoch, *seq, lease, now)
                 })
-                .map(|()| Applied::Epoch(granted))
+                .map(Applied::Epoch)
             }
             Command::RenewPair {
                 pair,
@@ -180,10 +197,10 @@ impl Store {
                 lease_ms,
             } => {
                 let lease = Duration::from_millis(*lease_ms);
-                self.write_pair(Some(mark), |txn| {
+                self.write_pair(mark, |txn| {
                     self.pairs.renew(txn, pair, member, *epoch, lease, now)
                 })
-                .map(|()| Applied::Epoch(*epoch))
+                .map(Applied::Epoch)
             }
             Command::ReleasePair {
                 pair,
@@ -191,16 +208,11 @@ impl Store {
                 epoch,
                 successor,
             } => self
-                .write_pair(Some(mark), |txn| {
+                .write_pair(mark, |txn| {
                     self.pairs
                         .release(txn, pair, member, *epoch, successor.as_deref(), now)
                 })
-                .map(|()| Applied::Done),
-        };
-        match applied {
-            Ok(applied) => Ok(Outcome(Ok(applied))),
-            Err(VldbError::Refused(code)) => Ok(Outcome(Err(code))),
-            Err(e) => Err(e),
+                .map(|_| Applied::Done),
         }
     }
 
@@ -222,7 +234,9 @@ impl Store {
 
     /// Keeps `snapshot` (of log index `index`) as the current one, durably, unless a newer
     /// one is kept already (an install may have overtaken a build). Returns whether it
-    /// was kept.
+    /// was kept. Its synced commit, made either way, makes every unsynced commit before
+    /// it durable too: the marks the snapshot covers are, before openraft purges the log
+    /// behind it.
     pub fn keep_snapshot(&self, snapshot: &[u8], index: u64) -> Result<bool, VldbError> {
         let txn = self.db.begin_write()?;
         let kept = {
@@ -241,13 +255,6 @@ impl Store {
         };
         txn.commit()?;
         Ok(kept)
-    }
-
-    /// Makes every commit so far durable: before the log behind them may be purged.
-    pub fn sync_marks(&self) -> Result<(), VldbError> {
-        let txn = self.db.begin_write()?;
-        txn.commit()?;
-        Ok(())
     }
 
     /// One of the replica's own values (`RAFT_SNAPSHOT`, `RAFT_CELL`...).
@@ -383,15 +390,14 @@ impl Store {
     }
 
     /// `write` for a pair change: the pair's new state is installed in memory once the
-    /// transaction committed.
+    /// transaction committed. Returns the pair's epoch after it.
     fn write_pair(
         &self,
         mark: Option<&[u8]>,
         op: impl FnOnce(&WriteTransaction) -> Result<PairUpdate, VldbError>,
-    ) -> Result<(), VldbError> {
+    ) -> Result<Epoch, VldbError> {
         let update = self.write(mark, op)?;
-        self.pairs.install(update);
-        Ok(())
+        Ok(self.pairs.install(update))
     }
 
     /// Records a fileserver, or replaces the addresses of one already known. An address
@@ -401,23 +407,17 @@ impl Store {
         &self,
         server: ServerId,
         addresses: Vec<String>,
-        now: Timestamp,
+        registered: Timestamp,
     ) -> Result<ServerEntry, VldbError> {
-        self.register_server_marked(server, addresses, now, None)
-    }
-
-    fn register_server_marked(
-        &self,
-        server: ServerId,
-        addresses: Vec<String>,
-        now: Timestamp,
-        mark: Option<&[u8]>,
-    ) -> Result<ServerEntry, VldbError> {
-        let addresses = self.check_addresses(addresses)?;
-        let addresses = self.pairs.server_addresses(server, addresses);
-        self.write(mark, |txn| {
-            Self::put_registered_server(&self.limits, txn, server, addresses, now)
-        })
+        let command = Command::RegisterServer {
+            server,
+            addresses,
+            registered,
+        };
+        match self.execute(&command, None, Millis(0))? {
+            Applied::Server(entry) => Ok(entry),
+            other => Err(unexpected(&command, &other)),
+        }
     }
 
     /// The write of `register_server`, with the addresses as the entry lists them.
@@ -474,7 +474,11 @@ impl Store {
         name: &VolumeName,
         server: ServerId,
     ) -> Result<VolumeEntry, VldbError> {
-        self.write(None, |txn| self.create_entry_in(txn, name, server))
+        let command = Command::CreateEntry {
+            name: name.clone(),
+            server,
+        };
+        self.execute_for_entry(&command)
     }
 
     fn create_entry_in(
@@ -534,11 +538,20 @@ impl Store {
 
     /// Removes a volume's entry and every index pointing at it; its ids stay used.
     pub fn remove_entry(&self, volume: &VolumeRef) -> Result<VolumeEntry, VldbError> {
-        self.write(None, |txn| self.remove_entry_in(txn, volume))
+        let command = Command::RemoveEntry {
+            volume: volume.clone(),
+        };
+        self.execute_for_entry(&command)
+    }
+
+    fn execute_for_entry(&self, command: &Command) -> Result<VolumeEntry, VldbError> {
+        match self.execute(command, None, Millis(0))? {
+            Applied::VolumeEntry(entry) => Ok(entry),
+            other => Err(unexpected(command, &other)),
+        }
     }
 
     fn remove_entry_in(
-        &self,
         txn: &WriteTransaction,
         volume: &VolumeRef,
     ) -> Result<VolumeEntry, VldbError> {
@@ -590,33 +603,13 @@ impl Store {
         member: &str,
         registered: Timestamp,
     ) -> Result<(), VldbError> {
-        self.write_pair(None, |txn| {
-            self.pairs.join(txn, pair, server, member, registered)
-        })
-    }
-
-    /// The leader's check of an acquire, on its clock: the seq to propose with.
-    pub fn check_acquire_pair(
-        &self,
-        pair: &PairName,
-        member: &str,
-        epoch: Epoch,
-        lease: Duration,
-        now: Millis,
-    ) -> Result<u64, VldbError> {
-        self.pairs.check_acquire(pair, member, epoch, lease, now)
-    }
-
-    /// The leader's check of a renewal (`lease` given) or a release (`None`).
-    pub fn check_renew_pair(
-        &self,
-        pair: &PairName,
-        member: &str,
-        epoch: Epoch,
-        lease: Option<Duration>,
-        now: Millis,
-    ) -> Result<(), VldbError> {
-        self.pairs.check_renew(pair, member, epoch, lease, now)
+        let command = Command::JoinPair {
+            pair: pair.clone(),
+            server,
+            member: member.to_owned(),
+            registered,
+        };
+        self.execute(&command, None, Millis(0)).map(|_| ())
     }
 
     /// Compare-and-set of a pair's lease, checked and applied at once as a single
@@ -629,16 +622,15 @@ impl Store {
         lease: Duration,
         now: Millis,
     ) -> Result<Epoch, VldbError> {
-        let seq = self.check_acquire_pair(pair, member, epoch, lease, now)?;
-        let mut granted = epoch;
-        self.write_pair(None, |txn| {
-            let (epoch, update) = self
-                .pairs
-                .acquire(txn, pair, member, epoch, seq, lease, now)?;
-            granted = epoch;
-            Ok(update)
-        })?;
-        Ok(granted)
+        let seq = self.pairs.check_acquire(pair, member, epoch, lease, now)?;
+        let command = Command::AcquirePair {
+            pair: pair.clone(),
+            member: member.to_owned(),
+            epoch,
+            seq,
+            lease_ms: millis(lease),
+        };
+        self.execute_for_epoch(&command, now)
     }
 
     /// The active extends its lease (checked and applied at once).
@@ -650,11 +642,14 @@ impl Store {
         lease: Duration,
         now: Millis,
     ) -> Result<Epoch, VldbError> {
-        self.check_renew_pair(pair, member, epoch, Some(lease), now)?;
-        self.write_pair(None, |txn| {
-            self.pairs.renew(txn, pair, member, epoch, lease, now)
-        })?;
-        Ok(epoch)
+        self.pairs.check_renew(pair, member, epoch, lease, now)?;
+        let command = Command::RenewPair {
+            pair: pair.clone(),
+            member: member.to_owned(),
+            epoch,
+            lease_ms: millis(lease),
+        };
+        self.execute_for_epoch(&command, now)
     }
 
     /// The active gives its lease up at once, optionally to `successor` (checked and
@@ -667,10 +662,21 @@ impl Store {
         successor: Option<&str>,
         now: Millis,
     ) -> Result<(), VldbError> {
-        self.check_renew_pair(pair, member, epoch, None, now)?;
-        self.write_pair(None, |txn| {
-            self.pairs.release(txn, pair, member, epoch, successor, now)
-        })
+        self.pairs.check_holder(pair, member, epoch, now)?;
+        let command = Command::ReleasePair {
+            pair: pair.clone(),
+            member: member.to_owned(),
+            epoch,
+            successor: successor.map(str::to_owned),
+        };
+        self.execute(&command, None, now).map(|_| ())
+    }
+
+    fn execute_for_epoch(&self, command: &Command, now: Millis) -> Result<Epoch, VldbError> {
+        match self.execute(command, None, now)? {
+            Applied::Epoch(epoch) => Ok(epoch),
+            other => Err(unexpected(command, &other)),
+        }
     }
 
     pub fn pair(&self, pair: &PairName, now: Millis) -> Result<PairEntry, VldbError> {
@@ -771,4 +777,13 @@ where
         out.push(row(key.value(), value.value()));
     }
     Ok(out)
+}
+
+/// An outcome that does not fit its command: a bug, reported rather than trusted.
+fn unexpected(command: &Command, applied: &Applied) -> VldbError {
+    VldbError::Task(format!("{command:?} applied to {applied:?}"))
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }

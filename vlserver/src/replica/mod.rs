@@ -236,7 +236,8 @@ impl Replica {
     /// committed in the last election timeout (200 ms) plus what is in flight to this
     /// replica; pair decisions never rely on it (`linearizable`).
     pub(crate) fn may_read(&self) -> Result<(), ErrorCode> {
-        let metrics = self.raft.metrics().borrow().clone();
+        let watch = self.raft.metrics();
+        let metrics = watch.borrow();
         if metrics.running_state.is_err() {
             return Err(ErrorCode::Internal("this VLDB replica has stopped".into()));
         }

@@ -181,9 +181,6 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>> {
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || {
-            // The marks so far become durable first: openraft purges the log behind the
-            // snapshot once this returns.
-            store.sync_marks()?;
             let (mark, image) = store.image()?;
             let mark: Mark = match mark {
                 Some(bytes) => decode("raft", "applied", &bytes)?,
