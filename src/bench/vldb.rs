@@ -12,10 +12,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use proto::rpc::{self, Limits};
 use proto::{
-    Epoch, Hello, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN, PairName, PeerKind, Request,
-    Response, ServerId, VldbClient, VldbMemberStatus, VolumeName, VolumeRef,
+    CellConfig, Epoch, PairName, PeerKind, ServerId, VldbClient, VldbMemberStatus, VolumeName,
+    VolumeRef,
 };
 use std::sync::Mutex;
 
@@ -457,25 +456,12 @@ async fn leader_of(addresses: &[String]) -> Result<u64> {
     bail!("no VLDB replica knows a leader")
 }
 
-/// One replica's own status.
+/// One replica's own status, asked of it alone.
 async fn status_of(address: &str) -> Result<VldbMemberStatus> {
-    let hello = Hello {
-        version_min: PROTOCOL_VERSION_MIN,
-        version_max: PROTOCOL_VERSION_MAX,
-        cell: "bench.holdfast".into(),
-        peer: PeerKind::Admin,
+    let cell = CellConfig {
+        name: "bench.holdfast".into(),
+        vlservers: vec![address.to_owned()],
     };
-    let limits = Limits {
-        handshake_timeout: Duration::from_secs(1),
-        ..Limits::default()
-    };
-    let (connection, _, _) = rpc::connect(address, hello, &limits).await?;
-    let answer = connection
-        .call(Request::VlStatus, Duration::from_secs(1))
-        .await;
-    connection.close();
-    match answer? {
-        Response::VlStatus(status) => Ok(status),
-        other => bail!("{address} answered VlStatus with {}", other.kind_name()),
-    }
+    let client = VldbClient::new(cell, PeerKind::Admin, Duration::from_secs(1));
+    Ok(client.replica_status(address).await?)
 }

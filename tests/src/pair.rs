@@ -189,23 +189,26 @@ fn accept_loop(
         };
         let _ = client.set_nonblocking(false);
         for (from, to) in [(&client, &server), (&server, &client)] {
-            let (Ok(mut from), Ok(mut to)) = (from.try_clone(), to.try_clone()) else {
+            let (Ok(from), Ok(to)) = (from.try_clone(), to.try_clone()) else {
                 continue;
             };
-            std::thread::spawn(move || {
-                let mut buffer = [0u8; 16 * 1024];
-                while let Ok(n) = from.read(&mut buffer) {
-                    if n == 0 || to.write_all(&buffer[..n]).is_err() {
-                        break;
-                    }
-                }
-                let _ = to.shutdown(Shutdown::Both);
-                let _ = from.shutdown(Shutdown::Both);
-            });
+            std::thread::spawn(move || pipe(&from, &to));
         }
         streams.add(client);
         streams.add(server);
     }
+}
+
+/// Copies `from` to `to` until either fails or ends, then shuts both down.
+pub(crate) fn pipe(mut from: &TcpStream, mut to: &TcpStream) {
+    let mut buffer = [0u8; 16 * 1024];
+    while let Ok(n) = from.read(&mut buffer) {
+        if n == 0 || to.write_all(&buffer[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown(Shutdown::Both);
+    let _ = from.shutdown(Shutdown::Both);
 }
 
 /// The proxy's open streams, so `cut` can shut them down.

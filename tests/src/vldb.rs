@@ -19,7 +19,7 @@ use proto::{
     VldbMemberStatus, VldbRole,
 };
 
-use crate::pair::{self, CELL, PAIR};
+use crate::pair::{self, CELL, PAIR, pipe};
 use crate::{TestCell, log_len};
 
 /// What serves a test cell's VLDB.
@@ -596,18 +596,6 @@ fn read_hello(mut client: &TcpStream) -> Option<(Vec<u8>, Option<u64>)> {
         _ => None,
     };
     Some((frame, from))
-}
-
-/// Copies `from` to `to` until either fails or ends, then shuts both down.
-fn pipe(mut from: &TcpStream, mut to: &TcpStream) {
-    let mut buffer = [0u8; 16 * 1024];
-    while let Ok(n) = from.read(&mut buffer) {
-        if n == 0 || to.write_all(&buffer[..n]).is_err() {
-            break;
-        }
-    }
-    let _ = to.shutdown(Shutdown::Both);
-    let _ = from.shutdown(Shutdown::Both);
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

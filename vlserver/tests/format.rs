@@ -1,6 +1,8 @@
 //! The VLDB's on-disk format, pinned from outside `Store`: the table names, their key and
 //! value types, and the golden bytes of every record kind a `Store` writes.
 
+mod common;
+
 use std::time::Duration;
 
 use proto::{Epoch, PairName, ServerId, Timestamp, VolumeName};
@@ -16,7 +18,6 @@ const VOLUME_IDS: TableDefinition<u64, u64> = TableDefinition::new("volume_ids")
 const SERVERS: TableDefinition<&[u8; 16], &[u8]> = TableDefinition::new("servers");
 const PAIRS: TableDefinition<&str, &[u8]> = TableDefinition::new("pairs");
 const PAIR_SEQS: TableDefinition<&str, u64> = TableDefinition::new("pair_seqs");
-const RAFT: TableDefinition<&str, &[u8]> = TableDefinition::new("raft");
 
 const SERVER: ServerId = ServerId(Uuid::from_u128(0x0011_2233_4455_6677_8899_aabb_ccdd_eeff));
 const PAIR_SERVER: ServerId = ServerId(Uuid::from_u128(0x0102_0304_0506_0708_090a_0b0c_0d0e_0f10));
@@ -107,17 +108,7 @@ fn a_single_vldb_file_is_taken_over_with_its_data() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("vldb.redb");
     populate(&Store::open(&path, StoreLimits::default()).unwrap());
-    {
-        let db = Database::open(&path).unwrap();
-        let txn = db.begin_write().unwrap();
-        txn.open_table(META)
-            .unwrap()
-            .insert("format_version", 1)
-            .unwrap();
-        txn.delete_table(PAIR_SEQS).unwrap();
-        txn.delete_table(RAFT).unwrap();
-        txn.commit().unwrap();
-    }
+    common::as_single_vldb_file(&path);
     let store = Store::open(&path, StoreLimits::default()).unwrap();
     assert!(store.taken_over());
     assert_eq!(store.entries().unwrap().len(), 1);

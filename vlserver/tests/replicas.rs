@@ -2,6 +2,8 @@
 //! group's first snapshot and shipped to the others, and a replica refusing another
 //! cell's data or another bootstrap membership.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -75,19 +77,7 @@ fn single_vldb_file(dir: &Path) {
                 .unwrap();
         }
     }
-    // What a single VLDB wrote: format 1, without the replica's tables.
-    let db = Database::open(&path).unwrap();
-    let txn = db.begin_write().unwrap();
-    const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
-    const PAIR_SEQS: TableDefinition<&str, u64> = TableDefinition::new("pair_seqs");
-    const RAFT: TableDefinition<&str, &[u8]> = TableDefinition::new("raft");
-    txn.open_table(META)
-        .unwrap()
-        .insert("format_version", 1)
-        .unwrap();
-    txn.delete_table(PAIR_SEQS).unwrap();
-    txn.delete_table(RAFT).unwrap();
-    txn.commit().unwrap();
+    common::as_single_vldb_file(&path);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
