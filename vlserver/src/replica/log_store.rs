@@ -87,11 +87,7 @@ impl LogStore {
     ) -> Result<T> {
         let db = self.db.clone();
         let path = self.path.clone();
-        tokio::task::spawn_blocking(move || work(&db, &path))
-            .await
-            .map_err(|e| VldbError::Task(e.to_string()))
-            .and_then(|r| r)
-            .map_err(|e| StorageError::from(error(AnyError::new(&e))))
+        super::off_runtime(error, move || work(&db, &path)).await
     }
 }
 

@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
 use openraft::{
-    ChangeMembers, Config, LogId, Membership, ServerState, SnapshotMeta, SnapshotPolicy,
-    StoredMembership,
+    AnyError, ChangeMembers, Config, LogId, Membership, ServerState, SnapshotMeta, SnapshotPolicy,
+    StorageError, StorageIOError, StoredMembership,
 };
 use proto::{ErrorCode, RaftKind, VldbMember, VldbMemberStatus, VldbRole};
 use state::Millis;
@@ -449,6 +449,19 @@ impl Replica {
             .map(|node| node.addr.clone());
         ErrorCode::NotLeader { leader }
     }
+}
+
+/// Runs blocking storage `work` off the async runtime, as openraft's storage traits
+/// want it: a failure, or the task's panic, is a `StorageError` made by `error`.
+async fn off_runtime<T: Send + 'static>(
+    error: fn(AnyError) -> StorageIOError<u64>,
+    work: impl FnOnce() -> Result<T, VldbError> + Send + 'static,
+) -> Result<T, StorageError<u64>> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| VldbError::Task(e.to_string()))
+        .and_then(|r| r)
+        .map_err(|e| StorageError::from(error(AnyError::new(&e))))
 }
 
 /// Logs each change of role, term or leader, until the replica stops.

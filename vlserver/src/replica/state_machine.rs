@@ -53,11 +53,7 @@ impl StateMachine {
         work: impl FnOnce(&Store) -> std::result::Result<T, VldbError> + Send + 'static,
     ) -> Result<T> {
         let store = self.store.clone();
-        tokio::task::spawn_blocking(move || work(&store))
-            .await
-            .map_err(|e| VldbError::Task(e.to_string()))
-            .and_then(|r| r)
-            .map_err(|e| StorageError::from(error(AnyError::new(&e))))
+        super::off_runtime(error, move || work(&store)).await
     }
 }
 
@@ -180,38 +176,38 @@ pub(crate) struct SnapshotBuilder {
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>> {
         let store = self.store.clone();
-        tokio::task::spawn_blocking(move || {
-            let (mark, image) = store.image()?;
-            let mark: Mark = match mark {
-                Some(bytes) => decode("raft", "applied", &bytes)?,
-                None => Mark::default(),
-            };
-            let snapshot_id = match mark.applied {
-                Some(log_id) => format!("{}-{}", log_id.leader_id, log_id.index),
-                None => "empty".to_owned(),
-            };
-            let meta = SnapshotMeta {
-                last_log_id: mark.applied,
-                last_membership: mark.membership,
-                snapshot_id,
-            };
-            let stored = StoredSnapshot {
-                meta: meta.clone(),
-                image: image.clone(),
-            };
-            let index = meta.last_log_id.map_or(0, |id| id.index);
-            if !store.keep_snapshot(&encode(&stored)?, index)? {
-                info!(last = ?meta.last_log_id, "a newer snapshot was installed meanwhile");
-            }
-            info!(last = ?meta.last_log_id, bytes = image.len(), "VLDB snapshot built");
-            Ok::<_, VldbError>(Snapshot {
-                meta,
-                snapshot: Box::new(Cursor::new(image)),
-            })
-        })
+        super::off_runtime(
+            |e| StorageIOError::write_snapshot(None, e),
+            move || {
+                let (mark, image) = store.image()?;
+                let mark: Mark = match mark {
+                    Some(bytes) => decode("raft", "applied", &bytes)?,
+                    None => Mark::default(),
+                };
+                let snapshot_id = match mark.applied {
+                    Some(log_id) => format!("{}-{}", log_id.leader_id, log_id.index),
+                    None => "empty".to_owned(),
+                };
+                let meta = SnapshotMeta {
+                    last_log_id: mark.applied,
+                    last_membership: mark.membership,
+                    snapshot_id,
+                };
+                let stored = StoredSnapshot {
+                    meta: meta.clone(),
+                    image: image.clone(),
+                };
+                let index = meta.last_log_id.map_or(0, |id| id.index);
+                if !store.keep_snapshot(&encode(&stored)?, index)? {
+                    info!(last = ?meta.last_log_id, "a newer snapshot was installed meanwhile");
+                }
+                info!(last = ?meta.last_log_id, bytes = image.len(), "VLDB snapshot built");
+                Ok(Snapshot {
+                    meta,
+                    snapshot: Box::new(Cursor::new(image)),
+                })
+            },
+        )
         .await
-        .map_err(|e| VldbError::Task(e.to_string()))
-        .and_then(|r| r)
-        .map_err(|e| StorageError::from(StorageIOError::write_snapshot(None, AnyError::new(&e))))
     }
 }
