@@ -173,17 +173,10 @@ impl Replica {
             }
         }
         if peers.len() == 1 {
-            // A group of one need not wait out an election timeout, and answers nothing
-            // before it leads.
+            // A group of one need not wait out an election timeout (clients meanwhile
+            // hear `NotLeader` and retry within their deadline).
             if let Err(e) = raft.trigger().elect().await {
                 warn!(error = %e, "could not start an election");
-            }
-            let lead = raft
-                .wait(Some(ELECTION_MAX * 10))
-                .state(ServerState::Leader, "a group of one elects itself")
-                .await;
-            if let Err(e) = lead {
-                warn!(error = %e, "a group of one did not elect itself");
             }
         }
         tokio::spawn(log_roles(raft.metrics()));
