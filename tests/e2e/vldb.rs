@@ -20,7 +20,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_holdfast");
 /// Long enough for any election and catch-up on a loaded machine; a hang takes longer.
 const GROUP_LIMIT: Duration = Duration::from_secs(20);
 /// The pair's lease (the fileserver's default): a failover cannot happen sooner.
-const PAIR_LEASE: Duration = Duration::from_secs(2);
+const PAIR_LEASE: Duration = Duration::from_secs(1);
 /// The lease the test's pretend pair member asks for: long enough that it never runs out
 /// while the test looks at who grants it.
 const PRETEND_LEASE: Duration = Duration::from_secs(30);
