@@ -269,6 +269,11 @@ impl Filesystem for HoldfastFs {
         reply_empty(reply, result);
     }
 
+    /// fuser's `batch_forget` calls this once per inode (its `ForgetOne` is private).
+    fn forget(&self, _req: &Request, i: INodeNo, nlookup: u64) {
+        self.manager.forget(ino(i), nlookup);
+    }
+
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         reply_entry(reply, self.run(self.manager.lookup(ino(parent), name)));
     }

@@ -188,6 +188,12 @@ impl Manager {
         self.runtime.block_on(future)
     }
 
+    /// The kernel dropped `nlookup` of its references to `ino` (`forget`).
+    // TODO(issue 14, bounded memory): count lookups and drop forgotten inodes.
+    pub fn forget(&self, ino: Ino, nlookup: u64) {
+        let _ = (ino, nlookup);
+    }
+
     fn fid(&self, ino: Ino) -> FsResult<Fid> {
         self.state.lock().inodes.fid(ino).ok_or(FsError::ESTALE)
     }

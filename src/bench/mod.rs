@@ -11,6 +11,7 @@ use anyhow::{Context, Result};
 
 use crate::cell::{LocalCell, Servers};
 
+mod faults;
 mod pair;
 mod vldb;
 
@@ -27,8 +28,9 @@ pub struct BenchArgs {
     files: usize,
     /// Which figures: `mount` (throughput through FUSE mounts), `state` (locks,
     /// callback journaling, recovery, snapshots), `pair` (failover of a fileserver
-    /// pair), `vldb` (the three-replica VLDB: leader kills, creates, lookups) or `all`.
-    #[arg(long, default_value = "all", value_parser = ["all", "mount", "state", "pair", "vldb"])]
+    /// pair), `vldb` (the three-replica VLDB: leader kills, creates, lookups), `faults`
+    /// (dead and stopped servers, floods, memory, large busy directories) or `all`.
+    #[arg(long, default_value = "all", value_parser = ["all", "mount", "state", "pair", "vldb", "faults"])]
     suite: String,
     /// Failovers measured for the median time to the first write.
     #[arg(long, default_value_t = 5)]
@@ -60,6 +62,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     if all || args.suite == "vldb" {
         vldb::run(&bench_dir(&args)?, args.seconds)?;
+    }
+    if all || args.suite == "faults" {
+        faults::run(&bench_dir(&args)?)?;
     }
     Ok(())
 }

@@ -1,0 +1,1 @@
+//! Stores are all or nothing: a full partition, a late store after a truncate.
