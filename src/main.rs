@@ -138,6 +138,11 @@ enum Command {
         /// Write this file once the mount is live.
         #[arg(long, value_name = "FILE")]
         ready_file: Option<PathBuf>,
+        /// Mount over the empty read-only tmpfs that `holdfast up` keeps on MOUNTPOINT
+        /// (its guard: while no cache manager serves the mount, creating a file there
+        /// fails with EROFS instead of landing on local disk).
+        #[arg(long)]
+        over_guard: bool,
     },
     /// Talk to the cache manager of a mount: mount points, cache state, servers.
     Fs {
@@ -376,6 +381,7 @@ fn run(cli: Cli) -> Result<()> {
             timeout,
             failover_timeout,
             ready_file,
+            over_guard,
         } => {
             process::init_tracing("info");
             let cell = CellConfig::locate(cell_path.as_deref()).context("find the cell")?;
@@ -392,6 +398,7 @@ fn run(cli: Cli) -> Result<()> {
                 rpc_timeout,
                 failover_timeout,
                 lease_renew_interval: cachemgr::LEASE_RENEW_INTERVAL_DEFAULT,
+                over_guard,
             };
             let shutdown = process::shutdown_on_signals_blocking()?;
             let mountpoint = config.mountpoint.clone();
