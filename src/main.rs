@@ -5,6 +5,7 @@
 
 mod bench;
 mod cell;
+mod guard;
 mod process;
 mod up;
 mod vldb;
@@ -39,8 +40,10 @@ enum Command {
     /// Run a whole local cell: three VLDB replicas, a fileserver pair, the root volume and a mount at DIR/mnt.
     ///
     /// Writes DIR/cell.toml, prints how to add a second mount, and runs until SIGINT or
-    /// SIGTERM, then unmounts and stops everything it started. Running it again on the
-    /// same DIR keeps the data.
+    /// SIGTERM, then unmounts and stops everything it started. A process of the cell that
+    /// dies is started again (with a growing delay if it keeps dying); meanwhile the
+    /// mount point fails (EROFS) rather than take files onto local disk. Running it again
+    /// on the same DIR keeps the data and the addresses, so the cell file stays valid.
     Up {
         /// Where the cell keeps its data, cache, cell file and mount point.
         #[arg(long, default_value = "holdfast-cell")]
@@ -48,6 +51,9 @@ enum Command {
         /// The cell's name (used when DIR has no cell file yet).
         #[arg(long, default_value = "local.holdfast")]
         cell_name: String,
+        /// Write the mount point's path to this file once the cell is up.
+        #[arg(long, value_name = "FILE")]
+        ready_file: Option<PathBuf>,
     },
     /// Run the volume location server (VLDB).
     Vlserver {
@@ -296,10 +302,14 @@ fn main() {
 fn run(cli: Cli) -> Result<()> {
     let cell_path = cli.cell;
     match cli.command {
-        Command::Up { dir, cell_name } => {
+        Command::Up {
+            dir,
+            cell_name,
+            ready_file,
+        } => {
             // `up` speaks to the user itself; its children log to DIR/logs.
             process::init_tracing("warn");
-            up::run(&dir, &cell_name)
+            up::run(&dir, &cell_name, ready_file.as_deref())
         }
         Command::Vlserver {
             data,
