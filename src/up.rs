@@ -7,7 +7,7 @@ use std::fs::File;
 use std::io::Write as _;
 use std::os::fd::AsRawFd as _;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
 
@@ -184,7 +184,7 @@ fn watch_running(watched: &mut Watched, cell: &mut LocalCell, guard: &Guard) -> 
             Err(error) => line.push_str(&format!(" (its mount: {error:#})")),
         }
     }
-    println!("{line}.");
+    say(&format!("{line}."));
     let now = Instant::now();
     Some(Phase::Down {
         since: now,
@@ -220,11 +220,11 @@ fn watch_starting(watched: &mut Watched, since: Instant, cell: &mut LocalCell) -
     let log = cell.layout.log(&watched.name);
     let child = cell.child_mut(&watched.name)?;
     if ready {
-        println!(
+        say(&format!(
             "The {} is running again (pid {}).",
             watched.name,
             child.pid()
-        );
+        ));
         return Some(Phase::Running);
     }
     if let Some(status) = child.exited() {
@@ -245,16 +245,31 @@ fn watch_starting(watched: &mut Watched, since: Instant, cell: &mut LocalCell) -
 
 fn failed_start(watched: &mut Watched, why: &str) -> Phase {
     let delay = watched.backoff.after_exit(Duration::ZERO);
-    println!(
+    say(&format!(
         "The {} did not start again ({why}); next try in {}.",
         watched.name,
         seconds(delay)
-    );
+    ));
     let now = Instant::now();
     Phase::Down {
         since: now,
         restart_at: now + delay,
     }
+}
+
+/// Prints one line of what the supervisor did, stamped with the UTC time of day as the
+/// children's logs are, so that the two can be read side by side.
+fn say(line: &str) {
+    let since_epoch = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    let (hours, minutes, secs) = (
+        since_epoch / 3600 % 24,
+        since_epoch / 60 % 60,
+        since_epoch % 60,
+    );
+    println!("{hours:02}:{minutes:02}:{secs:02}Z {line}");
 }
 
 fn seconds(duration: Duration) -> String {
