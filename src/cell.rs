@@ -17,7 +17,7 @@ const READY_TIMEOUT: Duration = Duration::from_secs(30);
 pub const PAIR: &str = "local";
 /// How long an exited pair member waits for its partner to take over before it is
 /// started again anyway (the partner may be gone too).
-const RESTART_WAIT_MAX: Duration = Duration::from_secs(10);
+pub const RESTART_WAIT_MAX: Duration = Duration::from_secs(10);
 /// The pair members' process names.
 pub const MEMBERS: [&str; 2] = ["fileserver-a", "fileserver-b"];
 /// How many VLDB replicas a local cell runs: a majority survives any one dying.
@@ -67,7 +67,7 @@ impl Layout {
         Ok(layout)
     }
 
-    fn ready_file(&self, name: &str) -> PathBuf {
+    pub fn ready_file(&self, name: &str) -> PathBuf {
         self.run.join(format!("{name}.ready"))
     }
 
@@ -85,6 +85,52 @@ impl Layout {
     /// group's membership names them.
     fn replicas_file(&self) -> PathBuf {
         self.dir.join("vldb-replicas")
+    }
+
+    /// The VLDB replicas' (id, address): those of the last run, or new ones chosen now and
+    /// kept for the next.
+    fn kept_replica_addresses(&self) -> Result<Vec<(u64, String)>> {
+        let file = self.replicas_file();
+        let kept: Vec<(u64, String)> = std::fs::read_to_string(&file)
+            .map(|text| {
+                text.lines()
+                    .filter_map(|line| line.split_once('='))
+                    .filter_map(|(id, address)| Some((id.parse().ok()?, address.to_owned())))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if !kept.is_empty() {
+            return Ok(kept);
+        }
+        let chosen: Vec<(u64, String)> = (1..=VLDB_REPLICAS)
+            .map(|id| Ok((id, reserve_port()?)))
+            .collect::<Result<_>>()?;
+        let lines: Vec<String> = chosen
+            .iter()
+            .map(|(id, address)| format!("{id}={address}"))
+            .collect();
+        std::fs::write(&file, lines.join("\n"))
+            .with_context(|| format!("write {}", file.display()))?;
+        Ok(chosen)
+    }
+
+    /// The pair members' addresses, in `MEMBERS` order: those of the last run, or new ones
+    /// chosen now (before either starts) and kept for the next.
+    fn kept_member_addresses(&self) -> Result<Vec<String>> {
+        let file = self.members_file();
+        let mut addresses: Vec<String> = std::fs::read_to_string(&file)
+            .map(|text| text.lines().map(str::to_owned).collect())
+            .unwrap_or_default();
+        addresses.truncate(MEMBERS.len());
+        if addresses.len() == MEMBERS.len() {
+            return Ok(addresses);
+        }
+        while addresses.len() < MEMBERS.len() {
+            addresses.push(reserve_port()?);
+        }
+        std::fs::write(&file, addresses.join("\n"))
+            .with_context(|| format!("write {}", file.display()))?;
+        Ok(addresses)
     }
 
     /// Replica `id`'s data directory. Replica 1's is `vldb/`, where a single VLDB kept
@@ -146,6 +192,20 @@ impl LocalCell {
             mounts: Vec::new(),
             children: Vec::new(),
         };
+        cell.replicas = cell.layout.kept_replica_addresses()?;
+        let member_addresses = match servers {
+            Servers::Pair => cell.layout.kept_member_addresses()?,
+            Servers::None | Servers::Single => Vec::new(),
+        };
+        // Every kept port before anything starts: a taken one is a person's to free.
+        for (id, address) in &cell.replicas {
+            let what = format!("VLDB replica {id}");
+            check_port_free(address, &what, &cell.layout.replicas_file())?;
+        }
+        for (name, address) in MEMBERS.iter().zip(&member_addresses) {
+            let what = format!("pair member {name}");
+            check_port_free(address, &what, &cell.layout.members_file())?;
+        }
         cell.start_vldb()?;
         std::fs::write(&cell.layout.cell_file, cell.cell.to_toml())
             .with_context(|| format!("write {}", cell.layout.cell_file.display()))?;
@@ -154,38 +214,14 @@ impl LocalCell {
             Servers::Single => {
                 cell.fs_address = cell.start_fileserver("fileserver", "127.0.0.1:0", &[])?;
             }
-            Servers::Pair => cell.start_pair(runtime)?,
+            Servers::Pair => cell.start_pair(&member_addresses, runtime)?,
         }
         runtime.block_on(ensure_root_volume(&cell.cell, &cell.fs_address))?;
         Ok(cell)
     }
 
-    /// Starts the VLDB replicas, on the addresses of the last run if there was one; the
-    /// cell file lists them all.
+    /// Starts the VLDB replicas on their kept addresses; the cell file lists them all.
     fn start_vldb(&mut self) -> Result<()> {
-        let file = self.layout.replicas_file();
-        let previous: Vec<(u64, String)> = std::fs::read_to_string(&file)
-            .map(|text| {
-                text.lines()
-                    .filter_map(|line| line.split_once('='))
-                    .filter_map(|(id, address)| Some((id.parse().ok()?, address.to_owned())))
-                    .collect()
-            })
-            .unwrap_or_default();
-        self.replicas = if previous.is_empty() {
-            (1..=VLDB_REPLICAS)
-                .map(|id| Ok((id, reserve_port()?)))
-                .collect::<Result<_>>()?
-        } else {
-            previous
-        };
-        let lines: Vec<String> = self
-            .replicas
-            .iter()
-            .map(|(id, address)| format!("{id}={address}"))
-            .collect();
-        std::fs::write(&file, lines.join("\n"))
-            .with_context(|| format!("write {}", file.display()))?;
         self.cell.vlservers = self.replicas.iter().map(|(_, a)| a.clone()).collect();
         for (id, _) in self.replicas.clone() {
             self.start_replica(id)?;
@@ -252,20 +288,17 @@ impl LocalCell {
         Ok(restarted)
     }
 
-    /// Starts both members of the pair on the partition; the first becomes active
-    /// before the second starts, so `fs_address` names the active.
-    fn start_pair(&mut self, runtime: &tokio::runtime::Runtime) -> Result<()> {
+    /// Starts both members of the pair on the partition, on their kept `addresses`; the
+    /// first becomes active before the second starts, so `fs_address` names the active.
+    fn start_pair(
+        &mut self,
+        addresses: &[String],
+        runtime: &tokio::runtime::Runtime,
+    ) -> Result<()> {
         let members_file = self.layout.members_file();
-        let previous: Vec<String> = std::fs::read_to_string(&members_file)
-            .map(|text| text.lines().map(str::to_owned).collect())
-            .unwrap_or_default();
-        for (i, name) in MEMBERS.iter().enumerate() {
-            let listen = previous
-                .get(i)
-                .cloned()
-                .unwrap_or_else(|| "127.0.0.1:0".to_owned());
+        for (i, (name, listen)) in MEMBERS.iter().zip(addresses).enumerate() {
             let address = self
-                .start_fileserver(name, &listen, &["--pair", PAIR])
+                .start_fileserver(name, listen, &["--pair", PAIR])
                 .with_context(|| {
                     format!(
                         "start pair member {name} on {listen} (the pair's members keep their \
@@ -279,9 +312,6 @@ impl LocalCell {
             }
             self.members.push(((*name).to_owned(), address));
         }
-        let addresses: Vec<&str> = self.members.iter().map(|(_, a)| a.as_str()).collect();
-        std::fs::write(&members_file, addresses.join("\n"))
-            .with_context(|| format!("write {}", members_file.display()))?;
         Ok(())
     }
 
@@ -320,6 +350,17 @@ impl LocalCell {
             .find(|c| c.name == name)
             .with_context(|| format!("no process named {name}"))?;
         child.signal(signal)
+    }
+
+    /// The child started under `name`, for a supervisor that watches it and starts it
+    /// again (`Supervised::respawn`, after removing its ready file).
+    pub fn child_mut(&mut self, name: &str) -> Option<&mut Supervised> {
+        self.children.iter_mut().rev().find(|c| c.name == name)
+    }
+
+    /// The names of the children, in the order they were started.
+    pub fn child_names(&self) -> Vec<String> {
+        self.children.iter().map(|c| c.name.clone()).collect()
     }
 
     /// Mounts the cell at `mountpoint` with its own cache directory.
@@ -377,12 +418,7 @@ impl LocalCell {
                 .exited_at
                 .entry(name.clone())
                 .or_insert_with(Instant::now);
-            let partner_active = self.members.iter().any(|(other, partner)| {
-                *other != name
-                    && runtime.block_on(member_role(&self.cell, partner))
-                        == Some(proto::MemberRole::Active)
-            });
-            if !partner_active && noticed.elapsed() < RESTART_WAIT_MAX {
+            if !self.partner_active(&name, runtime) && noticed.elapsed() < RESTART_WAIT_MAX {
                 continue;
             }
             self.exited_at.remove(&name);
@@ -392,6 +428,15 @@ impl LocalCell {
             restarted.push(name);
         }
         Ok(restarted)
+    }
+
+    /// True when the other member of the pair than `member` says it is active.
+    pub fn partner_active(&self, member: &str, runtime: &tokio::runtime::Runtime) -> bool {
+        self.members.iter().any(|(other, partner)| {
+            other != member
+                && runtime.block_on(member_role(&self.cell, partner))
+                    == Some(proto::MemberRole::Active)
+        })
     }
 
     /// The first child that exited on its own, with its log tail. Pair members and VLDB
@@ -422,7 +467,7 @@ impl Drop for LocalCell {
             child.stop(Duration::from_secs(20));
         }
         for mountpoint in &self.mounts {
-            if cachemgr::mountinfo::is_mount_point(mountpoint) {
+            if is_holdfast_on_top(mountpoint) {
                 tracing::warn!(mountpoint = %mountpoint.display(), "mount still present; detaching it");
                 let _ = cachemgr::mount::detach(mountpoint);
             }
@@ -430,12 +475,33 @@ impl Drop for LocalCell {
     }
 }
 
-/// An address on 127.0.0.1 free right now, for a replica that must know its peers'
-/// addresses before they listen.
+/// An address on 127.0.0.1 free right now, chosen before its server starts: a replica
+/// must know its peers' addresses before they listen, and every address is kept.
 fn reserve_port() -> Result<String> {
     let listener =
-        std::net::TcpListener::bind("127.0.0.1:0").context("find a free port for the VLDB")?;
+        std::net::TcpListener::bind("127.0.0.1:0").context("find a free port for the cell")?;
     Ok(listener.local_addr()?.to_string())
+}
+
+/// Fails with one line naming the port when `address`, kept in `kept_in` for `what`, is
+/// taken: the cell file and the VLDB name it, so a new one would not do.
+fn check_port_free(address: &str, what: &str, kept_in: &Path) -> Result<()> {
+    match std::net::TcpListener::bind(address) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            let port = address.rsplit(':').next().unwrap_or(address);
+            bail!(
+                "port {port} of {what} ({address}, kept in {} so that the cell file stays \
+                 valid) is taken by another process; stop that process (`ss -ltnp \
+                 'sport = :{port}'` names it) and start the cell again",
+                kept_in.display()
+            )
+        }
+        Err(e) => bail!(
+            "cannot listen on {address} for {what} (kept in {}): {e}",
+            kept_in.display()
+        ),
+    }
 }
 
 /// Waits until the fileserver at `address` says it is the active member of its pair.
@@ -513,15 +579,17 @@ async fn ensure_root_volume(cell: &CellConfig, fs_address: &str) -> Result<()> {
     }
 }
 
-/// A mount left by a crashed earlier run answers ENOTCONN: detach it before reuse.
+/// A mount left by a crashed earlier run answers ENOTCONN: detach it before reuse. Only
+/// holdfast mounts are taken off; anything else there (`up`'s guard) the cache manager
+/// judges.
 pub fn clear_stale_mount(mountpoint: &Path) -> Result<()> {
-    if cachemgr::mountinfo::is_mount_point(mountpoint) {
+    if is_holdfast_on_top(mountpoint) {
         println!(
             "{} is still mounted from an earlier run; detaching it.",
             mountpoint.display()
         );
         let _ = cachemgr::mount::detach(mountpoint);
-        if cachemgr::mountinfo::is_mount_point(mountpoint) {
+        if is_holdfast_on_top(mountpoint) {
             bail!(
                 "{} is mounted and cannot be detached; unmount it with `umount -l {}`",
                 mountpoint.display(),
@@ -530,6 +598,24 @@ pub fn clear_stale_mount(mountpoint: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// True when the mount a path at `mountpoint` reaches (the last one there) is a holdfast
+/// mount.
+fn is_holdfast_on_top(mountpoint: &Path) -> bool {
+    // The parent resolved, not the mount point: a dead mount answers ENOTCONN.
+    let (Some(parent), Some(name)) = (mountpoint.parent(), mountpoint.file_name()) else {
+        return false;
+    };
+    let Ok(parent) = parent.canonicalize() else {
+        return false;
+    };
+    let mountpoint = parent.join(name);
+    cachemgr::mountinfo::read()
+        .unwrap_or_default()
+        .iter()
+        .rfind(|m| m.mount_point == mountpoint)
+        .is_some_and(|m| m.is_holdfast())
 }
 
 pub fn path_arg(path: &Path) -> String {

@@ -5,6 +5,7 @@
 
 mod bench;
 mod cell;
+mod guard;
 mod process;
 mod up;
 mod vldb;
@@ -39,8 +40,10 @@ enum Command {
     /// Run a whole local cell: three VLDB replicas, a fileserver pair, the root volume and a mount at DIR/mnt.
     ///
     /// Writes DIR/cell.toml, prints how to add a second mount, and runs until SIGINT or
-    /// SIGTERM, then unmounts and stops everything it started. Running it again on the
-    /// same DIR keeps the data.
+    /// SIGTERM, then unmounts and stops everything it started. A process of the cell that
+    /// dies is started again (with a growing delay if it keeps dying); meanwhile the
+    /// mount point fails (EROFS) rather than take files onto local disk. Running it again
+    /// on the same DIR keeps the data and the addresses, so the cell file stays valid.
     Up {
         /// Where the cell keeps its data, cache, cell file and mount point.
         #[arg(long, default_value = "holdfast-cell")]
@@ -48,6 +51,9 @@ enum Command {
         /// The cell's name (used when DIR has no cell file yet).
         #[arg(long, default_value = "local.holdfast")]
         cell_name: String,
+        /// Write the mount point's path to this file once the cell is up.
+        #[arg(long, value_name = "FILE")]
+        ready_file: Option<PathBuf>,
     },
     /// Run the volume location server (VLDB).
     Vlserver {
@@ -138,6 +144,11 @@ enum Command {
         /// Write this file once the mount is live.
         #[arg(long, value_name = "FILE")]
         ready_file: Option<PathBuf>,
+        /// Mount over the empty read-only tmpfs that `holdfast up` keeps on MOUNTPOINT
+        /// (its guard: while no cache manager serves the mount, creating a file there
+        /// fails with EROFS instead of landing on local disk).
+        #[arg(long)]
+        over_guard: bool,
     },
     /// Talk to the cache manager of a mount: mount points, cache state, servers.
     Fs {
@@ -291,10 +302,14 @@ fn main() {
 fn run(cli: Cli) -> Result<()> {
     let cell_path = cli.cell;
     match cli.command {
-        Command::Up { dir, cell_name } => {
+        Command::Up {
+            dir,
+            cell_name,
+            ready_file,
+        } => {
             // `up` speaks to the user itself; its children log to DIR/logs.
             process::init_tracing("warn");
-            up::run(&dir, &cell_name)
+            up::run(&dir, &cell_name, ready_file.as_deref())
         }
         Command::Vlserver {
             data,
@@ -376,6 +391,7 @@ fn run(cli: Cli) -> Result<()> {
             timeout,
             failover_timeout,
             ready_file,
+            over_guard,
         } => {
             process::init_tracing("info");
             let cell = CellConfig::locate(cell_path.as_deref()).context("find the cell")?;
@@ -392,6 +408,7 @@ fn run(cli: Cli) -> Result<()> {
                 rpc_timeout,
                 failover_timeout,
                 lease_renew_interval: cachemgr::LEASE_RENEW_INTERVAL_DEFAULT,
+                over_guard,
             };
             let shutdown = process::shutdown_on_signals_blocking()?;
             let mountpoint = config.mountpoint.clone();

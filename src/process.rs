@@ -3,7 +3,7 @@
 //! Invariant: a child started here is stopped by its PID (SIGTERM, then SIGKILL) when its
 //! `Supervised` drops, and a readiness file appears whole or not at all.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -89,36 +89,44 @@ fn signal_set(signals: &[libc::c_int]) -> libc::sigset_t {
 }
 
 /// A child process of ours, stopped by its PID when dropped: SIGTERM, then SIGKILL
-/// after a grace period.
+/// after a grace period. It keeps how it was started, so that it can be started again
+/// the same way (same address, same directories).
 pub struct Supervised {
     pub name: String,
     child: Child,
+    args: Vec<String>,
+    log: PathBuf,
+    started: Instant,
 }
 
 impl Supervised {
     /// Starts this same executable with `args`, logging to `log` (appended).
     pub fn spawn_self(name: &str, args: &[String], log: &Path) -> Result<Supervised> {
-        let exe = std::env::current_exe().context("find the holdfast executable")?;
-        let log_file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .with_context(|| format!("open log {}", log.display()))?;
-        let mut command = Command::new(exe);
-        // Its own process group: a Ctrl-C at the terminal reaches only the supervisor,
-        // which then stops its children in order (mount first, servers last).
-        std::os::unix::process::CommandExt::process_group(&mut command, 0);
-        let child = command
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone()?)
-            .stderr(log_file)
-            .spawn()
-            .with_context(|| format!("start the {name}"))?;
         Ok(Supervised {
             name: name.to_owned(),
-            child,
+            child: spawn_self_child(name, args, log)?,
+            args: args.to_vec(),
+            log: log.to_owned(),
+            started: Instant::now(),
         })
+    }
+
+    /// Starts the child again with the arguments it was first started with; the old
+    /// process must have exited (`exited` said so).
+    pub fn respawn(&mut self) -> Result<()> {
+        debug_assert!(
+            self.exited().is_some(),
+            "respawn of a running {}",
+            self.name
+        );
+        self.child = spawn_self_child(&self.name, &self.args, &self.log)?;
+        self.started = Instant::now();
+        Ok(())
+    }
+
+    /// How long the current process has been running (or ran, once it exited).
+    pub fn ran_for(&self) -> Duration {
+        self.started.elapsed()
     }
 
     pub fn pid(&self) -> u32 {
@@ -170,6 +178,60 @@ impl Drop for Supervised {
     }
 }
 
+fn spawn_self_child(name: &str, args: &[String], log: &Path) -> Result<Child> {
+    let exe = std::env::current_exe().context("find the holdfast executable")?;
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("open log {}", log.display()))?;
+    let mut command = Command::new(exe);
+    // Its own process group: a Ctrl-C at the terminal reaches only the supervisor,
+    // which then stops its children in order (mount first, servers last).
+    std::os::unix::process::CommandExt::process_group(&mut command, 0);
+    command
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone()?)
+        .stderr(log_file)
+        .spawn()
+        .with_context(|| format!("start the {name}"))
+}
+
+/// How long to wait before starting a child again that exited: `first` for a child that
+/// had run stably for `stable_after`, doubling with each exit that follows soon after a
+/// start (a child that cannot stay up), never more than `max`. Pure: it is told how long
+/// the child ran and answers a delay.
+#[derive(Clone, Debug)]
+pub struct Backoff {
+    first: Duration,
+    max: Duration,
+    stable_after: Duration,
+    next: Duration,
+}
+
+impl Backoff {
+    pub fn new(first: Duration, max: Duration, stable_after: Duration) -> Backoff {
+        Backoff {
+            first,
+            max,
+            stable_after,
+            next: first,
+        }
+    }
+
+    /// The delay before the next start of a child that ran for `ran_for` before it
+    /// exited (or failed to start).
+    pub fn after_exit(&mut self, ran_for: Duration) -> Duration {
+        if ran_for >= self.stable_after {
+            self.next = self.first;
+        }
+        let delay = self.next;
+        self.next = (self.next * 2).min(self.max);
+        delay
+    }
+}
+
 /// Waits until `path` exists and returns its contents, failing early if `child` exits.
 pub fn await_ready_file(
     path: &Path,
@@ -205,4 +267,23 @@ pub fn log_tail(path: &Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn backoff_doubles_while_a_child_cannot_stay_up_and_resets_once_it_ran_stably() {
+        let mut backoff = Backoff::new(100 * MS, 1000 * MS, 5000 * MS);
+        let delays: Vec<Duration> = (0..6).map(|_| backoff.after_exit(10 * MS)).collect();
+        assert_eq!(
+            delays,
+            [100, 200, 400, 800, 1000, 1000].map(|ms| ms * MS).to_vec()
+        );
+        assert_eq!(backoff.after_exit(5000 * MS), 100 * MS);
+        assert_eq!(backoff.after_exit(4999 * MS), 200 * MS);
+    }
 }

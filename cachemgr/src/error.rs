@@ -12,8 +12,20 @@ pub enum CacheError {
     MountPointMissing { path: PathBuf },
     #[error("mount point {} is not a directory", path.display())]
     MountPointNotDirectory { path: PathBuf },
-    #[error("mount point {} is not empty; mount on an empty directory", path.display())]
-    MountPointNotEmpty { path: PathBuf },
+    /// `names`: the first few entries, `count`: how many there are in all, so that a
+    /// person sees at once what is in the way (often a file an application wrote while
+    /// nothing was mounted there).
+    #[error(
+        "mount point {} is not empty: it holds {count} {} ({names}); move {} out of the way and try again",
+        path.display(),
+        if *count == 1 { "entry" } else { "entries" },
+        if *count == 1 { "it" } else { "them" }
+    )]
+    MountPointNotEmpty {
+        path: PathBuf,
+        count: usize,
+        names: String,
+    },
     #[error("mount point {} is already mounted; unmount it first (umount {})", path.display(), path.display())]
     MountPointBusy { path: PathBuf },
     #[error("cannot use cache directory {}: {source}", path.display())]
@@ -68,4 +80,8 @@ pub enum CacheError {
     Control { socket: PathBuf, message: String },
     #[error("{0}")]
     Refused(String),
+    /// `--over-guard` was asked for, but what is mounted at the mount point is not an
+    /// empty read-only tmpfs (the guard `holdfast up` puts there).
+    #[error("mount point {} has no guard under it (an empty read-only tmpfs): {what}; let `holdfast up` mount it, or mount without --over-guard", path.display())]
+    MountPointUnguarded { path: PathBuf, what: String },
 }

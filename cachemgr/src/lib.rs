@@ -63,6 +63,10 @@ pub struct Config {
     /// How often the lock lease is renewed on servers where a lock is held or awaited;
     /// keep it well under the servers' lease (a third of it).
     pub lease_renew_interval: Duration,
+    /// Mount over the empty read-only tmpfs `holdfast up` keeps at the mount point (its
+    /// guard: while no cache manager serves the mount, nothing lands on local disk)
+    /// instead of on a bare empty directory.
+    pub over_guard: bool,
 }
 
 impl Config {
@@ -78,6 +82,7 @@ impl Config {
             rpc_timeout: RPC_TIMEOUT_DEFAULT,
             failover_timeout: FAILOVER_TIMEOUT_DEFAULT,
             lease_renew_interval: LEASE_RENEW_INTERVAL_DEFAULT,
+            over_guard: false,
         }
     }
 }

@@ -31,7 +31,14 @@ const WRITE_BACK_DEADLINE: Duration = Duration::from_secs(30);
 pub const CONTROL_SOCKET: &str = "control.sock";
 
 /// Checks that `path` can take a mount; returns it canonical.
-pub fn check_mount_point(path: &Path) -> Result<PathBuf, CacheError> {
+///
+/// A mount point must be an empty directory with nothing mounted on it, except that with
+/// `over_guard` it must carry exactly the guard `holdfast up` keeps there: an empty,
+/// read-only tmpfs. The mount is stacked on that guard, so that when this cache manager
+/// dies and its dead mount is detached, what an application then opens or creates under
+/// the mount point fails with EROFS instead of landing on local disk. Any other mount
+/// stays refused as busy.
+pub fn check_mount_point(path: &Path, over_guard: bool) -> Result<PathBuf, CacheError> {
     let meta = match std::fs::metadata(path) {
         Ok(meta) => meta,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -55,23 +62,72 @@ pub fn check_mount_point(path: &Path) -> Result<PathBuf, CacheError> {
         path: path.to_owned(),
         source,
     })?;
-    if let Ok(mounts) = mountinfo::read()
-        && mounts.iter().any(|m| m.mount_point == canonical)
-    {
-        return Err(CacheError::MountPointBusy {
-            path: path.to_owned(),
-        });
+    // The last entry on a mount point is the one on top, the one a path there reaches.
+    let top = mountinfo::read()
+        .unwrap_or_default()
+        .into_iter()
+        .rfind(|m| m.mount_point == canonical);
+    let unguarded = |what: String| CacheError::MountPointUnguarded {
+        path: path.to_owned(),
+        what,
+    };
+    match (top, over_guard) {
+        (None, false) => {}
+        (Some(_), false) => {
+            return Err(CacheError::MountPointBusy {
+                path: path.to_owned(),
+            });
+        }
+        (None, true) => return Err(unguarded("nothing is mounted there".into())),
+        (Some(top), true) if top.fs_type != "tmpfs" => {
+            return Err(unguarded(format!("a {} is mounted there", top.fs_type)));
+        }
+        (Some(_), true) if !is_read_only(&canonical) => {
+            return Err(unguarded("the tmpfs there is writable".into()));
+        }
+        (Some(_), true) => {}
     }
-    let mut entries = std::fs::read_dir(&canonical).map_err(|source| CacheError::Mount {
+    let entries = std::fs::read_dir(&canonical).map_err(|source| CacheError::Mount {
         path: path.to_owned(),
         source,
     })?;
-    if entries.next().is_some() {
+    let mut names: Vec<String> = entries
+        .filter_map(|entry| entry.ok())
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .collect();
+    if !names.is_empty() {
+        names.sort();
+        let count = names.len();
+        let mut shown = names
+            .into_iter()
+            .take(NAMES_SHOWN)
+            .collect::<Vec<_>>()
+            .join(", ");
+        if count > NAMES_SHOWN {
+            shown.push_str(", ...");
+        }
         return Err(CacheError::MountPointNotEmpty {
             path: path.to_owned(),
+            count,
+            names: shown,
         });
     }
     Ok(canonical)
+}
+
+/// How many entries of a mount point that is not empty its error names.
+const NAMES_SHOWN: usize = 3;
+
+/// True when the filesystem at `path` is mounted read-only.
+fn is_read_only(path: &Path) -> bool {
+    let Ok(c_path) = CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: statvfs is plain data; all zeroes is a valid value for it.
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c_path` is NUL-terminated and `stat` a valid out-pointer; both outlive the call.
+    let rc = unsafe { libc::statvfs(c_path.as_ptr(), &mut stat) };
+    rc == 0 && stat.f_flag & libc::ST_RDONLY != 0
 }
 
 /// Mounts the cell, calls `on_ready` once the mount is live, serves until `shutdown`
@@ -81,7 +137,7 @@ pub fn run(
     shutdown: watch::Receiver<bool>,
     on_ready: impl FnOnce(),
 ) -> Result<(), CacheError> {
-    let mount_point = check_mount_point(&config.mountpoint)?;
+    let mount_point = check_mount_point(&config.mountpoint, config.over_guard)?;
     let cache_io = |source| CacheError::CacheDir {
         path: config.cache_dir.clone(),
         source,
@@ -257,7 +313,7 @@ mod tests {
     fn mount_point_checks_name_the_problem() {
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("x");
-        let err = check_mount_point(&missing).unwrap_err().to_string();
+        let err = check_mount_point(&missing, false).unwrap_err().to_string();
         assert_eq!(
             err,
             format!(
@@ -267,16 +323,48 @@ mod tests {
         );
         let file = dir.path().join("f");
         std::fs::write(&file, b"").unwrap();
-        let err = check_mount_point(&file).unwrap_err().to_string();
+        let err = check_mount_point(&file, false).unwrap_err().to_string();
         assert!(err.contains("is not a directory"), "{err}");
-        let err = check_mount_point(dir.path()).unwrap_err().to_string();
-        assert!(err.contains("is not empty"), "{err}");
         let empty = dir.path().join("empty");
         std::fs::create_dir(&empty).unwrap();
-        assert!(check_mount_point(&empty).is_ok());
-        let err = check_mount_point(Path::new("/proc"))
+        assert!(check_mount_point(&empty, false).is_ok());
+        let err = check_mount_point(&empty, true).unwrap_err().to_string();
+        assert!(err.contains("has no guard under it"), "{err}");
+        let err = check_mount_point(Path::new("/proc"), false)
             .unwrap_err()
             .to_string();
         assert!(err.contains("already mounted"), "{err}");
+        let err = check_mount_point(Path::new("/proc"), true)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("a proc is mounted there"), "{err}");
+    }
+
+    #[test]
+    fn a_mount_point_that_is_not_empty_is_named_with_what_it_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("appends.log"), b"x").unwrap();
+        let err = check_mount_point(dir.path(), false)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            format!(
+                "mount point {} is not empty: it holds 1 entry (appends.log); move it out \
+                 of the way and try again",
+                dir.path().display()
+            )
+        );
+        for name in ["d", "c", "b", "a"] {
+            std::fs::write(dir.path().join(name), b"").unwrap();
+        }
+        let err = check_mount_point(dir.path(), false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("it holds 5 entries (a, appends.log, b, ...); move them out"),
+            "{err}"
+        );
+        assert_eq!(err.lines().count(), 1, "{err}");
     }
 }

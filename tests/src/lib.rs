@@ -13,6 +13,7 @@ use anyhow::{Context, Result, bail};
 pub mod pair;
 pub mod tmpfs;
 pub mod tripwire;
+pub mod up;
 pub mod vldb;
 
 pub use pair::{PAIR, Proxy};
