@@ -26,6 +26,10 @@ const FAILOVER_BACKOFF_MAX: Duration = Duration::from_millis(100);
 /// Every member of a pair failing to connect this long sends the pool to the VLDB
 /// for the server's current addresses, at most once per this long within one call.
 const RELOCATE_AFTER: Duration = Duration::from_secs(1);
+/// A connection this client holds callbacks or locks on gets a `Ping` once it has sent
+/// nothing for this long, so a fileserver's idle timeout (120 s) never closes the path
+/// its breaks and lock grants take; a connection holding nothing is left to close.
+pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
 
 /// A reclaim in progress, borrowing the sink and the new connection.
 pub type ReclaimFuture<'a> = Pin<Box<dyn Future<Output = Result<(), ProtoError>> + Send + 'a>>;
@@ -41,9 +45,12 @@ pub trait CallbackSink: Send + Sync + 'static {
     fn reset_callbacks(&self, server: ServerId);
     /// The server granted the queued lock request `wait`; `true` acknowledges it.
     fn lock_granted(&self, server: ServerId, wait: WaitId, fid: Fid) -> bool;
-    /// The connection to `server` ended: breaks may have been lost and queued lock
-    /// requests died with it.
+    /// The connection to `server` ended: queued lock requests died with it, and breaks
+    /// sent meanwhile are queued on the server until a new connection collects them.
     fn connection_lost(&self, server: ServerId);
+    /// Whether this client holds a callback or a lock on `server`, or awaits a lock
+    /// there: then its connection is worth keeping alive.
+    fn holds_promises(&self, server: ServerId) -> bool;
     /// A new connection to `server` is up: reclaim callbacks and locks over it before
     /// any other call uses it. Fails on a transport error, or with `NotActive` when the
     /// member reached is not the pair's active one.
@@ -90,6 +97,12 @@ pub struct ServerPool {
     failover_timeout: Duration,
     /// Live connections; short sections, never held across an `.await`.
     connections: Mutex<HashMap<ServerId, Connection>>,
+    /// When a request was last sent to each server, for the keepalive. Bounded like
+    /// `gates`, by the servers called.
+    last_sent: Mutex<HashMap<ServerId, Instant>>,
+    /// Since when each single server has failed every connect: its outage is logged
+    /// once at WARN, its return at INFO. Bounded by the servers called.
+    down_since: Mutex<HashMap<ServerId, Instant>>,
     /// One connect (and reclaim) at a time per server; callers wait here for it.
     gates: Mutex<HashMap<ServerId, Arc<tokio::sync::Mutex<()>>>>,
     /// Per server, the member in use. Bounded like `gates`, by the servers called.
@@ -132,6 +145,8 @@ impl ServerPool {
             rpc_timeout,
             failover_timeout,
             connections: Mutex::new(HashMap::new()),
+            last_sent: Mutex::new(HashMap::new()),
+            down_since: Mutex::new(HashMap::new()),
             gates: Mutex::new(HashMap::new()),
             members: Mutex::new(HashMap::new()),
             next_seq: AtomicU64::new(1),
@@ -190,16 +205,99 @@ impl ServerPool {
             .await
     }
 
-    /// Whether `server` answers a ping within `timeout`, whichever member answers.
+    /// Whether `server` answers a ping within `timeout`: one connect (with its reclaim)
+    /// when no connection is live, on each member of a pair in turn, and no failover
+    /// wait: a pair none of whose members is active now counts as down.
     pub async fn probe(&self, server: ServerId, addresses: &[String], timeout: Duration) -> bool {
-        let answer = if addresses.len() < 2 {
-            self.call_once(server, addresses, Request::Ping, timeout)
-                .await
+        let connection = if addresses.len() < 2 {
+            self.connection(server, addresses, timeout).await
         } else {
-            self.call_pair(server, addresses, Request::Ping, timeout, timeout)
-                .await
+            self.pair_connection(server, addresses, timeout).await
         };
-        matches!(answer, Ok(Response::Pong))
+        match connection {
+            Ok(connection) => self.ping(server, &connection, timeout).await,
+            Err(e) => {
+                debug!(%server, error = %e, "fileserver does not answer a probe");
+                false
+            }
+        }
+    }
+
+    /// Pings `server` over `connection`; a failure closes it, as any call's would.
+    async fn ping(&self, server: ServerId, connection: &Connection, timeout: Duration) -> bool {
+        self.note_sent(server);
+        match connection.call(Request::Ping, timeout).await {
+            Ok(Response::Pong) => true,
+            Ok(other) => {
+                debug!(%server, response = other.kind_name(), "unexpected answer to a ping");
+                false
+            }
+            Err(e) => {
+                debug!(%server, peer = %connection.peer_addr(), error = %e, "ping failed");
+                if e.is_transport() || matches!(e, ProtoError::Remote(ErrorCode::NotActive { .. }))
+                {
+                    self.forget(server, connection).await;
+                }
+                false
+            }
+        }
+    }
+
+    /// Starts the keepalive: every third of `idle`, `ping_idle(idle)`, until the pool is
+    /// dropped.
+    pub fn start_keepalive(&self, idle: Duration) {
+        let pool = self.this.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(idle / 3);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(pool) = pool.upgrade() else {
+                    return;
+                };
+                pool.ping_idle(idle).await;
+            }
+        });
+    }
+
+    /// Pings, all at once, every live connection that has sent nothing for `idle` and
+    /// that holds what the cache needs kept (`CallbackSink::holds_promises`); returns
+    /// how many were pinged, once each ping has ended.
+    pub async fn ping_idle(&self, idle: Duration) -> usize {
+        let (Some(pool), Some(sink)) = (self.this.upgrade(), self.sink()) else {
+            return 0;
+        };
+        let live: Vec<(ServerId, Connection)> = self
+            .connections
+            .lock()
+            .iter()
+            .map(|(server, connection)| (*server, connection.clone()))
+            .collect();
+        let now = Instant::now();
+        let mut pings = tokio::task::JoinSet::new();
+        for (server, connection) in live {
+            let sent = self.last_sent.lock().get(&server).copied();
+            if sent.is_some_and(|at| now.saturating_duration_since(at) < idle)
+                || !sink.holds_promises(server)
+            {
+                continue;
+            }
+            let pool = pool.clone();
+            pings.spawn(async move {
+                let timeout = pool.rpc_timeout;
+                if !pool.ping(server, &connection, timeout).await {
+                    debug!(%server, "keepalive ping failed");
+                }
+            });
+        }
+        let count = pings.len();
+        pings.join_all().await;
+        count
+    }
+
+    fn note_sent(&self, server: ServerId) {
+        self.last_sent.lock().insert(server, Instant::now());
     }
 
     fn sequenced(&self, request: Request) -> Request {
@@ -222,6 +320,7 @@ impl ServerPool {
         timeout: Duration,
     ) -> Result<Response, ProtoError> {
         let connection = self.connection(server, addresses, timeout).await?;
+        self.note_sent(server);
         let result = connection.call(request, timeout).await;
         if let Err(e) = &result
             && e.is_transport()
@@ -261,6 +360,7 @@ impl ServerPool {
             let (result, used) = match self.pair_connection(server, &addresses, timeout).await {
                 Ok(connection) => {
                     unreachable_since = None;
+                    self.note_sent(server);
                     let result = connection.call_ref(&request, timeout).await;
                     (result, Some(connection))
                 }
@@ -424,7 +524,7 @@ impl ServerPool {
                     if reply.server.is_some_and(|s| s != server) {
                         warn!(%address, "fileserver answered with another server id than the VLDB records");
                     }
-                    info!(%address, "connected to fileserver");
+                    self.note_reachable(server, address);
                     self.spawn_callback_loop(server, connection.clone(), incoming);
                     if let Some(sink) = self.sink()
                         && let Err(e) = sink.reclaim(server, &connection, timeout).await
@@ -433,24 +533,52 @@ impl ServerPool {
                         connection.close();
                         return Err(e);
                     }
+                    self.note_sent(server);
                     self.connections.lock().insert(server, connection.clone());
                     return Ok(connection);
                 }
                 Err(ProtoError::Remote(code)) => return Err(ProtoError::Remote(code)),
                 Err(e) => {
-                    if matches!(e, ProtoError::Timeout(_)) {
-                        warn!(
-                            "fileserver {address} did not answer within {}",
-                            human_duration(timeout)
-                        );
-                    } else {
-                        warn!("cannot reach fileserver {address}: {e}");
-                    }
+                    self.note_unreachable(server, address, &e);
                     last_error = e;
                 }
             }
         }
         Err(last_error)
+    }
+
+    /// A connect to `server` failed: the first failure of an outage is a WARN, the
+    /// rest (every call and reconnect attempt meanwhile) DEBUG.
+    fn note_unreachable(&self, server: ServerId, address: &str, error: &ProtoError) {
+        let first = {
+            let mut down = self.down_since.lock();
+            let first = !down.contains_key(&server);
+            down.entry(server).or_insert_with(Instant::now);
+            first
+        };
+        let what = match error {
+            ProtoError::Timeout(timeout) => {
+                format!("did not answer within {}", human_duration(*timeout))
+            }
+            e => format!("cannot be reached: {e}"),
+        };
+        if first {
+            warn!("fileserver {address} {what}; files cached under callbacks stay readable");
+        } else {
+            debug!("fileserver {address} {what}");
+        }
+    }
+
+    /// A connect to `server` succeeded; says so at INFO, with the outage it ended.
+    fn note_reachable(&self, server: ServerId, address: &str) {
+        match self.down_since.lock().remove(&server) {
+            Some(since) => info!(
+                %address,
+                "fileserver answers again, after {}",
+                human_duration(since.elapsed())
+            ),
+            None => info!(%address, "connected to fileserver"),
+        }
     }
 
     /// The connection to a pair's active member: the member tried first is the one in
@@ -495,6 +623,7 @@ impl ServerPool {
                     match reclaimed {
                         Ok(()) => {
                             self.handed_out(server, address);
+                            self.note_sent(server);
                             self.connections.lock().insert(server, connection.clone());
                             return Ok(connection);
                         }

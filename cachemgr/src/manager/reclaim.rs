@@ -15,9 +15,12 @@ use crate::server_pool::CallbackSink;
 
 /// Fids per `ReclaimCallbacks` (the server takes up to 8192; each is ~30 bytes).
 const RECLAIM_BATCH: usize = 4096;
-/// First and longest pause between attempts to reach a server owed a reclaim.
+/// First and longest pause between attempts to reach a server owed a reclaim: the
+/// longest bounds how long a restarted server waits for this client to come back and
+/// collect its delayed breaks (and so how long a change made meanwhile stays unseen
+/// here); an attempt on a dead server costs one refused connect.
 const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(500);
-const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(10);
+const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// A passive pair member answered: the reclaim belongs on the active one.
 fn not_active(e: &ProtoError) -> bool {
@@ -25,44 +28,66 @@ fn not_active(e: &ProtoError) -> bool {
 }
 
 /// Reconnecting to a fileserver after its restart (or a lost connection) throws no cache
-/// away: the callbacks of that server's volumes are kept as "to reclaim" (invalid
-/// meanwhile, so reads revalidate), and the first new connection reclaims them with the
-/// data versions cached, then the locks held, then says done. Every fid the server
-/// reports broken is broken here too (status invalid, listing dropped, kernel caches
-/// invalidated). A reclaim that fails on the transport, or reaches a pair member that is
-/// not active (`NotActive`), leaves everything owed for the next connection.
+/// away. A lost connection leaves every callback from that server valid until it expires,
+/// so cached files stay readable while the server is unreachable (the soundness argument
+/// is in `docs/cache-manager.md`, "While a server is unreachable"); they are also owed
+/// for reclaim, and the first new connection reclaims them with the data versions
+/// cached, then the locks held, then says done. Every fid the server reports broken is
+/// broken here too (status invalid, listing dropped, kernel caches invalidated). A
+/// reclaim that fails on the transport, or reaches a pair member that is not active
+/// (`NotActive`), leaves everything owed for the next connection.
 impl Manager {
-    /// The connection to `server` ended: its callbacks become owed for reclaim, its
-    /// queued lock requests are woken to ask again, and a task reconnects by itself.
+    /// The connection to `server` ended: the callbacks held from it stay valid and become
+    /// owed for reclaim, its queued lock requests are woken to ask again, and a task
+    /// reconnects by itself. A connection that held nothing (one the server closed as
+    /// idle, say) is simply reopened by the next call that needs it.
     pub(super) fn on_connection_lost(&self, server: ServerId) {
         self.lock_waits.connection_lost(server);
-        let (volumes, reset) = self.reset_callbacks_from(server);
+        let volumes = self.volumes_of(server);
+        let held = self.callbacks_held_on(&volumes);
+        let locks = self.locks_on(&volumes).len();
+        if held.is_empty() && locks == 0 && !self.reclaim_owed.lock().contains_key(&server) {
+            debug!(%server, "fileserver connection closed; nothing is held there");
+            return;
+        }
         let owed = {
             let mut owed = self.reclaim_owed.lock();
             let set = owed.entry(server).or_default();
-            set.extend(reset);
+            set.extend(held);
             set.len()
         };
-        let locks = self.locks_on(&volumes).len();
-        info!(%server, callbacks = owed, locks, "fileserver connection lost; reclaiming on reconnect");
-        if owed > 0 || locks > 0 {
-            self.spawn_reconnect(server);
-        }
+        info!(%server, callbacks = owed, locks, "fileserver connection lost; cached files stay readable under their callbacks, reclaiming on reconnect");
+        self.spawn_reconnect(server);
     }
 
     /// Drops every callback held from `server` (the cached data stays, to be revalidated
-    /// by data version); returns the volumes it serves and the fids that lost theirs.
-    pub(super) fn reset_callbacks_from(&self, server: ServerId) -> (HashSet<VolumeId>, Vec<Fid>) {
-        let volumes: HashSet<VolumeId> = self.volumes.volumes_on(server).into_iter().collect();
-        let reset = self
-            .state
+    /// by data version); returns the fids that lost theirs.
+    pub(super) fn reset_callbacks_from(&self, server: ServerId) -> Vec<Fid> {
+        let volumes = self.volumes_of(server);
+        self.state
             .lock()
             .statuses
-            .reset_callbacks(|fid| volumes.contains(&fid.volume));
-        (volumes, reset)
+            .reset_callbacks(|fid| volumes.contains(&fid.volume))
     }
 
-    fn locks_on(&self, volumes: &HashSet<VolumeId>) -> Vec<(Fid, crate::held_locks::HeldLock)> {
+    pub(super) fn volumes_of(&self, server: ServerId) -> HashSet<VolumeId> {
+        self.volumes.volumes_on(server).into_iter().collect()
+    }
+
+    /// The fids of `volumes` whose callback holds now.
+    pub(super) fn callbacks_held_on(&self, volumes: &HashSet<VolumeId>) -> Vec<Fid> {
+        self.state
+            .lock()
+            .statuses
+            .with_callback(Instant::now())
+            .filter(|fid| volumes.contains(&fid.volume))
+            .collect()
+    }
+
+    pub(super) fn locks_on(
+        &self,
+        volumes: &HashSet<VolumeId>,
+    ) -> Vec<(Fid, crate::held_locks::HeldLock)> {
         self.held_locks
             .lock()
             .all()
@@ -71,38 +96,39 @@ impl Manager {
             .collect()
     }
 
-    /// Pings `server` with growing pauses until a connection (and with it the reclaim)
-    /// succeeds, so locks are reclaimed within grace even when nothing else calls.
+    /// Tries `server` at once and then with growing pauses until a connection (and with
+    /// it the reclaim) succeeds, so locks are reclaimed within grace and delayed breaks
+    /// collected even when nothing else calls. One task per server at a time.
     fn spawn_reconnect(&self, server: ServerId) {
+        if !self.reconnecting.lock().insert(server) {
+            return;
+        }
         let this = self.this.clone();
         self.runtime.spawn(async move {
-            let mut pause = RECONNECT_BACKOFF_MIN;
+            let mut pause = Duration::ZERO;
             loop {
                 tokio::time::sleep(pause).await;
                 let Some(manager) = this.upgrade() else {
                     return;
                 };
-                if !manager.reclaim_owed.lock().contains_key(&server) {
-                    return;
-                }
-                let Some((_, addresses)) = manager
+                let addresses = manager
                     .volumes
                     .servers()
                     .into_iter()
                     .find(|(s, _)| *s == server)
-                else {
+                    .map(|(_, addresses)| addresses);
+                let owed = manager.reclaim_owed.lock().contains_key(&server);
+                let Some(addresses) = addresses.filter(|_| owed) else {
+                    manager.reconnecting.lock().remove(&server);
                     return;
                 };
                 let timeout = manager.pool.rpc_timeout();
-                match manager
-                    .pool
-                    .call_with_timeout(server, &addresses, Request::Ping, timeout)
-                    .await
-                {
-                    Ok(_) => return,
-                    Err(e) => debug!(%server, error = %e, ?pause, "fileserver still unreachable"),
+                if manager.pool.probe(server, &addresses, timeout).await {
+                    manager.reconnecting.lock().remove(&server);
+                    return;
                 }
-                pause = (pause * 2).min(RECONNECT_BACKOFF_MAX);
+                debug!(%server, ?pause, "fileserver still unreachable");
+                pause = (pause * 2).clamp(RECONNECT_BACKOFF_MIN, RECONNECT_BACKOFF_MAX);
             }
         });
     }
@@ -114,7 +140,7 @@ impl Manager {
         connection: &Connection,
         timeout: Duration,
     ) -> Result<(), ProtoError> {
-        let volumes: HashSet<VolumeId> = self.volumes.volumes_on(server).into_iter().collect();
+        let volumes = self.volumes_of(server);
         let owed: Vec<Fid> = self
             .reclaim_owed
             .lock()
@@ -176,8 +202,12 @@ impl Manager {
                 }
                 Err(e) if not_active(&e) => return Err(e),
                 Err(ProtoError::Remote(code)) => {
-                    // The statuses stay, to be revalidated by version on use.
+                    // Nothing confirmed: void them. The statuses stay, to be revalidated
+                    // by version on use.
                     debug!(%server, %code, "fileserver refused the callback reclaim");
+                    let refused: Vec<Fid> = fids.iter().map(|(fid, _)| *fid).collect();
+                    broken += refused.len();
+                    self.break_callbacks(&refused);
                 }
                 Err(e) => return Err(e),
             }
