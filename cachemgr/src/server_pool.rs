@@ -312,6 +312,9 @@ impl ServerPool {
     }
 
     /// One attempt, as a single server gets it: a transport failure drops the connection.
+    /// A connection made earlier that turns out closed (the server closed it as idle, or
+    /// restarted) is replaced once, and the request goes again, byte for byte, on the new
+    /// one, as a pair's retry would: the server did not fail, its old connection did.
     async fn call_once(
         &self,
         server: ServerId,
@@ -319,13 +322,19 @@ impl ServerPool {
         request: Request,
         timeout: Duration,
     ) -> Result<Response, ProtoError> {
-        let connection = self.connection(server, addresses, timeout).await?;
-        self.note_sent(server);
-        let result = connection.call(request, timeout).await;
-        if let Err(e) = &result
-            && e.is_transport()
-        {
-            if matches!(e, ProtoError::Timeout(_)) {
+        let mut reused = self.live(server).is_some();
+        loop {
+            let connection = self.connection(server, addresses, timeout).await?;
+            self.note_sent(server);
+            let result = connection.call_ref(&request, timeout).await;
+            let Err(e) = &result else {
+                return result;
+            };
+            if !e.is_transport() {
+                return result;
+            }
+            let timed_out = matches!(e, ProtoError::Timeout(_));
+            if timed_out {
                 warn!(
                     "fileserver {} did not answer within {}",
                     connection.peer_addr(),
@@ -335,8 +344,10 @@ impl ServerPool {
                 debug!(peer = %connection.peer_addr(), error = %e, "fileserver connection failed");
             }
             self.forget(server, &connection).await;
+            if timed_out || !std::mem::take(&mut reused) {
+                return result;
+            }
         }
-        result
     }
 
     /// Tries the pair's members in turn until one answers or `failover` has passed: a

@@ -248,10 +248,14 @@ impl Manager {
 mod tests {
     use proto::{ByteRange, LockKind, LockOwnerId};
 
+    use std::sync::Arc;
+
     use super::*;
     use crate::fake_cell::{FILE, FILE2, FakeCell};
-    use crate::manager::LockRequest;
-    use crate::manager::test_support::start_manager;
+    use crate::inode::Ino;
+    use crate::manager::test_support::{WAIT_MAX, start_manager, start_manager_with};
+    use crate::manager::{FsError, LockRequest};
+    use crate::server_pool::KEEPALIVE_IDLE;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_restarted_server_gets_callbacks_and_locks_reclaimed_and_only_changes_refetched() {
@@ -328,6 +332,142 @@ mod tests {
             record.fetches_by_fid.get(&FILE2).copied(),
             fetched.get(&FILE2).map(|n| n + 1)
         );
+    }
+
+    /// Waits (polling: the manager hears of a closed connection from its own task)
+    /// until `done` holds; panics after `WAIT_MAX`.
+    async fn eventually(mut done: impl FnMut() -> bool) {
+        let waited = tokio::time::timeout(WAIT_MAX, async {
+            while !done() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        assert!(waited.is_ok(), "the condition never held");
+    }
+
+    /// Starts a manager whose calls time out after `RPC_TIMEOUT`, reads `FILE` into its
+    /// cache, and takes the server down once the manager has noticed.
+    async fn cached_then_down(
+        cell: &FakeCell,
+        dir: &std::path::Path,
+        content: &[u8],
+    ) -> (Arc<Manager>, Ino) {
+        let manager = start_manager_with(cell, dir, WAIT_MAX, RPC_TIMEOUT, WAIT_MAX).await;
+        let ino = manager.state.lock().inodes.ino_for(FILE);
+        assert_eq!(manager.read(ino, 0, 4096).await.unwrap(), content);
+        cell.set_down(true);
+        let server = cell_server(&manager);
+        eventually(|| manager.reclaim_owed.lock().contains_key(&server)).await;
+        (manager, ino)
+    }
+
+    const RPC_TIMEOUT: Duration = Duration::from_millis(500);
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dead_server_leaves_cached_files_readable_and_the_rest_fails_with_etimedout() {
+        let content = b"cached before the server died".to_vec();
+        let (cell, _stop) = FakeCell::start(content.clone(), 0, 0).await;
+        let dir = tempfile::tempdir().unwrap();
+        let (manager, one) = cached_then_down(&cell, dir.path(), &content).await;
+        let asked = cell.record.lock().requests.len();
+
+        // Under their callbacks: data, attributes, the root's listing, with no RPC.
+        assert_eq!(manager.read(one, 0, 4096).await.unwrap(), content);
+        let attr = manager.getattr(one).await.unwrap();
+        assert_eq!(attr.attr.size, content.len() as u64);
+        assert!(attr.ttl > Duration::ZERO, "the kernel may cache it too");
+        manager.getattr(Ino::ROOT).await.unwrap();
+        manager.open(one).await.unwrap();
+        assert_eq!(cell.record.lock().requests.len(), asked);
+
+        // What is not cached needs the server, and says it cannot be reached.
+        let two = manager.state.lock().inodes.ino_for(FILE2);
+        assert_eq!(manager.read(two, 0, 4096).await, Err(FsError::ETIMEDOUT));
+        // A write lands in the cache; storing it fails, and it is kept for later.
+        manager.write(one, 0, b"C").await.unwrap();
+        assert_eq!(manager.flush(one).await, Err(FsError::ETIMEDOUT));
+
+        // Back: the reconnect by itself reclaims, and the unstored write is stored.
+        cell.set_down(false);
+        cell.wait_for_lock_calls(|calls| calls.contains(&Request::ReclaimDone))
+            .await;
+        manager.flush(one).await.unwrap();
+        assert!(
+            cell.content().0.starts_with(b"Cached"),
+            "{:?}",
+            cell.content()
+        );
+        assert_eq!(manager.read(two, 0, 4096).await.unwrap(), b"");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_change_made_while_unreachable_is_seen_once_the_reclaim_reports_it() {
+        let content = b"old".to_vec();
+        let (cell, _stop) = FakeCell::start(content.clone(), 0, 0).await;
+        let dir = tempfile::tempdir().unwrap();
+        let (manager, one) = cached_then_down(&cell, dir.path(), &content).await;
+        // Another client changed it; no break could reach this one.
+        cell.set_content(FILE, b"new".to_vec());
+        assert_eq!(manager.read(one, 0, 4096).await.unwrap(), b"old");
+        cell.set_down(false);
+        cell.wait_for_lock_calls(|calls| calls.contains(&Request::ReclaimDone))
+            .await;
+        let reclaimed = cell.record.lock().lock_calls.iter().any(|call| {
+            matches!(call, Request::ReclaimCallbacks { fids } if fids.contains(&(FILE, DataVersion(1))))
+        });
+        assert!(
+            reclaimed,
+            "the callback kept meanwhile was reclaimed by version"
+        );
+        assert_eq!(manager.read(one, 0, 4096).await.unwrap(), b"new");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_expired_callback_is_not_served_while_the_server_is_unreachable() {
+        let content = b"cached".to_vec();
+        let (cell, _stop) = FakeCell::start(content.clone(), 0, 0).await;
+        let dir = tempfile::tempdir().unwrap();
+        let (manager, one) = cached_then_down(&cell, dir.path(), &content).await;
+        if let Some(entry) = manager.state.lock().statuses.get_mut(FILE) {
+            entry.callback_until = Some(Instant::now());
+        }
+        assert_eq!(manager.read(one, 0, 4096).await, Err(FsError::ETIMEDOUT));
+        assert_eq!(
+            manager.getattr(one).await.map(|_| ()),
+            Err(FsError::ETIMEDOUT)
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn only_idle_connections_holding_callbacks_are_kept_alive() {
+        let (cell, _stop) = FakeCell::start(b"x".to_vec(), 0, 0).await;
+        let dir = tempfile::tempdir().unwrap();
+        let manager = start_manager(&cell, dir.path()).await;
+        let pings = || {
+            let record = cell.record.lock();
+            record.requests.iter().filter(|(_, k)| *k == "Ping").count()
+        };
+        // The root's status came with a callback: the connection is kept alive, but
+        // only once it has been idle.
+        assert_eq!(manager.pool.ping_idle(KEEPALIVE_IDLE).await, 0);
+        assert_eq!(manager.pool.ping_idle(Duration::ZERO).await, 1);
+        assert_eq!(pings(), 1);
+        // Nothing held: left to the server's idle timeout.
+        manager.reset_callbacks(cell_server(&manager));
+        assert_eq!(manager.pool.ping_idle(Duration::ZERO).await, 0);
+        assert_eq!(pings(), 1);
+        // Closed by the server then, it is reopened by the next call, with nothing
+        // to reclaim.
+        cell.drop_connections();
+        let one = manager.state.lock().inodes.ino_for(FILE);
+        assert_eq!(manager.read(one, 0, 10).await.unwrap(), b"x");
+        let record = cell.record.lock();
+        let reclaims = record
+            .lock_calls
+            .iter()
+            .filter(|c| matches!(c, Request::ReclaimCallbacks { .. }));
+        assert_eq!(reclaims.count(), 0, "{:?}", record.lock_calls);
     }
 
     fn cell_server(manager: &Manager) -> ServerId {
