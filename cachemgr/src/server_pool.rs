@@ -89,6 +89,26 @@ enum LiveOrGate {
     Gate(tokio::sync::OwnedMutexGuard<()>),
 }
 
+/// A single server's outage, as its failed connects show it.
+struct Down {
+    since: Instant,
+    last_failure: Instant,
+    /// What the last connect failed with.
+    error: ProtoError,
+}
+
+/// A copy of `error` for another caller (`ProtoError` holds an `io::Error`, which does
+/// not clone): the same variant, an i/o error's kind and text.
+fn copy_error(error: &ProtoError) -> ProtoError {
+    match error {
+        ProtoError::Io(e) => ProtoError::Io(std::io::Error::new(e.kind(), e.to_string())),
+        ProtoError::Timeout(timeout) => ProtoError::Timeout(*timeout),
+        ProtoError::Closed => ProtoError::Closed,
+        ProtoError::Remote(code) => ProtoError::Remote(code.clone()),
+        other => ProtoError::Handshake(other.to_string()),
+    }
+}
+
 pub struct ServerPool {
     /// Lets a connection's task report its end after the call that opened it returned.
     this: Weak<ServerPool>,
@@ -100,9 +120,9 @@ pub struct ServerPool {
     /// When a request was last sent to each server, for the keepalive. Bounded like
     /// `gates`, by the servers called.
     last_sent: Mutex<HashMap<ServerId, Instant>>,
-    /// Since when each single server has failed every connect: its outage is logged
-    /// once at WARN, its return at INFO. Bounded by the servers called.
-    down_since: Mutex<HashMap<ServerId, Instant>>,
+    /// Single servers whose connects fail: the outage is logged once at WARN, its end
+    /// at INFO. Bounded by the servers called.
+    down: Mutex<HashMap<ServerId, Down>>,
     /// One connect (and reclaim) at a time per server; callers wait here for it.
     gates: Mutex<HashMap<ServerId, Arc<tokio::sync::Mutex<()>>>>,
     /// Per server, the member in use. Bounded like `gates`, by the servers called.
@@ -146,7 +166,7 @@ impl ServerPool {
             failover_timeout,
             connections: Mutex::new(HashMap::new()),
             last_sent: Mutex::new(HashMap::new()),
-            down_since: Mutex::new(HashMap::new()),
+            down: Mutex::new(HashMap::new()),
             gates: Mutex::new(HashMap::new()),
             members: Mutex::new(HashMap::new()),
             next_seq: AtomicU64::new(1),
@@ -185,11 +205,12 @@ impl ServerPool {
     /// Calls `server`, each attempt within `timeout`; a pair's members are tried until
     /// `failover_timeout` has passed. A namespace change goes as `Sequenced`.
     ///
-    /// Every step is bounded by `timeout` (waiting behind another caller's connect, the
-    /// TCP connect, the handshake, each request of the reclaim, the call itself), so no
-    /// call waits without bound; but one that has to connect can take several times
-    /// `timeout`, and a pair's last attempt may start just before `failover_timeout`
-    /// runs out.
+    /// A single server's call is over by `timeout`, whatever it waits for (another
+    /// caller's connect, its own, the reclaim, the answer). A pair's call is over once
+    /// `failover_timeout` has passed, but each of its attempts is bounded step by step
+    /// (the connect, the handshake, each request of the reclaim, the call), so one that
+    /// starts just before the failover timeout runs out can outlast it by a few
+    /// `timeout`s.
     pub async fn call_with_timeout(
         &self,
         server: ServerId,
@@ -210,7 +231,8 @@ impl ServerPool {
     /// wait: a pair none of whose members is active now counts as down.
     pub async fn probe(&self, server: ServerId, addresses: &[String], timeout: Duration) -> bool {
         let connection = if addresses.len() < 2 {
-            self.connection(server, addresses, timeout).await
+            let deadline = Instant::now() + timeout;
+            self.connection(server, addresses, timeout, deadline).await
         } else {
             self.pair_connection(server, addresses, timeout).await
         };
@@ -311,7 +333,8 @@ impl ServerPool {
         }
     }
 
-    /// One attempt, as a single server gets it: a transport failure drops the connection.
+    /// One attempt, as a single server gets it, over by `timeout` whatever it waits for
+    /// (a connect, a reclaim, the answer): a transport failure drops the connection.
     /// A connection made earlier that turns out closed (the server closed it as idle, or
     /// restarted) is replaced once, and the request goes again, byte for byte, on the new
     /// one, as a pair's retry would: the server did not fail, its old connection did.
@@ -322,11 +345,15 @@ impl ServerPool {
         request: Request,
         timeout: Duration,
     ) -> Result<Response, ProtoError> {
+        let deadline = Instant::now() + timeout;
         let mut reused = self.live(server).is_some();
         loop {
-            let connection = self.connection(server, addresses, timeout).await?;
+            let connection = self
+                .connection(server, addresses, timeout, deadline)
+                .await?;
+            let budget = deadline.saturating_duration_since(Instant::now());
             self.note_sent(server);
-            let result = connection.call_ref(&request, timeout).await;
+            let result = connection.call_ref(&request, budget).await;
             let Err(e) = &result else {
                 return result;
             };
@@ -334,6 +361,12 @@ impl ServerPool {
                 return result;
             }
             let timed_out = matches!(e, ProtoError::Timeout(_));
+            if timed_out && budget < timeout / 2 {
+                // The connect took most of the call's time: too little was left to judge
+                // the server by its silence. The call fails; its connection stays.
+                debug!(peer = %connection.peer_addr(), "call ran out of time after a slow connect");
+                return Err(ProtoError::Timeout(timeout));
+            }
             if timed_out {
                 warn!(
                     "fileserver {} did not answer within {}",
@@ -344,7 +377,10 @@ impl ServerPool {
                 debug!(peer = %connection.peer_addr(), error = %e, "fileserver connection failed");
             }
             self.forget(server, &connection).await;
-            if timed_out || !std::mem::take(&mut reused) {
+            if timed_out {
+                return Err(ProtoError::Timeout(timeout));
+            }
+            if !std::mem::take(&mut reused) {
                 return result;
             }
         }
@@ -514,16 +550,53 @@ impl ServerPool {
         })
     }
 
+    /// The live connection to `server`, or a new one (reclaimed) by `deadline`. The
+    /// connect runs as a task of its own behind the server's gate, so a caller that gives
+    /// up at its deadline never cuts a connect or a reclaim short: the connection goes to
+    /// the next caller.
     async fn connection(
         &self,
         server: ServerId,
         addresses: &[String],
         timeout: Duration,
+        deadline: Instant,
+    ) -> Result<Connection, ProtoError> {
+        if let Some(connection) = self.live(server) {
+            return Ok(connection);
+        }
+        let Some(pool) = self.this.upgrade() else {
+            return Err(ProtoError::Closed);
+        };
+        let addresses = addresses.to_vec();
+        let asked = Instant::now();
+        let connect =
+            tokio::spawn(async move { pool.connect(server, &addresses, timeout, asked).await });
+        let deadline = tokio::time::Instant::from_std(deadline);
+        match tokio::time::timeout_at(deadline, connect).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(ProtoError::Closed),
+            Err(_) => Err(ProtoError::Timeout(timeout)),
+        }
+    }
+
+    /// Connects to `server` and reclaims over the connection, unless another caller's
+    /// connect made one meanwhile. A connect that failed after this one was `asked` for
+    /// answers for it too: callers queued behind a dead server's gate fail together
+    /// rather than each try in turn.
+    async fn connect(
+        &self,
+        server: ServerId,
+        addresses: &[String],
+        timeout: Duration,
+        asked: Instant,
     ) -> Result<Connection, ProtoError> {
         let _gate = match self.live_or_gate(server, timeout).await? {
             LiveOrGate::Live(connection) => return Ok(connection),
             LiveOrGate::Gate(gate) => gate,
         };
+        if let Some(error) = self.failed_since(server, asked) {
+            return Err(error);
+        }
         let limits = Limits {
             handshake_timeout: timeout,
             ..Limits::default()
@@ -558,13 +631,27 @@ impl ServerPool {
         Err(last_error)
     }
 
+    /// The error of a connect to `server` that failed after `asked`, if any.
+    fn failed_since(&self, server: ServerId, asked: Instant) -> Option<ProtoError> {
+        let down = self.down.lock();
+        let down = down.get(&server).filter(|d| d.last_failure >= asked)?;
+        Some(copy_error(&down.error))
+    }
+
     /// A connect to `server` failed: the first failure of an outage is a WARN, the
     /// rest (every call and reconnect attempt meanwhile) DEBUG.
     fn note_unreachable(&self, server: ServerId, address: &str, error: &ProtoError) {
         let first = {
-            let mut down = self.down_since.lock();
+            let mut down = self.down.lock();
+            let now = Instant::now();
             let first = !down.contains_key(&server);
-            down.entry(server).or_insert_with(Instant::now);
+            let entry = down.entry(server).or_insert_with(|| Down {
+                since: now,
+                last_failure: now,
+                error: ProtoError::Closed,
+            });
+            entry.last_failure = now;
+            entry.error = copy_error(error);
             first
         };
         let what = match error {
@@ -582,11 +669,11 @@ impl ServerPool {
 
     /// A connect to `server` succeeded; says so at INFO, with the outage it ended.
     fn note_reachable(&self, server: ServerId, address: &str) {
-        match self.down_since.lock().remove(&server) {
-            Some(since) => info!(
+        match self.down.lock().remove(&server) {
+            Some(down) => info!(
                 %address,
                 "fileserver answers again, after {}",
-                human_duration(since.elapsed())
+                human_duration(down.since.elapsed())
             ),
             None => info!(%address, "connected to fileserver"),
         }
