@@ -1,5 +1,6 @@
-//! Connections to fileservers, one per server, opened on first use and after a failure;
-//! each also carries the server's breaks and lock grants to this client.
+//! Connections to fileservers, one per server, opened on first use and after a failure,
+//! and kept alive while the cache holds callbacks or locks there; each also carries the
+//! server's breaks and lock grants to this client.
 //! Invariant: a connection is handed to callers only after the cache reclaimed what it
 //! held there, and the cache hears of each lost connection once, before the next is made.
 
