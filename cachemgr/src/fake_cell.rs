@@ -5,6 +5,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use parking_lot::Mutex;
@@ -64,6 +65,8 @@ pub struct Record {
     pub not_active: Vec<usize>,
     /// `VlListServers` requests answered.
     pub server_lists: usize,
+    /// Fileserver requests that found the server down (`set_down`).
+    pub refused_while_down: usize,
 }
 
 /// A call the fake never answers: when `member` gets a request of `kind`, it closes its
@@ -99,8 +102,8 @@ fn kind(request: &Request) -> &'static str {
 /// and any other fid as an empty directory (the root among them). Records how the cache
 /// manager talks to it (`Record`: stores in flight, syncs, fetches per chunk, lock and
 /// reclaim calls), answers lock requests as a test scripts them (`lock_answers`), and
-/// can push `LockGranted` (`push_grant`) and drop its connections as a restart would
-/// (`drop_connections`).
+/// can push `LockGranted` (`push_grant`), drop its connections as a restart would
+/// (`drop_connections`), die (`set_down`) or fence itself with no takeover (`set_fenced`).
 pub struct FakeCell {
     server: ServerId,
     /// Where the VLDB answers (and, for a single server, the fileserver too).
@@ -109,6 +112,12 @@ pub struct FakeCell {
     members: Vec<String>,
     /// The member that serves; the other answers `NotActive`.
     active: Mutex<usize>,
+    /// Every member answers `NotActive` with no hint: the pair fenced itself and no
+    /// partner took over.
+    fenced: AtomicBool,
+    /// The fileserver is down: every connection it gets is closed unanswered, as the
+    /// kernel's refusal of a dead process's port would end it (the VLDB still answers).
+    down: AtomicBool,
     /// The addresses the VLDB lists for the server; `None`: the members, active first.
     pub listed: Mutex<Option<Vec<String>>>,
     /// The next call to cut off.
@@ -188,6 +197,8 @@ impl FakeCell {
             address,
             members,
             active: Mutex::new(0),
+            fenced: AtomicBool::new(false),
+            down: AtomicBool::new(false),
             listed: Mutex::new(None),
             cut_off: Mutex::new(None),
             hang_on: Mutex::new(None),
@@ -253,6 +264,24 @@ impl FakeCell {
     pub fn drop_connections(&self) {
         for (_, connection) in self.connections.lock().drain(..) {
             connection.close();
+        }
+    }
+
+    /// Takes the fileserver down (its connections closed, new ones closed unanswered)
+    /// or brings it back.
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::SeqCst);
+        if down {
+            self.drop_connections();
+        }
+    }
+
+    /// Fences the pair (both members answer `NotActive`, their connections closed, as
+    /// a member closes them when its term ends) or lets member `active` serve again.
+    pub fn set_fenced(&self, fenced: bool) {
+        self.fenced.store(fenced, Ordering::SeqCst);
+        if fenced {
+            self.drop_connections();
         }
     }
 
@@ -463,18 +492,32 @@ impl FakeCell {
             Request::Sequenced { seq, request } => (kind(request), Some(*seq)),
             other => (kind(other), None),
         };
+        if self.down.load(Ordering::SeqCst) {
+            self.record.lock().refused_while_down += 1;
+            self.changed.send_replace(());
+            connection.close();
+            // Never answered: the caller sees only the connection end.
+            return Some(std::future::pending().await);
+        }
         let active = *self.active.lock();
+        let fenced = self.fenced.load(Ordering::SeqCst);
         {
             let mut record = self.record.lock();
             record.requests.push((member, kind));
             if let Some(seq) = seq {
                 record.sequenced.push((member, seq));
             }
-            if member != active {
+            if member != active || fenced {
                 record.not_active.push(member);
             }
         }
         self.changed.send_replace(());
+        if fenced {
+            return Some(Err(ErrorCode::NotActive {
+                epoch: Epoch(1),
+                hint: None,
+            }));
+        }
         if member != active {
             return Some(Err(ErrorCode::NotActive {
                 epoch: Epoch(1),
@@ -616,6 +659,7 @@ impl FakeCell {
                 })
             }
             Request::GiveUpCallbacks { .. } => Ok(Response::Ok),
+            Request::Ping => Ok(Response::Pong),
             Request::SetLock { .. }
             | Request::ReleaseLock { .. }
             | Request::TestLock { .. }

@@ -12,7 +12,7 @@ use proto::{
     CallbackGrant, DataVersion, ErrorCode, Fid, ProtoError, Request, Response, ServerId,
     VldbClient, VnodeStatus, VolumeId, VolumeName,
 };
-use tokio::sync::{RwLock, Semaphore};
+use tokio::sync::{OwnedRwLockReadGuard, OwnedRwLockWriteGuard, RwLock, Semaphore, TryLockError};
 use tracing::{info, warn};
 
 mod admin;
@@ -44,15 +44,13 @@ use crate::inode::{Ino, InodeTable};
 use crate::invalidate::Invalidator;
 use crate::lock_waits::LockWaits;
 use crate::readahead::ReadAhead;
-use crate::server_pool::{CallbackSink, ServerPool};
+use crate::server_pool::{CallbackSink, KEEPALIVE_IDLE, ServerPool};
 use crate::status::StatusTable;
 use crate::volume::{VolumeLocation, VolumeTable};
 
 /// Longest the kernel may cache attributes and entries before asking again; breaks
 /// invalidate sooner, this bounds the harm of a lost invalidation.
 const KERNEL_TTL_MAX: Duration = Duration::from_secs(1);
-/// Stripes of the per-file data lock.
-const FILE_LOCK_STRIPES: usize = 64;
 /// Chunks fetched ahead of a sequential reader (4 MiB).
 const READ_AHEAD_CHUNKS: u64 = 4;
 /// Fetches ahead in flight at once over all files; each holds a chunk in memory.
@@ -62,6 +60,49 @@ const PREFETCHES_MAX: usize = 8;
 struct CacheState {
     inodes: InodeTable,
     statuses: StatusTable,
+}
+
+/// The per-file locks of files in use. Bounded: an entry whose lock nobody holds or
+/// awaits is swept once the table has doubled since the last sweep.
+#[derive(Default)]
+struct FileLocks {
+    locks: HashMap<Fid, Weak<RwLock<()>>>,
+    sweep_at: usize,
+}
+
+impl FileLocks {
+    /// Locks swept no more often than this many entries.
+    const SWEEP_MIN: usize = 64;
+
+    fn get(&mut self, fid: Fid) -> Arc<RwLock<()>> {
+        if let Some(lock) = self.locks.get(&fid).and_then(Weak::upgrade) {
+            return lock;
+        }
+        if self.locks.len() >= self.sweep_at.max(Self::SWEEP_MIN) {
+            self.locks.retain(|_, lock| lock.strong_count() > 0);
+            self.sweep_at = self.locks.len() * 2;
+        }
+        let lock = Arc::new(RwLock::new(()));
+        self.locks.insert(fid, Arc::downgrade(&lock));
+        lock
+    }
+}
+
+/// One file's lock, held by whoever holds one of its guards.
+struct FileLock(Arc<RwLock<()>>);
+
+impl FileLock {
+    async fn read(&self) -> OwnedRwLockReadGuard<()> {
+        self.0.clone().read_owned().await
+    }
+
+    async fn write(&self) -> OwnedRwLockWriteGuard<()> {
+        self.0.clone().write_owned().await
+    }
+
+    fn try_read(&self) -> Result<OwnedRwLockReadGuard<()>, TryLockError> {
+        self.0.clone().try_read_owned()
+    }
 }
 
 /// Settings the manager needs from `Config`.
@@ -88,11 +129,12 @@ pub struct Manager {
     /// before the chunk index's lock, never after.
     state: Mutex<CacheState>,
     chunks: ChunkStore,
-    /// A read-write lock per file (striped), which may be held across RPCs: reads and
-    /// fetches ahead share it; writes, write-backs and truncations hold it alone, so a
+    /// A read-write lock per file, which may be held across RPCs: reads and fetches
+    /// ahead share it; writes, write-backs and truncations hold it alone, so a
     /// truncation never races with a store and no chunk is fetched while a write-back's
-    /// stores are in flight.
-    file_locks: Vec<RwLock<()>>,
+    /// stores are in flight. One per file, not striped: a write-back waiting on a dead
+    /// server must not hold up cached reads of other files.
+    file_locks: Mutex<FileLocks>,
     /// Fetches in flight by chunk: one per chunk, however many readers want it. Bounded:
     /// an entry lives only while a FUSE thread or a fetch ahead (at most
     /// `PREFETCHES_MAX`) is fetching it.
@@ -111,6 +153,8 @@ pub struct Manager {
     /// Per server, the fids whose callbacks were held when its connection ended, to be
     /// reclaimed on the next one. Bounded by the status table.
     reclaim_owed: Mutex<HashMap<ServerId, HashSet<Fid>>>,
+    /// Servers a reconnect task is trying; at most one task per server.
+    reconnecting: Mutex<HashSet<ServerId>>,
     runtime: tokio::runtime::Handle,
 }
 
@@ -156,7 +200,7 @@ impl Manager {
                 statuses: StatusTable::default(),
             }),
             chunks,
-            file_locks: (0..FILE_LOCK_STRIPES).map(|_| RwLock::new(())).collect(),
+            file_locks: Mutex::new(FileLocks::default()),
             fetches: Mutex::new(HashMap::new()),
             read_ahead: Mutex::new(ReadAhead::new(READ_AHEAD_CHUNKS)),
             prefetch_slots: Arc::new(Semaphore::new(PREFETCHES_MAX)),
@@ -167,11 +211,13 @@ impl Manager {
             held_locks: Mutex::new(HeldLocks::default()),
             lock_waits: LockWaits::default(),
             reclaim_owed: Mutex::new(HashMap::new()),
+            reconnecting: Mutex::new(HashSet::new()),
             runtime: tokio::runtime::Handle::current(),
         });
         manager.spawn_lease_renewal(settings.lease_renew_interval);
         let sink: Arc<dyn CallbackSink> = manager.clone();
         manager.pool.set_sink(Arc::downgrade(&sink));
+        manager.pool.start_keepalive(KEEPALIVE_IDLE);
         info!(volume = %settings.root_volume, id = %root.id, servers = ?root.addresses, "root volume located");
         if let Err(e) = manager.fetch_status(root_fid).await {
             // Not fatal: the mount retries on every access and recovers by itself.
@@ -198,13 +244,8 @@ impl Manager {
         self.state.lock().inodes.fid(ino).ok_or(FsError::ESTALE)
     }
 
-    fn file_lock(&self, fid: Fid) -> &RwLock<()> {
-        let hash = fid
-            .vnode
-            .0
-            .wrapping_mul(0x9e37_79b9_7f4a_7c15)
-            .wrapping_add(fid.volume.0 ^ u64::from(fid.unique.0));
-        &self.file_locks[(hash as usize) % FILE_LOCK_STRIPES]
+    fn file_lock(&self, fid: Fid) -> FileLock {
+        FileLock(self.file_locks.lock().get(fid))
     }
 
     async fn call(&self, volume: VolumeId, request: Request) -> FsResult<Response> {

@@ -1,5 +1,6 @@
-//! Connections to fileservers, one per server, opened on first use and after a failure;
-//! each also carries the server's breaks and lock grants to this client.
+//! Connections to fileservers, one per server, opened on first use and after a failure,
+//! and kept alive while the cache holds callbacks or locks there; each also carries the
+//! server's breaks and lock grants to this client.
 //! Invariant: a connection is handed to callers only after the cache reclaimed what it
 //! held there, and the cache hears of each lost connection once, before the next is made.
 
@@ -26,6 +27,10 @@ const FAILOVER_BACKOFF_MAX: Duration = Duration::from_millis(100);
 /// Every member of a pair failing to connect this long sends the pool to the VLDB
 /// for the server's current addresses, at most once per this long within one call.
 const RELOCATE_AFTER: Duration = Duration::from_secs(1);
+/// A connection this client holds callbacks or locks on gets a `Ping` once it has sent
+/// nothing for this long, so a fileserver's idle timeout (120 s) never closes the path
+/// its breaks and lock grants take; a connection holding nothing is left to close.
+pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
 
 /// A reclaim in progress, borrowing the sink and the new connection.
 pub type ReclaimFuture<'a> = Pin<Box<dyn Future<Output = Result<(), ProtoError>> + Send + 'a>>;
@@ -41,9 +46,12 @@ pub trait CallbackSink: Send + Sync + 'static {
     fn reset_callbacks(&self, server: ServerId);
     /// The server granted the queued lock request `wait`; `true` acknowledges it.
     fn lock_granted(&self, server: ServerId, wait: WaitId, fid: Fid) -> bool;
-    /// The connection to `server` ended: breaks may have been lost and queued lock
-    /// requests died with it.
+    /// The connection to `server` ended: queued lock requests died with it, and breaks
+    /// sent meanwhile are queued on the server until a new connection collects them.
     fn connection_lost(&self, server: ServerId);
+    /// Whether this client holds a callback or a lock on `server`, or awaits a lock
+    /// there: then its connection is worth keeping alive.
+    fn holds_promises(&self, server: ServerId) -> bool;
     /// A new connection to `server` is up: reclaim callbacks and locks over it before
     /// any other call uses it. Fails on a transport error, or with `NotActive` when the
     /// member reached is not the pair's active one.
@@ -82,6 +90,26 @@ enum LiveOrGate {
     Gate(tokio::sync::OwnedMutexGuard<()>),
 }
 
+/// A single server's outage, as its failed connects show it.
+struct Down {
+    since: Instant,
+    last_failure: Instant,
+    /// What the last connect failed with.
+    error: ProtoError,
+}
+
+/// A copy of `error` for another caller (`ProtoError` holds an `io::Error`, which does
+/// not clone): the same variant, an i/o error's kind and text.
+fn copy_error(error: &ProtoError) -> ProtoError {
+    match error {
+        ProtoError::Io(e) => ProtoError::Io(std::io::Error::new(e.kind(), e.to_string())),
+        ProtoError::Timeout(timeout) => ProtoError::Timeout(*timeout),
+        ProtoError::Closed => ProtoError::Closed,
+        ProtoError::Remote(code) => ProtoError::Remote(code.clone()),
+        other => ProtoError::Handshake(other.to_string()),
+    }
+}
+
 pub struct ServerPool {
     /// Lets a connection's task report its end after the call that opened it returned.
     this: Weak<ServerPool>,
@@ -90,6 +118,12 @@ pub struct ServerPool {
     failover_timeout: Duration,
     /// Live connections; short sections, never held across an `.await`.
     connections: Mutex<HashMap<ServerId, Connection>>,
+    /// When a request was last sent to each server, for the keepalive. Bounded like
+    /// `gates`, by the servers called.
+    last_sent: Mutex<HashMap<ServerId, Instant>>,
+    /// Single servers whose connects fail: the outage is logged once at WARN, its end
+    /// at INFO. Bounded by the servers called.
+    down: Mutex<HashMap<ServerId, Down>>,
     /// One connect (and reclaim) at a time per server; callers wait here for it.
     gates: Mutex<HashMap<ServerId, Arc<tokio::sync::Mutex<()>>>>,
     /// Per server, the member in use. Bounded like `gates`, by the servers called.
@@ -132,6 +166,8 @@ impl ServerPool {
             rpc_timeout,
             failover_timeout,
             connections: Mutex::new(HashMap::new()),
+            last_sent: Mutex::new(HashMap::new()),
+            down: Mutex::new(HashMap::new()),
             gates: Mutex::new(HashMap::new()),
             members: Mutex::new(HashMap::new()),
             next_seq: AtomicU64::new(1),
@@ -170,11 +206,12 @@ impl ServerPool {
     /// Calls `server`, each attempt within `timeout`; a pair's members are tried until
     /// `failover_timeout` has passed. A namespace change goes as `Sequenced`.
     ///
-    /// Every step is bounded by `timeout` (waiting behind another caller's connect, the
-    /// TCP connect, the handshake, each request of the reclaim, the call itself), so no
-    /// call waits without bound; but one that has to connect can take several times
-    /// `timeout`, and a pair's last attempt may start just before `failover_timeout`
-    /// runs out.
+    /// A single server's call is over by `timeout`, whatever it waits for (another
+    /// caller's connect, its own, the reclaim, the answer). A pair's call is over once
+    /// `failover_timeout` has passed, but each of its attempts is bounded step by step
+    /// (the connect, the handshake, each request of the reclaim, the call), so one that
+    /// starts just before the failover timeout runs out can outlast it by a few
+    /// `timeout`s.
     pub async fn call_with_timeout(
         &self,
         server: ServerId,
@@ -190,16 +227,100 @@ impl ServerPool {
             .await
     }
 
-    /// Whether `server` answers a ping within `timeout`, whichever member answers.
+    /// Whether `server` answers a ping within `timeout`: one connect (with its reclaim)
+    /// when no connection is live, on each member of a pair in turn, and no failover
+    /// wait: a pair none of whose members is active now counts as down.
     pub async fn probe(&self, server: ServerId, addresses: &[String], timeout: Duration) -> bool {
-        let answer = if addresses.len() < 2 {
-            self.call_once(server, addresses, Request::Ping, timeout)
-                .await
+        let connection = if addresses.len() < 2 {
+            let deadline = Instant::now() + timeout;
+            self.connection(server, addresses, timeout, deadline).await
         } else {
-            self.call_pair(server, addresses, Request::Ping, timeout, timeout)
-                .await
+            self.pair_connection(server, addresses, timeout).await
         };
-        matches!(answer, Ok(Response::Pong))
+        match connection {
+            Ok(connection) => self.ping(server, &connection, timeout).await,
+            Err(e) => {
+                debug!(%server, error = %e, "fileserver does not answer a probe");
+                false
+            }
+        }
+    }
+
+    /// Pings `server` over `connection`; a failure closes it, as any call's would.
+    async fn ping(&self, server: ServerId, connection: &Connection, timeout: Duration) -> bool {
+        self.note_sent(server);
+        match connection.call(Request::Ping, timeout).await {
+            Ok(Response::Pong) => true,
+            Ok(other) => {
+                debug!(%server, response = other.kind_name(), "unexpected answer to a ping");
+                false
+            }
+            Err(e) => {
+                debug!(%server, peer = %connection.peer_addr(), error = %e, "ping failed");
+                if e.is_transport() || matches!(e, ProtoError::Remote(ErrorCode::NotActive { .. }))
+                {
+                    self.forget(server, connection).await;
+                }
+                false
+            }
+        }
+    }
+
+    /// Starts the keepalive: every third of `idle`, `ping_idle(idle)`, until the pool is
+    /// dropped.
+    pub fn start_keepalive(&self, idle: Duration) {
+        let pool = self.this.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(idle / 3);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(pool) = pool.upgrade() else {
+                    return;
+                };
+                pool.ping_idle(idle).await;
+            }
+        });
+    }
+
+    /// Pings, all at once, every live connection that has sent nothing for `idle` and
+    /// that holds what the cache needs kept (`CallbackSink::holds_promises`); returns
+    /// how many were pinged, once each ping has ended.
+    pub async fn ping_idle(&self, idle: Duration) -> usize {
+        let (Some(pool), Some(sink)) = (self.this.upgrade(), self.sink()) else {
+            return 0;
+        };
+        let live: Vec<(ServerId, Connection)> = self
+            .connections
+            .lock()
+            .iter()
+            .map(|(server, connection)| (*server, connection.clone()))
+            .collect();
+        let now = Instant::now();
+        let mut pings = tokio::task::JoinSet::new();
+        for (server, connection) in live {
+            let sent = self.last_sent.lock().get(&server).copied();
+            if sent.is_some_and(|at| now.saturating_duration_since(at) < idle)
+                || !sink.holds_promises(server)
+            {
+                continue;
+            }
+            let pool = pool.clone();
+            pings.spawn(async move {
+                let timeout = pool.rpc_timeout;
+                if !pool.ping(server, &connection, timeout).await {
+                    debug!(%server, "keepalive ping failed");
+                }
+            });
+        }
+        let count = pings.len();
+        pings.join_all().await;
+        count
+    }
+
+    fn note_sent(&self, server: ServerId) {
+        self.last_sent.lock().insert(server, Instant::now());
     }
 
     fn sequenced(&self, request: Request) -> Request {
@@ -213,7 +334,11 @@ impl ServerPool {
         }
     }
 
-    /// One attempt, as a single server gets it: a transport failure drops the connection.
+    /// One attempt, as a single server gets it, over by `timeout` whatever it waits for
+    /// (a connect, a reclaim, the answer): a transport failure drops the connection.
+    /// A connection made earlier that turns out closed (the server closed it as idle, or
+    /// restarted) is replaced once, and the request goes again, byte for byte, on the new
+    /// one, as a pair's retry would: the server did not fail, its old connection did.
     async fn call_once(
         &self,
         server: ServerId,
@@ -221,12 +346,29 @@ impl ServerPool {
         request: Request,
         timeout: Duration,
     ) -> Result<Response, ProtoError> {
-        let connection = self.connection(server, addresses, timeout).await?;
-        let result = connection.call(request, timeout).await;
-        if let Err(e) = &result
-            && e.is_transport()
-        {
-            if matches!(e, ProtoError::Timeout(_)) {
+        let deadline = Instant::now() + timeout;
+        let mut reused = self.live(server).is_some();
+        loop {
+            let connection = self
+                .connection(server, addresses, timeout, deadline)
+                .await?;
+            let budget = deadline.saturating_duration_since(Instant::now());
+            self.note_sent(server);
+            let result = connection.call_ref(&request, budget).await;
+            let Err(e) = &result else {
+                return result;
+            };
+            if !e.is_transport() {
+                return result;
+            }
+            let timed_out = matches!(e, ProtoError::Timeout(_));
+            if timed_out && budget < timeout / 2 {
+                // The connect took most of the call's time: too little was left to judge
+                // the server by its silence. The call fails; its connection stays.
+                debug!(peer = %connection.peer_addr(), "call ran out of time after a slow connect");
+                return Err(ProtoError::Timeout(timeout));
+            }
+            if timed_out {
                 warn!(
                     "fileserver {} did not answer within {}",
                     connection.peer_addr(),
@@ -236,8 +378,13 @@ impl ServerPool {
                 debug!(peer = %connection.peer_addr(), error = %e, "fileserver connection failed");
             }
             self.forget(server, &connection).await;
+            if timed_out {
+                return Err(ProtoError::Timeout(timeout));
+            }
+            if !std::mem::take(&mut reused) {
+                return result;
+            }
         }
-        result
     }
 
     /// Tries the pair's members in turn until one answers or `failover` has passed: a
@@ -261,6 +408,7 @@ impl ServerPool {
             let (result, used) = match self.pair_connection(server, &addresses, timeout).await {
                 Ok(connection) => {
                     unreachable_since = None;
+                    self.note_sent(server);
                     let result = connection.call_ref(&request, timeout).await;
                     (result, Some(connection))
                 }
@@ -403,16 +551,53 @@ impl ServerPool {
         })
     }
 
+    /// The live connection to `server`, or a new one (reclaimed) by `deadline`. The
+    /// connect runs as a task of its own behind the server's gate, so a caller that gives
+    /// up at its deadline never cuts a connect or a reclaim short: the connection goes to
+    /// the next caller.
     async fn connection(
         &self,
         server: ServerId,
         addresses: &[String],
         timeout: Duration,
+        deadline: Instant,
+    ) -> Result<Connection, ProtoError> {
+        if let Some(connection) = self.live(server) {
+            return Ok(connection);
+        }
+        let Some(pool) = self.this.upgrade() else {
+            return Err(ProtoError::Closed);
+        };
+        let addresses = addresses.to_vec();
+        let asked = Instant::now();
+        let connect =
+            tokio::spawn(async move { pool.connect(server, &addresses, timeout, asked).await });
+        let deadline = tokio::time::Instant::from_std(deadline);
+        match tokio::time::timeout_at(deadline, connect).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(ProtoError::Closed),
+            Err(_) => Err(ProtoError::Timeout(timeout)),
+        }
+    }
+
+    /// Connects to `server` and reclaims over the connection, unless another caller's
+    /// connect made one meanwhile. A connect that failed after this one was `asked` for
+    /// answers for it too: callers queued behind a dead server's gate fail together
+    /// rather than each try in turn.
+    async fn connect(
+        &self,
+        server: ServerId,
+        addresses: &[String],
+        timeout: Duration,
+        asked: Instant,
     ) -> Result<Connection, ProtoError> {
         let _gate = match self.live_or_gate(server, timeout).await? {
             LiveOrGate::Live(connection) => return Ok(connection),
             LiveOrGate::Gate(gate) => gate,
         };
+        if let Some(error) = self.failed_since(server, asked) {
+            return Err(error);
+        }
         let limits = Limits {
             handshake_timeout: timeout,
             ..Limits::default()
@@ -424,7 +609,7 @@ impl ServerPool {
                     if reply.server.is_some_and(|s| s != server) {
                         warn!(%address, "fileserver answered with another server id than the VLDB records");
                     }
-                    info!(%address, "connected to fileserver");
+                    self.note_reachable(server, address);
                     self.spawn_callback_loop(server, connection.clone(), incoming);
                     if let Some(sink) = self.sink()
                         && let Err(e) = sink.reclaim(server, &connection, timeout).await
@@ -433,24 +618,66 @@ impl ServerPool {
                         connection.close();
                         return Err(e);
                     }
+                    self.note_sent(server);
                     self.connections.lock().insert(server, connection.clone());
                     return Ok(connection);
                 }
                 Err(ProtoError::Remote(code)) => return Err(ProtoError::Remote(code)),
                 Err(e) => {
-                    if matches!(e, ProtoError::Timeout(_)) {
-                        warn!(
-                            "fileserver {address} did not answer within {}",
-                            human_duration(timeout)
-                        );
-                    } else {
-                        warn!("cannot reach fileserver {address}: {e}");
-                    }
+                    self.note_unreachable(server, address, &e);
                     last_error = e;
                 }
             }
         }
         Err(last_error)
+    }
+
+    /// The error of a connect to `server` that failed after `asked`, if any.
+    fn failed_since(&self, server: ServerId, asked: Instant) -> Option<ProtoError> {
+        let down = self.down.lock();
+        let down = down.get(&server).filter(|d| d.last_failure >= asked)?;
+        Some(copy_error(&down.error))
+    }
+
+    /// A connect to `server` failed: the first failure of an outage is a WARN, the
+    /// rest (every call and reconnect attempt meanwhile) DEBUG.
+    fn note_unreachable(&self, server: ServerId, address: &str, error: &ProtoError) {
+        let first = {
+            let mut down = self.down.lock();
+            let now = Instant::now();
+            let first = !down.contains_key(&server);
+            let entry = down.entry(server).or_insert_with(|| Down {
+                since: now,
+                last_failure: now,
+                error: ProtoError::Closed,
+            });
+            entry.last_failure = now;
+            entry.error = copy_error(error);
+            first
+        };
+        let what = match error {
+            ProtoError::Timeout(timeout) => {
+                format!("did not answer within {}", human_duration(*timeout))
+            }
+            e => format!("cannot be reached: {e}"),
+        };
+        if first {
+            warn!("fileserver {address} {what}; files cached under callbacks stay readable");
+        } else {
+            debug!("fileserver {address} {what}");
+        }
+    }
+
+    /// A connect to `server` succeeded; says so at INFO, with the outage it ended.
+    fn note_reachable(&self, server: ServerId, address: &str) {
+        match self.down.lock().remove(&server) {
+            Some(down) => info!(
+                %address,
+                "fileserver answers again, after {}",
+                human_duration(down.since.elapsed())
+            ),
+            None => info!(%address, "connected to fileserver"),
+        }
     }
 
     /// The connection to a pair's active member: the member tried first is the one in
@@ -495,6 +722,7 @@ impl ServerPool {
                     match reclaimed {
                         Ok(()) => {
                             self.handed_out(server, address);
+                            self.note_sent(server);
                             self.connections.lock().insert(server, connection.clone());
                             return Ok(connection);
                         }

@@ -244,6 +244,15 @@ impl StatusTable {
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
+
+    /// The fids whose callback holds at `now` (what a lost connection leaves owed for
+    /// reclaim, and what keeps a connection worth keeping alive).
+    pub fn with_callback(&self, now: Instant) -> impl Iterator<Item = Fid> + '_ {
+        self.entries
+            .iter()
+            .filter(move |(_, entry)| entry.callback_valid(now))
+            .map(|(fid, _)| *fid)
+    }
 }
 
 #[cfg(test)]

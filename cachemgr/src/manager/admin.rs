@@ -15,7 +15,7 @@ use crate::inode::Ino;
 use crate::invalidate::Invalidation;
 use crate::server_pool::CallbackSink;
 
-/// How long `fs checkservers` waits for a ping.
+/// How long `fs checkservers` waits for each server's connect and ping.
 const PING_TIMEOUT_MAX: Duration = Duration::from_secs(2);
 
 impl Manager {
@@ -91,14 +91,21 @@ impl Manager {
         Ok(())
     }
 
+    /// Probes every fileserver this mount has used, all at once, each within a short
+    /// timeout: a dead one costs that timeout, not one per server.
     pub async fn check_servers(&self) -> Vec<ServerState> {
         let timeout = self.pool.rpc_timeout().min(PING_TIMEOUT_MAX);
-        let mut states = Vec::new();
-        for (server, addresses) in self.volumes.servers() {
-            let up = self.pool.probe(server, &addresses, timeout).await;
-            states.push(ServerState { addresses, up });
+        let mut probes = tokio::task::JoinSet::new();
+        for (index, (server, addresses)) in self.volumes.servers().into_iter().enumerate() {
+            let pool = self.pool.clone();
+            probes.spawn(async move {
+                let up = pool.probe(server, &addresses, timeout).await;
+                (index, ServerState { addresses, up })
+            });
         }
-        states
+        let mut states: Vec<(usize, ServerState)> = probes.join_all().await;
+        states.sort_by_key(|(index, _)| *index);
+        states.into_iter().map(|(_, state)| state).collect()
     }
 
     pub async fn make_mount(&self, dir_ino: Ino, name: &str, volume: &str) -> Result<(), String> {

@@ -3,7 +3,7 @@
 //! Invariant: a break voids the status and listing before it is acknowledged; the kernel
 //! is told afterwards, off the connection's path.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use proto::{ErrorCode, Fid, ProtoError, ServerId, WaitId};
 use tracing::debug;
@@ -44,6 +44,21 @@ impl CallbackSink for Manager {
         self.on_connection_lost(server);
     }
 
+    fn holds_promises(&self, server: ServerId) -> bool {
+        let volumes = self.volumes_of(server);
+        if volumes.is_empty() {
+            return false;
+        }
+        let now = Instant::now();
+        let callbacks = self
+            .state
+            .lock()
+            .statuses
+            .with_callback(now)
+            .any(|fid| volumes.contains(&fid.volume));
+        callbacks || !self.locks_on(&volumes).is_empty() || self.lock_waits.waiting_on(server)
+    }
+
     fn reclaim<'a>(
         &'a self,
         server: ServerId,
@@ -66,7 +81,7 @@ impl CallbackSink for Manager {
     }
 
     fn reset_callbacks(&self, server: ServerId) {
-        let (_, reset) = self.reset_callbacks_from(server);
+        let reset = self.reset_callbacks_from(server);
         debug!(%server, count = reset.len(), "callbacks reset; cached data will be revalidated");
     }
 }

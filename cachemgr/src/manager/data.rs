@@ -26,8 +26,10 @@ pub(super) struct FetchedChunk {
     version: DataVersion,
 }
 
-/// The one fetch of a chunk in flight; latecomers wait on it rather than fetch again.
-pub(super) type ChunkFetch = Arc<OnceCell<FetchedChunk>>;
+/// The one fetch of a chunk in flight; latecomers wait on it rather than fetch again,
+/// and share its failure too: readers queued on a dead server fail together, at the
+/// first one's timeout, rather than each try in turn.
+pub(super) type ChunkFetch = Arc<OnceCell<FsResult<FetchedChunk>>>;
 
 impl Manager {
     pub async fn setattr(&self, ino: Ino, attrs: SetAttrs) -> FsResult<AttrOut> {
@@ -73,11 +75,11 @@ impl Manager {
     /// flight for it if there is one. `version` is the one the caller found missing.
     async fn fetch_chunk(&self, key: ChunkKey, version: DataVersion) -> FsResult<FetchedChunk> {
         let fetch = self.fetches.lock().entry(key).or_default().clone();
-        // A failed fetch leaves the cell empty: the next waiter tries again itself.
+        // Leaves the table below whatever its outcome: the next reader fetches anew.
         let result = fetch
-            .get_or_try_init(|| self.fetch_chunk_once(key, version))
+            .get_or_init(|| self.fetch_chunk_once(key, version))
             .await
-            .cloned();
+            .clone();
         let mut fetches = self.fetches.lock();
         if fetches.get(&key).is_some_and(|f| Arc::ptr_eq(f, &fetch)) {
             fetches.remove(&key);

@@ -3,7 +3,7 @@
 //! Invariant: the value is a positive errno (anything else becomes `EIO`), so an adapter
 //! hands it on as it is.
 
-use proto::{ProtoError, Response};
+use proto::{ErrorCode, ProtoError, Response};
 use tracing::warn;
 
 /// The failure of a filesystem operation, as the errno the kernel (or `holdfast fs`) is
@@ -46,12 +46,16 @@ impl std::fmt::Display for FsError {
 
 impl std::error::Error for FsError {}
 
-/// What a failed RPC gives the caller: the server's error code as its errno, a timeout as
-/// `ETIMEDOUT`, anything else on the way as `EIO`.
+/// What a failed RPC gives the caller: the server's error code as its errno; a server
+/// that cannot be reached (refused, reset, closed, no answer within the timeout) or a
+/// pair with no active member within the failover timeout as `ETIMEDOUT`, as OpenAFS
+/// reports a down server; anything else on the way (a garbled frame) as `EIO`.
 pub fn rpc_error(e: &ProtoError) -> FsError {
     match e {
+        // The pool passes `NotActive` on only once it gave up waiting for a takeover.
+        ProtoError::Remote(ErrorCode::NotActive { .. }) => FsError::ETIMEDOUT,
         ProtoError::Remote(code) => FsError::from_errno(code.errno()),
-        ProtoError::Timeout(_) => FsError::ETIMEDOUT,
+        e if e.is_transport() => FsError::ETIMEDOUT,
         _ => FsError::EIO,
     }
 }
@@ -73,17 +77,26 @@ pub(crate) fn unexpected(response: &Response) -> FsError {
 mod tests {
     use std::time::Duration;
 
-    use proto::ErrorCode;
-
     use super::*;
 
     #[test]
-    fn timeouts_map_to_etimedout() {
+    fn an_unreachable_server_maps_to_etimedout() {
         let e = ProtoError::Timeout(Duration::from_secs(2));
         assert_eq!(rpc_error(&e).errno(), libc::ETIMEDOUT);
+        assert_eq!(rpc_error(&ProtoError::Closed), FsError::ETIMEDOUT);
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        assert_eq!(rpc_error(&ProtoError::Io(refused)), FsError::ETIMEDOUT);
+        let fenced = ErrorCode::NotActive {
+            epoch: proto::Epoch(3),
+            hint: None,
+        };
+        assert_eq!(rpc_error(&ProtoError::Remote(fenced)), FsError::ETIMEDOUT);
         let e = ProtoError::Remote(ErrorCode::NoSuchEntry);
         assert_eq!(rpc_error(&e), FsError::ENOENT);
-        assert_eq!(rpc_error(&ProtoError::Closed), FsError::EIO);
+        assert_eq!(
+            rpc_error(&ProtoError::Handshake("bad".into())),
+            FsError::EIO
+        );
     }
 
     #[test]

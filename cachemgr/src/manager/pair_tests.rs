@@ -248,3 +248,97 @@ async fn a_pair_at_new_addresses_is_found_again_through_the_vldb() {
         "the root's status came from the pair's new address"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_pair_leaves_cached_reads_answered_at_once_and_fails_the_rest_after_the_failover_timeout()
+ {
+    let content = b"cached on the pair".to_vec();
+    let (cell, _stop) = FakeCell::start_pair(content.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (rpc_timeout, failover_timeout) = (Duration::from_millis(200), Duration::from_millis(800));
+    let manager =
+        start_manager_with(&cell, dir.path(), WAIT_MAX, rpc_timeout, failover_timeout).await;
+    let ino = file_ino(&manager);
+    assert_eq!(manager.read(ino, 0, 4096).await.unwrap(), content);
+
+    // The active fences itself and closes its connections; no partner takes over.
+    cell.set_fenced(true);
+    cell.wait_for(WAIT_MAX, |r| {
+        r.not_active.contains(&0) && r.not_active.contains(&1)
+    })
+    .await;
+    let fetched = {
+        let record = cell.record.lock();
+        count(&record, 0, "FetchData") + count(&record, 0, "FetchStatus")
+    };
+    let began = Instant::now();
+    assert_eq!(manager.read(ino, 0, 4096).await.unwrap(), content);
+    manager.getattr(ino).await.unwrap();
+    manager.getattr(Ino::ROOT).await.unwrap();
+    assert!(
+        began.elapsed() < failover_timeout,
+        "cached reads waited for the pair: {:?}",
+        began.elapsed()
+    );
+    {
+        let record = cell.record.lock();
+        let now = count(&record, 0, "FetchData") + count(&record, 0, "FetchStatus");
+        assert_eq!(now, fetched, "{:?}", record.requests);
+    }
+    assert!(
+        manager
+            .check_servers()
+            .await
+            .iter()
+            .all(|server| !server.up)
+    );
+
+    // What is not cached fails once no member took over within the failover timeout.
+    let two = manager.state.lock().inodes.ino_for(crate::fake_cell::FILE2);
+    let began = Instant::now();
+    assert_eq!(manager.read(two, 0, 4096).await, Err(FsError::ETIMEDOUT));
+    assert!(began.elapsed() >= failover_timeout, "{:?}", began.elapsed());
+
+    // A member serves again: the rest works, after the reclaim there.
+    cell.set_fenced(false);
+    assert_eq!(manager.read(two, 0, 4096).await.unwrap(), b"");
+    assert!(manager.check_servers().await.iter().all(|server| server.up));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_to_a_hung_server_each_fail_at_their_own_timeout_while_cached_reads_answer() {
+    let content = b"cached".to_vec();
+    let (cell, _stop) = FakeCell::start(content.clone(), 0, 0).await;
+    let dir = tempfile::tempdir().unwrap();
+    let rpc_timeout = Duration::from_millis(300);
+    let manager = start_manager_with(&cell, dir.path(), WAIT_MAX, rpc_timeout, WAIT_MAX).await;
+    let one = file_ino(&manager);
+    assert_eq!(manager.read(one, 0, 4096).await.unwrap(), content);
+    cell.set_content(crate::fake_cell::FILE2, b"not cached".to_vec());
+    let two = manager.state.lock().inodes.ino_for(crate::fake_cell::FILE2);
+    *cell.hang_on.lock() = Some("FetchData");
+
+    // Readers of an uncached file, in two waves: the second finds the connection the
+    // first one's timeout closed, and connects again.
+    for _ in 0..2 {
+        let readers: Vec<_> = (0..8)
+            .map(|_| {
+                let manager = Arc::clone(&manager);
+                tokio::spawn(async move {
+                    let began = Instant::now();
+                    (manager.read(two, 0, 4096).await, began.elapsed())
+                })
+            })
+            .collect();
+        let began = Instant::now();
+        assert_eq!(manager.read(one, 0, 4096).await.unwrap(), content);
+        assert!(began.elapsed() < rpc_timeout, "{:?}", began.elapsed());
+        for reader in readers {
+            let (result, took) = reader.await.unwrap();
+            assert_eq!(result, Err(FsError::ETIMEDOUT));
+            assert!(took < rpc_timeout + Duration::from_secs(1), "{took:?}");
+        }
+    }
+    *cell.hang_on.lock() = None;
+    assert_eq!(manager.read(two, 0, 4096).await.unwrap(), b"not cached");
+}

@@ -15,9 +15,12 @@ use crate::server_pool::CallbackSink;
 
 /// Fids per `ReclaimCallbacks` (the server takes up to 8192; each is ~30 bytes).
 const RECLAIM_BATCH: usize = 4096;
-/// First and longest pause between attempts to reach a server owed a reclaim.
+/// First and longest pause between attempts to reach a server owed a reclaim: the
+/// longest bounds how long a restarted server waits for this client to come back and
+/// collect its delayed breaks (and so how long a change made meanwhile stays unseen
+/// here); an attempt on a dead server costs one refused connect.
 const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(500);
-const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(10);
+const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// A passive pair member answered: the reclaim belongs on the active one.
 fn not_active(e: &ProtoError) -> bool {
@@ -25,44 +28,66 @@ fn not_active(e: &ProtoError) -> bool {
 }
 
 /// Reconnecting to a fileserver after its restart (or a lost connection) throws no cache
-/// away: the callbacks of that server's volumes are kept as "to reclaim" (invalid
-/// meanwhile, so reads revalidate), and the first new connection reclaims them with the
-/// data versions cached, then the locks held, then says done. Every fid the server
-/// reports broken is broken here too (status invalid, listing dropped, kernel caches
-/// invalidated). A reclaim that fails on the transport, or reaches a pair member that is
-/// not active (`NotActive`), leaves everything owed for the next connection.
+/// away. A lost connection leaves every callback from that server valid until it expires,
+/// so cached files stay readable while the server is unreachable (the soundness argument
+/// is in `docs/cache-manager.md`, "While a server is unreachable"); they are also owed
+/// for reclaim, and the first new connection reclaims them with the data versions
+/// cached, then the locks held, then says done. Every fid the server reports broken is
+/// broken here too (status invalid, listing dropped, kernel caches invalidated). A
+/// reclaim that fails on the transport, or reaches a pair member that is not active
+/// (`NotActive`), leaves everything owed for the next connection.
 impl Manager {
-    /// The connection to `server` ended: its callbacks become owed for reclaim, its
-    /// queued lock requests are woken to ask again, and a task reconnects by itself.
+    /// The connection to `server` ended: the callbacks held from it stay valid and become
+    /// owed for reclaim, its queued lock requests are woken to ask again, and a task
+    /// reconnects by itself. A connection that held nothing (one the server closed as
+    /// idle, say) is simply reopened by the next call that needs it.
     pub(super) fn on_connection_lost(&self, server: ServerId) {
         self.lock_waits.connection_lost(server);
-        let (volumes, reset) = self.reset_callbacks_from(server);
+        let volumes = self.volumes_of(server);
+        let held = self.callbacks_held_on(&volumes);
+        let locks = self.locks_on(&volumes).len();
+        if held.is_empty() && locks == 0 && !self.reclaim_owed.lock().contains_key(&server) {
+            debug!(%server, "fileserver connection closed; nothing is held there");
+            return;
+        }
         let owed = {
             let mut owed = self.reclaim_owed.lock();
             let set = owed.entry(server).or_default();
-            set.extend(reset);
+            set.extend(held);
             set.len()
         };
-        let locks = self.locks_on(&volumes).len();
-        info!(%server, callbacks = owed, locks, "fileserver connection lost; reclaiming on reconnect");
-        if owed > 0 || locks > 0 {
-            self.spawn_reconnect(server);
-        }
+        info!(%server, callbacks = owed, locks, "fileserver connection lost; cached files stay readable under their callbacks, reclaiming on reconnect");
+        self.spawn_reconnect(server);
     }
 
     /// Drops every callback held from `server` (the cached data stays, to be revalidated
-    /// by data version); returns the volumes it serves and the fids that lost theirs.
-    pub(super) fn reset_callbacks_from(&self, server: ServerId) -> (HashSet<VolumeId>, Vec<Fid>) {
-        let volumes: HashSet<VolumeId> = self.volumes.volumes_on(server).into_iter().collect();
-        let reset = self
-            .state
+    /// by data version); returns the fids that lost theirs.
+    pub(super) fn reset_callbacks_from(&self, server: ServerId) -> Vec<Fid> {
+        let volumes = self.volumes_of(server);
+        self.state
             .lock()
             .statuses
-            .reset_callbacks(|fid| volumes.contains(&fid.volume));
-        (volumes, reset)
+            .reset_callbacks(|fid| volumes.contains(&fid.volume))
     }
 
-    fn locks_on(&self, volumes: &HashSet<VolumeId>) -> Vec<(Fid, crate::held_locks::HeldLock)> {
+    pub(super) fn volumes_of(&self, server: ServerId) -> HashSet<VolumeId> {
+        self.volumes.volumes_on(server).into_iter().collect()
+    }
+
+    /// The fids of `volumes` whose callback holds now.
+    pub(super) fn callbacks_held_on(&self, volumes: &HashSet<VolumeId>) -> Vec<Fid> {
+        self.state
+            .lock()
+            .statuses
+            .with_callback(Instant::now())
+            .filter(|fid| volumes.contains(&fid.volume))
+            .collect()
+    }
+
+    pub(super) fn locks_on(
+        &self,
+        volumes: &HashSet<VolumeId>,
+    ) -> Vec<(Fid, crate::held_locks::HeldLock)> {
         self.held_locks
             .lock()
             .all()
@@ -71,38 +96,39 @@ impl Manager {
             .collect()
     }
 
-    /// Pings `server` with growing pauses until a connection (and with it the reclaim)
-    /// succeeds, so locks are reclaimed within grace even when nothing else calls.
+    /// Tries `server` at once and then with growing pauses until a connection (and with
+    /// it the reclaim) succeeds, so locks are reclaimed within grace and delayed breaks
+    /// collected even when nothing else calls. One task per server at a time.
     fn spawn_reconnect(&self, server: ServerId) {
+        if !self.reconnecting.lock().insert(server) {
+            return;
+        }
         let this = self.this.clone();
         self.runtime.spawn(async move {
-            let mut pause = RECONNECT_BACKOFF_MIN;
+            let mut pause = Duration::ZERO;
             loop {
                 tokio::time::sleep(pause).await;
                 let Some(manager) = this.upgrade() else {
                     return;
                 };
-                if !manager.reclaim_owed.lock().contains_key(&server) {
-                    return;
-                }
-                let Some((_, addresses)) = manager
+                let addresses = manager
                     .volumes
                     .servers()
                     .into_iter()
                     .find(|(s, _)| *s == server)
-                else {
+                    .map(|(_, addresses)| addresses);
+                let owed = manager.reclaim_owed.lock().contains_key(&server);
+                let Some(addresses) = addresses.filter(|_| owed) else {
+                    manager.reconnecting.lock().remove(&server);
                     return;
                 };
                 let timeout = manager.pool.rpc_timeout();
-                match manager
-                    .pool
-                    .call_with_timeout(server, &addresses, Request::Ping, timeout)
-                    .await
-                {
-                    Ok(_) => return,
-                    Err(e) => debug!(%server, error = %e, ?pause, "fileserver still unreachable"),
+                if manager.pool.probe(server, &addresses, timeout).await {
+                    manager.reconnecting.lock().remove(&server);
+                    return;
                 }
-                pause = (pause * 2).min(RECONNECT_BACKOFF_MAX);
+                debug!(%server, ?pause, "fileserver still unreachable");
+                pause = (pause * 2).clamp(RECONNECT_BACKOFF_MIN, RECONNECT_BACKOFF_MAX);
             }
         });
     }
@@ -114,7 +140,7 @@ impl Manager {
         connection: &Connection,
         timeout: Duration,
     ) -> Result<(), ProtoError> {
-        let volumes: HashSet<VolumeId> = self.volumes.volumes_on(server).into_iter().collect();
+        let volumes = self.volumes_of(server);
         let owed: Vec<Fid> = self
             .reclaim_owed
             .lock()
@@ -176,8 +202,12 @@ impl Manager {
                 }
                 Err(e) if not_active(&e) => return Err(e),
                 Err(ProtoError::Remote(code)) => {
-                    // The statuses stay, to be revalidated by version on use.
+                    // Nothing confirmed: void them. The statuses stay, to be revalidated
+                    // by version on use.
                     debug!(%server, %code, "fileserver refused the callback reclaim");
+                    let refused: Vec<Fid> = fids.iter().map(|(fid, _)| *fid).collect();
+                    broken += refused.len();
+                    self.break_callbacks(&refused);
                 }
                 Err(e) => return Err(e),
             }
@@ -218,10 +248,14 @@ impl Manager {
 mod tests {
     use proto::{ByteRange, LockKind, LockOwnerId};
 
+    use std::sync::Arc;
+
     use super::*;
     use crate::fake_cell::{FILE, FILE2, FakeCell};
-    use crate::manager::LockRequest;
-    use crate::manager::test_support::start_manager;
+    use crate::inode::Ino;
+    use crate::manager::test_support::{WAIT_MAX, start_manager, start_manager_with};
+    use crate::manager::{FsError, LockRequest};
+    use crate::server_pool::KEEPALIVE_IDLE;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_restarted_server_gets_callbacks_and_locks_reclaimed_and_only_changes_refetched() {
@@ -298,6 +332,142 @@ mod tests {
             record.fetches_by_fid.get(&FILE2).copied(),
             fetched.get(&FILE2).map(|n| n + 1)
         );
+    }
+
+    /// Waits (polling: the manager hears of a closed connection from its own task)
+    /// until `done` holds; panics after `WAIT_MAX`.
+    async fn eventually(mut done: impl FnMut() -> bool) {
+        let waited = tokio::time::timeout(WAIT_MAX, async {
+            while !done() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        assert!(waited.is_ok(), "the condition never held");
+    }
+
+    /// Starts a manager whose calls time out after `RPC_TIMEOUT`, reads `FILE` into its
+    /// cache, and takes the server down once the manager has noticed.
+    async fn cached_then_down(
+        cell: &FakeCell,
+        dir: &std::path::Path,
+        content: &[u8],
+    ) -> (Arc<Manager>, Ino) {
+        let manager = start_manager_with(cell, dir, WAIT_MAX, RPC_TIMEOUT, WAIT_MAX).await;
+        let ino = manager.state.lock().inodes.ino_for(FILE);
+        assert_eq!(manager.read(ino, 0, 4096).await.unwrap(), content);
+        cell.set_down(true);
+        let server = cell_server(&manager);
+        eventually(|| manager.reclaim_owed.lock().contains_key(&server)).await;
+        (manager, ino)
+    }
+
+    const RPC_TIMEOUT: Duration = Duration::from_millis(500);
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dead_server_leaves_cached_files_readable_and_the_rest_fails_with_etimedout() {
+        let content = b"cached before the server died".to_vec();
+        let (cell, _stop) = FakeCell::start(content.clone(), 0, 0).await;
+        let dir = tempfile::tempdir().unwrap();
+        let (manager, one) = cached_then_down(&cell, dir.path(), &content).await;
+        let asked = cell.record.lock().requests.len();
+
+        // Under their callbacks: data, attributes, the root's listing, with no RPC.
+        assert_eq!(manager.read(one, 0, 4096).await.unwrap(), content);
+        let attr = manager.getattr(one).await.unwrap();
+        assert_eq!(attr.attr.size, content.len() as u64);
+        assert!(attr.ttl > Duration::ZERO, "the kernel may cache it too");
+        manager.getattr(Ino::ROOT).await.unwrap();
+        manager.open(one).await.unwrap();
+        assert_eq!(cell.record.lock().requests.len(), asked);
+
+        // What is not cached needs the server, and says it cannot be reached.
+        let two = manager.state.lock().inodes.ino_for(FILE2);
+        assert_eq!(manager.read(two, 0, 4096).await, Err(FsError::ETIMEDOUT));
+        // A write lands in the cache; storing it fails, and it is kept for later.
+        manager.write(one, 0, b"C").await.unwrap();
+        assert_eq!(manager.flush(one).await, Err(FsError::ETIMEDOUT));
+
+        // Back: the reconnect by itself reclaims, and the unstored write is stored.
+        cell.set_down(false);
+        cell.wait_for_lock_calls(|calls| calls.contains(&Request::ReclaimDone))
+            .await;
+        manager.flush(one).await.unwrap();
+        assert!(
+            cell.content().0.starts_with(b"Cached"),
+            "{:?}",
+            cell.content()
+        );
+        assert_eq!(manager.read(two, 0, 4096).await.unwrap(), b"");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_change_made_while_unreachable_is_seen_once_the_reclaim_reports_it() {
+        let content = b"old".to_vec();
+        let (cell, _stop) = FakeCell::start(content.clone(), 0, 0).await;
+        let dir = tempfile::tempdir().unwrap();
+        let (manager, one) = cached_then_down(&cell, dir.path(), &content).await;
+        // Another client changed it; no break could reach this one.
+        cell.set_content(FILE, b"new".to_vec());
+        assert_eq!(manager.read(one, 0, 4096).await.unwrap(), b"old");
+        cell.set_down(false);
+        cell.wait_for_lock_calls(|calls| calls.contains(&Request::ReclaimDone))
+            .await;
+        let reclaimed = cell.record.lock().lock_calls.iter().any(|call| {
+            matches!(call, Request::ReclaimCallbacks { fids } if fids.contains(&(FILE, DataVersion(1))))
+        });
+        assert!(
+            reclaimed,
+            "the callback kept meanwhile was reclaimed by version"
+        );
+        assert_eq!(manager.read(one, 0, 4096).await.unwrap(), b"new");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_expired_callback_is_not_served_while_the_server_is_unreachable() {
+        let content = b"cached".to_vec();
+        let (cell, _stop) = FakeCell::start(content.clone(), 0, 0).await;
+        let dir = tempfile::tempdir().unwrap();
+        let (manager, one) = cached_then_down(&cell, dir.path(), &content).await;
+        if let Some(entry) = manager.state.lock().statuses.get_mut(FILE) {
+            entry.callback_until = Some(Instant::now());
+        }
+        assert_eq!(manager.read(one, 0, 4096).await, Err(FsError::ETIMEDOUT));
+        assert_eq!(
+            manager.getattr(one).await.map(|_| ()),
+            Err(FsError::ETIMEDOUT)
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn only_idle_connections_holding_callbacks_are_kept_alive() {
+        let (cell, _stop) = FakeCell::start(b"x".to_vec(), 0, 0).await;
+        let dir = tempfile::tempdir().unwrap();
+        let manager = start_manager(&cell, dir.path()).await;
+        let pings = || {
+            let record = cell.record.lock();
+            record.requests.iter().filter(|(_, k)| *k == "Ping").count()
+        };
+        // The root's status came with a callback: the connection is kept alive, but
+        // only once it has been idle.
+        assert_eq!(manager.pool.ping_idle(KEEPALIVE_IDLE).await, 0);
+        assert_eq!(manager.pool.ping_idle(Duration::ZERO).await, 1);
+        assert_eq!(pings(), 1);
+        // Nothing held: left to the server's idle timeout.
+        manager.reset_callbacks(cell_server(&manager));
+        assert_eq!(manager.pool.ping_idle(Duration::ZERO).await, 0);
+        assert_eq!(pings(), 1);
+        // Closed by the server then, it is reopened by the next call, with nothing
+        // to reclaim.
+        cell.drop_connections();
+        let one = manager.state.lock().inodes.ino_for(FILE);
+        assert_eq!(manager.read(one, 0, 10).await.unwrap(), b"x");
+        let record = cell.record.lock();
+        let reclaims = record
+            .lock_calls
+            .iter()
+            .filter(|c| matches!(c, Request::ReclaimCallbacks { .. }));
+        assert_eq!(reclaims.count(), 0, "{:?}", record.lock_calls);
     }
 
     fn cell_server(manager: &Manager) -> ServerId {
