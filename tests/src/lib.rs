@@ -491,9 +491,11 @@ impl TestCell {
             .args(args)
             .arg("--ready-file")
             .arg(&ready)
+            // openraft's own lines stay off, as in the binary's default: it logs a slow
+            // peer's AppendEntries timeout at ERROR, which the tripwire would take for ours.
             .env(
                 "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info,openraft=off".into()),
             )
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
