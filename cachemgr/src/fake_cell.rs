@@ -83,7 +83,7 @@ fn kind(request: &Request) -> &'static str {
         Request::Ping => "Ping",
         Request::FetchStatus { .. } => "FetchStatus",
         Request::FetchData { .. } => "FetchData",
-        Request::StoreData { .. } => "StoreData",
+        Request::StoreData { .. } | Request::StoreDataIf { .. } => "StoreData",
         Request::SetAttr { .. } => "SetAttr",
         Request::Fsync { .. } => "Fsync",
         Request::Remove { .. } => "Remove",
@@ -620,6 +620,9 @@ impl FakeCell {
                 })
             }
             Request::StoreData {
+                offset, ref data, ..
+            }
+            | Request::StoreDataIf {
                 offset, ref data, ..
             } => {
                 let refused = self.refuse_store.lock().take_if(|(at, _)| *at == offset);

@@ -6,7 +6,7 @@
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::ids::Epoch;
+use crate::ids::{DataVersion, Epoch};
 
 /// An error a peer reports in a response. Internal errors never cross the wire as such:
 /// they are mapped to one of these at the handler boundary.
@@ -101,6 +101,12 @@ pub enum ErrorCode {
     /// A VLDB membership change refused, with why and what to do.
     #[error("{reason}")]
     BadMembership { reason: String },
+    /// A `StoreDataIf` refused: the file changed since the version the store was based
+    /// on, by someone else or by a newer write-back; it is at `current` now.
+    #[error(
+        "the file changed on the server (now at data version {current}) since this store was made"
+    )]
+    StoreOutdated { current: DataVersion },
 }
 
 fn not_leader_text(leader: Option<&str>) -> String {
@@ -136,7 +142,8 @@ impl ErrorCode {
             ErrorCode::NoSuchPair => libc_errno::ENOENT,
             ErrorCode::NotActive { .. }
             | ErrorCode::ResetCallbacks
-            | ErrorCode::NotLeader { .. } => libc_errno::EAGAIN,
+            | ErrorCode::NotLeader { .. }
+            | ErrorCode::StoreOutdated { .. } => libc_errno::EAGAIN,
             ErrorCode::Unsupported => libc_errno::ENOSYS,
             ErrorCode::TooLarge => libc_errno::E2BIG,
             ErrorCode::InvalidArgument

@@ -55,6 +55,11 @@ id_newtype!(
     /// A queued lock request, named by the server that queued it.
     WaitId(u64)
 );
+id_newtype!(
+    /// One write-back of a client instance (the stores of one close or fsync of a file),
+    /// numbered by the client in increasing order within its instance.
+    WriteBackId(u64)
+);
 
 impl VnodeId {
     /// The root directory of every volume.

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::ErrorCode;
 use crate::ids::{
     ClientId, DataVersion, Epoch, Fid, InstanceNonce, LockOwnerId, RequestId, ServerId, VolumeId,
-    WaitId,
+    WaitId, WriteBackId,
 };
 use crate::lock::{ByteRange, LockKind};
 use crate::name::{PairName, VolumeName};
@@ -513,6 +513,25 @@ pub enum Request {
     VlRemoveMember {
         id: u64,
     },
+
+    // ---- fileserver, appended ----
+    /// `StoreData` with a precondition: applied only if the file is still at `base`, the
+    /// version the client's write-back started from, or if every change since `base` was
+    /// a store of this client instance's write-backs numbered up to `write_back` (its own
+    /// pipelined stores, or an older write-back's that landed late). Otherwise refused
+    /// with `StoreOutdated`, storing nothing: a store abandoned on a timeout cannot land
+    /// after a newer truncate or store. `write_back` numbers the client's write-backs,
+    /// increasing within its instance. Sent as `Sequenced`: a retry after a failover is
+    /// answered from the record, never refused by its own first attempt. All or nothing:
+    /// a store that fails leaves the file's size, data version and bytes as they were.
+    StoreDataIf {
+        fid: Fid,
+        offset: u64,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+        base: DataVersion,
+        write_back: WriteBackId,
+    },
 }
 
 /// Which Raft message a `Request::VlRaft` carries.
@@ -524,11 +543,11 @@ pub enum RaftKind {
 }
 
 impl Request {
-    /// True for the namespace changes a retry would not reproduce (a second `Create`
-    /// finds the file, a second `Rename` finds no source): the cache manager sends these
-    /// as `Sequenced` so a retry after a failover is answered from the recorded outcome.
-    /// A store or setattr sent twice leaves the same bytes and attributes, so they go
-    /// as they are.
+    /// True for the changes a retry would not reproduce (a second `Create` finds the
+    /// file, a second `Rename` finds no source, a second `StoreDataIf` finds the version
+    /// its first attempt made): the cache manager sends these as `Sequenced` so a retry
+    /// after a failover is answered from the recorded outcome. A plain store or setattr
+    /// sent twice leaves the same bytes and attributes, so they go as they are.
     pub fn needs_sequence(&self) -> bool {
         matches!(
             self,
@@ -540,6 +559,7 @@ impl Request {
                 | Request::Symlink { .. }
                 | Request::Link { .. }
                 | Request::MakeMountPoint { .. }
+                | Request::StoreDataIf { .. }
         )
     }
 

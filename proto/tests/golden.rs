@@ -267,6 +267,30 @@ fn cases() -> Vec<(&'static str, Frame, &'static str)> {
             },
             "030a01240401016ddc0b",
         ),
+        (
+            "store_data_if",
+            Frame::Request {
+                id: RequestId(11),
+                body: Request::StoreDataIf {
+                    fid: fid(),
+                    offset: 4096,
+                    data: b"hi".to_vec(),
+                    base: DataVersion(7),
+                    write_back: WriteBackId(3),
+                },
+            },
+            "020b34 8080808002050180 20 026869 07 03",
+        ),
+        (
+            "store_outdated",
+            Frame::Response {
+                id: RequestId(12),
+                body: Err(ErrorCode::StoreOutdated {
+                    current: DataVersion(9),
+                }),
+            },
+            "030c01 28 09",
+        ),
     ]
 }
 

@@ -11,12 +11,14 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 pub mod pair;
+pub mod rpc_client;
 pub mod tmpfs;
 pub mod tripwire;
 pub mod up;
 pub mod vldb;
 
 pub use pair::{PAIR, Proxy};
+pub use rpc_client::ProtocolClient;
 pub use tmpfs::Tmpfs;
 pub use tripwire::ErrorLine;
 pub use vldb::{VldbKind, VldbReplica, replica_name, vldb_status};

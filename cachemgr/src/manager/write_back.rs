@@ -5,11 +5,15 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use proto::{CallbackGrant, DataVersion, Fid, Request, Response, VnodeStatus};
+use proto::{
+    CallbackGrant, DataVersion, ErrorCode, Fid, ProtoError, Request, Response, VnodeStatus,
+    WriteBackId,
+};
 use tokio::task::JoinSet;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use super::fs_error::{chunk_io_error, unexpected};
 use super::store_plan::{Effect, StorePlan, Then};
@@ -19,6 +23,28 @@ use crate::volume::VolumeLocation;
 /// A store's answer: the file's status after it, and the callback it renewed.
 type StoreReply = (VnodeStatus, Option<CallbackGrant>);
 
+/// Write-backs a close or fsync runs while its stores are refused as outdated: each
+/// refusal means another change reached the file meanwhile, so this bounds a livelock
+/// between writers, not a normal wait.
+const OUTDATED_ATTEMPTS_MAX: u32 = 3;
+
+/// Numbers the write-backs of this process, hence of each cache manager instance in it:
+/// a server lets a write-back's store follow only its own or an older one's.
+static NEXT_WRITE_BACK: AtomicU64 = AtomicU64::new(1);
+
+/// How one write-back ended when it did not succeed.
+enum Attempt {
+    /// A store was refused as outdated (the others awaited); nothing else failed.
+    Outdated,
+    Failed(FsError),
+}
+
+impl From<FsError> for Attempt {
+    fn from(e: FsError) -> Attempt {
+        Attempt::Failed(e)
+    }
+}
+
 /// What the stores of one write-back share: the version they start from, where they
 /// go, and when the first was sent (the callbacks of their answers count from there,
 /// which errs early).
@@ -26,6 +52,8 @@ struct Stores {
     before: DataVersion,
     location: Arc<VolumeLocation>,
     sent_at: Instant,
+    /// Names this write-back in the precondition of its stores.
+    write_back: WriteBackId,
 }
 
 impl Manager {
@@ -43,9 +71,40 @@ impl Manager {
         self.run_write_back(fid, Then::Sync { unsynced }).await
     }
 
+    /// Runs write-backs of `fid` until one ends without a store refused as outdated, at
+    /// most `OUTDATED_ATTEMPTS_MAX`. A refused store changed nothing and its chunks stay
+    /// dirty: someone changed the file since the version the write-back started from,
+    /// so the next attempt starts from the file's version as the server has it now (the
+    /// last writer wins, as in AFS), while a store of this one still travelling can no
+    /// longer land after it.
+    async fn run_write_back(&self, fid: Fid, then: Then) -> FsResult<()> {
+        let mut attempt = 1;
+        loop {
+            let then = match then {
+                Then::Return => Then::Return,
+                Then::Sync { .. } => Then::Sync {
+                    unsynced: self.unsynced.lock().contains(&fid),
+                },
+            };
+            match self.write_back_once(fid, then).await {
+                Err(Attempt::Outdated) if attempt < OUTDATED_ATTEMPTS_MAX => {
+                    debug!(%fid, attempt, "a store was refused as outdated; storing again from the current version");
+                    self.fetch_status(fid).await?;
+                    attempt += 1;
+                }
+                Err(Attempt::Outdated) => {
+                    warn!(%fid, "the file kept changing on the server while its writes were stored; they stay unstored");
+                    return Err(FsError::EAGAIN);
+                }
+                Err(Attempt::Failed(e)) => return Err(e),
+                Ok(()) => return Ok(()),
+            }
+        }
+    }
+
     /// Does what the plan of `fid`'s dirty chunks says. Holding the file lock alone, it
     /// is the only one changing the file's chunks meanwhile.
-    async fn run_write_back(&self, fid: Fid, then: Then) -> FsResult<()> {
+    async fn write_back_once(&self, fid: Fid, then: Then) -> Result<(), Attempt> {
         let dirty = self.chunks.dirty_chunks(fid);
         let extents: Vec<(u64, u64)> = dirty.iter().map(|(k, m)| (k.index, m.len)).collect();
         let mut plan = StorePlan::<StoreReply>::new(&extents, then);
@@ -56,8 +115,10 @@ impl Manager {
                 before: self.valid_status(fid).await?.data_version,
                 location: self.location(fid.volume).await?,
                 sent_at: Instant::now(),
+                write_back: WriteBackId(NEXT_WRITE_BACK.fetch_add(1, Ordering::Relaxed)),
             })
         };
+        let mut outdated = false;
         let mut effects = VecDeque::from(plan.start());
         let mut in_flight = JoinSet::new();
         loop {
@@ -76,11 +137,12 @@ impl Manager {
                             continue;
                         }
                         self.unsynced.lock().insert(fid);
-                        let request = Request::StoreData {
+                        let request = Request::StoreDataIf {
                             fid,
                             offset: store.offset,
                             data,
-                            truncate_to: None,
+                            base: stores.before,
+                            write_back: stores.write_back,
                         };
                         let (pool, location) = (self.pool.clone(), stores.location.clone());
                         in_flight
@@ -109,8 +171,9 @@ impl Manager {
                             entry.local_size = None;
                         }
                     }
-                    Effect::Fsync => return self.fsync(fid).await,
-                    Effect::Done(result) => return result,
+                    Effect::Fsync => return Ok(self.fsync(fid).await?),
+                    Effect::Done(Err(_)) if outdated => return Err(Attempt::Outdated),
+                    Effect::Done(result) => return Ok(result?),
                 }
             }
             let Some(joined) = in_flight.join_next().await else {
@@ -122,6 +185,11 @@ impl Manager {
                     plan.stored(&store, version, (status, callback))
                 }
                 Ok((_, Ok(other))) => plan.failed(unexpected(&other)),
+                Ok((_, Err(ProtoError::Remote(ErrorCode::StoreOutdated { current })))) => {
+                    debug!(%fid, %current, "a store was refused as outdated");
+                    outdated = true;
+                    plan.failed(FsError::EAGAIN)
+                }
                 Ok((_, Err(e))) => plan.failed(rpc_error(&e)),
                 Err(e) => {
                     warn!(%fid, error = %e, "a store task failed");
@@ -310,6 +378,47 @@ mod tests {
             cell.content().0 == data,
             "the server holds what was written"
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_store_refused_as_outdated_is_stored_again_from_the_current_version() {
+        let (cell, _stop) = FakeCell::start(Vec::new(), 0, 0).await;
+        let dir = tempfile::tempdir().unwrap();
+        let manager = start_manager(&cell, dir.path()).await;
+        let ino = manager.state.lock().inodes.ino_for(FILE);
+        manager.open(ino).await.unwrap();
+        let data = pattern(2 * STORE_BYTES_MAX, 227);
+        for (i, piece) in data.chunks(CHUNK_BYTES as usize).enumerate() {
+            manager
+                .write(ino, i as u64 * CHUNK_BYTES, piece)
+                .await
+                .unwrap();
+        }
+        *cell.refuse_store.lock() = Some((
+            0,
+            ErrorCode::StoreOutdated {
+                current: DataVersion(1),
+            },
+        ));
+        manager.flush(ino).await.unwrap();
+        let record = cell.record.lock();
+        let kinds: Vec<&str> = record.requests.iter().map(|(_, kind)| *kind).collect();
+        let refused_at = kinds.iter().position(|kind| *kind == "StoreData").unwrap();
+        assert!(
+            kinds[refused_at..].contains(&"FetchStatus"),
+            "the status is fetched again before storing again: {kinds:?}"
+        );
+        let mut stores = record.store_ranges.clone();
+        stores.sort_unstable();
+        let bytes = STORE_BYTES_MAX as usize;
+        assert_eq!(stores, [(0, bytes), (bytes as u64, bytes)]);
+        assert_eq!(record.fsyncs_after_stores, [2], "one sync, after both");
+        drop(record);
+        assert!(
+            cell.content().0 == data,
+            "the server holds what was written"
+        );
+        assert!(!manager.chunks.has_dirty(FILE));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

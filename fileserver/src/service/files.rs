@@ -5,9 +5,10 @@
 
 use std::sync::Arc;
 
-use proto::{ErrorCode, Fid, Response, SetAttrs};
+use proto::{DataVersion, ErrorCode, Fid, Response, SetAttrs, WriteBackId};
 
 use super::{Caller, FileService, blocking};
+use crate::storage::{Outcome, StoreCondition};
 
 /// Most entries one `ReadDir` returns.
 const READDIR_COUNT_MAX: usize = 2048;
@@ -57,6 +58,39 @@ impl FileService {
         self.callbacks.break_callbacks(&[fid], caller.key).await;
         let callback = self.grant(caller, fid).await;
         Ok(Response::Status { status, callback })
+    }
+
+    /// A store with a precondition (`StoreDataIf`); only a cache manager's sequenced
+    /// request carries the client instance it names. A retry of an applied store is
+    /// answered from its record, the other holders' promises broken again (harmless:
+    /// one broken since was re-granted at an unchanged version at most).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn store_data_if(
+        self: &Arc<Self>,
+        caller: Caller,
+        fid: Fid,
+        offset: u64,
+        data: Vec<u8>,
+        base: DataVersion,
+        write_back: WriteBackId,
+    ) -> Result<Response, ErrorCode> {
+        let sequence = caller.sequence.ok_or(ErrorCode::InvalidArgument)?;
+        let condition = StoreCondition {
+            base,
+            write_back,
+            sequence,
+        };
+        let volume = self.volume(fid.volume)?;
+        let outcome = blocking(move || volume.store_data_if(fid, offset, &data, condition)).await?;
+        self.callbacks.break_callbacks(&[fid], caller.key).await;
+        let callback = self.grant(caller, fid).await;
+        match outcome {
+            Outcome::Applied(status) => Ok(Response::Status { status, callback }),
+            Outcome::Replayed(answer) => match *answer {
+                Ok(Response::Status { status, .. }) => Ok(Response::Status { status, callback }),
+                other => other,
+            },
+        }
     }
 
     /// Stores into a data file are acknowledged written but not synced; a cache manager

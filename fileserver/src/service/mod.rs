@@ -138,6 +138,16 @@ impl FileService {
                 data,
                 truncate_to,
             } => self.store_data(caller, fid, offset, data, truncate_to).await,
+            Request::StoreDataIf {
+                fid,
+                offset,
+                data,
+                base,
+                write_back,
+            } => {
+                self.store_data_if(caller, fid, offset, data, base, write_back)
+                    .await
+            }
             Request::Fsync { fid } => self.fsync(fid).await,
             Request::SetAttr { fid, attrs } => self.set_attr(caller, fid, attrs).await,
             Request::Lookup { dir, name } => self.lookup(caller, dir, name).await,

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
-use std::io::ErrorKind;
+use std::io::{self, ErrorKind};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -115,6 +115,8 @@ impl DataFiles {
     ) -> Result<(), StorageError> {
         let path = self.path(vnode);
         self.check_fence(&path)?;
+        // Forgotten first: a handle of the file this one replaces must not be used.
+        self.open.lock().files.remove(&vnode.0);
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -122,13 +124,58 @@ impl DataFiles {
             .truncate(true)
             .open(&path)
             .map_err(io_error(&path))?;
-        file.write_all_at(content, 0).map_err(io_error(&path))?;
-        file.write_all_at(data, offset).map_err(io_error(&path))?;
-        file.set_len(size).map_err(io_error(&path))?;
-        file.sync_all().map_err(io_error(&path))?;
+        let written = (|| {
+            self.write_all_at(&file, content, 0)?;
+            self.write_all_at(&file, data, offset)?;
+            file.set_len(size)?;
+            self.sync(&file)
+        })()
+        .map_err(io_error(&path));
+        if let Err(e) = written {
+            // Nothing points to the file yet: free its space for the next try.
+            drop(file);
+            self.remove(vnode);
+            return Err(e);
+        }
         sync_dir(&self.dir)?;
         self.open.lock().insert(vnode, Arc::new(file));
         Ok(())
+    }
+
+    /// `FileExt::write_at`, where tests can make a write fail part way (`faults`).
+    pub(super) fn write_at(&self, file: &File, data: &[u8], offset: u64) -> io::Result<usize> {
+        #[cfg(test)]
+        if let Some(allowed) = faults::take_write(data.len()) {
+            return match allowed {
+                0 => Err(io::Error::from_raw_os_error(libc::ENOSPC)),
+                n => file.write_at(&data[..n], offset),
+            };
+        }
+        file.write_at(data, offset)
+    }
+
+    fn write_all_at(&self, file: &File, mut data: &[u8], mut offset: u64) -> io::Result<()> {
+        while !data.is_empty() {
+            match self.write_at(file, data, offset) {
+                Ok(0) => return Err(io::Error::from(ErrorKind::WriteZero)),
+                Ok(n) => {
+                    data = &data[n..];
+                    offset += n as u64;
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// `File::sync_all`, where tests can make it fail (`faults`).
+    fn sync(&self, file: &File) -> io::Result<()> {
+        #[cfg(test)]
+        if faults::take_sync() {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        file.sync_all()
     }
 
     /// Forgets the vnode's handle and unlinks its data file, if any.
@@ -181,6 +228,46 @@ fn sync_dir(dir: &Path) -> Result<(), StorageError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io_error(dir))
+}
+
+/// Failures a test arms on its own thread for the next data-file writes and syncs.
+#[cfg(test)]
+pub(super) mod faults {
+    use std::cell::Cell;
+
+    thread_local! {
+        /// Bytes the next writes may still write before one fails with `ENOSPC`.
+        static WRITE_BYTES_LEFT: Cell<Option<u64>> = const { Cell::new(None) };
+        static SYNC_FAILS: Cell<bool> = const { Cell::new(false) };
+    }
+
+    /// Writes on this thread fail with `ENOSPC` once `bytes` more were written.
+    pub(in crate::storage) fn fail_writes_after(bytes: u64) {
+        WRITE_BYTES_LEFT.set(Some(bytes));
+    }
+
+    /// The next sync of a new data file on this thread fails with `EIO`.
+    pub(in crate::storage) fn fail_next_sync() {
+        SYNC_FAILS.set(true);
+    }
+
+    /// Disarms every fault of this thread.
+    pub(in crate::storage) fn clear() {
+        WRITE_BYTES_LEFT.set(None);
+        SYNC_FAILS.set(false);
+    }
+
+    /// How much of a write of `wanted` bytes may go through, if a fault is armed.
+    pub(super) fn take_write(wanted: usize) -> Option<usize> {
+        let left = WRITE_BYTES_LEFT.get()?;
+        let allowed = left.min(wanted as u64);
+        WRITE_BYTES_LEFT.set(Some(left - allowed));
+        Some(allowed as usize)
+    }
+
+    pub(super) fn take_sync() -> bool {
+        SYNC_FAILS.replace(false)
+    }
 }
 
 #[cfg(test)]

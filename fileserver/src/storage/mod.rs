@@ -1,7 +1,7 @@
 //! Volume storage on one partition directory, laid out as `docs/fileserver.md` draws it:
 //! per volume, a redb database of metadata and small files, and plain larger data files.
-//! Invariant: every metadata change is durable before it is answered, and a crash never
-//! leaves file data changed under an unchanged data version.
+//! Invariant: every metadata change is durable before it is answered, and a store is
+//! all or nothing: a failed one leaves a file's size, data version and bytes as they were.
 
 mod data;
 mod data_files;
@@ -16,8 +16,11 @@ mod vnode_lock;
 mod volume;
 
 #[cfg(test)]
+mod store_tests;
+#[cfg(test)]
 mod tests;
 
+pub use data::StoreCondition;
 pub use namespace::{Created, Removed, Renamed};
 pub use outcomes::{Answer, Outcome, SEQ_WINDOW, SequenceKey};
 pub use partition::{Partition, server_id_of};

@@ -3,17 +3,18 @@
 //! versions it knows and reports any other as corruption rather than guessing.
 
 use proto::{
-    DataVersion, ErrorCode, Fid, FileKind, Response, Timestamp, Uniquifier, VnodeId, VnodeStatus,
-    VolumeId, VolumeName, VolumeType,
+    ClientId, DataVersion, ErrorCode, Fid, FileKind, InstanceNonce, Response, Timestamp,
+    Uniquifier, VnodeId, VnodeStatus, VolumeId, VolumeName, VolumeType, WriteBackId,
 };
 use serde::{Deserialize, Serialize};
 
 /// Format version of `VolumeHeader`.
 pub const HEADER_FORMAT: u16 = 1;
 /// Format version of `VnodeRecord`. Version 1 had no `data` field: every file's data
-/// lived in a data file.
-pub const VNODE_FORMAT: u16 = 2;
+/// lived in a data file; version 2 had no `last_store`.
+pub const VNODE_FORMAT: u16 = 3;
 const VNODE_FORMAT_V1: u16 = 1;
+const VNODE_FORMAT_V2: u16 = 2;
 /// Format version of `OutcomeRecord`.
 pub const OUTCOME_FORMAT: u16 = 1;
 
@@ -73,6 +74,64 @@ pub struct VnodeRecord {
     pub content: Option<String>,
     /// Where a file's data lives; `Inline` (and unused) for other kinds.
     pub data: DataLocation,
+    /// The conditional store (`StoreDataIf`) that made the file's current version, if
+    /// the last data change was one: the precondition of the writer's next stores.
+    pub last_store: Option<StoreMark>,
+}
+
+/// Who made a file's data version by a conditional store: the client instance, its
+/// write-back, and the version the store left. It speaks for the file only while
+/// `version` is the file's data version: any other change moves the version past it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreMark {
+    pub client: ClientId,
+    pub instance: InstanceNonce,
+    pub write_back: WriteBackId,
+    pub version: DataVersion,
+}
+
+/// `VnodeRecord` as format 2 wrote it.
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
+struct VnodeRecordV2 {
+    format: u16,
+    kind: FileKind,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    size: u64,
+    data_version: DataVersion,
+    link_count: u32,
+    unique: Uniquifier,
+    atime: Timestamp,
+    mtime: Timestamp,
+    ctime: Timestamp,
+    parent: VnodeId,
+    content: Option<String>,
+    data: DataLocation,
+}
+
+impl VnodeRecordV2 {
+    fn upgrade(self) -> VnodeRecord {
+        VnodeRecord {
+            format: VNODE_FORMAT,
+            kind: self.kind,
+            mode: self.mode,
+            uid: self.uid,
+            gid: self.gid,
+            size: self.size,
+            data_version: self.data_version,
+            link_count: self.link_count,
+            unique: self.unique,
+            atime: self.atime,
+            mtime: self.mtime,
+            ctime: self.ctime,
+            parent: self.parent,
+            content: self.content,
+            data: self.data,
+            last_store: None,
+        }
+    }
 }
 
 /// `VnodeRecord` as format 1 wrote it.
@@ -113,6 +172,7 @@ impl VnodeRecordV1 {
             parent: self.parent,
             content: self.content,
             data: DataLocation::File,
+            last_store: None,
         }
     }
 }
@@ -136,6 +196,7 @@ impl VnodeRecord {
             parent,
             content: None,
             data: DataLocation::Inline,
+            last_store: None,
         }
     }
 
@@ -144,6 +205,12 @@ impl VnodeRecord {
         let (format, _) = postcard::take_from_bytes::<u16>(bytes).map_err(|e| e.to_string())?;
         match format {
             VNODE_FORMAT => postcard::from_bytes(bytes).map_err(|e| e.to_string()),
+            VNODE_FORMAT_V2 => postcard::from_bytes::<VnodeRecordV2>(bytes)
+                .map(|old| {
+                    debug_assert_eq!(old.format, VNODE_FORMAT_V2);
+                    old.upgrade()
+                })
+                .map_err(|e| e.to_string()),
             VNODE_FORMAT_V1 => postcard::from_bytes::<VnodeRecordV1>(bytes)
                 .map(|old| {
                     debug_assert_eq!(old.format, VNODE_FORMAT_V1);
@@ -255,6 +322,12 @@ mod tests {
             parent: VnodeId::ROOT,
             content: None,
             data: DataLocation::File,
+            last_store: Some(StoreMark {
+                client: ClientId(uuid::Uuid::from_u128(0x0102)),
+                instance: InstanceNonce(9),
+                write_back: WriteBackId(4),
+                version: DataVersion(7),
+            }),
         };
         let symlink = VnodeRecord {
             kind: FileKind::Symlink,
@@ -264,6 +337,7 @@ mod tests {
             parent: VnodeId(3),
             content: Some("../t".into()),
             data: DataLocation::Inline,
+            last_store: None,
             ..file.clone()
         };
         let cases = [
@@ -273,11 +347,19 @@ mod tests {
             ),
             (
                 postcard::to_allocvec(&file).unwrap(),
-                "0200a403e80764f0a20407020182c49fd50c0084c49fd50cff93ebdc030103010001",
+                concat!(
+                    "0300a403e80764f0a20407020182c49fd50c0084c49fd50cff93ebdc030103010001",
+                    // last_store: Some, the client's 16 bytes, instance, write-back, DV.
+                    "01",
+                    "1000000000000000000000000000000102",
+                    "09",
+                    "04",
+                    "07"
+                ),
             ),
             (
                 postcard::to_allocvec(&symlink).unwrap(),
-                "0202ff03e807640407010182c49fd50c0084c49fd50cff93ebdc0301030301042e2e2f7400",
+                "0302ff03e807640407010182c49fd50c0084c49fd50cff93ebdc0301030301042e2e2f740000",
             ),
         ];
         for (bytes, golden) in cases {
@@ -306,6 +388,44 @@ mod tests {
         .map(kind_code)
         .collect();
         assert_eq!(codes, [0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn format_2_records_decode_with_no_store_mark() {
+        let mut current = VnodeRecord::new(FileKind::File, 0o644, 1, 2, VnodeId::ROOT);
+        current.size = 70_000;
+        current.data = DataLocation::File;
+        let old = VnodeRecordV2 {
+            format: VNODE_FORMAT_V2,
+            kind: current.kind,
+            mode: current.mode,
+            uid: current.uid,
+            gid: current.gid,
+            size: current.size,
+            data_version: current.data_version,
+            link_count: current.link_count,
+            unique: current.unique,
+            atime: current.atime,
+            mtime: current.mtime,
+            ctime: current.ctime,
+            parent: current.parent,
+            content: None,
+            data: current.data,
+        };
+        let bytes = postcard::to_allocvec(&old).unwrap();
+        assert_eq!(VnodeRecord::decode(&bytes).unwrap(), current);
+        // Format 2's golden bytes of `golden_bytes`' file, as disks hold them.
+        let golden = "0200a403e80764f0a20407020182c49fd50c0084c49fd50cff93ebdc030103010001";
+        let golden: Vec<u8> = (0..golden.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&golden[i..i + 2], 16).unwrap())
+            .collect();
+        let decoded = VnodeRecord::decode(&golden).unwrap();
+        assert_eq!(decoded.format, VNODE_FORMAT);
+        assert_eq!(decoded.size, 70_000);
+        assert_eq!(decoded.data_version, DataVersion(7));
+        assert_eq!(decoded.data, DataLocation::File);
+        assert_eq!(decoded.last_store, None);
     }
 
     #[test]
@@ -340,7 +460,7 @@ mod tests {
         let bytes = postcard::to_allocvec(&current).unwrap();
         assert_eq!(VnodeRecord::decode(&bytes).unwrap(), current);
         let mut future = bytes.clone();
-        future[0] = 3;
+        future[0] = 4;
         assert!(VnodeRecord::decode(&future).is_err());
         assert!(VnodeRecord::decode(&[]).is_err());
     }

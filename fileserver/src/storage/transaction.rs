@@ -169,6 +169,10 @@ impl<'a> Tx<'a> {
     /// Writes the changes into the transaction; returns the data files to remove after
     /// the commit.
     pub(super) fn flush(self) -> Result<Vec<VnodeId>, StorageError> {
+        #[cfg(test)]
+        if faults::take_flush() {
+            return Err(self.corrupt("injected failure of the batch".into()));
+        }
         let Tx {
             reader: _,
             writer,
@@ -197,5 +201,24 @@ impl<'a> Tx<'a> {
             writer.put_file_data(file_data)?;
         }
         Ok(dead_files)
+    }
+}
+
+/// A failure a test arms on its own thread: the next batch it leads fails to write its
+/// changes, as a commit that fails would, and nothing of the batch is committed.
+#[cfg(test)]
+pub(super) mod faults {
+    use std::cell::Cell;
+
+    thread_local! {
+        static FLUSH_FAILS: Cell<bool> = const { Cell::new(false) };
+    }
+
+    pub(in crate::storage) fn fail_next_batch() {
+        FLUSH_FAILS.set(true);
+    }
+
+    pub(super) fn take_flush() -> bool {
+        FLUSH_FAILS.replace(false)
     }
 }
