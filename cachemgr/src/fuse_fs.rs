@@ -42,7 +42,10 @@ const IO_BLOCK_BYTES: u32 = 64 * 1024;
 /// kernel queues the rest: memory stays bounded, and since every task in flight ends
 /// within its RPC deadlines, the wait is short. Blocking lock waits are not counted
 /// (they may wait forever); `LOCK_WAITS_MAX` bounds them.
-const IN_FLIGHT_BYTES_MAX: usize = 64 << 20;
+const IN_FLIGHT_BYTES_MAX: usize = 128 << 20;
+/// Background requests the kernel may have in flight (see `init`): each asks for at most
+/// one chunk, so together they hold at most half of `IN_FLIGHT_BYTES_MAX`.
+const MAX_BACKGROUND: u16 = 64;
 /// What a request in flight costs besides the bytes it carries or asks for.
 const REQUEST_OVERHEAD_BYTES: usize = 4 << 10;
 /// Blocking lock requests waiting at once (`ENOLCK` beyond). Each is a thread blocked in
@@ -94,7 +97,7 @@ impl HoldfastFs {
         Fut: Future<Output = ()> + Send + 'static,
     {
         let cost = (REQUEST_OVERHEAD_BYTES + bytes).min(IN_FLIGHT_BYTES_MAX);
-        // At most 64 MiB: fits a u32.
+        // At most `IN_FLIGHT_BYTES_MAX`: fits a u32.
         let cost = cost as u32;
         let permit = match self.in_flight.clone().try_acquire_many_owned(cost) {
             Ok(permit) => permit,
@@ -247,10 +250,15 @@ impl Filesystem for HoldfastFs {
         if let Err(nearest) = config.set_max_readahead(CHUNK_BYTES as u32) {
             let _ = config.set_max_readahead(nearest);
         }
-        // Background requests (readahead, the release after a close) are bounded by the
-        // kernel at `max_background` (fuser's 16; congested at three quarters of it);
-        // every other request comes from a thread blocked in a system call until it is
-        // answered. Together they stay far below `IN_FLIGHT_BYTES_MAX`.
+        // Reads through the page cache (readahead) and the release after a close are
+        // background requests, which the kernel sends at most `max_background` at once
+        // (it reports congestion at three quarters of that); every other request comes
+        // from a thread blocked in its system call until answered. Raised from fuser's 16
+        // so that parallel readers of a stopped server do not queue in the kernel behind
+        // each other's timeouts; at most half the in-flight budget.
+        if let Err(nearest) = config.set_max_background(MAX_BACKGROUND) {
+            let _ = config.set_max_background(nearest);
+        }
         // Without these the kernel keeps fcntl and flock locks to itself, invisible to
         // other clients.
         for flag in [InitFlags::FUSE_POSIX_LOCKS, InitFlags::FUSE_FLOCK_LOCKS] {

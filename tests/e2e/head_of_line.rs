@@ -1,1 +1,254 @@
-//! Nobody waits behind somebody else's dead server; blocking lock waits can be interrupted.
+//! Nobody waits behind somebody else's dead server; blocking lock waits hold no thread,
+//! any number wait at once, and a signal ends one (`EINTR`), withdrawing it on the server.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Barrier, mpsc};
+use std::time::{Duration, Instant};
+
+use harness::stalls::blocked_in_flock;
+use harness::{TestCell, flock, flock_n_succeeds, wait_until};
+
+const BIN: &str = env!("CARGO_BIN_EXE_holdfast");
+
+/// The reader mount's RPC timeout.
+const RPC_TIMEOUT: Duration = Duration::from_secs(1);
+/// Parallel uncached reads: six times the four FUSE threads a mount used to have.
+const READERS: usize = 24;
+/// Room over the timeout for a busy machine. Well under what queueing behind each other's
+/// timeouts would cost (`READERS / 4` timeouts, 6 s), the behaviour this test rules out.
+const MARGIN: Duration = Duration::from_millis(2_000);
+/// Hang guard for waits on blocked processes.
+const LIMIT: Duration = Duration::from_secs(20);
+
+fn this_tid() -> libc::pid_t {
+    // SAFETY: gettid has no preconditions.
+    unsafe { libc::gettid() }
+}
+
+fn this_pid() -> libc::pid_t {
+    // SAFETY: getpid has no preconditions.
+    unsafe { libc::getpid() }
+}
+
+#[test]
+fn parallel_calls_to_a_stopped_server_each_fail_at_their_own_timeout() {
+    let mut cell = TestCell::start(BIN).unwrap();
+    let writer = cell.mount("ws-w", &[]).unwrap();
+    let reader = cell.mount_with_timeout("ws-r", RPC_TIMEOUT, &[]).unwrap();
+    for i in 0..READERS {
+        std::fs::write(writer.join(format!("f{i}")), format!("file {i}\n")).unwrap();
+    }
+    std::fs::write(writer.join("cached"), b"cached bytes\n").unwrap();
+
+    // The reader holds the listing, every status, and the data of `cached` only, under
+    // callbacks.
+    let names: Vec<String> = std::fs::read_dir(&reader)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names.len(), READERS + 1, "{names:?}");
+    for i in 0..READERS {
+        std::fs::metadata(reader.join(format!("f{i}"))).unwrap();
+    }
+    assert_eq!(
+        std::fs::read(reader.join("cached")).unwrap(),
+        b"cached bytes\n"
+    );
+
+    cell.signal("fileserver", libc::SIGSTOP).unwrap();
+    let start = Arc::new(Barrier::new(READERS + 1));
+    let readers: Vec<_> = (0..READERS)
+        .map(|i| {
+            let (path, start) = (reader.join(format!("f{i}")), start.clone());
+            std::thread::spawn(move || {
+                start.wait();
+                let began = Instant::now();
+                let outcome = std::fs::read(&path);
+                (outcome, began.elapsed())
+            })
+        })
+        .collect();
+    start.wait();
+    // While every reader waits for the stopped server, cached data still answers.
+    assert_eq!(
+        std::fs::read(reader.join("cached")).unwrap(),
+        b"cached bytes\n"
+    );
+    let finished: Vec<_> = readers.into_iter().map(|r| r.join().unwrap()).collect();
+    let worst = finished.iter().map(|(_, took)| *took).max().unwrap();
+    for (i, (outcome, took)) in finished.iter().enumerate() {
+        assert!(
+            outcome.is_err(),
+            "f{i} was read from a stopped server: {outcome:?}"
+        );
+        assert!(
+            *took <= RPC_TIMEOUT + MARGIN,
+            "f{i} failed after {took:?}, not within its own {RPC_TIMEOUT:?} timeout \
+             (worst of {READERS}: {worst:?})"
+        );
+    }
+
+    // Back: every file reads as written, through a new connection.
+    cell.signal("fileserver", libc::SIGCONT).unwrap();
+    for i in 0..READERS {
+        let path = reader.join(format!("f{i}"));
+        assert!(
+            wait_until(LIMIT, || std::fs::read(&path).is_ok()),
+            "f{i} unreadable after SIGCONT"
+        );
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            format!("file {i}\n")
+        );
+    }
+}
+
+#[test]
+fn many_blocking_flock_waiters_on_one_mount_are_granted_in_turn() {
+    const WAITERS: usize = 8;
+    let mut cell = TestCell::start(BIN).unwrap();
+    let a = cell.mount("ws-a", &[]).unwrap();
+    let b = cell.mount("ws-b", &[]).unwrap();
+    std::fs::write(a.join("queue"), b"").unwrap();
+    let held = std::fs::File::open(a.join("queue")).unwrap();
+    flock(&held, libc::LOCK_EX).unwrap();
+
+    let holding = Arc::new(AtomicBool::new(false));
+    let granted = Arc::new(AtomicUsize::new(0));
+    let (tids, waiting) = mpsc::channel();
+    let waiters: Vec<_> = (0..WAITERS)
+        .map(|_| {
+            let path = b.join("queue");
+            let (holding, granted, tids) = (holding.clone(), granted.clone(), tids.clone());
+            std::thread::spawn(move || {
+                let file = std::fs::File::open(&path).unwrap();
+                tids.send(this_tid()).unwrap();
+                flock(&file, libc::LOCK_EX)?;
+                assert!(
+                    !holding.swap(true, Ordering::SeqCst),
+                    "two owners held one exclusive flock"
+                );
+                granted.fetch_add(1, Ordering::SeqCst);
+                holding.store(false, Ordering::SeqCst);
+                flock(&file, libc::LOCK_UN)
+            })
+        })
+        .collect();
+    let tids: Vec<libc::pid_t> = waiting.iter().take(WAITERS).collect();
+    // All of them wait at once, each in its own flock(2): none was refused.
+    assert!(
+        wait_until(LIMIT, || tids
+            .iter()
+            .all(|&tid| blocked_in_flock(this_pid(), tid))),
+        "not all {WAITERS} waiters blocked in flock"
+    );
+    assert_eq!(granted.load(Ordering::SeqCst), 0);
+
+    drop(held);
+    for waiter in waiters {
+        waiter.join().unwrap().unwrap();
+    }
+    assert_eq!(granted.load(Ordering::SeqCst), WAITERS);
+    assert!(flock_n_succeeds(&a.join("queue")));
+}
+
+/// Set by the test's SIGUSR1 handler.
+static SIGNALLED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_sigusr1(_: libc::c_int) {
+    SIGNALLED.store(true, Ordering::SeqCst);
+}
+
+/// Handles SIGUSR1 in this process, without `SA_RESTART`.
+fn handle_sigusr1() {
+    // SAFETY: a zeroed sigaction is valid; the handler only stores to an atomic.
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = on_sigusr1 as *const () as libc::sighandler_t;
+        libc::sigemptyset(&mut action.sa_mask);
+        assert_eq!(
+            libc::sigaction(libc::SIGUSR1, &action, std::ptr::null_mut()),
+            0
+        );
+    }
+}
+
+#[test]
+fn a_signal_ends_a_blocked_flock_with_eintr_and_withdraws_its_wait() {
+    handle_sigusr1();
+    let mut cell = TestCell::start(BIN).unwrap();
+    let a = cell.mount("ws-a", &[]).unwrap();
+    let b = cell.mount("ws-b", &[]).unwrap();
+    std::fs::write(a.join("held"), b"").unwrap();
+    let held = std::fs::File::open(a.join("held")).unwrap();
+    flock(&held, libc::LOCK_EX).unwrap();
+
+    // A thread of this process blocks in flock on B, and is sent a handled signal.
+    let (tid_tx, tid_rx) = mpsc::channel();
+    let path = b.join("held");
+    let waiter = std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).unwrap();
+        tid_tx.send(this_tid()).unwrap();
+        flock(&file, libc::LOCK_EX)
+    });
+    let tid = tid_rx.recv().unwrap();
+    assert!(wait_until(LIMIT, || blocked_in_flock(this_pid(), tid)));
+    // SAFETY: signalling a thread of this process, whose handler is installed.
+    let sent = unsafe { libc::syscall(libc::SYS_tgkill, this_pid(), tid, libc::SIGUSR1) };
+    assert_eq!(sent, 0);
+    let outcome = waiter.join().unwrap();
+    assert_eq!(
+        outcome.as_ref().map_err(|e| e.raw_os_error()),
+        Err(Some(libc::EINTR)),
+        "{outcome:?}"
+    );
+    assert!(SIGNALLED.load(Ordering::SeqCst));
+
+    // Its wait is gone from the server: once A lets go, the lock is free at once.
+    flock(&held, libc::LOCK_UN).unwrap();
+    assert!(
+        flock_n_succeeds(&a.join("held")),
+        "the interrupted waiter's request was granted after all"
+    );
+
+    // A process killed while it waits leaves nothing behind either.
+    flock(&held, libc::LOCK_EX).unwrap();
+    let mut child = KilledOnDrop(blocked_flock_tool(&b.join("held")));
+    let pid = child.0.id() as libc::pid_t;
+    assert!(wait_until(LIMIT, || blocked_in_flock(pid, pid)));
+    child.0.kill().unwrap();
+    // It dies while A still holds the lock: its wait did not pin it in the kernel.
+    assert!(
+        wait_until(LIMIT, || child.0.try_wait().unwrap().is_some()),
+        "a killed flock waiter did not die while the lock was held"
+    );
+    flock(&held, libc::LOCK_UN).unwrap();
+    assert!(
+        flock_n_succeeds(&a.join("held")),
+        "the killed waiter's request was granted after all"
+    );
+}
+
+/// A child process, killed by its PID and reaped when the test ends, also on failure.
+struct KilledOnDrop(std::process::Child);
+
+impl Drop for KilledOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `flock PATH sleep 600`, blocked behind a held lock: what a user's script would run.
+fn blocked_flock_tool(path: &Path) -> std::process::Child {
+    Command::new("flock")
+        .arg(PathBuf::from(path))
+        .args(["sleep", "600"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 pub mod pair;
+pub mod stalls;
 pub mod tmpfs;
 pub mod tripwire;
 pub mod vldb;
