@@ -267,3 +267,74 @@ fn blocked_flock_tool(path: &Path) -> std::process::Child {
         .spawn()
         .unwrap()
 }
+
+#[test]
+fn a_stopped_server_slows_no_other_volume() {
+    // Long enough that reads of the other volume finish well inside it.
+    const STALL_TIMEOUT: Duration = Duration::from_secs(5);
+    const FILES: usize = 8;
+    let mut cell = TestCell::start(BIN).unwrap();
+    let other = cell.start_other_fileserver("fileserver-2").unwrap();
+    // The second fileserver registers with the VLDB in the background.
+    assert!(wait_until(LIMIT, || cell
+        .holdfast(&["vos", "create", "other.vol", "--server", &other])
+        .unwrap()
+        .status
+        .success()));
+    let writer = cell.mount("ws-w", &[]).unwrap();
+    let reader = cell.mount_with_timeout("ws-r", STALL_TIMEOUT, &[]).unwrap();
+    let made = cell
+        .holdfast(&[
+            "fs",
+            "mkmount",
+            &writer.join("other").to_string_lossy(),
+            "other.vol",
+        ])
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
+    for i in 0..FILES {
+        std::fs::write(writer.join(format!("f{i}")), format!("root {i}\n")).unwrap();
+        std::fs::write(writer.join(format!("other/g{i}")), format!("other {i}\n")).unwrap();
+    }
+    // The reader knows every file's status, in both volumes, and no file's data.
+    for i in 0..FILES {
+        std::fs::metadata(reader.join(format!("f{i}"))).unwrap();
+        std::fs::metadata(reader.join(format!("other/g{i}"))).unwrap();
+    }
+
+    cell.signal("fileserver", libc::SIGSTOP).unwrap();
+    let stalled_done = Arc::new(AtomicUsize::new(0));
+    let (tids, blocked) = mpsc::channel();
+    for i in 0..FILES {
+        let path = reader.join(format!("f{i}"));
+        let (tids, done) = (tids.clone(), stalled_done.clone());
+        std::thread::spawn(move || {
+            let file = std::fs::File::open(&path);
+            tids.send(this_tid()).unwrap();
+            let _ = file.and_then(|mut f| {
+                use std::io::Read;
+                f.read_to_end(&mut Vec::new())
+            });
+            done.fetch_add(1, Ordering::SeqCst);
+        });
+    }
+    let tids: Vec<libc::pid_t> = blocked.iter().take(FILES).collect();
+    assert!(wait_until(LIMIT, || tids.iter().all(
+        |&tid| harness::stalls::blocked_in_syscall(this_pid(), tid) == Some(libc::SYS_read)
+    )));
+    // Uncached reads of the other volume's server answer while every read of the
+    // stopped one still waits.
+    for i in 0..FILES {
+        assert_eq!(
+            std::fs::read_to_string(reader.join(format!("other/g{i}"))).unwrap(),
+            format!("other {i}\n")
+        );
+    }
+    assert_eq!(
+        stalled_done.load(Ordering::SeqCst),
+        0,
+        "the other volume's reads waited for the stopped server's timeouts"
+    );
+    cell.signal("fileserver", libc::SIGCONT).unwrap();
+    assert!(wait_until(LIMIT, || stalled_done.load(Ordering::SeqCst) == FILES));
+}

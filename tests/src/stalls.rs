@@ -1,6 +1,7 @@
 //! Support for tests of stalled servers and callers blocked in the kernel: a mount with
-//! its own RPC timeout, and what system call a thread is blocked in.
-//! Invariant: a mount made here is unmounted on drop like any other of the cell.
+//! its own RPC timeout, a second fileserver, and what system call a thread is blocked in.
+//! Invariant: what is started here is stopped and unmounted on drop like the rest of the
+//! cell.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -40,6 +41,23 @@ impl TestCell {
             .expect_while_stopping(name, FUSE_REPLY_TO_AN_ENDED_REQUEST);
         self.spawn_ready(name, &args)?;
         Ok(mountpoint)
+    }
+
+    /// Starts another fileserver, `name`, on a partition of its own; returns its address
+    /// (for `vos create --server`).
+    pub fn start_other_fileserver(&mut self, name: &str) -> Result<String> {
+        let partition = self.path(&format!("{name}.partition"));
+        let cell_file = self.cell_file.to_string_lossy().into_owned();
+        let args = [
+            "fileserver",
+            "--cell",
+            &cell_file,
+            "--partition",
+            &partition,
+            "--listen",
+            "127.0.0.1:0",
+        ];
+        self.spawn_ready(name, &args)
     }
 }
 
