@@ -1,9 +1,13 @@
-//! The FUSE face of the cache manager: each kernel request decoded, run on the manager
-//! and answered; the one place where the core's types become fuser's.
-//! Invariant: every request gets exactly one reply; only blocking lock requests wait
-//! without bound, capped below the thread count so that they never stall the mount.
+//! The FUSE face of the cache manager: each kernel request decoded, handed to the
+//! manager's runtime as a task that answers it; the one place where the core's types
+//! become fuser's.
+//! Invariant: every request gets exactly one reply, from its task (or fuser's `EIO` if the
+//! task dies); no request holds a FUSE thread while it waits for a server or a lock.
+
+mod signals;
 
 use std::ffi::OsStr;
+use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -16,6 +20,7 @@ use fuser::{
     ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use proto::{ByteRange, LockKind, LockOwnerId, SetAttrs, Timestamp};
+use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
 use crate::chunk_index::CHUNK_BYTES;
@@ -32,30 +37,94 @@ const KERNEL_OFFSET_MAX: u64 = i64::MAX as u64;
 /// The I/O size `stat` suggests (`st_blksize`).
 const IO_BLOCK_BYTES: u32 = 64 * 1024;
 
+/// What the requests in flight may hold at once (their tasks, names, write payloads and
+/// read buffers). A request beyond it waits on the FUSE thread that read it, so the
+/// kernel queues the rest: memory stays bounded, and since every task in flight ends
+/// within its RPC deadlines, the wait is short. Blocking lock waits are not counted
+/// (they may wait forever); `LOCK_WAITS_MAX` bounds them.
+const IN_FLIGHT_BYTES_MAX: usize = 128 << 20;
+/// Background requests the kernel may have in flight (see `init`): each asks for at most
+/// one chunk, so together they hold at most half of `IN_FLIGHT_BYTES_MAX`.
+const MAX_BACKGROUND: u16 = 64;
+/// What a request in flight costs besides the bytes it carries or asks for.
+const REQUEST_OVERHEAD_BYTES: usize = 4 << 10;
+/// Blocking lock requests waiting at once (`ENOLCK` beyond). Each is a thread blocked in
+/// the kernel and a small task here; a fileserver bounds its queue far below this.
+pub const LOCK_WAITS_MAX: usize = 16_384;
+
 /// The `fuser::Filesystem` over a `Manager`: it turns the core's `Attr`, `NodeKind`,
-/// `FsError` and `Ino` into fuser's types. A request other than a blocking lock waits no
-/// longer than the RPCs under it, each of which has a deadline.
+/// `FsError` and `Ino` into fuser's types. Each request runs as a task on the manager's
+/// runtime, so a request waiting for a stopped server (each RPC has its deadline) or for
+/// a lock (without bound, until granted or interrupted) holds no FUSE thread, and the
+/// next request is read at once. `init`, `forget` and `destroy` stay on the FUSE thread:
+/// they are quick, and the kernel expects them in order.
 pub struct HoldfastFs {
     manager: Arc<Manager>,
-    /// Blocking lock requests waiting now. Each holds a FUSE thread, so they are capped
-    /// below the thread count: waiters alone must never stall the mount.
-    lock_waiters: AtomicUsize,
-    lock_waiters_max: usize,
+    runtime: tokio::runtime::Handle,
+    /// Bytes of `IN_FLIGHT_BYTES_MAX` not held by a request in flight.
+    in_flight: Arc<Semaphore>,
+    /// Blocking lock requests waiting now.
+    lock_waiters: Arc<AtomicUsize>,
+}
+
+/// A blocking lock request counted in `lock_waiters` until dropped.
+struct LockWaiter(Arc<AtomicUsize>);
+
+impl Drop for LockWaiter {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl HoldfastFs {
-    /// `threads` is the number of FUSE threads serving the session.
-    pub fn new(manager: Arc<Manager>, threads: usize) -> HoldfastFs {
+    /// `runtime` runs the requests: the manager's own.
+    pub fn new(manager: Arc<Manager>, runtime: tokio::runtime::Handle) -> HoldfastFs {
         HoldfastFs {
             manager,
-            lock_waiters: AtomicUsize::new(0),
-            lock_waiters_max: threads.saturating_sub(1).max(1),
+            runtime,
+            in_flight: Arc::new(Semaphore::new(IN_FLIGHT_BYTES_MAX)),
+            lock_waiters: Arc::new(AtomicUsize::new(0)),
         }
     }
 
-    /// Runs a request on the manager, blocking this fuser thread on the async runtime.
-    fn run<T>(&self, future: impl std::future::Future<Output = FsResult<T>>) -> FsResult<T> {
-        self.manager.block_on(future)
+    /// Runs `request` on the runtime as a task that answers it. Its share of the
+    /// in-flight budget (`bytes` it carries or asks for, plus the overhead) is taken here
+    /// first, waiting on this FUSE thread while the budget is spent, and held until the
+    /// task ends.
+    fn spawn<F, Fut>(&self, bytes: usize, request: F)
+    where
+        F: FnOnce(Arc<Manager>) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let cost = (REQUEST_OVERHEAD_BYTES + bytes).min(IN_FLIGHT_BYTES_MAX);
+        // At most `IN_FLIGHT_BYTES_MAX`: fits a u32.
+        let cost = cost as u32;
+        let permit = match self.in_flight.clone().try_acquire_many_owned(cost) {
+            Ok(permit) => permit,
+            Err(_) => {
+                debug!(cost, "requests in flight hold their whole budget; waiting");
+                match self
+                    .runtime
+                    .block_on(self.in_flight.clone().acquire_many_owned(cost))
+                {
+                    Ok(permit) => permit,
+                    // Never closed.
+                    Err(_) => return,
+                }
+            }
+        };
+        let task = request(self.manager.clone());
+        self.runtime.spawn(async move {
+            task.await;
+            drop(permit);
+        });
+    }
+
+    /// Counts a new blocking lock waiter; `None` when `LOCK_WAITS_MAX` wait already.
+    fn lock_waiter(&self) -> Option<LockWaiter> {
+        let before = self.lock_waiters.fetch_add(1, Ordering::SeqCst);
+        let waiter = LockWaiter(self.lock_waiters.clone());
+        (before < LOCK_WAITS_MAX).then_some(waiter)
     }
 }
 
@@ -181,6 +250,15 @@ impl Filesystem for HoldfastFs {
         if let Err(nearest) = config.set_max_readahead(CHUNK_BYTES as u32) {
             let _ = config.set_max_readahead(nearest);
         }
+        // Reads through the page cache (readahead) and the release after a close are
+        // background requests, which the kernel sends at most `max_background` at once
+        // (it reports congestion at three quarters of that); every other request comes
+        // from a thread blocked in its system call until answered. Raised from fuser's 16
+        // so that parallel readers of a stopped server do not queue in the kernel behind
+        // each other's timeouts; at most half the in-flight budget.
+        if let Err(nearest) = config.set_max_background(MAX_BACKGROUND) {
+            let _ = config.set_max_background(nearest);
+        }
         // Without these the kernel keeps fcntl and flock locks to itself, invisible to
         // other clients.
         for flag in [InitFlags::FUSE_POSIX_LOCKS, InitFlags::FUSE_FLOCK_LOCKS] {
@@ -214,24 +292,26 @@ impl Filesystem for HoldfastFs {
                 return;
             }
         };
-        let future = self
-            .manager
-            .getlk(ino(i), LockOwnerId(lock_owner.0), range, kind);
-        match self.run(future) {
-            Ok(Some(holder)) => reply.locked(
-                holder.range.start(),
-                kernel_lock_end(holder.range.end()),
-                kernel_lock_type(holder.kind),
-                holder.pid,
-            ),
-            Ok(None) => reply.locked(start, end, libc::F_UNLCK, 0),
-            Err(e) => reply.error(errno(e)),
-        }
+        self.spawn(0, move |m| async move {
+            let found = m
+                .getlk(ino(i), LockOwnerId(lock_owner.0), range, kind)
+                .await;
+            match found {
+                Ok(Some(holder)) => reply.locked(
+                    holder.range.start(),
+                    kernel_lock_end(holder.range.end()),
+                    kernel_lock_type(holder.kind),
+                    holder.pid,
+                ),
+                Ok(None) => reply.locked(start, end, libc::F_UNLCK, 0),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
     }
 
     fn setlk(
         &self,
-        _req: &Request,
+        req: &Request,
         i: INodeNo,
         _fh: FileHandle,
         lock_owner: LockOwner,
@@ -255,32 +335,49 @@ impl Filesystem for HoldfastFs {
             kind,
             pid,
         };
-        let blocking = sleep && kind.is_some();
-        if blocking && self.lock_waiters.fetch_add(1, Ordering::SeqCst) >= self.lock_waiters_max {
-            self.lock_waiters.fetch_sub(1, Ordering::SeqCst);
-            warn!("too many blocking lock requests waiting at once; refusing one");
-            reply.error(Errno::from_i32(libc::ENOLCK));
+        if !(sleep && kind.is_some()) {
+            self.spawn(0, move |m| async move {
+                reply_empty(reply, m.setlk(ino(i), request, false).await);
+            });
             return;
         }
-        let result = self.run(self.manager.setlk(ino(i), request, blocking));
-        if blocking {
-            self.lock_waiters.fetch_sub(1, Ordering::SeqCst);
-        }
-        reply_empty(reply, result);
+        // A blocking request: outside the in-flight budget, since it may wait for ever;
+        // ended early by a signal to the thread that asked (see `signals`).
+        let Some(waiter) = self.lock_waiter() else {
+            warn!("{LOCK_WAITS_MAX} blocking lock requests wait already; refusing one more");
+            reply.error(Errno::from_i32(libc::ENOLCK));
+            return;
+        };
+        let interrupted = signals::interrupted(req.pid(), self.lock_waiters.clone());
+        let manager = self.manager.clone();
+        self.runtime.spawn(async move {
+            let result = manager
+                .setlk_interruptible(ino(i), request, interrupted)
+                .await;
+            drop(waiter);
+            reply_empty(reply, result);
+        });
     }
 
     /// fuser's `batch_forget` calls this once per inode (its `ForgetOne` is private).
+    /// On the FUSE thread: the kernel forgets only lookups it was answered, so no task in
+    /// flight can still owe this inode a count.
     fn forget(&self, _req: &Request, i: INodeNo, nlookup: u64) {
         self.manager.forget(ino(i), nlookup);
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        reply_entry(reply, self.run(self.manager.lookup(ino(parent), name)));
+        let name = name.to_owned();
+        self.spawn(name.len(), move |m| async move {
+            reply_entry(reply, m.lookup(ino(parent), &name).await);
+        });
     }
 
     fn getattr(&self, _req: &Request, i: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         debug!(ino = i.0, "getattr");
-        reply_attr(reply, self.run(self.manager.getattr(ino(i))));
+        self.spawn(0, move |m| async move {
+            reply_attr(reply, m.getattr(ino(i)).await);
+        });
     }
 
     fn setattr(
@@ -309,14 +406,18 @@ impl Filesystem for HoldfastFs {
             atime: atime.map(timestamp),
             mtime: mtime.map(timestamp),
         };
-        reply_attr(reply, self.run(self.manager.setattr(ino(i), attrs)));
+        self.spawn(0, move |m| async move {
+            reply_attr(reply, m.setattr(ino(i), attrs).await);
+        });
     }
 
     fn readlink(&self, _req: &Request, i: INodeNo, reply: ReplyData) {
-        match self.run(self.manager.readlink(ino(i))) {
-            Ok(target) => reply.data(&target),
-            Err(e) => reply.error(errno(e)),
-        }
+        self.spawn(0, move |m| async move {
+            match m.readlink(ino(i)).await {
+                Ok(target) => reply.data(&target),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
     }
 
     fn mknod(
@@ -334,10 +435,13 @@ impl Filesystem for HoldfastFs {
             reply.error(Errno::EPERM);
             return;
         }
-        let future =
-            self.manager
-                .create(ino(parent), name, mode & !umask, req.uid(), req.gid(), true);
-        reply_entry(reply, self.run(future));
+        let (name, uid, gid) = (name.to_owned(), req.uid(), req.gid());
+        self.spawn(name.len(), move |m| async move {
+            let created = m
+                .create(ino(parent), &name, mode & !umask, uid, gid, true)
+                .await;
+            reply_entry(reply, created);
+        });
     }
 
     fn mkdir(
@@ -349,24 +453,25 @@ impl Filesystem for HoldfastFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        let future = self
-            .manager
-            .mkdir(ino(parent), name, mode & !umask, req.uid(), req.gid());
-        reply_entry(reply, self.run(future));
+        let (name, uid, gid) = (name.to_owned(), req.uid(), req.gid());
+        self.spawn(name.len(), move |m| async move {
+            let made = m.mkdir(ino(parent), &name, mode & !umask, uid, gid).await;
+            reply_entry(reply, made);
+        });
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        reply_empty(
-            reply,
-            self.run(self.manager.remove(ino(parent), name, false)),
-        );
+        let name = name.to_owned();
+        self.spawn(name.len(), move |m| async move {
+            reply_empty(reply, m.remove(ino(parent), &name, false).await);
+        });
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        reply_empty(
-            reply,
-            self.run(self.manager.remove(ino(parent), name, true)),
-        );
+        let name = name.to_owned();
+        self.spawn(name.len(), move |m| async move {
+            reply_empty(reply, m.remove(ino(parent), &name, true).await);
+        });
     }
 
     fn symlink(
@@ -377,10 +482,13 @@ impl Filesystem for HoldfastFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        let future = self
-            .manager
-            .symlink(ino(parent), link_name, target, req.uid(), req.gid());
-        reply_entry(reply, self.run(future));
+        let (name, target) = (link_name.to_owned(), target.to_owned());
+        let (uid, gid) = (req.uid(), req.gid());
+        let bytes = name.len() + target.as_os_str().len();
+        self.spawn(bytes, move |m| async move {
+            let made = m.symlink(ino(parent), &name, &target, uid, gid).await;
+            reply_entry(reply, made);
+        });
     }
 
     fn rename(
@@ -397,10 +505,13 @@ impl Filesystem for HoldfastFs {
             reply.error(Errno::EINVAL);
             return;
         }
-        let future = self
-            .manager
-            .rename(ino(parent), name, ino(new_parent), new_name);
-        reply_empty(reply, self.run(future));
+        let (name, new_name) = (name.to_owned(), new_name.to_owned());
+        self.spawn(name.len() + new_name.len(), move |m| async move {
+            let renamed = m
+                .rename(ino(parent), &name, ino(new_parent), &new_name)
+                .await;
+            reply_empty(reply, renamed);
+        });
     }
 
     fn link(
@@ -411,19 +522,21 @@ impl Filesystem for HoldfastFs {
         new_name: &OsStr,
         reply: ReplyEntry,
     ) {
-        reply_entry(
-            reply,
-            self.run(self.manager.link(ino(i), ino(new_parent), new_name)),
-        );
+        let new_name = new_name.to_owned();
+        self.spawn(new_name.len(), move |m| async move {
+            reply_entry(reply, m.link(ino(i), ino(new_parent), &new_name).await);
+        });
     }
 
     fn open(&self, _req: &Request, i: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         debug!(ino = i.0, "open");
-        match self.run(self.manager.open(ino(i))) {
-            Ok(true) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
-            Ok(false) => reply.opened(FileHandle(0), FopenFlags::empty()),
-            Err(e) => reply.error(errno(e)),
-        }
+        self.spawn(0, move |m| async move {
+            match m.open(ino(i)).await {
+                Ok(true) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+                Ok(false) => reply.opened(FileHandle(0), FopenFlags::empty()),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
     }
 
     fn read(
@@ -438,10 +551,12 @@ impl Filesystem for HoldfastFs {
         reply: ReplyData,
     ) {
         debug!(ino = i.0, offset, size, "read");
-        match self.run(self.manager.read(ino(i), offset, size)) {
-            Ok(data) => reply.data(&data),
-            Err(e) => reply.error(errno(e)),
-        }
+        self.spawn(size as usize, move |m| async move {
+            match m.read(ino(i), offset, size).await {
+                Ok(data) => reply.data(&data),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
     }
 
     fn write(
@@ -456,10 +571,14 @@ impl Filesystem for HoldfastFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.run(self.manager.write(ino(i), offset, data)) {
-            Ok(written) => reply.written(written),
-            Err(e) => reply.error(errno(e)),
-        }
+        // Copied out of fuser's buffer, which the next request reuses.
+        let data = data.to_vec();
+        self.spawn(data.len(), move |m| async move {
+            match m.write(ino(i), offset, &data).await {
+                Ok(written) => reply.written(written),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
     }
 
     fn flush(
@@ -472,12 +591,11 @@ impl Filesystem for HoldfastFs {
     ) {
         // A close drops the POSIX locks of the closing owner; the kernel does not track
         // them when the filesystem does, so it is up to us.
-        let stored = self.run(self.manager.flush(ino(i)));
-        let released = self.run(
-            self.manager
-                .release_owner(ino(i), LockOwnerId(lock_owner.0)),
-        );
-        reply_empty(reply, stored.and(released));
+        self.spawn(0, move |m| async move {
+            let stored = m.flush(ino(i)).await;
+            let released = m.release_owner(ino(i), LockOwnerId(lock_owner.0)).await;
+            reply_empty(reply, stored.and(released));
+        });
     }
 
     fn release(
@@ -490,13 +608,15 @@ impl Filesystem for HoldfastFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        let stored = self.run(self.manager.flush(ino(i)));
-        // Set only when the file carried `flock` locks: the last close ends them.
-        let released = match lock_owner {
-            Some(owner) => self.run(self.manager.release_owner(ino(i), LockOwnerId(owner.0))),
-            None => Ok(()),
-        };
-        reply_empty(reply, stored.and(released));
+        self.spawn(0, move |m| async move {
+            let stored = m.flush(ino(i)).await;
+            // Set only when the file carried `flock` locks: the last close ends them.
+            let released = match lock_owner {
+                Some(owner) => m.release_owner(ino(i), LockOwnerId(owner.0)).await,
+                None => Ok(()),
+            };
+            reply_empty(reply, stored.and(released));
+        });
     }
 
     fn fsync(
@@ -507,14 +627,18 @@ impl Filesystem for HoldfastFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        reply_empty(reply, self.run(self.manager.flush(ino(i))));
+        self.spawn(0, move |m| async move {
+            reply_empty(reply, m.flush(ino(i)).await);
+        });
     }
 
     fn opendir(&self, _req: &Request, i: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.run(self.manager.opendir(ino(i))) {
-            Ok(handle) => reply.opened(FileHandle(handle), FopenFlags::empty()),
-            Err(e) => reply.error(errno(e)),
-        }
+        self.spawn(0, move |m| async move {
+            match m.opendir(ino(i)).await {
+                Ok(handle) => reply.opened(FileHandle(handle), FopenFlags::empty()),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
     }
 
     fn readdir(
@@ -525,21 +649,23 @@ impl Filesystem for HoldfastFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let snapshot = match self.run(self.manager.readdir(ino(i), fh.0, offset)) {
-            Ok(snapshot) => snapshot,
-            Err(e) => {
-                reply.error(errno(e));
-                return;
+        self.spawn(0, move |m| async move {
+            let snapshot = match m.readdir(ino(i), fh.0, offset).await {
+                Ok(snapshot) => snapshot,
+                Err(e) => {
+                    reply.error(errno(e));
+                    return;
+                }
+            };
+            let start = usize::try_from(offset).unwrap_or(usize::MAX);
+            for (index, (name, child, kind)) in snapshot.entries.iter().enumerate().skip(start) {
+                // The offset of an entry is where the next read resumes.
+                if reply.add(INodeNo(child.0), index as u64 + 1, file_type(*kind), name) {
+                    break;
+                }
             }
-        };
-        let start = usize::try_from(offset).unwrap_or(usize::MAX);
-        for (index, (name, child, kind)) in snapshot.entries.iter().enumerate().skip(start) {
-            // The offset of an entry is where the next read resumes.
-            if reply.add(INodeNo(child.0), index as u64 + 1, file_type(*kind), name) {
-                break;
-            }
-        }
-        reply.ok();
+            reply.ok();
+        });
     }
 
     fn releasedir(
@@ -550,6 +676,7 @@ impl Filesystem for HoldfastFs {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
+        // Quick and local: answered on the FUSE thread.
         self.manager.releasedir(fh.0);
         reply.ok();
     }
@@ -567,29 +694,33 @@ impl Filesystem for HoldfastFs {
     }
 
     fn statfs(&self, _req: &Request, i: INodeNo, reply: ReplyStatfs) {
-        match self.run(self.manager.statfs(ino(i))) {
-            Ok(space) => {
-                let blocks = space.bytes_total / STATFS_BLOCK_BYTES;
-                let free = space.bytes_free / STATFS_BLOCK_BYTES;
-                reply.statfs(
-                    blocks,
-                    free,
-                    free,
-                    space.file_count + free,
-                    free,
-                    STATFS_BLOCK_BYTES as u32,
-                    proto::name::ENTRY_NAME_BYTES_MAX as u32,
-                    STATFS_BLOCK_BYTES as u32,
-                );
+        self.spawn(0, move |m| async move {
+            match m.statfs(ino(i)).await {
+                Ok(space) => {
+                    let blocks = space.bytes_total / STATFS_BLOCK_BYTES;
+                    let free = space.bytes_free / STATFS_BLOCK_BYTES;
+                    reply.statfs(
+                        blocks,
+                        free,
+                        free,
+                        space.file_count + free,
+                        free,
+                        STATFS_BLOCK_BYTES as u32,
+                        proto::name::ENTRY_NAME_BYTES_MAX as u32,
+                        STATFS_BLOCK_BYTES as u32,
+                    );
+                }
+                Err(e) => reply.error(errno(e)),
             }
-            Err(e) => reply.error(errno(e)),
-        }
+        });
     }
 
     fn access(&self, _req: &Request, i: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
         // Permission bits are checked by the kernel (default_permissions); this only
         // confirms the file still exists.
-        reply_empty(reply, self.run(self.manager.getattr(ino(i))).map(|_| ()));
+        self.spawn(0, move |m| async move {
+            reply_empty(reply, m.getattr(ino(i)).await.map(|_| ()));
+        });
     }
 
     // Extended attributes are not stored. ENOSYS makes the kernel stop asking (it would
@@ -630,27 +761,25 @@ impl Filesystem for HoldfastFs {
         reply: ReplyCreate,
     ) {
         let exclusive = flags & libc::O_EXCL != 0;
-        let future = self.manager.create(
-            ino(parent),
-            name,
-            mode & !umask,
-            req.uid(),
-            req.gid(),
-            exclusive,
-        );
-        match self.run(future) {
-            Ok(out) => {
-                debug!(ino = out.attr.ino.0, "created");
-                reply.created(
-                    &out.ttl,
-                    &file_attr(&out.attr),
-                    Generation(0),
-                    FileHandle(0),
-                    FopenFlags::empty(),
-                )
+        let (name, uid, gid) = (name.to_owned(), req.uid(), req.gid());
+        self.spawn(name.len(), move |m| async move {
+            let created = m
+                .create(ino(parent), &name, mode & !umask, uid, gid, exclusive)
+                .await;
+            match created {
+                Ok(out) => {
+                    debug!(ino = out.attr.ino.0, "created");
+                    reply.created(
+                        &out.ttl,
+                        &file_attr(&out.attr),
+                        Generation(0),
+                        FileHandle(0),
+                        FopenFlags::empty(),
+                    )
+                }
+                Err(e) => reply.error(errno(e)),
             }
-            Err(e) => reply.error(errno(e)),
-        }
+        });
     }
 }
 

@@ -1,7 +1,8 @@
 //! Blocking lock requests queued on fileservers (`LockQueued { wait }`), each waiting for
 //! the server's `LockGranted { wait }` push on the same connection.
 //! Invariant: a pushed grant is acknowledged only when a request of this client can claim
-//! it, and a wait ends (`Lost`) with its connection, even before its waiter registers.
+//! it, never for a wait its waiter withdrew, and a wait ends (`Lost`) with its connection,
+//! even before its waiter registers.
 
 use std::collections::HashMap;
 
@@ -25,6 +26,10 @@ pub enum WaitEnd {
 enum Slot {
     Waiting(oneshot::Sender<WaitEnd>),
     GrantedEarly,
+    /// The waiter was interrupted and is withdrawing the request from the server: a grant
+    /// pushed meanwhile is refused (the server then releases it). Kept across a lost
+    /// connection, since the server may push on the next one; removed by `withdrawn`.
+    Withdrawing,
 }
 
 #[derive(Default)]
@@ -66,7 +71,7 @@ impl Drop for Asking<'_> {
             let before = inner.slots.len();
             inner
                 .slots
-                .retain(|(s, _), slot| *s != self.server || matches!(slot, Slot::Waiting(_)));
+                .retain(|(s, _), slot| *s != self.server || !matches!(slot, Slot::GrantedEarly));
             let orphans = before - inner.slots.len();
             if orphans > 0 {
                 warn!(server = %self.server, orphans, "lock grants arrived for requests given up; the lease will end them");
@@ -118,6 +123,10 @@ impl LockWaits {
         match inner.slots.remove(&(server, wait)) {
             Some(Slot::Waiting(tx)) => tx.send(WaitEnd::Granted).is_ok(),
             Some(Slot::GrantedEarly) => true,
+            Some(Slot::Withdrawing) => {
+                inner.slots.insert((server, wait), Slot::Withdrawing);
+                false
+            }
             None => {
                 let claimable = inner.asking.get(&server).is_some_and(|&n| n > 0);
                 if !claimable || inner.slots.len() >= EARLY_GRANTS_MAX {
@@ -134,13 +143,36 @@ impl LockWaits {
         self.inner.lock().slots.remove(&(server, wait));
     }
 
+    /// The waiter of `wait` was interrupted: from now on a grant for it is refused, until
+    /// `withdrawn`. Returns `false` when the wait had already ended (granted, or its
+    /// connection lost): its receiver says how.
+    pub fn withdraw(&self, server: ServerId, wait: WaitId) -> bool {
+        let mut inner = self.inner.lock();
+        match inner.slots.get_mut(&(server, wait)) {
+            Some(slot @ Slot::Waiting(_)) => {
+                *slot = Slot::Withdrawing;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The server answered the withdrawal of `wait` (or could not be told): no grant for
+    /// it is expected any more.
+    pub fn withdrawn(&self, server: ServerId, wait: WaitId) {
+        let mut inner = self.inner.lock();
+        if let Some(Slot::Withdrawing) = inner.slots.get(&(server, wait)) {
+            inner.slots.remove(&(server, wait));
+        }
+    }
+
     /// The connection to `server` ended: its queued requests died with it (a restarted
     /// server forgot them; a live one cannot deliver the grant and releases it).
     pub fn connection_lost(&self, server: ServerId) {
         let mut inner = self.inner.lock();
         *inner.losses.entry(server).or_default() += 1;
         inner.slots.retain(|(s, _), slot| {
-            if *s != server {
+            if *s != server || matches!(slot, Slot::Withdrawing) {
                 return true;
             }
             if let Slot::Waiting(_) = slot
@@ -214,6 +246,41 @@ mod tests {
         assert!(b.try_recv().is_err());
         assert!(waits.waiting_on(two));
         assert!(!waits.waiting_on(one));
+    }
+
+    #[test]
+    fn a_withdrawn_wait_refuses_its_grant_until_the_server_answered() {
+        let waits = LockWaits::default();
+        let server = ServerId::random();
+        let mut rx = {
+            let asking = waits.asking(server);
+            waits.wait_for(&asking, WaitId(5))
+        };
+        assert!(waits.withdraw(server, WaitId(5)));
+        // Even with another request in flight, which could claim an unknown grant.
+        let other = waits.asking(server);
+        waits.connection_lost(server);
+        assert!(!waits.granted(server, WaitId(5)));
+        assert!(!waits.granted(server, WaitId(5)));
+        assert!(rx.try_recv().is_err(), "the waiter was told nothing");
+        waits.withdrawn(server, WaitId(5));
+        drop(other);
+        assert!(!waits.waiting_on(server));
+    }
+
+    #[test]
+    fn a_grant_that_beat_the_interrupt_is_the_waiters() {
+        let waits = LockWaits::default();
+        let server = ServerId::random();
+        let mut rx = {
+            let asking = waits.asking(server);
+            waits.wait_for(&asking, WaitId(6))
+        };
+        assert!(waits.granted(server, WaitId(6)));
+        assert!(!waits.withdraw(server, WaitId(6)));
+        assert_eq!(rx.try_recv(), Ok(WaitEnd::Granted));
+        waits.withdrawn(server, WaitId(6));
+        assert!(!waits.waiting_on(server));
     }
 
     #[test]

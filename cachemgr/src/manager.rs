@@ -229,11 +229,6 @@ impl Manager {
         Ok(manager)
     }
 
-    /// Runs an operation from a FUSE thread (which is not a runtime thread).
-    pub fn block_on<F: std::future::Future>(&self, future: F) -> F::Output {
-        self.runtime.block_on(future)
-    }
-
     /// The kernel dropped `nlookup` of its references to `ino` (`forget`).
     // TODO(issue 14, bounded memory): count lookups and drop forgotten inodes.
     pub fn forget(&self, ino: Ino, nlookup: u64) {

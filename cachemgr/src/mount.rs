@@ -22,8 +22,11 @@ use crate::manager::{Manager, ManagerSettings};
 use crate::mountinfo;
 use crate::server_pool::ServerPool;
 
-/// FUSE request threads.
-const FUSE_THREADS: usize = 4;
+/// FUSE threads: they only read requests and hand them to the runtime as tasks.
+const FUSE_THREADS: usize = 2;
+/// The runtime's threads, which run the requests (their local disk I/O included) and
+/// the connections.
+const RUNTIME_THREADS: usize = 4;
 /// Longest wait for pending writes at unmount.
 const WRITE_BACK_DEADLINE: Duration = Duration::from_secs(30);
 
@@ -156,7 +159,7 @@ pub fn run(
     };
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(RUNTIME_THREADS)
         .thread_name("holdfast-cm")
         .enable_all()
         .build()
@@ -190,7 +193,7 @@ pub fn run(
     options.acl = SessionACL::All;
     options.n_threads = Some(FUSE_THREADS);
     let session = fuser::Session::new(
-        HoldfastFs::new(manager.clone(), FUSE_THREADS),
+        HoldfastFs::new(manager.clone(), runtime.handle().clone()),
         &mount_point,
         &options,
     )

@@ -18,6 +18,7 @@ use state::{
     ClientKey, Effect, Grace, GraceCheck, GraceConfig, Leases, Lock, LockOutcome, LockOwner,
     LockTable, LockTableConfig, Millis,
 };
+use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::sessions::Sessions;
@@ -44,6 +45,26 @@ struct Shard {
     /// request of the shard belongs to one of them, so that the lapse of any other client
     /// costs no scan of the table.
     holders: HashSet<ClientKey>,
+    /// Grants of queued requests not yet pushed to their client, by the shard table's
+    /// wait id: one entry per push task, removed when it ends.
+    pushing: HashMap<WaitId, Pushing>,
+}
+
+/// A granted request whose `LockGranted` push is under way.
+struct Pushing {
+    client: ClientKey,
+    /// The client withdrew the request (`CancelLockWait`) meanwhile: a push that gets no
+    /// answer releases the grant rather than keep it.
+    withdrawn: bool,
+    /// Ends (its sender dropped) once the push task is done with the grant.
+    done: watch::Receiver<()>,
+}
+
+/// A grant to push once `durable`; `done` is dropped when its push task ends.
+struct Delivery {
+    effect: Effect,
+    durable: Durable,
+    done: watch::Sender<()>,
 }
 
 /// What concerns clients rather than fids.
@@ -122,6 +143,7 @@ impl Locks {
                         pids: HashMap::new(),
                         waits: HashMap::new(),
                         holders: HashSet::new(),
+                        pushing: HashMap::new(),
                     })
                 })
                 .collect(),
@@ -463,19 +485,34 @@ impl Locks {
     }
 
     /// `CancelLockWait`: withdraws the caller's queued request; someone else's id or an
-    /// id already granted is a no-op.
-    pub fn cancel(self: &Arc<Self>, client: ClientKey, wait: WaitId) {
+    /// id already granted and pushed is a no-op. A grant still being pushed is marked
+    /// withdrawn, and the answer waits for its push to end (the client refuses it, so it
+    /// is released), so that no grant of `wait` reaches the client after this answer.
+    pub async fn cancel(self: &Arc<Self>, client: ClientKey, wait: WaitId) {
         let (index, id) = shard_wait(wait);
-        let effects = {
+        let (effects, pushing) = {
             let mut shard = self.shards[index].lock();
-            if shard.waits.get(&id).map(|(owner, _)| *owner) != Some(client) {
-                return;
+            if let Some(pushing) = shard.pushing.get_mut(&id) {
+                if pushing.client != client {
+                    return;
+                }
+                pushing.withdrawn = true;
+                (Vec::new(), Some(pushing.done.clone()))
+            } else {
+                if shard.waits.get(&id).map(|(owner, _)| *owner) != Some(client) {
+                    return;
+                }
+                shard.waits.remove(&id);
+                let effects = shard.locks.cancel_wait(id);
+                (self.note_grants(index, &mut shard, effects), None)
             }
-            shard.waits.remove(&id);
-            let effects = shard.locks.cancel_wait(id);
-            self.note_grants(index, &mut shard, effects)
         };
         self.deliver(effects);
+        if let Some(mut done) = pushing {
+            // The push has its own deadline; this bound only guards a stuck journal.
+            let bound = self.sessions.call_timeout() * 2;
+            let _ = tokio::time::timeout(bound, done.changed()).await;
+        }
     }
 
     /// `ReclaimLock`: during grace, only the recorded owner, exactly as recorded. Outside
@@ -636,7 +673,7 @@ impl Locks {
         &self,
         shards: &mut [MutexGuard<'_, Shard>],
         client: ClientKey,
-    ) -> (usize, Vec<(Effect, Durable)>) {
+    ) -> (usize, Vec<Delivery>) {
         let mut held = 0;
         let mut freed = Vec::new();
         for (index, shard) in shards.iter_mut().enumerate() {
@@ -671,12 +708,7 @@ impl Locks {
     /// Journals the queued requests `effects` of shard `index` granted and moves their
     /// processes from `waits` to `pids`; each grant's push waits for its record. The
     /// effects returned carry the wait ids clients know.
-    fn note_grants(
-        &self,
-        index: usize,
-        shard: &mut Shard,
-        effects: Vec<Effect>,
-    ) -> Vec<(Effect, Durable)> {
+    fn note_grants(&self, index: usize, shard: &mut Shard, effects: Vec<Effect>) -> Vec<Delivery> {
         effects
             .into_iter()
             .map(|effect| {
@@ -690,6 +722,15 @@ impl Locks {
                 let pid = shard.waits.remove(&wait).map_or(0, |(_, pid)| pid);
                 shard.pids.insert((fid, owner), pid);
                 let durable = self.record_grant(fid, Lock { owner, range, kind }, pid);
+                let (done, until_done) = watch::channel(());
+                shard.pushing.insert(
+                    wait,
+                    Pushing {
+                        client: owner.client,
+                        withdrawn: false,
+                        done: until_done,
+                    },
+                );
                 let effect = Effect::Granted {
                     wait: client_wait(index, wait),
                     fid,
@@ -697,9 +738,21 @@ impl Locks {
                     range,
                     kind,
                 };
-                (effect, durable)
+                Delivery {
+                    effect,
+                    durable,
+                    done,
+                }
             })
             .collect()
+    }
+
+    /// The push of the grant of `wait` (a client's id) ended: forgets it; returns whether
+    /// the client withdrew the request meanwhile.
+    fn pushed(&self, wait: WaitId) -> bool {
+        let (index, id) = shard_wait(wait);
+        let mut shard = self.shards[index].lock();
+        shard.pushing.remove(&id).is_some_and(|p| p.withdrawn)
     }
 
     fn record_grant(&self, fid: Fid, lock: Lock, pid: u32) -> Durable {
@@ -718,8 +771,13 @@ impl Locks {
     /// grant stays, exactly like a lock granted in a direct reply: the client's lease or
     /// its reclaim after reconnecting settles it. Releasing it would hand the range to
     /// the next waiter while the first may already believe it holds it.
-    fn deliver(self: &Arc<Self>, effects: Vec<(Effect, Durable)>) {
-        for (effect, durable) in effects {
+    fn deliver(self: &Arc<Self>, effects: Vec<Delivery>) {
+        for Delivery {
+            effect,
+            durable,
+            done,
+        } in effects
+        {
             let Effect::Granted {
                 wait,
                 fid,
@@ -731,10 +789,13 @@ impl Locks {
             tokio::spawn(async move {
                 if !durable.wait().await {
                     // The journal failed: the grant was never made known to anyone.
+                    this.pushed(wait);
                     this.withdraw(fid, owner, range);
                     return;
                 }
-                match this.push(owner, wait, fid).await {
+                let push = this.push(owner, wait, fid).await;
+                let withdrawn = this.pushed(wait);
+                match push {
                     Push::Acknowledged => {
                         debug!(
                             client = owner.client.0,
@@ -742,11 +803,28 @@ impl Locks {
                             "queued lock granted"
                         );
                     }
+                    Push::Unanswered if withdrawn => {
+                        debug!(
+                            client = owner.client.0,
+                            wait = wait.0,
+                            "lock grant unanswered and its request withdrawn; releasing it"
+                        );
+                        this.withdraw(fid, owner, range);
+                    }
                     Push::Unanswered => debug!(
                         client = owner.client.0,
                         wait = wait.0,
                         "lock grant not acknowledged; kept until the lease or a reclaim settles it"
                     ),
+                    // An interrupted waiter refuses the grant it withdrew: expected.
+                    Push::Refused if withdrawn => {
+                        debug!(
+                            client = owner.client.0,
+                            wait = wait.0,
+                            "grant of a withdrawn lock request refused; releasing it"
+                        );
+                        this.withdraw(fid, owner, range);
+                    }
                     Push::Refused => {
                         warn!(
                             client = owner.client.0,
@@ -756,6 +834,8 @@ impl Locks {
                         this.withdraw(fid, owner, range);
                     }
                 }
+                // Only now may a `CancelLockWait` waiting on this push answer.
+                drop(done);
             });
         }
     }
@@ -950,7 +1030,7 @@ mod tests {
             assert!(waits.insert(wait), "wait id {wait:?} given twice");
         }
         for &wait in &waits {
-            locks.cancel(waiter, wait);
+            locks.cancel(waiter, wait).await;
         }
         for &fid in &fids {
             assert_eq!(locks.release(holder, fid, ONE, whole).await, Ok(()));

@@ -12,6 +12,7 @@ use anyhow::{Context, Result, bail};
 
 pub mod pair;
 pub mod rpc_client;
+pub mod stalls;
 pub mod tmpfs;
 pub mod tripwire;
 pub mod up;

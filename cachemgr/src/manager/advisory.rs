@@ -1,13 +1,15 @@
 //! Advisory locks on the mount (`fcntl`, `flock`) as the fileservers' byte-range locks,
 //! mirrored in `HeldLocks`, with the lease renewed while any is held or awaited.
 //! Invariant: `HeldLocks` changes only after the server call returns; a blocking request
-//! waits for the server's push, and polls only a server in grace, at the pace it asks.
+//! waits for the server's push, and polls only a server in grace, at the pace it asks; an
+//! interrupted one holds nothing once it returns `EINTR`.
 
+use std::future::Future;
 use std::time::Duration;
 
 use proto::{
     ByteRange, ErrorCode, Fid, LockHolder, LockKind, LockOwnerId, ProtoError, Request, Response,
-    ServerId,
+    ServerId, WaitId,
 };
 use tracing::{debug, info, warn};
 
@@ -16,10 +18,16 @@ use super::{FsError, FsResult, Manager, rpc_error};
 use crate::held_locks::HeldLock;
 use crate::inode::Ino;
 use crate::lock_waits::WaitEnd;
+use crate::volume::VolumeLocation;
 
 /// Bounds on the server's `Grace { retry_ms }` hint for a blocking request.
 const GRACE_RETRY_MIN: Duration = Duration::from_millis(20);
 const GRACE_RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// What an interrupted blocking request answers.
+fn interrupted_error() -> FsError {
+    FsError::from_errno(libc::EINTR)
+}
 
 /// A lock request from the kernel, in the server's terms.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -41,12 +49,37 @@ impl Manager {
     /// `F_SETLK`/`F_SETLKW`/`flock`: takes, changes or releases a lock. `wait` blocks
     /// until the range frees; otherwise a conflict is `EAGAIN`.
     pub async fn setlk(&self, ino: Ino, request: LockRequest, wait: bool) -> FsResult<()> {
+        self.set_lock(ino, request, wait, std::future::pending())
+            .await
+    }
+
+    /// A blocking `setlk` that ends with `EINTR` once `interrupted` completes, the
+    /// server's queued request withdrawn. A grant that wins the race with the interrupt
+    /// is kept and answered `Ok`, as a local lock granted while a signal arrives: no lock
+    /// is ever left with a caller that was told `EINTR`.
+    pub async fn setlk_interruptible(
+        &self,
+        ino: Ino,
+        request: LockRequest,
+        interrupted: impl Future<Output = ()>,
+    ) -> FsResult<()> {
+        self.set_lock(ino, request, true, interrupted).await
+    }
+
+    async fn set_lock(
+        &self,
+        ino: Ino,
+        request: LockRequest,
+        wait: bool,
+        interrupted: impl Future<Output = ()>,
+    ) -> FsResult<()> {
         let fid = self.fid(ino)?;
         let Some(kind) = request.kind else {
             return self.unlock(fid, request.owner, request.range).await;
         };
         let location = self.location(fid.volume).await?;
         let server = location.server;
+        let mut interrupted = std::pin::pin!(interrupted);
         loop {
             let call = Request::SetLock {
                 fid,
@@ -57,6 +90,8 @@ impl Manager {
                 pid: request.pid,
             };
             let asking = wait.then(|| self.lock_waits.asking(server));
+            // Not raced with the interrupt: the call has its deadline, and its answer
+            // (granted, or queued under an id) is what an interrupt must undo.
             let answer = self.pool.call(&location, call).await;
             debug!(%fid, owner = request.owner.0, ?kind, wait, answer = ?answer.as_ref().map(Response::kind_name), "set lock");
             match answer {
@@ -68,16 +103,32 @@ impl Manager {
                     let Some(asking) = asking else {
                         return Err(unexpected(&Response::LockQueued { wait: id }));
                     };
-                    let granted = self.lock_waits.wait_for(&asking, id);
+                    let mut granted = self.lock_waits.wait_for(&asking, id);
                     drop(asking);
-                    match granted.await {
-                        Ok(WaitEnd::Granted) => {
+                    let end = tokio::select! {
+                        biased;
+                        end = &mut granted => end.ok(),
+                        () = &mut interrupted => {
+                            if self.withdraw_wait(&location, id).await {
+                                return Err(interrupted_error());
+                            }
+                            // The wait ended first: kept if granted; otherwise (lost
+                            // with its connection) not asked again.
+                            if granted.try_recv() != Ok(WaitEnd::Granted) {
+                                self.lock_waits.forget(server, id);
+                                return Err(interrupted_error());
+                            }
+                            Some(WaitEnd::Granted)
+                        }
+                    };
+                    match end {
+                        Some(WaitEnd::Granted) => {
                             self.record_grant(fid, request, kind);
                             return Ok(());
                         }
                         // The connection ended under the wait: ask again (after the
                         // reconnect has reclaimed what this client holds).
-                        Ok(WaitEnd::Lost) | Err(_) => {
+                        Some(WaitEnd::Lost) | None => {
                             self.lock_waits.forget(server, id);
                             info!(%fid, "connection lost while waiting for a lock; asking again");
                         }
@@ -88,7 +139,10 @@ impl Manager {
                     let pause =
                         Duration::from_millis(retry_ms).clamp(GRACE_RETRY_MIN, GRACE_RETRY_MAX);
                     debug!(%fid, ?pause, "fileserver in grace; retrying the lock");
-                    tokio::time::sleep(pause).await;
+                    tokio::select! {
+                        () = tokio::time::sleep(pause) => {}
+                        () = &mut interrupted => return Err(interrupted_error()),
+                    }
                 }
                 Err(ProtoError::Remote(ErrorCode::WouldBlock | ErrorCode::Grace { .. })) => {
                     return Err(FsError::EAGAIN);
@@ -97,6 +151,31 @@ impl Manager {
                 Ok(other) => return Err(unexpected(&other)),
             }
         }
+    }
+
+    /// Withdraws the queued request `wait` of an interrupted waiter: a grant pushed from
+    /// now on is refused (and so released by the server), and the server drops the
+    /// request, waking those queued behind it. Returns `false` when the wait had already
+    /// ended, granted or lost, before it could be withdrawn.
+    async fn withdraw_wait(&self, location: &VolumeLocation, wait: WaitId) -> bool {
+        let server = location.server;
+        if !self.lock_waits.withdraw(server, wait) {
+            return false;
+        }
+        // The server answers once no grant of `wait` is on its way any more.
+        let answer = self
+            .pool
+            .call(location, Request::CancelLockWait { wait })
+            .await;
+        self.lock_waits.withdrawn(server, wait);
+        match answer {
+            Ok(_) => debug!(%server, wait = wait.0, "interrupted lock wait withdrawn"),
+            // A grant it makes later is refused if pushed in time; else the lease ends it.
+            Err(e) => {
+                warn!(%server, wait = wait.0, error = %e, "cannot withdraw an interrupted lock wait")
+            }
+        }
+        true
     }
 
     fn record_grant(&self, fid: Fid, request: LockRequest, kind: LockKind) {
@@ -372,6 +451,79 @@ mod tests {
             set_locks(&cell.record.lock().lock_calls)[..],
             [Request::SetLock { wait: true, .. }]
         ));
+    }
+
+    /// An interrupted wait answers `EINTR`, withdraws the request on the server, refuses
+    /// the grant if it is pushed late, and records no lock; a grant that came first wins.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_interrupted_wait_is_withdrawn_and_its_late_grant_refused() {
+        let (cell, _stop) = FakeCell::start(Vec::new(), 0, 0).await;
+        let dir = tempfile::tempdir().unwrap();
+        let manager = start_manager(&cell, dir.path()).await;
+        let ino = manager.state.lock().inodes.ino_for(FILE);
+        cell.lock_answers
+            .lock()
+            .push_back(Ok(Response::LockQueued { wait: WaitId(11) }));
+        let (interrupt, interrupted) = tokio::sync::oneshot::channel::<()>();
+        let waiter = {
+            let manager = Arc::clone(&manager);
+            tokio::spawn(async move {
+                let interrupted = async {
+                    let _ = interrupted.await;
+                };
+                manager
+                    .setlk_interruptible(ino, exclusive(ByteRange::whole()), interrupted)
+                    .await
+            })
+        };
+        cell.wait_for_lock_calls(|calls| !set_locks(calls).is_empty())
+            .await;
+        interrupt.send(()).unwrap();
+        let answer = tokio::time::timeout(Duration::from_secs(10), waiter)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(answer, Err(FsError::from_errno(libc::EINTR)));
+        assert!(
+            cell.record
+                .lock()
+                .lock_calls
+                .contains(&Request::CancelLockWait { wait: WaitId(11) })
+        );
+        // A grant pushed after the withdrawal is refused, so the server releases it.
+        assert!(cell.push_grant(WaitId(11), FILE).await.is_err());
+        assert!(!manager.held_locks.lock().holds(FILE, OWNER));
+        assert!(!manager.lock_waits.waiting_on(cell_server(&manager)));
+
+        // The grant arrives first: the interrupt that follows changes nothing.
+        cell.lock_answers
+            .lock()
+            .push_back(Ok(Response::LockQueued { wait: WaitId(12) }));
+        let (interrupt, interrupted) = tokio::sync::oneshot::channel::<()>();
+        let waiter = {
+            let manager = Arc::clone(&manager);
+            tokio::spawn(async move {
+                let interrupted = async {
+                    let _ = interrupted.await;
+                };
+                manager
+                    .setlk_interruptible(ino, exclusive(ByteRange::whole()), interrupted)
+                    .await
+            })
+        };
+        cell.wait_for_lock_calls(|calls| set_locks(calls).len() == 2)
+            .await;
+        assert_eq!(
+            cell.push_grant(WaitId(12), FILE).await.unwrap(),
+            Response::Ok
+        );
+        let _ = interrupt.send(());
+        let answer = tokio::time::timeout(Duration::from_secs(10), waiter)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(answer, Ok(()));
+        assert!(manager.held_locks.lock().holds(FILE, OWNER));
     }
 
     fn cell_server(manager: &Manager) -> ServerId {

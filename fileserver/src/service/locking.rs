@@ -84,12 +84,13 @@ impl FileService {
         Ok(Response::LockTest { holder })
     }
 
-    pub(super) fn cancel_lock_wait(
+    /// Answers once no grant of `wait` can reach the caller any more.
+    pub(super) async fn cancel_lock_wait(
         self: &Arc<Self>,
         caller: Caller,
         wait: WaitId,
     ) -> Result<Response, ErrorCode> {
-        self.locks.cancel(caller.client()?, wait);
+        self.locks.cancel(caller.client()?, wait).await;
         Ok(Response::Ok)
     }
 

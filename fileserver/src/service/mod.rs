@@ -224,7 +224,7 @@ impl FileService {
                 range,
                 kind,
             } => self.test_lock(caller, fid, owner, range, kind),
-            Request::CancelLockWait { wait } => self.cancel_lock_wait(caller, wait),
+            Request::CancelLockWait { wait } => self.cancel_lock_wait(caller, wait).await,
             // `handle` renewed the lease already, as for every request.
             Request::RenewLease => caller.client().map(|_| Response::Ok),
             Request::ReclaimLock {
