@@ -94,7 +94,13 @@ fn parallel_reads_of_a_stopped_server_each_fail_at_their_own_deadlines() {
         );
     }
 
-    // Back: every file reads as written, through a new connection.
+    // The server the reads gave up on is the one `checkservers` lists down.
+    let down = checkservers(&cell, &reader);
+    assert!(down.contains("is down"), "{down}");
+    assert!(!down.contains("All servers are running."), "{down}");
+
+    // Back: every file reads as written, through a new connection, and the server is
+    // listed up again.
     cell.signal("fileserver", libc::SIGCONT).unwrap();
     for i in 0..READERS {
         let path = reader.join(format!("f{i}"));
@@ -107,6 +113,21 @@ fn parallel_reads_of_a_stopped_server_each_fail_at_their_own_deadlines() {
             format!("file {i}\n")
         );
     }
+    let up = checkservers(&cell, &reader);
+    assert!(up.contains("All servers are running."), "{up}");
+}
+
+/// What `holdfast fs checkservers` prints for the mount at `mnt`.
+fn checkservers(cell: &TestCell, mnt: &Path) -> String {
+    let out = cell
+        .holdfast(&["fs", "checkservers", &mnt.to_string_lossy()])
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 #[test]
