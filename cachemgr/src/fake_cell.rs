@@ -103,7 +103,8 @@ fn kind(request: &Request) -> &'static str {
 /// manager talks to it (`Record`: stores in flight, syncs, fetches per chunk, lock and
 /// reclaim calls), answers lock requests as a test scripts them (`lock_answers`), and
 /// can push `LockGranted` (`push_grant`), drop its connections as a restart would
-/// (`drop_connections`), die (`set_down`) or fence itself with no takeover (`set_fenced`).
+/// (`drop_connections`), die (`set_down`), stop as SIGSTOP stops a process (`set_stopped`)
+/// or fence itself with no takeover (`set_fenced`).
 pub struct FakeCell {
     server: ServerId,
     /// Where the VLDB answers (and, for a single server, the fileserver too).
@@ -118,6 +119,8 @@ pub struct FakeCell {
     /// The fileserver is down: every connection it gets is closed unanswered, as the
     /// kernel's refusal of a dead process's port would end it (the VLDB still answers).
     down: AtomicBool,
+    /// Per member, whether it is stopped: its connections carry no byte either way.
+    stopped: Vec<watch::Sender<bool>>,
     /// The addresses the VLDB lists for the server; `None`: the members, active first.
     pub listed: Mutex<Option<Vec<String>>>,
     /// The next call to cut off.
@@ -192,6 +195,7 @@ impl FakeCell {
         stores_expected: usize,
     ) -> Arc<FakeCell> {
         let (changed, _) = watch::channel(());
+        let stopped = members.iter().map(|_| watch::channel(false).0).collect();
         Arc::new(FakeCell {
             server: ServerId::random(),
             address,
@@ -199,6 +203,7 @@ impl FakeCell {
             active: Mutex::new(0),
             fenced: AtomicBool::new(false),
             down: AtomicBool::new(false),
+            stopped,
             listed: Mutex::new(None),
             cut_off: Mutex::new(None),
             hang_on: Mutex::new(None),
@@ -217,6 +222,8 @@ impl FakeCell {
         })
     }
 
+    /// Serves `listener` as the VLDB (`member` None) or as a member; a member's
+    /// connections pass through `stoppable`, so `set_stopped` can freeze them.
     fn serve(
         self: &Arc<Self>,
         listener: tokio::net::TcpListener,
@@ -227,7 +234,26 @@ impl FakeCell {
             cell: self.clone(),
             member,
         });
-        tokio::spawn(serve(listener, endpoint, ServerLimits::default(), stop));
+        let Some(index) = member else {
+            tokio::spawn(serve(listener, endpoint, ServerLimits::default(), stop));
+            return;
+        };
+        let inner = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        inner.set_nonblocking(true).unwrap();
+        let behind = inner.local_addr().unwrap();
+        let inner = tokio::net::TcpListener::from_std(inner).unwrap();
+        tokio::spawn(serve(
+            inner,
+            endpoint,
+            ServerLimits::default(),
+            stop.clone(),
+        ));
+        tokio::spawn(stoppable(
+            listener,
+            behind,
+            self.stopped[index].subscribe(),
+            stop,
+        ));
     }
 
     pub fn server(&self) -> ServerId {
@@ -274,6 +300,13 @@ impl FakeCell {
         if down {
             self.drop_connections();
         }
+    }
+
+    /// Stops member `index` as SIGSTOP stops a process, or continues it: meanwhile its
+    /// connections carry nothing either way and are never closed, and a new one is
+    /// accepted (the kernel would) but its `Hello` answered only once it continues.
+    pub fn set_stopped(&self, index: usize, stopped: bool) {
+        self.stopped[index].send_replace(stopped);
     }
 
     /// Fences the pair (both members answer `NotActive`, their connections closed, as
@@ -436,6 +469,57 @@ impl FakeCell {
             _ => Ok(Response::Ok),
         }
     }
+}
+
+/// Accepts on a member's public port and relays each connection to the member's own
+/// server at `behind`, byte for byte, except while `stopped` says so.
+async fn stoppable(
+    listener: tokio::net::TcpListener,
+    behind: std::net::SocketAddr,
+    stopped: watch::Receiver<bool>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = stop.changed() => return,
+        };
+        let Ok((client, _)) = accepted else {
+            continue;
+        };
+        let stopped = stopped.clone();
+        tokio::spawn(async move {
+            let Ok(server) = tokio::net::TcpStream::connect(behind).await else {
+                return;
+            };
+            let (client_read, client_write) = client.into_split();
+            let (server_read, server_write) = server.into_split();
+            tokio::join!(
+                relay(client_read, server_write, stopped.clone()),
+                relay(server_read, client_write, stopped),
+            );
+        });
+    }
+}
+
+/// Copies `from` to `to` until either ends; bytes read while stopped are held until
+/// the member continues.
+async fn relay(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut stopped: watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buffer = vec![0u8; 64 * 1024];
+    while let Ok(n) = from.read(&mut buffer).await {
+        if stopped.wait_for(|stopped| !stopped).await.is_err() || n == 0 {
+            break;
+        }
+        if to.write_all(&buffer[..n]).await.is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown().await;
 }
 
 /// One listening port of the fake: the VLDB (`member` None), or a fileserver member.

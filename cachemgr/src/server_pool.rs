@@ -1,6 +1,7 @@
 //! Connections to fileservers, one per server, opened on first use and after a failure,
 //! and kept alive while the cache holds callbacks or locks there; each also carries the
-//! server's breaks and lock grants to this client.
+//! server's breaks and lock grants to this client. A single server that let a call time
+//! out is marked silent, and calls to it fail at once until it answers again.
 //! Invariant: a connection is handed to callers only after the cache reclaimed what it
 //! held there, and the cache hears of each lost connection once, before the next is made.
 
@@ -31,6 +32,17 @@ const RELOCATE_AFTER: Duration = Duration::from_secs(1);
 /// nothing for this long, so a fileserver's idle timeout (120 s) never closes the path
 /// its breaks and lock grants take; a connection holding nothing is left to close.
 pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+/// A call to a single server marked silent gets this long to find it answering again
+/// (the probe's connect in flight, or a short one of its own) instead of its timeout:
+/// a handshake with a server that is back takes far less, and a stopped server costs
+/// each call no more.
+const SILENT_TRY: Duration = Duration::from_millis(200);
+/// A silent mark lapses this long after the last timeout that confirmed it. The probe
+/// confirms it every two seconds or so while the server stays silent; a mark nobody
+/// confirms shortens no call for long.
+const SILENCE_KEPT: Duration = Duration::from_secs(5);
+/// The longest a probe of a server waits for its handshake and its ping.
+pub const PROBE_TIMEOUT_MAX: Duration = Duration::from_secs(1);
 
 /// A reclaim in progress, borrowing the sink and the new connection.
 pub type ReclaimFuture<'a> = Pin<Box<dyn Future<Output = Result<(), ProtoError>> + Send + 'a>>;
@@ -49,6 +61,10 @@ pub trait CallbackSink: Send + Sync + 'static {
     /// The connection to `server` ended: queued lock requests died with it, and breaks
     /// sent meanwhile are queued on the server until a new connection collects them.
     fn connection_lost(&self, server: ServerId);
+    /// `server` let a call or a handshake time out and is marked silent: calls to it
+    /// fail at once. Probe it (`ServerPool::probe`) with growing pauses until it answers,
+    /// which ends the mark (`ServerPool::is_silent`).
+    fn server_silent(&self, server: ServerId);
     /// Whether this client holds a callback or a lock on `server`, or awaits a lock
     /// there: then its connection is worth keeping alive.
     fn holds_promises(&self, server: ServerId) -> bool;
@@ -90,12 +106,56 @@ enum LiveOrGate {
     Gate(tokio::sync::OwnedMutexGuard<()>),
 }
 
-/// A single server's outage, as its failed connects show it.
+/// Who asks for a connection: a call to a server marked silent gets only a short try
+/// at it, a probe its whole time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Purpose {
+    Call,
+    Probe,
+}
+
+/// One caller's connect: when it was asked for, how long it may wait at the gate and
+/// for the handshake (`until`, or `deadline` once the server answers), and the timeout
+/// its failure reports.
+#[derive(Clone, Copy, Debug)]
+struct Attempt {
+    asked: Instant,
+    until: Instant,
+    deadline: Instant,
+    timeout: Duration,
+}
+
+/// A single server's outage, as its failed connects and timed-out calls show it.
 struct Down {
     since: Instant,
     last_failure: Instant,
-    /// What the last connect failed with.
+    /// What the last connect or call failed with.
     error: ProtoError,
+    /// While this lasts the server is silent and calls fail at once: a call or a
+    /// handshake that had its time got no answer, and no probe got one since. `None`
+    /// when it refuses instead, which costs a call nothing: then every call tries.
+    silent_until: Option<Instant>,
+}
+
+/// What a failed connect or call says of a server's silence.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Silence {
+    /// A wait of at least half the pool's timeout went unanswered: marks it silent.
+    Proven,
+    /// A shorter wait (a probe's, or one cut short by an earlier wait): keeps a mark
+    /// alive, makes none, so a short probe never fails calls that would have succeeded.
+    Kept,
+}
+
+impl Silence {
+    /// What a wait of `budget` proves against the pool's `rpc_timeout`.
+    fn of(budget: Duration, rpc_timeout: Duration) -> Silence {
+        if budget >= rpc_timeout / 2 {
+            Silence::Proven
+        } else {
+            Silence::Kept
+        }
+    }
 }
 
 /// A copy of `error` for another caller (`ProtoError` holds an `io::Error`, which does
@@ -121,8 +181,8 @@ pub struct ServerPool {
     /// When a request was last sent to each server, for the keepalive. Bounded like
     /// `gates`, by the servers called.
     last_sent: Mutex<HashMap<ServerId, Instant>>,
-    /// Single servers whose connects fail: the outage is logged once at WARN, its end
-    /// at INFO. Bounded by the servers called.
+    /// Single servers whose connects fail or that let a call time out: the outage is
+    /// logged once at WARN, its end at INFO. Bounded by the servers called.
     down: Mutex<HashMap<ServerId, Down>>,
     /// One connect (and reclaim) at a time per server; callers wait here for it.
     gates: Mutex<HashMap<ServerId, Arc<tokio::sync::Mutex<()>>>>,
@@ -229,11 +289,14 @@ impl ServerPool {
 
     /// Whether `server` answers a ping within `timeout`: one connect (with its reclaim)
     /// when no connection is live, on each member of a pair in turn, and no failover
-    /// wait: a pair none of whose members is active now counts as down.
+    /// wait: a pair none of whose members is active now counts as down. A single server
+    /// marked silent gets the whole `timeout` here, and a connect that succeeds ends the
+    /// mark; one that times out keeps it.
     pub async fn probe(&self, server: ServerId, addresses: &[String], timeout: Duration) -> bool {
         let connection = if addresses.len() < 2 {
             let deadline = Instant::now() + timeout;
-            self.connection(server, addresses, timeout, deadline).await
+            self.connection(server, addresses, timeout, deadline, Purpose::Probe)
+                .await
         } else {
             self.pair_connection(server, addresses, timeout).await
         };
@@ -282,6 +345,23 @@ impl ServerPool {
                 pool.ping_idle(idle).await;
             }
         });
+    }
+
+    /// How long a probe of a server waits: the pool's timeout, at most
+    /// `PROBE_TIMEOUT_MAX`.
+    pub fn probe_timeout(&self) -> Duration {
+        self.rpc_timeout.min(PROBE_TIMEOUT_MAX)
+    }
+
+    /// Whether `server` is marked silent: a call or handshake to it timed out and no
+    /// connect has succeeded since. Calls to it fail at once meanwhile.
+    pub fn is_silent(&self, server: ServerId) -> bool {
+        let now = Instant::now();
+        self.down
+            .lock()
+            .get(&server)
+            .and_then(|down| down.silent_until)
+            .is_some_and(|until| until > now)
     }
 
     /// Pings, all at once, every live connection that has sent nothing for `idle` and
@@ -339,6 +419,9 @@ impl ServerPool {
     /// A connection made earlier that turns out closed (the server closed it as idle, or
     /// restarted) is replaced once, and the request goes again, byte for byte, on the new
     /// one, as a pair's retry would: the server did not fail, its old connection did.
+    /// A call that had its time and got no answer marks the server silent, so the calls
+    /// after it (the kernel asking for the same page again, say) fail at once rather than
+    /// each wait out a timeout of its own.
     async fn call_once(
         &self,
         server: ServerId,
@@ -350,7 +433,7 @@ impl ServerPool {
         let mut reused = self.live(server).is_some();
         loop {
             let connection = self
-                .connection(server, addresses, timeout, deadline)
+                .connection(server, addresses, timeout, deadline, Purpose::Call)
                 .await?;
             let budget = deadline.saturating_duration_since(Instant::now());
             self.note_sent(server);
@@ -369,16 +452,26 @@ impl ServerPool {
                 return Err(ProtoError::Timeout(timeout));
             }
             if timed_out {
-                warn!(
-                    "fileserver {} did not answer within {}",
-                    connection.peer_addr(),
-                    human_duration(timeout)
-                );
+                // Only the silence of the connection in use says anything of the server:
+                // a late timeout of one already replaced does not.
+                let in_use = self
+                    .connections
+                    .lock()
+                    .get(&server)
+                    .is_none_or(|live| live.same(&connection));
+                let peer = connection.peer_addr().to_string();
+                if in_use {
+                    self.note_failure(server, &peer, e, Silence::of(budget, self.rpc_timeout));
+                } else {
+                    debug!(%peer, "a call on a connection already replaced timed out");
+                }
             } else {
                 debug!(peer = %connection.peer_addr(), error = %e, "fileserver connection failed");
             }
             self.forget(server, &connection).await;
-            if timed_out {
+            // Closed because another call found the server silent: this one fails with
+            // it, as a caller queued behind a failed connect does.
+            if timed_out || self.is_silent(server) {
                 return Err(ProtoError::Timeout(timeout));
             }
             if !std::mem::take(&mut reused) {
@@ -521,30 +614,42 @@ impl ServerPool {
         Some(connection)
     }
 
-    /// Waits behind another caller's connect and reclaim, within the deadline.
+    /// Waits behind another caller's connect and reclaim until `until`, or — when the
+    /// server answered meanwhile (that connect is reclaiming) — until `deadline`.
     async fn gate(
         &self,
         server: ServerId,
+        until: Instant,
+        deadline: Instant,
         timeout: Duration,
     ) -> Result<tokio::sync::OwnedMutexGuard<()>, ProtoError> {
         let gate = self.gates.lock().entry(server).or_default().clone();
-        tokio::time::timeout(timeout, gate.lock_owned())
-            .await
-            .map_err(|_| ProtoError::Timeout(timeout))
+        let mut until = until;
+        loop {
+            let at = tokio::time::Instant::from_std(until);
+            match tokio::time::timeout_at(at, gate.clone().lock_owned()).await {
+                Ok(guard) => return Ok(guard),
+                Err(_) if until < deadline && !self.is_silent(server) => until = deadline,
+                Err(_) => return Err(ProtoError::Timeout(timeout)),
+            }
+        }
     }
 
     /// The live connection to `server`, or — when there is none — the right to make
-    /// one: waits behind another caller's connect and reclaim, within `timeout`, and
-    /// hands out the connection that caller made, if any.
+    /// one: waits behind another caller's connect and reclaim (until `until`, or
+    /// `deadline` once the server answers), and hands out the connection that caller
+    /// made, if any.
     async fn live_or_gate(
         &self,
         server: ServerId,
+        until: Instant,
+        deadline: Instant,
         timeout: Duration,
     ) -> Result<LiveOrGate, ProtoError> {
         if let Some(connection) = self.live(server) {
             return Ok(LiveOrGate::Live(connection));
         }
-        let gate = self.gate(server, timeout).await?;
+        let gate = self.gate(server, until, deadline, timeout).await?;
         Ok(match self.live(server) {
             Some(connection) => LiveOrGate::Live(connection),
             None => LiveOrGate::Gate(gate),
@@ -553,14 +658,16 @@ impl ServerPool {
 
     /// The live connection to `server`, or a new one (reclaimed) by `deadline`. The
     /// connect runs as a task of its own behind the server's gate, so a caller that gives
-    /// up at its deadline never cuts a connect or a reclaim short: the connection goes to
-    /// the next caller.
+    /// up at its deadline never cuts a reclaim short: the connection goes to the next
+    /// caller. The wait at the gate and the handshake get only what is left of the
+    /// caller's deadline, and a call to a server marked silent only `SILENT_TRY` of it.
     async fn connection(
         &self,
         server: ServerId,
         addresses: &[String],
         timeout: Duration,
         deadline: Instant,
+        purpose: Purpose,
     ) -> Result<Connection, ProtoError> {
         if let Some(connection) = self.live(server) {
             return Ok(connection);
@@ -570,8 +677,20 @@ impl ServerPool {
         };
         let addresses = addresses.to_vec();
         let asked = Instant::now();
-        let connect =
-            tokio::spawn(async move { pool.connect(server, &addresses, timeout, asked).await });
+        let until = match purpose {
+            Purpose::Call if self.is_silent(server) => {
+                debug!(%server, "fileserver marked silent: a short try only");
+                deadline.min(asked + SILENT_TRY)
+            }
+            Purpose::Call | Purpose::Probe => deadline,
+        };
+        let attempt = Attempt {
+            asked,
+            until,
+            deadline,
+            timeout,
+        };
+        let connect = tokio::spawn(async move { pool.connect(server, &addresses, attempt).await });
         let deadline = tokio::time::Instant::from_std(deadline);
         match tokio::time::timeout_at(deadline, connect).await {
             Ok(Ok(result)) => result,
@@ -581,30 +700,50 @@ impl ServerPool {
     }
 
     /// Connects to `server` and reclaims over the connection, unless another caller's
-    /// connect made one meanwhile. A connect that failed after this one was `asked` for
-    /// answers for it too: callers queued behind a dead server's gate fail together
-    /// rather than each try in turn.
+    /// connect made one meanwhile. A connect or call that failed after this one was
+    /// `asked` for answers for it too: callers queued behind a dead server's gate fail
+    /// together rather than each try in turn. The handshake gets what is left of the
+    /// attempt: until `until` while the server is silent, else until `deadline`.
     async fn connect(
         &self,
         server: ServerId,
         addresses: &[String],
-        timeout: Duration,
-        asked: Instant,
+        attempt: Attempt,
     ) -> Result<Connection, ProtoError> {
-        let _gate = match self.live_or_gate(server, timeout).await? {
+        let Attempt {
+            asked,
+            until,
+            deadline,
+            timeout,
+        } = attempt;
+        let _gate = match self.live_or_gate(server, until, deadline, timeout).await? {
             LiveOrGate::Live(connection) => return Ok(connection),
             LiveOrGate::Gate(gate) => gate,
         };
         if let Some(error) = self.failed_since(server, asked) {
             return Err(error);
         }
-        let limits = Limits {
-            handshake_timeout: timeout,
-            ..Limits::default()
+        let until = if self.is_silent(server) {
+            until
+        } else {
+            deadline
         };
         let mut last_error = ProtoError::Closed;
         for address in addresses {
-            match rpc::connect(address, self.hello.clone(), &limits).await {
+            let budget = until.saturating_duration_since(Instant::now());
+            if budget.is_zero() {
+                return Err(ProtoError::Timeout(timeout));
+            }
+            let limits = Limits {
+                handshake_timeout: budget,
+                ..Limits::default()
+            };
+            // Bounded as a whole: the TCP connect and the hello each have the budget.
+            let connected =
+                tokio::time::timeout(budget, rpc::connect(address, self.hello.clone(), &limits))
+                    .await
+                    .unwrap_or(Err(ProtoError::Timeout(budget)));
+            match connected {
                 Ok((connection, reply, incoming)) => {
                     if reply.server.is_some_and(|s| s != server) {
                         warn!(%address, "fileserver answered with another server id than the VLDB records");
@@ -612,7 +751,7 @@ impl ServerPool {
                     self.note_reachable(server, address);
                     self.spawn_callback_loop(server, connection.clone(), incoming);
                     if let Some(sink) = self.sink()
-                        && let Err(e) = sink.reclaim(server, &connection, timeout).await
+                        && let Err(e) = sink.reclaim(server, &connection, self.rpc_timeout).await
                     {
                         warn!(%address, error = %e, "reclaim after reconnecting failed; will retry");
                         connection.close();
@@ -624,7 +763,7 @@ impl ServerPool {
                 }
                 Err(ProtoError::Remote(code)) => return Err(ProtoError::Remote(code)),
                 Err(e) => {
-                    self.note_unreachable(server, address, &e);
+                    self.note_failure(server, address, &e, Silence::of(budget, self.rpc_timeout));
                     last_error = e;
                 }
             }
@@ -632,17 +771,19 @@ impl ServerPool {
         Err(last_error)
     }
 
-    /// The error of a connect to `server` that failed after `asked`, if any.
+    /// The error of a connect or call to `server` that failed after `asked`, if any.
     fn failed_since(&self, server: ServerId, asked: Instant) -> Option<ProtoError> {
         let down = self.down.lock();
         let down = down.get(&server).filter(|d| d.last_failure >= asked)?;
         Some(copy_error(&down.error))
     }
 
-    /// A connect to `server` failed: the first failure of an outage is a WARN, the
-    /// rest (every call and reconnect attempt meanwhile) DEBUG.
-    fn note_unreachable(&self, server: ServerId, address: &str, error: &ProtoError) {
-        let first = {
+    /// A connect or call to `server` at `address` failed: the first failure of an outage
+    /// is a WARN, the rest (every call and probe meanwhile) DEBUG. A timeout marks the
+    /// server silent when `silence` proves it, or keeps a mark alive; anything else (a
+    /// refusal, a reset) ends a mark. The cache is told when a mark begins.
+    fn note_failure(&self, server: ServerId, address: &str, error: &ProtoError, silence: Silence) {
+        let (first, silenced) = {
             let mut down = self.down.lock();
             let now = Instant::now();
             let first = !down.contains_key(&server);
@@ -650,10 +791,15 @@ impl ServerPool {
                 since: now,
                 last_failure: now,
                 error: ProtoError::Closed,
+                silent_until: None,
             });
+            let was_silent = entry.silent_until.is_some_and(|until| until > now);
             entry.last_failure = now;
             entry.error = copy_error(error);
-            first
+            let timed_out = matches!(error, ProtoError::Timeout(_));
+            let marks = silence == Silence::Proven || entry.silent_until.is_some();
+            entry.silent_until = (timed_out && marks).then_some(now + SILENCE_KEPT);
+            (first, !was_silent && entry.silent_until.is_some())
         };
         let what = match error {
             ProtoError::Timeout(timeout) => {
@@ -661,14 +807,22 @@ impl ServerPool {
             }
             e => format!("cannot be reached: {e}"),
         };
-        if first {
+        if first && silenced {
+            warn!(
+                "fileserver {address} {what}; calls that need it fail at once until it answers again, files cached under callbacks stay readable"
+            );
+        } else if first {
             warn!("fileserver {address} {what}; files cached under callbacks stay readable");
         } else {
             debug!("fileserver {address} {what}");
         }
+        if silenced && let Some(sink) = self.sink() {
+            sink.server_silent(server);
+        }
     }
 
-    /// A connect to `server` succeeded; says so at INFO, with the outage it ended.
+    /// A connect to `server` succeeded, which ends a silent mark; says so at INFO, with
+    /// the outage it ended.
     fn note_reachable(&self, server: ServerId, address: &str) {
         match self.down.lock().remove(&server) {
             Some(down) => info!(
@@ -690,7 +844,11 @@ impl ServerPool {
         addresses: &[String],
         timeout: Duration,
     ) -> Result<Connection, ProtoError> {
-        let _gate = match self.live_or_gate(server, timeout).await? {
+        let deadline = Instant::now() + timeout;
+        let _gate = match self
+            .live_or_gate(server, deadline, deadline, timeout)
+            .await?
+        {
             LiveOrGate::Live(connection) => return Ok(connection),
             LiveOrGate::Gate(gate) => gate,
         };

@@ -84,4 +84,8 @@ impl CallbackSink for Manager {
         let reset = self.reset_callbacks_from(server);
         debug!(%server, count = reset.len(), "callbacks reset; cached data will be revalidated");
     }
+
+    fn server_silent(&self, server: ServerId) {
+        self.on_server_silent(server);
+    }
 }

@@ -342,3 +342,38 @@ async fn calls_to_a_hung_server_each_fail_at_their_own_timeout_while_cached_read
     *cell.hang_on.lock() = None;
     assert_eq!(manager.read(two, 0, 4096).await.unwrap(), b"not cached");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_active_is_not_marked_silent_and_its_partner_takes_the_call_once_active() {
+    let content = b"pair content".to_vec();
+    let (cell, _stop) = FakeCell::start_pair(content.clone()).await;
+    cell.set_content(crate::fake_cell::FILE2, b"not cached".to_vec());
+    let dir = tempfile::tempdir().unwrap();
+    let rpc_timeout = Duration::from_millis(300);
+    let manager = start_manager_with(&cell, dir.path(), WAIT_MAX, rpc_timeout, WAIT_MAX).await;
+    let one = file_ino(&manager);
+    assert_eq!(manager.read(one, 0, 4096).await.unwrap(), content);
+    let two = manager.state.lock().inodes.ino_for(crate::fake_cell::FILE2);
+
+    // The active stops (SIGSTOP): its call times out, and the passive points back at it
+    // until it takes over.
+    cell.set_stopped(0, true);
+    let reader = {
+        let manager = Arc::clone(&manager);
+        tokio::spawn(async move { manager.read(two, 0, 4096).await })
+    };
+    cell.wait_for(WAIT_MAX, |r| r.not_active.contains(&1)).await;
+    assert!(!manager.pool.is_silent(cell.server()));
+    cell.set_active(1);
+    let read = tokio::time::timeout(WAIT_MAX, reader)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(read.unwrap(), b"not cached");
+    assert_eq!(manager.pool.answered(cell.server()), Some(cell.member(1)));
+    assert!(!manager.pool.is_silent(cell.server()));
+    // The member that timed out refuses nothing either: the pair goes on on the partner.
+    manager.write(two, 0, b"N").await.unwrap();
+    manager.flush(two).await.unwrap();
+    assert_eq!(count(&cell.record.lock(), 1, "StoreData"), 1);
+}

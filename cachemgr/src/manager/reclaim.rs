@@ -1,5 +1,6 @@
 //! The reclaim after a lost connection: callbacks by data version, then locks, then
-//! `ReclaimDone`, on the new connection before anyone else uses it.
+//! `ReclaimDone`, on the new connection before anyone else uses it; and the one task per
+//! server that probes it while a reclaim is owed there or the pool marks it silent.
 //! Invariant: a callback is renewed only where the server confirmed the version cached;
 //! the others stay void until revalidated.
 
@@ -15,12 +16,13 @@ use crate::server_pool::CallbackSink;
 
 /// Fids per `ReclaimCallbacks` (the server takes up to 8192; each is ~30 bytes).
 const RECLAIM_BATCH: usize = 4096;
-/// First and longest pause between attempts to reach a server owed a reclaim: the
-/// longest bounds how long a restarted server waits for this client to come back and
-/// collect its delayed breaks (and so how long a change made meanwhile stays unseen
-/// here); an attempt on a dead server costs one refused connect.
-const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(500);
-const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// First and longest pause between probes of a server owed a reclaim or marked silent:
+/// the longest bounds how long a server that is back goes unnoticed (calls to a silent
+/// one fail at once until a probe gets an answer) and how long a restarted server waits
+/// for this client to collect its delayed breaks. A probe of a dead server costs one
+/// refused connect; of a stopped one, a connection left in its backlog.
+const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(100);
+const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// A passive pair member answered: the reclaim belongs on the active one.
 fn not_active(e: &ProtoError) -> bool {
@@ -96,9 +98,19 @@ impl Manager {
             .collect()
     }
 
-    /// Tries `server` at once and then with growing pauses until a connection (and with
-    /// it the reclaim) succeeds, so locks are reclaimed within grace and delayed breaks
-    /// collected even when nothing else calls. One task per server at a time.
+    /// The pool marked `server` silent: calls to it fail at once until a probe gets an
+    /// answer, so probe it even when nothing is owed there.
+    pub(super) fn on_server_silent(&self, server: ServerId) {
+        debug!(%server, "fileserver marked silent; probing it");
+        self.spawn_reconnect(server);
+    }
+
+    /// Probes `server` (a connect, the reclaim, a ping, each within the pool's short
+    /// probe timeout) at once and then with growing pauses, while a reclaim is owed there
+    /// or the pool marks it silent: locks are reclaimed within grace, delayed breaks
+    /// collected and a silent server found again even when nothing else calls. One task
+    /// per server at a time; it decides to end under the `reconnecting` lock, which the
+    /// one starting it takes too, so a mark made as it ends is never left unprobed.
     fn spawn_reconnect(&self, server: ServerId) {
         if !self.reconnecting.lock().insert(server) {
             return;
@@ -111,26 +123,39 @@ impl Manager {
                 let Some(manager) = this.upgrade() else {
                     return;
                 };
-                let addresses = manager
-                    .volumes
-                    .servers()
-                    .into_iter()
-                    .find(|(s, _)| *s == server)
-                    .map(|(_, addresses)| addresses);
-                let owed = manager.reclaim_owed.lock().contains_key(&server);
-                let Some(addresses) = addresses.filter(|_| owed) else {
-                    manager.reconnecting.lock().remove(&server);
+                let Some(addresses) = manager.still_to_probe(server) else {
                     return;
                 };
-                let timeout = manager.pool.rpc_timeout();
+                let timeout = manager.pool.probe_timeout();
                 if manager.pool.probe(server, &addresses, timeout).await {
-                    manager.reconnecting.lock().remove(&server);
-                    return;
+                    let mut reconnecting = manager.reconnecting.lock();
+                    if !manager.pool.is_silent(server) {
+                        reconnecting.remove(&server);
+                        return;
+                    }
                 }
                 debug!(%server, ?pause, "fileserver still unreachable");
                 pause = (pause * 2).clamp(RECONNECT_BACKOFF_MIN, RECONNECT_BACKOFF_MAX);
             }
         });
+    }
+
+    /// The addresses to probe `server` at, while a reclaim is owed there or the pool
+    /// marks it silent; otherwise `None`, and the probing task for it ends.
+    fn still_to_probe(&self, server: ServerId) -> Option<Vec<String>> {
+        let mut reconnecting = self.reconnecting.lock();
+        let wanted = self.reclaim_owed.lock().contains_key(&server) || self.pool.is_silent(server);
+        let addresses = self
+            .volumes
+            .servers()
+            .into_iter()
+            .find(|(s, _)| *s == server)
+            .map(|(_, addresses)| addresses)
+            .filter(|_| wanted);
+        if addresses.is_none() {
+            reconnecting.remove(&server);
+        }
+        addresses
     }
 
     /// Reclaims over the new `connection` what this client held on `server`.
@@ -251,10 +276,11 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
+    use crate::chunk_index::CHUNK_BYTES;
     use crate::fake_cell::{FILE, FILE2, FakeCell};
     use crate::inode::Ino;
     use crate::manager::test_support::{WAIT_MAX, start_manager, start_manager_with};
-    use crate::manager::{FsError, LockRequest};
+    use crate::manager::{FsError, FsResult, LockRequest};
     use crate::server_pool::KEEPALIVE_IDLE;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -468,6 +494,119 @@ mod tests {
             .iter()
             .filter(|c| matches!(c, Request::ReclaimCallbacks { .. }));
         assert_eq!(reclaims.count(), 0, "{:?}", record.lock_calls);
+    }
+
+    /// Long enough that a call failing at once is told apart from one that waited.
+    const SILENT_RPC_TIMEOUT: Duration = Duration::from_secs(2);
+    /// Chunks of `FILE2`, each read by a reader of its own.
+    const READERS: u64 = 4;
+
+    /// A manager holding `FILE` under a callback and nothing of `FILE2` (four chunks),
+    /// and the fake's fileserver stopped: connections stay open, nothing answers.
+    async fn cached_then_stopped(cell: &FakeCell, dir: &std::path::Path) -> (Arc<Manager>, Ino) {
+        cell.set_content(
+            FILE2,
+            crate::manager::test_support::pattern(READERS * CHUNK_BYTES, 251),
+        );
+        let manager = start_manager_with(cell, dir, WAIT_MAX, SILENT_RPC_TIMEOUT, WAIT_MAX).await;
+        let one = manager.state.lock().inodes.ino_for(FILE);
+        assert_eq!(manager.read(one, 0, 4096).await.unwrap(), cell.content().0);
+        cell.set_stopped(0, true);
+        (manager, one)
+    }
+
+    /// Reads a page of each chunk of `FILE2` at once; how each ended and how long it took.
+    async fn parallel_uncached_reads(manager: &Arc<Manager>) -> Vec<(FsResult<()>, Duration)> {
+        let two = manager.state.lock().inodes.ino_for(FILE2);
+        let readers: Vec<_> = (0..READERS)
+            .map(|index| {
+                let manager = Arc::clone(manager);
+                tokio::spawn(async move {
+                    let began = Instant::now();
+                    let read = manager.read(two, index * CHUNK_BYTES, 4096).await;
+                    (read.map(|_| ()), began.elapsed())
+                })
+            })
+            .collect();
+        let mut outcomes = Vec::new();
+        for reader in readers {
+            outcomes.push(reader.await.unwrap());
+        }
+        outcomes
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stopped_server_costs_one_timeout_then_calls_fail_at_once_and_the_first_after_it_continues_succeeds()
+     {
+        let (cell, _stop) = FakeCell::start(b"cached".to_vec(), 0, 0).await;
+        let dir = tempfile::tempdir().unwrap();
+        let (manager, one) = cached_then_stopped(&cell, dir.path()).await;
+        let server = cell_server(&manager);
+
+        // The first readers wait out their timeout together; the server is marked silent.
+        for (outcome, took) in parallel_uncached_reads(&manager).await {
+            assert_eq!(outcome, Err(FsError::ETIMEDOUT));
+            assert!(took >= SILENT_RPC_TIMEOUT / 2, "{took:?}");
+            assert!(took < SILENT_RPC_TIMEOUT * 2, "{took:?}");
+        }
+        assert!(manager.pool.is_silent(server));
+        // The kernel asks for the same pages again: those calls fail without a timeout
+        // of their own, while cached data still answers.
+        for (outcome, took) in parallel_uncached_reads(&manager).await {
+            assert_eq!(outcome, Err(FsError::ETIMEDOUT));
+            assert!(took < SILENT_RPC_TIMEOUT / 2, "{took:?}");
+        }
+        assert_eq!(manager.read(one, 0, 4096).await.unwrap(), b"cached");
+
+        // Continued: the very next call is answered, not refused by the mark.
+        cell.set_stopped(0, false);
+        let two = manager.state.lock().inodes.ino_for(FILE2);
+        let read = manager.read(two, 0, 4096).await.unwrap();
+        assert_eq!(read, crate::manager::test_support::pattern(4096, 251));
+        assert!(!manager.pool.is_silent(server));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_silent_server_is_probed_until_it_answers_with_nobody_calling_and_checkservers_agrees()
+     {
+        let (cell, _stop) = FakeCell::start(b"cached".to_vec(), 0, 0).await;
+        let dir = tempfile::tempdir().unwrap();
+        let (manager, _) = cached_then_stopped(&cell, dir.path()).await;
+        let server = cell_server(&manager);
+        let two = manager.state.lock().inodes.ino_for(FILE2);
+        assert_eq!(manager.read(two, 0, 4096).await, Err(FsError::ETIMEDOUT));
+        assert!(manager.pool.is_silent(server));
+        let states = manager.check_servers().await;
+        assert!(states.iter().all(|state| !state.up), "{states:?}");
+        // Probes that time out keep it marked.
+        assert!(manager.pool.is_silent(server));
+
+        let pings = || {
+            let record = cell.record.lock();
+            record.requests.iter().filter(|(_, k)| *k == "Ping").count()
+        };
+        let pinged = pings();
+        cell.set_stopped(0, false);
+        eventually(|| !manager.pool.is_silent(server)).await;
+        eventually(|| pings() > pinged).await;
+        let states = manager.check_servers().await;
+        assert!(states.iter().all(|state| state.up), "{states:?}");
+        assert!(manager.read(two, 0, 4096).await.is_ok());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_refusing_server_is_not_silent_and_each_call_tries_it() {
+        let (cell, _stop) = FakeCell::start(b"cached".to_vec(), 0, 0).await;
+        let dir = tempfile::tempdir().unwrap();
+        let (manager, _) = cached_then_down(&cell, dir.path(), b"cached").await;
+        let server = cell_server(&manager);
+        let two = manager.state.lock().inodes.ino_for(FILE2);
+        assert_eq!(manager.read(two, 0, 4096).await, Err(FsError::ETIMEDOUT));
+        assert!(!manager.pool.is_silent(server));
+        let refused = cell.record.lock().refused_while_down;
+        assert_eq!(manager.read(two, 0, 4096).await, Err(FsError::ETIMEDOUT));
+        // The call itself got as far as the server, which a silent mark would have saved.
+        assert!(cell.record.lock().refused_while_down > refused);
     }
 
     fn cell_server(manager: &Manager) -> ServerId {
