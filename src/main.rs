@@ -138,6 +138,11 @@ enum Command {
         /// Write this file once the mount is live.
         #[arg(long, value_name = "FILE")]
         ready_file: Option<PathBuf>,
+        /// Status entries kept for files the kernel no longer holds (AFS's `afsd -stat`);
+        /// cached listings and idle inode numbers are bounded in proportion.
+        #[arg(long, value_name = "N", default_value_t = cachemgr::status::STATUS_ENTRIES_MAX_DEFAULT as u64,
+              value_parser = clap::value_parser!(u64).range(1..=1 << 32))]
+        stat_entries: u64,
     },
     /// Talk to the cache manager of a mount: mount points, cache state, servers.
     Fs {
@@ -376,6 +381,7 @@ fn run(cli: Cli) -> Result<()> {
             timeout,
             failover_timeout,
             ready_file,
+            stat_entries,
         } => {
             process::init_tracing("info");
             let cell = CellConfig::locate(cell_path.as_deref()).context("find the cell")?;
@@ -392,6 +398,7 @@ fn run(cli: Cli) -> Result<()> {
                 rpc_timeout,
                 failover_timeout,
                 lease_renew_interval: cachemgr::LEASE_RENEW_INTERVAL_DEFAULT,
+                status_entries_max: usize::try_from(stat_entries).unwrap_or(usize::MAX),
             };
             let shutdown = process::shutdown_on_signals_blocking()?;
             let mountpoint = config.mountpoint.clone();

@@ -63,6 +63,9 @@ pub struct Config {
     /// How often the lock lease is renewed on servers where a lock is held or awaited;
     /// keep it well under the servers' lease (a third of it).
     pub lease_renew_interval: Duration,
+    /// Status entries kept for files the kernel no longer holds (AFS's `afsd -stat`);
+    /// listings and idle inode numbers are bounded in proportion (`TableBudget`).
+    pub status_entries_max: usize,
 }
 
 impl Config {
@@ -78,6 +81,7 @@ impl Config {
             rpc_timeout: RPC_TIMEOUT_DEFAULT,
             failover_timeout: FAILOVER_TIMEOUT_DEFAULT,
             lease_renew_interval: LEASE_RENEW_INTERVAL_DEFAULT,
+            status_entries_max: status::STATUS_ENTRIES_MAX_DEFAULT,
         }
     }
 }
