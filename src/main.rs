@@ -149,6 +149,11 @@ enum Command {
         /// fails with EROFS instead of landing on local disk).
         #[arg(long)]
         over_guard: bool,
+        /// Status entries kept for files the kernel no longer holds (AFS's `afsd -stat`);
+        /// cached listings and idle inode numbers are bounded in proportion.
+        #[arg(long, value_name = "N", default_value_t = cachemgr::status::STATUS_ENTRIES_MAX_DEFAULT as u64,
+              value_parser = clap::value_parser!(u64).range(1..=1 << 32))]
+        stat_entries: u64,
     },
     /// Talk to the cache manager of a mount: mount points, cache state, servers.
     Fs {
@@ -392,6 +397,7 @@ fn run(cli: Cli) -> Result<()> {
             failover_timeout,
             ready_file,
             over_guard,
+            stat_entries,
         } => {
             process::init_tracing("info");
             let cell = CellConfig::locate(cell_path.as_deref()).context("find the cell")?;
@@ -409,6 +415,7 @@ fn run(cli: Cli) -> Result<()> {
                 failover_timeout,
                 lease_renew_interval: cachemgr::LEASE_RENEW_INTERVAL_DEFAULT,
                 over_guard,
+                status_entries_max: usize::try_from(stat_entries).unwrap_or(usize::MAX),
             };
             let shutdown = process::shutdown_on_signals_blocking()?;
             let mountpoint = config.mountpoint.clone();

@@ -67,6 +67,9 @@ pub struct Config {
     /// guard: while no cache manager serves the mount, nothing lands on local disk)
     /// instead of on a bare empty directory.
     pub over_guard: bool,
+    /// Status entries kept for files the kernel no longer holds (AFS's `afsd -stat`);
+    /// listings and idle inode numbers are bounded in proportion (`TableBudget`).
+    pub status_entries_max: usize,
 }
 
 impl Config {
@@ -83,6 +86,7 @@ impl Config {
             failover_timeout: FAILOVER_TIMEOUT_DEFAULT,
             lease_renew_interval: LEASE_RENEW_INTERVAL_DEFAULT,
             over_guard: false,
+            status_entries_max: status::STATUS_ENTRIES_MAX_DEFAULT,
         }
     }
 }

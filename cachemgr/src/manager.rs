@@ -21,6 +21,7 @@ mod attr;
 mod callback_sink;
 mod data;
 mod fs_error;
+mod kernel_refs;
 mod namespace;
 #[cfg(test)]
 mod pair_tests;
@@ -45,7 +46,7 @@ use crate::invalidate::Invalidator;
 use crate::lock_waits::LockWaits;
 use crate::readahead::ReadAhead;
 use crate::server_pool::{CallbackSink, KEEPALIVE_IDLE, ServerPool};
-use crate::status::StatusTable;
+use crate::status::{StatusTable, TableBudget};
 use crate::volume::{VolumeLocation, VolumeTable};
 
 /// Longest the kernel may cache attributes and entries before asking again; breaks
@@ -112,6 +113,8 @@ pub struct ManagerSettings {
     pub cache_bytes_max: u64,
     /// How often the lease is renewed on servers where a lock is held or awaited.
     pub lease_renew_interval: Duration,
+    /// What the inode and status tables may hold beyond what the kernel references.
+    pub table_budget: TableBudget,
 }
 
 /// Answers filesystem operations from the status and chunk caches under callback
@@ -156,6 +159,8 @@ pub struct Manager {
     /// Servers a reconnect task is trying; at most one task per server.
     reconnecting: Mutex<HashSet<ServerId>>,
     runtime: tokio::runtime::Handle,
+    /// Hands freed memory back to the system after the tables dropped many entries.
+    memory_return: kernel_refs::MemoryReturn,
 }
 
 impl Manager {
@@ -196,8 +201,8 @@ impl Manager {
             volumes,
             pool,
             state: Mutex::new(CacheState {
-                inodes: InodeTable::new(root_fid),
-                statuses: StatusTable::default(),
+                inodes: InodeTable::with_idle_max(root_fid, settings.table_budget.idle_inodes_max),
+                statuses: StatusTable::with_budget(settings.table_budget),
             }),
             chunks,
             file_locks: Mutex::new(FileLocks::default()),
@@ -213,6 +218,7 @@ impl Manager {
             reclaim_owed: Mutex::new(HashMap::new()),
             reconnecting: Mutex::new(HashSet::new()),
             runtime: tokio::runtime::Handle::current(),
+            memory_return: kernel_refs::MemoryReturn::default(),
         });
         manager.spawn_lease_renewal(settings.lease_renew_interval);
         let sink: Arc<dyn CallbackSink> = manager.clone();
@@ -230,9 +236,8 @@ impl Manager {
     }
 
     /// The kernel dropped `nlookup` of its references to `ino` (`forget`).
-    // TODO(issue 14, bounded memory): count lookups and drop forgotten inodes.
     pub fn forget(&self, ino: Ino, nlookup: u64) {
-        let _ = (ino, nlookup);
+        self.forget_lookups(ino, nlookup);
     }
 
     fn fid(&self, ino: Ino) -> FsResult<Fid> {

@@ -172,6 +172,7 @@ pub fn run(
         chunk_dir: cache_dir.join("chunks"),
         cache_bytes_max: config.cache_bytes_max,
         lease_renew_interval: config.lease_renew_interval,
+        table_budget: crate::status::TableBudget::from_status_entries(config.status_entries_max),
     };
     let manager = runtime.block_on(Manager::start(settings, vldb, pool, invalidator.clone()))?;
 

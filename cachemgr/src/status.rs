@@ -1,21 +1,59 @@
 //! The status cache: per fid, the last `VnodeStatus` seen, its callback promise and what
 //! hangs off it (listing, link content, the data version the kernel's pages hold).
 //! Invariant: a status is served without an RPC only while its callback holds, counted
-//! from when the request was sent (so it errs early), and never goes back a data version.
+//! from when the request was sent (so it errs early), and never goes back a data version;
+//! the table holds at most its budget of entries the kernel does not hold (pinned ones are
+//! never evicted, nor ones with unstored writes) and of listed names.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use proto::{CallbackGrant, DataVersion, Fid, VnodeStatus};
 
 use crate::listing::{DirChange, Listing, ListingOutcome, apply_own_change};
 
+/// Default number of status entries (AFS's `afsd -stat`): beyond it, the least recently
+/// used entries the kernel no longer holds are evicted.
+pub const STATUS_ENTRIES_MAX_DEFAULT: usize = 32_768;
+/// Evicted fids whose callbacks wait to be given up; beyond this they are left to expire.
+const EVICTED_PENDING_MAX: usize = 4096;
+
+/// What the status table, its listings and the idle inode numbers may hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TableBudget {
+    /// Status entries the kernel does not hold, kept as a cache.
+    pub status_entries_max: usize,
+    /// Names over all cached listings.
+    pub listing_entries_max: usize,
+    /// Inode numbers given out (as a listing's `d_ino`) but never looked up.
+    pub idle_inodes_max: usize,
+}
+
+impl TableBudget {
+    /// The budget that follows from a number of status entries: four listed names and
+    /// half an idle inode number per entry.
+    pub fn from_status_entries(entries: usize) -> TableBudget {
+        let entries = entries.max(1);
+        TableBudget {
+            status_entries_max: entries,
+            listing_entries_max: entries.saturating_mul(4),
+            idle_inodes_max: (entries / 2).max(1),
+        }
+    }
+}
+
+impl Default for TableBudget {
+    fn default() -> TableBudget {
+        TableBudget::from_status_entries(STATUS_ENTRIES_MAX_DEFAULT)
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct StatusEntry {
     pub status: VnodeStatus,
     /// When the callback promise ends; `None` when none is held.
     pub callback_until: Option<Instant>,
-    /// The directory's listing, when cached.
+    /// The directory's listing, when cached. Changed only by the table, which counts it.
     pub listing: Option<Listing>,
     /// The file's size including writes not yet stored on the server.
     pub local_size: Option<u64>,
@@ -23,6 +61,10 @@ pub struct StatusEntry {
     pub kernel_version: Option<DataVersion>,
     /// A symlink's target or a mount point's content, with the version it was read at.
     pub content: Option<(DataVersion, Vec<u8>)>,
+    /// When the entry was last used (its key in the table's LRU order when unpinned).
+    last_use: u64,
+    /// When the listing was cached (its key in the table's listing order).
+    listed_at: u64,
 }
 
 impl StatusEntry {
@@ -73,20 +115,47 @@ pub fn only_own_changes(before: DataVersion, changes: u64, after: DataVersion) -
     changes > 0 && before.0.checked_add(changes) == Some(after.0)
 }
 
-/// Every status this client has seen, by fid. Pure: a method that needs the time takes
-/// it as an argument (`apply_own_dir_change` stamps a directory it has no entry for with
-/// `Instant::now()`, but without a callback that time is never read).
+/// Every status this client has seen, within its budget, by fid. Pure: a method that
+/// needs the time takes it as an argument (`apply_own_dir_change` stamps a directory it
+/// has no entry for with `Instant::now()`, but without a callback that time is never
+/// read). "Use" is a tick of the table's own clock, not time.
 #[derive(Debug, Default)]
 pub struct StatusTable {
     entries: HashMap<Fid, StatusEntry>,
+    /// Fids whose inode the kernel holds: never evicted. Kept apart from `entries` so a
+    /// status dropped and fetched again is still pinned.
+    pinned: HashSet<Fid>,
+    /// Unpinned entries by last use, least recent first.
+    lru: BTreeMap<u64, Fid>,
+    /// Cached listings by when they were cached, oldest first.
+    listings: BTreeMap<u64, Fid>,
+    /// Names over all cached listings.
+    listing_entries: usize,
+    clock: u64,
+    budget: TableBudget,
+    /// Evicted fids that held a callback, to be given up.
+    evicted: Vec<Fid>,
 }
 
 impl StatusTable {
+    pub fn with_budget(budget: TableBudget) -> StatusTable {
+        StatusTable {
+            budget,
+            ..StatusTable::default()
+        }
+    }
+
+    pub fn budget(&self) -> TableBudget {
+        self.budget
+    }
+
     pub fn get(&self, fid: Fid) -> Option<&StatusEntry> {
         self.entries.get(&fid)
     }
 
+    /// The entry, counted as a use. Its listing must not be changed through it.
     pub fn get_mut(&mut self, fid: Fid) -> Option<&mut StatusEntry> {
+        self.touch(fid);
         self.entries.get_mut(&fid)
     }
 
@@ -114,8 +183,12 @@ impl StatusTable {
                     local_size: None,
                     kernel_version: None,
                     content: None,
+                    last_use: 0,
+                    listed_at: 0,
                 },
             );
+            self.touch(fid);
+            self.evict_over_budget();
             return Applied {
                 version_changed: false,
                 ignored: false,
@@ -129,14 +202,12 @@ impl StatusTable {
             };
         }
         let version_changed = status.data_version != entry.status.data_version;
+        let mut listing_stale = false;
         if version_changed {
-            if entry
+            listing_stale = entry
                 .listing
                 .as_ref()
-                .is_some_and(|l| l.data_version != status.data_version)
-            {
-                entry.listing = None;
-            }
+                .is_some_and(|l| l.data_version != status.data_version);
             if entry
                 .content
                 .as_ref()
@@ -150,6 +221,10 @@ impl StatusTable {
             // A later grant never shortens a promise already held.
             entry.callback_until = Some(entry.callback_until.map_or(until, |u| u.max(until)));
         }
+        if listing_stale {
+            self.drop_listing(fid);
+        }
+        self.touch(fid);
         Applied {
             version_changed,
             ignored: false,
@@ -163,10 +238,28 @@ impl StatusTable {
         dir: VnodeStatus,
         changes: &[DirChange],
     ) -> ListingOutcome {
-        match self.entries.get_mut(&dir.fid) {
+        let fid = dir.fid;
+        match self.entries.get_mut(&fid) {
             Some(entry) if dir.data_version >= entry.status.data_version => {
+                let before = entry.listing.as_ref().map_or(0, Listing::len);
+                let (had_listing, listed_at) = (entry.listing.is_some(), entry.listed_at);
                 let outcome = apply_own_change(&mut entry.listing, dir.data_version, changes);
                 entry.status = dir;
+                match outcome {
+                    ListingOutcome::Applied => {
+                        let after = entry.listing.as_ref().map_or(0, Listing::len);
+                        self.listing_entries = self.listing_entries - before + after;
+                        self.trim_listings(Some(fid));
+                    }
+                    ListingOutcome::Dropped => {
+                        // `apply_own_change` took the listing away.
+                        self.listing_entries -= before;
+                        if had_listing {
+                            self.listings.remove(&listed_at);
+                        }
+                    }
+                }
+                self.touch(fid);
                 outcome
             }
             Some(_) => ListingOutcome::Dropped,
@@ -200,12 +293,30 @@ impl StatusTable {
         applied
     }
 
-    pub fn set_listing(&mut self, dir: Fid, listing: Listing) {
-        if let Some(entry) = self.entries.get_mut(&dir)
-            && entry.status.data_version == listing.data_version
-        {
-            entry.listing = Some(listing);
+    /// Caches `listing` of `dir` if it is of the directory's current version and fits
+    /// the budget, dropping the oldest other listings to make room. True when cached.
+    pub fn set_listing(&mut self, dir: Fid, listing: Listing) -> bool {
+        if listing.len() > self.budget.listing_entries_max {
+            return false;
         }
+        let current = self
+            .entries
+            .get(&dir)
+            .is_some_and(|e| e.status.data_version == listing.data_version);
+        if !current {
+            return false;
+        }
+        self.drop_listing(dir);
+        self.clock += 1;
+        let stamp = self.clock;
+        self.listing_entries += listing.len();
+        if let Some(entry) = self.entries.get_mut(&dir) {
+            entry.listing = Some(listing);
+            entry.listed_at = stamp;
+        }
+        self.listings.insert(stamp, dir);
+        self.trim_listings(Some(dir));
+        true
     }
 
     /// The server broke the callback: the status may be stale, the listing is.
@@ -216,9 +327,10 @@ impl StatusTable {
         entry.callback_until = None;
         let names = entry
             .listing
-            .take()
+            .as_ref()
             .map(|l| l.names().map(str::to_owned).collect())
             .unwrap_or_default();
+        self.drop_listing(fid);
         Broken { names }
     }
 
@@ -234,7 +346,41 @@ impl StatusTable {
     }
 
     pub fn remove(&mut self, fid: Fid) -> Option<StatusEntry> {
-        self.entries.remove(&fid)
+        self.drop_listing(fid);
+        let entry = self.entries.remove(&fid)?;
+        self.lru.remove(&entry.last_use);
+        Some(entry)
+    }
+
+    /// The kernel holds `fid`'s inode: its entry is never evicted.
+    pub fn pin(&mut self, fid: Fid) {
+        if self.pinned.insert(fid)
+            && let Some(entry) = self.entries.get(&fid)
+        {
+            self.lru.remove(&entry.last_use);
+        }
+    }
+
+    /// The kernel forgot `fid`'s inode: its entry becomes the most recently used of
+    /// those that may be evicted, and the table is brought back within its budget.
+    pub fn unpin(&mut self, fid: Fid) {
+        if self.pinned.remove(&fid) {
+            self.touch(fid);
+            self.evict_over_budget();
+        }
+    }
+
+    /// The fids evicted with a callback since the last call, to give those up.
+    pub fn take_evicted(&mut self) -> Vec<Fid> {
+        std::mem::take(&mut self.evicted)
+    }
+
+    /// As `take_evicted`, once at least `count` are waiting (none before).
+    pub fn take_evicted_batch(&mut self, count: usize) -> Vec<Fid> {
+        if self.evicted.len() < count {
+            return Vec::new();
+        }
+        self.take_evicted()
     }
 
     pub fn len(&self) -> usize {
@@ -252,6 +398,110 @@ impl StatusTable {
             .iter()
             .filter(move |(_, entry)| entry.callback_valid(now))
             .map(|(fid, _)| *fid)
+    }
+
+    /// Names over all cached listings.
+    pub fn listing_entries(&self) -> usize {
+        self.listing_entries
+    }
+
+    /// Entries the kernel holds.
+    pub fn pinned(&self) -> usize {
+        self.pinned.len()
+    }
+
+    /// Counts a use of `fid`'s entry: an unpinned one moves to the back of the LRU order.
+    fn touch(&mut self, fid: Fid) {
+        let Some(entry) = self.entries.get_mut(&fid) else {
+            return;
+        };
+        self.clock += 1;
+        let old = std::mem::replace(&mut entry.last_use, self.clock);
+        if self.pinned.contains(&fid) {
+            return;
+        }
+        self.lru.remove(&old);
+        self.lru.insert(self.clock, fid);
+    }
+
+    /// Evicts the least recently used unpinned entries while more than the budget's
+    /// entries are unpinned. One with unstored writes (`local_size`) is skipped and not
+    /// counted: it holds the size `stat` must show until they are stored.
+    fn evict_over_budget(&mut self) {
+        let mut skipped = Vec::new();
+        let mut evicted_any = false;
+        while self.lru.len() > self.budget.status_entries_max {
+            let Some((stamp, fid)) = self.lru.pop_first() else {
+                break;
+            };
+            let dirty = self
+                .entries
+                .get(&fid)
+                .is_some_and(|e| e.local_size.is_some());
+            if dirty {
+                skipped.push((stamp, fid));
+                continue;
+            }
+            self.drop_listing(fid);
+            if let Some(entry) = self.entries.remove(&fid) {
+                evicted_any = true;
+                if entry.callback_until.is_some() && self.evicted.len() < EVICTED_PENDING_MAX {
+                    self.evicted.push(fid);
+                }
+            }
+        }
+        self.lru.extend(skipped);
+        if evicted_any {
+            let len = self.entries.len();
+            if self.entries.capacity() > 1024 && len < self.entries.capacity() / 4 {
+                self.entries.shrink_to(len * 2);
+            }
+            if self.pinned.capacity() > 1024 && self.pinned.len() < self.pinned.capacity() / 4 {
+                self.pinned.shrink_to(self.pinned.len() * 2);
+            }
+        }
+    }
+
+    /// Drops `fid`'s listing, if cached, and its accounting.
+    fn drop_listing(&mut self, fid: Fid) {
+        let Some(entry) = self.entries.get_mut(&fid) else {
+            return;
+        };
+        if let Some(listing) = entry.listing.take() {
+            self.listing_entries -= listing.len();
+            self.listings.remove(&entry.listed_at);
+        }
+    }
+
+    /// Drops the oldest listings (but `keep`'s) while over the budget's names.
+    fn trim_listings(&mut self, keep: Option<Fid>) {
+        let mut kept = None;
+        while self.listing_entries > self.budget.listing_entries_max {
+            let Some((stamp, fid)) = self.listings.pop_first() else {
+                break;
+            };
+            if Some(fid) == keep {
+                kept = Some((stamp, fid));
+                continue;
+            }
+            if let Some(entry) = self.entries.get_mut(&fid)
+                && let Some(listing) = entry.listing.take()
+            {
+                self.listing_entries -= listing.len();
+            }
+        }
+        if let Some((stamp, fid)) = kept {
+            if self.listing_entries > self.budget.listing_entries_max {
+                // Alone over the budget (it grew by this client's creates): dropped too.
+                if let Some(entry) = self.entries.get_mut(&fid)
+                    && let Some(listing) = entry.listing.take()
+                {
+                    self.listing_entries -= listing.len();
+                }
+            } else {
+                self.listings.insert(stamp, fid);
+            }
+        }
     }
 }
 
@@ -428,5 +678,149 @@ mod tests {
         assert_eq!(reset, [fid(2)]);
         assert!(table.fresh(fid(2), now).is_none());
         assert!(table.fresh(fid(3), now).is_some());
+    }
+
+    fn small_budget(entries: usize, listed: usize) -> TableBudget {
+        TableBudget {
+            status_entries_max: entries,
+            listing_entries_max: listed,
+            idle_inodes_max: entries,
+        }
+    }
+
+    fn listing_of(dv: u64, names: &[&str]) -> Listing {
+        Listing::new(
+            DataVersion(dv),
+            names.iter().enumerate().map(|(i, name)| DirEntry {
+                name: (*name).to_owned(),
+                fid: fid(100 + i as u64),
+                kind: FileKind::File,
+            }),
+        )
+    }
+
+    #[test]
+    fn unpinned_entries_beyond_the_budget_go_least_recently_used_first() {
+        let mut table = StatusTable::with_budget(small_budget(2, 100));
+        let now = Instant::now();
+        table.apply(status(2, FileKind::File, 1), GRANT, now);
+        table.apply(status(3, FileKind::File, 1), None, now);
+        // A use moves 2 behind 3.
+        table.get_mut(fid(2));
+        table.apply(status(4, FileKind::File, 1), None, now);
+        assert!(table.get(fid(3)).is_none(), "least recently used");
+        assert!(table.get(fid(2)).is_some() && table.get(fid(4)).is_some());
+        table.apply(status(5, FileKind::File, 1), None, now);
+        assert!(table.get(fid(2)).is_none());
+        // 2 held a callback: it is to be given up; 3 held none.
+        assert_eq!(table.take_evicted(), [fid(2)]);
+        assert!(table.take_evicted().is_empty());
+        assert_eq!(table.len(), 2);
+    }
+
+    #[test]
+    fn pinned_entries_are_never_evicted_and_stay_pinned_when_fetched_again() {
+        let mut table = StatusTable::with_budget(small_budget(1, 100));
+        let now = Instant::now();
+        table.pin(fid(2));
+        table.apply(status(2, FileKind::File, 1), GRANT, now);
+        table.pin(fid(3));
+        table.apply(status(3, FileKind::File, 1), GRANT, now);
+        for vnode in 10..20 {
+            table.apply(status(vnode, FileKind::File, 1), None, now);
+        }
+        assert!(table.get(fid(2)).is_some() && table.get(fid(3)).is_some());
+        assert_eq!(table.len(), 3, "two pinned and one unpinned");
+        assert_eq!(table.pinned(), 2);
+        // Dropped (`fs flush`) and fetched again, a pinned status is still pinned.
+        table.remove(fid(2));
+        table.apply(status(2, FileKind::File, 2), GRANT, now);
+        table.apply(status(21, FileKind::File, 1), None, now);
+        assert!(table.get(fid(2)).is_some());
+        // Unpinned, it is the most recent of the evictable ones: the others go first.
+        table.unpin(fid(3));
+        assert!(table.get(fid(3)).is_some());
+        assert!(table.get(fid(21)).is_none());
+        table.apply(status(22, FileKind::File, 1), None, now);
+        assert!(table.get(fid(3)).is_none());
+        assert!(table.get(fid(2)).is_some());
+    }
+
+    #[test]
+    fn an_entry_with_unstored_writes_is_skipped_by_eviction() {
+        let mut table = StatusTable::with_budget(small_budget(1, 100));
+        let now = Instant::now();
+        table.apply(status(2, FileKind::File, 1), None, now);
+        table.get_mut(fid(2)).unwrap().local_size = Some(4096);
+        table.apply(status(3, FileKind::File, 1), None, now);
+        table.apply(status(4, FileKind::File, 1), None, now);
+        assert_eq!(table.get(fid(2)).unwrap().size(), 4096);
+        assert!(table.get(fid(3)).is_none());
+        assert!(
+            table.get(fid(4)).is_some(),
+            "the unstored one is not counted"
+        );
+        assert_eq!(table.len(), 2);
+        // Once stored, it is an ordinary entry again.
+        table.get_mut(fid(2)).unwrap().local_size = None;
+        table.apply(status(5, FileKind::File, 1), None, now);
+        assert!(table.get(fid(2)).is_none() && table.get(fid(4)).is_none());
+        assert_eq!(table.len(), 1);
+    }
+
+    #[test]
+    fn listings_are_bounded_in_names_oldest_dropped_first() {
+        let mut table = StatusTable::with_budget(small_budget(100, 4));
+        let now = Instant::now();
+        for dir in [1, 2, 3] {
+            table.pin(fid(dir));
+            table.apply(status(dir, FileKind::Directory, 7), GRANT, now);
+        }
+        assert!(!table.set_listing(fid(1), listing_of(7, &["a", "b", "c", "d", "e"])));
+        assert_eq!(table.listing_entries(), 0, "larger than the whole budget");
+        assert!(table.set_listing(fid(1), listing_of(7, &["a", "b"])));
+        assert!(table.set_listing(fid(2), listing_of(7, &["a", "b"])));
+        assert_eq!(table.listing_entries(), 4);
+        assert!(table.set_listing(fid(3), listing_of(7, &["a"])));
+        assert!(
+            table.get(fid(1)).unwrap().listing.is_none(),
+            "oldest dropped"
+        );
+        assert!(table.get(fid(2)).unwrap().listing.is_some());
+        assert_eq!(table.listing_entries(), 3);
+        // Every way a listing goes is counted.
+        table.break_callback(fid(3));
+        assert_eq!(table.listing_entries(), 2);
+        table.apply(status(2, FileKind::Directory, 9), None, now);
+        assert_eq!(table.listing_entries(), 0);
+        assert!(table.set_listing(fid(2), listing_of(9, &["a"])));
+        let insert = DirChange::Insert {
+            name: "z".into(),
+            entry: ListEntry {
+                fid: fid(50),
+                kind: FileKind::File,
+            },
+        };
+        table.apply_own_dir_change(
+            status(2, FileKind::Directory, 10),
+            std::slice::from_ref(&insert),
+        );
+        assert_eq!(table.listing_entries(), 2);
+        table.apply_own_dir_change(status(2, FileKind::Directory, 12), &[insert]);
+        assert_eq!(table.listing_entries(), 0);
+        assert!(table.set_listing(fid(2), listing_of(12, &["a", "b", "c"])));
+        table.remove(fid(2));
+        assert_eq!(table.listing_entries(), 0);
+    }
+
+    #[test]
+    fn an_evicted_directory_takes_its_listing_with_it() {
+        let mut table = StatusTable::with_budget(small_budget(1, 100));
+        let now = Instant::now();
+        table.apply(status(1, FileKind::Directory, 3), GRANT, now);
+        assert!(table.set_listing(fid(1), listing_of(3, &["a", "b"])));
+        table.apply(status(2, FileKind::File, 1), None, now);
+        assert!(table.get(fid(1)).is_none());
+        assert_eq!(table.listing_entries(), 0);
     }
 }

@@ -7,10 +7,7 @@ use std::ffi::OsStr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use proto::{
-    CallbackGrant, Fid, FileKind, Request, Response, VnodeStatus, VolumeName, VolumeSpace,
-    check_entry_name,
-};
+use proto::{Fid, FileKind, Request, Response, VolumeName, VolumeSpace, check_entry_name};
 use tracing::{debug, warn};
 
 use super::fs_error::unexpected;
@@ -22,12 +19,16 @@ use crate::listing::{DirChange, ListEntry, Listing};
 const READDIR_PAGE: u32 = 1024;
 /// A directory larger than this is refused rather than held in memory.
 const LISTING_ENTRIES_MAX: usize = 4_000_000;
-/// Attempts to list a directory that keeps changing between pages.
-const LISTING_ATTEMPTS: usize = 3;
 /// Largest symlink target or mount point content read.
 const CONTENT_BYTES_MAX: u32 = 64 * 1024;
 /// Directory streams open at once.
 const DIR_HANDLES_MAX: usize = 65_536;
+
+/// A listing as fetched, and whether all its pages came from one data version.
+struct FetchedListing {
+    listing: Listing,
+    consistent: bool,
+}
 
 /// A directory as one `opendir` stream sees it: offsets index into `entries`.
 #[derive(Debug)]
@@ -67,74 +68,109 @@ impl Manager {
         self.attr(fid)
     }
 
-    async fn fetch_listing(&self, dir: Fid) -> FsResult<Listing> {
-        for _ in 0..LISTING_ATTEMPTS {
+    /// Lists `dir` page by page. Every page is read at one data version; when all share
+    /// one, the listing is that version's and is cached. When the directory changed
+    /// between pages the listing is still whole for a directory stream, as POSIX allows
+    /// one: the pages resume after the last name, so each entry present throughout
+    /// appears once and one added or removed meanwhile may or may not. Such a listing is
+    /// not cached, and nothing else needs it: lookups ask the server (`dir_entry`).
+    async fn fetch_listing(&self, dir: Fid) -> FsResult<FetchedListing> {
+        let mut first_version = None;
+        let mut consistent = true;
+        let mut entries = Vec::new();
+        let mut after = None;
+        let version = loop {
             let sent_at = Instant::now();
-            let mut first: Option<(VnodeStatus, Option<CallbackGrant>)> = None;
-            let mut entries = Vec::new();
-            let mut after = None;
-            let mut consistent = true;
-            loop {
-                let request = Request::ReadDir {
-                    dir,
-                    after: after.clone(),
-                    count_max: READDIR_PAGE,
-                };
-                let (status, callback, page, more) = match self.call(dir.volume, request).await? {
-                    Response::DirPage {
-                        dir,
-                        callback,
-                        entries,
-                        more,
-                    } => (dir, callback, entries, more),
-                    other => return Err(unexpected(&other)),
-                };
-                match &first {
-                    Some((s, _)) if s.data_version != status.data_version => {
-                        consistent = false;
-                        break;
-                    }
-                    Some(_) => {}
-                    None => first = Some((status, callback)),
-                }
-                after = page.last().map(|e| e.name.clone());
-                entries.extend(page);
-                if entries.len() > LISTING_ENTRIES_MAX {
-                    warn!(%dir, "directory has more than {LISTING_ENTRIES_MAX} entries; refusing to list it");
-                    return Err(FsError::EFBIG);
-                }
-                if !more || after.is_none() {
-                    break;
-                }
-            }
-            if !consistent {
-                debug!(%dir, "directory changed while listing; starting over");
-                continue;
-            }
-            let Some((status, callback)) = first else {
-                return Err(FsError::EIO);
+            let request = Request::ReadDir {
+                dir,
+                after: after.clone(),
+                count_max: READDIR_PAGE,
             };
-            let listing = Listing::new(status.data_version, entries);
+            let (status, callback, page, more) = match self.call(dir.volume, request).await? {
+                Response::DirPage {
+                    dir,
+                    callback,
+                    entries,
+                    more,
+                } => (dir, callback, entries, more),
+                other => return Err(unexpected(&other)),
+            };
+            let version = status.data_version;
+            if *first_version.get_or_insert(version) != version {
+                consistent = false;
+            }
             self.absorb(status, callback, sent_at);
-            self.state.lock().statuses.set_listing(dir, listing.clone());
-            return Ok(listing);
+            after = page.last().map(|e| e.name.clone());
+            entries.extend(page);
+            if entries.len() > LISTING_ENTRIES_MAX {
+                warn!(%dir, "directory has more than {LISTING_ENTRIES_MAX} entries; refusing to list it");
+                return Err(FsError::EFBIG);
+            }
+            if !more || after.is_none() {
+                break version;
+            }
+        };
+        if !consistent {
+            debug!(%dir, entries = entries.len(), "directory changed while listing; the stream shows it as it went");
         }
-        Err(FsError::EAGAIN)
+        let listing = Listing::new(version, entries);
+        if consistent {
+            self.state.lock().statuses.set_listing(dir, listing.clone());
+        }
+        Ok(FetchedListing {
+            listing,
+            consistent,
+        })
     }
 
-    /// One name of a directory, from the cached listing when it is current.
+    /// One name of a directory: from the cached listing when it is current; from a
+    /// fetched listing when the directory fits in one page (so later lookups need no
+    /// RPC); otherwise, or when the directory changed while being listed, asked of the
+    /// server by name. A large busy directory is never listed for a lookup or a create.
     pub(super) async fn dir_entry(&self, dir: Fid, name: &str) -> FsResult<Option<ListEntry>> {
-        {
+        let small = {
             let state = self.state.lock();
-            if let Some(listing) = state
-                .statuses
-                .get(dir)
-                .and_then(|e| e.fresh_listing(Instant::now()))
-            {
+            let entry = state.statuses.get(dir);
+            if let Some(listing) = entry.and_then(|e| e.fresh_listing(Instant::now())) {
                 return Ok(listing.get(name));
             }
+            let listed_max =
+                (READDIR_PAGE as u64).min(state.statuses.budget().listing_entries_max as u64 / 4);
+            entry.is_some_and(|e| e.status.size <= listed_max)
+        };
+        if small {
+            let fetched = self.fetch_listing(dir).await?;
+            if fetched.consistent {
+                return Ok(fetched.listing.get(name));
+            }
         }
-        Ok(self.fetch_listing(dir).await?.get(name))
+        self.lookup_by_name(dir, name).await
+    }
+
+    /// Asks the server for one name of `dir`; `None` when there is no such entry.
+    async fn lookup_by_name(&self, dir: Fid, name: &str) -> FsResult<Option<ListEntry>> {
+        let sent_at = Instant::now();
+        let request = Request::Lookup {
+            dir,
+            name: name.to_owned(),
+        };
+        let (status, callback, dir_status) = match self.call(dir.volume, request).await {
+            Ok(Response::Entry {
+                status,
+                callback,
+                dir,
+            }) => (status, callback, dir),
+            Ok(other) => return Err(unexpected(&other)),
+            Err(FsError::ENOENT) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let entry = ListEntry {
+            fid: status.fid,
+            kind: status.kind,
+        };
+        self.absorb(dir_status, None, sent_at);
+        self.absorb(status, callback, sent_at);
+        Ok(Some(entry))
     }
 
     /// A symlink's target or a mount point's content.
@@ -198,7 +234,7 @@ impl Manager {
             entry.fid
         };
         self.valid_status(fid).await?;
-        self.attr(fid)
+        self.entry_attr(fid)
     }
 
     async fn snapshot(&self, ino: Ino) -> FsResult<Arc<DirSnapshot>> {
@@ -213,7 +249,7 @@ impl Manager {
         };
         let listing = match listing {
             Some(listing) => listing,
-            None => self.fetch_listing(dir).await?,
+            None => self.fetch_listing(dir).await?.listing,
         };
         let mut state = self.state.lock();
         let mut entries = Vec::with_capacity(listing.len() + 2);
@@ -258,18 +294,31 @@ impl Manager {
     }
 
     /// Sends `request`, which makes the entry `name` in `dir`, and applies its answer.
+    /// The reply hands the entry to the kernel: its lookup is counted.
     async fn make_entry(&self, dir: Fid, name: &str, request: Request) -> FsResult<AttrOut> {
         let sent_at = Instant::now();
         let response = self.call(dir.volume, request).await?;
-        self.absorb_entry(response, name, sent_at)
+        let fid = self.absorb_entry_status(response, name, sent_at)?;
+        self.entry_attr(fid)
     }
 
+    /// Applies the answer to a call that made the entry `name` (no lookup counted).
     pub(super) fn absorb_entry(
         &self,
         response: Response,
         name: &str,
         sent_at: Instant,
     ) -> FsResult<AttrOut> {
+        let fid = self.absorb_entry_status(response, name, sent_at)?;
+        self.attr(fid)
+    }
+
+    fn absorb_entry_status(
+        &self,
+        response: Response,
+        name: &str,
+        sent_at: Instant,
+    ) -> FsResult<Fid> {
         let (status, callback, dir) = match response {
             Response::Entry {
                 status,
@@ -291,7 +340,7 @@ impl Manager {
             .statuses
             .apply_own_dir_change(dir, &[change]);
         self.absorb(status, callback, sent_at);
-        self.attr(fid)
+        Ok(fid)
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -56,6 +56,7 @@ pub(super) async fn start_manager_with(
         chunk_dir: dir.join("chunks"),
         cache_bytes_max: 1 << 30,
         lease_renew_interval,
+        table_budget: crate::status::TableBudget::default(),
     };
     Manager::start(settings, vldb, pool, Invalidator::start().unwrap())
         .await
