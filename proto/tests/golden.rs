@@ -267,6 +267,7 @@ fn cases() -> Vec<(&'static str, Frame, &'static str)> {
             },
             "030a01240401016ddc0b",
         ),
+        ("goodbye", Frame::Goodbye, "04"),
     ]
 }
 

@@ -1,0 +1,96 @@
+//! What a server asks of its process: an open-files limit high enough for its connection
+//! caps, and an allocator that gives freed memory back; and reading a process's resident
+//! memory, for the tests and figures that check it.
+//! Invariant: a failed request leaves the process as it was; the allocator is tuned once.
+
+use std::sync::Once;
+
+/// Bytes from which an allocation is its own mapping, returned to the system when freed.
+/// glibc raises this threshold on its own after a large block is freed (up to 32 MiB),
+/// after which frame buffers come from the heap and stay resident once freed; setting it
+/// keeps it fixed.
+const MMAP_THRESHOLD_BYTES: i32 = 128 << 10;
+/// Heaps glibc may keep for the runtime's threads (by default eight per core, each holding
+/// its own freed memory).
+const ARENAS_MAX: i32 = 2;
+
+/// Raises the soft limit on open files to the hard limit; returns the soft limit in force.
+pub fn raise_open_files_limit() -> std::io::Result<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            rlim_max: limit.rlim_max,
+        };
+        // SAFETY: setrlimit reads the struct we own.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        limit = raised;
+    }
+    Ok(limit.rlim_cur)
+}
+
+/// Fixes the allocator's mapping threshold and caps its arenas, once per process, so
+/// that frame buffers freed after a flood go back to the system.
+pub fn tune_allocator() {
+    static TUNED: Once = Once::new();
+    TUNED.call_once(|| {
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        // SAFETY: mallopt only changes allocator parameters; it is safe to call any time.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES);
+            libc::mallopt(libc::M_ARENA_MAX, ARENAS_MAX);
+        }
+    });
+}
+
+/// Gives the allocator's free memory back to the system (blocking: it walks the heaps).
+pub fn give_back_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free pages.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// A process's resident memory in bytes (`VmRSS` of `/proc/PID/status`).
+pub fn resident_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_open_files_limit_ends_at_its_hard_limit() {
+        let soft = raise_open_files_limit().unwrap();
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: as above.
+        assert_eq!(
+            unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) },
+            0
+        );
+        assert_eq!((soft, limit.rlim_cur), (limit.rlim_max, limit.rlim_max));
+    }
+
+    #[test]
+    fn this_process_has_resident_memory() {
+        let rss = resident_bytes(std::process::id()).unwrap();
+        assert!(rss > 1 << 20, "{rss}");
+    }
+}
