@@ -366,7 +366,15 @@ fn run(cli: Cli) -> Result<()> {
             peers,
             peer_limits,
         } => {
+            // Memory freed after a flood goes back only without glibc's thread caches;
+            // this runs the process again (same PID) with them off, unless set already.
+            let restart_failed = proto::resources::restart_without_thread_caches();
             process::init_tracing("info");
+            if let Some(why) = restart_failed {
+                tracing::warn!("{why}; memory freed after a flood may stay with the process");
+            }
+            // Before the runtime's threads exist: glibc fixes its arena count at the first.
+            proto::resources::tune_allocator();
             let connection_limits = peer_limits.limits()?;
             let cell_name = match cell_name {
                 Some(name) => name,
@@ -409,7 +417,15 @@ fn run(cli: Cli) -> Result<()> {
             history,
             peer_limits,
         } => {
+            // Memory freed after a flood goes back only without glibc's thread caches;
+            // this runs the process again (same PID) with them off, unless set already.
+            let restart_failed = proto::resources::restart_without_thread_caches();
             process::init_tracing("info");
+            if let Some(why) = restart_failed {
+                tracing::warn!("{why}; memory freed after a flood may stay with the process");
+            }
+            // Before the runtime's threads exist: glibc fixes its arena count at the first.
+            proto::resources::tune_allocator();
             let connection_limits = peer_limits.limits()?;
             let pair = pair
                 .map(|name| pair_config(&name, pair_lease_ms))

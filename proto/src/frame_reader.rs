@@ -64,7 +64,7 @@ impl std::fmt::Display for ReadFailure {
                 "sent a frame of {bytes} bytes, more than the server's whole frame memory ({budget})"
             ),
             ReadFailure::NoMemory(_) => {
-                f.write_str("its frame waited for frame memory past the read timeout")
+                f.write_str("waited for frame memory past its frame timeout")
             }
             ReadFailure::Evicted => f.write_str("evicted"),
         }

@@ -142,10 +142,10 @@ pub async fn serve<S: Service>(
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
+            // Reap each finished connection task at once: until then it keeps its memory.
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
             _ = shutdown.wait_for(|stop| *stop) => break,
         };
-        // Reap finished connection tasks so the set does not grow without bound.
-        while tasks.try_join_next().is_some() {}
         let (stream, peer) = match accepted {
             Ok(accepted) => accepted,
             Err(e) => {
@@ -362,9 +362,13 @@ fn connection_closed(
 }
 
 fn evicted(peer: SocketAddr, why: Eviction, shared: &Shared) {
+    let kind = match why {
+        Eviction::StalledUnderPressure => Warning::Stalled,
+        Eviction::ConnectionsFull | Eviction::PeerFull => Warning::Evicted,
+    };
     shared.warnings.warn(
         Some(peer),
-        Warning::Evicted,
+        kind,
         &format!("closed a connection to make room: {why}"),
     );
 }
@@ -385,11 +389,14 @@ async fn give_back_memory_after_floods(shared: Arc<Shared>) {
 }
 
 /// Decides when the memory of a passed flood is worth handing back: trimming walks the
-/// allocator's heaps, so only after a real drop.
+/// allocator's heaps, so only after a real drop, and on the two looks after it as well,
+/// since a flood's connections take a few seconds to wind down.
 #[derive(Debug, Default)]
 struct TrimPolicy {
     connections_peak: usize,
     frame_bytes_peak: usize,
+    /// Looks still to trim at after the last drop.
+    trims_left: u8,
 }
 
 impl TrimPolicy {
@@ -397,9 +404,11 @@ impl TrimPolicy {
     const CONNECTIONS_DROP: usize = 128;
     /// Frame bytes this many fewer than their peak likewise.
     const FRAME_BYTES_DROP: usize = 8 << 20;
+    /// Looks after a drop that trim again.
+    const TRIMS_AFTER: u8 = 2;
 
     /// Notes the counts now and the frame-memory peak since the last look; true when
-    /// the memory should go back now. The peaks then start over.
+    /// the memory should go back now.
     fn observe(&mut self, connections: usize, frame_bytes_peak: usize, frame_bytes: usize) -> bool {
         self.connections_peak = self.connections_peak.max(connections);
         self.frame_bytes_peak = self.frame_bytes_peak.max(frame_bytes_peak);
@@ -408,8 +417,14 @@ impl TrimPolicy {
         if passed {
             self.connections_peak = connections;
             self.frame_bytes_peak = frame_bytes;
+            self.trims_left = Self::TRIMS_AFTER;
+            return true;
         }
-        passed
+        if self.trims_left > 0 {
+            self.trims_left -= 1;
+            return true;
+        }
+        false
     }
 }
 
@@ -418,15 +433,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn memory_goes_back_once_after_a_flood_passes() {
+    fn memory_goes_back_after_a_flood_passes_and_twice_more() {
         let mut policy = TrimPolicy::default();
         assert!(!policy.observe(10, 0, 0));
         assert!(!policy.observe(1000, 0, 0));
         assert!(!policy.observe(900, 0, 0));
-        assert!(policy.observe(100, 0, 0));
-        assert!(!policy.observe(100, 0, 0));
+        let looks: Vec<bool> = (0..4).map(|_| policy.observe(100, 0, 0)).collect();
+        assert_eq!(looks, [true, true, true, false]);
         assert!(!policy.observe(100, 64 << 20, 64 << 20));
         assert!(policy.observe(100, 0, 1 << 20));
+        assert!(policy.observe(100, 1 << 20, 0));
+        assert!(policy.observe(100, 1 << 20, 0));
         assert!(!policy.observe(100, 1 << 20, 0));
     }
 }
