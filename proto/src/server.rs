@@ -8,8 +8,10 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
@@ -61,6 +63,11 @@ const FILES_RESERVED: u64 = 256;
 const TRIM_CHECK_EVERY: Duration = Duration::from_secs(2);
 /// How often a connection busy with a long request looks again whether it turned idle.
 const IDLE_RECHECK: Duration = Duration::from_secs(1);
+/// How long a refused connection is read from before it closes, so that its peer reads
+/// the refusal.
+const REFUSAL_LINGER: Duration = Duration::from_secs(1);
+/// Refused connections read from at once; more are closed at once.
+const REFUSALS_LINGERING_MAX: usize = 64;
 /// At most one warning per peer address and kind this often.
 const WARNING_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -115,6 +122,7 @@ struct Shared {
     admission: Arc<Admission>,
     budget: Arc<FrameBudget>,
     warnings: PeerWarnings,
+    refusals_lingering: Arc<AtomicUsize>,
 }
 
 /// Serves `service` on `listener` until `shutdown` turns true.
@@ -135,6 +143,7 @@ pub async fn serve<S: Service>(
             limits.frame_stall_limit,
         ),
         warnings: PeerWarnings::new(WARNING_INTERVAL),
+        refusals_lingering: Arc::new(AtomicUsize::new(0)),
         limits,
     });
     let trimmer = tokio::spawn(give_back_memory_after_floods(shared.clone()));
@@ -221,13 +230,43 @@ fn refuse(stream: TcpStream, peer: SocketAddr, why: Eviction, shared: &Shared) {
             shared.limits.connections_max, shared.limits.connections_per_peer_max
         ),
     );
-    if let Ok(body) = encode_frame(&Frame::HelloReply(Err(ErrorCode::Busy))) {
-        let mut bytes = Vec::with_capacity(8 + body.len());
-        bytes.extend_from_slice(&(body.len() as u32).to_le_bytes());
-        bytes.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
-        bytes.extend_from_slice(&body);
-        // A fresh socket's send buffer takes it at once; if not, the close says enough.
-        let _ = stream.try_write(&bytes);
+    let Ok(body) = encode_frame(&Frame::HelloReply(Err(ErrorCode::Busy))) else {
+        return;
+    };
+    let mut bytes = Vec::with_capacity(8 + body.len());
+    bytes.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    bytes.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
+    bytes.extend_from_slice(&body);
+    // A fresh socket's send buffer takes it at once; if not, the close says enough.
+    if stream.try_write(&bytes).is_err() {
+        return;
+    }
+    // Closing with the peer's hello unread would reset the connection, and the peer
+    // might lose the answer: read its hello first, for a moment at most, and for a few
+    // refused connections at a time.
+    let lingering = shared.refusals_lingering.clone();
+    if lingering.fetch_add(1, Ordering::Relaxed) >= REFUSALS_LINGERING_MAX {
+        lingering.fetch_sub(1, Ordering::Relaxed);
+        return;
+    }
+    tokio::spawn(async move {
+        let _counted = Lingering(lingering);
+        let mut stream = stream;
+        let _ = stream.shutdown().await;
+        let mut sink = [0u8; 1024];
+        let _ = tokio::time::timeout(REFUSAL_LINGER, async {
+            while let Ok(1..) = stream.read(&mut sink).await {}
+        })
+        .await;
+    });
+}
+
+/// Counts one refused connection being read from until it drops.
+struct Lingering(Arc<AtomicUsize>);
+
+impl Drop for Lingering {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
