@@ -178,14 +178,12 @@ impl FrameReader {
     /// Reads the rest of a body of `length` bytes, of which `ahead` holds the start,
     /// into a buffer that doubles as the bytes arrive.
     async fn read_body(&mut self, length: usize, deadline: Instant) -> Result<Bytes, ReadFailure> {
-        let first = length.min(BODY_FIRST_BYTES.max(self.ahead.len()));
-        let mut body = Vec::with_capacity(first);
+        let mut body = Vec::with_capacity(first_capacity(length, self.ahead.len()));
         body.extend_from_slice(&self.ahead);
         self.ahead = BytesMut::new();
         while body.len() < length {
             if body.len() == body.capacity() {
-                let grown = (body.capacity() * 2).min(length);
-                body.reserve_exact(grown - body.len());
+                body.reserve_exact(grown_capacity(body.capacity(), length) - body.len());
             }
             let room = body.capacity().min(length) - body.len();
             let read = self
@@ -234,6 +232,17 @@ impl FrameReader {
     }
 }
 
+/// A body's first buffer: its first 64 KiB, or what already arrived of it if more.
+fn first_capacity(length: usize, arrived: usize) -> usize {
+    length.min(BODY_FIRST_BYTES.max(arrived))
+}
+
+/// The next buffer once a body's buffer of `capacity` is full: twice as large, at most
+/// the body.
+fn grown_capacity(capacity: usize, length: usize) -> usize {
+    (capacity * 2).min(length)
+}
+
 /// One read into `buffer`, within `deadline`; notes the bytes as activity.
 async fn read_some(
     read: &OwnedReadHalf,
@@ -277,5 +286,27 @@ async fn bounded<T>(
         done = work => done,
         () = timeout => Err(ReadFailure::Stalled(frame_read_timeout)),
         () = intake.activity.evicted() => Err(ReadFailure::Evicted),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_body_buffer_starts_small_and_doubles_up_to_the_body() {
+        let length = 4 << 20;
+        // A header claiming 4 MiB gets 64 KiB until more arrives.
+        assert_eq!(first_capacity(length, 100), 64 << 10);
+        assert_eq!(first_capacity(1000, 100), 1000);
+        assert_eq!(first_capacity(length, 100 << 10), 100 << 10);
+        let mut capacity = first_capacity(length, 0);
+        let mut steps = Vec::new();
+        while capacity < length {
+            capacity = grown_capacity(capacity, length);
+            steps.push(capacity >> 10);
+        }
+        assert_eq!(steps, [128, 256, 512, 1024, 2048, 4096]);
+        assert_eq!(grown_capacity(3 << 20, length), length);
     }
 }

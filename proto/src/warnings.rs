@@ -1,8 +1,8 @@
 //! `PeerWarnings`: WARN lines about what a server did to a peer's connections (refused,
 //! evicted, closed as malformed or stalled), at most one per peer address and kind per
 //! interval, each counting the lines suppressed since the one before.
-//! Invariant: the table of remembered peers stays within `PEERS_MAX` entries, so a
-//! flood from many addresses cannot grow it.
+//! Invariant: the table of remembered peers stays within `PEERS_MAX` entries plus one
+//! shared entry per kind, so a flood from many addresses cannot grow it.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
