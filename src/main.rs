@@ -78,6 +78,8 @@ enum Command {
         /// Without it, the VLDB is a group of one at the address it listens on.
         #[arg(long, value_name = "ID=ADDR,...", value_parser = parse_peers, requires = "id")]
         peers: Option<BTreeMap<u64, String>>,
+        #[command(flatten)]
+        peer_limits: PeerLimitFlags,
     },
     /// Run a fileserver on a partition directory; it registers with the cell's VLDB.
     Fileserver {
@@ -120,6 +122,8 @@ enum Command {
         /// trail: `<unix micros> <epoch> <member> <what>`).
         #[arg(long, value_name = "FILE")]
         history: Option<PathBuf>,
+        #[command(flatten)]
+        peer_limits: PeerLimitFlags,
     },
     /// Mount the cell at MOUNTPOINT (foreground; unmounts cleanly on SIGINT/SIGTERM).
     Mount {
@@ -197,6 +201,63 @@ enum Command {
     },
     /// Measure throughput through a real local cell and print figures as ratios.
     Bench(bench::BenchArgs),
+}
+
+/// What a peer can make a server hold: the fileserver's and the vlserver's flags
+/// (`docs/fileserver.md`, "Limits on peers").
+#[derive(clap::Args)]
+struct PeerLimitFlags {
+    /// Seconds a connection with nothing in flight may send nothing before the server
+    /// says goodbye and closes it (clients reconnect on their next call).
+    #[arg(long, value_name = "SECS", default_value_t = 120.0)]
+    idle_timeout_secs: f64,
+    /// Seconds a new connection has to say hello.
+    #[arg(long, value_name = "SECS", default_value_t = 5.0)]
+    hello_timeout_secs: f64,
+    /// Seconds a frame may take to arrive from its first byte, and a peer to start
+    /// reading what it is sent; a peer that stalls longer is closed.
+    #[arg(long, value_name = "SECS", default_value_t = 30.0)]
+    frame_timeout_secs: f64,
+    /// Connections open at once; a newcomer over it takes the place of the idlest
+    /// (one still in its handshake first), or is refused when every one is busy.
+    #[arg(long, value_name = "N", default_value_t = proto::server::CONNECTIONS_MAX_DEFAULT)]
+    connections_max: usize,
+    /// Connections open at once from one IP address, with the same eviction.
+    #[arg(long, value_name = "N", default_value_t = proto::server::CONNECTIONS_PER_PEER_MAX_DEFAULT)]
+    connections_per_peer_max: usize,
+    /// MiB of frames held at once across all connections (received, not yet answered);
+    /// a frame that gets none within --frame-timeout-secs closes its connection.
+    #[arg(long, value_name = "MIB", default_value_t = proto::server::FRAME_MEMORY_BYTES_DEFAULT >> 20)]
+    frame_memory_mib: usize,
+}
+
+impl PeerLimitFlags {
+    fn limits(&self) -> Result<proto::server::ServerLimits> {
+        let defaults = proto::server::ServerLimits::default();
+        if self.connections_max == 0 || self.connections_per_peer_max == 0 {
+            anyhow::bail!("--connections-max and --connections-per-peer-max must be at least 1");
+        }
+        let frame_bytes_max = defaults.connection.frame_bytes_max;
+        if self.frame_memory_mib.saturating_mul(1 << 20) < frame_bytes_max {
+            anyhow::bail!(
+                "--frame-memory-mib must hold at least one largest frame ({} MiB), got {}",
+                frame_bytes_max >> 20,
+                self.frame_memory_mib
+            );
+        }
+        Ok(proto::server::ServerLimits {
+            connection: proto::rpc::Limits {
+                handshake_timeout: seconds(self.hello_timeout_secs, "--hello-timeout-secs")?,
+                frame_read_timeout: seconds(self.frame_timeout_secs, "--frame-timeout-secs")?,
+                ..defaults.connection
+            },
+            idle_timeout: seconds(self.idle_timeout_secs, "--idle-timeout-secs")?,
+            connections_max: self.connections_max,
+            connections_per_peer_max: self.connections_per_peer_max,
+            frame_memory_bytes: self.frame_memory_mib.saturating_mul(1 << 20),
+            ..defaults
+        })
+    }
 }
 
 #[derive(Subcommand)]
@@ -323,8 +384,18 @@ fn run(cli: Cli) -> Result<()> {
             ready_file,
             id,
             peers,
+            peer_limits,
         } => {
+            // Memory freed after a flood goes back only without glibc's thread caches;
+            // this runs the process again (same PID) with them off, unless set already.
+            let restart_failed = proto::resources::restart_without_thread_caches();
             process::init_tracing("info");
+            if let Some(why) = restart_failed {
+                tracing::warn!("{why}; memory freed after a flood may stay with the process");
+            }
+            // Before the runtime's threads exist: glibc fixes its arena count at the first.
+            proto::resources::tune_allocator();
+            let connection_limits = peer_limits.limits()?;
             let cell_name = match cell_name {
                 Some(name) => name,
                 None => {
@@ -345,6 +416,7 @@ fn run(cli: Cli) -> Result<()> {
                     id,
                     peers: peers.unwrap_or_default(),
                     snapshot_every: vlserver::SNAPSHOT_EVERY,
+                    connection_limits,
                 };
                 vlserver::run(config, listener, shutdown)
                     .await
@@ -363,8 +435,18 @@ fn run(cli: Cli) -> Result<()> {
             pair,
             pair_lease_ms,
             history,
+            peer_limits,
         } => {
+            // Memory freed after a flood goes back only without glibc's thread caches;
+            // this runs the process again (same PID) with them off, unless set already.
+            let restart_failed = proto::resources::restart_without_thread_caches();
             process::init_tracing("info");
+            if let Some(why) = restart_failed {
+                tracing::warn!("{why}; memory freed after a flood may stay with the process");
+            }
+            // Before the runtime's threads exist: glibc fixes its arena count at the first.
+            proto::resources::tune_allocator();
+            let connection_limits = peer_limits.limits()?;
             let pair = pair
                 .map(|name| pair_config(&name, pair_lease_ms))
                 .transpose()?;
@@ -381,6 +463,7 @@ fn run(cli: Cli) -> Result<()> {
                 config.grace = seconds(grace_secs.unwrap_or(lease_secs), "--grace-secs")?;
                 config.pair = pair;
                 config.history = history;
+                config.connection_limits = connection_limits;
                 process::write_ready_file(ready_file.as_deref(), &address)?;
                 let shutdown = process::shutdown_on_signals()?;
                 fileserver::run(config, listener, shutdown)

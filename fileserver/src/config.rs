@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use proto::server::ServerLimits;
 use proto::{CellConfig, PairName};
 use state::JournalMode;
 
@@ -45,6 +46,9 @@ pub struct Config {
     /// Append a line per acknowledged change and per role change here (an audit trail
     /// for failover tests).
     pub history: Option<PathBuf>,
+    /// What a peer can make the server hold: connection caps, hello, idle and frame
+    /// timeouts, frame memory (`docs/fileserver.md`, "Limits on peers").
+    pub connection_limits: ServerLimits,
 }
 
 /// A pair member's settings.
@@ -74,6 +78,7 @@ impl Config {
             stats: Arc::new(Stats::default()),
             pair: None,
             history: None,
+            connection_limits: ServerLimits::default(),
         }
     }
 }

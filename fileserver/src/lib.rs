@@ -27,7 +27,6 @@ mod sweep;
 use std::sync::Arc;
 
 use proto::Epoch;
-use proto::server::ServerLimits;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::info;
@@ -90,7 +89,7 @@ pub async fn run(
     // other way): nothing more is answered, and dropping the serving future ends every
     // connection at once.
     let stopped = tokio::select! {
-        () = proto::server::serve(listener, service, ServerLimits::default(), shutdown) => None,
+        () = proto::server::serve(listener, service, config.connection_limits.clone(), shutdown) => None,
         why = active.journal_stopped() => Some(why),
     };
     registration.abort();

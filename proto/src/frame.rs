@@ -1,7 +1,9 @@
 //! Framing: the codec that cuts a byte stream into checksummed frame bodies, and the
 //! postcard encoding of the `Frame` each body holds.
 //! Invariant: a length above `frame_bytes_max` is refused before any of its body is
-//! buffered, and no body whose checksum did not match is ever handed out.
+//! buffered, no buffer is reserved from a header's length, and no body whose checksum did
+//! not match is ever handed out. Connections read with `frame_reader`; this codec cuts
+//! whole byte strings (the fuzz target, tests).
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};
@@ -54,7 +56,7 @@ impl Decoder for FrameCodec {
             });
         }
         if src.len() < FRAME_HEADER_BYTES + length {
-            src.reserve(FRAME_HEADER_BYTES + length - src.len());
+            // Nothing is reserved from the header's word: the buffer grows as bytes arrive.
             return Ok(None);
         }
         let expected = u32::from_le_bytes([src[4], src[5], src[6], src[7]]);

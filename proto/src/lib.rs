@@ -1,18 +1,26 @@
 //! The Holdfast wire protocol: ids, validated names, error codes, messages, the frame
-//! codec, the cell file, the duplex RPC connection and the accept loop every server runs.
+//! codec, the cell file, the duplex RPC connection and the accept loop every server runs,
+//! with what bounds a peer there (connection caps, timeouts, frame memory).
 //! Invariant: `proto` depends on no server crate, and an encoding it defines changes only
 //! by appending an enum variant, never by reordering or removing one.
 
+pub mod activity;
+pub mod admission;
+pub mod budget;
 pub mod cell;
 pub mod error;
+pub mod flood;
 pub mod frame;
+pub mod frame_reader;
 pub mod ids;
 pub mod lock;
 pub mod message;
 pub mod name;
+pub mod resources;
 pub mod rpc;
 pub mod server;
 pub mod vldb_client;
+pub mod warnings;
 
 pub use cell::{CellConfig, CellError};
 pub use error::{ErrorCode, ProtoError};

@@ -69,6 +69,10 @@ pub enum Frame {
         id: RequestId,
         body: Result<Response, ErrorCode>,
     },
+    /// The sender takes no new request on this connection: it answers those already
+    /// sent to it, then closes. A server says it to a connection it closes for being idle
+    /// or to make room; the peer sends nothing new and opens another connection.
+    Goodbye,
 }
 
 /// Seconds and nanoseconds since the Unix epoch.

@@ -1,7 +1,8 @@
 //! A duplex RPC connection: either side may send requests, many may be in flight, and
-//! responses are matched to their calls by request id.
+//! responses are matched to their calls by request id; a `Goodbye` closes it gently.
 //! Invariant: every pending call ends, with its response, a timeout, or `Closed` when the
-//! connection dies; the outgoing and the incoming queue are bounded.
+//! connection dies; a call refused as `NotSent` never reached the socket; the outgoing and
+//! the incoming queue are bounded.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -9,25 +10,30 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use parking_lot::Mutex;
-use tokio::io::{AsyncWriteExt, BufWriter};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::{mpsc, oneshot};
-use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
+use crate::activity::{Activity, Eviction, InFlight, Stage};
+use crate::budget::{Charge, Intake};
 use crate::error::{ErrorCode, ProtoError};
 use crate::frame::{
-    FRAME_BYTES_MAX_DEFAULT, FRAME_HEADER_BYTES, FrameCodec, decode_frame, encode_frame,
-    encode_request,
+    FRAME_BYTES_MAX_DEFAULT, FRAME_HEADER_BYTES, decode_frame, encode_frame, encode_request,
 };
+use crate::frame_reader::{FrameReader, ReadFailure};
 use crate::ids::RequestId;
 use crate::message::{
     Frame, Hello, HelloReply, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN, Request, Response,
 };
+
+/// The largest first frame a server reads from a peer that has not said hello yet.
+pub const HELLO_BYTES_MAX: usize = 16 << 10;
+/// Frames at most this large are gathered into one write.
+const WRITE_GATHER_BYTES: usize = 64 << 10;
 
 /// Limits one connection imposes on its peer.
 #[derive(Clone, Debug)]
@@ -38,9 +44,15 @@ pub struct Limits {
     pub incoming_queue_max: usize,
     /// Frames queued for sending before senders wait.
     pub outgoing_queue_max: usize,
-    /// How long the handshake may take.
+    /// How long the handshake may take (a server's hello timeout).
     pub handshake_timeout: Duration,
+    /// How long a frame may take to arrive from its first byte, and a frame's write may
+    /// wait for the peer to read; a peer that stalls longer is closed.
+    pub frame_read_timeout: Duration,
 }
+
+/// Default `Limits::frame_read_timeout`.
+pub const FRAME_READ_TIMEOUT_DEFAULT: Duration = Duration::from_secs(30);
 
 impl Default for Limits {
     fn default() -> Self {
@@ -49,19 +61,84 @@ impl Default for Limits {
             incoming_queue_max: 256,
             outgoing_queue_max: 256,
             handshake_timeout: Duration::from_secs(5),
+            frame_read_timeout: FRAME_READ_TIMEOUT_DEFAULT,
         }
     }
 }
 
-type Pending = Mutex<HashMap<u64, oneshot::Sender<Result<Response, ErrorCode>>>>;
+/// Why a connection ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CloseReason {
+    /// This side closed it (`close`, after its goodbye, or at shutdown).
+    Local,
+    /// The peer closed it between frames, or after a goodbye.
+    Peer,
+    /// The peer broke the protocol: what it did.
+    Malformed(String),
+    /// The peer stalled inside a frame, or did not read what it was sent: how.
+    Stalled(String),
+    /// The server closed it from outside to make room.
+    Evicted(Eviction),
+    /// The socket failed.
+    Io(String),
+}
+
+impl From<ReadFailure> for CloseReason {
+    fn from(failure: ReadFailure) -> CloseReason {
+        match failure {
+            ReadFailure::Io(e) => CloseReason::Io(e.to_string()),
+            ReadFailure::EndedInsideFrame => CloseReason::Peer,
+            ReadFailure::Evicted => CloseReason::Local,
+            ReadFailure::TooLarge { .. } | ReadFailure::Checksum { .. } => {
+                CloseReason::Malformed(failure.to_string())
+            }
+            ReadFailure::NoMemory(crate::budget::BudgetError::TooLarge { .. }) => {
+                CloseReason::Malformed(failure.to_string())
+            }
+            ReadFailure::Stalled(_) | ReadFailure::NoMemory(_) => {
+                CloseReason::Stalled(failure.to_string())
+            }
+        }
+    }
+}
+
+/// A call refused before anything was sent: the connection was closing or closed. The
+/// request may go again on another connection, whatever it is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NotSent;
+
+type Waiter = oneshot::Sender<Result<Response, ErrorCode>>;
+
+/// The calls waiting for their answer, and whether new ones are still taken.
+#[derive(Default)]
+struct Calls {
+    waiters: HashMap<u64, Waiter>,
+    /// A goodbye went one way or the other: no new call starts here.
+    closing: bool,
+}
 
 struct Inner {
     outgoing: mpsc::Sender<Vec<u8>>,
-    pending: Pending,
+    calls: Mutex<Calls>,
     next_id: AtomicU64,
     cancel: CancellationToken,
     peer_addr: SocketAddr,
     frame_bytes_max: usize,
+    activity: Arc<Activity>,
+    close_reason: Mutex<Option<CloseReason>>,
+}
+
+impl Inner {
+    /// Ends the connection for `reason` (the first reason given is kept); pending calls
+    /// fail with `Closed`. Holds the calls' lock, so no call can start after it.
+    fn end(&self, reason: CloseReason) {
+        self.close_reason.lock().get_or_insert(reason);
+        let mut calls = self.calls.lock();
+        calls.closing = true;
+        self.cancel.cancel();
+        // Dropping the senders wakes every waiting call with `Closed`.
+        calls.waiters.clear();
+    }
 }
 
 /// One side of an established connection. Cloning shares the connection. Duplex because
@@ -88,11 +165,14 @@ pub struct IncomingRequest {
     replier: Replier,
 }
 
-/// Sends the response to one incoming request.
+/// Sends the response to one incoming request. Until it is dropped it holds the
+/// request's frame memory and counts the request as in flight.
 pub struct Replier {
     id: RequestId,
     outgoing: mpsc::Sender<Vec<u8>>,
     frame_bytes_max: usize,
+    _charge: Charge,
+    _in_flight: InFlight,
 }
 
 impl IncomingRequest {
@@ -134,16 +214,21 @@ pub async fn connect(
         .map_err(|_| ProtoError::Timeout(limits.handshake_timeout))??;
     stream.set_nodelay(true)?;
     let peer_addr = stream.peer_addr()?;
-    let (read, write) = stream.into_split();
-    let mut reader = FramedRead::new(read, FrameCodec::new(limits.frame_bytes_max));
-    let mut writer = BufWriter::new(write);
-    write_frame(&mut writer, &encode_frame(&Frame::Hello(hello))?).await?;
-    writer.flush().await?;
+    let (read, mut writer) = stream.into_split();
+    let mut reader = FrameReader::new(
+        read,
+        limits.frame_bytes_max,
+        limits.handshake_timeout,
+        Intake::unbounded(),
+    );
+    writer
+        .write_all(&framed(&encode_frame(&Frame::Hello(hello))?))
+        .await?;
     let reply = tokio::time::timeout(limits.handshake_timeout, reader.next())
         .await
         .map_err(|_| ProtoError::Timeout(limits.handshake_timeout))?;
-    let body = reply.ok_or(ProtoError::Closed)??;
-    let reply = match decode_frame(&body)? {
+    let received = reply.map_err(ProtoError::from)?.ok_or(ProtoError::Closed)?;
+    let reply = match decode_frame(&received.body)? {
         Frame::HelloReply(Ok(reply)) => reply,
         Frame::HelloReply(Err(code)) => return Err(ProtoError::Remote(code)),
         other => {
@@ -152,46 +237,67 @@ pub async fn connect(
             )));
         }
     };
+    reader.set_frame_read_timeout(limits.frame_read_timeout);
     let (connection, incoming) = start(reader, writer, peer_addr, limits);
     Ok((connection, reply, incoming))
 }
 
-/// Accepts the handshake on a fresh stream: reads `Hello`, asks `check` for the reply
-/// and, if it accepts, starts the connection.
+/// Accepts the handshake on a fresh stream: reads `Hello` (at most `HELLO_BYTES_MAX`),
+/// asks `check` for the reply and, if it accepts, starts the connection, its frames
+/// taking their memory from `intake`.
 pub async fn accept(
     stream: TcpStream,
     limits: &Limits,
+    intake: Intake,
     check: impl FnOnce(&Hello) -> Result<HelloReply, ErrorCode>,
 ) -> Result<(Connection, Hello, mpsc::Receiver<IncomingRequest>), ProtoError> {
     stream.set_nodelay(true)?;
     let peer_addr = stream.peer_addr()?;
-    let (read, write) = stream.into_split();
-    let mut reader = FramedRead::new(read, FrameCodec::new(limits.frame_bytes_max));
-    let mut writer = BufWriter::new(write);
+    let (read, mut writer) = stream.into_split();
+    let mut reader = FrameReader::new(
+        read,
+        limits.frame_bytes_max.min(HELLO_BYTES_MAX),
+        limits.handshake_timeout,
+        intake,
+    );
     let first = tokio::time::timeout(limits.handshake_timeout, reader.next())
         .await
         .map_err(|_| ProtoError::Timeout(limits.handshake_timeout))?;
-    let body = first.ok_or(ProtoError::Closed)??;
-    let hello = match decode_frame(&body)? {
+    let received = first.map_err(ProtoError::from)?.ok_or(ProtoError::Closed)?;
+    let hello = match decode_frame(&received.body)? {
         Frame::Hello(hello) => hello,
         other => {
             return Err(ProtoError::Handshake(format!(
-                "expected hello, got {other:?}"
+                "expected hello, got {}",
+                frame_kind(&other)
             )));
         }
     };
+    drop(received);
     let verdict = check(&hello);
-    write_frame(
-        &mut writer,
-        &encode_frame(&Frame::HelloReply(verdict.clone()))?,
-    )
-    .await?;
-    writer.flush().await?;
+    let reply = framed(&encode_frame(&Frame::HelloReply(verdict.clone()))?);
+    tokio::time::timeout(limits.handshake_timeout, writer.write_all(&reply))
+        .await
+        .map_err(|_| ProtoError::Timeout(limits.handshake_timeout))??;
     if let Err(code) = verdict {
-        return Err(ProtoError::Handshake(code.to_string()));
+        return Err(ProtoError::Handshake(format!("refused its hello: {code}")));
     }
+    reader.intake().activity.reached(Stage::Established);
+    reader.frame_bytes_max = limits.frame_bytes_max;
+    reader.set_frame_read_timeout(limits.frame_read_timeout);
     let (connection, incoming) = start(reader, writer, peer_addr, limits);
     Ok((connection, hello, incoming))
+}
+
+/// A frame's name for a log line, without its contents.
+fn frame_kind(frame: &Frame) -> &'static str {
+    match frame {
+        Frame::Hello(_) => "a hello",
+        Frame::HelloReply(_) => "a hello reply",
+        Frame::Request { .. } => "a request",
+        Frame::Response { .. } => "a response",
+        Frame::Goodbye => "a goodbye",
+    }
 }
 
 /// The version check every server makes on a `Hello`, plus the cell name.
@@ -211,17 +317,22 @@ pub fn negotiate(hello: &Hello, cell: &str) -> Result<u16, ErrorCode> {
     Ok(version)
 }
 
-async fn write_frame(writer: &mut BufWriter<OwnedWriteHalf>, body: &[u8]) -> std::io::Result<()> {
-    let mut header = [0u8; FRAME_HEADER_BYTES];
-    header[..4].copy_from_slice(&(body.len() as u32).to_le_bytes());
-    header[4..].copy_from_slice(&crc32c::crc32c(body).to_le_bytes());
-    writer.write_all(&header).await?;
-    writer.write_all(body).await
+/// A frame's header and body, ready for the socket.
+fn framed(body: &[u8]) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(FRAME_HEADER_BYTES + body.len());
+    push_header(&mut bytes, body);
+    bytes.extend_from_slice(body);
+    bytes
+}
+
+fn push_header(bytes: &mut Vec<u8>, body: &[u8]) {
+    bytes.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    bytes.extend_from_slice(&crc32c::crc32c(body).to_le_bytes());
 }
 
 fn start(
-    reader: FramedRead<OwnedReadHalf, FrameCodec>,
-    writer: BufWriter<OwnedWriteHalf>,
+    reader: FrameReader,
+    writer: OwnedWriteHalf,
     peer_addr: SocketAddr,
     limits: &Limits,
 ) -> (Connection, mpsc::Receiver<IncomingRequest>) {
@@ -229,18 +340,20 @@ fn start(
     let (incoming_tx, incoming_rx) = mpsc::channel(limits.incoming_queue_max);
     let inner = Arc::new(Inner {
         outgoing: outgoing_tx,
-        pending: Mutex::new(HashMap::new()),
+        calls: Mutex::new(Calls::default()),
         next_id: AtomicU64::new(1),
         cancel: CancellationToken::new(),
         peer_addr,
         frame_bytes_max: limits.frame_bytes_max,
+        activity: reader.intake().activity.clone(),
+        close_reason: Mutex::new(None),
     });
-    let frame_bytes_max = limits.frame_bytes_max;
     tokio::spawn(write_loop(
         writer,
         outgoing_rx,
+        Arc::downgrade(&inner),
         inner.cancel.clone(),
-        frame_bytes_max,
+        limits.frame_read_timeout,
     ));
     tokio::spawn(read_loop(
         reader,
@@ -251,70 +364,109 @@ fn start(
     (Connection { inner }, incoming_rx)
 }
 
+/// Writes queued frames, gathering small ones into one write; a peer that reads nothing
+/// for the frame read timeout is closed.
 async fn write_loop(
-    mut writer: BufWriter<OwnedWriteHalf>,
+    mut writer: OwnedWriteHalf,
     mut outgoing: mpsc::Receiver<Vec<u8>>,
+    inner: std::sync::Weak<Inner>,
     cancel: CancellationToken,
-    frame_bytes_max: usize,
+    write_timeout: Duration,
 ) {
-    loop {
+    let mut gathered = Vec::new();
+    let reason = loop {
         let body = tokio::select! {
             body = outgoing.recv() => body,
             () = cancel.cancelled() => None,
         };
-        let Some(body) = body else { break };
-        if body.len() > frame_bytes_max {
-            debug!(bytes = body.len(), "dropping oversized outgoing frame");
-            continue;
+        let Some(mut body) = body else {
+            break CloseReason::Local;
+        };
+        gathered.clear();
+        loop {
+            if body.len() > WRITE_GATHER_BYTES {
+                // Large: its own header, then the body as it is, without a copy.
+                push_header(&mut gathered, &body);
+                break;
+            }
+            push_header(&mut gathered, &body);
+            gathered.extend_from_slice(&body);
+            body = Vec::new();
+            if gathered.len() >= WRITE_GATHER_BYTES {
+                break;
+            }
+            match outgoing.try_recv() {
+                Ok(next) => body = next,
+                Err(_) => break,
+            }
         }
-        if write_frame(&mut writer, &body).await.is_err() {
-            break;
+        let written = tokio::time::timeout(write_timeout, async {
+            writer.write_all(&gathered).await?;
+            writer.write_all(&body).await
+        })
+        .await;
+        match written {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => break CloseReason::Io(e.to_string()),
+            Err(_) => {
+                break CloseReason::Stalled(format!(
+                    "read none of what it was sent for {} s",
+                    write_timeout.as_secs_f64()
+                ));
+            }
         }
-        // Flush only when nothing else is queued: one syscall for a burst of frames.
-        if outgoing.is_empty() && writer.flush().await.is_err() {
-            break;
+        if gathered.capacity() > WRITE_GATHER_BYTES * 2 {
+            gathered = Vec::new();
         }
+    };
+    if let Some(inner) = inner.upgrade() {
+        inner.end(reason);
+    } else {
+        cancel.cancel();
     }
-    cancel.cancel();
     let _ = writer.shutdown().await;
 }
 
 async fn read_loop(
-    mut reader: FramedRead<OwnedReadHalf, FrameCodec>,
+    mut reader: FrameReader,
     inner: std::sync::Weak<Inner>,
     incoming: mpsc::Sender<IncomingRequest>,
     cancel: CancellationToken,
 ) {
-    loop {
+    let reason = loop {
         let next = tokio::select! {
             next = reader.next() => next,
-            () = cancel.cancelled() => None,
+            () = cancel.cancelled() => break CloseReason::Local,
         };
-        let body = match next {
-            Some(Ok(body)) => body,
-            Some(Err(e)) => {
-                debug!(error = %e, "connection read failed");
-                break;
+        let received = match next {
+            Ok(Some(received)) => received,
+            Ok(None) => break CloseReason::Peer,
+            Err(ReadFailure::Evicted) => {
+                let why = reader.intake().activity.eviction();
+                break why.map_or(CloseReason::Local, CloseReason::Evicted);
             }
-            None => break,
+            Err(failure) => break CloseReason::from(failure),
         };
-        let frame = match decode_frame(&body) {
+        let frame = match decode_frame(&received.body) {
             Ok(frame) => frame,
-            Err(e) => {
-                debug!(error = %e, "undecodable frame; closing connection");
-                break;
-            }
+            Err(e) => break CloseReason::Malformed(format!("sent an undecodable frame: {e}")),
+        };
+        let Some(inner) = inner.upgrade() else {
+            break CloseReason::Local;
         };
         match frame {
             Frame::Response { id, body } => {
-                let Some(inner) = inner.upgrade() else { break };
-                let waiter = inner.pending.lock().remove(&id.0);
-                if let Some(waiter) = waiter {
+                let mut calls = inner.calls.lock();
+                if let Some(waiter) = calls.waiters.remove(&id.0) {
                     let _ = waiter.send(body);
+                }
+                if calls.closing && calls.waiters.is_empty() {
+                    break CloseReason::Peer;
                 }
             }
             Frame::Request { id, body } => {
-                let Some(inner) = inner.upgrade() else { break };
+                let activity = &reader.intake().activity;
+                activity.reached(Stage::Served);
                 let request = IncomingRequest {
                     id,
                     body,
@@ -322,28 +474,37 @@ async fn read_loop(
                         id,
                         outgoing: inner.outgoing.clone(),
                         frame_bytes_max: inner.frame_bytes_max,
+                        _charge: received.charge,
+                        _in_flight: activity.begin(),
                     },
                 };
                 drop(inner);
                 let delivered = tokio::select! {
                     sent = incoming.send(request) => sent,
-                    () = cancel.cancelled() => break,
+                    () = cancel.cancelled() => break CloseReason::Local,
                 };
                 if let Err(mpsc::error::SendError(request)) = delivered {
                     // Nobody serves requests on this side.
                     request.replier.reply(Err(ErrorCode::Unsupported)).await;
                 }
             }
+            Frame::Goodbye => {
+                let mut calls = inner.calls.lock();
+                calls.closing = true;
+                if calls.waiters.is_empty() {
+                    break CloseReason::Peer;
+                }
+                debug!(peer = %inner.peer_addr, calls = calls.waiters.len(),
+                    "peer said goodbye; closing once the calls in flight are answered");
+            }
             Frame::Hello(_) | Frame::HelloReply(_) => {
-                debug!("unexpected handshake frame after handshake; closing connection");
-                break;
+                break CloseReason::Malformed("sent a handshake frame after the handshake".into());
             }
         }
-    }
-    cancel.cancel();
-    if let Some(inner) = inner.upgrade() {
-        // Dropping the senders wakes every waiting call with `Closed`.
-        inner.pending.lock().clear();
+    };
+    match inner.upgrade() {
+        Some(inner) => inner.end(reason),
+        None => cancel.cancel(),
     }
 }
 
@@ -360,26 +521,39 @@ impl Connection {
         request: &Request,
         timeout: Duration,
     ) -> Result<Response, ProtoError> {
-        if self.is_closed() {
-            return Err(ProtoError::Closed);
-        }
+        self.try_call_ref(request, timeout)
+            .await
+            .unwrap_or(Err(ProtoError::Closed))
+    }
+
+    /// `call_ref`, telling a call that was never sent (`NotSent`: the connection was
+    /// closing or closed, say after the server's goodbye to an idle connection) from one
+    /// that was sent and failed: the first may go again on a new connection, whatever it is.
+    pub async fn try_call_ref(
+        &self,
+        request: &Request,
+        timeout: Duration,
+    ) -> Result<Result<Response, ProtoError>, NotSent> {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
-        self.inner.pending.lock().insert(id, tx);
         let bytes = match encode_request(RequestId(id), request) {
             Ok(bytes) => bytes,
-            Err(e) => {
-                self.inner.pending.lock().remove(&id);
-                return Err(e);
-            }
+            Err(e) => return Ok(Err(e)),
         };
         if bytes.len() > self.inner.frame_bytes_max {
-            self.inner.pending.lock().remove(&id);
-            return Err(ProtoError::FrameTooLarge {
+            return Ok(Err(ProtoError::FrameTooLarge {
                 length: bytes.len(),
                 limit: self.inner.frame_bytes_max,
-            });
+            }));
         }
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut calls = self.inner.calls.lock();
+            if calls.closing {
+                return Err(NotSent);
+            }
+            calls.waiters.insert(id, tx);
+        }
+        let _in_flight = self.inner.activity.begin();
         let outcome = tokio::time::timeout(timeout, async {
             self.inner
                 .outgoing
@@ -389,23 +563,25 @@ impl Connection {
             rx.await.map_err(|_| ProtoError::Closed)
         })
         .await;
-        match outcome {
+        Ok(match outcome {
             Ok(Ok(Ok(response))) => Ok(response),
             Ok(Ok(Err(code))) => Err(ProtoError::Remote(code)),
             Ok(Err(e)) => Err(e),
             Err(_) => {
-                self.inner.pending.lock().remove(&id);
+                self.inner.calls.lock().waiters.remove(&id);
                 Err(ProtoError::Timeout(timeout))
             }
-        }
+        })
     }
 
     pub fn peer_addr(&self) -> SocketAddr {
         self.inner.peer_addr
     }
 
+    /// True once no new call can start here: the connection died, was closed, or one
+    /// side said goodbye. A pool then opens another.
     pub fn is_closed(&self) -> bool {
-        self.inner.cancel.is_cancelled()
+        self.inner.cancel.is_cancelled() || self.inner.calls.lock().closing
     }
 
     /// Resolves when the connection has died or was closed.
@@ -415,8 +591,34 @@ impl Connection {
 
     /// Closes the connection; pending calls fail with `Closed`.
     pub fn close(&self) {
-        self.inner.cancel.cancel();
-        self.inner.pending.lock().clear();
+        self.inner.end(CloseReason::Local);
+    }
+
+    /// Says goodbye: no new call starts on this side, and the peer is told to send
+    /// nothing new. Answers to requests already sent still go out. False if a goodbye
+    /// was said or heard before, or the connection is closed.
+    pub fn goodbye(&self) -> bool {
+        {
+            let mut calls = self.inner.calls.lock();
+            if calls.closing || self.inner.cancel.is_cancelled() {
+                return false;
+            }
+            calls.closing = true;
+        }
+        match encode_frame(&Frame::Goodbye) {
+            Ok(bytes) => self.inner.outgoing.try_send(bytes).is_ok(),
+            Err(_) => false,
+        }
+    }
+
+    /// Why the connection ended; `None` while it is open.
+    pub fn close_reason(&self) -> Option<CloseReason> {
+        self.inner.close_reason.lock().clone()
+    }
+
+    /// The connection's traffic, as its reader saw it.
+    pub fn activity(&self) -> &Arc<Activity> {
+        &self.inner.activity
     }
 
     /// True when both handles refer to the same connection.

@@ -1,20 +1,32 @@
-//! The accept loop every Holdfast server runs: connection slots, one task per connection,
-//! bounded requests in flight, and shutdown through one `watch` with an exit deadline.
+//! The accept loop every Holdfast server runs: connection caps with eviction, one task per
+//! connection, hello and idle timeouts, one frame-memory budget, bounded requests in
+//! flight, rate-limited warnings about peers, and shutdown through one `watch`.
 //! Invariant: services see decoded requests and answer `Result<Response, ErrorCode>`;
-//! sockets, frames and handshakes stay here and in `rpc`.
+//! sockets, frames and handshakes stay here and in `rpc`; what a peer makes the server
+//! hold is bounded by `ServerLimits`.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use crate::error::ErrorCode;
-use crate::message::{Hello, HelloReply, Request, Response};
-use crate::rpc::{self, Connection, Limits};
+use crate::activity::{Activity, Eviction};
+use crate::admission::{Admission, Admit, Seat};
+use crate::budget::{FrameBudget, Intake};
+use crate::error::{ErrorCode, ProtoError};
+use crate::frame::encode_frame;
+use crate::message::{Frame, Hello, HelloReply, Request, Response};
+use crate::resources;
+use crate::rpc::{self, CloseReason, Connection, Limits};
+use crate::warnings::{PeerWarnings, Warning};
 
 /// What a server does with connections and requests.
 pub trait Service: Send + Sync + 'static {
@@ -36,14 +48,54 @@ pub trait Service: Send + Sync + 'static {
     fn disconnected(&self, _connection: &Connection, _hello: &Hello) {}
 }
 
+/// Default `ServerLimits::idle_timeout`: cache managers ping well within it.
+pub const IDLE_TIMEOUT_DEFAULT: Duration = Duration::from_secs(120);
+/// Default `ServerLimits::connections_max`.
+pub const CONNECTIONS_MAX_DEFAULT: usize = 4096;
+/// Default `ServerLimits::connections_per_peer_max`.
+pub const CONNECTIONS_PER_PEER_MAX_DEFAULT: usize = 1024;
+/// Default `ServerLimits::frame_memory_bytes`.
+pub const FRAME_MEMORY_BYTES_DEFAULT: usize = 64 << 20;
+/// File descriptors kept for the server's own files (partition, journal, databases)
+/// when the open-files limit caps the connections.
+const FILES_RESERVED: u64 = 256;
+/// How often the server looks whether a flood has passed and memory can go back.
+const TRIM_CHECK_EVERY: Duration = Duration::from_secs(2);
+/// How often a connection busy with a long request looks again whether it turned idle.
+const IDLE_RECHECK: Duration = Duration::from_secs(1);
+/// How long a refused connection is read from before it closes, so that its peer reads
+/// the refusal.
+const REFUSAL_LINGER: Duration = Duration::from_secs(1);
+/// Refused connections read from at once; more are closed at once.
+const REFUSALS_LINGERING_MAX: usize = 64;
+/// At most one warning per peer address and kind this often.
+const WARNING_INTERVAL: Duration = Duration::from_secs(10);
+
 /// Server-wide limits.
 #[derive(Clone, Debug)]
 pub struct ServerLimits {
+    /// Each connection's limits; `handshake_timeout` is the hello timeout.
     pub connection: Limits,
-    /// Connections served at once; further peers wait in the listen backlog.
+    /// Connections open at once, handshakes included; over it a newcomer evicts the
+    /// connection least worth keeping, or is refused when all are busy.
     pub connections_max: usize,
+    /// Connections open at once from one IP address; over it a newcomer evicts that
+    /// address's connection least worth keeping.
+    pub connections_per_peer_max: usize,
     /// Requests of one connection handled at once.
     pub requests_in_flight_max: usize,
+    /// A connection with nothing in flight that sends nothing for this long is told
+    /// goodbye and closed.
+    pub idle_timeout: Duration,
+    /// Bytes of frames held at once across all connections, from their header until
+    /// they are answered (beyond each connection's allowance).
+    pub frame_memory_bytes: usize,
+    /// Bytes of frames each connection holds outside the shared budget: its small
+    /// requests never wait behind others' large frames.
+    pub frame_allowance_bytes: usize,
+    /// While frames wait for memory, a frame still arriving whose peer sent nothing for
+    /// this long is evicted to make room.
+    pub frame_stall_limit: Duration,
     /// How long shutdown waits for connections to finish.
     pub shutdown_deadline: Duration,
 }
@@ -52,11 +104,25 @@ impl Default for ServerLimits {
     fn default() -> Self {
         ServerLimits {
             connection: Limits::default(),
-            connections_max: 4096,
+            connections_max: CONNECTIONS_MAX_DEFAULT,
+            connections_per_peer_max: CONNECTIONS_PER_PEER_MAX_DEFAULT,
             requests_in_flight_max: 64,
+            idle_timeout: IDLE_TIMEOUT_DEFAULT,
+            frame_memory_bytes: FRAME_MEMORY_BYTES_DEFAULT,
+            frame_allowance_bytes: 16 << 10,
+            frame_stall_limit: Duration::from_secs(2),
             shutdown_deadline: Duration::from_secs(5),
         }
     }
+}
+
+/// What every connection task of one server shares.
+struct Shared {
+    limits: ServerLimits,
+    admission: Arc<Admission>,
+    budget: Arc<FrameBudget>,
+    warnings: PeerWarnings,
+    refusals_lingering: Arc<AtomicUsize>,
 }
 
 /// Serves `service` on `listener` until `shutdown` turns true.
@@ -66,41 +132,60 @@ pub async fn serve<S: Service>(
     limits: ServerLimits,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let connection_slots = Arc::new(Semaphore::new(limits.connections_max));
+    resources::tune_allocator();
+    let limits = within_open_files_limit(limits);
+    let shared = Arc::new(Shared {
+        admission: Admission::new(limits.connections_max, limits.connections_per_peer_max),
+        budget: FrameBudget::new(
+            limits
+                .frame_memory_bytes
+                .max(limits.connection.frame_bytes_max),
+            limits.frame_stall_limit,
+        ),
+        warnings: PeerWarnings::new(WARNING_INTERVAL),
+        refusals_lingering: Arc::new(AtomicUsize::new(0)),
+        limits,
+    });
+    let trimmer = tokio::spawn(give_back_memory_after_floods(shared.clone()));
     let mut tasks = JoinSet::new();
     loop {
-        let permit = tokio::select! {
-            permit = connection_slots.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => break,
-            },
-            _ = shutdown.wait_for(|stop| *stop) => break,
-        };
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
+            // Reap each finished connection task at once: until then it keeps its memory.
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
             _ = shutdown.wait_for(|stop| *stop) => break,
         };
-        // Reap finished connection tasks so the set does not grow without bound.
-        while tasks.try_join_next().is_some() {}
         let (stream, peer) = match accepted {
             Ok(accepted) => accepted,
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
-                warn!(error = %e, "accept failed");
+                shared.warnings.warn(
+                    None,
+                    Warning::Accept,
+                    &format!("cannot accept connections: {e}"),
+                );
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
         };
+        let activity = Arc::new(Activity::new());
+        let seat = match shared.admission.admit(peer, activity.clone()) {
+            Admit::Seated(seat) => seat,
+            Admit::Refused(why) => {
+                refuse(stream, peer, why, &shared);
+                continue;
+            }
+        };
         let service = service.clone();
-        let limits = limits.clone();
+        let shared = shared.clone();
         let shutdown = shutdown.clone();
-        tasks.spawn(async move {
-            serve_connection(stream, peer, service, limits, shutdown).await;
-            drop(permit);
-        });
+        tasks.spawn(serve_connection(
+            stream, peer, seat, activity, service, shared, shutdown,
+        ));
     }
+    trimmer.abort();
     info!("server stopping; waiting for connections");
-    let drained = tokio::time::timeout(limits.shutdown_deadline, async {
+    let drained = tokio::time::timeout(shared.limits.shutdown_deadline, async {
         while tasks.join_next().await.is_some() {}
     })
     .await;
@@ -110,18 +195,104 @@ pub async fn serve<S: Service>(
     }
 }
 
+/// Lowers the connection caps to what the open-files limit can hold (raising that limit
+/// to its hard limit first).
+fn within_open_files_limit(mut limits: ServerLimits) -> ServerLimits {
+    let open_files = match resources::raise_open_files_limit() {
+        Ok(open_files) => open_files,
+        Err(e) => {
+            warn!(error = %e, "cannot read the open-files limit; connection caps as configured");
+            return limits;
+        }
+    };
+    let room = open_files.saturating_sub(FILES_RESERVED).max(16) as usize;
+    if limits.connections_max > room {
+        warn!(
+            open_files,
+            connections_max = room,
+            "the open-files limit holds fewer connections than --connections-max; \
+             serving at most {room} (raise `ulimit -n` to serve more)"
+        );
+        limits.connections_max = room;
+    }
+    limits.connections_per_peer_max = limits.connections_per_peer_max.min(limits.connections_max);
+    limits
+}
+
+/// Turns a newcomer away with `Busy` in place of its hello reply.
+fn refuse(stream: TcpStream, peer: SocketAddr, why: Eviction, shared: &Shared) {
+    shared.warnings.warn(
+        Some(peer),
+        Warning::Refused,
+        &format!(
+            "refused a connection: {why}, and every connection there is busy \
+             (--connections-max {}, --connections-per-peer-max {})",
+            shared.limits.connections_max, shared.limits.connections_per_peer_max
+        ),
+    );
+    let Ok(body) = encode_frame(&Frame::HelloReply(Err(ErrorCode::Busy))) else {
+        return;
+    };
+    let mut bytes = Vec::with_capacity(8 + body.len());
+    bytes.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    bytes.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
+    bytes.extend_from_slice(&body);
+    // A fresh socket's send buffer takes it at once; if not, the close says enough.
+    if stream.try_write(&bytes).is_err() {
+        return;
+    }
+    // Closing with the peer's hello unread would reset the connection, and the peer
+    // might lose the answer: read its hello first, for a moment at most, and for a few
+    // refused connections at a time.
+    let lingering = shared.refusals_lingering.clone();
+    if lingering.fetch_add(1, Ordering::Relaxed) >= REFUSALS_LINGERING_MAX {
+        lingering.fetch_sub(1, Ordering::Relaxed);
+        return;
+    }
+    tokio::spawn(async move {
+        let _counted = Lingering(lingering);
+        let mut stream = stream;
+        let _ = stream.shutdown().await;
+        let mut sink = [0u8; 1024];
+        let _ = tokio::time::timeout(REFUSAL_LINGER, async {
+            while let Ok(1..) = stream.read(&mut sink).await {}
+        })
+        .await;
+    });
+}
+
+/// Counts one refused connection being read from until it drops.
+struct Lingering(Arc<AtomicUsize>);
+
+impl Drop for Lingering {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 async fn serve_connection<S: Service>(
-    stream: tokio::net::TcpStream,
-    peer: std::net::SocketAddr,
+    stream: TcpStream,
+    peer: SocketAddr,
+    seat: Seat,
+    activity: Arc<Activity>,
     service: Arc<S>,
-    limits: ServerLimits,
+    shared: Arc<Shared>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let accepted = rpc::accept(stream, &limits.connection, |hello| service.hello(hello)).await;
+    let limits = &shared.limits;
+    let intake = Intake::bounded(
+        activity.clone(),
+        limits.frame_allowance_bytes,
+        shared.budget.clone(),
+    );
+    let accepted = rpc::accept(stream, &limits.connection, intake, |hello| {
+        service.hello(hello)
+    })
+    .await;
     let (connection, hello, mut incoming) = match accepted {
         Ok(accepted) => accepted,
         Err(e) => {
-            debug!(%peer, error = %e, "handshake failed");
+            handshake_failed(peer, &e, &activity, &shared);
             return;
         }
     };
@@ -129,9 +300,30 @@ async fn serve_connection<S: Service>(
     service.connected(&connection, &hello);
     let in_flight = Arc::new(Semaphore::new(limits.requests_in_flight_max));
     let mut requests = JoinSet::new();
+    let mut next_idle_check = activity.last_received() + limits.idle_timeout;
+    // Set once this side said goodbye: requests already on their way are still served
+    // until then, and the connection closes.
+    let mut drain_until: Option<Instant> = None;
     loop {
+        let wake = drain_until.unwrap_or(next_idle_check);
         let next = tokio::select! {
             next = incoming.recv() => next,
+            () = tokio::time::sleep_until(wake) => {
+                if drain_until.is_some() {
+                    break;
+                }
+                let now = Instant::now();
+                if activity.in_flight() == 0 && activity.silent_for(now) >= limits.idle_timeout {
+                    debug!(%peer, "connection idle; saying goodbye");
+                    connection.goodbye();
+                    drain_until = Some(now + limits.connection.handshake_timeout);
+                } else {
+                    next_idle_check = (activity.last_received() + limits.idle_timeout)
+                        .max(now + IDLE_RECHECK);
+                }
+                continue;
+            }
+            () = activity.evicted() => None,
             _ = shutdown.wait_for(|stop| *stop) => None,
         };
         let Some(request) = next else { break };
@@ -152,5 +344,145 @@ async fn serve_connection<S: Service>(
     // Let requests already running finish, then close.
     while requests.join_next().await.is_some() {}
     connection.close();
+    drop(seat);
     service.disconnected(&connection, &hello);
+    connection_closed(peer, &connection, &activity, &shared);
+}
+
+/// Logs why a handshake failed: at WARN (rate-limited) when the peer misbehaved.
+fn handshake_failed(peer: SocketAddr, error: &ProtoError, activity: &Activity, shared: &Shared) {
+    if let Some(why) = activity.eviction() {
+        evicted(peer, why, shared);
+        return;
+    }
+    let what = match error {
+        ProtoError::Io(_) | ProtoError::Closed => {
+            debug!(%peer, %error, "handshake ended");
+            return;
+        }
+        ProtoError::Timeout(timeout) => format!(
+            "closed a connection that sent no hello within {} s",
+            timeout.as_secs_f64()
+        ),
+        other => format!("closed a connection in its handshake: {other}"),
+    };
+    shared.warnings.warn(Some(peer), Warning::Malformed, &what);
+}
+
+/// Logs why an established connection ended: at WARN (rate-limited) when the peer
+/// misbehaved or the connection was evicted, at DEBUG otherwise (an idle goodbye, say).
+fn connection_closed(
+    peer: SocketAddr,
+    connection: &Connection,
+    activity: &Activity,
+    shared: &Shared,
+) {
+    if let Some(why) = activity.eviction() {
+        evicted(peer, why, shared);
+        return;
+    }
+    match connection.close_reason() {
+        Some(CloseReason::Malformed(what)) => {
+            shared.warnings.warn(
+                Some(peer),
+                Warning::Malformed,
+                &format!("closed a connection that {what}"),
+            );
+        }
+        Some(CloseReason::Stalled(what)) => {
+            shared.warnings.warn(
+                Some(peer),
+                Warning::Stalled,
+                &format!("closed a connection that {what}"),
+            );
+        }
+        reason => debug!(%peer, ?reason, "connection closed"),
+    }
+}
+
+fn evicted(peer: SocketAddr, why: Eviction, shared: &Shared) {
+    let kind = match why {
+        Eviction::StalledUnderPressure => Warning::Stalled,
+        Eviction::ConnectionsFull | Eviction::PeerFull => Warning::Evicted,
+    };
+    shared.warnings.warn(
+        Some(peer),
+        kind,
+        &format!("closed a connection to make room: {why}"),
+    );
+}
+
+/// When a flood has passed (many connections gone, or much frame memory returned),
+/// hands the allocator's free memory back to the system.
+async fn give_back_memory_after_floods(shared: Arc<Shared>) {
+    let mut policy = TrimPolicy::default();
+    loop {
+        tokio::time::sleep(TRIM_CHECK_EVERY).await;
+        let connections = shared.admission.len();
+        let frame_bytes_peak = shared.budget.take_high_water();
+        if policy.observe(connections, frame_bytes_peak, shared.budget.used()) {
+            shared.admission.shrink();
+            let _ = tokio::task::spawn_blocking(resources::give_back_free_memory).await;
+        }
+    }
+}
+
+/// Decides when the memory of a passed flood is worth handing back: trimming walks the
+/// allocator's heaps, so only after a real drop, and on the two looks after it as well,
+/// since a flood's connections take a few seconds to wind down.
+#[derive(Debug, Default)]
+struct TrimPolicy {
+    connections_peak: usize,
+    frame_bytes_peak: usize,
+    /// Looks still to trim at after the last drop.
+    trims_left: u8,
+}
+
+impl TrimPolicy {
+    /// Connections this many fewer than their peak make a flood that passed.
+    const CONNECTIONS_DROP: usize = 128;
+    /// Frame bytes this many fewer than their peak likewise.
+    const FRAME_BYTES_DROP: usize = 8 << 20;
+    /// Looks after a drop that trim again.
+    const TRIMS_AFTER: u8 = 2;
+
+    /// Notes the counts now and the frame-memory peak since the last look; true when
+    /// the memory should go back now.
+    fn observe(&mut self, connections: usize, frame_bytes_peak: usize, frame_bytes: usize) -> bool {
+        self.connections_peak = self.connections_peak.max(connections);
+        self.frame_bytes_peak = self.frame_bytes_peak.max(frame_bytes_peak);
+        let passed = self.connections_peak - connections >= Self::CONNECTIONS_DROP
+            || self.frame_bytes_peak.saturating_sub(frame_bytes) >= Self::FRAME_BYTES_DROP;
+        if passed {
+            self.connections_peak = connections;
+            self.frame_bytes_peak = frame_bytes;
+            self.trims_left = Self::TRIMS_AFTER;
+            return true;
+        }
+        if self.trims_left > 0 {
+            self.trims_left -= 1;
+            return true;
+        }
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_goes_back_after_a_flood_passes_and_twice_more() {
+        let mut policy = TrimPolicy::default();
+        assert!(!policy.observe(10, 0, 0));
+        assert!(!policy.observe(1000, 0, 0));
+        assert!(!policy.observe(900, 0, 0));
+        let looks: Vec<bool> = (0..4).map(|_| policy.observe(100, 0, 0)).collect();
+        assert_eq!(looks, [true, true, true, false]);
+        assert!(!policy.observe(100, 64 << 20, 64 << 20));
+        assert!(policy.observe(100, 0, 1 << 20));
+        assert!(policy.observe(100, 1 << 20, 0));
+        assert!(policy.observe(100, 1 << 20, 0));
+        assert!(!policy.observe(100, 1 << 20, 0));
+    }
 }

@@ -2,7 +2,8 @@
 //! cell's other replicas in turn, and keeps the connection that answered for later calls.
 //! Invariant: a call ends within the client's timeout, retries included; a request goes
 //! again after a transport failure only if `Request::safe_to_resend`, and never on that
-//! connection.
+//! connection; one that was never sent (the replica had closed the connection while it
+//! was idle) goes on a new connection, whatever it is.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -117,7 +118,16 @@ impl VldbClient {
                 Err(e) => return Err(e),
             };
             let remaining = deadline.saturating_duration_since(Instant::now());
-            match replica.connection.call_ref(request, remaining).await {
+            let Ok(answer) = replica.connection.try_call_ref(request, remaining).await else {
+                // The replica closed this connection (it was idle, or made room) before
+                // the request went out: nothing was sent, so a new connection takes it.
+                debug!(replica = %replica.address, "VLDB connection closed while idle; reconnecting");
+                self.forget(&replica.connection).await;
+                leader_hint = Some(replica.address);
+                attempts_in_round -= 1;
+                continue;
+            };
+            match answer {
                 Err(ProtoError::Remote(ErrorCode::NotLeader { leader })) => {
                     debug!(replica = %replica.address, ?leader, "VLDB replica is not the leader");
                     // Nothing was applied. The connection stays open for the calls

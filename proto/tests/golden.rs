@@ -291,6 +291,7 @@ fn cases() -> Vec<(&'static str, Frame, &'static str)> {
             },
             "030c01 28 09",
         ),
+        ("goodbye", Frame::Goodbye, "04"),
     ]
 }
 

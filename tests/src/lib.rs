@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+pub mod flood;
 pub mod pair;
 pub mod rpc_client;
 pub mod stalls;

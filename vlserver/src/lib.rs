@@ -44,6 +44,9 @@ pub struct Config {
     pub peers: BTreeMap<u64, String>,
     /// A snapshot every this many entries (`SNAPSHOT_EVERY`; tests use fewer).
     pub snapshot_every: u64,
+    /// What a peer can make the replica hold: connection caps, hello, idle and frame
+    /// timeouts, frame memory.
+    pub connection_limits: ServerLimits,
 }
 
 impl Config {
@@ -55,6 +58,7 @@ impl Config {
             id: 1,
             peers: BTreeMap::new(),
             snapshot_every: SNAPSHOT_EVERY,
+            connection_limits: ServerLimits::default(),
         }
     }
 }
@@ -92,7 +96,7 @@ pub async fn run(
     let server = tokio::spawn(serve(
         listener,
         service,
-        ServerLimits::default(),
+        config.connection_limits,
         serving_stopped,
     ));
     let outcome = tokio::select! {

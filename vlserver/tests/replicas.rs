@@ -43,6 +43,7 @@ fn start(
         id,
         peers: peers.clone(),
         snapshot_every: SNAPSHOT_EVERY,
+        connection_limits: Default::default(),
     };
     let task = tokio::spawn(vlserver::run(config, listener, shutdown));
     Replica {

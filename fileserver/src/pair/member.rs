@@ -6,7 +6,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use proto::server::ServerLimits;
 use proto::{Epoch, ErrorCode, PairEntry, PairName, PeerKind, ProtoError, VldbClient};
 use state::{MemberLease, Millis};
 use tokio::net::TcpListener;
@@ -60,7 +59,7 @@ pub async fn run(
     let serving = tokio::spawn(proto::server::serve(
         listener,
         service.clone(),
-        ServerLimits::default(),
+        config.connection_limits.clone(),
         shutdown.clone(),
     ));
     // Each call must end well within a lease: a renewal that takes longer is useless.
