@@ -204,6 +204,11 @@ pub enum ProtoError {
     Closed,
     #[error("{0}")]
     Remote(ErrorCode),
+    #[error(
+        "the peer speaks protocol version {peer}, and this request needs version {needed}: \
+         upgrade the peer"
+    )]
+    PeerTooOld { peer: u16, needed: u16 },
 }
 
 impl ProtoError {

@@ -13,9 +13,14 @@ use crate::ids::{
 use crate::lock::{ByteRange, LockKind};
 use crate::name::{PairName, VolumeName};
 
-/// The protocol versions this build speaks.
+/// The protocol versions this build speaks. Version 2 adds `Frame::Goodbye` and
+/// `Request::StoreDataIf` (with `ErrorCode::StoreOutdated`); neither is ever sent on a
+/// connection that negotiated version 1 (`Connection::version`).
 pub const PROTOCOL_VERSION_MIN: u16 = 1;
-pub const PROTOCOL_VERSION_MAX: u16 = 1;
+pub const PROTOCOL_VERSION_MAX: u16 = 2;
+
+/// The first version with `Frame::Goodbye` and `Request::StoreDataIf`.
+pub const PROTOCOL_VERSION_GOODBYE_AND_CONDITIONAL_STORES: u16 = 2;
 
 /// The first frame on every connection, sent by the connecting side.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -552,6 +557,15 @@ impl Request {
     /// its first attempt made): the cache manager sends these as `Sequenced` so a retry
     /// after a failover is answered from the recorded outcome. A plain store or setattr
     /// sent twice leaves the same bytes and attributes, so they go as they are.
+    /// The lowest protocol version that has this request.
+    pub fn version_min(&self) -> u16 {
+        match self {
+            Request::StoreDataIf { .. } => PROTOCOL_VERSION_GOODBYE_AND_CONDITIONAL_STORES,
+            Request::Sequenced { request, .. } => request.version_min(),
+            _ => 1,
+        }
+    }
+
     pub fn needs_sequence(&self) -> bool {
         matches!(
             self,

@@ -27,7 +27,8 @@ use crate::frame::{
 use crate::frame_reader::{FrameReader, ReadFailure};
 use crate::ids::RequestId;
 use crate::message::{
-    Frame, Hello, HelloReply, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN, Request, Response,
+    Frame, Hello, HelloReply, PROTOCOL_VERSION_GOODBYE_AND_CONDITIONAL_STORES,
+    PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN, Request, Response,
 };
 
 /// The largest first frame a server reads from a peer that has not said hello yet.
@@ -126,6 +127,8 @@ struct Inner {
     frame_bytes_max: usize,
     activity: Arc<Activity>,
     close_reason: Mutex<Option<CloseReason>>,
+    /// The protocol version both sides agreed on in the handshake.
+    version: u16,
 }
 
 impl Inner {
@@ -238,7 +241,7 @@ pub async fn connect(
         }
     };
     reader.set_frame_read_timeout(limits.frame_read_timeout);
-    let (connection, incoming) = start(reader, writer, peer_addr, limits);
+    let (connection, incoming) = start(reader, writer, peer_addr, limits, reply.version);
     Ok((connection, reply, incoming))
 }
 
@@ -279,13 +282,14 @@ pub async fn accept(
     tokio::time::timeout(limits.handshake_timeout, writer.write_all(&reply))
         .await
         .map_err(|_| ProtoError::Timeout(limits.handshake_timeout))??;
-    if let Err(code) = verdict {
-        return Err(ProtoError::Handshake(format!("refused its hello: {code}")));
-    }
+    let version = match verdict {
+        Ok(reply) => reply.version,
+        Err(code) => return Err(ProtoError::Handshake(format!("refused its hello: {code}"))),
+    };
     reader.intake().activity.reached(Stage::Established);
     reader.frame_bytes_max = limits.frame_bytes_max;
     reader.set_frame_read_timeout(limits.frame_read_timeout);
-    let (connection, incoming) = start(reader, writer, peer_addr, limits);
+    let (connection, incoming) = start(reader, writer, peer_addr, limits, version);
     Ok((connection, hello, incoming))
 }
 
@@ -335,6 +339,7 @@ fn start(
     writer: OwnedWriteHalf,
     peer_addr: SocketAddr,
     limits: &Limits,
+    version: u16,
 ) -> (Connection, mpsc::Receiver<IncomingRequest>) {
     let (outgoing_tx, outgoing_rx) = mpsc::channel(limits.outgoing_queue_max);
     let (incoming_tx, incoming_rx) = mpsc::channel(limits.incoming_queue_max);
@@ -347,6 +352,7 @@ fn start(
         frame_bytes_max: limits.frame_bytes_max,
         activity: reader.intake().activity.clone(),
         close_reason: Mutex::new(None),
+        version,
     });
     tokio::spawn(write_loop(
         writer,
@@ -534,6 +540,13 @@ impl Connection {
         request: &Request,
         timeout: Duration,
     ) -> Result<Result<Response, ProtoError>, NotSent> {
+        let needed = request.version_min();
+        if needed > self.inner.version {
+            return Ok(Err(ProtoError::PeerTooOld {
+                peer: self.inner.version,
+                needed,
+            }));
+        }
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let bytes = match encode_request(RequestId(id), request) {
             Ok(bytes) => bytes,
@@ -598,6 +611,15 @@ impl Connection {
     /// nothing new. Answers to requests already sent still go out. False if a goodbye
     /// was said or heard before, or the connection is closed.
     pub fn goodbye(&self) -> bool {
+        if self.inner.version < PROTOCOL_VERSION_GOODBYE_AND_CONDITIONAL_STORES {
+            // A version-1 peer cannot read a goodbye: it is only closed (a server says
+            // goodbye to a connection with nothing in flight, so nothing is cut short).
+            if self.inner.cancel.is_cancelled() {
+                return false;
+            }
+            self.close();
+            return true;
+        }
         {
             let mut calls = self.inner.calls.lock();
             if calls.closing || self.inner.cancel.is_cancelled() {
@@ -609,6 +631,11 @@ impl Connection {
             Ok(bytes) => self.inner.outgoing.try_send(bytes).is_ok(),
             Err(_) => false,
         }
+    }
+
+    /// The protocol version agreed on in the handshake.
+    pub fn version(&self) -> u16 {
+        self.inner.version
     }
 
     /// Why the connection ended; `None` while it is open.

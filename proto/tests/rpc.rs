@@ -196,3 +196,46 @@ async fn unreachable_address_fails_fast() {
         .unwrap_err();
     assert!(err.is_transport(), "{err}");
 }
+
+/// A peer that speaks only version 1 (a build from before `Goodbye` and `StoreDataIf`)
+/// agrees on 1, is never sent a version-2 request, and a goodbye to it only closes.
+#[tokio::test]
+async fn a_version_one_peer_gets_nothing_from_version_two() {
+    let (address, _stop, _) = start().await;
+    let old = Hello {
+        version_min: 1,
+        version_max: 1,
+        ..hello(CELL)
+    };
+    let (connection, reply, _incoming) = rpc::connect(&address, old, &Limits::default())
+        .await
+        .unwrap();
+    assert_eq!((reply.version, connection.version()), (1, 1));
+    assert_eq!(
+        connection
+            .call(Request::Ping, Duration::from_secs(5))
+            .await
+            .unwrap(),
+        Response::Pong
+    );
+    let store = Request::Sequenced {
+        seq: 1,
+        request: Box::new(Request::StoreDataIf {
+            fid: Fid::root(VolumeId(1)),
+            offset: 0,
+            data: b"x".to_vec(),
+            base: DataVersion(1),
+            write_back: WriteBackId(1),
+        }),
+    };
+    let err = connection
+        .call(store, Duration::from_secs(5))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, ProtoError::PeerTooOld { peer: 1, needed: 2 }),
+        "{err}"
+    );
+    assert!(connection.goodbye());
+    assert!(connection.is_closed());
+}
