@@ -731,6 +731,29 @@ mod tests {
     }
 
     #[test]
+    fn tables_give_their_room_back_once_the_kernel_forgets_a_burst() {
+        let budget = 1_000;
+        let mut table = StatusTable::with_budget(small_budget(budget, 100));
+        let now = Instant::now();
+        let vnodes = 2..100_002;
+        for vnode in vnodes.clone() {
+            table.apply(status(vnode, FileKind::File, 1), GRANT, now);
+            table.pin(fid(vnode));
+        }
+        let held = table.entries.capacity();
+        for vnode in vnodes {
+            table.unpin(fid(vnode));
+        }
+        assert_eq!(table.len(), budget);
+        assert!(
+            table.entries.capacity() < 2 * budget,
+            "{} of room for {budget} statuses (it held {held})",
+            table.entries.capacity()
+        );
+        assert!(table.pinned.capacity() < 2 * SHRINK_CAPACITY_MIN);
+    }
+
+    #[test]
     fn pinned_entries_are_never_evicted_and_stay_pinned_when_fetched_again() {
         let mut table = StatusTable::with_budget(small_budget(1, 100));
         let now = Instant::now();

@@ -17,6 +17,9 @@ mod floods;
 mod memory;
 mod stopped;
 
+/// One figure: it runs its own cell under the directory it is given.
+type Figure = fn(&Path) -> Result<()>;
+
 /// The suite's figures by name, in the order they run (`--figure` picks one).
 pub const FIGURES: [&str; 5] = ["cached", "stopped", "floods", "memory", "bigdir"];
 
@@ -24,7 +27,7 @@ pub const FIGURES: [&str; 5] = ["cached", "stopped", "floods", "memory", "bigdir
 pub fn run(dir: &BenchDir, only: Option<&str>) -> Result<()> {
     println!("holdfast bench: faults");
     println!("{:<64} {:>10}  target", "figure", "value");
-    let figures: [(&str, fn(&Path) -> Result<()>); 5] = [
+    let figures: [(&str, Figure); 5] = [
         ("cached", cached::run),
         ("stopped", stopped::run),
         ("floods", floods::run),
