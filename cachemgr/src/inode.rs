@@ -11,6 +11,8 @@ use std::fmt;
 use proto::Fid;
 use serde::{Deserialize, Serialize};
 
+use crate::status::room_when_sparse;
+
 /// A FUSE inode number as the kernel and `stat` see it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Ino(pub u64);
@@ -187,10 +189,9 @@ impl InodeTable {
 
     /// Gives memory back once the maps are far emptier than their capacity.
     fn shrink(&mut self) {
-        let len = self.by_ino.len();
-        if self.by_ino.capacity() > 1024 && len < self.by_ino.capacity() / 4 {
-            self.by_ino.shrink_to(len * 2);
-            self.by_fid.shrink_to(len * 2);
+        if let Some(room) = room_when_sparse(self.by_ino.len(), self.by_ino.capacity()) {
+            self.by_ino.shrink_to(room);
+            self.by_fid.shrink_to(room);
         }
     }
 }

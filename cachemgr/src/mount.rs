@@ -133,6 +133,27 @@ fn is_read_only(path: &Path) -> bool {
     rc == 0 && stat.f_flag & libc::ST_RDONLY != 0
 }
 
+/// Makes glibc's allocator hand memory back once the tables that held it shrink: few
+/// arenas (each thread's arena otherwise keeps its own freed pages, pinned by a few live
+/// objects), a fixed mmap threshold (large tables always get their own mapping, which
+/// `free` unmaps, rather than landing in an arena once a first one was freed), and a
+/// modest trim threshold (the top of the heap goes back after each large free).
+#[cfg(target_env = "gnu")]
+fn tune_allocator() {
+    const ARENAS_MAX: libc::c_int = 2;
+    const MMAP_THRESHOLD_BYTES: libc::c_int = 128 << 10;
+    const TRIM_THRESHOLD_BYTES: libc::c_int = 1 << 20;
+    // SAFETY: mallopt only changes the allocator's parameters, under its own locks.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, ARENAS_MAX);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES);
+    }
+}
+
+#[cfg(not(target_env = "gnu"))]
+fn tune_allocator() {}
+
 /// Mounts the cell, calls `on_ready` once the mount is live, serves until `shutdown`
 /// turns true, then stores pending writes and unmounts.
 pub fn run(
@@ -140,6 +161,7 @@ pub fn run(
     shutdown: watch::Receiver<bool>,
     on_ready: impl FnOnce(),
 ) -> Result<(), CacheError> {
+    tune_allocator();
     let mount_point = check_mount_point(&config.mountpoint, config.over_guard)?;
     let cache_io = |source| CacheError::CacheDir {
         path: config.cache_dir.clone(),

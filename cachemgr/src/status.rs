@@ -12,6 +12,19 @@ use proto::{CallbackGrant, DataVersion, Fid, VnodeStatus};
 
 use crate::listing::{DirChange, Listing, ListingOutcome, apply_own_change};
 
+/// Tables smaller than this are never shrunk: reallocating them would cost more than
+/// they hold.
+const SHRINK_CAPACITY_MIN: usize = 1024;
+
+/// The room to shrink a hash table to once it holds `len` entries in room for
+/// `capacity`, if it is less than half full; `None` while it is fuller. A table never
+/// gives its room back by itself, so one that once held every file the kernel held would
+/// keep that memory after the kernel forgot them. The room left (a quarter more than
+/// `len`) keeps the next few inserts from growing it again at once.
+pub(crate) fn room_when_sparse(len: usize, capacity: usize) -> Option<usize> {
+    (capacity > SHRINK_CAPACITY_MIN && len < capacity / 2).then(|| len + len / 4)
+}
+
 /// Default number of status entries (AFS's `afsd -stat`): beyond it, the least recently
 /// used entries the kernel no longer holds are evicted.
 pub const STATUS_ENTRIES_MAX_DEFAULT: usize = 32_768;
@@ -452,12 +465,11 @@ impl StatusTable {
         }
         self.lru.extend(skipped);
         if evicted_any {
-            let len = self.entries.len();
-            if self.entries.capacity() > 1024 && len < self.entries.capacity() / 4 {
-                self.entries.shrink_to(len * 2);
+            if let Some(room) = room_when_sparse(self.entries.len(), self.entries.capacity()) {
+                self.entries.shrink_to(room);
             }
-            if self.pinned.capacity() > 1024 && self.pinned.len() < self.pinned.capacity() / 4 {
-                self.pinned.shrink_to(self.pinned.len() * 2);
+            if let Some(room) = room_when_sparse(self.pinned.len(), self.pinned.capacity()) {
+                self.pinned.shrink_to(room);
             }
         }
     }
@@ -716,6 +728,29 @@ mod tests {
         assert_eq!(table.take_evicted(), [fid(2)]);
         assert!(table.take_evicted().is_empty());
         assert_eq!(table.len(), 2);
+    }
+
+    #[test]
+    fn tables_give_their_room_back_once_the_kernel_forgets_a_burst() {
+        let budget = 1_000;
+        let mut table = StatusTable::with_budget(small_budget(budget, 100));
+        let now = Instant::now();
+        let vnodes = 2..100_002;
+        for vnode in vnodes.clone() {
+            table.apply(status(vnode, FileKind::File, 1), GRANT, now);
+            table.pin(fid(vnode));
+        }
+        let held = table.entries.capacity();
+        for vnode in vnodes {
+            table.unpin(fid(vnode));
+        }
+        assert_eq!(table.len(), budget);
+        assert!(
+            table.entries.capacity() < 2 * budget,
+            "{} of room for {budget} statuses (it held {held})",
+            table.entries.capacity()
+        );
+        assert!(table.pinned.capacity() < 2 * SHRINK_CAPACITY_MIN);
     }
 
     #[test]

@@ -45,6 +45,10 @@ pub struct BenchArgs {
     /// hundredth as many clients).
     #[arg(long, default_value_t = 1_000_000)]
     recovery_callbacks: usize,
+    /// Only this figure of the faults suite: `cached`, `stopped`, `floods`, `memory` or
+    /// `bigdir` (default: all of them).
+    #[arg(long, value_parser = faults::FIGURES)]
+    figure: Option<String>,
 }
 
 const BLOCK_BYTES: usize = 1 << 20;
@@ -64,7 +68,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         vldb::run(&bench_dir(&args)?, args.seconds)?;
     }
     if all || args.suite == "faults" {
-        faults::run(&bench_dir(&args)?)?;
+        faults::run(&bench_dir(&args)?, args.figure.as_deref())?;
     }
     Ok(())
 }

@@ -5,6 +5,8 @@
 //! Invariant: each figure runs its own cell under the suite's directory and stops it,
 //! whether it measured or failed.
 
+use std::path::Path;
+
 use anyhow::Result;
 
 use super::BenchDir;
@@ -15,14 +17,27 @@ mod floods;
 mod memory;
 mod stopped;
 
-pub fn run(dir: &BenchDir) -> Result<()> {
+/// One figure: it runs its own cell under the directory it is given.
+type Figure = fn(&Path) -> Result<()>;
+
+/// The suite's figures by name, in the order they run (`--figure` picks one).
+pub const FIGURES: [&str; 5] = ["cached", "stopped", "floods", "memory", "bigdir"];
+
+/// Runs every figure, or only `only`, each in its own directory named after it.
+pub fn run(dir: &BenchDir, only: Option<&str>) -> Result<()> {
     println!("holdfast bench: faults");
     println!("{:<64} {:>10}  target", "figure", "value");
-    let dir = dir.path();
-    cached::run(&dir.join("cached"))?;
-    stopped::run(&dir.join("stopped"))?;
-    floods::run(&dir.join("floods"))?;
-    memory::run(&dir.join("memory"))?;
-    bigdir::run(&dir.join("bigdir"))?;
+    let figures: [(&str, Figure); 5] = [
+        ("cached", cached::run),
+        ("stopped", stopped::run),
+        ("floods", floods::run),
+        ("memory", memory::run),
+        ("bigdir", bigdir::run),
+    ];
+    for (name, run) in figures {
+        if only.is_none_or(|only| only == name) {
+            run(&dir.path().join(name))?;
+        }
+    }
     Ok(())
 }
