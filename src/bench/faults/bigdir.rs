@@ -8,8 +8,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
-use crate::cell::{LocalCell, Servers};
-
 /// Entries in the directory before the writers start.
 const PREFILLED: usize = 100_000;
 /// Writers per mount (two mounts).
@@ -27,12 +25,7 @@ struct Tally {
 }
 
 pub fn run(dir: &Path) -> Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("start the async runtime")?;
-    let mut cell = LocalCell::start(dir, "bench.holdfast", Servers::Single, &runtime)?;
+    let mut cell = super::single_server_cell(dir)?;
     let mounts = [dir.join("mnt-a"), dir.join("mnt-b")];
     cell.mount("mount-a", &mounts[0], &dir.join("cache-a"), &[])?;
     cell.mount("mount-b", &mounts[1], &dir.join("cache-b"), &[])?;
@@ -79,23 +72,10 @@ pub fn run(dir: &Path) -> Result<()> {
 }
 
 fn prefill(dir: &Path) -> Result<()> {
-    std::thread::scope(|scope| {
-        let workers: Vec<_> = (0..PREFILL_THREADS)
-            .map(|t| {
-                scope.spawn(move || -> Result<()> {
-                    for i in (t..PREFILLED).step_by(PREFILL_THREADS) {
-                        let path = dir.join(format!("pre-{i:06}"));
-                        std::fs::File::create(&path)
-                            .with_context(|| format!("prefill {}", path.display()))?;
-                    }
-                    Ok(())
-                })
-            })
-            .collect();
-        for worker in workers {
-            worker
-                .join()
-                .map_err(|_| anyhow::anyhow!("a prefill thread panicked"))??;
+    super::on_threads(PREFILL_THREADS, |t| {
+        for i in (t..PREFILLED).step_by(PREFILL_THREADS) {
+            let path = dir.join(format!("pre-{i:06}"));
+            std::fs::File::create(&path).with_context(|| format!("prefill {}", path.display()))?;
         }
         Ok(())
     })

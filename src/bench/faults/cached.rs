@@ -9,20 +9,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::cell::{LocalCell, Servers};
-
 const FILES: usize = 1_000;
 const FILE_BYTES: usize = 4096;
 /// How long the mount may take to notice the dead server's connection end.
 const NOTICE_LIMIT: Duration = Duration::from_secs(10);
 
 pub fn run(dir: &Path) -> Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .context("start the async runtime")?;
-    let mut cell = LocalCell::start(dir, "bench.holdfast", Servers::Single, &runtime)?;
+    let mut cell = super::single_server_cell(dir)?;
     let mountpoint = dir.join("mnt");
     cell.mount("mount", &mountpoint, &dir.join("cache"), &[])?;
     let files = mountpoint.join("cached");

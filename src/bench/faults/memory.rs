@@ -7,8 +7,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::cell::{LocalCell, Servers};
-
 /// Files created and stat'ed, in directories of `FILES_PER_DIR`.
 const FILES: usize = 1_000_000;
 const FILES_PER_DIR: usize = 10_000;
@@ -19,12 +17,7 @@ const SETTLED_FOR: Duration = Duration::from_secs(3);
 const SETTLE_MAX: Duration = Duration::from_secs(120);
 
 pub fn run(dir: &Path) -> Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("start the async runtime")?;
-    let mut cell = LocalCell::start(dir, "bench.holdfast", Servers::Single, &runtime)?;
+    let mut cell = super::single_server_cell(dir)?;
     let mountpoint = dir.join("mnt");
     cell.mount("mount", &mountpoint, &dir.join("cache"), &[])?;
     let pid = cell.pid("mount").context("the mount's process")?;
@@ -37,28 +30,14 @@ pub fn run(dir: &Path) -> Result<()> {
         std::fs::create_dir(dir).with_context(|| format!("create {}", dir.display()))?;
     }
     let began = Instant::now();
-    std::thread::scope(|scope| -> Result<()> {
-        let workers: Vec<_> = (0..CREATORS)
-            .map(|c| {
-                let dirs = &dirs;
-                scope.spawn(move || -> Result<()> {
-                    for (d, dir) in dirs.iter().enumerate().skip(c).step_by(CREATORS) {
-                        for i in 0..FILES_PER_DIR.min(FILES - d * FILES_PER_DIR) {
-                            let path = dir.join(format!("f{i:05}"));
-                            std::fs::File::create(&path)
-                                .with_context(|| format!("create {}", path.display()))?;
-                            std::fs::metadata(&path)
-                                .with_context(|| format!("stat {}", path.display()))?;
-                        }
-                    }
-                    Ok(())
-                })
-            })
-            .collect();
-        for worker in workers {
-            worker
-                .join()
-                .map_err(|_| anyhow::anyhow!("a creator panicked"))??;
+    super::on_threads(CREATORS, |c| {
+        for (d, dir) in dirs.iter().enumerate().skip(c).step_by(CREATORS) {
+            for i in 0..FILES_PER_DIR.min(FILES - d * FILES_PER_DIR) {
+                let path = dir.join(format!("f{i:05}"));
+                std::fs::File::create(&path)
+                    .with_context(|| format!("create {}", path.display()))?;
+                std::fs::metadata(&path).with_context(|| format!("stat {}", path.display()))?;
+            }
         }
         Ok(())
     })?;

@@ -7,9 +7,10 @@
 
 use std::path::Path;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
 use super::BenchDir;
+use crate::cell::{LocalCell, Servers};
 
 mod bigdir;
 mod cached;
@@ -40,4 +41,32 @@ pub fn run(dir: &BenchDir, only: Option<&str>) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A cell of one fileserver (and the VLDB) under `dir`, with `root.cell`; no mount yet.
+fn single_server_cell(dir: &Path) -> Result<LocalCell> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("start the async runtime")?;
+    LocalCell::start(dir, "bench.holdfast", Servers::Single, &runtime)
+}
+
+/// Runs `work(t)` for `t` in `0..threads`, each on its own thread, and waits for all;
+/// the first error (or panic) is the answer.
+fn on_threads(threads: usize, work: impl Fn(usize) -> Result<()> + Sync) -> Result<()> {
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|t| {
+                let work = &work;
+                scope.spawn(move || work(t))
+            })
+            .collect();
+        for worker in workers {
+            worker
+                .join()
+                .map_err(|_| anyhow::anyhow!("a bench thread panicked"))??;
+        }
+        Ok(())
+    })
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::cell::{LocalCell, Servers};
+use crate::cell::LocalCell;
 
 /// Parallel uncached reads of a stopped server.
 const READERS: usize = 16;
@@ -20,12 +20,7 @@ const RPC_TIMEOUT: Duration = Duration::from_secs(2);
 const BLOCKED_WITHIN: Duration = Duration::from_secs(10);
 
 pub fn run(dir: &Path) -> Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .context("start the async runtime")?;
-    let mut cell = LocalCell::start(dir, "bench.holdfast", Servers::Single, &runtime)?;
+    let mut cell = super::single_server_cell(dir)?;
     let writer = dir.join("writer");
     let reader = dir.join("reader");
     cell.mount("writer", &writer, &dir.join("writer.cache"), &[])?;
