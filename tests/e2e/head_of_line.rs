@@ -95,7 +95,7 @@ fn parallel_reads_of_a_stopped_server_each_fail_at_their_own_deadlines() {
     }
 
     // The server the reads gave up on is the one `checkservers` lists down.
-    let down = checkservers(&cell, &reader);
+    let down = cell.checkservers(&reader).unwrap();
     assert!(down.contains("is down"), "{down}");
     assert!(!down.contains("All servers are running."), "{down}");
 
@@ -113,21 +113,8 @@ fn parallel_reads_of_a_stopped_server_each_fail_at_their_own_deadlines() {
             format!("file {i}\n")
         );
     }
-    let up = checkservers(&cell, &reader);
+    let up = cell.checkservers(&reader).unwrap();
     assert!(up.contains("All servers are running."), "{up}");
-}
-
-/// What `holdfast fs checkservers` prints for the mount at `mnt`.
-fn checkservers(cell: &TestCell, mnt: &Path) -> String {
-    let out = cell
-        .holdfast(&["fs", "checkservers", &mnt.to_string_lossy()])
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 #[test]

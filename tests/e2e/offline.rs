@@ -123,18 +123,6 @@ fn fails_unreachable<T: std::fmt::Debug>(
     assert!(took < limit, "{what} took {took:?}");
 }
 
-fn checkservers(cell: &TestCell, mnt: &Path) -> String {
-    let out = cell
-        .holdfast(&["fs", "checkservers", &mnt.to_string_lossy()])
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 #[test]
 fn cached_files_stay_readable_while_the_only_fileserver_is_dead() {
     let mut cell = TestCell::start(BIN).unwrap();
@@ -146,7 +134,11 @@ fn cached_files_stay_readable_while_the_only_fileserver_is_dead() {
     assert_eq!(std::fs::read_to_string(b.join("shared")).unwrap(), "v1");
     let root = read_tree(&a);
     assert_eq!(std::fs::read_to_string(a.join("shared")).unwrap(), "v1");
-    assert!(checkservers(&cell, &a).contains("All servers are running."));
+    assert!(
+        cell.checkservers(&a)
+            .unwrap()
+            .contains("All servers are running.")
+    );
 
     cell.signal("fileserver", libc::SIGKILL).unwrap();
     assert!(
@@ -167,7 +159,7 @@ fn cached_files_stay_readable_while_the_only_fileserver_is_dead() {
     fails_unreachable("a truncating write", limit, || {
         std::fs::write(a.join("docs/f1"), "y")
     });
-    let text = checkservers(&cell, &a);
+    let text = cell.checkservers(&a).unwrap();
     let down = format!("{} is down", cell.fs_address);
     assert!(text.contains(&down), "{text}");
     assert!(text.contains("unavailable"), "{text}");
@@ -206,7 +198,11 @@ fn cached_files_stay_readable_while_the_only_fileserver_is_dead() {
         std::fs::read_to_string(a.join("docs/unread")).unwrap(),
         "b's"
     );
-    assert!(checkservers(&cell, &a).contains("All servers are running."));
+    assert!(
+        cell.checkservers(&a)
+            .unwrap()
+            .contains("All servers are running.")
+    );
 }
 
 #[test]
@@ -242,7 +238,7 @@ fn cached_files_stay_readable_while_the_pair_is_fenced_with_no_takeover() {
     cached_reads_answer(&a, &root, failover);
     let limit = failover + RPC_TIMEOUT + MARGIN;
     fails_unreachable("a create", limit, || std::fs::write(a.join("new"), "x"));
-    let text = checkservers(&cell, &a);
+    let text = cell.checkservers(&a).unwrap();
     for (_, address) in &cell.members {
         assert!(text.contains(address.as_str()), "{text}");
     }
@@ -260,6 +256,8 @@ fn cached_files_stay_readable_while_the_pair_is_fenced_with_no_takeover() {
         std::fs::read_to_string(a.join("after")).unwrap(),
         "after the fence"
     );
-    assert!(wait_until(RECONNECT_LIMIT, || checkservers(&cell, &a)
+    assert!(wait_until(RECONNECT_LIMIT, || cell
+        .checkservers(&a)
+        .unwrap()
         .contains("All servers are running.")));
 }

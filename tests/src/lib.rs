@@ -376,6 +376,19 @@ impl TestCell {
         Ok(output)
     }
 
+    /// What `holdfast fs checkservers` prints for the mount at `mnt` (it exits 0 whether
+    /// or not servers are down).
+    pub fn checkservers(&self, mnt: &Path) -> Result<String> {
+        let out = self.holdfast(&["fs", "checkservers", &mnt.to_string_lossy()])?;
+        if !out.status.success() {
+            bail!(
+                "holdfast fs checkservers failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     /// Declares that the test provokes ERROR lines containing `pattern`, from any process:
     /// the check on drop lets them pass.
     pub fn expect_error(&self, pattern: &str) {
