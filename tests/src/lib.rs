@@ -338,13 +338,26 @@ impl TestCell {
         Ok(())
     }
 
-    /// Mounts the cell with its own cache; `extra` adds mount flags.
+    /// Mounts the cell with its own cache; `extra` adds mount flags. Calls to
+    /// fileservers fail after 2 s (`--timeout`).
     pub fn mount(&mut self, name: &str, extra: &[&str]) -> Result<PathBuf> {
+        self.mount_with_timeout(name, Duration::from_secs(2), extra)
+    }
+
+    /// `mount`, with calls to fileservers failing after `timeout` (`--timeout`) rather
+    /// than the harness's usual 2 s.
+    pub fn mount_with_timeout(
+        &mut self,
+        name: &str,
+        timeout: Duration,
+        extra: &[&str],
+    ) -> Result<PathBuf> {
         let mountpoint = self.dir.path().join(name);
         std::fs::create_dir_all(&mountpoint)?;
         let cache = self.path(&format!("{name}.cache"));
         let cell_file = self.cell_file.to_string_lossy().into_owned();
         let target = mountpoint.to_string_lossy().into_owned();
+        let timeout = format!("{}", timeout.as_secs_f64());
         let mut args = vec![
             "mount",
             "--cell",
@@ -352,7 +365,7 @@ impl TestCell {
             "--cache",
             &cache,
             "--timeout",
-            "2",
+            &timeout,
         ];
         args.extend_from_slice(extra);
         args.push(&target);
