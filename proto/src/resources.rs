@@ -5,7 +5,9 @@
 //! and the process runs itself again at most once.
 
 use std::ffi::OsString;
-use std::sync::Once;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Once};
+use std::time::Duration;
 
 /// Bytes from which an allocation is its own mapping, returned to the system when freed.
 /// glibc raises this threshold on its own after a large block is freed (up to 32 MiB),
@@ -108,6 +110,57 @@ pub fn resident_bytes(pid: u32) -> Option<u64> {
     let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
+}
+
+/// Samples a process's resident memory every 10 ms on a thread of its own, keeping the
+/// peak, until `stop`.
+pub struct PeakResident {
+    stop: Arc<AtomicBool>,
+    peak: Arc<AtomicU64>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl PeakResident {
+    pub fn watch(pid: u32) -> PeakResident {
+        let stop = Arc::new(AtomicBool::new(false));
+        let peak = Arc::new(AtomicU64::new(0));
+        let thread = std::thread::spawn({
+            let stop = stop.clone();
+            let peak = peak.clone();
+            move || {
+                while !stop.load(Ordering::Relaxed) {
+                    if let Some(now) = resident_bytes(pid) {
+                        peak.fetch_max(now, Ordering::Relaxed);
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        });
+        PeakResident {
+            stop,
+            peak,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops sampling; the peak seen.
+    pub fn stop(mut self) -> u64 {
+        self.halt();
+        self.peak.load(Ordering::Relaxed)
+    }
+
+    fn halt(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for PeakResident {
+    fn drop(&mut self) {
+        self.halt();
+    }
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use harness::TestCell;
-use harness::flood::{PeakResident, await_memory_back};
+use harness::flood::{await_memory_back, watch_peak_resident};
 use harness::wait_until;
 use proto::flood::{Flood, Stall};
 
@@ -54,7 +54,7 @@ fn flood_and_check(cell: &mut TestCell, process: &str, address: &str) -> Result<
     let mounted = cell.mount("m1", &[])?;
     std::fs::write(mounted.join("before"), b"before the flood\n")?;
     let baseline = cell.settled_resident_bytes(process)?;
-    let peak = PeakResident::watch(cell, process)?;
+    let peak = watch_peak_resident(cell, process)?;
 
     // Ten times the cap of idle connections: each newcomer takes an idle one's place.
     let mut flood = Flood::new();

@@ -3,9 +3,9 @@
 //! Invariant: a restarted VLDB keeps its address and data, so the cell file stays right;
 //! every process is still the cell's, stopped on drop.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
+
+use proto::resources::PeakResident;
 
 use anyhow::{Context, Result, bail};
 
@@ -73,56 +73,9 @@ impl TestCell {
     }
 }
 
-/// Samples a process's resident memory every 10 ms on a thread of its own, keeping the
-/// peak, until `stop`.
-pub struct PeakResident {
-    stop: Arc<AtomicBool>,
-    peak: Arc<AtomicU64>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl PeakResident {
-    pub fn watch(cell: &TestCell, name: &str) -> Result<PeakResident> {
-        let pid = cell.pid(name)? as u32;
-        let stop = Arc::new(AtomicBool::new(false));
-        let peak = Arc::new(AtomicU64::new(0));
-        let thread = std::thread::spawn({
-            let stop = stop.clone();
-            let peak = peak.clone();
-            move || {
-                while !stop.load(Ordering::Relaxed) {
-                    if let Some(now) = proto::resources::resident_bytes(pid) {
-                        peak.fetch_max(now, Ordering::Relaxed);
-                    }
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-            }
-        });
-        Ok(PeakResident {
-            stop,
-            peak,
-            thread: Some(thread),
-        })
-    }
-
-    /// Stops sampling; the peak seen.
-    pub fn stop(mut self) -> u64 {
-        self.halt();
-        self.peak.load(Ordering::Relaxed)
-    }
-
-    fn halt(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-impl Drop for PeakResident {
-    fn drop(&mut self) {
-        self.halt();
-    }
+/// Watches the resident memory of the process started under `name`, keeping its peak.
+pub fn watch_peak_resident(cell: &TestCell, name: &str) -> Result<PeakResident> {
+    Ok(PeakResident::watch(cell.pid(name)? as u32))
 }
 
 /// Waits up to `limit` for `name`'s resident memory to come within `percent` of

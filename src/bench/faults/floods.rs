@@ -5,13 +5,11 @@
 //! Invariant: the flood and the cell are gone when `run` returns, measured or failed.
 
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use proto::flood::{Flood, Stall};
-use proto::resources::resident_bytes;
+use proto::resources::{PeakResident, resident_bytes};
 
 use crate::cell::{LocalCell, Servers, replica_name};
 
@@ -85,7 +83,7 @@ fn flood_one(
     warm: &Path,
 ) -> Result<()> {
     let baseline = settled_rss(pid)?;
-    let peak = RssSampler::start(pid);
+    let peak = PeakResident::watch(pid);
     let cell_name = cell.cell.name.clone();
     let mut flood = Flood::new();
     let opened =
@@ -205,37 +203,4 @@ fn rss(pid: u32) -> Result<u64> {
 
 fn mib(bytes: u64) -> f64 {
     bytes as f64 / f64::from(1 << 20)
-}
-
-/// Samples a process's RSS every 20 ms on a thread of its own, keeping the peak.
-struct RssSampler {
-    stop: Arc<AtomicBool>,
-    peak: Arc<AtomicU64>,
-    thread: std::thread::JoinHandle<()>,
-}
-
-impl RssSampler {
-    fn start(pid: u32) -> RssSampler {
-        let stop = Arc::new(AtomicBool::new(false));
-        let peak = Arc::new(AtomicU64::new(0));
-        let thread = std::thread::spawn({
-            let stop = stop.clone();
-            let peak = peak.clone();
-            move || {
-                while !stop.load(Ordering::Relaxed) {
-                    if let Some(now) = resident_bytes(pid) {
-                        peak.fetch_max(now, Ordering::Relaxed);
-                    }
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-            }
-        });
-        RssSampler { stop, peak, thread }
-    }
-
-    fn stop(self) -> u64 {
-        self.stop.store(true, Ordering::Relaxed);
-        let _ = self.thread.join();
-        self.peak.load(Ordering::Relaxed)
-    }
 }
