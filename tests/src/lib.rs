@@ -579,20 +579,7 @@ impl Drop for TestCell {
         }
         // Last, with nothing left running or mounted: a panic here leaks nothing.
         let unexpected = self.unexpected_errors();
-        if unexpected.is_empty() {
-            return;
-        }
-        let report = tripwire::report(&unexpected);
-        if std::thread::panicking() {
-            // A second panic would abort the test binary; the first failure stands.
-            eprintln!("while the test failed, {report}");
-            return;
-        }
-        self.dir.disable_cleanup(true);
-        panic!(
-            "{report}\n(kept {} for the logs)",
-            self.dir.path().display()
-        );
+        tripwire::fire(&unexpected, &mut self.dir);
     }
 }
 

@@ -142,6 +142,23 @@ pub fn report(unexpected: &[ErrorLine]) -> String {
     out
 }
 
+/// The end of a cell's drop, once nothing is left running or mounted: fails the test on
+/// `unexpected` ERROR lines, keeping `dir` for their logs. While the test is failing
+/// already it only prints them: a second panic would abort the test binary, and the first
+/// failure stands.
+pub fn fire(unexpected: &[ErrorLine], dir: &mut tempfile::TempDir) {
+    if unexpected.is_empty() {
+        return;
+    }
+    let report = report(unexpected);
+    if std::thread::panicking() {
+        eprintln!("while the test failed, {report}");
+        return;
+    }
+    dir.disable_cleanup(true);
+    panic!("{report}\n(kept {} for the logs)", dir.path().display());
+}
+
 /// The ERROR events in `text`, the output of a `holdfast` process, without colours.
 ///
 /// `holdfast` logs with tracing-subscriber's default format: `<RFC 3339 time> <LEVEL>

@@ -290,19 +290,7 @@ impl Drop for Up {
             let _ = cachemgr::mount::detach(&mountpoint);
         }
         let unexpected = self.tripwire.unexpected(&self.logs());
-        if unexpected.is_empty() {
-            return;
-        }
-        let report = tripwire::report(&unexpected);
-        if std::thread::panicking() {
-            eprintln!("while the test failed, {report}");
-            return;
-        }
-        self.dir.disable_cleanup(true);
-        panic!(
-            "{report}\n(kept {} for the logs)",
-            self.dir.path().display()
-        );
+        tripwire::fire(&unexpected, &mut self.dir);
     }
 }
 
