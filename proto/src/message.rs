@@ -14,13 +14,18 @@ use crate::lock::{ByteRange, LockKind};
 use crate::name::{PairName, VolumeName};
 
 /// The protocol versions this build speaks. Version 2 adds `Frame::Goodbye` and
-/// `Request::StoreDataIf` (with `ErrorCode::StoreOutdated`); neither is ever sent on a
-/// connection that negotiated version 1 (`Connection::version`).
+/// `Request::StoreDataIf` (with `ErrorCode::StoreOutdated`); version 3 adds identity
+/// (tokens on requests, users and groups, access lists) and special files. Nothing new
+/// is ever sent on a connection that negotiated an older version (`Connection::version`).
 pub const PROTOCOL_VERSION_MIN: u16 = 1;
-pub const PROTOCOL_VERSION_MAX: u16 = 2;
+pub const PROTOCOL_VERSION_MAX: u16 = 3;
 
 /// The first version with `Frame::Goodbye` and `Request::StoreDataIf`.
 pub const PROTOCOL_VERSION_GOODBYE_AND_CONDITIONAL_STORES: u16 = 2;
+
+/// The first version with identity (tokens, users and groups, access lists) and special
+/// files (FIFOs, sockets, device nodes).
+pub const PROTOCOL_VERSION_IDENTITY: u16 = 3;
 
 /// The first frame on every connection, sent by the connecting side.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
