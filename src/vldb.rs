@@ -555,6 +555,7 @@ leader: replica 1 at 127.0.0.1:7401, term 3
             self: Arc<Self>,
             _connection: proto::rpc::Connection,
             _hello: Arc<proto::Hello>,
+            _caller: Arc<proto::Identity>,
             request: proto::Request,
         ) -> Result<proto::Response, ErrorCode> {
             match request {

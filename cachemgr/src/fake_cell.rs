@@ -541,6 +541,7 @@ impl Service for Endpoint {
         self: Arc<Self>,
         connection: Connection,
         _hello: Arc<Hello>,
+        _caller: Arc<proto::Identity>,
         request: Request,
     ) -> Result<Response, ErrorCode> {
         self.cell

@@ -24,6 +24,7 @@ pub mod readahead;
 pub mod server_pool;
 mod spare_files;
 pub mod status;
+pub mod tokens;
 pub mod volume;
 
 use std::path::PathBuf;

@@ -161,6 +161,9 @@ pub struct Manager {
     runtime: tokio::runtime::Handle,
     /// Hands freed memory back to the system after the tables dropped many entries.
     memory_return: kernel_refs::MemoryReturn,
+    /// The tokens this workstation's users hold, by local uid.
+    #[allow(dead_code)] // Until the control socket and the server calls use it.
+    tokens: crate::tokens::TokenStore,
 }
 
 impl Manager {
@@ -219,6 +222,7 @@ impl Manager {
             reconnecting: Mutex::new(HashSet::new()),
             runtime: tokio::runtime::Handle::current(),
             memory_return: kernel_refs::MemoryReturn::default(),
+            tokens: crate::tokens::TokenStore::default(),
         });
         manager.spawn_lease_renewal(settings.lease_renew_interval);
         let sink: Arc<dyn CallbackSink> = manager.clone();
@@ -233,6 +237,12 @@ impl Manager {
             );
         }
         Ok(manager)
+    }
+
+    /// The tokens this workstation's users hold.
+    #[allow(dead_code)] // Until the control socket and the server calls use it.
+    pub fn tokens(&self) -> &crate::tokens::TokenStore {
+        &self.tokens
     }
 
     /// The kernel dropped `nlookup` of its references to `ino` (`forget`).

@@ -932,7 +932,7 @@ impl ServerPool {
         tokio::spawn(async move {
             let sink = sink.and_then(|s| s.upgrade());
             while let Some(request) = incoming.recv().await {
-                let (body, replier) = request.into_parts();
+                let (body, _token, replier) = request.into_parts();
                 let answer = match (&body, &sink) {
                     (Request::BreakCallbacks { fids }, Some(sink)) => {
                         debug!(count = fids.len(), "callback break");

@@ -511,7 +511,7 @@ async fn connect_client(address: &str) -> Result<Connection, BenchError> {
         .map_err(rpc_error("connect"))?;
     tokio::spawn(async move {
         while let Some(request) = incoming.recv().await {
-            let (_, replier) = request.into_parts();
+            let (_, _, replier) = request.into_parts();
             replier.reply(Ok(Response::Ok)).await;
         }
     });

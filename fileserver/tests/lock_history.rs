@@ -695,7 +695,7 @@ async fn a_grant_its_client_received_is_not_given_to_another() {
     let broken = b.clone();
     tokio::spawn(async move {
         while let Some(request) = incoming.recv().await {
-            let (body, replier) = request.into_parts();
+            let (body, _token, replier) = request.into_parts();
             if let Request::LockGranted { wait, .. } = body {
                 // Learned, but the acknowledgement never leaves.
                 broken.close();

@@ -107,6 +107,19 @@ pub enum ErrorCode {
         "the file changed on the server (now at data version {current}) since this store was made"
     )]
     StoreOutdated { current: DataVersion },
+    /// The request's token was refused: forged, tampered with, expired, or of another
+    /// cell (EACCES).
+    #[error("token refused: {reason}")]
+    BadToken { reason: String },
+    /// POSIX forbids the caller this change (chmod or chown by a non-owner, say: EPERM).
+    #[error("operation not permitted")]
+    NotPermitted,
+    /// The request changes the cell and needs `system:administrators`.
+    #[error(
+        "this needs a member of system:administrators: run `holdfast login admin`, or run it \
+         as root on a server host with --localauth"
+    )]
+    AdministratorRequired,
 }
 
 fn not_leader_text(leader: Option<&str>) -> String {
@@ -130,7 +143,10 @@ impl ErrorCode {
             ErrorCode::NameTooLong => libc_errno::ENAMETOOLONG,
             ErrorCode::Stale => libc_errno::ESTALE,
             ErrorCode::Busy | ErrorCode::Grace { .. } | ErrorCode::VolumeBusy => libc_errno::EAGAIN,
-            ErrorCode::PermissionDenied => libc_errno::EACCES,
+            ErrorCode::PermissionDenied
+            | ErrorCode::BadToken { .. }
+            | ErrorCode::AdministratorRequired => libc_errno::EACCES,
+            ErrorCode::NotPermitted => libc_errno::EPERM,
             ErrorCode::QuotaExceeded => libc_errno::EDQUOT,
             ErrorCode::NoSpace => libc_errno::ENOSPC,
             ErrorCode::CrossVolume => libc_errno::EXDEV,
@@ -163,6 +179,7 @@ impl ErrorCode {
 
 /// Linux errno values, kept here so `proto` needs no libc dependency.
 pub mod libc_errno {
+    pub const EPERM: i32 = 1;
     pub const ENOENT: i32 = 2;
     pub const EIO: i32 = 5;
     pub const E2BIG: i32 = 7;

@@ -11,6 +11,7 @@ use tokio_util::codec::{Decoder, Encoder};
 use crate::error::ProtoError;
 use serde::Serialize;
 
+use crate::identity::SealedToken;
 use crate::ids::RequestId;
 use crate::message::{Frame, Request};
 
@@ -95,17 +96,36 @@ pub fn encode_frame(frame: &Frame) -> Result<Vec<u8>, ProtoError> {
 
 /// Serializes `Frame::Request { id, body }` from a borrowed body, so a caller that may
 /// send the same request again (a retry on another server) need not copy it first.
-pub fn encode_request(id: RequestId, body: &Request) -> Result<Vec<u8>, ProtoError> {
+pub fn encode_request(
+    id: RequestId,
+    token: Option<&SealedToken>,
+    body: &Request,
+) -> Result<Vec<u8>, ProtoError> {
     /// `Frame` with the request borrowed. Postcard encodes a variant by its index, so
-    /// the variants before `Request` stand in place (never built) to keep its index.
+    /// the variants before `Request` and `AuthRequest` stand in place (never built) to
+    /// keep their indices.
     #[derive(Serialize)]
     #[allow(dead_code)]
     enum FrameRef<'a> {
         Hello(()),
         HelloReply(()),
-        Request { id: RequestId, body: &'a Request },
+        Request {
+            id: RequestId,
+            body: &'a Request,
+        },
+        Response(()),
+        Goodbye,
+        AuthRequest {
+            id: RequestId,
+            token: &'a SealedToken,
+            body: &'a Request,
+        },
     }
-    Ok(postcard::to_stdvec(&FrameRef::Request { id, body })?)
+    let frame = match token {
+        None => FrameRef::Request { id, body },
+        Some(token) => FrameRef::AuthRequest { id, token, body },
+    };
+    Ok(postcard::to_stdvec(&frame)?)
 }
 
 /// Deserializes a frame's body; trailing bytes are an error.

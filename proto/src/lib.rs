@@ -4,6 +4,7 @@
 //! Invariant: `proto` depends on no server crate, and an encoding it defines changes only
 //! by appending an enum variant, never by reordering or removing one.
 
+pub mod access;
 pub mod activity;
 pub mod admission;
 pub mod budget;
@@ -12,6 +13,7 @@ pub mod error;
 pub mod flood;
 pub mod frame;
 pub mod frame_reader;
+pub mod identity;
 pub mod ids;
 pub mod lock;
 pub mod message;
@@ -24,6 +26,10 @@ pub mod warnings;
 
 pub use cell::{CellConfig, CellError};
 pub use error::{ErrorCode, ProtoError};
+pub use identity::{
+    AccessList, AclEntry, Identity, PrincipalId, Rights, SealedToken, TokenBody, TokenError,
+    TokenKey, TokenVerifier,
+};
 pub use ids::*;
 pub use lock::{ByteRange, EmptyRange, LockKind};
 pub use message::*;

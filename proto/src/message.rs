@@ -6,6 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::ErrorCode;
+use crate::identity::{AccessList, Rights, SealedToken};
 use crate::ids::{
     ClientId, DataVersion, Epoch, Fid, InstanceNonce, LockOwnerId, RequestId, ServerId, VolumeId,
     WaitId, WriteBackId,
@@ -83,6 +84,14 @@ pub enum Frame {
     /// sent to it, then closes. A server says it to a connection it closes for being idle
     /// or to make room; the peer sends nothing new and opens another connection.
     Goodbye,
+    /// A request made for the holder of `token` (version 3): the server verifies the
+    /// token, once per connection, and acts for its user. A plain `Request` acts for
+    /// `system:anyuser`, or for the server whose certificate the peer showed.
+    AuthRequest {
+        id: RequestId,
+        token: SealedToken,
+        body: Request,
+    },
 }
 
 /// Seconds and nanoseconds since the Unix epoch.
@@ -546,6 +555,26 @@ pub enum Request {
         base: DataVersion,
         write_back: WriteBackId,
     },
+
+    // ---- access lists (fileserver), version 3, appended ----
+    /// A directory's access list (needs `l` on it); answered with `Acl`.
+    FetchAcl {
+        dir: Fid,
+    },
+    /// Replaces a directory's access list (needs `a` on it). Increases the directory's
+    /// data version and breaks its callbacks, so every cached right for it is dropped.
+    /// Answered with the directory's new `Status`.
+    StoreAcl {
+        dir: Fid,
+        acl: AccessList,
+    },
+    /// The caller's rights on the directory that governs `fid` (a directory itself, a
+    /// file's parent), for a cache manager to check cached opens without a call. Grants
+    /// a callback on that directory, under which the rights stay valid; answered with
+    /// `Rights`.
+    FetchRights {
+        fid: Fid,
+    },
 }
 
 /// Which Raft message a `Request::VlRaft` carries.
@@ -566,6 +595,9 @@ impl Request {
     pub fn version_min(&self) -> u16 {
         match self {
             Request::StoreDataIf { .. } => PROTOCOL_VERSION_GOODBYE_AND_CONDITIONAL_STORES,
+            Request::FetchAcl { .. } | Request::StoreAcl { .. } | Request::FetchRights { .. } => {
+                PROTOCOL_VERSION_IDENTITY
+            }
             Request::Sequenced { request, .. } => request.version_min(),
             _ => 1,
         }
@@ -697,6 +729,15 @@ pub enum Response {
     /// The answer to a `VlRaft`, in the VLDB's own encoding.
     VlRaft(#[serde(with = "serde_bytes")] Vec<u8>),
     VlStatus(VldbMemberStatus),
+    /// A directory's access list.
+    Acl(AccessList),
+    /// The caller's rights on a directory and the directory's status with the callback
+    /// that keeps them valid.
+    Rights {
+        rights: Rights,
+        dir: VnodeStatus,
+        callback: Option<CallbackGrant>,
+    },
 }
 
 /// One VLDB replica as it describes itself (`VlStatus`).
@@ -818,6 +859,8 @@ impl Response {
             Response::MemberState(_) => "MemberState",
             Response::VlRaft(_) => "VlRaft",
             Response::VlStatus(_) => "VlStatus",
+            Response::Acl(_) => "Acl",
+            Response::Rights { .. } => "Rights",
         }
     }
 }

@@ -25,10 +25,11 @@ use crate::frame::{
     FRAME_BYTES_MAX_DEFAULT, FRAME_HEADER_BYTES, decode_frame, encode_frame, encode_request,
 };
 use crate::frame_reader::{FrameReader, ReadFailure};
+use crate::identity::SealedToken;
 use crate::ids::RequestId;
 use crate::message::{
     Frame, Hello, HelloReply, PROTOCOL_VERSION_GOODBYE_AND_CONDITIONAL_STORES,
-    PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN, Request, Response,
+    PROTOCOL_VERSION_IDENTITY, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN, Request, Response,
 };
 
 /// The largest first frame a server reads from a peer that has not said hello yet.
@@ -165,6 +166,8 @@ impl std::fmt::Debug for Connection {
 pub struct IncomingRequest {
     pub id: RequestId,
     pub body: Request,
+    /// The token the request was made with (`Frame::AuthRequest`), not yet verified.
+    pub token: Option<SealedToken>,
     replier: Replier,
 }
 
@@ -179,9 +182,9 @@ pub struct Replier {
 }
 
 impl IncomingRequest {
-    /// Splits the request into its body and the means to answer it.
-    pub fn into_parts(self) -> (Request, Replier) {
-        (self.body, self.replier)
+    /// Splits the request into its body, its token and the means to answer it.
+    pub fn into_parts(self) -> (Request, Option<SealedToken>, Replier) {
+        (self.body, self.token, self.replier)
     }
 }
 
@@ -298,7 +301,7 @@ fn frame_kind(frame: &Frame) -> &'static str {
     match frame {
         Frame::Hello(_) => "a hello",
         Frame::HelloReply(_) => "a hello reply",
-        Frame::Request { .. } => "a request",
+        Frame::Request { .. } | Frame::AuthRequest { .. } => "a request",
         Frame::Response { .. } => "a response",
         Frame::Goodbye => "a goodbye",
     }
@@ -470,12 +473,18 @@ async fn read_loop(
                     break CloseReason::Peer;
                 }
             }
-            Frame::Request { id, body } => {
+            frame @ (Frame::Request { .. } | Frame::AuthRequest { .. }) => {
+                let (id, body, token) = match frame {
+                    Frame::AuthRequest { id, token, body } => (id, body, Some(token)),
+                    Frame::Request { id, body } => (id, body, None),
+                    _ => break CloseReason::Local,
+                };
                 let activity = &reader.intake().activity;
                 activity.reached(Stage::Served);
                 let request = IncomingRequest {
                     id,
                     body,
+                    token,
                     replier: Replier {
                         id,
                         outgoing: inner.outgoing.clone(),
@@ -540,7 +549,21 @@ impl Connection {
         request: &Request,
         timeout: Duration,
     ) -> Result<Result<Response, ProtoError>, NotSent> {
-        let needed = request.version_min();
+        self.try_call_as(None, request, timeout).await
+    }
+
+    /// `try_call_ref` made for the holder of `token` (`None`: for `system:anyuser`, or
+    /// for this side's server certificate).
+    pub async fn try_call_as(
+        &self,
+        token: Option<&SealedToken>,
+        request: &Request,
+        timeout: Duration,
+    ) -> Result<Result<Response, ProtoError>, NotSent> {
+        let mut needed = request.version_min();
+        if token.is_some() {
+            needed = needed.max(PROTOCOL_VERSION_IDENTITY);
+        }
         if needed > self.inner.version {
             return Ok(Err(ProtoError::PeerTooOld {
                 peer: self.inner.version,
@@ -548,7 +571,7 @@ impl Connection {
             }));
         }
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let bytes = match encode_request(RequestId(id), request) {
+        let bytes = match encode_request(RequestId(id), token, request) {
             Ok(bytes) => bytes,
             Err(e) => return Ok(Err(e)),
         };

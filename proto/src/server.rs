@@ -23,7 +23,8 @@ use crate::admission::{Admission, Admit, Seat};
 use crate::budget::{FrameBudget, Intake};
 use crate::error::{ErrorCode, ProtoError};
 use crate::frame::encode_frame;
-use crate::message::{Frame, Hello, HelloReply, Request, Response};
+use crate::identity::{Identity, SealedToken, TokenError, TokenVerifier, VerifiedTokens};
+use crate::message::{Frame, Hello, HelloReply, Request, Response, Timestamp};
 use crate::resources;
 use crate::rpc::{self, CloseReason, Connection, Limits};
 use crate::warnings::{PeerWarnings, Warning};
@@ -36,13 +37,21 @@ pub trait Service: Send + Sync + 'static {
     /// Called once a connection is established, before its first request.
     fn connected(&self, _connection: &Connection, _hello: &Hello) {}
 
-    /// Answers one request. Runs concurrently with the connection's other requests.
+    /// Answers one request for `caller`. Runs concurrently with the connection's other
+    /// requests.
     fn handle(
         self: Arc<Self>,
         connection: Connection,
         hello: Arc<Hello>,
+        caller: Arc<Identity>,
         request: Request,
     ) -> impl Future<Output = Result<Response, ErrorCode>> + Send;
+
+    /// The cell's token verifier. A service without one refuses every token (its
+    /// requests are made for `system:anyuser` or by servers).
+    fn token_verifier(&self) -> Option<&TokenVerifier> {
+        None
+    }
 
     /// Called once the connection has closed.
     fn disconnected(&self, _connection: &Connection, _hello: &Hello) {}
@@ -299,6 +308,8 @@ async fn serve_connection<S: Service>(
     let hello = Arc::new(hello);
     service.connected(&connection, &hello);
     let in_flight = Arc::new(Semaphore::new(limits.requests_in_flight_max));
+    let tokens = VerifiedTokens::default();
+    let anonymous = Arc::new(Identity::anonymous());
     let mut requests = JoinSet::new();
     let mut next_idle_check = activity.last_received() + limits.idle_timeout;
     // Set once this side said goodbye: requests already on their way are still served
@@ -331,12 +342,34 @@ async fn serve_connection<S: Service>(
         let Ok(permit) = in_flight.clone().acquire_owned().await else {
             break;
         };
-        let (body, replier) = request.into_parts();
+        let (body, token, replier) = request.into_parts();
+        let caller = match token {
+            None => anonymous.clone(),
+            Some(token) => match caller_of(&*service, &tokens, &token) {
+                Ok(caller) => caller,
+                Err(e) => {
+                    shared.warnings.warn(
+                        Some(peer),
+                        Warning::Token,
+                        &format!("refused a token: {e}"),
+                    );
+                    requests.spawn(async move {
+                        replier
+                            .reply(Err(ErrorCode::BadToken {
+                                reason: e.to_string(),
+                            }))
+                            .await;
+                        drop(permit);
+                    });
+                    continue;
+                }
+            },
+        };
         let service = service.clone();
         let connection = connection.clone();
         let hello = hello.clone();
         requests.spawn(async move {
-            let answer = service.handle(connection, hello, body).await;
+            let answer = service.handle(connection, hello, caller, body).await;
             replier.reply(answer).await;
             drop(permit);
         });
@@ -347,6 +380,23 @@ async fn serve_connection<S: Service>(
     drop(seat);
     service.disconnected(&connection, &hello);
     connection_closed(peer, &connection, &activity, &shared);
+}
+
+/// Whom a request made with `token` acts for: its user, once the token verifies.
+fn caller_of<S: Service>(
+    service: &S,
+    tokens: &VerifiedTokens,
+    token: &SealedToken,
+) -> Result<Arc<Identity>, TokenError> {
+    let Some(verifier) = service.token_verifier() else {
+        return Err(TokenError::UnknownKey {
+            user: token
+                .unverified_body()
+                .map_or_else(|_| "someone".to_owned(), |body| body.user),
+            key_id: 0,
+        });
+    };
+    tokens.identity(verifier, token, Timestamp::now())
 }
 
 /// Logs why a handshake failed: at WARN (rate-limited) when the peer misbehaved.

@@ -28,6 +28,8 @@ pub enum Warning {
     Stalled,
     /// The listener could not accept (out of file descriptors, say).
     Accept,
+    /// A request came with a token that did not verify (forged, expired, another cell).
+    Token,
 }
 
 #[derive(Debug)]

@@ -292,19 +292,113 @@ fn cases() -> Vec<(&'static str, Frame, &'static str)> {
             "030c01 28 09",
         ),
         ("goodbye", Frame::Goodbye, "04"),
+        (
+            "auth_request",
+            Frame::AuthRequest {
+                id: RequestId(13),
+                token: proto::SealedToken(vec![0xaa, 0xbb]),
+                body: Request::Ping,
+            },
+            "050d 02aabb 00",
+        ),
+        (
+            "bad_token",
+            Frame::Response {
+                id: RequestId(14),
+                body: Err(ErrorCode::BadToken { reason: "x".into() }),
+            },
+            "030e01 29 0178",
+        ),
+        (
+            "not_permitted",
+            Frame::Response {
+                id: RequestId(15),
+                body: Err(ErrorCode::NotPermitted),
+            },
+            "030f01 2a",
+        ),
+        (
+            "administrator_required",
+            Frame::Response {
+                id: RequestId(16),
+                body: Err(ErrorCode::AdministratorRequired),
+            },
+            "031001 2b",
+        ),
+        (
+            "fetch_acl",
+            Frame::Request {
+                id: RequestId(17),
+                body: Request::FetchAcl { dir: fid() },
+            },
+            "0211 35 808080800205 01",
+        ),
+        (
+            "store_acl",
+            Frame::Request {
+                id: RequestId(18),
+                body: Request::StoreAcl {
+                    dir: fid(),
+                    acl: proto::AccessList {
+                        positive: vec![proto::AclEntry {
+                            principal: proto::PrincipalId::ANYUSER,
+                            rights: proto::Rights(3),
+                        }],
+                        negative: vec![proto::AclEntry {
+                            principal: proto::PrincipalId(1001),
+                            rights: proto::Rights(8),
+                        }],
+                    },
+                },
+            },
+            "0212 36 808080800205 01 01c90103 01d20f08",
+        ),
+        (
+            "fetch_rights",
+            Frame::Request {
+                id: RequestId(19),
+                body: Request::FetchRights { fid: fid() },
+            },
+            "0213 37 808080800205 01",
+        ),
+        (
+            "acl",
+            Frame::Response {
+                id: RequestId(20),
+                body: Ok(Response::Acl(proto::AccessList::default())),
+            },
+            "031400 18 0000",
+        ),
+        (
+            "rights",
+            Frame::Response {
+                id: RequestId(21),
+                body: Ok(Response::Rights {
+                    rights: proto::Rights(127),
+                    dir: status(),
+                    callback: None,
+                }),
+            },
+            "031500 19 7f 8080808002050100a403010c030000020206040a0600",
+        ),
     ]
 }
 
 #[test]
 fn a_borrowed_request_encodes_as_the_owned_frame() {
     for (name, frame, _) in cases() {
-        if let Frame::Request { id, body } = &frame {
-            assert_eq!(
-                proto::frame::encode_request(*id, body).unwrap(),
-                proto::frame::encode_frame(&frame).unwrap(),
-                "{name}"
-            );
-        }
+        let borrowed = match &frame {
+            Frame::Request { id, body } => proto::frame::encode_request(*id, None, body),
+            Frame::AuthRequest { id, token, body } => {
+                proto::frame::encode_request(*id, Some(token), body)
+            }
+            _ => continue,
+        };
+        assert_eq!(
+            borrowed.unwrap(),
+            proto::frame::encode_frame(&frame).unwrap(),
+            "{name}"
+        );
     }
 }
 

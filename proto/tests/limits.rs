@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use proto::Identity;
 use proto::flood::{Flood, Opened, Stall};
 use proto::message::*;
 use proto::rpc::{self, CloseReason, Connection, Limits};
@@ -61,6 +62,7 @@ impl Service for Counting {
         self: Arc<Self>,
         _connection: Connection,
         _hello: Arc<Hello>,
+        _caller: Arc<Identity>,
         request: Request,
     ) -> Result<Response, ErrorCode> {
         match request {

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use proto::Identity;
 use proto::message::*;
 use proto::rpc::{self, Connection, Limits};
 use proto::server::{ServerLimits, Service, serve};
@@ -40,6 +41,7 @@ impl Service for Echo {
         self: Arc<Self>,
         connection: Connection,
         _hello: Arc<Hello>,
+        _caller: Arc<Identity>,
         request: Request,
     ) -> Result<Response, ErrorCode> {
         match request {
@@ -128,7 +130,7 @@ async fn server_calls_the_client_back_before_answering() {
         }
     });
     let pushed = incoming.recv().await.unwrap();
-    let (body, replier) = pushed.into_parts();
+    let (body, _token, replier) = pushed.into_parts();
     assert_eq!(body, Request::BreakCallbacks { fids: vec![fid] });
     // The original call cannot have been answered yet: the server waits for our ack.
     assert!(!call.is_finished());

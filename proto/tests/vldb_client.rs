@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use proto::Identity;
 use proto::rpc::{self, Connection};
 use proto::server::{ServerLimits, Service, serve};
 use proto::*;
@@ -76,6 +77,7 @@ impl Service for FakeReplica {
         self: Arc<Self>,
         connection: Connection,
         _hello: Arc<Hello>,
+        _caller: Arc<Identity>,
         request: Request,
     ) -> Result<Response, ErrorCode> {
         self.requests.fetch_add(1, Ordering::SeqCst);

@@ -209,7 +209,7 @@ impl FakeClient {
 
 async fn acknowledge_pushes(mut incoming: mpsc::Receiver<IncomingRequest>) {
     while let Some(request) = incoming.recv().await {
-        let (_, replier) = request.into_parts();
+        let (_, _, replier) = request.into_parts();
         replier.reply(Ok(Response::Ok)).await;
     }
 }

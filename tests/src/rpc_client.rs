@@ -40,7 +40,7 @@ impl ProtocolClient {
             .with_context(|| format!("connect to the fileserver at {address}"))?;
         tokio::spawn(async move {
             while let Some(request) = pushed.recv().await {
-                let (_, replier) = request.into_parts();
+                let (_, _, replier) = request.into_parts();
                 replier.reply(Ok(Response::Ok)).await;
             }
         });

@@ -7,6 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use proto::Identity;
 use proto::rpc::{self, Connection};
 use proto::server::Service;
 use proto::{ErrorCode, Hello, HelloReply, PairName, PeerKind, Request, Response, Timestamp};
@@ -89,6 +90,7 @@ impl Service for VldbService {
         self: Arc<Self>,
         connection: Connection,
         hello: Arc<Hello>,
+        _caller: Arc<Identity>,
         request: Request,
     ) -> Result<Response, ErrorCode> {
         // Raft messages only from a replica, membership changes only from an admin:

@@ -77,6 +77,7 @@ impl proto::server::Service for FakeMember {
         self: Arc<Self>,
         _connection: Connection,
         _hello: Arc<Hello>,
+        _caller: Arc<proto::Identity>,
         request: Request,
     ) -> Result<Response, ErrorCode> {
         match request {

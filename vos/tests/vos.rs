@@ -36,6 +36,7 @@ impl Service for FakeFileserver {
         self: Arc<Self>,
         _connection: Connection,
         _hello: Arc<Hello>,
+        _caller: Arc<proto::Identity>,
         request: Request,
     ) -> Result<Response, ErrorCode> {
         let mut volumes = self.volumes.lock().unwrap();

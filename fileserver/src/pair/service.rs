@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use parking_lot::RwLock;
+use proto::Identity;
 use proto::rpc::Connection;
 use proto::server::Service;
 use proto::{
@@ -333,6 +334,7 @@ impl Service for MemberService {
         self: Arc<Self>,
         connection: Connection,
         hello: Arc<Hello>,
+        caller: Arc<Identity>,
         request: Request,
     ) -> Result<Response, ErrorCode> {
         match request {
@@ -352,7 +354,7 @@ impl Service for MemberService {
             .history
             .as_ref()
             .and_then(|_| history::is_recorded(&request).then(|| history::kind(&request)));
-        let answer = service.handle(connection, hello, request).await;
+        let answer = service.handle(connection, hello, caller, request).await;
         // The last check: a member whose lease ran out (or that was demoted) while the
         // request ran must not acknowledge it.
         if !self.fence.is_open() || self.role.read().term != term {

@@ -11,6 +11,7 @@ mod volumes;
 
 use std::sync::Arc;
 
+use proto::Identity;
 use proto::rpc::Connection;
 use proto::server::Service;
 use proto::{
@@ -82,6 +83,7 @@ impl Service for FileService {
         self: Arc<Self>,
         connection: Connection,
         hello: Arc<Hello>,
+        _caller: Arc<Identity>,
         request: Request,
     ) -> Result<Response, ErrorCode> {
         let key = match &hello.peer {
@@ -247,6 +249,11 @@ impl FileService {
             Request::ListVolumes => self.list_volumes().await,
             Request::ExamineVolume { id } => self.examine_volume(id).await,
             Request::ServerCounters => Ok(Response::Counters(self.stats.counters())),
+
+            // Access lists: not served yet.
+            Request::FetchAcl { .. } | Request::StoreAcl { .. } | Request::FetchRights { .. } => {
+                Err(ErrorCode::Unsupported)
+            }
 
             // Not a fileserver's to answer.
             Request::BreakCallbacks { .. }

@@ -109,7 +109,7 @@ pub async fn connect(
         .unwrap();
     tokio::spawn(async move {
         while let Some(request) = incoming.recv().await {
-            let (body, replier) = request.into_parts();
+            let (body, _token, replier) = request.into_parts();
             on_push(body);
             replier.reply(Ok(Response::Ok)).await;
         }
