@@ -19,7 +19,7 @@ use fuser::{
     ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLock, ReplyOpen,
     ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
-use proto::{ByteRange, LockKind, LockOwnerId, SetAttrs, Timestamp};
+use proto::{ByteRange, FileKind, LockKind, LockOwnerId, SetAttrs, Timestamp};
 use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
@@ -141,6 +141,10 @@ fn file_type(kind: NodeKind) -> FileType {
         NodeKind::File => FileType::RegularFile,
         NodeKind::Directory => FileType::Directory,
         NodeKind::Symlink => FileType::Symlink,
+        NodeKind::Fifo => FileType::NamedPipe,
+        NodeKind::Socket => FileType::Socket,
+        NodeKind::CharDevice => FileType::CharDevice,
+        NodeKind::BlockDevice => FileType::BlockDevice,
     }
 }
 
@@ -158,7 +162,7 @@ fn file_attr(attr: &Attr) -> FileAttr {
         nlink: attr.nlink,
         uid: attr.uid,
         gid: attr.gid,
-        rdev: 0,
+        rdev: attr.rdev,
         blksize: IO_BLOCK_BYTES,
         flags: 0,
     }
@@ -427,20 +431,33 @@ impl Filesystem for HoldfastFs {
         name: &OsStr,
         mode: u32,
         umask: u32,
-        _rdev: u32,
+        rdev: u32,
         reply: ReplyEntry,
     ) {
-        if mode & libc::S_IFMT != libc::S_IFREG {
-            // Only regular files live in Holdfast.
-            reply.error(Errno::EPERM);
-            return;
-        }
+        let kind = match mode & libc::S_IFMT {
+            libc::S_IFREG => None,
+            libc::S_IFIFO => Some(FileKind::Fifo),
+            libc::S_IFSOCK => Some(FileKind::Socket),
+            libc::S_IFCHR => Some(FileKind::CharDevice {
+                rdev: u64::from(rdev),
+            }),
+            libc::S_IFBLK => Some(FileKind::BlockDevice {
+                rdev: u64::from(rdev),
+            }),
+            _ => {
+                reply.error(Errno::EINVAL);
+                return;
+            }
+        };
         let (name, uid, gid) = (name.to_owned(), req.uid(), req.gid());
+        let mode = mode & !umask;
         self.spawn(name.len(), move |m| async move {
-            let created = m
-                .create(ino(parent), &name, mode & !umask, uid, gid, true)
-                .await;
-            reply_entry(reply, created);
+            let made = match kind {
+                // A regular file, as `create` makes it.
+                None => m.create(ino(parent), &name, mode, uid, gid, true).await,
+                Some(kind) => m.mknod(ino(parent), &name, kind, mode, uid, gid).await,
+            };
+            reply_entry(reply, made);
         });
     }
 

@@ -1,7 +1,8 @@
 //! The status cache: per fid, the last `VnodeStatus` seen, its callback promise and what
 //! hangs off it (listing, link content, the data version the kernel's pages hold).
 //! Invariant: a status is served without an RPC only while its callback holds, counted
-//! from when the request was sent (so it errs early), and never goes back a data version;
+//! from when the request was sent (so it errs early), or once its vnode is gone (no link
+//! left, which nothing can undo), and never goes back a data version;
 //! the table holds at most its budget of entries the kernel does not hold (pinned ones are
 //! never evicted, nor ones with unstored writes) and of listed names.
 
@@ -172,9 +173,24 @@ impl StatusTable {
         self.entries.get_mut(&fid)
     }
 
-    /// The entry when its callback holds at `now`.
+    /// The entry when its callback holds at `now`, or when its vnode is gone (no link
+    /// left): nothing can change that one any more.
     pub fn fresh(&self, fid: Fid, now: Instant) -> Option<&StatusEntry> {
-        self.entries.get(&fid).filter(|e| e.callback_valid(now))
+        self.entries
+            .get(&fid)
+            .filter(|e| e.callback_valid(now) || e.status.link_count == 0)
+    }
+
+    /// The server no longer has `fid` (`Stale`): another client removed its last name.
+    /// A cached status stays, with no link and no callback, for the descriptors still
+    /// open on it (`fstat` shows `st_nlink` 0); `None` when none was cached.
+    pub fn mark_gone(&mut self, fid: Fid) -> Option<VnodeStatus> {
+        let entry = self.entries.get_mut(&fid)?;
+        entry.status.link_count = 0;
+        entry.callback_until = None;
+        let status = entry.status.clone();
+        self.drop_listing(fid);
+        Some(status)
     }
 
     /// Records a status fetched or returned by a request sent at `sent_at`.
@@ -570,6 +586,28 @@ mod tests {
             entry.kernel_ttl(sent + Duration::from_millis(900), Duration::from_secs(1)),
             Duration::from_millis(100)
         );
+    }
+
+    #[test]
+    fn a_vnode_gone_from_the_server_stays_fresh_with_no_link() {
+        let mut table = StatusTable::default();
+        let sent = Instant::now();
+        let later = sent + Duration::from_secs(5);
+        table.apply(status(2, FileKind::File, 1), GRANT, sent);
+        assert!(table.fresh(fid(2), later).is_none());
+        let gone = table.mark_gone(fid(2)).unwrap();
+        assert_eq!(gone.link_count, 0);
+        assert_eq!(gone.data_version, DataVersion(1));
+        // Nothing can change it any more: served without asking, however late.
+        assert_eq!(table.fresh(fid(2), later).unwrap().status, gone);
+        assert_eq!(table.mark_gone(fid(3)), None);
+        // The same holds for a removal this client made (the server's last status).
+        let removed = VnodeStatus {
+            link_count: 0,
+            ..status(4, FileKind::Fifo, 1)
+        };
+        table.apply(removed.clone(), None, sent);
+        assert_eq!(table.fresh(fid(4), later).unwrap().status, removed);
     }
 
     #[test]

@@ -397,6 +397,29 @@ impl Manager {
         self.make_entry(dir, &name, request).await
     }
 
+    /// Makes a special file (`kind` a FIFO, socket or device node).
+    pub async fn mknod(
+        &self,
+        parent: Ino,
+        name: &OsStr,
+        kind: FileKind,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    ) -> FsResult<AttrOut> {
+        let name = entry_name(name)?;
+        let dir = self.fid(parent)?;
+        let request = Request::MakeNode {
+            dir,
+            name: name.clone(),
+            kind,
+            mode: mode & 0o7777,
+            uid,
+            gid,
+        };
+        self.make_entry(dir, &name, request).await
+    }
+
     pub async fn symlink(
         &self,
         parent: Ino,
