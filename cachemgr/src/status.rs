@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use proto::{CallbackGrant, DataVersion, Fid, VnodeStatus};
+use proto::{CallbackGrant, DataVersion, Fid, Timestamp, VnodeStatus};
 
 use crate::listing::{DirChange, Listing, ListingOutcome, apply_own_change};
 
@@ -86,12 +86,23 @@ impl StatusEntry {
         self.callback_until.is_some_and(|until| until > now)
     }
 
-    /// How long the kernel may cache this entry's attributes: never past the callback.
+    /// How long the kernel may cache this entry's attributes: never past the callback,
+    /// and not at all while writes are unstored, whose times (`note_local_write`) the
+    /// store's status replaces.
     pub fn kernel_ttl(&self, now: Instant, cap: Duration) -> Duration {
         match self.callback_until {
-            Some(until) if until > now => (until - now).min(cap),
+            Some(until) if until > now && self.local_size.is_none() => (until - now).min(cap),
             _ => Duration::ZERO,
         }
+    }
+
+    /// Records a write ending at `end` not yet stored: `stat` shows the size it makes
+    /// and, as POSIX marks them at the write, a new mtime and ctime (`now`, this
+    /// machine's clock) until the store's status brings the server's.
+    pub fn note_local_write(&mut self, end: u64, now: Timestamp) {
+        self.local_size = Some(self.size().max(end));
+        self.status.mtime = now;
+        self.status.ctime = now;
     }
 
     /// The size `stat` shows.
@@ -586,6 +597,30 @@ mod tests {
             entry.kernel_ttl(sent + Duration::from_millis(900), Duration::from_secs(1)),
             Duration::from_millis(100)
         );
+    }
+
+    #[test]
+    fn a_local_write_shows_new_times_the_kernel_does_not_keep() {
+        let mut table = StatusTable::default();
+        let sent = Instant::now();
+        table.apply(status(2, FileKind::File, 1), GRANT, sent);
+        let cap = Duration::from_secs(1);
+        assert!(table.get(fid(2)).unwrap().kernel_ttl(sent, cap) > Duration::ZERO);
+        let written = Timestamp { secs: 9, nanos: 1 };
+        let entry = table.get_mut(fid(2)).unwrap();
+        entry.note_local_write(25, written);
+        assert_eq!(entry.size(), 25);
+        assert_eq!((entry.status.mtime, entry.status.ctime), (written, written));
+        assert_eq!(entry.kernel_ttl(sent, cap), Duration::ZERO);
+        // The store's status brings the server's times.
+        let stored = VnodeStatus {
+            size: 25,
+            mtime: Timestamp { secs: 10, nanos: 0 },
+            ctime: Timestamp { secs: 10, nanos: 0 },
+            ..status(2, FileKind::File, 2)
+        };
+        table.apply(stored.clone(), GRANT, sent);
+        assert_eq!(table.get(fid(2)).unwrap().status, stored);
     }
 
     #[test]

@@ -237,7 +237,7 @@ fn a_socket_bound_and_a_fifo_opened_in_the_mount_pass_bytes_locally() {
     assert_eq!(got, "through the socket");
     drop((server, listener));
     std::fs::remove_file(&socket).unwrap();
-    assert!(gone(&m.b.join("sock")));
+    check_gone(&m.b.join("sock"), false, "unlinked");
 
     // A FIFO made with mkfifo, opened by a reader and a writer on one machine.
     sh(&m.a, "mkfifo pipe").unwrap();
@@ -538,6 +538,44 @@ fn changes_move_the_times_posix_names_on_both_mounts() {
         }
     }
 
+    // A write shows in `fstat` at once, before the close that stores it.
+    sh(&m.a, "printf 0123456789 > open").unwrap();
+    let before = times(&m.a.join("open"));
+    let mut file = OpenOptions::new()
+        .append(true)
+        .open(m.a.join("open"))
+        .unwrap();
+    file.write_all(b"more").unwrap();
+    let meta = file.metadata().unwrap();
+    let written = Times {
+        mtime: (meta.mtime(), meta.mtime_nsec()),
+        ctime: (meta.ctime(), meta.ctime_nsec()),
+    };
+    check(
+        "write before close",
+        "mtime",
+        before.mtime,
+        written.mtime,
+        Advances,
+    );
+    check(
+        "write before close",
+        "ctime",
+        before.ctime,
+        written.ctime,
+        Advances,
+    );
+    drop(file);
+    // Once stored, both mounts show the server's times.
+    let stored = times(&m.a.join("open"));
+    let after_close = "close after write";
+    check(after_close, "mtime", written.mtime, stored.mtime, Advances);
+    wait_until(OTHER_MOUNT_SEES_IT, || times(&m.b.join("open")) == stored);
+    assert_eq!(
+        times(&m.b.join("open")),
+        stored,
+        "the other mount after close"
+    );
     drop(m.cell);
 }
 
