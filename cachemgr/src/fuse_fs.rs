@@ -548,7 +548,11 @@ impl Filesystem for HoldfastFs {
     fn open(&self, _req: &Request, i: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         debug!(ino = i.0, "open");
         self.spawn(0, move |m| async move {
-            match m.open(ino(i)).await {
+            let opened = m.open(ino(i)).await;
+            if opened.is_ok() {
+                m.opened(ino(i));
+            }
+            match opened {
                 Ok(true) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
                 Ok(false) => reply.opened(FileHandle(0), FopenFlags::empty()),
                 Err(e) => reply.error(errno(e)),
@@ -625,6 +629,8 @@ impl Filesystem for HoldfastFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        // Counted at once: the kernel closed it, whatever its write-back does.
+        self.manager.released(ino(i));
         self.spawn(0, move |m| async move {
             let stored = m.flush(ino(i)).await;
             // Set only when the file carried `flock` locks: the last close ends them.
@@ -786,6 +792,7 @@ impl Filesystem for HoldfastFs {
             match created {
                 Ok(out) => {
                     debug!(ino = out.attr.ino.0, "created");
+                    m.opened(out.attr.ino);
                     reply.created(
                         &out.ttl,
                         &file_attr(&out.attr),

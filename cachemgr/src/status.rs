@@ -150,6 +150,9 @@ pub struct StatusTable {
     /// Fids whose inode the kernel holds: never evicted. Kept apart from `entries` so a
     /// status dropped and fetched again is still pinned.
     pinned: HashSet<Fid>,
+    /// Open file descriptions the kernel holds, by fid (bounded by the kernel's open
+    /// files): a vnode gone from the server keeps its status only while open.
+    opens: HashMap<Fid, u32>,
     /// Unpinned entries by last use, least recent first.
     lru: BTreeMap<u64, Fid>,
     /// Cached listings by when they were cached, oldest first.
@@ -192,10 +195,30 @@ impl StatusTable {
             .filter(|e| e.callback_valid(now) || e.status.link_count == 0)
     }
 
+    /// The kernel opened `fid` (an `open` or a `create` answered).
+    pub fn opened(&mut self, fid: Fid) {
+        *self.opens.entry(fid).or_default() += 1;
+    }
+
+    /// The kernel released one open of `fid`.
+    pub fn released(&mut self, fid: Fid) {
+        if let Some(count) = self.opens.get_mut(&fid) {
+            *count -= 1;
+            if *count == 0 {
+                self.opens.remove(&fid);
+            }
+        }
+    }
+
     /// The server no longer has `fid` (`Stale`): another client removed its last name.
-    /// A cached status stays, with no link and no callback, for the descriptors still
-    /// open on it (`fstat` shows `st_nlink` 0); `None` when none was cached.
+    /// While the kernel holds it open, its cached status stays, with no link and no
+    /// callback, for those descriptors (`fstat` shows `st_nlink` 0). `None` when it is not
+    /// open or nothing was cached: the caller answers `ESTALE`, which makes a path lookup
+    /// the kernel still had cached look the name up again (and find it gone).
     pub fn mark_gone(&mut self, fid: Fid) -> Option<VnodeStatus> {
+        if !self.opens.contains_key(&fid) {
+            return None;
+        }
         let entry = self.entries.get_mut(&fid)?;
         entry.status.link_count = 0;
         entry.callback_until = None;
@@ -630,12 +653,20 @@ mod tests {
         let later = sent + Duration::from_secs(5);
         table.apply(status(2, FileKind::File, 1), GRANT, sent);
         assert!(table.fresh(fid(2), later).is_none());
+        // Not open: nothing to keep it for.
+        assert_eq!(table.mark_gone(fid(2)), None);
+        table.opened(fid(2));
+        table.opened(fid(2));
+        table.released(fid(2));
         let gone = table.mark_gone(fid(2)).unwrap();
         assert_eq!(gone.link_count, 0);
         assert_eq!(gone.data_version, DataVersion(1));
         // Nothing can change it any more: served without asking, however late.
         assert_eq!(table.fresh(fid(2), later).unwrap().status, gone);
         assert_eq!(table.mark_gone(fid(3)), None);
+        table.released(fid(2));
+        table.released(fid(2));
+        assert!(table.opens.is_empty());
         // The same holds for a removal this client made (the server's last status).
         let removed = VnodeStatus {
             link_count: 0,

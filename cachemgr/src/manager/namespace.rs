@@ -397,6 +397,22 @@ impl Manager {
         self.make_entry(dir, &name, request).await
     }
 
+    /// The kernel opened `ino` (an `open` or `create` it was answered).
+    pub fn opened(&self, ino: Ino) {
+        let mut state = self.state.lock();
+        if let Some(fid) = state.inodes.fid(ino) {
+            state.statuses.opened(fid);
+        }
+    }
+
+    /// The kernel released one open of `ino`.
+    pub fn released(&self, ino: Ino) {
+        let mut state = self.state.lock();
+        if let Some(fid) = state.inodes.fid(ino) {
+            state.statuses.released(fid);
+        }
+    }
+
     /// Makes a special file (`kind` a FIFO, socket or device node).
     pub async fn mknod(
         &self,
