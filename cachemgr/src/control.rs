@@ -238,6 +238,10 @@ fn kind_name(kind: FileKind) -> &'static str {
         FileKind::Directory => "directory",
         FileKind::Symlink => "symlink",
         FileKind::MountPoint => "mount point",
+        FileKind::Fifo => "fifo",
+        FileKind::Socket => "socket",
+        FileKind::CharDevice { .. } => "character device",
+        FileKind::BlockDevice { .. } => "block device",
     }
 }
 

@@ -19,7 +19,7 @@ use fuser::{
     ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLock, ReplyOpen,
     ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
-use proto::{ByteRange, LockKind, LockOwnerId, SetAttrs, Timestamp};
+use proto::{ByteRange, FileKind, LockKind, LockOwnerId, SetAttrs, Timestamp};
 use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
@@ -141,6 +141,10 @@ fn file_type(kind: NodeKind) -> FileType {
         NodeKind::File => FileType::RegularFile,
         NodeKind::Directory => FileType::Directory,
         NodeKind::Symlink => FileType::Symlink,
+        NodeKind::Fifo => FileType::NamedPipe,
+        NodeKind::Socket => FileType::Socket,
+        NodeKind::CharDevice => FileType::CharDevice,
+        NodeKind::BlockDevice => FileType::BlockDevice,
     }
 }
 
@@ -158,7 +162,7 @@ fn file_attr(attr: &Attr) -> FileAttr {
         nlink: attr.nlink,
         uid: attr.uid,
         gid: attr.gid,
-        rdev: 0,
+        rdev: attr.rdev,
         blksize: IO_BLOCK_BYTES,
         flags: 0,
     }
@@ -427,20 +431,33 @@ impl Filesystem for HoldfastFs {
         name: &OsStr,
         mode: u32,
         umask: u32,
-        _rdev: u32,
+        rdev: u32,
         reply: ReplyEntry,
     ) {
-        if mode & libc::S_IFMT != libc::S_IFREG {
-            // Only regular files live in Holdfast.
-            reply.error(Errno::EPERM);
-            return;
-        }
+        let kind = match mode & libc::S_IFMT {
+            libc::S_IFREG => None,
+            libc::S_IFIFO => Some(FileKind::Fifo),
+            libc::S_IFSOCK => Some(FileKind::Socket),
+            libc::S_IFCHR => Some(FileKind::CharDevice {
+                rdev: u64::from(rdev),
+            }),
+            libc::S_IFBLK => Some(FileKind::BlockDevice {
+                rdev: u64::from(rdev),
+            }),
+            _ => {
+                reply.error(Errno::EINVAL);
+                return;
+            }
+        };
         let (name, uid, gid) = (name.to_owned(), req.uid(), req.gid());
+        let mode = mode & !umask;
         self.spawn(name.len(), move |m| async move {
-            let created = m
-                .create(ino(parent), &name, mode & !umask, uid, gid, true)
-                .await;
-            reply_entry(reply, created);
+            let made = match kind {
+                // A regular file, as `create` makes it.
+                None => m.create(ino(parent), &name, mode, uid, gid, true).await,
+                Some(kind) => m.mknod(ino(parent), &name, kind, mode, uid, gid).await,
+            };
+            reply_entry(reply, made);
         });
     }
 
@@ -531,7 +548,11 @@ impl Filesystem for HoldfastFs {
     fn open(&self, _req: &Request, i: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         debug!(ino = i.0, "open");
         self.spawn(0, move |m| async move {
-            match m.open(ino(i)).await {
+            let opened = m.open(ino(i)).await;
+            if opened.is_ok() {
+                m.opened(ino(i));
+            }
+            match opened {
                 Ok(true) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
                 Ok(false) => reply.opened(FileHandle(0), FopenFlags::empty()),
                 Err(e) => reply.error(errno(e)),
@@ -608,6 +629,8 @@ impl Filesystem for HoldfastFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        // Counted at once: the kernel closed it, whatever its write-back does.
+        self.manager.released(ino(i));
         self.spawn(0, move |m| async move {
             let stored = m.flush(ino(i)).await;
             // Set only when the file carried `flock` locks: the last close ends them.
@@ -769,6 +792,7 @@ impl Filesystem for HoldfastFs {
             match created {
                 Ok(out) => {
                     debug!(ino = out.attr.ino.0, "created");
+                    m.opened(out.attr.ino);
                     reply.created(
                         &out.ttl,
                         &file_attr(&out.attr),

@@ -310,12 +310,20 @@ impl Manager {
 
     async fn fetch_status(&self, fid: Fid) -> FsResult<VnodeStatus> {
         let sent_at = Instant::now();
-        match self.call(fid.volume, Request::FetchStatus { fid }).await? {
-            Response::Status { status, callback } => {
+        match self.call(fid.volume, Request::FetchStatus { fid }).await {
+            Ok(Response::Status { status, callback }) => {
                 self.absorb(status.clone(), callback, sent_at);
                 Ok(status)
             }
-            other => Err(unexpected(&other)),
+            Ok(other) => Err(unexpected(&other)),
+            // Its last name was removed elsewhere: what is cached is all there will be.
+            Err(FsError::ESTALE) => self
+                .state
+                .lock()
+                .statuses
+                .mark_gone(fid)
+                .ok_or(FsError::ESTALE),
+            Err(e) => Err(e),
         }
     }
 

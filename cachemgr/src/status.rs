@@ -1,14 +1,15 @@
 //! The status cache: per fid, the last `VnodeStatus` seen, its callback promise and what
 //! hangs off it (listing, link content, the data version the kernel's pages hold).
 //! Invariant: a status is served without an RPC only while its callback holds, counted
-//! from when the request was sent (so it errs early), and never goes back a data version;
+//! from when the request was sent (so it errs early), or once its vnode is gone (no link
+//! left, which nothing can undo), and never goes back a data version;
 //! the table holds at most its budget of entries the kernel does not hold (pinned ones are
 //! never evicted, nor ones with unstored writes) and of listed names.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use proto::{CallbackGrant, DataVersion, Fid, VnodeStatus};
+use proto::{CallbackGrant, DataVersion, Fid, Timestamp, VnodeStatus};
 
 use crate::listing::{DirChange, Listing, ListingOutcome, apply_own_change};
 
@@ -85,12 +86,23 @@ impl StatusEntry {
         self.callback_until.is_some_and(|until| until > now)
     }
 
-    /// How long the kernel may cache this entry's attributes: never past the callback.
+    /// How long the kernel may cache this entry's attributes: never past the callback,
+    /// and not at all while writes are unstored, whose times (`note_local_write`) the
+    /// store's status replaces.
     pub fn kernel_ttl(&self, now: Instant, cap: Duration) -> Duration {
         match self.callback_until {
-            Some(until) if until > now => (until - now).min(cap),
+            Some(until) if until > now && self.local_size.is_none() => (until - now).min(cap),
             _ => Duration::ZERO,
         }
+    }
+
+    /// Records a write ending at `end` not yet stored: `stat` shows the size it makes
+    /// and, as POSIX marks them at the write, a new mtime and ctime (`now`, this
+    /// machine's clock) until the store's status brings the server's.
+    pub fn note_local_write(&mut self, end: u64, now: Timestamp) {
+        self.local_size = Some(self.size().max(end));
+        self.status.mtime = now;
+        self.status.ctime = now;
     }
 
     /// The size `stat` shows.
@@ -138,6 +150,9 @@ pub struct StatusTable {
     /// Fids whose inode the kernel holds: never evicted. Kept apart from `entries` so a
     /// status dropped and fetched again is still pinned.
     pinned: HashSet<Fid>,
+    /// Open file descriptions the kernel holds, by fid (bounded by the kernel's open
+    /// files): a vnode gone from the server keeps its status only while open.
+    opens: HashMap<Fid, u32>,
     /// Unpinned entries by last use, least recent first.
     lru: BTreeMap<u64, Fid>,
     /// Cached listings by when they were cached, oldest first.
@@ -172,9 +187,44 @@ impl StatusTable {
         self.entries.get_mut(&fid)
     }
 
-    /// The entry when its callback holds at `now`.
+    /// The entry when its callback holds at `now`, or when its vnode is gone (no link
+    /// left): nothing can change that one any more.
     pub fn fresh(&self, fid: Fid, now: Instant) -> Option<&StatusEntry> {
-        self.entries.get(&fid).filter(|e| e.callback_valid(now))
+        self.entries
+            .get(&fid)
+            .filter(|e| e.callback_valid(now) || e.status.link_count == 0)
+    }
+
+    /// The kernel opened `fid` (an `open` or a `create` answered).
+    pub fn opened(&mut self, fid: Fid) {
+        *self.opens.entry(fid).or_default() += 1;
+    }
+
+    /// The kernel released one open of `fid`.
+    pub fn released(&mut self, fid: Fid) {
+        if let Some(count) = self.opens.get_mut(&fid) {
+            *count -= 1;
+            if *count == 0 {
+                self.opens.remove(&fid);
+            }
+        }
+    }
+
+    /// The server no longer has `fid` (`Stale`): another client removed its last name.
+    /// While the kernel holds it open, its cached status stays, with no link and no
+    /// callback, for those descriptors (`fstat` shows `st_nlink` 0). `None` when it is not
+    /// open or nothing was cached: the caller answers `ESTALE`, which makes a path lookup
+    /// the kernel still had cached look the name up again (and find it gone).
+    pub fn mark_gone(&mut self, fid: Fid) -> Option<VnodeStatus> {
+        if !self.opens.contains_key(&fid) {
+            return None;
+        }
+        let entry = self.entries.get_mut(&fid)?;
+        entry.status.link_count = 0;
+        entry.callback_until = None;
+        let status = entry.status.clone();
+        self.drop_listing(fid);
+        Some(status)
     }
 
     /// Records a status fetched or returned by a request sent at `sent_at`.
@@ -570,6 +620,60 @@ mod tests {
             entry.kernel_ttl(sent + Duration::from_millis(900), Duration::from_secs(1)),
             Duration::from_millis(100)
         );
+    }
+
+    #[test]
+    fn a_local_write_shows_new_times_the_kernel_does_not_keep() {
+        let mut table = StatusTable::default();
+        let sent = Instant::now();
+        table.apply(status(2, FileKind::File, 1), GRANT, sent);
+        let cap = Duration::from_secs(1);
+        assert!(table.get(fid(2)).unwrap().kernel_ttl(sent, cap) > Duration::ZERO);
+        let written = Timestamp { secs: 9, nanos: 1 };
+        let entry = table.get_mut(fid(2)).unwrap();
+        entry.note_local_write(25, written);
+        assert_eq!(entry.size(), 25);
+        assert_eq!((entry.status.mtime, entry.status.ctime), (written, written));
+        assert_eq!(entry.kernel_ttl(sent, cap), Duration::ZERO);
+        // The store's status brings the server's times.
+        let stored = VnodeStatus {
+            size: 25,
+            mtime: Timestamp { secs: 10, nanos: 0 },
+            ctime: Timestamp { secs: 10, nanos: 0 },
+            ..status(2, FileKind::File, 2)
+        };
+        table.apply(stored.clone(), GRANT, sent);
+        assert_eq!(table.get(fid(2)).unwrap().status, stored);
+    }
+
+    #[test]
+    fn a_vnode_gone_from_the_server_stays_fresh_with_no_link() {
+        let mut table = StatusTable::default();
+        let sent = Instant::now();
+        let later = sent + Duration::from_secs(5);
+        table.apply(status(2, FileKind::File, 1), GRANT, sent);
+        assert!(table.fresh(fid(2), later).is_none());
+        // Not open: nothing to keep it for.
+        assert_eq!(table.mark_gone(fid(2)), None);
+        table.opened(fid(2));
+        table.opened(fid(2));
+        table.released(fid(2));
+        let gone = table.mark_gone(fid(2)).unwrap();
+        assert_eq!(gone.link_count, 0);
+        assert_eq!(gone.data_version, DataVersion(1));
+        // Nothing can change it any more: served without asking, however late.
+        assert_eq!(table.fresh(fid(2), later).unwrap().status, gone);
+        assert_eq!(table.mark_gone(fid(3)), None);
+        table.released(fid(2));
+        table.released(fid(2));
+        assert!(table.opens.is_empty());
+        // The same holds for a removal this client made (the server's last status).
+        let removed = VnodeStatus {
+            link_count: 0,
+            ..status(4, FileKind::Fifo, 1)
+        };
+        table.apply(removed.clone(), None, sent);
+        assert_eq!(table.fresh(fid(4), later).unwrap().status, removed);
     }
 
     #[test]

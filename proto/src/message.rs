@@ -149,6 +149,23 @@ pub enum FileKind {
     Symlink,
     /// A mount point: its data is the volume name it shows (`#name.` as in AFS).
     MountPoint,
+
+    // ---- special files, appended in protocol version 3 ----
+    // No data: the kernel of the machine that opens one serves it (a pipe, a socket's
+    // rendezvous, a device of that machine); the server only keeps the entry.
+    /// A named pipe (`mkfifo`).
+    Fifo,
+    /// A UNIX domain socket's name (`bind`).
+    Socket,
+    /// A character device node; `rdev` is the device number as Linux encodes it
+    /// (`makedev`).
+    CharDevice {
+        rdev: u64,
+    },
+    /// A block device node; `rdev` as for `CharDevice`.
+    BlockDevice {
+        rdev: u64,
+    },
 }
 
 /// A vnode's status, as returned by every call that fetches or changes one.
@@ -575,6 +592,18 @@ pub enum Request {
     FetchRights {
         fid: Fid,
     },
+    // ---- fileserver, appended in protocol version 3 ----
+    /// Makes a special file (`kind` a FIFO, socket or device node) named `name` in
+    /// `dir`; answered as `MakeDir`. Any other kind is `InvalidArgument`: files,
+    /// directories and links have their own requests.
+    MakeNode {
+        dir: Fid,
+        name: String,
+        kind: FileKind,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    },
 }
 
 /// Which Raft message a `Request::VlRaft` carries.
@@ -598,6 +627,7 @@ impl Request {
             Request::FetchAcl { .. } | Request::StoreAcl { .. } | Request::FetchRights { .. } => {
                 PROTOCOL_VERSION_IDENTITY
             }
+            Request::MakeNode { .. } => PROTOCOL_VERSION_IDENTITY,
             Request::Sequenced { request, .. } => request.version_min(),
             _ => 1,
         }
@@ -615,6 +645,7 @@ impl Request {
                 | Request::Link { .. }
                 | Request::MakeMountPoint { .. }
                 | Request::StoreDataIf { .. }
+                | Request::MakeNode { .. }
         )
     }
 
@@ -674,8 +705,9 @@ pub enum Response {
         callback: Option<CallbackGrant>,
         dir: VnodeStatus,
     },
-    /// The result of remove/rmdir: the directory's new status and, when the removed
-    /// vnode still has links, its new status.
+    /// The result of remove/rmdir: the directory's new status and the removed vnode's
+    /// new status: `link_count` 0 when that was its last name (from protocol version 3;
+    /// an older peer gets `None` then, see `Response::for_version`).
     Removed {
         dir: VnodeStatus,
         target: Option<VnodeStatus>,
@@ -685,7 +717,8 @@ pub enum Response {
         to_dir: VnodeStatus,
         /// The moved vnode's status.
         moved: VnodeStatus,
-        /// The replaced target's status if it still has links.
+        /// The replaced target's status, `link_count` 0 when that was its last name
+        /// (from protocol version 3; to an older peer only while it still has links).
         replaced: Option<VnodeStatus>,
     },
     DirPage {
@@ -861,6 +894,109 @@ impl Response {
             Response::VlStatus(_) => "VlStatus",
             Response::Acl(_) => "Acl",
             Response::Rights { .. } => "Rights",
+        }
+    }
+}
+
+impl FileKind {
+    /// True for the kinds protocol version 3 added: FIFOs, sockets and device nodes.
+    pub fn is_special(self) -> bool {
+        matches!(
+            self,
+            FileKind::Fifo
+                | FileKind::Socket
+                | FileKind::CharDevice { .. }
+                | FileKind::BlockDevice { .. }
+        )
+    }
+
+    /// The kind as a peer speaking `version` can decode it: a special file, which
+    /// versions before 3 lack, shows to them as a regular file (it has no data, and the
+    /// server refuses stores to it), so an older client still lists, renames and
+    /// removes it.
+    pub fn for_version(self, version: u16) -> FileKind {
+        if self.is_special() && version < PROTOCOL_VERSION_IDENTITY {
+            FileKind::File
+        } else {
+            self
+        }
+    }
+}
+
+impl VnodeStatus {
+    /// The status as a peer speaking `version` can decode it (`FileKind::for_version`).
+    pub fn for_version(mut self, version: u16) -> VnodeStatus {
+        self.kind = self.kind.for_version(version);
+        self
+    }
+}
+
+impl Response {
+    /// This response as a peer speaking `version` can decode and understand it: special
+    /// files shown as regular files, and before version 3 no status of a vnode whose last
+    /// name a `Removed` or `Renamed` took away. A server passes every answer through
+    /// this for the connection's version.
+    pub fn for_version(self, version: u16) -> Response {
+        if version >= PROTOCOL_VERSION_IDENTITY {
+            return self;
+        }
+        let old = |s: VnodeStatus| s.for_version(version);
+        let linked = |s: Option<VnodeStatus>| s.filter(|s| s.link_count > 0).map(old);
+        match self {
+            Response::Status { status, callback } => Response::Status {
+                status: old(status),
+                callback,
+            },
+            Response::Data {
+                status,
+                callback,
+                data,
+            } => Response::Data {
+                status: old(status),
+                callback,
+                data,
+            },
+            Response::Entry {
+                status,
+                callback,
+                dir,
+            } => Response::Entry {
+                status: old(status),
+                callback,
+                dir,
+            },
+            Response::Removed { dir, target } => Response::Removed {
+                dir,
+                target: linked(target),
+            },
+            Response::Renamed {
+                from_dir,
+                to_dir,
+                moved,
+                replaced,
+            } => Response::Renamed {
+                from_dir,
+                to_dir,
+                moved: old(moved),
+                replaced: linked(replaced),
+            },
+            Response::DirPage {
+                dir,
+                callback,
+                mut entries,
+                more,
+            } => {
+                for entry in &mut entries {
+                    entry.kind = entry.kind.for_version(version);
+                }
+                Response::DirPage {
+                    dir,
+                    callback,
+                    entries,
+                    more,
+                }
+            }
+            other => other,
         }
     }
 }

@@ -381,6 +381,69 @@ fn cases() -> Vec<(&'static str, Frame, &'static str)> {
             },
             "031500 19 7f 8080808002050100a403010c030000020206040a0600",
         ),
+        (
+            "make_node",
+            Frame::Request {
+                id: RequestId(13),
+                body: Request::MakeNode {
+                    dir: fid(),
+                    name: "tty".into(),
+                    kind: FileKind::CharDevice { rdev: 0x0504 },
+                    mode: 0o620,
+                    uid: 0,
+                    gid: 5,
+                },
+            },
+            // Variant 56; the kind's variant 6 and its rdev; mode, uid, gid.
+            "020d38 8080808002050103747479 06 840a 9003 00 05",
+        ),
+        (
+            "status_of_each_special_kind",
+            Frame::Response {
+                id: RequestId(14),
+                body: Ok(Response::DirPage {
+                    dir: status(),
+                    callback: None,
+                    entries: [
+                        FileKind::Fifo,
+                        FileKind::Socket,
+                        FileKind::CharDevice { rdev: 1 },
+                        FileKind::BlockDevice { rdev: 0x0801 },
+                    ]
+                    .into_iter()
+                    .map(|kind| DirEntry {
+                        name: "n".into(),
+                        fid: fid(),
+                        kind,
+                    })
+                    .collect(),
+                    more: false,
+                }),
+            },
+            // Kinds 4 (FIFO), 5 (socket), 6 (char device, rdev 1), 7 (block, rdev 0x801).
+            "030e00078080808002050100a403010c030000020206040a0600\
+             04016e80808080020501 04\
+             016e80808080020501 05\
+             016e80808080020501 06 01\
+             016e80808080020501 07 8110\
+             00",
+        ),
+        (
+            "block_device_status",
+            Frame::Response {
+                id: RequestId(15),
+                body: Ok(Response::Status {
+                    status: VnodeStatus {
+                        kind: FileKind::BlockDevice { rdev: 0x0801 },
+                        mode: 0o660,
+                        size: 0,
+                        ..status()
+                    },
+                    callback: None,
+                }),
+            },
+            "030f0002 80808080020501 07 8110 b003 01 00 03 00 00 020206040a0600",
+        ),
     ]
 }
 
@@ -426,5 +489,54 @@ fn golden_bytes() {
         failures.is_empty(),
         "encoding changed:\n{}",
         failures.join("\n")
+    );
+}
+
+#[test]
+fn an_older_peer_sees_special_files_as_files_and_no_unlinked_status() {
+    let fifo = VnodeStatus {
+        kind: FileKind::Fifo,
+        ..status()
+    };
+    let gone = VnodeStatus {
+        link_count: 0,
+        ..status()
+    };
+    let removed = Response::Removed {
+        dir: status(),
+        target: Some(gone.clone()),
+    };
+    assert_eq!(
+        removed.clone().for_version(PROTOCOL_VERSION_IDENTITY),
+        removed
+    );
+    assert_eq!(
+        removed.for_version(2),
+        Response::Removed {
+            dir: status(),
+            target: None
+        }
+    );
+    let entry = Response::Entry {
+        status: fifo.clone(),
+        callback: None,
+        dir: status(),
+    };
+    let Response::Entry { status: old, .. } = entry.clone().for_version(2) else {
+        panic!("not an entry");
+    };
+    assert_eq!(old.kind, FileKind::File);
+    assert_eq!(entry.clone().for_version(3), entry);
+    assert_eq!(
+        Request::MakeNode {
+            dir: fid(),
+            name: "p".into(),
+            kind: FileKind::Fifo,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+        }
+        .version_min(),
+        PROTOCOL_VERSION_IDENTITY
     );
 }

@@ -13,6 +13,11 @@ pub enum NodeKind {
     File,
     Directory,
     Symlink,
+    /// Special files: the kernel serves their opens itself, never this client.
+    Fifo,
+    Socket,
+    CharDevice,
+    BlockDevice,
 }
 
 impl From<FileKind> for NodeKind {
@@ -21,7 +26,23 @@ impl From<FileKind> for NodeKind {
             FileKind::File => NodeKind::File,
             FileKind::Directory | FileKind::MountPoint => NodeKind::Directory,
             FileKind::Symlink => NodeKind::Symlink,
+            FileKind::Fifo => NodeKind::Fifo,
+            FileKind::Socket => NodeKind::Socket,
+            FileKind::CharDevice { .. } => NodeKind::CharDevice,
+            FileKind::BlockDevice { .. } => NodeKind::BlockDevice,
         }
+    }
+}
+
+/// A device node's number as the kernel's FUSE attributes carry it (32 bits, the
+/// encoding of glibc's `makedev` for majors below 4096 and minors below 2^20, which is
+/// all a FUSE `mknod` can make); 0 for any other kind, or a number too wide to tell.
+fn device_number(kind: FileKind) -> u32 {
+    match kind {
+        FileKind::CharDevice { rdev } | FileKind::BlockDevice { rdev } => {
+            u32::try_from(rdev).unwrap_or(0)
+        }
+        _ => 0,
     }
 }
 
@@ -35,6 +56,8 @@ pub struct Attr {
     /// Permission bits (`0o7777` at most).
     pub perm: u16,
     pub nlink: u32,
+    /// A device node's number; 0 for other kinds.
+    pub rdev: u32,
     pub uid: u32,
     pub gid: u32,
     pub atime: SystemTime,
@@ -50,6 +73,7 @@ impl Attr {
             size,
             perm: (status.mode & 0o7777) as u16,
             nlink: status.link_count,
+            rdev: device_number(status.kind),
             uid: status.uid,
             gid: status.gid,
             atime: status.atime.into(),

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use proto::{DataVersion, Fid, FileKind, Request, Response, SetAttrs, VolumeId};
+use proto::{DataVersion, Fid, FileKind, Request, Response, SetAttrs, Timestamp, VolumeId};
 use tokio::sync::OnceCell;
 use tracing::debug;
 
@@ -274,8 +274,7 @@ impl Manager {
             pos += n;
         }
         if let Some(entry) = self.state.lock().statuses.get_mut(fid) {
-            let end = offset + data.len() as u64;
-            entry.local_size = Some(entry.size().max(end));
+            entry.note_local_write(offset + data.len() as u64, Timestamp::now());
         }
         // Cache filling with unstored writes: store this file's now, so clean chunks can
         // be evicted and a file larger than the cache streams through it.

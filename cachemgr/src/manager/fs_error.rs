@@ -55,6 +55,9 @@ pub fn rpc_error(e: &ProtoError) -> FsError {
         // The pool passes `NotActive` on only once it gave up waiting for a takeover.
         ProtoError::Remote(ErrorCode::NotActive { .. }) => FsError::ETIMEDOUT,
         ProtoError::Remote(code) => FsError::from_errno(code.errno()),
+        // A request the server's protocol version lacks (a special file for an older
+        // server): that server cannot do it.
+        ProtoError::PeerTooOld { .. } => FsError::from_errno(libc::EOPNOTSUPP),
         e if e.is_transport() => FsError::ETIMEDOUT,
         _ => FsError::EIO,
     }

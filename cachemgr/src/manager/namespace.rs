@@ -397,6 +397,45 @@ impl Manager {
         self.make_entry(dir, &name, request).await
     }
 
+    /// The kernel opened `ino` (an `open` or `create` it was answered).
+    pub fn opened(&self, ino: Ino) {
+        let mut state = self.state.lock();
+        if let Some(fid) = state.inodes.fid(ino) {
+            state.statuses.opened(fid);
+        }
+    }
+
+    /// The kernel released one open of `ino`.
+    pub fn released(&self, ino: Ino) {
+        let mut state = self.state.lock();
+        if let Some(fid) = state.inodes.fid(ino) {
+            state.statuses.released(fid);
+        }
+    }
+
+    /// Makes a special file (`kind` a FIFO, socket or device node).
+    pub async fn mknod(
+        &self,
+        parent: Ino,
+        name: &OsStr,
+        kind: FileKind,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    ) -> FsResult<AttrOut> {
+        let name = entry_name(name)?;
+        let dir = self.fid(parent)?;
+        let request = Request::MakeNode {
+            dir,
+            name: name.clone(),
+            kind,
+            mode: mode & 0o7777,
+            uid,
+            gid,
+        };
+        self.make_entry(dir, &name, request).await
+    }
+
     pub async fn symlink(
         &self,
         parent: Ino,

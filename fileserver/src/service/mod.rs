@@ -101,7 +101,12 @@ impl Service for FileService {
         let span = debug_span!("request", peer = %connection.peer_addr());
         async move {
             debug!(?request, ?sequence, "request");
-            let answer = self.dispatch(caller, request).await;
+            // Special files and unlinked statuses shown as an older peer understands.
+            let version = connection.version();
+            let answer = self
+                .dispatch(caller, request)
+                .await
+                .map(|response| response.for_version(version));
             if let Err(code) = &answer {
                 debug!(%code, "refused");
             }
@@ -178,6 +183,17 @@ impl FileService {
                 uid,
                 gid,
             } => self.make_dir(caller, dir, name, Perms { mode, uid, gid }).await,
+            Request::MakeNode {
+                dir,
+                name,
+                kind,
+                mode,
+                uid,
+                gid,
+            } => {
+                let perms = Perms { mode, uid, gid };
+                self.make_node(caller, dir, name, kind, perms).await
+            }
             Request::Symlink {
                 dir,
                 name,

@@ -1,11 +1,12 @@
-//! Namespace changes (create, make a directory, a symlink or a mount point, link, remove,
-//! rename), answered from their record when retried with the same sequence.
+//! Namespace changes (create, make a directory, a special file, a symlink or a mount
+//! point, link, remove, rename), answered from their record when retried with the same
+//! sequence.
 //! Invariant: a change is applied at most once per sequence, breaks the other holders'
 //! promises on what it changed before it answers, and a replay breaks and grants nothing.
 
 use std::sync::Arc;
 
-use proto::{ErrorCode, Fid, Response, VnodeStatus, VolumeId, VolumeName};
+use proto::{ErrorCode, Fid, FileKind, Response, VnodeStatus, VolumeId, VolumeName};
 
 use super::{Caller, FileService, blocking};
 use crate::storage::{Answer, Outcome, StorageError, Volume};
@@ -103,6 +104,24 @@ impl FileService {
         .await
     }
 
+    pub(super) async fn make_node(
+        self: &Arc<Self>,
+        caller: Caller,
+        dir: Fid,
+        name: String,
+        kind: FileKind,
+        perms: Perms,
+    ) -> Result<Response, ErrorCode> {
+        let Perms { mode, uid, gid } = perms;
+        let sequence = caller.sequence;
+        self.change(
+            dir.volume,
+            move |volume| volume.make_node(sequence, dir, &name, kind, mode, uid, gid),
+            |(status, dir_status)| self.made(caller, vec![dir], status, dir_status),
+        )
+        .await
+    }
+
     pub(super) async fn symlink(
         self: &Arc<Self>,
         caller: Caller,
@@ -193,7 +212,9 @@ impl FileService {
             from_dir.volume,
             move |volume| volume.rename(sequence, from_dir, &from_name, to_dir, &to_name),
             |renamed| async move {
-                let mut changed = vec![from_dir];
+                // The moved vnode's ctime changed (and a directory's parent): its
+                // holders are broken too.
+                let mut changed = vec![from_dir, renamed.moved.fid];
                 if to_dir != from_dir {
                     changed.push(to_dir);
                 }

@@ -75,6 +75,11 @@ impl Volume {
         let wanted = record.size.saturating_sub(offset).min(length) as usize;
         let data = match record.kind {
             FileKind::Directory => return Err(ErrorCode::IsDirectory.into()),
+            // The kernel opens these itself: no FUSE read ever asks for their data.
+            FileKind::Fifo
+            | FileKind::Socket
+            | FileKind::CharDevice { .. }
+            | FileKind::BlockDevice { .. } => return Err(ErrorCode::InvalidArgument.into()),
             FileKind::Symlink | FileKind::MountPoint => {
                 let content = record.content.as_deref().unwrap_or_default().as_bytes();
                 let start = (offset.min(content.len() as u64)) as usize;
@@ -534,7 +539,12 @@ fn require_file(kind: FileKind) -> Result<(), StorageError> {
     match kind {
         FileKind::File => Ok(()),
         FileKind::Directory => Err(ErrorCode::IsDirectory.into()),
-        FileKind::Symlink | FileKind::MountPoint => Err(ErrorCode::InvalidArgument.into()),
+        FileKind::Symlink
+        | FileKind::MountPoint
+        | FileKind::Fifo
+        | FileKind::Socket
+        | FileKind::CharDevice { .. }
+        | FileKind::BlockDevice { .. } => Err(ErrorCode::InvalidArgument.into()),
     }
 }
 

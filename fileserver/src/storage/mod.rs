@@ -16,6 +16,8 @@ mod vnode_lock;
 mod volume;
 
 #[cfg(test)]
+mod posix_tests;
+#[cfg(test)]
 mod store_tests;
 #[cfg(test)]
 mod tests;

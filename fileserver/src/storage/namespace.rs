@@ -9,7 +9,7 @@ use proto::{
 
 use super::StorageError;
 use super::outcomes::{Answer, Outcome, SequenceKey};
-use super::records::{VnodeRecord, kind_from_code};
+use super::records::{EntryKind, VnodeRecord, kind_from_code};
 use super::transaction::Tx;
 use super::volume::Volume;
 
@@ -86,8 +86,14 @@ impl Volume {
                         vnode: VnodeId(vnode),
                         unique: Uniquifier(unique),
                     },
-                    kind: kind_from_code(kind)
-                        .ok_or_else(|| r.corrupt(format!("entry {name:?} has kind code {kind}")))?,
+                    kind: match kind_from_code(kind) {
+                        Some(EntryKind::Known(kind)) => kind,
+                        // Devices are rare: their number costs one record read.
+                        Some(EntryKind::Device) => r.vnode(VnodeId(vnode))?.kind,
+                        None => {
+                            return Err(r.corrupt(format!("entry {name:?} has kind code {kind}")));
+                        }
+                    },
                 });
                 Ok(true)
             })?;
@@ -177,6 +183,31 @@ impl Volume {
         let mut record = VnodeRecord::new(FileKind::Symlink, 0o777, uid, gid, dir.vnode);
         record.size = target.len() as u64;
         record.content = Some(target.to_owned());
+        self.write_once(sequence, move |tx| add_entry(tx, dir, &name, record))
+    }
+
+    /// Makes a special file (a FIFO, a socket or a device node): an entry with no data,
+    /// which the server never opens. Any other kind is `InvalidArgument`.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the fields of a MakeNode request, and its sequence key"
+    )]
+    pub fn make_node(
+        &self,
+        sequence: Option<SequenceKey>,
+        dir: Fid,
+        name: &str,
+        kind: FileKind,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    ) -> Result<Outcome<(VnodeStatus, VnodeStatus)>, StorageError> {
+        proto::check_entry_name(name)?;
+        if !kind.is_special() {
+            return Err(ErrorCode::InvalidArgument.into());
+        }
+        let name = name.to_owned();
+        let record = VnodeRecord::new(kind, mode, uid, gid, dir.vnode);
         self.write_once(sequence, move |tx| add_entry(tx, dir, &name, record))
     }
 
@@ -385,8 +416,8 @@ impl Answer for Created {
     }
 }
 
-/// (entry made, directory) of `make_dir`, `symlink`, `make_mount_point` and
-/// `link`.
+/// (entry made, directory) of `make_dir`, `make_node`, `symlink`, `make_mount_point`
+/// and `link`.
 impl Answer for (VnodeStatus, VnodeStatus) {
     fn answer(&self) -> Response {
         Response::Entry {
@@ -401,7 +432,9 @@ impl Answer for Removed {
     fn answer(&self) -> Response {
         Response::Removed {
             dir: self.dir.clone(),
-            target: Some(self.target.clone()).filter(|s| s.link_count > 0),
+            // With `link_count` 0 when the vnode is gone: a client with it open shows
+            // that (`fstat`); `Response::for_version` drops it for older peers.
+            target: Some(self.target.clone()),
         }
     }
 }
@@ -412,7 +445,7 @@ impl Answer for Renamed {
             from_dir: self.from_dir.clone(),
             to_dir: self.to_dir.clone(),
             moved: self.moved.clone(),
-            replaced: self.replaced.clone().filter(|s| s.link_count > 0),
+            replaced: self.replaced.clone(),
         }
     }
 }
