@@ -64,6 +64,10 @@ fn the_tables_and_records_keep_their_names_and_bytes() {
             "meta",
             "pair_seqs",
             "pairs",
+            "pts_entries",
+            "pts_groups",
+            "pts_members",
+            "pts_names",
             "raft",
             "servers",
             "volume_ids",
@@ -73,7 +77,7 @@ fn the_tables_and_records_keep_their_names_and_bytes() {
     );
 
     let meta = txn.open_table(META).unwrap();
-    assert_eq!(meta.get("format_version").unwrap().unwrap().value(), 2);
+    assert_eq!(meta.get("format_version").unwrap().unwrap().value(), 3);
     let next = meta.get("next_volume_id").unwrap().unwrap().value();
     assert_eq!(next, VOLUME_ID_FIRST.0 + 3);
 

@@ -34,6 +34,15 @@ impl Vos {
         }
     }
 
+    /// Makes every VLDB call for the holder of `token` (`holdfast login`'s, or a
+    /// `--localauth` one): changes to the cell need an administrator's.
+    pub fn with_token(self, token: Option<proto::SealedToken>) -> Vos {
+        Vos {
+            vldb: self.vldb.with_token(token),
+            ..self
+        }
+    }
+
     /// The registered fileservers, ordered by address.
     pub async fn servers(&self) -> Result<Vec<ServerEntry>, VosError> {
         let mut servers = self
