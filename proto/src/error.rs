@@ -128,7 +128,7 @@ pub enum ErrorCode {
     #[error("no user or group named {name:?}: see `holdfast pts listentries`")]
     NoSuchPrincipal { name: String },
     /// The name, or the id asked for, is taken.
-    #[error("{name:?} already exists")]
+    #[error("{name} already exists")]
     PrincipalExists { name: String },
 }
 

@@ -299,7 +299,7 @@ impl Store {
                 .map(|()| Applied::Done),
             Command::PtsDelete { name } => self
                 .write(mark, |txn| pts::delete(txn, name))
-                .map(Applied::PtsEntry),
+                .map(|_| Applied::Done),
         }
     }
 
