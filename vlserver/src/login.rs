@@ -120,6 +120,12 @@ impl Logins {
             None => Some(self.dummy_hash().await?),
         };
         let against = stored.or(dummy).unwrap_or_default();
+        // A password no user can have is checked as a wrong one, at the same cost.
+        let password = if crate::pts::check_password(&password).is_ok() {
+            password
+        } else {
+            String::new()
+        };
         let right = {
             let _permit = self.hashing.acquire().await.map_err(|_| shutting_down())?;
             tokio::task::spawn_blocking(move || verify_password(&against, &password))
@@ -174,6 +180,10 @@ impl Logins {
         let suppressed = std::mem::take(&mut warnings.suppressed);
         warnings.logged_at = Some(now);
         drop(warnings);
+        let user: String = user
+            .chars()
+            .take(crate::pts::PRINCIPAL_NAME_BYTES_MAX)
+            .collect();
         warn!(user, %peer, suppressed, "login refused: unknown user or wrong password");
     }
 }
