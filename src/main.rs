@@ -6,7 +6,10 @@
 mod bench;
 mod cell;
 mod guard;
+mod login;
 mod process;
+mod pts;
+mod tokens;
 mod up;
 mod vldb;
 
@@ -78,6 +81,11 @@ enum Command {
         /// Without it, the VLDB is a group of one at the address it listens on.
         #[arg(long, value_name = "ID=ADDR,...", value_parser = parse_peers, requires = "id")]
         peers: Option<BTreeMap<u64, String>>,
+        /// The cell's token-signing key (32 bytes, raw or as 64 hex digits; mode 0600).
+        /// With it the VLDB issues tokens (`holdfast login`) and only members of
+        /// system:administrators may change the cell; every replica needs the same key.
+        #[arg(long, value_name = "FILE")]
+        token_key: Option<PathBuf>,
         #[command(flatten)]
         peer_limits: PeerLimitFlags,
     },
@@ -171,7 +179,40 @@ enum Command {
         /// Seconds to wait for a server before giving up.
         #[arg(long, global = true, default_value_t = 10.0)]
         timeout: f64,
+        #[command(flatten)]
+        auth: tokens::AuthFlags,
     },
+    /// Users and groups (the protection database in the VLDB), as AFS's `pts`.
+    Pts {
+        #[command(subcommand)]
+        command: pts::PtsCommand,
+        /// Seconds to wait for the VLDB before giving up.
+        #[arg(long, global = true, default_value_t = 10.0)]
+        timeout: f64,
+        #[command(flatten)]
+        auth: tokens::AuthFlags,
+    },
+    /// Get a token for USER from the VLDB with USER's password, as AFS's `klog`/`aklog`.
+    ///
+    /// The password is the first line of --password-file, else typed at the terminal
+    /// (without echo), else the first line of standard input. The token is kept in
+    /// $HOLDFAST_TOKEN_DIR (default /tmp/holdfast-UID, mode 0700) and sent by `vos`,
+    /// `pts`, `pair` and `vldb`; `holdfast tokens` lists it, `holdfast unlog` drops it.
+    Login {
+        user: String,
+        #[arg(long, value_name = "FILE")]
+        password_file: Option<PathBuf>,
+        /// Hours the token lives (at most the VLDB's maximum, 25 by default).
+        #[arg(long, value_name = "HOURS")]
+        lifetime_hours: Option<f64>,
+        /// Seconds to wait for the VLDB before giving up.
+        #[arg(long, default_value_t = 10.0)]
+        timeout: f64,
+    },
+    /// List your tokens: user, id, cell and expiry.
+    Tokens,
+    /// Drop your tokens: the one for the cell given with --cell, else all of them.
+    Unlog,
     /// Inspect and operate fileserver pairs.
     ///
     /// A pair is two fileservers started with the same `--pair NAME` on one shared
@@ -184,6 +225,8 @@ enum Command {
         /// its own 30 s deadline).
         #[arg(long, global = true, default_value_t = 10.0)]
         timeout: f64,
+        #[command(flatten)]
+        auth: tokens::AuthFlags,
     },
     /// Inspect and change the VLDB's replicas (its Raft group).
     Vldb {
@@ -193,6 +236,8 @@ enum Command {
         /// catch-up included).
         #[arg(long, global = true, default_value_t = 10.0)]
         timeout: f64,
+        #[command(flatten)]
+        auth: tokens::AuthFlags,
     },
     /// Look into a fileserver's journaled callback and lock state.
     State {
@@ -384,6 +429,7 @@ fn run(cli: Cli) -> Result<()> {
             ready_file,
             id,
             peers,
+            token_key,
             peer_limits,
         } => {
             // Memory freed after a flood goes back only without glibc's thread caches;
@@ -417,6 +463,8 @@ fn run(cli: Cli) -> Result<()> {
                     peers: peers.unwrap_or_default(),
                     snapshot_every: vlserver::SNAPSHOT_EVERY,
                     connection_limits,
+                    token_key_file: token_key,
+                    token_lifetime_max: proto::identity::TOKEN_LIFETIME_DEFAULT,
                 };
                 vlserver::run(config, listener, shutdown)
                     .await
@@ -525,10 +573,15 @@ fn run(cli: Cli) -> Result<()> {
             print_text(&text);
             Ok(())
         }
-        Command::Vos { command, timeout } => {
+        Command::Vos {
+            command,
+            timeout,
+            auth,
+        } => {
             process::init_tracing("warn");
             let cell = CellConfig::locate(cell_path.as_deref()).context("find the cell")?;
-            let vos = vos::Vos::new(cell, seconds(timeout, "--timeout")?);
+            let token = tokens::for_command(cell_path.as_deref(), &cell, &auth)?;
+            let vos = vos::Vos::new(cell, seconds(timeout, "--timeout")?).with_token(token);
             let text = runtime()?.block_on(async {
                 Ok::<_, vos::VosError>(match command {
                     VosCommand::Create {
@@ -566,10 +619,80 @@ fn run(cli: Cli) -> Result<()> {
             print_text(&text);
             Ok(())
         }
-        Command::Pair { command, timeout } => {
+        Command::Pts {
+            command,
+            timeout,
+            auth,
+        } => {
             process::init_tracing("warn");
             let cell = CellConfig::locate(cell_path.as_deref()).context("find the cell")?;
-            let vos = vos::Vos::new(cell, seconds(timeout, "--timeout")?);
+            let token = tokens::for_command(cell_path.as_deref(), &cell, &auth)?;
+            let timeout = seconds(timeout, "--timeout")?;
+            let client =
+                proto::VldbClient::new(cell, proto::PeerKind::Admin, timeout).with_token(token);
+            let text = runtime()?.block_on(pts::run(&client, command))?;
+            print_text(&text);
+            Ok(())
+        }
+        Command::Login {
+            user,
+            password_file,
+            lifetime_hours,
+            timeout,
+        } => {
+            process::init_tracing("warn");
+            let cell = CellConfig::locate(cell_path.as_deref()).context("find the cell")?;
+            let lifetime = lifetime_hours
+                .map(|hours| seconds(hours * 3600.0, "--lifetime-hours"))
+                .transpose()?;
+            let password = login::read_password(
+                password_file.as_deref(),
+                &format!("Password for {user}: "),
+                false,
+            )?;
+            let token = runtime()?.block_on(login::login(
+                &cell,
+                &user,
+                password,
+                lifetime,
+                seconds(timeout, "--timeout")?,
+            ))?;
+            let body = token
+                .unverified_body()
+                .context("the VLDB answered with a token that does not decode")?;
+            tokens::store(&cell.name, &token)?;
+            println!(
+                "Token for {} (id {}) in cell {}, valid until {}",
+                body.user,
+                body.id,
+                body.cell,
+                tokens::local_time(body.expiry)
+            );
+            Ok(())
+        }
+        Command::Tokens => {
+            print_text(&tokens::render(&tokens::list()?));
+            Ok(())
+        }
+        Command::Unlog => {
+            let cell = match cell_path.as_deref() {
+                Some(path) => Some(CellConfig::load(path).context("find the cell")?.name),
+                None => None,
+            };
+            for cell in tokens::remove(cell.as_deref())? {
+                println!("Token for cell {cell} dropped");
+            }
+            Ok(())
+        }
+        Command::Pair {
+            command,
+            timeout,
+            auth,
+        } => {
+            process::init_tracing("warn");
+            let cell = CellConfig::locate(cell_path.as_deref()).context("find the cell")?;
+            let token = tokens::for_command(cell_path.as_deref(), &cell, &auth)?;
+            let vos = vos::Vos::new(cell, seconds(timeout, "--timeout")?).with_token(token);
             let text = runtime()?.block_on(async {
                 Ok::<_, vos::VosError>(match command {
                     PairCommand::Status { name } => {
@@ -583,10 +706,15 @@ fn run(cli: Cli) -> Result<()> {
             print_text(&text);
             Ok(())
         }
-        Command::Vldb { command, timeout } => vldb::run(
+        Command::Vldb {
+            command,
+            timeout,
+            auth,
+        } => vldb::run(
             cell_path.as_deref(),
             command,
             seconds(timeout, "--timeout")?,
+            &auth,
         ),
         Command::State {
             command: StateCommand::Inspect { dir, json },

@@ -53,14 +53,21 @@ pub enum VldbCommand {
 }
 
 /// Runs one `holdfast vldb` subcommand; `timeout` bounds each call to the VLDB.
-pub fn run(cell: Option<&Path>, command: VldbCommand, timeout: Duration) -> Result<()> {
+pub fn run(
+    cell_path: Option<&Path>,
+    command: VldbCommand,
+    timeout: Duration,
+    auth: &crate::tokens::AuthFlags,
+) -> Result<()> {
     crate::process::init_tracing("warn");
-    let cell = CellConfig::locate(cell).context("find the cell")?;
+    let cell = CellConfig::locate(cell_path).context("find the cell")?;
+    let token = crate::tokens::for_command(cell_path, &cell, auth)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("start the async runtime")?;
-    let client = Arc::new(VldbClient::new(cell.clone(), PeerKind::Admin, timeout));
+    let client =
+        Arc::new(VldbClient::new(cell.clone(), PeerKind::Admin, timeout).with_token(token));
     runtime.block_on(async {
         match command {
             VldbCommand::Status { json } => {

@@ -120,6 +120,16 @@ pub enum ErrorCode {
          as root on a server host with --localauth"
     )]
     AdministratorRequired,
+    /// A protection database request refused: a bad name or id, a full table, a group
+    /// that is not one; `reason` says what to do.
+    #[error("{reason}")]
+    PtsRefused { reason: String },
+    /// No user or group of that name.
+    #[error("no user or group named {name:?}: see `holdfast pts listentries`")]
+    NoSuchPrincipal { name: String },
+    /// The name, or the id asked for, is taken.
+    #[error("{name} already exists")]
+    PrincipalExists { name: String },
 }
 
 fn not_leader_text(leader: Option<&str>) -> String {
@@ -155,7 +165,9 @@ impl ErrorCode {
             ErrorCode::WouldBlock => libc_errno::EAGAIN,
             ErrorCode::TooManyLocks | ErrorCode::NotReclaimable => libc_errno::ENOLCK,
             ErrorCode::LeaseHeld { .. } | ErrorCode::LeaseLost { .. } => libc_errno::EAGAIN,
-            ErrorCode::NoSuchPair => libc_errno::ENOENT,
+            ErrorCode::NoSuchPair | ErrorCode::NoSuchPrincipal { .. } => libc_errno::ENOENT,
+            ErrorCode::PrincipalExists { .. } => libc_errno::EEXIST,
+            ErrorCode::PtsRefused { .. } => libc_errno::EINVAL,
             ErrorCode::NotActive { .. }
             | ErrorCode::ResetCallbacks
             | ErrorCode::NotLeader { .. }

@@ -6,7 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::ErrorCode;
-use crate::identity::{AccessList, Rights, SealedToken};
+use crate::identity::{AccessList, PrincipalId, Rights, SealedToken};
 use crate::ids::{
     ClientId, DataVersion, Epoch, Fid, InstanceNonce, LockOwnerId, RequestId, ServerId, VolumeId,
     WaitId, WriteBackId,
@@ -592,6 +592,56 @@ pub enum Request {
     FetchRights {
         fid: Fid,
     },
+
+    // ---- the protection database (VLDB), version 3, appended ----
+    /// Creates a user, with the id given or the next free one, and a password if given
+    /// (administrators only). Answered with the new `PtsEntry`.
+    PtsCreateUser {
+        name: String,
+        id: Option<PrincipalId>,
+        password: Option<Password>,
+    },
+    /// Sets a user's password: the user itself (with its token) or an administrator.
+    PtsSetPassword {
+        user: String,
+        password: Password,
+    },
+    /// Creates a group, `name` or `owner:name`, with the id given or the next free one
+    /// (administrators only). Answered with the new `PtsEntry`.
+    PtsCreateGroup {
+        name: String,
+        id: Option<PrincipalId>,
+    },
+    /// Adds a user to a group (administrators only).
+    PtsAddUser {
+        user: String,
+        group: String,
+    },
+    /// Removes a user from a group (administrators only).
+    PtsRemoveUser {
+        user: String,
+        group: String,
+    },
+    /// Deletes a user or a group, and every membership it had (administrators only).
+    PtsDelete {
+        name: String,
+    },
+    /// A user's groups, or a group's members: answered with `PtsEntries`.
+    PtsMembership {
+        name: String,
+    },
+    /// Every user and group, built-in groups included: answered with `PtsEntries`.
+    PtsListEntries,
+    /// A token for `user` if `password` is its password, signed by the cell's key, with
+    /// the user's groups and a lifetime of at most the VLDB's maximum (25 h unless
+    /// configured). Answered with `Token`; a wrong password and an unknown user get the
+    /// same `PermissionDenied`, after the same delay.
+    Login {
+        user: String,
+        password: Password,
+        lifetime_secs: Option<u64>,
+    },
+
     // ---- fileserver, appended in protocol version 3 ----
     /// Makes a special file (`kind` a FIFO, socket or device node) named `name` in
     /// `dir`; answered as `MakeDir`. Any other kind is `InvalidArgument`: files,
@@ -604,6 +654,29 @@ pub enum Request {
         uid: u32,
         gid: u32,
     },
+}
+
+/// A password as it travels to the VLDB: a string whose `Debug` never shows it, so that
+/// no request log line carries one.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Password(pub String);
+
+impl std::fmt::Debug for Password {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Password(<{} bytes>)", self.0.len())
+    }
+}
+
+/// A user or a group of the protection database, as `pts` lists it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PtsEntry {
+    pub name: String,
+    /// Positive for a user, negative for a group.
+    pub id: PrincipalId,
+    /// The group's owner (a user for `owner:name` groups); `system:administrators` for
+    /// users, built-in groups and other groups.
+    pub owner: PrincipalId,
 }
 
 /// Which Raft message a `Request::VlRaft` carries.
@@ -627,6 +700,15 @@ impl Request {
             Request::FetchAcl { .. } | Request::StoreAcl { .. } | Request::FetchRights { .. } => {
                 PROTOCOL_VERSION_IDENTITY
             }
+            Request::PtsCreateUser { .. }
+            | Request::PtsSetPassword { .. }
+            | Request::PtsCreateGroup { .. }
+            | Request::PtsAddUser { .. }
+            | Request::PtsRemoveUser { .. }
+            | Request::PtsDelete { .. }
+            | Request::PtsMembership { .. }
+            | Request::PtsListEntries
+            | Request::Login { .. } => PROTOCOL_VERSION_IDENTITY,
             Request::MakeNode { .. } => PROTOCOL_VERSION_IDENTITY,
             Request::Sequenced { request, .. } => request.version_min(),
             _ => 1,
@@ -669,6 +751,9 @@ impl Request {
                 | Request::VlRegisterServer { .. }
                 | Request::VlJoinPair { .. }
                 | Request::VlRenewPair { .. }
+                | Request::PtsMembership { .. }
+                | Request::PtsListEntries
+                | Request::Login { .. }
         )
     }
 
@@ -771,6 +856,12 @@ pub enum Response {
         dir: VnodeStatus,
         callback: Option<CallbackGrant>,
     },
+    /// A user or group just created.
+    PtsEntry(PtsEntry),
+    /// Users and groups: a membership, or every entry.
+    PtsEntries(Vec<PtsEntry>),
+    /// The token a `Login` obtained.
+    Token(SealedToken),
 }
 
 /// One VLDB replica as it describes itself (`VlStatus`).
@@ -894,6 +985,9 @@ impl Response {
             Response::VlStatus(_) => "VlStatus",
             Response::Acl(_) => "Acl",
             Response::Rights { .. } => "Rights",
+            Response::PtsEntry(_) => "PtsEntry",
+            Response::PtsEntries(_) => "PtsEntries",
+            Response::Token(_) => "Token",
         }
     }
 }

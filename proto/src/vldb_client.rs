@@ -14,6 +14,7 @@ use tracing::debug;
 
 use crate::cell::CellConfig;
 use crate::error::{ErrorCode, ProtoError};
+use crate::identity::SealedToken;
 use crate::ids::{Epoch, ServerId};
 use crate::message::{
     Hello, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN, PairEntry, PeerKind, Request, Response,
@@ -37,6 +38,9 @@ pub struct VldbClient {
     /// The cell address the next attempt without a leader hint tries. It outlives a call,
     /// so that a dead replica costs one attempt per client rather than one per call.
     next_address: AtomicUsize,
+    /// The token every call carries (`with_token`); none: calls act for
+    /// `system:anyuser`, or for this side's server certificate.
+    token: Option<SealedToken>,
 }
 
 #[derive(Clone)]
@@ -56,7 +60,15 @@ impl VldbClient {
             timeout,
             current: Mutex::new(None),
             next_address: AtomicUsize::new(0),
+            token: None,
         }
+    }
+
+    /// Makes every call of this client for the holder of `token` (`holdfast login`'s, or
+    /// one signed with `--localauth`).
+    pub fn with_token(mut self, token: Option<SealedToken>) -> VldbClient {
+        self.token = token;
+        self
     }
 
     pub fn cell(&self) -> &CellConfig {
@@ -118,7 +130,11 @@ impl VldbClient {
                 Err(e) => return Err(e),
             };
             let remaining = deadline.saturating_duration_since(Instant::now());
-            let Ok(answer) = replica.connection.try_call_ref(request, remaining).await else {
+            let Ok(answer) = replica
+                .connection
+                .try_call_as(self.token.as_ref(), request, remaining)
+                .await
+            else {
                 // The replica closed this connection (it was idle, or made room) before
                 // the request went out: nothing was sent, so a new connection takes it.
                 debug!(replica = %replica.address, "VLDB connection closed while idle; reconnecting");

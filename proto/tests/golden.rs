@@ -394,8 +394,8 @@ fn cases() -> Vec<(&'static str, Frame, &'static str)> {
                     gid: 5,
                 },
             },
-            // Variant 56; the kind's variant 6 and its rdev; mode, uid, gid.
-            "020d38 8080808002050103747479 06 840a 9003 00 05",
+            // Variant 65; the kind's variant 6 and its rdev; mode, uid, gid.
+            "020d41 8080808002050103747479 06 840a 9003 00 05",
         ),
         (
             "status_of_each_special_kind",
@@ -443,6 +443,154 @@ fn cases() -> Vec<(&'static str, Frame, &'static str)> {
                 }),
             },
             "030f0002 80808080020501 07 8110 b003 01 00 03 00 00 020206040a0600",
+        ),
+        (
+            "pts_create_user",
+            Frame::Request {
+                id: RequestId(22),
+                body: Request::PtsCreateUser {
+                    name: "alice".into(),
+                    id: Some(proto::PrincipalId(1001)),
+                    password: Some(proto::Password("pw".into())),
+                },
+            },
+            "0216 38 05616c696365 01d20f 01027077",
+        ),
+        (
+            "pts_set_password",
+            Frame::Request {
+                id: RequestId(23),
+                body: Request::PtsSetPassword {
+                    user: "alice".into(),
+                    password: proto::Password("pw".into()),
+                },
+            },
+            "0217 39 05616c696365 027077",
+        ),
+        (
+            "pts_create_group",
+            Frame::Request {
+                id: RequestId(24),
+                body: Request::PtsCreateGroup {
+                    name: "alice:friends".into(),
+                    id: None,
+                },
+            },
+            "0218 3a 0d616c6963653a667269656e6473 00",
+        ),
+        (
+            "pts_add_user",
+            Frame::Request {
+                id: RequestId(25),
+                body: Request::PtsAddUser {
+                    user: "alice".into(),
+                    group: "g".into(),
+                },
+            },
+            "0219 3b 05616c696365 0167",
+        ),
+        (
+            "pts_remove_user",
+            Frame::Request {
+                id: RequestId(26),
+                body: Request::PtsRemoveUser {
+                    user: "alice".into(),
+                    group: "g".into(),
+                },
+            },
+            "021a 3c 05616c696365 0167",
+        ),
+        (
+            "pts_delete",
+            Frame::Request {
+                id: RequestId(27),
+                body: Request::PtsDelete { name: "g".into() },
+            },
+            "021b 3d 0167",
+        ),
+        (
+            "pts_membership",
+            Frame::Request {
+                id: RequestId(28),
+                body: Request::PtsMembership { name: "g".into() },
+            },
+            "021c 3e 0167",
+        ),
+        (
+            "pts_list_entries",
+            Frame::Request {
+                id: RequestId(29),
+                body: Request::PtsListEntries,
+            },
+            "021d 3f",
+        ),
+        (
+            "login",
+            Frame::Request {
+                id: RequestId(30),
+                body: Request::Login {
+                    user: "alice".into(),
+                    password: proto::Password("pw".into()),
+                    lifetime_secs: Some(3600),
+                },
+            },
+            "021e 40 05616c696365 027077 01901c",
+        ),
+        (
+            "pts_entry",
+            Frame::Response {
+                id: RequestId(31),
+                body: Ok(Response::PtsEntry(proto::PtsEntry {
+                    name: "alice".into(),
+                    id: proto::PrincipalId(1001),
+                    owner: proto::PrincipalId::ADMINISTRATORS,
+                })),
+            },
+            "031f00 1a 05616c696365 d20f 9703",
+        ),
+        (
+            "pts_entries",
+            Frame::Response {
+                id: RequestId(32),
+                body: Ok(Response::PtsEntries(vec![proto::PtsEntry {
+                    name: "g".into(),
+                    id: proto::PrincipalId(-205),
+                    owner: proto::PrincipalId::ADMINISTRATORS,
+                }])),
+            },
+            "032000 1b 01 0167 9903 9703",
+        ),
+        (
+            "token",
+            Frame::Response {
+                id: RequestId(33),
+                body: Ok(Response::Token(proto::SealedToken(vec![0xaa, 0xbb]))),
+            },
+            "032100 1c 02aabb",
+        ),
+        (
+            "pts_refused",
+            Frame::Response {
+                id: RequestId(34),
+                body: Err(ErrorCode::PtsRefused { reason: "x".into() }),
+            },
+            "032201 2c 0178",
+        ),
+        (
+            "no_such_principal",
+            Frame::Response {
+                id: RequestId(35),
+                body: Err(ErrorCode::NoSuchPrincipal { name: "x".into() }),
+            },
+            "032301 2d 0178",
+        ),
+        (
+            "principal_exists",
+            Frame::Response {
+                id: RequestId(36),
+                body: Err(ErrorCode::PrincipalExists { name: "x".into() }),
+            },
+            "032401 2e 0178",
         ),
     ]
 }

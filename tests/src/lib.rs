@@ -12,6 +12,7 @@ use anyhow::{Context, Result, bail};
 
 pub mod flood;
 pub mod pair;
+pub mod pts;
 pub mod rpc_client;
 pub mod stalls;
 pub mod tmpfs;

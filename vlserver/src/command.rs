@@ -3,7 +3,10 @@
 //! Invariant: a command holds every nondeterministic input (timestamps, the seq a
 //! leader's check saw), so every replica applies it to the same durable result.
 
-use proto::{Epoch, ErrorCode, PairName, ServerEntry, ServerId, Timestamp, VolumeEntry};
+use proto::{
+    Epoch, ErrorCode, PairName, PrincipalId, PtsEntry, ServerEntry, ServerId, Timestamp,
+    VolumeEntry,
+};
 use proto::{VolumeName, VolumeRef};
 use serde::{Deserialize, Serialize};
 
@@ -48,6 +51,33 @@ pub enum Command {
         epoch: Epoch,
         successor: Option<String>,
     },
+    /// A new user; `password` is the argon2id PHC string the leader made (the log never
+    /// carries a password).
+    PtsCreateUser {
+        name: String,
+        id: Option<PrincipalId>,
+        password: Option<String>,
+    },
+    /// A user's new password, as a PHC string the leader made.
+    PtsSetPassword {
+        user: String,
+        password: String,
+    },
+    PtsCreateGroup {
+        name: String,
+        id: Option<PrincipalId>,
+    },
+    PtsAddUser {
+        user: String,
+        group: String,
+    },
+    PtsRemoveUser {
+        user: String,
+        group: String,
+    },
+    PtsDelete {
+        name: String,
+    },
 }
 
 /// What applying a command answers: the same on every replica.
@@ -58,6 +88,8 @@ pub enum Applied {
     Server(ServerEntry),
     VolumeEntry(VolumeEntry),
     Epoch(Epoch),
+    /// A user or group created or deleted.
+    PtsEntry(PtsEntry),
 }
 
 /// The state machine's answer to one log entry: a refusal is an answer too.

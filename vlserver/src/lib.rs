@@ -6,7 +6,9 @@
 mod command;
 mod error;
 mod limits;
+mod login;
 mod pairs;
+mod pts;
 mod replica;
 mod service;
 mod store;
@@ -15,15 +17,21 @@ mod tables;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
+use proto::TokenKey;
 use proto::server::{ServerLimits, serve};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 pub use command::{Applied, Command, Outcome};
 pub use error::VldbError;
 pub use limits::StoreLimits;
+pub use login::{FAILURE_DELAY, LOCALAUTH_ID, LOCALAUTH_USER, localauth_body};
+pub use pts::{
+    BUILT_IN_GROUPS, Credentials, GROUP_ID_FIRST, PRINCIPAL_NAME_BYTES_MAX, USER_ID_FIRST,
+};
 pub use replica::{
     DATABASE_FILE, LOG_FILE, Replica, ReplicaConfig, SNAPSHOT_EVERY, decode_untrusted,
 };
@@ -47,6 +55,12 @@ pub struct Config {
     /// What a peer can make the replica hold: connection caps, hello, idle and frame
     /// timeouts, frame memory.
     pub connection_limits: ServerLimits,
+    /// The cell's token-signing key file (`token.key`). With it the VLDB issues tokens
+    /// (`Login`) and only administrators may change the cell; without it, neither (for
+    /// now: the rule becomes unconditional once every cell has a key).
+    pub token_key_file: Option<PathBuf>,
+    /// The longest a token it issues lives.
+    pub token_lifetime_max: Duration,
 }
 
 impl Config {
@@ -59,6 +73,8 @@ impl Config {
             peers: BTreeMap::new(),
             snapshot_every: SNAPSHOT_EVERY,
             connection_limits: ServerLimits::default(),
+            token_key_file: None,
+            token_lifetime_max: proto::identity::TOKEN_LIFETIME_DEFAULT,
         }
     }
 }
@@ -70,6 +86,10 @@ pub async fn run(
     listener: TcpListener,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), VldbError> {
+    let token_key = match &config.token_key_file {
+        Some(path) => Some(TokenKey::load(path).map_err(|e| VldbError::Config(e.to_string()))?),
+        None => None,
+    };
     let local = listener
         .local_addr()
         .map_err(|e| VldbError::Config(format!("the listening socket has no address: {e}")))?;
@@ -91,7 +111,18 @@ pub async fn run(
     );
     info!(cell = %config.cell_name, data = %config.data_dir.display(), listen = %local,
         id = config.id, ?peers, "vlserver started");
-    let service = Arc::new(VldbService::new(replica.clone(), config.cell_name));
+    let mut service = VldbService::new(replica.clone(), config.cell_name);
+    match token_key {
+        Some(key) => {
+            info!(
+                key_id = key.key_id(),
+                "issuing tokens; only administrators change the cell"
+            );
+            service = service.with_token_key(key, config.token_lifetime_max);
+        }
+        None => warn!("no --token-key: this VLDB issues no tokens and lets anyone change the cell"),
+    }
+    let service = Arc::new(service);
     let (stop_serving, serving_stopped) = watch::channel(false);
     let server = tokio::spawn(serve(
         listener,

@@ -13,6 +13,15 @@ pub struct StoreLimits {
     pub volumes_max: u64,
     /// Fileserver pairs; each holds two short addresses, so this bounds memory, not frames.
     pub pairs_max: usize,
+    /// Users and groups together (the built-in groups aside). Keeps a full
+    /// `PtsListEntries` reply (at most about 80 bytes an entry) within the 4 MiB frame
+    /// limit until listing is paged.
+    pub principals_max: u64,
+    /// Members of one group.
+    pub members_per_group_max: usize,
+    /// Groups one user is in: a token carries them all, so at most
+    /// `proto::identity::TOKEN_GROUPS_MAX`.
+    pub groups_per_user_max: usize,
 }
 
 impl Default for StoreLimits {
@@ -23,6 +32,9 @@ impl Default for StoreLimits {
             address_bytes_max: 256,
             volumes_max: 32_768,
             pairs_max: 4_096,
+            principals_max: 40_000,
+            members_per_group_max: 5_000,
+            groups_per_user_max: 200,
         }
     }
 }

@@ -2,30 +2,85 @@
 //! `proto::server::serve`: changes through the replica's log, reads from its tables, and
 //! Raft messages from its peers.
 //! Invariant: store errors become `ErrorCode`s here, and storage failures are logged
-//! here, once.
+//! here, once; with a token key, every change to the cell but a fileserver's own
+//! registration and pair lease calls is refused to a caller that may not administer it.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use proto::Identity;
 use proto::rpc::{self, Connection};
 use proto::server::Service;
 use proto::{ErrorCode, Hello, HelloReply, PairName, PeerKind, Request, Response, Timestamp};
+use proto::{Identity, TokenKey, TokenVerifier};
 use tracing::{debug, error};
 
 use crate::command::{Applied, Command};
 use crate::error::VldbError;
+use crate::login::Logins;
 use crate::replica::Replica;
 use crate::store::Store;
 
 pub struct VldbService {
     replica: Arc<Replica>,
     cell_name: String,
+    logins: Logins,
+    verifier: Option<TokenVerifier>,
 }
 
 impl VldbService {
+    /// A VLDB without a token key: it issues no tokens and, for now, lets any caller
+    /// change the cell.
     pub fn new(replica: Arc<Replica>, cell_name: String) -> VldbService {
-        VldbService { replica, cell_name }
+        let logins = Logins::new(
+            None,
+            cell_name.clone(),
+            proto::identity::TOKEN_LIFETIME_DEFAULT,
+        );
+        VldbService {
+            replica,
+            cell_name,
+            logins,
+            verifier: None,
+        }
+    }
+
+    /// Issues tokens signed with `key`, living at most `lifetime_max`, verifies them on
+    /// requests, and lets only administrators change the cell.
+    pub fn with_token_key(mut self, key: TokenKey, lifetime_max: Duration) -> VldbService {
+        self.logins = Logins::new(Some(key), self.cell_name.clone(), lifetime_max);
+        self.verifier = self.logins.verifier();
+        self
+    }
+
+    /// Whether `caller` may make `request`: with a token key, a change to the cell needs
+    /// an administrator (a user may set its own password); lookups, and a fileserver's
+    /// registration and pair lease calls, are open to all.
+    fn permitted(&self, caller: &Identity, request: &Request) -> Result<(), ErrorCode> {
+        if self.verifier.is_none() || caller.may_administer_cell() {
+            return Ok(());
+        }
+        match request {
+            Request::PtsSetPassword { user, .. } if caller.user.as_deref() == Some(user) => Ok(()),
+            Request::VlCreateEntry { .. }
+            | Request::VlRemoveEntry { .. }
+            | Request::VlAddMember { .. }
+            | Request::VlRemoveMember { .. }
+            | Request::PtsCreateUser { .. }
+            | Request::PtsSetPassword { .. }
+            | Request::PtsCreateGroup { .. }
+            | Request::PtsAddUser { .. }
+            | Request::PtsRemoveUser { .. }
+            | Request::PtsDelete { .. } => Err(ErrorCode::AdministratorRequired),
+            _ => Ok(()),
+        }
+    }
+
+    async fn pts_change(&self, command: Command) -> Result<Response, ErrorCode> {
+        match self.propose(command).await? {
+            Applied::PtsEntry(entry) => Ok(Response::PtsEntry(entry)),
+            Applied::Done => Ok(Response::Ok),
+            other => Err(unexpected(&other)),
+        }
     }
 
     /// Runs a blocking store operation off the async runtime.
@@ -78,6 +133,10 @@ impl VldbService {
 }
 
 impl Service for VldbService {
+    fn token_verifier(&self) -> Option<&TokenVerifier> {
+        self.verifier.as_ref()
+    }
+
     fn hello(&self, hello: &Hello) -> Result<HelloReply, ErrorCode> {
         let version = rpc::negotiate(hello, &self.cell_name)?;
         Ok(HelloReply {
@@ -90,9 +149,10 @@ impl Service for VldbService {
         self: Arc<Self>,
         connection: Connection,
         hello: Arc<Hello>,
-        _caller: Arc<Identity>,
+        caller: Arc<Identity>,
         request: Request,
     ) -> Result<Response, ErrorCode> {
+        let started = tokio::time::Instant::now();
         // Raft messages only from a replica, membership changes only from an admin:
         // a cache manager or a fileserver can do neither.
         let allowed = match (&request, &hello.peer) {
@@ -108,7 +168,12 @@ impl Service for VldbService {
             return Err(ErrorCode::PermissionDenied);
         }
         if !matches!(request, Request::VlRaft { .. }) {
-            debug!(peer = %connection.peer_addr(), ?request, "VLDB request");
+            debug!(peer = %connection.peer_addr(), caller = caller.name(), ?request, "VLDB request");
+        }
+        if let Err(refused) = self.permitted(&caller, &request) {
+            debug!(peer = %connection.peer_addr(), caller = caller.name(),
+                "refusing a change to the cell: not an administrator");
+            return Err(refused);
         }
         match request {
             Request::Ping => Ok(Response::Pong),
@@ -228,6 +293,58 @@ impl Service for VldbService {
                 .await
                 .map(|_| Response::Ok),
             Request::VlGetPair { pair } => self.pair(pair).await.map(Response::Pair),
+            Request::PtsCreateUser { name, id, password } => {
+                // Hashed here, on the replica that proposes: the log carries the hash.
+                let password = match password {
+                    Some(password) => Some(self.logins.hash(password.0).await?),
+                    None => None,
+                };
+                self.pts_change(Command::PtsCreateUser { name, id, password })
+                    .await
+            }
+            Request::PtsSetPassword { user, password } => {
+                let password = self.logins.hash(password.0).await?;
+                self.pts_change(Command::PtsSetPassword { user, password })
+                    .await
+            }
+            Request::PtsCreateGroup { name, id } => {
+                self.pts_change(Command::PtsCreateGroup { name, id }).await
+            }
+            Request::PtsAddUser { user, group } => {
+                self.pts_change(Command::PtsAddUser { user, group }).await
+            }
+            Request::PtsRemoveUser { user, group } => {
+                self.pts_change(Command::PtsRemoveUser { user, group })
+                    .await
+            }
+            Request::PtsDelete { name } => self.pts_change(Command::PtsDelete { name }).await,
+            Request::PtsMembership { name } => self
+                .read(move |s| s.pts_membership(&name))
+                .await
+                .map(Response::PtsEntries),
+            Request::PtsListEntries => self
+                .read(|s| s.pts_entries())
+                .await
+                .map(Response::PtsEntries),
+            Request::Login {
+                user,
+                password,
+                lifetime_secs,
+            } => {
+                let name = user.clone();
+                let credentials = self.read(move |s| s.pts_credentials(&name)).await?;
+                self.logins
+                    .login(
+                        &user,
+                        password.0,
+                        credentials,
+                        lifetime_secs.map(Duration::from_secs),
+                        connection.peer_addr(),
+                        started,
+                    )
+                    .await
+                    .map(Response::Token)
+            }
             _ => Err(ErrorCode::Unsupported),
         }
     }

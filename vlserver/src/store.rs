@@ -1,5 +1,5 @@
 //! `Store`: the VLDB in one redb file: volume entries and their indexes, servers, the id
-//! counter and pairs.
+//! counter, pairs, and the protection database (`pts`).
 //! Invariant: every durable change is one redb transaction that keeps the indexes true;
 //! volume ids are never handed out twice.
 
@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use proto::{
-    Epoch, ErrorCode, PairEntry, PairName, ServerEntry, ServerId, Timestamp, VolumeEntry, VolumeId,
-    VolumeName, VolumeRef, VolumeSite, VolumeType,
+    Epoch, ErrorCode, PairEntry, PairName, PtsEntry, ServerEntry, ServerId, Timestamp, VolumeEntry,
+    VolumeId, VolumeName, VolumeRef, VolumeSite, VolumeType,
 };
 use redb::{
     Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, WriteTransaction,
@@ -22,11 +22,13 @@ use crate::command::{Applied, Command, Outcome};
 use crate::error::VldbError;
 use crate::limits::StoreLimits;
 use crate::pairs::{PairUpdate, Pairs};
+use crate::pts::{self, Credentials, PtsTables};
 use crate::tables::{
-    FORMAT_VERSION, FORMAT_VERSION_SINGLE, META, META_FORMAT_VERSION, META_NAME,
-    META_NEXT_VOLUME_ID, PAIR_SEQS, PAIRS, RAFT, RAFT_APPLIED, RAFT_SNAPSHOT, RAFT_SNAPSHOT_INDEX,
-    SERVERS, SERVERS_NAME, VOLUME_IDS, VOLUME_NAMES, VOLUME_NAMES_NAME, VOLUMES, VOLUMES_NAME,
-    decode, encode, get_server, put_server, server_id_of,
+    FORMAT_VERSION, FORMAT_VERSION_BEFORE_PTS, FORMAT_VERSION_SINGLE, META, META_FORMAT_VERSION,
+    META_NAME, META_NEXT_VOLUME_ID, META_PTS_NEXT_GROUP_ID, META_PTS_NEXT_USER_ID, PAIR_SEQS,
+    PAIRS, PTS_ENTRIES, PTS_GROUPS, PTS_MEMBERS, PTS_NAMES, RAFT, RAFT_APPLIED, RAFT_SNAPSHOT,
+    RAFT_SNAPSHOT_INDEX, SERVERS, SERVERS_NAME, VOLUME_IDS, VOLUME_NAMES, VOLUME_NAMES_NAME,
+    VOLUMES, VOLUMES_NAME, decode, encode, get_server, put_server, server_id_of,
 };
 
 /// The first RW volume id, as in AFS.
@@ -46,7 +48,8 @@ pub struct Store {
     taken_over: bool,
 }
 
-/// Every table's rows: a snapshot's payload.
+/// Every table's rows: a snapshot's payload (format 3: `ImageBeforePts` and then the
+/// protection database).
 #[derive(Serialize, Deserialize)]
 struct Image {
     next_volume_id: u64,
@@ -56,6 +59,61 @@ struct Image {
     servers: Vec<([u8; 16], Vec<u8>)>,
     pairs: Vec<(String, Vec<u8>)>,
     pair_seqs: Vec<(String, u64)>,
+    pts_next_user_id: Option<u64>,
+    pts_next_group_id: Option<u64>,
+    pts_entries: Vec<(i32, Vec<u8>)>,
+    /// (group, member); `pts_groups` is rebuilt from it.
+    pts_members: Vec<(i32, i32)>,
+}
+
+/// A snapshot's payload as format 2 wrote it: read, never written, so that a snapshot
+/// kept or sent before the upgrade still installs.
+#[derive(Serialize, Deserialize)]
+struct ImageBeforePts {
+    next_volume_id: u64,
+    volumes: Vec<(u64, Vec<u8>)>,
+    volume_names: Vec<(String, u64)>,
+    volume_ids: Vec<(u64, u64)>,
+    servers: Vec<([u8; 16], Vec<u8>)>,
+    pairs: Vec<(String, Vec<u8>)>,
+    pair_seqs: Vec<(String, u64)>,
+}
+
+impl Image {
+    /// Decodes a format 3 image, or a format 2 one. Each must use every byte, and a
+    /// format 3 image has more fields than a format 2 one, so no bytes decode as both.
+    fn decode(bytes: &[u8]) -> Result<Image, VldbError> {
+        let whole = |result: Result<(Image, &[u8]), postcard::Error>| match result {
+            Ok((image, [])) => Some(image),
+            _ => None,
+        };
+        if let Some(image) = whole(postcard::take_from_bytes(bytes)) {
+            return Ok(image);
+        }
+        let old: ImageBeforePts = match postcard::take_from_bytes(bytes) {
+            Ok((old, [])) => old,
+            _ => {
+                return Err(VldbError::Corrupt {
+                    table: "snapshot",
+                    key: "image".into(),
+                    reason: "neither a format 3 nor a format 2 image".into(),
+                });
+            }
+        };
+        Ok(Image {
+            next_volume_id: old.next_volume_id,
+            volumes: old.volumes,
+            volume_names: old.volume_names,
+            volume_ids: old.volume_ids,
+            servers: old.servers,
+            pairs: old.pairs,
+            pair_seqs: old.pair_seqs,
+            pts_next_user_id: None,
+            pts_next_group_id: None,
+            pts_entries: Vec::new(),
+            pts_members: Vec::new(),
+        })
+    }
 }
 
 impl std::fmt::Debug for Store {
@@ -84,6 +142,11 @@ impl Store {
                     info!(path = %path.display(), "created a new VLDB");
                 }
                 Some(FORMAT_VERSION) => {}
+                Some(FORMAT_VERSION_BEFORE_PTS) => {
+                    // The protection database's tables are created below, empty.
+                    meta.insert(META_FORMAT_VERSION, FORMAT_VERSION)?;
+                    info!(path = %path.display(), "VLDB format 2 upgraded to 3: a protection database");
+                }
                 Some(FORMAT_VERSION_SINGLE) => {
                     // Upgraded to format 2 only with the snapshot that takes it over, in
                     // one transaction (`install_image`): until then it stays a single
@@ -109,6 +172,10 @@ impl Store {
             txn.open_table(PAIRS)?;
             txn.open_table(PAIR_SEQS)?;
             txn.open_table(RAFT)?;
+            txn.open_table(PTS_ENTRIES)?;
+            txn.open_table(PTS_NAMES)?;
+            txn.open_table(PTS_MEMBERS)?;
+            txn.open_table(PTS_GROUPS)?;
         }
         txn.commit()?;
         let pairs = Pairs::load(&db, limits.clone())?;
@@ -213,7 +280,33 @@ impl Store {
                         .release(txn, pair, member, *epoch, successor.as_deref(), now)
                 })
                 .map(|_| Applied::Done),
+            Command::PtsCreateUser { name, id, password } => self
+                .write(mark, |txn| {
+                    pts::create_user(txn, &self.limits, name, *id, password.as_deref())
+                })
+                .map(Applied::PtsEntry),
+            Command::PtsSetPassword { user, password } => self
+                .write(mark, |txn| pts::set_password(txn, user, password))
+                .map(|()| Applied::Done),
+            Command::PtsCreateGroup { name, id } => self
+                .write(mark, |txn| pts::create_group(txn, &self.limits, name, *id))
+                .map(Applied::PtsEntry),
+            Command::PtsAddUser { user, group } => self
+                .write(mark, |txn| pts::add_user(txn, &self.limits, user, group))
+                .map(|()| Applied::Done),
+            Command::PtsRemoveUser { user, group } => self
+                .write(mark, |txn| pts::remove_user(txn, user, group))
+                .map(|()| Applied::Done),
+            Command::PtsDelete { name } => self
+                .write(mark, |txn| pts::delete(txn, name))
+                .map(|_| Applied::Done),
         }
+    }
+
+    /// Carries `command` out at once, as a single decider would (no log): for tests and
+    /// tools that drive the tables directly. The commit is synced.
+    pub fn apply_alone(&self, command: &Command) -> Result<Applied, VldbError> {
+        self.execute(command, None, Millis(0))
     }
 
     /// Writes `mark` alone, unsynced: an entry that changes no table (blank, membership),
@@ -297,6 +390,16 @@ impl Store {
                 (k.to_owned(), v.to_vec())
             })?,
             pair_seqs: rows(&txn.open_table(PAIR_SEQS)?, |k: &str, v| (k.to_owned(), v))?,
+            pts_next_user_id: {
+                let meta = txn.open_table(META)?;
+                meta.get(META_PTS_NEXT_USER_ID)?.map(|v| v.value())
+            },
+            pts_next_group_id: {
+                let meta = txn.open_table(META)?;
+                meta.get(META_PTS_NEXT_GROUP_ID)?.map(|v| v.value())
+            },
+            pts_entries: rows(&txn.open_table(PTS_ENTRIES)?, |k, v: &[u8]| (k, v.to_vec()))?,
+            pts_members: rows(&txn.open_table(PTS_MEMBERS)?, |k: (i32, i32), ()| k)?,
         };
         Ok((mark, encode(&image)?))
     }
@@ -312,7 +415,7 @@ impl Store {
         snapshot: &[u8],
         index: u64,
     ) -> Result<(), VldbError> {
-        let image: Image = decode("snapshot", "image", image)?;
+        let image = Image::decode(image)?;
         let txn = self.db.begin_write()?;
         {
             txn.open_table(META)?
@@ -353,6 +456,32 @@ impl Store {
             seqs.retain(|_, _| false)?;
             for (k, v) in &image.pair_seqs {
                 seqs.insert(k.as_str(), *v)?;
+            }
+            for (key, value) in [
+                (META_PTS_NEXT_USER_ID, image.pts_next_user_id),
+                (META_PTS_NEXT_GROUP_ID, image.pts_next_group_id),
+            ] {
+                match value {
+                    Some(value) => meta.insert(key, value)?,
+                    None => meta.remove(key)?,
+                };
+            }
+            let mut entries = txn.open_table(PTS_ENTRIES)?;
+            entries.retain(|_, _| false)?;
+            let mut names = txn.open_table(PTS_NAMES)?;
+            names.retain(|_, _| false)?;
+            for (id, bytes) in &image.pts_entries {
+                let record: pts::PtsRecord = decode("snapshot", id, bytes)?;
+                entries.insert(*id, bytes.as_slice())?;
+                names.insert(record.name.as_str(), *id)?;
+            }
+            let mut members = txn.open_table(PTS_MEMBERS)?;
+            members.retain(|_, _| false)?;
+            let mut groups = txn.open_table(PTS_GROUPS)?;
+            groups.retain(|_, _| false)?;
+            for (group, member) in &image.pts_members {
+                members.insert((*group, *member), ())?;
+                groups.insert((*member, *group), ())?;
             }
             txn.open_table(RAFT)?.insert(RAFT_APPLIED, mark)?;
         }
@@ -683,6 +812,43 @@ impl Store {
         self.pairs.entry(pair, now)
     }
 
+    /// Runs `read` on the protection database's tables in one read transaction.
+    fn pts_read<T>(
+        &self,
+        read: impl FnOnce(
+            &PtsTables<
+                redb::ReadOnlyTable<i32, &'static [u8]>,
+                redb::ReadOnlyTable<&'static str, i32>,
+                redb::ReadOnlyTable<(i32, i32), ()>,
+                redb::ReadOnlyTable<(i32, i32), ()>,
+            >,
+        ) -> Result<T, VldbError>,
+    ) -> Result<T, VldbError> {
+        let txn = self.db.begin_read()?;
+        let tables = PtsTables {
+            entries: txn.open_table(PTS_ENTRIES)?,
+            names: txn.open_table(PTS_NAMES)?,
+            members: txn.open_table(PTS_MEMBERS)?,
+            groups: txn.open_table(PTS_GROUPS)?,
+        };
+        read(&tables)
+    }
+
+    /// A user's groups, or a group's members.
+    pub fn pts_membership(&self, name: &str) -> Result<Vec<PtsEntry>, VldbError> {
+        self.pts_read(|tables| tables.membership(name))
+    }
+
+    /// Every user and group, the built-in groups first.
+    pub fn pts_entries(&self) -> Result<Vec<PtsEntry>, VldbError> {
+        self.pts_read(|tables| tables.list())
+    }
+
+    /// What a login needs of `user`, if it is a user.
+    pub fn pts_credentials(&self, user: &str) -> Result<Option<Credentials>, VldbError> {
+        self.pts_read(|tables| tables.credentials(user))
+    }
+
     /// The checks a command must pass before the leader proposes it: the same limits its
     /// apply enforces on sizes, so that no oversized entry enters the log (one too large
     /// for a frame would stall replication behind it).
@@ -705,6 +871,14 @@ impl Store {
             } if successor.len() > self.limits.address_bytes_max => {
                 Err(VldbError::Refused(ErrorCode::InvalidArgument))
             }
+            Command::PtsCreateUser { name, .. } => pts::check_user_name(name),
+            Command::PtsCreateGroup { name, .. } => pts::check_group_name(name).map(|_| ()),
+            Command::PtsSetPassword { user, .. } => pts::check_user_name(user),
+            Command::PtsAddUser { user, group } | Command::PtsRemoveUser { user, group } => {
+                pts::check_user_name(user)?;
+                check_existing_name(group)
+            }
+            Command::PtsDelete { name } => check_existing_name(name),
             _ => Ok(()),
         }
     }
@@ -726,6 +900,17 @@ impl Store {
             .filter(|a| seen.insert(a.clone()))
             .collect())
     }
+}
+
+/// A name of an existing user or group may be at most as long as any: a longer one is
+/// refused before it enters the log.
+fn check_existing_name(name: &str) -> Result<(), VldbError> {
+    if name.is_empty() || name.len() > pts::PRINCIPAL_NAME_BYTES_MAX {
+        return Err(VldbError::Refused(ErrorCode::NoSuchPrincipal {
+            name: name.chars().take(pts::PRINCIPAL_NAME_BYTES_MAX).collect(),
+        }));
+    }
+    Ok(())
 }
 
 /// Every id an entry holds in the id index.

@@ -17,16 +17,26 @@ use crate::error::VldbError;
 
 /// The layout version of the tables below; bumped on any incompatible change. Version 1
 /// was the single VLDB's; version 2 adds `pair_seqs` and `raft`, and is opened as the
-/// state machine of a replica (a version 1 file is taken over: see `Store::open`).
-pub const FORMAT_VERSION: u64 = 2;
+/// state machine of a replica (a version 1 file is taken over: see `Store::open`);
+/// version 3 adds the protection database (`pts_*`, and its counters in `meta`).
+pub const FORMAT_VERSION: u64 = 3;
 /// The single VLDB's format, which `Store::open` upgrades in place.
 pub const FORMAT_VERSION_SINGLE: u64 = 1;
+/// The replicated format before the protection database: `Store::open` upgrades it in
+/// place (its `pts_*` tables start empty).
+pub const FORMAT_VERSION_BEFORE_PTS: u64 = 2;
 
 pub(crate) const META_NAME: &str = "meta";
 /// Settings and counters by key.
 pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new(META_NAME);
 pub(crate) const META_FORMAT_VERSION: &str = "format_version";
 pub(crate) const META_NEXT_VOLUME_ID: &str = "next_volume_id";
+
+/// The next user id to allocate (format 3; absent means `pts::USER_ID_FIRST`).
+pub(crate) const META_PTS_NEXT_USER_ID: &str = "pts_next_user_id";
+/// The magnitude of the next group id to allocate, downwards (format 3; absent means
+/// `-pts::GROUP_ID_FIRST`).
+pub(crate) const META_PTS_NEXT_GROUP_ID: &str = "pts_next_group_id";
 
 pub(crate) const VOLUMES_NAME: &str = "volumes";
 /// RW volume id -> postcard `VolumeEntry`.
@@ -50,6 +60,16 @@ pub(crate) const PAIRS: TableDefinition<&str, &[u8]> = TableDefinition::new(PAIR
 /// Pair name -> how many grants, renewals and releases were applied (`PairLease::seq`),
 /// which an acquire decided by the leader compares. Added in format 2; absent means 0.
 pub(crate) const PAIR_SEQS: TableDefinition<&str, u64> = TableDefinition::new("pair_seqs");
+
+pub(crate) const PTS_ENTRIES_NAME: &str = "pts_entries";
+/// Principal id (users positive, groups negative) -> postcard `PtsRecord` (format 3).
+pub(crate) const PTS_ENTRIES: TableDefinition<i32, &[u8]> = TableDefinition::new(PTS_ENTRIES_NAME);
+/// User or group name -> its id (format 3). The built-in groups are not stored.
+pub(crate) const PTS_NAMES: TableDefinition<&str, i32> = TableDefinition::new("pts_names");
+/// (group id, member user id) for every stored membership (format 3).
+pub(crate) const PTS_MEMBERS: TableDefinition<(i32, i32), ()> = TableDefinition::new("pts_members");
+/// (user id, group id): `PTS_MEMBERS` the other way round, for a user's groups.
+pub(crate) const PTS_GROUPS: TableDefinition<(i32, i32), ()> = TableDefinition::new("pts_groups");
 
 /// The replica's Raft bookkeeping, written in the same transaction as what it describes
 /// (format 2): `RAFT_APPLIED`, `RAFT_SNAPSHOT`, `RAFT_CELL`; values in `replica`'s

@@ -64,6 +64,10 @@ fn the_tables_and_records_keep_their_names_and_bytes() {
             "meta",
             "pair_seqs",
             "pairs",
+            "pts_entries",
+            "pts_groups",
+            "pts_members",
+            "pts_names",
             "raft",
             "servers",
             "volume_ids",
@@ -73,7 +77,7 @@ fn the_tables_and_records_keep_their_names_and_bytes() {
     );
 
     let meta = txn.open_table(META).unwrap();
-    assert_eq!(meta.get("format_version").unwrap().unwrap().value(), 2);
+    assert_eq!(meta.get("format_version").unwrap().unwrap().value(), 3);
     let next = meta.get("next_volume_id").unwrap().unwrap().value();
     assert_eq!(next, VOLUME_ID_FIRST.0 + 3);
 
@@ -177,4 +181,73 @@ fn pair_record_bytes() -> Vec<u8> {
         &[208, 15],                // lease_ms 2000 as a varint
     ];
     parts.concat()
+}
+
+/// The protection database's tables (format 3) and the log's commands for it.
+#[test]
+fn the_protection_database_keeps_its_names_and_bytes() {
+    use vlserver::Command;
+
+    const PTS_ENTRIES: TableDefinition<i32, &[u8]> = TableDefinition::new("pts_entries");
+    const PTS_NAMES: TableDefinition<&str, i32> = TableDefinition::new("pts_names");
+    const PTS_MEMBERS: TableDefinition<(i32, i32), ()> = TableDefinition::new("pts_members");
+    const PTS_GROUPS: TableDefinition<(i32, i32), ()> = TableDefinition::new("pts_groups");
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vldb.redb");
+    let create_user = Command::PtsCreateUser {
+        name: "alice".into(),
+        id: None,
+        password: Some("h".into()),
+    };
+    let commands = [
+        create_user.clone(),
+        Command::PtsCreateGroup {
+            name: "alice:friends".into(),
+            id: None,
+        },
+        Command::PtsAddUser {
+            user: "alice".into(),
+            group: "alice:friends".into(),
+        },
+    ];
+    {
+        let store = Store::open(&path, StoreLimits::default()).unwrap();
+        for command in &commands {
+            store.apply_alone(command).unwrap();
+        }
+    }
+    // The log carries commands in postcard: variant 7 (after the pair commands), the
+    // name, no id, the password's hash.
+    assert_eq!(
+        postcard::to_stdvec(&create_user).unwrap(),
+        b"\x07\x05alice\x00\x01\x01h"
+    );
+    assert_eq!(
+        postcard::to_stdvec(&commands[2]).unwrap(),
+        b"\x0a\x05alice\x0dalice:friends"
+    );
+
+    let db = Database::open(&path).unwrap();
+    let txn = db.begin_read().unwrap();
+    let meta = txn.open_table(META).unwrap();
+    assert_eq!(meta.get("pts_next_user_id").unwrap().unwrap().value(), 2);
+    assert_eq!(meta.get("pts_next_group_id").unwrap().unwrap().value(), 206);
+    let entries = txn.open_table(PTS_ENTRIES).unwrap();
+    // postcard `PtsRecord`: name, owner (zigzag varint), password.
+    assert_eq!(
+        entries.get(1).unwrap().unwrap().value(),
+        b"\x05alice\x97\x03\x01\x01h", // owner system:administrators (-204)
+    );
+    assert_eq!(
+        entries.get(-205).unwrap().unwrap().value(),
+        b"\x0dalice:friends\x02\x00", // owner alice (1), no password
+    );
+    let names = txn.open_table(PTS_NAMES).unwrap();
+    assert_eq!(names.get("alice").unwrap().unwrap().value(), 1);
+    assert_eq!(names.get("alice:friends").unwrap().unwrap().value(), -205);
+    let members = txn.open_table(PTS_MEMBERS).unwrap();
+    assert!(members.get((-205, 1)).unwrap().is_some());
+    let groups = txn.open_table(PTS_GROUPS).unwrap();
+    assert!(groups.get((1, -205)).unwrap().is_some());
 }

@@ -44,6 +44,8 @@ fn start(
         peers: peers.clone(),
         snapshot_every: SNAPSHOT_EVERY,
         connection_limits: Default::default(),
+        token_key_file: None,
+        token_lifetime_max: proto::identity::TOKEN_LIFETIME_DEFAULT,
     };
     let task = tokio::spawn(vlserver::run(config, listener, shutdown));
     Replica {

@@ -34,6 +34,15 @@ impl Vos {
         }
     }
 
+    /// Makes every VLDB call for the holder of `token` (`holdfast login`'s, or a
+    /// `--localauth` one): changes to the cell need an administrator's.
+    pub fn with_token(self, token: Option<proto::SealedToken>) -> Vos {
+        Vos {
+            vldb: self.vldb.with_token(token),
+            ..self
+        }
+    }
+
     /// The registered fileservers, ordered by address.
     pub async fn servers(&self) -> Result<Vec<ServerEntry>, VosError> {
         let mut servers = self
@@ -104,6 +113,7 @@ impl Vos {
     /// Removes a volume (by name or numeric id) from its fileservers, then from the VLDB.
     pub async fn remove(&self, volume: &str) -> Result<(), VosError> {
         let entry = self.entry(volume).await?;
+        self.check_may_change().await?;
         let servers = self.servers().await?;
         for site in &entry.sites {
             let Some(id) = site_volume_id(&entry, site) else {
@@ -128,6 +138,17 @@ impl Vos {
         }
         info!(volume = %entry.name, id = %entry.rw_id, "volume removed");
         Ok(())
+    }
+
+    /// Asks the VLDB whether this caller may change the cell, before a change that
+    /// starts at a fileserver: removing the entry of volume id 0, which no volume has,
+    /// is refused (`AdministratorRequired`) to a caller who may not, and changes nothing
+    /// for one who may.
+    async fn check_may_change(&self) -> Result<(), VosError> {
+        match self.vldb.remove_entry(VolumeRef::Id(VolumeId(0))).await {
+            Ok(()) | Err(ProtoError::Remote(ErrorCode::NoSuchVolume)) => Ok(()),
+            Err(e) => Err(self.vldb_error(e)),
+        }
     }
 
     /// A volume's VLDB entry and, when its RW fileserver answers, the volume's status

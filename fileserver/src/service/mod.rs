@@ -289,6 +289,16 @@ impl FileService {
             | Request::VlStatus
             | Request::VlAddMember { .. }
             | Request::VlRemoveMember { .. }
+            // The protection database is the VLDB's.
+            | Request::PtsCreateUser { .. }
+            | Request::PtsSetPassword { .. }
+            | Request::PtsCreateGroup { .. }
+            | Request::PtsAddUser { .. }
+            | Request::PtsRemoveUser { .. }
+            | Request::PtsDelete { .. }
+            | Request::PtsMembership { .. }
+            | Request::PtsListEntries
+            | Request::Login { .. }
             // Pair requests are the member's (`pair::service`); a single server has none.
             | Request::PairSwitchover
             | Request::MemberState
