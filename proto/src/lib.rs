@@ -21,6 +21,7 @@ pub mod name;
 pub mod resources;
 pub mod rpc;
 pub mod server;
+pub mod time;
 pub mod vldb_client;
 pub mod warnings;
 
