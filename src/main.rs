@@ -5,6 +5,7 @@
 
 mod bench;
 mod cell;
+mod cell_init;
 mod guard;
 mod process;
 mod up;
@@ -16,7 +17,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use proto::CellConfig;
+use proto::{CellConfig, PeerClass, Transport};
 use tokio::net::TcpListener;
 
 #[derive(Parser)]
@@ -27,7 +28,7 @@ use tokio::net::TcpListener;
     long_about = None
 )]
 struct Cli {
-    /// The cell file (TOML: name, vlservers). Defaults to $HOLDFAST_CELL.
+    /// The cell file (TOML: name, vlservers, credentials). Defaults to $HOLDFAST_CELL.
     #[arg(long, global = true, value_name = "FILE")]
     cell: Option<PathBuf>,
 
@@ -78,6 +79,10 @@ enum Command {
         /// Without it, the VLDB is a group of one at the address it listens on.
         #[arg(long, value_name = "ID=ADDR,...", value_parser = parse_peers, requires = "id")]
         peers: Option<BTreeMap<u64, String>>,
+        /// The cell's credentials directory (server.pem, server.key, ca.pem); defaults to
+        /// the cell file's.
+        #[arg(long, value_name = "DIR")]
+        credentials: Option<PathBuf>,
         #[command(flatten)]
         peer_limits: PeerLimitFlags,
     },
@@ -201,6 +206,11 @@ enum Command {
     },
     /// Measure throughput through a real local cell and print figures as ratios.
     Bench(bench::BenchArgs),
+    /// Make a cell's CA and credentials, or a new host's certificate.
+    Cell {
+        #[command(subcommand)]
+        command: cell_init::CellCommand,
+    },
 }
 
 /// What a peer can make a server hold: the fileserver's and the vlserver's flags
@@ -384,6 +394,7 @@ fn run(cli: Cli) -> Result<()> {
             ready_file,
             id,
             peers,
+            credentials,
             peer_limits,
         } => {
             // Memory freed after a flood goes back only without glibc's thread caches;
@@ -396,14 +407,21 @@ fn run(cli: Cli) -> Result<()> {
             // Before the runtime's threads exist: glibc fixes its arena count at the first.
             proto::resources::tune_allocator();
             let connection_limits = peer_limits.limits()?;
-            let cell_name = match cell_name {
-                Some(name) => name,
-                None => {
-                    CellConfig::locate(cell_path.as_deref())
-                        .context("find the cell's name (or pass --cell-name)")?
-                        .name
-                }
+            let cell = match (&cell_name, &credentials) {
+                (Some(_), Some(_)) => None,
+                _ => Some(CellConfig::locate(cell_path.as_deref()).context(
+                    "find the cell's name and credentials (or pass --cell-name and --credentials)",
+                )?),
             };
+            let (cell_name, credentials) = match (cell_name, credentials, cell) {
+                (Some(name), Some(dir), _) => (name, dir),
+                (name, dir, Some(cell)) => (
+                    name.unwrap_or_else(|| cell.name.clone()),
+                    dir.unwrap_or_else(|| cell.credentials_dir()),
+                ),
+                (_, _, None) => unreachable!("the cell file is read unless both flags are given"),
+            };
+            let transport = Transport::from_dir(&credentials, PeerClass::Server)?;
             runtime()?.block_on(async {
                 let listener = bind(&listen).await?;
                 let address = listener.local_addr()?.to_string();
@@ -417,6 +435,7 @@ fn run(cli: Cli) -> Result<()> {
                     peers: peers.unwrap_or_default(),
                     snapshot_every: vlserver::SNAPSHOT_EVERY,
                     connection_limits,
+                    transport,
                 };
                 vlserver::run(config, listener, shutdown)
                     .await
@@ -451,12 +470,14 @@ fn run(cli: Cli) -> Result<()> {
                 .map(|name| pair_config(&name, pair_lease_ms))
                 .transpose()?;
             let cell = CellConfig::locate(cell_path.as_deref()).context("find the cell")?;
+            let transport = Transport::for_cell(&cell, PeerClass::Server)?;
             runtime()?.block_on(async {
                 let listener = bind(&listen).await?;
                 let address = listener.local_addr()?.to_string();
                 let advertise = advertise.unwrap_or_else(|| address.clone());
                 tracing::info!(%address, partition = %partition.display(), "fileserver listening");
-                let mut config = fileserver::Config::new(partition, cell, vec![advertise]);
+                let mut config =
+                    fileserver::Config::new(partition, cell, transport, vec![advertise]);
                 config.callback_count_max = callback_count_max;
                 config.journal_mode = journal_mode;
                 config.lease = seconds(lease_secs, "--lease-secs")?;
@@ -488,8 +509,10 @@ fn run(cli: Cli) -> Result<()> {
                 .map_err(|e| anyhow::anyhow!("--root-volume {root_volume:?}: {e}"))?;
             let rpc_timeout = seconds(timeout, "--timeout")?;
             let failover_timeout = seconds(failover_timeout, "--failover-timeout")?;
+            let transport = Transport::for_cell(&cell, PeerClass::Host)?;
             let config = cachemgr::Config {
                 cell,
+                transport,
                 cache_dir: cache,
                 mountpoint,
                 root_volume,
@@ -528,7 +551,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Vos { command, timeout } => {
             process::init_tracing("warn");
             let cell = CellConfig::locate(cell_path.as_deref()).context("find the cell")?;
-            let vos = vos::Vos::new(cell, seconds(timeout, "--timeout")?);
+            let transport = Transport::for_cell(&cell, PeerClass::Host)?;
+            let vos = vos::Vos::new(cell, transport, seconds(timeout, "--timeout")?);
             let text = runtime()?.block_on(async {
                 Ok::<_, vos::VosError>(match command {
                     VosCommand::Create {
@@ -569,7 +593,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Pair { command, timeout } => {
             process::init_tracing("warn");
             let cell = CellConfig::locate(cell_path.as_deref()).context("find the cell")?;
-            let vos = vos::Vos::new(cell, seconds(timeout, "--timeout")?);
+            let transport = Transport::for_cell(&cell, PeerClass::Host)?;
+            let vos = vos::Vos::new(cell, transport, seconds(timeout, "--timeout")?);
             let text = runtime()?.block_on(async {
                 Ok::<_, vos::VosError>(match command {
                     PairCommand::Status { name } => {
@@ -601,6 +626,10 @@ fn run(cli: Cli) -> Result<()> {
                 print_text(&fileserver::inspect::render_text(&report));
             }
             Ok(())
+        }
+        Command::Cell { command } => {
+            process::init_tracing("warn");
+            cell_init::run(cell_path.as_deref(), command)
         }
         Command::Bench(args) => {
             // The in-process fileservers of the state figures run without a VLDB.

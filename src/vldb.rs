@@ -60,7 +60,13 @@ pub fn run(cell: Option<&Path>, command: VldbCommand, timeout: Duration) -> Resu
         .enable_all()
         .build()
         .context("start the async runtime")?;
-    let client = Arc::new(VldbClient::new(cell.clone(), PeerKind::Admin, timeout));
+    let transport = proto::Transport::for_cell(&cell, proto::PeerClass::Host)?;
+    let client = Arc::new(VldbClient::new(
+        cell.clone(),
+        transport,
+        PeerKind::Admin,
+        timeout,
+    ));
     runtime.block_on(async {
         match command {
             VldbCommand::Status { json } => {
@@ -582,6 +588,7 @@ leader: replica 1 at 127.0.0.1:7401, term 3
                 voter: true,
             })
             .collect();
+        let authority = proto::tls::authority::CellAuthority::generate("t.test").unwrap();
         let mut servers = Vec::new();
         for (i, listener) in listeners.into_iter().enumerate() {
             let mut status = status(i as u64 + 1, VldbRole::Follower, 2, Some(1));
@@ -591,6 +598,9 @@ leader: replica 1 at 127.0.0.1:7401, term 3
                 listener,
                 Arc::new(FakeReplica(status)),
                 proto::server::ServerLimits::default(),
+                authority
+                    .transport(proto::PeerClass::Server, "replica")
+                    .unwrap(),
                 stopped.clone(),
             )));
         }
@@ -598,9 +608,13 @@ leader: replica 1 at 127.0.0.1:7401, term 3
         let cell = CellConfig {
             name: "t.test".into(),
             vlservers: vec![addresses[0].clone()],
+            credentials: None,
         };
         let client = Arc::new(VldbClient::new(
             cell.clone(),
+            authority
+                .transport(proto::PeerClass::Host, "admin")
+                .unwrap(),
             PeerKind::Admin,
             Duration::from_secs(10),
         ));

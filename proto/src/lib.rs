@@ -19,6 +19,7 @@ pub mod name;
 pub mod resources;
 pub mod rpc;
 pub mod server;
+pub mod tls;
 pub mod vldb_client;
 pub mod warnings;
 
@@ -28,4 +29,5 @@ pub use ids::*;
 pub use lock::{ByteRange, EmptyRange, LockKind};
 pub use message::*;
 pub use name::{PairName, VolumeName, check_entry_name};
+pub use tls::{PeerClass, Transport};
 pub use vldb_client::VldbClient;

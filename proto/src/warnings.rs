@@ -28,6 +28,9 @@ pub enum Warning {
     Stalled,
     /// The listener could not accept (out of file descriptors, say).
     Accept,
+    /// A peer refused at the TLS handshake: no certificate of the cell's CA, or not the
+    /// class its hello claimed.
+    Certificate,
 }
 
 #[derive(Debug)]

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use proto::frame::{FRAME_BYTES_MAX_DEFAULT, FRAME_HEADER_BYTES, decode_frame};
 use proto::{
-    CellConfig, Frame, Hello, PairEntry, PairName, PeerKind, Request, Response, VldbClient,
-    VldbMemberStatus, VldbRole,
+    CellConfig, Frame, Hello, PairEntry, PairName, PeerKind, Request, Response, Transport,
+    VldbClient, VldbMemberStatus, VldbRole,
 };
 
 use crate::pair::{self, CELL, PAIR, pipe};
@@ -70,8 +70,8 @@ pub fn replica_name(id: u64) -> String {
 }
 
 /// What the VLDB replica at `address` says of itself (`VlStatus`).
-pub fn vldb_status(address: &str) -> Result<VldbMemberStatus> {
-    match pair::call(address, None, Request::VlStatus) {
+pub fn vldb_status(transport: &Transport, address: &str) -> Result<VldbMemberStatus> {
+    match pair::call(transport, address, None, Request::VlStatus) {
         Ok(Response::VlStatus(status)) => Ok(status),
         Ok(other) => bail!("{address} answered VlStatus with {}", other.kind_name()),
         Err(e) => Err(e).with_context(|| format!("ask the VLDB replica at {address}")),
@@ -205,6 +205,7 @@ impl TestCell {
         let data = replica.data.to_string_lossy().into_owned();
         let id_arg = id.to_string();
         let peers = peers.join(",");
+        let credentials = self.credentials_arg();
         self.spawn_ready(
             &name,
             &[
@@ -215,6 +216,8 @@ impl TestCell {
                 &replica.listen,
                 "--cell-name",
                 CELL,
+                "--credentials",
+                &credentials,
                 "--id",
                 &id_arg,
                 "--peers",
@@ -251,7 +254,7 @@ impl TestCell {
 
     /// What replica `id` says of itself, asked where it listens (past its proxy).
     pub fn replica_status(&self, id: u64) -> Result<VldbMemberStatus> {
-        vldb_status(&self.replica(id)?.listen)
+        vldb_status(&self.transport, &self.replica(id)?.listen)
     }
 
     /// The leader every replica that answers agrees on, waiting up to `limit` for a
@@ -333,7 +336,12 @@ impl TestCell {
     /// A VLDB client of the cell's, as an admin tool is.
     pub fn vldb_client(&self, timeout: Duration) -> Result<VldbClient> {
         let config = CellConfig::load(&self.cell_file)?;
-        Ok(VldbClient::new(config, PeerKind::Admin, timeout))
+        Ok(VldbClient::new(
+            config,
+            self.transport.clone(),
+            PeerKind::Admin,
+            timeout,
+        ))
     }
 
     /// The pair `PAIR` as the VLDB's leader records it.

@@ -16,6 +16,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use proto::Transport;
 use proto::server::{ServerLimits, serve};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -47,12 +48,16 @@ pub struct Config {
     /// What a peer can make the replica hold: connection caps, hello, idle and frame
     /// timeouts, frame memory.
     pub connection_limits: ServerLimits,
+    /// How it serves and reaches the other replicas: mutual TLS with the host's server
+    /// certificate.
+    pub transport: Transport,
 }
 
 impl Config {
     /// A group of one: this replica alone, as id 1.
-    pub fn single(data_dir: PathBuf, cell_name: String) -> Config {
+    pub fn single(data_dir: PathBuf, cell_name: String, transport: Transport) -> Config {
         Config {
+            transport,
             data_dir,
             cell_name,
             id: 1,
@@ -86,6 +91,7 @@ pub async fn run(
             cell_name: config.cell_name.clone(),
             peers_given: !config.peers.is_empty(),
             snapshot_every: config.snapshot_every,
+            transport: config.transport.clone(),
         })
         .await?,
     );
@@ -97,6 +103,7 @@ pub async fn run(
         listener,
         service,
         config.connection_limits,
+        config.transport,
         serving_stopped,
     ));
     let outcome = tokio::select! {

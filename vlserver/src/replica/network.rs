@@ -33,6 +33,7 @@ use super::{Node, TypeConfig};
 pub(crate) struct Network {
     pub(crate) cell: String,
     pub(crate) id: u64,
+    pub(crate) transport: proto::Transport,
     pub(crate) connections: Connections,
 }
 
@@ -46,6 +47,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
         Peer {
             cell: self.cell.clone(),
             id: self.id,
+            transport: self.transport.clone(),
             target,
             address: node.addr.clone(),
             connections: self.connections.clone(),
@@ -57,6 +59,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 pub(crate) struct Peer {
     cell: String,
     id: u64,
+    transport: proto::Transport,
     target: u64,
     address: String,
     connections: Connections,
@@ -90,7 +93,8 @@ impl Peer {
         };
         // Nothing is called back on this connection: dropping the incoming queue answers
         // anything the peer sends with `Unsupported`.
-        let (connection, _reply, _incoming) = rpc::connect(&self.address, hello, &limits).await?;
+        let (connection, _reply, _incoming) =
+            rpc::connect(&self.address, hello, &limits, &self.transport).await?;
         self.connections
             .lock()
             .insert(self.address.clone(), connection.clone());
