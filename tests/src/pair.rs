@@ -203,7 +203,7 @@ fn accept_loop(
 }
 
 /// Copies `from` to `to` until either fails or ends, then shuts both down.
-pub(crate) fn pipe(mut from: &TcpStream, mut to: &TcpStream) {
+fn pipe(mut from: &TcpStream, mut to: &TcpStream) {
     let mut buffer = [0u8; 16 * 1024];
     while let Ok(n) = from.read(&mut buffer) {
         if n == 0 || to.write_all(&buffer[..n]).is_err() {
