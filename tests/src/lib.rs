@@ -370,10 +370,23 @@ impl TestCell {
         timeout: Duration,
         extra: &[&str],
     ) -> Result<PathBuf> {
+        let cell_file = self.cell_file.clone();
+        self.mount_with_cell_file(name, &cell_file, timeout, extra)
+    }
+
+    /// `mount_with_timeout` as a host whose cell file is `cell_file` (with credentials of
+    /// its own, say).
+    pub fn mount_with_cell_file(
+        &mut self,
+        name: &str,
+        cell_file: &Path,
+        timeout: Duration,
+        extra: &[&str],
+    ) -> Result<PathBuf> {
         let mountpoint = self.dir.path().join(name);
         std::fs::create_dir_all(&mountpoint)?;
         let cache = self.path(&format!("{name}.cache"));
-        let cell_file = self.cell_file.to_string_lossy().into_owned();
+        let cell_file = cell_file.to_string_lossy().into_owned();
         let target = mountpoint.to_string_lossy().into_owned();
         let timeout = format!("{}", timeout.as_secs_f64());
         let mut args = vec![
