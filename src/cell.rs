@@ -1,14 +1,16 @@
 //! A local cell run as separate processes — three VLDB replicas, one fileserver or an active/passive
 //! pair on one partition, `root.cell`, mounts — for `holdfast up` and `holdfast bench`.
 //! Invariant: every process started here is stopped by its PID, and every mount made
-//! here is gone, when the `LocalCell` drops — also when start-up fails half-way.
+//! here is gone, when the `LocalCell` drops — also when start-up fails half-way; the
+//! cell's credentials are made once, in DIR/credentials, and kept.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use proto::{CellConfig, PeerKind, VldbClient};
+use proto::tls::authority;
+use proto::{CellConfig, PeerClass, PeerKind, Transport, VldbClient};
 
 use crate::process::{Supervised, await_ready_file, log_tail};
 
@@ -42,6 +44,8 @@ pub struct Layout {
     pub partition: PathBuf,
     pub run: PathBuf,
     pub logs: PathBuf,
+    /// The cell's credentials: its CA, a server and a host certificate, the token key.
+    pub credentials: PathBuf,
 }
 
 impl Layout {
@@ -56,6 +60,7 @@ impl Layout {
             partition: dir.join("partition"),
             run: dir.join("run"),
             logs: dir.join("logs"),
+            credentials: dir.join(proto::cell::CREDENTIALS_DIR_DEFAULT),
             dir,
         };
         for sub in [&layout.vldb, &layout.partition, &layout.run, &layout.logs] {
@@ -73,6 +78,22 @@ impl Layout {
 
     pub fn log(&self, name: &str) -> PathBuf {
         self.logs.join(format!("{name}.log"))
+    }
+
+    /// The cell's credentials, made the first time (the cell file names none: they are
+    /// the default `credentials` beside it); this host's transport under them.
+    fn credentials(&self, cell_name: &str) -> Result<Transport> {
+        let ca = self.credentials.join(proto::tls::credentials::CA_CERT_FILE);
+        if !ca.exists() {
+            authority::init(&self.credentials, cell_name, "localhost").with_context(|| {
+                format!(
+                    "make the cell's credentials in {}",
+                    self.credentials.display()
+                )
+            })?;
+        }
+        Transport::from_dir(&self.credentials, PeerClass::Host)
+            .context("load the cell's credentials")
     }
 
     /// Where the pair members' addresses are kept between runs: the VLDB knows a pair's
@@ -152,6 +173,8 @@ pub fn replica_name(id: u64) -> String {
 pub struct LocalCell {
     pub layout: Layout,
     pub cell: CellConfig,
+    /// How this process reaches the cell's servers (the host certificate).
+    pub transport: Transport,
     /// The VLDB replicas' (id, address).
     pub replicas: Vec<(u64, String)>,
     pub fs_address: String,
@@ -179,11 +202,14 @@ impl LocalCell {
             Ok(previous) => previous.name,
             Err(_) => cell_name.to_owned(),
         };
+        let transport = layout.credentials(&cell_name)?;
         let mut cell = LocalCell {
             cell: CellConfig {
                 name: cell_name.clone(),
                 vlservers: Vec::new(),
+                credentials: None,
             },
+            transport,
             layout,
             replicas: Vec::new(),
             fs_address: String::new(),
@@ -216,7 +242,11 @@ impl LocalCell {
             }
             Servers::Pair => cell.start_pair(&member_addresses, runtime)?,
         }
-        runtime.block_on(ensure_root_volume(&cell.cell, &cell.fs_address))?;
+        runtime.block_on(ensure_root_volume(
+            &cell.cell,
+            &cell.transport,
+            &cell.fs_address,
+        ))?;
         Ok(cell)
     }
 
@@ -246,6 +276,7 @@ impl LocalCell {
         let data = path_arg(&self.layout.replica_dir(id));
         let id_arg = id.to_string();
         let cell_name = self.cell.name.clone();
+        let credentials = path_arg(&self.layout.credentials);
         let args = [
             "vlserver",
             "--data",
@@ -254,6 +285,8 @@ impl LocalCell {
             &address,
             "--cell-name",
             &cell_name,
+            "--credentials",
+            &credentials,
             "--id",
             &id_arg,
             "--peers",
@@ -307,7 +340,7 @@ impl LocalCell {
                     )
                 })?;
             if i == 0 {
-                runtime.block_on(await_active(&self.cell, &address))?;
+                runtime.block_on(await_active(&self.cell, &self.transport, &address))?;
                 self.fs_address = address.clone();
             }
             self.members.push(((*name).to_owned(), address));
@@ -434,7 +467,7 @@ impl LocalCell {
     pub fn partner_active(&self, member: &str, runtime: &tokio::runtime::Runtime) -> bool {
         self.members.iter().any(|(other, partner)| {
             other != member
-                && runtime.block_on(member_role(&self.cell, partner))
+                && runtime.block_on(member_role(&self.cell, &self.transport, partner))
                     == Some(proto::MemberRole::Active)
         })
     }
@@ -505,10 +538,10 @@ fn check_port_free(address: &str, what: &str, kept_in: &Path) -> Result<()> {
 }
 
 /// Waits until the fileserver at `address` says it is the active member of its pair.
-pub async fn await_active(cell: &CellConfig, address: &str) -> Result<()> {
+pub async fn await_active(cell: &CellConfig, transport: &Transport, address: &str) -> Result<()> {
     let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
     loop {
-        if member_role(cell, address).await == Some(proto::MemberRole::Active) {
+        if member_role(cell, transport, address).await == Some(proto::MemberRole::Active) {
             return Ok(());
         }
         if tokio::time::Instant::now() > deadline {
@@ -519,7 +552,11 @@ pub async fn await_active(cell: &CellConfig, address: &str) -> Result<()> {
 }
 
 /// The role the fileserver at `address` reports, if it answers.
-pub async fn member_role(cell: &CellConfig, address: &str) -> Option<proto::MemberRole> {
+pub async fn member_role(
+    cell: &CellConfig,
+    transport: &Transport,
+    address: &str,
+) -> Option<proto::MemberRole> {
     let hello = proto::Hello {
         version_min: proto::PROTOCOL_VERSION_MIN,
         version_max: proto::PROTOCOL_VERSION_MAX,
@@ -530,7 +567,9 @@ pub async fn member_role(cell: &CellConfig, address: &str) -> Option<proto::Memb
         handshake_timeout: Duration::from_secs(2),
         ..proto::rpc::Limits::default()
     };
-    let (connection, _, _) = proto::rpc::connect(address, hello, &limits).await.ok()?;
+    let (connection, _, _) = proto::rpc::connect(address, hello, &limits, transport)
+        .await
+        .ok()?;
     let answer = connection
         .call(proto::Request::MemberState, Duration::from_secs(2))
         .await;
@@ -542,8 +581,17 @@ pub async fn member_role(cell: &CellConfig, address: &str) -> Option<proto::Memb
 }
 
 /// Creates `root.cell` on our fileserver unless the VLDB already has it.
-async fn ensure_root_volume(cell: &CellConfig, fs_address: &str) -> Result<()> {
-    let vldb = VldbClient::new(cell.clone(), PeerKind::Admin, Duration::from_secs(5));
+async fn ensure_root_volume(
+    cell: &CellConfig,
+    transport: &Transport,
+    fs_address: &str,
+) -> Result<()> {
+    let vldb = VldbClient::new(
+        cell.clone(),
+        transport.clone(),
+        PeerKind::Admin,
+        Duration::from_secs(5),
+    );
     // The fileserver registers itself in the background: wait for it.
     let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
     loop {
@@ -568,7 +616,7 @@ async fn ensure_root_volume(cell: &CellConfig, fs_address: &str) -> Result<()> {
     match vldb.get_entry(proto::VolumeRef::Name(root)).await {
         Ok(_) => Ok(()),
         Err(e) if e.remote() == Some(&proto::ErrorCode::NoSuchVolume) => {
-            let vos = vos::Vos::new(cell.clone(), Duration::from_secs(10));
+            let vos = vos::Vos::new(cell.clone(), transport.clone(), Duration::from_secs(10));
             vos.create("root.cell", Some(fs_address), 0)
                 .await
                 .context("create the root.cell volume")?;

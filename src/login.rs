@@ -23,7 +23,8 @@ pub async fn login(
     lifetime: Option<Duration>,
     timeout: Duration,
 ) -> Result<SealedToken> {
-    let client = VldbClient::new(cell.clone(), PeerKind::Admin, timeout);
+    let transport = proto::Transport::for_cell(cell, proto::PeerClass::Host)?;
+    let client = VldbClient::new(cell.clone(), transport, PeerKind::Admin, timeout);
     let request = Request::Login {
         user: user.to_owned(),
         password,

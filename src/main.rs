@@ -5,6 +5,7 @@
 
 mod bench;
 mod cell;
+mod cell_init;
 mod guard;
 mod login;
 mod process;
@@ -19,7 +20,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use proto::CellConfig;
+use proto::{CellConfig, PeerClass, Transport};
 use tokio::net::TcpListener;
 
 #[derive(Parser)]
@@ -30,7 +31,7 @@ use tokio::net::TcpListener;
     long_about = None
 )]
 struct Cli {
-    /// The cell file (TOML: name, vlservers). Defaults to $HOLDFAST_CELL.
+    /// The cell file (TOML: name, vlservers, credentials). Defaults to $HOLDFAST_CELL.
     #[arg(long, global = true, value_name = "FILE")]
     cell: Option<PathBuf>,
 
@@ -86,6 +87,10 @@ enum Command {
         /// system:administrators may change the cell; every replica needs the same key.
         #[arg(long, value_name = "FILE")]
         token_key: Option<PathBuf>,
+        /// The cell's credentials directory (server.pem, server.key, ca.pem); defaults to
+        /// the cell file's.
+        #[arg(long, value_name = "DIR")]
+        credentials: Option<PathBuf>,
         #[command(flatten)]
         peer_limits: PeerLimitFlags,
     },
@@ -246,6 +251,11 @@ enum Command {
     },
     /// Measure throughput through a real local cell and print figures as ratios.
     Bench(bench::BenchArgs),
+    /// Make a cell's CA and credentials, or a new host's certificate.
+    Cell {
+        #[command(subcommand)]
+        command: cell_init::CellCommand,
+    },
 }
 
 /// What a peer can make a server hold: the fileserver's and the vlserver's flags
@@ -430,6 +440,7 @@ fn run(cli: Cli) -> Result<()> {
             id,
             peers,
             token_key,
+            credentials,
             peer_limits,
         } => {
             // Memory freed after a flood goes back only without glibc's thread caches;
@@ -442,14 +453,21 @@ fn run(cli: Cli) -> Result<()> {
             // Before the runtime's threads exist: glibc fixes its arena count at the first.
             proto::resources::tune_allocator();
             let connection_limits = peer_limits.limits()?;
-            let cell_name = match cell_name {
-                Some(name) => name,
-                None => {
-                    CellConfig::locate(cell_path.as_deref())
-                        .context("find the cell's name (or pass --cell-name)")?
-                        .name
-                }
+            let cell = match (&cell_name, &credentials) {
+                (Some(_), Some(_)) => None,
+                _ => Some(CellConfig::locate(cell_path.as_deref()).context(
+                    "find the cell's name and credentials (or pass --cell-name and --credentials)",
+                )?),
             };
+            let (cell_name, credentials) = match (cell_name, credentials, cell) {
+                (Some(name), Some(dir), _) => (name, dir),
+                (name, dir, Some(cell)) => (
+                    name.unwrap_or_else(|| cell.name.clone()),
+                    dir.unwrap_or_else(|| cell.credentials_dir()),
+                ),
+                (_, _, None) => unreachable!("the cell file is read unless both flags are given"),
+            };
+            let transport = Transport::from_dir(&credentials, PeerClass::Server)?;
             runtime()?.block_on(async {
                 let listener = bind(&listen).await?;
                 let address = listener.local_addr()?.to_string();
@@ -465,6 +483,7 @@ fn run(cli: Cli) -> Result<()> {
                     connection_limits,
                     token_key_file: token_key,
                     token_lifetime_max: proto::identity::TOKEN_LIFETIME_DEFAULT,
+                    transport,
                 };
                 vlserver::run(config, listener, shutdown)
                     .await
@@ -499,12 +518,14 @@ fn run(cli: Cli) -> Result<()> {
                 .map(|name| pair_config(&name, pair_lease_ms))
                 .transpose()?;
             let cell = CellConfig::locate(cell_path.as_deref()).context("find the cell")?;
+            let transport = Transport::for_cell(&cell, PeerClass::Server)?;
             runtime()?.block_on(async {
                 let listener = bind(&listen).await?;
                 let address = listener.local_addr()?.to_string();
                 let advertise = advertise.unwrap_or_else(|| address.clone());
                 tracing::info!(%address, partition = %partition.display(), "fileserver listening");
-                let mut config = fileserver::Config::new(partition, cell, vec![advertise]);
+                let mut config =
+                    fileserver::Config::new(partition, cell, transport, vec![advertise]);
                 config.callback_count_max = callback_count_max;
                 config.journal_mode = journal_mode;
                 config.lease = seconds(lease_secs, "--lease-secs")?;
@@ -536,8 +557,10 @@ fn run(cli: Cli) -> Result<()> {
                 .map_err(|e| anyhow::anyhow!("--root-volume {root_volume:?}: {e}"))?;
             let rpc_timeout = seconds(timeout, "--timeout")?;
             let failover_timeout = seconds(failover_timeout, "--failover-timeout")?;
+            let transport = Transport::for_cell(&cell, PeerClass::Host)?;
             let config = cachemgr::Config {
                 cell,
+                transport,
                 cache_dir: cache,
                 mountpoint,
                 root_volume,
@@ -581,7 +604,9 @@ fn run(cli: Cli) -> Result<()> {
             process::init_tracing("warn");
             let cell = CellConfig::locate(cell_path.as_deref()).context("find the cell")?;
             let token = tokens::for_command(cell_path.as_deref(), &cell, &auth)?;
-            let vos = vos::Vos::new(cell, seconds(timeout, "--timeout")?).with_token(token);
+            let transport = Transport::for_cell(&cell, PeerClass::Host)?;
+            let vos =
+                vos::Vos::new(cell, transport, seconds(timeout, "--timeout")?).with_token(token);
             let text = runtime()?.block_on(async {
                 Ok::<_, vos::VosError>(match command {
                     VosCommand::Create {
@@ -628,8 +653,9 @@ fn run(cli: Cli) -> Result<()> {
             let cell = CellConfig::locate(cell_path.as_deref()).context("find the cell")?;
             let token = tokens::for_command(cell_path.as_deref(), &cell, &auth)?;
             let timeout = seconds(timeout, "--timeout")?;
-            let client =
-                proto::VldbClient::new(cell, proto::PeerKind::Admin, timeout).with_token(token);
+            let transport = Transport::for_cell(&cell, PeerClass::Host)?;
+            let client = proto::VldbClient::new(cell, transport, proto::PeerKind::Admin, timeout)
+                .with_token(token);
             let text = runtime()?.block_on(pts::run(&client, command))?;
             print_text(&text);
             Ok(())
@@ -692,7 +718,9 @@ fn run(cli: Cli) -> Result<()> {
             process::init_tracing("warn");
             let cell = CellConfig::locate(cell_path.as_deref()).context("find the cell")?;
             let token = tokens::for_command(cell_path.as_deref(), &cell, &auth)?;
-            let vos = vos::Vos::new(cell, seconds(timeout, "--timeout")?).with_token(token);
+            let transport = Transport::for_cell(&cell, PeerClass::Host)?;
+            let vos =
+                vos::Vos::new(cell, transport, seconds(timeout, "--timeout")?).with_token(token);
             let text = runtime()?.block_on(async {
                 Ok::<_, vos::VosError>(match command {
                     PairCommand::Status { name } => {
@@ -729,6 +757,10 @@ fn run(cli: Cli) -> Result<()> {
                 print_text(&fileserver::inspect::render_text(&report));
             }
             Ok(())
+        }
+        Command::Cell { command } => {
+            process::init_tracing("warn");
+            cell_init::run(cell_path.as_deref(), command)
         }
         Command::Bench(args) => {
             // The in-process fileservers of the state figures run without a VLDB.

@@ -66,8 +66,10 @@ pub fn run(
         .enable_all()
         .build()
         .context("start the async runtime")?;
-    let client =
-        Arc::new(VldbClient::new(cell.clone(), PeerKind::Admin, timeout).with_token(token));
+    let transport = proto::Transport::for_cell(&cell, proto::PeerClass::Host)?;
+    let client = Arc::new(
+        VldbClient::new(cell.clone(), transport, PeerKind::Admin, timeout).with_token(token),
+    );
     runtime.block_on(async {
         match command {
             VldbCommand::Status { json } => {
@@ -590,6 +592,7 @@ leader: replica 1 at 127.0.0.1:7401, term 3
                 voter: true,
             })
             .collect();
+        let authority = proto::tls::authority::CellAuthority::generate("t.test").unwrap();
         let mut servers = Vec::new();
         for (i, listener) in listeners.into_iter().enumerate() {
             let mut status = status(i as u64 + 1, VldbRole::Follower, 2, Some(1));
@@ -599,6 +602,9 @@ leader: replica 1 at 127.0.0.1:7401, term 3
                 listener,
                 Arc::new(FakeReplica(status)),
                 proto::server::ServerLimits::default(),
+                authority
+                    .transport(proto::PeerClass::Server, "replica")
+                    .unwrap(),
                 stopped.clone(),
             )));
         }
@@ -606,9 +612,13 @@ leader: replica 1 at 127.0.0.1:7401, term 3
         let cell = CellConfig {
             name: "t.test".into(),
             vlservers: vec![addresses[0].clone()],
+            credentials: None,
         };
         let client = Arc::new(VldbClient::new(
             cell.clone(),
+            authority
+                .transport(proto::PeerClass::Host, "admin")
+                .unwrap(),
             PeerKind::Admin,
             Duration::from_secs(10),
         ));

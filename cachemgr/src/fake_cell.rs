@@ -11,11 +11,13 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use proto::rpc::Connection;
 use proto::server::{ServerLimits, Service, serve};
+use proto::tls::authority::CellAuthority;
 use proto::{
     CallbackGrant, DataVersion, Epoch, ErrorCode, Fid, FileKind, Hello, HelloReply, LockHolder,
     Request, Response, ServerEntry, ServerId, Timestamp, Uniquifier, VnodeId, VnodeStatus,
     VolumeEntry, VolumeId, VolumeName, VolumeSite, VolumeType,
 };
+use proto::{PeerClass, Transport};
 use tokio::sync::watch;
 
 use crate::chunk_index::CHUNK_BYTES;
@@ -143,6 +145,8 @@ pub struct FakeCell {
     pub stores_to_overlap: usize,
     pub stores_expected: usize,
     changed: watch::Sender<()>,
+    /// The fake cell's CA: its servers serve with a server certificate of it.
+    authority: CellAuthority,
 }
 
 impl FakeCell {
@@ -219,7 +223,15 @@ impl FakeCell {
             stores_to_overlap,
             stores_expected,
             changed,
+            authority: CellAuthority::generate(CELL).unwrap(),
         })
+    }
+
+    /// A client host's transport under the fake cell's CA.
+    pub fn host_transport(&self) -> Transport {
+        self.authority
+            .transport(PeerClass::Host, "fake-client")
+            .unwrap()
     }
 
     /// Serves `listener` as the VLDB (`member` None) or as a member; a member's
@@ -234,8 +246,18 @@ impl FakeCell {
             cell: self.clone(),
             member,
         });
+        let transport = self
+            .authority
+            .transport(PeerClass::Server, "fake-server")
+            .unwrap();
         let Some(index) = member else {
-            tokio::spawn(serve(listener, endpoint, ServerLimits::default(), stop));
+            tokio::spawn(serve(
+                listener,
+                endpoint,
+                ServerLimits::default(),
+                transport,
+                stop,
+            ));
             return;
         };
         let inner = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -246,6 +268,7 @@ impl FakeCell {
             inner,
             endpoint,
             ServerLimits::default(),
+            transport,
             stop.clone(),
         ));
         tokio::spawn(stoppable(

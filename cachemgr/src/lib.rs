@@ -30,7 +30,7 @@ pub mod volume;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use proto::{CellConfig, VolumeName};
+use proto::{CellConfig, Transport, VolumeName};
 
 pub use control::{fs_checkservers, fs_examine, fs_flush, fs_lsmount, fs_mkmount, fs_whereis};
 pub use error::CacheError;
@@ -52,6 +52,8 @@ pub const ROOT_VOLUME_DEFAULT: &str = "root.cell";
 #[derive(Clone, Debug)]
 pub struct Config {
     pub cell: CellConfig,
+    /// How it reaches the servers: mutual TLS with the host's certificate.
+    pub transport: Transport,
     /// Holds `client.id`, `chunks/` and `control.sock`.
     pub cache_dir: PathBuf,
     pub mountpoint: PathBuf,
@@ -76,9 +78,15 @@ pub struct Config {
 impl Config {
     /// A config with the defaults: `root.cell`, 1 GiB of cache, 10 s RPC timeout, 60 s
     /// failover timeout, lease renewed every 10 s.
-    pub fn new(cell: CellConfig, cache_dir: PathBuf, mountpoint: PathBuf) -> Config {
+    pub fn new(
+        cell: CellConfig,
+        transport: Transport,
+        cache_dir: PathBuf,
+        mountpoint: PathBuf,
+    ) -> Config {
         Config {
             cell,
+            transport,
             cache_dir,
             mountpoint,
             root_volume: default_root_volume(),

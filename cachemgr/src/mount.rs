@@ -187,8 +187,18 @@ pub fn run(
         .build()
         .map_err(CacheError::Runtime)?;
     let invalidator = Invalidator::start().map_err(CacheError::Runtime)?;
-    let vldb = VldbClient::new(config.cell.clone(), peer, config.rpc_timeout);
-    let pool = ServerPool::new(hello, config.rpc_timeout, config.failover_timeout);
+    let vldb = VldbClient::new(
+        config.cell.clone(),
+        config.transport.clone(),
+        peer,
+        config.rpc_timeout,
+    );
+    let pool = ServerPool::new(
+        hello,
+        config.transport.clone(),
+        config.rpc_timeout,
+        config.failover_timeout,
+    );
     let settings = ManagerSettings {
         root_volume: config.root_volume.clone(),
         chunk_dir: cache_dir.join("chunks"),

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use proto::rpc::{self, Connection, IncomingRequest, Limits};
-use proto::{ErrorCode, Fid, Hello, ProtoError, Request, Response, ServerId, WaitId};
+use proto::{ErrorCode, Fid, Hello, ProtoError, Request, Response, ServerId, Transport, WaitId};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
@@ -166,6 +166,7 @@ fn copy_error(error: &ProtoError) -> ProtoError {
         ProtoError::Timeout(timeout) => ProtoError::Timeout(*timeout),
         ProtoError::Closed => ProtoError::Closed,
         ProtoError::Remote(code) => ProtoError::Remote(code.clone()),
+        ProtoError::Tls(what) => ProtoError::Tls(what.clone()),
         other => ProtoError::Handshake(other.to_string()),
     }
 }
@@ -174,6 +175,8 @@ pub struct ServerPool {
     /// Lets a connection's task report its end after the call that opened it returned.
     this: Weak<ServerPool>,
     hello: Hello,
+    /// This host's TLS credentials.
+    transport: Transport,
     rpc_timeout: Duration,
     failover_timeout: Duration,
     /// Live connections; short sections, never held across an `.await`.
@@ -219,10 +222,16 @@ fn retry_of(error: &ProtoError, addresses: &[String]) -> Option<Retry> {
 impl ServerPool {
     /// `rpc_timeout` bounds each attempt; `failover_timeout` how long a call to a pair
     /// keeps trying its members.
-    pub fn new(hello: Hello, rpc_timeout: Duration, failover_timeout: Duration) -> Arc<ServerPool> {
+    pub fn new(
+        hello: Hello,
+        transport: Transport,
+        rpc_timeout: Duration,
+        failover_timeout: Duration,
+    ) -> Arc<ServerPool> {
         Arc::new_cyclic(|this| ServerPool {
             this: this.clone(),
             hello,
+            transport,
             rpc_timeout,
             failover_timeout,
             connections: Mutex::new(HashMap::new()),
@@ -738,11 +747,11 @@ impl ServerPool {
                 handshake_timeout: budget,
                 ..Limits::default()
             };
-            // Bounded as a whole: the TCP connect and the hello each have the budget.
-            let connected =
-                tokio::time::timeout(budget, rpc::connect(address, self.hello.clone(), &limits))
-                    .await
-                    .unwrap_or(Err(ProtoError::Timeout(budget)));
+            // Bounded as a whole: the connect with TLS and the hello each have the budget.
+            let connecting = rpc::connect(address, self.hello.clone(), &limits, &self.transport);
+            let connected = tokio::time::timeout(budget, connecting)
+                .await
+                .unwrap_or(Err(ProtoError::Timeout(budget)));
             match connected {
                 Ok((connection, reply, incoming)) => {
                     if reply.server.is_some_and(|s| s != server) {
@@ -867,7 +876,8 @@ impl ServerPool {
             .chain(addresses.iter().filter(|a| Some(*a) != first.as_ref()));
         let mut last_error = ProtoError::Closed;
         for address in order {
-            let error = match rpc::connect(address, self.hello.clone(), &limits).await {
+            let connecting = rpc::connect(address, self.hello.clone(), &limits, &self.transport);
+            let error = match connecting.await {
                 Ok((connection, reply, incoming)) => {
                     if reply.server.is_some_and(|s| s != server) {
                         warn!(%address, "fileserver answered with another server id than the VLDB records");

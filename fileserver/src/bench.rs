@@ -9,10 +9,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use proto::rpc::{self, Connection, Limits};
+use proto::tls::TlsError;
+use proto::tls::authority::CellAuthority;
 use proto::{
     ByteRange, CellConfig, ClientId, Fid, Hello, InstanceNonce, LockKind, LockOwnerId,
-    PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN, PeerKind, ProtoError, Request, Response,
-    Uniquifier, VnodeId, VolumeId, VolumeName,
+    PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN, PeerClass, PeerKind, ProtoError, Request, Response,
+    Transport, Uniquifier, VnodeId, VolumeId, VolumeName,
 };
 use state::journaled::{
     CallbackModel, ClientEntry, LockEntry, Promises, StateRecord, StateSnapshot,
@@ -72,6 +74,10 @@ fn io(op: &'static str) -> impl FnOnce(std::io::Error) -> BenchError {
     move |source| BenchError::Io { op, source }
 }
 
+fn tls_error(e: TlsError) -> BenchError {
+    BenchError::Task(format!("make the bench's certificates: {e}"))
+}
+
 fn rpc_error(op: &'static str) -> impl FnOnce(ProtoError) -> BenchError {
     move |source| BenchError::Rpc { op, source }
 }
@@ -85,15 +91,20 @@ pub async fn lock_pairs_per_second(
     duration: Duration,
 ) -> Result<f64, BenchError> {
     let server = BenchServer::start(mode).await?;
-    let result = lock_pairs(&server.address, owners.max(1), duration).await;
+    let result = lock_pairs(&server.address, &server.client, owners.max(1), duration).await;
     server.stop().await?;
     result
 }
 
-async fn lock_pairs(address: &str, owners: usize, duration: Duration) -> Result<f64, BenchError> {
+async fn lock_pairs(
+    address: &str,
+    transport: &Transport,
+    owners: usize,
+    duration: Duration,
+) -> Result<f64, BenchError> {
     let mut connections = Vec::new();
     for _ in 0..owners.min(LOCK_CONNECTIONS_MAX) {
-        connections.push(connect_client(address).await?);
+        connections.push(connect_client(address, transport).await?);
     }
     let pairs = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
@@ -143,16 +154,20 @@ pub async fn fetch_status_per_second(
     duration: Duration,
 ) -> Result<f64, BenchError> {
     let server = BenchServer::start(mode).await?;
-    let result = fetch_status(&server.address, duration).await;
+    let result = fetch_status(&server.address, &server.client, duration).await;
     server.stop().await?;
     result
 }
 
-async fn fetch_status(address: &str, duration: Duration) -> Result<f64, BenchError> {
-    create_volume(address).await?;
+async fn fetch_status(
+    address: &str,
+    transport: &Transport,
+    duration: Duration,
+) -> Result<f64, BenchError> {
+    create_volume(address, transport).await?;
     let mut clients = Vec::new();
     for _ in 0..FETCH_CLIENTS {
-        clients.push(connect_client(address).await?);
+        clients.push(connect_client(address, transport).await?);
     }
     let mut fids = Vec::new();
     for index in 0..FETCH_FILES {
@@ -501,14 +516,15 @@ fn hello(peer: PeerKind) -> Hello {
 }
 
 /// A cache manager connection that acknowledges every push (breaks, resets, grants).
-async fn connect_client(address: &str) -> Result<Connection, BenchError> {
+async fn connect_client(address: &str, transport: &Transport) -> Result<Connection, BenchError> {
     let peer = PeerKind::CacheManager {
         client: ClientId::random(),
         instance: InstanceNonce(1),
     };
-    let (connection, _, mut incoming) = rpc::connect(address, hello(peer), &Limits::default())
-        .await
-        .map_err(rpc_error("connect"))?;
+    let (connection, _, mut incoming) =
+        rpc::connect(address, hello(peer), &Limits::default(), transport)
+            .await
+            .map_err(rpc_error("connect"))?;
     tokio::spawn(async move {
         while let Some(request) = incoming.recv().await {
             let (_, _, replier) = request.into_parts();
@@ -518,10 +534,15 @@ async fn connect_client(address: &str) -> Result<Connection, BenchError> {
     Ok(connection)
 }
 
-async fn create_volume(address: &str) -> Result<(), BenchError> {
-    let (admin, _, _) = rpc::connect(address, hello(PeerKind::Admin), &Limits::default())
-        .await
-        .map_err(rpc_error("connect as admin"))?;
+async fn create_volume(address: &str, transport: &Transport) -> Result<(), BenchError> {
+    let (admin, _, _) = rpc::connect(
+        address,
+        hello(PeerKind::Admin),
+        &Limits::default(),
+        transport,
+    )
+    .await
+    .map_err(rpc_error("connect as admin"))?;
     let name = VolumeName::parse("root.cell").map_err(|e| BenchError::Unexpected {
         op: "name the volume",
         reply: format!("{e:?}"),
@@ -545,6 +566,8 @@ async fn create_volume(address: &str) -> Result<(), BenchError> {
 /// A fileserver on a scratch partition and 127.0.0.1:0.
 struct BenchServer {
     address: String,
+    /// A client host's transport under the server's CA.
+    client: Transport,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<Result<(), FileServerError>>,
     _partition: ScratchDir,
@@ -564,13 +587,27 @@ impl BenchServer {
         let cell = CellConfig {
             name: CELL.into(),
             vlservers: vec!["127.0.0.1:1".into()],
+            credentials: None,
         };
-        let mut config = Config::new(partition.path().to_owned(), cell, vec![address.clone()]);
+        let authority = CellAuthority::generate(CELL).map_err(tls_error)?;
+        let server = authority
+            .transport(PeerClass::Server, "bench-fileserver")
+            .map_err(tls_error)?;
+        let client = authority
+            .transport(PeerClass::Host, "bench-client")
+            .map_err(tls_error)?;
+        let mut config = Config::new(
+            partition.path().to_owned(),
+            cell,
+            server,
+            vec![address.clone()],
+        );
         config.journal_mode = mode;
         let (stop, shutdown) = watch::channel(false);
         let task = tokio::spawn(crate::run(config, listener, shutdown));
         Ok(BenchServer {
             address,
+            client,
             stop,
             task,
             _partition: partition,

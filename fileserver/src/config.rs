@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use proto::server::ServerLimits;
-use proto::{CellConfig, PairName};
+use proto::{CellConfig, PairName, Transport};
 use state::JournalMode;
 
 use crate::stats::Stats;
@@ -18,6 +18,8 @@ pub struct Config {
     /// The partition directory: `server.id` and one directory per volume.
     pub partition: PathBuf,
     pub cell: CellConfig,
+    /// How it serves and connects: mutual TLS with the host's server certificate.
+    pub transport: Transport,
     /// Addresses registered in the VLDB, where clients reach this server.
     pub advertise: Vec<String>,
     /// Most callback promises held at once.
@@ -62,10 +64,16 @@ pub struct PairConfig {
 
 impl Config {
     /// A configuration with the default limits.
-    pub fn new(partition: PathBuf, cell: CellConfig, advertise: Vec<String>) -> Config {
+    pub fn new(
+        partition: PathBuf,
+        cell: CellConfig,
+        transport: Transport,
+        advertise: Vec<String>,
+    ) -> Config {
         Config {
             partition,
             cell,
+            transport,
             advertise,
             callback_count_max: 1_000_000,
             client_count_max: 100_000,

@@ -79,6 +79,7 @@ pub async fn run(
     ));
     let registration = tokio::spawn(registration::register_until_done(
         config.cell.clone(),
+        config.transport.clone(),
         server_id,
         config.advertise.clone(),
         config.vldb_timeout,
@@ -89,7 +90,13 @@ pub async fn run(
     // other way): nothing more is answered, and dropping the serving future ends every
     // connection at once.
     let stopped = tokio::select! {
-        () = proto::server::serve(listener, service, config.connection_limits.clone(), shutdown) => None,
+        () = proto::server::serve(
+            listener,
+            service,
+            config.connection_limits.clone(),
+            config.transport.clone(),
+            shutdown,
+        ) => None,
         why = active.journal_stopped() => Some(why),
     };
     registration.abort();

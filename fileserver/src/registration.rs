@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use proto::{CellConfig, PeerKind, ServerId, VldbClient};
+use proto::{CellConfig, PeerKind, ServerId, Transport, VldbClient};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
@@ -16,6 +16,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// doubling keeps that to a handful per minute.
 pub async fn register_until_done(
     cell: CellConfig,
+    transport: Transport,
     server: ServerId,
     addresses: Vec<String>,
     timeout: Duration,
@@ -25,7 +26,7 @@ pub async fn register_until_done(
         warn!(cell = %cell.name, "the cell names no vlservers; not registering");
         return;
     }
-    let client = VldbClient::new(cell, PeerKind::FileServer { server }, timeout);
+    let client = VldbClient::new(cell, transport, PeerKind::FileServer { server }, timeout);
     let mut backoff = BACKOFF_FIRST;
     loop {
         let attempt = tokio::select! {

@@ -688,9 +688,14 @@ async fn a_grant_its_client_received_is_not_given_to_another() {
 
     // Client B: takes in the push, then loses its connection before acknowledging.
     let peer = cache_manager(ClientId::random(), InstanceNonce(1));
-    let (b, _, mut incoming) = rpc::connect(&server.address, hello(peer), &Limits::default())
-        .await
-        .unwrap();
+    let (b, _, mut incoming) = rpc::connect(
+        &server.address,
+        hello(peer),
+        &Limits::default(),
+        &common::transport(proto::PeerClass::Host),
+    )
+    .await
+    .unwrap();
     let (learned_tx, learned) = oneshot::channel();
     let broken = b.clone();
     tokio::spawn(async move {

@@ -12,6 +12,7 @@ use std::time::Duration;
 use common::{CELL, FakeClient, Log, TIMEOUT, VOLUME, hello};
 use fileserver::{Config, PairConfig};
 use parking_lot::Mutex;
+use proto::PeerClass;
 use proto::rpc::{self, Connection, Limits};
 use proto::{
     ByteRange, CellConfig, ClientId, Epoch, ErrorCode, Fid, InstanceNonce, LockKind, LockOwnerId,
@@ -37,7 +38,11 @@ impl Vldb {
         let dir = tempfile::tempdir().unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap().to_string();
-        let config = vlserver::Config::single(dir.path().to_owned(), CELL.into());
+        let config = vlserver::Config::single(
+            dir.path().to_owned(),
+            CELL.into(),
+            common::transport(PeerClass::Server),
+        );
         let (stop, shutdown) = watch::channel(false);
         let task = tokio::spawn(async move {
             vlserver::run(config, listener, shutdown).await.unwrap();
@@ -128,8 +133,14 @@ impl Member {
         let cell = CellConfig {
             name: CELL.into(),
             vlservers: vec![vldb.to_owned()],
+            credentials: None,
         };
-        let mut config = Config::new(partition.to_owned(), cell, vec![address.clone()]);
+        let mut config = Config::new(
+            partition.to_owned(),
+            cell,
+            common::transport(PeerClass::Server),
+            vec![address.clone()],
+        );
         config.pair = Some(PairConfig {
             name: PairName::parse(PAIR).unwrap(),
             lease: LEASE,
@@ -166,9 +177,14 @@ impl Member {
 }
 
 async fn admin(address: &str) -> Connection {
-    let (connection, _, _) = rpc::connect(address, hello(PeerKind::Admin), &Limits::default())
-        .await
-        .unwrap();
+    let (connection, _, _) = rpc::connect(
+        address,
+        hello(PeerKind::Admin),
+        &Limits::default(),
+        &common::transport(PeerClass::Host),
+    )
+    .await
+    .unwrap();
     connection
 }
 
@@ -443,8 +459,14 @@ async fn two_single_servers_cannot_share_a_partition() {
     let cell = CellConfig {
         name: CELL.into(),
         vlservers: vec![],
+        credentials: None,
     };
-    let config = Config::new(dir.path().to_owned(), cell, vec![]);
+    let config = Config::new(
+        dir.path().to_owned(),
+        cell,
+        common::transport(PeerClass::Server),
+        vec![],
+    );
     let (_stop, shutdown) = watch::channel(false);
     // Serving means the first holds the partition's lock.
     let pong = admin(&first.address)

@@ -24,7 +24,8 @@ async fn client(address: &str, version_max: u16) -> rpc::Connection {
             InstanceNonce(u64::from(version_max)),
         ))
     };
-    let (connection, reply, mut incoming) = rpc::connect(address, hello, &Limits::default())
+    let host = common::transport(proto::PeerClass::Host);
+    let (connection, reply, mut incoming) = rpc::connect(address, hello, &Limits::default(), &host)
         .await
         .unwrap();
     assert_eq!(reply.version, version_max);

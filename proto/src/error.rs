@@ -238,6 +238,9 @@ pub enum ProtoError {
          upgrade the peer"
     )]
     PeerTooOld { peer: u16, needed: u16 },
+    /// The TLS handshake failed: what the peer presented or refused.
+    #[error("TLS: the peer {0}")]
+    Tls(String),
 }
 
 impl ProtoError {

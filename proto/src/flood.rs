@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::error::ProtoError;
 use crate::frame::{FRAME_HEADER_BYTES, decode_frame, encode_frame};
 use crate::message::{Frame, Hello, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN, PeerKind};
+use crate::tls::{Secured, Transport};
 
 /// How long one connection may take to connect and be answered its hello.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -32,6 +33,8 @@ pub enum Stall {
 
 /// The connections of one flood.
 pub struct Flood {
+    /// How it connects: with a host certificate of the cell, so that it gets past TLS.
+    transport: Transport,
     tasks: JoinSet<()>,
     stop: CancellationToken,
     /// Connections the server has not closed (counted once their hello was answered).
@@ -47,15 +50,10 @@ pub struct Opened {
     pub turned_away: usize,
 }
 
-impl Default for Flood {
-    fn default() -> Self {
-        Flood::new()
-    }
-}
-
 impl Flood {
-    pub fn new() -> Flood {
+    pub fn new(transport: Transport) -> Flood {
         Flood {
+            transport,
             tasks: JoinSet::new(),
             stop: CancellationToken::new(),
             open: Arc::new(AtomicUsize::new(0)),
@@ -87,10 +85,14 @@ impl Flood {
             let established = established.clone();
             let turned_away = turned_away.clone();
             let done = done_tx.clone();
+            let transport = self.transport.clone();
             self.tasks.spawn(async move {
                 let permit = setups.acquire_owned().await;
-                let setup =
-                    tokio::time::timeout(SETUP_TIMEOUT, connect_and_hello(&address, &cell)).await;
+                let setup = tokio::time::timeout(
+                    SETUP_TIMEOUT,
+                    connect_and_hello(&address, &cell, &transport),
+                )
+                .await;
                 drop(permit);
                 let stream = match setup {
                     Ok(Ok(stream)) => stream,
@@ -135,17 +137,27 @@ impl Flood {
 }
 
 /// Connects and has the hello answered with a welcome.
-async fn connect_and_hello(address: &str, cell: &str) -> Result<TcpStream, ProtoError> {
-    let mut stream = TcpStream::connect(address).await?;
+async fn connect_and_hello(
+    address: &str,
+    cell: &str,
+    transport: &Transport,
+) -> Result<Secured, ProtoError> {
+    let mut stream = transport
+        .connect(TcpStream::connect(address).await?)
+        .await?;
     let hello = Frame::Hello(Hello {
         version_min: PROTOCOL_VERSION_MIN,
         version_max: PROTOCOL_VERSION_MAX,
         cell: cell.to_owned(),
         peer: PeerKind::Admin,
     });
-    stream.write_all(&framed(&encode_frame(&hello)?)).await?;
+    stream
+        .write
+        .write_all(&framed(&encode_frame(&hello)?))
+        .await?;
+    stream.write.flush().await?;
     let mut header = [0u8; FRAME_HEADER_BYTES];
-    stream.read_exact(&mut header).await?;
+    stream.read.read_exact(&mut header).await?;
     let length = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
     if length > 64 << 10 {
         return Err(ProtoError::FrameTooLarge {
@@ -154,7 +166,7 @@ async fn connect_and_hello(address: &str, cell: &str) -> Result<TcpStream, Proto
         });
     }
     let mut body = vec![0u8; length];
-    stream.read_exact(&mut body).await?;
+    stream.read.read_exact(&mut body).await?;
     match decode_frame(&body)? {
         Frame::HelloReply(Ok(_)) => Ok(stream),
         Frame::HelloReply(Err(code)) => Err(ProtoError::Remote(code)),
@@ -163,26 +175,29 @@ async fn connect_and_hello(address: &str, cell: &str) -> Result<TcpStream, Proto
 }
 
 /// Stalls as told, then reads (and drops) whatever the server sends until it closes.
-async fn hold(mut stream: TcpStream, stall: Stall) {
+async fn hold(mut stream: Secured, stall: Stall) {
     if let Stall::InsideFrame { declared, sent } = stall {
         let mut start = Vec::with_capacity(FRAME_HEADER_BYTES);
         start.extend_from_slice(&(declared as u32).to_le_bytes());
         start.extend_from_slice(&0u32.to_le_bytes());
-        if stream.write_all(&start).await.is_err() {
+        if stream.write.write_all(&start).await.is_err() {
             return;
         }
         let chunk = vec![0u8; 64 << 10];
         let mut left = sent.min(declared);
         while left > 0 {
             let part = left.min(chunk.len());
-            if stream.write_all(&chunk[..part]).await.is_err() {
+            if stream.write.write_all(&chunk[..part]).await.is_err() {
                 return;
             }
             left -= part;
         }
+        if stream.write.flush().await.is_err() {
+            return;
+        }
     }
     let mut sink = [0u8; 256];
-    while let Ok(read) = stream.read(&mut sink).await {
+    while let Ok(read) = stream.read.read(&mut sink).await {
         if read == 0 {
             return;
         }

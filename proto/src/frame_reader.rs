@@ -1,4 +1,5 @@
-//! `FrameReader`: reads frames off a connection's socket, growing each body's buffer as
+//! `FrameReader`: reads frames off a connection's byte stream (TLS, or a plain socket in
+//! benchmarks), growing each body's buffer as
 //! its bytes arrive, with memory charged to the connection's `Intake` from the header on,
 //! and each frame due within the frame read timeout of its first byte.
 //! Invariant: an idle connection holds no read buffer; a body never holds more memory
@@ -9,7 +10,7 @@ use std::io;
 use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use tokio::net::tcp::OwnedReadHalf;
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::time::Instant;
 
 use crate::budget::{BudgetError, Charge, Intake};
@@ -19,6 +20,12 @@ use crate::frame::FRAME_HEADER_BYTES;
 const READ_AHEAD_BYTES: usize = 8 << 10;
 /// A large body's first buffer; it then doubles as its bytes arrive.
 const BODY_FIRST_BYTES: usize = 64 << 10;
+/// An idle connection waits for its next bytes in this much of its task's own memory,
+/// and takes a read-ahead buffer only once they came: a small request fits whole.
+const FIRST_READ_BYTES: usize = 512;
+
+/// The byte stream frames are read from.
+pub type ByteReader = Box<dyn AsyncRead + Send + Unpin>;
 
 /// Why no frame could be read.
 #[derive(Debug)]
@@ -100,7 +107,7 @@ pub struct Received {
 
 /// Reads frames from one connection.
 pub struct FrameReader {
-    read: OwnedReadHalf,
+    read: ByteReader,
     /// Bytes read but not yet consumed; empty (and unallocated) between bursts.
     ahead: BytesMut,
     pub frame_bytes_max: usize,
@@ -110,7 +117,7 @@ pub struct FrameReader {
 
 impl FrameReader {
     pub fn new(
-        read: OwnedReadHalf,
+        read: ByteReader,
         frame_bytes_max: usize,
         frame_read_timeout: Duration,
         intake: Intake,
@@ -199,13 +206,6 @@ impl FrameReader {
     /// Reads what is available into the read-ahead, allocating it only once bytes are
     /// there; 0 at the end of the stream.
     async fn fill_ahead(&mut self, deadline: Option<Instant>) -> Result<usize, ReadFailure> {
-        if self.ahead.capacity() == self.ahead.len() {
-            if self.ahead.is_empty() {
-                let readable = async { self.read.readable().await.map_err(ReadFailure::Io) };
-                bounded(&self.intake, self.frame_read_timeout, deadline, readable).await?;
-            }
-            self.ahead.reserve(READ_AHEAD_BYTES);
-        }
         let FrameReader {
             read,
             ahead,
@@ -213,16 +213,35 @@ impl FrameReader {
             frame_read_timeout,
             ..
         } = self;
+        if ahead.is_empty() {
+            let mut first = [0u8; FIRST_READ_BYTES];
+            let count = read_some(
+                read,
+                intake,
+                *frame_read_timeout,
+                &mut &mut first[..],
+                deadline,
+            )
+            .await?;
+            if count > 0 {
+                ahead.reserve(READ_AHEAD_BYTES.max(count));
+                ahead.extend_from_slice(&first[..count]);
+            }
+            return Ok(count);
+        }
+        if ahead.capacity() == ahead.len() {
+            ahead.reserve(READ_AHEAD_BYTES);
+        }
         read_some(read, intake, *frame_read_timeout, ahead, deadline).await
     }
 
     async fn read_body_some(
-        &self,
+        &mut self,
         buffer: &mut impl BufMut,
         deadline: Instant,
     ) -> Result<usize, ReadFailure> {
         read_some(
-            &self.read,
+            &mut self.read,
             &self.intake,
             self.frame_read_timeout,
             buffer,
@@ -245,22 +264,13 @@ fn grown_capacity(capacity: usize, length: usize) -> usize {
 
 /// One read into `buffer`, within `deadline`; notes the bytes as activity.
 async fn read_some(
-    read: &OwnedReadHalf,
+    read: &mut ByteReader,
     intake: &Intake,
     frame_read_timeout: Duration,
     buffer: &mut impl BufMut,
     deadline: Option<Instant>,
 ) -> Result<usize, ReadFailure> {
-    let reading = async {
-        loop {
-            read.readable().await.map_err(ReadFailure::Io)?;
-            match read.try_read_buf(buffer) {
-                Ok(count) => return Ok(count),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(ReadFailure::Io(e)),
-            }
-        }
-    };
+    let reading = async { read.read_buf(buffer).await.map_err(ReadFailure::Io) };
     let count = bounded(intake, frame_read_timeout, deadline, reading).await?;
     if count > 0 {
         intake.activity.received();

@@ -22,6 +22,7 @@ pub mod resources;
 pub mod rpc;
 pub mod server;
 pub mod time;
+pub mod tls;
 pub mod vldb_client;
 pub mod warnings;
 
@@ -35,4 +36,5 @@ pub use ids::*;
 pub use lock::{ByteRange, EmptyRange, LockKind};
 pub use message::*;
 pub use name::{PairName, VolumeName, check_entry_name};
+pub use tls::{PeerClass, Transport};
 pub use vldb_client::VldbClient;

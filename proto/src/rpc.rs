@@ -1,5 +1,6 @@
-//! A duplex RPC connection: either side may send requests, many may be in flight, and
-//! responses are matched to their calls by request id; a `Goodbye` closes it gently.
+//! A duplex RPC connection over mutual TLS (`tls::Transport`): either side may send
+//! requests, many may be in flight, and responses are matched to their calls by request
+//! id; a `Goodbye` closes it gently.
 //! Invariant: every pending call ends, with its response, a timeout, or `Closed` when the
 //! connection dies; a call refused as `NotSent` never reached the socket; the outgoing and
 //! the incoming queue are bounded.
@@ -11,10 +12,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
@@ -31,6 +32,10 @@ use crate::message::{
     Frame, Hello, HelloReply, PROTOCOL_VERSION_GOODBYE_AND_CONDITIONAL_STORES,
     PROTOCOL_VERSION_IDENTITY, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN, Request, Response,
 };
+use crate::tls::{PeerClass, Transport};
+
+/// The byte stream frames are written to.
+type ByteWriter = Box<dyn AsyncWrite + Send + Unpin>;
 
 /// The largest first frame a server reads from a peer that has not said hello yet.
 pub const HELLO_BYTES_MAX: usize = 16 << 10;
@@ -46,7 +51,7 @@ pub struct Limits {
     pub incoming_queue_max: usize,
     /// Frames queued for sending before senders wait.
     pub outgoing_queue_max: usize,
-    /// How long the handshake may take (a server's hello timeout).
+    /// How long the handshake may take, TLS and hello (a server's hello timeout).
     pub handshake_timeout: Duration,
     /// How long a frame may take to arrive from its first byte, and a frame's write may
     /// wait for the peer to read; a peer that stalls longer is closed.
@@ -130,6 +135,8 @@ struct Inner {
     close_reason: Mutex<Option<CloseReason>>,
     /// The protocol version both sides agreed on in the handshake.
     version: u16,
+    /// What the peer's certificate says it is (the accepting side, with TLS).
+    peer_class: Option<PeerClass>,
 }
 
 impl Inner {
@@ -209,31 +216,60 @@ impl Replier {
     }
 }
 
-/// Connects to `addr`, sends `hello` and waits for the reply.
+/// Connects to `addr` over `transport` (the peer must show a server certificate of the
+/// cell's CA), sends `hello` and waits for the reply.
 pub async fn connect(
     addr: &str,
     hello: Hello,
     limits: &Limits,
+    transport: &Transport,
 ) -> Result<(Connection, HelloReply, mpsc::Receiver<IncomingRequest>), ProtoError> {
-    let stream = tokio::time::timeout(limits.handshake_timeout, TcpStream::connect(addr))
+    connect_to(addr, hello, limits, transport)
         .await
-        .map_err(|_| ProtoError::Timeout(limits.handshake_timeout))??;
-    stream.set_nodelay(true)?;
-    let peer_addr = stream.peer_addr()?;
-    let (read, mut writer) = stream.into_split();
+        .map_err(|e| match e {
+            ProtoError::Tls(what) => ProtoError::Tls(format!("at {addr} {what}")),
+            e => e,
+        })
+}
+
+async fn connect_to(
+    addr: &str,
+    hello: Hello,
+    limits: &Limits,
+    transport: &Transport,
+) -> Result<(Connection, HelloReply, mpsc::Receiver<IncomingRequest>), ProtoError> {
+    let secured = tokio::time::timeout(limits.handshake_timeout, async {
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let peer_addr = stream.peer_addr()?;
+        Ok::<_, ProtoError>((transport.connect(stream).await?, peer_addr))
+    })
+    .await
+    .map_err(|_| ProtoError::Timeout(limits.handshake_timeout))?;
+    let (secured, peer_addr) = secured?;
+    let mut writer = secured.write;
     let mut reader = FrameReader::new(
-        read,
+        secured.read,
         limits.frame_bytes_max,
         limits.handshake_timeout,
         Intake::unbounded(),
     );
-    writer
-        .write_all(&framed(&encode_frame(&Frame::Hello(hello))?))
-        .await?;
+    let hello = framed(&encode_frame(&Frame::Hello(hello))?);
+    let sent = async {
+        writer.write_all(&hello).await?;
+        writer.flush().await
+    };
+    sent.await.map_err(crate::tls::from_io_error)?;
     let reply = tokio::time::timeout(limits.handshake_timeout, reader.next())
         .await
         .map_err(|_| ProtoError::Timeout(limits.handshake_timeout))?;
-    let received = reply.map_err(ProtoError::from)?.ok_or(ProtoError::Closed)?;
+    let received = match reply {
+        Ok(Some(received)) => received,
+        Ok(None) => return Err(ProtoError::Closed),
+        // A server that refused this side's certificate says so in an alert here.
+        Err(ReadFailure::Io(e)) => return Err(crate::tls::from_io_error(e)),
+        Err(failure) => return Err(failure.into()),
+    };
     let reply = match decode_frame(&received.body)? {
         Frame::HelloReply(Ok(reply)) => reply,
         Frame::HelloReply(Err(code)) => return Err(ProtoError::Remote(code)),
@@ -244,31 +280,44 @@ pub async fn connect(
         }
     };
     reader.set_frame_read_timeout(limits.frame_read_timeout);
-    let (connection, incoming) = start(reader, writer, peer_addr, limits, reply.version);
+    let (connection, incoming) = start(reader, writer, peer_addr, limits, reply.version, None);
     Ok((connection, reply, incoming))
 }
 
-/// Accepts the handshake on a fresh stream: reads `Hello` (at most `HELLO_BYTES_MAX`),
-/// asks `check` for the reply and, if it accepts, starts the connection, its frames
-/// taking their memory from `intake`.
+/// Accepts the handshake on a fresh stream: the TLS handshake over `transport` (the peer
+/// must show a certificate of the cell's CA), then `Hello` (at most `HELLO_BYTES_MAX`),
+/// all within the handshake timeout; asks `check` for the reply and, if it accepts,
+/// starts the connection, its frames taking their memory from `intake`. A peer saying
+/// hello as a server must show a server certificate.
 pub async fn accept(
     stream: TcpStream,
+    transport: &Transport,
     limits: &Limits,
     intake: Intake,
     check: impl FnOnce(&Hello) -> Result<HelloReply, ErrorCode>,
 ) -> Result<(Connection, Hello, mpsc::Receiver<IncomingRequest>), ProtoError> {
+    let deadline = Instant::now() + limits.handshake_timeout;
+    let timed_out = || ProtoError::Timeout(limits.handshake_timeout);
     stream.set_nodelay(true)?;
     let peer_addr = stream.peer_addr()?;
-    let (read, mut writer) = stream.into_split();
+    let secured = tokio::select! {
+        secured = tokio::time::timeout_at(deadline, transport.accept(stream)) => {
+            secured.map_err(|_| timed_out())??
+        }
+        // Made room for a newcomer while still in its handshake.
+        () = intake.activity.evicted() => return Err(ProtoError::Closed),
+    };
+    let peer_class = secured.peer_class;
+    let mut writer = secured.write;
     let mut reader = FrameReader::new(
-        read,
+        secured.read,
         limits.frame_bytes_max.min(HELLO_BYTES_MAX),
         limits.handshake_timeout,
         intake,
     );
-    let first = tokio::time::timeout(limits.handshake_timeout, reader.next())
+    let first = tokio::time::timeout_at(deadline, reader.next())
         .await
-        .map_err(|_| ProtoError::Timeout(limits.handshake_timeout))?;
+        .map_err(|_| timed_out())?;
     let received = first.map_err(ProtoError::from)?.ok_or(ProtoError::Closed)?;
     let hello = match decode_frame(&received.body)? {
         Frame::Hello(hello) => hello,
@@ -280,11 +329,25 @@ pub async fn accept(
         }
     };
     drop(received);
-    let verdict = check(&hello);
+    let needed = PeerClass::required_for(&hello.peer);
+    let wrong_class = needed.is_some() && peer_class.is_some() && peer_class != needed;
+    let verdict = match wrong_class {
+        true => Err(ErrorCode::PermissionDenied),
+        false => check(&hello),
+    };
     let reply = framed(&encode_frame(&Frame::HelloReply(verdict.clone()))?);
-    tokio::time::timeout(limits.handshake_timeout, writer.write_all(&reply))
-        .await
-        .map_err(|_| ProtoError::Timeout(limits.handshake_timeout))??;
+    tokio::time::timeout_at(deadline, async {
+        writer.write_all(&reply).await?;
+        writer.flush().await
+    })
+    .await
+    .map_err(|_| timed_out())??;
+    if wrong_class {
+        return Err(ProtoError::Tls(format!(
+            "said hello as {:?} with a host certificate; servers need a server certificate",
+            hello.peer
+        )));
+    }
     let version = match verdict {
         Ok(reply) => reply.version,
         Err(code) => return Err(ProtoError::Handshake(format!("refused its hello: {code}"))),
@@ -292,7 +355,7 @@ pub async fn accept(
     reader.intake().activity.reached(Stage::Established);
     reader.frame_bytes_max = limits.frame_bytes_max;
     reader.set_frame_read_timeout(limits.frame_read_timeout);
-    let (connection, incoming) = start(reader, writer, peer_addr, limits, version);
+    let (connection, incoming) = start(reader, writer, peer_addr, limits, version, peer_class);
     Ok((connection, hello, incoming))
 }
 
@@ -339,10 +402,11 @@ fn push_header(bytes: &mut Vec<u8>, body: &[u8]) {
 
 fn start(
     reader: FrameReader,
-    writer: OwnedWriteHalf,
+    writer: ByteWriter,
     peer_addr: SocketAddr,
     limits: &Limits,
     version: u16,
+    peer_class: Option<PeerClass>,
 ) -> (Connection, mpsc::Receiver<IncomingRequest>) {
     let (outgoing_tx, outgoing_rx) = mpsc::channel(limits.outgoing_queue_max);
     let (incoming_tx, incoming_rx) = mpsc::channel(limits.incoming_queue_max);
@@ -356,6 +420,7 @@ fn start(
         activity: reader.intake().activity.clone(),
         close_reason: Mutex::new(None),
         version,
+        peer_class,
     });
     tokio::spawn(write_loop(
         writer,
@@ -376,7 +441,7 @@ fn start(
 /// Writes queued frames, gathering small ones into one write; a peer that reads nothing
 /// for the frame read timeout is closed.
 async fn write_loop(
-    mut writer: OwnedWriteHalf,
+    mut writer: ByteWriter,
     mut outgoing: mpsc::Receiver<Vec<u8>>,
     inner: std::sync::Weak<Inner>,
     cancel: CancellationToken,
@@ -411,7 +476,9 @@ async fn write_loop(
         }
         let written = tokio::time::timeout(write_timeout, async {
             writer.write_all(&gathered).await?;
-            writer.write_all(&body).await
+            writer.write_all(&body).await?;
+            // TLS holds what the socket did not take yet.
+            writer.flush().await
         })
         .await;
         match written {
@@ -659,6 +726,12 @@ impl Connection {
     /// The protocol version agreed on in the handshake.
     pub fn version(&self) -> u16 {
         self.inner.version
+    }
+
+    /// What the peer's certificate says it is: known on the accepting side of a TLS
+    /// connection; `None` on the connecting side and in plaintext.
+    pub fn peer_class(&self) -> Option<PeerClass> {
+        self.inner.peer_class
     }
 
     /// Why the connection ended; `None` while it is open.

@@ -1,6 +1,6 @@
 //! The accept loop every Holdfast server runs: connection caps with eviction, one task per
-//! connection, hello and idle timeouts, one frame-memory budget, bounded requests in
-//! flight, rate-limited warnings about peers, and shutdown through one `watch`.
+//! connection, mutual TLS, hello and idle timeouts, one frame-memory budget, bounded
+//! requests in flight, rate-limited warnings about peers, and shutdown through one `watch`.
 //! Invariant: services see decoded requests and answer `Result<Response, ErrorCode>`;
 //! sockets, frames and handshakes stay here and in `rpc`; what a peer makes the server
 //! hold is bounded by `ServerLimits`.
@@ -27,6 +27,7 @@ use crate::identity::{Identity, SealedToken, TokenError, TokenVerifier, Verified
 use crate::message::{Frame, Hello, HelloReply, Request, Response, Timestamp};
 use crate::resources;
 use crate::rpc::{self, CloseReason, Connection, Limits};
+use crate::tls::Transport;
 use crate::warnings::{PeerWarnings, Warning};
 
 /// What a server does with connections and requests.
@@ -79,6 +80,8 @@ const REFUSAL_LINGER: Duration = Duration::from_secs(1);
 const REFUSALS_LINGERING_MAX: usize = 64;
 /// At most one warning per peer address and kind this often.
 const WARNING_INTERVAL: Duration = Duration::from_secs(10);
+/// At most one warning about a peer's certificate per address this often.
+const CERTIFICATE_WARNING_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Server-wide limits.
 #[derive(Clone, Debug)]
@@ -131,14 +134,18 @@ struct Shared {
     admission: Arc<Admission>,
     budget: Arc<FrameBudget>,
     warnings: PeerWarnings,
+    /// Peers refused at the TLS handshake: once a minute per address.
+    certificate_warnings: PeerWarnings,
     refusals_lingering: Arc<AtomicUsize>,
+    transport: Transport,
 }
 
-/// Serves `service` on `listener` until `shutdown` turns true.
+/// Serves `service` on `listener` over `transport` until `shutdown` turns true.
 pub async fn serve<S: Service>(
     listener: TcpListener,
     service: Arc<S>,
     limits: ServerLimits,
+    transport: Transport,
     mut shutdown: watch::Receiver<bool>,
 ) {
     resources::tune_allocator();
@@ -152,7 +159,9 @@ pub async fn serve<S: Service>(
             limits.frame_stall_limit,
         ),
         warnings: PeerWarnings::new(WARNING_INTERVAL),
+        certificate_warnings: PeerWarnings::new(CERTIFICATE_WARNING_INTERVAL),
         refusals_lingering: Arc::new(AtomicUsize::new(0)),
+        transport,
         limits,
     });
     let trimmer = tokio::spawn(give_back_memory_after_floods(shared.clone()));
@@ -229,7 +238,7 @@ fn within_open_files_limit(mut limits: ServerLimits) -> ServerLimits {
 }
 
 /// Turns a newcomer away with `Busy` in place of its hello reply.
-fn refuse(stream: TcpStream, peer: SocketAddr, why: Eviction, shared: &Shared) {
+fn refuse(stream: TcpStream, peer: SocketAddr, why: Eviction, shared: &Arc<Shared>) {
     shared.warnings.warn(
         Some(peer),
         Warning::Refused,
@@ -246,25 +255,27 @@ fn refuse(stream: TcpStream, peer: SocketAddr, why: Eviction, shared: &Shared) {
     bytes.extend_from_slice(&(body.len() as u32).to_le_bytes());
     bytes.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
     bytes.extend_from_slice(&body);
-    // A fresh socket's send buffer takes it at once; if not, the close says enough.
-    if stream.try_write(&bytes).is_err() {
-        return;
-    }
-    // Closing with the peer's hello unread would reset the connection, and the peer
-    // might lose the answer: read its hello first, for a moment at most, and for a few
-    // refused connections at a time.
+    // The refusal goes through the TLS handshake, and closing with the peer's hello
+    // unread would reset the connection, and the peer might lose the answer: both for a
+    // moment at most, and for a few refused connections at a time.
     let lingering = shared.refusals_lingering.clone();
     if lingering.fetch_add(1, Ordering::Relaxed) >= REFUSALS_LINGERING_MAX {
         lingering.fetch_sub(1, Ordering::Relaxed);
         return;
     }
+    let transport = shared.transport.clone();
     tokio::spawn(async move {
         let _counted = Lingering(lingering);
-        let mut stream = stream;
-        let _ = stream.shutdown().await;
-        let mut sink = [0u8; 1024];
-        let _ = tokio::time::timeout(REFUSAL_LINGER, async {
-            while let Ok(1..) = stream.read(&mut sink).await {}
+        let _ = tokio::time::timeout(REFUSAL_LINGER, async move {
+            let Ok(mut secured) = transport.accept(stream).await else {
+                return;
+            };
+            if secured.write.write_all(&bytes).await.is_err() {
+                return;
+            }
+            let _ = secured.write.shutdown().await;
+            let mut sink = [0u8; 1024];
+            while let Ok(1..) = secured.read.read(&mut sink).await {}
         })
         .await;
     });
@@ -294,9 +305,13 @@ async fn serve_connection<S: Service>(
         limits.frame_allowance_bytes,
         shared.budget.clone(),
     );
-    let accepted = rpc::accept(stream, &limits.connection, intake, |hello| {
-        service.hello(hello)
-    })
+    let accepted = rpc::accept(
+        stream,
+        &shared.transport,
+        &limits.connection,
+        intake,
+        |hello| service.hello(hello),
+    )
     .await;
     let (connection, hello, mut incoming) = match accepted {
         Ok(accepted) => accepted,
@@ -411,9 +426,17 @@ fn handshake_failed(peer: SocketAddr, error: &ProtoError, activity: &Activity, s
             return;
         }
         ProtoError::Timeout(timeout) => format!(
-            "closed a connection that sent no hello within {} s",
+            "closed a connection that completed no handshake within {} s",
             timeout.as_secs_f64()
         ),
+        ProtoError::Tls(what) => {
+            shared.certificate_warnings.warn(
+                Some(peer),
+                Warning::Certificate,
+                &format!("refused a connection at the TLS handshake: the peer {what}"),
+            );
+            return;
+        }
         other => format!("closed a connection in its handshake: {other}"),
     };
     shared.warnings.warn(Some(peer), Warning::Malformed, &what);

@@ -22,6 +22,7 @@ use crate::message::{
 };
 use crate::name::{PairName, VolumeName};
 use crate::rpc::{self, Connection, Limits};
+use crate::tls::Transport;
 
 /// The pause after a round of attempts that reached no leader: short, since an election
 /// takes a few hundred milliseconds, and doubling so that a long one is not polled hard.
@@ -31,6 +32,7 @@ const BACKOFF_MAX: Duration = Duration::from_millis(40);
 /// Talks to the VLDB of one cell.
 pub struct VldbClient {
     cell: CellConfig,
+    transport: Transport,
     peer: PeerKind,
     timeout: Duration,
     /// The replica the last call reached (the leader, after any write).
@@ -53,9 +55,15 @@ impl VldbClient {
     /// `timeout` bounds each call as a whole: connecting, following the leader, backing
     /// off while there is none, and resending. A connection attempt gets at most half of
     /// it, so that one replica that swallows packets leaves time to try another.
-    pub fn new(cell: CellConfig, peer: PeerKind, timeout: Duration) -> VldbClient {
+    pub fn new(
+        cell: CellConfig,
+        transport: Transport,
+        peer: PeerKind,
+        timeout: Duration,
+    ) -> VldbClient {
         VldbClient {
             cell,
+            transport,
             peer,
             timeout,
             current: Mutex::new(None),
@@ -226,7 +234,7 @@ impl VldbClient {
             cell: self.cell.name.clone(),
             peer: self.peer.clone(),
         };
-        match rpc::connect(address, hello, &limits).await {
+        match rpc::connect(address, hello, &limits, &self.transport).await {
             // The VLDB never calls us: dropping the incoming queue answers anything it
             // sends with `Unsupported`.
             Ok((connection, _reply, _incoming)) => Ok(connection),

@@ -30,6 +30,9 @@ pub enum Warning {
     Accept,
     /// A request came with a token that did not verify (forged, expired, another cell).
     Token,
+    /// A peer refused at the TLS handshake: no certificate of the cell's CA, or not the
+    /// class its hello claimed.
+    Certificate,
 }
 
 #[derive(Debug)]

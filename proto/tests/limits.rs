@@ -11,6 +11,8 @@ use proto::flood::{Flood, Opened, Stall};
 use proto::message::*;
 use proto::rpc::{self, CloseReason, Connection, Limits};
 use proto::server::{ServerLimits, Service, serve};
+use proto::tls::Secured;
+use proto::tls::authority::test_transport;
 use proto::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -20,6 +22,11 @@ use tokio::time::Instant;
 const CELL: &str = "limits.test";
 /// Hang guard for conditions awaited below: far above every timeout the tests set.
 const PATIENCE: Duration = Duration::from_secs(20);
+
+/// This test's clients: a host certificate of the tests' CA.
+fn host() -> Transport {
+    test_transport(PeerClass::Host).unwrap()
+}
 
 fn hello() -> Hello {
     Hello {
@@ -92,7 +99,8 @@ async fn start(limits: ServerLimits) -> Server {
     let address = listener.local_addr().unwrap().to_string();
     let (stop, stop_rx) = watch::channel(false);
     let service = Arc::new(Counting::default());
-    tokio::spawn(serve(listener, service.clone(), limits, stop_rx));
+    let transport = test_transport(PeerClass::Server).unwrap();
+    tokio::spawn(serve(listener, service.clone(), limits, transport, stop_rx));
     Server {
         address,
         service,
@@ -119,26 +127,34 @@ async fn eventually(mut condition: impl FnMut() -> bool) -> bool {
 }
 
 async fn ping(address: &str) -> Result<Response, ProtoError> {
-    let (connection, _, _incoming) = rpc::connect(address, hello(), &Limits::default()).await?;
+    let (connection, _, _incoming) =
+        rpc::connect(address, hello(), &Limits::default(), &host()).await?;
     connection.call(Request::Ping, Duration::from_secs(5)).await
 }
 
 /// Reads until the server closes the stream; what it sent meanwhile.
-async fn until_closed(stream: &mut TcpStream) -> Vec<u8> {
+async fn until_closed(stream: &mut (impl AsyncReadExt + Unpin)) -> Vec<u8> {
     let mut all = Vec::new();
     let _ = tokio::time::timeout(PATIENCE, stream.read_to_end(&mut all)).await;
     all
 }
 
-async fn hello_sent(address: &str) -> TcpStream {
-    let mut stream = TcpStream::connect(address).await.unwrap();
+/// A TLS connection that said hello and read the answer: what follows is the test's.
+async fn hello_sent(address: &str) -> Secured {
+    let tcp = TcpStream::connect(address).await.unwrap();
+    let mut stream = host().connect(tcp).await.unwrap();
     let body = proto::frame::encode_frame(&Frame::Hello(hello())).unwrap();
-    stream.write_all(&frame_bytes(&body)).await.unwrap();
+    send(&mut stream, &frame_bytes(&body)).await;
     let mut header = [0u8; 8];
-    stream.read_exact(&mut header).await.unwrap();
+    stream.read.read_exact(&mut header).await.unwrap();
     let mut reply = vec![0u8; u32::from_le_bytes(header[..4].try_into().unwrap()) as usize];
-    stream.read_exact(&mut reply).await.unwrap();
+    stream.read.read_exact(&mut reply).await.unwrap();
     stream
+}
+
+async fn send(stream: &mut Secured, bytes: &[u8]) {
+    stream.write.write_all(bytes).await.unwrap();
+    stream.write.flush().await.unwrap();
 }
 
 fn frame_bytes(body: &[u8]) -> Vec<u8> {
@@ -159,6 +175,7 @@ async fn a_peer_that_never_says_hello_is_closed_at_the_hello_timeout() {
         ..ServerLimits::default()
     }))
     .await;
+    // Not even the TLS handshake: the hello timeout covers it.
     let started = Instant::now();
     let mut silent = TcpStream::connect(&server.address).await.unwrap();
     assert!(until_closed(&mut silent).await.is_empty());
@@ -178,15 +195,15 @@ async fn a_peer_stalled_inside_a_frame_is_closed_at_the_frame_timeout() {
     .await;
     let mut stream = hello_sent(&server.address).await;
     // Half a header, then half a body: both count as inside the frame.
-    stream.write_all(&[0x00, 0x10]).await.unwrap();
+    send(&mut stream, &[0x00, 0x10]).await;
     let started = Instant::now();
-    until_closed(&mut stream).await;
+    until_closed(&mut stream.read).await;
     assert!(started.elapsed() >= frame_timeout);
     let mut stream = hello_sent(&server.address).await;
-    stream.write_all(&(1000u32).to_le_bytes()).await.unwrap();
-    stream.write_all(&[0u8; 4 + 500]).await.unwrap();
+    send(&mut stream, &(1000u32).to_le_bytes()).await;
+    send(&mut stream, &[0u8; 4 + 500]).await;
     let started = Instant::now();
-    until_closed(&mut stream).await;
+    until_closed(&mut stream.read).await;
     assert!(started.elapsed() >= frame_timeout);
     // The server itself is fine.
     assert_eq!(ping(&server.address).await.unwrap(), Response::Pong);
@@ -200,9 +217,10 @@ async fn an_idle_connection_is_told_goodbye_and_the_next_call_goes_on_a_new_one(
         ..ServerLimits::default()
     }))
     .await;
-    let (connection, _, _incoming) = rpc::connect(&server.address, hello(), &Limits::default())
-        .await
-        .unwrap();
+    let (connection, _, _incoming) =
+        rpc::connect(&server.address, hello(), &Limits::default(), &host())
+            .await
+            .unwrap();
     assert_eq!(
         connection
             .call(Request::Ping, Duration::from_secs(5))
@@ -234,9 +252,10 @@ async fn a_connection_with_a_request_in_flight_is_not_idle() {
         ..ServerLimits::default()
     }))
     .await;
-    let (connection, _, _incoming) = rpc::connect(&server.address, hello(), &Limits::default())
-        .await
-        .unwrap();
+    let (connection, _, _incoming) =
+        rpc::connect(&server.address, hello(), &Limits::default(), &host())
+            .await
+            .unwrap();
     let create = Request::VlCreateEntry {
         name: VolumeName::parse("home.a").unwrap(),
         server: ServerId::random(),
@@ -261,8 +280,9 @@ async fn the_vldb_client_reopens_a_connection_the_server_closed_while_idle() {
     let cell = CellConfig {
         name: CELL.into(),
         vlservers: vec![server.address.clone()],
+        credentials: None,
     };
-    let client = VldbClient::new(cell, PeerKind::Admin, Duration::from_secs(5));
+    let client = VldbClient::new(cell, host(), PeerKind::Admin, Duration::from_secs(5));
     let create = || Request::VlCreateEntry {
         name: VolumeName::parse("home.a").unwrap(),
         server: ServerId::random(),
@@ -283,7 +303,7 @@ async fn over_the_peer_cap_a_newcomer_evicts_an_idle_connection() {
         ..ServerLimits::default()
     }))
     .await;
-    let mut flood = Flood::new();
+    let mut flood = Flood::new(host());
     let opened = flood.open(&server.address, CELL, 20, Stall::Idle, 4).await;
     // Each newcomer took an older one's place: all were welcomed, 8 remain.
     assert_eq!(
@@ -312,9 +332,10 @@ async fn when_every_connection_is_busy_a_newcomer_is_refused_busy() {
     .await;
     let mut busy = Vec::new();
     for _ in 0..2 {
-        let (connection, _, incoming) = rpc::connect(&server.address, hello(), &Limits::default())
-            .await
-            .unwrap();
+        let (connection, _, incoming) =
+            rpc::connect(&server.address, hello(), &Limits::default(), &host())
+                .await
+                .unwrap();
         let call = tokio::spawn({
             let connection = connection.clone();
             async move {
@@ -348,7 +369,7 @@ async fn stalled_frames_wait_for_memory_and_small_requests_pass_them() {
         ..ServerLimits::default()
     }))
     .await;
-    let mut flood = Flood::new();
+    let mut flood = Flood::new(host());
     let stall = Stall::InsideFrame {
         declared: 200 << 10,
         sent: 100 << 10,
@@ -376,8 +397,8 @@ async fn stalled_frames_wait_for_memory_and_small_requests_pass_them() {
 async fn a_frame_larger_than_the_limit_closes_its_connection() {
     let server = start(quick(ServerLimits::default())).await;
     let mut stream = hello_sent(&server.address).await;
-    stream.write_all(&u32::MAX.to_le_bytes()).await.unwrap();
-    stream.write_all(&[0u8; 4]).await.unwrap();
-    until_closed(&mut stream).await;
+    send(&mut stream, &u32::MAX.to_le_bytes()).await;
+    send(&mut stream, &[0u8; 4]).await;
+    until_closed(&mut stream.read).await;
     assert_eq!(ping(&server.address).await.unwrap(), Response::Pong);
 }

@@ -8,11 +8,17 @@ use proto::Identity;
 use proto::message::*;
 use proto::rpc::{self, Connection, Limits};
 use proto::server::{ServerLimits, Service, serve};
+use proto::tls::authority::test_transport;
 use proto::*;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
 const CELL: &str = "test.cell";
+
+/// This test's clients: a host certificate of the tests' CA.
+fn host() -> Transport {
+    test_transport(PeerClass::Host).unwrap()
+}
 
 fn hello(cell: &str) -> Hello {
     Hello {
@@ -79,6 +85,7 @@ async fn start() -> (
             shutdown_deadline: Duration::from_millis(200),
             ..ServerLimits::default()
         },
+        test_transport(PeerClass::Server).unwrap(),
         stop_rx,
     ));
     (address, stop_tx, callbacks_rx)
@@ -87,9 +94,10 @@ async fn start() -> (
 #[tokio::test]
 async fn many_calls_in_flight_on_one_connection() {
     let (address, _stop, _) = start().await;
-    let (connection, reply, _incoming) = rpc::connect(&address, hello(CELL), &Limits::default())
-        .await
-        .unwrap();
+    let (connection, reply, _incoming) =
+        rpc::connect(&address, hello(CELL), &Limits::default(), &host())
+            .await
+            .unwrap();
     assert_eq!(reply.version, PROTOCOL_VERSION_MAX);
     let calls = (0..200).map(|_| {
         let connection = connection.clone();
@@ -103,7 +111,7 @@ async fn many_calls_in_flight_on_one_connection() {
 #[tokio::test]
 async fn wrong_cell_is_refused_at_hello() {
     let (address, _stop, _) = start().await;
-    let err = rpc::connect(&address, hello("other.cell"), &Limits::default())
+    let err = rpc::connect(&address, hello("other.cell"), &Limits::default(), &host())
         .await
         .unwrap_err();
     assert_eq!(
@@ -117,9 +125,10 @@ async fn wrong_cell_is_refused_at_hello() {
 #[tokio::test]
 async fn server_calls_the_client_back_before_answering() {
     let (address, _stop, mut callbacks) = start().await;
-    let (connection, _, mut incoming) = rpc::connect(&address, hello(CELL), &Limits::default())
-        .await
-        .unwrap();
+    let (connection, _, mut incoming) =
+        rpc::connect(&address, hello(CELL), &Limits::default(), &host())
+            .await
+            .unwrap();
     let fid = Fid::root(VolumeId(7));
     let call = tokio::spawn({
         let connection = connection.clone();
@@ -143,9 +152,10 @@ async fn server_calls_the_client_back_before_answering() {
 #[tokio::test]
 async fn a_call_times_out_and_the_connection_stays_usable() {
     let (address, _stop, _) = start().await;
-    let (connection, _, _incoming) = rpc::connect(&address, hello(CELL), &Limits::default())
-        .await
-        .unwrap();
+    let (connection, _, _incoming) =
+        rpc::connect(&address, hello(CELL), &Limits::default(), &host())
+            .await
+            .unwrap();
     let err = connection
         .call(Request::ListVolumes, Duration::from_millis(50))
         .await
@@ -163,9 +173,10 @@ async fn a_call_times_out_and_the_connection_stays_usable() {
 #[tokio::test]
 async fn pending_calls_fail_when_the_server_stops() {
     let (address, stop, _) = start().await;
-    let (connection, _, _incoming) = rpc::connect(&address, hello(CELL), &Limits::default())
-        .await
-        .unwrap();
+    let (connection, _, _incoming) =
+        rpc::connect(&address, hello(CELL), &Limits::default(), &host())
+            .await
+            .unwrap();
     let call = tokio::spawn({
         let connection = connection.clone();
         async move {
@@ -193,7 +204,7 @@ async fn unreachable_address_fails_fast() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let address = listener.local_addr().unwrap().to_string();
     drop(listener);
-    let err = rpc::connect(&address, hello(CELL), &Limits::default())
+    let err = rpc::connect(&address, hello(CELL), &Limits::default(), &host())
         .await
         .unwrap_err();
     assert!(err.is_transport(), "{err}");
@@ -209,7 +220,7 @@ async fn a_version_one_peer_gets_nothing_from_version_two() {
         version_max: 1,
         ..hello(CELL)
     };
-    let (connection, reply, _incoming) = rpc::connect(&address, old, &Limits::default())
+    let (connection, reply, _incoming) = rpc::connect(&address, old, &Limits::default(), &host())
         .await
         .unwrap();
     assert_eq!((reply.version, connection.version()), (1, 1));

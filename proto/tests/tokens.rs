@@ -68,14 +68,22 @@ async fn connect(key: &TokenKey) -> (Connection, watch::Sender<bool>) {
     let service = Arc::new(WhoAmI {
         verifier: key.verifier(CELL),
     });
-    tokio::spawn(serve(listener, service, ServerLimits::default(), stop_rx));
+    let server = proto::tls::authority::test_transport(PeerClass::Server).unwrap();
+    tokio::spawn(serve(
+        listener,
+        service,
+        ServerLimits::default(),
+        server,
+        stop_rx,
+    ));
     let hello = Hello {
         version_min: PROTOCOL_VERSION_MIN,
         version_max: PROTOCOL_VERSION_MAX,
         cell: CELL.into(),
         peer: PeerKind::Admin,
     };
-    let (connection, _, _incoming) = rpc::connect(&address, hello, &Limits::default())
+    let host = proto::tls::authority::test_transport(PeerClass::Host).unwrap();
+    let (connection, _, _incoming) = rpc::connect(&address, hello, &Limits::default(), &host)
         .await
         .unwrap();
     (connection, stop)

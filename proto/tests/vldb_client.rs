@@ -9,6 +9,7 @@ use std::time::Duration;
 use proto::Identity;
 use proto::rpc::{self, Connection};
 use proto::server::{ServerLimits, Service, serve};
+use proto::tls::authority::test_transport;
 use proto::*;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -130,6 +131,7 @@ impl FakeCell {
                 listener,
                 replica.clone(),
                 limits,
+                test_transport(PeerClass::Server).unwrap(),
                 stop_rx.clone(),
             )));
             replicas.push(replica);
@@ -163,8 +165,14 @@ fn client(addresses: Vec<String>, timeout: Duration) -> VldbClient {
     let cell = CellConfig {
         name: CELL.into(),
         vlservers: addresses,
+        credentials: None,
     };
-    VldbClient::new(cell, PeerKind::Admin, timeout)
+    VldbClient::new(
+        cell,
+        test_transport(PeerClass::Host).unwrap(),
+        PeerKind::Admin,
+        timeout,
+    )
 }
 
 fn create_entry() -> Request {

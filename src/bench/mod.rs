@@ -1,5 +1,5 @@
-//! `holdfast bench`: the mount, state and pair suites of figures, each printed with its
-//! target where the design sets one.
+//! `holdfast bench`: the mount, state, pair, vldb, faults and identity suites of figures,
+//! each printed with its target where the design sets one.
 //! Invariant: whatever a suite starts (processes, mounts, a temporary directory) is
 //! stopped or removed when the suite ends, whether it measured or failed.
 
@@ -12,6 +12,7 @@ use anyhow::{Context, Result};
 use crate::cell::{LocalCell, Servers};
 
 mod faults;
+mod identity;
 mod pair;
 mod vldb;
 
@@ -29,8 +30,9 @@ pub struct BenchArgs {
     /// Which figures: `mount` (throughput through FUSE mounts), `state` (locks,
     /// callback journaling, recovery, snapshots), `pair` (failover of a fileserver
     /// pair), `vldb` (the three-replica VLDB: leader kills, creates, lookups), `faults`
-    /// (dead and stopped servers, floods, memory, large busy directories) or `all`.
-    #[arg(long, default_value = "all", value_parser = ["all", "mount", "state", "pair", "vldb", "faults"])]
+    /// (dead and stopped servers, floods, memory, large busy directories), `identity`
+    /// (what mutual TLS costs a mount) or `all`.
+    #[arg(long, default_value = "all", value_parser = ["all", "mount", "state", "pair", "vldb", "faults", "identity"])]
     suite: String,
     /// Failovers measured for the median time to the first write.
     #[arg(long, default_value_t = 5)]
@@ -45,9 +47,9 @@ pub struct BenchArgs {
     /// hundredth as many clients).
     #[arg(long, default_value_t = 1_000_000)]
     recovery_callbacks: usize,
-    /// Only this figure of the faults suite: `cached`, `stopped`, `floods`, `memory` or
-    /// `bigdir` (default: all of them).
-    #[arg(long, value_parser = faults::FIGURES)]
+    /// Only this figure of the faults suite (`cached`, `stopped`, `floods`, `memory`,
+    /// `bigdir`) or of the identity suite (`tls`); default: all of the suite's.
+    #[arg(long, value_parser = figure_names())]
     figure: Option<String>,
 }
 
@@ -70,7 +72,15 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if all || args.suite == "faults" {
         faults::run(&bench_dir(&args)?, args.figure.as_deref())?;
     }
+    if all || args.suite == "identity" {
+        identity::run(&bench_dir(&args)?, args.size_mib, args.figure.as_deref())?;
+    }
     Ok(())
+}
+
+/// `--figure`: a figure of the faults or of the identity suite.
+fn figure_names() -> clap::builder::PossibleValuesParser {
+    clap::builder::PossibleValuesParser::new(faults::FIGURES.into_iter().chain(identity::FIGURES))
 }
 
 /// The directory a suite's cell lives in: `--dir`, or a fresh temporary one.
@@ -191,26 +201,8 @@ fn run_mount(args: &BenchArgs) -> Result<()> {
     let bench_dir = bench_dir(args)?;
     let dir = bench_dir.path().join("mount");
     let size_bytes = args.size_mib * (1 << 20);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .context("start the async runtime")?;
-    let mut cell = LocalCell::start(&dir, "bench.holdfast", Servers::Single, &runtime)?;
-    let cache_mib = (args.size_mib * 2 + 64).to_string();
-    let (mount_a, mount_b) = (dir.join("mnt-a"), dir.join("mnt-b"));
-    cell.mount(
-        "mount-a",
-        &mount_a,
-        &dir.join("cache-a"),
-        &["--cache-mib", &cache_mib],
-    )?;
-    cell.mount(
-        "mount-b",
-        &mount_b,
-        &dir.join("cache-b"),
-        &["--cache-mib", &cache_mib],
-    )?;
+    let runtime = mount_runtime()?;
+    let mut mounted = MountedCell::start(&dir, args.size_mib, &runtime)?;
     eprintln!("bench cell up in {}; measuring...", dir.display());
 
     let tcp = loopback_tcp_rate(size_bytes * 2)?;
@@ -219,13 +211,11 @@ fn run_mount(args: &BenchArgs) -> Result<()> {
     read_file(&local_file)?; // warm the page cache, as the mount's cached read is warm
     let local_read = read_file(&local_file)?;
 
-    let file_a = mount_a.join("bench.bin");
-    let write_close = write_file(&file_a, size_bytes)?;
-    let file_b = mount_b.join("bench.bin");
-    let cold_read = read_file(&file_b)?;
-    let cached_read = read_file(&file_b)?;
-    let creates = create_files(&mount_a.join("creates"), args.files)?;
-    cell.check_children()?;
+    let across = mounted.write_then_cold_read("bench.bin", size_bytes)?;
+    let (write_close, cold_read) = (across.write_close, across.cold_read);
+    let cached_read = read_file(&mounted.b.join("bench.bin"))?;
+    let creates = create_files(&mounted.a.join("creates"), args.files)?;
+    mounted.cell.check_children()?;
 
     let mib = |rate: f64| rate / f64::from(1 << 20);
     println!(
@@ -269,6 +259,64 @@ fn run_mount(args: &BenchArgs) -> Result<()> {
         "creates of 4 KiB files through mount", creates, "-"
     );
     Ok(())
+}
+
+/// The runtime a mount bench's cell is driven from.
+fn mount_runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .context("start the async runtime")
+}
+
+/// A local cell with one fileserver and two mounts, A and B, each with a cache of twice
+/// the bench file's size: the mount figures write on one and read cold on the other.
+struct MountedCell {
+    cell: LocalCell,
+    a: PathBuf,
+    b: PathBuf,
+}
+
+/// Write+close through one mount, then the cold read of the same file through the other:
+/// bytes per second each.
+struct Across {
+    write_close: f64,
+    cold_read: f64,
+}
+
+impl MountedCell {
+    /// Starts the cell in `dir` (keeping what an earlier start left there) and mounts it
+    /// at DIR/mnt-a and DIR/mnt-b.
+    fn start(dir: &Path, size_mib: u64, runtime: &tokio::runtime::Runtime) -> Result<MountedCell> {
+        let mut cell = LocalCell::start(dir, "bench.holdfast", Servers::Single, runtime)?;
+        let cache_mib = (size_mib * 2 + 64).to_string();
+        let (a, b) = (dir.join("mnt-a"), dir.join("mnt-b"));
+        cell.mount(
+            "mount-a",
+            &a,
+            &dir.join("cache-a"),
+            &["--cache-mib", &cache_mib],
+        )?;
+        cell.mount(
+            "mount-b",
+            &b,
+            &dir.join("cache-b"),
+            &["--cache-mib", &cache_mib],
+        )?;
+        Ok(MountedCell { cell, a, b })
+    }
+
+    /// Writes `name` (`size_bytes`) through mount A and closes it, then reads it through
+    /// mount B, which has never seen it.
+    fn write_then_cold_read(&self, name: &str, size_bytes: u64) -> Result<Across> {
+        let write_close = write_file(&self.a.join(name), size_bytes)?;
+        let cold_read = read_file(&self.b.join(name))?;
+        Ok(Across {
+            write_close,
+            cold_read,
+        })
+    }
 }
 
 /// Bytes per second through one loopback TCP connection.

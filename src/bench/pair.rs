@@ -10,7 +10,7 @@ use anyhow::{Context, Result, bail};
 use proto::rpc::{self, Connection, IncomingRequest, Limits};
 use proto::{
     ByteRange, CellConfig, ClientId, ErrorCode, Fid, Hello, InstanceNonce, LockKind, LockOwnerId,
-    PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN, PeerKind, Request, Response, VldbClient,
+    PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN, PeerKind, Request, Response, Transport, VldbClient,
     VolumeName, VolumeRef,
 };
 use tokio::sync::mpsc;
@@ -109,7 +109,9 @@ fn rejoin(cell: &mut LocalCell, member: &str, runtime: &tokio::runtime::Runtime)
     }
     let address = member_address(cell, member)?;
     let deadline = Instant::now() + TAKEOVER_LIMIT;
-    while runtime.block_on(member_role(&cell.cell, &address)) != Some(proto::MemberRole::Passive) {
+    while runtime.block_on(member_role(&cell.cell, &cell.transport, &address))
+        != Some(proto::MemberRole::Passive)
+    {
         if Instant::now() > deadline {
             bail!("the restarted {member} did not rejoin as passive");
         }
@@ -132,7 +134,7 @@ fn active_member(cell: &LocalCell, runtime: &tokio::runtime::Runtime) -> Result<
     loop {
         for name in MEMBERS {
             let address = member_address(cell, name)?;
-            if runtime.block_on(member_role(&cell.cell, &address))
+            if runtime.block_on(member_role(&cell.cell, &cell.transport, &address))
                 == Some(proto::MemberRole::Active)
             {
                 return Ok(name.to_owned());
@@ -150,7 +152,8 @@ async fn await_active_member(cell: &LocalCell, not: &str) -> Result<String> {
     loop {
         for (name, address) in &cell.members {
             if name != not
-                && member_role(&cell.cell, address).await == Some(proto::MemberRole::Active)
+                && member_role(&cell.cell, &cell.transport, address).await
+                    == Some(proto::MemberRole::Active)
             {
                 return Ok(address.clone());
             }
@@ -181,7 +184,12 @@ struct FakeClient {
 }
 
 impl FakeClient {
-    async fn connect(cell: &CellConfig, address: &str, client: ClientId) -> Result<FakeClient> {
+    async fn connect(
+        cell: &CellConfig,
+        transport: &Transport,
+        address: &str,
+        client: ClientId,
+    ) -> Result<FakeClient> {
         let hello = Hello {
             version_min: PROTOCOL_VERSION_MIN,
             version_max: PROTOCOL_VERSION_MAX,
@@ -195,7 +203,7 @@ impl FakeClient {
             handshake_timeout: CALL_TIMEOUT,
             ..Limits::default()
         };
-        let (connection, _reply, incoming) = rpc::connect(address, hello, &limits)
+        let (connection, _reply, incoming) = rpc::connect(address, hello, &limits, transport)
             .await
             .with_context(|| format!("connect to {address}"))?;
         tokio::spawn(acknowledge_pushes(incoming));
@@ -214,8 +222,13 @@ async fn acknowledge_pushes(mut incoming: mpsc::Receiver<IncomingRequest>) {
     }
 }
 
-async fn root_dir(cell: &CellConfig) -> Result<Fid> {
-    let vldb = VldbClient::new(cell.clone(), PeerKind::Admin, CALL_TIMEOUT);
+async fn root_dir(cell: &LocalCell) -> Result<Fid> {
+    let vldb = VldbClient::new(
+        cell.cell.clone(),
+        cell.transport.clone(),
+        PeerKind::Admin,
+        CALL_TIMEOUT,
+    );
     let name = VolumeName::parse("root.cell").map_err(anyhow::Error::new)?;
     let entry = vldb
         .get_entry(VolumeRef::Name(name))
@@ -244,9 +257,9 @@ async fn lock_after_last_reclaim(
     active_name: &str,
     mountpoint: &Path,
 ) -> Result<Duration> {
-    let root = root_dir(&cell.cell).await?;
+    let root = root_dir(cell).await?;
     let active = member_address(cell, active_name)?;
-    let a = FakeClient::connect(&cell.cell, &active, ClientId::random()).await?;
+    let a = FakeClient::connect(&cell.cell, &cell.transport, &active, ClientId::random()).await?;
     let created = a
         .call(Request::Create {
             dir: root,
@@ -273,12 +286,13 @@ async fn lock_after_last_reclaim(
     tokio::task::spawn_blocking(move || write_synced(&mountpoint.join("after-lock-failover")))
         .await??;
 
-    let b = FakeClient::connect(&cell.cell, &successor, ClientId::random()).await?;
+    let b =
+        FakeClient::connect(&cell.cell, &cell.transport, &successor, ClientId::random()).await?;
     match b.call(whole_file_lock(fid, LockOwnerId(2), false)).await {
         Err(e) if matches!(e.remote(), Some(ErrorCode::Grace { .. })) => {}
         other => bail!("B's conflicting lock during grace was answered {other:?}, not Grace"),
     }
-    let a = FakeClient::connect(&cell.cell, &successor, a.client).await?;
+    let a = FakeClient::connect(&cell.cell, &cell.transport, &successor, a.client).await?;
     a.call(Request::ReclaimLock {
         fid,
         owner: LockOwnerId(1),
@@ -338,12 +352,13 @@ async fn takeover_with_clients(
     active: &str,
     count: usize,
 ) -> Result<TakeoverFigures> {
-    let root = root_dir(&cell.cell).await?;
+    let root = root_dir(cell).await?;
     let address = member_address(cell, active)?;
     let mut clients = Vec::with_capacity(count);
     let mut data_version = proto::DataVersion(0);
     for _ in 0..count {
-        let client = FakeClient::connect(&cell.cell, &address, ClientId::random()).await?;
+        let client =
+            FakeClient::connect(&cell.cell, &cell.transport, &address, ClientId::random()).await?;
         match client.call(Request::FetchStatus { fid: root }).await {
             Ok(Response::Status { status, .. }) => data_version = status.data_version,
             other => bail!("FetchStatus answered {other:?}"),
@@ -357,8 +372,9 @@ async fn takeover_with_clients(
     let mut tasks = tokio::task::JoinSet::new();
     for client in clients {
         let (cell_config, successor) = (cell.cell.clone(), successor.clone());
+        let transport = cell.transport.clone();
         tasks.spawn(async move {
-            let client = FakeClient::connect(&cell_config, &successor, client).await?;
+            let client = FakeClient::connect(&cell_config, &transport, &successor, client).await?;
             let answer = client
                 .call(Request::ReclaimCallbacks {
                     fids: vec![(root, data_version)],

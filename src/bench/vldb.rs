@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use proto::{
-    CellConfig, Epoch, PairName, PeerKind, ServerId, VldbClient, VldbMemberStatus, VolumeName,
-    VolumeRef,
+    CellConfig, Epoch, PairName, PeerKind, ServerId, Transport, VldbClient, VldbMemberStatus,
+    VolumeName, VolumeRef,
 };
 use std::sync::Mutex;
 
@@ -48,7 +48,7 @@ pub fn run(dir: &BenchDir, seconds: u64) -> Result<()> {
             Servers::None,
             &runtime,
         )?;
-        runtime.block_on(await_whole_group(&cell.cell.vlservers))?;
+        runtime.block_on(await_whole_group(&cell.cell.vlservers, &cell.transport))?;
         kills_under_renewals(&mut cell, &runtime)?;
         create_and_lookup(&cell, &runtime, seconds)?;
     }
@@ -60,6 +60,7 @@ pub fn run(dir: &BenchDir, seconds: u64) -> Result<()> {
 fn kills_under_renewals(cell: &mut LocalCell, runtime: &tokio::runtime::Runtime) -> Result<()> {
     let client = Arc::new(VldbClient::new(
         cell.cell.clone(),
+        cell.transport.clone(),
         PeerKind::Admin,
         CALL_TIMEOUT,
     ));
@@ -74,13 +75,13 @@ fn kills_under_renewals(cell: &mut LocalCell, runtime: &tokio::runtime::Runtime)
 
     let mut leader_samples = Vec::new();
     for _ in 0..KILLS {
-        let leader = runtime.block_on(leader_of(&cell.cell.vlservers))?;
+        let leader = runtime.block_on(leader_of(&cell.cell.vlservers, &cell.transport))?;
         let killed = Instant::now();
         cell.signal(&replica_name(leader), libc::SIGKILL)?;
         leader_samples.push(renewals.first_after(killed, HEAL_LIMIT)?);
         heal(cell, runtime)?;
     }
-    let leader = runtime.block_on(leader_of(&cell.cell.vlservers))?;
+    let leader = runtime.block_on(leader_of(&cell.cell.vlservers, &cell.transport))?;
     let follower = cell
         .replicas
         .iter()
@@ -128,6 +129,7 @@ fn create_and_lookup(
 ) -> Result<()> {
     let client = Arc::new(VldbClient::new(
         cell.cell.clone(),
+        cell.transport.clone(),
         PeerKind::Admin,
         CALL_TIMEOUT,
     ));
@@ -198,7 +200,7 @@ fn appends_through_leader_kills(dir: &BenchDir, runtime: &tokio::runtime::Runtim
     };
     std::thread::sleep(Duration::from_millis(500));
     for _ in 0..KILLS {
-        let leader = runtime.block_on(leader_of(&cell.cell.vlservers))?;
+        let leader = runtime.block_on(leader_of(&cell.cell.vlservers, &cell.transport))?;
         cell.signal(&replica_name(leader), libc::SIGKILL)?;
         std::thread::sleep(Duration::from_millis(1_500));
         heal(&mut cell, runtime)?;
@@ -240,7 +242,7 @@ fn appends_through_leader_kills(dir: &BenchDir, runtime: &tokio::runtime::Runtim
 /// Whole `vos create`s: the entry committed by the group, then the volume on the pair's
 /// active member.
 fn vos_creates(cell: &LocalCell, runtime: &tokio::runtime::Runtime) -> Result<()> {
-    let vos = vos::Vos::new(cell.cell.clone(), CALL_TIMEOUT);
+    let vos = vos::Vos::new(cell.cell.clone(), cell.transport.clone(), CALL_TIMEOUT);
     let mut samples = Vec::with_capacity(VOS_CREATES);
     runtime.block_on(async {
         for i in 0..VOS_CREATES {
@@ -409,17 +411,17 @@ fn heal(cell: &mut LocalCell, runtime: &tokio::runtime::Runtime) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    runtime.block_on(await_whole_group(&cell.cell.vlservers))
+    runtime.block_on(await_whole_group(&cell.cell.vlservers, &cell.transport))
 }
 
 /// Waits until every replica answers, all follow the same leader, and each has applied
 /// the leader's last entry.
-async fn await_whole_group(addresses: &[String]) -> Result<()> {
+async fn await_whole_group(addresses: &[String], transport: &Transport) -> Result<()> {
     let deadline = Instant::now() + HEAL_LIMIT;
     loop {
         let mut statuses = Vec::new();
         for address in addresses {
-            statuses.push(status_of(address).await.ok());
+            statuses.push(status_of(address, transport).await.ok());
         }
         let whole = statuses.iter().all(Option::is_some) && {
             let statuses: Vec<&VldbMemberStatus> = statuses.iter().flatten().collect();
@@ -445,9 +447,9 @@ async fn await_whole_group(addresses: &[String]) -> Result<()> {
 }
 
 /// The id of the leader, as the first replica that knows one says.
-async fn leader_of(addresses: &[String]) -> Result<u64> {
+async fn leader_of(addresses: &[String], transport: &Transport) -> Result<u64> {
     for address in addresses {
-        if let Ok(status) = status_of(address).await
+        if let Ok(status) = status_of(address, transport).await
             && let Some((id, _)) = status.leader
         {
             return Ok(id);
@@ -457,11 +459,17 @@ async fn leader_of(addresses: &[String]) -> Result<u64> {
 }
 
 /// One replica's own status, asked of it alone.
-async fn status_of(address: &str) -> Result<VldbMemberStatus> {
+async fn status_of(address: &str, transport: &Transport) -> Result<VldbMemberStatus> {
     let cell = CellConfig {
         name: "bench.holdfast".into(),
         vlservers: vec![address.to_owned()],
+        credentials: None,
     };
-    let client = VldbClient::new(cell, PeerKind::Admin, Duration::from_secs(1));
+    let client = VldbClient::new(
+        cell,
+        transport.clone(),
+        PeerKind::Admin,
+        Duration::from_secs(1),
+    );
     Ok(client.replica_status(address).await?)
 }

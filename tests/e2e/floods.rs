@@ -57,7 +57,7 @@ fn flood_and_check(cell: &mut TestCell, process: &str, address: &str) -> Result<
     let peak = watch_peak_resident(cell, process)?;
 
     // Ten times the cap of idle connections: each newcomer takes an idle one's place.
-    let mut flood = Flood::new();
+    let mut flood = Flood::new(cell.transport.clone());
     let opened = runtime.block_on(flood.open(address, "e2e.test", PEER_CAP * 10, Stall::Idle, 16));
     assert_eq!(opened.established, PEER_CAP * 10, "{opened:?}");
     assert!(
@@ -78,7 +78,7 @@ fn flood_and_check(cell: &mut TestCell, process: &str, address: &str) -> Result<
         declared: FRAME_BYTES,
         sent: FRAME_BYTES - 1,
     };
-    let mut stalled = Flood::new();
+    let mut stalled = Flood::new(cell.transport.clone());
     let opened = runtime.block_on(stalled.open(address, "e2e.test", STALLED, stall, STALLED));
     assert_eq!(opened.established, STALLED, "{opened:?}");
     assert_eq!(std::fs::read(fresh.join("before"))?, b"before the flood\n");
@@ -101,7 +101,7 @@ fn flood_and_check(cell: &mut TestCell, process: &str, address: &str) -> Result<
 
     // Goodbyes to idle connections are not warnings, and a mount idle past the timeout
     // simply reconnects.
-    let mut idle = Flood::new();
+    let mut idle = Flood::new(cell.transport.clone());
     runtime.block_on(idle.open(address, "e2e.test", 4, Stall::Idle, 4));
     assert!(wait_until(PATIENCE, || idle.open_now() == 0));
     runtime.block_on(idle.close());

@@ -250,7 +250,12 @@ fn root_dir(cell: &TestCell) -> Fid {
         .build()
         .unwrap();
     let config = proto::CellConfig::load(&cell.cell_file).unwrap();
-    let vldb = proto::VldbClient::new(config, proto::PeerKind::Admin, Duration::from_secs(5));
+    let vldb = proto::VldbClient::new(
+        config,
+        cell.transport.clone(),
+        proto::PeerKind::Admin,
+        Duration::from_secs(5),
+    );
     let entry = runtime
         .block_on(vldb.get_entry(VolumeRef::Name(VolumeName::parse("root.cell").unwrap())))
         .unwrap();
@@ -287,6 +292,7 @@ fn a_hung_active_loses_its_lease_and_answers_no_change_when_it_resumes() {
     let client = ClientId::random();
     for i in 0..50 {
         let answer = pair::call(
+            &cell.transport,
             &hung_address,
             Some(client),
             Request::Create {
@@ -305,6 +311,7 @@ fn a_hung_active_loses_its_lease_and_answers_no_change_when_it_resumes() {
     }
     assert!(
         wait_until(Duration::from_secs(10), || pair::member_state(
+            &cell.transport,
             &hung_address
         )
         .is_ok_and(|s| s.role == proto::MemberRole::Passive)),

@@ -169,10 +169,10 @@ fn a_late_store_after_a_truncate_is_refused() {
         .build()
         .unwrap();
     runtime.block_on(async {
-        let mut late = ProtocolClient::connect(&cell.fs_address, "e2e.test")
+        let mut late = ProtocolClient::connect(&cell.transport, &cell.fs_address, "e2e.test")
             .await
             .unwrap();
-        let truncater = ProtocolClient::connect(&cell.fs_address, "e2e.test")
+        let truncater = ProtocolClient::connect(&cell.transport, &cell.fs_address, "e2e.test")
             .await
             .unwrap();
         let volume = late.only_volume().await.unwrap();

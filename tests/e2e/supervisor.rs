@@ -15,6 +15,7 @@ use std::time::Duration;
 use harness::pair::member_state;
 use harness::up::Up;
 use harness::{vldb_status, wait_until};
+use proto::Transport;
 use proto::{MemberRole, VldbRole};
 
 const BIN: &str = env!("CARGO_BIN_EXE_holdfast");
@@ -132,10 +133,10 @@ fn kill_and_await(up: &Up, name: &str, writer: &Writer) {
 }
 
 /// The id of the replica every replica names as its leader, once they all agree.
-fn agreed_leader(replicas: &[(u64, String)]) -> Option<u64> {
+fn agreed_leader(transport: &Transport, replicas: &[(u64, String)]) -> Option<u64> {
     let mut leaders = BTreeSet::new();
     for (_, address) in replicas {
-        let status = vldb_status(address).ok()?;
+        let status = vldb_status(transport, address).ok()?;
         leaders.insert(status.leader?.0);
     }
     (leaders.len() == 1)
@@ -144,28 +145,34 @@ fn agreed_leader(replicas: &[(u64, String)]) -> Option<u64> {
 }
 
 /// Waits until the VLDB's three replicas follow one leader again.
-fn await_whole_group(replicas: &[(u64, String)]) -> u64 {
+fn await_whole_group(transport: &Transport, replicas: &[(u64, String)]) -> u64 {
     let mut leader = None;
     assert!(
         wait_until(SETTLE_LIMIT, || {
-            leader = agreed_leader(replicas);
+            leader = agreed_leader(transport, replicas);
             leader.is_some()
         }),
         "the VLDB replicas did not agree on a leader again"
     );
     let leader = leader.unwrap();
     let (_, address) = replicas.iter().find(|(id, _)| *id == leader).unwrap();
-    assert_eq!(vldb_status(address).unwrap().role, VldbRole::Leader);
+    assert_eq!(
+        vldb_status(transport, address).unwrap().role,
+        VldbRole::Leader
+    );
     leader
 }
 
 /// Waits until one member is active and the other passive; returns (active, passive).
-fn await_pair(members: &[(String, String)]) -> (String, String) {
+fn await_pair(transport: &Transport, members: &[(String, String)]) -> (String, String) {
     let mut roles = Vec::new();
     let settled = wait_until(SETTLE_LIMIT, || {
         roles = members
             .iter()
-            .map(|(name, address)| (name.clone(), member_state(address).map(|s| s.role).ok()))
+            .map(|(name, address)| {
+                let role = member_state(transport, address).map(|s| s.role).ok();
+                (name.clone(), role)
+            })
             .collect();
         roles.iter().any(|(_, r)| *r == Some(MemberRole::Active))
             && roles.iter().any(|(_, r)| *r == Some(MemberRole::Passive))
@@ -209,8 +216,9 @@ fn each_child_of_up_killed_in_turn_while_a_writer_appends() {
     writer.await_acked(0, APPENDS_AFTER_EACH_KILL, "the start");
 
     // Every VLDB replica, the leader first; the group is whole again before the next.
+    let transport = up.transport().unwrap();
     let replicas = up.replica_addresses().unwrap();
-    let leader = await_whole_group(&replicas);
+    let leader = await_whole_group(&transport, &replicas);
     let mut order: Vec<u64> = vec![leader];
     order.extend(
         replicas
@@ -220,16 +228,16 @@ fn each_child_of_up_killed_in_turn_while_a_writer_appends() {
     );
     for id in order {
         kill_and_await(&up, &format!("vlserver-{id}"), &writer);
-        await_whole_group(&replicas);
+        await_whole_group(&transport, &replicas);
     }
 
     // The active member (its partner takes over), then the passive one.
     let members = up.member_addresses().unwrap();
-    let (active, _) = await_pair(&members);
+    let (active, _) = await_pair(&transport, &members);
     kill_and_await(&up, &active, &writer);
-    let (_, passive) = await_pair(&members);
+    let (_, passive) = await_pair(&transport, &members);
     kill_and_await(&up, &passive, &writer);
-    await_pair(&members);
+    await_pair(&transport, &members);
     assert_eq!(
         writer.errors(),
         Vec::<i32>::new(),

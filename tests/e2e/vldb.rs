@@ -369,8 +369,8 @@ enum Decision {
 }
 
 /// Sends `request` (a pair decision) to the replica listening at `address`, and only it.
-fn decide_at(address: &str, request: Request) -> Decision {
-    match pair::call(address, None, request) {
+fn decide_at(cell: &TestCell, address: &str, request: Request) -> Decision {
+    match pair::call(&cell.transport, address, None, request) {
         Ok(Response::PairLease { epoch, .. }) => Decision::Granted(epoch),
         Ok(Response::Pair(entry)) => Decision::Granted(entry.epoch),
         Ok(other) => Decision::Other(other.kind_name().to_owned()),
@@ -405,7 +405,7 @@ fn a_stale_leader_cut_off_from_the_majority_stops_granting() {
     };
     let stale = cell.vldb_leader(GROUP_LIMIT).unwrap();
     let stale_address = cell.replica(stale).unwrap().listen.clone();
-    match decide_at(&stale_address, renew.clone()) {
+    match decide_at(&cell, &stale_address, renew.clone()) {
         Decision::Granted(granted) => assert_eq!(granted, epoch),
         other => panic!("the leader answered a renewal with {other:?}"),
     }
@@ -415,7 +415,7 @@ fn a_stale_leader_cut_off_from_the_majority_stops_granting() {
     // From now on the stale leader grants nothing; it soon says it does not lead.
     let mut answers = Vec::new();
     let refused = loop {
-        let answer = decide_at(&stale_address, renew.clone());
+        let answer = decide_at(&cell, &stale_address, renew.clone());
         let at = cut.elapsed();
         assert!(
             !matches!(answer, Decision::Granted(_)),
@@ -439,7 +439,7 @@ fn a_stale_leader_cut_off_from_the_majority_stops_granting() {
         "the cut-off leader took {refused:?} to refuse: {answers:?}"
     );
     let get = Request::VlGetPair { pair: pair.clone() };
-    let answer = decide_at(&stale_address, get);
+    let answer = decide_at(&cell, &stale_address, get);
     assert!(
         matches!(answer, Decision::NotLeader),
         "the cut-off leader answered VlGetPair with {answer:?}"
@@ -460,12 +460,12 @@ fn a_stale_leader_cut_off_from_the_majority_stops_granting() {
     let lookup = Request::VlGetEntry {
         volume: VolumeRef::Name(VolumeName::parse("vol.majority").unwrap()),
     };
-    match pair::call(&stale_address, None, lookup) {
+    match pair::call(&cell.transport, &stale_address, None, lookup) {
         Err(e) if matches!(e.remote(), Some(ErrorCode::NotLeader { .. })) => {}
         other => panic!("the cut-off leader answered a lookup with {other:?}"),
     }
     // Still cut off, the stale leader still grants nothing.
-    let answer = decide_at(&stale_address, renew);
+    let answer = decide_at(&cell, &stale_address, renew);
     assert!(
         matches!(answer, Decision::NotLeader),
         "the cut-off leader answered a renewal with {answer:?}"

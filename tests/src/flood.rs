@@ -25,6 +25,7 @@ impl TestCell {
             cell.stop("vlserver");
             let data = cell.path("vldb");
             let listen = cell.vl_address.clone();
+            let credentials = cell.credentials_arg();
             let mut args = vec![
                 "vlserver",
                 "--data",
@@ -33,6 +34,8 @@ impl TestCell {
                 &listen,
                 "--cell-name",
                 "e2e.test",
+                "--credentials",
+                &credentials,
             ];
             args.extend_from_slice(vlserver_flags);
             cell.spawn_ready("vlserver", &args)?;

@@ -9,6 +9,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use proto::tls::authority;
+use proto::{PeerClass, Transport};
 
 pub mod flood;
 pub mod pair;
@@ -98,6 +100,9 @@ pub struct TestCell {
     bin: PathBuf,
     pub dir: tempfile::TempDir,
     pub cell_file: PathBuf,
+    /// This test's own clients' transport: the host certificate of the cell's CA (made
+    /// in DIR/credentials, beside the cell file).
+    pub transport: Transport,
     /// The VLDB's address; the first replica's when the VLDB is a group.
     pub vl_address: String,
     /// The VLDB's replicas, when it is a group (`VldbKind::Replicated`...).
@@ -162,7 +167,7 @@ impl TestCell {
             cell.start_member(name, &options)?;
             if name == "fs-a" {
                 let address = cell.member_address("fs-a")?;
-                if !wait_until(READY_TIMEOUT, || pair::is_active(&address)) {
+                if !wait_until(READY_TIMEOUT, || pair::is_active(&cell.transport, &address)) {
                     bail!("fs-a did not become active:\n{}", cell.log("fs-a"));
                 }
             }
@@ -216,14 +221,14 @@ impl TestCell {
     pub fn active_member(&self) -> Option<String> {
         self.members
             .iter()
-            .find(|(_, address)| pair::is_active(address))
+            .find(|(_, address)| pair::is_active(&self.transport, address))
             .map(|(name, _)| name.clone())
     }
 
     /// Waits until `name` is the active member.
     pub fn await_active(&self, name: &str, limit: Duration) -> Result<()> {
         let address = self.member_address(name)?;
-        if wait_until(limit, || pair::is_active(&address)) {
+        if wait_until(limit, || pair::is_active(&self.transport, &address)) {
             Ok(())
         } else {
             bail!(
@@ -249,9 +254,13 @@ impl TestCell {
     pub fn start_vldb_as(bin: &str, kind: VldbKind) -> Result<TestCell> {
         require_fuse()?;
         let dir = tempfile::Builder::new().prefix("holdfast-e2e").tempdir()?;
+        let credentials = dir.path().join(proto::cell::CREDENTIALS_DIR_DEFAULT);
+        authority::init(&credentials, pair::CELL, "localhost")
+            .context("make the test cell's credentials")?;
         let mut cell = TestCell {
             bin: PathBuf::from(bin),
             cell_file: dir.path().join("cell.toml"),
+            transport: Transport::from_dir(&credentials, PeerClass::Host)?,
             dir,
             vl_address: String::new(),
             replicas: Vec::new(),
@@ -270,6 +279,7 @@ impl TestCell {
             return Ok(cell);
         }
         let vldb = cell.path("vldb");
+        let credentials = cell.credentials_arg();
         cell.vl_address = cell.spawn_ready(
             "vlserver",
             &[
@@ -280,6 +290,8 @@ impl TestCell {
                 "127.0.0.1:0",
                 "--cell-name",
                 "e2e.test",
+                "--credentials",
+                &credentials,
             ],
         )?;
         std::fs::write(
@@ -290,6 +302,12 @@ impl TestCell {
             ),
         )?;
         Ok(cell)
+    }
+
+    /// The cell's credentials directory (beside the cell file), as a flag's argument:
+    /// a VLDB started with `--cell-name` is given it with `--credentials`.
+    pub fn credentials_arg(&self) -> String {
+        self.path(proto::cell::CREDENTIALS_DIR_DEFAULT)
     }
 
     /// Creates the volume `root.cell`, once a fileserver registered.
@@ -353,10 +371,23 @@ impl TestCell {
         timeout: Duration,
         extra: &[&str],
     ) -> Result<PathBuf> {
+        let cell_file = self.cell_file.clone();
+        self.mount_with_cell_file(name, &cell_file, timeout, extra)
+    }
+
+    /// `mount_with_timeout` as a host whose cell file is `cell_file` (with credentials of
+    /// its own, say).
+    pub fn mount_with_cell_file(
+        &mut self,
+        name: &str,
+        cell_file: &Path,
+        timeout: Duration,
+        extra: &[&str],
+    ) -> Result<PathBuf> {
         let mountpoint = self.dir.path().join(name);
         std::fs::create_dir_all(&mountpoint)?;
         let cache = self.path(&format!("{name}.cache"));
-        let cell_file = self.cell_file.to_string_lossy().into_owned();
+        let cell_file = cell_file.to_string_lossy().into_owned();
         let target = mountpoint.to_string_lossy().into_owned();
         let timeout = format!("{}", timeout.as_secs_f64());
         let mut args = vec![

@@ -13,7 +13,7 @@ use anyhow::{Context, Result, bail};
 use proto::rpc::{self, Limits};
 use proto::{
     ClientId, ErrorCode, Hello, InstanceNonce, MemberRole, MemberState, PROTOCOL_VERSION_MAX,
-    PROTOCOL_VERSION_MIN, PeerKind, ProtoError, Request, Response,
+    PROTOCOL_VERSION_MIN, PeerKind, ProtoError, Request, Response, Transport,
 };
 
 /// The pair every pair test runs.
@@ -21,9 +21,11 @@ pub const PAIR: &str = "e2e-pair";
 /// The cell name of every test cell.
 pub const CELL: &str = "e2e.test";
 
-/// Sends one request to the fileserver at `address`, as a cache manager of its own
-/// (`client`) or as an admin, and returns the answer.
+/// Sends one request to the fileserver at `address` over `transport` (the cell's
+/// `TestCell::transport`), as a cache manager of its own (`client`) or as an admin, and
+/// returns the answer.
 pub fn call(
+    transport: &Transport,
     address: &str,
     client: Option<ClientId>,
     request: Request,
@@ -50,7 +52,8 @@ pub fn call(
             handshake_timeout: Duration::from_secs(2),
             ..Limits::default()
         };
-        let (connection, _reply, _incoming) = rpc::connect(address, hello, &limits).await?;
+        let (connection, _reply, _incoming) =
+            rpc::connect(address, hello, &limits, transport).await?;
         let answer = connection.call(request, Duration::from_secs(5)).await;
         connection.close();
         answer
@@ -58,8 +61,8 @@ pub fn call(
 }
 
 /// What the member at `address` says it is.
-pub fn member_state(address: &str) -> Result<MemberState> {
-    match call(address, None, Request::MemberState) {
+pub fn member_state(transport: &Transport, address: &str) -> Result<MemberState> {
+    match call(transport, address, None, Request::MemberState) {
         Ok(Response::MemberState(state)) => Ok(state),
         Ok(other) => bail!("MemberState answered {}", other.kind_name()),
         Err(e) => Err(e).with_context(|| format!("ask {address} for its state")),
@@ -67,8 +70,8 @@ pub fn member_state(address: &str) -> Result<MemberState> {
 }
 
 /// True when the member at `address` answers that it is active.
-pub fn is_active(address: &str) -> bool {
-    member_state(address).is_ok_and(|s| s.role == MemberRole::Active)
+pub fn is_active(transport: &Transport, address: &str) -> bool {
+    member_state(transport, address).is_ok_and(|s| s.role == MemberRole::Active)
 }
 
 /// True when `error` is the answer of a member that does not serve.
@@ -200,7 +203,7 @@ fn accept_loop(
 }
 
 /// Copies `from` to `to` until either fails or ends, then shuts both down.
-pub(crate) fn pipe(mut from: &TcpStream, mut to: &TcpStream) {
+fn pipe(mut from: &TcpStream, mut to: &TcpStream) {
     let mut buffer = [0u8; 16 * 1024];
     while let Ok(n) = from.read(&mut buffer) {
         if n == 0 || to.write_all(&buffer[..n]).is_err() {

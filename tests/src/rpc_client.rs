@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail};
 use proto::rpc::{self, Connection, Limits};
 use proto::{
     ClientId, Fid, Hello, InstanceNonce, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN, PeerKind,
-    Request, Response, VolumeId,
+    Request, Response, Transport, VolumeId,
 };
 
 /// How long one request of a test client may take.
@@ -23,8 +23,13 @@ pub struct ProtocolClient {
 }
 
 impl ProtocolClient {
-    /// Connects to the fileserver at `address` of cell `cell` as a new client instance.
-    pub async fn connect(address: &str, cell: &str) -> Result<ProtocolClient> {
+    /// Connects to the fileserver at `address` of cell `cell` over `transport` as a new
+    /// client instance.
+    pub async fn connect(
+        transport: &Transport,
+        address: &str,
+        cell: &str,
+    ) -> Result<ProtocolClient> {
         let client = ClientId::random();
         let hello = Hello {
             version_min: PROTOCOL_VERSION_MIN,
@@ -35,9 +40,10 @@ impl ProtocolClient {
                 instance: InstanceNonce(1),
             },
         };
-        let (connection, _, mut pushed) = rpc::connect(address, hello, &Limits::default())
-            .await
-            .with_context(|| format!("connect to the fileserver at {address}"))?;
+        let (connection, _, mut pushed) =
+            rpc::connect(address, hello, &Limits::default(), transport)
+                .await
+                .with_context(|| format!("connect to the fileserver at {address}"))?;
         tokio::spawn(async move {
             while let Some(request) = pushed.recv().await {
                 let (_, _, replier) = request.into_parts();

@@ -56,6 +56,16 @@ impl Up {
         self.dir.path().join("cell")
     }
 
+    /// How the test's own clients reach `up`'s cell: the host certificate `up` made in
+    /// DIR/credentials the first time.
+    pub fn transport(&self) -> Result<proto::Transport> {
+        let credentials = self.dir().join(proto::cell::CREDENTIALS_DIR_DEFAULT);
+        Ok(proto::Transport::from_dir(
+            &credentials,
+            proto::PeerClass::Host,
+        )?)
+    }
+
     /// DIR/mnt, the mount point.
     pub fn mountpoint(&self) -> PathBuf {
         self.dir().join("mnt")

@@ -4,7 +4,6 @@
 //! every address on 127.0.0.1.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,12 +13,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use proto::frame::{FRAME_BYTES_MAX_DEFAULT, FRAME_HEADER_BYTES, decode_frame};
+use proto::tls::Secured;
 use proto::{
-    CellConfig, Frame, Hello, PairEntry, PairName, PeerKind, Request, Response, VldbClient,
-    VldbMemberStatus, VldbRole,
+    CellConfig, Frame, Hello, PairEntry, PairName, PeerClass, PeerKind, Request, Response,
+    Transport, VldbClient, VldbMemberStatus, VldbRole,
 };
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::pair::{self, CELL, PAIR, pipe};
+use crate::pair::{self, CELL, PAIR};
 use crate::{TestCell, log_len};
 
 /// What serves a test cell's VLDB.
@@ -70,8 +71,8 @@ pub fn replica_name(id: u64) -> String {
 }
 
 /// What the VLDB replica at `address` says of itself (`VlStatus`).
-pub fn vldb_status(address: &str) -> Result<VldbMemberStatus> {
-    match pair::call(address, None, Request::VlStatus) {
+pub fn vldb_status(transport: &Transport, address: &str) -> Result<VldbMemberStatus> {
+    match pair::call(transport, address, None, Request::VlStatus) {
         Ok(Response::VlStatus(status)) => Ok(status),
         Ok(other) => bail!("{address} answered VlStatus with {}", other.kind_name()),
         Err(e) => Err(e).with_context(|| format!("ask the VLDB replica at {address}")),
@@ -92,7 +93,9 @@ impl TestCell {
     /// with a data directory `vl-N.data` in the cell's; writes the cell file naming them.
     pub(crate) fn start_replicas(&mut self, kind: VldbKind) -> Result<()> {
         if kind == VldbKind::ReplicatedBehindProxies {
-            self.replica_proxies = Some(ReplicaProxies::new().add_all(REPLICAS)?);
+            let credentials = PathBuf::from(self.credentials_arg());
+            let transport = Transport::from_dir(&credentials, PeerClass::Server)?;
+            self.replica_proxies = Some(ReplicaProxies::new(transport).add_all(REPLICAS)?);
         }
         for id in 1..=REPLICAS {
             // Stopped together, a replica may find a peer gone before it goes itself.
@@ -205,6 +208,7 @@ impl TestCell {
         let data = replica.data.to_string_lossy().into_owned();
         let id_arg = id.to_string();
         let peers = peers.join(",");
+        let credentials = self.credentials_arg();
         self.spawn_ready(
             &name,
             &[
@@ -215,6 +219,8 @@ impl TestCell {
                 &replica.listen,
                 "--cell-name",
                 CELL,
+                "--credentials",
+                &credentials,
                 "--id",
                 &id_arg,
                 "--peers",
@@ -251,7 +257,7 @@ impl TestCell {
 
     /// What replica `id` says of itself, asked where it listens (past its proxy).
     pub fn replica_status(&self, id: u64) -> Result<VldbMemberStatus> {
-        vldb_status(&self.replica(id)?.listen)
+        vldb_status(&self.transport, &self.replica(id)?.listen)
     }
 
     /// The leader every replica that answers agrees on, waiting up to `limit` for a
@@ -333,7 +339,12 @@ impl TestCell {
     /// A VLDB client of the cell's, as an admin tool is.
     pub fn vldb_client(&self, timeout: Duration) -> Result<VldbClient> {
         let config = CellConfig::load(&self.cell_file)?;
-        Ok(VldbClient::new(config, PeerKind::Admin, timeout))
+        Ok(VldbClient::new(
+            config,
+            self.transport.clone(),
+            PeerKind::Admin,
+            timeout,
+        ))
     }
 
     /// The pair `PAIR` as the VLDB's leader records it.
@@ -395,10 +406,14 @@ fn reserve_addresses(count: usize) -> Result<Vec<String>> {
         .collect()
 }
 
-/// One loopback proxy in front of each replica. Each reads the first frame of every
-/// connection it accepts — the `Hello` — to learn whether another replica dialled it,
-/// so that cutting replica N closes its own proxy's connections and those N dialled.
+/// One loopback proxy in front of each replica. Each ends the TLS of every connection it
+/// accepts and reads its first frame — the `Hello` — to learn whether another replica
+/// dialled it, so that cutting replica N closes its own proxy's connections and those N
+/// dialled; it goes on to the replica over TLS of its own, with the cell's server
+/// certificate.
 pub(crate) struct ReplicaProxies {
+    /// Both of the proxy's TLS ends: the server certificate of the test cell.
+    transport: Transport,
     /// Each proxy's address, by the id of the replica behind it.
     addresses: BTreeMap<u64, String>,
     state: Arc<Mutex<ProxyState>>,
@@ -434,8 +449,9 @@ impl Forwarded {
 }
 
 impl ReplicaProxies {
-    fn new() -> ReplicaProxies {
+    fn new(transport: Transport) -> ReplicaProxies {
         ReplicaProxies {
+            transport,
             addresses: BTreeMap::new(),
             state: Arc::default(),
             stop: Arc::default(),
@@ -459,12 +475,14 @@ impl ReplicaProxies {
         self.addresses
             .insert(id, listener.local_addr()?.to_string());
         let (state, stop) = (self.state.clone(), self.stop.clone());
+        let transport = self.transport.clone();
         self.acceptors.push(std::thread::spawn(move || {
             while !stop.load(Ordering::SeqCst) {
                 match listener.accept() {
                     Ok((client, _)) => {
                         let state = state.clone();
-                        std::thread::spawn(move || forward(client, id, &state));
+                        let transport = transport.clone();
+                        std::thread::spawn(move || forward(client, id, &state, &transport));
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                         std::thread::sleep(Duration::from_millis(5));
@@ -518,56 +536,62 @@ impl Drop for ReplicaProxies {
 
 /// Forwards one connection accepted in front of replica `to` to where it listens, unless
 /// a replica cut off is at either end.
-fn forward(client: TcpStream, to: u64, state: &Mutex<ProxyState>) {
-    let Some((hello, from)) = read_hello(&client) else {
+fn forward(client: TcpStream, to: u64, state: &Mutex<ProxyState>, transport: &Transport) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build();
+    let (Ok(runtime), Ok(client_end)) = (runtime, client.try_clone()) else {
         let _ = client.shutdown(Shutdown::Both);
         return;
     };
-    let target = {
-        let state = lock(state);
-        match state.targets.get(&to) {
-            Some(target) if !is_cut(&state, to, from) => *target,
-            _ => {
-                let _ = client.shutdown(Shutdown::Both);
-                return;
-            }
-        }
-    };
-    let server = TcpStream::connect_timeout(&target, Duration::from_secs(2))
-        .and_then(|mut server| server.write_all(&hello).map(|()| server));
-    let Ok(server) = server else {
-        let _ = client.shutdown(Shutdown::Both);
-        return;
-    };
-    let streams = [&client, &server].map(|s| s.try_clone());
-    let [Ok(client_end), Ok(server_end)] = streams else {
-        let _ = client.shutdown(Shutdown::Both);
-        let _ = server.shutdown(Shutdown::Both);
-        return;
-    };
-    let key = {
-        let mut state = lock(state);
-        let forwarded = Forwarded {
-            to,
-            from,
-            streams: [client_end, server_end],
+    let key = runtime.block_on(async {
+        let Some((mut client, hello, from)) = accept_hello(client, transport).await else {
+            let _ = client_end.shutdown(Shutdown::Both);
+            return None;
         };
-        // Checked again under the lock that `cut` takes: a cut meanwhile is not missed.
-        if is_cut(&state, to, from) {
-            forwarded.shutdown();
-            return;
-        }
-        state.next += 1;
-        let key = state.next;
-        state.open.insert(key, forwarded);
-        key
-    };
-    // The Hello went ahead; the rest flows both ways until either end closes.
-    std::thread::scope(|scope| {
-        scope.spawn(|| pipe(&client, &server));
-        pipe(&server, &client);
+        let target = {
+            let state = lock(state);
+            match state.targets.get(&to) {
+                Some(target) if !is_cut(&state, to, from) => *target,
+                _ => {
+                    let _ = client_end.shutdown(Shutdown::Both);
+                    return None;
+                }
+            }
+        };
+        let Some((mut server, server_end)) = connect_with(target, &hello, transport).await else {
+            let _ = client_end.shutdown(Shutdown::Both);
+            return None;
+        };
+        let key = {
+            let mut state = lock(state);
+            let forwarded = Forwarded {
+                to,
+                from,
+                streams: [client_end, server_end],
+            };
+            // Checked again under the lock that `cut` takes: a cut meanwhile is not missed.
+            if is_cut(&state, to, from) {
+                forwarded.shutdown();
+                return None;
+            }
+            state.next += 1;
+            let key = state.next;
+            state.open.insert(key, forwarded);
+            key
+        };
+        // The Hello went ahead; the rest flows both ways until either end closes.
+        tokio::join!(
+            pipe(&mut client.read, &mut server.write),
+            pipe(&mut server.read, &mut client.write),
+        );
+        Some(key)
     });
-    lock(state).open.remove(&key);
+    if let Some(key) = key
+        && let Some(forwarded) = lock(state).open.remove(&key)
+    {
+        forwarded.shutdown();
+    }
 }
 
 /// True when a replica at either end of a connection is cut off.
@@ -575,19 +599,40 @@ fn is_cut(state: &ProxyState, to: u64, from: Option<u64>) -> bool {
     state.cut.contains(&to) || from.is_some_and(|from| state.cut.contains(&from))
 }
 
-/// Reads the connection's first frame, whole; returns its bytes and the replica that sent
-/// it, if a replica did. `None` if it is not a frame within a few seconds.
-fn read_hello(mut client: &TcpStream) -> Option<(Vec<u8>, Option<u64>)> {
-    client.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    let mut frame = vec![0u8; FRAME_HEADER_BYTES];
-    client.read_exact(&mut frame).ok()?;
-    let length = u32::from_le_bytes([frame[0], frame[1], frame[2], frame[3]]) as usize;
-    if length > FRAME_BYTES_MAX_DEFAULT {
-        return None;
-    }
-    frame.resize(FRAME_HEADER_BYTES + length, 0);
-    client.read_exact(&mut frame[FRAME_HEADER_BYTES..]).ok()?;
-    client.set_read_timeout(None).ok()?;
+/// Copies until `from` ends, then ends `to`.
+async fn pipe(from: &mut (impl AsyncReadExt + Unpin), to: &mut (impl AsyncWriteExt + Unpin)) {
+    let _ = tokio::io::copy(from, to).await;
+    let _ = to.shutdown().await;
+}
+
+/// Accepts the TLS of `client` and reads its first frame, whole; returns the stream, the
+/// frame's bytes and the replica that sent it, if a replica did. `None` if it is not a
+/// frame within a few seconds.
+async fn accept_hello(
+    client: TcpStream,
+    transport: &Transport,
+) -> Option<(Secured, Vec<u8>, Option<u64>)> {
+    client.set_nonblocking(true).ok()?;
+    let client = tokio::net::TcpStream::from_std(client).ok()?;
+    let reading = async {
+        let mut client = transport.accept(client).await.ok()?;
+        let mut frame = vec![0u8; FRAME_HEADER_BYTES];
+        client.read.read_exact(&mut frame).await.ok()?;
+        let length = u32::from_le_bytes([frame[0], frame[1], frame[2], frame[3]]) as usize;
+        if length > FRAME_BYTES_MAX_DEFAULT {
+            return None;
+        }
+        frame.resize(FRAME_HEADER_BYTES + length, 0);
+        client
+            .read
+            .read_exact(&mut frame[FRAME_HEADER_BYTES..])
+            .await
+            .ok()?;
+        Some((client, frame))
+    };
+    let (client, frame) = tokio::time::timeout(Duration::from_secs(5), reading)
+        .await
+        .ok()??;
     let from = match decode_frame(&frame[FRAME_HEADER_BYTES..]) {
         Ok(Frame::Hello(Hello {
             peer: PeerKind::VldbReplica { id },
@@ -595,7 +640,29 @@ fn read_hello(mut client: &TcpStream) -> Option<(Vec<u8>, Option<u64>)> {
         })) => Some(id),
         _ => None,
     };
-    Some((frame, from))
+    Some((client, frame, from))
+}
+
+/// Connects to `target` over TLS and sends `hello` on; returns the stream and a handle on
+/// its socket for `cut`.
+async fn connect_with(
+    target: SocketAddr,
+    hello: &[u8],
+    transport: &Transport,
+) -> Option<(Secured, TcpStream)> {
+    let connecting = async {
+        let server = tokio::net::TcpStream::connect(target).await.ok()?;
+        let handle = server.into_std().ok()?;
+        let server_end = handle.try_clone().ok()?;
+        let server = tokio::net::TcpStream::from_std(handle).ok()?;
+        let mut server = transport.connect(server).await.ok()?;
+        server.write.write_all(hello).await.ok()?;
+        server.write.flush().await.ok()?;
+        Some((server, server_end))
+    };
+    tokio::time::timeout(Duration::from_secs(2), connecting)
+        .await
+        .ok()?
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use proto::TokenKey;
+use proto::Transport;
 use proto::server::{ServerLimits, serve};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -61,12 +62,16 @@ pub struct Config {
     pub token_key_file: Option<PathBuf>,
     /// The longest a token it issues lives.
     pub token_lifetime_max: Duration,
+    /// How it serves and reaches the other replicas: mutual TLS with the host's server
+    /// certificate.
+    pub transport: Transport,
 }
 
 impl Config {
     /// A group of one: this replica alone, as id 1.
-    pub fn single(data_dir: PathBuf, cell_name: String) -> Config {
+    pub fn single(data_dir: PathBuf, cell_name: String, transport: Transport) -> Config {
         Config {
+            transport,
             data_dir,
             cell_name,
             id: 1,
@@ -106,6 +111,7 @@ pub async fn run(
             cell_name: config.cell_name.clone(),
             peers_given: !config.peers.is_empty(),
             snapshot_every: config.snapshot_every,
+            transport: config.transport.clone(),
         })
         .await?,
     );
@@ -128,6 +134,7 @@ pub async fn run(
         listener,
         service,
         config.connection_limits,
+        config.transport,
         serving_stopped,
     ));
     let outcome = tokio::select! {

@@ -8,7 +8,10 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use proto::{CellConfig, PeerKind, ServerId, Timestamp, VldbClient, VolumeName, VolumeRef};
+use proto::tls::authority::test_transport;
+use proto::{
+    CellConfig, PeerClass, PeerKind, ServerId, Timestamp, VldbClient, VolumeName, VolumeRef,
+};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -46,6 +49,7 @@ fn start(
         connection_limits: Default::default(),
         token_key_file: None,
         token_lifetime_max: proto::identity::TOKEN_LIFETIME_DEFAULT,
+        transport: test_transport(PeerClass::Server).unwrap(),
     };
     let task = tokio::spawn(vlserver::run(config, listener, shutdown));
     Replica {
@@ -60,8 +64,14 @@ fn client_of(address: &str) -> VldbClient {
     let cell = CellConfig {
         name: CELL.into(),
         vlservers: vec![address.into()],
+        credentials: None,
     };
-    VldbClient::new(cell, PeerKind::Admin, TIMEOUT)
+    VldbClient::new(
+        cell,
+        test_transport(PeerClass::Host).unwrap(),
+        PeerKind::Admin,
+        TIMEOUT,
+    )
 }
 
 /// A single VLDB's file (format 1) holding `root.cell` and `home.a`.
@@ -126,8 +136,14 @@ async fn a_single_vldbs_database_reaches_every_replica() {
     let cell = CellConfig {
         name: CELL.into(),
         vlservers: replicas.iter().map(|r| r.address.clone()).collect(),
+        credentials: None,
     };
-    let client = VldbClient::new(cell, PeerKind::Admin, TIMEOUT);
+    let client = VldbClient::new(
+        cell,
+        test_transport(PeerClass::Host).unwrap(),
+        PeerKind::Admin,
+        TIMEOUT,
+    );
     let servers = client.list_servers().await.unwrap();
     let home_a = client
         .get_entry(VolumeRef::Name(VolumeName::parse("home.a").unwrap()))
@@ -193,8 +209,14 @@ async fn a_replica_behind_the_purged_log_catches_up_from_a_snapshot() {
     let cell = CellConfig {
         name: CELL.into(),
         vlservers: replicas.iter().map(|r| r.address.clone()).collect(),
+        credentials: None,
     };
-    let client = VldbClient::new(cell, PeerKind::Admin, TIMEOUT);
+    let client = VldbClient::new(
+        cell,
+        test_transport(PeerClass::Host).unwrap(),
+        PeerKind::Admin,
+        TIMEOUT,
+    );
     let server = ServerId::random();
     client
         .register_server(server, vec!["127.0.0.1:7000".into()])

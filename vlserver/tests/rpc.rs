@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use proto::PeerClass;
+use proto::tls::authority::test_transport;
 use proto::{
     CellConfig, Epoch, ErrorCode, PairName, PeerKind, ProtoError, Request, Response, ServerId,
     VldbClient, VolumeName, VolumeRef,
@@ -26,7 +28,11 @@ async fn start() -> Running {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap().to_string();
     let (stop, shutdown) = watch::channel(false);
-    let config = Config::single(dir.path().join("vldb"), CELL.into());
+    let config = Config::single(
+        dir.path().join("vldb"),
+        CELL.into(),
+        test_transport(PeerClass::Server).unwrap(),
+    );
     let task = tokio::spawn(vlserver::run(config, listener, shutdown));
     Running {
         address,
@@ -40,8 +46,14 @@ fn client(address: &str, cell: &str) -> VldbClient {
     let cell = CellConfig {
         name: cell.into(),
         vlservers: vec![address.into()],
+        credentials: None,
     };
-    VldbClient::new(cell, PeerKind::Admin, TIMEOUT)
+    VldbClient::new(
+        cell,
+        test_transport(PeerClass::Host).unwrap(),
+        PeerKind::Admin,
+        TIMEOUT,
+    )
 }
 
 fn remote(result: Result<impl std::fmt::Debug, ProtoError>) -> ErrorCode {
@@ -151,7 +163,11 @@ async fn keeps_entries_across_a_restart() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap().to_string();
         let (stop, shutdown) = watch::channel(false);
-        let config = Config::single(dir.path().to_owned(), CELL.into());
+        let config = Config::single(
+            dir.path().to_owned(),
+            CELL.into(),
+            test_transport(PeerClass::Server).unwrap(),
+        );
         let task = tokio::spawn(vlserver::run(config, listener, shutdown));
         let client = client(&address, CELL);
         if round == 0 {

@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use proto::Transport;
 use proto::{
     CellConfig, ErrorCode, PeerKind, ProtoError, Request, Response, ServerEntry, ServerId,
     VldbClient, VolumeEntry, VolumeId, VolumeInfo, VolumeName, VolumeRef, VolumeSite, VolumeType,
@@ -19,16 +20,19 @@ const BYTES_PER_MIB: u64 = 1 << 20;
 /// Administers the volumes of one cell.
 pub struct Vos {
     pub(crate) cell: CellConfig,
+    pub(crate) transport: Transport,
     pub(crate) timeout: Duration,
     pub(crate) vldb: VldbClient,
 }
 
 impl Vos {
-    /// `timeout` bounds each connection attempt and each call.
-    pub fn new(cell: CellConfig, timeout: Duration) -> Vos {
-        let vldb = VldbClient::new(cell.clone(), PeerKind::Admin, timeout);
+    /// `timeout` bounds each connection attempt and each call; `transport` is this
+    /// host's (its host certificate).
+    pub fn new(cell: CellConfig, transport: Transport, timeout: Duration) -> Vos {
+        let vldb = VldbClient::new(cell.clone(), transport.clone(), PeerKind::Admin, timeout);
         Vos {
             cell,
+            transport,
             timeout,
             vldb,
         }
@@ -85,14 +89,15 @@ impl Vos {
             name: volume_name,
             quota_bytes,
         };
-        let created = match Fileserver::connect(&self.cell, target, self.timeout).await {
-            Ok(fileserver) => match fileserver.call(request).await {
-                Ok(Response::Ok | Response::Volume(_)) => Ok(fileserver.address().to_owned()),
-                Ok(other) => Err(fileserver.unexpected(&other)),
+        let created =
+            match Fileserver::connect(&self.cell, &self.transport, target, self.timeout).await {
+                Ok(fileserver) => match fileserver.call(request).await {
+                    Ok(Response::Ok | Response::Volume(_)) => Ok(fileserver.address().to_owned()),
+                    Ok(other) => Err(fileserver.unexpected(&other)),
+                    Err(e) => Err(e),
+                },
                 Err(e) => Err(e),
-            },
-            Err(e) => Err(e),
-        };
+            };
         match created {
             Ok(address) => {
                 info!(volume = %entry.name, id = %entry.rw_id, %address, "volume created");
@@ -120,7 +125,8 @@ impl Vos {
                 continue;
             };
             let server = site_server(&entry, site, &servers)?;
-            let fileserver = Fileserver::connect(&self.cell, server, self.timeout).await?;
+            let fileserver =
+                Fileserver::connect(&self.cell, &self.transport, server, self.timeout).await?;
             match fileserver.call(Request::RemoveVolume { id }).await {
                 Ok(Response::Ok | Response::Volume(_)) => {}
                 Ok(other) => return Err(fileserver.unexpected(&other)),
@@ -191,7 +197,8 @@ impl Vos {
         };
         let mut out = Vec::with_capacity(targets.len());
         for target in targets {
-            let fileserver = Fileserver::connect(&self.cell, target, self.timeout).await?;
+            let fileserver =
+                Fileserver::connect(&self.cell, &self.transport, target, self.timeout).await?;
             let mut volumes = match fileserver.call(Request::ListVolumes).await? {
                 Response::Volumes(volumes) => volumes,
                 other => return Err(fileserver.unexpected(&other)),
@@ -220,7 +227,8 @@ impl Vos {
                 }
             },
         };
-        let fileserver = Fileserver::connect(&self.cell, target, self.timeout).await?;
+        let fileserver =
+            Fileserver::connect(&self.cell, &self.transport, target, self.timeout).await?;
         match fileserver.call(Request::ServerCounters).await? {
             Response::Counters(counters) => Ok((target.clone(), counters)),
             other => Err(fileserver.unexpected(&other)),
@@ -246,7 +254,8 @@ impl Vos {
             return Ok(None);
         };
         let server = site_server(entry, site, servers)?;
-        let fileserver = Fileserver::connect(&self.cell, server, self.timeout).await?;
+        let fileserver =
+            Fileserver::connect(&self.cell, &self.transport, server, self.timeout).await?;
         match fileserver
             .call(Request::ExamineVolume { id: entry.rw_id })
             .await?

@@ -8,7 +8,7 @@ use std::time::Duration;
 use proto::rpc::{self, Connection, Limits};
 use proto::{
     CellConfig, ErrorCode, Hello, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN, PeerKind, ProtoError,
-    Request, Response, ServerEntry,
+    Request, Response, ServerEntry, Transport,
 };
 use tracing::debug;
 
@@ -26,13 +26,14 @@ impl Fileserver {
     /// lands on the passive.
     pub(crate) async fn connect(
         cell: &CellConfig,
+        transport: &Transport,
         server: &ServerEntry,
         timeout: Duration,
     ) -> Result<Fileserver, VosError> {
         let mut failure = None;
         let pair = server.addresses.len() > 1;
         for address in &server.addresses {
-            match Fileserver::connect_to(cell, address, timeout).await {
+            match Fileserver::connect_to(cell, transport, address, timeout).await {
                 Ok(fileserver) if pair && !fileserver.is_active().await => {
                     debug!(%address, "pair member is not active; trying its partner");
                     failure = Some(VosError::Fileserver {
@@ -60,6 +61,7 @@ impl Fileserver {
     /// Connects to the fileserver at `address`, and no other.
     pub(crate) async fn connect_to(
         cell: &CellConfig,
+        transport: &Transport,
         address: &str,
         timeout: Duration,
     ) -> Result<Fileserver, VosError> {
@@ -75,7 +77,7 @@ impl Fileserver {
         };
         // A fileserver never calls an admin tool: dropping the incoming queue answers
         // anything it sends with `Unsupported`.
-        match rpc::connect(address, hello, &limits).await {
+        match rpc::connect(address, hello, &limits, transport).await {
             Ok((connection, _reply, _incoming)) => Ok(Fileserver {
                 address: address.to_owned(),
                 connection,

@@ -83,7 +83,8 @@ impl Vos {
             });
         }
         let started = Instant::now();
-        let fileserver = Fileserver::connect_to(&self.cell, &from, self.timeout).await?;
+        let fileserver =
+            Fileserver::connect_to(&self.cell, &self.transport, &from, self.timeout).await?;
         match fileserver
             .call_within(Request::PairSwitchover, SWITCHOVER_TIMEOUT)
             .await?
@@ -125,14 +126,15 @@ impl Vos {
 
     async fn member_state(&self, address: &str) -> MemberStatus {
         let timeout = self.timeout.min(MEMBER_STATE_TIMEOUT);
-        let answer = match Fileserver::connect_to(&self.cell, address, timeout).await {
-            Ok(fileserver) => match fileserver.call(Request::MemberState).await {
-                Ok(Response::MemberState(state)) => Ok(state),
-                Ok(other) => Err(fileserver.unexpected(&other)),
+        let answer =
+            match Fileserver::connect_to(&self.cell, &self.transport, address, timeout).await {
+                Ok(fileserver) => match fileserver.call(Request::MemberState).await {
+                    Ok(Response::MemberState(state)) => Ok(state),
+                    Ok(other) => Err(fileserver.unexpected(&other)),
+                    Err(e) => Err(e),
+                },
                 Err(e) => Err(e),
-            },
-            Err(e) => Err(e),
-        };
+            };
         match answer {
             Ok(state) => MemberStatus::Answered(state),
             Err(VosError::Fileserver { code, .. }) => MemberStatus::Refused(code),

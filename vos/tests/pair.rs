@@ -7,9 +7,10 @@ use std::time::Duration;
 
 use proto::rpc::{self, Connection};
 use proto::server::{ServerLimits, serve};
+use proto::tls::authority::CellAuthority;
 use proto::{
     CellConfig, Epoch, ErrorCode, GraceState, Hello, HelloReply, MemberRole, MemberState, PairName,
-    PeerKind, Request, Response, ServerId, VldbClient,
+    PeerClass, PeerKind, Request, Response, ServerId, Transport, VldbClient,
 };
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -94,6 +95,7 @@ impl proto::server::Service for FakeMember {
 /// A vlserver and a pair `p1` of members A and B. Everything stops on drop.
 struct Cell {
     config: CellConfig,
+    authority: Arc<CellAuthority>,
     a: String,
     b: String,
     stop: watch::Sender<bool>,
@@ -108,7 +110,15 @@ impl Drop for Cell {
 
 impl Cell {
     fn vos(&self) -> Vos {
-        Vos::new(self.config.clone(), TIMEOUT)
+        Vos::new(
+            self.config.clone(),
+            self.transport(PeerClass::Host),
+            TIMEOUT,
+        )
+    }
+
+    fn transport(&self, class: PeerClass) -> Transport {
+        self.authority.transport(class, "test").unwrap()
     }
 }
 
@@ -125,8 +135,12 @@ async fn start_cell(partner_alive: bool, hands_over: bool) -> Cell {
     let config = CellConfig {
         name: CELL.into(),
         vlservers: vec![vl_listener.local_addr().unwrap().to_string()],
+        credentials: None,
     };
-    let vl_config = vlserver::Config::single(dir.path().to_owned(), CELL.into());
+    let authority = Arc::new(CellAuthority::generate(CELL).unwrap());
+    let server_transport = authority.transport(PeerClass::Server, "server").unwrap();
+    let vl_config =
+        vlserver::Config::single(dir.path().to_owned(), CELL.into(), server_transport.clone());
     tokio::spawn(vlserver::run(vl_config, vl_listener, shutdown.clone()));
 
     let a_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -135,7 +149,14 @@ async fn start_cell(partner_alive: bool, hands_over: bool) -> Cell {
     let b = b_listener.local_addr().unwrap().to_string();
 
     let server = ServerId::random();
-    let vldb = || VldbClient::new(config.clone(), PeerKind::FileServer { server }, TIMEOUT);
+    let vldb = || {
+        VldbClient::new(
+            config.clone(),
+            server_transport.clone(),
+            PeerKind::FileServer { server },
+            TIMEOUT,
+        )
+    };
     let setup = vldb();
     setup.join_pair(&pair_name(), server, &a).await.unwrap();
     setup.join_pair(&pair_name(), server, &b).await.unwrap();
@@ -180,11 +201,13 @@ async fn start_cell(partner_alive: bool, hands_over: bool) -> Cell {
             listener,
             member,
             ServerLimits::default(),
+            server_transport.clone(),
             shutdown.clone(),
         ));
     }
     Cell {
         config,
+        authority,
         a,
         b,
         stop,
@@ -314,7 +337,12 @@ async fn unknown_and_bad_pair_names_are_one_clear_line() {
 
     // A pair of one has nobody to hand over to.
     let server = ServerId::random();
-    let vldb = VldbClient::new(cell.config.clone(), PeerKind::Admin, TIMEOUT);
+    let vldb = VldbClient::new(
+        cell.config.clone(),
+        cell.transport(PeerClass::Host),
+        PeerKind::Admin,
+        TIMEOUT,
+    );
     let solo = PairName::parse("solo").unwrap();
     vldb.join_pair(&solo, server, "127.0.0.1:1").await.unwrap();
     assert!(matches!(

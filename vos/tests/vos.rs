@@ -6,9 +6,10 @@ use std::time::Duration;
 
 use proto::rpc::{self, Connection};
 use proto::server::{ServerLimits, Service, serve};
+use proto::tls::authority::CellAuthority;
 use proto::{
-    CellConfig, ErrorCode, Hello, HelloReply, PeerKind, Request, Response, ServerId, Timestamp,
-    VldbClient, VolumeId, VolumeInfo, VolumeType,
+    CellConfig, ErrorCode, Hello, HelloReply, PeerClass, PeerKind, Request, Response, ServerId,
+    Timestamp, Transport, VldbClient, VolumeId, VolumeInfo, VolumeType,
 };
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -79,6 +80,7 @@ impl Service for FakeFileserver {
 /// A vlserver and the fileservers registered with it; everything stops on drop.
 struct Cell {
     config: CellConfig,
+    authority: CellAuthority,
     stop: watch::Sender<bool>,
     shutdown: watch::Receiver<bool>,
     fileservers: Vec<(String, Arc<FakeFileserver>)>,
@@ -91,13 +93,17 @@ impl Cell {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap().to_string();
         let (stop, shutdown) = watch::channel(false);
-        let config = vlserver::Config::single(dir.path().to_owned(), CELL.into());
+        let authority = CellAuthority::generate(CELL).unwrap();
+        let transport = authority.transport(PeerClass::Server, "vldb").unwrap();
+        let config = vlserver::Config::single(dir.path().to_owned(), CELL.into(), transport);
         tokio::spawn(vlserver::run(config, listener, shutdown.clone()));
         Cell {
             config: CellConfig {
                 name: CELL.into(),
                 vlservers: vec![address],
+                credentials: None,
             },
+            authority,
             stop,
             shutdown,
             fileservers: Vec::new(),
@@ -105,16 +111,29 @@ impl Cell {
         }
     }
 
+    fn transport(&self, class: PeerClass) -> Transport {
+        self.authority.transport(class, "test").unwrap()
+    }
+
     fn vos(&self) -> Vos {
-        Vos::new(self.config.clone(), TIMEOUT)
+        Vos::new(
+            self.config.clone(),
+            self.transport(PeerClass::Host),
+            TIMEOUT,
+        )
     }
 
     async fn register(&self, server: ServerId, address: &str) {
         let peer = PeerKind::FileServer { server };
-        VldbClient::new(self.config.clone(), peer, TIMEOUT)
-            .register_server(server, vec![address.into()])
-            .await
-            .unwrap();
+        VldbClient::new(
+            self.config.clone(),
+            self.transport(PeerClass::Server),
+            peer,
+            TIMEOUT,
+        )
+        .register_server(server, vec![address.into()])
+        .await
+        .unwrap();
     }
 
     /// Starts a fileserver double and registers it; returns its address.
@@ -131,6 +150,7 @@ impl Cell {
             listener,
             fileserver.clone(),
             limits,
+            self.transport(PeerClass::Server),
             self.shutdown.clone(),
         ));
         self.register(fileserver.server, &address).await;
@@ -225,8 +245,11 @@ async fn unreachable_vldb_is_named_with_its_address() {
     let cell = CellConfig {
         name: CELL.into(),
         vlservers: vec![address.clone()],
+        credentials: None,
     };
-    let vos = Vos::new(cell, TIMEOUT);
+    let authority = CellAuthority::generate(CELL).unwrap();
+    let transport = authority.transport(PeerClass::Host, "test").unwrap();
+    let vos = Vos::new(cell, transport, TIMEOUT);
     let err = vos.listvldb().await.unwrap_err();
     let text = err.to_string();
     assert!(

@@ -48,9 +48,11 @@ pub(super) async fn start_manager_with(
     let config = CellConfig {
         name: CELL.to_owned(),
         vlservers: vec![cell.address()],
+        credentials: None,
     };
-    let vldb = VldbClient::new(config, peer, WAIT_MAX);
-    let pool = ServerPool::new(hello, rpc_timeout, failover_timeout);
+    let transport = cell.host_transport();
+    let vldb = VldbClient::new(config, transport.clone(), peer, WAIT_MAX);
+    let pool = ServerPool::new(hello, transport, rpc_timeout, failover_timeout);
     let settings = ManagerSettings {
         root_volume: VolumeName::parse("root.cell").unwrap(),
         chunk_dir: dir.join("chunks"),

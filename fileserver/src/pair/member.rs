@@ -60,12 +60,14 @@ pub async fn run(
         listener,
         service.clone(),
         config.connection_limits.clone(),
+        config.transport.clone(),
         shutdown.clone(),
     ));
     // Each call must end well within a lease: a renewal that takes longer is useless.
     let timeout = config.vldb_timeout.min(pair.lease / 2);
     let vldb = VldbClient::new(
         config.cell.clone(),
+        config.transport.clone(),
         PeerKind::FileServer { server },
         timeout,
     );

@@ -15,6 +15,7 @@ use proto::{
     PROTOCOL_VERSION_MIN, PeerKind, ProtoError, Request, Response, VnodeId, VnodeStatus, VolumeId,
     VolumeName,
 };
+use proto::{PeerClass, Transport};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -52,8 +53,14 @@ impl Server {
         let cell = CellConfig {
             name: CELL.into(),
             vlservers: vec!["127.0.0.1:1".into()],
+            credentials: None,
         };
-        let mut config = Config::new(partition.to_owned(), cell, vec![address.clone()]);
+        let mut config = Config::new(
+            partition.to_owned(),
+            cell,
+            transport(PeerClass::Server),
+            vec![address.clone()],
+        );
         configure(&mut config);
         let stats = config.stats.clone();
         let (stop, shutdown) = watch::channel(false);
@@ -84,6 +91,11 @@ impl Server {
     }
 }
 
+/// A transport of `class` under the tests' one CA.
+pub fn transport(class: PeerClass) -> Transport {
+    proto::tls::authority::test_transport(class).unwrap()
+}
+
 pub fn hello(peer: PeerKind) -> Hello {
     Hello {
         version_min: PROTOCOL_VERSION_MIN,
@@ -104,9 +116,11 @@ pub async fn connect(
     peer: PeerKind,
     mut on_push: impl FnMut(Request) + Send + 'static,
 ) -> Connection {
-    let (connection, _, mut incoming) = rpc::connect(address, hello(peer), &Limits::default())
-        .await
-        .unwrap();
+    let host = transport(PeerClass::Host);
+    let (connection, _, mut incoming) =
+        rpc::connect(address, hello(peer), &Limits::default(), &host)
+            .await
+            .unwrap();
     tokio::spawn(async move {
         while let Some(request) = incoming.recv().await {
             let (body, _token, replier) = request.into_parts();
@@ -119,9 +133,11 @@ pub async fn connect(
 
 /// An admin connection; the server pushes nothing to admins.
 pub async fn admin(address: &str) -> Connection {
-    let (connection, _, _) = rpc::connect(address, hello(PeerKind::Admin), &Limits::default())
-        .await
-        .unwrap();
+    let host = transport(PeerClass::Host);
+    let (connection, _, _) =
+        rpc::connect(address, hello(PeerKind::Admin), &Limits::default(), &host)
+            .await
+            .unwrap();
     connection
 }
 

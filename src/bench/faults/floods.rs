@@ -85,7 +85,7 @@ fn flood_one(
     let baseline = settled_rss(pid)?;
     let peak = PeakResident::watch(pid);
     let cell_name = cell.cell.name.clone();
-    let mut flood = Flood::new();
+    let mut flood = Flood::new(cell.transport.clone());
     let opened =
         runtime.block_on(flood.open(&target.address, &cell_name, IDLE, Stall::Idle, PARALLEL));
     let stall = Stall::InsideFrame {

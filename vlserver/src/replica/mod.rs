@@ -95,6 +95,8 @@ pub struct ReplicaConfig {
     /// False for a group of one started without `--peers`: its address may change from
     /// one start to the next (an ephemeral port), so it is not held against it.
     pub peers_given: bool,
+    /// How it reaches the other replicas.
+    pub transport: proto::Transport,
 }
 
 /// A running replica.
@@ -104,6 +106,7 @@ pub struct Replica {
     clock: Clock,
     id: u64,
     cell_name: String,
+    transport: proto::Transport,
 }
 
 impl Replica {
@@ -118,6 +121,7 @@ impl Replica {
             cell_name,
             peers_given,
             snapshot_every,
+            transport,
         } = config;
         if !peers.contains_key(&id) {
             return Err(VldbError::Config(format!(
@@ -154,6 +158,7 @@ impl Replica {
         let network = Network {
             cell: cell_name.clone(),
             id,
+            transport: transport.clone(),
             connections: Default::default(),
         };
         let state_machine = StateMachine::new(store.clone(), clock.clone());
@@ -186,6 +191,7 @@ impl Replica {
             clock,
             id,
             cell_name,
+            transport,
         })
     }
 
@@ -355,9 +361,11 @@ impl Replica {
         let cell = proto::CellConfig {
             name: self.cell_name.clone(),
             vlservers: vec![address.to_owned()],
+            credentials: None,
         };
         let client = proto::VldbClient::new(
             cell,
+            self.transport.clone(),
             proto::PeerKind::VldbReplica { id: self.id },
             Duration::from_secs(2),
         );

@@ -1,13 +1,15 @@
 //! `Network`: openraft's messages between VLDB replicas, in postcard inside
 //! `Request::VlRaft` on the cell's ordinary framed connections, one per peer.
 //! Invariant: a peer that cannot be reached is reported `Unreachable` (openraft backs off),
-//! and a connection that failed in transport is never used again, by any `Peer`.
+//! a connection that failed in transport is never used again, by any `Peer`, and at most
+//! one connection attempt per peer address is under way, whatever the calls' deadlines.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
+use tokio::sync::watch;
 
 use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
@@ -27,17 +29,27 @@ use serde::de::DeserializeOwned;
 
 use super::{Node, TypeConfig};
 
+/// How long a connection attempt to a peer may take. It runs in a task of its own: a
+/// heartbeat's deadline (tens of milliseconds) may end before a TLS handshake does, and
+/// the next call then finds the connection made instead of starting over.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Makes a `Peer` for each replica openraft replicates to. openraft makes a new one for
 /// each replication stream and each quorum check, so the connections live here, one per
 /// address, and every `Peer` to that address shares it.
 pub(crate) struct Network {
     pub(crate) cell: String,
     pub(crate) id: u64,
+    pub(crate) transport: proto::Transport,
     pub(crate) connections: Connections,
 }
 
 /// The open connection to each peer address.
-pub(crate) type Connections = Arc<Mutex<HashMap<String, Connection>>>;
+pub(crate) type Connections = Arc<Mutex<HashMap<String, Attempt>>>;
+
+/// A peer address's connection, or the attempt under way to make it: its outcome once
+/// known (`None` until then).
+pub(crate) type Attempt = watch::Receiver<Option<Result<Connection, String>>>;
 
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = Peer;
@@ -46,6 +58,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
         Peer {
             cell: self.cell.clone(),
             id: self.id,
+            transport: self.transport.clone(),
             target,
             address: node.addr.clone(),
             connections: self.connections.clone(),
@@ -57,6 +70,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 pub(crate) struct Peer {
     cell: String,
     id: u64,
+    transport: proto::Transport,
     target: u64,
     address: String,
     connections: Connections,
@@ -69,15 +83,41 @@ enum Failure {
 }
 
 impl Peer {
+    /// The open connection to the peer, or the one an attempt under way makes, waiting at
+    /// most `timeout` for it; starts an attempt if none is open or under way.
     async fn connection(&mut self, timeout: Duration) -> Result<Connection, ProtoError> {
-        if let Some(connection) = self
-            .connections
-            .lock()
-            .get(&self.address)
-            .filter(|c| !c.is_closed())
-        {
-            return Ok(connection.clone());
+        let mut attempt = {
+            let mut connections = self.connections.lock();
+            let usable =
+                connections
+                    .get(&self.address)
+                    .is_some_and(|attempt| match &*attempt.borrow() {
+                        None => true,
+                        Some(Ok(connection)) => !connection.is_closed(),
+                        Some(Err(_)) => false,
+                    });
+            if !usable {
+                connections.insert(self.address.clone(), self.start_attempt());
+            }
+            match connections.get(&self.address) {
+                Some(attempt) => attempt.clone(),
+                None => return Err(ProtoError::Closed),
+            }
+        };
+        let outcome = tokio::time::timeout(timeout, attempt.wait_for(Option::is_some))
+            .await
+            .map_err(|_| ProtoError::Timeout(timeout))?
+            .map_err(|_| ProtoError::Closed)?;
+        match &*outcome {
+            Some(Ok(connection)) => Ok(connection.clone()),
+            Some(Err(why)) => Err(ProtoError::Io(std::io::Error::other(why.clone()))),
+            None => Err(ProtoError::Closed),
         }
+    }
+
+    /// Connects to the peer in a task of its own, within `CONNECT_TIMEOUT`.
+    fn start_attempt(&self) -> Attempt {
+        let (outcome, attempt) = watch::channel(None);
         let hello = Hello {
             version_min: PROTOCOL_VERSION_MIN,
             version_max: PROTOCOL_VERSION_MAX,
@@ -85,16 +125,21 @@ impl Peer {
             peer: PeerKind::VldbReplica { id: self.id },
         };
         let limits = Limits {
-            handshake_timeout: timeout,
+            handshake_timeout: CONNECT_TIMEOUT,
             ..Limits::default()
         };
-        // Nothing is called back on this connection: dropping the incoming queue answers
-        // anything the peer sends with `Unsupported`.
-        let (connection, _reply, _incoming) = rpc::connect(&self.address, hello, &limits).await?;
-        self.connections
-            .lock()
-            .insert(self.address.clone(), connection.clone());
-        Ok(connection)
+        let (address, transport) = (self.address.clone(), self.transport.clone());
+        tokio::spawn(async move {
+            // Nothing is called back on this connection: dropping the incoming queue
+            // answers anything the peer sends with `Unsupported`.
+            let connected = rpc::connect(&address, hello, &limits, &transport).await;
+            let _ = outcome.send(Some(
+                connected
+                    .map(|(connection, _reply, _incoming)| connection)
+                    .map_err(|e| format!("{address}: {e}")),
+            ));
+        });
+        attempt
     }
 
     /// Sends one Raft message and decodes the peer's `Result` for it.
@@ -129,10 +174,10 @@ impl Peer {
                 if e.is_transport() && !matches!(e, ProtoError::Timeout(_)) {
                     connection.close();
                     let mut connections = self.connections.lock();
-                    if connections
-                        .get(&self.address)
-                        .is_some_and(|c| c.is_closed())
-                    {
+                    let broken = connections.get(&self.address).is_some_and(
+                        |attempt| matches!(&*attempt.borrow(), Some(Ok(c)) if c.is_closed()),
+                    );
+                    if broken {
                         connections.remove(&self.address);
                     }
                 }
