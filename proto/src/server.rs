@@ -324,7 +324,12 @@ async fn serve_connection<S: Service>(
     service.connected(&connection, &hello);
     let in_flight = Arc::new(Semaphore::new(limits.requests_in_flight_max));
     let tokens = VerifiedTokens::default();
-    let anonymous = Arc::new(Identity::anonymous());
+    // A request without a token acts for system:anyuser, and for a server of the cell
+    // when the peer showed a server certificate (server-to-server calls).
+    let anonymous = Arc::new(Identity {
+        server: connection.peer_class() == Some(crate::tls::PeerClass::Server),
+        ..Identity::anonymous()
+    });
     let mut requests = JoinSet::new();
     let mut next_idle_check = activity.last_received() + limits.idle_timeout;
     // Set once this side said goodbye: requests already on their way are still served

@@ -70,7 +70,13 @@ impl VldbService {
             | Request::PtsCreateGroup { .. }
             | Request::PtsAddUser { .. }
             | Request::PtsRemoveUser { .. }
-            | Request::PtsDelete { .. } => Err(ErrorCode::AdministratorRequired),
+            | Request::PtsDelete { .. }
+            // A fileserver's own calls: made with its server certificate.
+            | Request::VlRegisterServer { .. }
+            | Request::VlJoinPair { .. }
+            | Request::VlAcquirePair { .. }
+            | Request::VlRenewPair { .. }
+            | Request::VlReleasePair { .. } => Err(ErrorCode::AdministratorRequired),
             _ => Ok(()),
         }
     }
