@@ -207,6 +207,7 @@ impl LocalCell {
             check_port_free(address, &what, &cell.layout.members_file())?;
         }
         cell.start_vldb()?;
+        ensure_token_key(&cell.layout.cell_file)?;
         std::fs::write(&cell.layout.cell_file, cell.cell.to_toml())
             .with_context(|| format!("write {}", cell.layout.cell_file.display()))?;
         match servers {
@@ -363,6 +364,11 @@ impl LocalCell {
         self.children.iter().map(|c| c.name.clone()).collect()
     }
 
+    /// A token of the cell's administrator, sealed with its key.
+    pub fn admin_token(&self) -> Result<proto::SealedToken> {
+        admin_token(&self.layout.cell_file, &self.cell.name)
+    }
+
     /// Mounts the cell at `mountpoint` with its own cache directory.
     pub fn mount(
         &mut self,
@@ -382,6 +388,12 @@ impl LocalCell {
         args.push(&target);
         self.start_child(name, &args)?;
         self.mounts.push(mountpoint.to_owned());
+        // The invoking user administers the local cell: their processes act with an
+        // administrator's token on this mount.
+        let token = admin_token(&self.layout.cell_file, &self.cell.name)?;
+        let socket = Path::new(&cache).join(cachemgr::mount::CONTROL_SOCKET);
+        cachemgr::control::give_token(&socket, &token)
+            .with_context(|| format!("give the administrator's token to {name}"))?;
         Ok(())
     }
 
@@ -620,4 +632,57 @@ fn is_holdfast_on_top(mountpoint: &Path) -> bool {
 
 pub fn path_arg(path: &Path) -> String {
     path.to_string_lossy().into_owned()
+}
+
+/// Where a cell's token key lives: `credentials/token.key` beside its cell file.
+pub fn token_key_path(cell_file: &Path) -> PathBuf {
+    cell_file
+        .parent()
+        .unwrap_or(Path::new("."))
+        .join("credentials")
+        .join("token.key")
+}
+
+/// Makes the cell's token key (32 random bytes, mode 0600) unless it has one.
+fn ensure_token_key(cell_file: &Path) -> Result<()> {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = token_key_path(cell_file);
+    if path.exists() {
+        return Ok(());
+    }
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    let mut secret = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut random| random.read_exact(&mut secret))
+        .context("read /dev/urandom")?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .and_then(|mut file| file.write_all(&secret))
+        .with_context(|| format!("write {}", path.display()))
+}
+
+/// A token for the local cell's administrator (`admin`, id 1, in
+/// `system:administrators`), sealed with the cell's key.
+fn admin_token(cell_file: &Path, cell_name: &str) -> Result<proto::SealedToken> {
+    let path = token_key_path(cell_file);
+    let key = proto::TokenKey::load(&path).context("load the token key")?;
+    let now = proto::Timestamp::now();
+    let expiry = proto::Timestamp {
+        secs: now.secs + proto::identity::TOKEN_LIFETIME_DEFAULT.as_secs() as i64,
+        nanos: 0,
+    };
+    Ok(key.seal(proto::TokenBody {
+        cell: cell_name.to_owned(),
+        user: "admin".into(),
+        id: proto::PrincipalId(1),
+        groups: vec![proto::PrincipalId::ADMINISTRATORS],
+        issued: now,
+        expiry,
+        key_id: 0,
+    }))
 }

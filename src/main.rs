@@ -11,10 +11,10 @@ mod up;
 mod vldb;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use proto::CellConfig;
 use tokio::net::TcpListener;
@@ -122,6 +122,13 @@ enum Command {
         /// trail: `<unix micros> <epoch> <member> <what>`).
         #[arg(long, value_name = "FILE")]
         history: Option<PathBuf>,
+        /// The cell's token key, to verify users' tokens (default:
+        /// `credentials/token.key` beside the cell file).
+        #[arg(long, value_name = "FILE")]
+        token_key: Option<PathBuf>,
+        /// Bench only: skip the access checks, to measure what they cost.
+        #[arg(long, hide = true)]
+        bench_skip_access_checks: bool,
         #[command(flatten)]
         peer_limits: PeerLimitFlags,
     },
@@ -435,6 +442,8 @@ fn run(cli: Cli) -> Result<()> {
             pair,
             pair_lease_ms,
             history,
+            token_key,
+            bench_skip_access_checks,
             peer_limits,
         } => {
             // Memory freed after a flood goes back only without glibc's thread caches;
@@ -451,6 +460,7 @@ fn run(cli: Cli) -> Result<()> {
                 .map(|name| pair_config(&name, pair_lease_ms))
                 .transpose()?;
             let cell = CellConfig::locate(cell_path.as_deref()).context("find the cell")?;
+            let tokens = token_verifier(&cell, cell_path.as_deref(), token_key.as_deref())?;
             runtime()?.block_on(async {
                 let listener = bind(&listen).await?;
                 let address = listener.local_addr()?.to_string();
@@ -464,6 +474,8 @@ fn run(cli: Cli) -> Result<()> {
                 config.pair = pair;
                 config.history = history;
                 config.connection_limits = connection_limits;
+                config.tokens = fileserver::Tokens(Some(tokens));
+                config.skip_access_checks = bench_skip_access_checks;
                 process::write_ready_file(ready_file.as_deref(), &address)?;
                 let shutdown = process::shutdown_on_signals()?;
                 fileserver::run(config, listener, shutdown)
@@ -632,6 +644,32 @@ async fn bind(address: &str) -> Result<TcpListener> {
 }
 
 /// `--pair NAME` and `--pair-lease-ms N`, checked before anything starts.
+/// The verifier of the cell's tokens, from `--token-key` or `credentials/token.key`
+/// beside the cell file; a missing key stops the fileserver with how to make one.
+fn token_verifier(
+    cell: &CellConfig,
+    cell_path: Option<&Path>,
+    token_key: Option<&Path>,
+) -> Result<proto::TokenVerifier> {
+    let path = match token_key {
+        Some(path) => path.to_owned(),
+        None => {
+            let cell_file = cell_path
+                .map(Path::to_owned)
+                .or_else(|| std::env::var_os(proto::cell::CELL_ENV).map(PathBuf::from))
+                .context("find the cell file")?;
+            cell::token_key_path(&cell_file)
+        }
+    };
+    if !path.exists() {
+        bail!(
+            "no token key at {}: make the cell's credentials with `holdfast cell init`, or pass --token-key FILE",
+            path.display()
+        );
+    }
+    proto::TokenVerifier::load(&cell.name, &path).context("load the token key")
+}
+
 fn pair_config(name: &str, lease_ms: u64) -> anyhow::Result<fileserver::PairConfig> {
     let name = proto::PairName::parse(name).map_err(|e| anyhow::anyhow!("--pair {name:?}: {e}"))?;
     let lease = std::time::Duration::from_millis(lease_ms);

@@ -130,6 +130,7 @@ impl Member {
             vlservers: vec![vldb.to_owned()],
         };
         let mut config = Config::new(partition.to_owned(), cell, vec![address.clone()]);
+        config.tokens = fileserver::Tokens(Some(common::token_key().verifier(CELL)));
         config.pair = Some(PairConfig {
             name: PairName::parse(PAIR).unwrap(),
             lease: LEASE,
@@ -209,8 +210,10 @@ async fn create_volume(address: &str) {
         name: VolumeName::parse("root.cell").unwrap(),
         quota_bytes: 0,
     };
-    let created = admin(address).await.call(request, TIMEOUT).await.unwrap();
+    let admin = admin(address).await;
+    let created = admin.call(request, TIMEOUT).await.unwrap();
     assert!(matches!(created, Response::Volume(_)), "{created:?}");
+    common::open_to_anyone(&admin, Fid::root(VOLUME)).await;
 }
 
 /// History lines as (unix micros, epoch, member, what).

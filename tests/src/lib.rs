@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 pub mod flood;
+pub mod identity;
 pub mod pair;
 pub mod rpc_client;
 pub mod stalls;
@@ -196,6 +197,7 @@ impl TestCell {
             &history,
         ];
         args.extend(options.member_flags.iter().map(String::as_str));
+        identity::ensure_token_key(&self.cell_file)?;
         let address = self.spawn_ready(name, &args)?;
         self.members.retain(|(n, _)| n != name);
         self.members.push((name.to_owned(), address));
@@ -334,6 +336,7 @@ impl TestCell {
             &listen,
         ];
         args.extend_from_slice(extra);
+        identity::ensure_token_key(&self.cell_file)?;
         self.fs_address = self.spawn_ready("fileserver", &args)?;
         Ok(())
     }
@@ -373,6 +376,7 @@ impl TestCell {
         self.tripwire
             .expect_while_stopping(name, FUSE_REPLY_TO_AN_ENDED_REQUEST);
         self.spawn_ready(name, &args)?;
+        identity::give_root_admin_token(&self.cell_file, Path::new(&cache))?;
         Ok(mountpoint)
     }
 
