@@ -3,6 +3,7 @@
 //! Invariant: a failure ends the process with one line, `holdfast: <what>: <cause>`, and
 //! exit status 1.
 
+mod acl;
 mod bench;
 mod cell;
 mod guard;
@@ -319,8 +320,24 @@ enum FsCommand {
         /// A path inside the mount to ask (default: the current directory or the only mount).
         path: Option<PathBuf>,
     },
-    /// Print PATH's fid, data version and callback state.
+    /// Print PATH's fid, data version, callback state and your rights there.
     Examine { path: PathBuf },
+    /// Give PRINCIPAL (a name such as system:anyuser, or a numeric id) RIGHTS (letters
+    /// of rlidwka, or read, write, all, none) on directory DIR.
+    Setacl {
+        dir: PathBuf,
+        principal: String,
+        rights: String,
+        /// Set a negative entry: rights taken away.
+        #[arg(long)]
+        negative: bool,
+    },
+    /// Print directory DIR's access list.
+    Listacl { dir: PathBuf },
+    /// Remove the entries of principals that no longer exist from DIR's access list.
+    Cleanacl { dir: PathBuf },
+    /// Give directory TO the access list of directory FROM.
+    Copyacl { from: PathBuf, to: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -533,6 +550,27 @@ fn run(cli: Cli) -> Result<()> {
                 FsCommand::Flush { path } => cachemgr::fs_flush(&path),
                 FsCommand::Checkservers { path } => cachemgr::fs_checkservers(path.as_deref()),
                 FsCommand::Examine { path } => cachemgr::fs_examine(&path),
+                FsCommand::Setacl {
+                    dir,
+                    principal,
+                    rights,
+                    negative,
+                } => {
+                    print_text(&acl::setacl(&dir, &principal, &rights, negative)?);
+                    return Ok(());
+                }
+                FsCommand::Listacl { dir } => {
+                    print_text(&acl::listacl(&dir)?);
+                    return Ok(());
+                }
+                FsCommand::Cleanacl { dir } => {
+                    print_text(&acl::cleanacl(&dir)?);
+                    return Ok(());
+                }
+                FsCommand::Copyacl { from, to } => {
+                    print_text(&acl::copyacl(&from, &to)?);
+                    return Ok(());
+                }
             }?;
             print_text(&text);
             Ok(())

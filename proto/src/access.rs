@@ -155,7 +155,13 @@ pub fn check_set_attrs(
         }
     }
     if let Some(mode) = attrs.mode {
-        if !owner && !admin {
+        // A writer's kernel clears set-user-id and set-group-id before it writes (as a
+        // store would here): that much needs only the right to write.
+        let kills_privileges = mode & 0o7777 == status.mode & !(MODE_SET_UID | MODE_SET_GID)
+            && mode & 0o7777 != status.mode;
+        let writer =
+            kills_privileges && check_file(caller, dir_rights, status, FileAccess::Write).is_ok();
+        if !owner && !admin && !writer {
             return Err(ErrorCode::NotPermitted);
         }
         let gid = attrs.gid.unwrap_or(status.gid);
@@ -347,6 +353,20 @@ mod tests {
         // Set-group-id asked by an owner outside the group is dropped silently.
         let applied = check_set_attrs(&alice, RW, &file(0o644, 1001, 400), &mode(0o2755));
         assert_eq!(applied.unwrap().mode, Some(0o755));
+        // A writer may clear set-user-id and set-group-id, and nothing else.
+        let suid = file(0o6777, 1001, 300);
+        assert_eq!(
+            check_set_attrs(&bob, RW, &suid, &mode(0o777)).unwrap().mode,
+            Some(0o777)
+        );
+        assert_eq!(
+            check_set_attrs(&bob, RW, &suid, &mode(0o775)),
+            Err(ErrorCode::NotPermitted)
+        );
+        assert_eq!(
+            check_set_attrs(&bob, RW, &file(0o6755, 1001, 300), &mode(0o755)),
+            Err(ErrorCode::NotPermitted)
+        );
         // A chown clears set-user-id and set-group-id (with group execute).
         let suid = file(0o6755, 1001, 300);
         let applied = check_set_attrs(&admin(), RW, &suid, &owner_to(1002)).unwrap();

@@ -108,3 +108,24 @@ pub fn give_root_admin_token(cell_file: &Path, cache: &Path) -> Result<()> {
     cachemgr::control::give_token_for(&socket, 0, &admin_token(&cell.name))
         .context("give root the administrator's token")
 }
+
+/// Runs `sh -c script` in `dir` as the local user `uid` (group `uid`, no others), as
+/// an unprivileged process would: the caller is root.
+pub fn as_user(uid: u32, dir: &Path, script: &str) -> Result<std::process::Output> {
+    let mut command = std::process::Command::new("setpriv");
+    command
+        .arg(format!("--reuid={uid}"))
+        .arg(format!("--regid={uid}"))
+        .arg("--clear-groups")
+        .args(["sh", "-c", script])
+        .current_dir(dir);
+    crate::run_bounded(command, Duration::from_secs(60))
+}
+
+/// The control socket of the mount named `name` of a `TestCell` whose directory is
+/// `cell_dir`.
+pub fn control_socket(cell_dir: &Path, name: &str) -> PathBuf {
+    cell_dir
+        .join(format!("{name}.cache"))
+        .join(cachemgr::mount::CONTROL_SOCKET)
+}

@@ -287,22 +287,29 @@ impl FileService {
         Ok(dir_status)
     }
 
-    /// Clears set-user-id and set-group-id after a store `authorize` marked.
-    pub(super) async fn after(&self, after: After) {
-        let Some((fid, mode)) = after.clear_mode else {
-            return;
+    /// Clears set-user-id and set-group-id after a store `authorize` marked, and
+    /// answers the store with the status that shows it (its data version unchanged, so
+    /// the writer's next store still follows on). The other holders are broken again.
+    pub(super) async fn after(
+        self: &Arc<Self>,
+        key: Caller,
+        after: After,
+        answer: Result<Response, ErrorCode>,
+    ) -> Result<Response, ErrorCode> {
+        let (Some((fid, mode)), Ok(Response::Status { callback, .. })) =
+            (after.clear_mode, &answer)
+        else {
+            return answer;
         };
-        let Ok(volume) = self.volume(fid.volume) else {
-            return;
-        };
+        let callback = *callback;
+        let volume = self.volume(fid.volume)?;
         let attrs = SetAttrs {
             mode: Some(mode),
             ..SetAttrs::default()
         };
-        // The store is answered either way; a failure here was logged by `blocking`.
-        if blocking(move || volume.set_attr(fid, &attrs)).await.is_ok() {
-            self.callbacks.break_callbacks(&[fid], None).await;
-        }
+        let status = blocking(move || volume.set_attr(fid, &attrs)).await?;
+        self.callbacks.break_callbacks(&[fid], key.key).await;
+        Ok(Response::Status { status, callback })
     }
 
     /// `FetchAcl`: needs `l`.

@@ -140,10 +140,7 @@ impl FileService {
             request => (request, access::After::default()),
         };
         let answer = self.dispatch(caller, request).await;
-        if answer.is_ok() {
-            self.after(after).await;
-        }
-        answer
+        self.after(caller, after, answer).await
     }
 
     async fn dispatch(
