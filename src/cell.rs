@@ -554,7 +554,7 @@ pub async fn member_role(cell: &CellConfig, address: &str) -> Option<proto::Memb
 }
 
 /// Creates `root.cell` on our fileserver unless the VLDB already has it.
-async fn ensure_root_volume(cell: &CellConfig, fs_address: &str) -> Result<()> {
+pub async fn ensure_root_volume(cell: &CellConfig, fs_address: &str) -> Result<()> {
     let vldb = VldbClient::new(cell.clone(), PeerKind::Admin, Duration::from_secs(5));
     // The fileserver registers itself in the background: wait for it.
     let deadline = tokio::time::Instant::now() + READY_TIMEOUT;

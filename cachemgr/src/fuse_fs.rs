@@ -393,6 +393,9 @@ impl Filesystem for HoldfastFs {
                 Ok(()) => m.lookup(ino(parent), &name).await,
                 Err(e) => Err(e),
             };
+            if let Ok(out) = &found {
+                m.found_in(ino(parent), out.attr.ino, out.attr.kind);
+            }
             reply_entry(reply, found);
         });
     }
@@ -534,6 +537,8 @@ impl Filesystem for HoldfastFs {
             let renamed = m
                 .rename(ino(parent), &name, ino(new_parent), &new_name)
                 .await;
+            // What moved is governed by its new directory now.
+            m.forget_rights(&[ino(parent), ino(new_parent)]);
             reply_empty(reply, renamed);
         });
     }

@@ -69,7 +69,18 @@ impl RightsCache {
         }
     }
 
-    /// Drops everything (a reset, or a token given or dropped).
+    /// Drops the entries of directories in `volumes` (their server reset its promises).
+    pub fn drop_volumes(&self, volumes: &[proto::VolumeId]) {
+        let mut tables = self.tables.lock();
+        tables
+            .by_vnode
+            .retain(|_, c| !volumes.contains(&c.dir.volume));
+        tables
+            .by_dir
+            .retain(|dir, _| !volumes.contains(&dir.volume));
+    }
+
+    /// Drops everything (a token given or dropped).
     pub fn clear(&self) {
         *self.tables.lock() = Tables::default();
     }
@@ -152,6 +163,31 @@ mod tests {
         assert!(cache.get(alice, fid(7)).is_some());
         cache.drop_dir(fid(3));
         assert_eq!(cache.len(), 0);
+    }
+
+    #[test]
+    fn a_reset_drops_only_the_volumes_of_its_server() {
+        let cache = RightsCache::default();
+        let other = Fid {
+            volume: VolumeId(2),
+            ..fid(1)
+        };
+        let all = Cached {
+            rights: Rights::ALL,
+            dir: fid(1),
+        };
+        cache.put(PrincipalId(1), fid(1), all);
+        cache.put(
+            PrincipalId(1),
+            other,
+            Cached {
+                rights: Rights::ALL,
+                dir: other,
+            },
+        );
+        cache.drop_volumes(&[VolumeId(1)]);
+        assert_eq!(cache.get(PrincipalId(1), fid(1)), None);
+        assert!(cache.get(PrincipalId(1), other).is_some());
     }
 
     #[test]

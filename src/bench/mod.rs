@@ -12,6 +12,7 @@ use anyhow::{Context, Result};
 use crate::cell::{LocalCell, Servers};
 
 mod faults;
+mod identity_access;
 mod pair;
 mod vldb;
 
@@ -69,6 +70,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     if all || args.suite == "faults" {
         faults::run(&bench_dir(&args)?, args.figure.as_deref())?;
+    }
+    if (all || args.suite == "identity") && args.figure.as_deref().is_none_or(|f| f == "access") {
+        identity_access::run(bench_dir(&args)?.path(), args.files)?;
     }
     Ok(())
 }

@@ -9,7 +9,7 @@ use std::time::Instant;
 use proto::access::{self, DirAccess, FileAccess};
 use proto::{AccessList, Fid, Identity, ProtoError, Request, Response, Rights, Timestamp};
 
-use super::{FsError, FsResult, Manager, rpc_error, unexpected};
+use super::{FsError, FsResult, Manager, NodeKind, rpc_error, unexpected};
 use crate::inode::Ino;
 use crate::rights::Cached;
 use crate::tokens;
@@ -96,6 +96,26 @@ impl Manager {
         access::check_dir(rights, DirAccess::Lookup).map_err(|_| FsError::EACCES)
     }
 
+    /// Notes that `child`, found by a lookup in `dir`, is governed by `dir`'s list when
+    /// it is not a directory: every name of a file is in one directory (the fileserver
+    /// refuses links and renames that would make it two), so the caller's rights cached
+    /// for `dir` are its rights, and its opens need no `FetchRights` of their own.
+    pub fn found_in(&self, dir: Ino, child: Ino, kind: NodeKind) {
+        if kind == NodeKind::Directory {
+            return;
+        }
+        let (Ok(dir), Ok(child), Ok(caller)) =
+            (self.fid(dir), self.fid(child), self.caller_identity())
+        else {
+            return;
+        };
+        if let Some(cached) = self.rights.get(caller.id, dir)
+            && cached.dir == dir
+        {
+            self.rights.put(caller.id, child, cached);
+        }
+    }
+
     /// Directory `dir`'s access list, fetched for the caller (`fs listacl`).
     pub async fn fetch_acl(&self, dir: Ino) -> FsResult<AccessList> {
         let dir = self.fid(dir)?;
@@ -119,6 +139,16 @@ impl Manager {
                 Ok(())
             }
             other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Forgets the rights cached under these directories (this client's own change of
+    /// them, which breaks no promise of its own).
+    pub fn forget_rights(&self, dirs: &[Ino]) {
+        for dir in dirs {
+            if let Ok(fid) = self.fid(*dir) {
+                self.rights.drop_dir(fid);
+            }
         }
     }
 

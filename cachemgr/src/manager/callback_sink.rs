@@ -82,7 +82,8 @@ impl CallbackSink for Manager {
     }
 
     fn reset_callbacks(&self, server: ServerId) {
-        self.rights.clear();
+        let volumes: Vec<_> = self.volumes_of(server).into_iter().collect();
+        self.rights.drop_volumes(&volumes);
         let reset = self.reset_callbacks_from(server);
         debug!(%server, count = reset.len(), "callbacks reset; cached data will be revalidated");
     }
