@@ -163,6 +163,8 @@ pub struct LocalCell {
     pub mounts: Vec<PathBuf>,
     /// Stopped newest first: mounts before the servers they flush to.
     children: Vec<Supervised>,
+    /// Each mount's cache directory, by process name (its control socket is there).
+    mount_caches: HashMap<String, PathBuf>,
 }
 
 impl LocalCell {
@@ -191,6 +193,7 @@ impl LocalCell {
             exited_at: HashMap::new(),
             mounts: Vec::new(),
             children: Vec::new(),
+            mount_caches: HashMap::new(),
         };
         cell.replicas = cell.layout.kept_replica_addresses()?;
         let member_addresses = match servers {
@@ -369,6 +372,22 @@ impl LocalCell {
         admin_token(&self.layout.cell_file, &self.cell.name)
     }
 
+    /// After child `name` was started again and is ready: a mount starts with no
+    /// tokens, so the invoking user's administrator token is handed in again.
+    pub fn child_ready(&self, name: &str) -> Result<()> {
+        let Some(cache) = self.mount_caches.get(name) else {
+            return Ok(());
+        };
+        self.give_admin_token(name, cache)
+    }
+
+    fn give_admin_token(&self, name: &str, cache: &Path) -> Result<()> {
+        let token = admin_token(&self.layout.cell_file, &self.cell.name)?;
+        let socket = cache.join(cachemgr::mount::CONTROL_SOCKET);
+        cachemgr::control::give_token(&socket, &token)
+            .with_context(|| format!("give the administrator's token to {name}"))
+    }
+
     /// Mounts the cell at `mountpoint` with its own cache directory.
     pub fn mount(
         &mut self,
@@ -390,11 +409,9 @@ impl LocalCell {
         self.mounts.push(mountpoint.to_owned());
         // The invoking user administers the local cell: their processes act with an
         // administrator's token on this mount.
-        let token = admin_token(&self.layout.cell_file, &self.cell.name)?;
-        let socket = Path::new(&cache).join(cachemgr::mount::CONTROL_SOCKET);
-        cachemgr::control::give_token(&socket, &token)
-            .with_context(|| format!("give the administrator's token to {name}"))?;
-        Ok(())
+        self.mount_caches
+            .insert(name.to_owned(), PathBuf::from(&cache));
+        self.give_admin_token(name, Path::new(&cache))
     }
 
     /// Starts one component and waits for its ready file; returns what it wrote there.

@@ -143,14 +143,15 @@ pub fn check_set_attrs(
     let owner = status.uid == posix_uid(caller);
     let mut applied = attrs.clone();
     if let Some(uid) = attrs.uid {
-        // Only root gives a file away; the owner may "change" it to itself.
-        if uid != status.uid && !admin {
+        // Only root gives a file away; the owner may "change" it to itself (as Linux,
+        // anyone else may not, not even to the same owner).
+        if !admin && !(owner && uid == status.uid) {
             return Err(ErrorCode::NotPermitted);
         }
     }
     if let Some(gid) = attrs.gid {
-        // The owner may move it into a group it is in.
-        if gid != status.gid && !admin && !(owner && in_group(caller, gid)) {
+        // The owner may move it into a group it is in, or leave it in its own.
+        if !admin && !(owner && (gid == status.gid || in_group(caller, gid))) {
             return Err(ErrorCode::NotPermitted);
         }
     }
@@ -353,6 +354,16 @@ mod tests {
         // Set-group-id asked by an owner outside the group is dropped silently.
         let applied = check_set_attrs(&alice, RW, &file(0o644, 1001, 400), &mode(0o2755));
         assert_eq!(applied.unwrap().mode, Some(0o755));
+        // A non-owner may not chown or chgrp, even to what the file has already.
+        assert_eq!(
+            check_set_attrs(&bob, RW, &status, &owner_to(1001)),
+            Err(ErrorCode::NotPermitted)
+        );
+        assert_eq!(
+            check_set_attrs(&bob, RW, &status, &group_to(300)),
+            Err(ErrorCode::NotPermitted)
+        );
+        assert!(check_set_attrs(&alice, RW, &status, &group_to(300)).is_ok());
         // A writer may clear set-user-id and set-group-id, and nothing else.
         let suid = file(0o6777, 1001, 300);
         assert_eq!(
