@@ -145,13 +145,15 @@ pub fn check_set_attrs(
     if let Some(uid) = attrs.uid {
         // Only root gives a file away; the owner may "change" it to itself (as Linux,
         // anyone else may not, not even to the same owner).
-        if !admin && !(owner && uid == status.uid) {
+        let may = admin || (owner && uid == status.uid);
+        if !may {
             return Err(ErrorCode::NotPermitted);
         }
     }
     if let Some(gid) = attrs.gid {
         // The owner may move it into a group it is in, or leave it in its own.
-        if !admin && !(owner && (gid == status.gid || in_group(caller, gid))) {
+        let may = admin || (owner && (gid == status.gid || in_group(caller, gid)));
+        if !may {
             return Err(ErrorCode::NotPermitted);
         }
     }
