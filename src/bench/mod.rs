@@ -30,8 +30,9 @@ pub struct BenchArgs {
     /// Which figures: `mount` (throughput through FUSE mounts), `state` (locks,
     /// callback journaling, recovery, snapshots), `pair` (failover of a fileserver
     /// pair), `vldb` (the three-replica VLDB: leader kills, creates, lookups), `faults`
-    /// (dead and stopped servers, floods, memory, large busy directories) or `all`.
-    #[arg(long, default_value = "all", value_parser = ["all", "mount", "state", "pair", "vldb", "faults"])]
+    /// (dead and stopped servers, floods, memory, large busy directories), `identity`
+    /// (what access checks and tokens cost) or `all`.
+    #[arg(long, default_value = "all", value_parser = ["all", "mount", "state", "pair", "vldb", "faults", "identity"])]
     suite: String,
     /// Failovers measured for the median time to the first write.
     #[arg(long, default_value_t = 5)]
@@ -47,8 +48,10 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 1_000_000)]
     recovery_callbacks: usize,
     /// Only this figure of the faults suite: `cached`, `stopped`, `floods`, `memory` or
-    /// `bigdir` (default: all of them).
-    #[arg(long, value_parser = faults::FIGURES)]
+    /// `bigdir`; of the identity suite: `access` (default: all of them).
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(
+        faults::FIGURES.into_iter().chain([identity_access::FIGURE])
+    ))]
     figure: Option<String>,
 }
 
