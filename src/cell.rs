@@ -186,6 +186,8 @@ pub struct LocalCell {
     pub mounts: Vec<PathBuf>,
     /// Stopped newest first: mounts before the servers they flush to.
     children: Vec<Supervised>,
+    /// Each mount's cache directory, by process name (its control socket is there).
+    mount_caches: HashMap<String, PathBuf>,
 }
 
 impl LocalCell {
@@ -217,6 +219,7 @@ impl LocalCell {
             exited_at: HashMap::new(),
             mounts: Vec::new(),
             children: Vec::new(),
+            mount_caches: HashMap::new(),
         };
         cell.replicas = cell.layout.kept_replica_addresses()?;
         let member_addresses = match servers {
@@ -233,6 +236,7 @@ impl LocalCell {
             check_port_free(address, &what, &cell.layout.members_file())?;
         }
         cell.start_vldb()?;
+        ensure_token_key(&cell.layout.cell_file)?;
         std::fs::write(&cell.layout.cell_file, cell.cell.to_toml())
             .with_context(|| format!("write {}", cell.layout.cell_file.display()))?;
         match servers {
@@ -396,6 +400,27 @@ impl LocalCell {
         self.children.iter().map(|c| c.name.clone()).collect()
     }
 
+    /// A token of the cell's administrator, sealed with its key.
+    pub fn admin_token(&self) -> Result<proto::SealedToken> {
+        admin_token(&self.layout.cell_file, &self.cell.name)
+    }
+
+    /// After child `name` was started again and is ready: a mount starts with no
+    /// tokens, so the invoking user's administrator token is handed in again.
+    pub fn child_ready(&self, name: &str) -> Result<()> {
+        let Some(cache) = self.mount_caches.get(name) else {
+            return Ok(());
+        };
+        self.give_admin_token(name, cache)
+    }
+
+    fn give_admin_token(&self, name: &str, cache: &Path) -> Result<()> {
+        let token = admin_token(&self.layout.cell_file, &self.cell.name)?;
+        let socket = cache.join(cachemgr::mount::CONTROL_SOCKET);
+        cachemgr::control::give_token(&socket, &token)
+            .with_context(|| format!("give the administrator's token to {name}"))
+    }
+
     /// Mounts the cell at `mountpoint` with its own cache directory.
     pub fn mount(
         &mut self,
@@ -415,7 +440,11 @@ impl LocalCell {
         args.push(&target);
         self.start_child(name, &args)?;
         self.mounts.push(mountpoint.to_owned());
-        Ok(())
+        // The invoking user administers the local cell: their processes act with an
+        // administrator's token on this mount.
+        self.mount_caches
+            .insert(name.to_owned(), PathBuf::from(&cache));
+        self.give_admin_token(name, Path::new(&cache))
     }
 
     /// Starts one component and waits for its ready file; returns what it wrote there.
@@ -581,7 +610,7 @@ pub async fn member_role(
 }
 
 /// Creates `root.cell` on our fileserver unless the VLDB already has it.
-async fn ensure_root_volume(
+pub async fn ensure_root_volume(
     cell: &CellConfig,
     transport: &Transport,
     fs_address: &str,
@@ -668,4 +697,57 @@ fn is_holdfast_on_top(mountpoint: &Path) -> bool {
 
 pub fn path_arg(path: &Path) -> String {
     path.to_string_lossy().into_owned()
+}
+
+/// Where a cell's token key lives: `credentials/token.key` beside its cell file.
+pub fn token_key_path(cell_file: &Path) -> PathBuf {
+    cell_file
+        .parent()
+        .unwrap_or(Path::new("."))
+        .join("credentials")
+        .join("token.key")
+}
+
+/// Makes the cell's token key (32 random bytes, mode 0600) unless it has one.
+fn ensure_token_key(cell_file: &Path) -> Result<()> {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = token_key_path(cell_file);
+    if path.exists() {
+        return Ok(());
+    }
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    let mut secret = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut random| random.read_exact(&mut secret))
+        .context("read /dev/urandom")?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .and_then(|mut file| file.write_all(&secret))
+        .with_context(|| format!("write {}", path.display()))
+}
+
+/// A token for the local cell's administrator (`admin`, id 1, in
+/// `system:administrators`), sealed with the cell's key.
+fn admin_token(cell_file: &Path, cell_name: &str) -> Result<proto::SealedToken> {
+    let path = token_key_path(cell_file);
+    let key = proto::TokenKey::load(&path).context("load the token key")?;
+    let now = proto::Timestamp::now();
+    let expiry = proto::Timestamp {
+        secs: now.secs + proto::identity::TOKEN_LIFETIME_DEFAULT.as_secs() as i64,
+        nanos: 0,
+    };
+    Ok(key.seal(proto::TokenBody {
+        cell: cell_name.to_owned(),
+        user: "admin".into(),
+        id: proto::PrincipalId(1),
+        groups: vec![proto::PrincipalId::ADMINISTRATORS],
+        issued: now,
+        expiry,
+        key_id: 0,
+    }))
 }

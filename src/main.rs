@@ -3,6 +3,7 @@
 //! Invariant: a failure ends the process with one line, `holdfast: <what>: <cause>`, and
 //! exit status 1.
 
+mod acl;
 mod bench;
 mod cell;
 mod cell_init;
@@ -15,10 +16,10 @@ mod up;
 mod vldb;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use proto::{CellConfig, PeerClass, Transport};
 use tokio::net::TcpListener;
@@ -135,6 +136,13 @@ enum Command {
         /// trail: `<unix micros> <epoch> <member> <what>`).
         #[arg(long, value_name = "FILE")]
         history: Option<PathBuf>,
+        /// The cell's token key, to verify users' tokens (default:
+        /// `credentials/token.key` beside the cell file).
+        #[arg(long, value_name = "FILE")]
+        token_key: Option<PathBuf>,
+        /// Bench only: skip the access checks, to measure what they cost.
+        #[arg(long, hide = true)]
+        bench_skip_access_checks: bool,
         #[command(flatten)]
         peer_limits: PeerLimitFlags,
     },
@@ -367,8 +375,24 @@ enum FsCommand {
         /// A path inside the mount to ask (default: the current directory or the only mount).
         path: Option<PathBuf>,
     },
-    /// Print PATH's fid, data version and callback state.
+    /// Print PATH's fid, data version, callback state and your rights there.
     Examine { path: PathBuf },
+    /// Give PRINCIPAL (a name such as system:anyuser, or a numeric id) RIGHTS (letters
+    /// of rlidwka, or read, write, all, none) on directory DIR.
+    Setacl {
+        dir: PathBuf,
+        principal: String,
+        rights: String,
+        /// Set a negative entry: rights taken away.
+        #[arg(long)]
+        negative: bool,
+    },
+    /// Print directory DIR's access list.
+    Listacl { dir: PathBuf },
+    /// Remove the entries of principals that no longer exist from DIR's access list.
+    Cleanacl { dir: PathBuf },
+    /// Give directory TO the access list of directory FROM.
+    Copyacl { from: PathBuf, to: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -502,6 +526,8 @@ fn run(cli: Cli) -> Result<()> {
             pair,
             pair_lease_ms,
             history,
+            token_key,
+            bench_skip_access_checks,
             peer_limits,
         } => {
             // Memory freed after a flood goes back only without glibc's thread caches;
@@ -519,6 +545,7 @@ fn run(cli: Cli) -> Result<()> {
                 .transpose()?;
             let cell = CellConfig::locate(cell_path.as_deref()).context("find the cell")?;
             let transport = Transport::for_cell(&cell, PeerClass::Server)?;
+            let tokens = token_verifier(&cell, cell_path.as_deref(), token_key.as_deref())?;
             runtime()?.block_on(async {
                 let listener = bind(&listen).await?;
                 let address = listener.local_addr()?.to_string();
@@ -533,6 +560,8 @@ fn run(cli: Cli) -> Result<()> {
                 config.pair = pair;
                 config.history = history;
                 config.connection_limits = connection_limits;
+                config.tokens = fileserver::Tokens(Some(tokens));
+                config.skip_access_checks = bench_skip_access_checks;
                 process::write_ready_file(ready_file.as_deref(), &address)?;
                 let shutdown = process::shutdown_on_signals()?;
                 fileserver::run(config, listener, shutdown)
@@ -592,6 +621,27 @@ fn run(cli: Cli) -> Result<()> {
                 FsCommand::Flush { path } => cachemgr::fs_flush(&path),
                 FsCommand::Checkservers { path } => cachemgr::fs_checkservers(path.as_deref()),
                 FsCommand::Examine { path } => cachemgr::fs_examine(&path),
+                FsCommand::Setacl {
+                    dir,
+                    principal,
+                    rights,
+                    negative,
+                } => {
+                    print_text(&acl::setacl(&dir, &principal, &rights, negative)?);
+                    return Ok(());
+                }
+                FsCommand::Listacl { dir } => {
+                    print_text(&acl::listacl(&dir)?);
+                    return Ok(());
+                }
+                FsCommand::Cleanacl { dir } => {
+                    print_text(&acl::cleanacl(&dir)?);
+                    return Ok(());
+                }
+                FsCommand::Copyacl { from, to } => {
+                    print_text(&acl::copyacl(&from, &to)?);
+                    return Ok(());
+                }
             }?;
             print_text(&text);
             Ok(())
@@ -792,6 +842,32 @@ async fn bind(address: &str) -> Result<TcpListener> {
 }
 
 /// `--pair NAME` and `--pair-lease-ms N`, checked before anything starts.
+/// The verifier of the cell's tokens, from `--token-key` or `credentials/token.key`
+/// beside the cell file; a missing key stops the fileserver with how to make one.
+fn token_verifier(
+    cell: &CellConfig,
+    cell_path: Option<&Path>,
+    token_key: Option<&Path>,
+) -> Result<proto::TokenVerifier> {
+    let path = match token_key {
+        Some(path) => path.to_owned(),
+        None => {
+            let cell_file = cell_path
+                .map(Path::to_owned)
+                .or_else(|| std::env::var_os(proto::cell::CELL_ENV).map(PathBuf::from))
+                .context("find the cell file")?;
+            cell::token_key_path(&cell_file)
+        }
+    };
+    if !path.exists() {
+        bail!(
+            "no token key at {}: make the cell's credentials with `holdfast cell init`, or pass --token-key FILE",
+            path.display()
+        );
+    }
+    proto::TokenVerifier::load(&cell.name, &path).context("load the token key")
+}
+
 fn pair_config(name: &str, lease_ms: u64) -> anyhow::Result<fileserver::PairConfig> {
     let name = proto::PairName::parse(name).map_err(|e| anyhow::anyhow!("--pair {name:?}: {e}"))?;
     let lease = std::time::Duration::from_millis(lease_ms);

@@ -225,6 +225,9 @@ fn watch_starting(watched: &mut Watched, since: Instant, cell: &mut LocalCell) -
             watched.name,
             child.pid()
         ));
+        if let Err(e) = cell.child_ready(&watched.name) {
+            say(&format!("The {} has no token: {e:#}.", watched.name));
+        }
         return Some(Phase::Running);
     }
     if let Some(status) = child.exited() {

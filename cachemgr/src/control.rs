@@ -9,7 +9,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use proto::{DataVersion, Fid, FileKind, Timestamp};
+use proto::{AccessList, DataVersion, Fid, FileKind, PrincipalId, Rights, SealedToken, Timestamp};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -49,6 +49,27 @@ pub enum ControlRequest {
         dir: Ino,
         name: String,
     },
+    /// Keeps `token` for the caller's uid (from the socket's peer credentials); root may
+    /// name another `uid`. Answered `TokenSet`.
+    SetToken {
+        token: SealedToken,
+        uid: Option<u32>,
+    },
+    /// The tokens held: the caller's own, every uid's for root. Answered `Tokens`.
+    ListTokens,
+    /// Drops the caller's token (root: `uid`'s). Answered `TokenDropped`.
+    DropToken {
+        uid: Option<u32>,
+    },
+    /// A directory's access list, fetched for the caller. Answered `Acl`.
+    GetAcl {
+        dir: Ino,
+    },
+    /// Replaces a directory's access list for the caller. Answered `AclSet`.
+    SetAcl {
+        dir: Ino,
+        acl: AccessList,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -66,6 +87,23 @@ pub enum ControlResponse {
         content: Option<String>,
     },
     Error(String),
+    TokenSet,
+    Tokens(Vec<TokenInfo>),
+    TokenDropped {
+        held: bool,
+    },
+    Acl(AccessList),
+    AclSet,
+}
+
+/// A token a local uid holds, as `holdfast tokens` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenInfo {
+    pub uid: u32,
+    pub user: String,
+    pub id: PrincipalId,
+    pub cell: String,
+    pub expiry: Timestamp,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -78,6 +116,8 @@ pub struct ExamineInfo {
     /// Wall-clock end of the callback promise, when one is held.
     pub callback_until: Option<Timestamp>,
     pub data_cached: bool,
+    /// The asker's rights on the directory governing the file, if they could be had.
+    pub rights: Option<Rights>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -279,10 +319,14 @@ pub fn render_examine(path: &Path, info: &ExamineInfo) -> String {
         Some(until) => format!("callback held until {}", rfc3339(until)),
         None => "no callback".to_owned(),
     };
+    let rights = match info.rights {
+        Some(rights) => format!("Your rights: {rights}\n"),
+        None => String::new(),
+    };
     format!(
         "File {} (fid {}) data version {}, size {}\n\
          {} in volume {}, data {}\n\
-         {callback}\n",
+         {callback}\n{rights}",
         path.display(),
         info.fid,
         info.data_version,
@@ -434,6 +478,85 @@ fn unexpected_reply(socket: &Path, response: &ControlResponse) -> CacheError {
     }
 }
 
+/// The control socket of the holdfast mount holding `path` (for `holdfast login`).
+pub fn socket_of_mount(path: &Path) -> Result<PathBuf, CacheError> {
+    socket_for(path)
+}
+
+/// Hands `token` to the cache manager on `socket` for the calling process's uid.
+pub fn give_token(socket: &Path, token: &SealedToken) -> Result<(), CacheError> {
+    set_token(socket, token, None)
+}
+
+/// Root only: hands `token` to the cache manager for the local `uid`.
+pub fn give_token_for(socket: &Path, uid: u32, token: &SealedToken) -> Result<(), CacheError> {
+    set_token(socket, token, Some(uid))
+}
+
+fn set_token(socket: &Path, token: &SealedToken, uid: Option<u32>) -> Result<(), CacheError> {
+    let message = ControlRequest::SetToken {
+        token: token.clone(),
+        uid,
+    };
+    match request(socket, &message)? {
+        ControlResponse::TokenSet => Ok(()),
+        ControlResponse::Error(message) => Err(CacheError::Refused(message)),
+        other => Err(unexpected_reply(socket, &other)),
+    }
+}
+
+/// The tokens the cache manager on `socket` holds: the caller's, or every uid's for root.
+pub fn list_tokens(socket: &Path) -> Result<Vec<TokenInfo>, CacheError> {
+    match request(socket, &ControlRequest::ListTokens)? {
+        ControlResponse::Tokens(tokens) => Ok(tokens),
+        ControlResponse::Error(message) => Err(CacheError::Refused(message)),
+        other => Err(unexpected_reply(socket, &other)),
+    }
+}
+
+/// Drops the caller's token; true if it held one.
+pub fn drop_token(socket: &Path) -> Result<bool, CacheError> {
+    drop_token_of(socket, None)
+}
+
+/// Root only: drops the token of the local `uid`; true if it held one.
+pub fn drop_token_for(socket: &Path, uid: u32) -> Result<bool, CacheError> {
+    drop_token_of(socket, Some(uid))
+}
+
+fn drop_token_of(socket: &Path, uid: Option<u32>) -> Result<bool, CacheError> {
+    match request(socket, &ControlRequest::DropToken { uid })? {
+        ControlResponse::TokenDropped { held } => Ok(held),
+        ControlResponse::Error(message) => Err(CacheError::Refused(message)),
+        other => Err(unexpected_reply(socket, &other)),
+    }
+}
+
+/// The access list of directory `dir` (`fs listacl`).
+pub fn get_acl(dir: &Path) -> Result<AccessList, CacheError> {
+    let socket = socket_for(dir)?;
+    let message = ControlRequest::GetAcl { dir: ino_of(dir)? };
+    match request(&socket, &message)? {
+        ControlResponse::Acl(acl) => Ok(acl),
+        ControlResponse::Error(message) => Err(refused(dir, message)),
+        other => Err(unexpected_reply(&socket, &other)),
+    }
+}
+
+/// Replaces the access list of directory `dir` (`fs setacl`, `cleanacl`, `copyacl`).
+pub fn set_acl(dir: &Path, acl: &AccessList) -> Result<(), CacheError> {
+    let socket = socket_for(dir)?;
+    let message = ControlRequest::SetAcl {
+        dir: ino_of(dir)?,
+        acl: acl.clone(),
+    };
+    match request(&socket, &message)? {
+        ControlResponse::AclSet => Ok(()),
+        ControlResponse::Error(message) => Err(refused(dir, message)),
+        other => Err(unexpected_reply(&socket, &other)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use proto::{Uniquifier, VnodeId, VolumeId};
@@ -504,8 +627,10 @@ mod tests {
                 nanos: 0,
             }),
             data_cached: true,
+            rights: Some(proto::Rights::parse("rl").unwrap()),
         };
         let text = render_examine(Path::new("/mnt/x"), &info);
+        assert!(text.contains("Your rights: rl\n"), "{text}");
         assert!(text.starts_with("File /mnt/x (fid 536870912.5.1) data version 3, size 12\n"));
         assert!(
             text.contains("callback held until 2026-01-01T00:00:00.000Z"),

@@ -8,10 +8,11 @@ use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Semaphore, watch};
-use tracing::debug;
+use tracing::{debug, info};
 
-use crate::control::{ControlRequest, ControlResponse, body_len, decode, encode};
+use crate::control::{ControlRequest, ControlResponse, TokenInfo, body_len, decode, encode};
 use crate::manager::Manager;
+use crate::tokens::{self, Held, LocalUid};
 
 /// `fs` connections served at once; the next accept waits for a free one, so a client
 /// can make the server hold at most this many frames.
@@ -51,6 +52,8 @@ pub async fn serve(
 /// Answers one request per frame until the client closes. A frame too large to take
 /// ends the connection rather than get an answer.
 async fn handle(mut stream: UnixStream, manager: &Manager) -> std::io::Result<()> {
+    // Who is asking: a token given here is theirs, and calls made here carry theirs.
+    let peer = stream.peer_cred()?.uid();
     loop {
         let mut header = [0u8; 4];
         match stream.read_exact(&mut header).await {
@@ -62,7 +65,7 @@ async fn handle(mut stream: UnixStream, manager: &Manager) -> std::io::Result<()
         let mut body = vec![0u8; len];
         stream.read_exact(&mut body).await?;
         let response = match decode::<ControlRequest>(&body) {
-            Ok(request) => answer(manager, request).await,
+            Ok(request) => tokens::acting_for(LocalUid(peer), answer(manager, request, peer)).await,
             Err(e) => ControlResponse::Error(format!("bad control request: {e}")),
         };
         let frame = encode(&response).map_err(std::io::Error::other)?;
@@ -70,9 +73,67 @@ async fn handle(mut stream: UnixStream, manager: &Manager) -> std::io::Result<()
     }
 }
 
-async fn answer(manager: &Manager, request: ControlRequest) -> ControlResponse {
-    debug!(?request, "control request");
+/// Root may act on another uid's token; anyone else only on their own.
+fn token_owner(peer: u32, uid: Option<u32>) -> Result<LocalUid, ControlResponse> {
+    match uid {
+        None => Ok(LocalUid(peer)),
+        Some(uid) if uid == peer || peer == 0 => Ok(LocalUid(uid)),
+        Some(uid) => Err(ControlResponse::Error(format!(
+            "only root may set or drop the token of uid {uid}"
+        ))),
+    }
+}
+
+fn token_info(uid: LocalUid, held: &Held) -> TokenInfo {
+    TokenInfo {
+        uid: uid.0,
+        user: held.body.user.clone(),
+        id: held.body.id,
+        cell: held.body.cell.clone(),
+        expiry: held.body.expiry,
+    }
+}
+
+async fn answer(manager: &Manager, request: ControlRequest, peer: u32) -> ControlResponse {
+    debug!(?request, peer, "control request");
     match request {
+        ControlRequest::SetToken { token, uid } => {
+            let owner = match token_owner(peer, uid) {
+                Ok(owner) => owner,
+                Err(refusal) => return refusal,
+            };
+            match manager.tokens().set(owner, token) {
+                Ok(()) => {
+                    manager.tokens_changed();
+                    info!(uid = owner.0, "token set");
+                    ControlResponse::TokenSet
+                }
+                Err(e) => ControlResponse::Error(e.to_string()),
+            }
+        }
+        ControlRequest::ListTokens => {
+            let mut held = manager.tokens().all();
+            if peer != 0 {
+                held.retain(|(uid, _)| uid.0 == peer);
+            }
+            ControlResponse::Tokens(held.iter().map(|(uid, h)| token_info(*uid, h)).collect())
+        }
+        ControlRequest::DropToken { uid } => match token_owner(peer, uid) {
+            Ok(owner) => {
+                let held = manager.tokens().remove(owner);
+                manager.tokens_changed();
+                ControlResponse::TokenDropped { held }
+            }
+            Err(refusal) => refusal,
+        },
+        ControlRequest::GetAcl { dir } => match manager.fetch_acl(dir).await {
+            Ok(acl) => ControlResponse::Acl(acl),
+            Err(e) => ControlResponse::Error(e.to_string()),
+        },
+        ControlRequest::SetAcl { dir, acl } => match manager.store_acl(dir, acl).await {
+            Ok(()) => ControlResponse::AclSet,
+            Err(e) => ControlResponse::Error(e.to_string()),
+        },
         ControlRequest::Examine { ino } => match manager.examine(ino).await {
             Ok(info) => ControlResponse::Examine(info),
             Err(e) => ControlResponse::Error(e.to_string()),

@@ -19,6 +19,7 @@ use fuser::{
     ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLock, ReplyOpen,
     ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
+use proto::access::FileAccess;
 use proto::{ByteRange, FileKind, LockKind, LockOwnerId, SetAttrs, Timestamp};
 use tokio::sync::Semaphore;
 use tracing::{debug, warn};
@@ -27,6 +28,7 @@ use crate::chunk_index::CHUNK_BYTES;
 use crate::inode::Ino;
 use crate::invalidate::KernelNotifier;
 use crate::manager::{Attr, AttrOut, FsError, FsResult, LockRequest, Manager, NodeKind};
+use crate::tokens::{self, LocalUid};
 
 /// Block size `statfs` reports.
 const STATFS_BLOCK_BYTES: u64 = 4096;
@@ -91,7 +93,7 @@ impl HoldfastFs {
     /// in-flight budget (`bytes` it carries or asks for, plus the overhead) is taken here
     /// first, waiting on this FUSE thread while the budget is spent, and held until the
     /// task ends.
-    fn spawn<F, Fut>(&self, bytes: usize, request: F)
+    fn spawn<F, Fut>(&self, req: &Request, bytes: usize, request: F)
     where
         F: FnOnce(Arc<Manager>) -> Fut,
         Fut: Future<Output = ()> + Send + 'static,
@@ -114,8 +116,10 @@ impl HoldfastFs {
             }
         };
         let task = request(self.manager.clone());
+        // Its server calls carry the token of the process that asked.
+        let caller = LocalUid(req.uid());
         self.runtime.spawn(async move {
-            task.await;
+            tokens::acting_for(caller, task).await;
             drop(permit);
         });
     }
@@ -201,6 +205,19 @@ impl KernelNotifier for Notifier {
     }
 }
 
+/// What an `open` with `flags` asks of the file.
+fn open_access(flags: i32) -> Vec<FileAccess> {
+    let mut wanted = match flags & libc::O_ACCMODE {
+        libc::O_WRONLY => vec![FileAccess::Write],
+        libc::O_RDWR => vec![FileAccess::Read, FileAccess::Write],
+        _ => vec![FileAccess::Read],
+    };
+    if flags & libc::O_TRUNC != 0 && !wanted.contains(&FileAccess::Write) {
+        wanted.push(FileAccess::Write);
+    }
+    wanted
+}
+
 /// A kernel lock range (inclusive end, `OFFSET_MAX` for to-EOF) in the server's terms
 /// (exclusive end, `ByteRange::EOF` for to-EOF); an inverted one is `EINVAL`.
 pub fn lock_range(start: u64, end_inclusive: u64) -> FsResult<ByteRange> {
@@ -279,7 +296,7 @@ impl Filesystem for HoldfastFs {
 
     fn getlk(
         &self,
-        _req: &Request,
+        req: &Request,
         i: INodeNo,
         _fh: FileHandle,
         lock_owner: LockOwner,
@@ -296,7 +313,7 @@ impl Filesystem for HoldfastFs {
                 return;
             }
         };
-        self.spawn(0, move |m| async move {
+        self.spawn(req, 0, move |m| async move {
             let found = m
                 .getlk(ino(i), LockOwnerId(lock_owner.0), range, kind)
                 .await;
@@ -340,7 +357,7 @@ impl Filesystem for HoldfastFs {
             pid,
         };
         if !(sleep && kind.is_some()) {
-            self.spawn(0, move |m| async move {
+            self.spawn(req, 0, move |m| async move {
                 reply_empty(reply, m.setlk(ino(i), request, false).await);
             });
             return;
@@ -354,10 +371,13 @@ impl Filesystem for HoldfastFs {
         };
         let interrupted = signals::interrupted(req.pid(), self.lock_waiters.clone());
         let manager = self.manager.clone();
+        let caller = LocalUid(req.uid());
         self.runtime.spawn(async move {
-            let result = manager
-                .setlk_interruptible(ino(i), request, interrupted)
-                .await;
+            let result = tokens::acting_for(
+                caller,
+                manager.setlk_interruptible(ino(i), request, interrupted),
+            )
+            .await;
             drop(waiter);
             reply_empty(reply, result);
         });
@@ -370,23 +390,30 @@ impl Filesystem for HoldfastFs {
         self.manager.forget(ino(i), nlookup);
     }
 
-    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let name = name.to_owned();
-        self.spawn(name.len(), move |m| async move {
-            reply_entry(reply, m.lookup(ino(parent), &name).await);
+        self.spawn(req, name.len(), move |m| async move {
+            let found = match m.check_lookup(ino(parent)).await {
+                Ok(()) => m.lookup(ino(parent), &name).await,
+                Err(e) => Err(e),
+            };
+            if let Ok(out) = &found {
+                m.found_in(ino(parent), out.attr.ino, out.attr.kind);
+            }
+            reply_entry(reply, found);
         });
     }
 
-    fn getattr(&self, _req: &Request, i: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+    fn getattr(&self, req: &Request, i: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         debug!(ino = i.0, "getattr");
-        self.spawn(0, move |m| async move {
+        self.spawn(req, 0, move |m| async move {
             reply_attr(reply, m.getattr(ino(i)).await);
         });
     }
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         i: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -410,13 +437,13 @@ impl Filesystem for HoldfastFs {
             atime: atime.map(timestamp),
             mtime: mtime.map(timestamp),
         };
-        self.spawn(0, move |m| async move {
+        self.spawn(req, 0, move |m| async move {
             reply_attr(reply, m.setattr(ino(i), attrs).await);
         });
     }
 
-    fn readlink(&self, _req: &Request, i: INodeNo, reply: ReplyData) {
-        self.spawn(0, move |m| async move {
+    fn readlink(&self, req: &Request, i: INodeNo, reply: ReplyData) {
+        self.spawn(req, 0, move |m| async move {
             match m.readlink(ino(i)).await {
                 Ok(target) => reply.data(&target),
                 Err(e) => reply.error(errno(e)),
@@ -451,7 +478,7 @@ impl Filesystem for HoldfastFs {
         };
         let (name, uid, gid) = (name.to_owned(), req.uid(), req.gid());
         let mode = mode & !umask;
-        self.spawn(name.len(), move |m| async move {
+        self.spawn(req, name.len(), move |m| async move {
             let made = match kind {
                 // A regular file, as `create` makes it.
                 None => m.create(ino(parent), &name, mode, uid, gid, true).await,
@@ -471,22 +498,22 @@ impl Filesystem for HoldfastFs {
         reply: ReplyEntry,
     ) {
         let (name, uid, gid) = (name.to_owned(), req.uid(), req.gid());
-        self.spawn(name.len(), move |m| async move {
+        self.spawn(req, name.len(), move |m| async move {
             let made = m.mkdir(ino(parent), &name, mode & !umask, uid, gid).await;
             reply_entry(reply, made);
         });
     }
 
-    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+    fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let name = name.to_owned();
-        self.spawn(name.len(), move |m| async move {
+        self.spawn(req, name.len(), move |m| async move {
             reply_empty(reply, m.remove(ino(parent), &name, false).await);
         });
     }
 
-    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+    fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let name = name.to_owned();
-        self.spawn(name.len(), move |m| async move {
+        self.spawn(req, name.len(), move |m| async move {
             reply_empty(reply, m.remove(ino(parent), &name, true).await);
         });
     }
@@ -502,7 +529,7 @@ impl Filesystem for HoldfastFs {
         let (name, target) = (link_name.to_owned(), target.to_owned());
         let (uid, gid) = (req.uid(), req.gid());
         let bytes = name.len() + target.as_os_str().len();
-        self.spawn(bytes, move |m| async move {
+        self.spawn(req, bytes, move |m| async move {
             let made = m.symlink(ino(parent), &name, &target, uid, gid).await;
             reply_entry(reply, made);
         });
@@ -510,7 +537,7 @@ impl Filesystem for HoldfastFs {
 
     fn rename(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         new_parent: INodeNo,
@@ -523,31 +550,37 @@ impl Filesystem for HoldfastFs {
             return;
         }
         let (name, new_name) = (name.to_owned(), new_name.to_owned());
-        self.spawn(name.len() + new_name.len(), move |m| async move {
+        self.spawn(req, name.len() + new_name.len(), move |m| async move {
             let renamed = m
                 .rename(ino(parent), &name, ino(new_parent), &new_name)
                 .await;
+            // What moved is governed by its new directory now.
+            m.forget_rights(&[ino(parent), ino(new_parent)]);
             reply_empty(reply, renamed);
         });
     }
 
     fn link(
         &self,
-        _req: &Request,
+        req: &Request,
         i: INodeNo,
         new_parent: INodeNo,
         new_name: &OsStr,
         reply: ReplyEntry,
     ) {
         let new_name = new_name.to_owned();
-        self.spawn(new_name.len(), move |m| async move {
+        self.spawn(req, new_name.len(), move |m| async move {
             reply_entry(reply, m.link(ino(i), ino(new_parent), &new_name).await);
         });
     }
 
-    fn open(&self, _req: &Request, i: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, i: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         debug!(ino = i.0, "open");
-        self.spawn(0, move |m| async move {
+        self.spawn(req, 0, move |m| async move {
+            if let Err(e) = m.check_access(ino(i), &open_access(flags.0)).await {
+                reply.error(errno(e));
+                return;
+            }
             let opened = m.open(ino(i)).await;
             if opened.is_ok() {
                 m.opened(ino(i));
@@ -562,7 +595,7 @@ impl Filesystem for HoldfastFs {
 
     fn read(
         &self,
-        _req: &Request,
+        req: &Request,
         i: INodeNo,
         _fh: FileHandle,
         offset: u64,
@@ -572,7 +605,7 @@ impl Filesystem for HoldfastFs {
         reply: ReplyData,
     ) {
         debug!(ino = i.0, offset, size, "read");
-        self.spawn(size as usize, move |m| async move {
+        self.spawn(req, size as usize, move |m| async move {
             match m.read(ino(i), offset, size).await {
                 Ok(data) => reply.data(&data),
                 Err(e) => reply.error(errno(e)),
@@ -582,7 +615,7 @@ impl Filesystem for HoldfastFs {
 
     fn write(
         &self,
-        _req: &Request,
+        req: &Request,
         i: INodeNo,
         _fh: FileHandle,
         offset: u64,
@@ -594,7 +627,7 @@ impl Filesystem for HoldfastFs {
     ) {
         // Copied out of fuser's buffer, which the next request reuses.
         let data = data.to_vec();
-        self.spawn(data.len(), move |m| async move {
+        self.spawn(req, data.len(), move |m| async move {
             match m.write(ino(i), offset, &data).await {
                 Ok(written) => reply.written(written),
                 Err(e) => reply.error(errno(e)),
@@ -604,7 +637,7 @@ impl Filesystem for HoldfastFs {
 
     fn flush(
         &self,
-        _req: &Request,
+        req: &Request,
         i: INodeNo,
         _fh: FileHandle,
         lock_owner: LockOwner,
@@ -612,7 +645,7 @@ impl Filesystem for HoldfastFs {
     ) {
         // A close drops the POSIX locks of the closing owner; the kernel does not track
         // them when the filesystem does, so it is up to us.
-        self.spawn(0, move |m| async move {
+        self.spawn(req, 0, move |m| async move {
             let stored = m.flush(ino(i)).await;
             let released = m.release_owner(ino(i), LockOwnerId(lock_owner.0)).await;
             reply_empty(reply, stored.and(released));
@@ -621,7 +654,7 @@ impl Filesystem for HoldfastFs {
 
     fn release(
         &self,
-        _req: &Request,
+        req: &Request,
         i: INodeNo,
         _fh: FileHandle,
         _flags: OpenFlags,
@@ -631,7 +664,7 @@ impl Filesystem for HoldfastFs {
     ) {
         // Counted at once: the kernel closed it, whatever its write-back does.
         self.manager.released(ino(i));
-        self.spawn(0, move |m| async move {
+        self.spawn(req, 0, move |m| async move {
             let stored = m.flush(ino(i)).await;
             // Set only when the file carried `flock` locks: the last close ends them.
             let released = match lock_owner {
@@ -644,19 +677,23 @@ impl Filesystem for HoldfastFs {
 
     fn fsync(
         &self,
-        _req: &Request,
+        req: &Request,
         i: INodeNo,
         _fh: FileHandle,
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        self.spawn(0, move |m| async move {
+        self.spawn(req, 0, move |m| async move {
             reply_empty(reply, m.flush(ino(i)).await);
         });
     }
 
-    fn opendir(&self, _req: &Request, i: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        self.spawn(0, move |m| async move {
+    fn opendir(&self, req: &Request, i: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        self.spawn(req, 0, move |m| async move {
+            if let Err(e) = m.check_access(ino(i), &[FileAccess::Read]).await {
+                reply.error(errno(e));
+                return;
+            }
             match m.opendir(ino(i)).await {
                 Ok(handle) => reply.opened(FileHandle(handle), FopenFlags::empty()),
                 Err(e) => reply.error(errno(e)),
@@ -666,13 +703,13 @@ impl Filesystem for HoldfastFs {
 
     fn readdir(
         &self,
-        _req: &Request,
+        req: &Request,
         i: INodeNo,
         fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        self.spawn(0, move |m| async move {
+        self.spawn(req, 0, move |m| async move {
             let snapshot = match m.readdir(ino(i), fh.0, offset).await {
                 Ok(snapshot) => snapshot,
                 Err(e) => {
@@ -716,8 +753,8 @@ impl Filesystem for HoldfastFs {
         reply.ok();
     }
 
-    fn statfs(&self, _req: &Request, i: INodeNo, reply: ReplyStatfs) {
-        self.spawn(0, move |m| async move {
+    fn statfs(&self, req: &Request, i: INodeNo, reply: ReplyStatfs) {
+        self.spawn(req, 0, move |m| async move {
             match m.statfs(ino(i)).await {
                 Ok(space) => {
                     let blocks = space.bytes_total / STATFS_BLOCK_BYTES;
@@ -738,11 +775,22 @@ impl Filesystem for HoldfastFs {
         });
     }
 
-    fn access(&self, _req: &Request, i: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
-        // Permission bits are checked by the kernel (default_permissions); this only
-        // confirms the file still exists.
-        self.spawn(0, move |m| async move {
-            reply_empty(reply, m.getattr(ino(i)).await.map(|_| ()));
+    fn access(&self, req: &Request, i: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        // Not the kernel's to check (no `default_permissions`: it would judge local uids
+        // by mode bits alone): the directory's access list and the mode bits, for the
+        // caller's token, as the fileserver judges them. F_OK asks for existence only.
+        let mut wanted = Vec::with_capacity(3);
+        for (flag, access) in [
+            (AccessFlags::R_OK, FileAccess::Read),
+            (AccessFlags::W_OK, FileAccess::Write),
+            (AccessFlags::X_OK, FileAccess::Execute),
+        ] {
+            if mask.contains(flag) {
+                wanted.push(access);
+            }
+        }
+        self.spawn(req, 0, move |m| async move {
+            reply_empty(reply, m.check_access(ino(i), &wanted).await);
         });
     }
 
@@ -785,7 +833,7 @@ impl Filesystem for HoldfastFs {
     ) {
         let exclusive = flags & libc::O_EXCL != 0;
         let (name, uid, gid) = (name.to_owned(), req.uid(), req.gid());
-        self.spawn(name.len(), move |m| async move {
+        self.spawn(req, name.len(), move |m| async move {
             let created = m
                 .create(ino(parent), &name, mode & !umask, uid, gid, exclusive)
                 .await;

@@ -21,6 +21,7 @@ mod manager;
 pub mod mount;
 pub mod mountinfo;
 pub mod readahead;
+pub mod rights;
 pub mod server_pool;
 mod spare_files;
 pub mod status;

@@ -15,6 +15,7 @@ use proto::{
 use tokio::sync::{OwnedRwLockReadGuard, OwnedRwLockWriteGuard, RwLock, Semaphore, TryLockError};
 use tracing::{info, warn};
 
+mod access;
 mod admin;
 mod advisory;
 mod attr;
@@ -161,9 +162,11 @@ pub struct Manager {
     runtime: tokio::runtime::Handle,
     /// Hands freed memory back to the system after the tables dropped many entries.
     memory_return: kernel_refs::MemoryReturn,
-    /// The tokens this workstation's users hold, by local uid.
-    #[allow(dead_code)] // Until the control socket and the server calls use it.
-    tokens: crate::tokens::TokenStore,
+    /// The tokens this workstation's users hold, by local uid; the pool's calls carry
+    /// their callers' tokens from here.
+    tokens: Arc<crate::tokens::TokenStore>,
+    /// The callers' rights, per (user, vnode), under their directories' callbacks.
+    rights: crate::rights::RightsCache,
 }
 
 impl Manager {
@@ -222,14 +225,20 @@ impl Manager {
             reconnecting: Mutex::new(HashSet::new()),
             runtime: tokio::runtime::Handle::current(),
             memory_return: kernel_refs::MemoryReturn::default(),
-            tokens: crate::tokens::TokenStore::default(),
+            tokens: Arc::new(crate::tokens::TokenStore::default()),
+            rights: crate::rights::RightsCache::default(),
         });
+        manager.pool.set_tokens(manager.tokens.clone());
         manager.spawn_lease_renewal(settings.lease_renew_interval);
         let sink: Arc<dyn CallbackSink> = manager.clone();
         manager.pool.set_sink(Arc::downgrade(&sink));
         manager.pool.start_keepalive(KEEPALIVE_IDLE);
         info!(volume = %settings.root_volume, id = %root.id, servers = ?root.addresses, "root volume located");
-        if let Err(e) = manager.fetch_status(root_fid).await {
+        // Without a token yet (a user hands theirs in after the mount), the root may
+        // be closed to this request: that is no trouble of the server's.
+        if let Err(e) = manager.fetch_status(root_fid).await
+            && e != FsError::EACCES
+        {
             // Not fatal: the mount retries on every access and recovers by itself.
             warn!(
                 "root volume's fileserver is not answering yet ({}); mounting anyway",
@@ -240,7 +249,6 @@ impl Manager {
     }
 
     /// The tokens this workstation's users hold.
-    #[allow(dead_code)] // Until the control socket and the server calls use it.
     pub fn tokens(&self) -> &crate::tokens::TokenStore {
         &self.tokens
     }

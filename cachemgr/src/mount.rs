@@ -5,6 +5,7 @@
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -220,7 +221,6 @@ pub fn run(
     options.mount_options = vec![
         MountOption::FSName(format!("holdfast:{}", socket_path.display())),
         MountOption::Subtype("holdfast".into()),
-        MountOption::DefaultPermissions,
         MountOption::NoAtime,
     ];
     options.acl = SessionACL::All;
@@ -296,7 +296,11 @@ fn bind_control(
         Err(e) => return Err(failed(e)),
     }
     let _guard = runtime.enter();
-    tokio::net::UnixListener::bind(path).map_err(failed)
+    let listener = tokio::net::UnixListener::bind(path).map_err(failed)?;
+    // Every local user may hand in their own token (`holdfast login`); the server takes
+    // the uid from the socket's peer credentials, never from the message.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)).map_err(failed)?;
+    Ok(listener)
 }
 
 fn umount2(path: &Path, flags: libc::c_int) -> std::io::Result<()> {

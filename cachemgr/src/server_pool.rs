@@ -14,10 +14,13 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use proto::rpc::{self, Connection, IncomingRequest, Limits};
-use proto::{ErrorCode, Fid, Hello, ProtoError, Request, Response, ServerId, Transport, WaitId};
+use proto::{
+    ErrorCode, Fid, Hello, ProtoError, Request, Response, SealedToken, ServerId, Transport, WaitId,
+};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
+use crate::tokens::TokenStore;
 use crate::volume::VolumeLocation;
 
 /// First and longest pause between attempts on a pair's members: short, since a
@@ -194,6 +197,8 @@ pub struct ServerPool {
     /// The `seq` of the next `Sequenced` request of this mount instance.
     next_seq: AtomicU64,
     sink: std::sync::OnceLock<Weak<dyn CallbackSink>>,
+    /// The workstation's tokens: a call carries its caller's (`tokens::acting_for`).
+    tokens: std::sync::OnceLock<Arc<TokenStore>>,
 }
 
 /// Renders a duration as an operator reads it: `2s`, `1500ms`.
@@ -202,6 +207,22 @@ pub fn human_duration(d: Duration) -> String {
         format!("{}s", d.as_secs())
     } else {
         format!("{}ms", d.as_millis())
+    }
+}
+
+/// One request as every attempt sends it, byte for byte, with its caller's token.
+#[derive(Clone, Copy)]
+struct Call<'a> {
+    request: &'a Request,
+    token: Option<&'a SealedToken>,
+}
+
+impl Call<'_> {
+    async fn on(self, connection: &Connection, timeout: Duration) -> Result<Response, ProtoError> {
+        connection
+            .try_call_as(self.token, self.request, timeout)
+            .await
+            .unwrap_or(Err(ProtoError::Closed))
     }
 }
 
@@ -241,11 +262,22 @@ impl ServerPool {
             members: Mutex::new(HashMap::new()),
             next_seq: AtomicU64::new(1),
             sink: std::sync::OnceLock::new(),
+            tokens: std::sync::OnceLock::new(),
         })
     }
 
     pub fn set_sink(&self, sink: Weak<dyn CallbackSink>) {
         let _ = self.sink.set(sink);
+    }
+
+    /// Makes every call carry the token of the task's caller, from `tokens`.
+    pub fn set_tokens(&self, tokens: Arc<TokenStore>) {
+        let _ = self.tokens.set(tokens);
+    }
+
+    /// The token the current task's calls carry: its caller's, if it holds one.
+    fn caller_token(&self) -> Option<SealedToken> {
+        self.tokens.get()?.for_current_caller()
     }
 
     pub fn rpc_timeout(&self) -> Duration {
@@ -289,10 +321,15 @@ impl ServerPool {
         timeout: Duration,
     ) -> Result<Response, ProtoError> {
         let request = self.sequenced(request);
+        let token = self.caller_token();
+        let call = Call {
+            request: &request,
+            token: token.as_ref(),
+        };
         if addresses.len() < 2 {
-            return self.call_once(server, addresses, request, timeout).await;
+            return self.call_once(server, addresses, call, timeout).await;
         }
-        self.call_pair(server, addresses, request, timeout, self.failover_timeout)
+        self.call_pair(server, addresses, call, timeout, self.failover_timeout)
             .await
     }
 
@@ -435,7 +472,7 @@ impl ServerPool {
         &self,
         server: ServerId,
         addresses: &[String],
-        request: Request,
+        call: Call<'_>,
         timeout: Duration,
     ) -> Result<Response, ProtoError> {
         let deadline = Instant::now() + timeout;
@@ -446,7 +483,7 @@ impl ServerPool {
                 .await?;
             let budget = deadline.saturating_duration_since(Instant::now());
             self.note_sent(server);
-            let result = connection.call_ref(&request, budget).await;
+            let result = call.on(&connection, budget).await;
             let Err(e) = &result else {
                 return result;
             };
@@ -498,7 +535,7 @@ impl ServerPool {
         &self,
         server: ServerId,
         listed: &[String],
-        request: Request,
+        call: Call<'_>,
         timeout: Duration,
         failover: Duration,
     ) -> Result<Response, ProtoError> {
@@ -511,7 +548,7 @@ impl ServerPool {
                 Ok(connection) => {
                     unreachable_since = None;
                     self.note_sent(server);
-                    let result = connection.call_ref(&request, timeout).await;
+                    let result = call.on(&connection, timeout).await;
                     (result, Some(connection))
                 }
                 Err(e) => (Err(e), None),

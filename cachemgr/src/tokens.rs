@@ -26,6 +26,15 @@ pub async fn acting_for<F: std::future::Future>(uid: LocalUid, future: F) -> F::
     CALLER.scope(uid, future).await
 }
 
+/// Runs `future` as a request of `uid` if given, else outside any caller's scope: for
+/// work spawned on a request's behalf (a fetch ahead), which keeps its caller's token.
+pub async fn acting_as<F: std::future::Future>(uid: Option<LocalUid>, future: F) -> F::Output {
+    match uid {
+        Some(uid) => CALLER.scope(uid, future).await,
+        None => future.await,
+    }
+}
+
 /// The uid the current task acts for, if it runs for a FUSE request.
 pub fn current_caller() -> Option<LocalUid> {
     CALLER.try_with(|uid| *uid).ok()
@@ -69,6 +78,18 @@ impl TokenStore {
     /// Drops `uid`'s token; true if it had one.
     pub fn remove(&self, uid: LocalUid) -> bool {
         self.by_uid.lock().remove(&uid).is_some()
+    }
+
+    /// Every uid's token, by uid.
+    pub fn all(&self) -> Vec<(LocalUid, Held)> {
+        let mut all: Vec<_> = self
+            .by_uid
+            .lock()
+            .iter()
+            .map(|(uid, held)| (*uid, held.clone()))
+            .collect();
+        all.sort_by_key(|(uid, _)| uid.0);
+        all
     }
 
     pub fn get(&self, uid: LocalUid) -> Option<Held> {

@@ -101,6 +101,7 @@ impl Active {
             locks: locks.clone(),
             cell: config.cell.name.clone(),
             stats: config.stats.clone(),
+            access_checks: !config.skip_access_checks,
         });
         let (stop, stopped) = watch::channel(false);
         let sweep_period = lease_sweep_period(config.lease, config.grace);

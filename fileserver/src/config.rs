@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use proto::server::ServerLimits;
-use proto::{CellConfig, PairName, Transport};
+use proto::{CellConfig, PairName, TokenVerifier, Transport};
 use state::JournalMode;
 
 use crate::stats::Stats;
@@ -51,6 +51,26 @@ pub struct Config {
     /// What a peer can make the server hold: connection caps, hello, idle and frame
     /// timeouts, frame memory (`docs/fileserver.md`, "Limits on peers").
     pub connection_limits: ServerLimits,
+    /// Verifies the cell's tokens (`--token-key`). Without it every token is refused and
+    /// every request acts for `system:anyuser`: checks are made all the same.
+    pub tokens: Tokens,
+    /// Bench-only: skip the access checks (`holdfast bench --suite identity --figure
+    /// access` measures their cost). Never set by default or by `up`.
+    pub skip_access_checks: bool,
+}
+
+/// The cell's token verifier, if the server was given the key.
+#[derive(Clone, Default)]
+pub struct Tokens(pub Option<TokenVerifier>);
+
+impl std::fmt::Debug for Tokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Tokens(verifier)"
+        } else {
+            "Tokens(none)"
+        })
+    }
 }
 
 /// A pair member's settings.
@@ -87,6 +107,8 @@ impl Config {
             pair: None,
             history: None,
             connection_limits: ServerLimits::default(),
+            tokens: Tokens::default(),
+            skip_access_checks: false,
         }
     }
 }

@@ -31,7 +31,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::info;
 
-pub use config::{Config, PairConfig};
+pub use config::{Config, PairConfig, Tokens};
 pub use error::FileServerError;
 pub use state_journal::StateJournalError;
 pub use stats::Stats;

@@ -141,6 +141,7 @@ impl Member {
             common::transport(PeerClass::Server),
             vec![address.clone()],
         );
+        config.tokens = fileserver::Tokens(Some(common::token_key().verifier(CELL)));
         config.pair = Some(PairConfig {
             name: PairName::parse(PAIR).unwrap(),
             lease: LEASE,
@@ -225,8 +226,10 @@ async fn create_volume(address: &str) {
         name: VolumeName::parse("root.cell").unwrap(),
         quota_bytes: 0,
     };
-    let created = admin(address).await.call(request, TIMEOUT).await.unwrap();
+    let admin = admin(address).await;
+    let created = admin.call(request, TIMEOUT).await.unwrap();
     assert!(matches!(created, Response::Volume(_)), "{created:?}");
+    common::open_to_anyone(&admin, Fid::root(VOLUME)).await;
 }
 
 /// History lines as (unix micros, epoch, member, what).

@@ -143,19 +143,28 @@ pub fn check_set_attrs(
     let owner = status.uid == posix_uid(caller);
     let mut applied = attrs.clone();
     if let Some(uid) = attrs.uid {
-        // Only root gives a file away; the owner may "change" it to itself.
-        if uid != status.uid && !admin {
+        // Only root gives a file away; the owner may "change" it to itself (as Linux,
+        // anyone else may not, not even to the same owner).
+        let may = admin || (owner && uid == status.uid);
+        if !may {
             return Err(ErrorCode::NotPermitted);
         }
     }
     if let Some(gid) = attrs.gid {
-        // The owner may move it into a group it is in.
-        if gid != status.gid && !admin && !(owner && in_group(caller, gid)) {
+        // The owner may move it into a group it is in, or leave it in its own.
+        let may = admin || (owner && (gid == status.gid || in_group(caller, gid)));
+        if !may {
             return Err(ErrorCode::NotPermitted);
         }
     }
     if let Some(mode) = attrs.mode {
-        if !owner && !admin {
+        // A writer's kernel clears set-user-id and set-group-id before it writes (as a
+        // store would here): that much needs only the right to write.
+        let kills_privileges = mode & 0o7777 == status.mode & !(MODE_SET_UID | MODE_SET_GID)
+            && mode & 0o7777 != status.mode;
+        let writer =
+            kills_privileges && check_file(caller, dir_rights, status, FileAccess::Write).is_ok();
+        if !owner && !admin && !writer {
             return Err(ErrorCode::NotPermitted);
         }
         let gid = attrs.gid.unwrap_or(status.gid);
@@ -347,6 +356,30 @@ mod tests {
         // Set-group-id asked by an owner outside the group is dropped silently.
         let applied = check_set_attrs(&alice, RW, &file(0o644, 1001, 400), &mode(0o2755));
         assert_eq!(applied.unwrap().mode, Some(0o755));
+        // A non-owner may not chown or chgrp, even to what the file has already.
+        assert_eq!(
+            check_set_attrs(&bob, RW, &status, &owner_to(1001)),
+            Err(ErrorCode::NotPermitted)
+        );
+        assert_eq!(
+            check_set_attrs(&bob, RW, &status, &group_to(300)),
+            Err(ErrorCode::NotPermitted)
+        );
+        assert!(check_set_attrs(&alice, RW, &status, &group_to(300)).is_ok());
+        // A writer may clear set-user-id and set-group-id, and nothing else.
+        let suid = file(0o6777, 1001, 300);
+        assert_eq!(
+            check_set_attrs(&bob, RW, &suid, &mode(0o777)).unwrap().mode,
+            Some(0o777)
+        );
+        assert_eq!(
+            check_set_attrs(&bob, RW, &suid, &mode(0o775)),
+            Err(ErrorCode::NotPermitted)
+        );
+        assert_eq!(
+            check_set_attrs(&bob, RW, &file(0o6755, 1001, 300), &mode(0o755)),
+            Err(ErrorCode::NotPermitted)
+        );
         // A chown clears set-user-id and set-group-id (with group execute).
         let suid = file(0o6755, 1001, 300);
         let applied = check_set_attrs(&admin(), RW, &suid, &owner_to(1002)).unwrap();

@@ -18,15 +18,18 @@ use super::{Across, BenchDir, MountedCell, mount_runtime};
 type Rate = fn(&Across) -> f64;
 
 /// The suite's figures by name (`--figure` picks one).
-pub const FIGURES: [&str; 1] = ["tls"];
+pub const FIGURES: [&str; 2] = ["tls", super::identity_access::FIGURE];
 /// Each cell's figures are measured this many times, in turns with the other's; the
 /// best of each counts, so that a moment of a busy machine does not.
 const ROUNDS: usize = 3;
 
 /// Runs every figure, or only `only`.
-pub fn run(dir: &BenchDir, size_mib: u64, only: Option<&str>) -> Result<()> {
+pub fn run(dir: &BenchDir, size_mib: u64, files: usize, only: Option<&str>) -> Result<()> {
     if only.is_none_or(|only| only == "tls") {
         tls(&dir.path().join("identity"), size_mib)?;
+    }
+    if only.is_none_or(|only| only == super::identity_access::FIGURE) {
+        super::identity_access::run(&dir.path().join("access"), files)?;
     }
     Ok(())
 }

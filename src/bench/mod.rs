@@ -13,6 +13,7 @@ use crate::cell::{LocalCell, Servers};
 
 mod faults;
 mod identity;
+mod identity_access;
 mod pair;
 mod vldb;
 
@@ -31,7 +32,7 @@ pub struct BenchArgs {
     /// callback journaling, recovery, snapshots), `pair` (failover of a fileserver
     /// pair), `vldb` (the three-replica VLDB: leader kills, creates, lookups), `faults`
     /// (dead and stopped servers, floods, memory, large busy directories), `identity`
-    /// (what mutual TLS costs a mount) or `all`.
+    /// (what mutual TLS, access checks and tokens cost) or `all`.
     #[arg(long, default_value = "all", value_parser = ["all", "mount", "state", "pair", "vldb", "faults", "identity"])]
     suite: String,
     /// Failovers measured for the median time to the first write.
@@ -48,7 +49,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 1_000_000)]
     recovery_callbacks: usize,
     /// Only this figure of the faults suite (`cached`, `stopped`, `floods`, `memory`,
-    /// `bigdir`) or of the identity suite (`tls`); default: all of the suite's.
+    /// `bigdir`) or of the identity suite (`tls`, `access`); default: all of the suite's.
     #[arg(long, value_parser = figure_names())]
     figure: Option<String>,
 }
@@ -73,7 +74,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
         faults::run(&bench_dir(&args)?, args.figure.as_deref())?;
     }
     if all || args.suite == "identity" {
-        identity::run(&bench_dir(&args)?, args.size_mib, args.figure.as_deref())?;
+        identity::run(
+            &bench_dir(&args)?,
+            args.size_mib,
+            args.files,
+            args.figure.as_deref(),
+        )?;
     }
     Ok(())
 }

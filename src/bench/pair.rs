@@ -181,12 +181,15 @@ fn write_synced(path: &Path) -> Result<()> {
 struct FakeClient {
     client: ClientId,
     connection: Connection,
+    /// The cell administrator's: the root directory is theirs.
+    token: proto::SealedToken,
 }
 
 impl FakeClient {
     async fn connect(
         cell: &CellConfig,
         transport: &Transport,
+        token: &proto::SealedToken,
         address: &str,
         client: ClientId,
     ) -> Result<FakeClient> {
@@ -207,11 +210,18 @@ impl FakeClient {
             .await
             .with_context(|| format!("connect to {address}"))?;
         tokio::spawn(acknowledge_pushes(incoming));
-        Ok(FakeClient { client, connection })
+        Ok(FakeClient {
+            client,
+            connection,
+            token: token.clone(),
+        })
     }
 
     async fn call(&self, request: Request) -> Result<Response, proto::ProtoError> {
-        self.connection.call(request, CALL_TIMEOUT).await
+        self.connection
+            .try_call_as(Some(&self.token), &request, CALL_TIMEOUT)
+            .await
+            .unwrap_or(Err(proto::ProtoError::Closed))
     }
 }
 
@@ -258,8 +268,16 @@ async fn lock_after_last_reclaim(
     mountpoint: &Path,
 ) -> Result<Duration> {
     let root = root_dir(cell).await?;
+    let token = cell.admin_token()?;
     let active = member_address(cell, active_name)?;
-    let a = FakeClient::connect(&cell.cell, &cell.transport, &active, ClientId::random()).await?;
+    let a = FakeClient::connect(
+        &cell.cell,
+        &cell.transport,
+        &token,
+        &active,
+        ClientId::random(),
+    )
+    .await?;
     let created = a
         .call(Request::Create {
             dir: root,
@@ -286,13 +304,19 @@ async fn lock_after_last_reclaim(
     tokio::task::spawn_blocking(move || write_synced(&mountpoint.join("after-lock-failover")))
         .await??;
 
-    let b =
-        FakeClient::connect(&cell.cell, &cell.transport, &successor, ClientId::random()).await?;
+    let b = FakeClient::connect(
+        &cell.cell,
+        &cell.transport,
+        &token,
+        &successor,
+        ClientId::random(),
+    )
+    .await?;
     match b.call(whole_file_lock(fid, LockOwnerId(2), false)).await {
         Err(e) if matches!(e.remote(), Some(ErrorCode::Grace { .. })) => {}
         other => bail!("B's conflicting lock during grace was answered {other:?}, not Grace"),
     }
-    let a = FakeClient::connect(&cell.cell, &cell.transport, &successor, a.client).await?;
+    let a = FakeClient::connect(&cell.cell, &cell.transport, &token, &successor, a.client).await?;
     a.call(Request::ReclaimLock {
         fid,
         owner: LockOwnerId(1),
@@ -353,12 +377,19 @@ async fn takeover_with_clients(
     count: usize,
 ) -> Result<TakeoverFigures> {
     let root = root_dir(cell).await?;
+    let token = cell.admin_token()?;
     let address = member_address(cell, active)?;
     let mut clients = Vec::with_capacity(count);
     let mut data_version = proto::DataVersion(0);
     for _ in 0..count {
-        let client =
-            FakeClient::connect(&cell.cell, &cell.transport, &address, ClientId::random()).await?;
+        let client = FakeClient::connect(
+            &cell.cell,
+            &cell.transport,
+            &token,
+            &address,
+            ClientId::random(),
+        )
+        .await?;
         match client.call(Request::FetchStatus { fid: root }).await {
             Ok(Response::Status { status, .. }) => data_version = status.data_version,
             other => bail!("FetchStatus answered {other:?}"),
@@ -373,8 +404,10 @@ async fn takeover_with_clients(
     for client in clients {
         let (cell_config, successor) = (cell.cell.clone(), successor.clone());
         let transport = cell.transport.clone();
+        let token = token.clone();
         tasks.spawn(async move {
-            let client = FakeClient::connect(&cell_config, &transport, &successor, client).await?;
+            let client =
+                FakeClient::connect(&cell_config, &transport, &token, &successor, client).await?;
             let answer = client
                 .call(Request::ReclaimCallbacks {
                     fids: vec![(root, data_version)],

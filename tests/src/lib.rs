@@ -13,6 +13,7 @@ use proto::tls::authority;
 use proto::{PeerClass, Transport};
 
 pub mod flood;
+pub mod identity;
 pub mod pair;
 pub mod pts;
 pub mod rpc_client;
@@ -202,6 +203,7 @@ impl TestCell {
             &history,
         ];
         args.extend(options.member_flags.iter().map(String::as_str));
+        identity::ensure_token_key(&self.cell_file)?;
         let address = self.spawn_ready(name, &args)?;
         self.members.retain(|(n, _)| n != name);
         self.members.push((name.to_owned(), address));
@@ -353,6 +355,7 @@ impl TestCell {
             &listen,
         ];
         args.extend_from_slice(extra);
+        identity::ensure_token_key(&self.cell_file)?;
         self.fs_address = self.spawn_ready("fileserver", &args)?;
         Ok(())
     }
@@ -405,6 +408,7 @@ impl TestCell {
         self.tripwire
             .expect_while_stopping(name, FUSE_REPLY_TO_AN_ENDED_REQUEST);
         self.spawn_ready(name, &args)?;
+        identity::give_root_admin_token(&self.cell_file, Path::new(&cache))?;
         Ok(mountpoint)
     }
 

@@ -20,6 +20,8 @@ pub struct ProtocolClient {
     pub connection: Connection,
     pub client: ClientId,
     next_seq: u64,
+    /// Its requests are an administrator's (`identity::admin_token`).
+    token: proto::SealedToken,
 }
 
 impl ProtocolClient {
@@ -54,12 +56,16 @@ impl ProtocolClient {
             connection,
             client,
             next_seq: 1,
+            token: crate::identity::admin_token(cell),
         })
     }
 
     /// Sends `request` as it is.
     pub async fn call(&self, request: Request) -> Result<Response, proto::ProtoError> {
-        self.connection.call(request, CALL_TIMEOUT).await
+        self.connection
+            .try_call_as(Some(&self.token), &request, CALL_TIMEOUT)
+            .await
+            .unwrap_or(Err(proto::ProtoError::Closed))
     }
 
     /// Wraps `request` as `Sequenced` with the next sequence number; returns it with

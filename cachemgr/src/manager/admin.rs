@@ -49,6 +49,10 @@ impl Manager {
             .by_id(&self.vldb, fid.volume)
             .await
             .map_err(|e| rpc_error(&e))?;
+        let rights = match self.caller_identity() {
+            Ok(caller) => self.rights_on(&caller, fid).await.ok(),
+            Err(_) => None,
+        };
         let state = self.state.lock();
         let entry = state.statuses.get(fid).ok_or(FsError::EIO)?;
         let now = Instant::now();
@@ -64,6 +68,7 @@ impl Manager {
             data_version: entry.status.data_version,
             callback_until,
             data_cached: self.chunks.has_fid(fid),
+            rights,
         })
     }
 

@@ -18,6 +18,7 @@ impl CallbackSink for Manager {
         {
             let mut state = self.state.lock();
             for fid in fids {
+                self.rights.drop_dir(*fid);
                 let broken = state.statuses.break_callback(*fid);
                 if let Some(ino) = state.inodes.ino(*fid) {
                     work.push(Invalidation::Inode(ino));
@@ -81,6 +82,8 @@ impl CallbackSink for Manager {
     }
 
     fn reset_callbacks(&self, server: ServerId) {
+        let volumes: Vec<_> = self.volumes_of(server).into_iter().collect();
+        self.rights.drop_volumes(&volumes);
         let reset = self.reset_callbacks_from(server);
         debug!(%server, count = reset.len(), "callbacks reset; cached data will be revalidated");
     }

@@ -146,7 +146,9 @@ impl Manager {
                 return;
             };
             let this = this.clone();
-            self.runtime.spawn(async move {
+            // The fetch ahead reads with the token of the reader it runs ahead of.
+            let caller = crate::tokens::current_caller();
+            self.runtime.spawn(crate::tokens::acting_as(caller, async move {
                 let _slot = slot;
                 // Never wait for the file lock: a writer queued for it must not wait
                 // behind a fetch ahead, and a reader may be waiting on this fetch.
@@ -159,7 +161,7 @@ impl Manager {
                 if let Err(e) = this.fetch_chunk(key, version).await {
                     debug!(%fid, index, error = %e, "fetch ahead failed; the reader will fetch");
                 }
-            });
+            }));
         }
     }
 

@@ -14,6 +14,7 @@ pub struct FsError(i32);
 pub type FsResult<T> = Result<T, FsError>;
 
 impl FsError {
+    pub const EACCES: FsError = FsError(libc::EACCES);
     pub const EAGAIN: FsError = FsError(libc::EAGAIN);
     pub const EFBIG: FsError = FsError(libc::EFBIG);
     pub const EINVAL: FsError = FsError(libc::EINVAL);

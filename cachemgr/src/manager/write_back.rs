@@ -145,8 +145,11 @@ impl Manager {
                             write_back: stores.write_back,
                         };
                         let (pool, location) = (self.pool.clone(), stores.location.clone());
-                        in_flight
-                            .spawn(async move { (store, pool.call(&location, request).await) });
+                        // Stored with the token of the process that closes or syncs.
+                        let caller = crate::tokens::current_caller();
+                        in_flight.spawn(crate::tokens::acting_as(caller, async move {
+                            (store, pool.call(&location, request).await)
+                        }));
                         effects.extend(plan.sent());
                     }
                     Effect::MarkClean { chunks, version } => {

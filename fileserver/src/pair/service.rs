@@ -66,6 +66,8 @@ pub struct MemberService {
     in_flight: AtomicUsize,
     drained: Notify,
     switchover: Option<mpsc::Sender<SwitchoverRequest>>,
+    /// The cell's token verifier; `serve` asks for it per new token.
+    tokens: Option<proto::TokenVerifier>,
 }
 
 impl MemberService {
@@ -137,6 +139,7 @@ impl MemberService {
             in_flight: AtomicUsize::new(0),
             drained: Notify::new(),
             switchover,
+            tokens: config.tokens.0.clone(),
         }
     }
 
@@ -318,6 +321,10 @@ impl Service for MemberService {
             version,
             server: Some(self.server),
         })
+    }
+
+    fn token_verifier(&self) -> Option<&proto::TokenVerifier> {
+        self.tokens.as_ref()
     }
 
     fn connected(&self, connection: &Connection, hello: &Hello) {

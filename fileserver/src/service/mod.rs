@@ -3,6 +3,7 @@
 //! Invariant: a volume change replies only once its metadata is durable and every other
 //! holder of a promise on what it changed answered its break or was marked unreachable.
 
+mod access;
 mod files;
 mod locking;
 mod namespace;
@@ -36,6 +37,8 @@ pub struct FileService {
     pub(crate) locks: Arc<Locks>,
     pub(crate) cell: String,
     pub(crate) stats: Arc<Stats>,
+    /// False only for the bench figure that measures what the checks cost.
+    pub(crate) access_checks: bool,
 }
 
 /// Who sent a request: a cache manager's key (`None` for an admin or a fileserver), and
@@ -83,7 +86,7 @@ impl Service for FileService {
         self: Arc<Self>,
         connection: Connection,
         hello: Arc<Hello>,
-        _caller: Arc<Identity>,
+        identity: Arc<Identity>,
         request: Request,
     ) -> Result<Response, ErrorCode> {
         let key = match &hello.peer {
@@ -100,11 +103,11 @@ impl Service for FileService {
         let caller = Caller { key, sequence };
         let span = debug_span!("request", peer = %connection.peer_addr());
         async move {
-            debug!(?request, ?sequence, "request");
+            debug!(?request, ?sequence, user = identity.name(), "request");
             // Special files and unlinked statuses shown as an older peer understands.
             let version = connection.version();
             let answer = self
-                .dispatch(caller, request)
+                .checked(&identity, caller, request)
                 .await
                 .map(|response| response.for_version(version));
             if let Err(code) = &answer {
@@ -124,6 +127,27 @@ impl Service for FileService {
 }
 
 impl FileService {
+    /// Runs `request` for `identity` once `authorize` passed it; the access-list
+    /// requests answer for the identity themselves.
+    async fn checked(
+        self: &Arc<Self>,
+        identity: &Identity,
+        caller: Caller,
+        request: Request,
+    ) -> Result<Response, ErrorCode> {
+        let (request, after) = match request {
+            Request::FetchAcl { dir } => return self.fetch_acl(identity, dir).await,
+            Request::StoreAcl { dir, acl } => {
+                return self.store_acl(identity, caller, dir, acl).await;
+            }
+            Request::FetchRights { fid } => return self.fetch_rights(identity, caller, fid).await,
+            request if self.access_checks => self.authorize(identity, request).await?,
+            request => (request, access::After::default()),
+        };
+        let answer = self.dispatch(caller, request).await;
+        self.after(caller, after, answer).await
+    }
+
     async fn dispatch(
         self: &Arc<Self>,
         caller: Caller,
@@ -266,7 +290,7 @@ impl FileService {
             Request::ExamineVolume { id } => self.examine_volume(id).await,
             Request::ServerCounters => Ok(Response::Counters(self.stats.counters())),
 
-            // Access lists: not served yet.
+            // Answered by `checked`, which knows the caller's identity.
             Request::FetchAcl { .. } | Request::StoreAcl { .. } | Request::FetchRights { .. } => {
                 Err(ErrorCode::Unsupported)
             }

@@ -3,6 +3,7 @@
 //! Invariant: every metadata change is durable before it is answered, and a store is
 //! all or nothing: a failed one leaves a file's size, data version and bytes as they were.
 
+mod acl;
 mod data;
 mod data_files;
 mod group_commit;
@@ -22,6 +23,7 @@ mod store_tests;
 #[cfg(test)]
 mod tests;
 
+pub use acl::Governed;
 pub use data::StoreCondition;
 pub use namespace::{Created, Removed, Renamed};
 pub use outcomes::{Answer, Outcome, SEQ_WINDOW, SequenceKey};

@@ -380,9 +380,12 @@ impl Volume {
             let mut from = tx.vnode(from_dir.vnode)?;
             from.size = from.size.saturating_sub(1);
             from.touch_data(now);
-            if moved_is_dir && from_dir.vnode != to_dir.vnode {
-                from.link_count -= 1;
+            if from_dir.vnode != to_dir.vnode {
+                // A file is governed by its directory's access list: it follows the move.
                 moved_record.parent = to_dir.vnode;
+                if moved_is_dir {
+                    from.link_count -= 1;
+                }
             }
             tx.put(from_dir.vnode, from);
             let mut to = tx.vnode(to_dir.vnode)?;
@@ -464,6 +467,9 @@ fn put_or_free(tx: &mut Tx<'_>, vnode: VnodeId, record: VnodeRecord) -> Result<(
         tx.put_file_data(vnode, Vec::new());
         tx.remove_data_file(vnode);
     }
+    if record.kind == FileKind::Directory {
+        tx.put_acl(vnode, None);
+    }
     tx.delete(vnode);
     Ok(())
 }
@@ -489,6 +495,10 @@ fn add_entry(
     dir_record.touch_data(now);
     if record.kind == FileKind::Directory {
         dir_record.link_count += 1;
+        // A new directory takes its parent's access list (no row: the default, kept).
+        if let Some(acl) = tx.acl(dir.vnode)? {
+            tx.put_acl(vnode, Some(acl));
+        }
     }
     tx.put_entry(dir.vnode, name, vnode, &record);
     let volume = tx.volume();

@@ -3,8 +3,8 @@
 //! versions it knows and reports any other as corruption rather than guessing.
 
 use proto::{
-    ClientId, DataVersion, ErrorCode, Fid, FileKind, InstanceNonce, Response, Timestamp,
-    Uniquifier, VnodeId, VnodeStatus, VolumeId, VolumeName, VolumeType, WriteBackId,
+    AccessList, ClientId, DataVersion, ErrorCode, Fid, FileKind, InstanceNonce, Response,
+    Timestamp, Uniquifier, VnodeId, VnodeStatus, VolumeId, VolumeName, VolumeType, WriteBackId,
 };
 use serde::{Deserialize, Serialize};
 
@@ -17,6 +17,8 @@ const VNODE_FORMAT_V1: u16 = 1;
 const VNODE_FORMAT_V2: u16 = 2;
 /// Format version of `OutcomeRecord`.
 pub const OUTCOME_FORMAT: u16 = 1;
+/// Format version of `AclRecord`.
+pub const ACL_FORMAT: u16 = 1;
 
 /// Where a file's bytes live. A new file is `Inline`; a store or size change past
 /// `INLINE_BYTES_MAX` moves it to `File`, and only a truncation to zero whose data then
@@ -77,6 +79,37 @@ pub struct VnodeRecord {
     /// The conditional store (`StoreDataIf`) that made the file's current version, if
     /// the last data change was one: the precondition of the writer's next stores.
     pub last_store: Option<StoreMark>,
+}
+
+/// A directory's access list, kept in the `acls` table apart from its vnode record (so
+/// the vnode format is unchanged and a file's record stays small). A directory without
+/// a row has `AccessList::for_new_volume()`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AclRecord {
+    pub format: u16,
+    pub acl: AccessList,
+}
+
+impl AclRecord {
+    pub fn encode(acl: &AccessList) -> Result<Vec<u8>, String> {
+        postcard::to_allocvec(&AclRecord {
+            format: ACL_FORMAT,
+            acl: acl.clone(),
+        })
+        .map_err(|e| e.to_string())
+    }
+
+    /// Decodes a stored list; `Err` names what is wrong.
+    pub fn decode(bytes: &[u8]) -> Result<AccessList, String> {
+        let record: AclRecord = postcard::from_bytes(bytes).map_err(|e| e.to_string())?;
+        if record.format != ACL_FORMAT {
+            return Err(format!("unknown access list format {}", record.format));
+        }
+        if record.acl.len() > proto::identity::ACL_ENTRIES_MAX {
+            return Err(format!("{} access list entries", record.acl.len()));
+        }
+        Ok(record.acl)
+    }
 }
 
 /// Who made a file's data version by a conditional store: the client instance, its
@@ -382,6 +415,23 @@ mod tests {
         for (bytes, golden) in cases {
             assert_eq!(hex(&bytes), golden);
         }
+        let mut acl = AccessList::for_new_volume();
+        acl.set(
+            proto::PrincipalId::ANYUSER,
+            proto::Rights::parse("rl").unwrap(),
+            false,
+        );
+        acl.set(
+            proto::PrincipalId(1001),
+            proto::Rights::parse("d").unwrap(),
+            true,
+        );
+        let bytes = AclRecord::encode(&acl).unwrap();
+        // Format 1; positive: 2 entries, each a zigzag varint id (-204, -101) and its rights;
+        // negative: 1 entry (1001, d).
+        assert_eq!(hex(&bytes), "010297037fc9010301d20f08");
+        assert_eq!(AclRecord::decode(&bytes).unwrap(), acl);
+        assert!(AclRecord::decode(&[2, 0, 0]).is_err());
         let outcome = |answer| {
             hex(&postcard::to_allocvec(&OutcomeRecord {
                 format: OUTCOME_FORMAT,

@@ -6,11 +6,13 @@ use std::ops::Bound;
 use std::path::Path;
 use std::sync::Arc;
 
-use proto::{ErrorCode, Fid, FileKind, Response, VnodeId, VolumeId};
+use proto::{AccessList, ErrorCode, Fid, FileKind, Response, VnodeId, VolumeId};
 use redb::{Database, ReadableTable, TableDefinition, WriteTransaction};
 
 use super::outcomes::{SEQ_WINDOW, SequenceKey};
-use super::records::{HEADER_FORMAT, OUTCOME_FORMAT, OutcomeRecord, VnodeRecord, VolumeHeader};
+use super::records::{
+    AclRecord, HEADER_FORMAT, OUTCOME_FORMAT, OutcomeRecord, VnodeRecord, VolumeHeader,
+};
 use super::{StorageError, io_error};
 use crate::fence::{Fence, FencedFile};
 
@@ -27,6 +29,9 @@ const FILE_DATA: TableDefinition<u64, &[u8]> = TableDefinition::new("file_data")
 /// (client uuid as u128, instance nonce, seq) -> encoded `OutcomeRecord`, written in the
 /// change's own transaction. Made by the first sequenced change, not with the volume.
 const OUTCOMES: TableDefinition<(u128, u64, u64), &[u8]> = TableDefinition::new("outcomes");
+/// Directory vnode -> encoded `AclRecord`; a directory without a row has the list of a
+/// new volume's root (`AccessList::for_new_volume`).
+const ACLS: TableDefinition<u64, &[u8]> = TableDefinition::new("acls");
 const HEADER_KEY: &str = "header";
 
 /// A directory entry's value: (vnode, uniquifier, kind code).
@@ -57,14 +62,16 @@ pub(super) fn create_tables(db: &Database, path: &Path) -> Result<(), StorageErr
     txn.open_table(VNODES).map_err(db_error(path))?;
     txn.open_table(ENTRIES).map_err(db_error(path))?;
     txn.open_table(FILE_DATA).map_err(db_error(path))?;
+    txn.open_table(ACLS).map_err(db_error(path))?;
     txn.commit().map_err(db_error(path))
 }
 
 /// Makes the tables an older volume lacks: volumes of record format 1 predate inline
-/// data and its table.
+/// data and its table, volumes before access lists their table.
 pub(super) fn add_missing_tables(db: &Database, path: &Path) -> Result<(), StorageError> {
     let txn = db.begin_write().map_err(db_error(path))?;
     txn.open_table(FILE_DATA).map_err(db_error(path))?;
+    txn.open_table(ACLS).map_err(db_error(path))?;
     txn.commit().map_err(db_error(path))
 }
 
@@ -81,6 +88,7 @@ pub(super) trait TxnTables {
     fn get_vnode(&self, vnode: u64) -> Result<Option<Vec<u8>>, redb::Error>;
     fn get_entry(&self, dir: u64, name: &str) -> Result<Option<EntryValue>, redb::Error>;
     fn get_file_data(&self, vnode: u64) -> Result<Option<Vec<u8>>, redb::Error>;
+    fn get_acl(&self, dir: u64) -> Result<Option<Vec<u8>>, redb::Error>;
     /// Visits the entries of `dir` in name order, after `after` if given, while `visit`
     /// returns true.
     fn scan_entries(
@@ -111,6 +119,10 @@ macro_rules! impl_txn_tables {
             fn get_file_data(&self, vnode: u64) -> Result<Option<Vec<u8>>, redb::Error> {
                 let table = self.open_table(FILE_DATA)?;
                 Ok(table.get(vnode)?.map(|v| v.value().to_vec()))
+            }
+            fn get_acl(&self, dir: u64) -> Result<Option<Vec<u8>>, redb::Error> {
+                let table = self.open_table(ACLS)?;
+                Ok(table.get(dir)?.map(|v| v.value().to_vec()))
             }
             fn scan_entries(
                 &self,
@@ -201,6 +213,16 @@ impl<'a> Reader<'a> {
             .get_file_data(vnode.0)
             .map_err(|e| self.db(e))?
             .unwrap_or_default())
+    }
+
+    /// A directory's access list as stored; `None` when it has no row.
+    pub(super) fn acl(&self, dir: VnodeId) -> Result<Option<AccessList>, StorageError> {
+        let Some(bytes) = self.txn.get_acl(dir.0).map_err(|e| self.db(e))? else {
+            return Ok(None);
+        };
+        AclRecord::decode(&bytes)
+            .map(Some)
+            .map_err(|e| self.corrupt(format!("access list of vnode {dir}: {e}")))
     }
 
     /// The vnode a fid names, `Stale` unless the uniquifier matches.
@@ -342,6 +364,30 @@ impl<'a> Writer<'a> {
                 table
                     .insert(vnode, content.as_slice())
                     .map_err(db_error(path))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes access lists in order; `None` removes the row.
+    pub(super) fn put_acls(
+        &self,
+        acls: impl IntoIterator<Item = (u64, Option<AccessList>)>,
+    ) -> Result<(), StorageError> {
+        let path = self.path;
+        let mut table = self.txn.open_table(ACLS).map_err(db_error(path))?;
+        for (dir, acl) in acls {
+            match acl {
+                Some(acl) => {
+                    let bytes = AclRecord::encode(&acl)
+                        .map_err(|e| self.corrupt(format!("encode access list {dir}: {e}")))?;
+                    table
+                        .insert(dir, bytes.as_slice())
+                        .map_err(db_error(path))?;
+                }
+                None => {
+                    table.remove(dir).map_err(db_error(path))?;
+                }
             }
         }
         Ok(())

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use proto::{ErrorCode, Fid, FileKind, Response, VnodeId, VolumeId};
+use proto::{AccessList, ErrorCode, Fid, FileKind, Response, VnodeId, VolumeId};
 use redb::WriteTransaction;
 
 use super::StorageError;
@@ -28,6 +28,8 @@ pub(super) struct Tx<'a> {
     file_data: Vec<(u64, Vec<u8>)>,
     /// Data files to remove once the transaction is committed.
     dead_files: Vec<VnodeId>,
+    /// Access lists to write in order; `None` removes the row.
+    acls: Vec<(u64, Option<AccessList>)>,
 }
 
 impl<'a> Tx<'a> {
@@ -41,6 +43,7 @@ impl<'a> Tx<'a> {
             entries: Vec::new(),
             file_data: Vec::new(),
             dead_files: Vec::new(),
+            acls: Vec::new(),
         }
     }
 
@@ -144,6 +147,20 @@ impl<'a> Tx<'a> {
         self.file_data.push((vnode.0, content));
     }
 
+    /// A directory's access list as stored (with this request's changes); `None` when it
+    /// has no row.
+    pub(super) fn acl(&mut self, dir: VnodeId) -> Result<Option<AccessList>, StorageError> {
+        if let Some((_, acl)) = self.acls.iter().rev().find(|(d, _)| *d == dir.0) {
+            return Ok(acl.clone());
+        }
+        self.reader.acl(dir)
+    }
+
+    /// Sets a directory's access list; `None` removes its row (a removed directory).
+    pub(super) fn put_acl(&mut self, dir: VnodeId, acl: Option<AccessList>) {
+        self.acls.push((dir.0, acl));
+    }
+
     /// Removes the vnode's data file once the transaction is committed.
     pub(super) fn remove_data_file(&mut self, vnode: VnodeId) {
         self.dead_files.push(vnode);
@@ -182,6 +199,7 @@ impl<'a> Tx<'a> {
             entries,
             file_data,
             dead_files,
+            acls,
         } = self;
         if header_dirty && let Some(header) = header {
             writer.put_header(&header)?;
@@ -199,6 +217,9 @@ impl<'a> Tx<'a> {
         }
         if !file_data.is_empty() {
             writer.put_file_data(file_data)?;
+        }
+        if !acls.is_empty() {
+            writer.put_acls(acls)?;
         }
         Ok(dead_files)
     }

@@ -81,6 +81,7 @@ impl Volume {
         volume.write(move |tx| {
             tx.put_header(header);
             tx.put(VnodeId::ROOT, root);
+            tx.put_acl(VnodeId::ROOT, Some(proto::AccessList::for_new_volume()));
             Ok(())
         })?;
         Ok(volume)

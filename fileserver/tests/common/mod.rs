@@ -61,6 +61,7 @@ impl Server {
             transport(PeerClass::Server),
             vec![address.clone()],
         );
+        config.tokens = fileserver::Tokens(Some(token_key().verifier(CELL)));
         configure(&mut config);
         let stats = config.stats.clone();
         let (stop, shutdown) = watch::channel(false);
@@ -151,6 +152,57 @@ pub async fn create_volume(address: &str) {
     };
     let created = admin.call(request, TIMEOUT).await.unwrap();
     assert!(matches!(created, Response::Volume(_)), "{created:?}");
+    open_to_anyone(&admin, Fid::root(VOLUME)).await;
+}
+
+/// The key the test servers verify tokens with.
+pub fn token_key() -> proto::TokenKey {
+    proto::TokenKey::from_secret([42; 32])
+}
+
+/// A token of the test cell: `user` with `id` in `groups`, for an hour.
+pub fn token(user: &str, id: i32, groups: &[proto::PrincipalId]) -> proto::SealedToken {
+    let now = proto::Timestamp::now();
+    token_key().seal(proto::TokenBody {
+        cell: CELL.into(),
+        user: user.into(),
+        id: proto::PrincipalId(id),
+        groups: groups.to_vec(),
+        issued: now,
+        expiry: proto::Timestamp {
+            secs: now.secs + 3600,
+            nanos: 0,
+        },
+        key_id: 0,
+    })
+}
+
+/// The cell's administrator's token.
+pub fn admin_token() -> proto::SealedToken {
+    token("admin", 1, &[proto::PrincipalId::ADMINISTRATORS])
+}
+
+/// `request` sent over `connection` for the holder of `token`.
+pub async fn call_as(
+    connection: &Connection,
+    token: &proto::SealedToken,
+    request: Request,
+) -> Result<Response, ProtoError> {
+    connection
+        .try_call_as(Some(token), &request, TIMEOUT)
+        .await
+        .unwrap_or(Err(ProtoError::Closed))
+}
+
+/// Gives `system:anyuser` every right on `dir`, as an administrator: the tests of
+/// callbacks, locks and restarts act without tokens.
+pub async fn open_to_anyone(connection: &Connection, dir: Fid) {
+    let mut acl = proto::AccessList::for_new_volume();
+    acl.set(proto::PrincipalId::ANYUSER, proto::Rights::ALL, false);
+    let stored = call_as(connection, &admin_token(), Request::StoreAcl { dir, acl })
+        .await
+        .unwrap();
+    assert!(matches!(stored, Response::Status { .. }), "{stored:?}");
 }
 
 /// A fid of `VOLUME` that need not exist: the lock service does not look files up.
