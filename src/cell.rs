@@ -188,6 +188,8 @@ pub struct LocalCell {
     children: Vec<Supervised>,
     /// Each mount's cache directory, by process name (its control socket is there).
     mount_caches: HashMap<String, PathBuf>,
+    /// The admin's password file, when this start made the admin user.
+    pub admin_password_made: Option<PathBuf>,
 }
 
 impl LocalCell {
@@ -220,6 +222,7 @@ impl LocalCell {
             mounts: Vec::new(),
             children: Vec::new(),
             mount_caches: HashMap::new(),
+            admin_password_made: None,
         };
         cell.replicas = cell.layout.kept_replica_addresses()?;
         let member_addresses = match servers {
@@ -235,10 +238,18 @@ impl LocalCell {
             let what = format!("pair member {name}");
             check_port_free(address, &what, &cell.layout.members_file())?;
         }
-        cell.start_vldb()?;
+        // Every replica needs the cell's key (a directory made before keys had none).
         ensure_token_key(&cell.layout.cell_file)?;
+        cell.start_vldb()?;
         std::fs::write(&cell.layout.cell_file, cell.cell.to_toml())
             .with_context(|| format!("write {}", cell.layout.cell_file.display()))?;
+        let localauth = cell.localauth_token()?;
+        cell.admin_password_made = runtime.block_on(crate::cell_admin::ensure_admin_user(
+            &cell.cell,
+            &cell.transport,
+            localauth,
+            &cell.layout.dir,
+        ))?;
         match servers {
             Servers::None => return Ok(cell),
             Servers::Single => {
@@ -246,10 +257,12 @@ impl LocalCell {
             }
             Servers::Pair => cell.start_pair(&member_addresses, runtime)?,
         }
+        let admin = cell.admin_token()?;
         runtime.block_on(ensure_root_volume(
             &cell.cell,
             &cell.transport,
             &cell.fs_address,
+            &admin,
         ))?;
         Ok(cell)
     }
@@ -405,6 +418,17 @@ impl LocalCell {
         admin_token(&self.layout.cell_file, &self.cell.name)
     }
 
+    /// A `--localauth` token: what root on a server host acts with, sealed with the
+    /// cell's key.
+    fn localauth_token(&self) -> Result<proto::SealedToken> {
+        let key = proto::TokenKey::load(&token_key_path(&self.layout.cell_file))
+            .context("load the token key")?;
+        Ok(key.seal(vlserver::localauth_body(
+            &self.cell.name,
+            Duration::from_secs(3600),
+        )))
+    }
+
     /// After child `name` was started again and is ready: a mount starts with no
     /// tokens, so the invoking user's administrator token is handed in again.
     pub fn child_ready(&self, name: &str) -> Result<()> {
@@ -412,6 +436,16 @@ impl LocalCell {
             return Ok(());
         };
         self.give_admin_token(name, cache)
+    }
+
+    /// Gives every mount, and the invoking user's command-line tools (its token file),
+    /// a fresh administrator token: `up` calls it at start and well before one expires.
+    pub fn renew_admin_tokens(&self) -> Result<()> {
+        for (name, cache) in &self.mount_caches {
+            self.give_admin_token(name, cache)?;
+        }
+        crate::tokens::store(&self.cell.name, &self.admin_token()?)?;
+        Ok(())
     }
 
     fn give_admin_token(&self, name: &str, cache: &Path) -> Result<()> {
@@ -614,6 +648,7 @@ pub async fn ensure_root_volume(
     cell: &CellConfig,
     transport: &Transport,
     fs_address: &str,
+    admin: &proto::SealedToken,
 ) -> Result<()> {
     let vldb = VldbClient::new(
         cell.clone(),
@@ -645,11 +680,24 @@ pub async fn ensure_root_volume(
     match vldb.get_entry(proto::VolumeRef::Name(root)).await {
         Ok(_) => Ok(()),
         Err(e) if e.remote() == Some(&proto::ErrorCode::NoSuchVolume) => {
-            let vos = vos::Vos::new(cell.clone(), transport.clone(), Duration::from_secs(10));
-            vos.create("root.cell", Some(fs_address), 0)
+            let vos = vos::Vos::new(cell.clone(), transport.clone(), Duration::from_secs(10))
+                .with_token(Some(admin.clone()));
+            let entry = vos
+                .create("root.cell", Some(fs_address), 0)
                 .await
                 .context("create the root.cell volume")?;
-            println!("Created volume root.cell.");
+            crate::cell_admin::set_root_acl(
+                cell,
+                transport,
+                fs_address,
+                entry.rw_id,
+                admin,
+                crate::cell_admin::root_cell_acl(),
+            )
+            .await?;
+            println!(
+                "Created volume root.cell (system:administrators rlidwka, system:anyuser rl)."
+            );
             Ok(())
         }
         Err(e) => Err(e).context("look up root.cell"),

@@ -6,6 +6,7 @@
 mod acl;
 mod bench;
 mod cell;
+mod cell_admin;
 mod cell_init;
 mod guard;
 mod login;
@@ -83,9 +84,9 @@ enum Command {
         /// Without it, the VLDB is a group of one at the address it listens on.
         #[arg(long, value_name = "ID=ADDR,...", value_parser = parse_peers, requires = "id")]
         peers: Option<BTreeMap<u64, String>>,
-        /// The cell's token-signing key (32 bytes, raw or as 64 hex digits; mode 0600).
-        /// With it the VLDB issues tokens (`holdfast login`) and only members of
-        /// system:administrators may change the cell; every replica needs the same key.
+        /// The cell's token-signing key (32 bytes, raw or as 64 hex digits; mode 0600;
+        /// default: `token.key` in the credentials directory). The VLDB issues tokens
+        /// with it (`holdfast login`); every replica needs the same key.
         #[arg(long, value_name = "FILE")]
         token_key: Option<PathBuf>,
         /// The cell's credentials directory (server.pem, server.key, ca.pem); defaults to
@@ -492,6 +493,16 @@ fn run(cli: Cli) -> Result<()> {
                 (_, _, None) => unreachable!("the cell file is read unless both flags are given"),
             };
             let transport = Transport::from_dir(&credentials, PeerClass::Server)?;
+            let token_key =
+                token_key.unwrap_or_else(|| credentials.join(proto::tls::TOKEN_KEY_FILE));
+            if !token_key.exists() {
+                bail!(
+                    "no token key at {}: every VLDB replica needs the cell's key (copy it from \
+                     another replica, mode 0600, or make a cell with `holdfast cell init`), or \
+                     pass --token-key FILE",
+                    token_key.display()
+                );
+            }
             runtime()?.block_on(async {
                 let listener = bind(&listen).await?;
                 let address = listener.local_addr()?.to_string();
@@ -505,7 +516,7 @@ fn run(cli: Cli) -> Result<()> {
                     peers: peers.unwrap_or_default(),
                     snapshot_every: vlserver::SNAPSHOT_EVERY,
                     connection_limits,
-                    token_key_file: token_key,
+                    token_key_file: Some(token_key),
                     token_lifetime_max: proto::identity::TOKEN_LIFETIME_DEFAULT,
                     transport,
                 };
@@ -545,7 +556,7 @@ fn run(cli: Cli) -> Result<()> {
                 .transpose()?;
             let cell = CellConfig::locate(cell_path.as_deref()).context("find the cell")?;
             let transport = Transport::for_cell(&cell, PeerClass::Server)?;
-            let tokens = token_verifier(&cell, cell_path.as_deref(), token_key.as_deref())?;
+            let tokens = token_verifier(&cell, token_key.as_deref())?;
             runtime()?.block_on(async {
                 let listener = bind(&listen).await?;
                 let address = listener.local_addr()?.to_string();
@@ -627,15 +638,24 @@ fn run(cli: Cli) -> Result<()> {
                     rights,
                     negative,
                 } => {
-                    print_text(&acl::setacl(&dir, &principal, &rights, negative)?);
+                    let principals = acl_principals(cell_path.as_deref(), &principal)?;
+                    print_text(&acl::setacl(
+                        &principals,
+                        &dir,
+                        &principal,
+                        &rights,
+                        negative,
+                    )?);
                     return Ok(());
                 }
                 FsCommand::Listacl { dir } => {
-                    print_text(&acl::listacl(&dir)?);
+                    let principals = acl_principals(cell_path.as_deref(), "")?;
+                    print_text(&acl::listacl(&principals, &dir)?);
                     return Ok(());
                 }
                 FsCommand::Cleanacl { dir } => {
-                    print_text(&acl::cleanacl(&dir)?);
+                    let principals = acl_principals(cell_path.as_deref(), "")?;
+                    print_text(&acl::cleanacl(&principals, &dir)?);
                     return Ok(());
                 }
                 FsCommand::Copyacl { from, to } => {
@@ -744,10 +764,18 @@ fn run(cli: Cli) -> Result<()> {
                 body.cell,
                 tokens::local_time(body.expiry)
             );
+            for mount in tokens::give_to_mounts(&token) {
+                println!(
+                    "The mount at {} acts for you as {}",
+                    mount.display(),
+                    body.user
+                );
+            }
             Ok(())
         }
         Command::Tokens => {
             print_text(&tokens::render(&tokens::list()?));
+            print_text(&tokens::render_mounts());
             Ok(())
         }
         Command::Unlog => {
@@ -757,6 +785,12 @@ fn run(cli: Cli) -> Result<()> {
             };
             for cell in tokens::remove(cell.as_deref())? {
                 println!("Token for cell {cell} dropped");
+            }
+            for mount in tokens::drop_from_mounts() {
+                println!(
+                    "The mount at {} acts for you as system:anyuser",
+                    mount.display()
+                );
             }
             Ok(())
         }
@@ -820,6 +854,23 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// The protection database for an `fs` access-list command: read from the cell when
+/// one is given (`--cell` or HOLDFAST_CELL); without one, a `system:` name or a numeric
+/// `principal` still works.
+fn acl_principals(cell_path: Option<&Path>, principal: &str) -> Result<acl::Principals> {
+    let cell = match CellConfig::locate(cell_path) {
+        Ok(cell) => Some(cell),
+        Err(proto::CellError::NotGiven) => None,
+        Err(e) => return Err(e).context("find the cell"),
+    };
+    // A principal that needs no lookup needs no VLDB either.
+    let numeric = principal.starts_with("system:") || principal.parse::<i32>().is_ok();
+    if numeric {
+        return acl::Principals::load(None);
+    }
+    acl::Principals::load(cell.as_ref())
+}
+
 fn print_text(text: &str) {
     if text.ends_with('\n') || text.is_empty() {
         print!("{text}");
@@ -844,20 +895,10 @@ async fn bind(address: &str) -> Result<TcpListener> {
 /// `--pair NAME` and `--pair-lease-ms N`, checked before anything starts.
 /// The verifier of the cell's tokens, from `--token-key` or `credentials/token.key`
 /// beside the cell file; a missing key stops the fileserver with how to make one.
-fn token_verifier(
-    cell: &CellConfig,
-    cell_path: Option<&Path>,
-    token_key: Option<&Path>,
-) -> Result<proto::TokenVerifier> {
+fn token_verifier(cell: &CellConfig, token_key: Option<&Path>) -> Result<proto::TokenVerifier> {
     let path = match token_key {
         Some(path) => path.to_owned(),
-        None => {
-            let cell_file = cell_path
-                .map(Path::to_owned)
-                .or_else(|| std::env::var_os(proto::cell::CELL_ENV).map(PathBuf::from))
-                .context("find the cell file")?;
-            cell::token_key_path(&cell_file)
-        }
+        None => cell.credentials_dir().join(proto::tls::TOKEN_KEY_FILE),
     };
     if !path.exists() {
         bail!(

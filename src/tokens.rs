@@ -289,6 +289,68 @@ pub fn local_time(time: Timestamp) -> String {
     )
 }
 
+/// The control sockets of this host's holdfast mounts, with their mount points.
+fn mounts() -> Vec<(PathBuf, PathBuf)> {
+    cachemgr::mountinfo::read()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|mount| mount.is_holdfast())
+        .filter_map(|mount| Some((mount.mount_point.clone(), mount.control_socket()?)))
+        .collect()
+}
+
+/// Hands `token` to every mount of its cell on this host, for the calling uid, as
+/// `aklog` gives the kernel's cache manager the user's token; returns the mount points
+/// that took it. A mount of another cell refuses it and is skipped.
+pub fn give_to_mounts(token: &SealedToken) -> Vec<PathBuf> {
+    let mut given = Vec::new();
+    for (mount_point, socket) in mounts() {
+        match cachemgr::control::give_token(&socket, token) {
+            Ok(()) => given.push(mount_point),
+            Err(e) => tracing::debug!(mount = %mount_point.display(), error = %e,
+                "the mount did not take the token"),
+        }
+    }
+    given
+}
+
+/// Drops the calling uid's token from every mount on this host; returns the mount
+/// points that held one.
+pub fn drop_from_mounts() -> Vec<PathBuf> {
+    mounts()
+        .into_iter()
+        .filter(|(_, socket)| cachemgr::control::drop_token(socket).unwrap_or(false))
+        .map(|(mount_point, _)| mount_point)
+        .collect()
+}
+
+/// What each mount on this host holds for the calling uid, as lines for `tokens`.
+pub fn render_mounts() -> String {
+    let mut text = String::new();
+    for (mount_point, socket) in mounts() {
+        let Ok(held) = cachemgr::control::list_tokens(&socket) else {
+            continue;
+        };
+        let me = caller_uid();
+        for info in held.iter().filter(|info| info.uid == me) {
+            text.push_str(&format!(
+                "mount {}: token for {} in cell {}, valid until {}\n",
+                mount_point.display(),
+                info.user,
+                info.cell,
+                local_time(info.expiry)
+            ));
+        }
+    }
+    text
+}
+
+/// The calling process's real uid.
+fn caller_uid() -> u32 {
+    // SAFETY: getuid has no preconditions and cannot fail.
+    unsafe { libc::getuid() }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -27,6 +27,9 @@ const RESTART_DELAY_MAX: Duration = Duration::from_secs(10);
 const STABLE_AFTER: Duration = Duration::from_secs(30);
 /// How long a child started again may take to be ready before it counts as failed.
 const READY_LIMIT: Duration = Duration::from_secs(30);
+/// How often the administrator's token (25 hours) is renewed on the mount and in the
+/// user's token file.
+const TOKEN_RENEW_EVERY: Duration = Duration::from_secs(3600);
 
 pub fn run(dir: &Path, cell_name: &str, ready_file: Option<&Path>) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -46,6 +49,8 @@ pub fn run(dir: &Path, cell_name: &str, ready_file: Option<&Path>) -> Result<()>
     let mut cell = LocalCell::start(&dir, cell_name, Servers::Pair, &runtime)?;
     let cache = cell.layout.dir.join("cache");
     cell.mount(MOUNT, &mountpoint, &cache, &["--over-guard"])?;
+    cell.renew_admin_tokens()?;
+    let mut tokens_renewed = Instant::now();
     print_banner(&cell, &mountpoint);
     crate::process::write_ready_file(ready_file, &mountpoint.to_string_lossy())?;
 
@@ -64,6 +69,12 @@ pub fn run(dir: &Path, cell_name: &str, ready_file: Option<&Path>) -> Result<()>
             return Ok(());
         }
         supervisor.poll(&mut cell, &guard, &runtime);
+        if tokens_renewed.elapsed() >= TOKEN_RENEW_EVERY {
+            match cell.renew_admin_tokens() {
+                Ok(()) => tokens_renewed = Instant::now(),
+                Err(e) => say(&format!("cannot renew the administrator's token: {e:#}")),
+            }
+        }
     }
 }
 
@@ -279,6 +290,21 @@ fn seconds(duration: Duration) -> String {
     format!("{:.1} s", duration.as_secs_f64())
 }
 
+/// Who the invoking user acts as, and where the admin's password is.
+fn admin_line(cell: &LocalCell) -> String {
+    let password = cell.layout.dir.join(crate::cell_admin::ADMIN_PASSWORD_FILE);
+    let made = if cell.admin_password_made.is_some() {
+        ", made now"
+    } else {
+        ""
+    };
+    format!(
+        "user {}, password in {}{made}",
+        crate::cell_admin::ADMIN_USER,
+        password.display()
+    )
+}
+
 fn print_banner(cell: &LocalCell, mountpoint: &Path) {
     let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("holdfast"));
     let second = cell.layout.dir.join("ws2");
@@ -292,6 +318,10 @@ fn print_banner(cell: &LocalCell, mountpoint: &Path) {
          \n\
          A second workstation on this machine (its own cache, same cell):\n\
          \x20 mkdir -p {second}/mnt && {exe} mount --cell {cellfile} --cache {second}/cache {second}/mnt\n\
+         You act as the cell's administrator ({admin}) here and on the mount; another user:\n\
+         \x20 HOLDFAST_CELL={cellfile} {exe} pts createuser alice --password-file FILE\n\
+         \x20 HOLDFAST_CELL={cellfile} {exe} fs setacl {mnt}/DIR alice write\n\
+         \x20 (as alice) HOLDFAST_CELL={cellfile} {exe} login alice --password-file FILE\n\
          Administer volumes:  HOLDFAST_CELL={cellfile} {exe} vos listvldb\n\
          The pair:            HOLDFAST_CELL={cellfile} {exe} pair status {pair}\n\
          The VLDB group:      HOLDFAST_CELL={cellfile} {exe} vldb status\n\
@@ -304,6 +334,7 @@ fn print_banner(cell: &LocalCell, mountpoint: &Path) {
          \n\
          Press Ctrl-C to unmount and stop the cell.",
         name = cell.cell.name,
+        admin = admin_line(cell),
         mnt = mountpoint.display(),
         mount_pid = cell.pid(MOUNT).unwrap_or_default(),
         cellfile = cell.layout.cell_file.display(),

@@ -102,6 +102,15 @@ async fn answer(manager: &Manager, request: ControlRequest, peer: u32) -> Contro
                 Ok(owner) => owner,
                 Err(refusal) => return refusal,
             };
+            if let Ok(body) = token.unverified_body()
+                && body.cell != manager.cell_name()
+            {
+                return ControlResponse::Error(format!(
+                    "the token is for cell {}, and this mount shows cell {}",
+                    body.cell,
+                    manager.cell_name()
+                ));
+            }
             match manager.tokens().set(owner, token) {
                 Ok(()) => {
                     manager.tokens_changed();

@@ -248,6 +248,11 @@ impl Manager {
         Ok(manager)
     }
 
+    /// The name of the cell this mount shows.
+    pub fn cell_name(&self) -> &str {
+        &self.vldb.cell().name
+    }
+
     /// The tokens this workstation's users hold.
     pub fn tokens(&self) -> &crate::tokens::TokenStore {
         &self.tokens

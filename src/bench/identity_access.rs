@@ -74,10 +74,12 @@ fn creates(
 ) -> Result<f64> {
     let mut cell = LocalCell::start(dir, "bench.holdfast", Servers::None, runtime)?;
     cell.fs_address = cell.start_fileserver("fileserver", "127.0.0.1:0", flags)?;
+    let admin = cell.admin_token()?;
     runtime.block_on(ensure_root_volume(
         &cell.cell,
         &cell.transport,
         &cell.fs_address,
+        &admin,
     ))?;
     let mount = dir.join("mnt");
     cell.mount("mount", &mount, &dir.join("cache"), &[])?;

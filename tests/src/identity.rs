@@ -42,21 +42,45 @@ pub fn token_key_path(cell_file: &Path) -> PathBuf {
         .join("token.key")
 }
 
-/// Writes the token key beside `cell_file` unless it is there.
-pub fn ensure_token_key(cell_file: &Path) -> Result<()> {
-    let path = token_key_path(cell_file);
-    if path.exists() {
-        return Ok(());
-    }
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+/// Writes this process's token key as the cell's, replacing the one `cell init` drew,
+/// before any server of the cell starts.
+pub fn install_token_key(credentials: &Path) -> Result<()> {
+    let path = credentials.join(proto::tls::TOKEN_KEY_FILE);
+    let temp = credentials.join("token.key.tmp");
+    let _ = std::fs::remove_file(&temp);
     std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .open(&path)
+        .open(&temp)
         .and_then(|mut file| file.write_all(&secret()))
+        .and_then(|()| std::fs::rename(&temp, &path))
         .with_context(|| format!("write {}", path.display()))
+}
+
+/// Gives the command-line tools run for a cell an administrator's token: a token
+/// directory (0700) beside the cell file holding the admin token, for
+/// `HOLDFAST_TOKEN_DIR`.
+pub fn admin_token_dir(cell_file: &Path, cell: &str) -> Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = cell_file
+        .parent()
+        .unwrap_or(Path::new("."))
+        .join("admin-tokens");
+    let file = dir.join(format!("token.{cell}"));
+    if file.exists() {
+        return Ok(dir);
+    }
+    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&file)
+        .and_then(|mut out| out.write_all(&admin_token(cell).0))
+        .with_context(|| format!("write {}", file.display()))?;
+    Ok(dir)
 }
 
 /// A token of cell `cell` for `user` with id `id` in `groups`, valid from now for

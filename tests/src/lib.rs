@@ -203,7 +203,6 @@ impl TestCell {
             &history,
         ];
         args.extend(options.member_flags.iter().map(String::as_str));
-        identity::ensure_token_key(&self.cell_file)?;
         let address = self.spawn_ready(name, &args)?;
         self.members.retain(|(n, _)| n != name);
         self.members.push((name.to_owned(), address));
@@ -259,6 +258,7 @@ impl TestCell {
         let credentials = dir.path().join(proto::cell::CREDENTIALS_DIR_DEFAULT);
         authority::init(&credentials, pair::CELL, "localhost")
             .context("make the test cell's credentials")?;
+        identity::install_token_key(&credentials)?;
         let mut cell = TestCell {
             bin: PathBuf::from(bin),
             cell_file: dir.path().join("cell.toml"),
@@ -355,7 +355,6 @@ impl TestCell {
             &listen,
         ];
         args.extend_from_slice(extra);
-        identity::ensure_token_key(&self.cell_file)?;
         self.fs_address = self.spawn_ready("fileserver", &args)?;
         Ok(())
     }
@@ -417,6 +416,12 @@ impl TestCell {
     pub fn holdfast(&self, args: &[&str]) -> Result<Output> {
         let mut command = Command::new(&self.bin);
         command.args(args).env("HOLDFAST_CELL", &self.cell_file);
+        // The harness acts as the cell's administrator, as `up` makes its user; a test
+        // that acts as someone else sets HOLDFAST_TOKEN_DIR itself.
+        if std::env::var_os("HOLDFAST_TOKEN_DIR").is_none() {
+            let tokens = identity::admin_token_dir(&self.cell_file, pair::CELL)?;
+            command.env("HOLDFAST_TOKEN_DIR", tokens);
+        }
         let output = run_bounded(command, Duration::from_secs(60))?;
         self.tripwire.record_command(
             &format!("holdfast {}", args.join(" ")),

@@ -57,8 +57,9 @@ pub struct Config {
     /// timeouts, frame memory.
     pub connection_limits: ServerLimits,
     /// The cell's token-signing key file (`token.key`). With it the VLDB issues tokens
-    /// (`Login`) and only administrators may change the cell; without it, neither (for
-    /// now: the rule becomes unconditional once every cell has a key).
+    /// (`Login`) and only administrators may change the cell. `holdfast vlserver` always
+    /// gives one (the credentials directory's `token.key` by default); `None` is for
+    /// in-process tests of other rules: no tokens, and no one is refused.
     pub token_key_file: Option<PathBuf>,
     /// The longest a token it issues lives.
     pub token_lifetime_max: Duration,
