@@ -23,12 +23,28 @@ pub async fn login(
     lifetime: Option<Duration>,
     timeout: Duration,
 ) -> Result<SealedToken> {
-    let transport = proto::Transport::for_cell(cell, proto::PeerClass::Host)?;
+    // Through a mount of the cell on this host, first: its cache manager holds the
+    // host's certificate (an ordinary user may not read it) and keeps the token for the
+    // caller's uid.
+    let lifetime_secs = lifetime.map(|l| l.as_secs());
+    for (mount_point, socket) in crate::tokens::mounts() {
+        match cachemgr::control::login(&socket, &cell.name, user, password.clone(), lifetime_secs) {
+            Ok(token) => return Ok(token),
+            Err(cachemgr::CacheError::Refused(message)) if message.starts_with("this mount") => {}
+            Err(cachemgr::CacheError::Refused(message)) => bail!("{message}"),
+            Err(e) => tracing::debug!(mount = %mount_point.display(), error = %e,
+                "cannot log in through this mount"),
+        }
+    }
+    let transport = proto::Transport::for_cell(cell, proto::PeerClass::Host).context(
+        "no mount of the cell on this host to log in through, and this host's certificate \
+         cannot be used",
+    )?;
     let client = VldbClient::new(cell.clone(), transport, PeerKind::Admin, timeout);
     let request = Request::Login {
         user: user.to_owned(),
         password,
-        lifetime_secs: lifetime.map(|l| l.as_secs()),
+        lifetime_secs,
     };
     match client.call(request).await {
         Ok(Response::Token(token)) => Ok(token),

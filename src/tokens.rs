@@ -290,7 +290,7 @@ pub fn local_time(time: Timestamp) -> String {
 }
 
 /// The control sockets of this host's holdfast mounts, with their mount points.
-fn mounts() -> Vec<(PathBuf, PathBuf)> {
+pub fn mounts() -> Vec<(PathBuf, PathBuf)> {
     cachemgr::mountinfo::read()
         .unwrap_or_default()
         .into_iter()

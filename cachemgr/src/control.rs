@@ -9,7 +9,9 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use proto::{AccessList, DataVersion, Fid, FileKind, PrincipalId, Rights, SealedToken, Timestamp};
+use proto::{
+    AccessList, DataVersion, Fid, FileKind, Password, PrincipalId, Rights, SealedToken, Timestamp,
+};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -70,6 +72,15 @@ pub enum ControlRequest {
         dir: Ino,
         acl: AccessList,
     },
+    /// Asks the VLDB of `cell` (this mount's) for `user`'s token with `password`, through
+    /// the cache manager's own connection (a local user holds no host certificate), and
+    /// keeps it for the caller's uid. Answered `Token`.
+    Login {
+        cell: String,
+        user: String,
+        password: Password,
+        lifetime_secs: Option<u64>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -94,6 +105,8 @@ pub enum ControlResponse {
     },
     Acl(AccessList),
     AclSet,
+    /// The token a `Login` got, now kept for the caller.
+    Token(SealedToken),
 }
 
 /// A token a local uid holds, as `holdfast tokens` shows it.
@@ -527,6 +540,28 @@ pub fn drop_token_for(socket: &Path, uid: u32) -> Result<bool, CacheError> {
 fn drop_token_of(socket: &Path, uid: Option<u32>) -> Result<bool, CacheError> {
     match request(socket, &ControlRequest::DropToken { uid })? {
         ControlResponse::TokenDropped { held } => Ok(held),
+        ControlResponse::Error(message) => Err(CacheError::Refused(message)),
+        other => Err(unexpected_reply(socket, &other)),
+    }
+}
+
+/// Logs in as `user` through the cache manager on `socket`, whose mount shows `cell`:
+/// the token is kept there for the calling uid and returned.
+pub fn login(
+    socket: &Path,
+    cell: &str,
+    user: &str,
+    password: Password,
+    lifetime_secs: Option<u64>,
+) -> Result<SealedToken, CacheError> {
+    let message = ControlRequest::Login {
+        cell: cell.to_owned(),
+        user: user.to_owned(),
+        password,
+        lifetime_secs,
+    };
+    match request(socket, &message)? {
+        ControlResponse::Token(token) => Ok(token),
         ControlResponse::Error(message) => Err(CacheError::Refused(message)),
         other => Err(unexpected_reply(socket, &other)),
     }

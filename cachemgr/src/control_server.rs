@@ -135,6 +135,31 @@ async fn answer(manager: &Manager, request: ControlRequest, peer: u32) -> Contro
             }
             Err(refusal) => refusal,
         },
+        ControlRequest::Login {
+            cell,
+            user,
+            password,
+            lifetime_secs,
+        } => {
+            if cell != manager.cell_name() {
+                return ControlResponse::Error(format!(
+                    "this mount shows cell {}, not {cell}",
+                    manager.cell_name()
+                ));
+            }
+            let token = match manager.login(&user, password, lifetime_secs).await {
+                Ok(token) => token,
+                Err(message) => return ControlResponse::Error(message),
+            };
+            match manager.tokens().set(LocalUid(peer), token.clone()) {
+                Ok(()) => {
+                    manager.tokens_changed();
+                    info!(uid = peer, %user, "logged in");
+                    ControlResponse::Token(token)
+                }
+                Err(e) => ControlResponse::Error(e.to_string()),
+            }
+        }
         ControlRequest::GetAcl { dir } => match manager.fetch_acl(dir).await {
             Ok(acl) => ControlResponse::Acl(acl),
             Err(e) => ControlResponse::Error(e.to_string()),

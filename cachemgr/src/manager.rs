@@ -253,6 +253,32 @@ impl Manager {
         &self.vldb.cell().name
     }
 
+    /// Asks the VLDB for `user`'s token (`holdfast login` through the control socket);
+    /// the refusal as a line for the user.
+    pub async fn login(
+        &self,
+        user: &str,
+        password: proto::Password,
+        lifetime_secs: Option<u64>,
+    ) -> Result<proto::SealedToken, String> {
+        let request = proto::Request::Login {
+            user: user.to_owned(),
+            password,
+            lifetime_secs,
+        };
+        match self.vldb.call(request).await {
+            Ok(proto::Response::Token(token)) => Ok(token),
+            Ok(other) => Err(format!(
+                "the VLDB answered {} to a login",
+                other.kind_name()
+            )),
+            Err(proto::ProtoError::Remote(proto::ErrorCode::PermissionDenied)) => {
+                Err("unknown user or wrong password".to_owned())
+            }
+            Err(e) => Err(format!("cannot reach the VLDB: {e}")),
+        }
+    }
+
     /// The tokens this workstation's users hold.
     pub fn tokens(&self) -> &crate::tokens::TokenStore {
         &self.tokens

@@ -290,7 +290,7 @@ fn forged_tampered_and_expired_tokens_are_refused() {
     refused(6001, mnt, "cat d/f", EACCES);
     // The cell's key, one letter of the user's name changed after sealing.
     let mut tampered = identity::user_token(CELL, "trudy", 6002, &[]);
-    let at = tampered.0.iter().position(|&b| b == b't').unwrap();
+    let at = tampered.0.windows(5).position(|w| w == b"trudy").unwrap();
     tampered.0[at] = b'T';
     cachemgr::control::give_token_for(&socket, 6002, &tampered).unwrap();
     refused(6002, mnt, "cat d/f", EACCES);
@@ -307,4 +307,71 @@ fn forged_tampered_and_expired_tokens_are_refused() {
     // A user with a valid token still reads.
     give(&cell, "ws", 6004, "val", 6004);
     allowed(6004, mnt, "cat d/f");
+}
+
+/// The whole path a user takes: an administrator makes the user in the protection
+/// database and grants it a directory by name; the user, as an unprivileged local uid,
+/// runs `holdfast login` (which hands the token to the mount over its control socket)
+/// and writes there; after `holdfast unlog` it cannot.
+#[test]
+fn login_gives_the_mount_the_users_token_and_unlog_takes_it_back() {
+    let (cell, mnts) = cell_with_mount(&["ws"]);
+    let mnt = &mnts[0];
+    let dir = cell.dir.path();
+    let password = dir.join("carol.password");
+    std::fs::write(&password, "carol's long secret\n").unwrap();
+    std::fs::set_permissions(&password, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let made = cell
+        .holdfast(&[
+            "pts",
+            "createuser",
+            "carol",
+            "--password-file",
+            &path(&password),
+        ])
+        .unwrap();
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    harness::sh(mnt, "mkdir project").unwrap();
+    fs(
+        &cell,
+        &["setacl", &path(&mnt.join("project")), "carol", "write"],
+    );
+    let listed = fs(&cell, &["listacl", &path(&mnt.join("project"))]);
+    assert!(listed.contains("  carol rlidwk\n"), "{listed}");
+
+    const CAROL: u32 = 5003;
+    let tokens = format!("/tmp/holdfast-e2e-tokens-{}", std::process::id());
+    let _ = std::fs::remove_dir_all(&tokens);
+    let env = format!(
+        "HOLDFAST_CELL={} HOLDFAST_TOKEN_DIR={tokens}",
+        path(&cell.cell_file)
+    );
+    refused(CAROL, mnt, "touch project/before", EACCES);
+    allowed(
+        CAROL,
+        mnt,
+        &format!(
+            "{env} {BIN} login carol --password-file {}",
+            path(&password)
+        ),
+    );
+    allowed(CAROL, mnt, "touch project/after && ls -l project/after");
+    let meta = std::fs::metadata(mnt.join("project/after")).unwrap();
+    let carol_id = std::os::unix::fs::MetadataExt::uid(&meta);
+    assert!(carol_id > 0 && carol_id != PrincipalId::ANONYMOUS.as_posix_id());
+    let (ok, listing) = {
+        let out = as_user(CAROL, mnt, &format!("{env} {BIN} tokens")).unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    assert!(ok && listing.contains("carol"), "{listing}");
+    allowed(CAROL, mnt, &format!("{env} {BIN} unlog"));
+    refused(CAROL, mnt, "touch project/gone", EACCES);
+    let _ = std::fs::remove_dir_all(&tokens);
 }

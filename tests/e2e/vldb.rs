@@ -369,8 +369,13 @@ enum Decision {
 }
 
 /// Sends `request` (a pair decision) to the replica listening at `address`, and only it.
+/// A pair decision asked of the replica at `address`, as a pair member asks it (with
+/// the cell's server certificate).
 fn decide_at(cell: &TestCell, address: &str, request: Request) -> Decision {
-    match pair::call(&cell.transport, address, None, request) {
+    let config = proto::CellConfig::load(&cell.cell_file).unwrap();
+    let server =
+        proto::Transport::from_dir(&config.credentials_dir(), proto::PeerClass::Server).unwrap();
+    match pair::call(&server, address, None, request) {
         Ok(Response::PairLease { epoch, .. }) => Decision::Granted(epoch),
         Ok(Response::Pair(entry)) => Decision::Granted(entry.epoch),
         Ok(other) => Decision::Other(other.kind_name().to_owned()),
@@ -386,7 +391,7 @@ fn a_stale_leader_cut_off_from_the_majority_stops_granting() {
     cell.start_fileserver().unwrap();
     cell.create_root_volume().unwrap();
     // A pretend pair member holds a lease, renewing it at the leader itself.
-    let client = cell.vldb_client(Duration::from_secs(10)).unwrap();
+    let client = cell.vldb_client_as_server(Duration::from_secs(10)).unwrap();
     let pair = PairName::parse("stale").unwrap();
     let member = "127.0.0.1:1";
     let (epoch, _) = block_on(async {

@@ -347,6 +347,19 @@ impl TestCell {
         ))
     }
 
+    /// A VLDB client that shows the cell's server certificate, as a fileserver (a pair
+    /// member) does.
+    pub fn vldb_client_as_server(&self, timeout: Duration) -> Result<VldbClient> {
+        let config = CellConfig::load(&self.cell_file)?;
+        let credentials = config.credentials_dir();
+        Ok(VldbClient::new(
+            config,
+            proto::Transport::from_dir(&credentials, proto::PeerClass::Server)?,
+            PeerKind::Admin,
+            timeout,
+        ))
+    }
+
     /// The pair `PAIR` as the VLDB's leader records it.
     pub fn pair_entry(&self) -> Result<PairEntry> {
         let client = self.vldb_client(Duration::from_secs(10))?;
