@@ -553,8 +553,9 @@ async fn create_volume(address: &str, transport: &Transport) -> Result<(), Bench
         quota_bytes: 0,
     };
     let reply = admin
-        .call(request, CALL_TIMEOUT)
+        .try_call_as(Some(&admin_token()), &request, CALL_TIMEOUT)
         .await
+        .unwrap_or(Err(ProtoError::Closed))
         .map_err(rpc_error("CreateVolume"))?;
     if let Err(e) = open_to_anyone(&admin).await {
         admin.close();
@@ -575,9 +576,10 @@ fn bench_token_key() -> proto::TokenKey {
 
 /// Gives `system:anyuser` every right on the volume's root, as its administrator: the
 /// figures measure the protocol, with the access checks made as always.
-async fn open_to_anyone(admin: &Connection) -> Result<(), BenchError> {
+/// The bench cell's administrator's token.
+fn admin_token() -> proto::SealedToken {
     let now = proto::Timestamp::now();
-    let token = bench_token_key().seal(proto::TokenBody {
+    bench_token_key().seal(proto::TokenBody {
         cell: CELL.into(),
         user: "admin".into(),
         id: proto::PrincipalId(1),
@@ -588,7 +590,11 @@ async fn open_to_anyone(admin: &Connection) -> Result<(), BenchError> {
             nanos: 0,
         },
         key_id: 0,
-    });
+    })
+}
+
+async fn open_to_anyone(admin: &Connection) -> Result<(), BenchError> {
+    let token = admin_token();
     let mut acl = proto::AccessList::for_new_volume();
     acl.set(proto::PrincipalId::ANYUSER, proto::Rights::ALL, false);
     let request = Request::StoreAcl {

@@ -178,11 +178,13 @@ impl Member {
 }
 
 async fn admin(address: &str) -> Connection {
+    // A server of the cell's certificate: volumes are made only by servers and
+    // administrators.
     let (connection, _, _) = rpc::connect(
         address,
         hello(PeerKind::Admin),
         &Limits::default(),
-        &common::transport(PeerClass::Host),
+        &common::transport(PeerClass::Server),
     )
     .await
     .unwrap();

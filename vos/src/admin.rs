@@ -23,6 +23,8 @@ pub struct Vos {
     pub(crate) transport: Transport,
     pub(crate) timeout: Duration,
     pub(crate) vldb: VldbClient,
+    /// The token VLDB and fileserver calls carry.
+    pub(crate) token: Option<proto::SealedToken>,
 }
 
 impl Vos {
@@ -35,6 +37,7 @@ impl Vos {
             transport,
             timeout,
             vldb,
+            token: None,
         }
     }
 
@@ -42,9 +45,31 @@ impl Vos {
     /// `--localauth` one): changes to the cell need an administrator's.
     pub fn with_token(self, token: Option<proto::SealedToken>) -> Vos {
         Vos {
-            vldb: self.vldb.with_token(token),
+            vldb: self.vldb.with_token(token.clone()),
+            token,
             ..self
         }
+    }
+
+    /// An administrative connection to `server`, carrying this tool's token.
+    pub(crate) async fn fileserver(
+        &self,
+        server: &ServerEntry,
+        timeout: Duration,
+    ) -> Result<Fileserver, VosError> {
+        let fileserver = Fileserver::connect(&self.cell, &self.transport, server, timeout).await?;
+        Ok(fileserver.with_token(self.token.clone()))
+    }
+
+    /// `fileserver` at one address.
+    pub(crate) async fn fileserver_at(
+        &self,
+        address: &str,
+        timeout: Duration,
+    ) -> Result<Fileserver, VosError> {
+        let fileserver =
+            Fileserver::connect_to(&self.cell, &self.transport, address, timeout).await?;
+        Ok(fileserver.with_token(self.token.clone()))
     }
 
     /// The registered fileservers, ordered by address.
@@ -89,15 +114,14 @@ impl Vos {
             name: volume_name,
             quota_bytes,
         };
-        let created =
-            match Fileserver::connect(&self.cell, &self.transport, target, self.timeout).await {
-                Ok(fileserver) => match fileserver.call(request).await {
-                    Ok(Response::Ok | Response::Volume(_)) => Ok(fileserver.address().to_owned()),
-                    Ok(other) => Err(fileserver.unexpected(&other)),
-                    Err(e) => Err(e),
-                },
+        let created = match self.fileserver(target, self.timeout).await {
+            Ok(fileserver) => match fileserver.call(request).await {
+                Ok(Response::Ok | Response::Volume(_)) => Ok(fileserver.address().to_owned()),
+                Ok(other) => Err(fileserver.unexpected(&other)),
                 Err(e) => Err(e),
-            };
+            },
+            Err(e) => Err(e),
+        };
         match created {
             Ok(address) => {
                 info!(volume = %entry.name, id = %entry.rw_id, %address, "volume created");
@@ -125,8 +149,7 @@ impl Vos {
                 continue;
             };
             let server = site_server(&entry, site, &servers)?;
-            let fileserver =
-                Fileserver::connect(&self.cell, &self.transport, server, self.timeout).await?;
+            let fileserver = self.fileserver(server, self.timeout).await?;
             match fileserver.call(Request::RemoveVolume { id }).await {
                 Ok(Response::Ok | Response::Volume(_)) => {}
                 Ok(other) => return Err(fileserver.unexpected(&other)),
@@ -197,8 +220,7 @@ impl Vos {
         };
         let mut out = Vec::with_capacity(targets.len());
         for target in targets {
-            let fileserver =
-                Fileserver::connect(&self.cell, &self.transport, target, self.timeout).await?;
+            let fileserver = self.fileserver(target, self.timeout).await?;
             let mut volumes = match fileserver.call(Request::ListVolumes).await? {
                 Response::Volumes(volumes) => volumes,
                 other => return Err(fileserver.unexpected(&other)),
@@ -227,8 +249,7 @@ impl Vos {
                 }
             },
         };
-        let fileserver =
-            Fileserver::connect(&self.cell, &self.transport, target, self.timeout).await?;
+        let fileserver = self.fileserver(target, self.timeout).await?;
         match fileserver.call(Request::ServerCounters).await? {
             Response::Counters(counters) => Ok((target.clone(), counters)),
             other => Err(fileserver.unexpected(&other)),
@@ -254,8 +275,7 @@ impl Vos {
             return Ok(None);
         };
         let server = site_server(entry, site, servers)?;
-        let fileserver =
-            Fileserver::connect(&self.cell, &self.transport, server, self.timeout).await?;
+        let fileserver = self.fileserver(server, self.timeout).await?;
         match fileserver
             .call(Request::ExamineVolume { id: entry.rw_id })
             .await?

@@ -8,7 +8,7 @@ use std::time::Duration;
 use proto::rpc::{self, Connection, Limits};
 use proto::{
     CellConfig, ErrorCode, Hello, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN, PeerKind, ProtoError,
-    Request, Response, ServerEntry, Transport,
+    Request, Response, SealedToken, ServerEntry, Transport,
 };
 use tracing::debug;
 
@@ -18,6 +18,9 @@ pub(crate) struct Fileserver {
     address: String,
     connection: Connection,
     timeout: Duration,
+    /// The token its calls are made with: a volume's creation and removal need an
+    /// administrator's.
+    token: Option<SealedToken>,
 }
 
 impl Fileserver {
@@ -82,6 +85,7 @@ impl Fileserver {
                 address: address.to_owned(),
                 connection,
                 timeout,
+                token: None,
             }),
             Err(ProtoError::Remote(code)) => Err(VosError::Fileserver {
                 address: address.to_owned(),
@@ -108,6 +112,12 @@ impl Fileserver {
         )
     }
 
+    /// Makes every call for the holder of `token`.
+    pub(crate) fn with_token(mut self, token: Option<SealedToken>) -> Fileserver {
+        self.token = token;
+        self
+    }
+
     pub(crate) fn address(&self) -> &str {
         &self.address
     }
@@ -123,8 +133,9 @@ impl Fileserver {
         timeout: Duration,
     ) -> Result<Response, VosError> {
         self.connection
-            .call(request, timeout)
+            .try_call_as(self.token.as_ref(), &request, timeout)
             .await
+            .unwrap_or(Err(ProtoError::Closed))
             .map_err(|e| match e {
                 ProtoError::Remote(code) => VosError::Fileserver {
                     address: self.address.clone(),

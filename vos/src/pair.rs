@@ -10,7 +10,6 @@ use tracing::info;
 
 use crate::admin::Vos;
 use crate::error::VosError;
-use crate::fileserver::Fileserver;
 
 /// How long `pair_status` waits for a member: a hung member must not hang the report.
 const MEMBER_STATE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -83,8 +82,7 @@ impl Vos {
             });
         }
         let started = Instant::now();
-        let fileserver =
-            Fileserver::connect_to(&self.cell, &self.transport, &from, self.timeout).await?;
+        let fileserver = self.fileserver_at(&from, self.timeout).await?;
         match fileserver
             .call_within(Request::PairSwitchover, SWITCHOVER_TIMEOUT)
             .await?
@@ -126,15 +124,14 @@ impl Vos {
 
     async fn member_state(&self, address: &str) -> MemberStatus {
         let timeout = self.timeout.min(MEMBER_STATE_TIMEOUT);
-        let answer =
-            match Fileserver::connect_to(&self.cell, &self.transport, address, timeout).await {
-                Ok(fileserver) => match fileserver.call(Request::MemberState).await {
-                    Ok(Response::MemberState(state)) => Ok(state),
-                    Ok(other) => Err(fileserver.unexpected(&other)),
-                    Err(e) => Err(e),
-                },
+        let answer = match self.fileserver_at(address, timeout).await {
+            Ok(fileserver) => match fileserver.call(Request::MemberState).await {
+                Ok(Response::MemberState(state)) => Ok(state),
+                Ok(other) => Err(fileserver.unexpected(&other)),
                 Err(e) => Err(e),
-            };
+            },
+            Err(e) => Err(e),
+        };
         match answer {
             Ok(state) => MemberStatus::Answered(state),
             Err(VosError::Fileserver { code, .. }) => MemberStatus::Refused(code),

@@ -141,6 +141,13 @@ impl FileService {
                 return self.store_acl(identity, caller, dir, acl).await;
             }
             Request::FetchRights { fid } => return self.fetch_rights(identity, caller, fid).await,
+            // Volumes are the cell's: made and removed by administrators (`vos`), or by
+            // a server of the cell.
+            Request::CreateVolume { .. } | Request::RemoveVolume { .. }
+                if !identity.may_administer_cell() =>
+            {
+                return Err(ErrorCode::AdministratorRequired);
+            }
             request if self.access_checks => self.authorize(identity, request).await?,
             request => (request, access::After::default()),
         };

@@ -134,7 +134,9 @@ pub async fn connect(
 
 /// An admin connection; the server pushes nothing to admins.
 pub async fn admin(address: &str) -> Connection {
-    let host = transport(PeerClass::Host);
+    // A server of the cell's certificate: volumes are made and removed only by servers
+    // and administrators.
+    let host = transport(PeerClass::Server);
     let (connection, _, _) =
         rpc::connect(address, hello(PeerKind::Admin), &Limits::default(), &host)
             .await
