@@ -672,11 +672,7 @@ fn run(cli: Cli) -> Result<()> {
             auth,
         } => {
             process::init_tracing("warn");
-            let cell = CellConfig::locate(cell_path.as_deref()).context("find the cell")?;
-            let token = tokens::for_command(cell_path.as_deref(), &cell, &auth)?;
-            let transport = Transport::for_cell(&cell, PeerClass::Host)?;
-            let vos =
-                vos::Vos::new(cell, transport, seconds(timeout, "--timeout")?).with_token(token);
+            let vos = admin_vos(cell_path.as_deref(), &auth, timeout)?;
             let text = runtime()?.block_on(async {
                 Ok::<_, vos::VosError>(match command {
                     VosCommand::Create {
@@ -800,11 +796,7 @@ fn run(cli: Cli) -> Result<()> {
             auth,
         } => {
             process::init_tracing("warn");
-            let cell = CellConfig::locate(cell_path.as_deref()).context("find the cell")?;
-            let token = tokens::for_command(cell_path.as_deref(), &cell, &auth)?;
-            let transport = Transport::for_cell(&cell, PeerClass::Host)?;
-            let vos =
-                vos::Vos::new(cell, transport, seconds(timeout, "--timeout")?).with_token(token);
+            let vos = admin_vos(cell_path.as_deref(), &auth, timeout)?;
             let text = runtime()?.block_on(async {
                 Ok::<_, vos::VosError>(match command {
                     PairCommand::Status { name } => {
@@ -869,6 +861,15 @@ fn acl_principals(cell_path: Option<&Path>, principal: &str) -> Result<acl::Prin
         return acl::Principals::load(None);
     }
     acl::Principals::load(cell.as_ref())
+}
+
+/// The volume and pair administration of the cell, acting with the caller's token (or
+/// `--localauth`'s).
+fn admin_vos(cell_path: Option<&Path>, auth: &tokens::AuthFlags, timeout: f64) -> Result<vos::Vos> {
+    let cell = CellConfig::locate(cell_path).context("find the cell")?;
+    let token = tokens::for_command(cell_path, &cell, auth)?;
+    let transport = Transport::for_cell(&cell, PeerClass::Host)?;
+    Ok(vos::Vos::new(cell, transport, seconds(timeout, "--timeout")?).with_token(token))
 }
 
 fn print_text(text: &str) {
