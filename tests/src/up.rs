@@ -85,6 +85,8 @@ impl Up {
         let child = Command::new(&self.bin)
             .args(["up", "--cell-name", CELL, "--dir"])
             .arg(self.dir())
+            // `up` keeps its user's token in the token directory: the test's own.
+            .env("HOLDFAST_TOKEN_DIR", self.token_dir())
             .arg("--ready-file")
             .arg(&ready)
             .stdin(Stdio::null())
@@ -118,8 +120,15 @@ impl Up {
         let mut command = Command::new(&self.bin);
         command
             .args(["up", "--cell-name", CELL, "--dir"])
-            .arg(self.dir());
+            .arg(self.dir())
+            .env("HOLDFAST_TOKEN_DIR", self.token_dir());
         run_bounded(command, UP_LIMIT)
+    }
+
+    /// Where `up` keeps the invoking user's token: inside the test's directory, never
+    /// the real user's.
+    fn token_dir(&self) -> std::path::PathBuf {
+        self.dir.path().join("tokens")
     }
 
     /// The PID of the running `up`.
