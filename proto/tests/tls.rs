@@ -80,6 +80,19 @@ impl Captured {
         tracing::subscriber::set_default(subscriber)
     }
 
+    /// The lines with `phrase` once there is at least one (the server may log its
+    /// refusal a moment after the client saw the connection close), or none after 5 s.
+    async fn await_lines_with(&self, phrase: &str) -> Vec<String> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let lines = self.lines_with(phrase);
+            if !lines.is_empty() || tokio::time::Instant::now() > deadline {
+                return lines;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     fn lines_with(&self, phrase: &str) -> Vec<String> {
         String::from_utf8_lossy(&self.0.lock())
             .lines()
@@ -191,7 +204,7 @@ async fn peers_without_a_certificate_of_the_cell_are_refused_at_the_handshake_an
         refused.as_ref().is_err() || refused.as_ref().is_ok_and(|r| r.is_empty()),
         "a client without a certificate was answered: {refused:?}"
     );
-    let lines = log.lines_with(REFUSED);
+    let lines = log.await_lines_with(REFUSED).await;
     assert_eq!(lines.len(), 1, "{lines:?}");
     assert!(lines[0].contains("presented no certificate"), "{lines:?}");
     assert!(lines[0].contains("peer=127.0.0.1:"), "{lines:?}");
