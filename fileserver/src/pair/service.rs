@@ -346,6 +346,10 @@ impl Service for MemberService {
     ) -> Result<Response, ErrorCode> {
         match request {
             Request::MemberState => return Ok(Response::MemberState(self.state())),
+            // A planned handover is the cell's administrators' (or a server's) to ask.
+            Request::PairSwitchover if !caller.may_administer_cell() => {
+                return Err(ErrorCode::AdministratorRequired);
+            }
             Request::PairSwitchover => return self.request_switchover().await,
             _ => {}
         }
