@@ -81,6 +81,14 @@ pub enum TlsError {
          or a new host's with `holdfast cell issue` where the cell's ca.key is"
     )]
     Read { path: String, source: io::Error },
+    /// The host's private key is root's: an ordinary user reaches the cell through its
+    /// mount (`holdfast login`), not with the host's certificate.
+    #[error(
+        "cannot read {path}: only root may use this host's certificate; run this as root \
+         (administrators: with your token, or --localauth on a server host). An ordinary \
+         user reaches the cell through its mount: `holdfast login`"
+    )]
+    NotPermitted { path: String },
     #[error("{path} holds no valid {what}: {message}")]
     Pem {
         path: String,

@@ -75,9 +75,14 @@ impl Credentials {
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| TlsError::Read {
-        path: path.display().to_string(),
-        source,
+    std::fs::read(path).map_err(|source| match source.kind() {
+        std::io::ErrorKind::PermissionDenied => TlsError::NotPermitted {
+            path: path.display().to_string(),
+        },
+        _ => TlsError::Read {
+            path: path.display().to_string(),
+            source,
+        },
     })
 }
 
