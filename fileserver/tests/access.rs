@@ -99,6 +99,21 @@ async fn a_new_volume_is_its_administrators_and_lists_open_it_to_others() {
     // Alice creates there as herself, whatever uid she asked for.
     let file = status(call_as(&client, &alice, create(dir.fid, "f", 0o600)).await);
     assert_eq!((file.uid, file.gid), (1001, dir.gid));
+    // Special files are checked and owned alike.
+    let fifo = |dir| Request::MakeNode {
+        dir,
+        name: "p".into(),
+        kind: proto::FileKind::Fifo,
+        mode: 0o644,
+        uid: 0,
+        gid: 0,
+    };
+    assert_eq!(
+        refused(client.call(fifo(root), TIMEOUT).await),
+        ErrorCode::PermissionDenied
+    );
+    let made = status(call_as(&client, &alice, fifo(dir.fid)).await);
+    assert_eq!((made.uid, made.kind), (1001, proto::FileKind::Fifo));
     // Bob, with no entry, may not read it.
     let bob = token("bob", 1002, &[]);
     let read = Request::FetchData {

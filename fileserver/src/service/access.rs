@@ -146,62 +146,14 @@ impl FileService {
                 access::check_dir(rights, DirAccess::Lookup)?;
                 request
             }
-            Request::Create {
-                dir,
-                name,
-                mode,
-                uid,
-                gid,
-                exclusive,
-            } => {
+            mut request @ (Request::Create { dir, .. }
+            | Request::MakeDir { dir, .. }
+            | Request::Symlink { dir, .. }
+            | Request::MakeNode { dir, .. }) => {
                 let (dir_status, rights) = self.dir_rights(caller, dir).await?;
                 access::check_dir(rights, DirAccess::Insert)?;
-                let (uid, gid) = Self::ownership(caller, &dir_status, uid, gid);
-                let mode = new_mode(caller, gid, mode);
-                Request::Create {
-                    dir,
-                    name,
-                    mode,
-                    uid,
-                    gid,
-                    exclusive,
-                }
-            }
-            Request::MakeDir {
-                dir,
-                name,
-                mode,
-                uid,
-                gid,
-            } => {
-                let (dir_status, rights) = self.dir_rights(caller, dir).await?;
-                access::check_dir(rights, DirAccess::Insert)?;
-                let (uid, gid) = Self::ownership(caller, &dir_status, uid, gid);
-                Request::MakeDir {
-                    dir,
-                    name,
-                    mode,
-                    uid,
-                    gid,
-                }
-            }
-            Request::Symlink {
-                dir,
-                name,
-                target,
-                uid,
-                gid,
-            } => {
-                let (dir_status, rights) = self.dir_rights(caller, dir).await?;
-                access::check_dir(rights, DirAccess::Insert)?;
-                let (uid, gid) = Self::ownership(caller, &dir_status, uid, gid);
-                Request::Symlink {
-                    dir,
-                    name,
-                    target,
-                    uid,
-                    gid,
-                }
+                decide_owner(&mut request, caller, &dir_status);
+                request
             }
             request @ Request::MakeMountPoint { dir, .. } => {
                 // As AFS: a mount point needs insert and administer.
@@ -268,8 +220,55 @@ impl FileService {
             }
             // Releasing one's own locks, giving up or reclaiming what was granted, the
             // lease, space, and everything not a file request: nothing to check here
-            // (volume administration is the servers' and administrators' business).
-            other => other,
+            // (volume administration is checked in `checked`). Listed one by one, so a
+            // new request is decided here, never let through by default.
+            request @ (Request::Ping
+            | Request::GiveUpCallbacks { .. }
+            | Request::VolumeSpace { .. }
+            | Request::BreakCallbacks { .. }
+            | Request::ResetCallbacks
+            | Request::CreateVolume { .. }
+            | Request::RemoveVolume { .. }
+            | Request::ListVolumes
+            | Request::ExamineVolume { .. }
+            | Request::ReleaseLock { .. }
+            | Request::CancelLockWait { .. }
+            | Request::RenewLease
+            | Request::LockGranted { .. }
+            | Request::ReclaimCallbacks { .. }
+            | Request::ReclaimLock { .. }
+            | Request::ReclaimDone
+            | Request::ServerCounters
+            | Request::FetchAcl { .. }
+            | Request::StoreAcl { .. }
+            | Request::FetchRights { .. }
+            | Request::Sequenced { .. }
+            | Request::VlRegisterServer { .. }
+            | Request::VlListServers
+            | Request::VlCreateEntry { .. }
+            | Request::VlRemoveEntry { .. }
+            | Request::VlGetEntry { .. }
+            | Request::VlListEntries
+            | Request::VlJoinPair { .. }
+            | Request::VlAcquirePair { .. }
+            | Request::VlRenewPair { .. }
+            | Request::VlReleasePair { .. }
+            | Request::VlGetPair { .. }
+            | Request::PairSwitchover
+            | Request::MemberState
+            | Request::VlRaft { .. }
+            | Request::VlStatus
+            | Request::VlAddMember { .. }
+            | Request::VlRemoveMember { .. }
+            | Request::PtsCreateUser { .. }
+            | Request::PtsSetPassword { .. }
+            | Request::PtsCreateGroup { .. }
+            | Request::PtsAddUser { .. }
+            | Request::PtsRemoveUser { .. }
+            | Request::PtsDelete { .. }
+            | Request::PtsMembership { .. }
+            | Request::PtsListEntries
+            | Request::Login { .. }) => request,
         };
         Ok((request, after))
     }
@@ -412,6 +411,22 @@ fn set_attrs(
 }
 
 /// A new file's mode: set-group-id only for a member of its group (or an administrator).
+/// Sets a new vnode's owner, group and (for files and special files) mode in its
+/// creating request, as `ownership` and `new_mode` decide them.
+fn decide_owner(request: &mut Request, caller: &Identity, dir: &VnodeStatus) {
+    let (uid, gid, mode) = match request {
+        Request::Create { uid, gid, mode, .. } | Request::MakeNode { uid, gid, mode, .. } => {
+            (uid, gid, Some(mode))
+        }
+        Request::MakeDir { uid, gid, .. } | Request::Symlink { uid, gid, .. } => (uid, gid, None),
+        _ => return,
+    };
+    (*uid, *gid) = FileService::ownership(caller, dir, *uid, *gid);
+    if let Some(mode) = mode {
+        *mode = new_mode(caller, *gid, *mode);
+    }
+}
+
 fn new_mode(caller: &Identity, gid: u32, mode: u32) -> u32 {
     if mode & access::MODE_SET_GID != 0
         && !caller.is_administrator()
