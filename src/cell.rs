@@ -239,7 +239,8 @@ impl LocalCell {
             check_port_free(address, &what, &cell.layout.members_file())?;
         }
         // Every replica needs the cell's key (a directory made before keys had none).
-        ensure_token_key(&cell.layout.cell_file)?;
+        proto::tls::authority::ensure_token_key(&cell.layout.credentials)
+            .context("make the cell's token key")?;
         cell.start_vldb()?;
         std::fs::write(&cell.layout.cell_file, cell.cell.to_toml())
             .with_context(|| format!("write {}", cell.layout.cell_file.display()))?;
@@ -415,14 +416,19 @@ impl LocalCell {
 
     /// A token of the cell's administrator, sealed with its key.
     pub fn admin_token(&self) -> Result<proto::SealedToken> {
-        admin_token(&self.layout.cell_file, &self.cell.name)
+        Ok(admin_token(&self.token_key()?, &self.cell.name))
+    }
+
+    /// The cell's token-signing key, from its credentials.
+    fn token_key(&self) -> Result<proto::TokenKey> {
+        let path = self.layout.credentials.join(proto::tls::TOKEN_KEY_FILE);
+        proto::TokenKey::load(&path).context("load the token key")
     }
 
     /// A `--localauth` token: what root on a server host acts with, sealed with the
     /// cell's key.
     fn localauth_token(&self) -> Result<proto::SealedToken> {
-        let key = proto::TokenKey::load(&token_key_path(&self.layout.cell_file))
-            .context("load the token key")?;
+        let key = self.token_key()?;
         Ok(key.seal(vlserver::localauth_body(
             &self.cell.name,
             Duration::from_secs(3600),
@@ -449,7 +455,7 @@ impl LocalCell {
     }
 
     fn give_admin_token(&self, name: &str, cache: &Path) -> Result<()> {
-        let token = admin_token(&self.layout.cell_file, &self.cell.name)?;
+        let token = self.admin_token()?;
         let socket = cache.join(cachemgr::mount::CONTROL_SOCKET);
         cachemgr::control::give_token(&socket, &token)
             .with_context(|| format!("give the administrator's token to {name}"))
@@ -747,55 +753,21 @@ pub fn path_arg(path: &Path) -> String {
     path.to_string_lossy().into_owned()
 }
 
-/// Where a cell's token key lives: `credentials/token.key` beside its cell file.
-pub fn token_key_path(cell_file: &Path) -> PathBuf {
-    cell_file
-        .parent()
-        .unwrap_or(Path::new("."))
-        .join("credentials")
-        .join("token.key")
-}
-
-/// Makes the cell's token key (32 random bytes, mode 0600) unless it has one.
-fn ensure_token_key(cell_file: &Path) -> Result<()> {
-    use std::io::{Read, Write};
-    use std::os::unix::fs::OpenOptionsExt;
-    let path = token_key_path(cell_file);
-    if path.exists() {
-        return Ok(());
-    }
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
-    let mut secret = [0u8; 32];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut random| random.read_exact(&mut secret))
-        .context("read /dev/urandom")?;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&path)
-        .and_then(|mut file| file.write_all(&secret))
-        .with_context(|| format!("write {}", path.display()))
-}
-
 /// A token for the local cell's administrator (`admin`, id 1, in
-/// `system:administrators`), sealed with the cell's key.
-fn admin_token(cell_file: &Path, cell_name: &str) -> Result<proto::SealedToken> {
-    let path = token_key_path(cell_file);
-    let key = proto::TokenKey::load(&path).context("load the token key")?;
+/// `system:administrators`), sealed with `key`.
+fn admin_token(key: &proto::TokenKey, cell_name: &str) -> proto::SealedToken {
     let now = proto::Timestamp::now();
     let expiry = proto::Timestamp {
         secs: now.secs + proto::identity::TOKEN_LIFETIME_DEFAULT.as_secs() as i64,
         nanos: 0,
     };
-    Ok(key.seal(proto::TokenBody {
+    key.seal(proto::TokenBody {
         cell: cell_name.to_owned(),
-        user: "admin".into(),
-        id: proto::PrincipalId(1),
+        user: crate::cell_admin::ADMIN_USER.into(),
+        id: crate::cell_admin::ADMIN_ID,
         groups: vec![proto::PrincipalId::ADMINISTRATORS],
         issued: now,
         expiry,
         key_id: 0,
-    }))
+    })
 }

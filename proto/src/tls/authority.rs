@@ -215,9 +215,23 @@ pub fn init(dir: &Path, cell: &str, host: &str) -> Result<CellAuthority, TlsErro
     write_new(dir, CA_CERT_FILE, authority.cert_pem.as_bytes(), false)?;
     authority.issue_into(dir, PeerClass::Server, host)?;
     authority.issue_into(dir, PeerClass::Host, host)?;
+    if !ensure_token_key(dir)? {
+        return Err(TlsError::Exists {
+            path: dir.join(TOKEN_KEY_FILE).display().to_string(),
+        });
+    }
+    Ok(authority)
+}
+
+/// Writes a new token key into the credentials directory `dir` unless it holds one (a
+/// directory made before cells had keys); true if it wrote one.
+pub fn ensure_token_key(dir: &Path) -> Result<bool, TlsError> {
+    if dir.join(TOKEN_KEY_FILE).exists() {
+        return Ok(false);
+    }
     let token_key: [u8; TOKEN_KEY_BYTES] = rand::random();
     write_new(dir, TOKEN_KEY_FILE, &token_key, true)?;
-    Ok(authority)
+    Ok(true)
 }
 
 fn create_dir(dir: &Path) -> Result<(), TlsError> {
