@@ -18,10 +18,12 @@ use crate::name::{PairName, VolumeName};
 
 /// The protocol versions this build speaks. Version 2 adds `Frame::Goodbye` and
 /// `Request::StoreDataIf` (with `ErrorCode::StoreOutdated`); version 3 adds identity
-/// (tokens on requests, users and groups, access lists) and special files. Nothing new
-/// is ever sent on a connection that negotiated an older version (`Connection::version`).
+/// (tokens on requests, users and groups, access lists) and special files; version 4
+/// the data path (bulk data carried raw, small files created with their bytes, latency
+/// figures). Nothing new is ever sent on a connection that negotiated an older version
+/// (`Connection::version`).
 pub const PROTOCOL_VERSION_MIN: u16 = 1;
-pub const PROTOCOL_VERSION_MAX: u16 = 3;
+pub const PROTOCOL_VERSION_MAX: u16 = 4;
 
 /// The first version with `Frame::Goodbye` and `Request::StoreDataIf`.
 pub const PROTOCOL_VERSION_GOODBYE_AND_CONDITIONAL_STORES: u16 = 2;
@@ -29,6 +31,10 @@ pub const PROTOCOL_VERSION_GOODBYE_AND_CONDITIONAL_STORES: u16 = 2;
 /// The first version with identity (tokens, users and groups, access lists) and special
 /// files (FIFOs, sockets, device nodes).
 pub const PROTOCOL_VERSION_IDENTITY: u16 = 3;
+
+/// The first version of the faster data path: bulk data carried raw after a small
+/// header, a small file created together with its bytes, and latency histograms.
+pub const PROTOCOL_VERSION_DATA_PATH: u16 = 4;
 
 /// The first frame on every connection, sent by the connecting side.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
