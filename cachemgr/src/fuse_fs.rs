@@ -115,11 +115,13 @@ impl HoldfastFs {
                 }
             }
         };
+        let timer = self.manager.figures().time_operation::<F>();
         let task = request(self.manager.clone());
         // Its server calls carry the token of the process that asked.
         let caller = LocalUid(req.uid());
         self.runtime.spawn(async move {
             tokens::acting_for(caller, task).await;
+            drop(timer);
             drop(permit);
         });
     }
