@@ -1,9 +1,13 @@
 //! Where time goes, as an admin and a user see it: `holdfast vos counters` shows the
 //! fileserver's latency by request kind and the log's slots, `holdfast fs counters` a
 //! mount's latency by FUSE operation and its data path's counters, `fs examine` a line
-//! of those counters.
+//! of those counters; and `holdfast bench --suite mount` prints every goal of the data
+//! path with its baseline, run small.
 
-use harness::TestCell;
+use std::process::Command;
+use std::time::Duration;
+
+use harness::{TestCell, run_bounded};
 
 const BIN: &str = env!("CARGO_BIN_EXE_holdfast");
 
@@ -90,4 +94,64 @@ fn vos_counters_and_fs_counters_show_where_time_goes() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+}
+
+#[test]
+fn bench_mount_prints_every_goal_with_its_baseline_and_target() {
+    harness::require_fuse().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut command = Command::new(BIN);
+    command.args([
+        "bench",
+        "--suite",
+        "mount",
+        "--size-mib",
+        "4",
+        "--files",
+        "40",
+        "--tree-files",
+        "60",
+        "--dir",
+        &dir.path().to_string_lossy(),
+    ]);
+    let out = run_bounded(command, Duration::from_secs(600)).unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    // Each goal: its row with a ratio to the baseline measured in this run, and the
+    // issue's target ("-" where it gives none).
+    for (row, target) in [
+        ("cached re-read / local page-cached read", ">= 0.95"),
+        ("cold read / loopback TCP", ">= 0.5"),
+        ("write+close / local write+fdatasync", ">= 0.8"),
+        ("4 KiB creates, 1 thread / local", ">= 1.0"),
+        ("4 KiB creates, 8 threads / 1 thread", ">= 4"),
+        ("tar x of 60 files / local", "-"),
+    ] {
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(row))
+            .unwrap_or_else(|| panic!("no row {row:?} in\n{stdout}"));
+        let ratio: f64 = line[row.len()..]
+            .split_whitespace()
+            .rev()
+            .nth(target.split_whitespace().count())
+            .and_then(|r| r.parse().ok())
+            .unwrap_or_else(|| panic!("no ratio in {line:?}"));
+        assert!(ratio.is_finite() && ratio > 0.0, "{line}");
+        assert!(line.trim_end().ends_with(target), "{line}");
+    }
+    // git status is measured, or skipped with its reason.
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("git status, cached / local")),
+        "{stdout}"
+    );
+    // The counters after the run, from both sides.
+    assert!(stdout.contains("passthrough_opens"), "{stdout}");
+    assert!(stdout.contains("request Create"), "{stdout}");
+    // Nothing left mounted under the bench directory.
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(&*dir.path().to_string_lossy()), "{mounts}");
 }
