@@ -98,6 +98,7 @@ impl HoldfastFs {
         F: FnOnce(Arc<Manager>) -> Fut,
         Fut: Future<Output = ()> + Send + 'static,
     {
+        let timer = self.manager.figures().time_operation::<F>();
         let cost = (REQUEST_OVERHEAD_BYTES + bytes).min(IN_FLIGHT_BYTES_MAX);
         // At most `IN_FLIGHT_BYTES_MAX`: fits a u32.
         let cost = cost as u32;
@@ -115,7 +116,6 @@ impl HoldfastFs {
                 }
             }
         };
-        let timer = self.manager.figures().time_operation::<F>();
         let task = request(self.manager.clone());
         // Its server calls carry the token of the process that asked.
         let caller = LocalUid(req.uid());
