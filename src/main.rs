@@ -376,7 +376,8 @@ enum FsCommand {
         /// A path inside the mount to ask (default: the current directory or the only mount).
         path: Option<PathBuf>,
     },
-    /// Print PATH's fid, data version, callback state and your rights there.
+    /// Print PATH's fid, data version, callback state and your rights there, and the
+    /// mount's cache and passthrough counters.
     Examine { path: PathBuf },
     /// Give PRINCIPAL (a name such as system:anyuser, or a numeric id) RIGHTS (letters
     /// of rlidwka, or read, write, all, none) on directory DIR.
@@ -394,6 +395,10 @@ enum FsCommand {
     Cleanacl { dir: PathBuf },
     /// Give directory TO the access list of directory FROM.
     Copyacl { from: PathBuf, to: PathBuf },
+    /// Print where the mount holding PATH spends its time: cache hits and misses,
+    /// passthrough opens and fallbacks, and each FUSE operation's latency (p50, p90,
+    /// p99, max).
+    Counters { path: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -419,7 +424,8 @@ enum VosCommand {
         #[arg(long, value_name = "ADDR")]
         server: Option<String>,
     },
-    /// Print a fileserver's counters (data fetched, snapshot pauses...).
+    /// Print a fileserver's counters (data fetched, snapshot pauses...) and where its
+    /// time goes: latency by request kind, storage commits, the log's fsyncs and groups.
     Counters {
         /// The fileserver (required when the cell has several).
         #[arg(long, value_name = "ADDR")]
@@ -632,6 +638,7 @@ fn run(cli: Cli) -> Result<()> {
                 FsCommand::Flush { path } => cachemgr::fs_flush(&path),
                 FsCommand::Checkservers { path } => cachemgr::fs_checkservers(path.as_deref()),
                 FsCommand::Examine { path } => cachemgr::fs_examine(&path),
+                FsCommand::Counters { path } => cachemgr::fs_counters(&path),
                 FsCommand::Setacl {
                     dir,
                     principal,
@@ -695,12 +702,8 @@ fn run(cli: Cli) -> Result<()> {
                         vos::format_listvldb(&vos.listvldb().await?, &vos.servers().await?)
                     }
                     VosCommand::Counters { server } => {
-                        let (entry, counters) = vos.server_counters(server.as_deref()).await?;
-                        let mut text = format!("Fileserver {}\n", entry.addresses.join(" "));
-                        for (name, value) in counters {
-                            text.push_str(&format!("{name:<24} {value}\n"));
-                        }
-                        text
+                        let (entry, figures) = vos.server_figures(server.as_deref()).await?;
+                        vos::format_figures(&entry, &figures)
                     }
                     VosCommand::Listvol { server } => {
                         vos::format_listvol(&vos.listvol(server.as_deref()).await?)

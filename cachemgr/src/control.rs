@@ -9,6 +9,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use proto::histogram::Figures;
 use proto::{
     AccessList, DataVersion, Fid, FileKind, Password, PrincipalId, Rights, SealedToken, Timestamp,
 };
@@ -81,6 +82,9 @@ pub enum ControlRequest {
         password: Password,
         lifetime_secs: Option<u64>,
     },
+    /// The mount's figures: the data path's counters and each FUSE operation's latency.
+    /// Answered `Figures`.
+    Figures,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -107,6 +111,7 @@ pub enum ControlResponse {
     AclSet,
     /// The token a `Login` got, now kept for the caller.
     Token(SealedToken),
+    Figures(Figures),
 }
 
 /// A token a local uid holds, as `holdfast tokens` shows it.
@@ -320,8 +325,36 @@ pub fn fs_examine(path: &Path) -> Result<String, CacheError> {
             ControlRequest::Examine { ino: ino_of(path)? },
         ),
     };
-    match request(&socket, &message)? {
-        ControlResponse::Examine(info) => Ok(render_examine(path, &info)),
+    let text = match request(&socket, &message)? {
+        ControlResponse::Examine(info) => render_examine(path, &info),
+        ControlResponse::Error(message) => return Err(refused(path, message)),
+        other => return Err(unexpected_reply(&socket, &other)),
+    };
+    // The mount's data path in one line; a cache manager older than `Figures` has none.
+    match request(&socket, &ControlRequest::Figures) {
+        Ok(ControlResponse::Figures(figures)) => Ok(text + &render_mount_summary(&figures)),
+        _ => Ok(text),
+    }
+}
+
+/// `fs examine`'s line about the mount as a whole.
+pub fn render_mount_summary(figures: &Figures) -> String {
+    let counters: Vec<String> = figures
+        .counters
+        .iter()
+        .map(|(name, value)| format!("{name} {value}"))
+        .collect();
+    format!(
+        "Mount: {} (latencies: holdfast fs counters)\n",
+        counters.join(", ")
+    )
+}
+
+/// `fs counters PATH`: the figures of the mount holding `path`.
+pub fn fs_counters(path: &Path) -> Result<String, CacheError> {
+    let socket = socket_for(path)?;
+    match request(&socket, &ControlRequest::Figures)? {
+        ControlResponse::Figures(figures) => Ok(figures.render()),
         ControlResponse::Error(message) => Err(refused(path, message)),
         other => Err(unexpected_reply(&socket, &other)),
     }

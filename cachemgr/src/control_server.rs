@@ -197,5 +197,6 @@ async fn answer(manager: &Manager, request: ControlRequest, peer: u32) -> Contro
             Ok(content) => ControlResponse::LsMount { content },
             Err(e) => ControlResponse::Error(e.to_string()),
         },
+        ControlRequest::Figures => ControlResponse::Figures(manager.figures().figures()),
     }
 }

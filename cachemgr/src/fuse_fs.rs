@@ -98,6 +98,7 @@ impl HoldfastFs {
         F: FnOnce(Arc<Manager>) -> Fut,
         Fut: Future<Output = ()> + Send + 'static,
     {
+        let timer = self.manager.figures().time_operation::<F>();
         let cost = (REQUEST_OVERHEAD_BYTES + bytes).min(IN_FLIGHT_BYTES_MAX);
         // At most `IN_FLIGHT_BYTES_MAX`: fits a u32.
         let cost = cost as u32;
@@ -120,6 +121,7 @@ impl HoldfastFs {
         let caller = LocalUid(req.uid());
         self.runtime.spawn(async move {
             tokens::acting_for(caller, task).await;
+            drop(timer);
             drop(permit);
         });
     }

@@ -10,6 +10,7 @@ mod control_server;
 pub mod error;
 #[cfg(test)]
 mod fake_cell;
+pub mod figures;
 mod fuse_fs;
 pub mod held_locks;
 pub mod identity;
@@ -33,7 +34,9 @@ use std::time::Duration;
 
 use proto::{CellConfig, Transport, VolumeName};
 
-pub use control::{fs_checkservers, fs_examine, fs_flush, fs_lsmount, fs_mkmount, fs_whereis};
+pub use control::{
+    fs_checkservers, fs_counters, fs_examine, fs_flush, fs_lsmount, fs_mkmount, fs_whereis,
+};
 pub use error::CacheError;
 pub use mount::run;
 

@@ -167,6 +167,8 @@ pub struct Manager {
     tokens: Arc<crate::tokens::TokenStore>,
     /// The callers' rights, per (user, vnode), under their directories' callbacks.
     rights: crate::rights::RightsCache,
+    /// Where time goes: FUSE operations' latency and the data path's counters.
+    figures: Arc<crate::figures::MountFigures>,
 }
 
 impl Manager {
@@ -227,6 +229,7 @@ impl Manager {
             memory_return: kernel_refs::MemoryReturn::default(),
             tokens: Arc::new(crate::tokens::TokenStore::default()),
             rights: crate::rights::RightsCache::default(),
+            figures: Arc::default(),
         });
         manager.pool.set_tokens(manager.tokens.clone());
         manager.spawn_lease_renewal(settings.lease_renew_interval);
@@ -282,6 +285,12 @@ impl Manager {
     /// The tokens this workstation's users hold.
     pub fn tokens(&self) -> &crate::tokens::TokenStore {
         &self.tokens
+    }
+
+    /// The mount's figures (`holdfast fs counters`): operations' latency, and the data
+    /// path's counters for the reading, opening and caching code to fill in.
+    pub fn figures(&self) -> &Arc<crate::figures::MountFigures> {
+        &self.figures
     }
 
     /// The kernel dropped `nlookup` of its references to `ino` (`forget`).

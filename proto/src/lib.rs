@@ -13,6 +13,7 @@ pub mod error;
 pub mod flood;
 pub mod frame;
 pub mod frame_reader;
+pub mod histogram;
 pub mod identity;
 pub mod ids;
 pub mod lock;

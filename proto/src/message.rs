@@ -615,6 +615,11 @@ pub enum Request {
         uid: u32,
         gid: u32,
     },
+
+    // ---- administration, appended in protocol version 4 ----
+    /// A fileserver's counters and latency histograms (by request kind, storage
+    /// commits, the log's fsyncs and group sizes), answered with `Figures`.
+    ServerFigures,
 }
 
 /// A password as it travels to the VLDB: a string whose `Debug` never shows it, so that
@@ -671,6 +676,7 @@ impl Request {
             | Request::PtsListEntries
             | Request::Login { .. } => PROTOCOL_VERSION_IDENTITY,
             Request::MakeNode { .. } => PROTOCOL_VERSION_IDENTITY,
+            Request::ServerFigures => PROTOCOL_VERSION_DATA_PATH,
             Request::Sequenced { request, .. } => request.version_min(),
             _ => 1,
         }
@@ -823,6 +829,8 @@ pub enum Response {
     PtsEntries(Vec<PtsEntry>),
     /// The token a `Login` obtained.
     Token(SealedToken),
+    /// The answer to `ServerFigures` (protocol version 4).
+    Figures(crate::histogram::Figures),
 }
 
 /// One VLDB replica as it describes itself (`VlStatus`).
@@ -949,6 +957,7 @@ impl Response {
             Response::PtsEntry(_) => "PtsEntry",
             Response::PtsEntries(_) => "PtsEntries",
             Response::Token(_) => "Token",
+            Response::Figures(_) => "Figures",
         }
     }
 }
@@ -1052,6 +1061,82 @@ impl Response {
                 }
             }
             other => other,
+        }
+    }
+}
+
+impl Request {
+    /// The request's kind as its variant's name, for logs and figures (a `Sequenced`
+    /// one is named by itself: callers name the request it carries).
+    pub fn kind_name(&self) -> &'static str {
+        match self {
+            Request::Ping => "Ping",
+            Request::FetchStatus { .. } => "FetchStatus",
+            Request::FetchData { .. } => "FetchData",
+            Request::StoreData { .. } => "StoreData",
+            Request::SetAttr { .. } => "SetAttr",
+            Request::Lookup { .. } => "Lookup",
+            Request::ReadDir { .. } => "ReadDir",
+            Request::Create { .. } => "Create",
+            Request::MakeDir { .. } => "MakeDir",
+            Request::Remove { .. } => "Remove",
+            Request::RemoveDir { .. } => "RemoveDir",
+            Request::Rename { .. } => "Rename",
+            Request::Symlink { .. } => "Symlink",
+            Request::Link { .. } => "Link",
+            Request::MakeMountPoint { .. } => "MakeMountPoint",
+            Request::GiveUpCallbacks { .. } => "GiveUpCallbacks",
+            Request::VolumeSpace { .. } => "VolumeSpace",
+            Request::BreakCallbacks { .. } => "BreakCallbacks",
+            Request::ResetCallbacks => "ResetCallbacks",
+            Request::CreateVolume { .. } => "CreateVolume",
+            Request::RemoveVolume { .. } => "RemoveVolume",
+            Request::ListVolumes => "ListVolumes",
+            Request::ExamineVolume { .. } => "ExamineVolume",
+            Request::VlRegisterServer { .. } => "VlRegisterServer",
+            Request::VlListServers => "VlListServers",
+            Request::VlCreateEntry { .. } => "VlCreateEntry",
+            Request::VlRemoveEntry { .. } => "VlRemoveEntry",
+            Request::VlGetEntry { .. } => "VlGetEntry",
+            Request::VlListEntries => "VlListEntries",
+            Request::Fsync { .. } => "Fsync",
+            Request::SetLock { .. } => "SetLock",
+            Request::ReleaseLock { .. } => "ReleaseLock",
+            Request::TestLock { .. } => "TestLock",
+            Request::CancelLockWait { .. } => "CancelLockWait",
+            Request::RenewLease => "RenewLease",
+            Request::LockGranted { .. } => "LockGranted",
+            Request::ReclaimCallbacks { .. } => "ReclaimCallbacks",
+            Request::ReclaimLock { .. } => "ReclaimLock",
+            Request::ReclaimDone => "ReclaimDone",
+            Request::ServerCounters => "ServerCounters",
+            Request::VlJoinPair { .. } => "VlJoinPair",
+            Request::VlAcquirePair { .. } => "VlAcquirePair",
+            Request::VlRenewPair { .. } => "VlRenewPair",
+            Request::VlReleasePair { .. } => "VlReleasePair",
+            Request::VlGetPair { .. } => "VlGetPair",
+            Request::PairSwitchover => "PairSwitchover",
+            Request::MemberState => "MemberState",
+            Request::Sequenced { .. } => "Sequenced",
+            Request::VlRaft { .. } => "VlRaft",
+            Request::VlStatus => "VlStatus",
+            Request::VlAddMember { .. } => "VlAddMember",
+            Request::VlRemoveMember { .. } => "VlRemoveMember",
+            Request::StoreDataIf { .. } => "StoreDataIf",
+            Request::FetchAcl { .. } => "FetchAcl",
+            Request::StoreAcl { .. } => "StoreAcl",
+            Request::FetchRights { .. } => "FetchRights",
+            Request::PtsCreateUser { .. } => "PtsCreateUser",
+            Request::PtsSetPassword { .. } => "PtsSetPassword",
+            Request::PtsCreateGroup { .. } => "PtsCreateGroup",
+            Request::PtsAddUser { .. } => "PtsAddUser",
+            Request::PtsRemoveUser { .. } => "PtsRemoveUser",
+            Request::PtsDelete { .. } => "PtsDelete",
+            Request::PtsMembership { .. } => "PtsMembership",
+            Request::PtsListEntries => "PtsListEntries",
+            Request::Login { .. } => "Login",
+            Request::MakeNode { .. } => "MakeNode",
+            Request::ServerFigures => "ServerFigures",
         }
     }
 }

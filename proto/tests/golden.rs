@@ -592,6 +592,33 @@ fn cases() -> Vec<(&'static str, Frame, &'static str)> {
             },
             "032401 2e 0178",
         ),
+        (
+            "server_figures",
+            Frame::Request {
+                id: RequestId(37),
+                body: Request::ServerFigures,
+            },
+            "0225 42",
+        ),
+        (
+            "figures",
+            Frame::Response {
+                id: RequestId(38),
+                body: Ok(Response::Figures(proto::histogram::Figures {
+                    counters: vec![("c".into(), 2)],
+                    histograms: vec![proto::histogram::NamedHistogram {
+                        name: "h".into(),
+                        unit: proto::histogram::FigureUnit::Count,
+                        histogram: proto::histogram::HistogramSnapshot {
+                            buckets: vec![(9, 3)],
+                            sum: 27,
+                            max: 9,
+                        },
+                    }],
+                })),
+            },
+            "032600 1d 01 0163 02 01 0168 01 01 0903 1b 09",
+        ),
     ]
 }
 

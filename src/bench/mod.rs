@@ -14,7 +14,9 @@ use crate::cell::{LocalCell, Servers};
 mod faults;
 mod identity;
 mod identity_access;
+mod mount;
 mod pair;
+mod tree;
 mod vldb;
 
 #[derive(clap::Args)]
@@ -25,10 +27,14 @@ pub struct BenchArgs {
     /// Size of the file for the throughput figures, in MiB.
     #[arg(long, default_value_t = 256)]
     size_mib: u64,
-    /// Number of 4 KiB files for the create figure.
+    /// Number of 4 KiB files for the create figures.
     #[arg(long, default_value_t = 10_000)]
     files: usize,
-    /// Which figures: `mount` (throughput through FUSE mounts), `state` (locks,
+    /// Files in the source tree of the mount suite's `tar x` and `git status` figures.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    tree_files: u64,
+    /// Which figures: `mount` (the data path through FUSE mounts: reads, writes,
+    /// creates, `tar x` and `git status`, each against a local baseline), `state` (locks,
     /// callback journaling, recovery, snapshots), `pair` (failover of a fileserver
     /// pair), `vldb` (the three-replica VLDB: leader kills, creates, lookups), `faults`
     /// (dead and stopped servers, floods, memory, large busy directories), `identity`
@@ -59,7 +65,7 @@ const BLOCK_BYTES: usize = 1 << 20;
 pub fn run(args: BenchArgs) -> Result<()> {
     let all = args.suite == "all";
     if all || args.suite == "mount" {
-        run_mount(&args)?;
+        mount::run(&args)?;
     }
     if all || args.suite == "state" {
         run_state(&args)?;
@@ -196,73 +202,6 @@ fn run_state(args: &BenchArgs) -> Result<()> {
     println!(
         "{:<52} {:>11.0}B",
         "  per promise, with the locks (whole state)", figures.state_bytes_per_promise
-    );
-    Ok(())
-}
-
-/// Throughput figures through real FUSE mounts of a local cell (separate processes,
-/// loopback TCP), each printed as a ratio to a baseline measured in the same run, so
-/// that the noisy machine's speed cancels out.
-fn run_mount(args: &BenchArgs) -> Result<()> {
-    let bench_dir = bench_dir(args)?;
-    let dir = bench_dir.path().join("mount");
-    let size_bytes = args.size_mib * (1 << 20);
-    let runtime = mount_runtime()?;
-    let mut mounted = MountedCell::start(&dir, args.size_mib, &runtime)?;
-    eprintln!("bench cell up in {}; measuring...", dir.display());
-
-    let tcp = loopback_tcp_rate(size_bytes * 2)?;
-    let local_file = dir.join("local.bin");
-    write_file(&local_file, size_bytes)?;
-    read_file(&local_file)?; // warm the page cache, as the mount's cached read is warm
-    let local_read = read_file(&local_file)?;
-
-    let across = mounted.write_then_cold_read("bench.bin", size_bytes)?;
-    let (write_close, cold_read) = (across.write_close, across.cold_read);
-    let cached_read = read_file(&mounted.b.join("bench.bin"))?;
-    let creates = create_files(&mounted.a.join("creates"), args.files)?;
-    mounted.cell.check_children()?;
-
-    let mib = |rate: f64| rate / f64::from(1 << 20);
-    println!(
-        "holdfast bench: {} MiB file, {} files of 4 KiB",
-        args.size_mib, args.files
-    );
-    println!("{:<44} {:>14} {:>8}  target", "figure", "value", "ratio");
-    println!("{:<44} {:>9.0} MiB/s", "loopback TCP (baseline)", mib(tcp));
-    println!(
-        "{:<44} {:>9.0} MiB/s",
-        "local disk read, page-cached (baseline)",
-        mib(local_read)
-    );
-    let row = |name: &str, rate: f64, base: f64, target: &str| {
-        println!(
-            "{name:<44} {:>9.0} MiB/s {:>8.2}  {target}",
-            mib(rate),
-            rate / base
-        );
-    };
-    row(
-        "cached read through mount / local disk",
-        cached_read,
-        local_read,
-        ">= 0.9",
-    );
-    row(
-        "cold read through mount / loopback TCP",
-        cold_read,
-        tcp,
-        ">= 0.5",
-    );
-    row(
-        "write+close through mount / loopback TCP",
-        write_close,
-        tcp,
-        ">= 0.5",
-    );
-    println!(
-        "{:<44} {:>11.0} /s {:>8}  >= 1000/s",
-        "creates of 4 KiB files through mount", creates, "-"
     );
     Ok(())
 }

@@ -5,10 +5,11 @@
 
 use std::time::Duration;
 
-use proto::Transport;
+use proto::histogram::Figures;
 use proto::{
-    CellConfig, ErrorCode, PeerKind, ProtoError, Request, Response, ServerEntry, ServerId,
-    VldbClient, VolumeEntry, VolumeId, VolumeInfo, VolumeName, VolumeRef, VolumeSite, VolumeType,
+    CellConfig, ErrorCode, PROTOCOL_VERSION_DATA_PATH, PeerKind, ProtoError, Request, Response,
+    ServerEntry, ServerId, Transport, VldbClient, VolumeEntry, VolumeId, VolumeInfo, VolumeName,
+    VolumeRef, VolumeSite, VolumeType,
 };
 use tracing::{info, warn};
 
@@ -231,11 +232,12 @@ impl Vos {
         Ok(out)
     }
 
-    /// A fileserver's counters (`--server`, or the only fileserver of the cell).
-    pub async fn server_counters(
+    /// A fileserver's counters and histograms (`--server`, or the only fileserver of the
+    /// cell). A server older than protocol version 4 has counters only.
+    pub async fn server_figures(
         &self,
         server: Option<&str>,
-    ) -> Result<(ServerEntry, Vec<(String, u64)>), VosError> {
+    ) -> Result<(ServerEntry, Figures), VosError> {
         let servers = self.servers().await?;
         let target = match server {
             Some(address) => find_server(&servers, address)?,
@@ -250,8 +252,20 @@ impl Vos {
             },
         };
         let fileserver = self.fileserver(target, self.timeout).await?;
-        match fileserver.call(Request::ServerCounters).await? {
-            Response::Counters(counters) => Ok((target.clone(), counters)),
+        if fileserver.version() < PROTOCOL_VERSION_DATA_PATH {
+            return match fileserver.call(Request::ServerCounters).await? {
+                Response::Counters(counters) => Ok((
+                    target.clone(),
+                    Figures {
+                        counters,
+                        histograms: Vec::new(),
+                    },
+                )),
+                other => Err(fileserver.unexpected(&other)),
+            };
+        }
+        match fileserver.call(Request::ServerFigures).await? {
+            Response::Figures(figures) => Ok((target.clone(), figures)),
             other => Err(fileserver.unexpected(&other)),
         }
     }

@@ -122,6 +122,11 @@ impl Fileserver {
         &self.address
     }
 
+    /// The protocol version the connection negotiated.
+    pub(crate) fn version(&self) -> u16 {
+        self.connection.version()
+    }
+
     pub(crate) async fn call(&self, request: Request) -> Result<Response, VosError> {
         self.call_within(request, self.timeout).await
     }

@@ -233,6 +233,16 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
     (year, month, day)
 }
 
+/// `vos counters`: the fileserver, its counters as `name value` lines, then the
+/// histograms that counted anything (count, p50, p90, p99, max).
+pub fn format_figures(server: &ServerEntry, figures: &proto::histogram::Figures) -> String {
+    format!(
+        "Fileserver {}\n{}",
+        server.addresses.join(" "),
+        figures.render()
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

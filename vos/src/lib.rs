@@ -12,7 +12,7 @@ mod pair;
 pub use admin::Vos;
 pub use error::VosError;
 pub use format::{
-    format_entry, format_examine, format_listvldb, format_listvol, format_pair_status,
-    format_switchover,
+    format_entry, format_examine, format_figures, format_listvldb, format_listvol,
+    format_pair_status, format_switchover,
 };
 pub use pair::{MemberReport, MemberStatus, PairReport, SwitchoverReport};

@@ -239,6 +239,7 @@ impl FileService {
             | Request::ReclaimLock { .. }
             | Request::ReclaimDone
             | Request::ServerCounters
+            | Request::ServerFigures
             | Request::FetchAcl { .. }
             | Request::StoreAcl { .. }
             | Request::FetchRights { .. }

@@ -11,6 +11,7 @@ mod promises;
 mod volumes;
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use proto::Identity;
 use proto::rpc::Connection;
@@ -89,6 +90,8 @@ impl Service for FileService {
         identity: Arc<Identity>,
         request: Request,
     ) -> Result<Response, ErrorCode> {
+        // Where time goes: decode to reply, by the kind of request a `Sequenced` carries.
+        let started = Instant::now();
         let key = match &hello.peer {
             PeerKind::CacheManager { client, .. } => {
                 let key = self.sessions.wait_ready(&connection, *client).await;
@@ -101,8 +104,10 @@ impl Service for FileService {
         };
         let (sequence, request) = unwrap_sequenced(&hello.peer, request)?;
         let caller = Caller { key, sequence };
+        let kind = request.kind_name();
+        let stats = self.stats.clone();
         let span = debug_span!("request", peer = %connection.peer_addr());
-        async move {
+        let answer = async move {
             debug!(?request, ?sequence, user = identity.name(), "request");
             // Special files and unlinked statuses shown as an older peer understands.
             let version = connection.version();
@@ -116,7 +121,9 @@ impl Service for FileService {
             answer
         }
         .instrument(span)
-        .await
+        .await;
+        stats.record_request(kind, started.elapsed());
+        answer
     }
 
     fn disconnected(&self, connection: &Connection, hello: &Hello) {
@@ -296,6 +303,7 @@ impl FileService {
             Request::ListVolumes => self.list_volumes().await,
             Request::ExamineVolume { id } => self.examine_volume(id).await,
             Request::ServerCounters => Ok(Response::Counters(self.stats.counters())),
+            Request::ServerFigures => Ok(Response::Figures(self.stats.figures())),
 
             // Answered by `checked`, which knows the caller's identity.
             Request::FetchAcl { .. } | Request::StoreAcl { .. } | Request::FetchRights { .. } => {
