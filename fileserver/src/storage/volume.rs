@@ -99,7 +99,6 @@ impl Volume {
     /// Makes a new volume in the empty directory `dir`, with its root directory, durably
     /// and outside the log: its tables include every record up to `applied`, so no
     /// record of an earlier volume of the same id is ever replayed into them.
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn initialize(
         disk: &dyn Disk,
         dir: &Path,

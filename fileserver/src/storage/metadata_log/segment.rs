@@ -172,10 +172,11 @@ fn record_crc(len: &[u8], lsn: &[u8], payload: &[u8]) -> u32 {
 /// How a segment's frames end.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ScanEnd {
-    /// Zeros, the end of the capacity, or frames of an earlier use of the file.
+    /// No frame header of this use: zeros, the end of the capacity, bytes of an
+    /// earlier use of the file, or a header never completely written.
     Clean,
-    /// A frame of this use that is incomplete or fails its checksums, with no frame of
-    /// this use after it: an interrupted flush, whose records were never acknowledged.
+    /// A frame header of this use whose body is incomplete or fails its checksums, with
+    /// no frame of this use after it: an interrupted flush, never acknowledged.
     Torn { offset: u64 },
     /// Damage no crash explains: a frame out of sequence, or a bad frame followed by a
     /// later one of this use (so its flush had completed).
@@ -209,22 +210,9 @@ pub fn scan_segment(bytes: &[u8]) -> Result<SegmentScan, String> {
         };
         let frame = match FrameHeader::decode(rest) {
             Some(frame) if frame.salt == header.salt => frame,
-            // A frame of an earlier use has a valid checksum and another salt.
-            Some(_) => break probe(bytes, &header, offset, expected, ScanEnd::Clean),
-            None if rest[..FRAME_HEADER_BYTES].iter().all(|&b| b == 0) => {
-                break probe(bytes, &header, offset, expected, ScanEnd::Clean);
-            }
-            None => {
-                break probe(
-                    bytes,
-                    &header,
-                    offset,
-                    expected,
-                    ScanEnd::Torn {
-                        offset: offset as u64,
-                    },
-                );
-            }
+            // Zeros, a frame of an earlier use (a valid checksum, another salt), the middle
+            // of one, or a header this use never finished writing.
+            _ => break probe(bytes, &header, offset, expected, ScanEnd::Clean),
         };
         if frame.first_lsn != expected {
             break ScanEnd::Corrupt {
