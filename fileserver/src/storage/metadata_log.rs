@@ -351,7 +351,18 @@ impl MetadataLog {
             .into_iter()
             .filter(|s| s.path.file_name() != Some(segment_name(next).as_ref()))
             .collect();
-        let spare_next = spares.len() as u64;
+        // Past every spare's number, so that a new spare never replaces one.
+        let spare_next = spares
+            .iter()
+            .filter_map(|path| {
+                let name = path.file_name()?.to_str()?;
+                name.strip_prefix(SPARE_PREFIX)?
+                    .strip_suffix(SEGMENT_SUFFIX)?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .max()
+            .unwrap_or(0);
         let shared = Arc::new(Shared {
             disk,
             fence,
