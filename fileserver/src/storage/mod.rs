@@ -1,20 +1,31 @@
 //! Volume storage on one partition directory, laid out as `docs/fileserver.md` draws it:
-//! per volume, a redb database of metadata and small files, and plain larger data files.
-//! Invariant: every metadata change is durable before it is answered, and a store is
-//! all or nothing: a failed one leaves a file's size, data version and bytes as they were.
+//! per volume, a redb database of metadata and small files, and plain larger data files;
+//! per partition, the metadata log every change goes through first.
+//! Invariant: every metadata change is durable (in the log) before it is answered, and a
+//! store is all or nothing: a failed one leaves a file's size, data version and bytes
+//! as they were.
 
 mod acl;
+mod checkpoint;
 mod data;
 mod data_files;
+mod disk;
 mod group_commit;
+#[cfg(test)]
+mod mem_disk;
+pub mod metadata_log;
 mod namespace;
 mod outcomes;
 mod partition;
 mod records;
+mod redo;
 mod tables;
 mod transaction;
 mod vnode_lock;
 mod volume;
+
+#[cfg(test)]
+mod log_tests;
 
 #[cfg(test)]
 mod posix_tests;
@@ -25,9 +36,10 @@ mod tests;
 
 pub use acl::Governed;
 pub use data::StoreCondition;
+pub use metadata_log::{LogConfig, LogError, LogFigures};
 pub use namespace::{Created, Removed, Renamed};
 pub use outcomes::{Answer, Outcome, SEQ_WINDOW, SequenceKey};
-pub use partition::{Partition, server_id_of};
+pub use partition::{CHECKPOINT_PERIOD, Partition, PartitionConfig, server_id_of};
 pub use records::{VnodeRecord, VolumeHeader};
 pub use volume::Volume;
 
@@ -54,6 +66,9 @@ pub enum StorageError {
         #[source]
         source: std::io::Error,
     },
+    /// The metadata log failed, or recovery found it damaged.
+    #[error(transparent)]
+    Log(#[from] LogError),
     #[error("corrupt record in {path}: {detail}")]
     Corrupt { path: PathBuf, detail: String },
     /// The group commit holding this request failed (the cause is in `detail`; every

@@ -1,18 +1,25 @@
-//! A partition: the server's identity file and the volumes under one directory.
+//! A partition: the server's identity file, the volumes under one directory, and the
+//! metadata log their changes go through, replayed when the partition is opened.
 //! Invariant: a volume enters the map only once built (under `.creating`, then renamed)
-//! and leaves it before its directory is renamed to `.removing` and deleted.
+//! and leaves it before its directory is renamed to `.removing` and deleted; a
+//! partition serves only once the log is replayed into every volume and checkpointed.
 
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
 
-use parking_lot::RwLock;
+use parking_lot::{Condvar, Mutex, RwLock};
 use proto::{ErrorCode, ServerId, VolumeId, VolumeInfo, VolumeName, VolumeSpace};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 use uuid::Uuid;
 
-use super::volume::Volume;
+use super::checkpoint;
+use super::disk::{Disk, OsDisk};
+use super::metadata_log::{LOG_DIR, LogConfig, LogFigures, Lsn, MetadataLog};
+use super::volume::{Tables, Volume};
 use super::{StorageError, io_error};
 use crate::fence::Fence;
 
@@ -20,6 +27,28 @@ const SERVER_ID_FILE: &str = "server.id";
 const VOLUME_PREFIX: &str = "vol.";
 const CREATING_SUFFIX: &str = ".creating";
 const REMOVING_SUFFIX: &str = ".removing";
+/// How often the volumes changed since the last checkpoint are made durable in redb.
+pub const CHECKPOINT_PERIOD: Duration = Duration::from_millis(300);
+
+/// How a partition keeps its metadata log.
+#[derive(Clone, Copy, Debug)]
+pub struct PartitionConfig {
+    pub log: LogConfig,
+    /// How often a checkpoint runs; `None`: only when asked (`Partition::checkpoint`)
+    /// and at close, for tests that place them.
+    pub checkpoint_period: Option<Duration>,
+}
+
+impl Default for PartitionConfig {
+    fn default() -> PartitionConfig {
+        PartitionConfig {
+            log: LogConfig::default(),
+            checkpoint_period: Some(CHECKPOINT_PERIOD),
+        }
+    }
+}
+
+type VolumeMap = RwLock<BTreeMap<VolumeId, Arc<Volume>>>;
 
 /// The volumes of one partition directory.
 #[derive(Debug)]
@@ -27,45 +56,98 @@ pub struct Partition {
     root: PathBuf,
     /// Checked before every change to the partition (see `crate::fence`).
     fence: Arc<Fence>,
+    disk: Arc<dyn Disk>,
     server_id: ServerId,
-    volumes: RwLock<BTreeMap<VolumeId, Arc<Volume>>>,
+    volumes: Arc<VolumeMap>,
+    log: Arc<MetadataLog>,
+    checkpointer: Option<Checkpointer>,
+}
+
+/// The thread that checkpoints the volumes every period.
+#[derive(Debug)]
+struct Checkpointer {
+    stop: Arc<(Mutex<bool>, Condvar)>,
+    thread: JoinHandle<()>,
 }
 
 impl Partition {
-    /// Opens (creating if needed) the partition at `root`: reads or makes `server.id`,
-    /// clears leftovers of interrupted creations and removals, opens every volume.
+    /// Opens (creating if needed) the partition at `root` on the real file system.
     pub fn open(root: &Path, fence: Arc<Fence>) -> Result<Partition, StorageError> {
+        let disk = Arc::new(OsDisk::new(fence.clone()));
+        Partition::open_with(root, fence, disk, PartitionConfig::default())
+    }
+
+    /// Opens (creating if needed) the partition at `root` on `disk`: reads or makes
+    /// `server.id`, clears leftovers of interrupted creations and removals, opens every
+    /// volume, replays the metadata log into them and checkpoints them, then starts the
+    /// log and the checkpointer.
+    pub fn open_with(
+        root: &Path,
+        fence: Arc<Fence>,
+        disk: Arc<dyn Disk>,
+        config: PartitionConfig,
+    ) -> Result<Partition, StorageError> {
         fence.check().map_err(io_error(root))?;
-        std::fs::create_dir_all(root).map_err(io_error(root))?;
+        disk.create_dir_all(root).map_err(io_error(root))?;
         let server_id = server_id_of(root)?;
-        let mut volumes = BTreeMap::new();
-        for entry in std::fs::read_dir(root).map_err(io_error(root))? {
-            let entry = entry.map_err(io_error(root))?;
-            let path = entry.path();
-            let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
-                continue;
-            };
+        let log_dir = root.join(LOG_DIR);
+        let recovery = MetadataLog::recover(disk.as_ref(), &log_dir)?;
+        let mut found = BTreeMap::new();
+        for name in disk.list(root).map_err(io_error(root))? {
+            let path = root.join(&name);
             let Some(rest) = name.strip_prefix(VOLUME_PREFIX) else {
                 continue;
             };
             if rest.ends_with(CREATING_SUFFIX) || rest.ends_with(REMOVING_SUFFIX) {
                 info!(path = %path.display(), "removing leftover of an interrupted volume operation");
-                std::fs::remove_dir_all(&path).map_err(io_error(&path))?;
+                disk.remove_dir_all(&path).map_err(io_error(&path))?;
                 continue;
             }
             let Ok(id) = rest.parse::<u64>() else {
                 warn!(path = %path.display(), "ignoring a directory that is not a volume");
                 continue;
             };
-            let volume = Volume::open(&path, VolumeId(id), fence.clone())?;
-            volumes.insert(VolumeId(id), Arc::new(volume));
+            found.insert(
+                VolumeId(id),
+                (path.clone(), Tables::open(disk.as_ref(), &path)?),
+            );
         }
+        let tables: BTreeMap<VolumeId, &Tables> = found
+            .iter()
+            .map(|(id, (_, tables))| (*id, tables))
+            .collect();
+        let replayed = checkpoint::replay(&tables, &recovery, &log_dir)?;
+        let floor = replayed.values().copied().max().unwrap_or_default();
+        let log = Arc::new(MetadataLog::start(
+            disk.clone(),
+            &log_dir,
+            recovery,
+            floor,
+            config.log,
+            fence.clone(),
+        )?);
+        let mut volumes = BTreeMap::new();
+        for (id, (path, tables)) in found {
+            let checkpointed = replayed.get(&id).copied().unwrap_or_default();
+            let volume = Volume::open(&path, id, tables, fence.clone(), log.clone(), checkpointed)?;
+            volumes.insert(id, Arc::new(volume));
+        }
+        // Every volume's tables hold everything logged before: no old segment is needed.
+        log.release_below(log.next_lsn())?;
         info!(partition = %root.display(), server = %server_id, volumes = volumes.len(), "partition opened");
+        let volumes = Arc::new(RwLock::new(volumes));
+        let checkpointer = match config.checkpoint_period {
+            Some(period) => Some(Checkpointer::start(period, volumes.clone(), log.clone())?),
+            None => None,
+        };
         Ok(Partition {
             root: root.to_owned(),
             fence,
+            disk,
             server_id,
-            volumes: RwLock::new(volumes),
+            volumes,
+            log,
+            checkpointer,
         })
     }
 
@@ -83,6 +165,17 @@ impl Partition {
 
     pub fn volumes(&self) -> Vec<Arc<Volume>> {
         self.volumes.read().values().cloned().collect()
+    }
+
+    /// What the metadata log's flusher did so far: fsync latency, records per flush.
+    pub fn log_figures(&self) -> LogFigures {
+        self.log.stats()
+    }
+
+    /// Makes every volume's applied changes durable in its tables and lets go of the
+    /// log segments no volume needs any more. Blocking.
+    pub fn checkpoint(&self) -> Result<(), StorageError> {
+        checkpoint::checkpoint_all(&self.volumes, &self.log)
     }
 
     /// Creates an empty volume. Blocking: call from a blocking thread.
@@ -105,20 +198,45 @@ impl Partition {
         let building = self
             .root
             .join(format!("{VOLUME_PREFIX}{id}{CREATING_SUFFIX}"));
-        if building.exists() {
-            std::fs::remove_dir_all(&building).map_err(io_error(&building))?;
+        let disk = self.disk.as_ref();
+        if disk
+            .list(&self.root)
+            .map_err(io_error(&self.root))?
+            .iter()
+            .any(|n| building.file_name().is_some_and(|b| b == n.as_str()))
+        {
+            disk.remove_dir_all(&building)
+                .map_err(io_error(&building))?;
         }
-        std::fs::create_dir_all(&building).map_err(io_error(&building))?;
-        drop(Volume::initialize(
+        disk.create_dir_all(&building)
+            .map_err(io_error(&building))?;
+        // Every record queued so far is older than the new volume, and durable before
+        // the volume's tables say they include it.
+        let applied = Lsn(self.log.next_lsn().0 - 1);
+        self.log.wait_durable(applied)?;
+        Volume::initialize(
+            disk,
             &building,
             id,
             name.clone(),
             quota_bytes,
+            &self.fence,
+            applied,
+        )?;
+        // The database's and the data directory's names, before the volume's.
+        disk.sync_dir(&building).map_err(io_error(&building))?;
+        disk.rename(&building, &final_dir)
+            .map_err(io_error(&final_dir))?;
+        disk.sync_dir(&self.root).map_err(io_error(&self.root))?;
+        let tables = Tables::open(disk, &final_dir)?;
+        let volume = Arc::new(Volume::open(
+            &final_dir,
+            id,
+            tables,
             self.fence.clone(),
+            self.log.clone(),
+            applied,
         )?);
-        std::fs::rename(&building, &final_dir).map_err(io_error(&final_dir))?;
-        sync_dir(&self.root)?;
-        let volume = Arc::new(Volume::open(&final_dir, id, self.fence.clone())?);
         let info = volume.info()?;
         let mut volumes = self.volumes.write();
         if volumes.contains_key(&id) {
@@ -143,9 +261,13 @@ impl Partition {
         let removing = self
             .root
             .join(format!("{VOLUME_PREFIX}{id}{REMOVING_SUFFIX}"));
-        std::fs::rename(&dir, &removing).map_err(io_error(&dir))?;
-        sync_dir(&self.root)?;
-        std::fs::remove_dir_all(&removing).map_err(io_error(&removing))?;
+        self.disk.rename(&dir, &removing).map_err(io_error(&dir))?;
+        self.disk
+            .sync_dir(&self.root)
+            .map_err(io_error(&self.root))?;
+        self.disk
+            .remove_dir_all(&removing)
+            .map_err(io_error(&removing))?;
         info!(volume = %id, "volume removed");
         Ok(())
     }
@@ -171,6 +293,65 @@ impl Partition {
 
     fn volume_dir(&self, id: VolumeId) -> PathBuf {
         self.root.join(format!("{VOLUME_PREFIX}{id}"))
+    }
+}
+
+impl Drop for Partition {
+    /// A clean close: the checkpointer stops, and a last checkpoint leaves nothing for
+    /// the next open to replay (skipped behind a closed fence, which would refuse it).
+    /// The log stops with the last volume handle (a request may still hold one).
+    fn drop(&mut self) {
+        if let Some(checkpointer) = self.checkpointer.take() {
+            checkpointer.stop();
+        }
+        if self.fence.is_open()
+            && let Err(e) = self.checkpoint()
+        {
+            warn!(error = %e, "the checkpoint at close failed: the next open replays the log");
+        }
+    }
+}
+
+impl Checkpointer {
+    fn start(
+        period: Duration,
+        volumes: Arc<VolumeMap>,
+        log: Arc<MetadataLog>,
+    ) -> Result<Checkpointer, StorageError> {
+        let stop = Arc::new((Mutex::new(false), Condvar::new()));
+        let signal = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("checkpointer".into())
+            .spawn(move || {
+                let (stopped, wake) = &*signal;
+                let mut stopped = stopped.lock();
+                while !*stopped {
+                    wake.wait_for(&mut stopped, period);
+                    if *stopped {
+                        break;
+                    }
+                    drop(stopped);
+                    if let Err(e) = checkpoint::checkpoint_all(&volumes, &log) {
+                        if e.is_fenced() {
+                            debug!(error = %e, "checkpoint skipped behind the fence");
+                        } else {
+                            warn!(error = %e, "checkpoint failed; the metadata log keeps the changes");
+                        }
+                    }
+                    stopped = signal.0.lock();
+                }
+            })
+            .map_err(|e| StorageError::Io {
+                path: PathBuf::from("checkpointer thread"),
+                source: e,
+            })?;
+        Ok(Checkpointer { stop, thread })
+    }
+
+    fn stop(self) {
+        *self.stop.0.lock() = true;
+        self.stop.1.notify_all();
+        let _ = self.thread.join();
     }
 }
 

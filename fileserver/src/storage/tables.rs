@@ -4,17 +4,18 @@
 
 use std::ops::Bound;
 use std::path::Path;
-use std::sync::Arc;
 
 use proto::{AccessList, ErrorCode, Fid, FileKind, Response, VnodeId, VolumeId};
 use redb::{Database, ReadableTable, TableDefinition, WriteTransaction};
 
+use super::disk::Disk;
+use super::metadata_log::Lsn;
 use super::outcomes::{SEQ_WINDOW, SequenceKey};
 use super::records::{
     AclRecord, HEADER_FORMAT, OUTCOME_FORMAT, OutcomeRecord, VnodeRecord, VolumeHeader,
 };
+use super::redo::Change;
 use super::{StorageError, io_error};
-use crate::fence::{Fence, FencedFile};
 
 /// `HEADER_KEY` -> encoded `VolumeHeader`.
 const HEADER: TableDefinition<&str, &[u8]> = TableDefinition::new("volume");
@@ -32,26 +33,23 @@ const OUTCOMES: TableDefinition<(u128, u64, u64), &[u8]> = TableDefinition::new(
 /// Directory vnode -> encoded `AclRecord`; a directory without a row has the list of a
 /// new volume's root (`AccessList::for_new_volume`).
 const ACLS: TableDefinition<u64, &[u8]> = TableDefinition::new("acls");
+/// `APPLIED_KEY` -> the number of the last metadata log record the tables include;
+/// made durable with them by each checkpoint.
+const LOG: TableDefinition<&str, u64> = TableDefinition::new("log");
 const HEADER_KEY: &str = "header";
+const APPLIED_KEY: &str = "applied";
 
-/// A directory entry's value: (vnode, uniquifier, kind code).
-pub(super) type EntryValue = (u64, u32, u8);
+pub(super) use super::redo::EntryValue;
 
-/// Opens (or with `create`, creates) a volume's redb file on the fenced backend.
+/// Opens (or with `create`, creates) a volume's redb file on `disk`.
 pub(super) fn open_database(
+    disk: &dyn Disk,
     path: &Path,
     create: bool,
-    fence: &Arc<Fence>,
 ) -> Result<Database, StorageError> {
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(create)
-        .truncate(false)
-        .open(path)
-        .map_err(io_error(path))?;
+    let backend = disk.database(path, create).map_err(io_error(path))?;
     redb::Builder::new()
-        .create_with_backend(FencedFile::new(file, fence.clone()))
+        .create_with_backend(backend)
         .map_err(db_error(path))
 }
 
@@ -63,15 +61,18 @@ pub(super) fn create_tables(db: &Database, path: &Path) -> Result<(), StorageErr
     txn.open_table(ENTRIES).map_err(db_error(path))?;
     txn.open_table(FILE_DATA).map_err(db_error(path))?;
     txn.open_table(ACLS).map_err(db_error(path))?;
+    txn.open_table(LOG).map_err(db_error(path))?;
     txn.commit().map_err(db_error(path))
 }
 
 /// Makes the tables an older volume lacks: volumes of record format 1 predate inline
-/// data and its table, volumes before access lists their table.
+/// data and its table, volumes before access lists their table, volumes before the
+/// metadata log the log's.
 pub(super) fn add_missing_tables(db: &Database, path: &Path) -> Result<(), StorageError> {
     let txn = db.begin_write().map_err(db_error(path))?;
     txn.open_table(FILE_DATA).map_err(db_error(path))?;
     txn.open_table(ACLS).map_err(db_error(path))?;
+    txn.open_table(LOG).map_err(db_error(path))?;
     txn.commit().map_err(db_error(path))
 }
 
@@ -293,103 +294,127 @@ impl<'a> Writer<'a> {
         }
     }
 
-    pub(super) fn put_header(&self, header: &VolumeHeader) -> Result<(), StorageError> {
+    /// Applies one batch's changes in order, opening each table once: the only way
+    /// anything is written to a volume's tables, live and in replay alike.
+    pub(super) fn apply(&self, changes: &[Change]) -> Result<(), StorageError> {
         let path = self.path;
-        let bytes = postcard::to_allocvec(header)
-            .map_err(|e| self.corrupt(format!("encode header: {e}")))?;
-        let mut table = self.txn.open_table(HEADER).map_err(db_error(path))?;
-        table
-            .insert(HEADER_KEY, bytes.as_slice())
-            .map_err(db_error(path))?;
-        Ok(())
-    }
-
-    /// Writes each vnode to its new record, or removes it for `None`.
-    pub(super) fn put_vnodes(
-        &self,
-        vnodes: impl IntoIterator<Item = (u64, Option<VnodeRecord>)>,
-    ) -> Result<(), StorageError> {
-        let path = self.path;
-        let mut table = self.txn.open_table(VNODES).map_err(db_error(path))?;
-        for (vnode, record) in vnodes {
-            match record {
-                Some(record) => {
-                    let bytes = postcard::to_allocvec(&record)
-                        .map_err(|e| self.corrupt(format!("encode vnode {vnode}: {e}")))?;
+        let mut header = None;
+        let mut vnodes = None;
+        let mut entries = None;
+        let mut file_data = None;
+        let mut acls = None;
+        let mut outcomes = None;
+        for change in changes {
+            match change {
+                Change::Header(bytes) => {
+                    let table = match &mut header {
+                        Some(table) => table,
+                        None => header.insert(self.txn.open_table(HEADER).map_err(db_error(path))?),
+                    };
                     table
-                        .insert(vnode, bytes.as_slice())
+                        .insert(HEADER_KEY, bytes.as_slice())
                         .map_err(db_error(path))?;
                 }
-                None => {
-                    table.remove(vnode).map_err(db_error(path))?;
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Applies directory entry changes in order: `Some` inserts, `None` removes.
-    pub(super) fn put_entries(
-        &self,
-        entries: impl IntoIterator<Item = ((u64, String), Option<EntryValue>)>,
-    ) -> Result<(), StorageError> {
-        let path = self.path;
-        let mut table = self.txn.open_table(ENTRIES).map_err(db_error(path))?;
-        for ((dir, name), value) in entries {
-            match value {
-                Some(value) => {
-                    table
-                        .insert((dir, name.as_str()), value)
-                        .map_err(db_error(path))?;
-                }
-                None => {
-                    table.remove((dir, name.as_str())).map_err(db_error(path))?;
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Writes inline file data in order; empty content removes the row.
-    pub(super) fn put_file_data(
-        &self,
-        file_data: impl IntoIterator<Item = (u64, Vec<u8>)>,
-    ) -> Result<(), StorageError> {
-        let path = self.path;
-        let mut table = self.txn.open_table(FILE_DATA).map_err(db_error(path))?;
-        for (vnode, content) in file_data {
-            if content.is_empty() {
-                table.remove(vnode).map_err(db_error(path))?;
-            } else {
-                table
-                    .insert(vnode, content.as_slice())
+                Change::Vnode { vnode, record } => {
+                    let table = match &mut vnodes {
+                        Some(table) => table,
+                        None => vnodes.insert(self.txn.open_table(VNODES).map_err(db_error(path))?),
+                    };
+                    match record {
+                        Some(bytes) => table.insert(vnode, bytes.as_slice()),
+                        None => table.remove(vnode),
+                    }
                     .map_err(db_error(path))?;
+                }
+                Change::Entry { dir, name, value } => {
+                    let table = match &mut entries {
+                        Some(table) => table,
+                        None => {
+                            entries.insert(self.txn.open_table(ENTRIES).map_err(db_error(path))?)
+                        }
+                    };
+                    match value {
+                        Some(value) => table.insert((*dir, name.as_str()), value).map(drop),
+                        None => table.remove((*dir, name.as_str())).map(drop),
+                    }
+                    .map_err(db_error(path))?;
+                }
+                Change::FileData { vnode, content } => {
+                    let table = match &mut file_data {
+                        Some(table) => table,
+                        None => file_data
+                            .insert(self.txn.open_table(FILE_DATA).map_err(db_error(path))?),
+                    };
+                    if content.is_empty() {
+                        table.remove(vnode).map(drop)
+                    } else {
+                        table.insert(vnode, content.as_slice()).map(drop)
+                    }
+                    .map_err(db_error(path))?;
+                }
+                Change::Acl { dir, record } => {
+                    let table = match &mut acls {
+                        Some(table) => table,
+                        None => acls.insert(self.txn.open_table(ACLS).map_err(db_error(path))?),
+                    };
+                    match record {
+                        Some(bytes) => table.insert(dir, bytes.as_slice()),
+                        None => table.remove(dir),
+                    }
+                    .map_err(db_error(path))?;
+                }
+                Change::Outcome {
+                    client,
+                    instance,
+                    seq,
+                    record,
+                } => {
+                    let table = match &mut outcomes {
+                        Some(table) => table,
+                        None => {
+                            outcomes.insert(self.txn.open_table(OUTCOMES).map_err(db_error(path))?)
+                        }
+                    };
+                    let (client, instance) = (*client, *instance);
+                    table
+                        .insert((client, instance, *seq), record.as_slice())
+                        .map_err(db_error(path))?;
+                    // The client's older records go: those of every other instance, and
+                    // this instance's below `seq - SEQ_WINDOW` (older instances sort
+                    // before this one, and so do this instance's old seqs).
+                    let oldest_kept = seq.saturating_sub(SEQ_WINDOW);
+                    table
+                        .retain_in((client, 0, 0)..(client, instance, oldest_kept), |_, _| {
+                            false
+                        })
+                        .map_err(db_error(path))?;
+                    if let Some(next) = instance.checked_add(1) {
+                        table
+                            .retain_in((client, next, 0)..=(client, u64::MAX, u64::MAX), |_, _| {
+                                false
+                            })
+                            .map_err(db_error(path))?;
+                    }
+                }
             }
         }
         Ok(())
     }
 
-    /// Writes access lists in order; `None` removes the row.
-    pub(super) fn put_acls(
-        &self,
-        acls: impl IntoIterator<Item = (u64, Option<AccessList>)>,
-    ) -> Result<(), StorageError> {
+    /// The number of the last metadata log record applied to the tables (0: none).
+    pub(super) fn applied(&self) -> Result<Lsn, StorageError> {
         let path = self.path;
-        let mut table = self.txn.open_table(ACLS).map_err(db_error(path))?;
-        for (dir, acl) in acls {
-            match acl {
-                Some(acl) => {
-                    let bytes = AclRecord::encode(&acl)
-                        .map_err(|e| self.corrupt(format!("encode access list {dir}: {e}")))?;
-                    table
-                        .insert(dir, bytes.as_slice())
-                        .map_err(db_error(path))?;
-                }
-                None => {
-                    table.remove(dir).map_err(db_error(path))?;
-                }
-            }
-        }
+        let table = self.txn.open_table(LOG).map_err(db_error(path))?;
+        let applied = table.get(APPLIED_KEY).map_err(db_error(path))?;
+        Ok(Lsn(applied.map_or(0, |v| v.value())))
+    }
+
+    /// Records that the tables include every change up to record `lsn`, in the
+    /// transaction that applies it.
+    pub(super) fn set_applied(&self, lsn: Lsn) -> Result<(), StorageError> {
+        let path = self.path;
+        let mut table = self.txn.open_table(LOG).map_err(db_error(path))?;
+        table.insert(APPLIED_KEY, lsn.0).map_err(db_error(path))?;
         Ok(())
     }
 
@@ -410,46 +435,41 @@ impl<'a> Writer<'a> {
         }
         Ok(Some(record.answer))
     }
-
-    /// Records `answer` under `key` and prunes the client's older records: those of
-    /// every other instance, and those of this instance below `seq - SEQ_WINDOW`.
-    pub(super) fn record_outcome(
-        &self,
-        key: &SequenceKey,
-        answer: Result<Response, ErrorCode>,
-    ) -> Result<(), StorageError> {
-        let path = self.path;
-        let bytes = postcard::to_allocvec(&OutcomeRecord {
-            format: OUTCOME_FORMAT,
-            answer,
-        })
-        .map_err(|e| self.corrupt(format!("encode outcome: {e}")))?;
-        let mut table = self.txn.open_table(OUTCOMES).map_err(db_error(path))?;
-        table
-            .insert(outcome_key(key), bytes.as_slice())
-            .map_err(db_error(path))?;
-        let client = key.client.0.as_u128();
-        let instance = key.instance.0;
-        // Older instances sort before this one, and so do this instance's old seqs.
-        let oldest_kept = key.seq.saturating_sub(SEQ_WINDOW);
-        table
-            .retain_in((client, 0, 0)..(client, instance, oldest_kept), |_, _| {
-                false
-            })
-            .map_err(db_error(path))?;
-        if let Some(next) = instance.checked_add(1) {
-            table
-                .retain_in((client, next, 0)..=(client, u64::MAX, u64::MAX), |_, _| {
-                    false
-                })
-                .map_err(db_error(path))?;
-        }
-        Ok(())
-    }
 }
 
 fn outcome_key(key: &SequenceKey) -> (u128, u64, u64) {
     (key.client.0.as_u128(), key.instance.0, key.seq)
+}
+
+/// Every row of every table of `db`, one line each, for tests that compare tables.
+#[cfg(test)]
+pub(super) fn dump(db: &Database) -> Vec<String> {
+    use redb::ReadableDatabase;
+    let txn = db.begin_read().unwrap();
+    let mut rows = Vec::new();
+    macro_rules! rows_of {
+        ($table:expr) => {
+            if let Ok(table) = txn.open_table($table) {
+                for row in table.iter().unwrap() {
+                    let (key, value) = row.unwrap();
+                    rows.push(format!(
+                        "{} {:?} = {:?}",
+                        $table,
+                        key.value(),
+                        value.value()
+                    ));
+                }
+            }
+        };
+    }
+    rows_of!(HEADER);
+    rows_of!(VNODES);
+    rows_of!(ENTRIES);
+    rows_of!(FILE_DATA);
+    rows_of!(OUTCOMES);
+    rows_of!(ACLS);
+    rows_of!(LOG);
+    rows
 }
 
 #[cfg(test)]

@@ -1,7 +1,10 @@
-//! One request's part of a batch's write transaction: the records it reads and changes.
+//! One request's part of a batch's write transaction: the records it reads and changes,
+//! and the physical writes they become, kept for the batch's metadata log record.
 //! Invariant: a request's changes reach the tables only through `flush`, once it
-//! succeeded, so a failed one leaves nothing behind but a sequenced refusal's record.
+//! succeeded, so a failed one leaves nothing behind but a sequenced refusal's record;
+//! every write to the tables is also added, in order, to the batch's `Change`s.
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -10,7 +13,10 @@ use redb::WriteTransaction;
 
 use super::StorageError;
 use super::outcomes::SequenceKey;
-use super::records::{VnodeRecord, VolumeHeader, kind_code};
+use super::records::{
+    AclRecord, OUTCOME_FORMAT, OutcomeRecord, VnodeRecord, VolumeHeader, kind_code,
+};
+use super::redo::Change;
 use super::tables::{EntryValue, Reader, Writer};
 
 /// A write transaction in progress: records read and changed are kept here and written
@@ -30,10 +36,17 @@ pub(super) struct Tx<'a> {
     dead_files: Vec<VnodeId>,
     /// Access lists to write in order; `None` removes the row.
     acls: Vec<(u64, Option<AccessList>)>,
+    /// The batch's writes so far, which its metadata log record carries.
+    redo: &'a RefCell<Vec<Change>>,
 }
 
 impl<'a> Tx<'a> {
-    pub(super) fn new(txn: &'a WriteTransaction, path: &'a Path, volume: VolumeId) -> Tx<'a> {
+    pub(super) fn new(
+        txn: &'a WriteTransaction,
+        path: &'a Path,
+        volume: VolumeId,
+        redo: &'a RefCell<Vec<Change>>,
+    ) -> Tx<'a> {
         Tx {
             reader: Reader::new(txn, path, volume),
             writer: Writer::new(txn, path),
@@ -44,6 +57,7 @@ impl<'a> Tx<'a> {
             file_data: Vec::new(),
             dead_files: Vec::new(),
             acls: Vec::new(),
+            redo,
         }
     }
 
@@ -180,7 +194,20 @@ impl<'a> Tx<'a> {
         key: &SequenceKey,
         answer: Result<Response, ErrorCode>,
     ) -> Result<(), StorageError> {
-        self.writer.record_outcome(key, answer)
+        let record = postcard::to_allocvec(&OutcomeRecord {
+            format: OUTCOME_FORMAT,
+            answer,
+        })
+        .map_err(|e| self.corrupt(format!("encode outcome: {e}")))?;
+        let change = Change::Outcome {
+            client: key.client.0.as_u128(),
+            instance: key.instance.0,
+            seq: key.seq,
+            record,
+        };
+        self.writer.apply(std::slice::from_ref(&change))?;
+        self.redo.borrow_mut().push(change);
+        Ok(())
     }
 
     /// Writes the changes into the transaction; returns the data files to remove after
@@ -191,7 +218,7 @@ impl<'a> Tx<'a> {
             return Err(self.corrupt("injected failure of the batch".into()));
         }
         let Tx {
-            reader: _,
+            reader,
             writer,
             header,
             header_dirty,
@@ -200,27 +227,46 @@ impl<'a> Tx<'a> {
             file_data,
             dead_files,
             acls,
+            redo,
         } = self;
+        let encode =
+            |what: &str, e: &dyn std::fmt::Display| reader.corrupt(format!("encode {what}: {e}"));
+        let mut changes = Vec::new();
         if header_dirty && let Some(header) = header {
-            writer.put_header(&header)?;
+            let bytes = postcard::to_allocvec(&header).map_err(|e| encode("header", &e))?;
+            changes.push(Change::Header(bytes));
         }
-        if cache.values().any(|(before, after)| before != after) {
-            writer.put_vnodes(
-                cache
-                    .into_iter()
-                    .filter(|(_, (before, after))| before != after)
-                    .map(|(vnode, (_, after))| (vnode, after)),
-            )?;
+        for (vnode, (before, after)) in cache {
+            if before == after {
+                continue;
+            }
+            let record = match after {
+                Some(record) => Some(
+                    postcard::to_allocvec(&record)
+                        .map_err(|e| encode(&format!("vnode {vnode}"), &e))?,
+                ),
+                None => None,
+            };
+            changes.push(Change::Vnode { vnode, record });
         }
-        if !entries.is_empty() {
-            writer.put_entries(entries)?;
+        for ((dir, name), value) in entries {
+            changes.push(Change::Entry { dir, name, value });
         }
-        if !file_data.is_empty() {
-            writer.put_file_data(file_data)?;
+        for (vnode, content) in file_data {
+            changes.push(Change::FileData { vnode, content });
         }
-        if !acls.is_empty() {
-            writer.put_acls(acls)?;
+        for (dir, acl) in acls {
+            let record = match acl {
+                Some(acl) => Some(
+                    AclRecord::encode(&acl)
+                        .map_err(|e| encode(&format!("access list {dir}"), &e))?,
+                ),
+                None => None,
+            };
+            changes.push(Change::Acl { dir, record });
         }
+        writer.apply(&changes)?;
+        redo.borrow_mut().extend(changes);
         Ok(dead_files)
     }
 }

@@ -1,27 +1,36 @@
 //! One volume: its database and data files, and the way each change reaches the disk.
-//! Invariant: a request's metadata change commits in one durable redb transaction, shared
-//! with the rest of its group commit, before any answer of that batch, refusals included.
+//! Invariant: a batch's changes are applied to `meta.redb` (and so seen by any reader)
+//! only once the metadata log record holding them is durable, and every answer of the
+//! batch, refusals included, waits for that; a checkpoint makes them durable in redb.
 
+use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::mpsc::sync_channel;
 
+use parking_lot::Mutex;
 use proto::{
     Fid, FileKind, Timestamp, VnodeId, VnodeStatus, VolumeId, VolumeInfo, VolumeName, VolumeType,
 };
-use redb::{Database, Durability, ReadableDatabase};
+use redb::{Database, Durability, ReadableDatabase, WriteTransaction};
 
 use crate::fence::Fence;
 
 use super::StorageError;
 use super::data_files::DataFiles;
+use super::disk::Disk;
 use super::group_commit::GroupCommit;
 use super::io_error;
+use super::metadata_log::{Lsn, MetadataLog};
 use super::outcomes::{Answer, Outcome, SequenceKey};
 use super::records::{HEADER_FORMAT, VnodeRecord, VolumeHeader};
-use super::tables::{self, Reader, db_error};
+use super::redo::Redo;
+use super::tables::{self, Reader, Writer, db_error};
 use super::transaction::Tx;
 use super::vnode_lock::VnodeLocks;
+
+const DATABASE_FILE: &str = "meta.redb";
+const DATA_DIR: &str = "data";
 
 /// An open volume.
 pub struct Volume {
@@ -32,6 +41,17 @@ pub struct Volume {
     pub(super) locks: VnodeLocks,
     pub(super) files: DataFiles,
     committer: GroupCommit<WriteJob>,
+    log: Arc<MetadataLog>,
+    position: Mutex<Position>,
+}
+
+/// Where the volume stands in the metadata log.
+#[derive(Clone, Copy, Debug)]
+struct Position {
+    /// The last record of this volume queued in the log.
+    appended: Lsn,
+    /// The last record the durable state of `meta.redb` includes.
+    checkpointed: Lsn,
 }
 
 /// One request's change, run by whichever thread leads the batch holding it.
@@ -50,22 +70,51 @@ impl std::fmt::Debug for Volume {
     }
 }
 
+/// A volume's database, opened before the metadata log is replayed into it.
+pub(super) struct Tables {
+    pub(super) db: Database,
+    pub(super) path: PathBuf,
+}
+
+impl Tables {
+    /// Opens the database of the volume directory `dir`, adding tables it lacks.
+    pub(super) fn open(disk: &dyn Disk, dir: &Path) -> Result<Tables, StorageError> {
+        let path = dir.join(DATABASE_FILE);
+        let db = tables::open_database(disk, &path, false)?;
+        tables::add_missing_tables(&db, &path)?;
+        Ok(Tables { db, path })
+    }
+}
+
+/// Commits `txn` durably: redb syncs it, with its allocator state so that opening
+/// after a crash is quick.
+pub(super) fn commit_durably(mut txn: WriteTransaction, path: &Path) -> Result<(), StorageError> {
+    txn.set_durability(Durability::Immediate)
+        .map_err(db_error(path))?;
+    txn.set_quick_repair(true);
+    txn.commit().map_err(db_error(path))
+}
+
 impl Volume {
-    /// Makes a new volume in the empty directory `dir`, with its root directory.
-    pub fn initialize(
+    /// Makes a new volume in the empty directory `dir`, with its root directory, durably
+    /// and outside the log: its tables include every record up to `applied`, so no
+    /// record of an earlier volume of the same id is ever replayed into them.
+    pub(super) fn initialize(
+        disk: &dyn Disk,
         dir: &Path,
         id: VolumeId,
         name: VolumeName,
         quota_bytes: u64,
-        fence: Arc<Fence>,
-    ) -> Result<Volume, StorageError> {
-        let data_dir = dir.join("data");
+        fence: &Fence,
+        applied: Lsn,
+    ) -> Result<(), StorageError> {
+        let data_dir = dir.join(DATA_DIR);
         fence.check().map_err(io_error(dir))?;
-        std::fs::create_dir_all(&data_dir).map_err(io_error(&data_dir))?;
-        let db_path = dir.join("meta.redb");
-        let db = tables::open_database(&db_path, true, &fence)?;
+        disk.create_dir_all(&data_dir)
+            .map_err(io_error(&data_dir))?;
+        let db_path = dir.join(DATABASE_FILE);
+        let db = tables::open_database(disk, &db_path, true)?;
         tables::create_tables(&db, &db_path)?;
-        let volume = Volume::with_db(id, db_path, data_dir, db, fence);
         let header = VolumeHeader {
             format: HEADER_FORMAT,
             id,
@@ -78,22 +127,40 @@ impl Volume {
             next_vnode: VnodeId::ROOT.0 + 1,
         };
         let root = VnodeRecord::new(FileKind::Directory, 0o755, 0, 0, VnodeId::ROOT);
-        volume.write(move |tx| {
-            tx.put_header(header);
-            tx.put(VnodeId::ROOT, root);
-            tx.put_acl(VnodeId::ROOT, Some(proto::AccessList::for_new_volume()));
-            Ok(())
-        })?;
-        Ok(volume)
+        let txn = db.begin_write().map_err(db_error(&db_path))?;
+        let redo = RefCell::new(Vec::new());
+        let mut tx = Tx::new(&txn, &db_path, id, &redo);
+        tx.put_header(header);
+        tx.put(VnodeId::ROOT, root);
+        tx.put_acl(VnodeId::ROOT, Some(proto::AccessList::for_new_volume()));
+        tx.flush()?;
+        Writer::new(&txn, &db_path).set_applied(applied)?;
+        commit_durably(txn, &db_path)
     }
 
-    /// Opens an existing volume directory, checking that it is the volume `id`.
-    pub fn open(dir: &Path, id: VolumeId, fence: Arc<Fence>) -> Result<Volume, StorageError> {
-        let data_dir = dir.join("data");
-        let db_path = dir.join("meta.redb");
-        let db = tables::open_database(&db_path, false, &fence)?;
-        tables::add_missing_tables(&db, &db_path)?;
-        let volume = Volume::with_db(id, db_path, data_dir, db, fence);
+    /// The volume `id` of directory `dir`, on its tables as recovered (their durable
+    /// state includes every record up to `checkpointed`).
+    pub(super) fn open(
+        dir: &Path,
+        id: VolumeId,
+        tables: Tables,
+        fence: Arc<Fence>,
+        log: Arc<MetadataLog>,
+        checkpointed: Lsn,
+    ) -> Result<Volume, StorageError> {
+        let volume = Volume {
+            id,
+            db_path: tables.path,
+            db: tables.db,
+            locks: VnodeLocks::new(),
+            files: DataFiles::new(dir.join(DATA_DIR), fence),
+            committer: GroupCommit::new(),
+            log,
+            position: Mutex::new(Position {
+                appended: checkpointed,
+                checkpointed,
+            }),
+        };
         let header = volume.header()?;
         if header.id != id {
             return Err(StorageError::Corrupt {
@@ -102,23 +169,6 @@ impl Volume {
             });
         }
         Ok(volume)
-    }
-
-    fn with_db(
-        id: VolumeId,
-        db_path: PathBuf,
-        data_dir: PathBuf,
-        db: Database,
-        fence: Arc<Fence>,
-    ) -> Volume {
-        Volume {
-            id,
-            db_path,
-            db,
-            locks: VnodeLocks::new(),
-            files: DataFiles::new(data_dir, fence),
-            committer: GroupCommit::new(),
-        }
     }
 
     pub fn id(&self) -> VolumeId {
@@ -154,11 +204,12 @@ impl Volume {
         op(&Reader::new(&txn, &self.db_path, self.id))
     }
 
-    /// Runs `op` in a durable write transaction and returns once it is committed. `op`
-    /// runs on whichever thread leads the group commit, in one transaction with the
-    /// other requests queued meanwhile, after theirs and seeing their changes; a refused
-    /// `op` changes nothing. Every answer of a batch waits for its commit, refusals too,
-    /// so no one is told of a change that a crash could still undo.
+    /// Runs `op` in a write transaction and returns once its change is durable in the
+    /// metadata log and applied. `op` runs on whichever thread leads the group commit,
+    /// in one transaction with the other requests queued meanwhile, after theirs and
+    /// seeing their changes; a refused `op` changes nothing. Every answer of a batch
+    /// waits for its log record, refusals too, so no one is told of a change that a
+    /// crash could still undo.
     pub(super) fn write<T: Send + 'static>(
         &self,
         op: impl FnOnce(&mut Tx<'_>) -> Result<T, StorageError> + Send + 'static,
@@ -218,25 +269,48 @@ impl Volume {
         }
     }
 
-    /// Applies `jobs` in order in one write transaction, commits it durably, removes the
-    /// data files it freed (a crash before that leaves an orphan file, never lost data)
-    /// and answers every job.
+    /// Applies `jobs` in order in one write transaction, appends its writes to the
+    /// metadata log as one record, waits for that record to be durable, commits the
+    /// transaction without a sync of its own (the log holds the change; a checkpoint
+    /// makes it durable in redb), removes the data files it freed (a crash before that
+    /// leaves an orphan file, never lost data) and answers every job.
     fn run_batch(&self, jobs: Vec<WriteJob>) {
         let mut answers = Vec::with_capacity(jobs.len());
         let mut dead_files = Vec::new();
+        let redo = RefCell::new(Vec::new());
         let committed = (|| {
             let mut txn = self.db.begin_write().map_err(db_error(&self.db_path))?;
-            txn.set_durability(Durability::Immediate)
+            txn.set_durability(Durability::None)
                 .map_err(db_error(&self.db_path))?;
             for job in jobs {
-                let mut tx = Tx::new(&txn, &self.db_path, self.id);
+                let mut tx = Tx::new(&txn, &self.db_path, self.id, &redo);
                 let applied = job(&mut tx);
                 answers.push(applied.answer);
                 if applied.changed {
                     dead_files.extend(tx.flush()?);
                 }
             }
-            txn.commit().map_err(db_error(&self.db_path))
+            let changes = redo.take();
+            if changes.is_empty() {
+                // Nothing was written: the jobs only read, after earlier batches that
+                // are durable already.
+                return txn.abort().map_err(db_error(&self.db_path));
+            }
+            let record = Redo::new(self.id, changes)
+                .encode()
+                .map_err(|detail| self.corrupt(detail))?;
+            let lsn = self.append(record)?;
+            Writer::new(&txn, &self.db_path).set_applied(lsn)?;
+            self.log.wait_durable(lsn).map_err(|e| self.log_failed(e))?;
+            txn.commit().map_err(|e| {
+                // The log holds a change the tables lack: later batches would be
+                // computed without it, so nothing more may be logged until a restart
+                // replays it.
+                let e = db_error(&self.db_path)(e);
+                self.log
+                    .poison(format!("applying record {lsn} failed: {e}"));
+                e
+            })
         })();
         let committed = match committed {
             Ok(()) => {
@@ -258,10 +332,62 @@ impl Volume {
             );
         }
     }
+
+    /// Queues a record of this volume in the log, noting it in the volume's position
+    /// in the same step, so that a checkpoint that looks at the position after reading
+    /// the log's next number never misses it.
+    fn append(&self, record: Vec<u8>) -> Result<Lsn, StorageError> {
+        let mut position = self.position.lock();
+        let lsn = self.log.append(record).map_err(|e| self.log_failed(e))?;
+        position.appended = lsn;
+        Ok(lsn)
+    }
+
+    fn log_failed(&self, e: super::metadata_log::LogError) -> StorageError {
+        StorageError::BatchFailed {
+            path: self.db_path.clone(),
+            detail: e.to_string(),
+        }
+    }
+
+    fn corrupt(&self, detail: String) -> StorageError {
+        StorageError::Corrupt {
+            path: self.db_path.clone(),
+            detail,
+        }
+    }
+
+    /// Makes every change applied so far durable in `meta.redb`, with the number of the
+    /// last record it includes, in one synced commit. Waits for a batch in progress.
+    pub(super) fn checkpoint(&self) -> Result<(), StorageError> {
+        let txn = self.db.begin_write().map_err(db_error(&self.db_path))?;
+        let applied = Writer::new(&txn, &self.db_path).applied()?;
+        if applied <= self.position.lock().checkpointed {
+            txn.abort().map_err(db_error(&self.db_path))?;
+            return Ok(());
+        }
+        Writer::new(&txn, &self.db_path).set_applied(applied)?;
+        commit_durably(txn, &self.db_path)?;
+        let mut position = self.position.lock();
+        position.checkpointed = position.checkpointed.max(applied);
+        Ok(())
+    }
+
+    /// The first log record this volume may still need after a crash: `None` when its
+    /// durable tables include everything it queued.
+    pub(super) fn needed_from(&self) -> Option<Lsn> {
+        let position = self.position.lock();
+        (position.appended > position.checkpointed).then(|| position.checkpointed.next())
+    }
 }
 
 #[cfg(test)]
 impl Volume {
+    /// Every row of the volume's tables, for tests that compare them.
+    pub(super) fn dump(&self) -> Vec<String> {
+        tables::dump(&self.db)
+    }
+
     /// How many sequenced outcomes the volume records.
     pub(super) fn outcome_count(&self) -> u64 {
         self.db

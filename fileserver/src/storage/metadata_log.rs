@@ -1,0 +1,820 @@
+//! The partition's metadata log: every storage batch of every volume as a numbered record
+//! in preallocated segments under `PARTITION/log/`, made durable by one flusher that
+//! writes and syncs whatever is queued at once (group commit across volumes and threads).
+//! Invariant: records are numbered gap-free in the order they are queued, and one is
+//! reported durable only after a sync covering it succeeded; a failure poisons the log.
+
+mod segment;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::Instant;
+
+use parking_lot::{Condvar, Mutex};
+use thiserror::Error;
+use tracing::{debug, error, info, warn};
+
+use super::disk::{Disk, DiskFile};
+use crate::fence::Fence;
+
+pub use segment::{BLOCK_BYTES, RECORD_BYTES_MAX};
+use segment::{ScanEnd, SegmentHeader, align_up, encode_frame, frame_bytes, scan_segment};
+
+/// The log's directory under the partition.
+pub const LOG_DIR: &str = "log";
+const SEGMENT_PREFIX: &str = "segment-";
+const SEGMENT_SUFFIX: &str = ".log";
+const SPARE_PREFIX: &str = "spare-";
+/// A segment being made: its name only once its header is durable.
+const NEW_SEGMENT: &str = "segment.tmp";
+/// Released segments kept for reuse: rewriting a file in place needs no allocation,
+/// so its syncs need no file-system journal commit.
+const SPARES_MAX: usize = 2;
+/// A new segment is zero-filled this far ahead of its frames: written blocks are
+/// overwritten in place, and only each extension changes the file's size.
+const PREPARE_BYTES: u64 = 512 << 10;
+pub const SEGMENT_BYTES_DEFAULT: u64 = 32 << 20;
+
+/// A metadata log record's number. Records are numbered from 1; `Lsn(0)` is the
+/// position before the first.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Lsn(pub u64);
+
+impl Lsn {
+    pub fn next(self) -> Lsn {
+        Lsn(self.0 + 1)
+    }
+}
+
+impl fmt::Display for Lsn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// Errors of the metadata log.
+#[derive(Debug, Error)]
+pub enum LogError {
+    #[error("metadata log: {op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Bytes no crash of ours explains: recovery stops rather than lose acknowledged
+    /// changes.
+    #[error("metadata log {path} is corrupt at byte {offset}: {detail}")]
+    Corrupt {
+        path: PathBuf,
+        offset: u64,
+        detail: String,
+    },
+    /// An earlier write or sync failed: after a failed fsync nothing written since the
+    /// last good one can be trusted, so the log takes no more records until reopened.
+    #[error("metadata log unusable after an earlier failure: {0}")]
+    Poisoned(String),
+    #[error("metadata log record of {len} bytes exceeds the limit of {max} bytes")]
+    RecordTooLarge { len: usize, max: usize },
+}
+
+fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> LogError + use<> {
+    let path = path.to_owned();
+    move |source| LogError::Io { op, path, source }
+}
+
+/// Settings of the log.
+#[derive(Clone, Copy, Debug)]
+pub struct LogConfig {
+    /// Bytes a segment may grow to; a flush that does not fit starts a new one.
+    pub segment_bytes: u64,
+}
+
+impl Default for LogConfig {
+    fn default() -> LogConfig {
+        LogConfig {
+            segment_bytes: SEGMENT_BYTES_DEFAULT,
+        }
+    }
+}
+
+/// Buckets of the fsync latency histogram: bucket `i` counts syncs under
+/// `16 << i` microseconds, the last one the slower rest.
+pub const FSYNC_BUCKETS: usize = 16;
+/// Buckets of the group size histogram: bucket `i` counts flushes of under `2 << i`
+/// records (1, 2-3, 4-7...), the last one the larger rest.
+pub const GROUP_BUCKETS: usize = 10;
+
+/// What the flusher did, for `vos counters`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LogFigures {
+    /// Flushes: frames written and synced.
+    pub flushes: u64,
+    /// Records made durable.
+    pub records: u64,
+    /// Bytes written in frames (padding included).
+    pub bytes: u64,
+    pub fsync_micros_total: u64,
+    pub fsync_micros_max: u64,
+    pub fsync_micros_buckets: [u64; FSYNC_BUCKETS],
+    pub group_records_max: u64,
+    pub group_records_buckets: [u64; GROUP_BUCKETS],
+    /// Segments started, and how many of them reused a released file.
+    pub segments_started: u64,
+    pub segments_reused: u64,
+    /// The last record made durable.
+    pub durable_lsn: u64,
+}
+
+impl LogFigures {
+    fn flushed(&mut self, records: u64, bytes: u64, micros: u64, last: Lsn) {
+        self.flushes += 1;
+        self.records += records;
+        self.bytes += bytes;
+        self.fsync_micros_total += micros;
+        self.fsync_micros_max = self.fsync_micros_max.max(micros);
+        let bucket = (0..FSYNC_BUCKETS - 1)
+            .find(|i| micros < 16 << i)
+            .unwrap_or(FSYNC_BUCKETS - 1);
+        self.fsync_micros_buckets[bucket] += 1;
+        self.group_records_max = self.group_records_max.max(records);
+        let bucket = (0..GROUP_BUCKETS - 1)
+            .find(|i| records < 2 << i)
+            .unwrap_or(GROUP_BUCKETS - 1);
+        self.group_records_buckets[bucket] += 1;
+        self.durable_lsn = last.0;
+    }
+}
+
+/// A segment whose frames are all durable.
+#[derive(Clone, Debug)]
+struct ClosedSegment {
+    path: PathBuf,
+    /// The last record it holds (`first - 1` when none).
+    last: Lsn,
+}
+
+/// What recovery found in the log's directory.
+#[derive(Debug)]
+pub struct Recovery {
+    /// Every record in the log, in order.
+    pub records: Vec<(Lsn, Vec<u8>)>,
+    /// The last record, or the position a segment without records starts after.
+    pub last: Lsn,
+    segments: Vec<ClosedSegment>,
+    spares: Vec<PathBuf>,
+}
+
+/// The segment the flusher writes.
+struct Active {
+    file: Arc<dyn DiskFile>,
+    path: PathBuf,
+    salt: u32,
+    capacity: u64,
+    /// Where the next frame goes.
+    offset: u64,
+    /// The file's length: the bytes written (zeros, or an earlier use's frames).
+    prepared: u64,
+}
+
+struct Queue {
+    /// The next number to hand out.
+    next: Lsn,
+    /// Records queued and not yet written, in order.
+    pending: Vec<(Lsn, Vec<u8>)>,
+    durable: Lsn,
+    poisoned: Option<String>,
+    shutdown: bool,
+    figures: LogFigures,
+    closed: Vec<ClosedSegment>,
+    spares: Vec<PathBuf>,
+    spare_next: u64,
+}
+
+struct Shared {
+    disk: Arc<dyn Disk>,
+    /// Closed for good when the log fails behind it: the server must stop.
+    fence: Arc<Fence>,
+    dir: PathBuf,
+    config: LogConfig,
+    queue: Mutex<Queue>,
+    /// Signalled when `durable` moves or the log is poisoned.
+    durable_changed: Condvar,
+    /// Signalled to the flusher when records are queued or on shutdown.
+    work: Condvar,
+    /// Serialises releases of old segments.
+    releasing: Mutex<()>,
+}
+
+/// The open log. Thread-safe: share it behind an `Arc`.
+pub struct MetadataLog {
+    shared: Arc<Shared>,
+    flusher: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl fmt::Debug for MetadataLog {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MetadataLog")
+            .field("dir", &self.shared.dir)
+            .finish()
+    }
+}
+
+/// The name of the segment whose first record is `first`, zero-padded to sort in order.
+fn segment_name(first: Lsn) -> String {
+    format!("{SEGMENT_PREFIX}{:020}{SEGMENT_SUFFIX}", first.0)
+}
+
+fn parse_segment_name(name: &str) -> Option<Lsn> {
+    let digits = name
+        .strip_prefix(SEGMENT_PREFIX)?
+        .strip_suffix(SEGMENT_SUFFIX)?;
+    (digits.len() == 20 && digits.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| digits.parse().ok().map(Lsn))
+        .flatten()
+}
+
+fn read_all(disk: &dyn Disk, path: &Path) -> Result<Vec<u8>, LogError> {
+    let file = disk.open(path, false).map_err(io("open", path))?;
+    let len = file.len().map_err(io("measure", path))?;
+    let mut bytes = vec![0; len as usize];
+    file.read_at(0, &mut bytes).map_err(io("read", path))?;
+    Ok(bytes)
+}
+
+impl MetadataLog {
+    /// Reads the log in `dir` (made if missing): every record, in order. A torn write
+    /// at the end of the last segment is left out (the next open starts a new segment
+    /// after it); any other damage is `Corrupt`. Changes nothing but leftovers of an
+    /// interrupted segment creation.
+    pub fn recover(disk: &dyn Disk, dir: &Path) -> Result<Recovery, LogError> {
+        disk.create_dir_all(dir).map_err(io("create", dir))?;
+        let mut segments = Vec::new();
+        let mut spares = Vec::new();
+        for name in disk.list(dir).map_err(io("list", dir))? {
+            let path = dir.join(&name);
+            if let Some(first) = parse_segment_name(&name) {
+                segments.push((first, path));
+            } else if name.starts_with(SPARE_PREFIX) && name.ends_with(SEGMENT_SUFFIX) {
+                spares.push(path);
+            } else if name == NEW_SEGMENT {
+                disk.remove_file(&path).map_err(io("remove", &path))?;
+            }
+        }
+        segments.sort();
+        spares.sort();
+        let mut records = Vec::new();
+        let mut closed = Vec::new();
+        let mut expected: Option<Lsn> = None;
+        let count = segments.len();
+        for (index, (first, path)) in segments.into_iter().enumerate() {
+            let bytes = read_all(disk, &path)?;
+            let corrupt = |offset: u64, detail: String| LogError::Corrupt {
+                path: path.clone(),
+                offset,
+                detail,
+            };
+            // A segment gets its name only once its header is durable.
+            let scan = scan_segment(&bytes).map_err(|detail| corrupt(0, detail))?;
+            if scan.header.first_lsn != first {
+                return Err(corrupt(
+                    0,
+                    format!("header starts at record {}", scan.header.first_lsn),
+                ));
+            }
+            if let Some(expected) = expected
+                && first != expected
+            {
+                return Err(corrupt(
+                    0,
+                    format!(
+                        "segment starts at record {first}, expected {expected}: records are missing"
+                    ),
+                ));
+            }
+            match scan.end {
+                ScanEnd::Clean => {}
+                ScanEnd::Torn { offset } => {
+                    if index + 1 == count {
+                        warn!(path = %path.display(), offset, "leaving out a torn write at the end of the metadata log");
+                    }
+                    // Before a later segment, a torn write was cut by an earlier
+                    // recovery: the next segment's first record shows where it ended.
+                }
+                ScanEnd::Corrupt { offset, detail } => return Err(corrupt(offset, detail)),
+            }
+            let last = scan
+                .records
+                .last()
+                .map_or(Lsn(first.0.saturating_sub(1)), |(lsn, _)| *lsn);
+            for (lsn, range) in scan.records {
+                records.push((lsn, bytes[range].to_vec()));
+            }
+            expected = Some(last.next());
+            closed.push(ClosedSegment { path, last });
+        }
+        let last = expected.map_or(Lsn(0), |next| Lsn(next.0 - 1));
+        Ok(Recovery {
+            records,
+            last,
+            segments: closed,
+            spares,
+        })
+    }
+
+    /// Starts appending after `recovery.last` (or `floor`, if later: a position every
+    /// volume's checkpoint has reached) in a new segment, and starts the flusher.
+    pub fn start(
+        disk: Arc<dyn Disk>,
+        dir: &Path,
+        recovery: Recovery,
+        floor: Lsn,
+        config: LogConfig,
+        fence: Arc<Fence>,
+    ) -> Result<MetadataLog, LogError> {
+        // Whole blocks, and room for a header block and a frame.
+        let config = LogConfig {
+            segment_bytes: (config.segment_bytes / BLOCK_BYTES).max(2) * BLOCK_BYTES,
+        };
+        let Recovery {
+            last,
+            segments,
+            spares,
+            ..
+        } = recovery;
+        let last = last.max(floor);
+        let next = last.next();
+        // A segment without records that the new one replaces under its name.
+        let closed: Vec<ClosedSegment> = segments
+            .into_iter()
+            .filter(|s| s.path.file_name() != Some(segment_name(next).as_ref()))
+            .collect();
+        // Past every spare's number, so that a new spare never replaces one.
+        let spare_next = spares
+            .iter()
+            .filter_map(|path| {
+                let name = path.file_name()?.to_str()?;
+                name.strip_prefix(SPARE_PREFIX)?
+                    .strip_suffix(SEGMENT_SUFFIX)?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .max()
+            .unwrap_or(0);
+        let shared = Arc::new(Shared {
+            disk,
+            fence,
+            dir: dir.to_owned(),
+            config,
+            queue: Mutex::new(Queue {
+                next,
+                pending: Vec::new(),
+                durable: last,
+                poisoned: None,
+                shutdown: false,
+                figures: LogFigures {
+                    durable_lsn: last.0,
+                    ..LogFigures::default()
+                },
+                closed,
+                spares,
+                spare_next,
+            }),
+            durable_changed: Condvar::new(),
+            work: Condvar::new(),
+            releasing: Mutex::new(()),
+        });
+        let active = shared.new_segment(next)?;
+        info!(dir = %dir.display(), next_lsn = %next, "metadata log opened");
+        let flusher = {
+            let shared = shared.clone();
+            thread::Builder::new()
+                .name("metadata-log".into())
+                .spawn(move || shared.flusher_loop(active))
+                .map_err(io("spawn the flusher of", dir))?
+        };
+        Ok(MetadataLog {
+            shared,
+            flusher: Mutex::new(Some(flusher)),
+        })
+    }
+
+    /// Queues `payload` as the next record and returns its number; `wait_durable` tells
+    /// when it is durable.
+    pub fn append(&self, payload: Vec<u8>) -> Result<Lsn, LogError> {
+        let max = RECORD_BYTES_MAX.min(self.shared.frame_payload_max());
+        if payload.len() > max {
+            return Err(LogError::RecordTooLarge {
+                len: payload.len(),
+                max,
+            });
+        }
+        let mut queue = self.shared.queue.lock();
+        if let Some(reason) = &queue.poisoned {
+            return Err(LogError::Poisoned(reason.clone()));
+        }
+        if queue.shutdown {
+            return Err(LogError::Poisoned("the metadata log is closed".into()));
+        }
+        let lsn = queue.next;
+        queue.next = lsn.next();
+        queue.pending.push((lsn, payload));
+        self.shared.work.notify_one();
+        Ok(lsn)
+    }
+
+    /// Returns once record `lsn` is durable.
+    pub fn wait_durable(&self, lsn: Lsn) -> Result<(), LogError> {
+        let mut queue = self.shared.queue.lock();
+        loop {
+            if queue.durable >= lsn {
+                return Ok(());
+            }
+            if let Some(reason) = &queue.poisoned {
+                return Err(LogError::Poisoned(reason.clone()));
+            }
+            self.shared.durable_changed.wait(&mut queue);
+        }
+    }
+
+    /// The number the next record gets: every record queued so far is below it.
+    pub fn next_lsn(&self) -> Lsn {
+        self.shared.queue.lock().next
+    }
+
+    /// Stops the log: a change was made durable in it that could not be applied, so
+    /// nothing more may be, until recovery replays it.
+    pub fn poison(&self, reason: String) {
+        self.shared.poison(reason);
+    }
+
+    /// Lets go of the segments whose records are all below `bound` (each volume's
+    /// checkpoint holds them), oldest first, each gone durably before the next, so
+    /// that a crash leaves no gap. Some are kept as spares for reuse.
+    pub fn release_below(&self, bound: Lsn) -> Result<(), LogError> {
+        let shared = &self.shared;
+        let _serial = shared.releasing.lock();
+        let released: Vec<ClosedSegment> = {
+            let mut queue = shared.queue.lock();
+            let count = queue.closed.iter().take_while(|s| s.last < bound).count();
+            queue.closed.drain(..count).collect()
+        };
+        for segment in released {
+            let spare = {
+                let mut queue = shared.queue.lock();
+                (queue.spares.len() < SPARES_MAX).then(|| {
+                    queue.spare_next += 1;
+                    shared.dir.join(format!(
+                        "{SPARE_PREFIX}{}{SEGMENT_SUFFIX}",
+                        queue.spare_next
+                    ))
+                })
+            };
+            match &spare {
+                Some(spare) => shared
+                    .disk
+                    .rename(&segment.path, spare)
+                    .map_err(io("recycle", &segment.path))?,
+                None => shared
+                    .disk
+                    .remove_file(&segment.path)
+                    .map_err(io("remove", &segment.path))?,
+            }
+            shared
+                .disk
+                .sync_dir(&shared.dir)
+                .map_err(io("sync", &shared.dir))?;
+            debug!(path = %segment.path.display(), last = %segment.last, "metadata log segment released");
+            if let Some(spare) = spare {
+                shared.queue.lock().spares.push(spare);
+            }
+        }
+        Ok(())
+    }
+
+    /// What the flusher did so far.
+    pub fn stats(&self) -> LogFigures {
+        self.shared.queue.lock().figures
+    }
+
+    /// Flushes what is queued and stops the flusher; later appends fail.
+    pub fn close(&self) {
+        {
+            let mut queue = self.shared.queue.lock();
+            queue.shutdown = true;
+        }
+        self.shared.work.notify_all();
+        if let Some(flusher) = self.flusher.lock().take()
+            && flusher.join().is_err()
+        {
+            error!("metadata log flusher panicked");
+        }
+    }
+}
+
+impl Drop for MetadataLog {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+impl Shared {
+    /// The largest payload one frame of a segment takes.
+    fn frame_payload_max(&self) -> usize {
+        let room = self.config.segment_bytes.saturating_sub(BLOCK_BYTES);
+        (room as usize).saturating_sub(segment::FRAME_HEADER_BYTES + segment::RECORD_HEADER_BYTES)
+    }
+
+    /// Stops the log. Behind an open fence this is server trouble: the fence closes for
+    /// good, before any waiter is told, so that the server stops (as when the state
+    /// journal fails); behind a closed one it is the fence's refusal.
+    fn poison(&self, reason: String) {
+        let mut queue = self.queue.lock();
+        if queue.poisoned.is_none() {
+            if self.fence.is_open() {
+                error!(%reason, "metadata log failed: the server stops");
+                self.fence.close_for_good();
+            } else {
+                debug!(%reason, "metadata log stopped behind the fence");
+            }
+            queue.poisoned = Some(reason);
+        }
+        self.durable_changed.notify_all();
+    }
+
+    /// Makes a segment starting at `first` durable under its name: a spare rewritten in
+    /// place, or a new file zero-filled ahead; its header is synced before it is named,
+    /// and the name is synced before any frame goes in.
+    fn new_segment(&self, first: Lsn) -> Result<Active, LogError> {
+        let path = self.dir.join(segment_name(first));
+        let capacity = self.config.segment_bytes;
+        let mut salt = uuid::Uuid::new_v4().as_u128() as u32;
+        let spare = self.queue.lock().spares.pop();
+        let (file, source, prepared) = match spare {
+            Some(spare) => {
+                let file = self.disk.open(&spare, false).map_err(io("open", &spare))?;
+                let mut old = [0u8; segment::SEGMENT_HEADER_BYTES];
+                if file.read_at(0, &mut old).is_ok()
+                    && let Ok(header) = SegmentHeader::decode(&old)
+                    && header.salt == salt
+                {
+                    salt = salt.wrapping_add(1);
+                }
+                let prepared = file.len().map_err(io("measure", &spare))?;
+                (file, spare, prepared)
+            }
+            None => {
+                let temp = self.dir.join(NEW_SEGMENT);
+                let file = self.disk.open(&temp, true).map_err(io("create", &temp))?;
+                file.set_len(0).map_err(io("truncate", &temp))?;
+                let prepared = PREPARE_BYTES.min(capacity).max(BLOCK_BYTES);
+                file.write_at(0, &vec![0; prepared as usize])
+                    .map_err(io("prepare", &temp))?;
+                (file, temp, prepared)
+            }
+        };
+        let reused = source != self.dir.join(NEW_SEGMENT);
+        let mut block = vec![0u8; BLOCK_BYTES as usize];
+        let header = SegmentHeader {
+            salt,
+            first_lsn: first,
+            capacity,
+        };
+        block[..segment::SEGMENT_HEADER_BYTES].copy_from_slice(&header.encode());
+        file.write_at(0, &block)
+            .map_err(io("write header of", &source))?;
+        file.sync_data().map_err(io("sync", &source))?;
+        self.disk
+            .rename(&source, &path)
+            .map_err(io("name", &path))?;
+        self.disk
+            .sync_dir(&self.dir)
+            .map_err(io("sync", &self.dir))?;
+        {
+            let mut queue = self.queue.lock();
+            queue.figures.segments_started += 1;
+            queue.figures.segments_reused += u64::from(reused);
+        }
+        debug!(path = %path.display(), first = %first, reused, "metadata log segment started");
+        Ok(Active {
+            file,
+            path,
+            salt,
+            capacity,
+            offset: BLOCK_BYTES,
+            prepared,
+        })
+    }
+
+    /// Writes whatever is queued as one frame, syncs it and answers everyone it holds;
+    /// until shutdown (having flushed everything queued) or a failure.
+    fn flusher_loop(&self, mut active: Active) {
+        let frame_room = self.config.segment_bytes.saturating_sub(BLOCK_BYTES);
+        loop {
+            let batch = {
+                let mut queue = self.queue.lock();
+                while queue.pending.is_empty() && !queue.shutdown && queue.poisoned.is_none() {
+                    self.work.wait(&mut queue);
+                }
+                if queue.pending.is_empty() || queue.poisoned.is_some() {
+                    return;
+                }
+                // As many as fit in one frame of a segment (at least one: `append`
+                // bounds each record by it).
+                let mut bytes = segment::FRAME_HEADER_BYTES as u64;
+                let take = queue
+                    .pending
+                    .iter()
+                    .take_while(|(_, p)| {
+                        bytes += (segment::RECORD_HEADER_BYTES + p.len()) as u64;
+                        align_up(bytes) <= frame_room
+                    })
+                    .count()
+                    .max(1);
+                queue.pending.drain(..take).collect::<Vec<_>>()
+            };
+            if let Err(e) = self.flush(&mut active, &batch) {
+                self.poison(e.to_string());
+                return;
+            }
+        }
+    }
+
+    fn flush(&self, active: &mut Active, batch: &[(Lsn, Vec<u8>)]) -> Result<(), LogError> {
+        let first = batch[0].0;
+        let last = batch[batch.len() - 1].0;
+        let needed = frame_bytes(batch.iter().map(|(_, p)| p.len()));
+        if active.offset + needed > active.capacity {
+            let next = self.new_segment(first)?;
+            let old = std::mem::replace(active, next);
+            self.queue.lock().closed.push(ClosedSegment {
+                path: old.path,
+                last: Lsn(first.0 - 1),
+            });
+        }
+        let payloads: Vec<&[u8]> = batch.iter().map(|(_, p)| p.as_slice()).collect();
+        let frame = encode_frame(active.salt, first, &payloads);
+        let end = active.offset + frame.len() as u64;
+        if end > active.prepared {
+            // Zeros ahead, so that the next flushes overwrite blocks in place.
+            let target = (end + PREPARE_BYTES).min(active.capacity).max(end);
+            let zeros = vec![0; (target - active.prepared) as usize];
+            active
+                .file
+                .write_at(active.prepared, &zeros)
+                .map_err(io("prepare", &active.path))?;
+            active.prepared = target;
+        }
+        active
+            .file
+            .write_at(active.offset, &frame)
+            .map_err(io("write", &active.path))?;
+        let started = Instant::now();
+        active.file.sync_data().map_err(io("sync", &active.path))?;
+        let micros = started.elapsed().as_micros() as u64;
+        active.offset = end;
+        let mut queue = self.queue.lock();
+        queue.durable = last;
+        queue
+            .figures
+            .flushed(batch.len() as u64, frame.len() as u64, micros, last);
+        drop(queue);
+        self.durable_changed.notify_all();
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::mem_disk::MemDisk;
+    use super::*;
+
+    fn open(disk: &MemDisk, segment_bytes: u64) -> (MetadataLog, Vec<(Lsn, Vec<u8>)>) {
+        let dir = Path::new("/p/log");
+        let recovery = MetadataLog::recover(disk, dir).unwrap();
+        let records = recovery.records.clone();
+        let log = MetadataLog::start(
+            Arc::new(disk.clone()),
+            dir,
+            recovery,
+            Lsn(0),
+            LogConfig { segment_bytes },
+            Arc::new(Fence::open()),
+        )
+        .unwrap();
+        (log, records)
+    }
+
+    fn append_durable(log: &MetadataLog, payload: &[u8]) -> Lsn {
+        let lsn = log.append(payload.to_vec()).unwrap();
+        log.wait_durable(lsn).unwrap();
+        lsn
+    }
+
+    #[test]
+    fn records_come_back_in_order_across_segments_and_reopens() {
+        let disk = MemDisk::new();
+        let (log, records) = open(&disk, 4 * BLOCK_BYTES);
+        assert!(records.is_empty());
+        for i in 0..10u8 {
+            assert_eq!(append_durable(&log, &[i; 100]), Lsn(u64::from(i) + 1));
+        }
+        assert!(log.stats().segments_started >= 4, "{:?}", log.stats());
+        drop(log);
+        let (log, records) = open(&disk, 4 * BLOCK_BYTES);
+        let lsns: Vec<u64> = records.iter().map(|(lsn, _)| lsn.0).collect();
+        assert_eq!(lsns, (1..=10).collect::<Vec<_>>());
+        assert_eq!(records[3].1, vec![3; 100]);
+        assert_eq!(append_durable(&log, b"next"), Lsn(11));
+    }
+
+    #[test]
+    fn concurrent_appenders_share_flushes() {
+        let disk = MemDisk::new();
+        let (log, _) = open(&disk, 1 << 20);
+        let log = Arc::new(log);
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let log = log.clone();
+                thread::spawn(move || {
+                    for _ in 0..20 {
+                        append_durable(&log, b"change");
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let figures = log.stats();
+        assert_eq!(figures.records, 160);
+        assert!(figures.flushes <= 160);
+        assert_eq!(figures.durable_lsn, 160);
+    }
+
+    #[test]
+    fn released_segments_are_reused_and_never_leave_a_gap() {
+        let disk = MemDisk::new();
+        let (log, _) = open(&disk, 3 * BLOCK_BYTES);
+        for i in 0..12u8 {
+            append_durable(&log, &[i; 10]);
+        }
+        log.release_below(Lsn(9)).unwrap();
+        for i in 12..20u8 {
+            append_durable(&log, &[i; 10]);
+        }
+        assert!(log.stats().segments_reused > 0);
+        drop(log);
+        let (_log, records) = open(&disk, 3 * BLOCK_BYTES);
+        let lsns: Vec<u64> = records.iter().map(|(lsn, _)| lsn.0).collect();
+        let first = lsns[0];
+        assert!(first <= 9, "records from 9 on are kept: {lsns:?}");
+        assert_eq!(lsns, (first..=20).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_record_too_large_for_a_segment_is_refused() {
+        let disk = MemDisk::new();
+        let (log, _) = open(&disk, 2 * BLOCK_BYTES);
+        let refused = log.append(vec![0; 2 * BLOCK_BYTES as usize]).unwrap_err();
+        assert!(
+            matches!(refused, LogError::RecordTooLarge { .. }),
+            "{refused}"
+        );
+        append_durable(&log, &vec![1; 4000]);
+    }
+
+    #[test]
+    fn a_failed_sync_poisons_the_log() {
+        let disk = MemDisk::new();
+        let (log, _) = open(&disk, 1 << 20);
+        append_durable(&log, b"one");
+        disk.crash_after(0);
+        let lsn = log.append(b"two".to_vec()).unwrap();
+        assert!(matches!(log.wait_durable(lsn), Err(LogError::Poisoned(_))));
+        assert!(matches!(
+            log.append(b"three".to_vec()),
+            Err(LogError::Poisoned(_))
+        ));
+    }
+
+    #[test]
+    fn a_missing_segment_is_corruption() {
+        let disk = MemDisk::new();
+        let (log, _) = open(&disk, 2 * BLOCK_BYTES);
+        for i in 0..4u8 {
+            append_durable(&log, &[i; 10]);
+        }
+        drop(log);
+        disk.remove_file(&Path::new("/p/log").join(segment_name(Lsn(2))))
+            .unwrap();
+        let refused = MetadataLog::recover(&disk, Path::new("/p/log")).unwrap_err();
+        assert!(matches!(refused, LogError::Corrupt { .. }), "{refused}");
+        assert!(
+            refused.to_string().contains("records are missing"),
+            "{refused}"
+        );
+    }
+}
