@@ -56,8 +56,10 @@ impl Active {
     ) -> Result<(Active, Recovered), FileServerError> {
         let path = config.partition.clone();
         let mode = config.journal_mode;
+        let stats = config.stats.clone();
         let (partition, (journal, state)) = tokio::task::spawn_blocking(move || {
             let partition = Partition::open(&path, fence.clone())?;
+            partition.observe(stats);
             let journal = StateJournal::open_fenced(&path, mode, fence, epoch)?;
             Ok::<_, FileServerError>((partition, journal))
         })

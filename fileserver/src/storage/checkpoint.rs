@@ -28,7 +28,11 @@ pub(super) fn checkpoint_all(
     let mut bound = log.next_lsn();
     let list: Vec<_> = volumes.read().values().cloned().collect();
     for volume in list {
+        let started = std::time::Instant::now();
         volume.checkpoint()?;
+        if let Some(stats) = log.observer() {
+            stats.record_storage_commit(started.elapsed());
+        }
         if let Some(needed) = volume.needed_from() {
             bound = bound.min(needed);
         }

@@ -8,7 +8,7 @@ mod segment;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::thread::{self, JoinHandle};
 use std::time::Instant;
 
@@ -18,6 +18,7 @@ use tracing::{debug, error, info, warn};
 
 use super::disk::{Disk, DiskFile};
 use crate::fence::Fence;
+use crate::stats::Stats;
 
 pub use segment::{BLOCK_BYTES, RECORD_BYTES_MAX};
 use segment::{ScanEnd, SegmentHeader, align_up, encode_frame, frame_bytes, scan_segment};
@@ -100,14 +101,9 @@ impl Default for LogConfig {
     }
 }
 
-/// Buckets of the fsync latency histogram: bucket `i` counts syncs under
-/// `16 << i` microseconds, the last one the slower rest.
-pub const FSYNC_BUCKETS: usize = 16;
-/// Buckets of the group size histogram: bucket `i` counts flushes of under `2 << i`
-/// records (1, 2-3, 4-7...), the last one the larger rest.
-pub const GROUP_BUCKETS: usize = 10;
-
-/// What the flusher did, for `vos counters`.
+/// What the flusher did, for tests and `Partition::log_figures`; the latency of each
+/// fsync and the records it made durable go to the server's `Stats` histograms
+/// (`MetadataLog::observe`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LogFigures {
     /// Flushes: frames written and synced.
@@ -116,11 +112,6 @@ pub struct LogFigures {
     pub records: u64,
     /// Bytes written in frames (padding included).
     pub bytes: u64,
-    pub fsync_micros_total: u64,
-    pub fsync_micros_max: u64,
-    pub fsync_micros_buckets: [u64; FSYNC_BUCKETS],
-    pub group_records_max: u64,
-    pub group_records_buckets: [u64; GROUP_BUCKETS],
     /// Segments started, and how many of them reused a released file.
     pub segments_started: u64,
     pub segments_reused: u64,
@@ -129,21 +120,10 @@ pub struct LogFigures {
 }
 
 impl LogFigures {
-    fn flushed(&mut self, records: u64, bytes: u64, micros: u64, last: Lsn) {
+    fn flushed(&mut self, records: u64, bytes: u64, last: Lsn) {
         self.flushes += 1;
         self.records += records;
         self.bytes += bytes;
-        self.fsync_micros_total += micros;
-        self.fsync_micros_max = self.fsync_micros_max.max(micros);
-        let bucket = (0..FSYNC_BUCKETS - 1)
-            .find(|i| micros < 16 << i)
-            .unwrap_or(FSYNC_BUCKETS - 1);
-        self.fsync_micros_buckets[bucket] += 1;
-        self.group_records_max = self.group_records_max.max(records);
-        let bucket = (0..GROUP_BUCKETS - 1)
-            .find(|i| records < 2 << i)
-            .unwrap_or(GROUP_BUCKETS - 1);
-        self.group_records_buckets[bucket] += 1;
         self.durable_lsn = last.0;
     }
 }
@@ -206,6 +186,8 @@ struct Shared {
     work: Condvar,
     /// Serialises releases of old segments.
     releasing: Mutex<()>,
+    /// Where each flush's fsync latency and group size are recorded, once set.
+    stats: OnceLock<Arc<Stats>>,
 }
 
 /// The open log. Thread-safe: share it behind an `Arc`.
@@ -385,6 +367,7 @@ impl MetadataLog {
             durable_changed: Condvar::new(),
             work: Condvar::new(),
             releasing: Mutex::new(()),
+            stats: OnceLock::new(),
         });
         let active = shared.new_segment(next)?;
         info!(dir = %dir.display(), next_lsn = %next, "metadata log opened");
@@ -495,6 +478,17 @@ impl MetadataLog {
     }
 
     /// What the flusher did so far.
+    /// Records each later flush's fsync latency and group size in `stats` (the first
+    /// call wins: one server, one set of figures).
+    pub fn observe(&self, stats: Arc<Stats>) {
+        let _ = self.shared.stats.set(stats);
+    }
+
+    /// The server's figures, once `observe` set them.
+    pub(super) fn observer(&self) -> Option<&Arc<Stats>> {
+        self.shared.stats.get()
+    }
+
     pub fn stats(&self) -> LogFigures {
         self.shared.queue.lock().figures
     }
@@ -673,14 +667,17 @@ impl Shared {
             .map_err(io("write", &active.path))?;
         let started = Instant::now();
         active.file.sync_data().map_err(io("sync", &active.path))?;
-        let micros = started.elapsed().as_micros() as u64;
+        let fsync = started.elapsed();
         active.offset = end;
         let mut queue = self.queue.lock();
         queue.durable = last;
         queue
             .figures
-            .flushed(batch.len() as u64, frame.len() as u64, micros, last);
+            .flushed(batch.len() as u64, frame.len() as u64, last);
         drop(queue);
+        if let Some(stats) = self.stats.get() {
+            stats.record_log_flush(fsync, batch.len());
+        }
         self.durable_changed.notify_all();
         Ok(())
     }

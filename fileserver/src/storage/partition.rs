@@ -167,7 +167,13 @@ impl Partition {
         self.volumes.read().values().cloned().collect()
     }
 
-    /// What the metadata log's flusher did so far: fsync latency, records per flush.
+    /// Records the metadata log's flushes (fsync latency, records per flush) and the
+    /// checkpoints' commits in the server's `stats` from now on.
+    pub fn observe(&self, stats: Arc<crate::stats::Stats>) {
+        self.log.observe(stats);
+    }
+
+    /// What the metadata log's flusher did so far: flushes, records, segments.
     pub fn log_figures(&self) -> LogFigures {
         self.log.stats()
     }
