@@ -35,6 +35,7 @@ mod write_back;
 pub use advisory::LockRequest;
 pub use attr::{Attr, AttrOut, NodeKind};
 use data::ChunkFetch;
+pub use data::Opened;
 use fs_error::unexpected;
 pub use fs_error::{FsError, FsResult, rpc_error};
 use namespace::DirHandles;
@@ -167,6 +168,8 @@ pub struct Manager {
     tokens: Arc<crate::tokens::TokenStore>,
     /// The callers' rights, per (user, vnode), under their directories' callbacks.
     rights: crate::rights::RightsCache,
+    /// Which kernel opens are passthrough opens, and the data path's counters.
+    passthrough: crate::passthrough::Passthrough,
 }
 
 impl Manager {
@@ -227,6 +230,7 @@ impl Manager {
             memory_return: kernel_refs::MemoryReturn::default(),
             tokens: Arc::new(crate::tokens::TokenStore::default()),
             rights: crate::rights::RightsCache::default(),
+            passthrough: crate::passthrough::Passthrough::default(),
         });
         manager.pool.set_tokens(manager.tokens.clone());
         manager.spawn_lease_renewal(settings.lease_renew_interval);

@@ -226,7 +226,11 @@ pub fn run(
     options.acl = SessionACL::All;
     options.n_threads = Some(FUSE_THREADS);
     let session = fuser::Session::new(
-        HoldfastFs::new(manager.clone(), runtime.handle().clone()),
+        HoldfastFs::new(
+            manager.clone(),
+            runtime.handle().clone(),
+            config.passthrough,
+        ),
         &mount_point,
         &options,
     )
@@ -271,6 +275,14 @@ pub fn run(
             warn!("pending writes not stored within {WRITE_BACK_DEADLINE:?}; they are lost");
         }
     });
+    let figures = manager.cache_figures();
+    info!(
+        hits = figures.hits,
+        misses = figures.misses,
+        passthrough_opens = figures.passthrough_opens,
+        passthrough_fallbacks = figures.passthrough_fallbacks,
+        "cache figures"
+    );
     let result = unmount(&mount_point, background);
     control_task.abort();
     let _ = std::fs::remove_file(&socket_path);
