@@ -456,6 +456,16 @@ impl ChunkStore {
         Ok(())
     }
 
+    /// Whether one version file holds every byte of `fid` at `data_version` (`size`
+    /// bytes), clean: a passthrough open could be given it.
+    pub fn wholly_cached(&self, fid: Fid, data_version: DataVersion, size: u64) -> bool {
+        self.shared
+            .index
+            .lock()
+            .passthrough_file(fid, data_version, size)
+            .is_some()
+    }
+
     /// Holds the version file that has every byte of `fid` at `data_version` (`size`
     /// bytes) for a passthrough open, once those bytes are all down, and returns it open
     /// with its length set to `size`. `None` when no version file holds them all (or one

@@ -54,10 +54,12 @@ use crate::volume::{VolumeLocation, VolumeTable};
 /// Longest the kernel may cache attributes and entries before asking again; breaks
 /// invalidate sooner, this bounds the harm of a lost invalidation.
 const KERNEL_TTL_MAX: Duration = Duration::from_secs(1);
-/// Chunks fetched ahead of a sequential reader (4 MiB).
-const READ_AHEAD_CHUNKS: u64 = 4;
-/// Fetches ahead in flight at once over all files; each holds a chunk in memory.
-const PREFETCHES_MAX: usize = 8;
+/// Chunks fetched ahead of a sequential reader (8 MiB): the window of fetches in flight
+/// ahead of it, so the server has the next chunks to send while it sends one.
+const READ_AHEAD_CHUNKS: u64 = 8;
+/// Fetches ahead in flight at once over all files; each holds a chunk in memory (16 MiB
+/// in all, besides the writer's queue).
+const PREFETCHES_MAX: usize = 16;
 
 /// What the kernel's inode numbers name, and what is known of each file.
 struct CacheState {

@@ -79,6 +79,10 @@ pub enum Decision {
     /// A write open while passthrough opens are live: the caller waits for their release
     /// and asks again.
     Drain,
+    /// A read open that could be a passthrough open but for normal opens this table still
+    /// counts (a close's `release` may be just behind this open): the caller may wait a
+    /// moment for them and ask again, or count it (`normal`) and go through the mount.
+    NormalLive,
     /// The binding's first open is still registering its backing file: the caller waits
     /// for it (`ready`, or a refusal) and asks again.
     Wait,
@@ -115,9 +119,12 @@ impl KernelOpens {
             binding.handles += 1;
             return Decision::Reuse(binding.id);
         }
-        if write || !enabled || opens.normal > 0 {
+        if write || !enabled {
             opens.normal += 1;
             return Decision::Normal;
+        }
+        if opens.normal > 0 {
+            return Decision::NormalLive;
         }
         Decision::TryBind
     }
@@ -338,7 +345,8 @@ mod tests {
         // A write open (or passthrough off) goes through the mount, and then so does
         // every read open until it is released.
         assert_eq!(opens.decide(INO, true, V1, true), Decision::Normal);
-        assert_eq!(opens.decide(INO, false, V1, true), Decision::Normal);
+        assert_eq!(opens.decide(INO, false, V1, true), Decision::NormalLive);
+        opens.normal(INO);
         assert_eq!(opens.decide(INO, false, V1, false), Decision::Normal);
         for _ in 0..3 {
             opens.release_normal(INO);
@@ -376,6 +384,8 @@ mod tests {
         opens.decide(INO, false, V1, true);
         let id = opens.bind(INO, fid(), Generation(5), V1).unwrap();
         assert!(opens.unbind_failed(INO, id).is_some());
-        assert_eq!(opens.decide(INO, false, V1, true), Decision::Normal);
+        assert_eq!(opens.decide(INO, false, V1, true), Decision::NormalLive);
+        opens.release_normal(INO);
+        assert_eq!(opens.decide(INO, false, V1, true), Decision::TryBind);
     }
 }

@@ -30,6 +30,11 @@ const GIVE_UP_BATCH: usize = 64;
 /// before it fails with `ETXTBSY`.
 const PASSTHROUGH_DRAIN_WAIT: Duration = Duration::from_secs(2);
 
+/// How long a read open of a wholly cached file waits, once, for the normal opens that
+/// keep it from being a passthrough open: a close's `release` reaches this process
+/// asynchronously and may be just behind the next open (`cat f; cat f`).
+const RELEASE_BEHIND_WAIT: Duration = Duration::from_millis(20);
+
 /// How the kernel is to serve an open.
 #[derive(Debug)]
 pub enum Opened {
@@ -124,6 +129,7 @@ impl Manager {
     pub async fn open_file(&self, ino: Ino, write: bool) -> FsResult<Opened> {
         let fid = self.fid(ino)?;
         let deadline = tokio::time::Instant::now() + PASSTHROUGH_DRAIN_WAIT;
+        let mut waited_for_release = false;
         loop {
             let status = self.valid_status(fid).await?;
             let version = status.data_version;
@@ -146,6 +152,21 @@ impl Manager {
                     return Ok(Opened::Passthrough {
                         binding,
                         backing: None,
+                    });
+                }
+                Decision::NormalLive => {
+                    let wholly_cached = self
+                        .clean_size(fid)
+                        .is_some_and(|size| self.chunks.wholly_cached(fid, version, size));
+                    if wholly_cached && !waited_for_release {
+                        waited_for_release = true;
+                        let _ = tokio::time::timeout(RELEASE_BEHIND_WAIT, changed).await;
+                        continue;
+                    }
+                    self.passthrough.opens.lock().normal(ino);
+                    self.passthrough.counters.passthrough_fallback();
+                    return Ok(Opened::Normal {
+                        keep_cache: self.keep_kernel_pages(fid, &status)?,
                     });
                 }
                 Decision::TryBind => {
@@ -261,6 +282,7 @@ impl Manager {
     /// The kernel released a normal open of `ino`.
     pub fn released_normal(&self, ino: Ino) {
         self.passthrough.opens.lock().release_normal(ino);
+        self.passthrough.changed.notify_waiters();
     }
 
     /// The kernel released a passthrough open of `ino`; `true` when it was its binding's
