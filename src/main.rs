@@ -180,6 +180,10 @@ enum Command {
         #[arg(long, value_name = "N", default_value_t = cachemgr::status::STATUS_ENTRIES_MAX_DEFAULT as u64,
               value_parser = clap::value_parser!(u64).range(1..=1 << 32))]
         stat_entries: u64,
+        /// Hand wholly cached files to the kernel to read at local-disk speed (FUSE
+        /// passthrough; needs CAP_SYS_ADMIN and Linux 6.9): auto, or off.
+        #[arg(long, value_name = "MODE", default_value = "auto")]
+        passthrough: cachemgr::passthrough::PassthroughMode,
     },
     /// Talk to the cache manager of a mount: mount points, cache state, servers.
     Fs {
@@ -596,6 +600,7 @@ fn run(cli: Cli) -> Result<()> {
             ready_file,
             over_guard,
             stat_entries,
+            passthrough,
         } => {
             process::init_tracing("info");
             let cell = CellConfig::locate(cell_path.as_deref()).context("find the cell")?;
@@ -616,6 +621,7 @@ fn run(cli: Cli) -> Result<()> {
                 lease_renew_interval: cachemgr::LEASE_RENEW_INTERVAL_DEFAULT,
                 over_guard,
                 status_entries_max: usize::try_from(stat_entries).unwrap_or(usize::MAX),
+                passthrough,
             };
             let shutdown = process::shutdown_on_signals_blocking()?;
             let mountpoint = config.mountpoint.clone();

@@ -1,68 +1,95 @@
-//! The chunk cache on local disk: one file per cached chunk, written and deleted as
-//! `ChunkIndex` decides, a fetched chunk readable from memory until its file is down.
-//! Invariant: every indexed chunk has its complete file, or its bytes in `pending` under
-//! the same generation until that file is complete.
+//! The chunk cache on local disk: a write's chunks each in a file of their own; fetched
+//! chunks at their offsets in one sparse version file per (fid, data version), which a
+//! passthrough open hands to the kernel; all written and released as `ChunkIndex` decides,
+//! a fetched chunk readable from memory until its bytes are down.
+//! Invariant: every indexed chunk has its complete bytes in its home, or in `pending`
+//! under the same generation until they are; a version file is written only by the one
+//! writer thread, in the order its jobs were queued, and never rewritten in place.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::mpsc::{Receiver, Sender, SyncSender};
 use std::thread::JoinHandle;
 
+use bytes::Bytes;
 use parking_lot::{Condvar, Mutex};
 use proto::{DataVersion, Fid};
 use tracing::{debug, warn};
 
-use crate::chunk_index::{ChunkIndex, ChunkKey, ChunkMeta, Evicted, Generation};
+use crate::chunk_index::{
+    CHUNK_BYTES, ChunkIndex, ChunkKey, ChunkMeta, Evicted, Generation, Home, Release,
+};
 use crate::spare_files::SpareFiles;
 
-/// Fetched chunks queued for the background writer. Bounds the memory their bytes hold;
-/// when the queue is full the fetching caller writes its chunk's file itself, which
-/// slows fetches to the disk's pace rather than letting memory grow.
+/// Fetched chunks queued for the writer thread. Bounds the memory their bytes hold; when
+/// the queue is full a fetcher waits for room, which slows fetches to the disk's pace
+/// rather than letting memory grow.
 const WRITES_QUEUED_MAX: usize = 16;
 
-/// A fetched chunk's bytes, held until its file is complete.
+/// A fetched chunk's bytes, held until they are in its version file.
 struct PendingChunk {
     generation: Generation,
-    data: Arc<Vec<u8>>,
+    data: Bytes,
 }
 
-/// A file for the background writer to put down.
-struct WriteJob {
-    key: ChunkKey,
-    generation: Generation,
-    data: Arc<Vec<u8>>,
+/// Work for the writer thread, done in queue order: so a punch or a deletion queued
+/// after a write always lands after it, and a write after it.
+enum Job {
+    /// A fetched chunk's bytes into its version file, at its offset.
+    Write {
+        key: ChunkKey,
+        generation: Generation,
+        file: Generation,
+        data: Bytes,
+    },
+    /// A chunk evicted from a version file still in use: its slot's bytes go.
+    Punch {
+        fid: Fid,
+        file: Generation,
+        offset: u64,
+    },
+    /// A version file with no chunk and no open left.
+    DeleteVersion {
+        fid: Fid,
+        file: Generation,
+    },
+    /// Answered once every job queued before it is done.
+    Barrier(SyncSender<()>),
+    Stop,
 }
 
-/// What the store's callers and its background writer share.
+/// What the store's callers and its writer thread share.
 struct Shared {
     dir: PathBuf,
     index: Mutex<ChunkIndex>,
-    /// Indexed chunks whose file is not complete yet: a reader that misses its chunk
-    /// here finds the whole file, or no file and so a miss, never a partial one. They
-    /// count against the index's byte limit like any other chunk. Never locked together
-    /// with `index`. Bounded by the write queue plus the files being written (by the
-    /// writer, and inline by fetchers that found the queue full).
+    /// Indexed chunks whose bytes are not in their version file yet: a reader that misses
+    /// its chunk here finds them there. They count against the index's byte limit like
+    /// any other chunk. Never locked together with `index`. Bounded by the write queue.
     pending: Mutex<HashMap<ChunkKey, PendingChunk>>,
     /// Signalled whenever a chunk leaves `pending`.
     written: Condvar,
+    /// The writer's queue. Unbounded, since punches and deletions are queued from the
+    /// writer itself; the fetched bytes it holds are bounded by `ChunkStore::room`.
+    jobs: Mutex<Sender<Job>>,
 }
 
 pub struct ChunkStore {
     shared: Arc<Shared>,
-    /// `None` only while dropping: closing it ends the writer.
-    jobs: Option<SyncSender<WriteJob>>,
+    /// One token per write queued and not yet done: at most `WRITES_QUEUED_MAX`.
+    room: SyncSender<()>,
     writer: Option<JoinHandle<()>>,
     spares: SpareFiles,
 }
 
 impl ChunkStore {
     /// Opens the store at `dir`, discarding whatever an earlier run left there: there is
-    /// no warm restart yet (a chunk file's name carries no data version; only the index
-    /// in memory knows it).
+    /// no warm restart yet (a file's name carries no data version; only the index in
+    /// memory knows it).
     pub fn open(dir: PathBuf, bytes_max: u64) -> io::Result<ChunkStore> {
         match std::fs::remove_dir_all(&dir) {
             Ok(()) => {}
@@ -71,22 +98,24 @@ impl ChunkStore {
         }
         std::fs::create_dir_all(&dir)?;
         let spares = SpareFiles::start(dir.clone())?;
+        let (jobs, queue) = std::sync::mpsc::channel();
         let shared = Arc::new(Shared {
             dir,
             index: Mutex::new(ChunkIndex::new(bytes_max)),
             pending: Mutex::new(HashMap::new()),
             written: Condvar::new(),
+            jobs: Mutex::new(jobs),
         });
-        let (jobs, queue) = std::sync::mpsc::sync_channel(WRITES_QUEUED_MAX);
+        let (room, freed) = std::sync::mpsc::sync_channel(WRITES_QUEUED_MAX);
         let writer = {
             let shared = shared.clone();
             std::thread::Builder::new()
                 .name("holdfast-chunkw".into())
-                .spawn(move || shared.write_queued(queue))?
+                .spawn(move || shared.write_queued(queue, freed))?
         };
         Ok(ChunkStore {
             shared,
-            jobs: Some(jobs),
+            room,
             writer: Some(writer),
             spares,
         })
@@ -94,6 +123,10 @@ impl ChunkStore {
 
     pub fn bytes_max(&self) -> u64 {
         self.shared.index.lock().bytes_max()
+    }
+
+    pub fn bytes_used(&self) -> u64 {
+        self.shared.index.lock().bytes_used()
     }
 
     pub fn dirty_bytes(&self) -> u64 {
@@ -110,7 +143,7 @@ impl ChunkStore {
 
     /// Reads `len` bytes at `offset` within the chunk, when it holds `data_version`.
     /// Bytes past the chunk's end read as zeros (a hole before later writes).
-    /// `None` on a miss, including a file evicted between lookup and read.
+    /// `None` on a miss, including a chunk evicted between lookup and read.
     pub fn read(
         &self,
         key: ChunkKey,
@@ -140,35 +173,20 @@ impl ChunkStore {
         let start = out.len();
         out.resize(start + len, 0);
         let available = meta.len.saturating_sub(offset).min(len as u64) as usize;
-        if let Some(data) = self.shared.pending_data(key, meta.generation) {
-            // `meta.len` never exceeds the fetched bytes (a pending chunk is clean, so
-            // only a truncation changes its length); `get` keeps a slip from panicking.
-            if available > 0 {
-                let from = offset as usize;
-                let Some(bytes) = data.get(from..from + available) else {
-                    out.truncate(start);
-                    return Ok(false);
-                };
-                out[start..start + available].copy_from_slice(bytes);
+        match self
+            .shared
+            .read_at(key, &meta, offset, &mut out[start..start + available])
+        {
+            Ok(true) => Ok(true),
+            Ok(false) => {
+                out.truncate(start);
+                Ok(false)
             }
-            return Ok(true);
-        }
-        let file = match File::open(self.shared.path(key, meta.generation)) {
-            Ok(file) => file,
             Err(e) => {
                 out.truncate(start);
-                return if e.kind() == io::ErrorKind::NotFound {
-                    Ok(false)
-                } else {
-                    Err(e)
-                };
+                Err(e)
             }
-        };
-        if let Err(e) = file.read_exact_at(&mut out[start..start + available], offset) {
-            out.truncate(start);
-            return Err(e);
         }
-        Ok(true)
     }
 
     /// Whether the chunk is cached at `data_version` (or holds unstored writes).
@@ -176,8 +194,8 @@ impl ChunkStore {
         self.shared.index.lock().lookup(key, data_version).is_some()
     }
 
-    /// Caches a chunk's bytes, its file written before this returns. Returns the fids
-    /// whose last cached data was evicted.
+    /// Caches a chunk's bytes in a file of its own, written before this returns (the
+    /// path of a write's chunks). Returns the fids whose last cached data was evicted.
     pub fn insert(
         &self,
         key: ChunkKey,
@@ -186,13 +204,14 @@ impl ChunkStore {
         dirty: bool,
     ) -> io::Result<Vec<Fid>> {
         let generation = self.shared.index.lock().reserve_generation();
-        self.write_new_file(&self.shared.path(key, generation), data)?;
+        self.write_new_file(&self.shared.chunk_path(key, generation), data)?;
         let (_, evicted) = self.shared.index.lock().insert(
             key,
             data_version,
             data.len() as u64,
             dirty,
             generation,
+            Home::Own,
         );
         Ok(self.shared.delete(evicted))
     }
@@ -229,16 +248,21 @@ impl ChunkStore {
     }
 
     /// Caches a clean chunk just fetched at `data_version`: indexed and readable at once
-    /// from `data`, its file written by the background writer, so the disk write is not
-    /// on a reader's path. Returns the fids whose last cached data was evicted.
+    /// from `data`, put into its version file by the writer thread, so the disk write is
+    /// not on a reader's path. Waits only while the writer's queue is full. Returns the
+    /// fids whose last cached data was evicted.
     pub fn insert_fetched(
         &self,
         key: ChunkKey,
         data_version: DataVersion,
-        data: Arc<Vec<u8>>,
+        data: Bytes,
     ) -> Vec<Fid> {
         let len = data.len() as u64;
-        let generation = self.shared.index.lock().reserve_generation();
+        let (generation, file) = {
+            let mut index = self.shared.index.lock();
+            let (file, _) = index.version_file_for(key.fid, data_version);
+            (index.reserve_generation(), file)
+        };
         // Pending before indexed: whoever finds the chunk in the index finds its bytes.
         self.shared.pending.lock().insert(
             key,
@@ -247,34 +271,37 @@ impl ChunkStore {
                 data: data.clone(),
             },
         );
-        let (inserted, evicted) =
-            self.shared
-                .index
-                .lock()
-                .insert(key, data_version, len, false, generation);
-        let mut emptied = self.shared.delete(evicted);
+        let (inserted, evicted) = self.shared.index.lock().insert(
+            key,
+            data_version,
+            len,
+            false,
+            generation,
+            Home::Version(file),
+        );
+        // Releases first: a punch of this slot queued after the write would undo it.
+        let emptied = self.shared.delete(evicted);
         if inserted {
-            let job = WriteJob {
+            if self.room.send(()).is_err() {
+                // The writer is gone (only while dropping): nobody will write it.
+                self.shared.unpend(key, generation);
+                return emptied;
+            }
+            self.shared.queue(Job::Write {
                 key,
                 generation,
+                file,
                 data,
-            };
-            let refused = match &self.jobs {
-                Some(jobs) => match jobs.try_send(job) {
-                    Ok(()) => None,
-                    Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) => Some(job),
-                },
-                None => Some(job),
-            };
-            if let Some(job) = refused {
-                emptied.extend(self.shared.write_file(job));
-            }
+            });
+        } else {
+            self.shared.unpend(key, generation);
         }
         emptied
     }
 
     /// Writes into a cached chunk of `data_version` (or already dirty), pinning it dirty.
-    /// `Ok(false)` when no such chunk is cached: the caller must provide its bytes first.
+    /// A chunk in a version file is first moved to a file of its own. `Ok(false)` when no
+    /// such chunk is cached: the caller must provide its bytes first.
     pub fn write(
         &self,
         key: ChunkKey,
@@ -282,21 +309,18 @@ impl ChunkStore {
         offset: u64,
         data: &[u8],
     ) -> io::Result<bool> {
-        let generation = {
-            let mut index = self.shared.index.lock();
-            if index.lookup(key, data_version).is_none() {
-                return Ok(false);
-            }
-            index.begin_write(key)
-        };
-        let Some(generation) = generation else {
+        let Some(meta) = self.shared.index.lock().lookup(key, data_version) else {
             return Ok(false);
         };
-        // The write lands in the file, so the file must hold the fetched bytes first.
-        self.shared.wait_written(key, generation);
+        if meta.home != Home::Own && !self.move_to_own_file(key, &meta)? {
+            return Ok(false);
+        }
+        let Some(generation) = self.shared.index.lock().begin_write(key) else {
+            return Ok(false);
+        };
         let file = match OpenOptions::new()
             .write(true)
-            .open(self.shared.path(key, generation))
+            .open(self.shared.chunk_path(key, generation))
         {
             Ok(file) => file,
             // Evicted meanwhile (or its file could not be written): not cached.
@@ -311,6 +335,29 @@ impl ChunkStore {
             .grow(key, offset + data.len() as u64);
         self.shared.delete(evicted);
         Ok(true)
+    }
+
+    /// Copies a chunk out of its version file into a file of its own, so a write never
+    /// lands in a version file. `false` when it left the cache meanwhile.
+    fn move_to_own_file(&self, key: ChunkKey, meta: &ChunkMeta) -> io::Result<bool> {
+        let mut data = vec![0; meta.len as usize];
+        if !self.shared.read_at(key, meta, 0, &mut data)? {
+            return Ok(false);
+        }
+        let own = self.shared.index.lock().reserve_generation();
+        let path = self.shared.chunk_path(key, own);
+        self.write_new_file(&path, &data)?;
+        let moved = self.shared.index.lock().rehome(key, meta.generation, own);
+        match moved {
+            Some(old_slot) => {
+                self.shared.delete(vec![old_slot]);
+                Ok(true)
+            }
+            None => {
+                remove_quietly(&path);
+                Ok(false)
+            }
+        }
     }
 
     /// Files with writes not yet stored.
@@ -330,32 +377,30 @@ impl ChunkStore {
     }
 
     /// `read_whole`, appending to `out` (a store carrying several chunks) rather than to
-    /// a buffer of its own; on an error `out` is unchanged.
+    /// a buffer of its own; on an error `out` is unchanged. A chunk gone meanwhile is
+    /// `NotFound`.
     pub fn append_whole(
         &self,
         key: ChunkKey,
         meta: &ChunkMeta,
         out: &mut Vec<u8>,
     ) -> io::Result<()> {
-        let len = meta.len as usize;
-        if let Some(data) = self.shared.pending_data(key, meta.generation) {
-            let bytes = data.get(..len).ok_or_else(|| {
-                io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "pending chunk shorter than indexed",
-                )
-            })?;
-            out.extend_from_slice(bytes);
-            return Ok(());
-        }
-        let file = File::open(self.shared.path(key, meta.generation))?;
         let start = out.len();
-        out.resize(start + len, 0);
-        if let Err(e) = file.read_exact_at(&mut out[start..], 0) {
-            out.truncate(start);
-            return Err(e);
+        out.resize(start + meta.len as usize, 0);
+        match self.shared.read_at(key, meta, 0, &mut out[start..]) {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                out.truncate(start);
+                Err(io::Error::new(
+                    io::ErrorKind::NotFound,
+                    "chunk left the cache",
+                ))
+            }
+            Err(e) => {
+                out.truncate(start);
+                Err(e)
+            }
         }
-        Ok(())
     }
 
     /// The whole chunk when it is cached at `data_version` (or holds unstored writes).
@@ -397,11 +442,10 @@ impl ChunkStore {
         let (evicted, cut) = self.shared.index.lock().truncate(fid, size);
         self.shared.delete(evicted);
         if let Some((key, meta)) = cut {
-            // Cut the complete file, not one the background writer is still filling.
-            self.shared.wait_written(key, meta.generation);
+            // Only a chunk in a file of its own is cut; it is never pending.
             let file = match OpenOptions::new()
                 .write(true)
-                .open(self.shared.path(key, meta.generation))
+                .open(self.shared.chunk_path(key, meta.generation))
             {
                 Ok(file) => file,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
@@ -412,13 +456,108 @@ impl ChunkStore {
         Ok(())
     }
 
+    /// Whether one version file holds every byte of `fid` at `data_version` (`size`
+    /// bytes), clean: a passthrough open could be given it.
+    pub fn wholly_cached(&self, fid: Fid, data_version: DataVersion, size: u64) -> bool {
+        self.shared
+            .index
+            .lock()
+            .passthrough_file(fid, data_version, size)
+            .is_some()
+    }
+
+    /// Holds the version file that has every byte of `fid` at `data_version` (`size`
+    /// bytes) for a passthrough open, once those bytes are all down, and returns it open
+    /// with its length set to `size`. `None` when no version file holds them all (or one
+    /// could not be opened); then nothing is held.
+    pub fn hold_for_passthrough(
+        &self,
+        fid: Fid,
+        data_version: DataVersion,
+        size: u64,
+    ) -> Option<(Generation, File)> {
+        let (file, chunks) = {
+            let mut index = self.shared.index.lock();
+            let file = index.passthrough_file(fid, data_version, size)?;
+            if !index.hold(file) {
+                return None;
+            }
+            (file, index.chunks_in(file))
+        };
+        // Held, so none of them is punched any more; wait for the ones still queued.
+        for (key, meta) in chunks {
+            self.shared.wait_written(key, meta.generation);
+        }
+        let path = self.shared.version_path(fid, file);
+        let opened = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .and_then(|f| {
+                // Sparse slots past the last chunk (a longer file of the same version
+                // cut by this client) must not show.
+                if f.metadata()?.len() != size {
+                    f.set_len(size)?;
+                }
+                Ok(f)
+            });
+        match opened {
+            Ok(f) => Some((file, f)),
+            Err(e) => {
+                debug!(path = %path.display(), error = %e, "cannot open a version file for passthrough");
+                self.unhold(file);
+                None
+            }
+        }
+    }
+
+    /// A passthrough open of `file` ended.
+    pub fn unhold(&self, file: Generation) {
+        let evicted = self.shared.index.lock().unhold(file);
+        self.shared.delete(evicted);
+    }
+
+    /// Brings a held version file of `fid` to show a newer version, for opens the kernel
+    /// can only give this file (it binds one backing file to an inode): `chunks` are the
+    /// new version's bytes by index and `size` its length. The one exception to "never
+    /// rewritten in place", made only while the file is held.
+    pub fn rewrite_held(
+        &self,
+        fid: Fid,
+        file: Generation,
+        chunks: &[(u64, Bytes)],
+        size: u64,
+    ) -> io::Result<()> {
+        // No write of its old version still queued may land after these.
+        self.barrier();
+        let f = OpenOptions::new()
+            .write(true)
+            .open(self.shared.version_path(fid, file))?;
+        for (index, data) in chunks {
+            f.write_all_at(data, index * CHUNK_BYTES)?;
+        }
+        f.set_len(size)?;
+        let evicted = self.shared.index.lock().count_held_bytes(file, size);
+        self.shared.delete(evicted);
+        Ok(())
+    }
+
+    /// Waits until every job queued so far is done.
+    pub fn barrier(&self) {
+        let (done, wait) = std::sync::mpsc::sync_channel(1);
+        self.shared.queue(Job::Barrier(done));
+        // An error means the writer is gone: nothing is left to wait for.
+        let _ = wait.recv();
+    }
+
     pub fn dir(&self) -> &Path {
         &self.shared.dir
     }
 
-    /// Waits until every fetched chunk queued so far has its file (or was dropped).
+    /// Waits until every fetched chunk queued so far has its bytes down (or was dropped).
     #[cfg(test)]
     fn wait_idle(&self) {
+        self.barrier();
         let mut pending = self.shared.pending.lock();
         while !pending.is_empty() {
             self.shared.written.wait(&mut pending);
@@ -427,10 +566,10 @@ impl ChunkStore {
 }
 
 impl Drop for ChunkStore {
-    /// Lets the writer finish the queued files, so none is written after the store is
-    /// gone (into a directory that may be reused).
+    /// Lets the writer finish the queued jobs, so none is done after the store is gone
+    /// (in a directory that may be reused).
     fn drop(&mut self) {
-        drop(self.jobs.take());
+        self.shared.queue(Job::Stop);
         if let Some(writer) = self.writer.take()
             && writer.join().is_err()
         {
@@ -440,8 +579,8 @@ impl Drop for ChunkStore {
 }
 
 impl Shared {
-    /// A chunk's file: `VOLUME.VNODE.UNIQUE.INDEX.GENERATION` in the store's directory.
-    fn path(&self, key: ChunkKey, generation: Generation) -> PathBuf {
+    /// A chunk's own file: `VOLUME.VNODE.UNIQUE.INDEX.GENERATION` in the store's directory.
+    fn chunk_path(&self, key: ChunkKey, generation: Generation) -> PathBuf {
         let fid = key.fid;
         self.dir.join(format!(
             "{}.{}.{}.{}.{}",
@@ -449,8 +588,67 @@ impl Shared {
         ))
     }
 
-    /// The bytes of the chunk written under `generation` while its file is not complete.
-    fn pending_data(&self, key: ChunkKey, generation: Generation) -> Option<Arc<Vec<u8>>> {
+    /// A version file: `VOLUME.VNODE.UNIQUE.vGENERATION` in the store's directory.
+    fn version_path(&self, fid: Fid, file: Generation) -> PathBuf {
+        self.dir.join(format!(
+            "{}.{}.{}.v{}",
+            fid.volume, fid.vnode, fid.unique, file.0
+        ))
+    }
+
+    fn queue(&self, job: Job) {
+        // Fails only once the writer stopped, while the store is dropped.
+        let _ = self.jobs.lock().send(job);
+    }
+
+    /// Reads `out.len()` bytes at `offset` within an indexed chunk from wherever they
+    /// are. `false` when the chunk left the cache (a version file's slot is checked
+    /// after the read, since an eviction punches it rather than delete a file).
+    fn read_at(
+        &self,
+        key: ChunkKey,
+        meta: &ChunkMeta,
+        offset: u64,
+        out: &mut [u8],
+    ) -> io::Result<bool> {
+        if out.is_empty() {
+            return Ok(true);
+        }
+        if let Some(data) = self.pending_data(key, meta.generation) {
+            // `meta.len` never exceeds the fetched bytes (a pending chunk is clean, so
+            // only a truncation changes its length); `get` keeps a slip from panicking.
+            let from = offset as usize;
+            let Some(bytes) = data.get(from..from + out.len()) else {
+                return Ok(false);
+            };
+            out.copy_from_slice(bytes);
+            return Ok(true);
+        }
+        let (path, at) = match meta.home {
+            Home::Own => (self.chunk_path(key, meta.generation), offset),
+            Home::Version(file) => (self.version_path(key.fid, file), key.offset() + offset),
+        };
+        let file = match File::open(path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        match file.read_exact_at(out, at) {
+            Ok(()) => {}
+            // A version file cut short by an eviction or a deletion racing this read.
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof && meta.home != Home::Own => {
+                return Ok(false);
+            }
+            Err(e) => return Err(e),
+        }
+        if meta.home == Home::Own {
+            return Ok(true);
+        }
+        Ok(self.index.lock().still_cached(key, meta.generation))
+    }
+
+    /// The bytes of the chunk cached under `generation` while they are not down yet.
+    fn pending_data(&self, key: ChunkKey, generation: Generation) -> Option<Bytes> {
         self.pending
             .lock()
             .get(&key)
@@ -468,8 +666,18 @@ impl Shared {
             .is_some_and(|p| p.generation == generation)
     }
 
-    /// Blocks until the chunk written under `generation` has its complete file (or was
-    /// dropped). Short: the writer takes queued files in order.
+    /// Forgets the pending bytes of the chunk cached under `generation`.
+    fn unpend(&self, key: ChunkKey, generation: Generation) {
+        let mut pending = self.pending.lock();
+        if Shared::is_pending(&pending, key, generation) {
+            pending.remove(&key);
+            drop(pending);
+            self.written.notify_all();
+        }
+    }
+
+    /// Blocks until the chunk cached under `generation` has its bytes down (or was
+    /// dropped). Short: the writer takes queued jobs in order.
     fn wait_written(&self, key: ChunkKey, generation: Generation) {
         let mut pending = self.pending.lock();
         while Shared::is_pending(&pending, key, generation) {
@@ -477,76 +685,98 @@ impl Shared {
         }
     }
 
-    /// The background writer's loop; ends when the store closes the queue.
-    fn write_queued(&self, queue: Receiver<WriteJob>) {
+    /// The writer's loop; ends at `Stop`. `freed` gives back one unit of room per write.
+    fn write_queued(&self, queue: Receiver<Job>, freed: Receiver<()>) {
         for job in queue {
-            let emptied = self.write_file(job);
-            // Only a courtesy is lost (giving those callbacks up early): the fids are
-            // dropped from the cache all the same.
-            if !emptied.is_empty() {
-                debug!(
-                    count = emptied.len(),
-                    "fids emptied by a failed chunk write"
-                );
+            match job {
+                Job::Write {
+                    key,
+                    generation,
+                    file,
+                    data,
+                } => {
+                    let emptied = self.write_chunk(key, generation, file, &data);
+                    let _ = freed.try_recv();
+                    // Only a courtesy is lost (giving those callbacks up early): the fids
+                    // are dropped from the cache all the same.
+                    if !emptied.is_empty() {
+                        debug!(
+                            count = emptied.len(),
+                            "fids emptied by a failed chunk write"
+                        );
+                    }
+                }
+                Job::Punch { fid, file, offset } => self.punch(fid, file, offset),
+                Job::DeleteVersion { fid, file } => remove_quietly(&self.version_path(fid, file)),
+                Job::Barrier(done) => {
+                    let _ = done.send(());
+                }
+                Job::Stop => return,
             }
         }
     }
 
-    /// Writes a fetched chunk's file, then hands readers over to it. A chunk dropped
-    /// before the write gets no file; one dropped during it has its file deleted here,
-    /// since whoever dropped it may have looked for the file too early. On failure the
-    /// chunk leaves the cache (its file first, so a reader never finds a partial one);
-    /// returns the fids that left with it.
-    fn write_file(&self, job: WriteJob) -> Vec<Fid> {
-        let WriteJob {
-            key,
-            generation,
-            data,
-        } = job;
+    /// Puts a fetched chunk's bytes into its version file, then hands readers over to
+    /// them. A chunk dropped before the write gets none; one dropped during it had its
+    /// punch or deletion queued after this job, which undoes the write. On failure the
+    /// chunk leaves the cache; returns the fids that left with it.
+    fn write_chunk(
+        &self,
+        key: ChunkKey,
+        generation: Generation,
+        file: Generation,
+        data: &[u8],
+    ) -> Vec<Fid> {
         if !Shared::is_pending(&self.pending.lock(), key, generation) {
             return Vec::new();
         }
-        let path = self.path(key, generation);
-        let written = std::fs::write(&path, &*data);
-        let mut pending = self.pending.lock();
-        let still_cached = Shared::is_pending(&pending, key, generation);
+        let path = self.version_path(key.fid, file);
+        let written = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .and_then(|f| f.write_all_at(data, key.offset()));
         match written {
-            Ok(()) if still_cached => {
-                pending.remove(&key);
-                drop(pending);
-                self.written.notify_all();
-                Vec::new()
-            }
             Ok(()) => {
-                // Evicted or replaced while its file was written: whoever dropped it
-                // may have looked for the file too early.
-                drop(pending);
-                remove_quietly(&path);
+                self.unpend(key, generation);
                 Vec::new()
             }
             Err(e) => {
-                drop(pending);
-                warn!(path = %path.display(), error = %e, "cannot write chunk file; dropping the chunk");
+                warn!(path = %path.display(), error = %e, "cannot write a fetched chunk; dropping it");
                 let dropped = self.index.lock().drop_generation(key, generation);
-                remove_quietly(&path);
-                let mut pending = self.pending.lock();
-                if Shared::is_pending(&pending, key, generation) {
-                    pending.remove(&key);
-                }
-                drop(pending);
-                self.written.notify_all();
-                dropped
-                    .filter(|e| e.last_of_fid)
-                    .map(|e| e.key.fid)
-                    .into_iter()
-                    .collect()
+                self.unpend(key, generation);
+                let emptied = dropped.filter(|e| e.last_of_fid).map(|e| e.key.fid);
+                self.delete(dropped.into_iter().collect());
+                emptied.into_iter().collect()
             }
         }
     }
 
-    /// Deletes evicted chunks' files (and the bytes of those still pending); returns the
-    /// fids left with no cached data. Files go by generation, so an old eviction never
-    /// deletes a newer file of the same chunk.
+    /// Punches a chunk's slot out of a version file, giving its disk space back.
+    fn punch(&self, fid: Fid, file: Generation, offset: u64) {
+        let path = self.version_path(fid, file);
+        let Ok(f) = OpenOptions::new().write(true).open(&path) else {
+            return; // deleted already
+        };
+        // SAFETY: a valid open descriptor and plain integer arguments.
+        let rc = unsafe {
+            libc::fallocate(
+                f.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset as libc::off_t,
+                CHUNK_BYTES as libc::off_t,
+            )
+        };
+        if rc != 0 {
+            debug!(path = %path.display(), error = %io::Error::last_os_error(), "cannot punch an evicted chunk's slot");
+        }
+    }
+
+    /// Releases evicted chunks' bytes (and those still pending); returns the fids left
+    /// with no cached data. A chunk file goes by generation, so an old eviction never
+    /// deletes a newer file of the same chunk; a version file's slot is punched, and the
+    /// file deleted, by the writer, after any write queued before.
     fn delete(&self, evicted: Vec<Evicted>) -> Vec<Fid> {
         if evicted.is_empty() {
             return Vec::new();
@@ -566,9 +796,19 @@ impl Shared {
             self.written.notify_all();
         }
         for e in evicted {
-            remove_quietly(&self.path(e.key, e.generation));
+            let fid = e.key.fid;
+            match e.release {
+                Release::DeleteChunkFile => remove_quietly(&self.chunk_path(e.key, e.generation)),
+                Release::PunchSlot(file) => self.queue(Job::Punch {
+                    fid,
+                    file,
+                    offset: e.key.offset(),
+                }),
+                Release::DeleteVersionFile(file) => self.queue(Job::DeleteVersion { fid, file }),
+                Release::Keep => {}
+            }
             if e.last_of_fid {
-                emptied.push(e.key.fid);
+                emptied.push(fid);
             }
         }
         emptied
@@ -579,7 +819,7 @@ fn remove_quietly(path: &Path) {
     if let Err(err) = std::fs::remove_file(path)
         && err.kind() != io::ErrorKind::NotFound
     {
-        debug!(error = %err, "cannot delete evicted chunk file");
+        debug!(error = %err, "cannot delete an evicted cache file");
     }
 }
 
@@ -588,7 +828,6 @@ mod tests {
     use proto::{Uniquifier, VnodeId, VolumeId};
 
     use super::*;
-    use crate::chunk_index::CHUNK_BYTES;
     use crate::spare_files::SPARE_PREFIX;
 
     fn key(index: u64) -> ChunkKey {
@@ -666,7 +905,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = ChunkStore::open(dir.path().join("chunks"), 1 << 20).unwrap();
         let v = DataVersion(1);
-        let emptied = store.insert_fetched(key(0), v, Arc::new(b"hello".to_vec()));
+        let emptied = store.insert_fetched(key(0), v, Bytes::from_static(b"hello"));
         assert!(emptied.is_empty());
         // Readable at once, whether or not the writer got to it yet.
         assert_eq!(store.read(key(0), v, 3, 4).unwrap().unwrap(), b"lo\0\0");
@@ -679,7 +918,7 @@ mod tests {
     }
 
     #[test]
-    fn more_fetched_chunks_than_the_queue_all_get_files() {
+    fn more_fetched_chunks_than_the_queue_all_get_written() {
         let dir = tempfile::tempdir().unwrap();
         let store = ChunkStore::open(dir.path().join("chunks"), 1 << 30).unwrap();
         let count = 3 * WRITES_QUEUED_MAX as u64;
@@ -687,11 +926,11 @@ mod tests {
             store.insert_fetched(
                 key(index),
                 DataVersion(1),
-                Arc::new(vec![index as u8; 4096]),
+                Bytes::from(vec![index as u8; 4096]),
             );
         }
         store.wait_idle();
-        assert_eq!(files(&store) as u64, count);
+        assert_eq!(files(&store), 1, "one version file holds them all");
         for index in 0..count {
             let data = store
                 .read_chunk(key(index), DataVersion(1))
@@ -708,7 +947,7 @@ mod tests {
         let store = ChunkStore::open(dir.path().join("chunks"), 10).unwrap();
         let v = DataVersion(1);
         for index in 0..3 {
-            store.insert_fetched(key(index), v, Arc::new(b"12345".to_vec()));
+            store.insert_fetched(key(index), v, Bytes::from_static(b"12345"));
         }
         assert!(!store.holds(key(0), v), "evicted, pending or not");
         // A new data version drops the rest, pending or not.
@@ -718,8 +957,8 @@ mod tests {
         store.wait_idle();
         assert_eq!(files(&store), 0, "no file outlives its chunk");
         // Refetched at the new version, and replaced before its file may be written.
-        store.insert_fetched(key(1), DataVersion(2), Arc::new(b"old".to_vec()));
-        store.insert_fetched(key(1), DataVersion(2), Arc::new(b"new".to_vec()));
+        store.insert_fetched(key(1), DataVersion(2), Bytes::from_static(b"old"));
+        store.insert_fetched(key(1), DataVersion(2), Bytes::from_static(b"new"));
         assert_eq!(
             store.read(key(1), DataVersion(2), 0, 3).unwrap().unwrap(),
             b"new"
@@ -737,7 +976,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = ChunkStore::open(dir.path().join("chunks"), 1 << 20).unwrap();
         let v = DataVersion(1);
-        store.insert_fetched(key(0), v, Arc::new(b"hello".to_vec()));
+        store.insert_fetched(key(0), v, Bytes::from_static(b"hello"));
         assert!(store.write(key(0), v, 5, b"!!").unwrap());
         assert_eq!(store.read(key(0), v, 0, 7).unwrap().unwrap(), b"hello!!");
         let dirty = store.dirty_chunks(key(0).fid);
@@ -745,15 +984,90 @@ mod tests {
             store.read_whole(dirty[0].0, &dirty[0].1).unwrap(),
             b"hello!!"
         );
-        store.insert_fetched(key(1), v, Arc::new(b"world".to_vec()));
+        store.insert_fetched(key(1), v, Bytes::from_static(b"world"));
         store.truncate(key(0).fid, CHUNK_BYTES + 2).unwrap();
-        assert_eq!(
-            store.read(key(1), v, 0, 4).unwrap().unwrap(),
-            b"wo\0\0",
-            "cut, whether its file was written yet or not"
+        assert!(
+            store.read(key(1), v, 0, 4).unwrap().is_none(),
+            "a version file is never cut in place: its chunk goes"
         );
+        store.truncate(key(0).fid, 3).unwrap();
+        assert_eq!(store.read(key(0), v, 0, 4).unwrap().unwrap(), b"hel\0");
         store.wait_idle();
-        assert_eq!(store.read(key(1), v, 0, 4).unwrap().unwrap(), b"wo\0\0");
-        assert_eq!(files(&store), 2);
+        assert_eq!(files(&store), 1, "the written chunk's own file alone");
+    }
+
+    fn whole(file: &File) -> Vec<u8> {
+        let mut data = vec![0; file.metadata().unwrap().len() as usize];
+        file.read_exact_at(&mut data, 0).unwrap();
+        data
+    }
+
+    #[test]
+    fn a_passthrough_open_reads_its_version_until_let_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ChunkStore::open(dir.path().join("chunks"), 3 * CHUNK_BYTES).unwrap();
+        let (v1, v2) = (DataVersion(1), DataVersion(2));
+        let first = Bytes::from(vec![1u8; CHUNK_BYTES as usize]);
+        store.insert_fetched(key(0), v1, first.clone());
+        assert!(
+            store
+                .hold_for_passthrough(key(0).fid, v1, CHUNK_BYTES + 3)
+                .is_none(),
+            "partial"
+        );
+        store.insert_fetched(key(1), v1, Bytes::from_static(b"abc"));
+        assert!(
+            store
+                .hold_for_passthrough(key(0).fid, v2, CHUNK_BYTES + 3)
+                .is_none()
+        );
+        let (file, held) = store
+            .hold_for_passthrough(key(0).fid, v1, CHUNK_BYTES + 3)
+            .unwrap();
+        let mut expected = first.to_vec();
+        expected.extend_from_slice(b"abc");
+        assert_eq!(
+            whole(&held),
+            expected,
+            "every byte down before it is handed out"
+        );
+        // A new version, and other files filling the cache: the held bytes stay.
+        store.drop_stale(key(0).fid, v2);
+        for vnode in 3..8 {
+            let other = ChunkKey {
+                fid: Fid {
+                    vnode: VnodeId(vnode),
+                    ..key(0).fid
+                },
+                index: 0,
+            };
+            store.insert_fetched(other, v1, first.clone());
+        }
+        store.insert_fetched(key(0), v2, Bytes::from_static(b"new"));
+        store.wait_idle();
+        assert_eq!(whole(&held), expected, "the open keeps its version");
+        assert!(store.bytes_used() <= 3 * CHUNK_BYTES + 3);
+        // Brought to the new version for an open the kernel can only give this file.
+        store
+            .rewrite_held(key(0).fid, file, &[(0, Bytes::from_static(b"new"))], 3)
+            .unwrap();
+        assert_eq!(whole(&held), b"new");
+        store.unhold(file);
+        store.wait_idle();
+        let version_files = std::fs::read_dir(store.dir())
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .contains(".2.1.v")
+            })
+            .count();
+        assert_eq!(
+            version_files, 1,
+            "the held file is gone, the new version's stays"
+        );
+        assert_eq!(store.read(key(0), v2, 0, 3).unwrap().unwrap(), b"new");
     }
 }

@@ -6,6 +6,7 @@
 
 mod signals;
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::future::Future;
 use std::path::Path;
@@ -14,20 +15,22 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::SystemTime;
 
 use fuser::{
-    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, InitFlags, KernelConfig, LockOwner, Notifier, OpenFlags, RenameFlags, ReplyAttr,
-    ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLock, ReplyOpen,
-    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    AccessFlags, BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
+    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, Notifier, OpenFlags, RenameFlags,
+    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLock,
+    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
+use parking_lot::Mutex;
 use proto::access::FileAccess;
 use proto::{ByteRange, FileKind, LockKind, LockOwnerId, SetAttrs, Timestamp};
 use tokio::sync::Semaphore;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::chunk_index::CHUNK_BYTES;
 use crate::inode::Ino;
 use crate::invalidate::KernelNotifier;
-use crate::manager::{Attr, AttrOut, FsError, FsResult, LockRequest, Manager, NodeKind};
+use crate::manager::{Attr, AttrOut, FsError, FsResult, LockRequest, Manager, NodeKind, Opened};
+use crate::passthrough::{BindingId, PassthroughMode};
 use crate::tokens::{self, LocalUid};
 
 /// Block size `statfs` reports.
@@ -67,6 +70,41 @@ pub struct HoldfastFs {
     in_flight: Arc<Semaphore>,
     /// Blocking lock requests waiting now.
     lock_waiters: Arc<AtomicUsize>,
+    /// What `--passthrough` asked for; `init` decides what the kernel and this process
+    /// allow.
+    passthrough: PassthroughMode,
+    /// The kernel's backing id of each inode bound for passthrough opens, by the binding
+    /// it serves; dropped (closed in the kernel) when that binding's last open is
+    /// released. Bounded by the inodes with passthrough opens.
+    backings: Arc<Mutex<Backings>>,
+}
+
+/// Per inode, the binding its kernel backing id serves and that id.
+type Backings = HashMap<Ino, (BindingId, Arc<BackingId>)>;
+
+/// The handle of an open through the mount. A passthrough open's handle carries its
+/// binding (odd handles), so its release can end that binding.
+const NORMAL_HANDLE: FileHandle = FileHandle(0);
+
+fn passthrough_handle(binding: BindingId) -> FileHandle {
+    FileHandle((binding.0 << 1) | 1)
+}
+
+fn handle_binding(fh: FileHandle) -> Option<BindingId> {
+    (fh.0 & 1 == 1).then_some(BindingId(fh.0 >> 1))
+}
+
+/// Whether this process may register backing files (`FUSE_DEV_IOC_BACKING_OPEN` needs
+/// CAP_SYS_ADMIN in its effective set).
+fn has_cap_sys_admin() -> bool {
+    const CAP_SYS_ADMIN: u32 = 21;
+    let Ok(text) = std::fs::read_to_string("/proc/self/status") else {
+        return false;
+    };
+    text.lines()
+        .find_map(|line| line.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .is_some_and(|caps| caps & (1 << CAP_SYS_ADMIN) != 0)
 }
 
 /// A blocking lock request counted in `lock_waiters` until dropped.
@@ -80,13 +118,52 @@ impl Drop for LockWaiter {
 
 impl HoldfastFs {
     /// `runtime` runs the requests: the manager's own.
-    pub fn new(manager: Arc<Manager>, runtime: tokio::runtime::Handle) -> HoldfastFs {
+    pub fn new(
+        manager: Arc<Manager>,
+        runtime: tokio::runtime::Handle,
+        passthrough: PassthroughMode,
+    ) -> HoldfastFs {
         HoldfastFs {
             manager,
             runtime,
             in_flight: Arc::new(Semaphore::new(IN_FLIGHT_BYTES_MAX)),
             lock_waiters: Arc::new(AtomicUsize::new(0)),
+            passthrough,
+            backings: Arc::new(Mutex::new(HashMap::new())),
         }
+    }
+
+    /// Asks the kernel for passthrough opens when `--passthrough auto` and both the
+    /// kernel and this process allow them; says once which it is.
+    fn init_passthrough(&self, config: &mut KernelConfig) {
+        if self.passthrough == PassthroughMode::Off {
+            info!("passthrough off (--passthrough off): cached files are read through the mount");
+            return;
+        }
+        if !has_cap_sys_admin() {
+            warn!(
+                "passthrough off: this process lacks CAP_SYS_ADMIN; cached files are read through the mount"
+            );
+            return;
+        }
+        if config
+            .add_capabilities(InitFlags::FUSE_PASSTHROUGH)
+            .is_err()
+        {
+            warn!(
+                "passthrough off: the kernel offers no FUSE passthrough (Linux 6.9 or later needed); cached files are read through the mount"
+            );
+            return;
+        }
+        // Backing files on a filesystem that is not itself stacked (the cache directory).
+        if config.set_max_stack_depth(1).is_err() {
+            warn!("passthrough off: the kernel refuses a stacking depth of 1");
+            return;
+        }
+        self.manager.set_passthrough(true);
+        info!(
+            "passthrough on: wholly cached files are read by the kernel from the cache directory"
+        );
     }
 
     /// Runs `request` on the runtime as a task that answers it. Its share of the
@@ -292,6 +369,7 @@ impl Filesystem for HoldfastFs {
                 );
             }
         }
+        self.init_passthrough(config);
         debug!(capabilities = ?config.capabilities(), "kernel FUSE capabilities");
         Ok(())
     }
@@ -578,19 +656,62 @@ impl Filesystem for HoldfastFs {
 
     fn open(&self, req: &Request, i: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         debug!(ino = i.0, "open");
+        let backings = self.backings.clone();
         self.spawn(req, 0, move |m| async move {
-            if let Err(e) = m.check_access(ino(i), &open_access(flags.0)).await {
+            let wanted = open_access(flags.0);
+            if let Err(e) = m.check_access(ino(i), &wanted).await {
                 reply.error(errno(e));
                 return;
             }
-            let opened = m.open(ino(i)).await;
-            if opened.is_ok() {
-                m.opened(ino(i));
-            }
+            let writes = wanted.contains(&FileAccess::Write);
+            let opened = match m.open_file(ino(i), writes).await {
+                Ok(opened) => opened,
+                Err(e) => {
+                    reply.error(errno(e));
+                    return;
+                }
+            };
+            m.opened(ino(i));
             match opened {
-                Ok(true) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
-                Ok(false) => reply.opened(FileHandle(0), FopenFlags::empty()),
-                Err(e) => reply.error(errno(e)),
+                Opened::Normal { keep_cache: true } => {
+                    reply.opened(NORMAL_HANDLE, FopenFlags::FOPEN_KEEP_CACHE)
+                }
+                Opened::Normal { keep_cache: false } => {
+                    reply.opened(NORMAL_HANDLE, FopenFlags::empty())
+                }
+                Opened::Passthrough { binding, backing } => {
+                    let id = match backing {
+                        // The binding's first open: the kernel takes the file now.
+                        Some(file) => match reply.open_backing(&file) {
+                            Ok(id) => {
+                                let id = Arc::new(id);
+                                backings.lock().insert(ino(i), (binding, id.clone()));
+                                m.passthrough_ready(ino(i), binding);
+                                Some(id)
+                            }
+                            Err(e) => {
+                                debug!(ino = i.0, error = %e, "the kernel refused a backing file");
+                                m.passthrough_refused(ino(i), binding, &e);
+                                None
+                            }
+                        },
+                        None => backings
+                            .lock()
+                            .get(&ino(i))
+                            .filter(|(bound, _)| *bound == binding)
+                            .map(|(_, id)| id.clone()),
+                    };
+                    match id {
+                        Some(id) => reply.opened_passthrough(
+                            passthrough_handle(binding),
+                            FopenFlags::empty(),
+                            &id,
+                        ),
+                        // Refused, so counted as a normal open: its pages are not known
+                        // to be current.
+                        None => reply.opened(NORMAL_HANDLE, FopenFlags::empty()),
+                    }
+                }
             }
         });
     }
@@ -658,7 +779,7 @@ impl Filesystem for HoldfastFs {
         &self,
         req: &Request,
         i: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         _flags: OpenFlags,
         lock_owner: Option<LockOwner>,
         _flush: bool,
@@ -666,6 +787,19 @@ impl Filesystem for HoldfastFs {
     ) {
         // Counted at once: the kernel closed it, whatever its write-back does.
         self.manager.released(ino(i));
+        match handle_binding(fh) {
+            Some(binding) => {
+                if self.manager.released_passthrough(ino(i), binding) {
+                    let mut backings = self.backings.lock();
+                    if backings.get(&ino(i)).is_some_and(|(b, _)| *b == binding) {
+                        // Closes the kernel's backing id; the kernel dropped its own
+                        // reference to the file with the last open.
+                        backings.remove(&ino(i));
+                    }
+                }
+            }
+            None => self.manager.released_normal(ino(i)),
+        }
         self.spawn(req, 0, move |m| async move {
             let stored = m.flush(ino(i)).await;
             // Set only when the file carried `flock` locks: the last close ends them.
@@ -843,6 +977,7 @@ impl Filesystem for HoldfastFs {
                 Ok(out) => {
                     debug!(ino = out.attr.ino.0, "created");
                     m.opened(out.attr.ino);
+                    m.opened_normal(out.attr.ino);
                     reply.created(
                         &out.ttl,
                         &file_attr(&out.attr),

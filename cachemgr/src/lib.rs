@@ -21,6 +21,7 @@ pub mod lock_waits;
 mod manager;
 pub mod mount;
 pub mod mountinfo;
+pub mod passthrough;
 pub mod readahead;
 pub mod rights;
 pub mod server_pool;
@@ -77,6 +78,8 @@ pub struct Config {
     /// Status entries kept for files the kernel no longer holds (AFS's `afsd -stat`);
     /// listings and idle inode numbers are bounded in proportion (`TableBudget`).
     pub status_entries_max: usize,
+    /// Whether cached files are handed to the kernel for passthrough reads.
+    pub passthrough: passthrough::PassthroughMode,
 }
 
 impl Config {
@@ -100,6 +103,7 @@ impl Config {
             lease_renew_interval: LEASE_RENEW_INTERVAL_DEFAULT,
             over_guard: false,
             status_entries_max: status::STATUS_ENTRIES_MAX_DEFAULT,
+            passthrough: passthrough::PassthroughMode::Auto,
         }
     }
 }

@@ -35,6 +35,7 @@ mod write_back;
 pub use advisory::LockRequest;
 pub use attr::{Attr, AttrOut, NodeKind};
 use data::ChunkFetch;
+pub use data::Opened;
 use fs_error::unexpected;
 pub use fs_error::{FsError, FsResult, rpc_error};
 use namespace::DirHandles;
@@ -53,10 +54,12 @@ use crate::volume::{VolumeLocation, VolumeTable};
 /// Longest the kernel may cache attributes and entries before asking again; breaks
 /// invalidate sooner, this bounds the harm of a lost invalidation.
 const KERNEL_TTL_MAX: Duration = Duration::from_secs(1);
-/// Chunks fetched ahead of a sequential reader (4 MiB).
-const READ_AHEAD_CHUNKS: u64 = 4;
-/// Fetches ahead in flight at once over all files; each holds a chunk in memory.
-const PREFETCHES_MAX: usize = 8;
+/// Chunks fetched ahead of a sequential reader (8 MiB): the window of fetches in flight
+/// ahead of it, so the server has the next chunks to send while it sends one.
+const READ_AHEAD_CHUNKS: u64 = 8;
+/// Fetches ahead in flight at once over all files; each holds a chunk in memory (16 MiB
+/// in all, besides the writer's queue).
+const PREFETCHES_MAX: usize = 16;
 
 /// What the kernel's inode numbers name, and what is known of each file.
 struct CacheState {
@@ -169,6 +172,8 @@ pub struct Manager {
     rights: crate::rights::RightsCache,
     /// Where time goes: FUSE operations' latency and the data path's counters.
     figures: Arc<crate::figures::MountFigures>,
+    /// Which kernel opens are passthrough opens, and the data path's counters.
+    passthrough: crate::passthrough::Passthrough,
 }
 
 impl Manager {
@@ -230,6 +235,7 @@ impl Manager {
             tokens: Arc::new(crate::tokens::TokenStore::default()),
             rights: crate::rights::RightsCache::default(),
             figures: Arc::default(),
+            passthrough: crate::passthrough::Passthrough::default(),
         });
         manager.pool.set_tokens(manager.tokens.clone());
         manager.spawn_lease_renewal(settings.lease_renew_interval);

@@ -226,7 +226,11 @@ pub fn run(
     options.acl = SessionACL::All;
     options.n_threads = Some(FUSE_THREADS);
     let session = fuser::Session::new(
-        HoldfastFs::new(manager.clone(), runtime.handle().clone()),
+        HoldfastFs::new(
+            manager.clone(),
+            runtime.handle().clone(),
+            config.passthrough,
+        ),
         &mount_point,
         &options,
     )

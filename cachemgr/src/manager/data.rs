@@ -1,13 +1,18 @@
-//! The data path: open, read, write and truncate over the chunk cache, with chunks
-//! fetched ahead of a sequential reader.
-//! Invariant: a write or truncation holds the file's lock alone, and a chunk has at most
-//! one fetch in flight, which every reader wanting it shares.
+//! The data path: open (through the mount, or passthrough to a version file), read,
+//! write and truncate over the chunk cache, with chunks fetched ahead of a sequential
+//! reader.
+//! Invariant: a write or truncation holds the file's lock alone, a chunk has at most one
+//! fetch in flight, which every reader wanting it shares, and a passthrough open is given
+//! only a version file that holds every byte of the version current at the open.
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use proto::{DataVersion, Fid, FileKind, Request, Response, SetAttrs, Timestamp, VolumeId};
+use bytes::Bytes;
+use proto::{
+    DataVersion, Fid, FileKind, Request, Response, SetAttrs, Timestamp, VnodeStatus, VolumeId,
+};
 use tokio::sync::OnceCell;
 use tracing::debug;
 
@@ -15,14 +20,38 @@ use super::fs_error::{chunk_io_error, unexpected};
 use super::{AttrOut, FsError, FsResult, Manager};
 use crate::chunk_index::{CHUNK_BYTES, ChunkKey};
 use crate::inode::Ino;
+use crate::passthrough::{BindingId, Decision};
 
 /// Evicted fids collected before their callbacks are given up in one request.
 const GIVE_UP_BATCH: usize = 64;
 
+/// How long an open that writes waits for the passthrough opens of its file to be
+/// released (the kernel gives an inode bound to a backing file no other kind of open)
+/// before it fails with `ETXTBSY`.
+const PASSTHROUGH_DRAIN_WAIT: Duration = Duration::from_secs(2);
+
+/// How long a read open of a wholly cached file waits, once, for the normal opens that
+/// keep it from being a passthrough open: a close's `release` reaches this process
+/// asynchronously and may be just behind the next open (`cat f; cat f`).
+const RELEASE_BEHIND_WAIT: Duration = Duration::from_millis(20);
+
+/// How the kernel is to serve an open.
+#[derive(Debug)]
+pub enum Opened {
+    /// Through the mount; `keep_cache`: the kernel's pages of the file are current.
+    Normal { keep_cache: bool },
+    /// Passthrough to a version file. `backing` is that file when this is the binding's
+    /// first open (the kernel is to register it); later opens reuse the binding's.
+    Passthrough {
+        binding: BindingId,
+        backing: Option<std::fs::File>,
+    },
+}
+
 /// A chunk's bytes as one fetch returned them, shared by every reader that waited for it.
 #[derive(Clone, Debug)]
 pub(super) struct FetchedChunk {
-    data: Arc<Vec<u8>>,
+    data: Bytes,
     version: DataVersion,
 }
 
@@ -49,26 +78,264 @@ impl Manager {
             Response::Status { status, callback } => (status, callback),
             other => return Err(unexpected(&other)),
         };
+        let after = status.data_version;
         self.absorb_own_data_change(before, 1, status, callback, sent_at);
         if let Some(size) = size {
             self.chunks.truncate(fid, size).map_err(chunk_io_error)?;
             if let Some(entry) = self.state.lock().statuses.get_mut(fid) {
                 entry.local_size = None;
             }
+            self.truncate_bound(ino, size, before, after)?;
         }
         self.attr(fid)
     }
 
+    /// A truncation of a file bound for passthrough opens reaches the file they read;
+    /// when nothing but this truncation came between, that file shows the new version.
+    fn truncate_bound(
+        &self,
+        ino: Ino,
+        size: u64,
+        before: DataVersion,
+        after: DataVersion,
+    ) -> FsResult<()> {
+        let Some(binding) = self.passthrough.opens.lock().binding(ino) else {
+            return Ok(());
+        };
+        self.chunks
+            .rewrite_held(binding.fid, binding.file, &[], size)
+            .map_err(chunk_io_error)?;
+        if binding.shows == before && crate::status::only_own_changes(before, 1, after) {
+            self.passthrough
+                .opens
+                .lock()
+                .rebound(ino, binding.id, after);
+        }
+        Ok(())
+    }
+
     /// Opens a file; `true` when the kernel may keep its cached pages (the data version
     /// is the one its pages were read at).
+    #[cfg(test)]
     pub async fn open(&self, ino: Ino) -> FsResult<bool> {
         let fid = self.fid(ino)?;
         let status = self.valid_status(fid).await?;
+        self.keep_kernel_pages(fid, &status)
+    }
+
+    /// Opens a file for the kernel: passthrough to its version file when the open only
+    /// reads and the version current under its callback is wholly cached, else through
+    /// the mount (see `KernelOpens` for the kernel's rules this keeps).
+    pub async fn open_file(&self, ino: Ino, write: bool) -> FsResult<Opened> {
+        let fid = self.fid(ino)?;
+        let deadline = tokio::time::Instant::now() + PASSTHROUGH_DRAIN_WAIT;
+        let mut waited_for_release = false;
+        loop {
+            let status = self.valid_status(fid).await?;
+            let version = status.data_version;
+            let enabled = self.passthrough.enabled();
+            // Made before deciding, so a release between the two still wakes it.
+            let changed = self.passthrough.changed.notified();
+            let decision = self
+                .passthrough
+                .opens
+                .lock()
+                .decide(ino, write, version, enabled);
+            match decision {
+                Decision::Normal => {
+                    return Ok(Opened::Normal {
+                        keep_cache: self.keep_kernel_pages(fid, &status)?,
+                    });
+                }
+                Decision::Reuse(binding) => {
+                    self.figures.data_path().passthrough_open();
+                    return Ok(Opened::Passthrough {
+                        binding,
+                        backing: None,
+                    });
+                }
+                Decision::NormalLive => {
+                    let wholly_cached = self
+                        .clean_size(fid)
+                        .is_some_and(|size| self.chunks.wholly_cached(fid, version, size));
+                    if wholly_cached && !waited_for_release {
+                        waited_for_release = true;
+                        let _ = tokio::time::timeout(RELEASE_BEHIND_WAIT, changed).await;
+                        continue;
+                    }
+                    self.passthrough.opens.lock().normal(ino);
+                    self.figures.data_path().passthrough_fallback();
+                    return Ok(Opened::Normal {
+                        keep_cache: self.keep_kernel_pages(fid, &status)?,
+                    });
+                }
+                Decision::TryBind => {
+                    let held = self
+                        .clean_size(fid)
+                        .and_then(|size| self.chunks.hold_for_passthrough(fid, version, size));
+                    let Some((file, backing)) = held else {
+                        self.passthrough.opens.lock().normal(ino);
+                        self.figures.data_path().passthrough_fallback();
+                        return Ok(Opened::Normal {
+                            keep_cache: self.keep_kernel_pages(fid, &status)?,
+                        });
+                    };
+                    let bound = self.passthrough.opens.lock().bind(ino, fid, file, version);
+                    match bound {
+                        Some(binding) => {
+                            self.figures.data_path().passthrough_open();
+                            return Ok(Opened::Passthrough {
+                                binding,
+                                backing: Some(backing),
+                            });
+                        }
+                        // Another open was answered meanwhile: decide again.
+                        None => self.chunks.unhold(file),
+                    }
+                }
+                Decision::Rebind(binding) => {
+                    // One at a time; and no write-back of this file meanwhile.
+                    let _file = self.file_lock(fid).write().await;
+                    let current = self.passthrough.opens.lock().binding(ino);
+                    if current != Some(binding) {
+                        continue;
+                    }
+                    let Some(chunks) = self.version_bytes(fid, &status).await? else {
+                        continue; // changed again meanwhile
+                    };
+                    debug!(%fid, from = %binding.shows, to = %version, "a passthrough-bound file brought to a new version");
+                    self.chunks
+                        .rewrite_held(fid, binding.file, &chunks, status.size)
+                        .map_err(chunk_io_error)?;
+                    self.passthrough
+                        .opens
+                        .lock()
+                        .rebound(ino, binding.id, version);
+                }
+                Decision::Drain => {
+                    if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                        debug!(%fid, "passthrough opens still live; refusing an open that writes");
+                        return Err(FsError::from_errno(libc::ETXTBSY));
+                    }
+                }
+                Decision::Wait => {
+                    // Registering a backing file is one ioctl; the deadline only guards.
+                    if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                        return Err(FsError::EIO);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The file's size when it has no unstored writes (a passthrough open shows only
+    /// the server's version).
+    fn clean_size(&self, fid: Fid) -> Option<u64> {
+        let state = self.state.lock();
+        let entry = state.statuses.get(fid)?;
+        (entry.local_size.is_none() && entry.status.kind == FileKind::File)
+            .then_some(entry.status.size)
+    }
+
+    /// Every chunk of `status`'s version, by index, fetching the missing ones (several
+    /// in flight); `None` when the file changed again meanwhile.
+    async fn version_bytes(
+        &self,
+        fid: Fid,
+        status: &VnodeStatus,
+    ) -> FsResult<Option<Vec<(u64, Bytes)>>> {
+        let version = status.data_version;
+        let count = status.size.div_ceil(CHUNK_BYTES);
+        self.fetch_ahead(fid, version, 0..count);
+        let mut chunks = Vec::with_capacity(count as usize);
+        for index in 0..count {
+            let key = ChunkKey { fid, index };
+            let cached = self
+                .chunks
+                .read_chunk(key, version)
+                .map_err(chunk_io_error)?;
+            let data = match cached {
+                Some(data) => Bytes::from(data),
+                None => {
+                    let fetched = self.fetch_chunk(key, version).await?;
+                    if fetched.version != version {
+                        return Ok(None);
+                    }
+                    fetched.data
+                }
+            };
+            chunks.push((index, data));
+        }
+        Ok(Some(chunks))
+    }
+
+    /// Whether the kernel may keep its pages of the file for a normal open (they were
+    /// read at the current version); they are current from now on.
+    fn keep_kernel_pages(&self, fid: Fid, status: &VnodeStatus) -> FsResult<bool> {
         let mut state = self.state.lock();
         let entry = state.statuses.get_mut(fid).ok_or(FsError::EIO)?;
         let keep = entry.kernel_version == Some(status.data_version) || entry.local_size.is_some();
         entry.kernel_version = Some(entry.status.data_version);
         Ok(keep)
+    }
+
+    /// The kernel released a normal open of `ino`.
+    pub fn released_normal(&self, ino: Ino) {
+        self.passthrough.opens.lock().release_normal(ino);
+        self.passthrough.changed.notify_waiters();
+    }
+
+    /// The kernel released a passthrough open of `ino`; `true` when it was its binding's
+    /// last, so the caller lets the kernel's backing id go.
+    pub fn released_passthrough(&self, ino: Ino, binding: BindingId) -> bool {
+        let ended = self
+            .passthrough
+            .opens
+            .lock()
+            .release_passthrough(ino, binding);
+        if let Some(ended) = ended {
+            self.chunks.unhold(ended.file);
+        }
+        self.passthrough.changed.notify_waiters();
+        ended.is_some()
+    }
+
+    /// The binding's backing file is registered with the kernel: later opens reuse it.
+    pub fn passthrough_ready(&self, ino: Ino, binding: BindingId) {
+        self.passthrough.opens.lock().ready(ino, binding);
+        self.passthrough.changed.notify_waiters();
+    }
+
+    /// The kernel would not take the backing file of a first passthrough open (`error`):
+    /// the open goes through the mount instead, and when the refusal is for good (no
+    /// capability, a cache directory passthrough cannot stack on), so do all later ones.
+    pub fn passthrough_refused(&self, ino: Ino, binding: BindingId, error: &std::io::Error) {
+        let ended = self.passthrough.opens.lock().unbind_failed(ino, binding);
+        if let Some(ended) = ended {
+            self.chunks.unhold(ended.file);
+        }
+        self.passthrough.changed.notify_waiters();
+        self.figures.data_path().passthrough_fallback();
+        if matches!(
+            error.raw_os_error(),
+            Some(libc::EPERM | libc::ELOOP | libc::EINVAL | libc::ENOTTY | libc::EOPNOTSUPP)
+        ) {
+            if self.passthrough.enabled() {
+                tracing::warn!(%error, "the kernel refuses backing files; passthrough off for this mount");
+            }
+            self.passthrough.set_enabled(false);
+        }
+    }
+
+    /// Turns passthrough opens on or off for this mount (the FUSE session's `init`
+    /// decides).
+    pub fn set_passthrough(&self, enabled: bool) {
+        self.passthrough.set_enabled(enabled);
+    }
+
+    /// Counts a normal open made without `open_file` (a create).
+    pub fn opened_normal(&self, ino: Ino) {
+        self.passthrough.opens.lock().normal(ino);
     }
 
     /// Fetches a chunk from the server and caches it, joining the fetch already in
@@ -100,7 +367,7 @@ impl Manager {
             .map_err(chunk_io_error)?
         {
             return Ok(FetchedChunk {
-                data: Arc::new(data),
+                data: Bytes::from(data),
                 version,
             });
         }
@@ -123,7 +390,7 @@ impl Manager {
         let version = status.data_version;
         self.absorb(status, callback, sent_at);
         // Cached before it leaves the fetch table; its file is written off this path.
-        let data = Arc::new(data);
+        let data = Bytes::from(data);
         let emptied = self.chunks.insert_fetched(key, version, data.clone());
         self.note_evicted(emptied);
         Ok(FetchedChunk { data, version })
@@ -201,12 +468,13 @@ impl Manager {
                 .read_into(key, version, within, n, &mut out)
                 .map_err(chunk_io_error)?
             {
-                // Served from the cache.
+                self.figures.data_path().cache_hit();
             } else if key.offset() >= status.size {
                 // Past the server's end, before later local writes: a hole.
                 out.resize(out.len() + n, 0);
             } else {
                 // Copy straight from the fetched bytes, not back from the cache file.
+                self.figures.data_path().cache_miss();
                 let fetched = self.fetch_chunk(key, version).await?;
                 version = fetched.version;
                 let data = &fetched.data;
@@ -251,7 +519,10 @@ impl Manager {
                     let mut chunk = if existing == 0 {
                         Vec::new()
                     } else {
-                        Arc::unwrap_or_clone(self.fetch_chunk(key, status.data_version).await?.data)
+                        self.fetch_chunk(key, status.data_version)
+                            .await?
+                            .data
+                            .to_vec()
                     };
                     let end = within as usize + n;
                     if chunk.len() < end {
