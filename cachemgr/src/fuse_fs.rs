@@ -170,12 +170,12 @@ impl HoldfastFs {
     /// in-flight budget (`bytes` it carries or asks for, plus the overhead) is taken here
     /// first, waiting on this FUSE thread while the budget is spent, and held until the
     /// task ends.
-    fn spawn<F, Fut>(&self, req: &Request, bytes: usize, request: F)
+    fn spawn<F, Fut>(&self, operation: &'static str, req: &Request, bytes: usize, request: F)
     where
         F: FnOnce(Arc<Manager>) -> Fut,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        let timer = self.manager.figures().time_operation::<F>();
+        let timer = self.manager.figures().time_operation(operation);
         let cost = (REQUEST_OVERHEAD_BYTES + bytes).min(IN_FLIGHT_BYTES_MAX);
         // At most `IN_FLIGHT_BYTES_MAX`: fits a u32.
         let cost = cost as u32;
@@ -393,7 +393,7 @@ impl Filesystem for HoldfastFs {
                 return;
             }
         };
-        self.spawn(req, 0, move |m| async move {
+        self.spawn("getlk", req, 0, move |m| async move {
             let found = m
                 .getlk(ino(i), LockOwnerId(lock_owner.0), range, kind)
                 .await;
@@ -437,7 +437,7 @@ impl Filesystem for HoldfastFs {
             pid,
         };
         if !(sleep && kind.is_some()) {
-            self.spawn(req, 0, move |m| async move {
+            self.spawn("setlk", req, 0, move |m| async move {
                 reply_empty(reply, m.setlk(ino(i), request, false).await);
             });
             return;
@@ -472,7 +472,7 @@ impl Filesystem for HoldfastFs {
 
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let name = name.to_owned();
-        self.spawn(req, name.len(), move |m| async move {
+        self.spawn("lookup", req, name.len(), move |m| async move {
             let found = match m.check_lookup(ino(parent)).await {
                 Ok(()) => m.lookup(ino(parent), &name).await,
                 Err(e) => Err(e),
@@ -486,7 +486,7 @@ impl Filesystem for HoldfastFs {
 
     fn getattr(&self, req: &Request, i: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         debug!(ino = i.0, "getattr");
-        self.spawn(req, 0, move |m| async move {
+        self.spawn("getattr", req, 0, move |m| async move {
             reply_attr(reply, m.getattr(ino(i)).await);
         });
     }
@@ -517,13 +517,13 @@ impl Filesystem for HoldfastFs {
             atime: atime.map(timestamp),
             mtime: mtime.map(timestamp),
         };
-        self.spawn(req, 0, move |m| async move {
+        self.spawn("setattr", req, 0, move |m| async move {
             reply_attr(reply, m.setattr(ino(i), attrs).await);
         });
     }
 
     fn readlink(&self, req: &Request, i: INodeNo, reply: ReplyData) {
-        self.spawn(req, 0, move |m| async move {
+        self.spawn("readlink", req, 0, move |m| async move {
             match m.readlink(ino(i)).await {
                 Ok(target) => reply.data(&target),
                 Err(e) => reply.error(errno(e)),
@@ -558,7 +558,7 @@ impl Filesystem for HoldfastFs {
         };
         let (name, uid, gid) = (name.to_owned(), req.uid(), req.gid());
         let mode = mode & !umask;
-        self.spawn(req, name.len(), move |m| async move {
+        self.spawn("mknod", req, name.len(), move |m| async move {
             let made = match kind {
                 // A regular file, as `create` makes it.
                 None => m.create(ino(parent), &name, mode, uid, gid, true).await,
@@ -578,7 +578,7 @@ impl Filesystem for HoldfastFs {
         reply: ReplyEntry,
     ) {
         let (name, uid, gid) = (name.to_owned(), req.uid(), req.gid());
-        self.spawn(req, name.len(), move |m| async move {
+        self.spawn("mkdir", req, name.len(), move |m| async move {
             let made = m.mkdir(ino(parent), &name, mode & !umask, uid, gid).await;
             reply_entry(reply, made);
         });
@@ -586,14 +586,14 @@ impl Filesystem for HoldfastFs {
 
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let name = name.to_owned();
-        self.spawn(req, name.len(), move |m| async move {
+        self.spawn("unlink", req, name.len(), move |m| async move {
             reply_empty(reply, m.remove(ino(parent), &name, false).await);
         });
     }
 
     fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let name = name.to_owned();
-        self.spawn(req, name.len(), move |m| async move {
+        self.spawn("rmdir", req, name.len(), move |m| async move {
             reply_empty(reply, m.remove(ino(parent), &name, true).await);
         });
     }
@@ -609,7 +609,7 @@ impl Filesystem for HoldfastFs {
         let (name, target) = (link_name.to_owned(), target.to_owned());
         let (uid, gid) = (req.uid(), req.gid());
         let bytes = name.len() + target.as_os_str().len();
-        self.spawn(req, bytes, move |m| async move {
+        self.spawn("symlink", req, bytes, move |m| async move {
             let made = m.symlink(ino(parent), &name, &target, uid, gid).await;
             reply_entry(reply, made);
         });
@@ -630,14 +630,19 @@ impl Filesystem for HoldfastFs {
             return;
         }
         let (name, new_name) = (name.to_owned(), new_name.to_owned());
-        self.spawn(req, name.len() + new_name.len(), move |m| async move {
-            let renamed = m
-                .rename(ino(parent), &name, ino(new_parent), &new_name)
-                .await;
-            // What moved is governed by its new directory now.
-            m.forget_rights(&[ino(parent), ino(new_parent)]);
-            reply_empty(reply, renamed);
-        });
+        self.spawn(
+            "rename",
+            req,
+            name.len() + new_name.len(),
+            move |m| async move {
+                let renamed = m
+                    .rename(ino(parent), &name, ino(new_parent), &new_name)
+                    .await;
+                // What moved is governed by its new directory now.
+                m.forget_rights(&[ino(parent), ino(new_parent)]);
+                reply_empty(reply, renamed);
+            },
+        );
     }
 
     fn link(
@@ -649,7 +654,7 @@ impl Filesystem for HoldfastFs {
         reply: ReplyEntry,
     ) {
         let new_name = new_name.to_owned();
-        self.spawn(req, new_name.len(), move |m| async move {
+        self.spawn("link", req, new_name.len(), move |m| async move {
             reply_entry(reply, m.link(ino(i), ino(new_parent), &new_name).await);
         });
     }
@@ -657,7 +662,7 @@ impl Filesystem for HoldfastFs {
     fn open(&self, req: &Request, i: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         debug!(ino = i.0, "open");
         let backings = self.backings.clone();
-        self.spawn(req, 0, move |m| async move {
+        self.spawn("open", req, 0, move |m| async move {
             let wanted = open_access(flags.0);
             if let Err(e) = m.check_access(ino(i), &wanted).await {
                 reply.error(errno(e));
@@ -728,7 +733,7 @@ impl Filesystem for HoldfastFs {
         reply: ReplyData,
     ) {
         debug!(ino = i.0, offset, size, "read");
-        self.spawn(req, size as usize, move |m| async move {
+        self.spawn("read", req, size as usize, move |m| async move {
             match m.read(ino(i), offset, size).await {
                 Ok(data) => reply.data(&data),
                 Err(e) => reply.error(errno(e)),
@@ -750,7 +755,7 @@ impl Filesystem for HoldfastFs {
     ) {
         // Copied out of fuser's buffer, which the next request reuses.
         let data = data.to_vec();
-        self.spawn(req, data.len(), move |m| async move {
+        self.spawn("write", req, data.len(), move |m| async move {
             match m.write(ino(i), offset, &data).await {
                 Ok(written) => reply.written(written),
                 Err(e) => reply.error(errno(e)),
@@ -768,7 +773,7 @@ impl Filesystem for HoldfastFs {
     ) {
         // A close drops the POSIX locks of the closing owner; the kernel does not track
         // them when the filesystem does, so it is up to us.
-        self.spawn(req, 0, move |m| async move {
+        self.spawn("flush", req, 0, move |m| async move {
             let stored = m.flush(ino(i)).await;
             let released = m.release_owner(ino(i), LockOwnerId(lock_owner.0)).await;
             reply_empty(reply, stored.and(released));
@@ -800,7 +805,7 @@ impl Filesystem for HoldfastFs {
             }
             None => self.manager.released_normal(ino(i)),
         }
-        self.spawn(req, 0, move |m| async move {
+        self.spawn("release", req, 0, move |m| async move {
             let stored = m.flush(ino(i)).await;
             // Set only when the file carried `flock` locks: the last close ends them.
             let released = match lock_owner {
@@ -819,13 +824,13 @@ impl Filesystem for HoldfastFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        self.spawn(req, 0, move |m| async move {
+        self.spawn("fsync", req, 0, move |m| async move {
             reply_empty(reply, m.flush(ino(i)).await);
         });
     }
 
     fn opendir(&self, req: &Request, i: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        self.spawn(req, 0, move |m| async move {
+        self.spawn("opendir", req, 0, move |m| async move {
             if let Err(e) = m.check_access(ino(i), &[FileAccess::Read]).await {
                 reply.error(errno(e));
                 return;
@@ -845,7 +850,7 @@ impl Filesystem for HoldfastFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        self.spawn(req, 0, move |m| async move {
+        self.spawn("readdir", req, 0, move |m| async move {
             let snapshot = match m.readdir(ino(i), fh.0, offset).await {
                 Ok(snapshot) => snapshot,
                 Err(e) => {
@@ -890,7 +895,7 @@ impl Filesystem for HoldfastFs {
     }
 
     fn statfs(&self, req: &Request, i: INodeNo, reply: ReplyStatfs) {
-        self.spawn(req, 0, move |m| async move {
+        self.spawn("statfs", req, 0, move |m| async move {
             match m.statfs(ino(i)).await {
                 Ok(space) => {
                     let blocks = space.bytes_total / STATFS_BLOCK_BYTES;
@@ -925,7 +930,7 @@ impl Filesystem for HoldfastFs {
                 wanted.push(access);
             }
         }
-        self.spawn(req, 0, move |m| async move {
+        self.spawn("access", req, 0, move |m| async move {
             reply_empty(reply, m.check_access(ino(i), &wanted).await);
         });
     }
@@ -969,7 +974,7 @@ impl Filesystem for HoldfastFs {
     ) {
         let exclusive = flags & libc::O_EXCL != 0;
         let (name, uid, gid) = (name.to_owned(), req.uid(), req.gid());
-        self.spawn(req, name.len(), move |m| async move {
+        self.spawn("create", req, name.len(), move |m| async move {
             let created = m
                 .create(ino(parent), &name, mode & !umask, uid, gid, exclusive)
                 .await;
