@@ -5,6 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::bulk::Bulk;
 use crate::error::ErrorCode;
 pub use crate::time::Timestamp;
 
@@ -615,6 +616,19 @@ pub enum Request {
         uid: u32,
         gid: u32,
     },
+
+    // ---- fileserver, appended in protocol version 4 ----
+    /// `StoreDataIf` with its bytes carried raw after the message (`Bulk`): the same
+    /// precondition, sequencing and all-or-nothing store. A cache manager sends it on a
+    /// connection of version 4 or later; before that it goes as `StoreDataIf`
+    /// (`Request::as_sent_to`).
+    StoreDataBulk {
+        fid: Fid,
+        offset: u64,
+        base: DataVersion,
+        write_back: WriteBackId,
+        data: Bulk,
+    },
 }
 
 /// A password as it travels to the VLDB: a string whose `Debug` never shows it, so that
@@ -671,6 +685,7 @@ impl Request {
             | Request::PtsListEntries
             | Request::Login { .. } => PROTOCOL_VERSION_IDENTITY,
             Request::MakeNode { .. } => PROTOCOL_VERSION_IDENTITY,
+            Request::StoreDataBulk { .. } => PROTOCOL_VERSION_DATA_PATH,
             Request::Sequenced { request, .. } => request.version_min(),
             _ => 1,
         }
@@ -689,6 +704,7 @@ impl Request {
                 | Request::MakeMountPoint { .. }
                 | Request::StoreDataIf { .. }
                 | Request::MakeNode { .. }
+                | Request::StoreDataBulk { .. }
         )
     }
 
@@ -823,6 +839,16 @@ pub enum Response {
     PtsEntries(Vec<PtsEntry>),
     /// The token a `Login` obtained.
     Token(SealedToken),
+
+    // ---- appended in protocol version 4 ----
+    /// `Data` with its bytes carried raw after the message (`Bulk`): a fileserver's
+    /// answer to `FetchData` on a connection of version 4 or later; before that it goes
+    /// as `Data` (`Response::as_sent_to`). `Response::into_fetched` takes either.
+    DataBulk {
+        status: VnodeStatus,
+        callback: Option<CallbackGrant>,
+        data: Bulk,
+    },
 }
 
 /// One VLDB replica as it describes itself (`VlStatus`).
@@ -949,6 +975,7 @@ impl Response {
             Response::PtsEntry(_) => "PtsEntry",
             Response::PtsEntries(_) => "PtsEntries",
             Response::Token(_) => "Token",
+            Response::DataBulk { .. } => "DataBulk",
         }
     }
 }

@@ -592,6 +592,63 @@ fn cases() -> Vec<(&'static str, Frame, &'static str)> {
             },
             "032401 2e 0178",
         ),
+        // Version 4: bulk bytes raw after the message, which announces their length.
+        (
+            "store_data_bulk",
+            Frame::Request {
+                id: RequestId(37),
+                body: Request::StoreDataBulk {
+                    fid: fid(),
+                    offset: 4096,
+                    base: DataVersion(7),
+                    write_back: WriteBackId(3),
+                    data: Bulk::new(bytes::Bytes::from_static(b"hi")),
+                },
+            },
+            "0225 42 8080808002050180 20 07 03 02 6869",
+        ),
+        (
+            "sequenced_store_data_bulk",
+            Frame::AuthRequest {
+                id: RequestId(38),
+                token: proto::SealedToken(vec![0xaa]),
+                body: Request::Sequenced {
+                    seq: 5,
+                    request: Box::new(Request::StoreDataBulk {
+                        fid: fid(),
+                        offset: 0,
+                        base: DataVersion(1),
+                        write_back: WriteBackId(2),
+                        data: Bulk::new(bytes::Bytes::from_static(b"xyz")),
+                    }),
+                },
+            },
+            "0526 01aa 2f 05 42 8080808002050100 01 02 03 78797a",
+        ),
+        (
+            "data_bulk",
+            Frame::Response {
+                id: RequestId(39),
+                body: Ok(Response::DataBulk {
+                    status: status(),
+                    callback: Some(CallbackGrant { lifetime_ms: 1000 }),
+                    data: Bulk::new(bytes::Bytes::from_static(b"hello")),
+                }),
+            },
+            "032700 1d 8080808002050100a403010c030000020206040a06 01e807 05 68656c6c6f",
+        ),
+        (
+            "data_bulk_empty",
+            Frame::Response {
+                id: RequestId(40),
+                body: Ok(Response::DataBulk {
+                    status: status(),
+                    callback: None,
+                    data: Bulk::default(),
+                }),
+            },
+            "032800 1d 8080808002050100a403010c030000020206040a06 00 00",
+        ),
     ]
 }
 
@@ -606,7 +663,7 @@ fn a_borrowed_request_encodes_as_the_owned_frame() {
             _ => continue,
         };
         assert_eq!(
-            borrowed.unwrap(),
+            borrowed.unwrap().to_vec(),
             proto::frame::encode_frame(&frame).unwrap(),
             "{name}"
         );
