@@ -828,3 +828,6 @@ fn resize(tx: &mut Tx<'_>, record: &mut VnodeRecord, size: u64) -> Result<(), St
     record.size = size;
     Ok(())
 }
+
+#[cfg(test)]
+mod batch_tests;
