@@ -41,6 +41,9 @@ pub const FILE2: Fid = Fid {
 pub struct Record {
     pub stores_in_flight: usize,
     pub stores_in_flight_peak: usize,
+    /// Bytes of the stores in flight, now and at most.
+    pub store_bytes_in_flight: usize,
+    pub store_bytes_in_flight_peak: usize,
     /// Stores started.
     pub stores: usize,
     /// Bytes of the largest store.
@@ -85,7 +88,9 @@ fn kind(request: &Request) -> &'static str {
         Request::Ping => "Ping",
         Request::FetchStatus { .. } => "FetchStatus",
         Request::FetchData { .. } => "FetchData",
-        Request::StoreData { .. } | Request::StoreDataIf { .. } => "StoreData",
+        Request::StoreData { .. } | Request::StoreDataIf { .. } | Request::StoreDataBulk { .. } => {
+            "StoreData"
+        }
         Request::SetAttr { .. } => "SetAttr",
         Request::Fsync { .. } => "Fsync",
         Request::Remove { .. } => "Remove",
@@ -426,6 +431,10 @@ impl FakeCell {
             record.stores_in_flight += 1;
             record.stores_in_flight_peak =
                 record.stores_in_flight_peak.max(record.stores_in_flight);
+            record.store_bytes_in_flight += bytes.len();
+            record.store_bytes_in_flight_peak = record
+                .store_bytes_in_flight_peak
+                .max(record.store_bytes_in_flight);
             record.stores += 1;
             record.store_bytes_peak = record.store_bytes_peak.max(bytes.len());
             record.store_ranges.push((offset, bytes.len()));
@@ -457,6 +466,7 @@ impl FakeCell {
         {
             let mut record = self.record.lock();
             record.stores_in_flight -= 1;
+            record.store_bytes_in_flight -= bytes.len();
             record.stores_answered += 1;
         }
         self.changed.send_replace(());
@@ -738,6 +748,19 @@ impl FakeCell {
                     return Err(code);
                 }
                 let status = self.store(offset, data).await;
+                Ok(Response::Status {
+                    status,
+                    callback: Self::grant(),
+                })
+            }
+            Request::StoreDataBulk {
+                offset, ref data, ..
+            } => {
+                let refused = self.refuse_store.lock().take_if(|(at, _)| *at == offset);
+                if let Some((_, code)) = refused {
+                    return Err(code);
+                }
+                let status = self.store(offset, data.bytes()).await;
                 Ok(Response::Status {
                     status,
                     callback: Self::grant(),

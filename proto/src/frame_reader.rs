@@ -301,7 +301,52 @@ async fn bounded<T>(
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
+    use crate::activity::Activity;
+    use crate::budget::FrameBudget;
+    use crate::bulk::Bulk;
+    use crate::frame::encode_frame_parts;
+    use crate::ids::{DataVersion, Fid, RequestId, VolumeId, WriteBackId};
+    use crate::message::{Frame, Request};
+
+    #[tokio::test]
+    async fn a_frame_whose_bulk_tail_passes_the_limit_is_refused_before_any_memory() {
+        let limit = 64 << 10;
+        let frame = Frame::Request {
+            id: RequestId(1),
+            body: Request::StoreDataBulk {
+                fid: Fid::root(VolumeId(1)),
+                offset: 0,
+                base: DataVersion(1),
+                write_back: WriteBackId(1),
+                data: Bulk::new(vec![7u8; limit].into()),
+            },
+        };
+        let encoded = encode_frame_parts(&frame).unwrap();
+        assert!(encoded.len() > limit && encoded.head.len() < 64);
+        // The header and the message arrive; the tail would follow.
+        let mut wire = Vec::new();
+        wire.extend_from_slice(&(encoded.len() as u32).to_le_bytes());
+        wire.extend_from_slice(&encoded.checksum().to_le_bytes());
+        wire.extend_from_slice(&encoded.head);
+        let (mut peer, ours) = tokio::io::duplex(1 << 20);
+        tokio::io::AsyncWriteExt::write_all(&mut peer, &wire)
+            .await
+            .unwrap();
+        let budget = FrameBudget::new(16 << 20, Duration::from_secs(60));
+        let intake = Intake::bounded(Arc::new(Activity::new()), 0, budget.clone());
+        let mut reader = FrameReader::new(Box::new(ours), limit, Duration::from_secs(5), intake);
+        let refused = reader.next().await.unwrap_err();
+        assert!(
+            matches!(refused, ReadFailure::TooLarge { length, limit: l } if length == encoded.len() && l == limit),
+            "{refused}"
+        );
+        // Nothing was charged, and no buffer was sized from the header's length.
+        assert_eq!(budget.take_high_water(), 0);
+        assert!(reader.ahead.capacity() < limit);
+    }
 
     #[test]
     fn a_body_buffer_starts_small_and_doubles_up_to_the_body() {

@@ -8,6 +8,8 @@ pub mod access;
 pub mod activity;
 pub mod admission;
 pub mod budget;
+pub mod bulk;
+pub mod bulk_messages;
 pub mod cell;
 pub mod error;
 pub mod flood;
@@ -27,6 +29,8 @@ pub mod tls;
 pub mod vldb_client;
 pub mod warnings;
 
+pub use bulk::Bulk;
+pub use bulk_messages::Fetched;
 pub use cell::{CellConfig, CellError};
 pub use error::{ErrorCode, ProtoError};
 pub use identity::{

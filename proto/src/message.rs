@@ -5,6 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::bulk::Bulk;
 use crate::error::ErrorCode;
 pub use crate::time::Timestamp;
 
@@ -620,6 +621,17 @@ pub enum Request {
     /// A fileserver's counters and latency histograms (by request kind, storage
     /// commits, the log's fsyncs and group sizes), answered with `Figures`.
     ServerFigures,
+    /// `StoreDataIf` with its bytes carried raw after the message (`Bulk`): the same
+    /// precondition, sequencing and all-or-nothing store. A cache manager sends it on a
+    /// connection of version 4 or later; before that it goes as `StoreDataIf`
+    /// (`Request::as_sent_to`).
+    StoreDataBulk {
+        fid: Fid,
+        offset: u64,
+        base: DataVersion,
+        write_back: WriteBackId,
+        data: Bulk,
+    },
 }
 
 /// A password as it travels to the VLDB: a string whose `Debug` never shows it, so that
@@ -677,6 +689,7 @@ impl Request {
             | Request::Login { .. } => PROTOCOL_VERSION_IDENTITY,
             Request::MakeNode { .. } => PROTOCOL_VERSION_IDENTITY,
             Request::ServerFigures => PROTOCOL_VERSION_DATA_PATH,
+            Request::StoreDataBulk { .. } => PROTOCOL_VERSION_DATA_PATH,
             Request::Sequenced { request, .. } => request.version_min(),
             _ => 1,
         }
@@ -695,6 +708,7 @@ impl Request {
                 | Request::MakeMountPoint { .. }
                 | Request::StoreDataIf { .. }
                 | Request::MakeNode { .. }
+                | Request::StoreDataBulk { .. }
         )
     }
 
@@ -831,6 +845,14 @@ pub enum Response {
     Token(SealedToken),
     /// The answer to `ServerFigures` (protocol version 4).
     Figures(crate::histogram::Figures),
+    /// `Data` with its bytes carried raw after the message (`Bulk`): a fileserver's
+    /// answer to `FetchData` on a connection of version 4 or later; before that it goes
+    /// as `Data` (`Response::as_sent_to`). `Response::into_fetched` takes either.
+    DataBulk {
+        status: VnodeStatus,
+        callback: Option<CallbackGrant>,
+        data: Bulk,
+    },
 }
 
 /// One VLDB replica as it describes itself (`VlStatus`).
@@ -958,6 +980,7 @@ impl Response {
             Response::PtsEntries(_) => "PtsEntries",
             Response::Token(_) => "Token",
             Response::Figures(_) => "Figures",
+            Response::DataBulk { .. } => "DataBulk",
         }
     }
 }
@@ -1137,6 +1160,7 @@ impl Request {
             Request::Login { .. } => "Login",
             Request::MakeNode { .. } => "MakeNode",
             Request::ServerFigures => "ServerFigures",
+            Request::StoreDataBulk { .. } => "StoreDataBulk",
         }
     }
 }

@@ -6,11 +6,13 @@
 //! the incoming queue are bounded.
 
 use std::collections::HashMap;
+use std::io::IoSlice;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -23,7 +25,8 @@ use crate::activity::{Activity, Eviction, InFlight, Stage};
 use crate::budget::{Charge, Intake};
 use crate::error::{ErrorCode, ProtoError};
 use crate::frame::{
-    FRAME_BYTES_MAX_DEFAULT, FRAME_HEADER_BYTES, decode_frame, encode_frame, encode_request,
+    EncodedFrame, FRAME_BYTES_MAX_DEFAULT, FRAME_HEADER_BYTES, decode_frame, decode_frame_shared,
+    encode_frame, encode_frame_parts, encode_request,
 };
 use crate::frame_reader::{FrameReader, ReadFailure};
 use crate::identity::SealedToken;
@@ -125,7 +128,7 @@ struct Calls {
 }
 
 struct Inner {
-    outgoing: mpsc::Sender<Vec<u8>>,
+    outgoing: mpsc::Sender<EncodedFrame>,
     calls: Mutex<Calls>,
     next_id: AtomicU64,
     cancel: CancellationToken,
@@ -182,8 +185,10 @@ pub struct IncomingRequest {
 /// request's frame memory and counts the request as in flight.
 pub struct Replier {
     id: RequestId,
-    outgoing: mpsc::Sender<Vec<u8>>,
+    outgoing: mpsc::Sender<EncodedFrame>,
     frame_bytes_max: usize,
+    /// The connection's version: what the answer may hold (`Response::as_sent_to`).
+    version: u16,
     _charge: Charge,
     _in_flight: InFlight,
 }
@@ -196,23 +201,25 @@ impl IncomingRequest {
 }
 
 impl Replier {
-    /// Sends the response; a connection that died meanwhile swallows it.
+    /// Sends the response, as the connection's version has it (bulk bytes raw after
+    /// the message from version 4 on); a connection that died meanwhile swallows it.
     pub async fn reply(self, body: Result<Response, ErrorCode>) {
+        let body = body.map(|response| response.as_sent_to(self.version));
         let frame = Frame::Response { id: self.id, body };
-        let bytes = match encode_frame(&frame) {
-            Ok(bytes) if bytes.len() <= self.frame_bytes_max => bytes,
+        let encoded = match encode_frame_parts(&frame) {
+            Ok(encoded) if encoded.len() <= self.frame_bytes_max => encoded,
             Ok(_) | Err(_) => {
                 let refusal = Frame::Response {
                     id: self.id,
                     body: Err(ErrorCode::TooLarge),
                 };
-                match encode_frame(&refusal) {
-                    Ok(bytes) => bytes,
+                match encode_frame_parts(&refusal) {
+                    Ok(encoded) => encoded,
                     Err(_) => return,
                 }
             }
         };
-        let _ = self.outgoing.send(bytes).await;
+        let _ = self.outgoing.send(encoded).await;
     }
 }
 
@@ -390,14 +397,35 @@ pub fn negotiate(hello: &Hello, cell: &str) -> Result<u16, ErrorCode> {
 /// A frame's header and body, ready for the socket.
 fn framed(body: &[u8]) -> Vec<u8> {
     let mut bytes = Vec::with_capacity(FRAME_HEADER_BYTES + body.len());
-    push_header(&mut bytes, body);
+    push_header(&mut bytes, body.len(), crc32c::crc32c(body));
     bytes.extend_from_slice(body);
     bytes
 }
 
-fn push_header(bytes: &mut Vec<u8>, body: &[u8]) {
-    bytes.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    bytes.extend_from_slice(&crc32c::crc32c(body).to_le_bytes());
+fn push_header(bytes: &mut Vec<u8>, length: usize, checksum: u32) {
+    bytes.extend_from_slice(&(length as u32).to_le_bytes());
+    bytes.extend_from_slice(&checksum.to_le_bytes());
+}
+
+/// Writes `first`, then `second`, in as few writes as the stream allows: one vectored
+/// write on a plain socket, while TLS takes them in turn (it encrypts in user space, so
+/// nothing can go from a file to the socket without passing through it).
+async fn write_both(writer: &mut ByteWriter, first: &[u8], second: &[u8]) -> std::io::Result<()> {
+    if !writer.is_write_vectored() {
+        writer.write_all(first).await?;
+        return writer.write_all(second).await;
+    }
+    let mut slices = [IoSlice::new(first), IoSlice::new(second)];
+    let mut left = &mut slices[..];
+    IoSlice::advance_slices(&mut left, 0);
+    while !left.is_empty() {
+        let written = writer.write_vectored(left).await?;
+        if written == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut left, written);
+    }
+    Ok(())
 }
 
 fn start(
@@ -438,45 +466,50 @@ fn start(
     (Connection { inner }, incoming_rx)
 }
 
-/// Writes queued frames, gathering small ones into one write; a peer that reads nothing
-/// for the frame read timeout is closed.
+/// Writes queued frames, gathering small ones into one write; a large frame's bulk bytes
+/// (or its whole large body) go after its header as they are, never copied into the
+/// gathered bytes. A peer that reads nothing for the frame read timeout is closed.
 async fn write_loop(
     mut writer: ByteWriter,
-    mut outgoing: mpsc::Receiver<Vec<u8>>,
+    mut outgoing: mpsc::Receiver<EncodedFrame>,
     inner: std::sync::Weak<Inner>,
     cancel: CancellationToken,
     write_timeout: Duration,
 ) {
     let mut gathered = Vec::new();
     let reason = loop {
-        let body = tokio::select! {
-            body = outgoing.recv() => body,
+        let frame = tokio::select! {
+            frame = outgoing.recv() => frame,
             () = cancel.cancelled() => None,
         };
-        let Some(mut body) = body else {
+        let Some(mut frame) = frame else {
             break CloseReason::Local;
         };
         gathered.clear();
+        let mut large = Bytes::new();
         loop {
-            if body.len() > WRITE_GATHER_BYTES {
-                // Large: its own header, then the body as it is, without a copy.
-                push_header(&mut gathered, &body);
+            push_header(&mut gathered, frame.len(), frame.checksum());
+            if frame.len() > WRITE_GATHER_BYTES {
+                large = if frame.tail.is_empty() {
+                    Bytes::from(frame.head)
+                } else {
+                    gathered.extend_from_slice(&frame.head);
+                    frame.tail
+                };
                 break;
             }
-            push_header(&mut gathered, &body);
-            gathered.extend_from_slice(&body);
-            body = Vec::new();
+            gathered.extend_from_slice(&frame.head);
+            gathered.extend_from_slice(&frame.tail);
             if gathered.len() >= WRITE_GATHER_BYTES {
                 break;
             }
             match outgoing.try_recv() {
-                Ok(next) => body = next,
+                Ok(next) => frame = next,
                 Err(_) => break,
             }
         }
         let written = tokio::time::timeout(write_timeout, async {
-            writer.write_all(&gathered).await?;
-            writer.write_all(&body).await?;
+            write_both(&mut writer, &gathered, &large).await?;
             // TLS holds what the socket did not take yet.
             writer.flush().await
         })
@@ -523,7 +556,7 @@ async fn read_loop(
             }
             Err(failure) => break CloseReason::from(failure),
         };
-        let frame = match decode_frame(&received.body) {
+        let frame = match decode_frame_shared(&received.body) {
             Ok(frame) => frame,
             Err(e) => break CloseReason::Malformed(format!("sent an undecodable frame: {e}")),
         };
@@ -556,6 +589,7 @@ async fn read_loop(
                         id,
                         outgoing: inner.outgoing.clone(),
                         frame_bytes_max: inner.frame_bytes_max,
+                        version: inner.version,
                         _charge: received.charge,
                         _in_flight: activity.begin(),
                     },
@@ -627,6 +661,8 @@ impl Connection {
         request: &Request,
         timeout: Duration,
     ) -> Result<Result<Response, ProtoError>, NotSent> {
+        // A request with bulk bytes goes to an older peer as the message it stands for.
+        let request = request.as_sent_to(self.inner.version);
         let mut needed = request.version_min();
         if token.is_some() {
             needed = needed.max(PROTOCOL_VERSION_IDENTITY);
@@ -638,13 +674,14 @@ impl Connection {
             }));
         }
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let bytes = match encode_request(RequestId(id), token, request) {
-            Ok(bytes) => bytes,
+        let encoded = match encode_request(RequestId(id), token, &request) {
+            Ok(encoded) => encoded,
             Err(e) => return Ok(Err(e)),
         };
-        if bytes.len() > self.inner.frame_bytes_max {
+        drop(request);
+        if encoded.len() > self.inner.frame_bytes_max {
             return Ok(Err(ProtoError::FrameTooLarge {
-                length: bytes.len(),
+                length: encoded.len(),
                 limit: self.inner.frame_bytes_max,
             }));
         }
@@ -660,7 +697,7 @@ impl Connection {
         let outcome = tokio::time::timeout(timeout, async {
             self.inner
                 .outgoing
-                .send(bytes)
+                .send(encoded)
                 .await
                 .map_err(|_| ProtoError::Closed)?;
             rx.await.map_err(|_| ProtoError::Closed)
@@ -717,8 +754,8 @@ impl Connection {
             }
             calls.closing = true;
         }
-        match encode_frame(&Frame::Goodbye) {
-            Ok(bytes) => self.inner.outgoing.try_send(bytes).is_ok(),
+        match encode_frame_parts(&Frame::Goodbye) {
+            Ok(encoded) => self.inner.outgoing.try_send(encoded).is_ok(),
             Err(_) => false,
         }
     }

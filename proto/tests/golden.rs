@@ -619,6 +619,63 @@ fn cases() -> Vec<(&'static str, Frame, &'static str)> {
             },
             "032600 1d 01 0163 02 01 0168 01 01 0903 1b 09",
         ),
+        // Version 4: bulk bytes raw after the message, which announces their length.
+        (
+            "store_data_bulk",
+            Frame::Request {
+                id: RequestId(39),
+                body: Request::StoreDataBulk {
+                    fid: fid(),
+                    offset: 4096,
+                    base: DataVersion(7),
+                    write_back: WriteBackId(3),
+                    data: Bulk::new(bytes::Bytes::from_static(b"hi")),
+                },
+            },
+            "0227 43 8080808002050180 20 07 03 02 6869",
+        ),
+        (
+            "sequenced_store_data_bulk",
+            Frame::AuthRequest {
+                id: RequestId(40),
+                token: proto::SealedToken(vec![0xaa]),
+                body: Request::Sequenced {
+                    seq: 5,
+                    request: Box::new(Request::StoreDataBulk {
+                        fid: fid(),
+                        offset: 0,
+                        base: DataVersion(1),
+                        write_back: WriteBackId(2),
+                        data: Bulk::new(bytes::Bytes::from_static(b"xyz")),
+                    }),
+                },
+            },
+            "0528 01aa 2f 05 43 8080808002050100 01 02 03 78797a",
+        ),
+        (
+            "data_bulk",
+            Frame::Response {
+                id: RequestId(41),
+                body: Ok(Response::DataBulk {
+                    status: status(),
+                    callback: Some(CallbackGrant { lifetime_ms: 1000 }),
+                    data: Bulk::new(bytes::Bytes::from_static(b"hello")),
+                }),
+            },
+            "032900 1e 8080808002050100a403010c030000020206040a06 01e807 05 68656c6c6f",
+        ),
+        (
+            "data_bulk_empty",
+            Frame::Response {
+                id: RequestId(42),
+                body: Ok(Response::DataBulk {
+                    status: status(),
+                    callback: None,
+                    data: Bulk::default(),
+                }),
+            },
+            "032a00 1e 8080808002050100a403010c030000020206040a06 00 00",
+        ),
     ]
 }
 
@@ -633,7 +690,7 @@ fn a_borrowed_request_encodes_as_the_owned_frame() {
             _ => continue,
         };
         assert_eq!(
-            borrowed.unwrap(),
+            borrowed.unwrap().to_vec(),
             proto::frame::encode_frame(&frame).unwrap(),
             "{name}"
         );

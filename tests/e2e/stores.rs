@@ -233,7 +233,10 @@ fn a_late_store_after_a_truncate_is_refused() {
             })
             .await
         {
-            Ok(Response::Data { data, .. }) => assert!(data == pattern(100_000, 1)[..10]),
+            Ok(fetched) => match fetched.into_fetched() {
+                Ok(fetched) => assert!(fetched.data == pattern(100_000, 1)[..10]),
+                Err(other) => panic!("fetch: {other:?}"),
+            },
             other => panic!("fetch: {other:?}"),
         }
 

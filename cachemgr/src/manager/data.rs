@@ -378,14 +378,13 @@ impl Manager {
             offset: key.offset(),
             length: CHUNK_BYTES as u32,
         };
-        let (status, callback, mut data) = match self.call(fid.volume, request).await? {
-            Response::Data {
-                status,
-                callback,
-                data,
-            } => (status, callback, data),
-            other => return Err(unexpected(&other)),
-        };
+        let fetched = self
+            .call(fid.volume, request)
+            .await?
+            .into_fetched()
+            .map_err(|other| unexpected(&other))?;
+        let (status, callback, mut data) =
+            (fetched.status, fetched.callback, fetched.data.to_vec());
         data.truncate(CHUNK_BYTES as usize);
         let version = status.data_version;
         self.absorb(status, callback, sent_at);

@@ -192,14 +192,12 @@ impl Manager {
             offset: 0,
             length: CONTENT_BYTES_MAX,
         };
-        let (status, callback, data) = match self.call(fid.volume, request).await? {
-            Response::Data {
-                status,
-                callback,
-                data,
-            } => (status, callback, data),
-            other => return Err(unexpected(&other)),
-        };
+        let fetched = self
+            .call(fid.volume, request)
+            .await?
+            .into_fetched()
+            .map_err(|other| unexpected(&other))?;
+        let (status, callback, data) = (fetched.status, fetched.callback, fetched.data.to_vec());
         let version = status.data_version;
         self.absorb(status, callback, sent_at);
         if let Some(entry) = self.state.lock().statuses.get_mut(fid)

@@ -1,7 +1,8 @@
-//! `StorePlan`: which dirty chunks go in which `StoreData`, how many are in flight at
-//! once, and whether the `Fsync` follows.
-//! Invariant: a plan ends exactly once, only when no store is in flight, and starts no
-//! store after a failure.
+//! `StorePlan`: which dirty chunks go in which `StoreData`, how many bytes of them are in
+//! flight at once, and whether the `Fsync` follows.
+//! Invariant: a plan ends exactly once, only when no store is in flight, starts no store
+//! after a failure, and never has more than `STORE_WINDOW_BYTES` (nor
+//! `STORES_IN_FLIGHT_MAX` stores) in flight.
 
 use std::collections::VecDeque;
 use std::ops::Range;
@@ -11,22 +12,26 @@ use proto::DataVersion;
 use super::fs_error::{FsError, FsResult};
 use crate::chunk_index::CHUNK_BYTES;
 
-/// `StoreData` requests of one write-back in flight at once: enough that the next
-/// store is on the wire while the server writes one. More buys nothing: the server's
-/// writes into one file take that file's inode lock in turn (profiled: with 8 stores of
-/// one chunk, its writers spent 8% of the CPU spinning on it).
-pub(super) const STORES_IN_FLIGHT_MAX: usize = 2;
 /// Most bytes one `StoreData` carries: whole chunks. The server commits every store's
 /// metadata durably on its own (or shares a commit with the stores queued behind it),
 /// so fewer, larger stores mean fewer commits: profiled on a 256 MiB write-back, stores
-/// of one chunk cost ~160 commits of `meta.redb`, most of the write-back's time. Two
-/// chunks, with two stores in flight, keep the bytes on one connection at once at
-/// 4 MiB: the `--timeout` of the last store counts the sending of those ahead of it,
-/// and callback breaks and lock pushes wait behind them. It must fit in a frame.
+/// of one chunk cost ~160 commits of `meta.redb`, most of the write-back's time. It
+/// must fit in a frame.
 pub(super) const STORE_BYTES_MAX: u64 = 2 * CHUNK_BYTES;
+/// Bytes of one write-back's stores in flight at once: the window its data streams to
+/// the server through, so the next stores are on the wire and queued at the server
+/// while it writes one, and the disk (which the server starts writing each store to at
+/// once) never waits for the network. Bounded, because the `--timeout` of the last
+/// store counts the sending of those ahead of it on the one connection, and callback
+/// breaks and lock pushes wait behind them: 8 MiB take a few milliseconds.
+pub(super) const STORE_WINDOW_BYTES: u64 = 4 * STORE_BYTES_MAX;
+/// Stores in flight at once however small they are (scattered short chunks): each is a
+/// request the server queues and a task here.
+pub(super) const STORES_IN_FLIGHT_MAX: usize = 8;
 const _: () = assert!(
     STORE_BYTES_MAX >= CHUNK_BYTES
         && STORE_BYTES_MAX + 64 * 1024 <= proto::frame::FRAME_BYTES_MAX_DEFAULT as u64
+        && STORE_WINDOW_BYTES >= STORE_BYTES_MAX
 );
 
 /// One `StoreData`: the dirty chunks at `chunks` in the plan's list, which hold the
@@ -53,7 +58,8 @@ pub enum Then {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Effect<R> {
     /// Read the chunks and send them as one `StoreData`, then tell the plan `sent`, or
-    /// `not_sent` when they could not be read.
+    /// `not_sent` when they could not be read. Several may be asked for before any
+    /// answer (the window), and answered in any order.
     Store(Store),
     /// A store's chunks are on the server at `version`: they are clean.
     MarkClean {
@@ -79,6 +85,7 @@ pub struct StorePlan<R> {
     pending: VecDeque<Store>,
     planned: usize,
     in_flight: usize,
+    bytes_in_flight: u64,
     changes: u64,
     highest: Option<(DataVersion, R)>,
     failure: Option<FsError>,
@@ -100,6 +107,7 @@ impl<R> StorePlan<R> {
             planned: pending.len(),
             pending,
             in_flight: 0,
+            bytes_in_flight: 0,
             changes: 0,
             highest: None,
             failure: None,
@@ -122,14 +130,14 @@ impl<R> StorePlan<R> {
         self.next()
     }
 
-    /// The store last asked for could not be read, so it was not sent.
-    pub fn not_sent(&mut self, error: FsError) -> Vec<Effect<R>> {
-        self.failed(error)
+    /// `store`, the one last asked for, could not be read, so it was not sent.
+    pub fn not_sent(&mut self, store: &Store, error: FsError) -> Vec<Effect<R>> {
+        self.failed(store, error)
     }
 
     /// `store` was answered: the file is at `version`.
     pub fn stored(&mut self, store: &Store, version: DataVersion, reply: R) -> Vec<Effect<R>> {
-        self.in_flight -= 1;
+        self.landed(store);
         self.changes += 1;
         if self.highest.as_ref().is_none_or(|(h, _)| *h < version) {
             self.highest = Some((version, reply));
@@ -142,21 +150,30 @@ impl<R> StorePlan<R> {
         effects
     }
 
-    /// A store in flight failed. No store starts after a failure; those in flight are
+    /// `store`, in flight, failed. No store starts after a failure; those in flight are
     /// awaited, so none is still travelling when the caller goes on (to truncate).
-    pub fn failed(&mut self, error: FsError) -> Vec<Effect<R>> {
-        self.in_flight -= 1;
+    pub fn failed(&mut self, store: &Store, error: FsError) -> Vec<Effect<R>> {
+        self.landed(store);
         self.failure.get_or_insert(error);
         self.next()
     }
 
-    /// The next store while a slot is free, or the end once none is in flight.
+    fn landed(&mut self, store: &Store) {
+        self.in_flight -= 1;
+        self.bytes_in_flight -= store.bytes;
+    }
+
+    /// The next store while the window has room for it, or the end once none is in
+    /// flight.
     fn next(&mut self) -> Vec<Effect<R>> {
         if self.failure.is_none()
             && self.in_flight < STORES_IN_FLIGHT_MAX
+            && let Some(store) = self.pending.front()
+            && self.bytes_in_flight + store.bytes <= STORE_WINDOW_BYTES
             && let Some(store) = self.pending.pop_front()
         {
             self.in_flight += 1;
+            self.bytes_in_flight += store.bytes;
             return vec![Effect::Store(store)];
         }
         if self.in_flight > 0 {

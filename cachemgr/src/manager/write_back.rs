@@ -1,22 +1,23 @@
-//! The write-back: a file's dirty chunks stored as its `StorePlan` says, then synced when
-//! a close or fsync asks for it.
+//! The write-back: a file's dirty chunks streamed to the server as its `StorePlan` says (a
+//! window of stores in flight, their bytes raw after each message), then synced with
+//! one `Fsync` when a close or fsync asks for it.
 //! Invariant: the caller holds the file's lock alone, and no store of the file is in
 //! flight once the write-back returns.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use proto::{
-    CallbackGrant, DataVersion, ErrorCode, Fid, ProtoError, Request, Response, VnodeStatus,
+    Bulk, CallbackGrant, DataVersion, ErrorCode, Fid, ProtoError, Request, Response, VnodeStatus,
     WriteBackId,
 };
 use tokio::task::JoinSet;
 use tracing::{debug, warn};
 
 use super::fs_error::{chunk_io_error, unexpected};
-use super::store_plan::{Effect, StorePlan, Then};
+use super::store_plan::{Effect, Store, StorePlan, Then};
 use super::{FsError, FsResult, Manager, rpc_error};
 use crate::volume::VolumeLocation;
 
@@ -121,6 +122,8 @@ impl Manager {
         let mut outdated = false;
         let mut effects = VecDeque::from(plan.start());
         let mut in_flight = JoinSet::new();
+        // Each task's store, to hand back to the plan also if the task itself fails.
+        let mut stores_of: HashMap<tokio::task::Id, Store> = HashMap::new();
         loop {
             while let Some(effect) = effects.pop_front() {
                 match effect {
@@ -133,23 +136,27 @@ impl Manager {
                         if let Some(e) = chunks.iter().find_map(|(key, meta)| {
                             self.chunks.append_whole(*key, meta, &mut data).err()
                         }) {
-                            effects.extend(plan.not_sent(chunk_io_error(e)));
+                            effects.extend(plan.not_sent(&store, chunk_io_error(e)));
                             continue;
                         }
                         self.unsynced.lock().insert(fid);
-                        let request = Request::StoreDataIf {
+                        // The bytes go raw after the message, from this buffer (as a
+                        // `StoreDataIf` to a server older than version 4), and a retry
+                        // on the pair's other member sends the same buffer again.
+                        let request = Request::StoreDataBulk {
                             fid,
                             offset: store.offset,
-                            data,
                             base: stores.before,
                             write_back: stores.write_back,
+                            data: Bulk::from(data),
                         };
                         let (pool, location) = (self.pool.clone(), stores.location.clone());
                         // Stored with the token of the process that closes or syncs.
                         let caller = crate::tokens::current_caller();
-                        in_flight.spawn(crate::tokens::acting_as(caller, async move {
-                            (store, pool.call(&location, request).await)
+                        let task = in_flight.spawn(crate::tokens::acting_as(caller, async move {
+                            pool.call(&location, request).await
                         }));
+                        stores_of.insert(task.id(), store);
                         effects.extend(plan.sent());
                     }
                     Effect::MarkClean { chunks, version } => {
@@ -179,24 +186,31 @@ impl Manager {
                     Effect::Done(result) => return Ok(result?),
                 }
             }
-            let Some(joined) = in_flight.join_next().await else {
+            let Some(joined) = in_flight.join_next_with_id().await else {
                 unreachable!("a plan ends with Fsync or Done once no store is in flight");
             };
+            let task = match &joined {
+                Ok((task, _)) => *task,
+                Err(e) => e.id(),
+            };
+            let Some(store) = stores_of.remove(&task) else {
+                unreachable!("every store task is recorded when spawned");
+            };
             effects.extend(match joined {
-                Ok((store, Ok(Response::Status { status, callback }))) => {
+                Ok((_, Ok(Response::Status { status, callback }))) => {
                     let version = status.data_version;
                     plan.stored(&store, version, (status, callback))
                 }
-                Ok((_, Ok(other))) => plan.failed(unexpected(&other)),
+                Ok((_, Ok(other))) => plan.failed(&store, unexpected(&other)),
                 Ok((_, Err(ProtoError::Remote(ErrorCode::StoreOutdated { current })))) => {
                     debug!(%fid, %current, "a store was refused as outdated");
                     outdated = true;
-                    plan.failed(FsError::EAGAIN)
+                    plan.failed(&store, FsError::EAGAIN)
                 }
-                Ok((_, Err(e))) => plan.failed(rpc_error(&e)),
+                Ok((_, Err(e))) => plan.failed(&store, rpc_error(&e)),
                 Err(e) => {
                     warn!(%fid, error = %e, "a store task failed");
-                    plan.failed(FsError::EIO)
+                    plan.failed(&store, FsError::EIO)
                 }
             });
         }
@@ -233,18 +247,19 @@ mod tests {
     use super::*;
     use crate::chunk_index::{CHUNK_BYTES, ChunkKey};
     use crate::fake_cell::{FILE, FakeCell};
-    use crate::manager::store_plan::{STORE_BYTES_MAX, STORES_IN_FLIGHT_MAX};
+    use crate::manager::store_plan::{STORE_BYTES_MAX, STORE_WINDOW_BYTES, STORES_IN_FLIGHT_MAX};
     use crate::manager::test_support::{pattern, start_manager};
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn write_back_overlaps_stores_and_syncs_once_after_them() {
+    async fn write_back_streams_a_window_of_stores_and_syncs_once_after_them() {
         // Adjacent chunks go together, as many as fit in one store.
         let chunks_per_store = (STORE_BYTES_MAX / CHUNK_BYTES) as usize;
-        let stores = STORES_IN_FLIGHT_MAX + 2;
+        let window = (STORE_WINDOW_BYTES / STORE_BYTES_MAX) as usize;
+        let stores = window + 2;
         let chunks = stores * chunks_per_store;
-        // The fake holds every store until STORES_IN_FLIGHT_MAX are in flight together:
-        // a client storing one run at a time would time out here.
-        let (cell, _stop) = FakeCell::start(Vec::new(), STORES_IN_FLIGHT_MAX, stores).await;
+        // The fake holds every store until a window's worth are in flight together: a
+        // client storing fewer at a time would time out here.
+        let (cell, _stop) = FakeCell::start(Vec::new(), window, stores).await;
         let dir = tempfile::tempdir().unwrap();
         let manager = start_manager(&cell, dir.path()).await;
         let ino = manager.state.lock().inodes.ino_for(FILE);
@@ -259,7 +274,11 @@ mod tests {
             let record = cell.record.lock();
             assert_eq!(record.stores, stores);
             assert_eq!(record.store_bytes_peak as u64, STORE_BYTES_MAX);
-            assert_eq!(record.stores_in_flight_peak, STORES_IN_FLIGHT_MAX);
+            assert_eq!(record.stores_in_flight_peak, window);
+            assert_eq!(
+                record.store_bytes_in_flight_peak as u64, STORE_WINDOW_BYTES,
+                "the window is full, never more"
+            );
             assert_eq!(
                 record.fsyncs_after_stores,
                 [stores],
@@ -346,36 +365,34 @@ mod tests {
         let ino = manager.state.lock().inodes.ino_for(FILE);
         manager.open(ino).await.unwrap();
         let store_bytes = STORE_BYTES_MAX as usize;
-        let data = pattern(3 * STORE_BYTES_MAX, 239);
+        let window = (STORE_WINDOW_BYTES / STORE_BYTES_MAX) as usize;
+        let stores = window + 2;
+        let data = pattern(stores as u64 * STORE_BYTES_MAX, 239);
         for (i, piece) in data.chunks(CHUNK_BYTES as usize).enumerate() {
             let offset = i as u64 * CHUNK_BYTES;
             manager.write(ino, offset, piece).await.unwrap();
         }
-        // The first of three stores is refused: the second, sent with it, is awaited
-        // and kept; the third never starts, and nothing is synced.
+        let range = |n: usize| ((n * store_bytes) as u64, store_bytes);
+        // The first store of the window is refused: the others, sent with it, are
+        // awaited and kept; the two after the window never start, and nothing is synced.
         *cell.refuse_store.lock() = Some((0, ErrorCode::NoSpace));
         let refused = manager.flush(ino).await;
         assert_eq!(refused, Err(FsError::from_errno(libc::ENOSPC)));
         {
             let record = cell.record.lock();
-            assert_eq!(record.store_ranges, [(store_bytes as u64, store_bytes)]);
+            let mut stored = record.store_ranges.clone();
+            stored.sort_unstable();
+            assert_eq!(stored, (1..window).map(range).collect::<Vec<_>>());
             assert!(record.fsyncs_after_stores.is_empty());
         }
         assert!(manager.chunks.has_dirty(FILE));
         // The next close stores what is left, then syncs once.
         manager.flush(ino).await.unwrap();
         let record = cell.record.lock();
-        let mut stores = record.store_ranges.clone();
-        stores.sort_unstable();
-        assert_eq!(
-            stores,
-            [
-                (0, store_bytes),
-                (store_bytes as u64, store_bytes),
-                (2 * store_bytes as u64, store_bytes)
-            ]
-        );
-        assert_eq!(record.fsyncs_after_stores, [3]);
+        let mut stored = record.store_ranges.clone();
+        stored.sort_unstable();
+        assert_eq!(stored, (0..stores).map(range).collect::<Vec<_>>());
+        assert_eq!(record.fsyncs_after_stores, [stores]);
         drop(record);
         assert!(
             cell.content().0 == data,

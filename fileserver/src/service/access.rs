@@ -122,7 +122,9 @@ impl FileService {
                     length,
                 }
             }
-            request @ (Request::StoreData { fid, .. } | Request::StoreDataIf { fid, .. }) => {
+            request @ (Request::StoreData { fid, .. }
+            | Request::StoreDataIf { fid, .. }
+            | Request::StoreDataBulk { fid, .. }) => {
                 let (governed, rights) = self.governed(caller, fid).await?;
                 check_store(caller, rights, &governed.status)?;
                 after.clear_mode =

@@ -1,11 +1,13 @@
 //! Files and directories read and written in place: status, data, attributes, lookups and
-//! listings; a read gives the caller a promise, a write breaks everyone else's.
+//! listings; a read gives the caller a promise, a write breaks everyone else's. A fetch's
+//! bytes are read into the buffer its reply is sent from, and a store's are written from
+//! the received frame's buffer (`Bulk`): neither is copied in user space on the way.
 //! Invariant: a fetch or listing takes its promise before it reads, so a change after the
 //! read breaks it, and a write answers only after the other holders' breaks.
 
 use std::sync::Arc;
 
-use proto::{DataVersion, ErrorCode, Fid, Response, SetAttrs, WriteBackId};
+use proto::{Bulk, DataVersion, ErrorCode, Fid, Response, SetAttrs, WriteBackId};
 
 use super::{Caller, FileService, blocking};
 use crate::storage::{Outcome, StoreCondition};
@@ -38,10 +40,14 @@ impl FileService {
         let volume = self.volume(fid.volume)?;
         let (status, data) = blocking(move || volume.fetch_data(fid, offset, length)).await?;
         self.stats.record_fetch_data(data.len());
-        Ok(Response::Data {
+        // The buffer the data file was read into is the reply's raw tail, as it is (the
+        // connection sends it as `Data`, a copy, to a peer older than version 4). TLS
+        // encrypts in user space, so the bytes cannot go from the file to the socket in
+        // the kernel (no `sendfile`): one read into this buffer is the least.
+        Ok(Response::DataBulk {
             status,
             callback,
-            data,
+            data: Bulk::from(data),
         })
     }
 
@@ -60,17 +66,17 @@ impl FileService {
         Ok(Response::Status { status, callback })
     }
 
-    /// A store with a precondition (`StoreDataIf`); only a cache manager's sequenced
-    /// request carries the client instance it names. A retry of an applied store is
-    /// answered from its record, the other holders' promises broken again (harmless:
-    /// one broken since was re-granted at an unchanged version at most).
+    /// A store with a precondition (`StoreDataIf`, `StoreDataBulk`); only a cache
+    /// manager's sequenced request carries the client instance it names. A retry of an
+    /// applied store is answered from its record, the other holders' promises broken
+    /// again (harmless: one broken since was re-granted at an unchanged version at most).
     #[allow(clippy::too_many_arguments)]
     pub(super) async fn store_data_if(
         self: &Arc<Self>,
         caller: Caller,
         fid: Fid,
         offset: u64,
-        data: Vec<u8>,
+        data: Bulk,
         base: DataVersion,
         write_back: WriteBackId,
     ) -> Result<Response, ErrorCode> {
@@ -81,7 +87,8 @@ impl FileService {
             sequence,
         };
         let volume = self.volume(fid.volume)?;
-        let outcome = blocking(move || volume.store_data_if(fid, offset, &data, condition)).await?;
+        let outcome =
+            blocking(move || volume.store_data_if(fid, offset, data.bytes(), condition)).await?;
         self.callbacks.break_callbacks(&[fid], caller.key).await;
         let callback = self.grant(caller, fid).await;
         match outcome {
@@ -95,7 +102,7 @@ impl FileService {
 
     /// Stores into a data file are acknowledged written but not synced; a cache manager
     /// sends this once after a file's stores, before `close()` returns, so they share one
-    /// data sync.
+    /// data sync, which concurrent `Fsync`s of the file share too.
     pub(super) async fn fsync(self: &Arc<Self>, fid: Fid) -> Result<Response, ErrorCode> {
         let volume = self.volume(fid.volume)?;
         let status = blocking(move || volume.fsync(fid)).await?;

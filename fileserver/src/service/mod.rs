@@ -190,6 +190,16 @@ impl FileService {
                 base,
                 write_back,
             } => {
+                self.store_data_if(caller, fid, offset, data.into(), base, write_back)
+                    .await
+            }
+            Request::StoreDataBulk {
+                fid,
+                offset,
+                base,
+                write_back,
+                data,
+            } => {
                 self.store_data_if(caller, fid, offset, data, base, write_back)
                     .await
             }

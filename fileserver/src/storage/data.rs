@@ -14,7 +14,7 @@ use proto::{
 };
 use tracing::{error, warn};
 
-use super::data_files::DataFiles;
+use super::data_files::{DataFile, DataFiles};
 use super::outcomes::{Outcome, SequenceKey};
 use super::records::{DataLocation, StoreMark, VnodeRecord};
 use super::transaction::Tx;
@@ -110,7 +110,10 @@ impl Volume {
         truncate_to: Option<u64>,
     ) -> Result<VnodeStatus, StorageError> {
         match self.store(fid, offset, data, truncate_to, None)? {
-            Outcome::Applied(status) => Ok(status),
+            Outcome::Applied(status) => {
+                self.start_writeback(fid, offset, data.len());
+                Ok(status)
+            }
             Outcome::Replayed(_) => Err(StorageError::Corrupt {
                 path: self.files.path(fid.vnode),
                 detail: "a store without a sequence was answered from a record".into(),
@@ -130,6 +133,10 @@ impl Volume {
     ) -> Result<Outcome<VnodeStatus>, StorageError> {
         let refused = match self.store(fid, offset, data, None, Some(condition)) {
             Err(StorageError::Refused(ErrorCode::StoreOutdated { current })) => current,
+            Ok(Outcome::Applied(status)) => {
+                self.start_writeback(fid, offset, data.len());
+                return Ok(Outcome::Applied(status));
+            }
             other => return other,
         };
         // A retry of a store that was applied, whose own version the file has moved
@@ -293,7 +300,7 @@ impl Volume {
         &self,
         fid: Fid,
         record: &VnodeRecord,
-        file: &File,
+        file: &DataFile,
         offset: u64,
         data: &[u8],
         condition: Option<StoreCondition>,
@@ -325,7 +332,7 @@ impl Volume {
         &self,
         fid: Fid,
         end: u64,
-    ) -> Result<Option<(VnodeRecord, Arc<File>)>, StorageError> {
+    ) -> Result<Option<(VnodeRecord, Arc<DataFile>)>, StorageError> {
         let record = self.read(|r| r.checked(fid))?;
         if record.kind != FileKind::File || record.data != DataLocation::File || record.size < end {
             return Ok(None);
@@ -368,22 +375,39 @@ impl Volume {
         }
     }
 
-    /// Makes the file's data durable: its data file, if it has one, is fdatasynced
-    /// (inline data is durable with its commit, as is every record). Returns the status.
+    /// Makes the file's data durable: every store answered before this call, with one
+    /// `fdatasync` of its data file shared with concurrent calls (`DataFiles::sync_data`;
+    /// inline data is durable with its commit, as is every record). Returns the status
+    /// as it was when the call came, whose bytes the sync made durable.
     pub fn fsync(&self, fid: Fid) -> Result<VnodeStatus, StorageError> {
-        // Shared with fetches: stores answered before this call are all written, and
-        // the data file cannot be replaced or removed meanwhile.
-        let _guard = self.locks.lock(fid.vnode, Access::Read);
-        let record = self.read(|r| r.checked(fid))?;
-        if record.kind == FileKind::File
-            && record.data == DataLocation::File
-            && let Some(file) = self.files.get(fid.vnode, false)?
-        {
-            self.files.check_fence(&self.files.path(fid.vnode))?;
-            file.sync_data()
-                .map_err(io_error(self.files.path(fid.vnode)))?;
+        // Shared with fetches, the record and the file are read as one: every store
+        // answered before this call is written. The sync runs after the lock, so the
+        // stores of the file's next batch are not held behind it; a store that lands
+        // meanwhile is only made durable early.
+        let (record, file) = {
+            let _guard = self.locks.lock(fid.vnode, Access::Read);
+            let record = self.read(|r| r.checked(fid))?;
+            let file = match record.kind == FileKind::File && record.data == DataLocation::File {
+                true => self.files.get(fid.vnode, false)?,
+                false => None,
+            };
+            (record, file)
+        };
+        if let Some(file) = file {
+            self.files.sync_data(fid.vnode, &file)?;
         }
         Ok(record.status(self.id, fid.vnode))
+    }
+
+    /// After a store into a data file: its bytes start for the disk now, so the `Fsync`
+    /// that makes its write-back durable finds them written (`DataFiles::start_writeback`).
+    fn start_writeback(&self, fid: Fid, offset: u64, length: usize) {
+        if length == 0 {
+            return;
+        }
+        if let Ok(Some(file)) = self.files.get(fid.vnode, false) {
+            self.files.start_writeback(&file, offset, length as u64);
+        }
     }
 
     /// Changes attributes; a size change truncates or extends the file (DV +1).
@@ -804,3 +828,6 @@ fn resize(tx: &mut Tx<'_>, record: &mut VnodeRecord, size: u64) -> Result<(), St
     record.size = size;
     Ok(())
 }
+
+#[cfg(test)]
+mod batch_tests;

@@ -1,16 +1,20 @@
 //! Open handles of one volume's data files, so that a stream of stores and fetches of one
-//! file does not open and close it per call.
+//! file does not open and close it per call, and so that concurrent syncs of one file
+//! share one `fdatasync`.
 //! Invariant: at most `DATA_FILES_OPEN_MAX` handles, and a live vnode's cached handle is
-//! its file at `data/<vnode>` now: forgotten before an unlink, replaced on a rewrite.
+//! its file at `data/<vnode>` now: forgotten before an unlink, replaced on a rewrite; a
+//! sync returns only after an `fdatasync` that started after the call.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, ErrorKind};
+use std::ops::Deref;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 use proto::VnodeId;
 
 use super::{StorageError, io_error};
@@ -36,8 +40,93 @@ pub(super) struct DataFiles {
 
 struct OpenFiles {
     /// vnode -> (handle, last use), `last use` from `clock`.
-    files: HashMap<u64, (Arc<File>, u64)>,
+    files: HashMap<u64, (Arc<DataFile>, u64)>,
     clock: u64,
+}
+
+/// An open data file and its syncs.
+pub(super) struct DataFile {
+    file: File,
+    syncs: SharedSync,
+}
+
+impl Deref for DataFile {
+    type Target = File;
+
+    fn deref(&self) -> &File {
+        &self.file
+    }
+}
+
+impl DataFile {
+    fn new(file: File) -> DataFile {
+        DataFile {
+            file,
+            syncs: SharedSync::default(),
+        }
+    }
+}
+
+/// The `fdatasync`s of one open file, shared: a caller waits for the first sync that
+/// starts after its call (so it covers every write answered before), and callers that
+/// arrive while one runs share the next, so any number of concurrent callers cost at
+/// most two syncs.
+#[derive(Default)]
+struct SharedSync {
+    state: Mutex<SyncState>,
+    finished: Condvar,
+}
+
+#[derive(Default)]
+struct SyncState {
+    /// Syncs started and finished so far; at most one runs at a time.
+    started: u64,
+    finished: u64,
+    running: bool,
+    /// Callers waiting for a sync to end.
+    waiting: usize,
+    /// The last sync that failed, and its error.
+    failed: Option<(u64, ErrorKind, Option<i32>)>,
+}
+
+impl SharedSync {
+    /// Returns once a sync by `run` that started after this call has ended: its
+    /// outcome, shared by every caller it covered.
+    fn sync(&self, run: impl FnOnce() -> io::Result<()>) -> io::Result<()> {
+        let mut state = self.state.lock();
+        let needed = state.started + 1;
+        loop {
+            if state.finished >= needed {
+                return match state.failed {
+                    // The sync that covered this caller failed, or a later one: the
+                    // kernel may have dropped the pages either left unwritten.
+                    Some((at, kind, raw)) if at >= needed => Err(match raw {
+                        Some(raw) => io::Error::from_raw_os_error(raw),
+                        None => io::Error::from(kind),
+                    }),
+                    _ => Ok(()),
+                };
+            }
+            if !state.running {
+                state.running = true;
+                state.started += 1;
+                let this = state.started;
+                drop(state);
+                let result = run();
+                let mut state = self.state.lock();
+                state.running = false;
+                state.finished = this;
+                if let Err(e) = &result {
+                    state.failed = Some((this, e.kind(), e.raw_os_error()));
+                }
+                self.finished.notify_all();
+                return result;
+            }
+            state.waiting += 1;
+            self.finished.wait(&mut state);
+            state.waiting -= 1;
+        }
+    }
 }
 
 impl DataFiles {
@@ -68,7 +157,7 @@ impl DataFiles {
         &self,
         vnode: VnodeId,
         create: bool,
-    ) -> Result<Option<Arc<File>>, StorageError> {
+    ) -> Result<Option<Arc<DataFile>>, StorageError> {
         if let Some(file) = self.cached(vnode) {
             return Ok(Some(file));
         }
@@ -97,9 +186,40 @@ impl DataFiles {
         if let Some((cached, _)) = open.files.get(&vnode.0) {
             return Ok(Some(Arc::clone(cached)));
         }
-        let file = Arc::new(file);
+        let file = Arc::new(DataFile::new(file));
         open.insert(vnode, Arc::clone(&file));
         Ok(Some(file))
+    }
+
+    /// Makes every write to `file` answered before this call durable (`fdatasync`),
+    /// sharing the sync with concurrent callers (`SharedSync`).
+    pub(super) fn sync_data(&self, vnode: VnodeId, file: &DataFile) -> Result<(), StorageError> {
+        let path = self.path(vnode);
+        self.check_fence(&path)?;
+        file.syncs
+            .sync(|| file.sync_data())
+            .map_err(io_error(&path))
+    }
+
+    /// Asks the kernel to start writing `length` bytes at `offset` of `file` to disk now
+    /// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`), so that a write-back's data flows to
+    /// the disk while the rest of it arrives and its one `fdatasync` at close finds
+    /// little left to write. A hint: it makes nothing durable, and a failure is left
+    /// to that sync to report.
+    pub(super) fn start_writeback(&self, file: &DataFile, offset: u64, length: u64) {
+        let (Ok(offset), Ok(length)) = (i64::try_from(offset), i64::try_from(length)) else {
+            return;
+        };
+        // SAFETY: a plain system call on a descriptor `file` keeps open; no memory is
+        // passed.
+        unsafe {
+            libc::sync_file_range(
+                file.as_raw_fd(),
+                offset,
+                length,
+                libc::SYNC_FILE_RANGE_WRITE,
+            );
+        }
     }
 
     /// Writes the vnode's whole new data file (`content`, then `data` at `offset`,
@@ -138,7 +258,9 @@ impl DataFiles {
             return Err(e);
         }
         sync_dir(&self.dir)?;
-        self.open.lock().insert(vnode, Arc::new(file));
+        self.open
+            .lock()
+            .insert(vnode, Arc::new(DataFile::new(file)));
         Ok(())
     }
 
@@ -195,7 +317,7 @@ impl DataFiles {
         }
     }
 
-    fn cached(&self, vnode: VnodeId) -> Option<Arc<File>> {
+    fn cached(&self, vnode: VnodeId) -> Option<Arc<DataFile>> {
         let mut open = self.open.lock();
         open.clock += 1;
         let now = open.clock;
@@ -209,7 +331,7 @@ impl DataFiles {
 impl OpenFiles {
     /// Caches `file` for `vnode`, closing the least recently used handle beyond the
     /// limit (a caller still using it keeps its own reference).
-    fn insert(&mut self, vnode: VnodeId, file: Arc<File>) {
+    fn insert(&mut self, vnode: VnodeId, file: Arc<DataFile>) {
         self.clock += 1;
         self.files.insert(vnode.0, (file, self.clock));
         if self.files.len() > DATA_FILES_OPEN_MAX
@@ -272,7 +394,71 @@ pub(super) mod faults {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::Duration;
+
     use super::*;
+
+    #[test]
+    fn concurrent_syncs_share_one_and_each_waits_for_one_started_after_its_call() {
+        let shared = Arc::new(SharedSync::default());
+        let runs = Arc::new(AtomicU64::new(0));
+        // A sync is running (held open by `release`) when eight callers arrive.
+        let (release, hold) = std::sync::mpsc::channel::<()>();
+        let (began, started) = std::sync::mpsc::channel::<()>();
+        let first = {
+            let (shared, runs) = (shared.clone(), runs.clone());
+            std::thread::spawn(move || {
+                shared.sync(|| {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    began.send(()).unwrap();
+                    hold.recv().unwrap();
+                    Ok(())
+                })
+            })
+        };
+        started.recv().unwrap();
+        let waiters: Vec<_> = (0..8)
+            .map(|_| {
+                let (shared, runs) = (shared.clone(), runs.clone());
+                std::thread::spawn(move || {
+                    // Each needs a sync that starts after now, not the running one.
+                    let needed = shared.state.lock().started + 1;
+                    shared
+                        .sync(|| {
+                            runs.fetch_add(1, Ordering::SeqCst);
+                            std::thread::sleep(Duration::from_millis(5));
+                            Ok(())
+                        })
+                        .unwrap();
+                    assert!(shared.state.lock().finished >= needed);
+                })
+            })
+            .collect();
+        // Every waiter queues behind the running sync; then it ends.
+        while shared.state.lock().waiting < 8 {
+            std::thread::yield_now();
+        }
+        release.send(()).unwrap();
+        first.join().unwrap().unwrap();
+        for waiter in waiters {
+            waiter.join().unwrap();
+        }
+        assert_eq!(
+            runs.load(Ordering::SeqCst),
+            2,
+            "the running sync and one shared"
+        );
+    }
+
+    #[test]
+    fn a_failed_sync_fails_every_caller_it_covered() {
+        let shared = SharedSync::default();
+        let failed = shared.sync(|| Err(io::Error::from_raw_os_error(libc::EIO)));
+        assert_eq!(failed.unwrap_err().raw_os_error(), Some(libc::EIO));
+        // A caller arriving afterwards needs a sync of its own, which succeeds.
+        shared.sync(|| Ok(())).unwrap();
+    }
 
     #[test]
     fn handles_are_bounded_least_recently_used_first_and_replaced_when_rewritten() {

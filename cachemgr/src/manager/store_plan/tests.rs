@@ -1,7 +1,8 @@
 //! Write-back planning, each case fed as events and checked by the exact effects it
 //! emits.
-//! Invariant: each dirty chunk goes in exactly one store, and the `Fsync` comes only
-//! after every store's answer, never after a failure.
+//! Invariant: each dirty chunk goes in exactly one store, at most a window's bytes of
+//! them fly at once, and the `Fsync` comes only after every store's answer, never after
+//! a failure.
 
 use super::*;
 
@@ -67,9 +68,10 @@ fn stores_of(dirty: &[(u64, u64)]) -> Vec<Store> {
 }
 
 #[test]
-fn a_store_carries_two_chunks_at_most_and_two_stores_fly_at_once() {
+fn a_store_carries_two_chunks_at_most_and_four_whole_stores_fill_the_window() {
     assert_eq!(STORE_BYTES_MAX, 2 * CHUNK_BYTES);
-    assert_eq!(STORES_IN_FLIGHT_MAX, 2);
+    assert_eq!(STORE_WINDOW_BYTES, 4 * STORE_BYTES_MAX);
+    assert_eq!(STORES_IN_FLIGHT_MAX, 8);
 }
 
 #[test]
@@ -120,32 +122,81 @@ fn a_store_is_the_file_range_its_chunks_hold() {
     );
 }
 
+/// The `n`th whole store (of two chunks) of a plan of whole chunks.
+fn nth(n: usize) -> Store {
+    store(2 * n..2 * n + 2, 2 * n as u64 * FULL, 2 * FULL)
+}
+
 #[test]
-fn two_stores_fly_the_next_starts_as_one_lands_and_one_fsync_follows_them_all() {
-    let mut p = plan(&whole(6), SYNC);
-    let (first, second, third) = (
-        store(0..2, 0, 2 * FULL),
-        store(2..4, 2 * FULL, 2 * FULL),
-        store(4..6, 4 * FULL, 2 * FULL),
-    );
-    assert_eq!(p.start(), [Effect::Store(first.clone())]);
-    assert_eq!(p.sent(), [Effect::Store(second.clone())]);
-    assert_eq!(p.sent(), [], "two in flight: the third waits");
+fn a_window_of_stores_flies_the_next_starts_as_one_lands_and_one_fsync_follows_them_all() {
+    let mut p = plan(&whole(12), SYNC);
+    assert_eq!(p.start(), [Effect::Store(nth(0))]);
+    for n in 1..4 {
+        assert_eq!(
+            p.sent(),
+            [Effect::Store(nth(n))],
+            "store {n} joins the window"
+        );
+    }
+    assert_eq!(p.sent(), [], "the window is full: the fifth waits");
+    // Answers come back in any order; each frees room for the next store.
     assert_eq!(
-        p.stored(&first, v(2), "first"),
-        [clean(0..2, 2), Effect::Store(third.clone())]
+        p.stored(&nth(2), v(2), "2"),
+        [clean(4..6, 2), Effect::Store(nth(4))]
     );
     assert_eq!(p.sent(), []);
-    // Answers come back in any order; the highest version is the file after them all.
-    assert_eq!(p.stored(&third, v(4), "third"), [clean(4..6, 4)]);
     assert_eq!(
-        p.stored(&second, v(3), "second"),
+        p.stored(&nth(0), v(3), "0"),
+        [clean(0..2, 3), Effect::Store(nth(5))]
+    );
+    assert_eq!(p.sent(), [], "nothing is left to start");
+    for (n, version) in [(5, 4), (1, 6), (4, 5)] {
+        assert_eq!(
+            p.stored(&nth(n), v(version), "any"),
+            [clean(2 * n..2 * n + 2, version)]
+        );
+    }
+    // The highest version is the file after them all; the sync follows the last answer.
+    assert_eq!(
+        p.stored(&nth(3), v(7), "3"),
         [
-            clean(2..4, 3),
-            absorb(3, "third"),
+            clean(6..8, 7),
+            absorb(6, "3"),
             Effect::AllStored,
             Effect::Fsync
         ]
+    );
+}
+
+#[test]
+fn short_stores_fly_by_count_and_long_ones_by_bytes() {
+    // Scattered short chunks: as many stores as the count allows, far below the bytes.
+    let scattered: Vec<(u64, u64)> = (0..20).map(|i| (2 * i, 100)).collect();
+    let mut p = plan(&scattered, Then::Return);
+    let mut flying = p.start().len();
+    loop {
+        let more = p.sent();
+        if more.is_empty() {
+            break;
+        }
+        flying += more.len();
+    }
+    assert_eq!(flying, STORES_IN_FLIGHT_MAX);
+    // A store that does not fit the room left waits, even though a smaller one would:
+    // stores start in file order.
+    let mut p = plan(&[(0, 10), (2, FULL), (3, FULL), (5, FULL)], Then::Return);
+    let mut asked = vec![p.start()];
+    asked.extend(std::iter::from_fn(|| {
+        Some(p.sent()).filter(|e| !e.is_empty())
+    }));
+    assert_eq!(
+        asked.concat(),
+        [
+            Effect::Store(store(0..1, 0, 10)),
+            Effect::Store(store(1..3, 2 * FULL, 2 * FULL)),
+            Effect::Store(store(3..4, 5 * FULL, FULL)),
+        ],
+        "10 bytes, 2 MiB and 1 MiB fit in the window together"
     );
 }
 
@@ -185,15 +236,21 @@ fn a_refused_store_stops_new_ones_and_the_end_waits_for_those_in_flight() {
     let second = store(2..4, 2 * FULL, 2 * FULL);
     p.start();
     p.sent();
+    p.sent();
     assert_eq!(p.sent(), []);
     let no_space = FsError::from_errno(libc::ENOSPC);
-    assert_eq!(p.failed(no_space), [], "the second is still in flight");
+    assert_eq!(
+        p.failed(&nth(0), no_space),
+        [],
+        "the others are still in flight"
+    );
+    assert_eq!(p.stored(&nth(2), v(2), "third"), [clean(4..6, 2)]);
     // What was stored is absorbed; no Fsync follows a failure.
     assert_eq!(
-        p.stored(&second, v(2), "second"),
+        p.stored(&second, v(3), "second"),
         [
-            clean(2..4, 2),
-            absorb(1, "second"),
+            clean(2..4, 3),
+            absorb(2, "second"),
             Effect::Done(Err(no_space))
         ]
     );
@@ -206,8 +263,11 @@ fn the_first_failure_is_the_one_returned() {
     p.sent();
     assert_eq!(p.sent(), []);
     let no_space = FsError::from_errno(libc::ENOSPC);
-    assert_eq!(p.failed(no_space), []);
-    assert_eq!(p.failed(FsError::ETIMEDOUT), [Effect::Done(Err(no_space))]);
+    assert_eq!(p.failed(&nth(0), no_space), []);
+    assert_eq!(
+        p.failed(&nth(1), FsError::ETIMEDOUT),
+        [Effect::Done(Err(no_space))]
+    );
 }
 
 #[test]
@@ -215,13 +275,16 @@ fn chunks_that_cannot_be_read_are_not_sent_and_end_the_write_back() {
     // The first store's chunks cannot be read: nothing was sent, nothing is absorbed.
     let mut p = plan(&whole(6), SYNC);
     p.start();
-    assert_eq!(p.not_sent(FsError::EIO), [Effect::Done(Err(FsError::EIO))]);
+    assert_eq!(
+        p.not_sent(&nth(0), FsError::EIO),
+        [Effect::Done(Err(FsError::EIO))]
+    );
     // The second's: the first, already sent, is awaited; the third never starts.
     let mut p = plan(&whole(6), SYNC);
     let first = store(0..2, 0, 2 * FULL);
     p.start();
     p.sent();
-    assert_eq!(p.not_sent(FsError::EIO), []);
+    assert_eq!(p.not_sent(&nth(1), FsError::EIO), []);
     assert_eq!(
         p.stored(&first, v(2), "first"),
         [
