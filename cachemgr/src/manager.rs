@@ -21,6 +21,7 @@ mod advisory;
 mod attr;
 mod callback_sink;
 mod data;
+mod deferred;
 mod fs_error;
 mod kernel_refs;
 mod namespace;
@@ -167,6 +168,9 @@ pub struct Manager {
     tokens: Arc<crate::tokens::TokenStore>,
     /// The callers' rights, per (user, vnode), under their directories' callbacks.
     rights: crate::rights::RightsCache,
+    /// Files created here whose create waits for their close (`deferred`). Locked
+    /// after `state` when both are held, never before.
+    deferred: Mutex<deferred::DeferredCreates>,
 }
 
 impl Manager {
@@ -227,6 +231,7 @@ impl Manager {
             memory_return: kernel_refs::MemoryReturn::default(),
             tokens: Arc::new(crate::tokens::TokenStore::default()),
             rights: crate::rights::RightsCache::default(),
+            deferred: Mutex::new(deferred::DeferredCreates::default()),
         });
         manager.pool.set_tokens(manager.tokens.clone());
         manager.spawn_lease_renewal(settings.lease_renew_interval);
