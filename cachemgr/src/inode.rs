@@ -162,6 +162,23 @@ impl InodeTable {
         self.by_ino.is_empty()
     }
 
+    /// Makes `ino`, which names `from`, name `to` instead, keeping the kernel's lookups
+    /// of it (a file created here under a provisional fid got its real one). False,
+    /// changing nothing, when `ino` does not name `from` or `to` has a number already:
+    /// the map stays a bijection.
+    pub fn rebind(&mut self, ino: Ino, from: Fid, to: Fid) -> bool {
+        if self.by_fid.contains_key(&to) {
+            return false;
+        }
+        let Some(entry) = self.by_ino.get_mut(&ino).filter(|e| e.fid == from) else {
+            return false;
+        };
+        entry.fid = to;
+        self.by_fid.remove(&from);
+        self.by_fid.insert(to, ino);
+        true
+    }
+
     fn allocate(&mut self, fid: Fid) -> Ino {
         let ino = Ino(self.next);
         self.next += 1;
@@ -292,5 +309,25 @@ mod tests {
         let d = table.ino(fid(7, 1)).unwrap();
         assert_eq!(table.forget(d, 1), Forgotten::Unknown);
         assert_eq!(table.fid(d), Some(fid(7, 1)));
+    }
+
+    #[test]
+    fn a_rebound_number_keeps_its_lookups_and_never_names_two_files() {
+        let mut table = InodeTable::new(Fid::root(VolumeId(7)));
+        let provisional = fid(1 << 63, 1);
+        let (ino, _) = table.lookup(provisional);
+        assert!(table.rebind(ino, provisional, fid(5, 1)));
+        assert_eq!(table.fid(ino), Some(fid(5, 1)));
+        assert_eq!(table.ino(fid(5, 1)), Some(ino));
+        assert_eq!(table.ino(provisional), None);
+        assert_eq!(table.lookups(ino), 1);
+        // A fid that has a number already, or a number that names another fid: no change.
+        let other = table.ino_for(fid(6, 1));
+        let (second, _) = table.lookup(fid(1 << 63 | 1, 1));
+        assert!(!table.rebind(second, fid(1 << 63 | 1, 1), fid(6, 1)));
+        assert!(!table.rebind(second, fid(9, 9), fid(7, 1)));
+        assert_eq!(table.fid(second), Some(fid(1 << 63 | 1, 1)));
+        assert_eq!(table.ino(fid(6, 1)), Some(other));
+        assert_eq!(table.forget(ino, 1), Forgotten::Dropped(fid(5, 1)));
     }
 }

@@ -21,6 +21,7 @@ mod advisory;
 mod attr;
 mod callback_sink;
 mod data;
+mod deferred;
 mod fs_error;
 mod kernel_refs;
 mod namespace;
@@ -172,8 +173,11 @@ pub struct Manager {
     rights: crate::rights::RightsCache,
     /// Where time goes: FUSE operations' latency and the data path's counters.
     figures: Arc<crate::figures::MountFigures>,
-    /// Which kernel opens are passthrough opens, and the data path's counters.
+    /// Which kernel opens are passthrough opens, and whether they are on.
     passthrough: crate::passthrough::Passthrough,
+    /// Files created here whose create waits for their close (`deferred`). Locked
+    /// after `state` when both are held, never before.
+    deferred: Mutex<deferred::DeferredCreates>,
 }
 
 impl Manager {
@@ -236,6 +240,7 @@ impl Manager {
             rights: crate::rights::RightsCache::default(),
             figures: Arc::default(),
             passthrough: crate::passthrough::Passthrough::default(),
+            deferred: Mutex::new(deferred::DeferredCreates::default()),
         });
         manager.pool.set_tokens(manager.tokens.clone());
         manager.spawn_lease_renewal(settings.lease_renew_interval);

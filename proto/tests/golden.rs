@@ -585,6 +585,22 @@ fn cases() -> Vec<(&'static str, Frame, &'static str)> {
             "032301 2d 0178",
         ),
         (
+            "create_with_data",
+            Frame::Request {
+                id: RequestId(43),
+                body: Request::CreateWithData {
+                    dir: fid(),
+                    name: "f".into(),
+                    mode: 0o644,
+                    uid: 0,
+                    gid: 0,
+                    data: b"abc".to_vec(),
+                },
+            },
+            // Variant 68; the directory; name, mode, uid, gid; the bytes, length first.
+            "022b44 8080808002050101 66 a403 00 00 03616263",
+        ),
+        (
             "principal_exists",
             Frame::Response {
                 id: RequestId(36),
@@ -771,4 +787,19 @@ fn an_older_peer_sees_special_files_as_files_and_no_unlinked_status() {
         .version_min(),
         PROTOCOL_VERSION_IDENTITY
     );
+}
+
+#[test]
+fn a_file_created_with_its_bytes_is_sequenced_and_needs_the_data_path_version() {
+    let request = Request::CreateWithData {
+        dir: fid(),
+        name: "f".into(),
+        mode: 0o644,
+        uid: 0,
+        gid: 0,
+        data: Vec::new(),
+    };
+    assert_eq!(request.version_min(), PROTOCOL_VERSION_DATA_PATH);
+    assert!(request.needs_sequence());
+    assert!(request.changes_volume());
 }

@@ -56,8 +56,13 @@ fn a_stopped_fileserver_times_out_and_the_mount_recovers() {
 
     cell.signal("fileserver", libc::SIGSTOP).unwrap();
     let started = Instant::now();
-    // A new file needs the server: it must fail after the 2 s timeout, not hang.
-    let result = std::fs::write(mnt.join("during"), b"x");
+    // A new file needs the server: it must fail after the 2 s timeout, not hang. A
+    // small one is created with its bytes at its close, so the close fails (which
+    // `std::fs::write` would not tell).
+    let result = std::fs::File::create(mnt.join("during")).and_then(|mut file| {
+        std::io::Write::write_all(&mut file, b"x")?;
+        harness::crash::close(file)
+    });
     let elapsed = started.elapsed();
     cell.signal("fileserver", libc::SIGCONT).unwrap();
     let err = result.unwrap_err();

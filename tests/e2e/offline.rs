@@ -103,6 +103,14 @@ fn cached_reads_answer(mnt: &Path, root: &[String], waits_at_least: Duration) {
     timed("readlink", began);
 }
 
+/// Creates `path` holding one byte and closes it, with what the close answered: a
+/// small file is created with its bytes there (`std::fs::write` would not tell).
+fn create_and_close(path: &std::path::Path) -> std::io::Result<()> {
+    let mut file = std::fs::File::create(path)?;
+    std::io::Write::write_all(&mut file, b"x")?;
+    harness::crash::close(file)
+}
+
 /// Runs `op`, which needs the server, and checks it fails with `ETIMEDOUT` within
 /// `limit`.
 fn fails_unreachable<T: std::fmt::Debug>(
@@ -155,7 +163,7 @@ fn cached_files_stay_readable_while_the_only_fileserver_is_dead() {
     fails_unreachable("an uncached read", limit, || {
         std::fs::read(a.join("docs/unread"))
     });
-    fails_unreachable("a create", limit, || std::fs::write(a.join("new"), "x"));
+    fails_unreachable("a create", limit, || create_and_close(&a.join("new")));
     fails_unreachable("a truncating write", limit, || {
         std::fs::write(a.join("docs/f1"), "y")
     });
@@ -237,7 +245,7 @@ fn cached_files_stay_readable_while_the_pair_is_fenced_with_no_takeover() {
 
     cached_reads_answer(&a, &root, failover);
     let limit = failover + RPC_TIMEOUT + MARGIN;
-    fails_unreachable("a create", limit, || std::fs::write(a.join("new"), "x"));
+    fails_unreachable("a create", limit, || create_and_close(&a.join("new")));
     let text = cell.checkservers(&a).unwrap();
     for (_, address) in &cell.members {
         assert!(text.contains(address.as_str()), "{text}");

@@ -12,6 +12,7 @@ use anyhow::{Context, Result, bail};
 use proto::tls::authority;
 use proto::{PeerClass, Transport};
 
+pub mod crash;
 pub mod flood;
 pub mod identity;
 pub mod pair;

@@ -75,7 +75,7 @@ impl Manager {
 
     /// Checks each of `wanted` on `ino` for the caller (an `open` or `access(2)`).
     pub async fn check_access(&self, ino: Ino, wanted: &[FileAccess]) -> FsResult<()> {
-        let fid = self.fid(ino)?;
+        let fid = self.resolved_fid(ino).await?;
         let caller = self.caller_identity()?;
         let status = self.valid_status(fid).await?;
         if wanted.is_empty() {

@@ -22,7 +22,7 @@ impl Manager {
     /// What this cache manager holds for `ino`; fetches the status only when none is
     /// cached, so a broken callback is reported as such rather than renewed.
     pub async fn examine(&self, ino: Ino) -> FsResult<ExamineInfo> {
-        let fid = self.fid(ino)?;
+        let fid = self.resolved_fid(ino).await?;
         self.examine_fid(fid).await
     }
 
@@ -31,6 +31,7 @@ impl Manager {
     pub async fn examine_entry(&self, dir: Ino, name: &str) -> FsResult<ExamineInfo> {
         let name = entry_name(OsStr::new(name))?;
         let dir = self.fid(dir)?;
+        self.create_deferred_named(dir, &name).await?;
         let entry = self.dir_entry(dir, &name).await?.ok_or(FsError::ENOENT)?;
         let fid = if entry.kind == FileKind::MountPoint {
             self.mount_target(entry.fid).await?
@@ -84,7 +85,7 @@ impl Manager {
 
     /// Drops the cached data and status of one file (after storing its writes).
     pub async fn flush_cached(&self, ino: Ino) -> FsResult<()> {
-        let fid = self.fid(ino)?;
+        let fid = self.resolved_fid(ino).await?;
         let _file = self.file_lock(fid).write().await;
         self.write_back_durably(fid).await?;
         self.chunks.drop_fid(fid);

@@ -73,7 +73,7 @@ impl Manager {
         wait: bool,
         interrupted: impl Future<Output = ()>,
     ) -> FsResult<()> {
-        let fid = self.fid(ino)?;
+        let fid = self.resolved_fid(ino).await?;
         let Some(kind) = request.kind else {
             return self.unlock(fid, request.owner, request.range).await;
         };
@@ -209,7 +209,7 @@ impl Manager {
         range: ByteRange,
         kind: LockKind,
     ) -> FsResult<Option<LockHolder>> {
-        let fid = self.fid(ino)?;
+        let fid = self.resolved_fid(ino).await?;
         let request = Request::TestLock {
             fid,
             owner,

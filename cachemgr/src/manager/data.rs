@@ -62,7 +62,7 @@ pub(super) type ChunkFetch = Arc<OnceCell<FsResult<FetchedChunk>>>;
 
 impl Manager {
     pub async fn setattr(&self, ino: Ino, attrs: SetAttrs) -> FsResult<AttrOut> {
-        let fid = self.fid(ino)?;
+        let fid = self.resolved_fid(ino).await?;
         let _file = self.file_lock(fid).write().await;
         let size = attrs.size;
         if size.is_some() {
@@ -118,7 +118,7 @@ impl Manager {
     /// is the one its pages were read at).
     #[cfg(test)]
     pub async fn open(&self, ino: Ino) -> FsResult<bool> {
-        let fid = self.fid(ino)?;
+        let fid = self.resolved_fid(ino).await?;
         let status = self.valid_status(fid).await?;
         self.keep_kernel_pages(fid, &status)
     }
@@ -432,7 +432,10 @@ impl Manager {
     }
 
     pub async fn read(&self, ino: Ino, offset: u64, size: u32) -> FsResult<Vec<u8>> {
-        let fid = self.fid(ino)?;
+        if let Some(data) = self.read_deferred(ino, offset, size) {
+            return Ok(data);
+        }
+        let fid = self.resolved_fid(ino).await?;
         let _file = self.file_lock(fid).read().await;
         let status = self.valid_status(fid).await?;
         let file_size = self
@@ -488,7 +491,10 @@ impl Manager {
     }
 
     pub async fn write(&self, ino: Ino, offset: u64, data: &[u8]) -> FsResult<u32> {
-        let fid = self.fid(ino)?;
+        if let Some(written) = self.write_deferred(ino, offset, data).await? {
+            return Ok(written);
+        }
+        let fid = self.resolved_fid(ino).await?;
         let _file = self.file_lock(fid).write().await;
         let status = self.valid_status(fid).await?;
         let mut pos = 0usize;
@@ -558,7 +564,8 @@ impl Manager {
 
     /// AFS close semantics: returns once the server holds every write durably.
     pub async fn flush(&self, ino: Ino) -> FsResult<()> {
-        let fid = self.fid(ino)?;
+        // A file whose create was deferred to this close is created with its bytes here.
+        let fid = self.resolved_fid(ino).await?;
         if !self.chunks.has_dirty(fid) && !self.unsynced.lock().contains(&fid) {
             return Ok(());
         }

@@ -63,7 +63,10 @@ fn parse_mount_point(content: &[u8]) -> Option<VolumeName> {
 impl Manager {
     /// The attributes of `ino`, revalidated unless a callback holds.
     pub async fn getattr(&self, ino: Ino) -> FsResult<AttrOut> {
-        let fid = self.fid(ino)?;
+        if let Some(out) = self.deferred_attr(ino) {
+            return Ok(out);
+        }
+        let fid = self.resolved_fid(ino).await?;
         self.valid_status(fid).await?;
         self.attr(fid)
     }
@@ -225,6 +228,9 @@ impl Manager {
     pub async fn lookup(&self, parent: Ino, name: &OsStr) -> FsResult<AttrOut> {
         let name = entry_name(name)?;
         let dir = self.fid(parent)?;
+        if let Some(out) = self.deferred_entry(dir, &name) {
+            return Ok(out);
+        }
         let entry = self.dir_entry(dir, &name).await?.ok_or(FsError::ENOENT)?;
         let fid = if entry.kind == FileKind::MountPoint {
             self.mount_target(entry.fid).await?
@@ -237,6 +243,8 @@ impl Manager {
 
     async fn snapshot(&self, ino: Ino) -> FsResult<Arc<DirSnapshot>> {
         let dir = self.fid(ino)?;
+        // A listing shows what the server holds: the files deferred here are made first.
+        self.create_deferred_in(dir).await?;
         let listing = {
             let state = self.state.lock();
             state
@@ -294,6 +302,7 @@ impl Manager {
     /// Sends `request`, which makes the entry `name` in `dir`, and applies its answer.
     /// The reply hands the entry to the kernel: its lookup is counted.
     async fn make_entry(&self, dir: Fid, name: &str, request: Request) -> FsResult<AttrOut> {
+        self.create_deferred_named(dir, name).await?;
         let sent_at = Instant::now();
         let response = self.call(dir.volume, request).await?;
         let fid = self.absorb_entry_status(response, name, sent_at)?;
@@ -311,7 +320,7 @@ impl Manager {
         self.attr(fid)
     }
 
-    fn absorb_entry_status(
+    pub(super) fn absorb_entry_status(
         &self,
         response: Response,
         name: &str,
@@ -353,6 +362,9 @@ impl Manager {
     ) -> FsResult<AttrOut> {
         let name = entry_name(name)?;
         let dir = self.fid(parent)?;
+        if !exclusive && let Some(out) = self.defer_create(dir, &name, mode & 0o7777, uid, gid) {
+            return Ok(out);
+        }
         let request = Request::Create {
             dir,
             name: name.clone(),
@@ -398,7 +410,9 @@ impl Manager {
     /// The kernel opened `ino` (an `open` or `create` it was answered).
     pub fn opened(&self, ino: Ino) {
         let mut state = self.state.lock();
-        if let Some(fid) = state.inodes.fid(ino) {
+        if let Some(fid) = state.inodes.fid(ino)
+            && !self.deferred_opened(fid, 1)
+        {
             state.statuses.opened(fid);
         }
     }
@@ -406,7 +420,9 @@ impl Manager {
     /// The kernel released one open of `ino`.
     pub fn released(&self, ino: Ino) {
         let mut state = self.state.lock();
-        if let Some(fid) = state.inodes.fid(ino) {
+        if let Some(fid) = state.inodes.fid(ino)
+            && !self.deferred_opened(fid, -1)
+        {
             state.statuses.released(fid);
         }
     }
@@ -457,7 +473,7 @@ impl Manager {
 
     pub async fn link(&self, ino: Ino, new_parent: Ino, new_name: &OsStr) -> FsResult<AttrOut> {
         let name = entry_name(new_name)?;
-        let target = self.fid(ino)?;
+        let target = self.resolved_fid(ino).await?;
         let dir = self.fid(new_parent)?;
         if target.volume != dir.volume {
             return Err(FsError::EXDEV);
@@ -473,6 +489,7 @@ impl Manager {
     pub async fn remove(&self, parent: Ino, name: &OsStr, directory: bool) -> FsResult<()> {
         let name = entry_name(name)?;
         let dir = self.fid(parent)?;
+        self.create_deferred_named(dir, &name).await?;
         let sent_at = Instant::now();
         let request = if directory {
             Request::RemoveDir {
@@ -515,6 +532,8 @@ impl Manager {
         if from_dir.volume != to_dir.volume {
             return Err(FsError::EXDEV);
         }
+        self.create_deferred_named(from_dir, &name).await?;
+        self.create_deferred_named(to_dir, &new_name).await?;
         let sent_at = Instant::now();
         let request = Request::Rename {
             from_dir,
@@ -559,7 +578,7 @@ impl Manager {
     }
 
     pub async fn readlink(&self, ino: Ino) -> FsResult<Vec<u8>> {
-        let fid = self.fid(ino)?;
+        let fid = self.resolved_fid(ino).await?;
         self.content(fid).await
     }
 

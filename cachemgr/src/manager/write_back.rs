@@ -229,6 +229,7 @@ impl Manager {
 
     /// Stores every file's unstored writes durably (at unmount).
     pub async fn write_back_all(&self) {
+        self.create_all_deferred().await;
         let mut fids: HashSet<Fid> = self.chunks.dirty_fids().into_iter().collect();
         fids.extend(self.unsynced.lock().iter().copied());
         for fid in fids {

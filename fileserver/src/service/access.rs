@@ -151,7 +151,8 @@ impl FileService {
             mut request @ (Request::Create { dir, .. }
             | Request::MakeDir { dir, .. }
             | Request::Symlink { dir, .. }
-            | Request::MakeNode { dir, .. }) => {
+            | Request::MakeNode { dir, .. }
+            | Request::CreateWithData { dir, .. }) => {
                 let (dir_status, rights) = self.dir_rights(caller, dir).await?;
                 access::check_dir(rights, DirAccess::Insert)?;
                 decide_owner(&mut request, caller, &dir_status);
@@ -418,9 +419,9 @@ fn set_attrs(
 /// creating request, as `ownership` and `new_mode` decide them.
 fn decide_owner(request: &mut Request, caller: &Identity, dir: &VnodeStatus) {
     let (uid, gid, mode) = match request {
-        Request::Create { uid, gid, mode, .. } | Request::MakeNode { uid, gid, mode, .. } => {
-            (uid, gid, Some(mode))
-        }
+        Request::Create { uid, gid, mode, .. }
+        | Request::MakeNode { uid, gid, mode, .. }
+        | Request::CreateWithData { uid, gid, mode, .. } => (uid, gid, Some(mode)),
         Request::MakeDir { uid, gid, .. } | Request::Symlink { uid, gid, .. } => (uid, gid, None),
         _ => return,
     };

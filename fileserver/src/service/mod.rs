@@ -242,6 +242,17 @@ impl FileService {
                 let perms = Perms { mode, uid, gid };
                 self.make_node(caller, dir, name, kind, perms).await
             }
+            Request::CreateWithData {
+                dir,
+                name,
+                mode,
+                uid,
+                gid,
+                data,
+            } => {
+                let perms = Perms { mode, uid, gid };
+                self.create_with_data(caller, dir, name, perms, data).await
+            }
             Request::Symlink {
                 dir,
                 name,

@@ -1,6 +1,6 @@
-//! Namespace changes (create, make a directory, a special file, a symlink or a mount
-//! point, link, remove, rename), answered from their record when retried with the same
-//! sequence.
+//! Namespace changes (create, with its bytes or not, make a directory, a special file, a
+//! symlink or a mount point, link, remove, rename), answered from their record when
+//! retried with the same sequence.
 //! Invariant: a change is applied at most once per sequence, breaks the other holders'
 //! promises on what it changed before it answers, and a replay breaks and grants nothing.
 
@@ -83,6 +83,26 @@ impl FileService {
                 };
                 self.made(caller, changed, created.status, created.dir)
             },
+        )
+        .await
+    }
+
+    /// A file made with its bytes (`CreateWithData`): one durable transaction, then
+    /// the directory's other holders broken and a promise on the file, as `create`.
+    pub(super) async fn create_with_data(
+        self: &Arc<Self>,
+        caller: Caller,
+        dir: Fid,
+        name: String,
+        perms: Perms,
+        data: Vec<u8>,
+    ) -> Result<Response, ErrorCode> {
+        let Perms { mode, uid, gid } = perms;
+        let sequence = caller.sequence;
+        self.change(
+            dir.volume,
+            move |volume| volume.create_with_data(sequence, dir, &name, mode, uid, gid, data),
+            |(status, dir_status)| self.made(caller, vec![dir], status, dir_status),
         )
         .await
     }

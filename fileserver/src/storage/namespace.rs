@@ -3,11 +3,12 @@
 //! a directory's size is its entry count, its link count 2 + its subdirectories.
 
 use proto::{
-    DirEntry, ErrorCode, Fid, FileKind, Response, Timestamp, Uniquifier, VnodeId, VnodeStatus,
-    VolumeName,
+    CREATE_DATA_BYTES_MAX, DirEntry, ErrorCode, Fid, FileKind, Response, Timestamp, Uniquifier,
+    VnodeId, VnodeStatus, VolumeName,
 };
 
 use super::StorageError;
+use super::data::INLINE_BYTES_MAX;
 use super::outcomes::{Answer, Outcome, SequenceKey};
 use super::records::{EntryKind, VnodeRecord, kind_from_code};
 use super::transaction::Tx;
@@ -145,6 +146,46 @@ impl Volume {
                 dir,
                 created: true,
             })
+        })
+    }
+
+    /// Creates the file `name` in `dir` holding `data`, kept inline: the entry, the
+    /// record and the bytes commit together, so the file is never seen (nor recovered)
+    /// without its bytes. A name that exists is `Exists`, whatever it names; more than
+    /// `CREATE_DATA_BYTES_MAX` bytes is `InvalidArgument`. The file's DV is that of any
+    /// new file: nobody saw it before it held these bytes.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the fields of a CreateWithData request, and its sequence key"
+    )]
+    pub fn create_with_data(
+        &self,
+        sequence: Option<SequenceKey>,
+        dir: Fid,
+        name: &str,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        data: Vec<u8>,
+    ) -> Result<Outcome<(VnodeStatus, VnodeStatus)>, StorageError> {
+        proto::check_entry_name(name)?;
+        let size = data.len() as u64;
+        if size > u64::from(CREATE_DATA_BYTES_MAX).min(INLINE_BYTES_MAX) {
+            return Err(ErrorCode::InvalidArgument.into());
+        }
+        let name = name.to_owned();
+        self.write_once(sequence, move |tx| {
+            let header = tx.header_mut()?;
+            let used = header.bytes_used.saturating_add(size);
+            if size > 0 && header.quota_bytes != 0 && used > header.quota_bytes {
+                return Err(ErrorCode::QuotaExceeded.into());
+            }
+            header.bytes_used = used;
+            let mut record = VnodeRecord::new(FileKind::File, mode, uid, gid, dir.vnode);
+            record.size = size;
+            let (status, dir_status) = add_entry(tx, dir, &name, record)?;
+            tx.put_file_data(status.fid.vnode, data);
+            Ok((status, dir_status))
         })
     }
 
@@ -529,4 +570,145 @@ fn refuse_move_into_own_subtree(
     Err(tx.corrupt(format!(
         "parent chain of vnode {to_dir} does not reach the root"
     )))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use proto::{ClientId, DataVersion, InstanceNonce, VolumeId, VolumeName};
+
+    use super::*;
+    use crate::fence::Fence;
+    use crate::storage::Partition;
+
+    fn volume() -> (tempfile::TempDir, Arc<Volume>, Fid) {
+        volume_with_quota(0)
+    }
+
+    fn volume_with_quota(quota_bytes: u64) -> (tempfile::TempDir, Arc<Volume>, Fid) {
+        let dir = tempfile::tempdir().unwrap();
+        let partition = Partition::open(dir.path(), Arc::new(Fence::open())).unwrap();
+        let id = VolumeId(536870913);
+        partition
+            .create_volume(id, VolumeName::parse("root.cell").unwrap(), quota_bytes)
+            .unwrap();
+        let volume = partition.volume(id).unwrap();
+        (dir, volume, Fid::root(id))
+    }
+
+    fn applied<T: std::fmt::Debug>(outcome: Result<Outcome<T>, StorageError>) -> T {
+        match outcome {
+            Ok(Outcome::Applied(value)) => value,
+            other => panic!("expected an applied change, got {other:?}"),
+        }
+    }
+
+    fn refusal<T: std::fmt::Debug>(outcome: Result<T, StorageError>) -> ErrorCode {
+        match outcome {
+            Err(StorageError::Refused(code)) => code,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_file_created_with_its_bytes_reads_them_back_at_its_first_version() {
+        let (_dir, volume, root) = volume();
+        let dir_before = volume.fetch_status(root).unwrap().data_version;
+        let data = b"small file".to_vec();
+        let (status, dir) = applied(volume.create_with_data(None, root, "f", 0o640, 7, 8, data));
+        assert_eq!(status.size, 10);
+        assert_eq!(status.mode, 0o640);
+        assert_eq!((status.uid, status.gid), (7, 8));
+        assert_eq!(status.data_version, DataVersion(1));
+        assert_eq!(dir.data_version, dir_before.next());
+        assert_eq!(dir.size, 1);
+        let (fetched, bytes) = volume.fetch_data(status.fid, 0, 100).unwrap();
+        assert_eq!(fetched, status);
+        assert_eq!(bytes, b"small file");
+        assert_eq!(volume.lookup(root, "f").unwrap().0, status);
+        assert_eq!(volume.info().unwrap().bytes_used, 10);
+    }
+
+    #[test]
+    fn an_existing_name_is_refused_and_nothing_changes() {
+        let (_dir, volume, root) = volume();
+        let (first, _) =
+            applied(volume.create_with_data(None, root, "f", 0o644, 0, 0, b"one".to_vec()));
+        let dir_before = volume.fetch_status(root).unwrap();
+        let again = volume.create_with_data(None, root, "f", 0o644, 0, 0, b"two!".to_vec());
+        assert_eq!(refusal(again), ErrorCode::Exists);
+        applied(volume.make_dir(None, root, "d", 0o755, 0, 0));
+        let over_dir = volume.create_with_data(None, root, "d", 0o644, 0, 0, Vec::new());
+        assert_eq!(refusal(over_dir), ErrorCode::Exists);
+        assert_eq!(volume.fetch_data(first.fid, 0, 100).unwrap().1, b"one");
+        assert_eq!(volume.info().unwrap().bytes_used, 3);
+        assert_eq!(
+            volume.fetch_status(root).unwrap().data_version,
+            dir_before.data_version.next(),
+            "only the mkdir changed the directory"
+        );
+    }
+
+    #[test]
+    fn more_than_the_limit_or_past_the_quota_is_refused() {
+        let (_dir, volume, root) = volume();
+        let limit = CREATE_DATA_BYTES_MAX as usize;
+        let too_big = volume.create_with_data(None, root, "big", 0o644, 0, 0, vec![1; limit + 1]);
+        assert_eq!(refusal(too_big), ErrorCode::InvalidArgument);
+        let (whole, _) =
+            applied(volume.create_with_data(None, root, "max", 0o644, 0, 0, vec![2; limit]));
+        assert_eq!(
+            volume.fetch_data(whole.fid, 0, u32::MAX).unwrap().1,
+            vec![2; limit]
+        );
+        let (_dir, volume, root) = volume_with_quota(10);
+        let over = volume.create_with_data(None, root, "over", 0o644, 0, 0, vec![3; 11]);
+        assert_eq!(refusal(over), ErrorCode::QuotaExceeded);
+        assert_eq!(refusal(volume.lookup(root, "over")), ErrorCode::NoSuchEntry);
+        applied(volume.create_with_data(None, root, "fits", 0o644, 0, 0, vec![3; 10]));
+    }
+
+    #[test]
+    fn a_retry_of_the_same_sequence_is_answered_from_its_record() {
+        let (_dir, volume, root) = volume();
+        let key = SequenceKey {
+            client: ClientId(uuid::Uuid::from_u128(5)),
+            instance: InstanceNonce(1),
+            seq: 9,
+        };
+        let (status, dir) =
+            applied(volume.create_with_data(Some(key), root, "f", 0o644, 0, 0, b"abc".to_vec()));
+        let replayed = volume.create_with_data(Some(key), root, "f", 0o644, 0, 0, b"abc".to_vec());
+        match replayed {
+            Ok(Outcome::Replayed(answer)) => assert_eq!(
+                *answer,
+                Ok(Response::Entry {
+                    status: status.clone(),
+                    callback: None,
+                    dir,
+                })
+            ),
+            other => panic!("expected the recorded answer, got {other:?}"),
+        }
+        assert_eq!(volume.fetch_status(root).unwrap().size, 1, "applied once");
+        // A refusal is recorded too: its retry is refused alike even once the name is free.
+        let other = SequenceKey { seq: 10, ..key };
+        assert_eq!(
+            refusal(
+                volume
+                    .create_with_data(Some(other), root, "f", 0o644, 0, 0, Vec::new())
+                    .and_then(|o| match o {
+                        Outcome::Replayed(answer) => answer.map_err(StorageError::Refused),
+                        Outcome::Applied(_) => Ok(Response::Ok),
+                    })
+            ),
+            ErrorCode::Exists
+        );
+        applied(volume.remove(None, root, "f", false));
+        match volume.create_with_data(Some(other), root, "f", 0o644, 0, 0, Vec::new()) {
+            Ok(Outcome::Replayed(answer)) => assert_eq!(*answer, Err(ErrorCode::Exists)),
+            other => panic!("expected the recorded refusal, got {other:?}"),
+        }
+    }
 }
