@@ -255,7 +255,7 @@ impl MountedCell {
     /// Writes `name` (`size_bytes`) through mount A and closes it, then reads it through
     /// mount B, which has never seen it.
     fn write_then_cold_read(&self, name: &str, size_bytes: u64) -> Result<Across> {
-        let write_close = write_file(&self.a.join(name), size_bytes)?;
+        let write_close = write_file(&self.a.join(name), size_bytes, Sync::None)?;
         let cold_read = read_file(&self.b.join(name))?;
         Ok(Across {
             write_close,
@@ -295,8 +295,18 @@ fn loopback_tcp_rate(total_bytes: u64) -> Result<f64> {
     Ok(received as f64 / started.elapsed().as_secs_f64())
 }
 
-/// Writes `size_bytes` and closes; bytes per second including the close.
-fn write_file(path: &Path, size_bytes: u64) -> Result<f64> {
+/// Whether a written file is synced before it is closed.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Sync {
+    /// Closed as it is (through a mount, the close makes it durable on the server).
+    None,
+    /// `fdatasync`ed first, as `dd conv=fdatasync` does.
+    Data,
+}
+
+/// Writes `size_bytes`, syncs as `sync` says and closes; bytes per second including the
+/// sync and the close.
+fn write_file(path: &Path, size_bytes: u64, sync: Sync) -> Result<f64> {
     let mut block = vec![0u8; BLOCK_BYTES];
     for (i, byte) in block.iter_mut().enumerate() {
         *byte = (i % 251) as u8;
@@ -309,6 +319,10 @@ fn write_file(path: &Path, size_bytes: u64) -> Result<f64> {
         file.write_all(&block)
             .with_context(|| format!("write {}", path.display()))?;
         written += BLOCK_BYTES as u64;
+    }
+    if sync == Sync::Data {
+        file.sync_data()
+            .with_context(|| format!("fdatasync {}", path.display()))?;
     }
     drop(file);
     Ok(written as f64 / started.elapsed().as_secs_f64())

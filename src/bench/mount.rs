@@ -12,8 +12,8 @@ use anyhow::{Context, Result};
 
 use super::tree::{self, Tree};
 use super::{
-    BLOCK_BYTES, BenchArgs, MountedCell, bench_dir, create_files, loopback_tcp_rate, mount_runtime,
-    read_file,
+    BenchArgs, MountedCell, Sync, bench_dir, create_files, loopback_tcp_rate, mount_runtime,
+    read_file, write_file,
 };
 
 /// Threads of the parallel create figure.
@@ -56,7 +56,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     // Streams: loopback TCP, a local write made durable, page-cached local reads.
     let tcp = loopback_tcp_rate(size_bytes * 2)?;
     let local_file = dir.join("local.bin");
-    let local_write = write_file_synced(&local_file, size_bytes)?;
+    let local_write = write_file(&local_file, size_bytes, Sync::Data)?;
     let local_read = median_read(&local_file)?;
     // Through the mounts: write+close on A, the cold read on B, then B's cached re-read.
     let across = mounted.write_then_cold_read("bench.bin", size_bytes)?;
@@ -208,28 +208,6 @@ fn median_read(path: &Path) -> Result<f64> {
     }
     rates.sort_by(f64::total_cmp);
     Ok(rates[CACHED_READS / 2])
-}
-
-/// Writes `size_bytes`, `fdatasync`s and closes, as `dd conv=fdatasync` does; bytes per
-/// second including the sync and the close.
-fn write_file_synced(path: &Path, size_bytes: u64) -> Result<f64> {
-    let mut block = vec![0u8; BLOCK_BYTES];
-    for (i, byte) in block.iter_mut().enumerate() {
-        *byte = (i % 251) as u8;
-    }
-    let started = Instant::now();
-    let mut file =
-        std::fs::File::create(path).with_context(|| format!("create {}", path.display()))?;
-    let mut written = 0u64;
-    while written < size_bytes {
-        file.write_all(&block)
-            .with_context(|| format!("write {}", path.display()))?;
-        written += BLOCK_BYTES as u64;
-    }
-    file.sync_data()
-        .with_context(|| format!("fdatasync {}", path.display()))?;
-    drop(file);
-    Ok(written as f64 / started.elapsed().as_secs_f64())
 }
 
 /// Creates `count` files of 4 KiB, each created, written, fsynced and closed; files per

@@ -383,13 +383,12 @@ impl Manager {
             .await?
             .into_fetched()
             .map_err(|other| unexpected(&other))?;
-        let (status, callback, mut data) =
-            (fetched.status, fetched.callback, fetched.data.to_vec());
+        // The bytes are a slice of the received frame: no copy from here to the reader.
+        let (status, callback, mut data) = (fetched.status, fetched.callback, fetched.data);
         data.truncate(CHUNK_BYTES as usize);
         let version = status.data_version;
         self.absorb(status, callback, sent_at);
         // Cached before it leaves the fetch table; its file is written off this path.
-        let data = Bytes::from(data);
         let emptied = self.chunks.insert_fetched(key, version, data.clone());
         self.note_evicted(emptied);
         Ok(FetchedChunk { data, version })

@@ -41,6 +41,9 @@ pub struct Volume {
     pub(super) locks: VnodeLocks,
     pub(super) files: DataFiles,
     committer: GroupCommit<WriteJob>,
+    /// Why the last failed batch failed, for the jobs it dropped before running them
+    /// (so a closed fence reads as one for them too).
+    last_failure: parking_lot::Mutex<String>,
     log: Arc<MetadataLog>,
     position: Mutex<Position>,
 }
@@ -155,6 +158,7 @@ impl Volume {
             locks: VnodeLocks::new(),
             files: DataFiles::new(dir.join(DATA_DIR), fence),
             committer: GroupCommit::new(),
+            last_failure: parking_lot::Mutex::default(),
             log,
             position: Mutex::new(Position {
                 appended: checkpointed,
@@ -230,7 +234,10 @@ impl Volume {
             .unwrap_or_else(|| {
                 Err(StorageError::BatchFailed {
                     path: self.db_path.clone(),
-                    detail: "the write batch stopped before reaching this request".into(),
+                    detail: format!(
+                        "the write batch stopped before reaching this request: {}",
+                        self.last_failure.lock()
+                    ),
                 })
             })
     }
@@ -319,7 +326,11 @@ impl Volume {
                 }
                 Ok(())
             }
-            Err(e) => Err(e.to_string()),
+            Err(e) => {
+                let detail = e.to_string();
+                self.last_failure.lock().clone_from(&detail);
+                Err(detail)
+            }
         };
         for answer in answers {
             answer(
