@@ -34,7 +34,6 @@ impl CallbackSink for Manager {
         for invalidation in work {
             self.invalidator.push(invalidation);
         }
-        self.deferred_dirs_broken(fids);
     }
 
     fn lock_granted(&self, server: ServerId, wait: WaitId, fid: Fid) -> bool {

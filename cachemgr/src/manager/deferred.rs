@@ -359,26 +359,6 @@ impl Manager {
         Ok(())
     }
 
-    /// A callback on a directory broke: another client changed it. Its deferred files
-    /// are created at once, detached, so what this client made shows there as soon as
-    /// it can (docs/cache-manager.md, "Creates deferred to the close").
-    pub(super) fn deferred_dirs_broken(&self, dirs: &[Fid]) {
-        let fids: Vec<Fid> = {
-            let deferred = self.deferred.lock();
-            dirs.iter().flat_map(|dir| deferred.in_dir(*dir)).collect()
-        };
-        let Some(this) = self.this.upgrade().filter(|_| !fids.is_empty()) else {
-            return;
-        };
-        self.runtime.spawn(async move {
-            for fid in fids {
-                if let Err(e) = this.create_deferred(fid).await {
-                    debug!(%fid, error = %e, "a deferred create failed after a break; its close will try again");
-                }
-            }
-        });
-    }
-
     /// Creates every deferred file on the server (at unmount).
     pub(super) async fn create_all_deferred(&self) {
         let fids = self.deferred.lock().all();
