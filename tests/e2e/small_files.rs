@@ -43,6 +43,21 @@ fn a_new_small_file_shows_elsewhere_once_closed_and_whole() {
     // Created empty and closed: there too.
     close(std::fs::File::create(a.join("empty")).unwrap()).unwrap();
     assert_eq!(std::fs::read(b.join("empty")).unwrap(), b"");
+    // Deferral really happens: more small files, and the server made at least one of
+    // them (of all these) with its bytes in one request.
+    for i in 0..8 {
+        std::fs::write(a.join(format!("more{i}")), pattern(100, i)).unwrap();
+    }
+    let output = cell.holdfast(&["vos", "counters"]).unwrap();
+    let counters = String::from_utf8_lossy(&output.stdout);
+    let with_data = counters.lines().find_map(|line| {
+        let rest = line.strip_prefix("request CreateWithData ")?;
+        rest.split_whitespace().next()?.parse::<u64>().ok()
+    });
+    assert!(
+        with_data.is_some_and(|n| n >= 1),
+        "no create was deferred to its close:\n{counters}"
+    );
 }
 
 #[test]
