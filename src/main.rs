@@ -184,6 +184,10 @@ enum Command {
         /// passthrough; needs CAP_SYS_ADMIN and Linux 6.9): auto, or off.
         #[arg(long, value_name = "MODE", default_value = "auto")]
         passthrough: cachemgr::passthrough::PassthroughMode,
+        /// Who may use the mount: auto (every user where FUSE permits it: root, or
+        /// user_allow_other in /etc/fuse.conf; else only you), all, or owner.
+        #[arg(long, value_name = "WHO", default_value = "auto")]
+        access: cachemgr::mount_access::MountAccess,
     },
     /// Talk to the cache manager of a mount: mount points, cache state, servers.
     Fs {
@@ -601,6 +605,7 @@ fn run(cli: Cli) -> Result<()> {
             over_guard,
             stat_entries,
             passthrough,
+            access,
         } => {
             process::init_tracing("info");
             let cell = CellConfig::locate(cell_path.as_deref()).context("find the cell")?;
@@ -622,6 +627,7 @@ fn run(cli: Cli) -> Result<()> {
                 over_guard,
                 status_entries_max: usize::try_from(stat_entries).unwrap_or(usize::MAX),
                 passthrough,
+                access,
             };
             let shutdown = process::shutdown_on_signals_blocking()?;
             let mountpoint = config.mountpoint.clone();

@@ -20,6 +20,7 @@ pub mod listing;
 pub mod lock_waits;
 mod manager;
 pub mod mount;
+pub mod mount_access;
 pub mod mountinfo;
 pub mod passthrough;
 pub mod readahead;
@@ -80,6 +81,8 @@ pub struct Config {
     pub status_entries_max: usize,
     /// Whether cached files are handed to the kernel for passthrough reads.
     pub passthrough: passthrough::PassthroughMode,
+    /// Who may use the mount.
+    pub access: mount_access::MountAccess,
 }
 
 impl Config {
@@ -104,6 +107,7 @@ impl Config {
             over_guard: false,
             status_entries_max: status::STATUS_ENTRIES_MAX_DEFAULT,
             passthrough: passthrough::PassthroughMode::Auto,
+            access: mount_access::MountAccess::Auto,
         }
     }
 }

@@ -9,7 +9,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use fuser::{MountOption, SessionACL};
+use fuser::MountOption;
 use proto::{Hello, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN, PeerKind, VldbClient};
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -223,7 +223,7 @@ pub fn run(
         MountOption::Subtype("holdfast".into()),
         MountOption::NoAtime,
     ];
-    options.acl = SessionACL::All;
+    options.acl = config.access.acl();
     options.n_threads = Some(FUSE_THREADS);
     let session = fuser::Session::new(
         HoldfastFs::new(

@@ -1,7 +1,8 @@
 //! A file changed on another workstation is never served stale, whether this workstation
 //! reads it through the mount or the kernel reads its version file itself (passthrough):
-//! the same bodies run with `--passthrough auto` and `--passthrough off`, and in auto the
-//! mount's own counter shows passthrough opens were made.
+//! the same bodies run with `--passthrough auto`, `--passthrough off`, and auto in a mount
+//! without the capability the kernel wants (which falls back); the mount's own counters
+//! show passthrough opens were made, or none.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -145,6 +146,64 @@ fn passthrough_auto_never_serves_stale_bytes() {
     assert!(
         opens > 0,
         "passthrough never engaged on this kernel ({opens} opens)"
+    );
+}
+
+/// The data path's counter `name` of the mount at `mountpoint` (as its own mount
+/// namespace sees it), the mount being process `pid`'s, from `holdfast fs counters` run
+/// inside that namespace.
+fn counter_in_namespace(cell: &TestCell, pid: libc::pid_t, mountpoint: &Path, name: &str) -> u64 {
+    let mut command = std::process::Command::new("nsenter");
+    command
+        .args([
+            "--target",
+            &pid.to_string(),
+            "--mount",
+            "--",
+            BIN,
+            "fs",
+            "counters",
+        ])
+        .arg(mountpoint)
+        .env("HOLDFAST_CELL", &cell.cell_file);
+    let output = harness::run_bounded(command, std::time::Duration::from_secs(60)).unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "fs counters: {output:?}");
+    text.lines()
+        .find_map(|line| line.strip_prefix(name))
+        .and_then(|count| count.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+}
+
+/// A mount whose process lacks CAP_SYS_ADMIN where the kernel checks it (here: root only
+/// in a user namespace of its own) asks for passthrough, is refused its first backing
+/// file, says so once, and serves everything through the mount, never stale.
+#[test]
+fn a_mount_without_the_capability_falls_back_and_never_serves_stale_bytes() {
+    let mut cell = TestCell::start(BIN).unwrap();
+    let a = cell.mount("ws-a", &[]).unwrap();
+    let (b, pid) = cell
+        .mount_without_host_capability("ws-b", &["--passthrough", "auto", "--access", "owner"])
+        .unwrap();
+    break_during_an_open_read(&a, &b);
+    new_open_after_a_break(&a, &b);
+    own_writes_after_passthrough_reads(&a, &b);
+
+    let mountpoint = Path::new("/").join(b.strip_prefix(format!("/proc/{pid}/root")).unwrap());
+    assert_eq!(
+        counter_in_namespace(&cell, pid, &mountpoint, "passthrough_opens"),
+        0,
+        "no passthrough open without the capability"
+    );
+    assert!(
+        counter_in_namespace(&cell, pid, &mountpoint, "passthrough_fallbacks") > 0,
+        "the refused backing file is counted as a fallback"
+    );
+    let log = cell.log("ws-b");
+    assert_eq!(
+        log.matches("passthrough off for this mount").count(),
+        1,
+        "one line says passthrough is off:\n{log}"
     );
 }
 

@@ -412,6 +412,50 @@ impl TestCell {
         Ok(mountpoint)
     }
 
+    /// Mounts the cell as `mount` does, but from a cache manager in a user namespace of
+    /// its own (root in it, mapped to root) with a mount namespace of its own: the
+    /// process holds CAP_SYS_ADMIN only in that namespace, which mounts FUSE but, as for
+    /// any mount without the capability in the host's namespace, never registers a
+    /// passthrough backing file. Returns the mountpoint as this process reaches it
+    /// (`/proc/PID/root/...`, the mount being invisible here) and the mount's PID. The
+    /// mount ends with its namespace when the process is stopped.
+    pub fn mount_without_host_capability(
+        &mut self,
+        name: &str,
+        extra: &[&str],
+    ) -> Result<(PathBuf, libc::pid_t)> {
+        let mountpoint = self.dir.path().join(name);
+        std::fs::create_dir_all(&mountpoint)?;
+        let cache = self.path(&format!("{name}.cache"));
+        let cell_file = self.cell_file.to_string_lossy().into_owned();
+        let target = mountpoint.to_string_lossy().into_owned();
+        let bin = self.bin.to_string_lossy().into_owned();
+        let mut args = vec![
+            "--user",
+            "--map-root-user",
+            "--mount",
+            "--propagation",
+            "private",
+            "--",
+            &bin,
+            "mount",
+            "--cell",
+            &cell_file,
+            "--cache",
+            &cache,
+            "--timeout",
+            "2",
+        ];
+        args.extend_from_slice(extra);
+        args.push(&target);
+        self.tripwire
+            .expect_while_stopping(name, FUSE_REPLY_TO_AN_ENDED_REQUEST);
+        self.spawn_program_ready(name, Path::new("unshare"), &args)?;
+        identity::give_root_admin_token(&self.cell_file, Path::new(&cache))?;
+        let pid = self.pid(name)?;
+        Ok((PathBuf::from(format!("/proc/{pid}/root{target}")), pid))
+    }
+
     /// Runs `holdfast ARGS` with this cell's cell file, to completion. Its ERROR lines
     /// count for the check on drop, like those of the processes the cell started.
     pub fn holdfast(&self, args: &[&str]) -> Result<Output> {
@@ -549,6 +593,13 @@ impl TestCell {
     }
 
     fn spawn_ready(&mut self, name: &str, args: &[&str]) -> Result<String> {
+        let bin = self.bin.clone();
+        self.spawn_program_ready(name, &bin, args)
+    }
+
+    /// `spawn_ready` of `program` (which must exec the binary in its own process, as
+    /// `unshare` without `--fork` does, so that the PID stopped is the server's).
+    fn spawn_program_ready(&mut self, name: &str, program: &Path, args: &[&str]) -> Result<String> {
         let ready = self.dir.path().join(format!("{name}.ready"));
         let _ = std::fs::remove_file(&ready);
         let log_path = self.log_path(name);
@@ -559,7 +610,7 @@ impl TestCell {
             .create(true)
             .append(true)
             .open(&log_path)?;
-        let child = Command::new(&self.bin)
+        let child = Command::new(program)
             .args(args)
             .arg("--ready-file")
             .arg(&ready)

@@ -182,8 +182,8 @@ impl Manager {
                     };
                     let bound = self.passthrough.opens.lock().bind(ino, fid, file, version);
                     match bound {
+                        // Counted once the kernel takes the file (`passthrough_ready`).
                         Some(binding) => {
-                            self.figures.data_path().passthrough_open();
                             return Ok(Opened::Passthrough {
                                 binding,
                                 backing: Some(backing),
@@ -302,6 +302,7 @@ impl Manager {
 
     /// The binding's backing file is registered with the kernel: later opens reuse it.
     pub fn passthrough_ready(&self, ino: Ino, binding: BindingId) {
+        self.figures.data_path().passthrough_open();
         self.passthrough.opens.lock().ready(ino, binding);
         self.passthrough.changed.notify_waiters();
     }
