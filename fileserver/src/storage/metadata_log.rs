@@ -964,6 +964,76 @@ mod tests {
         assert_eq!(append_durable(&log, b"next"), Lsn(11));
     }
 
+    /// A record's payload is its kind byte, then the body: 2 for a state record, 1
+    /// for a storage batch; both come back with their kind.
+    #[test]
+    fn record_kind_golden_bytes() {
+        let disk = MemDisk::new();
+        let (log, _) = open(&disk, 1 << 20);
+        let (done, durable) = oneshot::channel();
+        assert_eq!(log.append_state(b"xy", Some(done)).unwrap(), Lsn(1));
+        assert_eq!(durable.blocking_recv(), Ok(true));
+        append_durable(&log, b"z");
+        let bytes = disk
+            .read(&Path::new("/p/log").join(segment_name(Lsn(1))))
+            .unwrap();
+        assert_eq!(&bytes[8..12], &[2, 0, 0, 0], "segment version");
+        let record = &bytes[BLOCK_BYTES as usize + 32..][..19];
+        assert_eq!(&record[0..4], &[3, 0, 0, 0], "length: kind byte and body");
+        assert_eq!(&record[8..16], &[1, 0, 0, 0, 0, 0, 0, 0], "lsn");
+        assert_eq!(&record[16..19], &[2, b'x', b'y'], "state record");
+        let record = &bytes[2 * BLOCK_BYTES as usize + 32..][..18];
+        assert_eq!(&record[0..4], &[2, 0, 0, 0]);
+        assert_eq!(&record[16..18], &[1, b'z'], "storage record");
+        drop(log);
+        let recovery = MetadataLog::recover(&disk, Path::new("/p/log")).unwrap();
+        let kinds: Vec<(RecordKind, Vec<u8>)> = recovery
+            .records
+            .into_iter()
+            .map(|r| (r.kind, r.body))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                (RecordKind::State, b"xy".to_vec()),
+                (RecordKind::Storage, b"z".to_vec())
+            ]
+        );
+    }
+
+    /// Segments written before state records joined the log (version 1: no kind byte)
+    /// are read as storage batches.
+    #[test]
+    fn a_version_1_segment_is_read_as_storage_batches() {
+        let disk = MemDisk::new();
+        let dir = Path::new("/p/log");
+        disk.create_dir_all(dir).unwrap();
+        let mut bytes = SegmentHeader {
+            version: SEGMENT_VERSION_STORAGE_ONLY,
+            salt: 9,
+            first_lsn: Lsn(1),
+            capacity: 1 << 20,
+        }
+        .encode()
+        .to_vec();
+        bytes.resize(BLOCK_BYTES as usize, 0);
+        bytes.extend_from_slice(&encode_frame(9, Lsn(1), &[b"redo"]));
+        let path = dir.join(segment_name(Lsn(1)));
+        let file = disk.open(&path, true).unwrap();
+        file.write_at(0, &bytes).unwrap();
+        file.sync_data().unwrap();
+        disk.sync_dir(dir).unwrap();
+        let recovery = MetadataLog::recover(&disk, dir).unwrap();
+        assert_eq!(
+            recovery.records,
+            [LogRecord {
+                lsn: Lsn(1),
+                kind: RecordKind::Storage,
+                body: b"redo".to_vec(),
+            }]
+        );
+    }
+
     #[test]
     fn concurrent_appenders_share_flushes() {
         let disk = MemDisk::new();
