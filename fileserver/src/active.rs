@@ -1,5 +1,5 @@
-//! One term of serving a partition: the open volumes, the state journal, the callback and
-//! lock tables rebuilt from it, and their sweepers.
+//! One term of serving a partition: the open volumes and their metadata log, the state
+//! journal on that log, the callback and lock tables rebuilt from it, and their sweepers.
 //! Invariant: a term ends in exactly one way: `close` (journal closed cleanly),
 //! `hand_over` (snapshot, handover mark, close) or `abandon` (nothing more written).
 
@@ -47,7 +47,8 @@ pub struct Active {
 }
 
 impl Active {
-    /// Opens the partition and its journal behind `fence`, restores the journaled state
+    /// Opens the partition behind `fence` (replaying its log into the volumes), then the
+    /// state journal on the same log, restores the journaled state
     /// (grace unless the journal ends with a clean handover) and starts the sweepers.
     pub async fn open(
         config: &Config,
@@ -60,7 +61,7 @@ impl Active {
         let (partition, (journal, state)) = tokio::task::spawn_blocking(move || {
             let partition = Partition::open(&path, fence.clone())?;
             partition.observe(stats);
-            let journal = StateJournal::open_fenced(&path, mode, fence, epoch)?;
+            let journal = StateJournal::open(&partition, &path, mode, fence, epoch)?;
             Ok::<_, FileServerError>((partition, journal))
         })
         .await

@@ -30,7 +30,9 @@ use crate::error::FileServerError;
 use crate::locks::Locks;
 use crate::restart;
 use crate::sessions::Sessions;
-use crate::state_journal::{STATE_DIR, StateJournal, StateJournalError};
+use crate::state_journal::{StateJournal, StateJournalError};
+use crate::storage::Partition;
+use crate::storage::metadata_log::LOG_DIR;
 use crate::{Config, Stats};
 
 const CELL: &str = "bench.cell";
@@ -307,6 +309,8 @@ struct Recovered {
     recovery: Duration,
     /// Growth of resident memory over the recovery.
     resident_grown: u64,
+    /// The partition whose log the journal appends to.
+    _partition: Partition,
     /// Declared last: removed after the journal living in it is dropped.
     _scratch: ScratchDir,
 }
@@ -317,11 +321,12 @@ impl Recovered {
         let build_started = Instant::now();
         write_state(scratch.path(), callbacks, locks, clients)?;
         let build = build_started.elapsed();
-        let snapshot_bytes = snapshot_bytes(&scratch.path().join(STATE_DIR))?;
+        let snapshot_bytes = snapshot_bytes(&scratch.path().join(LOG_DIR))?;
 
         let resident_before = resident_bytes();
         let started = Instant::now();
-        let (journal, recovered) = StateJournal::open(scratch.path(), JournalMode::Sync)?;
+        let (partition, journal, recovered) =
+            StateJournal::open_partition(scratch.path(), JournalMode::Sync)?;
         let journal = Arc::new(journal);
         let sessions = Arc::new(Sessions::new(clients, Duration::from_secs(2)));
         let callback_tables = Arc::new(Callbacks::new(
@@ -348,6 +353,7 @@ impl Recovered {
             snapshot_bytes,
             recovery,
             resident_grown: resident_after.saturating_sub(resident_before),
+            _partition: partition,
             _scratch: scratch,
         })
     }
@@ -399,7 +405,7 @@ fn write_state(
         ),
         ..CallbackModel::default()
     };
-    let (journal, _) = StateJournal::open(partition, JournalMode::None)?;
+    let (_partition, journal, _) = StateJournal::open_partition(partition, JournalMode::None)?;
     // A snapshot sits at the last record handed over; give it one to sit at.
     let first = &snapshot_clients[0];
     let admitted = StateRecord::ClientAdmitted {

@@ -547,13 +547,12 @@ fn queue_breaks(owing: &mut Owing, journal: &StateJournal, client: ClientKey, fi
 #[cfg(test)]
 mod tests {
     use std::collections::{BTreeSet, HashMap};
-    use std::sync::Arc;
 
     use proto::{ClientId, Fid, InstanceNonce, Uniquifier, VnodeId, VolumeId};
     use state::{ClientKey, JournalMode};
 
     use crate::restart::{TEST_DELAYED_PER_CLIENT_MAX, test_tables};
-    use crate::state_journal::StateJournal;
+    use crate::state_journal::TestLog;
     use state::journaled::{CallbackModel, Owed};
 
     /// Replay does not bound the owed queues; a restore must bound its journaled view
@@ -561,9 +560,8 @@ mod tests {
     /// sent a reset for.
     #[test]
     fn a_restored_queue_past_its_bound_is_a_reset_in_the_journaled_view_too() {
-        let dir = tempfile::tempdir().unwrap();
-        let (journal, _) = StateJournal::open(dir.path(), JournalMode::None).unwrap();
-        let journal = Arc::new(journal);
+        let log = TestLog::new();
+        let (_partition, journal, _) = log.open(JournalMode::None);
         let (callbacks, _locks) = test_tables(&journal);
         let key = callbacks
             .sessions()

@@ -35,8 +35,10 @@ pub struct Config {
     pub lease: Duration,
     /// How long after a restart recovered locks wait for their owners to reclaim them.
     pub grace: Duration,
-    /// When journaled lock and client changes become durable (`PARTITION/state/`).
-    /// `Sync`: before the reply; a grace period then knows every lock.
+    /// When journaled lock, callback and client changes (records of the partition's
+    /// metadata log, `PARTITION/log/`) are waited for. `Sync`: every one before the
+    /// reply; a grace period then knows every lock. `Group`: lock changes before the
+    /// reply, the rest with the log's next flush. `None`: none waited for.
     pub journal_mode: JournalMode,
     /// Deadline of each VLDB call.
     pub vldb_timeout: Duration,

@@ -1,7 +1,9 @@
-//! `holdfast state inspect`: what a partition's state journal holds, rebuilt with the
-//! same replay the server runs on start, like OpenAFS's state_analyzer summary.
-//! Invariant: read-only: it never takes the journal's directory lock, repairs a torn tail
-//! or removes a file, so it may look at a running server's partition.
+//! `holdfast state inspect`: what a partition's callback, lock and client state is (the
+//! newest state snapshot beside the metadata log and the state records after it, or a
+//! not yet migrated journal of an earlier version), rebuilt with the same replay the
+//! server runs on start, like OpenAFS's state_analyzer summary.
+//! Invariant: read-only: it never repairs a torn tail or removes a file, so it may look
+//! at a running server's partition.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -16,7 +18,10 @@ use state::journaled::{LockEntry, Owed, ReplayError, StateSnapshot, replay};
 use state::{ClientKey, JournalError, Lsn};
 use thiserror::Error;
 
+use crate::fence::Fence;
 use crate::state_journal::STATE_DIR;
+use crate::storage::disk::{Disk, OsDisk};
+use crate::storage::metadata_log::{LOG_DIR, LogError, MetadataLog, Recovery, StateRecovery};
 
 /// Fids of a client's promises listed in a report; beyond this only the count is given.
 pub const CALLBACK_FIDS_LISTED_MAX: usize = 20;
@@ -26,8 +31,12 @@ const READ_ATTEMPTS: usize = 3;
 /// Why a partition's state could not be inspected.
 #[derive(Debug, Error)]
 pub enum InspectError {
-    #[error("{} has no fileserver state (no {STATE_DIR}/ directory); is it a partition?", path.display())]
+    #[error("{} has no fileserver state (no {LOG_DIR}/ directory); is it a partition?", path.display())]
     NoState { path: PathBuf },
+    /// I/O failure or damage of the metadata log or a state snapshot (`Corrupt` names
+    /// the file and byte offset).
+    #[error(transparent)]
+    Log(#[from] LogError),
     /// I/O failure or damage (`Corrupt` names the file and byte offset).
     #[error(transparent)]
     Journal(#[from] JournalError),
@@ -41,9 +50,11 @@ pub enum InspectError {
 /// breaks owed.
 #[derive(Clone, Debug, Serialize)]
 pub struct StateReport {
+    /// Where the state lives: the partition's log directory (or the journal directory
+    /// of an earlier version, not yet migrated).
     pub state_dir: PathBuf,
-    /// Epoch of the newest segment's writer (or of the snapshot's, without a readable
-    /// segment header); `None` for an empty journal.
+    /// Epoch of the term that wrote the newest snapshot (of an earlier version's
+    /// journal: of its newest segment's writer); `None` without one.
     pub epoch: Option<Epoch>,
     pub journal: JournalReport,
     pub counts: Counts,
@@ -53,7 +64,7 @@ pub struct StateReport {
     pub orphan_callback_count: usize,
 }
 
-/// The span of the journal on disk.
+/// The span of the log (every record kind) on disk, and the state's part of it.
 #[derive(Clone, Debug, Serialize)]
 pub struct JournalReport {
     #[serde(serialize_with = "lsn")]
@@ -68,7 +79,7 @@ pub struct JournalReport {
     /// The newest snapshot's position.
     #[serde(serialize_with = "optional_lsn")]
     pub snapshot: Option<Lsn>,
-    /// Records after the snapshot that replay applies.
+    /// State records after the snapshot that replay applies.
     pub records_after_snapshot: usize,
 }
 
@@ -130,15 +141,88 @@ fn optional_lsn<S: Serializer>(lsn: &Option<Lsn>, serializer: S) -> Result<S::Ok
     }
 }
 
-/// Reads `partition`'s state journal and rebuilds its tables as a restart would, without
-/// changing anything on disk.
+/// Reads `partition`'s state (its newest state snapshot and the state records of the
+/// metadata log after it) and rebuilds its tables as a restart would, without changing
+/// anything on disk. A partition whose state journal of an earlier version was not
+/// migrated yet (no server of this version opened it) is read in that form.
 pub fn inspect(partition: &Path) -> Result<StateReport, InspectError> {
-    let dir = partition.join(STATE_DIR);
+    let old = partition.join(STATE_DIR);
+    let dir = partition.join(LOG_DIR);
+    if old.is_dir() && !has_state_snapshot(&dir) {
+        return inspect_earlier_version(old);
+    }
     if !dir.is_dir() {
         return Err(InspectError::NoState {
             path: partition.to_path_buf(),
         });
     }
+    // Read-only: the fence is never asked.
+    let disk = OsDisk::new(std::sync::Arc::new(Fence::open()));
+    let (log, state) = read_log(&disk, &dir)?;
+    let journal = JournalReport {
+        first: log.first(),
+        last: log.last,
+        durable: log.last,
+        segment_count: log.segment_count(),
+        segment_bytes: segment_bytes(&dir),
+        snapshot: state.snapshot.as_ref().map(|s| s.lsn),
+        records_after_snapshot: state.records.len(),
+    };
+    let epoch = state.snapshot.as_ref().map(|s| s.epoch);
+    let recovered = Recovered {
+        snapshot: state.snapshot.map(|s| state::journal::RecoveredSnapshot {
+            lsn: s.lsn,
+            epoch: s.epoch,
+            payload: s.payload,
+        }),
+        records: state.records.into_iter().map(|r| (r.lsn, r.body)).collect(),
+    };
+    let (replayed, _) = replay(&recovered)?;
+    Ok(report(dir, epoch, journal, replayed))
+}
+
+fn has_state_snapshot(dir: &Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|entries| {
+        entries
+            .filter_map(Result::ok)
+            .any(|e| e.file_name().to_string_lossy().ends_with(".snap"))
+    })
+}
+
+/// The log and the state's part of it. A running server may release a segment or
+/// replace a snapshot while they are read: read again.
+fn read_log(disk: &dyn Disk, dir: &Path) -> Result<(Recovery, StateRecovery), LogError> {
+    let mut attempt = 1;
+    loop {
+        let read = MetadataLog::read(disk, dir)
+            .and_then(|log| StateRecovery::read(disk, dir, &log).map(|state| (log, state)));
+        match read {
+            Err(LogError::Io { source, .. })
+                if source.kind() == ErrorKind::NotFound && attempt < READ_ATTEMPTS =>
+            {
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Bytes of the log's segments.
+fn segment_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .filter(|e| e.file_name().to_string_lossy().starts_with("segment-"))
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// A journal of an earlier version, in `PARTITION/state/`.
+fn inspect_earlier_version(dir: PathBuf) -> Result<StateReport, InspectError> {
     let (span, recovered) = read_journal(&dir)?;
     let (state, _) = replay(&recovered)?;
     let epoch = newest_segment_epoch(&dir).or(recovered.snapshot.as_ref().map(|s| s.epoch));

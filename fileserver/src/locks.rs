@@ -987,6 +987,7 @@ mod tests {
 
     use super::*;
     use crate::restart::test_tables;
+    use crate::state_journal::TestLog;
 
     const ONE: LockOwnerId = LockOwnerId(1);
 
@@ -1000,9 +1001,8 @@ mod tests {
     /// locks afterwards grants nothing.
     #[tokio::test]
     async fn a_wait_id_finds_its_shard_for_a_cancel() {
-        let dir = tempfile::tempdir().unwrap();
-        let (journal, _) = StateJournal::open(dir.path(), JournalMode::None).unwrap();
-        let journal = Arc::new(journal);
+        let log = TestLog::new();
+        let (_partition, journal, _) = log.open(JournalMode::None);
         let (_, locks) = test_tables(&journal);
         let (holder, waiter) = (ClientKey(0), ClientKey(1));
         let fids: Vec<Fid> = (0..64u64)
@@ -1040,9 +1040,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_snapshot_keeps_every_lock_and_its_pid_even_past_its_room() {
-        let dir = tempfile::tempdir().unwrap();
-        let (journal, _) = StateJournal::open(dir.path(), JournalMode::None).unwrap();
-        let journal = Arc::new(journal);
+        let log = TestLog::new();
+        let (partition, journal, _) = log.open(JournalMode::None);
         let (callbacks, locks) = test_tables(&journal);
         let (id, instance) = (ClientId::random(), InstanceNonce(1));
         let key = callbacks.sessions().recover(id, instance).unwrap();
@@ -1072,8 +1071,9 @@ mod tests {
         crate::restart::snapshot_into(&callbacks, &locks, room);
         drop((callbacks, locks));
         Arc::into_inner(journal).unwrap().close();
+        drop(partition);
 
-        let (journal, replayed) = StateJournal::open(dir.path(), JournalMode::None).unwrap();
+        let (_partition, journal, replayed) = log.open(JournalMode::None);
         journal.close();
         assert_eq!(live.locks.len(), 200);
         assert!(

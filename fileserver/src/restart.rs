@@ -131,7 +131,7 @@ mod tests {
     use state::{ClientKey, JournalMode};
 
     use super::{TEST_DELAYED_PER_CLIENT_MAX, test_tables};
-    use crate::state_journal::StateJournal;
+    use crate::state_journal::TestLog;
     use state::journaled::{CallbackModel, LockEntry, Owed};
 
     #[derive(Clone, Debug)]
@@ -227,16 +227,15 @@ mod tests {
         ByteRange::new(u64::from(start), u64::from(start) + u64::from(len)).unwrap()
     }
 
-    /// Runs `ops` on live tables that journal to `dir`, then reopens the journal: the
+    /// Runs `ops` on live tables that journal to `log`, then reopens the partition: the
     /// replayed state must equal the live one (the replayed promises exactly the live
     /// callback table's, each journaled to last at least as long).
-    async fn replay_equals_live(dir: &std::path::Path, ops: Vec<Op>, snapshot_at: usize) {
+    async fn replay_equals_live(log: &TestLog, ops: Vec<Op>, snapshot_at: usize) {
         let started_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_millis() as u64;
-        let (journal, _) = StateJournal::open(dir, JournalMode::None).unwrap();
-        let journal = Arc::new(journal);
+        let (partition, journal, _) = log.open(JournalMode::None);
         let (callbacks, locks) = test_tables(&journal);
         let mut keys = Vec::new();
         for _ in 0..3 {
@@ -317,8 +316,9 @@ mod tests {
         live_model.finish_replay();
         drop((callbacks, locks));
         Arc::into_inner(journal).unwrap().close();
+        drop(partition);
 
-        let (journal, replayed) = StateJournal::open(dir, JournalMode::None).unwrap();
+        let (_partition, journal, replayed) = log.open(JournalMode::None);
         journal.close();
         assert_eq!(sorted(replayed.locks.clone()), sorted(live_locks.locks));
         let replayed_promises: BTreeSet<(Fid, ClientKey)> =
@@ -353,21 +353,19 @@ mod tests {
     /// for it before serving, so that what it restored is durable in its own terms.
     #[tokio::test]
     async fn a_snapshot_answers_once_it_is_on_disk() {
-        let dir = tempfile::tempdir().unwrap();
-        let (journal, _) = StateJournal::open(dir.path(), JournalMode::Sync).unwrap();
-        let journal = Arc::new(journal);
+        let log = TestLog::new();
+        let (_partition, journal, _) = log.open(JournalMode::Sync);
         let (callbacks, locks) = test_tables(&journal);
         let (id, instance) = (ClientId::random(), InstanceNonce(1));
         let key = callbacks.sessions().recover(id, instance).unwrap();
         // A snapshot sits at the last record handed over: give it one.
         locks.admitted(key, id, instance);
         let snapshots = || {
-            std::fs::read_dir(dir.path().join(crate::state_journal::STATE_DIR))
+            let dir = log.root().join(crate::storage::metadata_log::LOG_DIR);
+            crate::storage::disk::Disk::list(&log.disk, &dir)
                 .unwrap()
-                .filter(|entry| {
-                    let name = entry.as_ref().unwrap().file_name();
-                    name.to_string_lossy().ends_with(".snap")
-                })
+                .iter()
+                .filter(|name| name.ends_with(".snap"))
                 .count()
         };
         assert_eq!(snapshots(), 0);
@@ -393,14 +391,13 @@ mod tests {
     fn snapshots_under_concurrent_requests(round: u64) {
         const CLIENTS: usize = 4;
         const OPS: u64 = 3000;
-        let dir = tempfile::tempdir().unwrap();
+        let log = TestLog::new();
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
             .unwrap();
-        let (journal, _) = StateJournal::open(dir.path(), JournalMode::None).unwrap();
-        let journal = Arc::new(journal);
+        let (partition, journal, _) = log.open(JournalMode::None);
         let (callbacks, locks) = test_tables(&journal);
         let keys: Vec<_> = (0..CLIENTS)
             .map(|_| {
@@ -496,8 +493,9 @@ mod tests {
         }
         drop((callbacks, locks));
         Arc::into_inner(journal).unwrap().close();
+        drop(partition);
 
-        let (journal, replayed) = StateJournal::open(dir.path(), JournalMode::None).unwrap();
+        let (_partition, journal, replayed) = log.open(JournalMode::None);
         journal.close();
         assert_eq!(sorted(replayed.locks), sorted(live_locks.locks));
         let replayed_promises: BTreeSet<(Fid, ClientKey)> =
@@ -517,12 +515,12 @@ mod tests {
             ops in proptest::collection::vec(op(), 0..60),
             snapshot_at in 0usize..80,
         ) {
-            let dir = tempfile::tempdir().unwrap();
+            let log = TestLog::new();
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .unwrap();
-            runtime.block_on(replay_equals_live(dir.path(), ops, snapshot_at));
+            runtime.block_on(replay_equals_live(&log, ops, snapshot_at));
         }
     }
 }

@@ -1,6 +1,7 @@
 //! `fileserver::inspect` on a partition a real fileserver wrote: a client with a callback
 //! and a lock, read while the server runs and after it stopped; and its clear errors on
-//! a directory without state and on a damaged journal.
+//! a directory without state and on a damaged metadata log (which holds the state
+//! records).
 
 mod common;
 
@@ -8,8 +9,9 @@ use std::path::Path;
 
 use common::{Server, TIMEOUT, VOLUME, cache_manager, create_volume, status_of, wire_range};
 use fileserver::inspect::{InspectError, inspect, render_text};
+use fileserver::storage::LogError;
 use proto::{ByteRange, ClientId, Fid, InstanceNonce, LockKind, LockOwnerId, Request, Response};
-use state::{JournalError, JournalMode};
+use state::JournalMode;
 
 /// Starts a fileserver on `partition` and has a client take a callback on a new file and
 /// a lock on it. Returns the client, the file and the running server.
@@ -103,9 +105,9 @@ async fn inspect_reports_a_live_and_a_stopped_partition() {
     let dir = tempfile::tempdir().unwrap();
     let (id, file, server) = populate(dir.path()).await;
 
-    // Live: the server holds the journal's directory lock; inspect needs none.
+    // Live: the server is writing the log; inspect reads it as it stands.
     let live = check_report(dir.path(), id, file);
-    let files_before: Vec<_> = std::fs::read_dir(dir.path().join("state"))
+    let files_before: Vec<_> = std::fs::read_dir(dir.path().join("log"))
         .unwrap()
         .map(|e| e.unwrap().file_name())
         .collect();
@@ -115,7 +117,7 @@ async fn inspect_reports_a_live_and_a_stopped_partition() {
     assert_eq!(live.lines().count(), stopped.lines().count());
     // Inspecting left the files as they were (the server removed none either).
     for name in files_before {
-        assert!(dir.path().join("state").join(name).exists());
+        assert!(dir.path().join("log").join(name).exists());
     }
 }
 
@@ -127,7 +129,7 @@ fn a_directory_without_state_is_not_a_partition() {
     assert_eq!(
         err.to_string(),
         format!(
-            "{} has no fileserver state (no state/ directory); is it a partition?",
+            "{} has no fileserver state (no log/ directory); is it a partition?",
             dir.path().display()
         )
     );
@@ -139,23 +141,30 @@ async fn a_damaged_record_is_reported_with_file_and_offset() {
     let (_, _, server) = populate(dir.path()).await;
     server.stop().await;
 
-    let state_dir = dir.path().join("state");
-    let segment = std::fs::read_dir(&state_dir)
+    let log_dir = dir.path().join("log");
+    let segment = std::fs::read_dir(&log_dir)
         .unwrap()
         .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "journal"))
-        .max_by_key(|p| std::fs::metadata(p).unwrap().len())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("segment-")
+        })
+        .min()
         .unwrap();
     let mut bytes = std::fs::read(&segment).unwrap();
-    // The first record's payload: header 32 bytes, record header 16.
-    bytes[32 + 16] ^= 0xff;
+    // The first record's payload: the segment's header block (4096 bytes), the frame
+    // header 32, the record header 16. Later frames follow, so this is damage, not a
+    // torn write.
+    bytes[4096 + 32 + 16] ^= 0xff;
     std::fs::write(&segment, &bytes).unwrap();
 
     let err = inspect(dir.path()).unwrap_err();
     match &err {
-        InspectError::Journal(JournalError::Corrupt { path, offset, .. }) => {
+        InspectError::Log(LogError::Corrupt { path, offset, .. }) => {
             assert_eq!(path, &segment);
-            assert_eq!(*offset, 32);
+            assert_eq!(*offset, 4096);
         }
         other => panic!("expected corruption, got {other:?}"),
     }

@@ -69,8 +69,10 @@ fn cached_files_stay_warm_across_kill_9_and_restart() {
 #[test]
 fn a_full_state_disk_stops_the_fileserver_and_a_restart_recovers() {
     let mut cell = TestCell::start_vldb(BIN).unwrap();
-    // The state journal lives on a 1 MiB disk of its own; the volumes do not.
-    let state_disk = Tmpfs::mount(&cell.path_of("partition").join("state"), 1 << 20).unwrap();
+    // The metadata log, which holds the state journal's records, lives on a 2 MiB disk
+    // of its own (room for a segment and the next one at the restart); the volumes do
+    // not.
+    let state_disk = Tmpfs::mount(&cell.path_of("partition").join("log"), 2 << 20).unwrap();
     cell.start_fileserver().unwrap();
     cell.create_root_volume().unwrap();
     let a = cell.mount("ws-a", &[]).unwrap();
@@ -79,9 +81,9 @@ fn a_full_state_disk_stops_the_fileserver_and_a_restart_recovers() {
     std::fs::write(&locked, b"lock me\n").unwrap();
     let file = std::fs::File::open(&locked).unwrap();
     let filler = state_disk.fill().unwrap();
-    // What the full disk provokes, at ERROR, once: the journal's append fails, and the
+    // What the full disk provokes, at ERROR, once: the log's write fails, and the
     // fileserver stops journaling and serving.
-    cell.expect_error_from("fileserver", "state journal append failed");
+    cell.expect_error_from("fileserver", "metadata log failed");
 
     // Lock and unlock until a record finds no room: that request fails...
     let refused = (0..10_000).find_map(|_| {
@@ -99,7 +101,7 @@ fn a_full_state_disk_stops_the_fileserver_and_a_restart_recovers() {
     assert!(!status.success(), "{status}");
     let log = cell.log("fileserver");
     assert!(
-        log.contains("state journal append failed") && log.contains("start it again"),
+        log.contains("metadata log failed") && log.contains("start it again"),
         "{log}"
     );
 

@@ -1,5 +1,6 @@
-//! Crash images of the fileserver's state journal: a seeded workload on the real `Locks`
-//! and `Callbacks` over a `MemVfs` whose power is cut after each mutation in turn.
+//! Crash images of the state journal on the partition's metadata log: a seeded workload
+//! on the real `Locks` and `Callbacks` over a partition on a `MemDisk` whose power is cut
+//! after each mutation in turn (log segments, state snapshots, releases of segments).
 //! Invariant: every image recovers the live state as it stood after some operation
 //! between the last one acknowledged durable and the first one told the journal failed.
 
@@ -12,7 +13,6 @@ use proto::{
     ByteRange, ClientId, Epoch, ErrorCode, Fid, InstanceNonce, LockKind, LockOwnerId, Uniquifier,
     VnodeId, VolumeId,
 };
-use state::journal::MemVfs;
 use state::{ClientKey, JournalMode};
 
 use state::journaled::StateSnapshot;
@@ -21,8 +21,10 @@ use crate::callbacks::Callbacks;
 use crate::fence::Fence;
 use crate::locks::{Locks, SetLockReply};
 use crate::restart::{self, test_tables};
-use crate::state_journal::{JournalStop, StateJournal, StateJournalError};
+use crate::state_journal::{JournalStop, StateJournal, StateJournalError, open_on};
 use crate::stats::Stats;
+use crate::storage::Partition;
+use crate::storage::mem_disk::{Kept, MemDisk};
 
 const CLIENTS: u8 = 3;
 const OWNERS: u8 = 2;
@@ -31,7 +33,6 @@ const FILES: u8 = 2;
 const RANGE_END: u64 = 24;
 const OPS: usize = 48;
 const SEEDS: [u64; 6] = [1, 2, 3, 4, 5, 6];
-const PARTITION: &str = "/partition";
 
 #[derive(Clone, Copy, Debug)]
 enum Op {
@@ -255,21 +256,15 @@ impl Run {
     }
 }
 
-async fn run_workload(vfs: &MemVfs, mode: JournalMode, ops: &[Op]) -> Run {
+async fn run_workload(disk: &MemDisk, root: &Path, mode: JournalMode, ops: &[Op]) -> Run {
     let mut run = Run {
         ops: Vec::new(),
         history: vec![Point::default()],
         acks: Vec::new(),
         clients: Vec::new(),
     };
-    let opened = StateJournal::open_with_vfs(
-        Arc::new(vfs.clone()),
-        Path::new(PARTITION),
-        mode,
-        Arc::new(Fence::open()),
-        Epoch(1),
-    );
-    let Ok((journal, _)) = opened else {
+    let opened = open_on(disk, root, mode, Arc::new(Fence::open()), Epoch(1));
+    let Ok((partition, journal, _)) = opened else {
         return run;
     };
     let journal = Arc::new(journal);
@@ -285,20 +280,23 @@ async fn run_workload(vfs: &MemVfs, mode: JournalMode, ops: &[Op]) -> Run {
     let key = |client: u8| keys[usize::from(client)];
     let stats = Stats::default();
     for &op in ops {
-        let ack = apply(&locks, &callbacks, &stats, mode, key, op).await;
+        let ack = apply(&partition, &locks, &callbacks, &stats, mode, key, op).await;
         run.ops.push(op);
         run.acks.push(ack);
         run.history.push(Point::live(&locks, &callbacks));
     }
     drop((locks, callbacks));
-    // Closing joins the writer and snapshot threads, so the image below is final.
+    // Closing joins the snapshot threads and dropping the partition the log's flusher,
+    // so the image below is final.
     Arc::into_inner(journal)
         .expect("the tables were dropped")
         .close();
+    drop(partition);
     run
 }
 
 async fn apply(
+    partition: &Partition,
     locks: &Arc<Locks>,
     callbacks: &Arc<Callbacks>,
     stats: &Stats,
@@ -376,22 +374,26 @@ async fn apply(
             Ack::Unacknowledged
         }
         Op::Snapshot => {
-            restart::snapshot(callbacks, locks, stats);
+            // Then the log lets go of what the snapshot and the (empty) volumes cover.
+            if restart::snapshot(callbacks, locks, stats).wait().await {
+                let _ = partition.checkpoint();
+            }
             Ack::Unacknowledged
         }
     }
 }
 
-/// Opens a new journal on `image`, as the restarted server would, and returns its state.
-fn recover(image: &MemVfs, mode: JournalMode) -> Result<StateSnapshot, StateJournalError> {
-    let (journal, state) = StateJournal::open_with_vfs(
-        Arc::new(image.clone()),
-        Path::new(PARTITION),
-        mode,
-        Arc::new(Fence::open()),
-        Epoch(2),
-    )?;
+/// Opens the partition and its journal on `image`, as the restarted server would, and
+/// returns the state.
+fn recover(
+    image: &MemDisk,
+    root: &Path,
+    mode: JournalMode,
+) -> Result<StateSnapshot, StateJournalError> {
+    let (partition, journal, state) =
+        open_on(image, root, mode, Arc::new(Fence::open()), Epoch(2))?;
     journal.close();
+    drop(partition);
     Ok(state)
 }
 
@@ -486,27 +488,34 @@ enum Tail {
 }
 
 impl Tail {
-    fn keep(self, unsynced: usize) -> usize {
+    /// Of a file's `unsynced` changes (writes and length changes, in order).
+    fn keep(self, unsynced: usize) -> Kept {
         match self {
-            Tail::Lost => 0,
-            Tail::Kept => unsynced,
-            Tail::Torn => unsynced / 2 + unsynced % 3,
+            Tail::Lost => Kept::default(),
+            Tail::Kept => Kept {
+                changes: unsynced,
+                torn_bytes: 0,
+            },
+            Tail::Torn => Kept {
+                changes: unsynced / 2,
+                torn_bytes: 2000,
+            },
         }
     }
 }
 
-async fn crash_at(mode: JournalMode, seed: u64, ops: &[Op], k: u64, tails: &[Tail]) {
-    let vfs = MemVfs::new();
-    vfs.crash_after(k);
-    let run = run_workload(&vfs, mode, ops).await;
+async fn crash_at(root: &Path, mode: JournalMode, seed: u64, ops: &[Op], k: u64, tails: &[Tail]) {
+    let disk = MemDisk::new();
+    disk.crash_after(k);
+    let run = run_workload(&disk, root, mode, ops).await;
     for &tail in tails {
         let context = format!("{mode:?}, seed {seed}, power cut after {k} mutations, {tail:?}");
-        let image = vfs.crash_image(&mut |_, unsynced| tail.keep(unsynced));
-        let recovered =
-            recover(&image, mode).unwrap_or_else(|e| panic!("{context}: recovery failed: {e}"));
+        let image = disk.crash_image(&mut |_, unsynced| tail.keep(unsynced));
+        let recovered = recover(&image, root, mode)
+            .unwrap_or_else(|e| panic!("{context}: recovery failed: {e}"));
         check(&run, &recovered, &context);
         // Recovery repaired the image for good: a second restart finds the same state.
-        let again = recover(&image, mode)
+        let again = recover(&image, root, mode)
             .unwrap_or_else(|e| panic!("{context}: second recovery failed: {e}"));
         assert_eq!(again, recovered, "{context}: second recovery differs");
     }
@@ -514,12 +523,12 @@ async fn crash_at(mode: JournalMode, seed: u64, ops: &[Op], k: u64, tails: &[Tai
 
 /// Mutations the workload makes without a power cut, after checking that a clean close
 /// recovers the final state exactly.
-async fn total_mutations(mode: JournalMode, seed: u64, ops: &[Op]) -> u64 {
-    let vfs = MemVfs::new();
-    let run = run_workload(&vfs, mode, ops).await;
+async fn total_mutations(root: &Path, mode: JournalMode, seed: u64, ops: &[Op]) -> u64 {
+    let disk = MemDisk::new();
+    let run = run_workload(&disk, root, mode, ops).await;
     assert!(run.acks.iter().all(|ack| *ack != Ack::Failed));
-    let total = vfs.mutations();
-    let recovered = recover(&vfs, mode).unwrap();
+    let total = disk.mutations();
+    let recovered = recover(&disk, root, mode).unwrap();
     assert_eq!(
         Point::recovered(&recovered),
         run.history[ops.len()],
@@ -533,13 +542,16 @@ fn crash_at_every_mutation(mode: JournalMode) {
         .enable_all()
         .build()
         .unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let root = root.path();
     runtime.block_on(async {
         for seed in SEEDS {
             let ops = workload(seed);
-            let total = total_mutations(mode, seed, &ops).await;
+            let total = total_mutations(root, mode, seed, &ops).await;
             assert!(total > OPS as u64, "{mode:?}, seed {seed}: {total}");
             for k in 0..=total {
-                crash_at(mode, seed, &ops, k, &[Tail::Lost, Tail::Kept, Tail::Torn]).await;
+                let tails = [Tail::Lost, Tail::Kept, Tail::Torn];
+                crash_at(root, mode, seed, &ops, k, &tails).await;
             }
         }
     });
@@ -571,21 +583,31 @@ fn a_lost_acknowledged_lock_is_caught() {
         end: 4,
         exclusive: true,
     }];
-    let vfs = MemVfs::new();
-    let run = runtime.block_on(run_workload(&vfs, JournalMode::Sync, &ops));
+    let disk = MemDisk::new();
+    let root = tempfile::tempdir().unwrap();
+    let run = runtime.block_on(run_workload(&disk, root.path(), JournalMode::Sync, &ops));
     assert_eq!(run.acks, [Ack::Durable]);
-    let mut recovered = recover(&vfs, JournalMode::Sync).unwrap();
+    let mut recovered = recover(&disk, root.path(), JournalMode::Sync).unwrap();
     check(&run, &recovered, "intact");
     recovered.locks.clear();
     let caught = std::panic::catch_unwind(|| check(&run, &recovered, "lock dropped"));
     assert!(caught.is_err(), "a lost acknowledged lock went unnoticed");
 }
 
-/// Opens a `sync` journal on `vfs` behind `fence` with one admitted client.
-fn failing_setup(vfs: &MemVfs, fence: &Arc<Fence>) -> (Arc<StateJournal>, Arc<Locks>, ClientKey) {
-    let (journal, _) = StateJournal::open_with_vfs(
-        Arc::new(vfs.clone()),
-        Path::new(PARTITION),
+/// A `sync` journal on a partition on `disk` behind `fence` with one admitted client.
+struct Failing {
+    journal: Arc<StateJournal>,
+    locks: Arc<Locks>,
+    key: ClientKey,
+    _partition: Partition,
+    _root: tempfile::TempDir,
+}
+
+fn failing_setup(disk: &MemDisk, fence: &Arc<Fence>) -> Failing {
+    let root = tempfile::tempdir().unwrap();
+    let (partition, journal, _) = open_on(
+        disk,
+        root.path(),
         JournalMode::Sync,
         fence.clone(),
         Epoch(1),
@@ -596,7 +618,13 @@ fn failing_setup(vfs: &MemVfs, fence: &Arc<Fence>) -> (Arc<StateJournal>, Arc<Lo
     let (id, instance) = (client_id(0), InstanceNonce(1));
     let key = callbacks.sessions().recover(id, instance).unwrap();
     locks.admitted(key, id, instance);
-    (journal, locks, key)
+    Failing {
+        journal,
+        locks,
+        key,
+        _partition: partition,
+        _root: root,
+    }
 }
 
 async fn lock_whole_file(locks: &Arc<Locks>, key: ClientKey) -> Result<SetLockReply, ErrorCode> {
@@ -616,14 +644,21 @@ async fn lock_whole_file(locks: &Arc<Locks>, key: ClientKey) -> Result<SetLockRe
 
 #[tokio::test]
 async fn a_journal_that_fails_closes_the_fence_for_good_and_says_why() {
-    let vfs = MemVfs::new();
+    let disk = MemDisk::new();
     let fence = Arc::new(Fence::open());
-    let (journal, locks, key) = failing_setup(&vfs, &fence);
+    // Every field bound: the partition and its directory live to the end.
+    let Failing {
+        journal,
+        locks,
+        key,
+        _partition,
+        _root,
+    } = failing_setup(&disk, &fence);
     let stopped = journal.stopped();
     assert!(lock_whole_file(&locks, key).await.is_ok());
     assert!(fence.is_open());
 
-    vfs.crash_after(0);
+    disk.crash_after(0);
     let refused = lock_whole_file(&locks, key).await;
     assert!(
         matches!(refused, Err(ErrorCode::Internal(_))),
@@ -645,12 +680,19 @@ async fn a_journal_that_fails_closes_the_fence_for_good_and_says_why() {
 
 #[tokio::test]
 async fn a_fenced_journal_is_no_failure() {
-    let vfs = MemVfs::new();
+    let disk = MemDisk::new();
     let fence = Arc::new(Fence::open());
-    let (journal, locks, key) = failing_setup(&vfs, &fence);
+    // Every field bound: the partition and its directory live to the end.
+    let Failing {
+        journal,
+        locks,
+        key,
+        _partition,
+        _root,
+    } = failing_setup(&disk, &fence);
     // The lease is lost: the member closes the fence, and the disk refuses writes too.
     fence.close();
-    vfs.crash_after(0);
+    disk.crash_after(0);
     assert!(lock_whole_file(&locks, key).await.is_err());
     assert_eq!(journal.stop_reason(), Some(JournalStop::Fenced));
     assert!(!fence.is_closed_for_good());
@@ -661,16 +703,23 @@ async fn a_fenced_journal_is_no_failure() {
 
 #[tokio::test]
 async fn an_abandoned_journal_appends_nothing_even_behind_an_open_fence() {
-    let vfs = MemVfs::new();
+    let disk = MemDisk::new();
     let fence = Arc::new(Fence::open());
-    let (journal, locks, key) = failing_setup(&vfs, &fence);
+    // Every field bound: the partition and its directory live to the end.
+    let Failing {
+        journal,
+        locks,
+        key,
+        _partition,
+        _root,
+    } = failing_setup(&disk, &fence);
     // What the setup handed over is on disk first.
     assert!(journal.barrier().wait().await);
     // The term ended; the fence is open again for a later one.
     journal.abandon();
-    let before = vfs.mutations();
+    let before = disk.mutations();
     assert!(lock_whole_file(&locks, key).await.is_err());
-    assert_eq!(vfs.mutations(), before, "the old term's writer wrote");
+    assert_eq!(disk.mutations(), before, "the old term's writer wrote");
     assert_eq!(journal.stop_reason(), Some(JournalStop::Fenced));
     assert!(fence.is_open());
 }

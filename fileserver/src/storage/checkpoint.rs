@@ -12,7 +12,7 @@ use redb::WriteTransaction;
 use tracing::{debug, info};
 
 use super::StorageError;
-use super::metadata_log::{Lsn, MetadataLog, Recovery};
+use super::metadata_log::{Lsn, MetadataLog, RecordKind, Recovery};
 use super::redo::Redo;
 use super::tables::{Writer, db_error};
 use super::volume::{Tables, Volume, commit_durably};
@@ -82,8 +82,13 @@ pub(super) fn replay(
             },
         );
     }
-    for (lsn, payload) in &recovery.records {
-        let redo = Redo::decode(payload).map_err(|detail| StorageError::Corrupt {
+    for record in &recovery.records {
+        // State records are the state side's (`state_journal`).
+        if record.kind != RecordKind::Storage {
+            continue;
+        }
+        let lsn = &record.lsn;
+        let redo = Redo::decode(&record.body).map_err(|detail| StorageError::Corrupt {
             path: log_dir.to_owned(),
             detail: format!("record {lsn}: {detail}"),
         })?;

@@ -1,20 +1,22 @@
 //! Crash images of the metadata log with redb crash-simulated under it (`MemDisk`): a
 //! scripted run of creates, stores, renames, removes and checkpoints on two volumes,
-//! cut after each write in turn; and replay over the last checkpoint against the live
-//! tables for random runs.
+//! cut after each write in turn, also mixed with state records and snapshots in the one
+//! log; and replay over the last checkpoint against the live tables for random runs.
 //! Invariant: every image reopens to the namespace as it stood after the last answered
 //! change or after the one in flight, never anything else.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::Arc;
 
 use proptest::prelude::*;
-use proto::{ClientId, ErrorCode, Fid, FileKind, InstanceNonce, VolumeId, VolumeName};
+use proto::{ClientId, Epoch, ErrorCode, Fid, FileKind, InstanceNonce, VolumeId, VolumeName};
+use state::ClientKey;
+use state::journaled::{ClientEntry, StateRecord, StateSnapshot};
 use uuid::Uuid;
 
 use super::mem_disk::{Kept, MemDisk};
-use super::metadata_log::{BLOCK_BYTES, LogConfig};
+use super::metadata_log::{BLOCK_BYTES, LogConfig, Lsn};
 use super::{Outcome, Partition, PartitionConfig, SequenceKey, StorageError};
 use crate::fence::Fence;
 
@@ -504,5 +506,165 @@ proptest! {
             .map(|id| reopened.volume(*id).unwrap().dump())
             .collect();
         prop_assert_eq!(live, replayed);
+    }
+}
+
+/// A step of a run that mixes storage batches and state records in the one log.
+#[derive(Clone, Debug)]
+enum Mixed {
+    Storage(Op),
+    /// A state record (a client admitted under a key of its own), waited for durable.
+    Admit(u32),
+    /// A state snapshot of every client admitted so far, at the log's position.
+    StateSnapshot,
+}
+
+/// The storage script with a state record after every third op and a state snapshot
+/// after every tenth: the log's segments hold both kinds, and checkpoints (in the
+/// script) release segments while the state's hold keeps its records.
+fn mixed_script(seed: u64, count: usize) -> Vec<Mixed> {
+    let mut mixed = Vec::new();
+    for (i, op) in script(seed, count).into_iter().enumerate() {
+        mixed.push(Mixed::Storage(op));
+        if i % 3 == 1 {
+            mixed.push(Mixed::Admit(i as u32));
+        }
+        if i % 10 == 7 {
+            mixed.push(Mixed::StateSnapshot);
+        }
+    }
+    mixed
+}
+
+fn admitted(key: u32) -> ClientEntry {
+    ClientEntry {
+        key: ClientKey(key),
+        client: ClientId(Uuid::from_u128(u128::from(key) + 100)),
+        instance: InstanceNonce(1),
+    }
+}
+
+/// Runs `step`; `Err` for server trouble (the log failed).
+fn apply_mixed(
+    partition: &Partition,
+    clients: &mut Vec<ClientEntry>,
+    step: &Mixed,
+    index: usize,
+) -> Result<(), String> {
+    let log = partition.log();
+    match step {
+        Mixed::Storage(op) => apply(partition, op, index).map_err(|e| e.to_string()),
+        Mixed::Admit(key) => {
+            let entry = admitted(*key);
+            let record = StateRecord::ClientAdmitted {
+                key: entry.key,
+                client: entry.client,
+                instance: entry.instance,
+            };
+            let (done, durable) = tokio::sync::oneshot::channel();
+            log.append_state(&postcard::to_allocvec(&record).unwrap(), Some(done))
+                .map_err(|e| e.to_string())?;
+            clients.push(entry);
+            match durable.blocking_recv() {
+                Ok(true) => Ok(()),
+                _ => Err("the state record is not durable".into()),
+            }
+        }
+        Mixed::StateSnapshot => {
+            let at = Lsn(log.next_lsn().0 - 1);
+            let snapshot = StateSnapshot {
+                clients: clients.clone(),
+                ..StateSnapshot::default()
+            };
+            let payload = postcard::to_allocvec(&snapshot).unwrap();
+            log.write_state_snapshot(Epoch(1), at, &payload)
+                .map_err(|e| e.to_string())
+        }
+    }
+}
+
+/// The namespaces of the volumes and the keys of the clients the state side recovers
+/// (the snapshot, then the state records after it), of a partition just opened.
+fn mixed_state(partition: &Partition) -> (State, BTreeSet<u32>) {
+    let recovery = partition
+        .take_state_recovery()
+        .expect("the state recovery, once");
+    let recovered = state::journal::Recovered {
+        snapshot: recovery
+            .snapshot
+            .map(|s| state::journal::RecoveredSnapshot {
+                lsn: s.lsn,
+                epoch: s.epoch,
+                payload: s.payload,
+            }),
+        records: recovery
+            .records
+            .into_iter()
+            .map(|r| (r.lsn, r.body))
+            .collect(),
+    };
+    let (replayed, _) = state::journaled::replay(&recovered).expect("the state replays");
+    let keys = replayed.clients.iter().map(|c| c.key.0).collect();
+    (state(partition), keys)
+}
+
+/// The state after each step of a run without a crash, from a reopening of its image
+/// after each step; and how many mutations the run made after the setup.
+fn mixed_reference(steps: &[Mixed]) -> (Vec<(State, BTreeSet<u32>)>, u64) {
+    let root = tempfile::tempdir().unwrap();
+    let (disk, partition) = setup(root.path());
+    let start = disk.mutations();
+    let mut clients = Vec::new();
+    let mut states = vec![(state(&partition), BTreeSet::new())];
+    for (i, step) in steps.iter().enumerate() {
+        apply_mixed(&partition, &mut clients, step, i).unwrap();
+        let keys = clients.iter().map(|c| c.key.0).collect();
+        states.push((state(&partition), keys));
+    }
+    let mutations = disk.mutations() - start;
+    // A clean close and reopen gives the last state, both kinds.
+    drop(partition);
+    let reopened = open(root.path(), &disk).unwrap();
+    assert_eq!(&mixed_state(&reopened), states.last().unwrap());
+    (states, mutations)
+}
+
+#[test]
+fn crash_images_of_a_log_mixing_storage_and_state_records_keep_both() {
+    for seed in [3, 4] {
+        let steps = mixed_script(seed, 40);
+        let (states, mutations) = mixed_reference(&steps);
+        for cut in 0..=mutations {
+            let root = tempfile::tempdir().unwrap();
+            let (disk, partition) = setup(root.path());
+            disk.crash_after(cut);
+            let mut clients = Vec::new();
+            let mut answered = 0;
+            for (i, step) in steps.iter().enumerate() {
+                if apply_mixed(&partition, &mut clients, step, i).is_err() {
+                    break;
+                }
+                answered = i + 1;
+            }
+            let images: Vec<(Image, MemDisk)> = [Image::Lost, Image::Kept, Image::TornLog]
+                .into_iter()
+                .map(|mode| (mode, image(&disk, mode)))
+                .collect();
+            drop(partition);
+            for (mode, image) in images {
+                let context = format!(
+                    "seed {seed}, cut after {cut} mutations, {answered} steps answered, {mode:?} image"
+                );
+                let reopened =
+                    open(root.path(), &image).unwrap_or_else(|e| panic!("{context}: {e}"));
+                let recovered = mixed_state(&reopened);
+                let in_flight = states.get(answered + 1);
+                assert!(
+                    recovered == states[answered] || Some(&recovered) == in_flight,
+                    "{context}: recovered {recovered:?}\nafter the answered steps: {:?}\nwith the one in flight: {in_flight:?}",
+                    states[answered]
+                );
+            }
+        }
     }
 }

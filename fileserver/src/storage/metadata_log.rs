@@ -1,10 +1,12 @@
-//! The partition's metadata log: every storage batch of every volume as a numbered record
-//! in preallocated segments under `PARTITION/log/`, made durable by one flusher that
-//! writes and syncs whatever is queued at once (group commit across volumes and threads).
+//! The partition's write-ahead log: every storage batch of every volume and every
+//! callback, lock and client record as a numbered record in preallocated segments under
+//! `PARTITION/log/`, made durable by one flusher that writes and syncs whatever is
+//! queued at once (group commit across volumes, state and threads).
 //! Invariant: records are numbered gap-free in the order they are queued, and one is
 //! reported durable only after a sync covering it succeeded; a failure poisons the log.
 
 mod segment;
+pub mod snapshot;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -14,6 +16,7 @@ use std::time::Instant;
 
 use parking_lot::{Condvar, Mutex};
 use thiserror::Error;
+use tokio::sync::{oneshot, watch};
 use tracing::{debug, error, info, warn};
 
 use super::disk::{Disk, DiskFile};
@@ -21,7 +24,12 @@ use crate::fence::Fence;
 use crate::stats::Stats;
 
 pub use segment::{BLOCK_BYTES, RECORD_BYTES_MAX};
-use segment::{ScanEnd, SegmentHeader, align_up, encode_frame, frame_bytes, scan_segment};
+use segment::{
+    SEGMENT_VERSION, SEGMENT_VERSION_STORAGE_ONLY, ScanEnd, SegmentHeader, align_up, encode_frame,
+    frame_bytes, scan_segment,
+};
+/// A record's number: the state crate's, one type from the tables to the disk.
+pub use state::Lsn;
 
 /// The log's directory under the partition.
 pub const LOG_DIR: &str = "log";
@@ -38,21 +46,73 @@ const SPARES_MAX: usize = 2;
 const PREPARE_BYTES: u64 = 512 << 10;
 pub const SEGMENT_BYTES_DEFAULT: u64 = 32 << 20;
 
-/// A metadata log record's number. Records are numbered from 1; `Lsn(0)` is the
-/// position before the first.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Lsn(pub u64);
+/// What a record holds: its payload's first byte (segment version 2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum RecordKind {
+    /// One storage batch of one volume: a postcard `Redo`.
+    Storage = 1,
+    /// One change of the callback, lock and client state: a postcard
+    /// `state::journaled::StateRecord`.
+    State = 2,
+}
 
-impl Lsn {
-    pub fn next(self) -> Lsn {
-        Lsn(self.0 + 1)
+impl RecordKind {
+    fn from_byte(byte: u8) -> Option<RecordKind> {
+        match byte {
+            1 => Some(RecordKind::Storage),
+            2 => Some(RecordKind::State),
+            _ => None,
+        }
     }
 }
 
-impl fmt::Display for Lsn {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
+/// One record read back from the log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogRecord {
+    pub lsn: Lsn,
+    pub kind: RecordKind,
+    /// The payload after the kind byte.
+    pub body: Vec<u8>,
+}
+
+/// What the state side recovers from the log: its newest snapshot and its records
+/// after it, in order.
+#[derive(Clone, Debug, Default)]
+pub struct StateRecovery {
+    pub snapshot: Option<snapshot::StateSnapshotFile>,
+    pub records: Vec<LogRecord>,
+}
+
+impl StateRecovery {
+    /// Picks the state side's part of what the log holds: the newest snapshot in `dir`
+    /// and the state records after it.
+    pub fn read(disk: &dyn Disk, dir: &Path, log: &Recovery) -> Result<StateRecovery, LogError> {
+        let snapshot = snapshot::newest(disk, dir)?;
+        let after = snapshot.as_ref().map_or(Lsn(0), |s| s.lsn);
+        let records = log
+            .records
+            .iter()
+            .filter(|r| r.kind == RecordKind::State && r.lsn > after)
+            .cloned()
+            .collect();
+        Ok(StateRecovery { snapshot, records })
     }
+
+    /// The first record the state side needs: the one after its snapshot.
+    pub fn needed_from(&self) -> Lsn {
+        self.snapshot.as_ref().map_or(Lsn(1), |s| s.lsn.next())
+    }
+}
+
+/// Why the log stopped taking records, once it has.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LogStop {
+    /// A write or sync failed behind an open fence (or a change could not be applied):
+    /// the fence is closed for good and the server must stop.
+    Failed(String),
+    /// The fence refused a write: the term ends, a later one may serve again.
+    Fenced(String),
 }
 
 /// Errors of the metadata log.
@@ -140,11 +200,23 @@ struct ClosedSegment {
 #[derive(Debug)]
 pub struct Recovery {
     /// Every record in the log, in order.
-    pub records: Vec<(Lsn, Vec<u8>)>,
+    pub records: Vec<LogRecord>,
     /// The last record, or the position a segment without records starts after.
     pub last: Lsn,
     segments: Vec<ClosedSegment>,
     spares: Vec<PathBuf>,
+}
+
+impl Recovery {
+    /// How many segments the log holds.
+    pub fn segment_count(&self) -> usize {
+        self.segments.len()
+    }
+
+    /// The first record the log holds (`last + 1` when it holds none).
+    pub fn first(&self) -> Lsn {
+        self.records.first().map_or(self.last.next(), |r| r.lsn)
+    }
 }
 
 /// The segment the flusher writes.
@@ -162,9 +234,14 @@ struct Active {
 struct Queue {
     /// The next number to hand out.
     next: Lsn,
-    /// Records queued and not yet written, in order.
+    /// Records queued and not yet written, in order (payloads with their kind byte).
     pending: Vec<(Lsn, Vec<u8>)>,
+    /// Told `true` once the record they name is durable, `false` if the log fails first.
+    waiters: Vec<(Lsn, oneshot::Sender<bool>)>,
     durable: Lsn,
+    /// The first record the state side still needs (the one after its snapshot): no
+    /// segment holding it or a later record is released.
+    state_needed_from: Lsn,
     poisoned: Option<String>,
     shutdown: bool,
     figures: LogFigures,
@@ -188,6 +265,10 @@ struct Shared {
     releasing: Mutex<()>,
     /// Where each flush's fsync latency and group size are recorded, once set.
     stats: OnceLock<Arc<Stats>>,
+    /// Why the log stopped, once it has.
+    stop: watch::Sender<Option<LogStop>>,
+    /// Serialises state snapshots; the position of the last one written.
+    state_snapshot: Mutex<Lsn>,
 }
 
 /// The open log. Thread-safe: share it behind an `Arc`.
@@ -218,7 +299,7 @@ fn parse_segment_name(name: &str) -> Option<Lsn> {
         .flatten()
 }
 
-fn read_all(disk: &dyn Disk, path: &Path) -> Result<Vec<u8>, LogError> {
+pub(super) fn read_all(disk: &dyn Disk, path: &Path) -> Result<Vec<u8>, LogError> {
     let file = disk.open(path, false).map_err(io("open", path))?;
     let len = file.len().map_err(io("measure", path))?;
     let mut bytes = vec![0; len as usize];
@@ -230,9 +311,19 @@ impl MetadataLog {
     /// Reads the log in `dir` (made if missing): every record, in order. A torn write
     /// at the end of the last segment is left out (the next open starts a new segment
     /// after it); any other damage is `Corrupt`. Changes nothing but leftovers of an
-    /// interrupted segment creation.
+    /// interrupted segment or snapshot creation.
     pub fn recover(disk: &dyn Disk, dir: &Path) -> Result<Recovery, LogError> {
         disk.create_dir_all(dir).map_err(io("create", dir))?;
+        MetadataLog::scan_dir(disk, dir, true)
+    }
+
+    /// Reads the log in `dir` as [`MetadataLog::recover`] does, changing nothing: what
+    /// `holdfast state inspect` shows of a partition, maybe one in use.
+    pub fn read(disk: &dyn Disk, dir: &Path) -> Result<Recovery, LogError> {
+        MetadataLog::scan_dir(disk, dir, false)
+    }
+
+    fn scan_dir(disk: &dyn Disk, dir: &Path, repair: bool) -> Result<Recovery, LogError> {
         let mut segments = Vec::new();
         let mut spares = Vec::new();
         for name in disk.list(dir).map_err(io("list", dir))? {
@@ -241,7 +332,7 @@ impl MetadataLog {
                 segments.push((first, path));
             } else if name.starts_with(SPARE_PREFIX) && name.ends_with(SEGMENT_SUFFIX) {
                 spares.push(path);
-            } else if name == NEW_SEGMENT {
+            } else if repair && (name == NEW_SEGMENT || name == snapshot::TEMP) {
                 disk.remove_file(&path).map_err(io("remove", &path))?;
             }
         }
@@ -292,7 +383,23 @@ impl MetadataLog {
                 .last()
                 .map_or(Lsn(first.0.saturating_sub(1)), |(lsn, _)| *lsn);
             for (lsn, range) in scan.records {
-                records.push((lsn, bytes[range].to_vec()));
+                let offset = range.start as u64;
+                let payload = &bytes[range];
+                let (kind, body) = match scan.header.version {
+                    SEGMENT_VERSION_STORAGE_ONLY => (RecordKind::Storage, payload),
+                    _ => {
+                        let kind = payload.first().and_then(|b| RecordKind::from_byte(*b));
+                        let Some(kind) = kind else {
+                            return Err(corrupt(offset, format!("record {lsn} has no known kind")));
+                        };
+                        (kind, &payload[1..])
+                    }
+                };
+                records.push(LogRecord {
+                    lsn,
+                    kind,
+                    body: body.to_vec(),
+                });
             }
             expected = Some(last.next());
             closed.push(ClosedSegment { path, last });
@@ -353,7 +460,10 @@ impl MetadataLog {
             queue: Mutex::new(Queue {
                 next,
                 pending: Vec::new(),
+                waiters: Vec::new(),
                 durable: last,
+                // No hold until the state side (or `Partition::open`) sets one.
+                state_needed_from: Lsn(u64::MAX),
                 poisoned: None,
                 shutdown: false,
                 figures: LogFigures {
@@ -368,6 +478,8 @@ impl MetadataLog {
             work: Condvar::new(),
             releasing: Mutex::new(()),
             stats: OnceLock::new(),
+            stop: watch::Sender::new(None),
+            state_snapshot: Mutex::new(Lsn(0)),
         });
         let active = shared.new_segment(next)?;
         info!(dir = %dir.display(), next_lsn = %next, "metadata log opened");
@@ -384,16 +496,39 @@ impl MetadataLog {
         })
     }
 
-    /// Queues `payload` as the next record and returns its number; `wait_durable` tells
-    /// when it is durable.
+    /// Queues `payload`, a storage batch, as the next record and returns its number;
+    /// `wait_durable` tells when it is durable.
     pub fn append(&self, payload: Vec<u8>) -> Result<Lsn, LogError> {
+        self.append_kind(RecordKind::Storage, &payload, None)
+    }
+
+    /// Queues `payload`, a state record, as the next record and returns its number;
+    /// `durable` (if given) is told `true` once it is durable, `false` if the log fails
+    /// first. Short and non-blocking: callers hold the lock of the change it records.
+    pub fn append_state(
+        &self,
+        payload: &[u8],
+        durable: Option<oneshot::Sender<bool>>,
+    ) -> Result<Lsn, LogError> {
+        self.append_kind(RecordKind::State, payload, durable)
+    }
+
+    fn append_kind(
+        &self,
+        kind: RecordKind,
+        body: &[u8],
+        durable: Option<oneshot::Sender<bool>>,
+    ) -> Result<Lsn, LogError> {
         let max = RECORD_BYTES_MAX.min(self.shared.frame_payload_max());
-        if payload.len() > max {
+        if body.len() + 1 > max {
             return Err(LogError::RecordTooLarge {
-                len: payload.len(),
+                len: body.len() + 1,
                 max,
             });
         }
+        let mut payload = Vec::with_capacity(body.len() + 1);
+        payload.push(kind as u8);
+        payload.extend_from_slice(body);
         let mut queue = self.shared.queue.lock();
         if let Some(reason) = &queue.poisoned {
             return Err(LogError::Poisoned(reason.clone()));
@@ -404,8 +539,85 @@ impl MetadataLog {
         let lsn = queue.next;
         queue.next = lsn.next();
         queue.pending.push((lsn, payload));
+        if let Some(durable) = durable {
+            queue.waiters.push((lsn, durable));
+        }
         self.shared.work.notify_one();
         Ok(lsn)
+    }
+
+    /// Tells `durable` `true` once record `lsn` is durable (at once if it is), `false`
+    /// if the log fails first.
+    pub fn notify_durable(&self, lsn: Lsn, durable: oneshot::Sender<bool>) {
+        let mut queue = self.shared.queue.lock();
+        if queue.durable >= lsn {
+            drop(queue);
+            let _ = durable.send(true);
+        } else if queue.poisoned.is_some() {
+            drop(queue);
+            let _ = durable.send(false);
+        } else {
+            queue.waiters.push((lsn, durable));
+        }
+    }
+
+    /// The last record made durable.
+    pub fn durable_lsn(&self) -> Lsn {
+        self.shared.queue.lock().durable
+    }
+
+    /// Keeps every segment holding record `lsn` or a later one (the state side's
+    /// records after its snapshot) until set again; called in snapshot order.
+    pub fn hold_state_from(&self, lsn: Lsn) {
+        self.shared.queue.lock().state_needed_from = lsn;
+    }
+
+    /// How many closed segments the state side's hold keeps (those holding a record at
+    /// or after it): when there are several, a state snapshot lets them go.
+    pub fn segments_held_for_state(&self) -> usize {
+        let queue = self.shared.queue.lock();
+        queue
+            .closed
+            .iter()
+            .filter(|s| s.last >= queue.state_needed_from)
+            .count()
+    }
+
+    /// Resolves to why the log stopped, once it has.
+    pub fn stopped(&self) -> watch::Receiver<Option<LogStop>> {
+        self.shared.stop.subscribe()
+    }
+
+    /// The disk the log lives on.
+    pub fn disk(&self) -> &Arc<dyn Disk> {
+        &self.shared.disk
+    }
+
+    /// Writes `payload` as the state snapshot at `lsn` (every state record up to it in,
+    /// none after), once every record up to `lsn` is durable, then lets the log go
+    /// below it. Blocking. A snapshot at or before one already written is skipped: the
+    /// newer one covers it.
+    pub fn write_state_snapshot(
+        &self,
+        epoch: proto::Epoch,
+        lsn: Lsn,
+        payload: &[u8],
+    ) -> Result<(), LogError> {
+        self.wait_durable(lsn)?;
+        let mut written = self.shared.state_snapshot.lock();
+        if lsn <= *written && *written > Lsn(0) {
+            return Ok(());
+        }
+        snapshot::write(
+            self.shared.disk.as_ref(),
+            &self.shared.dir,
+            epoch,
+            lsn,
+            payload,
+        )?;
+        *written = lsn;
+        self.hold_state_from(lsn.next());
+        Ok(())
     }
 
     /// Returns once record `lsn` is durable.
@@ -434,13 +646,15 @@ impl MetadataLog {
     }
 
     /// Lets go of the segments whose records are all below `bound` (each volume's
-    /// checkpoint holds them), oldest first, each gone durably before the next, so
-    /// that a crash leaves no gap. Some are kept as spares for reuse.
+    /// checkpoint holds them) and below the state side's hold, oldest first, each gone
+    /// durably before the next, so that a crash leaves no gap. Some are kept as spares
+    /// for reuse.
     pub fn release_below(&self, bound: Lsn) -> Result<(), LogError> {
         let shared = &self.shared;
         let _serial = shared.releasing.lock();
         let released: Vec<ClosedSegment> = {
             let mut queue = shared.queue.lock();
+            let bound = bound.min(queue.state_needed_from);
             let count = queue.closed.iter().take_while(|s| s.last < bound).count();
             queue.closed.drain(..count).collect()
         };
@@ -527,13 +741,24 @@ impl Shared {
     fn poison(&self, reason: String) {
         let mut queue = self.queue.lock();
         if queue.poisoned.is_none() {
-            if self.fence.is_open() {
+            // Refused by the fence (even if a renewal opened it again since), or behind
+            // a fence that closed meanwhile: the lost lease, not server trouble.
+            let stop = if self.fence.is_open() && !crate::fence::refused(&reason) {
                 error!(%reason, "metadata log failed: the server stops");
                 self.fence.close_for_good();
+                LogStop::Failed(format!("metadata log failed: {reason}"))
             } else {
                 debug!(%reason, "metadata log stopped behind the fence");
-            }
+                LogStop::Fenced(reason.clone())
+            };
             queue.poisoned = Some(reason);
+            // Published before any waiter is told.
+            self.stop.send_replace(Some(stop));
+        }
+        let waiters = std::mem::take(&mut queue.waiters);
+        drop(queue);
+        for (_, waiter) in waiters {
+            let _ = waiter.send(false);
         }
         self.durable_changed.notify_all();
     }
@@ -572,6 +797,7 @@ impl Shared {
         let reused = source != self.dir.join(NEW_SEGMENT);
         let mut block = vec![0u8; BLOCK_BYTES as usize];
         let header = SegmentHeader {
+            version: SEGMENT_VERSION,
             salt,
             first_lsn: first,
             capacity,
@@ -674,7 +900,14 @@ impl Shared {
         queue
             .figures
             .flushed(batch.len() as u64, frame.len() as u64, last);
+        let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut queue.waiters)
+            .into_iter()
+            .partition(|(lsn, _)| *lsn <= last);
+        queue.waiters = waiting;
         drop(queue);
+        for (_, waiter) in ready {
+            let _ = waiter.send(true);
+        }
         if let Some(stats) = self.stats.get() {
             stats.record_log_flush(fsync, batch.len());
         }
@@ -691,7 +924,11 @@ mod tests {
     fn open(disk: &MemDisk, segment_bytes: u64) -> (MetadataLog, Vec<(Lsn, Vec<u8>)>) {
         let dir = Path::new("/p/log");
         let recovery = MetadataLog::recover(disk, dir).unwrap();
-        let records = recovery.records.clone();
+        let records = recovery
+            .records
+            .iter()
+            .map(|r| (r.lsn, r.body.clone()))
+            .collect();
         let log = MetadataLog::start(
             Arc::new(disk.clone()),
             dir,
@@ -725,6 +962,76 @@ mod tests {
         assert_eq!(lsns, (1..=10).collect::<Vec<_>>());
         assert_eq!(records[3].1, vec![3; 100]);
         assert_eq!(append_durable(&log, b"next"), Lsn(11));
+    }
+
+    /// A record's payload is its kind byte, then the body: 2 for a state record, 1
+    /// for a storage batch; both come back with their kind.
+    #[test]
+    fn record_kind_golden_bytes() {
+        let disk = MemDisk::new();
+        let (log, _) = open(&disk, 1 << 20);
+        let (done, durable) = oneshot::channel();
+        assert_eq!(log.append_state(b"xy", Some(done)).unwrap(), Lsn(1));
+        assert_eq!(durable.blocking_recv(), Ok(true));
+        append_durable(&log, b"z");
+        let bytes = disk
+            .read(&Path::new("/p/log").join(segment_name(Lsn(1))))
+            .unwrap();
+        assert_eq!(&bytes[8..12], &[2, 0, 0, 0], "segment version");
+        let record = &bytes[BLOCK_BYTES as usize + 32..][..19];
+        assert_eq!(&record[0..4], &[3, 0, 0, 0], "length: kind byte and body");
+        assert_eq!(&record[8..16], &[1, 0, 0, 0, 0, 0, 0, 0], "lsn");
+        assert_eq!(&record[16..19], &[2, b'x', b'y'], "state record");
+        let record = &bytes[2 * BLOCK_BYTES as usize + 32..][..18];
+        assert_eq!(&record[0..4], &[2, 0, 0, 0]);
+        assert_eq!(&record[16..18], &[1, b'z'], "storage record");
+        drop(log);
+        let recovery = MetadataLog::recover(&disk, Path::new("/p/log")).unwrap();
+        let kinds: Vec<(RecordKind, Vec<u8>)> = recovery
+            .records
+            .into_iter()
+            .map(|r| (r.kind, r.body))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                (RecordKind::State, b"xy".to_vec()),
+                (RecordKind::Storage, b"z".to_vec())
+            ]
+        );
+    }
+
+    /// Segments written before state records joined the log (version 1: no kind byte)
+    /// are read as storage batches.
+    #[test]
+    fn a_version_1_segment_is_read_as_storage_batches() {
+        let disk = MemDisk::new();
+        let dir = Path::new("/p/log");
+        disk.create_dir_all(dir).unwrap();
+        let mut bytes = SegmentHeader {
+            version: SEGMENT_VERSION_STORAGE_ONLY,
+            salt: 9,
+            first_lsn: Lsn(1),
+            capacity: 1 << 20,
+        }
+        .encode()
+        .to_vec();
+        bytes.resize(BLOCK_BYTES as usize, 0);
+        bytes.extend_from_slice(&encode_frame(9, Lsn(1), &[b"redo"]));
+        let path = dir.join(segment_name(Lsn(1)));
+        let file = disk.open(&path, true).unwrap();
+        file.write_at(0, &bytes).unwrap();
+        file.sync_data().unwrap();
+        disk.sync_dir(dir).unwrap();
+        let recovery = MetadataLog::recover(&disk, dir).unwrap();
+        assert_eq!(
+            recovery.records,
+            [LogRecord {
+                lsn: Lsn(1),
+                kind: RecordKind::Storage,
+                body: b"redo".to_vec(),
+            }]
+        );
     }
 
     #[test]

@@ -9,10 +9,10 @@ mod acl;
 mod checkpoint;
 mod data;
 mod data_files;
-mod disk;
+pub(crate) mod disk;
 mod group_commit;
 #[cfg(test)]
-mod mem_disk;
+pub(crate) mod mem_disk;
 pub mod metadata_log;
 mod namespace;
 mod outcomes;

@@ -18,7 +18,7 @@ use uuid::Uuid;
 
 use super::checkpoint;
 use super::disk::{Disk, OsDisk};
-use super::metadata_log::{LOG_DIR, LogConfig, LogFigures, Lsn, MetadataLog};
+use super::metadata_log::{LOG_DIR, LogConfig, LogFigures, Lsn, MetadataLog, StateRecovery};
 use super::volume::{Tables, Volume};
 use super::{StorageError, io_error};
 use crate::fence::Fence;
@@ -60,6 +60,8 @@ pub struct Partition {
     server_id: ServerId,
     volumes: Arc<VolumeMap>,
     log: Arc<MetadataLog>,
+    /// The state side's snapshot and records, until it takes them.
+    state: Mutex<Option<StateRecovery>>,
     checkpointer: Option<Checkpointer>,
 }
 
@@ -117,7 +119,14 @@ impl Partition {
             .map(|(id, (_, tables))| (*id, tables))
             .collect();
         let replayed = checkpoint::replay(&tables, &recovery, &log_dir)?;
-        let floor = replayed.values().copied().max().unwrap_or_default();
+        let state = StateRecovery::read(disk.as_ref(), &log_dir, &recovery)?;
+        let state_snapshot = state.snapshot.as_ref().map_or(Lsn(0), |s| s.lsn);
+        let floor = replayed
+            .values()
+            .copied()
+            .max()
+            .unwrap_or_default()
+            .max(state_snapshot);
         let log = Arc::new(MetadataLog::start(
             disk.clone(),
             &log_dir,
@@ -132,7 +141,9 @@ impl Partition {
             let volume = Volume::open(&path, id, tables, fence.clone(), log.clone(), checkpointed)?;
             volumes.insert(id, Arc::new(volume));
         }
-        // Every volume's tables hold everything logged before: no old segment is needed.
+        // Every volume's tables hold everything logged before: only the state side's
+        // records after its snapshot keep old segments.
+        log.hold_state_from(state.needed_from());
         log.release_below(log.next_lsn())?;
         info!(partition = %root.display(), server = %server_id, volumes = volumes.len(), "partition opened");
         let volumes = Arc::new(RwLock::new(volumes));
@@ -147,8 +158,19 @@ impl Partition {
             server_id,
             volumes,
             log,
+            state: Mutex::new(Some(state)),
             checkpointer,
         })
+    }
+
+    /// The partition's log, which the state side appends its records to.
+    pub fn log(&self) -> &Arc<MetadataLog> {
+        &self.log
+    }
+
+    /// The state side's snapshot and records as the log held them at open; once.
+    pub fn take_state_recovery(&self) -> Option<StateRecovery> {
+        self.state.lock().take()
     }
 
     pub fn server_id(&self) -> ServerId {

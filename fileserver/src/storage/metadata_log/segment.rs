@@ -11,7 +11,10 @@ use super::Lsn;
 /// writes whole blocks and a frame header can be looked for at each boundary.
 pub const BLOCK_BYTES: u64 = 4096;
 pub const SEGMENT_MAGIC: [u8; 8] = *b"HFMETLOG";
-pub const SEGMENT_VERSION: u32 = 1;
+/// Version 2: each record's payload starts with its kind (`RecordKind`). Version 1
+/// segments (every record a storage batch, no kind byte) are still read.
+pub const SEGMENT_VERSION: u32 = 2;
+pub const SEGMENT_VERSION_STORAGE_ONLY: u32 = 1;
 pub const SEGMENT_HEADER_BYTES: usize = 36;
 pub const FRAME_HEADER_BYTES: usize = 32;
 pub const RECORD_HEADER_BYTES: usize = 16;
@@ -27,6 +30,9 @@ pub const RECORD_BYTES_MAX: usize = 32 << 20;
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SegmentHeader {
+    /// The format of the records: [`SEGMENT_VERSION`] for every segment this build
+    /// starts; [`SEGMENT_VERSION_STORAGE_ONLY`] is read.
+    pub version: u32,
     /// Random per use of the file: frames carry it, so frames left from an earlier use
     /// of a recycled file are told apart from this one's.
     pub salt: u32,
@@ -40,7 +46,7 @@ impl SegmentHeader {
     pub fn encode(&self) -> [u8; SEGMENT_HEADER_BYTES] {
         let mut out = [0u8; SEGMENT_HEADER_BYTES];
         out[0..8].copy_from_slice(&SEGMENT_MAGIC);
-        out[8..12].copy_from_slice(&SEGMENT_VERSION.to_le_bytes());
+        out[8..12].copy_from_slice(&self.version.to_le_bytes());
         out[12..16].copy_from_slice(&self.salt.to_le_bytes());
         out[16..24].copy_from_slice(&self.first_lsn.0.to_le_bytes());
         out[24..32].copy_from_slice(&self.capacity.to_le_bytes());
@@ -60,10 +66,11 @@ impl SegmentHeader {
             return Err("header checksum mismatch".into());
         }
         let version = read_u32(header, 8);
-        if version != SEGMENT_VERSION {
+        if version != SEGMENT_VERSION && version != SEGMENT_VERSION_STORAGE_ONLY {
             return Err(format!("unsupported segment version {version}"));
         }
         Ok(SegmentHeader {
+            version,
             salt: read_u32(header, 12),
             first_lsn: Lsn(read_u64(header, 16)),
             capacity: read_u64(header, 24),
@@ -329,6 +336,7 @@ mod tests {
 
     fn segment(first: u64, frames: &[&[&[u8]]]) -> Vec<u8> {
         let mut bytes = SegmentHeader {
+            version: SEGMENT_VERSION,
             salt: SALT,
             first_lsn: Lsn(first),
             capacity: 1 << 20,
@@ -352,13 +360,14 @@ mod tests {
     #[test]
     fn segment_header_golden_bytes() {
         let header = SegmentHeader {
+            version: SEGMENT_VERSION,
             salt: 0x0403_0201,
             first_lsn: Lsn(0x0102),
             capacity: 0x1000,
         };
         let bytes = header.encode();
         assert_eq!(&bytes[0..8], b"HFMETLOG");
-        assert_eq!(&bytes[8..12], &[1, 0, 0, 0]);
+        assert_eq!(&bytes[8..12], &[2, 0, 0, 0]);
         assert_eq!(&bytes[12..16], &[1, 2, 3, 4]);
         assert_eq!(&bytes[16..24], &[2, 1, 0, 0, 0, 0, 0, 0]);
         assert_eq!(&bytes[24..32], &[0, 0x10, 0, 0, 0, 0, 0, 0]);
@@ -432,6 +441,7 @@ mod tests {
         let old = segment(1, &[&[b"old"], &[b"older"]]);
         let mut reused = old.clone();
         let header = SegmentHeader {
+            version: SEGMENT_VERSION,
             salt: SALT + 1,
             first_lsn: Lsn(40),
             capacity: 1 << 20,
