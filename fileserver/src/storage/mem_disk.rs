@@ -8,7 +8,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 
 use super::disk::{DatabaseBackend, Disk, DiskFile};
 
@@ -21,6 +21,8 @@ use super::disk::{DatabaseBackend, Disk, DiskFile};
 #[derive(Clone, Debug, Default)]
 pub struct MemDisk {
     state: Arc<Mutex<State>>,
+    /// Signalled when syncs are let through again (`stall_syncs`).
+    resumed: Arc<Condvar>,
 }
 
 #[derive(Debug, Default)]
@@ -33,6 +35,8 @@ struct State {
     mutations: u64,
     crash_after: Option<u64>,
     syncs: u64,
+    /// Syncs wait while set: a disk that fell behind.
+    stalled: bool,
 }
 
 /// One unsynced change to a file's bytes, kept in order for crash images.
@@ -108,6 +112,7 @@ pub struct Kept {
 #[derive(Debug)]
 struct MemFile {
     state: Arc<Mutex<State>>,
+    resumed: Arc<Condvar>,
     inode: u64,
 }
 
@@ -151,6 +156,9 @@ impl DiskFile for MemFile {
 
     fn sync_data(&self) -> io::Result<()> {
         let mut state = self.state.lock();
+        while state.stalled {
+            self.resumed.wait(&mut state);
+        }
         state.mutate()?;
         state.syncs += 1;
         if let Some(inode) = state.inodes.get_mut(&self.inode) {
@@ -189,6 +197,12 @@ impl MemDisk {
     pub fn crash_after(&self, mutations: u64) {
         let mut state = self.state.lock();
         state.crash_after = Some(state.mutations + mutations);
+    }
+
+    /// Makes every file sync wait (`true`) until let through again (`false`).
+    pub fn stall_syncs(&self, stalled: bool) {
+        self.state.lock().stalled = stalled;
+        self.resumed.notify_all();
     }
 
     /// Mutating operations so far.
@@ -245,6 +259,7 @@ impl MemDisk {
         }
         MemDisk {
             state: Arc::new(Mutex::new(image)),
+            resumed: Arc::default(),
         }
     }
 
@@ -327,6 +342,7 @@ impl Disk for MemDisk {
         let inode = self.open_inode(path, create)?;
         Ok(Arc::new(MemFile {
             state: self.state.clone(),
+            resumed: self.resumed.clone(),
             inode,
         }))
     }
@@ -335,6 +351,7 @@ impl Disk for MemDisk {
         let inode = self.open_inode(path, create)?;
         Ok(DatabaseBackend::new(MemFile {
             state: self.state.clone(),
+            resumed: self.resumed.clone(),
             inode,
         }))
     }

@@ -45,6 +45,10 @@ const SPARES_MAX: usize = 2;
 /// overwritten in place, and only each extension changes the file's size.
 const PREPARE_BYTES: u64 = 512 << 10;
 pub const SEGMENT_BYTES_DEFAULT: u64 = 32 << 20;
+/// Bytes of records queued and not yet taken by the flusher, at most: past it an append
+/// waits for the flusher (a stalled disk makes the server wait instead of filling its
+/// memory with records nobody waits for, such as callback promises).
+const PENDING_BYTES_MAX: usize = 16 << 20;
 
 /// What a record holds: its payload's first byte (segment version 2).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -236,6 +240,8 @@ struct Queue {
     next: Lsn,
     /// Records queued and not yet written, in order (payloads with their kind byte).
     pending: Vec<(Lsn, Vec<u8>)>,
+    /// The bytes of `pending`'s payloads (at most `PENDING_BYTES_MAX` but for one record).
+    pending_bytes: usize,
     /// Told `true` once the record they name is durable, `false` if the log fails first.
     waiters: Vec<(Lsn, oneshot::Sender<bool>)>,
     durable: Lsn,
@@ -460,6 +466,7 @@ impl MetadataLog {
             queue: Mutex::new(Queue {
                 next,
                 pending: Vec::new(),
+                pending_bytes: 0,
                 waiters: Vec::new(),
                 durable: last,
                 // No hold until the state side (or `Partition::open`) sets one.
@@ -504,7 +511,8 @@ impl MetadataLog {
 
     /// Queues `payload`, a state record, as the next record and returns its number;
     /// `durable` (if given) is told `true` once it is durable, `false` if the log fails
-    /// first. Short and non-blocking: callers hold the lock of the change it records.
+    /// first. Short: callers hold the lock of the change it records, and it waits only
+    /// when the disk fell `PENDING_BYTES_MAX` behind.
     pub fn append_state(
         &self,
         payload: &[u8],
@@ -530,14 +538,24 @@ impl MetadataLog {
         payload.push(kind as u8);
         payload.extend_from_slice(body);
         let mut queue = self.shared.queue.lock();
-        if let Some(reason) = &queue.poisoned {
-            return Err(LogError::Poisoned(reason.clone()));
-        }
-        if queue.shutdown {
-            return Err(LogError::Poisoned("the metadata log is closed".into()));
+        loop {
+            if let Some(reason) = &queue.poisoned {
+                return Err(LogError::Poisoned(reason.clone()));
+            }
+            if queue.shutdown {
+                return Err(LogError::Poisoned("the metadata log is closed".into()));
+            }
+            if queue.pending.is_empty() || queue.pending_bytes + payload.len() <= PENDING_BYTES_MAX
+            {
+                break;
+            }
+            // The flusher takes what is queued before each flush and says when the
+            // flush is durable: room comes then.
+            self.shared.durable_changed.wait(&mut queue);
         }
         let lsn = queue.next;
         queue.next = lsn.next();
+        queue.pending_bytes += payload.len();
         queue.pending.push((lsn, payload));
         if let Some(durable) = durable {
             queue.waiters.push((lsn, durable));
@@ -853,7 +871,10 @@ impl Shared {
                     })
                     .count()
                     .max(1);
-                queue.pending.drain(..take).collect::<Vec<_>>()
+                let batch = queue.pending.drain(..take).collect::<Vec<_>>();
+                let taken: usize = batch.iter().map(|(_, p)| p.len()).sum();
+                queue.pending_bytes -= taken;
+                batch
             };
             if let Err(e) = self.flush(&mut active, &batch) {
                 self.poison(e.to_string());
@@ -945,6 +966,62 @@ mod tests {
         let lsn = log.append(payload.to_vec()).unwrap();
         log.wait_durable(lsn).unwrap();
         lsn
+    }
+
+    /// A disk that falls behind makes appends wait once `PENDING_BYTES_MAX` is queued,
+    /// rather than letting records nobody waits for pile up in memory; they go on as
+    /// soon as the flusher takes the queue.
+    #[test]
+    fn appends_wait_while_the_queue_is_full() {
+        let disk = MemDisk::new();
+        let (log, _) = open(&disk, SEGMENT_BYTES_DEFAULT);
+        let log = Arc::new(log);
+        // Lets syncs through again however the test ends, so that a failure fails
+        // rather than leaving the flusher (and the log's drop) waiting forever.
+        struct Stalled(MemDisk);
+        impl Drop for Stalled {
+            fn drop(&mut self) {
+                self.0.stall_syncs(false);
+            }
+        }
+        disk.stall_syncs(true);
+        let stalled = Stalled(disk.clone());
+        let record = 1 << 20;
+        // The flusher takes a first batch (less than a segment) and stalls syncing it;
+        // the queue then holds `PENDING_BYTES_MAX` and the next append waits.
+        let appends = (PENDING_BYTES_MAX + SEGMENT_BYTES_DEFAULT as usize) / record + 4;
+        let appender = {
+            let log = log.clone();
+            thread::spawn(move || {
+                for _ in 0..appends {
+                    log.append_state(&vec![7; record - 1], None).unwrap();
+                }
+            })
+        };
+        let full = Lsn((PENDING_BYTES_MAX / record + 2) as u64);
+        let deadline = Instant::now() + std::time::Duration::from_secs(30);
+        while log.next_lsn() < full {
+            assert!(
+                Instant::now() < deadline,
+                "appends stopped at {}",
+                log.next_lsn()
+            );
+            thread::yield_now();
+        }
+        // Given time, no append gets past a full queue while the disk is stalled.
+        thread::sleep(std::time::Duration::from_millis(100));
+        let stopped = log.next_lsn();
+        thread::sleep(std::time::Duration::from_millis(100));
+        assert_eq!(log.next_lsn(), stopped, "an append went past a full queue");
+        assert!(
+            !appender.is_finished(),
+            "every append went through a stalled disk"
+        );
+        drop(stalled);
+        appender.join().unwrap();
+        let last = Lsn(appends as u64);
+        log.wait_durable(last).unwrap();
+        assert_eq!(log.next_lsn(), last.next());
     }
 
     #[test]
