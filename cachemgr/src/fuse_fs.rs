@@ -735,7 +735,10 @@ impl Filesystem for HoldfastFs {
         debug!(ino = i.0, offset, size, "read");
         self.spawn("read", req, size as usize, move |m| async move {
             match m.read(ino(i), offset, size).await {
-                Ok(data) => reply.data(&data),
+                Ok(data) => {
+                    reply.data(&data);
+                    proto::buffer_pool::give_back(data);
+                }
                 Err(e) => reply.error(errno(e)),
             }
         });
@@ -753,13 +756,16 @@ impl Filesystem for HoldfastFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        // Copied out of fuser's buffer, which the next request reuses.
-        let data = data.to_vec();
-        self.spawn("write", req, data.len(), move |m| async move {
-            match m.write(ino(i), offset, &data).await {
+        // Copied out of fuser's buffer, which the next request reuses, into one of the
+        // data path's reused buffers.
+        let mut copy = proto::buffer_pool::take(data.len());
+        copy.extend_from_slice(data);
+        self.spawn("write", req, copy.len(), move |m| async move {
+            match m.write(ino(i), offset, &copy).await {
                 Ok(written) => reply.written(written),
                 Err(e) => reply.error(errno(e)),
             }
+            proto::buffer_pool::give_back(copy);
         });
     }
 

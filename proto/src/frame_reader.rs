@@ -3,8 +3,9 @@
 //! its bytes arrive, with memory charged to the connection's `Intake` from the header on,
 //! and each frame due within the frame read timeout of its first byte.
 //! Invariant: an idle connection holds no read buffer; a body never holds more memory
-//! than twice what has arrived of it (and at least its first 64 KiB); no body whose length
-//! passed the limit or whose checksum failed is handed out.
+//! than twice what has arrived of it (and at least its first 64 KiB) unless it is a
+//! buffer of the data path's pool, already held; no body whose length passed the limit
+//! or whose checksum failed is handed out.
 
 use std::io;
 use std::time::Duration;
@@ -185,7 +186,10 @@ impl FrameReader {
     /// Reads the rest of a body of `length` bytes, of which `ahead` holds the start,
     /// into a buffer that doubles as the bytes arrive.
     async fn read_body(&mut self, length: usize, deadline: Instant) -> Result<Bytes, ReadFailure> {
-        let mut body = Vec::with_capacity(first_capacity(length, self.ahead.len()));
+        // A pooled buffer is memory held already (and its length charged), so it is
+        // taken whole; a body it cannot hold grows as its bytes arrive.
+        let mut body = crate::buffer_pool::take_pooled(length)
+            .unwrap_or_else(|| Vec::with_capacity(first_capacity(length, self.ahead.len())));
         body.extend_from_slice(&self.ahead);
         self.ahead = BytesMut::new();
         while body.len() < length {
@@ -200,7 +204,9 @@ impl FrameReader {
                 return Err(ReadFailure::EndedInsideFrame);
             }
         }
-        Ok(Bytes::from(body))
+        // Back to the pool once the last slice of it (a store's bytes, a fetched
+        // chunk) is dropped.
+        Ok(crate::buffer_pool::into_bytes(body))
     }
 
     /// Reads what is available into the read-ahead, allocating it only once bytes are

@@ -8,6 +8,7 @@ pub mod access;
 pub mod activity;
 pub mod admission;
 pub mod budget;
+pub mod buffer_pool;
 pub mod bulk;
 pub mod bulk_messages;
 pub mod cell;

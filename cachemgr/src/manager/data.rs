@@ -455,7 +455,8 @@ impl Manager {
         if !ahead.is_empty() {
             self.fetch_ahead(fid, status.data_version, ahead);
         }
-        let mut out = Vec::with_capacity((end - offset) as usize);
+        // The FUSE reply gives it back to the pool once sent.
+        let mut out = proto::buffer_pool::take((end - offset) as usize);
         let mut version = status.data_version;
         let mut pos = offset;
         while pos < end {

@@ -132,7 +132,7 @@ impl Manager {
                             unreachable!("a plan with nothing to store asks for no store");
                         };
                         let chunks = &dirty[store.chunks.clone()];
-                        let mut data = Vec::with_capacity(store.bytes as usize);
+                        let mut data = proto::buffer_pool::take(store.bytes as usize);
                         if let Some(e) = chunks.iter().find_map(|(key, meta)| {
                             self.chunks.append_whole(*key, meta, &mut data).err()
                         }) {
@@ -148,7 +148,8 @@ impl Manager {
                             offset: store.offset,
                             base: stores.before,
                             write_back: stores.write_back,
-                            data: Bulk::from(data),
+                            // Back to the pool once the store is answered.
+                            data: Bulk::new(proto::buffer_pool::into_bytes(data)),
                         };
                         let (pool, location) = (self.pool.clone(), stores.location.clone());
                         // Stored with the token of the process that closes or syncs.

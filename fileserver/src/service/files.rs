@@ -47,7 +47,8 @@ impl FileService {
         Ok(Response::DataBulk {
             status,
             callback,
-            data: Bulk::from(data),
+            // Back to the data path's pool once sent.
+            data: Bulk::new(proto::buffer_pool::into_bytes(data)),
         })
     }
 

@@ -525,7 +525,9 @@ impl Volume {
         offset: u64,
         wanted: usize,
     ) -> Result<Vec<u8>, StorageError> {
-        let mut buffer = vec![0u8; wanted];
+        // A reused buffer of the data path's pool: it goes back once the reply is sent.
+        let mut buffer = proto::buffer_pool::take(wanted);
+        buffer.resize(wanted, 0);
         let Some(file) = self.files.get(vnode, false)? else {
             return Ok(buffer);
         };
