@@ -362,29 +362,71 @@ impl Manager {
     ) -> FsResult<AttrOut> {
         let name = entry_name(name)?;
         let dir = self.fid(parent)?;
-        if !exclusive && let Some(out) = self.defer_create(dir, &name, mode & 0o7777, uid, gid) {
+        let mode = mode & 0o7777;
+        if !exclusive && let Some(out) = self.defer_create(dir, &name, mode, uid, gid) {
             return Ok(out);
         }
+        if exclusive && let Some(out) = self.create_made(dir, &name, mode, uid, gid).await? {
+            return Ok(out);
+        }
+        self.make_file(dir, &name, mode, uid, gid, exclusive).await
+    }
+
+    /// Makes the regular file `name` in `dir` on the server now, as `mknod` asks
+    /// (exclusive, and no open follows: nothing to defer).
+    pub async fn make_regular(
+        &self,
+        parent: Ino,
+        name: &OsStr,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    ) -> FsResult<AttrOut> {
+        let name = entry_name(name)?;
+        let dir = self.fid(parent)?;
+        self.make_file(dir, &name, mode & 0o7777, uid, gid, true)
+            .await
+    }
+
+    async fn make_file(
+        &self,
+        dir: Fid,
+        name: &str,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        exclusive: bool,
+    ) -> FsResult<AttrOut> {
         let request = Request::Create {
             dir,
-            name: name.clone(),
-            mode: mode & 0o7777,
+            name: name.to_owned(),
+            mode,
             uid,
             gid,
             exclusive,
         };
-        let out = self.make_entry(dir, &name, request).await?;
-        // The kernel has no pages of a new file, so they reflect its version vacuously;
-        // saying so lets the pages its writes leave behind survive the next open.
+        let out = self.make_entry(dir, name, request).await?;
+        self.note_new_file(out.attr.ino);
+        Ok(out)
+    }
+
+    /// The entry of `fid`, which a create just made, its lookup counted.
+    pub(super) fn created_entry(&self, fid: Fid) -> FsResult<AttrOut> {
+        let out = self.entry_attr(fid)?;
+        self.note_new_file(out.attr.ino);
+        Ok(out)
+    }
+
+    /// The kernel has no pages of a new file, so they reflect its version vacuously;
+    /// saying so lets the pages its writes leave behind survive the next open.
+    fn note_new_file(&self, ino: Ino) {
         let mut state = self.state.lock();
-        if let Some(fid) = state.inodes.fid(out.attr.ino)
+        if let Some(fid) = state.inodes.fid(ino)
             && let Some(entry) = state.statuses.get_mut(fid)
             && entry.kernel_version.is_none()
         {
             entry.kernel_version = Some(entry.status.data_version);
         }
-        drop(state);
-        Ok(out)
     }
 
     pub async fn mkdir(
