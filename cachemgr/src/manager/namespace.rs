@@ -129,17 +129,21 @@ impl Manager {
     /// One name of a directory: from the cached listing when it is current; from a
     /// fetched listing when the directory fits in one page (so later lookups need no
     /// RPC); otherwise, or when the directory changed while being listed, asked of the
-    /// server by name. A large busy directory is never listed for a lookup or a create.
+    /// server by name. A large busy directory is never listed for a lookup or a create;
+    /// nor is one whose listing waits for this client's changes in flight (answered out
+    /// of order, `listing::apply_own_change`): it is current again once they are in.
     pub(super) async fn dir_entry(&self, dir: Fid, name: &str) -> FsResult<Option<ListEntry>> {
         let small = {
             let state = self.state.lock();
             let entry = state.statuses.get(dir);
-            if let Some(listing) = entry.and_then(|e| e.fresh_listing(Instant::now())) {
+            let now = Instant::now();
+            if let Some(listing) = entry.and_then(|e| e.fresh_listing(now)) {
                 return Ok(listing.get(name));
             }
+            let waiting = entry.is_some_and(|e| e.callback_valid(now) && e.listing.is_some());
             let listed_max =
                 (READDIR_PAGE as u64).min(state.statuses.budget().listing_entries_max as u64 / 4);
-            entry.is_some_and(|e| e.status.size <= listed_max)
+            !waiting && entry.is_some_and(|e| e.status.size <= listed_max)
         };
         if small {
             let fetched = self.fetch_listing(dir).await?;
