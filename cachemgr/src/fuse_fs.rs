@@ -518,7 +518,13 @@ impl Filesystem for HoldfastFs {
             mtime: mtime.map(timestamp),
         };
         self.spawn("setattr", req, 0, move |m| async move {
-            reply_attr(reply, m.setattr(ino(i), attrs).await);
+            // Kept with the file's bytes when its create waits for its close.
+            let set = match m.setattr_deferred(ino(i), &attrs).await {
+                Ok(Some(out)) => Ok(out),
+                Ok(None) => m.setattr(ino(i), attrs).await,
+                Err(e) => Err(e),
+            };
+            reply_attr(reply, set);
         });
     }
 
@@ -561,7 +567,7 @@ impl Filesystem for HoldfastFs {
         self.spawn("mknod", req, name.len(), move |m| async move {
             let made = match kind {
                 // A regular file, as `create` makes it.
-                None => m.create(ino(parent), &name, mode, uid, gid, true).await,
+                None => m.make_regular(ino(parent), &name, mode, uid, gid).await,
                 Some(kind) => m.mknod(ino(parent), &name, kind, mode, uid, gid).await,
             };
             reply_entry(reply, made);

@@ -22,6 +22,7 @@ mod attr;
 mod callback_sink;
 mod data;
 mod deferred;
+mod deferred_attrs;
 mod fs_error;
 mod kernel_refs;
 mod namespace;

@@ -303,17 +303,21 @@ impl StatusTable {
     ) -> ListingOutcome {
         let fid = dir.fid;
         match self.entries.get_mut(&fid) {
-            Some(entry) if dir.data_version >= entry.status.data_version => {
+            // An answer overtaken by a later one still brings its change to the listing.
+            Some(entry) => {
                 let before = entry.listing.as_ref().map_or(0, Listing::len);
                 let (had_listing, listed_at) = (entry.listing.is_some(), entry.listed_at);
                 let outcome = apply_own_change(&mut entry.listing, dir.data_version, changes);
-                entry.status = dir;
+                if dir.data_version >= entry.status.data_version {
+                    entry.status = dir;
+                }
                 match outcome {
                     ListingOutcome::Applied => {
                         let after = entry.listing.as_ref().map_or(0, Listing::len);
                         self.listing_entries = self.listing_entries - before + after;
                         self.trim_listings(Some(fid));
                     }
+                    ListingOutcome::Waiting => {}
                     ListingOutcome::Dropped => {
                         // `apply_own_change` took the listing away.
                         self.listing_entries -= before;
@@ -325,7 +329,6 @@ impl StatusTable {
                 self.touch(fid);
                 outcome
             }
-            Some(_) => ListingOutcome::Dropped,
             None => {
                 self.apply(dir, None, Instant::now());
                 ListingOutcome::Dropped
@@ -734,13 +737,27 @@ mod tests {
         assert_eq!(outcome, ListingOutcome::Applied);
         let listing = table.get(fid(1)).unwrap().fresh_listing(now).unwrap();
         assert_eq!(listing.get("new").map(|e| e.fid), Some(fid(9)));
+        // Answered ahead of version 5: not current until 5's answer, which comes late.
+        let late = DirChange::Insert {
+            name: "late".into(),
+            entry: ListEntry {
+                fid: fid(10),
+                kind: FileKind::File,
+            },
+        };
         let outcome = table.apply_own_dir_change(status(1, FileKind::Directory, 6), &[insert]);
-        assert_eq!(outcome, ListingOutcome::Dropped);
-        assert!(table.get(fid(1)).unwrap().listing.is_none());
+        assert_eq!(outcome, ListingOutcome::Waiting);
+        assert!(table.get(fid(1)).unwrap().fresh_listing(now).is_none());
         assert_eq!(
             table.get(fid(1)).unwrap().status.data_version,
             DataVersion(6)
         );
+        let outcome = table.apply_own_dir_change(status(1, FileKind::Directory, 5), &[late]);
+        assert_eq!(outcome, ListingOutcome::Applied);
+        let entry = table.get(fid(1)).unwrap();
+        assert_eq!(entry.status.data_version, DataVersion(6), "never back");
+        let listing = entry.fresh_listing(now).unwrap();
+        assert_eq!(listing.get("late").map(|e| e.fid), Some(fid(10)));
     }
 
     #[test]
@@ -945,7 +962,10 @@ mod tests {
             std::slice::from_ref(&insert),
         );
         assert_eq!(table.listing_entries(), 2);
+        // Answered ahead: the listing waits, still counted, until its break.
         table.apply_own_dir_change(status(2, FileKind::Directory, 12), &[insert]);
+        assert_eq!(table.listing_entries(), 2);
+        table.break_callback(fid(2));
         assert_eq!(table.listing_entries(), 0);
         assert!(table.set_listing(fid(2), listing_of(12, &["a", "b", "c"])));
         table.remove(fid(2));

@@ -646,6 +646,21 @@ pub enum Request {
         #[serde(with = "serde_bytes")]
         data: Vec<u8>,
     },
+    /// Fills the file `fid`, which its sender created and has not written since, with
+    /// `data` (at most `CREATE_DATA_BYTES_MAX` bytes, replacing any) and then `attrs`
+    /// (`size` must be `None`), bytes and attributes in one durable transaction: a file
+    /// made by an exclusive create (`tar x`, `cp`, lock files) and written, chmodded and
+    /// timed before its close costs this one request at the close instead of
+    /// `StoreDataIf`, `SetAttr`s and `Fsync`. Only while the file is at `base` and
+    /// holds its bytes inline; else `StoreOutdated` (the sender stores the usual way).
+    /// Checked as a store and a `SetAttr`; answered with a `Status`. Sequenced.
+    StoreNewFile {
+        fid: Fid,
+        base: DataVersion,
+        attrs: SetAttrs,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
 }
 
 /// Most bytes a `Request::CreateWithData` carries: a file up to this size is created
@@ -709,6 +724,7 @@ impl Request {
             Request::ServerFigures => PROTOCOL_VERSION_DATA_PATH,
             Request::StoreDataBulk { .. } => PROTOCOL_VERSION_DATA_PATH,
             Request::CreateWithData { .. } => PROTOCOL_VERSION_DATA_PATH,
+            Request::StoreNewFile { .. } => PROTOCOL_VERSION_DATA_PATH,
             Request::Sequenced { request, .. } => request.version_min(),
             _ => 1,
         }
@@ -729,6 +745,7 @@ impl Request {
                 | Request::MakeNode { .. }
                 | Request::StoreDataBulk { .. }
                 | Request::CreateWithData { .. }
+                | Request::StoreNewFile { .. }
         )
     }
 
@@ -1182,6 +1199,7 @@ impl Request {
             Request::ServerFigures => "ServerFigures",
             Request::StoreDataBulk { .. } => "StoreDataBulk",
             Request::CreateWithData { .. } => "CreateWithData",
+            Request::StoreNewFile { .. } => "StoreNewFile",
         }
     }
 }

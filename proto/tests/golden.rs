@@ -692,6 +692,24 @@ fn cases() -> Vec<(&'static str, Frame, &'static str)> {
             },
             "032a00 1e 8080808002050100a403010c030000020206040a06 00 00",
         ),
+        (
+            "store_new_file",
+            Frame::Request {
+                id: RequestId(44),
+                body: Request::StoreNewFile {
+                    fid: fid(),
+                    base: DataVersion(1),
+                    attrs: SetAttrs {
+                        mode: Some(0o644),
+                        ..SetAttrs::default()
+                    },
+                    data: b"ab".to_vec(),
+                },
+            },
+            // Variant 69; the file; its base; the attributes (a mode, nothing else);
+            // the bytes, length first.
+            "022c45 80808080020501 01 01a403 00 00 00 00 00 02 6162",
+        ),
     ]
 }
 
@@ -797,6 +815,19 @@ fn a_file_created_with_its_bytes_is_sequenced_and_needs_the_data_path_version() 
         mode: 0o644,
         uid: 0,
         gid: 0,
+        data: Vec::new(),
+    };
+    assert_eq!(request.version_min(), PROTOCOL_VERSION_DATA_PATH);
+    assert!(request.needs_sequence());
+    assert!(request.changes_volume());
+}
+
+#[test]
+fn a_new_file_filled_at_its_close_is_sequenced_and_needs_the_data_path_version() {
+    let request = Request::StoreNewFile {
+        fid: fid(),
+        base: DataVersion(1),
+        attrs: SetAttrs::default(),
         data: Vec::new(),
     };
     assert_eq!(request.version_min(), PROTOCOL_VERSION_DATA_PATH);

@@ -177,3 +177,52 @@ fn a_name_made_elsewhere_before_the_close_gets_these_bytes() {
         b"written through A, longer"
     );
 }
+
+/// The fileserver's count of `kind` requests, from `vos counters`.
+fn requests_of(cell: &TestCell, kind: &str) -> u64 {
+    let output = cell.holdfast(&["vos", "counters"]).unwrap();
+    let counters = String::from_utf8_lossy(&output.stdout);
+    counters
+        .lines()
+        .find_map(|line| {
+            let rest = line.strip_prefix(&format!("request {kind} "))?;
+            rest.split_whitespace().next()?.parse::<u64>().ok()
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn creates_closed_side_by_side_keep_their_directory_listed() {
+    let mut cell = TestCell::start(BIN).unwrap();
+    let a = cell.mount("ws-a", &[]).unwrap();
+    let b = cell.mount("ws-b", &[]).unwrap();
+    std::fs::create_dir(a.join("d")).unwrap();
+    assert_eq!(std::fs::read_dir(a.join("d")).unwrap().count(), 0);
+    let listed = requests_of(&cell, "ReadDir");
+    // Eight writers closing files at once: their creates are answered out of order, and
+    // each answer still reaches the cached listing, which no lookup fetches again.
+    let (threads, each) = (8, 40);
+    std::thread::scope(|scope| {
+        for t in 0..threads {
+            let dir = a.join("d");
+            scope.spawn(move || {
+                for i in 0..each {
+                    let name = format!("t{t}-{i}");
+                    std::fs::write(dir.join(&name), name.as_bytes()).unwrap();
+                }
+            });
+        }
+    });
+    let names = std::fs::read_dir(a.join("d")).unwrap().count();
+    assert_eq!(names, threads * each);
+    assert_eq!(
+        requests_of(&cell, "ReadDir"),
+        listed,
+        "the directory was listed again"
+    );
+    assert_eq!(
+        std::fs::read_dir(b.join("d")).unwrap().count(),
+        threads * each
+    );
+    assert_eq!(std::fs::read(b.join("d/t7-39")).unwrap(), b"t7-39");
+}

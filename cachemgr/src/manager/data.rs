@@ -65,8 +65,9 @@ impl Manager {
         let fid = self.resolved_fid(ino).await?;
         let _file = self.file_lock(fid).write().await;
         let size = attrs.size;
-        if size.is_some() {
-            // Store what was written before cutting, so the server sees writes in order.
+        if size.is_some() || attrs.mtime.is_some() {
+            // Store what was written before cutting, so the server sees writes in order,
+            // and before setting times, which a later store would move on.
             self.write_back(fid).await?;
         }
         let before = self.valid_status(fid).await?.data_version;

@@ -1,14 +1,17 @@
 //! Creates deferred to their close: a new small file lives here, bytes and all, under a
-//! provisional fid until one `CreateWithData` makes it on the server with its bytes.
-//! Invariant: a deferred file is known to no server, named in its directory only here,
-//! and in no cache but the inode table; whatever needs its real fid creates it first.
+//! provisional fid until one `CreateWithData` makes it on the server with its bytes; or,
+//! made already by an exclusive create (which the server must decide before the open
+//! returns), until one `StoreNewFile` fills it with its bytes and attributes.
+//! Invariant: a deferred file's bytes and attributes set here are known to no server
+//! and to no cache but this table and the inode table (the file itself, if made, is
+//! empty there at its `base`); whatever needs its real fid creates or fills it first.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use proto::{
     CREATE_DATA_BYTES_MAX, DataVersion, ErrorCode, Fid, FileKind, ProtoError, Request, Response,
-    ServerId, Timestamp, Uniquifier, VnodeId, VnodeStatus,
+    ServerId, SetAttrs, Timestamp, Uniquifier, VnodeId, VnodeStatus,
 };
 use tracing::{debug, warn};
 
@@ -50,6 +53,15 @@ struct DeferredFile {
     /// fid (the name was made elsewhere meanwhile and this mount knew that file already):
     /// the number stays provisional and stands for this fid.
     created: Option<Fid>,
+    /// A file an exclusive create made on the server: its fid and data version there,
+    /// empty. Its close fills it (`StoreNewFile`) rather than creating it.
+    made: Option<(Fid, DataVersion)>,
+    /// Times set since the create (a made file's only), sent with its bytes; a write
+    /// after them moves the mtime on.
+    atime: Option<Timestamp>,
+    set_mtime: Option<Timestamp>,
+    /// Whether the mode was set since the create (a made file's, sent with its bytes).
+    mode_set: bool,
 }
 
 /// The deferred files of a mount, by provisional fid and by (directory, name).
@@ -108,9 +120,43 @@ impl DeferredCreates {
             caller,
             opens: 0,
             created: None,
+            made: None,
+            atime: None,
+            set_mtime: None,
+            mode_set: false,
         };
         self.files.insert(fid, file);
         Some(fid)
+    }
+
+    /// A new deferred file for `made`, which an exclusive create made on the server as
+    /// `status` shows it; `None` when the table is full or the name is deferred already.
+    fn defer_made(
+        &mut self,
+        dir: Fid,
+        name: &str,
+        status: &VnodeStatus,
+        caller: Option<LocalUid>,
+    ) -> Option<Fid> {
+        let fid = self.defer(
+            dir,
+            name,
+            status.mode,
+            status.uid,
+            status.gid,
+            caller,
+            status.mtime,
+        )?;
+        if let Some(file) = self.files.get_mut(&fid) {
+            file.made = Some((status.fid, status.data_version));
+            file.ctime = status.ctime;
+        }
+        Some(fid)
+    }
+
+    /// Whether deferred files may take `more` files (made ones included).
+    fn has_room(&self) -> bool {
+        self.files.len() < DEFERRED_FILES_MAX
     }
 
     /// The deferred file `name` of `dir`, not created yet.
@@ -150,8 +196,65 @@ impl DeferredCreates {
         file.data[offset..end].copy_from_slice(data);
         file.mtime = now;
         file.ctime = now;
+        file.set_mtime = None;
         self.bytes += grows;
         Some(Written::Kept)
+    }
+
+    /// Applies `attrs` to the deferred file `fid` when they can wait for its close (see
+    /// `Manager::setattr_deferred`): false, and nothing changed, when they cannot.
+    pub(super) fn set_attrs(&mut self, fid: Fid, attrs: &SetAttrs, now: Timestamp) -> bool {
+        let Some(file) = self.files.get_mut(&fid).filter(|f| f.created.is_none()) else {
+            return false;
+        };
+        let times = attrs.atime.is_some() || attrs.mtime.is_some();
+        // A provisional file's create carries no times; a made file's fill does.
+        if times && file.made.is_none() {
+            return false;
+        }
+        // A chown is kept only when it changes nothing (and so clears no privileges).
+        let privileged = file.mode & 0o6000 != 0;
+        let chown = attrs.uid.is_some() || attrs.gid.is_some();
+        if attrs.uid.is_some_and(|uid| uid != file.uid)
+            || attrs.gid.is_some_and(|gid| gid != file.gid)
+            || (chown && privileged)
+        {
+            return false;
+        }
+        let grows = match attrs.size {
+            Some(size) if size > u64::from(CREATE_DATA_BYTES_MAX) => return false,
+            Some(size) => (size as usize).saturating_sub(file.data.len()),
+            None => 0,
+        };
+        if self.bytes + grows > DEFERRED_BYTES_MAX {
+            return false;
+        }
+        if let Some(size) = attrs.size {
+            let before = file.data.len();
+            file.data.resize(size as usize, 0);
+            self.bytes = self.bytes + file.data.len() - before;
+            file.mtime = now;
+            file.set_mtime = None;
+        }
+        if let Some(mode) = attrs.mode {
+            file.mode = mode & 0o7777;
+            file.mode_set = true;
+        }
+        if let Some(atime) = attrs.atime {
+            file.atime = Some(atime);
+        }
+        if let Some(mtime) = attrs.mtime {
+            file.set_mtime = Some(mtime);
+        }
+        file.ctime = now;
+        true
+    }
+
+    /// Whose token made the deferred file `fid`, its directory, and whether it is a
+    /// made one; `None` when it is not deferred (any more).
+    pub(super) fn owner(&self, fid: Fid) -> Option<(Option<LocalUid>, Fid, bool)> {
+        let file = self.files.get(&fid).filter(|f| f.created.is_none())?;
+        Some((file.caller, file.dir, file.made.is_some()))
     }
 
     fn read(&self, fid: Fid, offset: u64, size: u32) -> Option<Vec<u8>> {
@@ -162,7 +265,7 @@ impl DeferredCreates {
     }
 
     /// The status a deferred file shows: what the server would make of its create.
-    fn status(&self, fid: Fid) -> Option<VnodeStatus> {
+    pub(super) fn status(&self, fid: Fid) -> Option<VnodeStatus> {
         let file = self.files.get(&fid).filter(|f| f.created.is_none())?;
         Some(VnodeStatus {
             fid,
@@ -173,15 +276,35 @@ impl DeferredCreates {
             data_version: DataVersion(0),
             uid: file.uid,
             gid: file.gid,
-            atime: file.ctime,
-            mtime: file.mtime,
+            atime: file.atime.unwrap_or(file.ctime),
+            mtime: file.set_mtime.unwrap_or(file.mtime),
             ctime: file.ctime,
         })
     }
 
-    /// The request that creates `fid` with its bytes, and whose token sends it.
+    /// The attributes a made file's fill sets after its bytes.
+    fn fill_attrs(file: &DeferredFile) -> SetAttrs {
+        SetAttrs {
+            mode: file.mode_set.then_some(file.mode),
+            atime: file.atime,
+            mtime: file.set_mtime,
+            ..SetAttrs::default()
+        }
+    }
+
+    /// The request that creates `fid` with its bytes (or fills it, when made), and
+    /// whose token sends it.
     fn request(&self, fid: Fid) -> Option<(Request, Option<LocalUid>)> {
         let file = self.files.get(&fid).filter(|f| f.created.is_none())?;
+        if let Some((real, base)) = file.made {
+            let request = Request::StoreNewFile {
+                fid: real,
+                base,
+                attrs: Self::fill_attrs(file),
+                data: file.data.clone(),
+            };
+            return Some((request, file.caller));
+        }
         let request = Request::CreateWithData {
             dir: file.dir,
             name: file.name.clone(),
@@ -265,6 +388,58 @@ impl Manager {
         Some(deferred_attr(ino, &status))
     }
 
+    /// An exclusive create of `name` in `dir`: made on the server now (only the server
+    /// can decide it before the open returns), then deferred like a non-exclusive one,
+    /// so the file's bytes and the attributes set before its close go to the server in
+    /// one `StoreNewFile` at its close. `None`, with nothing sent, when it cannot be
+    /// deferred (the table is full, the server too old for the fill): then it is made
+    /// the usual way. Answers the entry, its lookup counted.
+    pub(super) async fn create_made(
+        &self,
+        dir: Fid,
+        name: &str,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    ) -> FsResult<Option<AttrOut>> {
+        let server = self.volumes.cached(dir.volume).map(|l| l.server);
+        {
+            let deferred = self.deferred.lock();
+            if !deferred.has_room() || server.is_some_and(|s| deferred.refused_by.contains(&s)) {
+                return Ok(None);
+            }
+        }
+        // A name deferred here is on the server first, so that this create finds it.
+        self.create_deferred_named(dir, name).await?;
+        let request = Request::Create {
+            dir,
+            name: name.to_owned(),
+            mode,
+            uid,
+            gid,
+            exclusive: true,
+        };
+        let sent_at = Instant::now();
+        let response = self.call(dir.volume, request).await?;
+        let real = self.absorb_entry_status(response, name, sent_at)?;
+        let status = {
+            let state = self.state.lock();
+            state.statuses.get(real).map(|e| e.status.clone())
+        };
+        let status = status.ok_or(FsError::EIO)?;
+        let caller = tokens::current_caller();
+        let deferred = self.deferred.lock().defer_made(dir, name, &status, caller);
+        let Some(fid) = deferred else {
+            // Filled up meanwhile: the kernel has the file as made.
+            return self.created_entry(real).map(Some);
+        };
+        debug!(%dir, name, %real, %fid, "exclusive create made; its bytes deferred to the close");
+        let mut state = self.state.lock();
+        let (ino, _) = state.inodes.lookup(fid);
+        let status = self.deferred.lock().status(fid).ok_or(FsError::EIO)?;
+        Ok(Some(deferred_attr(ino, &status)))
+    }
+
     /// The fid `ino` names, once on the server: a deferred file is created first.
     pub(super) async fn resolved_fid(&self, ino: Ino) -> FsResult<Fid> {
         let fid = self.fid(ino)?;
@@ -318,7 +493,7 @@ impl Manager {
         match written {
             Some(Written::Kept) => Ok(Some(data.len() as u32)),
             Some(Written::TooBig) => {
-                self.create_deferred_locked(fid).await?;
+                self.create_deferred_locked(fid, true).await?;
                 Ok(None)
             }
             None => Ok(None),
@@ -373,15 +548,16 @@ impl Manager {
     /// when another task created it meanwhile.
     async fn create_deferred(&self, fid: Fid) -> FsResult<Option<Fid>> {
         let _file = self.file_lock(fid).write().await;
-        self.create_deferred_locked(fid).await
+        self.create_deferred_locked(fid, false).await
     }
 
     /// `create_deferred` with the provisional fid's lock held alone, so no write to it
     /// runs meanwhile. One `CreateWithData` with every byte written; when the name was
     /// made elsewhere meanwhile (`Exists`), or the server is too old for that request, a
     /// non-exclusive `Create` opens or makes it and the bytes are written into it the
-    /// usual way, as the open they came through would have done.
-    async fn create_deferred_locked(&self, fid: Fid) -> FsResult<Option<Fid>> {
+    /// usual way, as the open they came through would have done. A made file is
+    /// filled instead (`fill_made`); `growing` when a write past the limit asks.
+    async fn create_deferred_locked(&self, fid: Fid, growing: bool) -> FsResult<Option<Fid>> {
         let (request, caller) = {
             let deferred = self.deferred.lock();
             if let Some(real) = deferred.created(fid) {
@@ -392,6 +568,21 @@ impl Manager {
                 None => return Ok(None),
             }
         };
+        if let Request::StoreNewFile {
+            fid: real,
+            base,
+            attrs,
+            data,
+        } = request
+        {
+            let made = MadeFile {
+                fid,
+                real,
+                base,
+                caller,
+            };
+            return self.fill_made(made, attrs, data, growing).await.map(Some);
+        }
         let Request::CreateWithData {
             dir,
             name,
@@ -409,24 +600,7 @@ impl Manager {
         let fallback = match answer {
             Ok(response @ Response::Entry { .. }) => {
                 let real = self.absorb_entry_status(response, &name, sent_at)?;
-                let version = self
-                    .state
-                    .lock()
-                    .statuses
-                    .get(real)
-                    .map(|e| e.status.data_version);
-                if let Some(version) = version.filter(|_| !data.is_empty()) {
-                    // Cached clean at the version that holds these bytes: a reader here
-                    // needs no fetch, and the kernel's pages stay valid.
-                    let key = ChunkKey {
-                        fid: real,
-                        index: 0,
-                    };
-                    let emptied =
-                        self.chunks
-                            .insert_fetched(key, version, bytes::Bytes::from(data));
-                    self.note_evicted(emptied);
-                }
+                self.cache_created(real, data);
                 self.bind_created(fid, real);
                 return Ok(Some(real));
             }
@@ -463,6 +637,104 @@ impl Manager {
         Ok(Some(real))
     }
 
+    /// Fills the made file `made` with `data` and then `attrs` in one `StoreNewFile` and
+    /// hands its inode number to the real fid. A file with nothing to send, or one
+    /// `growing` past the limit with no attributes to send, needs no request now: its
+    /// bytes are written the usual way. When the server cannot fill it (the file
+    /// changed meanwhile, or the server is too old), its bytes are written and its
+    /// attributes set the usual way, in that order.
+    async fn fill_made(
+        &self,
+        made: MadeFile,
+        attrs: SetAttrs,
+        data: Vec<u8>,
+        growing: bool,
+    ) -> FsResult<Fid> {
+        let MadeFile {
+            fid,
+            real,
+            base,
+            caller,
+        } = made;
+        let no_attrs = attrs == SetAttrs::default();
+        if no_attrs && (data.is_empty() || growing) {
+            return self.write_made_usual(fid, real, attrs, &data).await;
+        }
+        let location = self.location(real.volume).await?;
+        let request = Request::StoreNewFile {
+            fid: real,
+            base,
+            attrs: attrs.clone(),
+            data: data.clone(),
+        };
+        let sent_at = Instant::now();
+        match tokens::acting_as(caller, self.pool.call(&location, request)).await {
+            Ok(Response::Status { status, callback }) => {
+                self.absorb_own_data_change(base, 1, status, callback, sent_at);
+                self.cache_created(real, data);
+                self.bind_created(fid, real);
+                Ok(real)
+            }
+            Ok(other) => Err(unexpected(&other)),
+            Err(ProtoError::PeerTooOld { .. }) => {
+                debug!(server = %location.server, "server does not fill new files; creates go to it at once");
+                self.deferred.lock().refused_by.push(location.server);
+                self.write_made_usual(fid, real, attrs, &data).await
+            }
+            Err(ProtoError::Remote(
+                ErrorCode::StoreOutdated { .. } | ErrorCode::InvalidArgument,
+            )) => {
+                debug!(%real, "a made file changed before its close; writing it the usual way");
+                self.write_made_usual(fid, real, attrs, &data).await
+            }
+            Err(e) => Err(rpc_error(&e)),
+        }
+    }
+
+    /// Binds the made file `fid` to `real` and writes `data`, then sets `attrs`, the
+    /// usual way (the writes stored at the close, or before the attributes that need
+    /// them stored).
+    async fn write_made_usual(
+        &self,
+        fid: Fid,
+        real: Fid,
+        attrs: SetAttrs,
+        data: &[u8],
+    ) -> FsResult<Fid> {
+        let ino = self.bind_created(fid, real);
+        let ino = ino.unwrap_or_else(|| self.state.lock().inodes.ino_for(real));
+        if !data.is_empty() {
+            // Boxed: `write` may come back here (through `write_deferred`).
+            Box::pin(self.write(ino, 0, data)).await?;
+        }
+        if attrs != SetAttrs::default() {
+            Box::pin(self.setattr(ino, attrs)).await?;
+        }
+        Ok(real)
+    }
+
+    /// Caches `data`, the bytes a create or fill just gave `real`, clean at the
+    /// version that holds them: a reader here needs no fetch, and the kernel's pages
+    /// stay valid.
+    fn cache_created(&self, real: Fid, data: Vec<u8>) {
+        let version = self
+            .state
+            .lock()
+            .statuses
+            .get(real)
+            .map(|e| e.status.data_version);
+        if let Some(version) = version.filter(|_| !data.is_empty()) {
+            let key = ChunkKey {
+                fid: real,
+                index: 0,
+            };
+            let emptied = self
+                .chunks
+                .insert_fetched(key, version, bytes::Bytes::from(data));
+            self.note_evicted(emptied);
+        }
+    }
+
     /// Hands the inode number of the deferred `fid` to `real`, its status its opens and
     /// the kernel's pages its version; the table forgets `fid`. Returns the number.
     fn bind_created(&self, fid: Fid, real: Fid) -> Option<Ino> {
@@ -490,6 +762,15 @@ impl Manager {
         }
         ino.filter(|_| bound)
     }
+}
+
+/// A made file's deferred fid, its real one, the version it was made at, and whose
+/// token fills it.
+struct MadeFile {
+    fid: Fid,
+    real: Fid,
+    base: DataVersion,
+    caller: Option<LocalUid>,
 }
 
 /// A deferred file's attributes: never cached by the kernel, since the server may decide

@@ -129,17 +129,21 @@ impl Manager {
     /// One name of a directory: from the cached listing when it is current; from a
     /// fetched listing when the directory fits in one page (so later lookups need no
     /// RPC); otherwise, or when the directory changed while being listed, asked of the
-    /// server by name. A large busy directory is never listed for a lookup or a create.
+    /// server by name. A large busy directory is never listed for a lookup or a create;
+    /// nor is one whose listing waits for this client's changes in flight (answered out
+    /// of order, `listing::apply_own_change`): it is current again once they are in.
     pub(super) async fn dir_entry(&self, dir: Fid, name: &str) -> FsResult<Option<ListEntry>> {
         let small = {
             let state = self.state.lock();
             let entry = state.statuses.get(dir);
-            if let Some(listing) = entry.and_then(|e| e.fresh_listing(Instant::now())) {
+            let now = Instant::now();
+            if let Some(listing) = entry.and_then(|e| e.fresh_listing(now)) {
                 return Ok(listing.get(name));
             }
+            let waiting = entry.is_some_and(|e| e.callback_valid(now) && e.listing.is_some());
             let listed_max =
                 (READDIR_PAGE as u64).min(state.statuses.budget().listing_entries_max as u64 / 4);
-            entry.is_some_and(|e| e.status.size <= listed_max)
+            !waiting && entry.is_some_and(|e| e.status.size <= listed_max)
         };
         if small {
             let fetched = self.fetch_listing(dir).await?;
@@ -362,29 +366,71 @@ impl Manager {
     ) -> FsResult<AttrOut> {
         let name = entry_name(name)?;
         let dir = self.fid(parent)?;
-        if !exclusive && let Some(out) = self.defer_create(dir, &name, mode & 0o7777, uid, gid) {
+        let mode = mode & 0o7777;
+        if !exclusive && let Some(out) = self.defer_create(dir, &name, mode, uid, gid) {
             return Ok(out);
         }
+        if exclusive && let Some(out) = self.create_made(dir, &name, mode, uid, gid).await? {
+            return Ok(out);
+        }
+        self.make_file(dir, &name, mode, uid, gid, exclusive).await
+    }
+
+    /// Makes the regular file `name` in `dir` on the server now, as `mknod` asks
+    /// (exclusive, and no open follows: nothing to defer).
+    pub async fn make_regular(
+        &self,
+        parent: Ino,
+        name: &OsStr,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    ) -> FsResult<AttrOut> {
+        let name = entry_name(name)?;
+        let dir = self.fid(parent)?;
+        self.make_file(dir, &name, mode & 0o7777, uid, gid, true)
+            .await
+    }
+
+    async fn make_file(
+        &self,
+        dir: Fid,
+        name: &str,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        exclusive: bool,
+    ) -> FsResult<AttrOut> {
         let request = Request::Create {
             dir,
-            name: name.clone(),
-            mode: mode & 0o7777,
+            name: name.to_owned(),
+            mode,
             uid,
             gid,
             exclusive,
         };
-        let out = self.make_entry(dir, &name, request).await?;
-        // The kernel has no pages of a new file, so they reflect its version vacuously;
-        // saying so lets the pages its writes leave behind survive the next open.
+        let out = self.make_entry(dir, name, request).await?;
+        self.note_new_file(out.attr.ino);
+        Ok(out)
+    }
+
+    /// The entry of `fid`, which a create just made, its lookup counted.
+    pub(super) fn created_entry(&self, fid: Fid) -> FsResult<AttrOut> {
+        let out = self.entry_attr(fid)?;
+        self.note_new_file(out.attr.ino);
+        Ok(out)
+    }
+
+    /// The kernel has no pages of a new file, so they reflect its version vacuously;
+    /// saying so lets the pages its writes leave behind survive the next open.
+    fn note_new_file(&self, ino: Ino) {
         let mut state = self.state.lock();
-        if let Some(fid) = state.inodes.fid(out.attr.ino)
+        if let Some(fid) = state.inodes.fid(ino)
             && let Some(entry) = state.statuses.get_mut(fid)
             && entry.kernel_version.is_none()
         {
             entry.kernel_version = Some(entry.status.data_version);
         }
-        drop(state);
-        Ok(out)
     }
 
     pub async fn mkdir(

@@ -138,6 +138,32 @@ impl FileService {
                 }
                 Request::Fsync { fid }
             }
+            Request::StoreNewFile {
+                fid,
+                base,
+                attrs,
+                data,
+            } => {
+                // A store of the whole file, then a `SetAttr`, each checked against the
+                // file as it is now; a write by a non-administrator clears set-user-id
+                // unless a mode is set after it.
+                let (governed, rights) = self.governed(caller, fid).await?;
+                check_store(caller, rights, &governed.status)?;
+                let asked = SetAttrs {
+                    size: None,
+                    ..attrs
+                };
+                let mut attrs = access::check_set_attrs(caller, rights, &governed.status, &asked)?;
+                if attrs.mode.is_none() {
+                    attrs.mode = access::mode_after_write(caller, &governed.status);
+                }
+                Request::StoreNewFile {
+                    fid,
+                    base,
+                    attrs,
+                    data,
+                }
+            }
             Request::SetAttr { fid, attrs } => {
                 let (governed, rights) = self.governed(caller, fid).await?;
                 let attrs = set_attrs(caller, rights, &governed.status, &attrs)?;

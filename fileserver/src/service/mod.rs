@@ -253,6 +253,12 @@ impl FileService {
                 let perms = Perms { mode, uid, gid };
                 self.create_with_data(caller, dir, name, perms, data).await
             }
+            Request::StoreNewFile {
+                fid,
+                base,
+                attrs,
+                data,
+            } => self.store_new_file(caller, fid, base, data, attrs).await,
             Request::Symlink {
                 dir,
                 name,

@@ -1,4 +1,4 @@
-//! Namespace changes (create, with its bytes or not, make a directory, a special file, a
+//! Namespace changes (create, with its bytes or not, fill a new file, make a directory, a special file, a
 //! symlink or a mount point, link, remove, rename), answered from their record when
 //! retried with the same sequence.
 //! Invariant: a change is applied at most once per sequence, breaks the other holders'
@@ -6,7 +6,9 @@
 
 use std::sync::Arc;
 
-use proto::{ErrorCode, Fid, FileKind, Response, VnodeStatus, VolumeId, VolumeName};
+use proto::{
+    DataVersion, ErrorCode, Fid, FileKind, Response, SetAttrs, VnodeStatus, VolumeId, VolumeName,
+};
 
 use super::{Caller, FileService, blocking};
 use crate::storage::{Answer, Outcome, StorageError, Volume};
@@ -103,6 +105,30 @@ impl FileService {
             dir.volume,
             move |volume| volume.create_with_data(sequence, dir, &name, mode, uid, gid, data),
             |(status, dir_status)| self.made(caller, vec![dir], status, dir_status),
+        )
+        .await
+    }
+
+    /// A file its client created filled with its bytes and attributes at its close
+    /// (`StoreNewFile`): one durable transaction, then the file's other holders broken
+    /// and the caller's promise renewed, as a store.
+    pub(super) async fn store_new_file(
+        self: &Arc<Self>,
+        caller: Caller,
+        fid: Fid,
+        base: DataVersion,
+        data: Vec<u8>,
+        attrs: SetAttrs,
+    ) -> Result<Response, ErrorCode> {
+        let sequence = caller.sequence;
+        self.change(
+            fid.volume,
+            move |volume| volume.store_new_file(sequence, fid, base, data, attrs),
+            |status| async move {
+                self.callbacks.break_callbacks(&[fid], caller.key).await;
+                let callback = self.grant(caller, fid).await;
+                Response::Status { status, callback }
+            },
         )
         .await
     }

@@ -3,15 +3,16 @@
 //! a directory's size is its entry count, its link count 2 + its subdirectories.
 
 use proto::{
-    CREATE_DATA_BYTES_MAX, DirEntry, ErrorCode, Fid, FileKind, Response, Timestamp, Uniquifier,
-    VnodeId, VnodeStatus, VolumeName,
+    CREATE_DATA_BYTES_MAX, DataVersion, DirEntry, ErrorCode, Fid, FileKind, Response, SetAttrs,
+    Timestamp, Uniquifier, VnodeId, VnodeStatus, VolumeName,
 };
 
 use super::StorageError;
 use super::data::INLINE_BYTES_MAX;
 use super::outcomes::{Answer, Outcome, SequenceKey};
-use super::records::{EntryKind, VnodeRecord, kind_from_code};
+use super::records::{DataLocation, EntryKind, VnodeRecord, kind_from_code};
 use super::transaction::Tx;
+use super::vnode_lock::Access;
 use super::volume::Volume;
 
 /// Longest symlink target, as `PATH_MAX`.
@@ -186,6 +187,64 @@ impl Volume {
             let (status, dir_status) = add_entry(tx, dir, &name, record)?;
             tx.put_file_data(status.fid.vnode, data);
             Ok((status, dir_status))
+        })
+    }
+
+    /// Fills the file `fid`, unchanged since `base`, with `data` (replacing its bytes)
+    /// and then `attrs` (as `authorize` passed them; `size` ignored), in one
+    /// transaction: the bytes and the attributes are never seen, nor recovered, one
+    /// without the other. Only a file whose bytes are inline (as every new file's are)
+    /// and at most `CREATE_DATA_BYTES_MAX` bytes: any other is `InvalidArgument`; a
+    /// file moved past `base` is `StoreOutdated`. DV +1; the mtime is the fill's unless
+    /// `attrs` set one.
+    pub fn store_new_file(
+        &self,
+        sequence: Option<SequenceKey>,
+        fid: Fid,
+        base: DataVersion,
+        data: Vec<u8>,
+        attrs: SetAttrs,
+    ) -> Result<Outcome<VnodeStatus>, StorageError> {
+        let size = data.len() as u64;
+        if size > u64::from(CREATE_DATA_BYTES_MAX).min(INLINE_BYTES_MAX) {
+            return Err(ErrorCode::InvalidArgument.into());
+        }
+        // No store of this vnode's data meanwhile (one may be moving it to a data file).
+        let _guard = self.locks.lock(fid.vnode, Access::Exclusive);
+        let outcome = self.write_once(sequence, move |tx| {
+            let mut record = tx.checked(fid)?;
+            if record.kind != FileKind::File {
+                return Err(ErrorCode::InvalidArgument.into());
+            }
+            if record.data_version != base {
+                return Err(ErrorCode::StoreOutdated {
+                    current: record.data_version,
+                }
+                .into());
+            }
+            if record.data != DataLocation::Inline {
+                return Err(ErrorCode::InvalidArgument.into());
+            }
+            let header = tx.header_mut()?;
+            let used = header
+                .bytes_used
+                .saturating_sub(record.size)
+                .saturating_add(size);
+            if size > record.size && header.quota_bytes != 0 && used > header.quota_bytes {
+                return Err(ErrorCode::QuotaExceeded.into());
+            }
+            header.bytes_used = used;
+            record.size = size;
+            record.last_store = None;
+            record.touch_data(Timestamp::now());
+            apply_attrs(&mut record, &attrs);
+            tx.put_file_data(fid.vnode, data);
+            tx.put(fid.vnode, record.clone());
+            Ok(Filled(record.status(tx.volume(), fid.vnode)))
+        })?;
+        Ok(match outcome {
+            Outcome::Applied(Filled(status)) => Outcome::Applied(status),
+            Outcome::Replayed(answer) => Outcome::Replayed(answer),
         })
     }
 
@@ -450,6 +509,37 @@ impl Volume {
     }
 }
 
+/// The outcome of `store_new_file`: the file's status after it.
+struct Filled(VnodeStatus);
+
+impl Answer for Filled {
+    fn answer(&self) -> Response {
+        Response::Status {
+            status: self.0.clone(),
+            callback: None,
+        }
+    }
+}
+
+/// Sets the attributes `attrs` names (its `size` is not one of them here).
+fn apply_attrs(record: &mut VnodeRecord, attrs: &SetAttrs) {
+    if let Some(mode) = attrs.mode {
+        record.mode = mode & 0o7777;
+    }
+    if let Some(uid) = attrs.uid {
+        record.uid = uid;
+    }
+    if let Some(gid) = attrs.gid {
+        record.gid = gid;
+    }
+    if let Some(atime) = attrs.atime {
+        record.atime = atime;
+    }
+    if let Some(mtime) = attrs.mtime {
+        record.mtime = mtime;
+    }
+}
+
 impl Answer for Created {
     fn answer(&self) -> Response {
         Response::Entry {
@@ -667,6 +757,115 @@ mod tests {
         assert_eq!(refusal(over), ErrorCode::QuotaExceeded);
         assert_eq!(refusal(volume.lookup(root, "over")), ErrorCode::NoSuchEntry);
         applied(volume.create_with_data(None, root, "fits", 0o644, 0, 0, vec![3; 10]));
+    }
+
+    #[test]
+    fn a_new_file_is_filled_with_its_bytes_and_then_its_attributes_at_once() {
+        let (_dir, volume, root) = volume();
+        let created = applied(volume.create(None, root, "f", 0o600, 7, 8, true));
+        let fid = created.status.fid;
+        let base = created.status.data_version;
+        let mtime = Timestamp {
+            secs: 978_307_200,
+            nanos: 5,
+        };
+        let attrs = SetAttrs {
+            mode: Some(0o644),
+            mtime: Some(mtime),
+            ..SetAttrs::default()
+        };
+        let status = applied(volume.store_new_file(None, fid, base, b"bytes".to_vec(), attrs));
+        assert_eq!(status.size, 5);
+        assert_eq!(status.mode, 0o644);
+        assert_eq!(status.mtime, mtime, "the times set after the bytes stay");
+        assert_eq!((status.uid, status.gid), (7, 8));
+        assert_eq!(status.data_version, base.next());
+        let (fetched, bytes) = volume.fetch_data(fid, 0, 100).unwrap();
+        assert_eq!((fetched, bytes.as_slice()), (status.clone(), &b"bytes"[..]));
+        assert_eq!(volume.info().unwrap().bytes_used, 5);
+        // Once changed, the file is no new file at `base` any more.
+        let again = volume.store_new_file(None, fid, base, b"x".to_vec(), SetAttrs::default());
+        assert_eq!(
+            refusal(again),
+            ErrorCode::StoreOutdated {
+                current: status.data_version
+            }
+        );
+        assert_eq!(volume.fetch_data(fid, 0, 100).unwrap().1, b"bytes");
+    }
+
+    #[test]
+    fn a_fill_of_a_file_held_in_a_data_file_or_too_big_is_refused() {
+        let (_dir, volume, root) = volume();
+        let created = applied(volume.create(None, root, "big", 0o644, 0, 0, true));
+        let fid = created.status.fid;
+        let big = vec![1u8; INLINE_BYTES_MAX as usize + 1];
+        let stored = volume.store_data(fid, 0, &big, None).unwrap();
+        let refused = volume.store_new_file(
+            None,
+            fid,
+            stored.data_version,
+            b"x".to_vec(),
+            SetAttrs::default(),
+        );
+        assert_eq!(refusal(refused), ErrorCode::InvalidArgument);
+        assert_eq!(volume.fetch_status(fid).unwrap().size, big.len() as u64);
+        let limit = CREATE_DATA_BYTES_MAX as usize;
+        let small = applied(volume.create(None, root, "small", 0o644, 0, 0, true)).status;
+        let too_big = volume.store_new_file(
+            None,
+            small.fid,
+            small.data_version,
+            vec![2; limit + 1],
+            SetAttrs::default(),
+        );
+        assert_eq!(refusal(too_big), ErrorCode::InvalidArgument);
+        let (_dir, volume, root) = volume_with_quota(10);
+        let small = applied(volume.create(None, root, "q", 0o644, 0, 0, true)).status;
+        let over = volume.store_new_file(
+            None,
+            small.fid,
+            small.data_version,
+            vec![3; 11],
+            SetAttrs::default(),
+        );
+        assert_eq!(refusal(over), ErrorCode::QuotaExceeded);
+    }
+
+    #[test]
+    fn a_retried_fill_is_answered_from_its_record() {
+        let (_dir, volume, root) = volume();
+        let created = applied(volume.create(None, root, "f", 0o644, 0, 0, true)).status;
+        let key = SequenceKey {
+            client: ClientId(uuid::Uuid::from_u128(6)),
+            instance: InstanceNonce(1),
+            seq: 3,
+        };
+        let fill = |v: &Volume| {
+            v.store_new_file(
+                Some(key),
+                created.fid,
+                created.data_version,
+                b"abc".to_vec(),
+                SetAttrs::default(),
+            )
+        };
+        let status = applied(fill(&volume));
+        match fill(&volume) {
+            Ok(Outcome::Replayed(answer)) => assert_eq!(
+                *answer,
+                Ok(Response::Status {
+                    status: status.clone(),
+                    callback: None,
+                })
+            ),
+            other => panic!("expected the recorded answer, got {other:?}"),
+        }
+        assert_eq!(
+            volume.fetch_status(created.fid).unwrap(),
+            status,
+            "applied once"
+        );
     }
 
     #[test]
