@@ -321,6 +321,10 @@ impl ChunkIndex {
         let Home::Version(file) = meta.home else {
             return None;
         };
+        // Its file holds one chunk fewer: moving out the last one deletes the file.
+        if let Some(f) = self.version_files.get_mut(&file) {
+            f.chunks -= 1;
+        }
         let release = self.release_slot(file, meta.len);
         if let Some(m) = self.chunks.get_mut(&key) {
             m.home = Home::Own;
@@ -807,6 +811,24 @@ mod tests {
             [key(3, 0)],
             "let go, it is used more recently"
         );
+    }
+
+    /// Moving the two chunks of a version file out (written) punches the first slot and
+    /// deletes the file with the second: no version file is left behind empty.
+    #[test]
+    fn moving_out_a_version_files_last_chunk_deletes_the_file() {
+        let mut index = ChunkIndex::new(4 * CHUNK_BYTES);
+        let (file, _) = fetched(&mut index, key(1, 0), V1, CHUNK_BYTES);
+        fetched(&mut index, key(1, 1), V1, CHUNK_BYTES);
+        for (index_in_fid, release) in [
+            (0, Release::PunchSlot(file)),
+            (1, Release::DeleteVersionFile(file)),
+        ] {
+            let old = index.lookup(key(1, index_in_fid), V1).unwrap().generation;
+            let own = index.reserve_generation();
+            let moved = index.rehome(key(1, index_in_fid), old, own).unwrap();
+            assert_eq!(moved.release, release);
+        }
     }
 
     #[test]
