@@ -453,6 +453,7 @@ impl Volume {
             )?;
         }
         let moved_to_file = matches!(resize, Some((_, _, DataChange::ToFile)));
+        let new_size = attrs.size;
         let attrs = attrs.clone();
         let status = self.write(move |tx| {
             let mut record = tx.checked(fid)?;
@@ -462,21 +463,7 @@ impl Volume {
             } else if attrs.size.is_some() {
                 require_file(record.kind)?;
             }
-            if let Some(mode) = attrs.mode {
-                record.mode = mode & 0o7777;
-            }
-            if let Some(uid) = attrs.uid {
-                record.uid = uid;
-            }
-            if let Some(gid) = attrs.gid {
-                record.gid = gid;
-            }
-            if let Some(atime) = attrs.atime {
-                record.atime = atime;
-            }
-            if let Some(mtime) = attrs.mtime {
-                record.mtime = mtime;
-            }
+            record.apply_attrs(&attrs);
             record.ctime = now;
             tx.put(fid.vnode, record.clone());
             Ok(record.status(tx.volume(), fid.vnode))
@@ -490,7 +477,7 @@ impl Volume {
             other => other?,
         };
         if let Some(file) = in_file
-            && let Some(size) = attrs.size
+            && let Some(size) = new_size
         {
             // Synced although stores are not: bytes cut off here must not come back
             // after a crash, where a later extension would expose them instead of zeros.

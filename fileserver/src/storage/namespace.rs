@@ -237,7 +237,7 @@ impl Volume {
             record.size = size;
             record.last_store = None;
             record.touch_data(Timestamp::now());
-            apply_attrs(&mut record, &attrs);
+            record.apply_attrs(&attrs);
             tx.put_file_data(fid.vnode, data);
             tx.put(fid.vnode, record.clone());
             Ok(Filled(record.status(tx.volume(), fid.vnode)))
@@ -518,25 +518,6 @@ impl Answer for Filled {
             status: self.0.clone(),
             callback: None,
         }
-    }
-}
-
-/// Sets the attributes `attrs` names (its `size` is not one of them here).
-fn apply_attrs(record: &mut VnodeRecord, attrs: &SetAttrs) {
-    if let Some(mode) = attrs.mode {
-        record.mode = mode & 0o7777;
-    }
-    if let Some(uid) = attrs.uid {
-        record.uid = uid;
-    }
-    if let Some(gid) = attrs.gid {
-        record.gid = gid;
-    }
-    if let Some(atime) = attrs.atime {
-        record.atime = atime;
-    }
-    if let Some(mtime) = attrs.mtime {
-        record.mtime = mtime;
     }
 }
 

@@ -211,6 +211,26 @@ impl VnodeRecordV1 {
 }
 
 impl VnodeRecord {
+    /// Sets the attributes `attrs` names, but its `size` (a change of the data, which
+    /// the caller makes).
+    pub fn apply_attrs(&mut self, attrs: &proto::SetAttrs) {
+        if let Some(mode) = attrs.mode {
+            self.mode = mode & 0o7777;
+        }
+        if let Some(uid) = attrs.uid {
+            self.uid = uid;
+        }
+        if let Some(gid) = attrs.gid {
+            self.gid = gid;
+        }
+        if let Some(atime) = attrs.atime {
+            self.atime = atime;
+        }
+        if let Some(mtime) = attrs.mtime {
+            self.mtime = mtime;
+        }
+    }
+
     pub fn new(kind: FileKind, mode: u32, uid: u32, gid: u32, parent: VnodeId) -> VnodeRecord {
         let now = Timestamp::now();
         VnodeRecord {
