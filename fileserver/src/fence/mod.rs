@@ -1,13 +1,11 @@
 //! The fence: until when this process may act on the partition, checked before its redb,
-//! data file and journal writes, and before and after every request it serves.
+//! data file and metadata log writes, and before and after every request it serves.
 //! Invariant: the deadline is read on a process-local monotonic clock, so no wall-clock
 //! step can reopen the fence, and a fence closed for good never opens again.
 
 mod backend;
-mod vfs;
 
 pub use backend::FencedFile;
-pub use vfs::FencedVfs;
 
 use std::io;
 use std::sync::OnceLock;
