@@ -801,7 +801,11 @@ impl<'a> Undo<'a> {
 }
 
 /// Sets a file's size, keeping the volume's byte count and quota.
-fn resize(tx: &mut Tx<'_>, record: &mut VnodeRecord, size: u64) -> Result<(), StorageError> {
+pub(super) fn resize(
+    tx: &mut Tx<'_>,
+    record: &mut VnodeRecord,
+    size: u64,
+) -> Result<(), StorageError> {
     if size > FILE_BYTES_MAX {
         return Err(ErrorCode::FileTooLarge.into());
     }

@@ -8,7 +8,7 @@ use proto::{
 };
 
 use super::StorageError;
-use super::data::INLINE_BYTES_MAX;
+use super::data::{INLINE_BYTES_MAX, resize};
 use super::outcomes::{Answer, Outcome, SequenceKey};
 use super::records::{DataLocation, EntryKind, VnodeRecord, kind_from_code};
 use super::transaction::Tx;
@@ -225,16 +225,7 @@ impl Volume {
             if record.data != DataLocation::Inline {
                 return Err(ErrorCode::InvalidArgument.into());
             }
-            let header = tx.header_mut()?;
-            let used = header
-                .bytes_used
-                .saturating_sub(record.size)
-                .saturating_add(size);
-            if size > record.size && header.quota_bytes != 0 && used > header.quota_bytes {
-                return Err(ErrorCode::QuotaExceeded.into());
-            }
-            header.bytes_used = used;
-            record.size = size;
+            resize(tx, &mut record, size)?;
             record.last_store = None;
             record.touch_data(Timestamp::now());
             record.apply_attrs(&attrs);
