@@ -156,8 +156,12 @@ fn an_exclusive_create_is_decided_at_the_open_and_filled_at_the_close() {
         let again = exclusive(&mount.join("index.lock")).map_err(|e| e.kind());
         assert_eq!(again.err(), Some(ErrorKind::AlreadyExists));
     }
-    // Elsewhere it is empty until the close; here it shows its bytes at once.
-    assert_eq!(std::fs::metadata(b.join("index.lock")).unwrap().len(), 0);
+    // Here it shows its bytes at once. Elsewhere it is empty until the close, or shows
+    // those bytes if something here needed the file on the server first (the fill is
+    // a close's, or an earlier need's: the request counts of the tar-like test pin
+    // that it is one request); never anything else.
+    let elsewhere = std::fs::metadata(b.join("index.lock")).unwrap().len();
+    assert!([0, 9].contains(&elsewhere), "B sees {elsewhere} bytes");
     assert_eq!(std::fs::metadata(a.join("index.lock")).unwrap().len(), 9);
     lock.write_all(b", whole").unwrap();
     // A second open here needs the file on the server: it is filled first.
