@@ -81,9 +81,11 @@ impl Captured {
     }
 
     /// The lines with `phrase` once there is at least one (the server may log its
-    /// refusal a moment after the client saw the connection close), or none after 5 s.
+    /// refusal a moment after the client saw the connection close), or none after 30 s
+    /// (a bound for a starved test thread on a loaded machine, never waited out when
+    /// the line comes).
     async fn await_lines_with(&self, phrase: &str) -> Vec<String> {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
             let lines = self.lines_with(phrase);
             if !lines.is_empty() || tokio::time::Instant::now() > deadline {
