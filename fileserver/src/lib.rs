@@ -23,6 +23,8 @@ mod state_journal;
 mod stats;
 pub mod storage;
 mod sweep;
+#[cfg(test)]
+mod test_rng;
 
 use std::sync::Arc;
 

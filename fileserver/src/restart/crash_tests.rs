@@ -25,6 +25,7 @@ use crate::state_journal::{JournalStop, StateJournal, StateJournalError, open_on
 use crate::stats::Stats;
 use crate::storage::Partition;
 use crate::storage::mem_disk::{Kept, MemDisk};
+use crate::test_rng::Rng;
 
 const CLIENTS: u8 = 3;
 const OWNERS: u8 = 2;
@@ -74,27 +75,6 @@ enum Ack {
     Failed,
     /// Not acknowledged as durable: nothing was waited for (or nothing changed).
     Unacknowledged,
-}
-
-/// splitmix64: the workload is a function of the seed alone.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn small(&mut self, n: u8) -> u8 {
-        u8::try_from(self.below(u64::from(n))).unwrap()
-    }
 }
 
 /// Mostly lock traffic, some callback traffic, rare whole-client releases, and two

@@ -19,6 +19,7 @@ use super::mem_disk::{Kept, MemDisk};
 use super::metadata_log::{BLOCK_BYTES, LogConfig, Lsn};
 use super::{Outcome, Partition, PartitionConfig, SequenceKey, StorageError};
 use crate::fence::Fence;
+use crate::test_rng::Rng;
 
 const VOLUMES: [VolumeId; 2] = [VolumeId(536_870_913), VolumeId(536_870_916)];
 const NAMES: [&str; 4] = ["a", "b", "c", "d"];
@@ -188,57 +189,40 @@ fn state(partition: &Partition) -> State {
         .collect()
 }
 
-/// splitmix64: the script is a function of the seed alone.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u8 {
-        u8::try_from(self.next() % n).unwrap()
-    }
-}
-
 fn script(seed: u64, count: usize) -> Vec<Op> {
     let mut rng = Rng(seed);
     (0..count)
         .map(|_| {
-            let volume = rng.below(2);
-            let name = rng.below(4);
-            match rng.below(12) {
+            let volume = rng.small(2);
+            let name = rng.small(4);
+            match rng.small(12) {
                 0..=2 => Op::Create {
                     volume,
                     name,
-                    sequenced: rng.below(2) == 0,
+                    sequenced: rng.small(2) == 0,
                 },
                 3..=5 => Op::Store {
                     volume,
                     name,
                     // Mostly small; some past a block, so frames span several.
-                    len: if rng.below(4) == 0 {
+                    len: if rng.small(4) == 0 {
                         6000
                     } else {
-                        u16::from(rng.below(200))
+                        u16::from(rng.small(200))
                     },
-                    byte: rng.below(255) + 1,
+                    byte: rng.small(255) + 1,
                 },
                 6 => Op::MakeDir { volume, name },
                 7 | 8 => Op::Rename {
                     volume,
                     from: name,
-                    to: rng.below(4),
-                    sequenced: rng.below(2) == 0,
+                    to: rng.small(4),
+                    sequenced: rng.small(2) == 0,
                 },
                 9 | 10 => Op::Remove {
                     volume,
                     name,
-                    directory: rng.below(3) == 0,
+                    directory: rng.small(3) == 0,
                 },
                 _ => Op::Checkpoint,
             }
