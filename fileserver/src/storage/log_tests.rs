@@ -255,6 +255,14 @@ enum Image {
     TornLog,
 }
 
+/// The disk as each kind of power cut would leave it now.
+fn images(disk: &MemDisk) -> Vec<(Image, MemDisk)> {
+    [Image::Lost, Image::Kept, Image::TornLog]
+        .into_iter()
+        .map(|mode| (mode, image(disk, mode)))
+        .collect()
+}
+
 fn image(disk: &MemDisk, mode: Image) -> MemDisk {
     disk.crash_image(&mut |path, changes| {
         let log = path.components().any(|c| c.as_os_str() == "log");
@@ -285,10 +293,7 @@ fn crash_at(ops: &[Op], states: &[State], cut: u64) {
         }
         answered = i + 1;
     }
-    let images: Vec<(Image, MemDisk)> = [Image::Lost, Image::Kept, Image::TornLog]
-        .into_iter()
-        .map(|mode| (mode, image(&disk, mode)))
-        .collect();
+    let images = images(&disk);
     drop(partition);
     for (mode, image) in images {
         let context = format!("cut after {cut} mutations, {answered} ops answered, {mode:?} image");
@@ -630,10 +635,7 @@ fn crash_images_of_a_log_mixing_storage_and_state_records_keep_both() {
                 }
                 answered = i + 1;
             }
-            let images: Vec<(Image, MemDisk)> = [Image::Lost, Image::Kept, Image::TornLog]
-                .into_iter()
-                .map(|mode| (mode, image(&disk, mode)))
-                .collect();
+            let images = images(&disk);
             drop(partition);
             for (mode, image) in images {
                 let context = format!(
