@@ -144,9 +144,14 @@ pub fn report(unexpected: &[ErrorLine]) -> String {
 
 /// The end of a cell's drop, once nothing is left running or mounted: fails the test on
 /// `unexpected` ERROR lines, keeping `dir` for their logs. While the test is failing
-/// already it only prints them: a second panic would abort the test binary, and the first
-/// failure stands.
+/// already it keeps `dir` and only prints them: a second panic would abort the test
+/// binary, and the first failure stands.
 pub fn fire(unexpected: &[ErrorLine], dir: &mut tempfile::TempDir) {
+    if std::thread::panicking() {
+        // The test failed: its logs are what tells why.
+        dir.disable_cleanup(true);
+        eprintln!("(kept {} for the logs)", dir.path().display());
+    }
     if unexpected.is_empty() {
         return;
     }
