@@ -373,18 +373,19 @@ impl Manager {
                 return None;
             }
         }
-        let fid = {
-            let mut deferred = self.deferred.lock();
-            if deferred.refused_by.contains(&server) {
-                return None;
-            }
-            let caller = tokens::current_caller();
-            deferred.defer(dir, name, mode, uid, gid, caller, Timestamp::now())?
-        };
-        debug!(%dir, name, %fid, "create deferred to the close");
+        // The inode is numbered under the same locks as the deferral: a listing of `dir`
+        // may create the file on the server as soon as the deferral is seen, and that
+        // moves the file's inode to the real fid only if it is numbered already.
         let mut state = self.state.lock();
+        let mut deferred = self.deferred.lock();
+        if deferred.refused_by.contains(&server) {
+            return None;
+        }
+        let caller = tokens::current_caller();
+        let fid = deferred.defer(dir, name, mode, uid, gid, caller, Timestamp::now())?;
+        debug!(%dir, name, %fid, "create deferred to the close");
         let (ino, _) = state.inodes.lookup(fid);
-        let status = self.deferred.lock().status(fid)?;
+        let status = deferred.status(fid)?;
         Some(deferred_attr(ino, &status))
     }
 
@@ -428,15 +429,17 @@ impl Manager {
         };
         let status = status.ok_or(FsError::EIO)?;
         let caller = tokens::current_caller();
-        let deferred = self.deferred.lock().defer_made(dir, name, &status, caller);
-        let Some(fid) = deferred else {
+        // Numbered under the same locks as the deferral, as in `defer_create`.
+        let mut state = self.state.lock();
+        let mut deferred = self.deferred.lock();
+        let Some(fid) = deferred.defer_made(dir, name, &status, caller) else {
             // Filled up meanwhile: the kernel has the file as made.
+            drop((deferred, state));
             return self.created_entry(real).map(Some);
         };
         debug!(%dir, name, %real, %fid, "exclusive create made; its bytes deferred to the close");
-        let mut state = self.state.lock();
         let (ino, _) = state.inodes.lookup(fid);
-        let status = self.deferred.lock().status(fid).ok_or(FsError::EIO)?;
+        let status = deferred.status(fid).ok_or(FsError::EIO)?;
         Ok(Some(deferred_attr(ino, &status)))
     }
 
