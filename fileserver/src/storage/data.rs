@@ -520,7 +520,10 @@ impl Volume {
         };
         let mut done = 0;
         while done < wanted {
-            match file.read_at(&mut buffer[done..], offset + done as u64) {
+            match self
+                .files
+                .read_data(&file, &mut buffer[done..], offset + done as u64)
+            {
                 Ok(0) => break,
                 Ok(n) => done += n,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
@@ -721,7 +724,7 @@ fn cut_uncommitted(
 /// the file's length, and the old bytes of every range it wrote inside that length.
 struct Undo<'a> {
     files: &'a DataFiles,
-    file: &'a File,
+    file: &'a DataFile,
     path: PathBuf,
     length: u64,
     /// (offset, the bytes there before, how many of them were overwritten), in order.
@@ -731,7 +734,7 @@ struct Undo<'a> {
 impl<'a> Undo<'a> {
     fn begin(
         files: &'a DataFiles,
-        file: &'a File,
+        file: &'a DataFile,
         path: PathBuf,
     ) -> Result<Undo<'a>, StorageError> {
         let length = file.metadata().map_err(io_error(&path))?.len();
@@ -759,7 +762,7 @@ impl<'a> Undo<'a> {
         self.files.check_fence(&self.path)?;
         while *written < data.len() {
             let at = offset + *written as u64;
-            match self.files.write_at(self.file, &data[*written..], at) {
+            match self.files.write_data(self.file, &data[*written..], at) {
                 Ok(0) => {
                     let e = std::io::Error::from(ErrorKind::WriteZero);
                     return Err(io_error(&self.path)(e));
