@@ -38,7 +38,8 @@ const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// What fuser logs at ERROR when it answers a request the kernel has already ended. A
 /// mount stopped with a request in flight (the background release of a file just
 /// closed, say) unmounts under it, so the harness expects it while stopping a mount.
-const FUSE_REPLY_TO_AN_ENDED_REQUEST: &str = "Failed to send FUSE reply: No such file or directory";
+pub(crate) const FUSE_REPLY_TO_AN_ENDED_REQUEST: &str =
+    "Failed to send FUSE reply: No such file or directory";
 
 /// One process started by a test.
 struct Proc {

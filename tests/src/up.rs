@@ -42,12 +42,15 @@ impl Up {
     pub fn new(bin: &str) -> Result<Up> {
         require_fuse()?;
         let dir = tempfile::Builder::new().prefix("holdfast-up").tempdir()?;
+        let tripwire = Tripwire::default();
+        // As for a `TestCell` mount: `up` stops its mount with a request in flight.
+        tripwire.expect_while_stopping(MOUNT, crate::FUSE_REPLY_TO_AN_ENDED_REQUEST);
         Ok(Up {
             bin: PathBuf::from(bin),
             dir,
             child: None,
             runs: 0,
-            tripwire: Tripwire::default(),
+            tripwire,
         })
     }
 
@@ -228,6 +231,8 @@ impl Up {
             return Ok(());
         };
         let children = children_of(child.id() as libc::pid_t).unwrap_or_default();
+        let mount_log = self.dir().join("logs").join(format!("{MOUNT}.log"));
+        let from = file_len(&mount_log);
         // SAFETY: signalling our own child by PID.
         unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
         let mut status = None;
@@ -241,6 +246,7 @@ impl Up {
             kill_all(&children);
             bail!("holdfast up did not stop within {UP_LIMIT:?} of SIGTERM");
         };
+        self.tripwire.record_stop(MOUNT, from..file_len(&mount_log));
         let left: Vec<&UpChild> = children.iter().filter(|c| is_alive(c.pid)).collect();
         if !left.is_empty() {
             kill_all(&children);
@@ -293,6 +299,14 @@ impl Up {
         }
         logs
     }
+}
+
+/// The name `up` gives its mount (its log is DIR/logs/mount.log).
+const MOUNT: &str = "mount";
+
+/// A file's length, 0 if it cannot be read.
+fn file_len(path: &Path) -> u64 {
+    std::fs::metadata(path).map_or(0, |m| m.len())
 }
 
 impl Drop for Up {
