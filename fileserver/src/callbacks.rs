@@ -348,6 +348,26 @@ impl Callbacks {
     /// evicted another client's unexpired promise, its break is sent in the background.
     /// `None`: the journal failed, so no promise may be given.
     pub async fn grant(self: &Arc<Self>, client: ClientKey, fid: Fid) -> Option<CallbackGrant> {
+        let (lifetime, durable) = self.record_grant(client, fid);
+        if !durable.wait().await {
+            return None;
+        }
+        Some(CallbackGrant {
+            lifetime_ms: u64::try_from(lifetime.as_millis()).unwrap_or(u64::MAX),
+        })
+    }
+
+    /// Journals a promise on `fid` to `client` and returns without waiting for it to
+    /// be durable. A change that makes `fid` calls this in its transaction, before its
+    /// own record is queued (`storage::Ahead`): one flush then makes both durable, and
+    /// the `grant` that answers the request finds the promise journaled already and
+    /// waits only for that flush.
+    pub fn grant_ahead(self: &Arc<Self>, client: ClientKey, fid: Fid) {
+        drop(self.record_grant(client, fid));
+    }
+
+    /// `grant` up to its wait: the promise's lifetime, and when its record is durable.
+    fn record_grant(self: &Arc<Self>, client: ClientKey, fid: Fid) -> (Duration, Durable) {
         let now = self.now();
         let (grant, durable, evicted) = {
             let mut table = self.shards[shard_of(fid)].lock();
@@ -388,12 +408,7 @@ impl Callbacks {
                 this.send_breaks(owed, vec![sent]).await;
             });
         }
-        if !durable.wait().await {
-            return None;
-        }
-        Some(CallbackGrant {
-            lifetime_ms: u64::try_from(grant.lifetime.as_millis()).unwrap_or(u64::MAX),
-        })
+        (grant.lifetime, durable)
     }
 
     pub fn give_up(&self, client: ClientKey, fids: &[Fid]) {

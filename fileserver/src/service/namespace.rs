@@ -11,7 +11,7 @@ use proto::{
 };
 
 use super::{Caller, FileService, blocking};
-use crate::storage::{Answer, Outcome, StorageError, Volume};
+use crate::storage::{Ahead, Answer, Outcome, StorageError, Volume};
 
 /// The mode and owner a new entry gets.
 #[derive(Clone, Copy, Debug)]
@@ -63,6 +63,15 @@ impl FileService {
         }
     }
 
+    /// The caller's promise on the file a create makes, journaled in the create's own
+    /// transaction (`Ahead`), so that the create and the promise are made
+    /// durable by one flush; `made` then grants the same promise, already journaled.
+    fn grant_ahead(self: &Arc<Self>, caller: Caller) -> Option<Ahead> {
+        let client = caller.key?;
+        let callbacks = self.callbacks.clone();
+        Some(Box::new(move |fid| callbacks.grant_ahead(client, fid)))
+    }
+
     pub(super) async fn create(
         self: &Arc<Self>,
         caller: Caller,
@@ -72,10 +81,12 @@ impl FileService {
         exclusive: bool,
     ) -> Result<Response, ErrorCode> {
         let Perms { mode, uid, gid } = perms;
-        let sequence = caller.sequence;
+        let (sequence, ahead) = (caller.sequence, self.grant_ahead(caller));
         self.change(
             dir.volume,
-            move |volume| volume.create(sequence, dir, &name, mode, uid, gid, exclusive),
+            move |volume| {
+                volume.create_logging_ahead(sequence, dir, &name, mode, uid, gid, exclusive, ahead)
+            },
             |created| {
                 // A create that found the file there changed nothing.
                 let changed = if created.created {
@@ -100,10 +111,14 @@ impl FileService {
         data: Vec<u8>,
     ) -> Result<Response, ErrorCode> {
         let Perms { mode, uid, gid } = perms;
-        let sequence = caller.sequence;
+        let (sequence, ahead) = (caller.sequence, self.grant_ahead(caller));
         self.change(
             dir.volume,
-            move |volume| volume.create_with_data(sequence, dir, &name, mode, uid, gid, data),
+            move |volume| {
+                volume.create_with_data_logging_ahead(
+                    sequence, dir, &name, mode, uid, gid, data, ahead,
+                )
+            },
             |(status, dir_status)| self.made(caller, vec![dir], status, dir_status),
         )
         .await

@@ -250,6 +250,8 @@ struct Queue {
     state_needed_from: Lsn,
     poisoned: Option<String>,
     shutdown: bool,
+    /// Live `FlushHold`s: the flusher takes nothing while there are any.
+    flush_holds: usize,
     figures: LogFigures,
     closed: Vec<ClosedSegment>,
     spares: Vec<PathBuf>,
@@ -275,6 +277,21 @@ struct Shared {
     stop: watch::Sender<Option<LogStop>>,
     /// Serialises state snapshots; the position of the last one written.
     state_snapshot: Mutex<Lsn>,
+}
+
+/// Holds the flusher off while it lives (`MetadataLog::hold`).
+pub struct FlushHold<'a> {
+    log: &'a MetadataLog,
+}
+
+impl Drop for FlushHold<'_> {
+    fn drop(&mut self) {
+        let mut queue = self.log.shared.queue.lock();
+        queue.flush_holds -= 1;
+        if queue.flush_holds == 0 {
+            self.log.shared.work.notify_one();
+        }
+    }
 }
 
 /// The open log. Thread-safe: share it behind an `Arc`.
@@ -473,6 +490,7 @@ impl MetadataLog {
                 state_needed_from: Lsn(u64::MAX),
                 poisoned: None,
                 shutdown: false,
+                flush_holds: 0,
                 figures: LogFigures {
                     durable_lsn: last.0,
                     ..LogFigures::default()
@@ -545,7 +563,11 @@ impl MetadataLog {
             if queue.shutdown {
                 return Err(LogError::Poisoned("the metadata log is closed".into()));
             }
-            if queue.pending.is_empty() || queue.pending_bytes + payload.len() <= PENDING_BYTES_MAX
+            // Under a hold the flusher makes no room: the few records appended while
+            // one lasts go over the bound rather than wait for it.
+            if queue.pending.is_empty()
+                || queue.flush_holds > 0
+                || queue.pending_bytes + payload.len() <= PENDING_BYTES_MAX
             {
                 break;
             }
@@ -562,6 +584,15 @@ impl MetadataLog {
         }
         self.shared.work.notify_one();
         Ok(lsn)
+    }
+
+    /// Keeps the flusher from taking queued records until the hold is dropped, so that
+    /// the records appended meanwhile (a change's own and those it queues ahead of it)
+    /// go to the disk in one flush rather than the first alone. Every flush waits for
+    /// it: hold it only across a few appends.
+    pub fn hold(&self) -> FlushHold<'_> {
+        self.shared.queue.lock().flush_holds += 1;
+        FlushHold { log: self }
     }
 
     /// Tells `durable` `true` once record `lsn` is durable (at once if it is), `false`
@@ -853,7 +884,10 @@ impl Shared {
         loop {
             let batch = {
                 let mut queue = self.queue.lock();
-                while queue.pending.is_empty() && !queue.shutdown && queue.poisoned.is_none() {
+                while (queue.pending.is_empty() || queue.flush_holds > 0)
+                    && !queue.shutdown
+                    && queue.poisoned.is_none()
+                {
                     self.work.wait(&mut queue);
                 }
                 if queue.pending.is_empty() || queue.poisoned.is_some() {
@@ -1022,6 +1056,27 @@ mod tests {
         let last = Lsn(appends as u64);
         log.wait_durable(last).unwrap();
         assert_eq!(log.next_lsn(), last.next());
+    }
+
+    /// A change and the records it queues ahead of itself (a promise on the file it
+    /// makes) go to the disk in one flush: while a hold lasts the flusher takes nothing,
+    /// however long it is given.
+    #[test]
+    fn records_appended_under_a_hold_go_to_the_disk_in_one_flush() {
+        let disk = MemDisk::new();
+        let (log, _) = open(&disk, SEGMENT_BYTES_DEFAULT);
+        append_durable(&log, b"before");
+        let flushes = log.stats().flushes;
+        let held = log.hold();
+        log.append_state(b"ahead", None).unwrap();
+        // Time for an idle flusher to take the first record alone, were it allowed to.
+        thread::sleep(std::time::Duration::from_millis(50));
+        let last = log.append(b"change".to_vec()).unwrap();
+        drop(held);
+        log.wait_durable(last).unwrap();
+        let stats = log.stats();
+        assert_eq!(stats.flushes, flushes + 1, "{stats:?}");
+        assert_eq!(stats.records, 3);
     }
 
     #[test]

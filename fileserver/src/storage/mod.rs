@@ -37,7 +37,7 @@ mod tests;
 pub use acl::Governed;
 pub use data::StoreCondition;
 pub use metadata_log::{LogConfig, LogError, LogFigures};
-pub use namespace::{Created, Removed, Renamed};
+pub use namespace::{Ahead, Created, Removed, Renamed};
 pub use outcomes::{Answer, Outcome, SEQ_WINDOW, SequenceKey};
 pub use partition::{CHECKPOINT_PERIOD, Partition, PartitionConfig, server_id_of};
 pub use records::{VnodeRecord, VolumeHeader};

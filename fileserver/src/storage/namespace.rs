@@ -15,6 +15,15 @@ use super::transaction::Tx;
 use super::vnode_lock::Access;
 use super::volume::Volume;
 
+/// What a create runs with the fid of the file it made (or found) once the change is
+/// applied, just before the change's record is queued in the metadata log and with the
+/// flusher held off (`Tx::log_ahead`): a caller queues there what must be durable with
+/// the change (the creator's promise on the new file), so that one flush makes both
+/// durable and the caller waits for one, not two. A failed batch, or a crash, that
+/// loses the change may keep that record: a promise on a file nobody holds, whose only
+/// effect is a needless break.
+pub type Ahead = Box<dyn FnOnce(Fid) + Send>;
+
 /// Longest symlink target, as `PATH_MAX`.
 pub const SYMLINK_TARGET_BYTES_MAX: usize = 4096;
 /// Most links one file may have.
@@ -122,6 +131,25 @@ impl Volume {
         gid: u32,
         exclusive: bool,
     ) -> Result<Outcome<Created>, StorageError> {
+        self.create_logging_ahead(sequence, dir, name, mode, uid, gid, exclusive, None)
+    }
+
+    /// `create`, running `ahead` with the file's fid (made or found) in its transaction.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the fields of a Create request, its sequence key, and what to log ahead"
+    )]
+    pub fn create_logging_ahead(
+        &self,
+        sequence: Option<SequenceKey>,
+        dir: Fid,
+        name: &str,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        exclusive: bool,
+        ahead: Option<Ahead>,
+    ) -> Result<Outcome<Created>, StorageError> {
         proto::check_entry_name(name)?;
         let (id, name) = (self.id, name.to_owned());
         self.write_once(sequence, move |tx| {
@@ -134,14 +162,23 @@ impl Volume {
                 if record.kind == FileKind::Directory {
                     return Err(ErrorCode::IsDirectory.into());
                 }
+                let status = record.status(id, VnodeId(vnode));
+                if let Some(ahead) = ahead {
+                    let fid = status.fid;
+                    tx.log_ahead(move || ahead(fid));
+                }
                 return Ok(Created {
-                    status: record.status(id, VnodeId(vnode)),
+                    status,
                     dir: dir_record.status(id, dir.vnode),
                     created: false,
                 });
             }
             let record = VnodeRecord::new(FileKind::File, mode, uid, gid, dir.vnode);
             let (status, dir) = add_entry(tx, dir, &name, record)?;
+            if let Some(ahead) = ahead {
+                let fid = status.fid;
+                tx.log_ahead(move || ahead(fid));
+            }
             Ok(Created {
                 status,
                 dir,
@@ -169,6 +206,25 @@ impl Volume {
         gid: u32,
         data: Vec<u8>,
     ) -> Result<Outcome<(VnodeStatus, VnodeStatus)>, StorageError> {
+        self.create_with_data_logging_ahead(sequence, dir, name, mode, uid, gid, data, None)
+    }
+
+    /// `create_with_data`, running `ahead` with the new file's fid in its transaction.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the fields of a CreateWithData request, its sequence key, and what to log ahead"
+    )]
+    pub fn create_with_data_logging_ahead(
+        &self,
+        sequence: Option<SequenceKey>,
+        dir: Fid,
+        name: &str,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        data: Vec<u8>,
+        ahead: Option<Ahead>,
+    ) -> Result<Outcome<(VnodeStatus, VnodeStatus)>, StorageError> {
         proto::check_entry_name(name)?;
         let size = data.len() as u64;
         if size > u64::from(CREATE_DATA_BYTES_MAX).min(INLINE_BYTES_MAX) {
@@ -186,6 +242,10 @@ impl Volume {
             record.size = size;
             let (status, dir_status) = add_entry(tx, dir, &name, record)?;
             tx.put_file_data(status.fid.vnode, data);
+            if let Some(ahead) = ahead {
+                let fid = status.fid;
+                tx.log_ahead(move || ahead(fid));
+            }
             Ok((status, dir_status))
         })
     }

@@ -38,6 +38,9 @@ pub(super) struct Tx<'a> {
     acls: Vec<(u64, Option<AccessList>)>,
     /// The batch's writes so far, which its metadata log record carries.
     redo: &'a RefCell<Vec<Change>>,
+    /// What to queue in the metadata log just before this change's record, in the same
+    /// flush (`log_ahead`).
+    ahead: Vec<Box<dyn FnOnce() + Send>>,
 }
 
 impl<'a> Tx<'a> {
@@ -58,7 +61,20 @@ impl<'a> Tx<'a> {
             dead_files: Vec::new(),
             acls: Vec::new(),
             redo,
+            ahead: Vec::new(),
         }
+    }
+
+    /// Runs `queue` (which queues records in the metadata log) once this change is
+    /// applied, just before its batch's record is queued, with the log's flusher held
+    /// off so that one flush makes them all durable. Dropped unrun if the change fails.
+    pub(super) fn log_ahead(&mut self, queue: impl FnOnce() + Send + 'static) {
+        self.ahead.push(Box::new(queue));
+    }
+
+    /// What this change asked to be queued ahead of its record.
+    pub(super) fn take_ahead(&mut self) -> Vec<Box<dyn FnOnce() + Send>> {
+        std::mem::take(&mut self.ahead)
     }
 
     pub(super) fn volume(&self) -> VolumeId {
@@ -228,6 +244,8 @@ impl<'a> Tx<'a> {
             dead_files,
             acls,
             redo,
+            // Taken by the batch (`take_ahead`) before this.
+            ahead: _,
         } = self;
         let encode =
             |what: &str, e: &dyn std::fmt::Display| reader.corrupt(format!("encode {what}: {e}"));

@@ -284,6 +284,7 @@ impl Volume {
     fn run_batch(&self, jobs: Vec<WriteJob>) {
         let mut answers = Vec::with_capacity(jobs.len());
         let mut dead_files = Vec::new();
+        let mut ahead = Vec::new();
         let redo = RefCell::new(Vec::new());
         let committed = (|| {
             let mut txn = self.db.begin_write().map_err(db_error(&self.db_path))?;
@@ -294,6 +295,7 @@ impl Volume {
                 let applied = job(&mut tx);
                 answers.push(applied.answer);
                 if applied.changed {
+                    ahead.extend(tx.take_ahead());
                     dead_files.extend(tx.flush()?);
                 }
             }
@@ -306,7 +308,14 @@ impl Volume {
             let record = Redo::new(self.id, changes)
                 .encode()
                 .map_err(|detail| self.corrupt(detail))?;
-            let lsn = self.append(record)?;
+            let lsn = {
+                // What the jobs queue ahead goes in the same flush as their record.
+                let _held = self.log.hold();
+                for queue in ahead.drain(..) {
+                    queue();
+                }
+                self.append(record)?
+            };
             Writer::new(&txn, &self.db_path).set_applied(lsn)?;
             self.log.wait_durable(lsn).map_err(|e| self.log_failed(e))?;
             txn.commit().map_err(|e| {
