@@ -50,6 +50,9 @@ pub struct Binding {
     /// The data version the file shows now.
     pub shows: DataVersion,
     handles: u32,
+    /// Of `handles`, those opened for writing: the kernel writes their bytes straight
+    /// into the file, and the mount stores the file at their close.
+    writers: u32,
     /// The kernel's backing id is registered: later opens can reuse it.
     ready: bool,
 }
@@ -76,9 +79,11 @@ pub enum Decision {
     /// other: the caller brings that file to the version wanted (`rebound`), then asks
     /// again.
     Rebind(Binding),
-    /// A write open while passthrough opens are live: the caller waits for their release
-    /// and asks again.
-    Drain,
+    /// A write open while passthrough opens are live: the kernel gives an inode with a
+    /// backing file no other kind of open (not even a direct-I/O one), so it becomes a
+    /// passthrough open of the binding too (counted already), its writes going into the
+    /// version file, which the mount stores at its close (`Manager::store_passthrough_writes`).
+    JoinWriter(BindingId),
     /// A read open that could be a passthrough open but for normal opens this table still
     /// counts (a close's `release` may be just behind this open): the caller may wait a
     /// moment for them and ask again, or count it (`normal`) and go through the mount.
@@ -107,9 +112,6 @@ impl KernelOpens {
     ) -> Decision {
         let opens = self.inodes.entry(ino).or_default();
         if let Some(binding) = &mut opens.binding {
-            if write {
-                return Decision::Drain;
-            }
             if !binding.ready {
                 return Decision::Wait;
             }
@@ -117,6 +119,10 @@ impl KernelOpens {
                 return Decision::Rebind(*binding);
             }
             binding.handles += 1;
+            if write {
+                binding.writers += 1;
+                return Decision::JoinWriter(binding.id);
+            }
             return Decision::Reuse(binding.id);
         }
         if write || !enabled {
@@ -155,6 +161,7 @@ impl KernelOpens {
             file,
             shows: version,
             handles: 1,
+            writers: 0,
             ready: false,
         });
         Some(id)
@@ -188,11 +195,16 @@ impl KernelOpens {
         self.inodes.get(&ino).and_then(|o| o.binding)
     }
 
+    /// The binding of `ino` while an open of it writes through the kernel into its file.
+    pub fn written(&self, ino: Ino) -> Option<Binding> {
+        self.binding(ino).filter(|b| b.writers > 0)
+    }
+
     /// A passthrough open the kernel was to get could not be made (its backing file was
     /// refused): it becomes a normal open. Returns the binding it ended, if it was the
     /// binding's only open.
     pub fn unbind_failed(&mut self, ino: Ino, id: BindingId) -> Option<Binding> {
-        let ended = self.release_passthrough(ino, id);
+        let ended = self.release_passthrough(ino, id, false);
         self.normal(ino);
         ended
     }
@@ -205,12 +217,21 @@ impl KernelOpens {
         }
     }
 
-    /// The kernel released a passthrough open of `ino` under binding `id`. Returns the
-    /// binding when that was its last open: its file can be let go.
-    pub fn release_passthrough(&mut self, ino: Ino, id: BindingId) -> Option<Binding> {
+    /// The kernel released a passthrough open of `ino` under binding `id` (`writer`: one
+    /// opened for writing). Returns the binding when that was its last open: its file
+    /// can be let go.
+    pub fn release_passthrough(
+        &mut self,
+        ino: Ino,
+        id: BindingId,
+        writer: bool,
+    ) -> Option<Binding> {
         let opens = self.inodes.get_mut(&ino)?;
         let binding = opens.binding.as_mut().filter(|b| b.id == id)?;
         binding.handles -= 1;
+        if writer {
+            binding.writers = binding.writers.saturating_sub(1);
+        }
         if binding.handles > 0 {
             return None;
         }
@@ -283,8 +304,8 @@ mod tests {
         );
         opens.ready(INO, id);
         assert_eq!(opens.decide(INO, false, V1, true), Decision::Reuse(id));
-        assert_eq!(opens.release_passthrough(INO, id), None);
-        let ended = opens.release_passthrough(INO, id).unwrap();
+        assert_eq!(opens.release_passthrough(INO, id, false), None);
+        let ended = opens.release_passthrough(INO, id, false).unwrap();
         assert_eq!(ended.file, Generation(5));
         assert_eq!(opens.decide(INO, false, V1, true), Decision::TryBind);
     }
@@ -308,8 +329,16 @@ mod tests {
         opens.release_normal(INO);
         opens.release_normal(INO);
         let id = opens.bind(INO, fid(), Generation(5), V1).unwrap();
-        assert_eq!(opens.decide(INO, true, V1, true), Decision::Drain);
-        assert_eq!(opens.release_passthrough(INO, id).map(|b| b.id), Some(id));
+        opens.ready(INO, id);
+        // A write open of a bound inode joins the binding, counted as its writer.
+        assert_eq!(opens.decide(INO, true, V1, true), Decision::JoinWriter(id));
+        assert_eq!(opens.written(INO).map(|b| b.id), Some(id));
+        assert_eq!(opens.release_passthrough(INO, id, true), None);
+        assert_eq!(opens.written(INO), None, "its writer was released");
+        assert_eq!(
+            opens.release_passthrough(INO, id, false).map(|b| b.id),
+            Some(id)
+        );
         assert_eq!(opens.decide(INO, true, V1, true), Decision::Normal);
     }
 

@@ -103,8 +103,7 @@ fn new_open_after_a_break(a: &Path, b: &Path) {
     }
 }
 
-/// B's own writes: a write open waits out B's passthrough readers, and every later open
-/// reads what B wrote.
+/// B's own writes: every later open reads what B wrote.
 fn own_writes_after_passthrough_reads(a: &Path, b: &Path) {
     let v1 = content(9, FILE_BYTES);
     std::fs::write(a.join("own.bin"), &v1).unwrap();
@@ -116,6 +115,54 @@ fn own_writes_after_passthrough_reads(a: &Path, b: &Path) {
         std::fs::read(a.join("own.bin")).unwrap() == v2,
         "A sees B's close"
     );
+}
+
+/// B opens for writing a file its own processes are reading (through passthrough, where
+/// on): the open succeeds at once, the readers see the writes as they land, `stat` shows
+/// the length they make, and A sees them once the writer syncs or closes; a truncating
+/// rewrite beside a reader does the same.
+fn a_writer_beside_readers(a: &Path, b: &Path) {
+    let v1 = content(11, FILE_BYTES);
+    std::fs::write(a.join("shared.bin"), &v1).unwrap();
+    read_twice(&b.join("shared.bin"), &v1);
+    let reader = File::open(b.join("shared.bin")).unwrap();
+    assert!(read_at(&reader, 0, 4096) == v1[..4096]);
+
+    let writer = std::fs::OpenOptions::new()
+        .write(true)
+        .open(b.join("shared.bin"))
+        .expect("a write open beside a reader of this workstation succeeds");
+    let (patch, tail) = (content(12, 8192), content(13, 5000));
+    writer.write_all_at(&patch, 1 << 20).unwrap();
+    writer.write_all_at(&tail, FILE_BYTES as u64).unwrap();
+    let mut v2 = v1.clone();
+    v2[1 << 20..(1 << 20) + patch.len()].copy_from_slice(&patch);
+    v2.extend_from_slice(&tail);
+    assert!(
+        read_at(&reader, 0, v2.len()) == v2,
+        "the reader sees the writes of this workstation as they land"
+    );
+    assert_eq!(
+        std::fs::metadata(b.join("shared.bin")).unwrap().len(),
+        v2.len() as u64,
+        "stat shows the length the writes made"
+    );
+    writer.sync_all().unwrap();
+    assert!(
+        std::fs::read(a.join("shared.bin")).unwrap() == v2,
+        "A sees what B wrote once B synced it"
+    );
+    drop(writer);
+    assert!(std::fs::read(b.join("shared.bin")).unwrap() == v2);
+
+    let v3 = content(14, FILE_BYTES / 3);
+    std::fs::write(b.join("shared.bin"), &v3).unwrap();
+    assert!(
+        read_at(&reader, 0, v3.len()) == v3,
+        "the reader sees the rewrite"
+    );
+    assert!(std::fs::read(a.join("shared.bin")).unwrap() == v3);
+    assert!(std::fs::read(b.join("shared.bin")).unwrap() == v3);
 }
 
 /// How many passthrough opens the mount at `mount` made, as `holdfast fs counters`
@@ -137,6 +184,7 @@ fn run_all(mode: &str) -> u64 {
     break_during_an_open_read(&a, &b);
     new_open_after_a_break(&a, &b);
     own_writes_after_passthrough_reads(&a, &b);
+    a_writer_beside_readers(&a, &b);
     passthrough_opens(&cell, &b)
 }
 
@@ -188,6 +236,7 @@ fn a_mount_without_the_capability_falls_back_and_never_serves_stale_bytes() {
     break_during_an_open_read(&a, &b);
     new_open_after_a_break(&a, &b);
     own_writes_after_passthrough_reads(&a, &b);
+    a_writer_beside_readers(&a, &b);
 
     let mountpoint = Path::new("/").join(b.strip_prefix(format!("/proc/{pid}/root")).unwrap());
     assert_eq!(
