@@ -24,6 +24,13 @@ use super::volume::Volume;
 /// effect is a needless break.
 pub type Ahead = Box<dyn FnOnce(Fid) + Send>;
 
+/// Has `ahead`, if any, run for `fid` just before `tx`'s batch record is queued.
+fn queue_ahead(tx: &mut Tx<'_>, ahead: Option<Ahead>, fid: Fid) {
+    if let Some(ahead) = ahead {
+        tx.log_ahead(move || ahead(fid));
+    }
+}
+
 /// Longest symlink target, as `PATH_MAX`.
 pub const SYMLINK_TARGET_BYTES_MAX: usize = 4096;
 /// Most links one file may have.
@@ -163,10 +170,7 @@ impl Volume {
                     return Err(ErrorCode::IsDirectory.into());
                 }
                 let status = record.status(id, VnodeId(vnode));
-                if let Some(ahead) = ahead {
-                    let fid = status.fid;
-                    tx.log_ahead(move || ahead(fid));
-                }
+                queue_ahead(tx, ahead, status.fid);
                 return Ok(Created {
                     status,
                     dir: dir_record.status(id, dir.vnode),
@@ -175,10 +179,7 @@ impl Volume {
             }
             let record = VnodeRecord::new(FileKind::File, mode, uid, gid, dir.vnode);
             let (status, dir) = add_entry(tx, dir, &name, record)?;
-            if let Some(ahead) = ahead {
-                let fid = status.fid;
-                tx.log_ahead(move || ahead(fid));
-            }
+            queue_ahead(tx, ahead, status.fid);
             Ok(Created {
                 status,
                 dir,
@@ -242,10 +243,7 @@ impl Volume {
             record.size = size;
             let (status, dir_status) = add_entry(tx, dir, &name, record)?;
             tx.put_file_data(status.fid.vnode, data);
-            if let Some(ahead) = ahead {
-                let fid = status.fid;
-                tx.log_ahead(move || ahead(fid));
-            }
+            queue_ahead(tx, ahead, status.fid);
             Ok((status, dir_status))
         })
     }
