@@ -106,6 +106,15 @@ async fn store_writes(m: &Manager, ino: Ino, fh: FileHandle) -> FsResult<()> {
     m.flush(ino).await
 }
 
+/// `store_writes`, saying so when it fails: many programs ignore what `close` returns.
+async fn store_writes_logged(m: &Manager, ino: Ino, fh: FileHandle) -> FsResult<()> {
+    let stored = store_writes(m, ino, fh).await;
+    if let Err(e) = stored {
+        warn!(ino = ino.0, error = %e, "a close or fsync could not store the file's writes");
+    }
+    stored
+}
+
 /// Whether this process may register backing files (`FUSE_DEV_IOC_BACKING_OPEN` needs
 /// CAP_SYS_ADMIN in its effective set).
 fn has_cap_sys_admin() -> bool {
@@ -802,7 +811,7 @@ impl Filesystem for HoldfastFs {
         // A close drops the POSIX locks of the closing owner; the kernel does not track
         // them when the filesystem does, so it is up to us.
         self.spawn("flush", req, 0, move |m| async move {
-            let stored = store_writes(&m, ino(i), fh).await;
+            let stored = store_writes_logged(&m, ino(i), fh).await;
             let released = m.release_owner(ino(i), LockOwnerId(lock_owner.0)).await;
             reply_empty(reply, stored.and(released));
         });
@@ -846,7 +855,7 @@ impl Filesystem for HoldfastFs {
 
     fn fsync(&self, req: &Request, i: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
         self.spawn("fsync", req, 0, move |m| async move {
-            reply_empty(reply, store_writes(&m, ino(i), fh).await);
+            reply_empty(reply, store_writes_logged(&m, ino(i), fh).await);
         });
     }
 

@@ -53,8 +53,52 @@ pub struct Binding {
     /// Of `handles`, those opened for writing: the kernel writes their bytes straight
     /// into the file, and the mount stores the file at their close.
     writers: u32,
+    /// The file as it was when its bytes were last known to be stored (or when its
+    /// first writer joined): a close of a writer that wrote nothing stores nothing.
+    pub stored: Option<HeldStamp>,
     /// The kernel's backing id is registered: later opens can reuse it.
     ready: bool,
+}
+
+/// How far a change time is trusted to move on the next change of a file: a coarse
+/// clock ticks every few milliseconds, so a change within the tick of the last one keeps
+/// its time; one after this much since shows a later time.
+const CHANGE_TIME_GRAIN_NS: i128 = 50_000_000;
+
+/// A bound file's change and modification times and length, and when they were read:
+/// the kernel tells the mount nothing of what passthrough opens write, but the file's
+/// times move with every write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeldStamp {
+    changed_ns: i128,
+    modified_ns: i128,
+    length: u64,
+    read_ns: i128,
+}
+
+impl HeldStamp {
+    /// `meta` of a bound file, read now.
+    pub fn read(meta: &std::fs::Metadata) -> HeldStamp {
+        use std::os::unix::fs::MetadataExt;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as i128);
+        HeldStamp {
+            changed_ns: i128::from(meta.ctime()) * 1_000_000_000 + i128::from(meta.ctime_nsec()),
+            modified_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+            length: meta.len(),
+            read_ns: now,
+        }
+    }
+
+    /// Whether the file surely did not change between `self` and `later`: the same times
+    /// and length, and `self` read long enough after the file's last change that any
+    /// change since would have shown a later time, however coarse the clock.
+    pub fn unchanged_at(&self, later: &HeldStamp) -> bool {
+        (self.changed_ns, self.modified_ns, self.length)
+            == (later.changed_ns, later.modified_ns, later.length)
+            && self.read_ns - self.changed_ns > CHANGE_TIME_GRAIN_NS
+    }
 }
 
 #[derive(Debug, Default)]
@@ -162,6 +206,7 @@ impl KernelOpens {
             shows: version,
             handles: 1,
             writers: 0,
+            stored: None,
             ready: false,
         });
         Some(id)
@@ -193,6 +238,18 @@ impl KernelOpens {
     /// The binding of `ino`, if any.
     pub fn binding(&self, ino: Ino) -> Option<Binding> {
         self.inodes.get(&ino).and_then(|o| o.binding)
+    }
+
+    /// Notes that binding `id`'s file, as `stamp` read it, is stored (or known to be).
+    pub fn set_stored(&mut self, ino: Ino, id: BindingId, stamp: HeldStamp) {
+        if let Some(binding) = self
+            .inodes
+            .get_mut(&ino)
+            .and_then(|o| o.binding.as_mut())
+            .filter(|b| b.id == id)
+        {
+            binding.stored = Some(stamp);
+        }
     }
 
     /// The binding of `ino` while an open of it writes through the kernel into its file.
@@ -340,6 +397,25 @@ mod tests {
             Some(id)
         );
         assert_eq!(opens.decide(INO, true, V1, true), Decision::Normal);
+    }
+
+    #[test]
+    fn a_bound_file_counts_as_unchanged_only_when_its_times_could_not_hide_a_change() {
+        let stamp = |changed_ns, length, read_ns| HeldStamp {
+            changed_ns,
+            modified_ns: changed_ns,
+            length,
+            read_ns,
+        };
+        let second = 1_000_000_000;
+        let old = stamp(5 * second, 10, 9 * second);
+        assert!(old.unchanged_at(&stamp(5 * second, 10, 20 * second)));
+        assert!(!old.unchanged_at(&stamp(5 * second + 1, 10, 20 * second)));
+        assert!(!old.unchanged_at(&stamp(5 * second, 11, 20 * second)));
+        // Read within the clock's grain of the last change: a write just after it may
+        // have kept the same time.
+        let fresh = stamp(5 * second, 10, 5 * second + 1_000_000);
+        assert!(!fresh.unchanged_at(&stamp(5 * second, 10, 20 * second)));
     }
 
     #[test]

@@ -121,12 +121,31 @@ fn own_writes_after_passthrough_reads(a: &Path, b: &Path) {
 /// on): the open succeeds at once, the readers see the writes as they land, `stat` shows
 /// the length they make, and A sees them once the writer syncs or closes; a truncating
 /// rewrite beside a reader does the same.
-fn a_writer_beside_readers(a: &Path, b: &Path) {
+fn a_writer_beside_readers(a: &Path, b: &Path, examine: Option<&TestCell>) {
     let v1 = content(11, FILE_BYTES);
     std::fs::write(a.join("shared.bin"), &v1).unwrap();
     read_twice(&b.join("shared.bin"), &v1);
     let reader = File::open(b.join("shared.bin")).unwrap();
     assert!(read_at(&reader, 0, 4096) == v1[..4096]);
+
+    // An open for reading and writing that only reads stores nothing: the file keeps
+    // its version, and other workstations their caches. (A file is known unchanged only
+    // once its last change, here its caching, is older than a tick of the clock its
+    // times come from: the mount allows 50 ms.)
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let before = examine.map(|cell| data_version(cell, &b.join("shared.bin")));
+    let both = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(b.join("shared.bin"))
+        .unwrap();
+    assert!(read_at(&both, 0, 4096) == v1[..4096]);
+    drop(both);
+    let after = examine.map(|cell| data_version(cell, &b.join("shared.bin")));
+    assert_eq!(
+        after, before,
+        "a close that wrote nothing made a new version"
+    );
 
     let writer = std::fs::OpenOptions::new()
         .write(true)
@@ -165,6 +184,19 @@ fn a_writer_beside_readers(a: &Path, b: &Path) {
     assert!(std::fs::read(b.join("shared.bin")).unwrap() == v3);
 }
 
+/// The data version `holdfast fs examine` shows for `path`.
+fn data_version(cell: &TestCell, path: &Path) -> u64 {
+    let output = cell
+        .holdfast(&["fs", "examine", &path.to_string_lossy()])
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "fs examine: {output:?}");
+    text.split_once("data version ")
+        .and_then(|(_, rest)| rest.split(',').next())
+        .and_then(|version| version.parse().ok())
+        .unwrap_or_else(|| panic!("no data version in\n{text}"))
+}
+
 /// How many passthrough opens the mount at `mount` made, as `holdfast fs counters`
 /// shows them.
 fn passthrough_opens(cell: &TestCell, mount: &Path) -> u64 {
@@ -184,7 +216,7 @@ fn run_all(mode: &str) -> u64 {
     break_during_an_open_read(&a, &b);
     new_open_after_a_break(&a, &b);
     own_writes_after_passthrough_reads(&a, &b);
-    a_writer_beside_readers(&a, &b);
+    a_writer_beside_readers(&a, &b, Some(&cell));
     passthrough_opens(&cell, &b)
 }
 
@@ -236,7 +268,8 @@ fn a_mount_without_the_capability_falls_back_and_never_serves_stale_bytes() {
     break_during_an_open_read(&a, &b);
     new_open_after_a_break(&a, &b);
     own_writes_after_passthrough_reads(&a, &b);
-    a_writer_beside_readers(&a, &b);
+    // (`fs examine` cannot reach this mount from outside its namespace.)
+    a_writer_beside_readers(&a, &b, None);
 
     let mountpoint = Path::new("/").join(b.strip_prefix(format!("/proc/{pid}/root")).unwrap());
     assert_eq!(

@@ -21,7 +21,7 @@ use super::fs_error::{chunk_io_error, unexpected};
 use super::{AttrOut, FsError, FsResult, Manager};
 use crate::chunk_index::{CHUNK_BYTES, ChunkKey};
 use crate::inode::Ino;
-use crate::passthrough::{BindingId, Decision};
+use crate::passthrough::{BindingId, Decision, HeldStamp};
 
 /// Evicted fids collected before their callbacks are given up in one request.
 const GIVE_UP_BATCH: usize = 64;
@@ -219,6 +219,7 @@ impl Manager {
                 }
                 Decision::JoinWriter(binding) => {
                     debug!(%fid, "a write open joins the file's passthrough opens");
+                    self.note_held_stamp(ino, binding)?;
                     return Ok(Opened::Passthrough {
                         binding,
                         backing: None,
@@ -601,6 +602,16 @@ impl Manager {
             .chunks
             .open_held(fid, binding.file)
             .map_err(chunk_io_error)?;
+        // Read before the bytes: a write racing the copy shows at the next close.
+        let stamp = HeldStamp::read(&held.metadata().map_err(chunk_io_error)?);
+        if binding
+            .stored
+            .is_some_and(|stored| stored.unchanged_at(&stamp))
+        {
+            // The writers wrote nothing since the file was last stored (an `O_RDWR`
+            // open that only read): no store, no new version for other clients.
+            return Ok(());
+        }
         let length = held.metadata().map_err(chunk_io_error)?.len();
         let mut piece = vec![0; CHUNK_BYTES as usize];
         let mut offset = 0;
@@ -613,12 +624,32 @@ impl Manager {
         }
         self.write_back_durably(fid).await?;
         let after = self.valid_status(fid).await?.data_version;
+        let mut opens = self.passthrough.opens.lock();
         if binding.shows == before {
-            self.passthrough
-                .opens
-                .lock()
-                .rebound(ino, binding.id, after);
+            opens.rebound(ino, binding.id, after);
         }
+        opens.set_stored(ino, binding.id, stamp);
+        Ok(())
+    }
+
+    /// Notes how `ino`'s bound file looks as its first writer joins (what it holds is
+    /// stored: the version it shows, current under the callback).
+    fn note_held_stamp(&self, ino: Ino, id: BindingId) -> FsResult<()> {
+        let Some(binding) = self.passthrough.opens.lock().binding(ino) else {
+            return Ok(());
+        };
+        if binding.id != id || binding.stored.is_some() {
+            return Ok(());
+        }
+        let meta = self
+            .chunks
+            .open_held(binding.fid, binding.file)
+            .and_then(|held| held.metadata())
+            .map_err(chunk_io_error)?;
+        self.passthrough
+            .opens
+            .lock()
+            .set_stored(ino, id, HeldStamp::read(&meta));
         Ok(())
     }
 
