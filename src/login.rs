@@ -27,14 +27,22 @@ pub async fn login(
     // host's certificate (an ordinary user may not read it) and keeps the token for the
     // caller's uid.
     let lifetime_secs = lifetime.map(|l| l.as_secs());
+    let mut refused = None;
     for (mount_point, socket) in crate::tokens::mounts() {
         match cachemgr::control::login(&socket, &cell.name, user, password.clone(), lifetime_secs) {
             Ok(token) => return Ok(token),
             Err(cachemgr::CacheError::Refused(message)) if message.starts_with("this mount") => {}
-            Err(cachemgr::CacheError::Refused(message)) => bail!("{message}"),
+            // Asked the next mount all the same: one of another cell that bears the same
+            // name (two test cells on one host) refuses a user only this cell knows.
+            Err(cachemgr::CacheError::Refused(message)) => {
+                refused.get_or_insert(message);
+            }
             Err(e) => tracing::debug!(mount = %mount_point.display(), error = %e,
                 "cannot log in through this mount"),
         }
+    }
+    if let Some(message) = refused {
+        bail!("{message}");
     }
     let transport = proto::Transport::for_cell(cell, proto::PeerClass::Host).context(
         "no mount of the cell on this host to log in through, and this host's certificate \
