@@ -507,12 +507,18 @@ impl Manager {
         let _file = self.file_lock(fid).write().await;
         let status = self.valid_status(fid).await?;
         self.write_locked(fid, &status, offset, data).await?;
-        // Cache filling with unstored writes: store this file's now, so clean chunks can
-        // be evicted and a file larger than the cache streams through it.
+        self.write_back_if_cache_fills(fid).await?;
+        Ok(data.len() as u32)
+    }
+
+    /// Cache filling with unstored writes: stores `fid`'s now, so clean chunks can be
+    /// evicted and a file larger than the cache streams through it. The caller holds the
+    /// file's lock alone.
+    async fn write_back_if_cache_fills(&self, fid: Fid) -> FsResult<()> {
         if self.chunks.dirty_bytes() > self.chunks.bytes_max() / 2 {
             self.write_back(fid).await?;
         }
-        Ok(data.len() as u32)
+        Ok(())
     }
 
     /// Writes `data` at `offset` of `fid` (at `status`) into the cache as this client's
@@ -591,19 +597,22 @@ impl Manager {
     /// write-back does; the file then shows the version stored. Nothing to do while no
     /// such open is live.
     pub async fn store_passthrough_writes(&self, ino: Ino) -> FsResult<()> {
+        let Some(fid) = self.passthrough.opens.lock().written(ino).map(|b| b.fid) else {
+            return Ok(());
+        };
+        let _file = self.file_lock(fid).write().await;
+        // As it is now that no other store of the file runs.
         let Some(binding) = self.passthrough.opens.lock().written(ino) else {
             return Ok(());
         };
-        let fid = binding.fid;
-        let _file = self.file_lock(fid).write().await;
-        let status = self.valid_status(fid).await?;
-        let before = status.data_version;
+        let before = self.valid_status(fid).await?.data_version;
         let held = self
             .chunks
             .open_held(fid, binding.file)
             .map_err(chunk_io_error)?;
         // Read before the bytes: a write racing the copy shows at the next close.
-        let stamp = HeldStamp::read(&held.metadata().map_err(chunk_io_error)?);
+        let meta = held.metadata().map_err(chunk_io_error)?;
+        let stamp = HeldStamp::read(&meta);
         if binding
             .stored
             .is_some_and(|stored| stored.unchanged_at(&stamp))
@@ -612,14 +621,16 @@ impl Manager {
             // open that only read): no store, no new version for other clients.
             return Ok(());
         }
-        let length = held.metadata().map_err(chunk_io_error)?.len();
         let mut piece = vec![0; CHUNK_BYTES as usize];
         let mut offset = 0;
-        while offset < length {
-            let n = (length - offset).min(CHUNK_BYTES) as usize;
+        while offset < meta.len() {
+            let n = (meta.len() - offset).min(CHUNK_BYTES) as usize;
             held.read_exact_at(&mut piece[..n], offset)
                 .map_err(chunk_io_error)?;
+            // Afresh each time: a store on the way (the cache filling) moves the version.
+            let status = self.valid_status(fid).await?;
             self.write_locked(fid, &status, offset, &piece[..n]).await?;
+            self.write_back_if_cache_fills(fid).await?;
             offset += n as u64;
         }
         self.write_back_durably(fid).await?;
