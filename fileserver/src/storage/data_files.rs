@@ -16,7 +16,6 @@ use std::sync::{Arc, OnceLock};
 
 use parking_lot::{Condvar, Mutex};
 use proto::VnodeId;
-
 use tracing::debug;
 
 use super::{StorageError, io_error};
