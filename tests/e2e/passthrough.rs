@@ -184,13 +184,18 @@ fn a_writer_beside_readers(a: &Path, b: &Path, examine: Option<&TestCell>) {
     assert!(std::fs::read(b.join("shared.bin")).unwrap() == v3);
 }
 
+/// What `holdfast fs COMMAND PATH` prints; it must succeed.
+fn fs_output(cell: &TestCell, command: &str, path: &Path) -> String {
+    let output = cell
+        .holdfast(&["fs", command, &path.to_string_lossy()])
+        .unwrap();
+    assert!(output.status.success(), "fs {command}: {output:?}");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
 /// The data version `holdfast fs examine` shows for `path`.
 fn data_version(cell: &TestCell, path: &Path) -> u64 {
-    let output = cell
-        .holdfast(&["fs", "examine", &path.to_string_lossy()])
-        .unwrap();
-    let text = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "fs examine: {output:?}");
+    let text = fs_output(cell, "examine", path);
     text.split_once("data version ")
         .and_then(|(_, rest)| rest.split(',').next())
         .and_then(|version| version.parse().ok())
@@ -200,11 +205,7 @@ fn data_version(cell: &TestCell, path: &Path) -> u64 {
 /// How many passthrough opens the mount at `mount` made, as `holdfast fs counters`
 /// shows them.
 fn passthrough_opens(cell: &TestCell, mount: &Path) -> u64 {
-    let output = cell
-        .holdfast(&["fs", "counters", &mount.to_string_lossy()])
-        .unwrap();
-    let text = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "fs counters: {output:?}");
+    let text = fs_output(cell, "counters", mount);
     text.lines()
         .find_map(|line| line.strip_prefix("passthrough_opens"))
         .and_then(|count| count.trim().parse().ok())
