@@ -46,6 +46,8 @@ pub struct Layout {
     pub logs: PathBuf,
     /// The cell's credentials: its CA, a server and a host certificate, the token key.
     pub credentials: PathBuf,
+    /// Ports this run chose, held bound until their server starts (`reserve_port`).
+    reserved: std::sync::Mutex<HashMap<String, socket2::Socket>>,
 }
 
 impl Layout {
@@ -62,6 +64,7 @@ impl Layout {
             logs: dir.join("logs"),
             credentials: dir.join(proto::cell::CREDENTIALS_DIR_DEFAULT),
             dir,
+            reserved: std::sync::Mutex::new(HashMap::new()),
         };
         for sub in [&layout.vldb, &layout.partition, &layout.run, &layout.logs] {
             std::fs::create_dir_all(sub).with_context(|| format!("create {}", sub.display()))?;
@@ -124,7 +127,7 @@ impl Layout {
             return Ok(kept);
         }
         let chosen: Vec<(u64, String)> = (1..=VLDB_REPLICAS)
-            .map(|id| Ok((id, reserve_port()?)))
+            .map(|id| Ok((id, self.reserve_port()?)))
             .collect::<Result<_>>()?;
         let lines: Vec<String> = chosen
             .iter()
@@ -147,11 +150,49 @@ impl Layout {
             return Ok(addresses);
         }
         while addresses.len() < MEMBERS.len() {
-            addresses.push(reserve_port()?);
+            addresses.push(self.reserve_port()?);
         }
         std::fs::write(&file, addresses.join("\n"))
             .with_context(|| format!("write {}", file.display()))?;
         Ok(addresses)
+    }
+
+    /// An address on 127.0.0.1 free now, for a server started later in this run: a
+    /// replica must know its peers' addresses before they listen, and every address is
+    /// kept. The port stays bound here (not listening: a peer dialling it early is
+    /// refused, as by a server not yet up) until `release_port` just before its server
+    /// starts; let go at once, it could meanwhile become the local port of any outgoing
+    /// connection (this run's own to the VLDB among them), and the server could not
+    /// listen.
+    fn reserve_port(&self) -> Result<String> {
+        let reserve = || -> std::io::Result<(socket2::Socket, std::net::SocketAddr)> {
+            let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+            let any = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+            socket.bind(&any.into())?;
+            let bound = socket.local_addr()?.as_socket().unwrap_or(any);
+            Ok((socket, bound))
+        };
+        let (socket, bound) = reserve().context("find a free port for the cell")?;
+        let address = bound.to_string();
+        self.reserved_ports().insert(address.clone(), socket);
+        Ok(address)
+    }
+
+    /// Whether this run holds `address` for a server of its own.
+    fn holds_port(&self, address: &str) -> bool {
+        self.reserved_ports().contains_key(address)
+    }
+
+    /// Lets `address` go for the server about to listen there, if this run held it.
+    fn release_port(&self, address: &str) {
+        self.reserved_ports().remove(address);
+    }
+
+    fn reserved_ports(&self) -> std::sync::MutexGuard<'_, HashMap<String, socket2::Socket>> {
+        // Only inserts and removes run under it: a panic there leaves the map whole.
+        self.reserved
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Replica `id`'s data directory. Replica 1's is `vldb/`, where a single VLDB kept
@@ -232,11 +273,15 @@ impl LocalCell {
         // Every kept port before anything starts: a taken one is a person's to free.
         for (id, address) in &cell.replicas {
             let what = format!("VLDB replica {id}");
-            check_port_free(address, &what, &cell.layout.replicas_file())?;
+            if !cell.layout.holds_port(address) {
+                check_port_free(address, &what, &cell.layout.replicas_file())?;
+            }
         }
         for (name, address) in MEMBERS.iter().zip(&member_addresses) {
             let what = format!("pair member {name}");
-            check_port_free(address, &what, &cell.layout.members_file())?;
+            if !cell.layout.holds_port(address) {
+                check_port_free(address, &what, &cell.layout.members_file())?;
+            }
         }
         // Every replica needs the cell's key (a directory made before keys had none).
         proto::tls::authority::ensure_token_key(&cell.layout.credentials)
@@ -494,6 +539,13 @@ impl LocalCell {
         let mut args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
         args.push("--ready-file".into());
         args.push(path_arg(&ready));
+        if let Some(listen) = args
+            .iter()
+            .position(|a| a == "--listen")
+            .and_then(|i| args.get(i + 1))
+        {
+            self.layout.release_port(listen);
+        }
         self.children
             .push(Supervised::spawn_self(name, &args, &log)?);
         let child = self.children.last_mut().context("child just started")?;
@@ -575,14 +627,6 @@ impl Drop for LocalCell {
             }
         }
     }
-}
-
-/// An address on 127.0.0.1 free right now, chosen before its server starts: a replica
-/// must know its peers' addresses before they listen, and every address is kept.
-fn reserve_port() -> Result<String> {
-    let listener =
-        std::net::TcpListener::bind("127.0.0.1:0").context("find a free port for the cell")?;
-    Ok(listener.local_addr()?.to_string())
 }
 
 /// Fails with one line naming the port when `address`, kept in `kept_in` for `what`, is
