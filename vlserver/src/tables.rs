@@ -84,22 +84,46 @@ pub(crate) const RAFT_SNAPSHOT_INDEX: &str = "snapshot_index";
 /// The cell this replica's data belongs to.
 pub(crate) const RAFT_CELL: &str = "cell";
 
+thread_local! {
+    /// Panics on this thread are caught and reported by the caller (`quiet_panics`).
+    static QUIET_PANICS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with the messages of panics on this thread kept quiet. The process's panic
+/// hook is wrapped once, for good, rather than swapped for the call: a swap is global,
+/// and would silence, or outlive, every other thread's panics meanwhile.
+fn quiet_panics<T>(f: impl FnOnce() -> T) -> T {
+    static WRAPPED: std::sync::Once = std::sync::Once::new();
+    WRAPPED.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !QUIET_PANICS.get() {
+                previous(info);
+            }
+        }));
+    });
+    QUIET_PANICS.set(true);
+    let result = f();
+    QUIET_PANICS.set(false);
+    result
+}
+
 /// Opens (creating if missing) the redb file at `path` and checks every page's checksum,
 /// so a file damaged at rest is refused here, naming it, rather than met half-way through
 /// a transaction. redb repairs what a crash left torn (its last commit stands); a file it
 /// cannot repair, or that makes it panic, is `Corrupt`.
 pub(crate) fn open_checked(path: &Path) -> Result<Database, VldbError> {
     // redb may panic on pages it cannot make sense of; that is reported below as a
-    // corrupt file, so the panic's own message is kept quiet meanwhile (this runs once,
-    // at start, before the replica serves).
-    let hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|_| {}));
-    let opened = std::panic::catch_unwind(|| {
-        let mut db = Database::create(path)?;
-        let intact = db.check_integrity()?;
-        Ok::<_, redb::DatabaseError>((db, intact))
+    // corrupt file, so the panic's own message is kept quiet meanwhile, on this thread
+    // only: a panic anywhere else (another replica of a test process, a failing test)
+    // still says why.
+    let opened = quiet_panics(|| {
+        std::panic::catch_unwind(|| {
+            let mut db = Database::create(path)?;
+            let intact = db.check_integrity()?;
+            Ok::<_, redb::DatabaseError>((db, intact))
+        })
     });
-    std::panic::set_hook(hook);
     let corrupt = |reason: String| VldbError::CorruptFile {
         path: path.to_owned(),
         reason,
