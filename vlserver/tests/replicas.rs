@@ -202,6 +202,20 @@ async fn stop(replica: Replica) {
     replica.task.await.unwrap().unwrap();
 }
 
+/// Opens the redb file at `path` of a stopped replica once its last task has let it go:
+/// some end a moment after `run` returns (seen: `DatabaseAlreadyOpen`).
+async fn open_released(path: &Path) -> Database {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match Database::open(path) {
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            opened => return opened.unwrap(),
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_behind_the_purged_log_catches_up_from_a_snapshot() {
     let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
@@ -254,7 +268,7 @@ async fn a_replica_behind_the_purged_log_catches_up_from_a_snapshot() {
     // The leader's log was purged behind a snapshot, and replica 3 installed one.
     const ENTRIES: TableDefinition<u64, &[u8]> = TableDefinition::new("entries");
     const RAFT: TableDefinition<&str, &[u8]> = TableDefinition::new("raft");
-    let log = Database::open(dirs[0].path().join(vlserver::LOG_FILE)).unwrap();
+    let log = open_released(&dirs[0].path().join(vlserver::LOG_FILE)).await;
     let txn = log.begin_read().unwrap();
     let first = txn
         .open_table(ENTRIES)
@@ -265,7 +279,7 @@ async fn a_replica_behind_the_purged_log_catches_up_from_a_snapshot() {
         .0
         .value();
     assert!(first > SNAPSHOT_EVERY, "replica 1's log starts at {first}");
-    let tables = Database::open(dirs[2].path().join(DATABASE_FILE)).unwrap();
+    let tables = open_released(&dirs[2].path().join(DATABASE_FILE)).await;
     let txn = tables.begin_read().unwrap();
     assert!(
         txn.open_table(RAFT)
