@@ -511,12 +511,6 @@ impl ChunkStore {
         }
     }
 
-    /// Opens the held version file `file` of `fid` to read it: what the kernel wrote
-    /// into it through passthrough opens for writing.
-    pub fn open_held(&self, fid: Fid, file: Generation) -> io::Result<File> {
-        File::open(self.shared.version_path(fid, file))
-    }
-
     /// A passthrough open of `file` ended.
     pub fn unhold(&self, file: Generation) {
         let evicted = self.shared.index.lock().unhold(file);

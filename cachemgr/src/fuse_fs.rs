@@ -83,36 +83,15 @@ pub struct HoldfastFs {
 type Backings = HashMap<Ino, (BindingId, Arc<BackingId>)>;
 
 /// The handle of an open through the mount. A passthrough open's handle carries its
-/// binding and whether it writes (odd handles; bit 1 for a writer), so that its close
-/// can store what it wrote and its release end that binding.
+/// binding (odd handles), so its release can end that binding.
 const NORMAL_HANDLE: FileHandle = FileHandle(0);
 
-fn passthrough_handle(binding: BindingId, writer: bool) -> FileHandle {
-    FileHandle((binding.0 << 2) | (u64::from(writer) << 1) | 1)
+fn passthrough_handle(binding: BindingId) -> FileHandle {
+    FileHandle((binding.0 << 1) | 1)
 }
 
-/// A passthrough open's binding, and whether it writes.
-fn handle_binding(fh: FileHandle) -> Option<(BindingId, bool)> {
-    (fh.0 & 1 == 1).then_some((BindingId(fh.0 >> 2), fh.0 & 2 != 0))
-}
-
-/// What a close or an `fsync` through handle `fh` stores durably: what the kernel wrote
-/// into the version file itself (a passthrough open for writing), then every write of
-/// `ino` the mount holds.
-async fn store_writes(m: &Manager, ino: Ino, fh: FileHandle) -> FsResult<()> {
-    if handle_binding(fh).is_some_and(|(_, writer)| writer) {
-        m.store_passthrough_writes(ino).await?;
-    }
-    m.flush(ino).await
-}
-
-/// `store_writes`, saying so when it fails: many programs ignore what `close` returns.
-async fn store_writes_logged(m: &Manager, ino: Ino, fh: FileHandle) -> FsResult<()> {
-    let stored = store_writes(m, ino, fh).await;
-    if let Err(e) = stored {
-        warn!(ino = ino.0, error = %e, "a close or fsync could not store the file's writes");
-    }
-    stored
+fn handle_binding(fh: FileHandle) -> Option<BindingId> {
+    (fh.0 & 1 == 1).then_some(BindingId(fh.0 >> 1))
 }
 
 /// Whether this process may register backing files (`FUSE_DEV_IOC_BACKING_OPEN` needs
@@ -711,11 +690,7 @@ impl Filesystem for HoldfastFs {
                 Opened::Normal { keep_cache: false } => {
                     reply.opened(NORMAL_HANDLE, FopenFlags::empty())
                 }
-                Opened::Passthrough {
-                    binding,
-                    backing,
-                    writer,
-                } => {
+                Opened::Passthrough { binding, backing } => {
                     let id = match backing {
                         // The binding's first open: the kernel takes the file now.
                         Some(file) => match reply.open_backing(&file) {
@@ -739,7 +714,7 @@ impl Filesystem for HoldfastFs {
                     };
                     match id {
                         Some(id) => reply.opened_passthrough(
-                            passthrough_handle(binding, writer),
+                            passthrough_handle(binding),
                             FopenFlags::empty(),
                             &id,
                         ),
@@ -804,14 +779,14 @@ impl Filesystem for HoldfastFs {
         &self,
         req: &Request,
         i: INodeNo,
-        fh: FileHandle,
+        _fh: FileHandle,
         lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
         // A close drops the POSIX locks of the closing owner; the kernel does not track
         // them when the filesystem does, so it is up to us.
         self.spawn("flush", req, 0, move |m| async move {
-            let stored = store_writes_logged(&m, ino(i), fh).await;
+            let stored = m.flush(ino(i)).await;
             let released = m.release_owner(ino(i), LockOwnerId(lock_owner.0)).await;
             reply_empty(reply, stored.and(released));
         });
@@ -830,8 +805,8 @@ impl Filesystem for HoldfastFs {
         // Counted at once: the kernel closed it, whatever its write-back does.
         self.manager.released(ino(i));
         match handle_binding(fh) {
-            Some((binding, writer)) => {
-                if self.manager.released_passthrough(ino(i), binding, writer) {
+            Some(binding) => {
+                if self.manager.released_passthrough(ino(i), binding) {
                     let mut backings = self.backings.lock();
                     if backings.get(&ino(i)).is_some_and(|(b, _)| *b == binding) {
                         // Closes the kernel's backing id; the kernel dropped its own
@@ -853,9 +828,16 @@ impl Filesystem for HoldfastFs {
         });
     }
 
-    fn fsync(&self, req: &Request, i: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+    fn fsync(
+        &self,
+        req: &Request,
+        i: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         self.spawn("fsync", req, 0, move |m| async move {
-            reply_empty(reply, store_writes_logged(&m, ino(i), fh).await);
+            reply_empty(reply, m.flush(ino(i)).await);
         });
     }
 

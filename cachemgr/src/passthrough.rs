@@ -50,55 +50,8 @@ pub struct Binding {
     /// The data version the file shows now.
     pub shows: DataVersion,
     handles: u32,
-    /// Of `handles`, those opened for writing: the kernel writes their bytes straight
-    /// into the file, and the mount stores the file at their close.
-    writers: u32,
-    /// The file as it was when its bytes were last known to be stored (or when its
-    /// first writer joined): a close of a writer that wrote nothing stores nothing.
-    pub stored: Option<HeldStamp>,
     /// The kernel's backing id is registered: later opens can reuse it.
     ready: bool,
-}
-
-/// How far a change time is trusted to move on the next change of a file: a coarse
-/// clock ticks every few milliseconds, so a change within the tick of the last one keeps
-/// its time; one after this much since shows a later time.
-const CHANGE_TIME_GRAIN_NS: i128 = 50_000_000;
-
-/// A bound file's change and modification times and length, and when they were read:
-/// the kernel tells the mount nothing of what passthrough opens write, but the file's
-/// times move with every write.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct HeldStamp {
-    changed_ns: i128,
-    modified_ns: i128,
-    length: u64,
-    read_ns: i128,
-}
-
-impl HeldStamp {
-    /// `meta` of a bound file, read now.
-    pub fn read(meta: &std::fs::Metadata) -> HeldStamp {
-        use std::os::unix::fs::MetadataExt;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as i128);
-        HeldStamp {
-            changed_ns: i128::from(meta.ctime()) * 1_000_000_000 + i128::from(meta.ctime_nsec()),
-            modified_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
-            length: meta.len(),
-            read_ns: now,
-        }
-    }
-
-    /// Whether the file surely did not change between `self` and `later`: the same times
-    /// and length, and `self` read long enough after the file's last change that any
-    /// change since would have shown a later time, however coarse the clock.
-    pub fn unchanged_at(&self, later: &HeldStamp) -> bool {
-        (self.changed_ns, self.modified_ns, self.length)
-            == (later.changed_ns, later.modified_ns, later.length)
-            && self.read_ns - self.changed_ns > CHANGE_TIME_GRAIN_NS
-    }
 }
 
 #[derive(Debug, Default)]
@@ -123,11 +76,9 @@ pub enum Decision {
     /// other: the caller brings that file to the version wanted (`rebound`), then asks
     /// again.
     Rebind(Binding),
-    /// A write open while passthrough opens are live: the kernel gives an inode with a
-    /// backing file no other kind of open (not even a direct-I/O one), so it becomes a
-    /// passthrough open of the binding too (counted already), its writes going into the
-    /// version file, which the mount stores at its close (`Manager::store_passthrough_writes`).
-    JoinWriter(BindingId),
+    /// A write open while passthrough opens are live: the caller waits for their release
+    /// and asks again.
+    Drain,
     /// A read open that could be a passthrough open but for normal opens this table still
     /// counts (a close's `release` may be just behind this open): the caller may wait a
     /// moment for them and ask again, or count it (`normal`) and go through the mount.
@@ -156,6 +107,9 @@ impl KernelOpens {
     ) -> Decision {
         let opens = self.inodes.entry(ino).or_default();
         if let Some(binding) = &mut opens.binding {
+            if write {
+                return Decision::Drain;
+            }
             if !binding.ready {
                 return Decision::Wait;
             }
@@ -163,10 +117,6 @@ impl KernelOpens {
                 return Decision::Rebind(*binding);
             }
             binding.handles += 1;
-            if write {
-                binding.writers += 1;
-                return Decision::JoinWriter(binding.id);
-            }
             return Decision::Reuse(binding.id);
         }
         if write || !enabled {
@@ -205,8 +155,6 @@ impl KernelOpens {
             file,
             shows: version,
             handles: 1,
-            writers: 0,
-            stored: None,
             ready: false,
         });
         Some(id)
@@ -240,28 +188,11 @@ impl KernelOpens {
         self.inodes.get(&ino).and_then(|o| o.binding)
     }
 
-    /// Notes that binding `id`'s file, as `stamp` read it, is stored (or known to be).
-    pub fn set_stored(&mut self, ino: Ino, id: BindingId, stamp: HeldStamp) {
-        if let Some(binding) = self
-            .inodes
-            .get_mut(&ino)
-            .and_then(|o| o.binding.as_mut())
-            .filter(|b| b.id == id)
-        {
-            binding.stored = Some(stamp);
-        }
-    }
-
-    /// The binding of `ino` while an open of it writes through the kernel into its file.
-    pub fn written(&self, ino: Ino) -> Option<Binding> {
-        self.binding(ino).filter(|b| b.writers > 0)
-    }
-
     /// A passthrough open the kernel was to get could not be made (its backing file was
     /// refused): it becomes a normal open. Returns the binding it ended, if it was the
     /// binding's only open.
     pub fn unbind_failed(&mut self, ino: Ino, id: BindingId) -> Option<Binding> {
-        let ended = self.release_passthrough(ino, id, false);
+        let ended = self.release_passthrough(ino, id);
         self.normal(ino);
         ended
     }
@@ -274,21 +205,12 @@ impl KernelOpens {
         }
     }
 
-    /// The kernel released a passthrough open of `ino` under binding `id` (`writer`: one
-    /// opened for writing). Returns the binding when that was its last open: its file
-    /// can be let go.
-    pub fn release_passthrough(
-        &mut self,
-        ino: Ino,
-        id: BindingId,
-        writer: bool,
-    ) -> Option<Binding> {
+    /// The kernel released a passthrough open of `ino` under binding `id`. Returns the
+    /// binding when that was its last open: its file can be let go.
+    pub fn release_passthrough(&mut self, ino: Ino, id: BindingId) -> Option<Binding> {
         let opens = self.inodes.get_mut(&ino)?;
         let binding = opens.binding.as_mut().filter(|b| b.id == id)?;
         binding.handles -= 1;
-        if writer {
-            binding.writers = binding.writers.saturating_sub(1);
-        }
         if binding.handles > 0 {
             return None;
         }
@@ -361,8 +283,8 @@ mod tests {
         );
         opens.ready(INO, id);
         assert_eq!(opens.decide(INO, false, V1, true), Decision::Reuse(id));
-        assert_eq!(opens.release_passthrough(INO, id, false), None);
-        let ended = opens.release_passthrough(INO, id, false).unwrap();
+        assert_eq!(opens.release_passthrough(INO, id), None);
+        let ended = opens.release_passthrough(INO, id).unwrap();
         assert_eq!(ended.file, Generation(5));
         assert_eq!(opens.decide(INO, false, V1, true), Decision::TryBind);
     }
@@ -386,36 +308,9 @@ mod tests {
         opens.release_normal(INO);
         opens.release_normal(INO);
         let id = opens.bind(INO, fid(), Generation(5), V1).unwrap();
-        opens.ready(INO, id);
-        // A write open of a bound inode joins the binding, counted as its writer.
-        assert_eq!(opens.decide(INO, true, V1, true), Decision::JoinWriter(id));
-        assert_eq!(opens.written(INO).map(|b| b.id), Some(id));
-        assert_eq!(opens.release_passthrough(INO, id, true), None);
-        assert_eq!(opens.written(INO), None, "its writer was released");
-        assert_eq!(
-            opens.release_passthrough(INO, id, false).map(|b| b.id),
-            Some(id)
-        );
+        assert_eq!(opens.decide(INO, true, V1, true), Decision::Drain);
+        assert_eq!(opens.release_passthrough(INO, id).map(|b| b.id), Some(id));
         assert_eq!(opens.decide(INO, true, V1, true), Decision::Normal);
-    }
-
-    #[test]
-    fn a_bound_file_counts_as_unchanged_only_when_its_times_could_not_hide_a_change() {
-        let stamp = |changed_ns, length, read_ns| HeldStamp {
-            changed_ns,
-            modified_ns: changed_ns,
-            length,
-            read_ns,
-        };
-        let second = 1_000_000_000;
-        let old = stamp(5 * second, 10, 9 * second);
-        assert!(old.unchanged_at(&stamp(5 * second, 10, 20 * second)));
-        assert!(!old.unchanged_at(&stamp(5 * second + 1, 10, 20 * second)));
-        assert!(!old.unchanged_at(&stamp(5 * second, 11, 20 * second)));
-        // Read within the clock's grain of the last change: a write just after it may
-        // have kept the same time.
-        let fresh = stamp(5 * second, 10, 5 * second + 1_000_000);
-        assert!(!fresh.unchanged_at(&stamp(5 * second, 10, 20 * second)));
     }
 
     #[test]

@@ -6,7 +6,6 @@
 //! only a version file that holds every byte of the version current at the open.
 
 use std::collections::HashMap;
-use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,14 +20,15 @@ use super::fs_error::{chunk_io_error, unexpected};
 use super::{AttrOut, FsError, FsResult, Manager};
 use crate::chunk_index::{CHUNK_BYTES, ChunkKey};
 use crate::inode::Ino;
-use crate::passthrough::{BindingId, Decision, HeldStamp};
+use crate::passthrough::{BindingId, Decision};
 
 /// Evicted fids collected before their callbacks are given up in one request.
 const GIVE_UP_BATCH: usize = 64;
 
-/// How long an open waits for its binding's first open to register the backing file
-/// (one ioctl) before it fails with `EIO`: a guard, never a normal wait.
-const BACKING_READY_WAIT: Duration = Duration::from_secs(2);
+/// How long an open that writes waits for the passthrough opens of its file to be
+/// released (the kernel gives an inode bound to a backing file no other kind of open)
+/// before it fails with `ETXTBSY`.
+const PASSTHROUGH_DRAIN_WAIT: Duration = Duration::from_secs(2);
 
 /// How long a read open of a wholly cached file waits, once, for the normal opens that
 /// keep it from being a passthrough open: a close's `release` reaches this process
@@ -45,8 +45,6 @@ pub enum Opened {
     Passthrough {
         binding: BindingId,
         backing: Option<std::fs::File>,
-        /// An open for writing (`Decision::JoinWriter`): its close stores the file.
-        writer: bool,
     },
 }
 
@@ -131,7 +129,7 @@ impl Manager {
     /// the mount (see `KernelOpens` for the kernel's rules this keeps).
     pub async fn open_file(&self, ino: Ino, write: bool) -> FsResult<Opened> {
         let fid = self.fid(ino)?;
-        let deadline = tokio::time::Instant::now() + BACKING_READY_WAIT;
+        let deadline = tokio::time::Instant::now() + PASSTHROUGH_DRAIN_WAIT;
         let mut waited_for_release = false;
         loop {
             let status = self.valid_status(fid).await?;
@@ -155,7 +153,6 @@ impl Manager {
                     return Ok(Opened::Passthrough {
                         binding,
                         backing: None,
-                        writer: false,
                     });
                 }
                 Decision::NormalLive => {
@@ -191,7 +188,6 @@ impl Manager {
                             return Ok(Opened::Passthrough {
                                 binding,
                                 backing: Some(backing),
-                                writer: false,
                             });
                         }
                         // Another open was answered meanwhile: decide again.
@@ -217,14 +213,11 @@ impl Manager {
                         .lock()
                         .rebound(ino, binding.id, version);
                 }
-                Decision::JoinWriter(binding) => {
-                    debug!(%fid, "a write open joins the file's passthrough opens");
-                    self.note_held_stamp(ino, binding)?;
-                    return Ok(Opened::Passthrough {
-                        binding,
-                        backing: None,
-                        writer: true,
-                    });
+                Decision::Drain => {
+                    if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                        debug!(%fid, "passthrough opens still live; refusing an open that writes");
+                        return Err(FsError::from_errno(libc::ETXTBSY));
+                    }
                 }
                 Decision::Wait => {
                     // Registering a backing file is one ioctl; the deadline only guards.
@@ -295,12 +288,12 @@ impl Manager {
 
     /// The kernel released a passthrough open of `ino`; `true` when it was its binding's
     /// last, so the caller lets the kernel's backing id go.
-    pub fn released_passthrough(&self, ino: Ino, binding: BindingId, writer: bool) -> bool {
+    pub fn released_passthrough(&self, ino: Ino, binding: BindingId) -> bool {
         let ended = self
             .passthrough
             .opens
             .lock()
-            .release_passthrough(ino, binding, writer);
+            .release_passthrough(ino, binding);
         if let Some(ended) = ended {
             self.chunks.unhold(ended.file);
         }
@@ -506,30 +499,6 @@ impl Manager {
         let fid = self.resolved_fid(ino).await?;
         let _file = self.file_lock(fid).write().await;
         let status = self.valid_status(fid).await?;
-        self.write_locked(fid, &status, offset, data).await?;
-        self.write_back_if_cache_fills(fid).await?;
-        Ok(data.len() as u32)
-    }
-
-    /// Cache filling with unstored writes: stores `fid`'s now, so clean chunks can be
-    /// evicted and a file larger than the cache streams through it. The caller holds the
-    /// file's lock alone.
-    async fn write_back_if_cache_fills(&self, fid: Fid) -> FsResult<()> {
-        if self.chunks.dirty_bytes() > self.chunks.bytes_max() / 2 {
-            self.write_back(fid).await?;
-        }
-        Ok(())
-    }
-
-    /// Writes `data` at `offset` of `fid` (at `status`) into the cache as this client's
-    /// unstored writes; the caller holds the file's lock alone.
-    async fn write_locked(
-        &self,
-        fid: Fid,
-        status: &VnodeStatus,
-        offset: u64,
-        data: &[u8],
-    ) -> FsResult<()> {
         let mut pos = 0usize;
         while pos < data.len() {
             let at = offset + pos as u64;
@@ -587,99 +556,12 @@ impl Manager {
         if let Some(entry) = self.state.lock().statuses.get_mut(fid) {
             entry.note_local_write(offset + data.len() as u64, Timestamp::now());
         }
-        Ok(())
-    }
-
-    /// Stores what the kernel wrote into `ino`'s bound version file through passthrough
-    /// opens for writing (`Decision::JoinWriter`), at the close of one of them. The
-    /// kernel tells the mount nothing of those writes, so all of the file's bytes go into
-    /// the cache as this client's writes and to the server durably, as a close's
-    /// write-back does; the file then shows the version stored. Nothing to do while no
-    /// such open is live.
-    pub async fn store_passthrough_writes(&self, ino: Ino) -> FsResult<()> {
-        let Some(fid) = self.passthrough.opens.lock().written(ino).map(|b| b.fid) else {
-            return Ok(());
-        };
-        let _file = self.file_lock(fid).write().await;
-        // As it is now that no other store of the file runs.
-        let Some(binding) = self.passthrough.opens.lock().written(ino) else {
-            return Ok(());
-        };
-        let before = self.valid_status(fid).await?.data_version;
-        let held = self
-            .chunks
-            .open_held(fid, binding.file)
-            .map_err(chunk_io_error)?;
-        // Read before the bytes: a write racing the copy shows at the next close.
-        let meta = held.metadata().map_err(chunk_io_error)?;
-        let stamp = HeldStamp::read(&meta);
-        if binding
-            .stored
-            .is_some_and(|stored| stored.unchanged_at(&stamp))
-        {
-            // The writers wrote nothing since the file was last stored (an `O_RDWR`
-            // open that only read): no store, no new version for other clients.
-            return Ok(());
+        // Cache filling with unstored writes: store this file's now, so clean chunks can
+        // be evicted and a file larger than the cache streams through it.
+        if self.chunks.dirty_bytes() > self.chunks.bytes_max() / 2 {
+            self.write_back(fid).await?;
         }
-        let mut piece = vec![0; CHUNK_BYTES as usize];
-        let mut offset = 0;
-        while offset < meta.len() {
-            let n = (meta.len() - offset).min(CHUNK_BYTES) as usize;
-            held.read_exact_at(&mut piece[..n], offset)
-                .map_err(chunk_io_error)?;
-            // Afresh each time: a store on the way (the cache filling) moves the version.
-            let status = self.valid_status(fid).await?;
-            self.write_locked(fid, &status, offset, &piece[..n]).await?;
-            self.write_back_if_cache_fills(fid).await?;
-            offset += n as u64;
-        }
-        self.write_back_durably(fid).await?;
-        let after = self.valid_status(fid).await?.data_version;
-        let mut opens = self.passthrough.opens.lock();
-        if binding.shows == before {
-            opens.rebound(ino, binding.id, after);
-        }
-        opens.set_stored(ino, binding.id, stamp);
-        Ok(())
-    }
-
-    /// Notes how `ino`'s bound file looks as its first writer joins (what it holds is
-    /// stored: the version it shows, current under the callback).
-    fn note_held_stamp(&self, ino: Ino, id: BindingId) -> FsResult<()> {
-        let Some(binding) = self.passthrough.opens.lock().binding(ino) else {
-            return Ok(());
-        };
-        if binding.id != id || binding.stored.is_some() {
-            return Ok(());
-        }
-        let meta = self
-            .chunks
-            .open_held(binding.fid, binding.file)
-            .and_then(|held| held.metadata())
-            .map_err(chunk_io_error)?;
-        self.passthrough
-            .opens
-            .lock()
-            .set_stored(ino, id, HeldStamp::read(&meta));
-        Ok(())
-    }
-
-    /// While an open writes through the kernel into `ino`'s version file, that file's
-    /// length is the file's: the kernel grew it without telling the mount.
-    pub(super) fn note_passthrough_length(&self, ino: Ino, fid: Fid) -> FsResult<()> {
-        let Some(binding) = self.passthrough.opens.lock().written(ino) else {
-            return Ok(());
-        };
-        let length = self
-            .chunks
-            .open_held(fid, binding.file)
-            .and_then(|held| held.metadata())
-            .map_err(chunk_io_error)?
-            .len();
-        if let Some(entry) = self.state.lock().statuses.get_mut(fid) {
-            entry.local_size = Some(length);
-        }
-        Ok(())
+        Ok(data.len() as u32)
     }
 
     /// AFS close semantics: returns once the server holds every write durably.

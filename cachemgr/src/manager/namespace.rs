@@ -68,7 +68,6 @@ impl Manager {
         }
         let fid = self.resolved_fid(ino).await?;
         self.valid_status(fid).await?;
-        self.note_passthrough_length(ino, fid)?;
         self.attr(fid)
     }
 
