@@ -308,7 +308,9 @@ impl Volume {
             let record = Redo::new(self.id, changes)
                 .encode()
                 .map_err(|detail| self.corrupt(detail))?;
-            let lsn = {
+            let lsn = if ahead.is_empty() {
+                self.append(record)?
+            } else {
                 // What the jobs queue ahead goes in the same flush as their record.
                 let _held = self.log.hold();
                 for queue in ahead.drain(..) {
